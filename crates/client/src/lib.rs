@@ -1,0 +1,488 @@
+//! The MendFS client library: the one way to talk to a cluster, used by the CLI, the benchmarks
+//! and the tests.
+//!
+//! A [`Client`] holds several endpoints and fails over between them by itself. Every call has
+//! a per-attempt timeout and an overall deadline; errors the server marks retryable (no leader
+//! yet, node unreachable, quorum not reached in time) are retried on the next endpoint with
+//! jittered backoff. Writes carry a request id that stays the same across retries, so a write
+//! whose first attempt was applied but not acknowledged is not applied twice.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mendfs_proto::v1 as pb;
+use mendfs_proto::v1::cluster_client::ClusterClient;
+use mendfs_proto::v1::kv_client::KvClient;
+use mendfs_proto::{ERROR_ACTUAL_VERSION_HEADER, ERROR_KIND_HEADER, SECRET_HEADER};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+
+pub use mendfs_proto::v1::{KeyValue, NodeStatus, StatusReply, WatchEvent, WatchReply};
+pub use pb::EventKind;
+
+/// Errors a caller sees. [`Error::is_retryable`] tells whether trying again later may help.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("key already exists (version {version})")]
+    KeyExists { version: u64 },
+    #[error("version mismatch: expected version {expected}, actual version {actual}")]
+    VersionMismatch { expected: u64, actual: u64 },
+    #[error("session {0} not found (expired or closed)")]
+    SessionNotFound(u64),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("refused: {0}")]
+    Unauthenticated(String),
+    #[error("history compacted: {0}")]
+    Compacted(String),
+    #[error("timed out after {elapsed:?}: {last_error}")]
+    Timeout { elapsed: Duration, last_error: String },
+    #[error("{0}")]
+    Server(String),
+    #[error("client configuration: {0}")]
+    Config(String),
+}
+
+impl Error {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+}
+
+/// How a client reaches the cluster.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `HOST:PORT` of any nodes of the cluster; the client finds the rest by itself.
+    pub endpoints: Vec<String>,
+    pub secret: Option<String>,
+    /// Longest wait for one attempt on one endpoint.
+    pub attempt_timeout: Duration,
+    /// Longest wait for a whole call, retries included.
+    pub deadline: Duration,
+}
+
+impl ClientConfig {
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self { endpoints, secret: None, attempt_timeout: Duration::from_secs(7), deadline: Duration::from_secs(20) }
+    }
+}
+
+#[derive(Clone)]
+struct SecretInterceptor(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl Interceptor for SecretInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(secret) = &self.0 {
+            request.metadata_mut().insert(SECRET_HEADER, secret.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Intercepted = InterceptedService<Channel, SecretInterceptor>;
+
+struct Inner {
+    config: ClientConfig,
+    channels: Vec<Channel>,
+    interceptor: SecretInterceptor,
+    /// The endpoint that answered last; tried first next time.
+    preferred: AtomicUsize,
+    client_id: u64,
+    sequence: AtomicU64,
+}
+
+/// A handle to a cluster; cheap to clone and safe to share between tasks.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// What a failed attempt means for the call.
+enum Attempt {
+    /// Try the next endpoint (after a pause).
+    Retry(String),
+    Fail(Error),
+}
+
+fn classify(status: &tonic::Status) -> Attempt {
+    let kind = status.metadata().get(ERROR_KIND_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let actual = status
+        .metadata()
+        .get(ERROR_ACTUAL_VERSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    let message = status.message().to_string();
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            Attempt::Retry(if message.is_empty() { status.code().to_string() } else { message })
+        }
+        tonic::Code::AlreadyExists => Attempt::Fail(Error::KeyExists { version: actual }),
+        tonic::Code::FailedPrecondition if kind == "version-mismatch" => {
+            let expected = message
+                .split("expected version ")
+                .nth(1)
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            Attempt::Fail(Error::VersionMismatch { expected, actual })
+        }
+        tonic::Code::NotFound if kind == "session-not-found" => {
+            let id = message.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
+            Attempt::Fail(Error::SessionNotFound(id))
+        }
+        tonic::Code::NotFound => Attempt::Fail(Error::NotFound(message)),
+        tonic::Code::InvalidArgument => Attempt::Fail(Error::InvalidArgument(message)),
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => Attempt::Fail(Error::Unauthenticated(message)),
+        tonic::Code::OutOfRange => Attempt::Fail(Error::Compacted(message)),
+        code => Attempt::Fail(Error::Server(format!("{code}: {message}"))),
+    }
+}
+
+impl Client {
+    pub fn new(config: ClientConfig) -> Result<Self, Error> {
+        if config.endpoints.is_empty() {
+            return Err(Error::Config(
+                "no endpoints: pass --endpoints HOST:PORT[,HOST:PORT...] or set MENDFS_ENDPOINTS".into(),
+            ));
+        }
+        let mut channels = Vec::with_capacity(config.endpoints.len());
+        for endpoint in &config.endpoints {
+            let uri = if endpoint.starts_with("http://") { endpoint.clone() } else { format!("http://{endpoint}") };
+            let channel = Endpoint::from_shared(uri)
+                .map_err(|e| Error::Config(format!("bad endpoint {endpoint:?}: {e}")))?
+                .connect_timeout(Duration::from_millis(1_000))
+                .tcp_nodelay(true)
+                .connect_lazy();
+            channels.push(channel);
+        }
+        let secret = config
+            .secret
+            .as_deref()
+            .map(|s| s.parse().map_err(|_| Error::Config("the secret must be printable ASCII".into())))
+            .transpose()?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                config,
+                channels,
+                interceptor: SecretInterceptor(secret),
+                preferred: AtomicUsize::new(0),
+                client_id: rand::random::<u64>() | 1,
+                sequence: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.inner.config
+    }
+
+    fn next_request_id(&self) -> Option<pb::RequestId> {
+        Some(pb::RequestId {
+            client_id: self.inner.client_id,
+            sequence: self.inner.sequence.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    fn kv(&self, index: usize) -> KvClient<Intercepted> {
+        KvClient::with_interceptor(self.inner.channels[index].clone(), self.inner.interceptor.clone())
+            .max_decoding_message_size(usize::MAX)
+    }
+
+    fn cluster(&self, index: usize) -> ClusterClient<Intercepted> {
+        ClusterClient::with_interceptor(self.inner.channels[index].clone(), self.inner.interceptor.clone())
+    }
+
+    /// Runs one call with failover: endpoints in turn, starting with the last that answered,
+    /// until success, a definite error, or the deadline.
+    async fn call<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, Error>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+    {
+        let started = Instant::now();
+        let deadline = started + self.inner.config.deadline;
+        let n_endpoints = self.inner.channels.len();
+        let mut index = self.inner.preferred.load(Ordering::Relaxed) % n_endpoints;
+        let mut backoff = Duration::from_millis(20);
+        let mut last_error = String::from("no attempt made");
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Error::Timeout { elapsed: started.elapsed(), last_error: format!("{what}: {last_error}") });
+            }
+            let budget = remaining.min(self.inner.config.attempt_timeout);
+            match tokio::time::timeout(budget, attempt(index)).await {
+                Ok(Ok(value)) => {
+                    self.inner.preferred.store(index, Ordering::Relaxed);
+                    return Ok(value);
+                }
+                Ok(Err(status)) => match classify(&status) {
+                    Attempt::Fail(error) => {
+                        self.inner.preferred.store(index, Ordering::Relaxed);
+                        return Err(error);
+                    }
+                    Attempt::Retry(message) => {
+                        last_error = format!("{}: {message}", self.inner.config.endpoints[index]);
+                    }
+                },
+                Err(_) => {
+                    last_error = format!("{}: no answer within {budget:?}", self.inner.config.endpoints[index]);
+                }
+            }
+            tracing::debug!(what, %last_error, "retrying on the next endpoint");
+            index = (index + 1) % n_endpoints;
+            let pause = backoff.mul_f64(0.5 + rand::random::<f64>());
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Creates `key`; fails with [`Error::KeyExists`] if it is already there.
+    pub async fn create(&self, key: &[u8], value: &[u8], session_id: Option<u64>) -> Result<KeyValue, Error> {
+        let request = pb::PutRequest {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            expected_version: None,
+            session_id,
+            request_id: self.next_request_id(),
+        };
+        let reply = self
+            .call("create", |i| {
+                let request = request.clone();
+                let mut kv = self.kv(i);
+                async move { kv.create(request).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        reply.kv.ok_or_else(|| Error::Server("create answered without the key".into()))
+    }
+
+    /// Sets `key`; with `expected_version`, only if the key is at that version (0: absent).
+    pub async fn set(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        expected_version: Option<u64>,
+        session_id: Option<u64>,
+    ) -> Result<KeyValue, Error> {
+        let request = pb::PutRequest {
+            key: key.to_vec(),
+            value: value.to_vec(),
+            expected_version,
+            session_id,
+            request_id: self.next_request_id(),
+        };
+        let reply = self
+            .call("set", |i| {
+                let request = request.clone();
+                let mut kv = self.kv(i);
+                async move { kv.set(request).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        reply.kv.ok_or_else(|| Error::Server("set answered without the key".into()))
+    }
+
+    /// Deletes `key`; returns whether it existed.
+    pub async fn delete(&self, key: &[u8], expected_version: Option<u64>) -> Result<bool, Error> {
+        let request = pb::DeleteRequest { key: key.to_vec(), expected_version, request_id: self.next_request_id() };
+        let reply = self
+            .call("delete", |i| {
+                let request = request.clone();
+                let mut kv = self.kv(i);
+                async move { kv.delete(request).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(reply.deleted)
+    }
+
+    /// A linearizable read of `key`.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, Error> {
+        let request = pb::GetRequest { key: key.to_vec() };
+        let reply = self
+            .call("get", |i| {
+                let request = request.clone();
+                let mut kv = self.kv(i);
+                async move { kv.get(request).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(reply.kv)
+    }
+
+    /// Keys starting with `prefix`, in order, at most `limit` (0: the server's maximum); the
+    /// flag says whether more remain.
+    pub async fn list(&self, prefix: &[u8], limit: u32) -> Result<(Vec<KeyValue>, bool), Error> {
+        let request = pb::ListRequest { prefix: prefix.to_vec(), limit };
+        let reply = self
+            .call("list", |i| {
+                let request = request.clone();
+                let mut kv = self.kv(i);
+                async move { kv.list(request).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok((reply.kvs, reply.truncated))
+    }
+
+    /// Opens a session with the given TTL; keep it alive with [`Session::keep_alive_in_background`].
+    pub async fn open_session(&self, ttl: Duration) -> Result<Session, Error> {
+        let request = pb::SessionOpenRequest { ttl_ms: ttl.as_millis() as u64, request_id: self.next_request_id() };
+        let reply = self
+            .call("open session", |i| {
+                let request = request.clone();
+                let mut kv = self.kv(i);
+                async move { kv.session_open(request).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(Session { client: self.clone(), id: reply.session_id, ttl: Duration::from_millis(reply.ttl_ms) })
+    }
+
+    async fn keep_alive(&self, session_id: u64) -> Result<(), Error> {
+        self.call("keep-alive", |i| {
+            let mut kv = self.kv(i);
+            async move { kv.session_keep_alive(pb::SessionKeepAliveRequest { session_id }).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    async fn close_session(&self, session_id: u64) -> Result<(), Error> {
+        let request = pb::SessionCloseRequest { session_id, request_id: self.next_request_id() };
+        self.call("close session", |i| {
+            let request = request.clone();
+            let mut kv = self.kv(i);
+            async move { kv.session_close(request).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    /// Watches `key` (or every key under it, with `prefix`) from `start_revision` (0: from now).
+    pub fn watch(&self, key: &[u8], prefix: bool, start_revision: u64) -> Watch {
+        Watch { client: self.clone(), key: key.to_vec(), prefix, next_revision: start_revision, stream: None }
+    }
+
+    pub async fn status(&self) -> Result<StatusReply, Error> {
+        self.call("cluster status", |i| {
+            let mut cluster = self.cluster(i);
+            async move { cluster.status(pb::StatusRequest {}).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn add_node(&self, id: u64, addr: &str) -> Result<pb::MembershipReply, Error> {
+        let request = pb::AddNodeRequest { id, addr: addr.to_string() };
+        self.call("add node", |i| {
+            let request = request.clone();
+            let mut cluster = self.cluster(i);
+            async move { cluster.add_node(request).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn remove_node(&self, id: u64) -> Result<pb::MembershipReply, Error> {
+        self.call("remove node", |i| {
+            let mut cluster = self.cluster(i);
+            async move { cluster.remove_node(pb::RemoveNodeRequest { id }).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+}
+
+/// A session: keys created with its id are deleted when it is closed or expires.
+pub struct Session {
+    client: Client,
+    id: u64,
+    ttl: Duration,
+}
+
+impl Session {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Sends keep-alives every third of the TTL until the returned handle is dropped or
+    /// aborted. The handle resolves with the error that ended the session, if one did.
+    pub fn keep_alive_in_background(&self) -> tokio::task::JoinHandle<Error> {
+        let client = self.client.clone();
+        let id = self.id;
+        let interval = self.ttl / 3;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                if let Err(error) = client.keep_alive(id).await {
+                    if matches!(error, Error::SessionNotFound(_)) {
+                        return error;
+                    }
+                    tracing::warn!(session = id, "keep-alive failed: {error}");
+                }
+            }
+        })
+    }
+
+    /// Ends the session now: its ephemeral keys are deleted.
+    pub async fn close(self) -> Result<(), Error> {
+        self.client.close_session(self.id).await
+    }
+}
+
+/// A stream of changes that survives node failures: on a broken stream it reconnects to the
+/// next endpoint and resumes from the revision after the last one delivered, so every change
+/// arrives exactly once and in order.
+pub struct Watch {
+    client: Client,
+    key: Vec<u8>,
+    prefix: bool,
+    next_revision: u64,
+    stream: Option<tonic::Streaming<WatchReply>>,
+}
+
+impl Watch {
+    /// The next batch of changes (one revision), waiting as long as it takes. Fails only when
+    /// no endpoint could be reached within the client's deadline or history was compacted.
+    pub async fn next(&mut self) -> Result<WatchReply, Error> {
+        loop {
+            if self.stream.is_none() {
+                let request =
+                    pb::WatchRequest { key: self.key.clone(), prefix: self.prefix, start_revision: self.next_revision };
+                let client = self.client.clone();
+                let stream = client
+                    .call("watch", |i| {
+                        let request = request.clone();
+                        let mut kv = client.kv(i);
+                        async move { kv.watch(request).await.map(|r| r.into_inner()) }
+                    })
+                    .await?;
+                self.stream = Some(stream);
+            }
+            let Some(stream) = self.stream.as_mut() else { continue };
+            match stream.message().await {
+                Ok(Some(reply)) => {
+                    self.next_revision = reply.revision + 1;
+                    return Ok(reply);
+                }
+                Ok(None) => self.stream = None,
+                Err(status) => {
+                    self.stream = None;
+                    if let Attempt::Fail(error) = classify(&status) {
+                        return Err(error);
+                    }
+                    // Move on to another endpoint for the reconnection.
+                    let n = self.client.inner.channels.len();
+                    let next = (self.client.inner.preferred.load(Ordering::Relaxed) + 1) % n;
+                    self.client.inner.preferred.store(next, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// The first revision not yet delivered.
+    pub fn next_revision(&self) -> u64 {
+        self.next_revision
+    }
+}

@@ -1,0 +1,187 @@
+//! Node-to-node transport: openraft's RPCs and forwarded requests over gRPC.
+//!
+//! Raft messages are postcard-encoded openraft structures inside a protobuf `RaftPayload`;
+//! every call carries the cluster secret and this node's cluster id (see `service` for the
+//! checks on the receiving side).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mendfs_proto::v1::node_client::NodeClient;
+use mendfs_proto::v1::RaftPayload;
+use mendfs_proto::{CLUSTER_ID_HEADER, SECRET_HEADER};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::{AnyError, BasicNode};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::state::{decode, encode};
+use crate::storage::StateReader;
+use crate::{NodeId, TypeConfig};
+
+/// How long to wait for a TCP connection to a peer before calling it unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(1_000);
+
+/// Adds the cluster secret and this node's cluster id to every outgoing call.
+#[derive(Clone)]
+pub struct PeerInterceptor {
+    secret: Option<tonic::metadata::AsciiMetadataValue>,
+    state: StateReader,
+}
+
+impl Interceptor for PeerInterceptor {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(secret) = &self.secret {
+            request.metadata_mut().insert(SECRET_HEADER, secret.clone());
+        }
+        if let Some(cluster_id) = self.state.cluster_id().and_then(|id| id.parse().ok()) {
+            request.metadata_mut().insert(CLUSTER_ID_HEADER, cluster_id);
+        }
+        Ok(request)
+    }
+}
+
+pub type PeerClient = NodeClient<InterceptedService<Channel, PeerInterceptor>>;
+
+/// Lazily connected channels to peers, one per address, shared by Raft replication and
+/// request forwarding (gRPC multiplexes calls over one HTTP/2 connection).
+#[derive(Clone)]
+pub struct Peers {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    interceptor: PeerInterceptor,
+}
+
+impl Peers {
+    pub fn new(secret: Option<&str>, state: StateReader) -> Result<Self, String> {
+        let secret = secret
+            .map(|secret| secret.parse().map_err(|_| "the cluster secret must be printable ASCII".to_string()))
+            .transpose()?;
+        Ok(Self { channels: Arc::default(), interceptor: PeerInterceptor { secret, state } })
+    }
+
+    pub fn client(&self, addr: &str) -> Result<PeerClient, String> {
+        let channel = {
+            let mut channels = self.channels.lock().map_err(|_| "peer table poisoned".to_string())?;
+            match channels.get(addr) {
+                Some(channel) => channel.clone(),
+                None => {
+                    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+                        .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
+                        .connect_timeout(CONNECT_TIMEOUT)
+                        .tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(5))
+                        .keep_alive_timeout(Duration::from_secs(5));
+                    let channel = endpoint.connect_lazy();
+                    channels.insert(addr.to_string(), channel.clone());
+                    channel
+                }
+            }
+        };
+        Ok(NodeClient::with_interceptor(channel, self.interceptor.clone())
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX))
+    }
+}
+
+pub struct NetworkFactory {
+    pub peers: Peers,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerConnection;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        PeerConnection { target, client: self.peers.client(&node.addr) }
+    }
+}
+
+pub struct PeerConnection {
+    target: NodeId,
+    client: Result<PeerClient, String>,
+}
+
+fn any_error(message: impl std::fmt::Display) -> AnyError {
+    AnyError::error(message.to_string())
+}
+
+impl PeerConnection {
+    /// One Raft RPC: encode, send within the deadline openraft gives, decode the remote result.
+    async fn call<Req, Resp, E>(
+        &mut self,
+        request: &Req,
+        option: &RPCOption,
+        send: impl AsyncFnOnce(PeerClient, RaftPayload) -> Result<tonic::Response<RaftPayload>, tonic::Status>,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let client = match &self.client {
+            Ok(client) => client.clone(),
+            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&any_error(e)))),
+        };
+        let data = encode(request).map_err(|e| RPCError::Network(NetworkError::new(&any_error(e))))?;
+        let reply = tokio::time::timeout(option.hard_ttl(), send(client, RaftPayload { data })).await;
+        let reply = match reply {
+            Err(_) => {
+                return Err(RPCError::Network(NetworkError::new(&any_error(format!(
+                    "no answer from node {} within {:?}",
+                    self.target,
+                    option.hard_ttl()
+                )))))
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                return Err(RPCError::Unreachable(Unreachable::new(&any_error(status.message()))))
+            }
+            Ok(Err(status)) => {
+                return Err(RPCError::Network(NetworkError::new(&any_error(format!(
+                    "node {}: {}: {}",
+                    self.target,
+                    status.code(),
+                    status.message()
+                )))))
+            }
+            Ok(Ok(reply)) => reply.into_inner(),
+        };
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            decode(&reply.data).map_err(|e| RPCError::Network(NetworkError::new(&any_error(e))))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(&rpc, &option, async |mut client, payload| client.append_entries(payload).await).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.call(&rpc, &option, async |mut client, payload| client.install_snapshot(payload).await).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(&rpc, &option, async |mut client, payload| client.vote(payload).await).await
+    }
+}

@@ -1,0 +1,435 @@
+//! A running metadata node: openraft plus the storage and network adapters, the decisions only
+//! the leader may take (writes, linearizable reads, session expiry, membership changes), and
+//! forwarding of those requests from any node to the leader.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mendfs_proto::v1::RaftPayload;
+use mendfs_proto::FORWARDED_HEADER;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::network::{NetworkFactory, Peers};
+use crate::state::{self, Command, CommandResult, KeyValue, Proposal, RequestId};
+use crate::storage::{LogStore, StateMachineStore, StateReader};
+use crate::{NodeId, Raft};
+
+/// Everything a metadata node needs to run. Defaults suit a local cluster on one machine.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    /// The address peers and clients use to reach this node.
+    pub advertise_addr: String,
+    pub data_dir: PathBuf,
+    /// The initial voter set; the node with the lowest id initializes the cluster, once.
+    pub initial_peers: BTreeMap<NodeId, String>,
+    /// None only with `--insecure-dev`.
+    pub secret: Option<String>,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Take a snapshot (and compact the log) after this many entries since the last one.
+    pub snapshot_every_entries: u64,
+    /// Keep this many entries behind the last snapshot, for followers that are slightly behind.
+    pub log_entries_kept_after_snapshot: u64,
+    pub max_key_bytes: usize,
+    pub max_value_bytes: usize,
+    /// How long a write may wait for a quorum before the caller hears a timeout.
+    pub write_timeout_ms: u64,
+    pub list_limit_max: u32,
+}
+
+impl NodeConfig {
+    pub fn new(node_id: NodeId, advertise_addr: String, data_dir: PathBuf) -> Self {
+        Self {
+            node_id,
+            advertise_addr,
+            data_dir,
+            initial_peers: BTreeMap::new(),
+            secret: None,
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1_000,
+            snapshot_every_entries: 10_000,
+            log_entries_kept_after_snapshot: 1_000,
+            max_key_bytes: 4_096,
+            max_value_bytes: 1 << 20,
+            write_timeout_ms: 5_000,
+            list_limit_max: 10_000,
+        }
+    }
+}
+
+/// A request only the leader can serve; any other node forwards it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderRequest {
+    Propose(Proposal),
+    Get { key: Vec<u8> },
+    List { prefix: Vec<u8>, limit: u32 },
+    KeepAlive { session_id: u64 },
+    AddNode { id: NodeId, addr: String },
+    RemoveNode { id: NodeId },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum LeaderResponse {
+    Command(CommandResult),
+    Get { revision: u64, kv: Option<KeyValue> },
+    List { revision: u64, kvs: Vec<KeyValue>, truncated: bool },
+    KeepAlive { ttl_ms: u64 },
+    Membership { voters: Vec<NodeId>, learners: Vec<NodeId> },
+}
+
+/// Session liveness, kept by the leader alone (soft state, like etcd's lease keep-alives): a
+/// new leader starts every session's clock afresh, so a leader change never expires a session
+/// whose client is alive.
+#[derive(Default)]
+struct SessionClocks {
+    deadlines: HashMap<u64, Instant>,
+}
+
+#[derive(Clone)]
+pub struct MetaNode {
+    pub config: Arc<NodeConfig>,
+    pub raft: Raft,
+    pub state: StateReader,
+    pub peers: Peers,
+    sessions: Arc<Mutex<SessionClocks>>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl MetaNode {
+    pub async fn start(config: NodeConfig) -> Result<Self, String> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| format!("create data dir {}: {e}", config.data_dir.display()))?;
+        let log_store = LogStore::open(&config.data_dir).map_err(|e| e.to_string())?;
+        let state_machine = StateMachineStore::open(&config.data_dir).map_err(|e| e.to_string())?;
+        let state = state_machine.reader();
+        let peers = Peers::new(config.secret.as_deref(), state.clone())?;
+
+        let raft_config = Config {
+            cluster_name: "mendfs".to_string(),
+            heartbeat_interval: config.heartbeat_interval_ms,
+            election_timeout_min: config.election_timeout_min_ms,
+            election_timeout_max: config.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: config.log_entries_kept_after_snapshot,
+            purge_batch_size: 256,
+            ..Default::default()
+        };
+        let raft_config = Arc::new(raft_config.validate().map_err(|e| format!("raft config: {e}"))?);
+        let raft =
+            Raft::new(config.node_id, raft_config, NetworkFactory { peers: peers.clone() }, log_store, state_machine)
+                .await
+                .map_err(|e| format!("start raft: {e}"))?;
+
+        let node = MetaNode { config: Arc::new(config), raft, state, peers, sessions: Arc::default() };
+        node.initialize_once().await?;
+        tokio::spawn(node.clone().leader_duties());
+        Ok(node)
+    }
+
+    /// Bootstraps the cluster from `--peers` exactly once: only the lowest-id peer does it, only
+    /// when its log is empty. A restarted node has a log and skips this, so a restart with the
+    /// same flags never re-initializes.
+    async fn initialize_once(&self) -> Result<(), String> {
+        let Some((&first_id, _)) = self.config.initial_peers.iter().next() else {
+            return Ok(());
+        };
+        if first_id != self.config.node_id {
+            return Ok(());
+        }
+        if self.raft.is_initialized().await.map_err(|e| e.to_string())? {
+            return Ok(());
+        }
+        let members: BTreeMap<NodeId, BasicNode> =
+            self.config.initial_peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+        tracing::info!(?members, "initializing a new cluster");
+        match self.raft.initialize(members).await {
+            Ok(()) => Ok(()),
+            // Another start already did it (the log is no longer empty): nothing to do.
+            Err(RaftError::APIError(e)) => {
+                tracing::info!("cluster already initialized: {e}");
+                Ok(())
+            }
+            Err(e) => Err(format!("initialize cluster: {e}")),
+        }
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        metrics.current_leader == Some(self.config.node_id) && metrics.state == ServerState::Leader
+    }
+
+    pub fn leader_id(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Serves a leader-only request here if this node leads, otherwise forwards it to the
+    /// leader (once: a forwarded request is never forwarded again).
+    pub async fn serve_on_leader(&self, request: LeaderRequest, forwarded: bool) -> Result<LeaderResponse, ApiError> {
+        match self.serve_locally(request.clone()).await {
+            Err(ApiError::NotLeader { leader: Some(leader) }) if !forwarded && leader != self.config.node_id => {
+                self.forward(leader, &request).await
+            }
+            other => other,
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, request: &LeaderRequest) -> Result<LeaderResponse, ApiError> {
+        let addr = {
+            let metrics = self.raft.metrics().borrow().clone();
+            metrics.membership_config.membership().get_node(&leader).map(|node| node.addr.clone())
+        };
+        let Some(addr) = addr else {
+            return Err(ApiError::NotLeader { leader: Some(leader) });
+        };
+        let mut client = self.peers.client(&addr).map_err(ApiError::Unavailable)?;
+        let data = state::encode(request).map_err(ApiError::internal)?;
+        let mut grpc_request = tonic::Request::new(RaftPayload { data });
+        grpc_request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::AsciiMetadataValue::from_static("1"));
+        let timeout = Duration::from_millis(self.config.write_timeout_ms + 1_000);
+        grpc_request.set_timeout(timeout);
+        let reply = tokio::time::timeout(timeout, client.forward(grpc_request))
+            .await
+            .map_err(|_| ApiError::Timeout(format!("leader {leader} at {addr} did not answer within {timeout:?}")))?
+            .map_err(|status| match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                    ApiError::Unavailable(format!("leader {leader} at {addr}: {}", status.message()))
+                }
+                _ => ApiError::Internal(format!("leader {leader} at {addr}: {}", status.message())),
+            })?;
+        let result: Result<LeaderResponse, ApiError> =
+            state::decode(&reply.into_inner().data).map_err(ApiError::internal)?;
+        result
+    }
+
+    async fn serve_locally(&self, request: LeaderRequest) -> Result<LeaderResponse, ApiError> {
+        match request {
+            LeaderRequest::Propose(proposal) => Ok(LeaderResponse::Command(self.propose(proposal).await?)),
+            LeaderRequest::Get { key } => {
+                self.linearizable_barrier().await?;
+                let view = self.state.view().map_err(ApiError::internal)?;
+                let kv =
+                    state::get_key(&view, &key).map_err(ApiError::internal)?.map(|record| KeyValue { key, record });
+                Ok(LeaderResponse::Get { revision: state::current_revision(&view).map_err(ApiError::internal)?, kv })
+            }
+            LeaderRequest::List { prefix, limit } => {
+                self.linearizable_barrier().await?;
+                let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
+                let view = self.state.view().map_err(ApiError::internal)?;
+                let (kvs, truncated) = state::list_keys(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
+                Ok(LeaderResponse::List {
+                    revision: state::current_revision(&view).map_err(ApiError::internal)?,
+                    kvs,
+                    truncated,
+                })
+            }
+            LeaderRequest::KeepAlive { session_id } => {
+                if !self.is_leader() {
+                    return Err(ApiError::NotLeader { leader: self.leader_id() });
+                }
+                let view = self.state.view().map_err(ApiError::internal)?;
+                let Some(session) = state::get_session(&view, session_id).map_err(ApiError::internal)? else {
+                    return Err(ApiError::Command(state::CommandError::SessionNotFound { session_id }));
+                };
+                let mut clocks = self.sessions.lock().map_err(|_| ApiError::internal("session clocks poisoned"))?;
+                clocks.deadlines.insert(session_id, Instant::now() + Duration::from_millis(session.ttl_ms));
+                Ok(LeaderResponse::KeepAlive { ttl_ms: session.ttl_ms })
+            }
+            LeaderRequest::AddNode { id, addr } => self.add_node(id, addr).await,
+            LeaderRequest::RemoveNode { id } => self.remove_node(id).await,
+        }
+    }
+
+    /// Read-index: confirms leadership with a quorum and waits until the state machine has
+    /// applied everything committed before the read arrived, so the read sees every write that
+    /// completed before it (no clock assumption, unlike a leader lease).
+    async fn linearizable_barrier(&self) -> Result<(), ApiError> {
+        let timeout = Duration::from_millis(self.config.write_timeout_ms);
+        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
+            Err(_) => Err(ApiError::Timeout(format!(
+                "could not confirm leadership with a quorum within {timeout:?} (is a majority of nodes reachable?)"
+            ))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward)))) => {
+                Err(ApiError::NotLeader { leader: forward.leader_id })
+            }
+            Ok(Err(RaftError::APIError(e))) => Err(ApiError::Unavailable(e.to_string())),
+            Ok(Err(RaftError::Fatal(e))) => Err(ApiError::Unavailable(format!("raft stopped: {e}"))),
+        }
+    }
+
+    async fn propose(&self, proposal: Proposal) -> Result<CommandResult, ApiError> {
+        let timeout = Duration::from_millis(self.config.write_timeout_ms);
+        match tokio::time::timeout(timeout, self.raft.client_write(proposal)).await {
+            Err(_) => Err(ApiError::Timeout(format!(
+                "the write was not committed within {timeout:?}: no quorum reachable (the outcome is unknown; \
+                 retrying with the same request id is safe)"
+            ))),
+            Ok(Ok(response)) => Ok(response.data),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward)))) => {
+                Err(ApiError::NotLeader { leader: forward.leader_id })
+            }
+            Ok(Err(RaftError::APIError(e))) => Err(ApiError::Unavailable(e.to_string())),
+            Ok(Err(RaftError::Fatal(e))) => Err(ApiError::Unavailable(format!("raft stopped: {e}"))),
+        }
+    }
+
+    fn membership(&self) -> (BTreeSet<NodeId>, BTreeMap<NodeId, BasicNode>) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters = membership.voter_ids().collect();
+        let nodes = membership.nodes().map(|(id, node)| (*id, node.clone())).collect();
+        (voters, nodes)
+    }
+
+    fn membership_response(&self) -> LeaderResponse {
+        let (voters, nodes) = self.membership();
+        let learners = nodes.keys().filter(|id| !voters.contains(id)).copied().collect();
+        LeaderResponse::Membership { voters: voters.into_iter().collect(), learners }
+    }
+
+    fn map_membership_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ApiError {
+        match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(forward)) => {
+                ApiError::NotLeader { leader: forward.leader_id }
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                ApiError::Unavailable(format!("membership change refused: {e}"))
+            }
+            RaftError::Fatal(e) => ApiError::Unavailable(format!("raft stopped: {e}")),
+        }
+    }
+
+    /// Adds a node as a learner, waits for it to catch up, then promotes it to voter.
+    async fn add_node(&self, id: NodeId, addr: String) -> Result<LeaderResponse, ApiError> {
+        if addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ApiError::InvalidArgument(format!("node address {addr:?} is not HOST:PORT with an IP host")));
+        }
+        if !self.is_leader() {
+            return Err(ApiError::NotLeader { leader: self.leader_id() });
+        }
+        let (voters, nodes) = self.membership();
+        if let Some(existing) = nodes.get(&id) {
+            if existing.addr != addr {
+                return Err(ApiError::InvalidArgument(format!(
+                    "node {id} is already a member at {}; remove it first to change its address",
+                    existing.addr
+                )));
+            }
+        }
+        if !voters.contains(&id) {
+            let timeout = Duration::from_secs(60);
+            tokio::time::timeout(timeout, self.raft.add_learner(id, BasicNode { addr }, true))
+                .await
+                .map_err(|_| ApiError::Timeout(format!("node {id} did not catch up as a learner within {timeout:?}")))?
+                .map_err(|e| self.map_membership_error(e))?;
+            self.raft
+                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| self.map_membership_error(e))?;
+        }
+        Ok(self.membership_response())
+    }
+
+    async fn remove_node(&self, id: NodeId) -> Result<LeaderResponse, ApiError> {
+        if !self.is_leader() {
+            return Err(ApiError::NotLeader { leader: self.leader_id() });
+        }
+        let (voters, nodes) = self.membership();
+        if !nodes.contains_key(&id) {
+            let members: Vec<String> = nodes.keys().map(|id| id.to_string()).collect();
+            return Err(ApiError::NotFound(format!("node {id} is not a member (members: {})", members.join(", "))));
+        }
+        if voters.contains(&id) && voters.len() == 1 {
+            return Err(ApiError::InvalidArgument(format!("node {id} is the last voter; it cannot be removed")));
+        }
+        if voters.contains(&id) {
+            self.raft
+                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                .await
+                .map_err(|e| self.map_membership_error(e))?;
+        }
+        self.raft
+            .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| self.map_membership_error(e))?;
+        Ok(self.membership_response())
+    }
+
+    /// What the leader does on its own: record the cluster id once, and expire sessions whose
+    /// keep-alives stopped.
+    async fn leader_duties(self) {
+        const TICK: Duration = Duration::from_millis(100);
+        let mut was_leader = false;
+        loop {
+            tokio::time::sleep(TICK).await;
+            if self.raft.metrics().borrow().state == ServerState::Shutdown {
+                return;
+            }
+            let is_leader = self.is_leader();
+            if !is_leader {
+                if was_leader {
+                    if let Ok(mut clocks) = self.sessions.lock() {
+                        clocks.deadlines.clear();
+                    }
+                }
+                was_leader = false;
+                continue;
+            }
+            was_leader = true;
+            if self.state.cluster_id().is_none() {
+                let cluster_id = format!("{:032x}", rand::random::<u128>());
+                let proposal = Proposal {
+                    request_id: None,
+                    proposed_at_ms: now_ms(),
+                    command: Command::InitCluster { cluster_id },
+                };
+                if let Err(e) = self.propose(proposal).await {
+                    tracing::warn!("recording the cluster id: {e}");
+                }
+            }
+            if let Err(e) = self.expire_sessions().await {
+                tracing::warn!("session expiry: {e}");
+            }
+        }
+    }
+
+    async fn expire_sessions(&self) -> Result<(), ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        let sessions = state::list_sessions(&view).map_err(ApiError::internal)?;
+        let now = Instant::now();
+        let expired: Vec<u64> = {
+            let mut clocks = self.sessions.lock().map_err(|_| ApiError::internal("session clocks poisoned"))?;
+            let live: BTreeSet<u64> = sessions.iter().map(|(id, _)| *id).collect();
+            clocks.deadlines.retain(|id, _| live.contains(id));
+            for (id, session) in &sessions {
+                // A session this leader has not heard of yet (new, or opened under an earlier
+                // leader) gets a full TTL from now.
+                clocks.deadlines.entry(*id).or_insert(now + Duration::from_millis(session.ttl_ms));
+            }
+            clocks.deadlines.iter().filter(|(_, deadline)| **deadline <= now).map(|(id, _)| *id).collect()
+        };
+        for session_id in expired {
+            tracing::info!(session_id, "session expired: no keep-alive within its TTL");
+            let proposal =
+                Proposal { request_id: None, proposed_at_ms: now_ms(), command: Command::SessionExpire { session_id } };
+            let _outcome = self.propose(proposal).await?;
+        }
+        Ok(())
+    }
+
+    /// Builds a proposal stamped with this node's clock.
+    pub fn proposal(request_id: Option<RequestId>, command: Command) -> Proposal {
+        Proposal { request_id, proposed_at_ms: now_ms(), command }
+    }
+}

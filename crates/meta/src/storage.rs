@@ -1,0 +1,679 @@
+//! openraft's storage, on redb: the Raft log and vote in `raft-log.redb`, the state machine in
+//! `state.redb`, the latest snapshot in `snapshot.bin`.
+//!
+//! Two database files rather than one so that appending to the log (on the leader's hot path)
+//! and applying committed entries proceed in parallel instead of queueing on one writer lock.
+//! Every write that Raft relies on is committed with `Durability::Immediate` (redb fsyncs before
+//! `commit` returns) before openraft is told it happened: an acknowledged vote or entry that a
+//! crash could take back would let two leaders be elected in one term, or lose a committed
+//! write.
+
+use std::fmt::Debug;
+use std::io::{Cursor, Write};
+use std::ops::{Bound, RangeBounds};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
+    StorageIOError, StoredMembership, Vote,
+};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::state::{self, decode, encode, CommandResult, Outcome, StateStore, StoreError, Table};
+use crate::{NodeId, TypeConfig};
+
+type RaftStorageError = StorageError<NodeId>;
+
+const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
+const LOG_META: TableDefinition<&str, &[u8]> = TableDefinition::new("log_meta");
+const SM_META: TableDefinition<&str, &[u8]> = TableDefinition::new("sm_meta");
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_LAST_PURGED: &str = "last_purged";
+const KEY_LAST_APPLIED: &str = "last_applied";
+const KEY_MEMBERSHIP: &str = "membership";
+
+const SNAPSHOT_FILE: &str = "snapshot.bin";
+
+fn table_definition(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
+    TableDefinition::new(table.name())
+}
+
+fn io_err(e: impl std::fmt::Display) -> AnyError {
+    AnyError::error(e.to_string())
+}
+
+fn store_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+fn open_database(path: &Path) -> Result<Database, StoreError> {
+    Database::create(path).map_err(|e| StoreError(format!("open {}: {e}", path.display())))
+}
+
+/// Runs blocking redb work off the async executor.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, AnyError> + Send + 'static,
+) -> Result<T, AnyError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| AnyError::error(format!("storage task failed: {e}")))?
+}
+
+// ------------------------------------------------------------------------------------------
+// Raft log
+
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl LogStore {
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let db = open_database(&data_dir.join("raft-log.redb"))?;
+        let txn = db.begin_write().map_err(store_err)?;
+        txn.open_table(LOG).map_err(store_err)?;
+        txn.open_table(LOG_META).map_err(store_err)?;
+        txn.commit().map_err(store_err)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    fn read_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AnyError> {
+        let txn = self.db.begin_read().map_err(io_err)?;
+        let table = txn.open_table(LOG_META).map_err(io_err)?;
+        match table.get(key).map_err(io_err)? {
+            None => Ok(None),
+            Some(guard) => Ok(Some(decode(guard.value()).map_err(io_err)?)),
+        }
+    }
+
+    fn write_meta<T: Serialize>(&self, key: &str, value: &T, durability: Durability) -> Result<(), AnyError> {
+        let bytes = encode(value).map_err(io_err)?;
+        let mut txn = self.db.begin_write().map_err(io_err)?;
+        txn.set_durability(durability).map_err(io_err)?;
+        {
+            let mut table = txn.open_table(LOG_META).map_err(io_err)?;
+            table.insert(key, bytes.as_slice()).map_err(io_err)?;
+        }
+        txn.commit().map_err(io_err)
+    }
+
+    fn last_entry_log_id(&self) -> Result<Option<LogId<NodeId>>, AnyError> {
+        let txn = self.db.begin_read().map_err(io_err)?;
+        let table = txn.open_table(LOG).map_err(io_err)?;
+        let last = table.last().map_err(io_err)?;
+        match last {
+            None => Ok(None),
+            Some((_, value)) => {
+                let entry: Entry<TypeConfig> = decode(value.value()).map_err(io_err)?;
+                Ok(Some(entry.log_id))
+            }
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, RaftStorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(index) => *index,
+            Bound::Excluded(index) => index.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(index) => Bound::Included(*index),
+            Bound::Excluded(index) => Bound::Excluded(*index),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        let read = || -> Result<Vec<Entry<TypeConfig>>, AnyError> {
+            let txn = self.db.begin_read().map_err(io_err)?;
+            let table = txn.open_table(LOG).map_err(io_err)?;
+            let mut entries = Vec::new();
+            for row in table.range((Bound::Included(start), end)).map_err(io_err)? {
+                let (_, value) = row.map_err(io_err)?;
+                entries.push(decode(value.value()).map_err(io_err)?);
+            }
+            Ok(entries)
+        };
+        read().map_err(|e| StorageIOError::read_logs(e).into())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
+        let last_purged_log_id: Option<LogId<NodeId>> =
+            self.read_meta(KEY_LAST_PURGED).map_err(StorageIOError::read_logs)?;
+        let last_log_id = self.last_entry_log_id().map_err(StorageIOError::read_logs)?.or(last_purged_log_id);
+        Ok(LogState { last_purged_log_id, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
+        // Durable before returning: a node that forgot its vote after a crash could vote twice
+        // in one term.
+        let store = self.clone();
+        let vote = *vote;
+        blocking(move || store.write_meta(KEY_VOTE, &vote, Durability::Immediate))
+            .await
+            .map_err(|e| StorageIOError::write_vote(e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
+        self.read_meta(KEY_VOTE).map_err(|e| StorageIOError::read_vote(e).into())
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), RaftStorageError> {
+        // No fsync: the committed index only lets a restarted node re-apply sooner; losing the
+        // latest value is harmless (Raft re-learns it from the leader). redb makes it durable
+        // with the next Immediate commit (the next append or vote).
+        let store = self.clone();
+        blocking(move || store.write_meta(KEY_COMMITTED, &committed, Durability::None))
+            .await
+            .map_err(|e| StorageIOError::write(e).into())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
+        let committed: Option<Option<LogId<NodeId>>> = self.read_meta(KEY_COMMITTED).map_err(StorageIOError::read)?;
+        Ok(committed.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut rows = Vec::new();
+        for entry in entries {
+            let bytes = encode(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, io_err(e)))?;
+            rows.push((entry.log_id.index, bytes));
+        }
+        let db = self.db.clone();
+        // Durable before the callback: openraft counts this node toward a quorum once told the
+        // entries are flushed, and a committed entry must survive any minority of crashes.
+        let result = blocking(move || {
+            let txn = db.begin_write().map_err(io_err)?;
+            {
+                let mut table = txn.open_table(LOG).map_err(io_err)?;
+                for (index, bytes) in &rows {
+                    table.insert(*index, bytes.as_slice()).map_err(io_err)?;
+                }
+            }
+            txn.commit().map_err(io_err)
+        })
+        .await;
+        match result {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(StorageIOError::write_logs(e).into())
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
+        // Durable: entries removed here conflict with the leader's log; if they came back after
+        // a crash the node would hold a log the leader never wrote.
+        let db = self.db.clone();
+        blocking(move || {
+            let txn = db.begin_write().map_err(io_err)?;
+            {
+                let mut table = txn.open_table(LOG).map_err(io_err)?;
+                table.retain_in(log_id.index.., |_, _| false).map_err(io_err)?;
+            }
+            txn.commit().map_err(io_err)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+
+    async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
+        // Durable, together with the purge mark, so that the log state read at start-up never
+        // claims entries the table no longer has.
+        let db = self.db.clone();
+        blocking(move || {
+            let bytes = encode(&Some(log_id)).map_err(io_err)?;
+            let txn = db.begin_write().map_err(io_err)?;
+            {
+                let mut meta = txn.open_table(LOG_META).map_err(io_err)?;
+                meta.insert(KEY_LAST_PURGED, bytes.as_slice()).map_err(io_err)?;
+                let mut table = txn.open_table(LOG).map_err(io_err)?;
+                table.retain_in(..=log_id.index, |_, _| false).map_err(io_err)?;
+            }
+            txn.commit().map_err(io_err)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_logs(e).into())
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// State machine
+
+/// The state machine tables inside one redb write transaction.
+struct WriteTables<'txn> {
+    tables: Vec<(Table, redb::Table<'txn, &'static [u8], &'static [u8]>)>,
+}
+
+impl<'txn> WriteTables<'txn> {
+    fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, StoreError> {
+        let mut tables = Vec::with_capacity(Table::ALL.len());
+        for table in Table::ALL {
+            tables.push((table, txn.open_table(table_definition(table)).map_err(store_err)?));
+        }
+        Ok(Self { tables })
+    }
+
+    fn table(&self, table: Table) -> &redb::Table<'txn, &'static [u8], &'static [u8]> {
+        &self.tables[table as usize].1
+    }
+
+    fn table_mut(&mut self, table: Table) -> &mut redb::Table<'txn, &'static [u8], &'static [u8]> {
+        &mut self.tables[table as usize].1
+    }
+}
+
+fn range_rows<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    table: &T,
+    start: &[u8],
+    end: Option<&[u8]>,
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    let range = match end {
+        Some(end) => table.range::<&[u8]>(start..end),
+        None => table.range::<&[u8]>(start..),
+    }
+    .map_err(store_err)?;
+    let mut rows = Vec::new();
+    for row in range.take(limit) {
+        let (key, value) = row.map_err(store_err)?;
+        rows.push((key.value().to_vec(), value.value().to_vec()));
+    }
+    Ok(rows)
+}
+
+impl StateStore for WriteTables<'_> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.table(table).get(key).map_err(store_err)?.map(|guard| guard.value().to_vec()))
+    }
+
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.table_mut(table).insert(key, value).map_err(store_err)?;
+        Ok(())
+    }
+
+    fn remove(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
+        self.table_mut(table).remove(key).map_err(store_err)?;
+        Ok(())
+    }
+
+    fn range(
+        &self,
+        table: Table,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        range_rows(self.table(table), start, end, limit)
+    }
+}
+
+/// A consistent read-only view of the state machine (one redb read transaction).
+pub struct ReadView {
+    tables: Vec<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    last_applied: Option<LogId<NodeId>>,
+}
+
+impl ReadView {
+    pub fn last_applied(&self) -> Option<LogId<NodeId>> {
+        self.last_applied
+    }
+}
+
+impl StateStore for ReadView {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tables[table as usize].get(key).map_err(store_err)?.map(|guard| guard.value().to_vec()))
+    }
+
+    fn put(&mut self, table: Table, _key: &[u8], _value: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError(format!("read-only view: cannot write to {}", table.name())))
+    }
+
+    fn remove(&mut self, table: Table, _key: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError(format!("read-only view: cannot remove from {}", table.name())))
+    }
+
+    fn range(
+        &self,
+        table: Table,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        range_rows(&self.tables[table as usize], start, end, limit)
+    }
+}
+
+/// What the rest of the node sees of the state machine: consistent reads, and a signal that
+/// fires after every applied batch (carrying the latest revision) for watchers.
+#[derive(Clone)]
+pub struct StateReader {
+    db: Arc<Database>,
+    revision: watch::Receiver<u64>,
+    cluster_id: Arc<RwLock<Option<String>>>,
+}
+
+impl StateReader {
+    pub fn view(&self) -> Result<ReadView, StoreError> {
+        let txn = self.db.begin_read().map_err(store_err)?;
+        let mut tables = Vec::with_capacity(Table::ALL.len());
+        for table in Table::ALL {
+            tables.push(txn.open_table(table_definition(table)).map_err(store_err)?);
+        }
+        let meta = txn.open_table(SM_META).map_err(store_err)?;
+        let last_applied = match meta.get(KEY_LAST_APPLIED).map_err(store_err)? {
+            Some(guard) => decode(guard.value())?,
+            None => None,
+        };
+        Ok(ReadView { tables, last_applied })
+    }
+
+    /// Fires whenever entries were applied; holds the latest revision.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revision.clone()
+    }
+
+    /// The id of the cluster this node's data belongs to, once known.
+    pub fn cluster_id(&self) -> Option<String> {
+        self.cluster_id.read().ok().and_then(|guard| guard.clone())
+    }
+}
+
+/// Snapshot contents: every state machine table, row by row.
+#[derive(Serialize, Deserialize)]
+struct SnapshotTables {
+    tables: Vec<(Table, Vec<(Vec<u8>, Vec<u8>)>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
+    data: Vec<u8>,
+}
+
+pub struct StateMachineStore {
+    db: Arc<Database>,
+    data_dir: PathBuf,
+    revision_tx: Arc<watch::Sender<u64>>,
+    cluster_id: Arc<RwLock<Option<String>>>,
+    reader: StateReader,
+}
+
+impl StateMachineStore {
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let db = Arc::new(open_database(&data_dir.join("state.redb"))?);
+        let txn = db.begin_write().map_err(store_err)?;
+        WriteTables::open(&txn)?;
+        txn.open_table(SM_META).map_err(store_err)?;
+        txn.commit().map_err(store_err)?;
+        let (revision, cluster_id) = {
+            let txn = db.begin_read().map_err(store_err)?;
+            let mut tables = Vec::new();
+            for table in Table::ALL {
+                tables.push(txn.open_table(table_definition(table)).map_err(store_err)?);
+            }
+            let view = ReadView { tables, last_applied: None };
+            (state::current_revision(&view)?, state::cluster_id(&view)?)
+        };
+        let (revision_tx, revision_rx) = watch::channel(revision);
+        let cluster_id = Arc::new(RwLock::new(cluster_id));
+        let reader = StateReader { db: db.clone(), revision: revision_rx, cluster_id: cluster_id.clone() };
+        Ok(Self { db, data_dir: data_dir.to_path_buf(), revision_tx: Arc::new(revision_tx), cluster_id, reader })
+    }
+
+    pub fn reader(&self) -> StateReader {
+        self.reader.clone()
+    }
+
+    fn publish(&self) -> Result<(), StoreError> {
+        let view = self.reader.view()?;
+        let revision = state::current_revision(&view)?;
+        let cluster_id = state::cluster_id(&view)?;
+        if let Ok(mut guard) = self.cluster_id.write() {
+            *guard = cluster_id;
+        }
+        self.revision_tx.send_replace(revision);
+        Ok(())
+    }
+
+    fn snapshot_path(&self) -> PathBuf {
+        self.data_dir.join(SNAPSHOT_FILE)
+    }
+
+    fn save_snapshot_file(&self, snapshot: &StoredSnapshot) -> Result<(), StoreError> {
+        let bytes = encode(snapshot)?;
+        write_file_durably(&self.snapshot_path(), &bytes)
+    }
+
+    fn load_snapshot_file(&self) -> Result<Option<StoredSnapshot>, StoreError> {
+        match std::fs::read(self.snapshot_path()) {
+            Ok(bytes) => Ok(Some(decode(&bytes)?)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError(format!("read snapshot: {e}"))),
+        }
+    }
+}
+
+/// Writes a file so that after a crash it is either absent, the old version, or complete:
+/// temporary file, fsync, rename, fsync of the directory (the rename itself is only durable
+/// once the directory is).
+pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let context = |what: &str, e: std::io::Error| StoreError(format!("{what} {}: {e}", path.display()));
+    let temporary = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&temporary).map_err(|e| context("create", e))?;
+    file.write_all(bytes).map_err(|e| context("write", e))?;
+    file.sync_all().map_err(|e| context("fsync", e))?;
+    drop(file);
+    std::fs::rename(&temporary, path).map_err(|e| context("rename", e))?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent).and_then(|dir| dir.sync_all()).map_err(|e| context("fsync directory of", e))?;
+    }
+    Ok(())
+}
+
+pub struct SnapshotBuilder {
+    db: Arc<Database>,
+    store: StateMachineStore,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        let db = self.db.clone();
+        let (last_applied, membership, data) = blocking(move || {
+            // One read transaction: the rows and the applied id describe the same instant.
+            let txn = db.begin_read().map_err(io_err)?;
+            let meta = txn.open_table(SM_META).map_err(io_err)?;
+            let last_applied: Option<LogId<NodeId>> = match meta.get(KEY_LAST_APPLIED).map_err(io_err)? {
+                Some(guard) => decode(guard.value()).map_err(io_err)?,
+                None => None,
+            };
+            let membership: StoredMembership<NodeId, openraft::BasicNode> =
+                match meta.get(KEY_MEMBERSHIP).map_err(io_err)? {
+                    Some(guard) => decode(guard.value()).map_err(io_err)?,
+                    None => StoredMembership::default(),
+                };
+            let mut tables = Vec::new();
+            for table in Table::ALL {
+                let handle = txn.open_table(table_definition(table)).map_err(io_err)?;
+                tables.push((table, range_rows(&handle, &[], None, usize::MAX).map_err(io_err)?));
+            }
+            let data = encode(&SnapshotTables { tables }).map_err(io_err)?;
+            Ok((last_applied, membership, data))
+        })
+        .await
+        .map_err(|e| StorageIOError::read_state_machine(e))?;
+
+        let snapshot_id = match last_applied {
+            Some(log_id) => format!("{}-{}-{}", log_id.leader_id, log_id.index, rand::random::<u32>()),
+            None => format!("empty-{}", rand::random::<u32>()),
+        };
+        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        self.store
+            .save_snapshot_file(&stored)
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), io_err(e)))?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+    }
+}
+
+impl StateMachineStore {
+    fn handle(&self) -> StateMachineStore {
+        StateMachineStore {
+            db: self.db.clone(),
+            data_dir: self.data_dir.clone(),
+            revision_tx: self.revision_tx.clone(),
+            cluster_id: self.cluster_id.clone(),
+            reader: self.reader.clone(),
+        }
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, openraft::BasicNode>), RaftStorageError> {
+        let read = || -> Result<_, AnyError> {
+            let txn = self.db.begin_read().map_err(io_err)?;
+            let meta = txn.open_table(SM_META).map_err(io_err)?;
+            let last_applied: Option<LogId<NodeId>> = match meta.get(KEY_LAST_APPLIED).map_err(io_err)? {
+                Some(guard) => decode(guard.value()).map_err(io_err)?,
+                None => None,
+            };
+            let membership = match meta.get(KEY_MEMBERSHIP).map_err(io_err)? {
+                Some(guard) => decode(guard.value()).map_err(io_err)?,
+                None => StoredMembership::default(),
+            };
+            Ok((last_applied, membership))
+        };
+        read().map_err(|e| StorageIOError::read_state_machine(e).into())
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, RaftStorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let db = self.db.clone();
+        let results = blocking(move || {
+            let txn = db.begin_write().map_err(io_err)?;
+            let mut results = Vec::with_capacity(entries.len());
+            {
+                let mut tables = WriteTables::open(&txn).map_err(io_err)?;
+                let mut meta = txn.open_table(SM_META).map_err(io_err)?;
+                let mut last_applied = None;
+                for entry in &entries {
+                    last_applied = Some(entry.log_id);
+                    match &entry.payload {
+                        EntryPayload::Blank => results.push(Ok(Outcome::Noop)),
+                        EntryPayload::Normal(proposal) => {
+                            results.push(state::apply(&mut tables, proposal).map_err(io_err)?);
+                        }
+                        EntryPayload::Membership(membership) => {
+                            let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
+                            let bytes = encode(&stored).map_err(io_err)?;
+                            meta.insert(KEY_MEMBERSHIP, bytes.as_slice()).map_err(io_err)?;
+                            results.push(Ok(Outcome::Noop));
+                        }
+                    }
+                }
+                // The applied id goes in the same transaction as the state it describes.
+                let bytes = encode(&last_applied).map_err(io_err)?;
+                meta.insert(KEY_LAST_APPLIED, bytes.as_slice()).map_err(io_err)?;
+            }
+            // Durable: openraft may purge the log up to a snapshot of this state, after which
+            // these entries could not be re-applied.
+            txn.commit().map_err(io_err)?;
+            Ok(results)
+        })
+        .await
+        .map_err(StorageIOError::write_state_machine)?;
+        self.publish().map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder { db: self.db.clone(), store: self.handle() }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), RaftStorageError> {
+        let data = snapshot.into_inner();
+        let contents: SnapshotTables =
+            decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
+        let db = self.db.clone();
+        let snapshot_meta = meta.clone();
+        blocking(move || {
+            let txn = db.begin_write().map_err(io_err)?;
+            {
+                let mut tables = WriteTables::open(&txn).map_err(io_err)?;
+                for table in Table::ALL {
+                    tables.table_mut(table).retain(|_, _| false).map_err(io_err)?;
+                }
+                for (table, rows) in &contents.tables {
+                    for (key, value) in rows {
+                        tables.put(*table, key, value).map_err(io_err)?;
+                    }
+                }
+                let mut sm_meta = txn.open_table(SM_META).map_err(io_err)?;
+                let applied = encode(&snapshot_meta.last_log_id).map_err(io_err)?;
+                sm_meta.insert(KEY_LAST_APPLIED, applied.as_slice()).map_err(io_err)?;
+                let membership = encode(&snapshot_meta.last_membership).map_err(io_err)?;
+                sm_meta.insert(KEY_MEMBERSHIP, membership.as_slice()).map_err(io_err)?;
+            }
+            // Durable: the leader stops sending the entries this snapshot covers.
+            txn.commit().map_err(io_err)
+        })
+        .await
+        .map_err(|e| StorageIOError::write_state_machine(e))?;
+        self.save_snapshot_file(&StoredSnapshot { meta: meta.clone(), data })
+            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), io_err(e)))?;
+        self.publish().map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
+        let stored = self.load_snapshot_file().map_err(|e| StorageIOError::read_snapshot(None, io_err(e)))?;
+        Ok(stored.map(|stored| Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+    }
+}
+
+impl From<StoreError> for AnyError {
+    fn from(e: StoreError) -> Self {
+        AnyError::error(e.0)
+    }
+}
