@@ -1,1 +1,30 @@
-fn main() {}
+//! `mendfs`: the one binary. A node (`server`), the client CLI (`kv`, `cluster`), the
+//! benchmarks (`bench`) and the newcomer's `demo`. Only this crate prints to the terminal.
+
+mod bench;
+mod cli;
+mod client_cmd;
+mod demo;
+mod server;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

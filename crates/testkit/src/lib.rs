@@ -1,1 +1,367 @@
-//! placeholder
+//! A cluster of real `mendfs server` processes on 127.0.0.1, for tests, the demo and the
+//! benchmarks: start on free ports in a temporary directory, SIGKILL, SIGSTOP/SIGCONT,
+//! restart, read a node's log, run the CLI against the cluster, and poll for a state with a
+//! deadline (never sleep-and-hope).
+//!
+//! Every child is killed when the [`Cluster`] is dropped, including on a test's panic.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// How to start a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub nodes: usize,
+    /// Extra flags for every `mendfs server`.
+    pub server_args: Vec<String>,
+    /// Run with a cluster secret (the default) or `--insecure-dev`.
+    pub secure: bool,
+    /// Keep the directory (for `--keep` in the demo); otherwise it is removed on drop.
+    pub keep_dir: bool,
+    /// Where to put the cluster's directory; a fresh temporary one if None.
+    pub dir: Option<PathBuf>,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self { nodes: 3, server_args: Vec::new(), secure: true, keep_dir: false, dir: None }
+    }
+}
+
+pub struct Node {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+    stopped: bool,
+}
+
+impl Node {
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+pub struct Cluster {
+    binary: PathBuf,
+    root: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+    secret_file: Option<PathBuf>,
+    options: ClusterOptions,
+    pub nodes: BTreeMap<u64, Node>,
+}
+
+/// A port that was free a moment ago. Binding to port 0 lets the kernel choose; the small
+/// window before the node binds it is acceptable on a test machine.
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Polls `check` until it returns Some, or fails after `deadline` naming `what` and the last
+/// observation.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let started = Instant::now();
+    let mut last;
+    loop {
+        match check() {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => last = "not yet".into(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if started.elapsed() > deadline {
+            bail!("timed out after {deadline:?} waiting for {what} (last: {last})");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn signal(pid: u32, signal: i32) -> Result<()> {
+    let pid = i32::try_from(pid).context("pid out of range")?;
+    let rc = unsafe_kill(pid, signal);
+    if rc != 0 {
+        bail!("kill({pid}, {signal}) failed: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[allow(unsafe_code)]
+fn unsafe_kill(pid: i32, signal: i32) -> i32 {
+    // SAFETY: kill(2) takes plain integers and has no memory-safety preconditions.
+    unsafe { libc::kill(pid, signal) }
+}
+
+impl Cluster {
+    /// Starts `options.nodes` nodes with ids 1..=n as the initial voters.
+    pub fn start(binary: &Path, options: ClusterOptions) -> Result<Self> {
+        let (temp, root) = match &options.dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+                (None, dir.clone())
+            }
+            None => {
+                let temp = tempfile::Builder::new().prefix("mendfs-cluster-").tempdir().context("temp dir")?;
+                let root = temp.path().to_path_buf();
+                (Some(temp), root)
+            }
+        };
+        let secret_file = if options.secure {
+            let path = root.join("secret");
+            std::fs::write(&path, format!("test-secret-{:016x}\n", std::process::id() as u64 * 7919))
+                .context("write the secret file")?;
+            Some(path)
+        } else {
+            None
+        };
+        let temp = if options.keep_dir { temp.map(|t| t.keep()).and(None) } else { temp };
+        let mut cluster = Cluster {
+            binary: binary.to_path_buf(),
+            root,
+            _temp: temp,
+            secret_file,
+            options: options.clone(),
+            nodes: BTreeMap::new(),
+        };
+        for id in 1..=options.nodes as u64 {
+            cluster.add_node_entry(id)?;
+        }
+        for id in 1..=options.nodes as u64 {
+            cluster.spawn(id, true)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn secret_file(&self) -> Option<&Path> {
+        self.secret_file.as_deref()
+    }
+
+    pub fn secret(&self) -> Option<String> {
+        self.secret_file.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).map(|s| s.trim().to_string())
+    }
+
+    /// Reserves an id, a port and directories for a node, without starting it.
+    pub fn add_node_entry(&mut self, id: u64) -> Result<&Node> {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        let data_dir = self.root.join(format!("node-{id}"));
+        let log_path = self.root.join(format!("node-{id}.log"));
+        self.nodes.insert(id, Node { id, addr, data_dir, log_path, child: None, stopped: false });
+        Ok(&self.nodes[&id])
+    }
+
+    fn initial_peers(&self) -> String {
+        (1..=self.options.nodes as u64)
+            .filter_map(|id| self.nodes.get(&id).map(|n| format!("{id}={}", n.addr)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The command line that starts node `id`.
+    pub fn server_command(&self, id: u64, with_peers: bool) -> Result<Command> {
+        let node = self.nodes.get(&id).with_context(|| format!("no node {id}"))?;
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("server")
+            .args(["--node-id", &id.to_string()])
+            .args(["--listen", &node.addr])
+            .arg("--data-dir")
+            .arg(&node.data_dir);
+        if with_peers {
+            command.args(["--peers", &self.initial_peers()]);
+        }
+        match &self.secret_file {
+            Some(path) => {
+                command.arg("--secret-file").arg(path);
+            }
+            None => {
+                command.arg("--insecure-dev");
+            }
+        }
+        command.args(&self.options.server_args);
+        command.env_remove("MENDFS_SECRET").env("RUST_LOG", "info,openraft=warn");
+        Ok(command)
+    }
+
+    /// Starts node `id` (which must not be running), its output appended to its log.
+    pub fn spawn(&mut self, id: u64, with_peers: bool) -> Result<()> {
+        let mut command = self.server_command(id, with_peers)?;
+        let node = self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))?;
+        if node.child.is_some() {
+            bail!("node {id} is already running");
+        }
+        let log = OpenOptions::new().create(true).append(true).open(&node.log_path).context("open node log")?;
+        let log_err = log.try_clone()?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .with_context(|| format!("start node {id}"))?;
+        node.child = Some(child);
+        node.stopped = false;
+        Ok(())
+    }
+
+    /// SIGKILL: the node dies at once, with no chance to flush anything.
+    pub fn kill(&mut self, id: u64) -> Result<()> {
+        let node = self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))?;
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        node.stopped = false;
+        Ok(())
+    }
+
+    /// SIGSTOP: the node freezes, its sockets open, like a long GC pause or a hung disk.
+    pub fn pause(&mut self, id: u64) -> Result<()> {
+        let node = self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))?;
+        let pid = node.pid().with_context(|| format!("node {id} is not running"))?;
+        signal(pid, libc::SIGSTOP)?;
+        node.stopped = true;
+        Ok(())
+    }
+
+    /// SIGCONT after [`Cluster::pause`].
+    pub fn resume(&mut self, id: u64) -> Result<()> {
+        let node = self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))?;
+        let pid = node.pid().with_context(|| format!("node {id} is not running"))?;
+        signal(pid, libc::SIGCONT)?;
+        node.stopped = false;
+        Ok(())
+    }
+
+    /// Starts a killed node again with the same flags.
+    pub fn restart(&mut self, id: u64) -> Result<()> {
+        self.kill(id)?;
+        self.spawn(id, id <= self.options.nodes as u64)
+    }
+
+    pub fn log(&self, id: u64) -> String {
+        self.nodes.get(&id).and_then(|n| std::fs::read_to_string(&n.log_path).ok()).unwrap_or_default()
+    }
+
+    pub fn addr(&self, id: u64) -> String {
+        self.nodes.get(&id).map(|n| n.addr.clone()).unwrap_or_default()
+    }
+
+    /// Endpoints of the given nodes, comma-separated.
+    pub fn endpoints_of(&self, ids: &[u64]) -> String {
+        ids.iter().map(|id| self.addr(*id)).collect::<Vec<_>>().join(",")
+    }
+
+    /// Endpoints of every node.
+    pub fn endpoints(&self) -> String {
+        self.nodes.values().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn endpoint_list(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.addr.clone()).collect()
+    }
+
+    /// A `mendfs` CLI command aimed at this cluster (all endpoints, the secret).
+    pub fn cli(&self) -> Command {
+        self.cli_at(&self.endpoints())
+    }
+
+    /// A `mendfs` CLI command aimed at the given endpoints.
+    pub fn cli_at(&self, endpoints: &str) -> Command {
+        let mut command = Command::new(&self.binary);
+        command.env("MENDFS_ENDPOINTS", endpoints).env_remove("MENDFS_SECRET");
+        if let Some(secret) = self.secret() {
+            command.env("MENDFS_SECRET", secret);
+        }
+        command.stdin(Stdio::null());
+        command
+    }
+
+    /// Runs the CLI with `args`; Ok(stdout) on success, Err with stderr otherwise.
+    pub fn run_cli(&self, args: &[&str]) -> Result<String> {
+        let output = self.cli().args(args).output().context("run mendfs")?;
+        output_result(args, output)
+    }
+
+    /// `cluster status --json`, parsed.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = self.run_cli(&["cluster", "status", "--json", "--timeout", "5"])?;
+        serde_json::from_str(&out).context("parse cluster status JSON")
+    }
+
+    /// Waits until a leader is elected that every running, unpaused node agrees on, and returns it.
+    pub fn wait_for_leader(&self, deadline: Duration) -> Result<u64> {
+        let running: Vec<u64> = self.nodes.values().filter(|n| n.is_running() && !n.stopped).map(|n| n.id).collect();
+        wait_for("a leader", deadline, || {
+            let status = self.status()?;
+            let Some(leader) = status["leader"].as_u64() else { return Ok(None) };
+            if !running.contains(&leader) {
+                return Ok(None);
+            }
+            let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+            let leader_ok = nodes.iter().any(|n| n["id"].as_u64() == Some(leader) && n["role"] == "leader");
+            Ok(leader_ok.then_some(leader))
+        })
+    }
+
+    /// Waits until every running member has applied the leader's whole log.
+    pub fn wait_for_caught_up(&self, ids: &[u64], deadline: Duration) -> Result<()> {
+        wait_for("followers to catch up", deadline, || {
+            let status = self.status()?;
+            let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+            let leader_last = nodes
+                .iter()
+                .find(|n| n["role"] == "leader")
+                .and_then(|n| n["last_log_index"].as_u64())
+                .unwrap_or(u64::MAX);
+            let all = ids.iter().all(|id| {
+                nodes.iter().any(|n| n["id"].as_u64() == Some(*id) && n["applied_index"].as_u64() >= Some(leader_last))
+            });
+            Ok(all.then_some(()))
+        })
+    }
+}
+
+pub fn output_result(args: &[&str], output: Output) -> Result<String> {
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        bail!(
+            "mendfs {} failed ({}): {}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in self.nodes.values_mut() {
+            if let Some(mut child) = node.child.take() {
+                if node.stopped {
+                    let _ = signal(child.id(), libc::SIGCONT);
+                }
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+/// Opens a file for appending (for callers that collect a child's output).
+pub fn append_file(path: &Path) -> Result<File> {
+    OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("open {}", path.display()))
+}

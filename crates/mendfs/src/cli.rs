@@ -1,0 +1,91 @@
+//! Command-line parsing and dispatch.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{bench, client_cmd, demo, server};
+
+#[derive(Parser, Debug)]
+#[command(name = "mendfs", version, about = "MendFS: a self-healing distributed file store")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a node.
+    Server(Box<server::ServerArgs>),
+    /// The coordination keyspace: keys with versions, compare-and-set, watches, sessions, locks.
+    Kv {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: client_cmd::KvCommand,
+    },
+    /// Cluster membership and health.
+    Cluster {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: client_cmd::ClusterCommand,
+    },
+    /// Measure throughput, latency and failover on a local cluster (against etcd too, if installed).
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+    /// Start a local 3-node cluster, use it, kill its leader, watch it heal, and clean up.
+    Demo(demo::DemoArgs),
+}
+
+/// How the CLI reaches the cluster.
+#[derive(Args, Debug, Clone)]
+pub struct Connection {
+    /// Nodes to talk to, HOST:PORT separated by commas; the client fails over between them.
+    #[arg(long, env = "MENDFS_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:7001", global = true)]
+    pub endpoints: Vec<String>,
+    /// File holding the cluster secret (else MENDFS_SECRET).
+    #[arg(long, global = true)]
+    pub secret_file: Option<PathBuf>,
+    /// Give up on a call after this many seconds, retries included.
+    #[arg(long, default_value_t = 20.0, global = true)]
+    pub timeout: f64,
+}
+
+/// The cluster secret from `--secret-file`, else `MENDFS_SECRET`, else none.
+pub fn read_secret(secret_file: Option<&PathBuf>) -> Result<Option<String>> {
+    if let Some(path) = secret_file {
+        let secret = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the secret file {}", path.display()))?;
+        let secret = secret.trim().to_string();
+        anyhow::ensure!(!secret.is_empty(), "the secret file {} is empty", path.display());
+        return Ok(Some(secret));
+    }
+    Ok(std::env::var("MENDFS_SECRET").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
+}
+
+impl Connection {
+    pub fn client(&self) -> Result<mendfs_client::Client> {
+        anyhow::ensure!(self.timeout > 0.0 && self.timeout.is_finite(), "--timeout must be a positive number of seconds");
+        let mut config = mendfs_client::ClientConfig::new(self.endpoints.clone());
+        config.secret = read_secret(self.secret_file.as_ref())?;
+        config.deadline = Duration::from_secs_f64(self.timeout);
+        config.attempt_timeout = config.attempt_timeout.min(config.deadline);
+        Ok(mendfs_client::Client::new(config)?)
+    }
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Server(args) => server::run(*args).await.map(|()| ExitCode::SUCCESS),
+        Command::Kv { connection, command } => client_cmd::run_kv(connection, command).await,
+        Command::Cluster { connection, command } => client_cmd::run_cluster(connection, command).await,
+        Command::Bench { command } => bench::run(command).await.map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => demo::run(args).await,
+    }
+}

@@ -1,0 +1,346 @@
+//! `mendfs kv …` and `mendfs cluster …`: the client CLI. Values print alone on stdout; every
+//! failure is one line on stderr and a non-zero exit.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use mendfs_client::{Client, EventKind, KeyValue};
+use serde_json::json;
+
+use crate::cli::Connection;
+
+#[derive(Subcommand, Debug)]
+pub enum KvCommand {
+    /// Create KEY; fails if it exists.
+    Create {
+        key: String,
+        value: String,
+        /// Tie the key to a session: it disappears when this command's session ends.
+        #[arg(long)]
+        ephemeral: bool,
+        /// Session TTL in seconds, for --ephemeral.
+        #[arg(long, default_value_t = 10.0)]
+        ttl: f64,
+        /// With --ephemeral: keep the session (and the key) alive until interrupted.
+        #[arg(long, requires = "ephemeral")]
+        hold: bool,
+    },
+    /// Print KEY's value (with --json: value, version and revisions).
+    Get {
+        key: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set KEY to VALUE; with --expect-version, only if KEY is at that version (0: absent).
+    Set {
+        key: String,
+        value: String,
+        #[arg(long)]
+        expect_version: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete KEY; with --expect-version, only if KEY is at that version.
+    Delete {
+        key: String,
+        #[arg(long)]
+        expect_version: Option<u64>,
+    },
+    /// List keys starting with PREFIX.
+    List {
+        #[arg(default_value = "")]
+        prefix: String,
+        /// At most this many keys (0: the server's maximum).
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print every change to KEY (or under it, with --prefix), in order, until interrupted.
+    Watch {
+        key: String,
+        #[arg(long)]
+        prefix: bool,
+        /// First revision to print (0: changes from now on).
+        #[arg(long, default_value_t = 0)]
+        from_revision: u64,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+        /// One JSON object per event.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run CMD while holding the lock NAME; CMD gets a fencing token in MENDFS_LOCK_TOKEN.
+    Lock {
+        name: String,
+        /// Session TTL in seconds: how long the lock outlives a crashed holder.
+        #[arg(long, default_value_t = 10.0)]
+        ttl: f64,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Leader, term, and per node its role, log and applied index, and lag.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add node ID at ADDR: it joins as a learner, catches up, then becomes a voter.
+    AddNode { id: u64, addr: String },
+    /// Remove node ID from the cluster.
+    RemoveNode { id: u64 },
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn kv_json(kv: &KeyValue) -> serde_json::Value {
+    json!({
+        "key": text(&kv.key),
+        "value": text(&kv.value),
+        "version": kv.version,
+        "create_revision": kv.create_revision,
+        "modify_revision": kv.modify_revision,
+        "session_id": if kv.session_id == 0 { None } else { Some(kv.session_id) },
+    })
+}
+
+fn ttl(seconds: f64) -> Result<Duration> {
+    anyhow::ensure!(seconds.is_finite() && (0.1..=3600.0).contains(&seconds), "--ttl must be within 0.1 ..= 3600 seconds");
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+pub async fn run_kv(connection: Connection, command: KvCommand) -> Result<ExitCode> {
+    let client = connection.client()?;
+    match command {
+        KvCommand::Create { key, value, ephemeral, ttl: ttl_seconds, hold } => {
+            if !ephemeral {
+                let kv = client.create(key.as_bytes(), value.as_bytes(), None).await.with_context(|| format!("create {key}"))?;
+                println!("{}", kv.modify_revision);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let session = client.open_session(ttl(ttl_seconds)?).await.context("open a session")?;
+            let kv = match client.create(key.as_bytes(), value.as_bytes(), Some(session.id())).await {
+                Ok(kv) => kv,
+                Err(e) => {
+                    let _ = session.close().await;
+                    return Err(e).with_context(|| format!("create {key}"));
+                }
+            };
+            println!("{}", kv.modify_revision);
+            if hold {
+                eprintln!("holding {key} in session {} (TTL {:?}); interrupt to release", session.id(), session.ttl());
+                let keep_alive = session.keep_alive_in_background();
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    ended = keep_alive => {
+                        bail!("the session ended: {}", ended.map_or_else(|e| e.to_string(), |e| e.to_string()))
+                    }
+                }
+                session.close().await.context("close the session")?;
+            } else {
+                // Without --hold, the key would outlive this command only until the TTL ran
+                // out; closing now makes that explicit.
+                eprintln!("note: without --hold the session closes now and {key} is deleted with it");
+                session.close().await.context("close the session")?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KvCommand::Get { key, json } => match client.get(key.as_bytes()).await.with_context(|| format!("get {key}"))? {
+            None => bail!("key {key:?} not found"),
+            Some(kv) => {
+                if json {
+                    println!("{}", kv_json(&kv));
+                } else {
+                    println!("{}", text(&kv.value));
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        KvCommand::Set { key, value, expect_version, json } => {
+            let kv = client
+                .set(key.as_bytes(), value.as_bytes(), expect_version, None)
+                .await
+                .with_context(|| format!("set {key}"))?;
+            if json {
+                println!("{}", kv_json(&kv));
+            } else {
+                println!("{}", kv.version);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KvCommand::Delete { key, expect_version } => {
+            let deleted = client.delete(key.as_bytes(), expect_version).await.with_context(|| format!("delete {key}"))?;
+            if !deleted {
+                bail!("key {key:?} not found");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KvCommand::List { prefix, limit, json } => {
+            let (kvs, truncated) = client.list(prefix.as_bytes(), limit).await.context("list")?;
+            if json {
+                println!("{}", json!({"kvs": kvs.iter().map(kv_json).collect::<Vec<_>>(), "truncated": truncated}));
+            } else {
+                for kv in &kvs {
+                    println!("{}\t{}", text(&kv.key), text(&kv.value));
+                }
+                if truncated {
+                    eprintln!("(more keys follow; raise --limit)");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KvCommand::Watch { key, prefix, from_revision, count, json } => {
+            let mut watch = client.watch(key.as_bytes(), prefix, from_revision);
+            let mut printed = 0u64;
+            loop {
+                let reply = tokio::select! {
+                    reply = watch.next() => reply.context("watch")?,
+                    _ = tokio::signal::ctrl_c() => return Ok(ExitCode::SUCCESS),
+                };
+                for event in reply.events {
+                    let Some(kv) = event.kv else { continue };
+                    let kind = if event.kind == EventKind::Delete as i32 { "DELETE" } else { "PUT" };
+                    if json {
+                        let mut line = kv_json(&kv);
+                        line["event"] = json!(kind);
+                        line["revision"] = json!(reply.revision);
+                        println!("{line}");
+                    } else if kind == "DELETE" {
+                        println!("{kind} {} (revision {})", text(&kv.key), reply.revision);
+                    } else {
+                        println!("{kind} {} {} (revision {}, version {})", text(&kv.key), text(&kv.value), reply.revision, kv.version);
+                    }
+                    printed += 1;
+                    if count.is_some_and(|count| printed >= count) {
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                }
+            }
+        }
+        KvCommand::Lock { name, ttl: ttl_seconds, command } => run_locked(&client, &name, ttl(ttl_seconds)?, &command).await,
+    }
+}
+
+/// The lock recipe (etcd's mutex): each contender creates an ephemeral key under the lock's
+/// prefix; the one with the lowest create revision holds the lock; the others wait for the
+/// key just before theirs to go. The holder's create revision is the fencing token: it only
+/// grows, so a resource that remembers the highest token it saw can refuse a stale holder whose
+/// session expired while it was paused. A lease-based lock alone cannot promise mutual
+/// exclusion (a paused holder may resume after its session expired); the token is what lets
+/// the protected resource enforce it.
+async fn run_locked(client: &Client, name: &str, ttl: Duration, command: &[String]) -> Result<ExitCode> {
+    let prefix = format!("__lock/{name}/");
+    let session = client.open_session(ttl).await.context("open a session for the lock")?;
+    let key = format!("{prefix}{:016x}", session.id());
+    let keep_alive = session.keep_alive_in_background();
+    let result = async {
+        let mine = client.create(key.as_bytes(), b"", Some(session.id())).await.context("create the lock key")?;
+        loop {
+            let (contenders, _) = client.list(prefix.as_bytes(), 0).await.context("list lock contenders")?;
+            let before = contenders
+                .iter()
+                .filter(|kv| kv.create_revision < mine.create_revision)
+                .max_by_key(|kv| kv.create_revision);
+            let Some(before) = before else { break };
+            // Wait for the contender just ahead of us to release (or lose) the lock.
+            let mut watch = client.watch(&before.key, false, before.modify_revision + 1);
+            loop {
+                let reply = watch.next().await.context("watch the lock holder")?;
+                if reply.events.iter().any(|event| event.kind == EventKind::Delete as i32) {
+                    break;
+                }
+            }
+        }
+        let token = mine.create_revision;
+        eprintln!("lock {name} acquired (fencing token {token})");
+        let mut child = tokio::process::Command::new(&command[0])
+            .args(&command[1..])
+            .env("MENDFS_LOCK_TOKEN", token.to_string())
+            .spawn()
+            .with_context(|| format!("cannot run {}", command[0]))?;
+        let status = tokio::select! {
+            status = child.wait() => status.context("wait for the command")?,
+            ended = &mut { keep_alive } => {
+                let _ = child.kill().await;
+                bail!("lost the lock: {}", ended.map_or_else(|e| e.to_string(), |e| e.to_string()));
+            }
+        };
+        Ok(status)
+    }
+    .await;
+    let closed = session.close().await;
+    let status = result?;
+    closed.context("release the lock")?;
+    Ok(match status.code() {
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}
+
+pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Result<ExitCode> {
+    let client = connection.client()?;
+    match command {
+        ClusterCommand::Status { json } => {
+            let status = client.status().await.context("cluster status")?;
+            if json {
+                let nodes: Vec<_> = status
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        json!({
+                            "id": n.id, "addr": n.addr, "role": n.role, "voter": n.voter,
+                            "last_log_index": n.last_log_index, "applied_index": n.applied_index, "lag": n.lag,
+                            "error": if n.error.is_empty() { None } else { Some(&n.error) },
+                        })
+                    })
+                    .collect();
+                println!(
+                    "{}",
+                    json!({"leader": status.leader, "term": status.term, "revision": status.revision,
+                           "cluster_id": status.cluster_id, "nodes": nodes})
+                );
+            } else {
+                println!(
+                    "leader: {}   term: {}   revision: {}   cluster: {}",
+                    status.leader.map_or("none".to_string(), |id| id.to_string()),
+                    status.term,
+                    status.revision,
+                    status.cluster_id
+                );
+                println!("{:>4}  {:<22} {:<12} {:>6} {:>10} {:>10} {:>6}", "ID", "ADDRESS", "ROLE", "VOTER", "LAST LOG", "APPLIED", "LAG");
+                for n in &status.nodes {
+                    println!(
+                        "{:>4}  {:<22} {:<12} {:>6} {:>10} {:>10} {:>6}{}",
+                        n.id,
+                        n.addr,
+                        n.role,
+                        if n.voter { "yes" } else { "no" },
+                        n.last_log_index,
+                        n.applied_index,
+                        n.lag,
+                        if n.error.is_empty() { String::new() } else { format!("  ({})", n.error) }
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCommand::AddNode { id, addr } => {
+            let reply = client.add_node(id, &addr).await.with_context(|| format!("add node {id}"))?;
+            println!("voters: {:?}  learners: {:?}", reply.voters, reply.learners);
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCommand::RemoveNode { id } => {
+            let reply = client.remove_node(id).await.with_context(|| format!("remove node {id}"))?;
+            println!("voters: {:?}  learners: {:?}", reply.voters, reply.learners);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

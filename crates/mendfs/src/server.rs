@@ -1,0 +1,218 @@
+//! `mendfs server`: settings from flags and an optional TOML file (flags win), then a node.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use mendfs_meta::{MetaNode, NodeConfig};
+use serde::Deserialize;
+use tokio_stream::wrappers::TcpListenerStream;
+
+#[derive(Args, Debug, Default)]
+pub struct ServerArgs {
+    /// TOML file with any of the settings below (same names, with underscores); flags win.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// This node's id (1 or more), unique in the cluster and stable across restarts.
+    #[arg(long)]
+    pub node_id: Option<u64>,
+    /// Address to listen on for peers and clients, HOST:PORT.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Address others use to reach this node, if not the listen address.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Directory for the Raft log, the state machine and snapshots.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// The initial voters: ID=HOST:PORT separated by commas. The lowest id bootstraps the cluster, once.
+    #[arg(long)]
+    pub peers: Option<String>,
+    /// File holding the cluster secret (else MENDFS_SECRET).
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// Run without a cluster secret: anyone who reaches the port can read and write. Local trials only.
+    #[arg(long)]
+    pub insecure_dev: bool,
+    /// Address for metrics and the dashboard (reserved: not served yet).
+    #[arg(long)]
+    pub http: Option<String>,
+    /// Take a snapshot and compact the Raft log every this many entries.
+    #[arg(long)]
+    pub snapshot_every_entries: Option<u64>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long)]
+    pub heartbeat_interval_ms: Option<u64>,
+    /// Lower bound of the randomized election timeout in milliseconds (the upper bound is twice it).
+    #[arg(long)]
+    pub election_timeout_ms: Option<u64>,
+    /// Largest key accepted, in bytes.
+    #[arg(long)]
+    pub max_key_bytes: Option<usize>,
+    /// Largest value accepted, in bytes.
+    #[arg(long)]
+    pub max_value_bytes: Option<usize>,
+    /// How long a write may wait for a quorum before failing, in milliseconds.
+    #[arg(long)]
+    pub write_timeout_ms: Option<u64>,
+    /// Log format on stderr: text or json.
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// The same settings, as read from `--config`.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    node_id: Option<u64>,
+    listen: Option<String>,
+    advertise: Option<String>,
+    data_dir: Option<PathBuf>,
+    peers: Option<String>,
+    secret_file: Option<PathBuf>,
+    insecure_dev: Option<bool>,
+    http: Option<String>,
+    snapshot_every_entries: Option<u64>,
+    heartbeat_interval_ms: Option<u64>,
+    election_timeout_ms: Option<u64>,
+    max_key_bytes: Option<usize>,
+    max_value_bytes: Option<usize>,
+    write_timeout_ms: Option<u64>,
+    log_format: Option<String>,
+}
+
+/// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
+pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>> {
+    let mut peers = BTreeMap::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').with_context(|| format!("peer {part:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id.trim().parse().with_context(|| format!("peer id {id:?} is not a number"))?;
+        anyhow::ensure!(id > 0, "peer id 0 is reserved; use 1 or more");
+        let addr = addr.trim();
+        addr.parse::<SocketAddr>().with_context(|| format!("peer address {addr:?} is not IP:PORT"))?;
+        if peers.insert(id, addr.to_string()).is_some() {
+            bail!("peer id {id} appears twice in --peers");
+        }
+    }
+    Ok(peers)
+}
+
+fn init_logging(format: &str, node_id: u64) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let result = match format {
+        "json" => builder.json().try_init(),
+        "text" => builder.try_init(),
+        other => bail!("--log-format {other:?}: use text or json"),
+    };
+    result.map_err(|e| anyhow::anyhow!("logging: {e}"))?;
+    tracing::info!(node_id, "mendfs {} starting", env!("CARGO_PKG_VERSION"));
+    Ok(())
+}
+
+pub async fn run(args: ServerArgs) -> Result<()> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+            toml::from_str::<FileSettings>(&text).with_context(|| format!("bad config file {}", path.display()))?
+        }
+        None => FileSettings::default(),
+    };
+    let node_id = args.node_id.or(file.node_id).context("--node-id is required")?;
+    anyhow::ensure!(node_id > 0, "--node-id 0 is reserved; use 1 or more");
+    let listen = args.listen.or(file.listen).context("--listen HOST:PORT is required")?;
+    let listen_addr: SocketAddr = listen.parse().with_context(|| format!("--listen {listen:?} is not IP:PORT"))?;
+    let advertise = args.advertise.or(file.advertise).unwrap_or_else(|| listen.clone());
+    let data_dir = args.data_dir.or(file.data_dir).context("--data-dir is required")?;
+    let peers = match args.peers.or(file.peers) {
+        Some(text) => parse_peers(&text)?,
+        None => BTreeMap::new(),
+    };
+    if let Some(addr) = peers.get(&node_id) {
+        anyhow::ensure!(
+            *addr == advertise,
+            "--peers gives node {node_id} the address {addr}, but this node advertises {advertise}"
+        );
+    }
+    let insecure = args.insecure_dev || file.insecure_dev.unwrap_or(false);
+    let secret = crate::cli::read_secret(args.secret_file.as_ref().or(file.secret_file.as_ref()))?;
+    if secret.is_none() && !insecure {
+        bail!(
+            "no cluster secret: pass --secret-file FILE or set MENDFS_SECRET (or --insecure-dev for a local trial)"
+        );
+    }
+    init_logging(args.log_format.or(file.log_format).as_deref().unwrap_or("text"), node_id)?;
+    if insecure && secret.is_none() {
+        tracing::warn!("running without a cluster secret (--insecure-dev): anyone who reaches this port can write");
+    }
+    if let Some(http) = args.http.or(file.http) {
+        tracing::warn!(%http, "--http is reserved for metrics and the dashboard; nothing is served there yet");
+    }
+
+    let mut config = NodeConfig::new(node_id, advertise, data_dir);
+    config.initial_peers = peers;
+    config.secret = secret;
+    if let Some(n) = args.snapshot_every_entries.or(file.snapshot_every_entries) {
+        anyhow::ensure!(n > 0, "--snapshot-every-entries must be at least 1");
+        config.snapshot_every_entries = n;
+        config.log_entries_kept_after_snapshot = config.log_entries_kept_after_snapshot.min(n);
+    }
+    if let Some(ms) = args.heartbeat_interval_ms.or(file.heartbeat_interval_ms) {
+        config.heartbeat_interval_ms = ms;
+    }
+    if let Some(ms) = args.election_timeout_ms.or(file.election_timeout_ms) {
+        config.election_timeout_min_ms = ms;
+        config.election_timeout_max_ms = ms * 2;
+    }
+    anyhow::ensure!(
+        config.heartbeat_interval_ms > 0 && config.heartbeat_interval_ms < config.election_timeout_min_ms,
+        "the heartbeat interval must be positive and shorter than the election timeout"
+    );
+    if let Some(n) = args.max_key_bytes.or(file.max_key_bytes) {
+        config.max_key_bytes = n;
+    }
+    if let Some(n) = args.max_value_bytes.or(file.max_value_bytes) {
+        config.max_value_bytes = n;
+    }
+    if let Some(ms) = args.write_timeout_ms.or(file.write_timeout_ms) {
+        config.write_timeout_ms = ms;
+    }
+
+    // Bind before starting Raft so that a taken port fails fast with a clear message.
+    let listener = tokio::net::TcpListener::bind(listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {listen_addr}"))?;
+    let node = MetaNode::start(config).await.map_err(|e| anyhow::anyhow!(e))?;
+    let (node_service, kv_service, cluster_service) = mendfs_meta::service::services(&node);
+    tracing::info!(%listen_addr, "serving");
+    let serve = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(node_service)
+        .add_service(kv_service)
+        .add_service(cluster_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal());
+    let result = serve.await.context("gRPC server");
+    tracing::info!("shutting down");
+    if let Err(e) = node.raft.shutdown().await {
+        tracing::warn!("raft shutdown: {e}");
+    }
+    result
+}
+
+async fn shutdown_signal() {
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGTERM: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}
