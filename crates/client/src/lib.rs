@@ -238,7 +238,7 @@ impl Client {
             index = (index + 1) % n_endpoints;
             let pause = backoff.mul_f64(0.5 + rand::random::<f64>());
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            backoff = (backoff * 2).min(Duration::from_millis(200));
         }
     }
 

@@ -298,6 +298,8 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                         json!({
                             "id": n.id, "addr": n.addr, "role": n.role, "voter": n.voter,
                             "last_log_index": n.last_log_index, "applied_index": n.applied_index, "lag": n.lag,
+                            "snapshot_index": n.snapshot_index, "purged_index": n.purged_index,
+                            "revision": n.revision, "term": n.term,
                             "error": if n.error.is_empty() { None } else { Some(&n.error) },
                         })
                     })

@@ -76,6 +76,13 @@ pub enum LeaderRequest {
     RemoveNode { id: NodeId },
 }
 
+/// A forwarded request with the wall-clock time after which its sender no longer waits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ForwardEnvelope {
+    pub deadline_unix_ms: u64,
+    pub request: LeaderRequest,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LeaderResponse {
     Command(CommandResult),
@@ -193,10 +200,12 @@ impl MetaNode {
             return Err(ApiError::NotLeader { leader: Some(leader) });
         };
         let mut client = self.peers.client(&addr).map_err(ApiError::Unavailable)?;
-        let data = state::encode(request).map_err(ApiError::internal)?;
+        let timeout = Duration::from_millis(self.config.write_timeout_ms + 1_000);
+        let envelope =
+            ForwardEnvelope { deadline_unix_ms: now_ms() + timeout.as_millis() as u64, request: request.clone() };
+        let data = state::encode(&envelope).map_err(ApiError::internal)?;
         let mut grpc_request = tonic::Request::new(RaftPayload { data });
         grpc_request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::AsciiMetadataValue::from_static("1"));
-        let timeout = Duration::from_millis(self.config.write_timeout_ms + 1_000);
         grpc_request.set_timeout(timeout);
         let reply = tokio::time::timeout(timeout, client.forward(grpc_request))
             .await

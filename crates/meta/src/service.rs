@@ -23,7 +23,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
-use crate::node::{LeaderRequest, LeaderResponse, MetaNode};
+use crate::node::{now_ms, ForwardEnvelope, LeaderRequest, LeaderResponse, MetaNode};
 use crate::state::{self, Command, CommandResult, EventKind, KeyValue, Outcome, RequestId};
 use crate::storage::StateReader;
 
@@ -145,8 +145,18 @@ impl Node for NodeApi {
     }
 
     async fn forward(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
-        let leader_request: LeaderRequest = decode_payload(request.get_ref(), "forwarded request")?;
-        let result = self.node.serve_on_leader(leader_request, true).await;
+        let envelope: ForwardEnvelope = decode_payload(request.get_ref(), "forwarded request")?;
+        // A request that waited past its sender's deadline (in a paused process's socket, say)
+        // is refused: the sender has already reported a failure, so applying it now would turn
+        // a reported failure into a silent success.
+        let result = if now_ms() > envelope.deadline_unix_ms {
+            Err(ApiError::Timeout(format!(
+                "the forwarded request arrived {} ms after its deadline",
+                now_ms() - envelope.deadline_unix_ms
+            )))
+        } else {
+            self.node.serve_on_leader(envelope.request, true).await
+        };
         encode_reply(&result)
     }
 
@@ -508,6 +518,10 @@ impl Cluster for ClusterApi {
                     applied_index: info.applied_index,
                     lag: leader_last_log.map_or(0, |last| last.saturating_sub(info.applied_index)),
                     error: String::new(),
+                    snapshot_index: info.snapshot_index,
+                    purged_index: info.purged_index,
+                    revision: info.revision,
+                    term: info.term,
                 },
                 Err(error) => pb::NodeStatus {
                     id,
@@ -518,6 +532,10 @@ impl Cluster for ClusterApi {
                     applied_index: 0,
                     lag: 0,
                     error,
+                    snapshot_index: 0,
+                    purged_index: 0,
+                    revision: 0,
+                    term: 0,
                 },
             })
             .collect();

@@ -1,0 +1,438 @@
+//! The metadata cluster against real `mendfs server` processes on 127.0.0.1: failover,
+//! compare-and-set, sessions, watches, snapshots, partitions and bad input.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mendfs_client::{Client, ClientConfig, Error, EventKind};
+use mendfs_testkit::{wait_for, Cluster, ClusterOptions};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mendfs"))
+}
+
+fn start(options: ClusterOptions) -> Cluster {
+    let cluster = Cluster::start(binary(), options).expect("start cluster");
+    cluster.wait_for_leader(DEADLINE).expect("a leader is elected");
+    cluster
+}
+
+fn client_for(cluster: &Cluster, endpoints: Vec<String>) -> Client {
+    let mut config = ClientConfig::new(endpoints);
+    config.secret = cluster.secret();
+    config.deadline = Duration::from_secs(60);
+    Client::new(config).expect("client")
+}
+
+fn client(cluster: &Cluster) -> Client {
+    client_for(cluster, cluster.endpoint_list())
+}
+
+/// Runs blocking harness work (process control, polling) from an async test.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_sets_survive_a_leader_kill_and_a_full_restart() {
+    let mut cluster = start(ClusterOptions::default());
+    let client = client(&cluster);
+    let acknowledged: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    const CLIENTS: usize = 8;
+    const SETS_PER_CLIENT: usize = 125;
+
+    let mut tasks = Vec::new();
+    for client_idx in 0..CLIENTS {
+        let client = client.clone();
+        let acknowledged = acknowledged.clone();
+        tasks.push(tokio::spawn(async move {
+            for set_idx in 0..SETS_PER_CLIENT {
+                let key = format!("load/{client_idx}/{set_idx}");
+                let value = format!("v{client_idx}-{set_idx}");
+                client.set(key.as_bytes(), value.as_bytes(), None, None).await.map_err(|e| format!("{key}: {e}"))?;
+                acknowledged.lock().unwrap().insert(key, value);
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    // Kill the leader once about half of the sets are acknowledged.
+    let cluster_ref = &mut cluster;
+    let killed = blocking(|| {
+        wait_for("half of the sets", DEADLINE, || Ok((acknowledged.lock().unwrap().len() >= 500).then_some(())))?;
+        let leader = cluster_ref.wait_for_leader(DEADLINE)?;
+        cluster_ref.kill(leader)?;
+        anyhow::Ok(leader)
+    })
+    .expect("kill the leader midway");
+    for task in tasks {
+        task.await.expect("client task").expect("every set is eventually acknowledged");
+    }
+    assert_eq!(acknowledged.lock().unwrap().len(), CLIENTS * SETS_PER_CLIENT);
+    let new_leader = blocking(|| cluster.wait_for_leader(DEADLINE)).expect("new leader");
+    assert_ne!(new_leader, killed, "the killed node cannot still lead");
+
+    // Restart every node: the killed one and, with SIGKILL, the two that stayed up.
+    blocking(|| {
+        for id in 1..=3 {
+            cluster.restart(id)?;
+        }
+        cluster.wait_for_leader(DEADLINE)
+    })
+    .expect("the cluster comes back");
+    for (key, value) in acknowledged.lock().unwrap().clone() {
+        let kv = client.get(key.as_bytes()).await.expect("get").unwrap_or_else(|| panic!("{key} was lost"));
+        assert_eq!(kv.value, value.as_bytes(), "{key}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_set_counter_under_contention_counts_exactly() {
+    let cluster = start(ClusterOptions::default());
+    let client = client(&cluster);
+    client.set(b"counter", b"0", Some(0), None).await.expect("create the counter");
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conflicts = 0u64;
+            for _ in 0..100 {
+                loop {
+                    let kv = client.get(b"counter").await?.expect("the counter exists");
+                    let value: u64 = String::from_utf8_lossy(&kv.value).parse().expect("a number");
+                    match client.set(b"counter", (value + 1).to_string().as_bytes(), Some(kv.version), None).await {
+                        Ok(_) => break,
+                        Err(Error::VersionMismatch { expected, actual }) => {
+                            assert_eq!(expected, kv.version);
+                            assert!(actual > expected, "a conflict means someone else moved the counter on");
+                            conflicts += 1;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            Ok::<u64, Error>(conflicts)
+        }));
+    }
+    let mut conflicts = 0;
+    for task in tasks {
+        conflicts += task.await.expect("task").expect("increments succeed");
+    }
+    let kv = client.get(b"counter").await.expect("get").expect("counter");
+    assert_eq!(String::from_utf8_lossy(&kv.value), "400", "after {conflicts} CAS conflicts");
+    assert_eq!(kv.version, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_key_vanishes_after_its_client_is_killed_and_watchers_see_it() {
+    let cluster = start(ClusterOptions::default());
+    let client = client(&cluster);
+    let ttl = Duration::from_secs(2);
+    let mut holder = cluster
+        .cli()
+        .args(["kv", "create", "service/leader", "node-a", "--ephemeral", "--ttl", "2", "--hold"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the holder");
+    let appeared_by = Instant::now() + DEADLINE;
+    let created = loop {
+        if let Some(kv) = client.get(b"service/leader").await.expect("get") {
+            break kv;
+        }
+        assert!(Instant::now() < appeared_by, "the ephemeral key never appeared");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_ne!(created.session_id, 0, "the key belongs to a session");
+
+    let mut watch = client.watch(b"service/leader", false, created.modify_revision + 1);
+    // Outlive several keep-alives first: a live holder keeps its key.
+    tokio::time::sleep(ttl * 2).await;
+    assert!(client.get(b"service/leader").await.expect("get").is_some(), "a live session keeps its key");
+
+    holder.kill().expect("SIGKILL the holder");
+    holder.wait().expect("reap the holder");
+    let killed_at = Instant::now();
+    let reply = tokio::time::timeout(DEADLINE, watch.next()).await.expect("the watcher hears of it").expect("watch");
+    let deleted_after = killed_at.elapsed();
+    assert_eq!(reply.events.len(), 1);
+    assert_eq!(reply.events[0].kind, EventKind::Delete as i32, "the watcher sees the delete");
+    assert!(client.get(b"service/leader").await.expect("get").is_none());
+    // TTL plus one keep-alive interval, plus slack for a busy machine's scheduling.
+    let bound = ttl + ttl / 3 + Duration::from_secs(2);
+    assert!(deleted_after <= bound, "deleted {deleted_after:?} after the kill; expected within {bound:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watcher_gets_every_change_exactly_once_in_order_across_a_leader_kill() {
+    let mut cluster = start(ClusterOptions::default());
+    let client = client(&cluster);
+    let start_revision = client.set(b"w/start", b"", None, None).await.expect("set").modify_revision + 1;
+    let mut watch = client_for(&cluster, cluster.endpoint_list()).watch(b"w/", true, start_revision);
+    const WRITES: usize = 300;
+    let writer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for i in 0..WRITES {
+                client.set(format!("w/{}", i % 7).as_bytes(), format!("{i}").as_bytes(), None, None).await?;
+            }
+            Ok::<(), Error>(())
+        })
+    };
+    let mut seen = Vec::new();
+    let mut last_revision = 0;
+    let mut killed = false;
+    while seen.len() < WRITES {
+        let reply = tokio::time::timeout(DEADLINE, watch.next()).await.expect("events keep coming").expect("watch");
+        assert!(reply.revision > last_revision, "revisions strictly increase");
+        last_revision = reply.revision;
+        for event in reply.events {
+            assert_eq!(event.kind, EventKind::Put as i32);
+            seen.push(String::from_utf8_lossy(&event.kv.expect("kv").value).into_owned());
+        }
+        if !killed && seen.len() >= WRITES / 3 {
+            let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).expect("leader");
+            blocking(|| cluster.kill(leader)).expect("kill");
+            killed = true;
+        }
+    }
+    writer.await.expect("writer").expect("every write acknowledged");
+    let expected: Vec<String> = (0..WRITES).map(|i| i.to_string()).collect();
+    assert_eq!(seen, expected, "every change exactly once, in order");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_during_compaction_catches_up_by_snapshot() {
+    let options = ClusterOptions {
+        server_args: vec!["--snapshot-every-entries".into(), "50".into()],
+        ..ClusterOptions::default()
+    };
+    let mut cluster = start(options);
+    let client = client(&cluster);
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).expect("leader");
+    let lagging = (1..=3).find(|id| *id != leader).expect("a follower");
+    blocking(|| cluster.kill(lagging)).expect("kill");
+    for i in 0..400 {
+        client.set(format!("snap/{i}").as_bytes(), format!("{i}").as_bytes(), None, None).await.expect("set");
+    }
+    // The leader's log is compacted far past anything the stopped node has.
+    let purged = blocking(|| {
+        wait_for("the leader to purge its log", DEADLINE, || {
+            let status = cluster.status()?;
+            let leader_node = status["nodes"].as_array().and_then(|nodes| nodes.iter().find(|n| n["role"] == "leader").cloned());
+            Ok(leader_node.and_then(|n| n["purged_index"].as_u64()).filter(|purged| *purged > 300))
+        })
+    })
+    .expect("log compaction");
+    blocking(|| cluster.restart(lagging)).expect("restart");
+    blocking(|| {
+        wait_for("the restarted node to catch up", DEADLINE, || {
+            let status = cluster.status()?;
+            let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
+            let leader_revision = nodes.iter().find(|n| n["role"] == "leader").and_then(|n| n["revision"].as_u64());
+            let node = nodes.iter().find(|n| n["id"].as_u64() == Some(lagging));
+            Ok(node
+                .filter(|n| n["revision"].as_u64() == leader_revision && leader_revision.is_some())
+                .map(|_| ()))
+        })
+    })
+    .expect("catch-up");
+    assert!(
+        cluster.nodes[&lagging].data_dir.join("snapshot.bin").exists(),
+        "the node received a snapshot (the leader had purged its log up to {purged})"
+    );
+    // Its state is complete: with the other follower gone, reads need the restarted node.
+    let other = (1..=3).find(|id| *id != leader && *id != lagging).expect("the other follower");
+    blocking(|| cluster.kill(other)).expect("kill the other follower");
+    for i in (0..400).step_by(37) {
+        let kv = client.get(format!("snap/{i}").as_bytes()).await.expect("get").expect("present");
+        assert_eq!(kv.value, i.to_string().as_bytes());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_to_a_minority_fails_with_a_timeout_and_never_applies() {
+    let mut cluster = start(ClusterOptions::default());
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).expect("leader");
+    let lone = (1..=3).find(|id| *id != leader).expect("a follower");
+    let other = (1..=3).find(|id| *id != leader && *id != lone).expect("the other follower");
+    cluster.pause(leader).expect("SIGSTOP the leader");
+    cluster.pause(other).expect("SIGSTOP a follower");
+
+    let started = Instant::now();
+    let output = cluster
+        .cli_at(&cluster.addr(lone))
+        .args(["kv", "set", "minority/key", "must-not-apply", "--timeout", "5"])
+        .output()
+        .expect("run the CLI");
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "a minority write must fail");
+    assert!(stderr.contains("timed out"), "a clear timeout error, got: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line on stderr, got: {stderr}");
+    assert!(took < Duration::from_secs(60), "the CLI never hangs (took {took:?})");
+
+    cluster.resume(leader).expect("SIGCONT");
+    cluster.resume(other).expect("SIGCONT");
+    blocking(|| cluster.wait_for_leader(DEADLINE)).expect("leader again");
+    let client = client(&cluster);
+    // A write after the heal is ordered after anything the paused nodes still held.
+    client.set(b"minority/barrier", b"", None, None).await.expect("write after heal");
+    assert!(client.get(b"minority/key").await.expect("get").is_none(), "the failed write never applied");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clean_errors_and_the_node_stays_up() {
+    let options = ClusterOptions {
+        server_args: vec!["--max-key-bytes".into(), "64".into(), "--max-value-bytes".into(), "1024".into()],
+        ..ClusterOptions::default()
+    };
+    let cluster = start(options);
+    let client = client(&cluster);
+    client.set(b"keep/me", b"safe", None, None).await.expect("set");
+
+    // Garbage on the gRPC port, and a truncated HTTP/2 preface.
+    for garbage in [&b"\x00\x01\x02 not http2 at all \xff\xfe"[..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"] {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(cluster.addr(1)).expect("connect");
+        stream.write_all(garbage).expect("write garbage");
+    }
+
+    // Keys and values beyond the limits.
+    let err = client.set(&[b'k'; 65], b"v", None, None).await.expect_err("key too long");
+    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("limit is 64")), "{err}");
+    let err = client.set(b"big", &[0u8; 1025], None, None).await.expect_err("value too big");
+    assert!(matches!(&err, Error::InvalidArgument(m) if m.contains("limit is 1024")), "{err}");
+    let err = client.set(b"", b"v", None, None).await.expect_err("empty key");
+    assert!(matches!(err, Error::InvalidArgument(_)));
+    let huge = vec![0u8; 4 << 20];
+    let err = client.set(b"huge", &huge, None, None).await.expect_err("message beyond the size limit");
+    assert!(!err.is_retryable(), "refused, not retried: {err}");
+
+    // Membership calls naming unknown nodes.
+    let err = cluster.run_cli(&["cluster", "remove-node", "9"]).expect_err("unknown node");
+    assert!(format!("{err:#}").contains("node 9 is not a member"), "{err:#}");
+    let err = cluster.run_cli(&["cluster", "add-node", "0", "127.0.0.1:1"]).expect_err("node id 0");
+    assert!(format!("{err:#}").contains("reserved"), "{err:#}");
+
+    // Wrong, missing and malformed secrets are refused.
+    let wrong = cluster.cli().env("MENDFS_SECRET", "not-the-secret").args(["kv", "get", "keep/me"]).output().unwrap();
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong cluster secret"));
+    let missing = cluster.cli().env_remove("MENDFS_SECRET").args(["kv", "get", "keep/me"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("secret is required"));
+    assert!(cluster.log(1).contains("refused a call") || cluster.log(2).contains("refused a call") || cluster.log(3).contains("refused a call"));
+
+    // Malformed payloads on the node-to-node service.
+    let mut node = mendfs_proto::v1::node_client::NodeClient::connect(format!("http://{}", cluster.addr(1)))
+        .await
+        .expect("connect");
+    let mut request = tonic::Request::new(mendfs_proto::v1::RaftPayload { data: vec![0xff; 37] });
+    request.metadata_mut().insert(mendfs_proto::SECRET_HEADER, cluster.secret().unwrap().parse().unwrap());
+    let status = node.append_entries(request).await.expect_err("malformed");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // Missing keys: a clear error, not an empty success.
+    let err = cluster.run_cli(&["kv", "get", "no/such/key"]).expect_err("missing");
+    assert!(format!("{err:#}").contains("not found"), "{err:#}");
+
+    // Everything still up, nothing lost.
+    let status = cluster.status().expect("status");
+    let roles: Vec<String> = status["nodes"].as_array().unwrap().iter().map(|n| n["role"].to_string()).collect();
+    assert!(!roles.iter().any(|r| r.contains("unreachable")), "{roles:?}");
+    assert_eq!(client.get(b"keep/me").await.unwrap().unwrap().value, b"safe");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_data_belongs_to_another_cluster_is_refused() {
+    // Cluster B: one node with id 3, whose data directory we then move into cluster A.
+    let other = Cluster::start(binary(), ClusterOptions { nodes: 1, ..ClusterOptions::default() }).expect("cluster B");
+    other.wait_for_leader(DEADLINE).expect("B's leader");
+    wait_for("B's cluster id", DEADLINE, || {
+        Ok(other.status()?["cluster_id"].as_str().filter(|id| !id.is_empty()).map(str::to_string))
+    })
+    .expect("B records its id");
+    let mut other = other;
+    other.kill(1).expect("stop B");
+
+    let mut cluster = start(ClusterOptions::default());
+    let client = client(&cluster);
+    client.set(b"a/data", b"precious", None, None).await.expect("set");
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).expect("leader");
+    let victim = (1..=3).find(|id| *id != leader).expect("a follower");
+    blocking(|| cluster.kill(victim)).expect("kill");
+    let victim_dir = cluster.nodes[&victim].data_dir.clone();
+    std::fs::remove_dir_all(&victim_dir).expect("remove the victim's data");
+    copy_dir(&other.nodes[&1].data_dir, &victim_dir);
+    blocking(|| cluster.spawn(victim, true)).expect("start with the foreign data dir");
+
+    for i in 0..20 {
+        client.set(format!("a/after/{i}").as_bytes(), b"x", None, None).await.expect("A keeps working");
+    }
+    blocking(|| {
+        wait_for("the refusal to be logged", DEADLINE, || {
+            Ok((1..=3).any(|id| cluster.log(id).contains("cluster id mismatch") || cluster.log(id).contains("another cluster")).then_some(()))
+        })
+    })
+    .expect("a clear error in a log");
+    assert_eq!(client.get(b"a/data").await.unwrap().unwrap().value, b"precious", "nothing lost");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).expect("copy");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_add_and_remove_while_clients_write() {
+    let mut cluster = start(ClusterOptions::default());
+    let client = client(&cluster);
+    let writer = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for i in 0..200 {
+                client.set(format!("m/{i}").as_bytes(), b"x", None, None).await?;
+            }
+            Ok::<(), Error>(())
+        })
+    };
+    cluster.add_node_entry(4).expect("reserve node 4");
+    blocking(|| cluster.spawn(4, false)).expect("start node 4 without --peers");
+    let out = blocking(|| cluster.run_cli(&["cluster", "add-node", "4", &cluster.addr(4)])).expect("add-node");
+    assert!(out.contains("voters: [1, 2, 3, 4]"), "{out}");
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).expect("leader");
+    let removed = (1..=3).find(|id| *id != leader).expect("a follower");
+    let out = blocking(|| cluster.run_cli(&["cluster", "remove-node", &removed.to_string()])).expect("remove-node");
+    assert!(!out.contains(&removed.to_string()) || out.contains("learners: []"), "{out}");
+    writer.await.expect("writer").expect("writes go on through membership changes");
+    let status = blocking(|| cluster.status()).expect("status");
+    let ids: Vec<u64> = status["nodes"].as_array().unwrap().iter().filter_map(|n| n["id"].as_u64()).collect();
+    assert!(ids.contains(&4) && !ids.contains(&removed), "{ids:?}");
+    for i in 0..200 {
+        assert!(client.get(format!("m/{i}").as_bytes()).await.unwrap().is_some());
+    }
+}
+
+#[test]
+fn server_refuses_to_start_without_a_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(binary())
+        .args(["server", "--node-id", "1", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env_remove("MENDFS_SECRET")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no cluster secret"));
+}
