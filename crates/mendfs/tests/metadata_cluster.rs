@@ -223,7 +223,7 @@ async fn a_node_stopped_during_compaction_catches_up_by_snapshot() {
         wait_for("the leader to purge its log", DEADLINE, || {
             let status = cluster.status()?;
             let leader_node = status["nodes"].as_array().and_then(|nodes| nodes.iter().find(|n| n["role"] == "leader").cloned());
-            Ok(leader_node.and_then(|n| n["purged_index"].as_u64()).filter(|purged| *purged > 300))
+            Ok(leader_node.and_then(|n| n["purged_index"].as_u64()).filter(|purged| *purged > 200))
         })
     })
     .expect("log compaction");

@@ -129,7 +129,7 @@ impl MetaNode {
             election_timeout_max: config.election_timeout_max_ms,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
             max_in_snapshot_log_to_keep: config.log_entries_kept_after_snapshot,
-            purge_batch_size: 256,
+            purge_batch_size: 64,
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| format!("raft config: {e}"))?);
