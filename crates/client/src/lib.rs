@@ -331,7 +331,6 @@ impl Client {
         let request = pb::SessionOpenRequest { ttl_ms: ttl.as_millis() as u64, request_id: self.next_request_id() };
         let reply = self
             .call("open session", |i| {
-                let request = request.clone();
                 let mut kv = self.kv(i);
                 async move { kv.session_open(request).await.map(|r| r.into_inner()) }
             })
@@ -350,7 +349,6 @@ impl Client {
     async fn close_session(&self, session_id: u64) -> Result<(), Error> {
         let request = pb::SessionCloseRequest { session_id, request_id: self.next_request_id() };
         self.call("close session", |i| {
-            let request = request.clone();
             let mut kv = self.kv(i);
             async move { kv.session_close(request).await.map(|_| ()) }
         })

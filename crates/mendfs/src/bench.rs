@@ -81,7 +81,12 @@ async fn run_load(client: &Client, n_clients: usize, duration: Duration, value: 
     for task in tasks {
         latency_us.add(task.await.context("load task")?)?;
     }
-    Ok(LoadResult { ops: latency_us.len(), errors: errors.load(Ordering::Relaxed), elapsed: started.elapsed(), latency_us })
+    Ok(LoadResult {
+        ops: latency_us.len(),
+        errors: errors.load(Ordering::Relaxed),
+        elapsed: started.elapsed(),
+        latency_us,
+    })
 }
 
 async fn bench_kv(clients: &[usize], duration: Duration, failovers: usize, value_bytes: usize) -> Result<()> {
@@ -139,5 +144,8 @@ async fn bench_kv(clients: &[usize], duration: Duration, failovers: usize, value
 /// Peak resident set size of a process, from /proc (Linux only).
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|line| line.strip_prefix("VmHWM:")).and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }

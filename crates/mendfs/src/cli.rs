@@ -60,8 +60,8 @@ pub struct Connection {
 /// The cluster secret from `--secret-file`, else `MENDFS_SECRET`, else none.
 pub fn read_secret(secret_file: Option<&PathBuf>) -> Result<Option<String>> {
     if let Some(path) = secret_file {
-        let secret = std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the secret file {}", path.display()))?;
+        let secret =
+            std::fs::read_to_string(path).with_context(|| format!("cannot read the secret file {}", path.display()))?;
         let secret = secret.trim().to_string();
         anyhow::ensure!(!secret.is_empty(), "the secret file {} is empty", path.display());
         return Ok(Some(secret));
@@ -71,7 +71,10 @@ pub fn read_secret(secret_file: Option<&PathBuf>) -> Result<Option<String>> {
 
 impl Connection {
     pub fn client(&self) -> Result<mendfs_client::Client> {
-        anyhow::ensure!(self.timeout > 0.0 && self.timeout.is_finite(), "--timeout must be a positive number of seconds");
+        anyhow::ensure!(
+            self.timeout > 0.0 && self.timeout.is_finite(),
+            "--timeout must be a positive number of seconds"
+        );
         let mut config = mendfs_client::ClientConfig::new(self.endpoints.clone());
         config.secret = read_secret(self.secret_file.as_ref())?;
         config.deadline = Duration::from_secs_f64(self.timeout);

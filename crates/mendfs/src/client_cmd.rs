@@ -113,7 +113,10 @@ fn kv_json(kv: &KeyValue) -> serde_json::Value {
 }
 
 fn ttl(seconds: f64) -> Result<Duration> {
-    anyhow::ensure!(seconds.is_finite() && (0.1..=3600.0).contains(&seconds), "--ttl must be within 0.1 ..= 3600 seconds");
+    anyhow::ensure!(
+        seconds.is_finite() && (0.1..=3600.0).contains(&seconds),
+        "--ttl must be within 0.1 ..= 3600 seconds"
+    );
     Ok(Duration::from_secs_f64(seconds))
 }
 
@@ -122,7 +125,10 @@ pub async fn run_kv(connection: Connection, command: KvCommand) -> Result<ExitCo
     match command {
         KvCommand::Create { key, value, ephemeral, ttl: ttl_seconds, hold } => {
             if !ephemeral {
-                let kv = client.create(key.as_bytes(), value.as_bytes(), None).await.with_context(|| format!("create {key}"))?;
+                let kv = client
+                    .create(key.as_bytes(), value.as_bytes(), None)
+                    .await
+                    .with_context(|| format!("create {key}"))?;
                 println!("{}", kv.modify_revision);
                 return Ok(ExitCode::SUCCESS);
             }
@@ -177,7 +183,8 @@ pub async fn run_kv(connection: Connection, command: KvCommand) -> Result<ExitCo
             Ok(ExitCode::SUCCESS)
         }
         KvCommand::Delete { key, expect_version } => {
-            let deleted = client.delete(key.as_bytes(), expect_version).await.with_context(|| format!("delete {key}"))?;
+            let deleted =
+                client.delete(key.as_bytes(), expect_version).await.with_context(|| format!("delete {key}"))?;
             if !deleted {
                 bail!("key {key:?} not found");
             }
@@ -216,7 +223,13 @@ pub async fn run_kv(connection: Connection, command: KvCommand) -> Result<ExitCo
                     } else if kind == "DELETE" {
                         println!("{kind} {} (revision {})", text(&kv.key), reply.revision);
                     } else {
-                        println!("{kind} {} {} (revision {}, version {})", text(&kv.key), text(&kv.value), reply.revision, kv.version);
+                        println!(
+                            "{kind} {} {} (revision {}, version {})",
+                            text(&kv.key),
+                            text(&kv.value),
+                            reply.revision,
+                            kv.version
+                        );
                     }
                     printed += 1;
                     if count.is_some_and(|count| printed >= count) {
@@ -225,7 +238,9 @@ pub async fn run_kv(connection: Connection, command: KvCommand) -> Result<ExitCo
                 }
             }
         }
-        KvCommand::Lock { name, ttl: ttl_seconds, command } => run_locked(&client, &name, ttl(ttl_seconds)?, &command).await,
+        KvCommand::Lock { name, ttl: ttl_seconds, command } => {
+            run_locked(&client, &name, ttl(ttl_seconds)?, &command).await
+        }
     }
 }
 
@@ -317,7 +332,10 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                     status.revision,
                     status.cluster_id
                 );
-                println!("{:>4}  {:<22} {:<12} {:>6} {:>10} {:>10} {:>6}", "ID", "ADDRESS", "ROLE", "VOTER", "LAST LOG", "APPLIED", "LAG");
+                println!(
+                    "{:>4}  {:<22} {:<12} {:>6} {:>10} {:>10} {:>6}",
+                    "ID", "ADDRESS", "ROLE", "VOTER", "LAST LOG", "APPLIED", "LAG"
+                );
                 for n in &status.nodes {
                     println!(
                         "{:>4}  {:<22} {:<12} {:>6} {:>10} {:>10} {:>6}{}",

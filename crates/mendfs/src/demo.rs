@@ -81,7 +81,9 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         let key = format!("demo/key-{i:05}");
         match client.get(key.as_bytes()).await? {
             Some(kv) if kv.value == format!("value-{i}").as_bytes() => verified += 1,
-            other => wrong.push(format!("{key}: {:?}", other.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()))),
+            other => {
+                wrong.push(format!("{key}: {:?}", other.map(|kv| String::from_utf8_lossy(&kv.value).into_owned())))
+            }
         }
     }
     step("Summary");

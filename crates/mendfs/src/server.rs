@@ -140,9 +140,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let insecure = args.insecure_dev || file.insecure_dev.unwrap_or(false);
     let secret = crate::cli::read_secret(args.secret_file.as_ref().or(file.secret_file.as_ref()))?;
     if secret.is_none() && !insecure {
-        bail!(
-            "no cluster secret: pass --secret-file FILE or set MENDFS_SECRET (or --insecure-dev for a local trial)"
-        );
+        bail!("no cluster secret: pass --secret-file FILE or set MENDFS_SECRET (or --insecure-dev for a local trial)");
     }
     init_logging(args.log_format.or(file.log_format).as_deref().unwrap_or("text"), node_id)?;
     if insecure && secret.is_none() {
@@ -182,9 +180,8 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     }
 
     // Bind before starting Raft so that a taken port fails fast with a clear message.
-    let listener = tokio::net::TcpListener::bind(listen_addr)
-        .await
-        .with_context(|| format!("cannot listen on {listen_addr}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(listen_addr).await.with_context(|| format!("cannot listen on {listen_addr}"))?;
     let node = MetaNode::start(config).await.map_err(|e| anyhow::anyhow!(e))?;
     let (node_service, kv_service, cluster_service) = mendfs_meta::service::services(&node);
     tracing::info!(%listen_addr, "serving");

@@ -1,6 +1,8 @@
 //! The metadata cluster against real `mendfs server` processes on 127.0.0.1: failover,
 //! compare-and-set, sessions, watches, snapshots, partitions and bad input.
 
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -83,7 +85,8 @@ async fn acknowledged_sets_survive_a_leader_kill_and_a_full_restart() {
         cluster.wait_for_leader(DEADLINE)
     })
     .expect("the cluster comes back");
-    for (key, value) in acknowledged.lock().unwrap().clone() {
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    for (key, value) in acknowledged {
         let kv = client.get(key.as_bytes()).await.expect("get").unwrap_or_else(|| panic!("{key} was lost"));
         assert_eq!(kv.value, value.as_bytes(), "{key}");
     }
@@ -222,7 +225,8 @@ async fn a_node_stopped_during_compaction_catches_up_by_snapshot() {
     let purged = blocking(|| {
         wait_for("the leader to purge its log", DEADLINE, || {
             let status = cluster.status()?;
-            let leader_node = status["nodes"].as_array().and_then(|nodes| nodes.iter().find(|n| n["role"] == "leader").cloned());
+            let leader_node =
+                status["nodes"].as_array().and_then(|nodes| nodes.iter().find(|n| n["role"] == "leader").cloned());
             Ok(leader_node.and_then(|n| n["purged_index"].as_u64()).filter(|purged| *purged > 200))
         })
     })
@@ -234,9 +238,7 @@ async fn a_node_stopped_during_compaction_catches_up_by_snapshot() {
             let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
             let leader_revision = nodes.iter().find(|n| n["role"] == "leader").and_then(|n| n["revision"].as_u64());
             let node = nodes.iter().find(|n| n["id"].as_u64() == Some(lagging));
-            Ok(node
-                .filter(|n| n["revision"].as_u64() == leader_revision && leader_revision.is_some())
-                .map(|_| ()))
+            Ok(node.filter(|n| n["revision"].as_u64() == leader_revision && leader_revision.is_some()).map(|_| ()))
         })
     })
     .expect("catch-up");
@@ -324,7 +326,11 @@ async fn bad_input_gets_clean_errors_and_the_node_stays_up() {
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong cluster secret"));
     let missing = cluster.cli().env_remove("MENDFS_SECRET").args(["kv", "get", "keep/me"]).output().unwrap();
     assert!(String::from_utf8_lossy(&missing.stderr).contains("secret is required"));
-    assert!(cluster.log(1).contains("refused a call") || cluster.log(2).contains("refused a call") || cluster.log(3).contains("refused a call"));
+    assert!(
+        cluster.log(1).contains("refused a call")
+            || cluster.log(2).contains("refused a call")
+            || cluster.log(3).contains("refused a call")
+    );
 
     // Malformed payloads on the node-to-node service.
     let mut node = mendfs_proto::v1::node_client::NodeClient::connect(format!("http://{}", cluster.addr(1)))
@@ -374,7 +380,11 @@ async fn a_node_whose_data_belongs_to_another_cluster_is_refused() {
     }
     blocking(|| {
         wait_for("the refusal to be logged", DEADLINE, || {
-            Ok((1..=3).any(|id| cluster.log(id).contains("cluster id mismatch") || cluster.log(id).contains("another cluster")).then_some(()))
+            Ok((1..=3)
+                .any(|id| {
+                    cluster.log(id).contains("cluster id mismatch") || cluster.log(id).contains("another cluster")
+                })
+                .then_some(()))
         })
     })
     .expect("a clear error in a log");

@@ -314,8 +314,8 @@ impl Kv for KvApi {
     async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {
         let forwarded = is_forwarded(&request);
         let list = request.into_inner();
-        if list.prefix.len() > self.node.config.max_key_bytes {
-            return Err(self.check_key(&list.prefix).unwrap_err().into());
+        if !list.prefix.is_empty() {
+            self.check_key(&list.prefix)?;
         }
         let leader_request = LeaderRequest::List { prefix: list.prefix, limit: list.limit };
         match self.node.serve_on_leader(leader_request, forwarded).await? {

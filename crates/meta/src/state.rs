@@ -17,6 +17,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+/// Rows of a table, in key order: (key, value).
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// The ordered byte tables the state machine is made of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Table {
@@ -84,13 +87,7 @@ pub trait StateStore {
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
     fn remove(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError>;
     /// Entries with `start <= key < end` (no end: to the last key), in key order, at most `limit`.
-    fn range(
-        &self,
-        table: Table,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn range(&self, table: Table, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Rows, StoreError>;
 }
 
 /// A key's current state.
@@ -557,13 +554,7 @@ impl StateStore for MemoryStore {
         Ok(())
     }
 
-    fn range(
-        &self,
-        table: Table,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn range(&self, table: Table, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Rows, StoreError> {
         let Some(rows) = self.tables.get(&table) else {
             return Ok(Vec::new());
         };

@@ -23,7 +23,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::state::{self, decode, encode, CommandResult, Outcome, StateStore, StoreError, Table};
+use crate::state::{self, decode, encode, CommandResult, Outcome, Rows, StateStore, StoreError, Table};
 use crate::{NodeId, TypeConfig};
 
 type RaftStorageError = StorageError<NodeId>;
@@ -263,8 +263,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 // State machine
 
 /// The state machine tables inside one redb write transaction.
+type ByteTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
+
 struct WriteTables<'txn> {
-    tables: Vec<(Table, redb::Table<'txn, &'static [u8], &'static [u8]>)>,
+    tables: Vec<(Table, ByteTable<'txn>)>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -290,7 +292,7 @@ fn range_rows<T: ReadableTable<&'static [u8], &'static [u8]>>(
     start: &[u8],
     end: Option<&[u8]>,
     limit: usize,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+) -> Result<Rows, StoreError> {
     let range = match end {
         Some(end) => table.range::<&[u8]>(start..end),
         None => table.range::<&[u8]>(start..),
@@ -319,13 +321,7 @@ impl StateStore for WriteTables<'_> {
         Ok(())
     }
 
-    fn range(
-        &self,
-        table: Table,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn range(&self, table: Table, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Rows, StoreError> {
         range_rows(self.table(table), start, end, limit)
     }
 }
@@ -355,13 +351,7 @@ impl StateStore for ReadView {
         Err(StoreError(format!("read-only view: cannot remove from {}", table.name())))
     }
 
-    fn range(
-        &self,
-        table: Table,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn range(&self, table: Table, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Rows, StoreError> {
         range_rows(&self.tables[table as usize], start, end, limit)
     }
 }
@@ -404,7 +394,7 @@ impl StateReader {
 /// Snapshot contents: every state machine table, row by row.
 #[derive(Serialize, Deserialize)]
 struct SnapshotTables {
-    tables: Vec<(Table, Vec<(Vec<u8>, Vec<u8>)>)>,
+    tables: Vec<(Table, Rows)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -523,7 +513,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             Ok((last_applied, membership, data))
         })
         .await
-        .map_err(|e| StorageIOError::read_state_machine(e))?;
+        .map_err(StorageIOError::read_state_machine)?;
 
         let snapshot_id = match last_applied {
             Some(log_id) => format!("{}-{}-{}", log_id.leader_id, log_id.index, rand::random::<u32>()),
@@ -659,7 +649,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             txn.commit().map_err(io_err)
         })
         .await
-        .map_err(|e| StorageIOError::write_state_machine(e))?;
+        .map_err(StorageIOError::write_state_machine)?;
         self.save_snapshot_file(&StoredSnapshot { meta: meta.clone(), data })
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), io_err(e)))?;
         self.publish().map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
