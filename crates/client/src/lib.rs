@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::cluster_client::ClusterClient;
 use mendfs_proto::v1::kv_client::KvClient;
-use mendfs_proto::{ERROR_ACTUAL_VERSION_HEADER, ERROR_KIND_HEADER, SECRET_HEADER};
+use mendfs_proto::{ERROR_ACTUAL_VERSION_HEADER, ERROR_EXPECTED_VERSION_HEADER, ERROR_KIND_HEADER, SECRET_HEADER};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
@@ -110,12 +110,10 @@ enum Attempt {
 
 fn classify(status: &tonic::Status) -> Attempt {
     let kind = status.metadata().get(ERROR_KIND_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let actual = status
-        .metadata()
-        .get(ERROR_ACTUAL_VERSION_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok())
-        .unwrap_or(0);
+    let header_u64 = |name: &str| {
+        status.metadata().get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let actual = header_u64(ERROR_ACTUAL_VERSION_HEADER);
     let message = status.message().to_string();
     match status.code() {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
@@ -123,12 +121,7 @@ fn classify(status: &tonic::Status) -> Attempt {
         }
         tonic::Code::AlreadyExists => Attempt::Fail(Error::KeyExists { version: actual }),
         tonic::Code::FailedPrecondition if kind == "version-mismatch" => {
-            let expected = message
-                .split("expected version ")
-                .nth(1)
-                .and_then(|rest| rest.split(',').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0);
+            let expected = header_u64(ERROR_EXPECTED_VERSION_HEADER);
             Attempt::Fail(Error::VersionMismatch { expected, actual })
         }
         tonic::Code::NotFound if kind == "session-not-found" => {
@@ -443,6 +436,19 @@ impl Watch {
     /// The next batch of changes (one revision), waiting as long as it takes. Fails only when
     /// no endpoint could be reached within the client's deadline or history was compacted.
     pub async fn next(&mut self) -> Result<WatchReply, Error> {
+        if self.next_revision == 0 {
+            // "From now" is pinned to a revision before the first stream opens, so that a
+            // reconnection before the first event cannot silently skip changes.
+            let client = self.client.clone();
+            let reply = client
+                .call("watch", |i| {
+                    let mut kv = client.kv(i);
+                    let request = pb::ListRequest { prefix: self.key.clone(), limit: 1 };
+                    async move { kv.list(request).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            self.next_revision = reply.revision + 1;
+        }
         loop {
             if self.stream.is_none() {
                 let request =

@@ -49,37 +49,36 @@ struct LoadResult {
     latency_us: Histogram<u64>,
 }
 
-/// `n_clients` tasks, each setting its own keys back to back for `duration`.
-async fn run_load(client: &Client, n_clients: usize, duration: Duration, value: &[u8]) -> Result<LoadResult> {
+/// `n_clients` tasks, each running `op(task_idx, op_idx)` back to back for `duration`.
+async fn run_load<F, Fut>(n_clients: usize, duration: Duration, op: F) -> Result<LoadResult>
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let errors = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for task_idx in 0..n_clients {
-        let client = client.clone();
-        let value = value.to_vec();
+        let op = op.clone();
         let errors = errors.clone();
         tasks.push(tokio::spawn(async move {
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds");
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut op_idx = 0u64;
             while started.elapsed() < duration {
-                let key = format!("bench/{task_idx}/{}", op_idx % 1000);
                 let op_started = Instant::now();
-                match client.set(key.as_bytes(), &value, None, None).await {
-                    Ok(_) => {
-                        let _ = histogram.record(op_started.elapsed().as_micros() as u64);
-                    }
-                    Err(_) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
+                if op(task_idx, op_idx).await {
+                    histogram.record(op_started.elapsed().as_micros() as u64)?;
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
                 }
                 op_idx += 1;
             }
-            histogram
+            anyhow::Ok(histogram)
         }));
     }
     let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     for task in tasks {
-        latency_us.add(task.await.context("load task")?)?;
+        latency_us.add(task.await.context("load task")??)?;
     }
     Ok(LoadResult {
         ops: latency_us.len(),
@@ -87,6 +86,124 @@ async fn run_load(client: &Client, n_clients: usize, duration: Duration, value: 
         elapsed: started.elapsed(),
         latency_us,
     })
+}
+
+fn print_row(system: &str, n_clients: usize, result: &LoadResult) -> f64 {
+    let rate = result.ops as f64 / result.elapsed.as_secs_f64();
+    println!(
+        "{:>8} {:>8} {:>12.0} {:>10.2} {:>10.2} {:>10.2} {:>8}",
+        system,
+        n_clients,
+        rate,
+        result.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+        result.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+        result.latency_us.max() as f64 / 1000.0,
+        result.errors
+    );
+    rate
+}
+
+/// A 3-member etcd cluster from the machine's `etcd` binary (Debian's etcd-server), on
+/// loopback, as the reference MendFS is measured against.
+struct EtcdCluster {
+    children: Vec<std::process::Child>,
+    client_urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl EtcdCluster {
+    fn start() -> Result<Option<Self>> {
+        let Some(binary) = which("etcd") else { return Ok(None) };
+        let dir = tempfile::Builder::new().prefix("mendfs-bench-etcd-").tempdir()?;
+        let mut ports = Vec::new();
+        for _ in 0..3 {
+            ports.push((mendfs_testkit::free_port()?, mendfs_testkit::free_port()?));
+        }
+        let initial_cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("e{i}=http://127.0.0.1:{peer}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut children = Vec::new();
+        let mut client_urls = Vec::new();
+        for (i, (client_port, peer_port)) in ports.iter().enumerate() {
+            let client_url = format!("http://127.0.0.1:{client_port}");
+            let peer_url = format!("http://127.0.0.1:{peer_port}");
+            let log = mendfs_testkit::append_file(&dir.path().join(format!("e{i}.log")))?;
+            let child = std::process::Command::new(&binary)
+                .args(["--name", &format!("e{i}")])
+                .arg("--data-dir")
+                .arg(dir.path().join(format!("e{i}")))
+                .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+                .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+                .args(["--initial-cluster", &initial_cluster, "--initial-cluster-state", "new"])
+                .args(["--initial-cluster-token", "mendfs-bench"])
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .context("start etcd")?;
+            children.push(child);
+            client_urls.push(client_url);
+        }
+        Ok(Some(Self { children, client_urls, _dir: dir }))
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn which(name: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(name))
+        .find(|path| path.is_file())
+}
+
+type EtcdKv = mendfs_proto::etcd::kv_client::KvClient<tonic::transport::Channel>;
+
+async fn etcd_put(client: &mut EtcdKv, key: &[u8], value: &[u8]) -> bool {
+    let request = mendfs_proto::etcd::PutRequest { key: key.to_vec(), value: value.to_vec(), ..Default::default() };
+    matches!(tokio::time::timeout(Duration::from_secs(10), client.put(request)).await, Ok(Ok(_)))
+}
+
+/// etcd's sets/s per client count, or None when no etcd binary is installed.
+async fn bench_etcd(clients: &[usize], duration: Duration, value: &[u8]) -> Result<Option<Vec<f64>>> {
+    let Some(etcd) = blocking(EtcdCluster::start)? else {
+        println!("(etcd not installed: `apt-get install etcd-server` adds the reference rows)");
+        return Ok(None);
+    };
+    let mut channels = Vec::new();
+    for url in &etcd.client_urls {
+        channels.push(tonic::transport::Endpoint::from_shared(url.clone())?.tcp_nodelay(true).connect_lazy());
+    }
+    let mut probe = EtcdKv::new(channels[0].clone());
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while !etcd_put(&mut probe, b"bench/ready", b"1").await {
+        anyhow::ensure!(Instant::now() < ready_by, "etcd did not become ready within 60 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut rates = Vec::new();
+    for &n in clients {
+        let channels = channels.clone();
+        let value = value.to_vec();
+        let result = run_load(n, duration, move |task_idx, op_idx| {
+            // Spread clients over the members, as MendFS clients spread over endpoints.
+            let mut client = EtcdKv::new(channels[task_idx % channels.len()].clone());
+            let value = value.clone();
+            async move { etcd_put(&mut client, format!("bench/{task_idx}/{}", op_idx % 1000).as_bytes(), &value).await }
+        })
+        .await?;
+        rates.push(print_row("etcd", n, &result));
+    }
+    Ok(Some(rates))
 }
 
 async fn bench_kv(clients: &[usize], duration: Duration, failovers: usize, value_bytes: usize) -> Result<()> {
@@ -99,19 +216,30 @@ async fn bench_kv(clients: &[usize], duration: Duration, failovers: usize, value
     let client = Client::new(config)?;
     let value = vec![b'x'; value_bytes];
 
-    println!("MendFS kv sets, 3 nodes on 127.0.0.1, {value_bytes}-byte values, {duration:?} per row");
-    println!("{:>8} {:>12} {:>10} {:>10} {:>10} {:>8}", "clients", "sets/s", "p50 ms", "p99 ms", "max ms", "errors");
+    println!("kv sets, 3 members on 127.0.0.1, {value_bytes}-byte values, {duration:?} per row");
+    println!(
+        "{:>8} {:>8} {:>12} {:>10} {:>10} {:>10} {:>8}",
+        "system", "clients", "sets/s", "p50 ms", "p99 ms", "max ms", "errors"
+    );
+    let mut mendfs_rates = Vec::new();
     for &n in clients {
-        let result = run_load(&client, n, duration, &value).await?;
-        println!(
-            "{:>8} {:>12.0} {:>10.2} {:>10.2} {:>10.2} {:>8}",
-            n,
-            result.ops as f64 / result.elapsed.as_secs_f64(),
-            result.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
-            result.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
-            result.latency_us.max() as f64 / 1000.0,
-            result.errors
-        );
+        let client = client.clone();
+        let value = value.clone();
+        let result = run_load(n, duration, move |task_idx, op_idx| {
+            let client = client.clone();
+            let value = value.clone();
+            async move {
+                let key = format!("bench/{task_idx}/{}", op_idx % 1000);
+                client.set(key.as_bytes(), &value, None, None).await.is_ok()
+            }
+        })
+        .await?;
+        mendfs_rates.push(print_row("mendfs", n, &result));
+    }
+    if let Some(etcd_rates) = bench_etcd(clients, duration, &value).await? {
+        for ((n, mendfs), etcd) in clients.iter().zip(&mendfs_rates).zip(&etcd_rates) {
+            println!("{n:>3} clients: MendFS / etcd = {:.2}", mendfs / etcd);
+        }
     }
     for (id, node) in &cluster.nodes {
         if let Some(rss) = node.pid().and_then(peak_rss_kib) {

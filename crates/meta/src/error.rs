@@ -1,6 +1,6 @@
 //! The errors a metadata node answers with, and how they cross the wire.
 
-use mendfs_proto::{ERROR_ACTUAL_VERSION_HEADER, ERROR_KIND_HEADER};
+use mendfs_proto::{ERROR_ACTUAL_VERSION_HEADER, ERROR_EXPECTED_VERSION_HEADER, ERROR_KIND_HEADER};
 use serde::{Deserialize, Serialize};
 
 use crate::state::CommandError;
@@ -61,6 +61,11 @@ impl From<ApiError> for tonic::Status {
             ApiError::Command(CommandError::KeyExists { version }) => Some(*version),
             _ => None,
         };
+        if let ApiError::Command(CommandError::VersionMismatch { expected, .. }) = &error {
+            if let Ok(value) = expected.to_string().parse() {
+                status.metadata_mut().insert(ERROR_EXPECTED_VERSION_HEADER, value);
+            }
+        }
         if let Some(actual) = actual {
             if let Ok(value) = actual.to_string().parse() {
                 status.metadata_mut().insert(ERROR_ACTUAL_VERSION_HEADER, value);

@@ -379,23 +379,26 @@ impl MetaNode {
     /// keep-alives stopped.
     async fn leader_duties(self) {
         const TICK: Duration = Duration::from_millis(100);
-        let mut was_leader = false;
+        let mut led_in_term: Option<u64> = None;
         loop {
             tokio::time::sleep(TICK).await;
             if self.raft.metrics().borrow().state == ServerState::Shutdown {
                 return;
             }
-            let is_leader = self.is_leader();
-            if !is_leader {
-                if was_leader {
-                    if let Ok(mut clocks) = self.sessions.lock() {
-                        clocks.deadlines.clear();
-                    }
-                }
-                was_leader = false;
+            // Session clocks belong to one leadership term: losing leadership, even for less
+            // than a tick (a new term), restarts every session's clock, so keep-alives sent to
+            // an interim leader are never held against a client.
+            let term = self.raft.metrics().borrow().current_term;
+            if !self.is_leader() {
+                led_in_term = None;
                 continue;
             }
-            was_leader = true;
+            if led_in_term != Some(term) {
+                if let Ok(mut clocks) = self.sessions.lock() {
+                    clocks.deadlines.clear();
+                }
+                led_in_term = Some(term);
+            }
             if self.state.cluster_id().is_none() {
                 let cluster_id = format!("{:032x}", rand::random::<u128>());
                 let proposal = Proposal {

@@ -7,6 +7,11 @@ pub mod v1 {
     tonic::include_proto!("mendfs.v1");
 }
 
+/// etcd v3's KV.Put, for benchmarking against a reference etcd cluster.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 /// gRPC metadata key carrying the cluster secret on every call, node-to-node and client.
 pub const SECRET_HEADER: &str = "x-mendfs-secret";
 /// gRPC metadata key carrying the sender's cluster id on node-to-node calls, so that a node
@@ -18,3 +23,4 @@ pub const FORWARDED_HEADER: &str = "x-mendfs-forwarded";
 /// gRPC metadata keys describing a domain error in machine-readable form.
 pub const ERROR_KIND_HEADER: &str = "x-mendfs-error-kind";
 pub const ERROR_ACTUAL_VERSION_HEADER: &str = "x-mendfs-actual-version";
+pub const ERROR_EXPECTED_VERSION_HEADER: &str = "x-mendfs-expected-version";
