@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use mendfs_meta::{MetaNode, NodeConfig};
 use serde::Deserialize;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 
 #[derive(Args, Debug, Default)]
 pub struct ServerArgs {
@@ -190,7 +190,12 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         .add_service(node_service)
         .add_service(kv_service)
         .add_service(cluster_service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal());
+        .serve_with_incoming_shutdown(
+            // TCP_NODELAY on every accepted connection: replies are small, and Nagle's
+            // algorithm against the peer's delayed ACK would hold each one for ~40 ms.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            shutdown_signal(),
+        );
     let result = serve.await.context("gRPC server");
     tracing::info!("shutting down");
     if let Err(e) = node.raft.shutdown().await {

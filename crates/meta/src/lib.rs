@@ -17,8 +17,8 @@ pub type NodeId = u64;
 openraft::declare_raft_types!(
     /// The openraft type configuration of the metadata cluster.
     pub TypeConfig:
-        D = state::Proposal,
-        R = state::CommandResult,
+        D = state::ProposalBatch,
+        R = Vec<state::CommandResult>,
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,

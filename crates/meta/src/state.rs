@@ -171,10 +171,26 @@ pub struct Proposal {
     pub command: Command,
 }
 
-impl std::fmt::Display for Proposal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", self.command)
+impl Proposal {
+    /// Roughly the bytes this proposal adds to a Raft entry, for batch size limits.
+    pub fn approximate_bytes(&self) -> usize {
+        const OVERHEAD_BYTES: usize = 64;
+        OVERHEAD_BYTES
+            + match &self.command {
+                Command::InitCluster { cluster_id } => cluster_id.len(),
+                Command::Create { key, value, .. } | Command::Set { key, value, .. } => key.len() + value.len(),
+                Command::Delete { key, .. } => key.len(),
+                Command::SessionOpen { .. } | Command::SessionClose { .. } | Command::SessionExpire { .. } => 0,
+            }
     }
+}
+
+/// Proposals that travel through Raft as one entry: concurrent writes share one log append,
+/// one replication round and one fsync per node (group commit). They are applied in order,
+/// each as if it were its own entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProposalBatch {
+    pub proposals: Vec<Proposal>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

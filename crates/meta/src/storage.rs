@@ -23,7 +23,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::state::{self, decode, encode, CommandResult, Outcome, Rows, StateStore, StoreError, Table};
+use crate::state::{self, decode, encode, CommandResult, Rows, StateStore, StoreError, Table};
 use crate::{NodeId, TypeConfig};
 
 type RaftStorageError = StorageError<NodeId>;
@@ -403,7 +403,11 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
+/// See `apply`: how many entries may be applied between two durable state machine commits.
+const DURABLE_APPLY_EVERY_ENTRIES: u64 = 1_024;
+
 pub struct StateMachineStore {
+    entries_since_durable: u64,
     db: Arc<Database>,
     data_dir: PathBuf,
     revision_tx: Arc<watch::Sender<u64>>,
@@ -430,7 +434,14 @@ impl StateMachineStore {
         let (revision_tx, revision_rx) = watch::channel(revision);
         let cluster_id = Arc::new(RwLock::new(cluster_id));
         let reader = StateReader { db: db.clone(), revision: revision_rx, cluster_id: cluster_id.clone() };
-        Ok(Self { db, data_dir: data_dir.to_path_buf(), revision_tx: Arc::new(revision_tx), cluster_id, reader })
+        Ok(Self {
+            entries_since_durable: 0,
+            db,
+            data_dir: data_dir.to_path_buf(),
+            revision_tx: Arc::new(revision_tx),
+            cluster_id,
+            reader,
+        })
     }
 
     pub fn reader(&self) -> StateReader {
@@ -492,6 +503,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
         let db = self.db.clone();
         let (last_applied, membership, data) = blocking(move || {
+            // Make every applied entry durable before the snapshot lets openraft purge the log
+            // entries that could otherwise rebuild it (an empty Immediate commit persists the
+            // non-durable ones before it).
+            db.begin_write().map_err(io_err)?.commit().map_err(io_err)?;
             // One read transaction: the rows and the applied id describe the same instant.
             let txn = db.begin_read().map_err(io_err)?;
             let meta = txn.open_table(SM_META).map_err(io_err)?;
@@ -531,6 +546,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 impl StateMachineStore {
     fn handle(&self) -> StateMachineStore {
         StateMachineStore {
+            entries_since_durable: 0,
             db: self.db.clone(),
             data_dir: self.data_dir.clone(),
             revision_tx: self.revision_tx.clone(),
@@ -562,7 +578,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         read().map_err(|e| StorageIOError::read_state_machine(e).into())
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, RaftStorageError>
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Vec<CommandResult>>, RaftStorageError>
     where
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -572,8 +588,22 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             return Ok(Vec::new());
         }
         let db = self.db.clone();
+        // No fsync on every apply: the entries are durable in the Raft log, and the applied id
+        // is written in the same transaction as the state, so after a crash the state machine
+        // is simply older and openraft re-applies the rest from the log. The log is only
+        // purged up to a snapshot, and building one first makes the state durable
+        // (`SnapshotBuilder`), so the entries needed for that replay are never gone. A durable
+        // commit every `DURABLE_APPLY_EVERY_ENTRIES` bounds the replay after a crash.
+        self.entries_since_durable += entries.len() as u64;
+        let durability = if self.entries_since_durable >= DURABLE_APPLY_EVERY_ENTRIES {
+            self.entries_since_durable = 0;
+            Durability::Immediate
+        } else {
+            Durability::None
+        };
         let results = blocking(move || {
-            let txn = db.begin_write().map_err(io_err)?;
+            let mut txn = db.begin_write().map_err(io_err)?;
+            txn.set_durability(durability).map_err(io_err)?;
             let mut results = Vec::with_capacity(entries.len());
             {
                 let mut tables = WriteTables::open(&txn).map_err(io_err)?;
@@ -582,15 +612,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 for entry in &entries {
                     last_applied = Some(entry.log_id);
                     match &entry.payload {
-                        EntryPayload::Blank => results.push(Ok(Outcome::Noop)),
-                        EntryPayload::Normal(proposal) => {
-                            results.push(state::apply(&mut tables, proposal).map_err(io_err)?);
+                        EntryPayload::Blank => results.push(Vec::new()),
+                        EntryPayload::Normal(batch) => {
+                            let mut batch_results = Vec::with_capacity(batch.proposals.len());
+                            for proposal in &batch.proposals {
+                                batch_results.push(state::apply(&mut tables, proposal).map_err(io_err)?);
+                            }
+                            results.push(batch_results);
                         }
                         EntryPayload::Membership(membership) => {
                             let stored = StoredMembership::new(Some(entry.log_id), membership.clone());
                             let bytes = encode(&stored).map_err(io_err)?;
                             meta.insert(KEY_MEMBERSHIP, bytes.as_slice()).map_err(io_err)?;
-                            results.push(Ok(Outcome::Noop));
+                            results.push(Vec::new());
                         }
                     }
                 }
@@ -598,8 +632,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 let bytes = encode(&last_applied).map_err(io_err)?;
                 meta.insert(KEY_LAST_APPLIED, bytes.as_slice()).map_err(io_err)?;
             }
-            // Durable: openraft may purge the log up to a snapshot of this state, after which
-            // these entries could not be re-applied.
             txn.commit().map_err(io_err)?;
             Ok(results)
         })

@@ -255,6 +255,13 @@ impl Cluster {
         self.nodes.get(&id).and_then(|n| std::fs::read_to_string(&n.log_path).ok()).unwrap_or_default()
     }
 
+    /// The last `lines` lines of node `id`'s log.
+    pub fn log_tail(&self, id: u64, lines: usize) -> String {
+        let log = self.log(id);
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     pub fn addr(&self, id: u64) -> String {
         self.nodes.get(&id).map(|n| n.addr.clone()).unwrap_or_default()
     }
@@ -329,7 +336,16 @@ impl Cluster {
             let all = ids.iter().all(|id| {
                 nodes.iter().any(|n| n["id"].as_u64() == Some(*id) && n["applied_index"].as_u64() >= Some(leader_last))
             });
-            Ok(all.then_some(()))
+            if !all {
+                let unreachable: Vec<String> = nodes
+                    .iter()
+                    .filter(|n| n["role"] == "unreachable")
+                    .filter_map(|n| n["id"].as_u64())
+                    .map(|id| format!("node {id} log tail:\n{}", self.log_tail(id, 8)))
+                    .collect();
+                bail!("not caught up: {status}\n{}", unreachable.join("\n"));
+            }
+            Ok(Some(()))
         })
     }
 }
