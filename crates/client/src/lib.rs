@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::cluster_client::ClusterClient;
 use mendfs_proto::v1::kv_client::KvClient;
-use mendfs_proto::{ERROR_ACTUAL_VERSION_HEADER, ERROR_EXPECTED_VERSION_HEADER, ERROR_KIND_HEADER, SECRET_HEADER};
+use mendfs_proto::{
+    ERROR_ACTUAL_VERSION_HEADER, ERROR_EXPECTED_VERSION_HEADER, ERROR_KIND_HEADER, LEADER_HINT_HEADER, SECRET_HEADER,
+};
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
@@ -195,13 +197,13 @@ impl Client {
     async fn call<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut(usize) -> Fut,
-        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let started = Instant::now();
         let deadline = started + self.inner.config.deadline;
         let n_endpoints = self.inner.channels.len();
         let mut index = self.inner.preferred.load(Ordering::Relaxed) % n_endpoints;
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = Duration::from_millis(10);
         let mut last_error = String::from("no attempt made");
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -210,9 +212,17 @@ impl Client {
             }
             let budget = remaining.min(self.inner.config.attempt_timeout);
             match tokio::time::timeout(budget, attempt(index)).await {
-                Ok(Ok(value)) => {
-                    self.inner.preferred.store(index, Ordering::Relaxed);
-                    return Ok(value);
+                Ok(Ok(response)) => {
+                    // A node that had to forward to the leader names it: go there directly
+                    // next time, saving a hop, if it is one of our endpoints.
+                    let leader_index =
+                        response.metadata().get(LEADER_HINT_HEADER).and_then(|value| value.to_str().ok()).and_then(
+                            |addr| {
+                                self.inner.config.endpoints.iter().position(|e| e.trim_start_matches("http://") == addr)
+                            },
+                        );
+                    self.inner.preferred.store(leader_index.unwrap_or(index), Ordering::Relaxed);
+                    return Ok(response.into_inner());
                 }
                 Ok(Err(status)) => match classify(&status) {
                     Attempt::Fail(error) => {
@@ -231,7 +241,7 @@ impl Client {
             index = (index + 1) % n_endpoints;
             let pause = backoff.mul_f64(0.5 + rand::random::<f64>());
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
-            backoff = (backoff * 2).min(Duration::from_millis(200));
+            backoff = (backoff * 2).min(Duration::from_millis(100));
         }
     }
 
@@ -248,7 +258,7 @@ impl Client {
             .call("create", |i| {
                 let request = request.clone();
                 let mut kv = self.kv(i);
-                async move { kv.create(request).await.map(|r| r.into_inner()) }
+                async move { kv.create(request).await }
             })
             .await?;
         reply.kv.ok_or_else(|| Error::Server("create answered without the key".into()))
@@ -273,7 +283,7 @@ impl Client {
             .call("set", |i| {
                 let request = request.clone();
                 let mut kv = self.kv(i);
-                async move { kv.set(request).await.map(|r| r.into_inner()) }
+                async move { kv.set(request).await }
             })
             .await?;
         reply.kv.ok_or_else(|| Error::Server("set answered without the key".into()))
@@ -286,7 +296,7 @@ impl Client {
             .call("delete", |i| {
                 let request = request.clone();
                 let mut kv = self.kv(i);
-                async move { kv.delete(request).await.map(|r| r.into_inner()) }
+                async move { kv.delete(request).await }
             })
             .await?;
         Ok(reply.deleted)
@@ -299,7 +309,7 @@ impl Client {
             .call("get", |i| {
                 let request = request.clone();
                 let mut kv = self.kv(i);
-                async move { kv.get(request).await.map(|r| r.into_inner()) }
+                async move { kv.get(request).await }
             })
             .await?;
         Ok(reply.kv)
@@ -313,7 +323,7 @@ impl Client {
             .call("list", |i| {
                 let request = request.clone();
                 let mut kv = self.kv(i);
-                async move { kv.list(request).await.map(|r| r.into_inner()) }
+                async move { kv.list(request).await }
             })
             .await?;
         Ok((reply.kvs, reply.truncated))
@@ -325,7 +335,7 @@ impl Client {
         let reply = self
             .call("open session", |i| {
                 let mut kv = self.kv(i);
-                async move { kv.session_open(request).await.map(|r| r.into_inner()) }
+                async move { kv.session_open(request).await }
             })
             .await?;
         Ok(Session { client: self.clone(), id: reply.session_id, ttl: Duration::from_millis(reply.ttl_ms) })
@@ -334,18 +344,20 @@ impl Client {
     async fn keep_alive(&self, session_id: u64) -> Result<(), Error> {
         self.call("keep-alive", |i| {
             let mut kv = self.kv(i);
-            async move { kv.session_keep_alive(pb::SessionKeepAliveRequest { session_id }).await.map(|_| ()) }
+            async move { kv.session_keep_alive(pb::SessionKeepAliveRequest { session_id }).await }
         })
         .await
+        .map(|_| ())
     }
 
     async fn close_session(&self, session_id: u64) -> Result<(), Error> {
         let request = pb::SessionCloseRequest { session_id, request_id: self.next_request_id() };
         self.call("close session", |i| {
             let mut kv = self.kv(i);
-            async move { kv.session_close(request).await.map(|_| ()) }
+            async move { kv.session_close(request).await }
         })
         .await
+        .map(|_| ())
     }
 
     /// Watches `key` (or every key under it, with `prefix`) from `start_revision` (0: from now).
@@ -356,7 +368,7 @@ impl Client {
     pub async fn status(&self) -> Result<StatusReply, Error> {
         self.call("cluster status", |i| {
             let mut cluster = self.cluster(i);
-            async move { cluster.status(pb::StatusRequest {}).await.map(|r| r.into_inner()) }
+            async move { cluster.status(pb::StatusRequest {}).await }
         })
         .await
     }
@@ -366,7 +378,7 @@ impl Client {
         self.call("add node", |i| {
             let request = request.clone();
             let mut cluster = self.cluster(i);
-            async move { cluster.add_node(request).await.map(|r| r.into_inner()) }
+            async move { cluster.add_node(request).await }
         })
         .await
     }
@@ -374,7 +386,7 @@ impl Client {
     pub async fn remove_node(&self, id: u64) -> Result<pb::MembershipReply, Error> {
         self.call("remove node", |i| {
             let mut cluster = self.cluster(i);
-            async move { cluster.remove_node(pb::RemoveNodeRequest { id }).await.map(|r| r.into_inner()) }
+            async move { cluster.remove_node(pb::RemoveNodeRequest { id }).await }
         })
         .await
     }
@@ -444,7 +456,7 @@ impl Watch {
                 .call("watch", |i| {
                     let mut kv = client.kv(i);
                     let request = pb::ListRequest { prefix: self.key.clone(), limit: 1 };
-                    async move { kv.list(request).await.map(|r| r.into_inner()) }
+                    async move { kv.list(request).await }
                 })
                 .await?;
             self.next_revision = reply.revision + 1;
@@ -458,7 +470,7 @@ impl Watch {
                     .call("watch", |i| {
                         let request = request.clone();
                         let mut kv = client.kv(i);
-                        async move { kv.watch(request).await.map(|r| r.into_inner()) }
+                        async move { kv.watch(request).await }
                     })
                     .await?;
                 self.stream = Some(stream);

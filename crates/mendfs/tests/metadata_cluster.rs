@@ -446,3 +446,27 @@ fn server_refuses_to_start_without_a_secret() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("no cluster secret"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_lost_its_disk_rejoins_without_harming_the_leader() {
+    let mut cluster = start(ClusterOptions::default());
+    let client = client(&cluster);
+    for i in 0..50 {
+        client.set(format!("disk/{i}").as_bytes(), b"before", None, None).await.expect("set");
+    }
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).expect("leader");
+    // Not node 1: the lowest id would bootstrap a new cluster from an empty disk.
+    let victim = (2..=3).find(|id| *id != leader).expect("a follower other than node 1");
+    blocking(|| cluster.kill(victim)).expect("kill");
+    std::fs::remove_dir_all(&cluster.nodes[&victim].data_dir).expect("wipe the disk");
+    blocking(|| cluster.spawn(victim, true)).expect("restart on an empty disk");
+    for i in 50..100 {
+        client.set(format!("disk/{i}").as_bytes(), b"after", None, None).await.expect("writes go on");
+    }
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    blocking(|| cluster.wait_for_caught_up(&ids, DEADLINE)).expect("the wiped node is re-replicated");
+    for id in ids {
+        assert!(!cluster.log(id).contains("panicked"), "node {id} panicked:\n{}", cluster.log_tail(id, 30));
+    }
+    assert_eq!(client.list(b"disk/", 0).await.expect("list").0.len(), 100);
+}

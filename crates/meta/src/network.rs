@@ -140,8 +140,20 @@ impl PeerConnection {
                     option.hard_ttl()
                 )))))
             }
-            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
-                return Err(RPCError::Unreachable(Unreachable::new(&any_error(status.message()))))
+            // Unreachable makes openraft back off before retrying: right for a node that is
+            // down, and for one that refuses us (wrong secret, another cluster's data), which
+            // would otherwise be hammered in a tight loop.
+            Ok(Err(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unauthenticated | tonic::Code::FailedPrecondition
+                ) =>
+            {
+                return Err(RPCError::Unreachable(Unreachable::new(&any_error(format!(
+                    "node {}: {}",
+                    self.target,
+                    status.message()
+                )))))
             }
             Ok(Err(status)) => {
                 return Err(RPCError::Network(NetworkError::new(&any_error(format!(

@@ -16,9 +16,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::network::{NetworkFactory, Peers};
 use crate::state::{self, Command, CommandResult, KeyValue, Proposal, ProposalBatch, RequestId};
-use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::storage::{LogStore, StateMachineStore, StateReader};
 use crate::{NodeId, Raft};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Everything a metadata node needs to run. Defaults suit a local cluster on one machine.
 #[derive(Debug, Clone)]
@@ -53,9 +53,9 @@ impl NodeConfig {
             data_dir,
             initial_peers: BTreeMap::new(),
             secret: None,
-            heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1_000,
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
             snapshot_every_entries: 10_000,
             log_entries_kept_after_snapshot: 1_000,
             max_key_bytes: 4_096,
@@ -254,6 +254,13 @@ impl MetaNode {
 
     pub fn leader_id(&self) -> Option<NodeId> {
         self.raft.metrics().borrow().current_leader
+    }
+
+    /// The current leader's address, if known.
+    pub fn leader_addr(&self) -> Option<String> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader?;
+        metrics.membership_config.membership().get_node(&leader).map(|node| node.addr.clone())
     }
 
     /// Serves a leader-only request here if this node leads, otherwise forwards it to the

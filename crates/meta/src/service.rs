@@ -13,7 +13,7 @@ use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::cluster_server::{Cluster, ClusterServer};
 use mendfs_proto::v1::kv_server::{Kv, KvServer};
 use mendfs_proto::v1::node_server::{Node, NodeServer};
-use mendfs_proto::{CLUSTER_ID_HEADER, FORWARDED_HEADER, SECRET_HEADER};
+use mendfs_proto::{CLUSTER_ID_HEADER, FORWARDED_HEADER, LEADER_HINT_HEADER, SECRET_HEADER};
 use openraft::ServerState;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -216,6 +216,17 @@ fn request_id(id: Option<pb::RequestId>) -> Option<RequestId> {
 }
 
 impl KvApi {
+    /// Names the leader on a reply this node had to forward, so the client goes there next.
+    fn hint<T>(&self, result: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+        let mut response = result?;
+        if !self.node.is_leader() {
+            if let Some(addr) = self.node.leader_addr().and_then(|addr| addr.parse().ok()) {
+                response.metadata_mut().insert(LEADER_HINT_HEADER, addr);
+            }
+        }
+        Ok(response)
+    }
+
     fn check_key(&self, key: &[u8]) -> Result<(), ApiError> {
         if key.is_empty() {
             return Err(ApiError::InvalidArgument("the key is empty".into()));
@@ -276,7 +287,7 @@ impl Kv for KvApi {
         self.check_key(&put.key)?;
         self.check_value(&put.value)?;
         let command = Command::Create { key: put.key, value: put.value, session_id: put.session_id };
-        write_reply(self.command(forwarded, put.request_id, command).await?)
+        self.hint(write_reply(self.command(forwarded, put.request_id, command).await?))
     }
 
     async fn set(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::WriteReply>, Status> {
@@ -290,7 +301,7 @@ impl Kv for KvApi {
             expected_version: put.expected_version,
             session_id: put.session_id,
         };
-        write_reply(self.command(forwarded, put.request_id, command).await?)
+        self.hint(write_reply(self.command(forwarded, put.request_id, command).await?))
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::WriteReply>, Status> {
@@ -298,17 +309,17 @@ impl Kv for KvApi {
         let delete = request.into_inner();
         self.check_key(&delete.key)?;
         let command = Command::Delete { key: delete.key, expected_version: delete.expected_version };
-        write_reply(self.command(forwarded, delete.request_id, command).await?)
+        self.hint(write_reply(self.command(forwarded, delete.request_id, command).await?))
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetReply>, Status> {
         let forwarded = is_forwarded(&request);
         let get = request.into_inner();
         self.check_key(&get.key)?;
-        match self.node.serve_on_leader(LeaderRequest::Get { key: get.key }, forwarded).await? {
+        self.hint(match self.node.serve_on_leader(LeaderRequest::Get { key: get.key }, forwarded).await? {
             LeaderResponse::Get { revision, kv } => Ok(Response::new(pb::GetReply { revision, kv: kv.map(to_pb_kv) })),
             other => Err(Status::internal(format!("unexpected answer to a get: {other:?}"))),
-        }
+        })
     }
 
     async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {
@@ -318,12 +329,12 @@ impl Kv for KvApi {
             self.check_key(&list.prefix)?;
         }
         let leader_request = LeaderRequest::List { prefix: list.prefix, limit: list.limit };
-        match self.node.serve_on_leader(leader_request, forwarded).await? {
+        self.hint(match self.node.serve_on_leader(leader_request, forwarded).await? {
             LeaderResponse::List { revision, kvs, truncated } => {
                 Ok(Response::new(pb::ListReply { revision, kvs: kvs.into_iter().map(to_pb_kv).collect(), truncated }))
             }
             other => Err(Status::internal(format!("unexpected answer to a list: {other:?}"))),
-        }
+        })
     }
 
     type WatchStream = WatchStream;
@@ -386,7 +397,7 @@ impl Kv for KvApi {
         let forwarded = is_forwarded(&request);
         let close = request.into_inner();
         let command = Command::SessionClose { session_id: close.session_id };
-        write_reply(self.command(forwarded, close.request_id, command).await?)
+        self.hint(write_reply(self.command(forwarded, close.request_id, command).await?))
     }
 }
 

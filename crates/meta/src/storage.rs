@@ -39,6 +39,7 @@ const KEY_LAST_APPLIED: &str = "last_applied";
 const KEY_MEMBERSHIP: &str = "membership";
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
+const CLUSTER_ID_FILE: &str = "cluster_id";
 
 fn table_definition(table: Table) -> TableDefinition<'static, &'static [u8], &'static [u8]> {
     TableDefinition::new(table.name())
@@ -431,6 +432,12 @@ impl StateMachineStore {
             let view = ReadView { tables, last_applied: None };
             (state::current_revision(&view)?, state::cluster_id(&view)?)
         };
+        let cluster_id = match std::fs::read_to_string(data_dir.join(CLUSTER_ID_FILE)) {
+            Ok(text) if !text.trim().is_empty() => Some(text.trim().to_string()),
+            Ok(_) => cluster_id,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => cluster_id,
+            Err(e) => return Err(StoreError(format!("read {CLUSTER_ID_FILE}: {e}"))),
+        };
         let (revision_tx, revision_rx) = watch::channel(revision);
         let cluster_id = Arc::new(RwLock::new(cluster_id));
         let reader = StateReader { db: db.clone(), revision: revision_rx, cluster_id: cluster_id.clone() };
@@ -451,9 +458,16 @@ impl StateMachineStore {
     fn publish(&self) -> Result<(), StoreError> {
         let view = self.reader.view()?;
         let revision = state::current_revision(&view)?;
-        let cluster_id = state::cluster_id(&view)?;
-        if let Ok(mut guard) = self.cluster_id.write() {
-            *guard = cluster_id;
+        if self.reader.cluster_id().is_none() {
+            if let Some(cluster_id) = state::cluster_id(&view)? {
+                // Durable at once, apart from the (lazily fsynced) state machine: the id is what
+                // keeps this data directory from ever being mixed into another cluster, even
+                // if this node is later restarted somewhere it can no longer apply its log.
+                write_file_durably(&self.data_dir.join(CLUSTER_ID_FILE), cluster_id.as_bytes())?;
+                if let Ok(mut guard) = self.cluster_id.write() {
+                    *guard = Some(cluster_id);
+                }
+            }
         }
         self.revision_tx.send_replace(revision);
         Ok(())

@@ -20,6 +20,9 @@ pub const CLUSTER_ID_HEADER: &str = "x-mendfs-cluster-id";
 /// gRPC metadata key set on a request a node forwards to the leader, so that it is never
 /// forwarded twice (no forwarding loops while leadership moves).
 pub const FORWARDED_HEADER: &str = "x-mendfs-forwarded";
+/// gRPC metadata key on a reply from a node that is not the leader: the leader's address, so
+/// that clients send the next request straight there.
+pub const LEADER_HINT_HEADER: &str = "x-mendfs-leader";
 /// gRPC metadata keys describing a domain error in machine-readable form.
 pub const ERROR_KIND_HEADER: &str = "x-mendfs-error-kind";
 pub const ERROR_ACTUAL_VERSION_HEADER: &str = "x-mendfs-actual-version";

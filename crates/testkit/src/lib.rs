@@ -124,7 +124,9 @@ impl Cluster {
         } else {
             None
         };
-        let temp = if options.keep_dir { temp.map(|t| t.keep()).and(None) } else { temp };
+        // MENDFS_KEEP_TEST_DIRS=1 keeps every cluster's directory (data and logs) for a post-mortem.
+        let keep = options.keep_dir || std::env::var_os("MENDFS_KEEP_TEST_DIRS").is_some();
+        let temp = if keep { temp.map(|t| t.keep()).and(None) } else { temp };
         let mut cluster = Cluster {
             binary: binary.to_path_buf(),
             root,
