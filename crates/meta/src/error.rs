@@ -50,6 +50,8 @@ impl From<ApiError> for tonic::Status {
                 (tonic::Code::FailedPrecondition, "version-mismatch")
             }
             ApiError::Command(CommandError::SessionNotFound { .. }) => (tonic::Code::NotFound, "session-not-found"),
+            ApiError::Command(CommandError::FileNotFound { .. }) => (tonic::Code::NotFound, "file-not-found"),
+            ApiError::Command(CommandError::PrepareExpired { .. }) => (tonic::Code::Aborted, "prepare-expired"),
             ApiError::Internal(_) => (tonic::Code::Internal, "internal"),
         };
         let mut status = tonic::Status::new(code, message);

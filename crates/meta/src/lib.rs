@@ -6,6 +6,7 @@
 //! openraft; `node` decides what only the leader may do and forwards the rest.
 
 pub mod error;
+pub mod files;
 pub mod network;
 pub mod node;
 pub mod service;

@@ -37,10 +37,18 @@ pub enum Table {
     DedupByTime,
     /// named scalars, see the `META_*` constants.
     Meta,
+    /// path → [`crate::files::FileRecord`]
+    Files,
+    /// chunk hash (32 bytes) → [`crate::files::ChunkRecord`]: where a chunk's copies are, and
+    /// how many committed file versions reference it.
+    Chunks,
+    /// node id (u64 BE) → [`crate::files::StorageNode`]
+    StorageNodes,
 }
 
 impl Table {
-    pub const ALL: [Table; 7] = [
+    /// In discriminant order (storage indexes by `table as usize`).
+    pub const ALL: [Table; 10] = [
         Table::Keys,
         Table::Sessions,
         Table::SessionKeys,
@@ -48,6 +56,9 @@ impl Table {
         Table::Dedup,
         Table::DedupByTime,
         Table::Meta,
+        Table::Files,
+        Table::Chunks,
+        Table::StorageNodes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -59,6 +70,9 @@ impl Table {
             Table::Dedup => "dedup",
             Table::DedupByTime => "dedup_by_time",
             Table::Meta => "meta",
+            Table::Files => "files",
+            Table::Chunks => "chunks",
+            Table::StorageNodes => "storage_nodes",
         }
     }
 }
@@ -159,6 +173,21 @@ pub enum Command {
     SessionExpire {
         session_id: u64,
     },
+    /// A storage node announces itself (or its new address); its admin state is kept.
+    RegisterStorageNode {
+        node: crate::files::StorageNode,
+    },
+    /// Phase two of a file write: installs the new version and its chunk references at once.
+    CommitFile(crate::files::CommitFile),
+    DeleteFile {
+        path: String,
+        expected_version: Option<u64>,
+    },
+    /// A replica was found missing or corrupt: stop listing it (repair restores the count).
+    DropReplica {
+        hash: Vec<u8>,
+        node_id: u64,
+    },
 }
 
 /// One Raft entry's payload: a command, who sent it, and when the proposing node received it.
@@ -181,6 +210,10 @@ impl Proposal {
                 Command::Create { key, value, .. } | Command::Set { key, value, .. } => key.len() + value.len(),
                 Command::Delete { key, .. } => key.len(),
                 Command::SessionOpen { .. } | Command::SessionClose { .. } | Command::SessionExpire { .. } => 0,
+                Command::RegisterStorageNode { node } => node.addr.len() + node.zone.len(),
+                Command::CommitFile(commit) => commit.path.len() + commit.chunks.len() * 64,
+                Command::DeleteFile { path, .. } => path.len(),
+                Command::DropReplica { hash, .. } => hash.len(),
             }
     }
 }
@@ -218,6 +251,10 @@ pub enum Outcome {
     ClusterId {
         cluster_id: String,
     },
+    FileCommitted {
+        version: u64,
+        revision: u64,
+    },
     /// For Raft's own entries (blank, membership), which carry no command.
     Noop,
 }
@@ -232,6 +269,12 @@ pub enum CommandError {
     VersionMismatch { expected: u64, actual: u64 },
     #[error("session {session_id} not found (expired or closed)")]
     SessionNotFound { session_id: u64 },
+    #[error("file {path} not found")]
+    FileNotFound { path: String },
+    #[error(
+        "the write's chunks were prepared {age_ms} ms ago, beyond the {grace_ms} ms grace period; retry the write"
+    )]
+    PrepareExpired { age_ms: u64, grace_ms: u64 },
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;
@@ -249,7 +292,7 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreErro
     postcard::from_bytes(bytes).map_err(|e| StoreError(format!("decode: {e}")))
 }
 
-fn get_u64(store: &impl StateStore, table: Table, key: &[u8]) -> Result<u64, StoreError> {
+pub(crate) fn get_u64(store: &impl StateStore, table: Table, key: &[u8]) -> Result<u64, StoreError> {
     match store.get(table, key)? {
         None => Ok(0),
         Some(bytes) => {
@@ -402,7 +445,7 @@ fn expire_dedup(store: &mut impl StateStore, clock_ms: u64) -> Result<(), StoreE
 
 /// Starts a new revision: bumps the counter, records the events, drops history beyond the
 /// retention bound.
-fn commit_revision(store: &mut impl StateStore, events: &[Event]) -> Result<u64, StoreError> {
+pub(crate) fn commit_revision(store: &mut impl StateStore, events: &[Event]) -> Result<u64, StoreError> {
     let revision = current_revision(store)? + 1;
     put_u64(store, Table::Meta, META_REVISION, revision)?;
     store.put(Table::Events, &revision.to_be_bytes(), &encode(&events)?)?;
@@ -422,6 +465,13 @@ fn session_key_entry(session_id: u64, key: &[u8]) -> Vec<u8> {
 
 fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<CommandResult, StoreError> {
     match command {
+        Command::RegisterStorageNode { node } => crate::files::register_storage_node(store, node),
+        Command::CommitFile(commit) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            crate::files::commit_file(store, commit, clock_ms)
+        }
+        Command::DeleteFile { path, expected_version } => crate::files::delete_file(store, path, *expected_version),
+        Command::DropReplica { hash, node_id } => crate::files::drop_replica(store, hash, *node_id),
         Command::InitCluster { cluster_id: proposed } => {
             let cluster_id = match cluster_id(store)? {
                 Some(existing) => existing,
