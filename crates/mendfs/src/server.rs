@@ -6,8 +6,20 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mendfs_chunkstore::ChunkStore;
+use mendfs_data::coordinator::Coordinator;
+use mendfs_data::storage::{StorageApi, StorageState};
+use mendfs_data::DataConfig;
+use mendfs_meta::files::StorageNode;
+use mendfs_meta::state::Command;
 use mendfs_meta::{MetaNode, NodeConfig};
+use mendfs_proto::v1::files_server::FilesServer;
+use mendfs_proto::v1::storage_server::StorageServer;
 use serde::Deserialize;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
 #[derive(Args, Debug, Default)]
@@ -60,6 +72,25 @@ pub struct ServerArgs {
     /// Log format on stderr: text or json.
     #[arg(long)]
     pub log_format: Option<String>,
+    /// Size of the chunks files are cut into, in bytes (default 4 MiB).
+    #[arg(long)]
+    pub chunk_size_bytes: Option<usize>,
+    /// Copies of every chunk (default 3). The same on every node.
+    #[arg(long)]
+    pub replication_factor: Option<usize>,
+    /// How long prepared chunks are protected from collection, in milliseconds (default 10 min).
+    /// The same on every node.
+    #[arg(long)]
+    pub orphan_grace_ms: Option<u64>,
+    /// How often this node looks for orphaned chunk copies, in milliseconds (default 60 s).
+    #[arg(long)]
+    pub gc_interval_ms: Option<u64>,
+    /// Failure domain of this node (rack, room); replicas go to distinct zones where possible.
+    #[arg(long)]
+    pub zone: Option<String>,
+    /// Relative capacity of this node for placement (100 = a default node).
+    #[arg(long)]
+    pub weight: Option<u32>,
 }
 
 /// The same settings, as read from `--config`.
@@ -81,6 +112,12 @@ struct FileSettings {
     max_value_bytes: Option<usize>,
     write_timeout_ms: Option<u64>,
     log_format: Option<String>,
+    chunk_size_bytes: Option<usize>,
+    replication_factor: Option<usize>,
+    orphan_grace_ms: Option<u64>,
+    gc_interval_ms: Option<u64>,
+    zone: Option<String>,
+    weight: Option<u32>,
 }
 
 /// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
@@ -179,17 +216,66 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         config.write_timeout_ms = ms;
     }
 
+    let mut data_config = DataConfig::default();
+    if let Some(n) = args.chunk_size_bytes.or(file.chunk_size_bytes) {
+        anyhow::ensure!(
+            (1..=mendfs_data::CHUNK_BYTES_MAX).contains(&n),
+            "--chunk-size-bytes must be within 1 ..= {}",
+            mendfs_data::CHUNK_BYTES_MAX
+        );
+        data_config.chunk_size_bytes = n;
+    }
+    if let Some(n) = args.replication_factor.or(file.replication_factor) {
+        anyhow::ensure!(n >= 1, "--replication-factor must be at least 1");
+        data_config.replication_factor = n;
+    }
+    if let Some(ms) = args.orphan_grace_ms.or(file.orphan_grace_ms) {
+        data_config.orphan_grace = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.gc_interval_ms.or(file.gc_interval_ms) {
+        anyhow::ensure!(ms > 0, "--gc-interval-ms must be positive");
+        data_config.gc_interval = Duration::from_millis(ms);
+    }
+    if let Some(zone) = args.zone.or(file.zone) {
+        data_config.zone = zone;
+    }
+    if let Some(weight) = args.weight.or(file.weight) {
+        data_config.weight = weight;
+    }
+    let chunk_store = Arc::new(
+        ChunkStore::open(&config.data_dir.join("chunks"), mendfs_data::CHUNK_BYTES_MAX)
+            .with_context(|| format!("open the chunk store in {}", config.data_dir.display()))?,
+    );
+
     // Bind before starting Raft so that a taken port fails fast with a clear message.
     let listener =
         tokio::net::TcpListener::bind(listen_addr).await.with_context(|| format!("cannot listen on {listen_addr}"))?;
     let node = MetaNode::start(config).await.map_err(|e| anyhow::anyhow!(e))?;
     let (node_service, kv_service, cluster_service) = mendfs_meta::service::services(&node);
+    let (client_gate, node_gate) = mendfs_meta::service::gates(&node);
+    let storage_state = Arc::new(StorageState::new(chunk_store, data_config.orphan_grace));
+    let storage_service = InterceptedService::new(
+        StorageServer::new(StorageApi { state: storage_state.clone() })
+            .max_decoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024)
+            .max_encoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024),
+        node_gate,
+    );
+    let files_service = InterceptedService::new(
+        FilesServer::new(Coordinator::new(node.clone(), data_config.clone()))
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20),
+        client_gate,
+    );
+    tokio::spawn(register_storage(node.clone(), data_config.clone()));
+    tokio::spawn(mendfs_data::gc::run(node.clone(), storage_state, data_config.orphan_grace, data_config.gc_interval));
     tracing::info!(%listen_addr, "serving");
     let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(node_service)
         .add_service(kv_service)
         .add_service(cluster_service)
+        .add_service(storage_service)
+        .add_service(files_service)
         .serve_with_incoming_shutdown(
             // TCP_NODELAY on every accepted connection: replies are small, and Nagle's
             // algorithm against the peer's delayed ACK would hold each one for ~40 ms.
@@ -202,6 +288,28 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         tracing::warn!("raft shutdown: {e}");
     }
     result
+}
+
+/// Announces this node's storage to the cluster, retrying until the metadata accepts it.
+async fn register_storage(node: MetaNode, data: DataConfig) {
+    let storage_node = StorageNode {
+        id: node.config.node_id,
+        addr: node.config.advertise_addr.clone(),
+        zone: data.zone,
+        weight: data.weight,
+        draining: false,
+    };
+    loop {
+        let command = Command::RegisterStorageNode { node: storage_node.clone() };
+        match node.execute(None, command).await {
+            Ok(_) => {
+                tracing::info!("storage registered");
+                return;
+            }
+            Err(e) => tracing::debug!("storage registration will be retried: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 async fn shutdown_signal() {

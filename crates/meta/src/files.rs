@@ -17,8 +17,9 @@ use crate::state::{
     Table,
 };
 
-/// How long after its chunks were prepared a write may still commit. Storage nodes keep
-/// prepared chunks at least this long, so a commit within it never references a deleted copy.
+/// The default for how long after its chunks were prepared a write may still commit. Storage
+/// nodes keep prepared chunks at least this long, so a commit within it never references a
+/// deleted copy.
 pub const PREPARE_GRACE_MS: u64 = 10 * 60 * 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +77,10 @@ pub struct CommitFile {
     pub expected_version: Option<u64>,
     /// When the coordinator started preparing, on its clock.
     pub prepared_at_ms: u64,
+    /// How long storage nodes keep prepared chunks (the coordinator's setting, sent to them
+    /// with every prepare): a commit later than this after `prepared_at_ms` is refused, since
+    /// its chunks may already have been collected.
+    pub grace_ms: u64,
 }
 
 pub fn get_file(store: &impl StateStore, path: &str) -> Result<Option<FileRecord>, StoreError> {
@@ -162,8 +167,8 @@ pub(crate) fn commit_file(
     clock_ms: u64,
 ) -> Result<CommandResult, StoreError> {
     let age_ms = clock_ms.saturating_sub(commit.prepared_at_ms);
-    if age_ms > PREPARE_GRACE_MS {
-        return Ok(Err(CommandError::PrepareExpired { age_ms, grace_ms: PREPARE_GRACE_MS }));
+    if age_ms > commit.grace_ms {
+        return Ok(Err(CommandError::PrepareExpired { age_ms, grace_ms: commit.grace_ms }));
     }
     let existing = get_file(store, &commit.path)?;
     let actual = existing.as_ref().map_or(0, |file| file.version);
@@ -252,6 +257,7 @@ mod tests {
             chunks,
             expected_version,
             prepared_at_ms: 1_000,
+            grace_ms: PREPARE_GRACE_MS,
         }
     }
 

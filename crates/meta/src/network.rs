@@ -68,7 +68,8 @@ impl Peers {
         Ok(Self { channels: Arc::default(), interceptor: PeerInterceptor { secret, state } })
     }
 
-    pub fn client(&self, addr: &str) -> Result<PeerClient, String> {
+    /// The shared channel to `addr`, for other node-to-node services.
+    pub fn channel(&self, addr: &str) -> Result<Channel, String> {
         let channel = {
             let mut channels = self.channels.lock().map_err(|_| "peer table poisoned".to_string())?;
             match channels.get(addr) {
@@ -86,6 +87,16 @@ impl Peers {
                 }
             }
         };
+        Ok(channel)
+    }
+
+    /// Adds the secret and cluster id to calls on a channel from [`Peers::channel`].
+    pub fn interceptor(&self) -> PeerInterceptor {
+        self.interceptor.clone()
+    }
+
+    pub fn client(&self, addr: &str) -> Result<PeerClient, String> {
+        let channel = self.channel(addr)?;
         Ok(NodeClient::with_interceptor(channel, self.interceptor.clone())
             .max_decoding_message_size(usize::MAX)
             .max_encoding_message_size(usize::MAX))

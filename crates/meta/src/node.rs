@@ -14,6 +14,7 @@ use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
+use crate::files::{self, FileRecord, StorageNode};
 use crate::network::{NetworkFactory, Peers};
 use crate::state::{self, Command, CommandResult, KeyValue, Proposal, ProposalBatch, RequestId};
 use crate::storage::{LogStore, StateMachineStore, StateReader};
@@ -70,11 +71,43 @@ impl NodeConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum LeaderRequest {
     Propose(Proposal),
-    Get { key: Vec<u8> },
-    List { prefix: Vec<u8>, limit: u32 },
-    KeepAlive { session_id: u64 },
-    AddNode { id: NodeId, addr: String },
-    RemoveNode { id: NodeId },
+    Get {
+        key: Vec<u8>,
+    },
+    List {
+        prefix: Vec<u8>,
+        limit: u32,
+    },
+    KeepAlive {
+        session_id: u64,
+    },
+    AddNode {
+        id: NodeId,
+        addr: String,
+    },
+    RemoveNode {
+        id: NodeId,
+    },
+    GetFile {
+        path: String,
+    },
+    ListFiles {
+        prefix: String,
+        limit: u32,
+    },
+    /// Which of these chunks no committed file lists on `node_id` (garbage collection).
+    UnreferencedChunks {
+        node_id: NodeId,
+        hashes: Vec<Vec<u8>>,
+    },
+}
+
+/// A file version with the replica list of each of its chunks, from one consistent read.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileView {
+    pub path: String,
+    pub record: FileRecord,
+    pub chunk_replicas: Vec<Vec<NodeId>>,
 }
 
 /// A forwarded request with the wall-clock time after which its sender no longer waits.
@@ -91,6 +124,22 @@ pub enum LeaderResponse {
     List { revision: u64, kvs: Vec<KeyValue>, truncated: bool },
     KeepAlive { ttl_ms: u64 },
     Membership { voters: Vec<NodeId>, learners: Vec<NodeId> },
+    File(Option<FileView>),
+    Files { files: Vec<FileView>, truncated: bool },
+    Unreferenced(Vec<Vec<u8>>),
+}
+
+fn file_view(view: &crate::storage::ReadView, path: String, record: FileRecord) -> Result<FileView, ApiError> {
+    let mut chunk_replicas = Vec::with_capacity(record.chunks.len());
+    for chunk in &record.chunks {
+        let replicas = files::get_chunk(view, &chunk.hash).map_err(ApiError::internal)?.map(|c| c.replicas);
+        chunk_replicas.push(
+            replicas.ok_or_else(|| {
+                ApiError::Internal(format!("file {path} references a chunk missing from the chunk map"))
+            })?,
+        );
+    }
+    Ok(FileView { path, record, chunk_replicas })
 }
 
 /// Session liveness, kept by the leader alone (soft state, like etcd's lease keep-alives): a
@@ -337,6 +386,41 @@ impl MetaNode {
                 clocks.deadlines.insert(session_id, Instant::now() + Duration::from_millis(session.ttl_ms));
                 Ok(LeaderResponse::KeepAlive { ttl_ms: session.ttl_ms })
             }
+            LeaderRequest::GetFile { path } => {
+                self.linearizable_barrier().await?;
+                let view = self.state.view().map_err(ApiError::internal)?;
+                let file = files::get_file(&view, &path).map_err(ApiError::internal)?;
+                Ok(LeaderResponse::File(file.map(|record| file_view(&view, path, record)).transpose()?))
+            }
+            LeaderRequest::ListFiles { prefix, limit } => {
+                self.linearizable_barrier().await?;
+                let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
+                let view = self.state.view().map_err(ApiError::internal)?;
+                let (found, truncated) =
+                    files::list_files(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
+                let files = found
+                    .into_iter()
+                    .map(|(path, record)| file_view(&view, path, record))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok(LeaderResponse::Files { files, truncated })
+            }
+            LeaderRequest::UnreferencedChunks { node_id, hashes } => {
+                // Read-index: the answer reflects every commit acknowledged before it, so a
+                // chunk reported unreferenced here was not referenced on this node by any
+                // committed file at that moment.
+                self.linearizable_barrier().await?;
+                let view = self.state.view().map_err(ApiError::internal)?;
+                let mut unreferenced = Vec::new();
+                for hash in hashes {
+                    let listed = files::get_chunk(&view, &hash)
+                        .map_err(ApiError::internal)?
+                        .is_some_and(|record| record.replicas.contains(&node_id));
+                    if !listed {
+                        unreferenced.push(hash);
+                    }
+                }
+                Ok(LeaderResponse::Unreferenced(unreferenced))
+            }
             LeaderRequest::AddNode { id, addr } => self.add_node(id, addr).await,
             LeaderRequest::RemoveNode { id } => self.remove_node(id).await,
         }
@@ -524,6 +608,21 @@ impl MetaNode {
             let _outcome = self.propose(proposal).await?;
         }
         Ok(())
+    }
+
+    /// Storage nodes as this node's state machine knows them (may lag the leader slightly;
+    /// good enough to choose where to write, since the commit records where copies went).
+    pub fn storage_nodes(&self) -> Result<Vec<StorageNode>, ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        files::list_storage_nodes(&view).map_err(ApiError::internal)
+    }
+
+    /// Proposes a command through the leader and returns its outcome.
+    pub async fn execute(&self, request_id: Option<RequestId>, command: Command) -> Result<state::Outcome, ApiError> {
+        match self.serve_on_leader(LeaderRequest::Propose(Self::proposal(request_id, command)), false).await? {
+            LeaderResponse::Command(result) => result.map_err(ApiError::Command),
+            other => Err(ApiError::Internal(format!("unexpected answer to a command: {other:?}"))),
+        }
     }
 
     /// Builds a proposal stamped with this node's clock.

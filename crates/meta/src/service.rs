@@ -89,11 +89,15 @@ pub type NodeService = InterceptedService<NodeServer<NodeApi>, Gatekeeper>;
 pub type KvService = InterceptedService<KvServer<KvApi>, Gatekeeper>;
 pub type ClusterService = InterceptedService<ClusterServer<ClusterApi>, Gatekeeper>;
 
+/// The gatekeepers for client-facing and for node-to-node services.
+pub fn gates(node: &MetaNode) -> (Gatekeeper, Gatekeeper) {
+    let secret: Option<Arc<str>> = node.config.secret.as_deref().map(Arc::from);
+    (Gatekeeper { secret: secret.clone(), state: None }, Gatekeeper { secret, state: Some(node.state.clone()) })
+}
+
 /// The three services of a node, wrapped with their gatekeepers and message size limits.
 pub fn services(node: &MetaNode) -> (NodeService, KvService, ClusterService) {
-    let secret: Option<Arc<str>> = node.config.secret.as_deref().map(Arc::from);
-    let client_gate = Gatekeeper { secret: secret.clone(), state: None };
-    let node_gate = Gatekeeper { secret, state: Some(node.state.clone()) };
+    let (client_gate, node_gate) = gates(node);
     // Client messages are bounded by the key and value limits (plus framing), so an oversized
     // message is refused before it is buffered.
     let client_message_max = node.config.max_key_bytes + node.config.max_value_bytes + 64 * 1024;

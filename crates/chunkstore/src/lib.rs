@@ -1,0 +1,44 @@
+//! The on-disk, checksummed chunk store of a storage node.
+//!
+//! # Intuition
+//!
+//! A chunk is named by the BLAKE3 hash of its bytes, so the name is also the checksum: every read
+//! re-hashes the bytes and compares them with the name, and a chunk that rotted on disk is caught
+//! before it is served. Because the name depends only on the content, storing the same chunk twice
+//! is a no-op, and repair can copy a chunk from any healthy replica without asking which version
+//! it is. A chunk is written to a temp file, fsynced, and renamed into place, so a chunk file is
+//! either absent or complete: a crash never leaves a half-written chunk under a chunk's name.
+//!
+//! The store is synchronous (`std::fs`) and knows nothing about the network, Raft or reference
+//! counts: callers in async code wrap calls in `tokio::task::spawn_blocking`, and the decision
+//! *whether* a chunk may be deleted belongs to the garbage collector, not to this crate.
+//!
+//! # Disk layout
+//!
+//! ```text
+//! root/
+//!   LOCK                          advisory lock: one open ChunkStore per root at a time
+//!   chunks/ab/cd/abcd…(64 hex)    one file per chunk, holding exactly the chunk's bytes
+//!   tmp/<64 hex>.<pid>.<n>.tmp    writes in progress; anything here at open is a crash leftover
+//!   quarantine/<64 hex>.<n>       bad copies moved aside: never served, kept for inspection
+//! ```
+//!
+//! The two levels of 256 directories keep each directory small (a million chunks is about 15
+//! files per leaf directory), so lookups and directory fsyncs stay cheap. `tmp/` lives on the same
+//! filesystem as `chunks/`, which is what makes the final rename atomic.
+//!
+//! # Errors
+//!
+//! [`ChunkError`] says what went wrong by kind. `NotFound` and `Corrupt` tell the caller to read
+//! another replica (and, for `Corrupt`, to [`ChunkStore::quarantine`] this one); `HashMismatch`
+//! and `TooLarge` are the caller's mistake and will fail the same way again; `DiskFull` means this
+//! node cannot take writes until space is freed, so the write should go elsewhere; `Io` is
+//! anything else the operating system reported.
+
+mod error;
+mod hash;
+mod store;
+
+pub use error::ChunkError;
+pub use hash::{from_hex, hash_chunk, to_hex, ChunkHash};
+pub use store::{ChunkStore, StoreStats};

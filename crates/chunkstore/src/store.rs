@@ -1,0 +1,630 @@
+//! The chunk store proper: durable put, verified get, delete, quarantine, listing and counters.
+//!
+//! Concurrency: calls for the same hash are serialized by one of [`HASH_LOCK_COUNT`] striped
+//! mutexes, so two puts of one chunk cannot both count it, and a delete cannot race a put's
+//! "is it already here?" check. Calls for different hashes run in parallel. Reads (`get`,
+//! `contains`, `list`) take no lock: a rename replaces a chunk file atomically, so a reader sees
+//! either the old file or the new one, never a mix.
+
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::ChunkError;
+use crate::hash::{from_canonical_hex, from_canonical_hex_byte, hash_chunk, to_hex, ChunkHash};
+
+/// Number of striped per-hash locks. Enough that unrelated chunks rarely wait on each other with
+/// the few dozen blocking threads tokio runs, small enough to cost nothing.
+const HASH_LOCK_COUNT: usize = 64;
+
+/// Number of leaf directories: `chunks/<2 hex>/<2 hex>`.
+const LEAF_DIR_COUNT: usize = 256 * 256;
+
+/// A chunk hash is quarantined this many times at most; past that something other than bit rot
+/// is wrong, and `quarantine` reports an error instead of scanning ever further for a free name.
+const QUARANTINED_COPIES_PER_HASH_MAX: u32 = 10_000;
+
+/// Bytes compared at a time when checking whether an existing copy equals the bytes being put.
+const COMPARE_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Counters kept by the store; see [`ChunkStore::stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Chunk files under `chunks/`, good or corrupt (a corrupt copy counts until quarantined).
+    pub chunk_count: u64,
+    /// Sum of their sizes in bytes.
+    pub chunk_bytes: u64,
+}
+
+/// The on-disk chunk store of one storage node. `Send + Sync`; share it through an `Arc`.
+///
+/// Only one `ChunkStore` may have a root open at a time (an advisory lock on `root/LOCK` enforces
+/// it), because `open` deletes whatever it finds in `tmp/` and counts the chunks it finds.
+#[derive(Debug)]
+pub struct ChunkStore {
+    chunks_dir: PathBuf,
+    tmp_dir: PathBuf,
+    quarantine_dir: PathBuf,
+    max_chunk_bytes: usize,
+    chunk_count: AtomicU64,
+    chunk_bytes: AtomicU64,
+    /// Makes temp file names unique within this process; the pid makes them unique across
+    /// processes, in case the lock is ever bypassed.
+    temp_file_counter: AtomicU64,
+    hash_locks: Vec<Mutex<()>>,
+    /// One bit per leaf directory, set once this process knows the directory exists and its
+    /// entry, and its parent's entry, are on disk. Lets `put` skip both `create_dir` calls and the
+    /// parent fsyncs on every put after the first into a directory.
+    leaf_dirs_durable: Vec<AtomicU64>,
+    /// Serializes creating leaf directories, so a second put cannot see a directory another put has
+    /// just created but not yet fsynced into its parent, and then acknowledge a chunk in it.
+    leaf_dir_creation: Mutex<()>,
+    /// Held open for the advisory lock on `root/LOCK`; the lock is released when the store drops
+    /// (or the process dies).
+    _lock_file: File,
+}
+
+/// What `put` found at a chunk's final path before writing.
+enum ExistingCopy {
+    Absent,
+    /// A file with exactly the bytes being put; kept open so it can be fsynced.
+    Good(File),
+    /// A file with other bytes (or unreadable): a corrupt copy to replace.
+    Bad {
+        len: u64,
+    },
+}
+
+impl ChunkStore {
+    /// Opens the store at `root`, creating its directories if needed. Deletes temp files left by a
+    /// crash (a put that never returned), then counts the chunks already stored, for `stats`.
+    /// Fails if another `ChunkStore` has `root` open.
+    pub fn open(root: &Path, max_chunk_bytes: usize) -> Result<Self, ChunkError> {
+        let root_existed = root.is_dir();
+        fs::create_dir_all(root).map_err(|e| ChunkError::from_io(e, "creating store root", root))?;
+        if !root_existed {
+            if let Some(parent) = root.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+                // fsync: the root's own entry must survive a crash, or every chunk below it goes
+                // with it. Directories above the parent were the deployer's to make durable.
+                sync_dir(parent)?;
+            }
+        }
+
+        // No fsync for LOCK: it holds no data, and the lock lives in the kernel, not in the file.
+        let lock_path = root.join("LOCK");
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| ChunkError::from_io(e, "opening lock file", &lock_path))?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                return Err(ChunkError::Io {
+                    context: format!("chunk store {} is already open (in this or another process)", root.display()),
+                    source: io::Error::from(io::ErrorKind::WouldBlock),
+                })
+            }
+            Err(TryLockError::Error(error)) => return Err(ChunkError::from_io(error, "locking", &lock_path)),
+        }
+
+        let chunks_dir = root.join("chunks");
+        let tmp_dir = root.join("tmp");
+        let quarantine_dir = root.join("quarantine");
+        for dir in [&chunks_dir, &tmp_dir, &quarantine_dir] {
+            create_dir_if_missing(dir)?;
+        }
+        // fsync: makes the entries of chunks/, tmp/ and quarantine/ durable. Every later fsync of a
+        // chunk's directories assumes these three exist on disk. Once per open, so it costs nothing.
+        sync_dir(root)?;
+
+        remove_temp_files(&tmp_dir)?;
+
+        let store = ChunkStore {
+            chunks_dir,
+            tmp_dir,
+            quarantine_dir,
+            max_chunk_bytes,
+            chunk_count: AtomicU64::new(0),
+            chunk_bytes: AtomicU64::new(0),
+            temp_file_counter: AtomicU64::new(0),
+            hash_locks: (0..HASH_LOCK_COUNT).map(|_| Mutex::new(())).collect(),
+            leaf_dirs_durable: (0..LEAF_DIR_COUNT / 64).map(|_| AtomicU64::new(0)).collect(),
+            leaf_dir_creation: Mutex::new(()),
+            _lock_file: lock_file,
+        };
+
+        let (mut chunk_count, mut chunk_bytes) = (0u64, 0u64);
+        store.for_each_chunk(|_, entry| {
+            let metadata = entry.metadata().map_err(|e| ChunkError::from_io(e, "reading size of", &entry.path()))?;
+            chunk_count += 1;
+            chunk_bytes += metadata.len();
+            Ok(())
+        })?;
+        store.chunk_count.store(chunk_count, Ordering::Relaxed);
+        store.chunk_bytes.store(chunk_bytes, Ordering::Relaxed);
+        Ok(store)
+    }
+
+    /// Stores `data` under `expected` (the caller's hash); fails with `HashMismatch` if the bytes
+    /// do not hash to it, and `TooLarge` past `max_chunk_bytes`. Idempotent: if a good copy exists,
+    /// nothing is written; if a corrupt copy exists, it is replaced.
+    ///
+    /// Durable when it returns: temp file in `root/tmp`, write, fsync, rename into place, fsync
+    /// the chunk's directory. On `DiskFull` (or any other error) the temp file is removed, so a
+    /// failed put leaves nothing behind.
+    pub fn put(&self, expected: &ChunkHash, data: &[u8]) -> Result<(), ChunkError> {
+        self.put_with_writer(expected, data, write_and_sync)
+    }
+
+    /// `put` with the step that fills the temp file passed in, so tests can make it fail the way a
+    /// full disk does without needing a full disk.
+    fn put_with_writer(
+        &self,
+        expected: &ChunkHash,
+        data: &[u8],
+        fill_temp_file: impl FnOnce(&mut File, &[u8]) -> io::Result<()>,
+    ) -> Result<(), ChunkError> {
+        if data.len() > self.max_chunk_bytes {
+            return Err(ChunkError::TooLarge { len: data.len(), max: self.max_chunk_bytes });
+        }
+        let actual = hash_chunk(data);
+        if actual != *expected {
+            return Err(ChunkError::HashMismatch { expected: to_hex(expected), actual: to_hex(&actual) });
+        }
+
+        let final_path = self.path_of(expected);
+        let _hash_guard = self.lock_hash(expected);
+        self.ensure_leaf_dir(expected)?;
+
+        let replaced_len = match existing_copy(&final_path, data)? {
+            ExistingCopy::Good(file) => {
+                // fsync (file and directory) even though nothing is written: the copy may have been
+                // renamed into place by a put that crashed, or failed, before its directory fsync.
+                // That put was never acknowledged; this one will be, so make the copy durable now.
+                // Both fsyncs are cheap when nothing is dirty.
+                file.sync_all().map_err(|e| ChunkError::from_io(e, "syncing existing chunk", &final_path))?;
+                return self.sync_leaf_dir(&final_path);
+            }
+            ExistingCopy::Absent => None,
+            ExistingCopy::Bad { len } => Some(len),
+        };
+
+        let temp_path = self.temp_path(expected);
+        if let Err(error) = write_temp_and_rename(&temp_path, &final_path, data, fill_temp_file) {
+            // The rename did not happen, so the temp file (if it was created) is still there. A
+            // failed removal is left to the next open, which empties tmp/.
+            let _ = fs::remove_file(&temp_path);
+            return Err(error);
+        }
+        // The temp file's removal from tmp/ needs no fsync: if a crash resurrects it, the next open
+        // deletes it.
+
+        let new_len = data.len() as u64;
+        match replaced_len {
+            None => {
+                self.chunk_count.fetch_add(1, Ordering::Relaxed);
+                self.chunk_bytes.fetch_add(new_len, Ordering::Relaxed);
+            }
+            Some(old_len) => {
+                // Add before subtracting so the counter does not dip below zero in between.
+                self.chunk_bytes.fetch_add(new_len, Ordering::Relaxed);
+                saturating_sub(&self.chunk_bytes, old_len);
+            }
+        }
+
+        // fsync the directory: the rename is only a change to the directory, and until the
+        // directory is on disk a crash can undo it, losing a chunk we are about to acknowledge.
+        self.sync_leaf_dir(&final_path)
+    }
+
+    /// Reads a chunk and checks that its bytes hash to its name. `Corrupt` if they do not: the
+    /// caller should quarantine this copy and read another replica. Memory use is the file's size,
+    /// which `put` bounded by `max_chunk_bytes`.
+    pub fn get(&self, hash: &ChunkHash) -> Result<Vec<u8>, ChunkError> {
+        let path = self.path_of(hash);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Err(ChunkError::NotFound(to_hex(hash))),
+            Err(error) => return Err(ChunkError::from_io(error, "opening chunk", &path)),
+        };
+        // The size is only a capacity hint; clamp it so a nonsense size cannot reserve huge memory.
+        let size_hint = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
+        let capacity = usize::try_from(size_hint).unwrap_or(usize::MAX).min(self.max_chunk_bytes);
+        let mut data = Vec::with_capacity(capacity);
+        file.read_to_end(&mut data).map_err(|e| ChunkError::from_io(e, "reading chunk", &path))?;
+
+        let actual = hash_chunk(&data);
+        if actual != *hash {
+            return Err(ChunkError::Corrupt { hash: to_hex(hash), actual: to_hex(&actual) });
+        }
+        Ok(data)
+    }
+
+    /// Whether a chunk file with this name exists. Presence only: the bytes are not verified.
+    pub fn contains(&self, hash: &ChunkHash) -> bool {
+        fs::symlink_metadata(self.path_of(hash)).is_ok_and(|metadata| metadata.is_file())
+    }
+
+    /// Deletes a chunk; `Ok(false)` if it was not there. The caller (the garbage collector) has
+    /// already decided, through Raft, that no file version references it.
+    ///
+    /// No fsync of the directory: if a crash undoes the unlink, the chunk comes back as an
+    /// unreferenced orphan. That wastes space until the next GC or reconcile pass deletes it again,
+    /// but loses nothing and is never served (the metadata no longer lists this node for it), so
+    /// the fsync would buy nothing worth a disk flush per deleted chunk.
+    pub fn delete(&self, hash: &ChunkHash) -> Result<bool, ChunkError> {
+        let path = self.path_of(hash);
+        let _hash_guard = self.lock_hash(hash);
+        let Some(len) = chunk_file_len(&path)? else {
+            return Ok(false);
+        };
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(error) => return Err(ChunkError::from_io(error, "deleting chunk", &path)),
+        }
+        saturating_sub(&self.chunk_count, 1);
+        saturating_sub(&self.chunk_bytes, len);
+        Ok(true)
+    }
+
+    /// Moves a bad chunk aside to `root/quarantine/<hex>.<n>` (the first unused `n`), so it is never
+    /// served again but is kept for inspection. `NotFound` if there is no such chunk.
+    ///
+    /// No fsync: if a crash undoes the move, the corrupt copy is back under its name, where every
+    /// `get` verifies it, reports `Corrupt` and has it quarantined again. Nothing bad is served,
+    /// so the flush would buy nothing.
+    pub fn quarantine(&self, hash: &ChunkHash) -> Result<(), ChunkError> {
+        let path = self.path_of(hash);
+        let hex = to_hex(hash);
+        let _hash_guard = self.lock_hash(hash);
+        let Some(len) = chunk_file_len(&path)? else {
+            return Err(ChunkError::NotFound(hex));
+        };
+
+        // Quarantine names embed the hash, so the hash lock also keeps two quarantines from
+        // picking the same free name.
+        let mut destination = None;
+        for copy_idx in 0..QUARANTINED_COPIES_PER_HASH_MAX {
+            let candidate = self.quarantine_dir.join(format!("{hex}.{copy_idx}"));
+            match fs::symlink_metadata(&candidate) {
+                Ok(_) => continue,
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                    destination = Some(candidate);
+                    break;
+                }
+                Err(error) => return Err(ChunkError::from_io(error, "checking quarantine name", &candidate)),
+            }
+        }
+        let Some(destination) = destination else {
+            return Err(ChunkError::Io {
+                context: format!(
+                    "chunk {hex} already has {QUARANTINED_COPIES_PER_HASH_MAX} quarantined copies in {}",
+                    self.quarantine_dir.display()
+                ),
+                source: io::Error::other("too many quarantined copies"),
+            });
+        };
+
+        match fs::rename(&path, &destination) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Err(ChunkError::NotFound(hex)),
+            Err(error) => return Err(ChunkError::from_io(error, "quarantining chunk", &path)),
+        }
+        saturating_sub(&self.chunk_count, 1);
+        saturating_sub(&self.chunk_bytes, len);
+        Ok(())
+    }
+
+    /// Every stored chunk, sorted by hash (so a scrubber can resume from a hash). Files that are
+    /// not chunks (wrong names, wrong directory, not regular files) are skipped, not reported.
+    pub fn list(&self) -> Result<Vec<ChunkHash>, ChunkError> {
+        let mut hashes = Vec::new();
+        self.for_each_chunk(|hash, _| {
+            hashes.push(hash);
+            Ok(())
+        })?;
+        hashes.sort_unstable();
+        Ok(hashes)
+    }
+
+    /// Chunk count and bytes, kept up to date by every call rather than by scanning. The two
+    /// numbers are read separately, so under concurrent writes they may be from slightly
+    /// different moments.
+    ///
+    /// `chunk_bytes` adds a file's size when the store writes or counts it and subtracts the size
+    /// it has when the store removes or replaces it. The two differ only if something outside the
+    /// store changed the file's length (corruption by truncation, say); `chunk_bytes` is then off by
+    /// that difference (never below zero) until the next `open` counts again. Tracking every
+    /// chunk's size in memory would make it exact at tens of bytes per chunk, which is not worth it
+    /// for a number used for capacity reports.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            chunk_count: self.chunk_count.load(Ordering::Relaxed),
+            chunk_bytes: self.chunk_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Where the chunk's file lives (or would live): `root/chunks/<2 hex>/<2 hex>/<64 hex>`.
+    pub fn path_of(&self, hash: &ChunkHash) -> PathBuf {
+        let hex = to_hex(hash);
+        self.chunks_dir.join(&hex[0..2]).join(&hex[2..4]).join(hex)
+    }
+
+    fn lock_hash(&self, hash: &ChunkHash) -> MutexGuard<'_, ()> {
+        let idx = usize::from(hash[31]) % HASH_LOCK_COUNT;
+        // The mutex guards no data, only ordering, so a panic in another holder leaves nothing
+        // inconsistent behind: ignore poisoning.
+        self.hash_locks[idx].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn temp_path(&self, hash: &ChunkHash) -> PathBuf {
+        let counter = self.temp_file_counter.fetch_add(1, Ordering::Relaxed);
+        self.tmp_dir.join(format!("{}.{}.{counter}.tmp", to_hex(hash), std::process::id()))
+    }
+
+    /// Makes sure `chunks/<2 hex>/<2 hex>` exists and is durable, at most once per directory per
+    /// process.
+    fn ensure_leaf_dir(&self, hash: &ChunkHash) -> Result<(), ChunkError> {
+        let leaf_idx = usize::from(hash[0]) << 8 | usize::from(hash[1]);
+        let (word, bit) = (&self.leaf_dirs_durable[leaf_idx / 64], 1u64 << (leaf_idx % 64));
+        if word.load(Ordering::Acquire) & bit != 0 {
+            return Ok(());
+        }
+        let _creation_guard = self.leaf_dir_creation.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if word.load(Ordering::Acquire) & bit != 0 {
+            return Ok(());
+        }
+        let hex = to_hex(hash);
+        let level1_dir = self.chunks_dir.join(&hex[0..2]);
+        let leaf_dir = level1_dir.join(&hex[2..4]);
+        create_dir_if_missing(&level1_dir)?;
+        // fsync the parents even when the directories already existed: a process that crashed
+        // between creating one and fsyncing its parent left it on disk only in the page cache.
+        // Chunks renamed into a directory whose own entry is lost are lost with it.
+        sync_dir(&self.chunks_dir)?;
+        create_dir_if_missing(&leaf_dir)?;
+        sync_dir(&level1_dir)?;
+        word.fetch_or(bit, Ordering::Release);
+        Ok(())
+    }
+
+    fn sync_leaf_dir(&self, chunk_path: &Path) -> Result<(), ChunkError> {
+        match chunk_path.parent() {
+            Some(leaf_dir) => sync_dir(leaf_dir),
+            None => Ok(()),
+        }
+    }
+
+    /// Calls `visit` for every well-formed chunk file: `chunks/<2 hex>/<2 hex>/<64 hex>` in
+    /// lowercase, in the directories its hash names, and a regular file. Everything else is junk
+    /// and skipped.
+    fn for_each_chunk(
+        &self,
+        mut visit: impl FnMut(ChunkHash, &fs::DirEntry) -> Result<(), ChunkError>,
+    ) -> Result<(), ChunkError> {
+        for level1 in read_dir(&self.chunks_dir)? {
+            let level1 = level1.map_err(|e| ChunkError::from_io(e, "listing", &self.chunks_dir))?;
+            let Some(byte0) = level1.file_name().to_str().and_then(from_canonical_hex_byte) else { continue };
+            if !level1.file_type().is_ok_and(|file_type| file_type.is_dir()) {
+                continue;
+            }
+            let level1_path = level1.path();
+            for level2 in read_dir(&level1_path)? {
+                let level2 = level2.map_err(|e| ChunkError::from_io(e, "listing", &level1_path))?;
+                let Some(byte1) = level2.file_name().to_str().and_then(from_canonical_hex_byte) else { continue };
+                if !level2.file_type().is_ok_and(|file_type| file_type.is_dir()) {
+                    continue;
+                }
+                let level2_path = level2.path();
+                for leaf in read_dir(&level2_path)? {
+                    let leaf = leaf.map_err(|e| ChunkError::from_io(e, "listing", &level2_path))?;
+                    let Some(hash) = leaf.file_name().to_str().and_then(from_canonical_hex) else { continue };
+                    if hash[0] != byte0 || hash[1] != byte1 {
+                        continue;
+                    }
+                    if !leaf.file_type().is_ok_and(|file_type| file_type.is_file()) {
+                        continue;
+                    }
+                    visit(hash, &leaf)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The default way to fill a temp file: write the bytes, then fsync them.
+fn write_and_sync(file: &mut File, data: &[u8]) -> io::Result<()> {
+    file.write_all(data)?;
+    // fsync before the rename: otherwise the rename can reach the disk before the data does, and a
+    // crash leaves a chunk's name over empty or partial contents (ext4 and xfs both allow this).
+    // sync_all rather than sync_data only for plainness: a new file's size must be flushed anyway.
+    file.sync_all()
+}
+
+fn write_temp_and_rename(
+    temp_path: &Path,
+    final_path: &Path,
+    data: &[u8],
+    fill_temp_file: impl FnOnce(&mut File, &[u8]) -> io::Result<()>,
+) -> Result<(), ChunkError> {
+    let mut temp_file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(temp_path)
+        .map_err(|e| ChunkError::from_io(e, "creating temp file", temp_path))?;
+    fill_temp_file(&mut temp_file, data).map_err(|e| ChunkError::from_io(e, "writing temp file", temp_path))?;
+    drop(temp_file);
+    // tmp/ and chunks/ are on one filesystem (both under root), so this is atomic, and it replaces
+    // a corrupt copy in the same step.
+    fs::rename(temp_path, final_path).map_err(|e| ChunkError::from_io(e, "renaming temp file to", final_path))
+}
+
+/// Whether the file at `path` holds exactly `data`. Reads in bounded pieces rather than loading
+/// the whole copy next to `data`.
+fn existing_copy(path: &Path, data: &[u8]) -> Result<ExistingCopy, ChunkError> {
+    let Some(len) = chunk_file_len(path)? else {
+        if path.symlink_metadata().is_ok() {
+            return Err(ChunkError::Io {
+                context: format!("something other than a chunk file is in the way at {}", path.display()),
+                source: io::Error::from(io::ErrorKind::AlreadyExists),
+            });
+        }
+        return Ok(ExistingCopy::Absent);
+    };
+    if len != data.len() as u64 {
+        return Ok(ExistingCopy::Bad { len });
+    }
+    // Any failure to read the existing copy makes it bad, not the put: writing a fresh copy over
+    // an unreadable one (e.g. a media error) is exactly the repair wanted.
+    let Ok(mut file) = File::open(path) else {
+        return Ok(ExistingCopy::Bad { len });
+    };
+    let mut buffer = vec![0u8; COMPARE_BUFFER_BYTES.min(data.len().max(1))];
+    let mut remaining = data;
+    loop {
+        match file.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n_read) => match remaining.strip_prefix(&buffer[..n_read]) {
+                Some(rest) => remaining = rest,
+                // Different bytes, or more of them than expected (the file grew since the stat).
+                None => return Ok(ExistingCopy::Bad { len }),
+            },
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => return Ok(ExistingCopy::Bad { len }),
+        }
+    }
+    if remaining.is_empty() {
+        Ok(ExistingCopy::Good(file))
+    } else {
+        Ok(ExistingCopy::Bad { len })
+    }
+}
+
+/// Size of the regular file at `path`; `None` if nothing (or something other than a regular
+/// file) is there.
+fn chunk_file_len(path: &Path) -> Result<Option<u64>, ChunkError> {
+    match fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.is_file() => Ok(Some(metadata.len())),
+        Ok(_) => Ok(None),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(ChunkError::from_io(error, "checking chunk", path)),
+    }
+}
+
+/// Subtracts without wrapping below zero: a counter that drifted low (see `stats`) must not turn
+/// into a huge number.
+fn saturating_sub(counter: &AtomicU64, amount: u64) {
+    let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |value| Some(value.saturating_sub(amount)));
+}
+
+fn create_dir_if_missing(dir: &Path) -> Result<(), ChunkError> {
+    match fs::create_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        Err(error) => Err(ChunkError::from_io(error, "creating directory", dir)),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), ChunkError> {
+    File::open(dir).and_then(|handle| handle.sync_all()).map_err(|e| ChunkError::from_io(e, "syncing directory", dir))
+}
+
+fn read_dir(dir: &Path) -> Result<fs::ReadDir, ChunkError> {
+    fs::read_dir(dir).map_err(|e| ChunkError::from_io(e, "listing", dir))
+}
+
+/// Deletes every regular file in `tmp/`: each is a put that never returned, so no caller was told
+/// it succeeded. No fsync afterwards: a deletion a crash undoes is redone at the next open.
+fn remove_temp_files(tmp_dir: &Path) -> Result<(), ChunkError> {
+    for entry in read_dir(tmp_dir)? {
+        let entry = entry.map_err(|e| ChunkError::from_io(e, "listing", tmp_dir))?;
+        // Only files: the store never makes directories here, so a directory is not ours to delete.
+        if entry.file_type().is_ok_and(|file_type| !file_type.is_dir()) {
+            let path = entry.path();
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(ChunkError::from_io(error, "removing leftover temp file", &path)),
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_store(dir: &tempfile::TempDir) -> ChunkStore {
+        ChunkStore::open(dir.path(), 1 << 20).expect("open store")
+    }
+
+    fn tmp_is_empty(dir: &tempfile::TempDir) -> bool {
+        fs::read_dir(dir.path().join("tmp")).expect("read tmp").next().is_none()
+    }
+
+    /// A real ENOSPC from the kernel: /dev/full fails every write with it.
+    fn write_to_dev_full(_: &mut File, data: &[u8]) -> io::Result<()> {
+        OpenOptions::new().write(true).open("/dev/full")?.write_all(data)
+    }
+
+    #[test]
+    fn disk_full_while_writing_is_reported_as_disk_full_and_leaves_no_temp_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(&dir);
+        let data = b"this chunk does not fit";
+        let hash = hash_chunk(data);
+
+        let error = store.put_with_writer(&hash, data, write_to_dev_full).expect_err("disk is full");
+
+        assert!(matches!(error, ChunkError::DiskFull { .. }), "got {error:?}");
+        assert!(tmp_is_empty(&dir), "the temp file must be removed");
+        assert!(!store.contains(&hash));
+        assert_eq!(store.stats(), StoreStats::default());
+        // Once space is back, the same put succeeds.
+        store.put(&hash, data).expect("put after space is freed");
+        assert_eq!(store.get(&hash).expect("get"), data);
+    }
+
+    #[test]
+    fn disk_full_while_replacing_a_corrupt_copy_keeps_the_old_file_and_stats() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(&dir);
+        let data = b"good bytes";
+        let hash = hash_chunk(data);
+        store.put(&hash, data).expect("put");
+        fs::write(store.path_of(&hash), b"bad bytes, longer").expect("corrupt");
+        let stats_before = store.stats();
+
+        let error = store.put_with_writer(&hash, data, write_to_dev_full).expect_err("disk is full");
+
+        assert!(matches!(error, ChunkError::DiskFull { .. }), "got {error:?}");
+        assert!(tmp_is_empty(&dir));
+        assert!(store.contains(&hash), "the old copy stays until a good one replaces it");
+        assert_eq!(store.stats(), stats_before);
+    }
+
+    #[test]
+    fn quota_exceeded_is_disk_full_and_other_errors_are_io() {
+        let path = Path::new("/x");
+        let quota = ChunkError::from_io(io::Error::from(io::ErrorKind::QuotaExceeded), "writing", path);
+        assert!(matches!(quota, ChunkError::DiskFull { .. }));
+        let denied = ChunkError::from_io(io::Error::from(io::ErrorKind::PermissionDenied), "writing", path);
+        assert!(matches!(denied, ChunkError::Io { .. }));
+    }
+
+    #[test]
+    fn a_directory_in_tmp_is_left_alone_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        drop(open_store(&dir));
+        fs::create_dir(dir.path().join("tmp").join("not-ours")).expect("mkdir");
+        drop(open_store(&dir));
+        assert!(dir.path().join("tmp").join("not-ours").is_dir());
+    }
+}

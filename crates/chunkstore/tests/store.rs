@@ -1,0 +1,433 @@
+//! The chunk store through its public API, on a real filesystem in a temp directory.
+
+use std::collections::HashSet;
+use std::fs;
+use std::path::Path;
+use std::sync::Arc;
+
+use mendfs_chunkstore::{from_hex, hash_chunk, to_hex, ChunkError, ChunkHash, ChunkStore, StoreStats};
+use proptest::prelude::*;
+
+const MAX_CHUNK_BYTES: usize = 64 * 1024;
+
+fn open(dir: &Path) -> ChunkStore {
+    ChunkStore::open(dir, MAX_CHUNK_BYTES).expect("open store")
+}
+
+fn put(store: &ChunkStore, data: &[u8]) -> ChunkHash {
+    let hash = hash_chunk(data);
+    store.put(&hash, data).expect("put");
+    hash
+}
+
+fn flip_byte(path: &Path, idx: usize) {
+    let mut bytes = fs::read(path).expect("read chunk file");
+    bytes[idx] ^= 0x01;
+    fs::write(path, bytes).expect("write chunk file");
+}
+
+fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .expect("read_dir")
+        .map(|entry| entry.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn put_then_get_round_trips_and_uses_the_documented_layout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = b"hello, chunk".to_vec();
+    let hash = put(&store, &data);
+
+    assert_eq!(store.get(&hash).expect("get"), data);
+    assert!(store.contains(&hash));
+    let hex = to_hex(&hash);
+    assert_eq!(store.path_of(&hash), dir.path().join("chunks").join(&hex[0..2]).join(&hex[2..4]).join(&hex));
+    assert_eq!(fs::read(store.path_of(&hash)).expect("raw file"), data);
+    assert_eq!(store.stats(), StoreStats { chunk_count: 1, chunk_bytes: data.len() as u64 });
+    assert!(dir_entries(&dir.path().join("tmp")).is_empty(), "no temp file left after a put");
+}
+
+#[test]
+fn putting_the_same_chunk_twice_stores_it_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = vec![7u8; 1000];
+    let hash = put(&store, &data);
+    let modified_before = fs::metadata(store.path_of(&hash)).expect("metadata").modified().expect("mtime");
+
+    store.put(&hash, &data).expect("second put");
+
+    assert_eq!(store.stats(), StoreStats { chunk_count: 1, chunk_bytes: 1000 });
+    assert_eq!(store.list().expect("list"), vec![hash]);
+    let modified_after = fs::metadata(store.path_of(&hash)).expect("metadata").modified().expect("mtime");
+    assert_eq!(modified_before, modified_after, "a good copy must not be rewritten");
+}
+
+#[test]
+fn put_with_a_wrong_hash_is_refused_and_stores_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let claimed = hash_chunk(b"what the caller meant");
+
+    let error = store.put(&claimed, b"what the caller sent").expect_err("mismatch");
+
+    match error {
+        ChunkError::HashMismatch { expected, actual } => {
+            assert_eq!(expected, to_hex(&claimed));
+            assert_eq!(actual, to_hex(&hash_chunk(b"what the caller sent")));
+        }
+        other => panic!("expected HashMismatch, got {other:?}"),
+    }
+    assert!(!store.contains(&claimed));
+    assert!(!store.contains(&hash_chunk(b"what the caller sent")));
+    assert_eq!(store.stats(), StoreStats::default());
+    assert!(store.list().expect("list").is_empty());
+}
+
+#[test]
+fn get_of_a_flipped_byte_reports_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let hash = put(&store, b"some bytes that will rot");
+    flip_byte(&store.path_of(&hash), 5);
+
+    match store.get(&hash).expect_err("corrupt") {
+        ChunkError::Corrupt { hash: named, actual } => {
+            assert_eq!(named, to_hex(&hash));
+            assert_ne!(actual, named);
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn get_of_a_truncated_or_emptied_file_reports_corrupt() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let hash = put(&store, b"0123456789");
+    fs::write(store.path_of(&hash), b"01234").expect("truncate");
+    assert!(matches!(store.get(&hash), Err(ChunkError::Corrupt { .. })));
+    fs::write(store.path_of(&hash), b"").expect("empty");
+    assert!(matches!(store.get(&hash), Err(ChunkError::Corrupt { .. })));
+}
+
+#[test]
+fn get_of_a_missing_chunk_is_not_found() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let hash = hash_chunk(b"never stored");
+    match store.get(&hash) {
+        Err(ChunkError::NotFound(hex)) => assert_eq!(hex, to_hex(&hash)),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    assert!(!store.contains(&hash));
+}
+
+#[test]
+fn quarantine_moves_the_bad_copy_aside_and_keeps_every_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = b"chunk that goes bad twice";
+    let hash = put(&store, data);
+    flip_byte(&store.path_of(&hash), 0);
+    let bad_bytes = fs::read(store.path_of(&hash)).expect("read");
+
+    store.quarantine(&hash).expect("quarantine");
+
+    assert!(!store.contains(&hash));
+    assert!(matches!(store.get(&hash), Err(ChunkError::NotFound(_))));
+    assert_eq!(store.stats(), StoreStats::default());
+    assert!(store.list().expect("list").is_empty());
+    let hex = to_hex(&hash);
+    let quarantine_dir = dir.path().join("quarantine");
+    assert_eq!(dir_entries(&quarantine_dir), vec![format!("{hex}.0")]);
+    assert_eq!(fs::read(quarantine_dir.join(format!("{hex}.0"))).expect("read"), bad_bytes);
+
+    // A second bad copy of the same chunk gets the next number instead of overwriting the first.
+    put(&store, data);
+    flip_byte(&store.path_of(&hash), 1);
+    store.quarantine(&hash).expect("quarantine again");
+    assert_eq!(dir_entries(&quarantine_dir), vec![format!("{hex}.0"), format!("{hex}.1")]);
+
+    // Quarantined copies survive a reopen and are not counted as chunks.
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.stats(), StoreStats::default());
+    assert!(matches!(store.quarantine(&hash), Err(ChunkError::NotFound(_))));
+}
+
+#[test]
+fn put_replaces_a_corrupt_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = b"the real contents".to_vec();
+    let hash = put(&store, &data);
+    flip_byte(&store.path_of(&hash), 3);
+
+    store.put(&hash, &data).expect("put over a corrupt copy");
+
+    assert_eq!(store.get(&hash).expect("get"), data);
+    assert_eq!(store.stats(), StoreStats { chunk_count: 1, chunk_bytes: data.len() as u64 });
+}
+
+#[test]
+fn put_replaces_a_corrupt_copy_of_another_length_and_reopen_recounts_exactly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = b"the real contents".to_vec();
+    let hash = put(&store, &data);
+    let other = put(&store, &[9u8; 4000]);
+
+    for corruption in [b"short".to_vec(), vec![0u8; 3000], Vec::new()] {
+        fs::write(store.path_of(&hash), &corruption).expect("corrupt");
+        store.put(&hash, &data).expect("put over a corrupt copy");
+        assert_eq!(store.get(&hash).expect("get"), data);
+        assert_eq!(store.get(&other).expect("get"), vec![9u8; 4000]);
+        // chunk_bytes may drift by the length change made behind the store's back (see
+        // `ChunkStore::stats`), but the count is exact.
+        assert_eq!(store.stats().chunk_count, 2);
+    }
+
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(store.stats(), StoreStats { chunk_count: 2, chunk_bytes: data.len() as u64 + 4000 });
+}
+
+#[test]
+fn delete_removes_the_chunk_and_reports_whether_it_was_there() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let kept = put(&store, b"kept");
+    let deleted = put(&store, b"deleted");
+
+    assert!(store.delete(&deleted).expect("delete"));
+    assert!(!store.delete(&deleted).expect("delete again"), "second delete finds nothing");
+
+    assert!(!store.contains(&deleted));
+    assert!(matches!(store.get(&deleted), Err(ChunkError::NotFound(_))));
+    assert_eq!(store.get(&kept).expect("get"), b"kept");
+    assert_eq!(store.list().expect("list"), vec![kept]);
+    assert_eq!(store.stats(), StoreStats { chunk_count: 1, chunk_bytes: 4 });
+}
+
+#[test]
+fn leftover_temp_files_are_removed_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let hash = {
+        let store = open(dir.path());
+        put(&store, b"survivor")
+    };
+    let tmp = dir.path().join("tmp");
+    fs::write(tmp.join(format!("{}.1234.0.tmp", to_hex(&hash))), b"half a chu").expect("leftover");
+    fs::write(tmp.join("anything-else"), b"junk").expect("leftover");
+
+    let store = open(dir.path());
+
+    assert!(dir_entries(&tmp).is_empty());
+    assert_eq!(store.get(&hash).expect("get"), b"survivor");
+    assert_eq!(store.stats(), StoreStats { chunk_count: 1, chunk_bytes: 8 });
+}
+
+#[test]
+fn open_counts_existing_chunks_and_skips_junk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = {
+        let store = open(dir.path());
+        (put(&store, b"aaaa"), put(&store, b"bbbbbbbb"))
+    };
+    let chunks = dir.path().join("chunks");
+    let a_path = {
+        let hex = to_hex(&a);
+        chunks.join(&hex[0..2]).join(&hex[2..4])
+    };
+    // Junk that must not count as chunks: a stray file, an uppercase name, a hash in the wrong
+    // directory, a non-hex directory, and a directory named like a chunk.
+    fs::write(a_path.join("notes.txt"), b"x").expect("junk");
+    fs::write(a_path.join(to_hex(&a).to_uppercase()), b"x").expect("junk");
+    fs::write(a_path.join(to_hex(&hash_chunk(b"elsewhere"))), b"x").expect("junk");
+    fs::create_dir_all(chunks.join("zz").join("00")).expect("junk dir");
+    fs::write(chunks.join("zz").join("00").join(to_hex(&hash_chunk(b"zz"))), b"x").expect("junk");
+    fs::write(chunks.join("README"), b"x").expect("junk");
+    fs::create_dir(a_path.join(to_hex(&hash_chunk(b"dir")))).ok();
+
+    let store = open(dir.path());
+
+    let mut expected = vec![a, b];
+    expected.sort();
+    assert_eq!(store.list().expect("list"), expected);
+    assert_eq!(store.stats(), StoreStats { chunk_count: 2, chunk_bytes: 12 });
+}
+
+#[test]
+fn a_second_open_of_the_same_root_is_refused_until_the_first_is_dropped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let first = open(dir.path());
+    assert!(matches!(ChunkStore::open(dir.path(), MAX_CHUNK_BYTES), Err(ChunkError::Io { .. })));
+    drop(first);
+    open(dir.path());
+}
+
+#[test]
+fn chunks_larger_than_the_limit_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let at_limit = vec![1u8; MAX_CHUNK_BYTES];
+    let over_limit = vec![1u8; MAX_CHUNK_BYTES + 1];
+
+    put(&store, &at_limit);
+    match store.put(&hash_chunk(&over_limit), &over_limit) {
+        Err(ChunkError::TooLarge { len, max }) => assert_eq!((len, max), (MAX_CHUNK_BYTES + 1, MAX_CHUNK_BYTES)),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    assert!(!store.contains(&hash_chunk(&over_limit)));
+    assert_eq!(store.stats().chunk_count, 1);
+}
+
+#[test]
+fn the_empty_chunk_is_a_valid_chunk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let hash = put(&store, b"");
+    store.put(&hash, b"").expect("idempotent put of the empty chunk");
+
+    assert_eq!(store.get(&hash).expect("get"), Vec::<u8>::new());
+    assert_eq!(store.list().expect("list"), vec![hash]);
+    assert_eq!(store.stats(), StoreStats { chunk_count: 1, chunk_bytes: 0 });
+
+    // An empty chunk that gained bytes is corrupt, and put repairs it.
+    fs::write(store.path_of(&hash), b"x").expect("corrupt");
+    assert!(matches!(store.get(&hash), Err(ChunkError::Corrupt { .. })));
+    store.put(&hash, b"").expect("repair");
+    assert_eq!(store.get(&hash).expect("get"), Vec::<u8>::new());
+    assert_eq!(store.stats().chunk_count, 1);
+    drop(store);
+    assert_eq!(open(dir.path()).stats(), StoreStats { chunk_count: 1, chunk_bytes: 0 });
+}
+
+#[test]
+fn hex_helpers_round_trip_and_reject_garbage() {
+    let hash = hash_chunk(b"name me");
+    assert_eq!(from_hex(&to_hex(&hash)).expect("round trip"), hash);
+    assert!(matches!(from_hex("not a hash"), Err(ChunkError::InvalidHash { .. })));
+}
+
+#[test]
+fn concurrent_puts_of_the_same_and_different_chunks_count_each_chunk_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(open(dir.path()));
+    let chunks: Vec<Vec<u8>> = (0..16u8).map(|idx| vec![idx; 100 + usize::from(idx)]).collect();
+
+    std::thread::scope(|scope| {
+        for _ in 0..8 {
+            let store = Arc::clone(&store);
+            let chunks = &chunks;
+            scope.spawn(move || {
+                for data in chunks {
+                    store.put(&hash_chunk(data), data).expect("put");
+                }
+            });
+        }
+    });
+
+    let expected_bytes: u64 = chunks.iter().map(|data| data.len() as u64).sum();
+    assert_eq!(store.stats(), StoreStats { chunk_count: 16, chunk_bytes: expected_bytes });
+    assert_eq!(store.list().expect("list").len(), 16);
+}
+
+#[test]
+fn the_store_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<ChunkStore>();
+    assert_send_sync::<ChunkError>();
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Put(usize),
+    Delete(usize),
+    CorruptAndQuarantine(usize),
+    Reopen,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..CONTENTS.len()).prop_map(Op::Put),
+        3 => (0..CONTENTS.len()).prop_map(Op::Delete),
+        1 => (0..CONTENTS.len()).prop_map(Op::CorruptAndQuarantine),
+        1 => Just(Op::Reopen),
+    ]
+}
+
+const CONTENTS: [&[u8]; 6] = [b"", b"a", b"bb", b"ccccccccccc", b"the quick brown fox", &[0xff; 300]];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// After any sequence of puts, deletes, quarantines and reopens, `list`, `contains` and the
+    /// incrementally kept `stats` agree with a model set, and with a fresh count at reopen.
+    #[test]
+    fn list_and_stats_follow_a_model_set(ops in proptest::collection::vec(op_strategy(), 1..40)) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = open(dir.path());
+        let mut model: HashSet<usize> = HashSet::new();
+
+        for op in ops {
+            match op {
+                Op::Put(idx) => {
+                    put(&store, CONTENTS[idx]);
+                    model.insert(idx);
+                }
+                Op::Delete(idx) => {
+                    let existed = store.delete(&hash_chunk(CONTENTS[idx])).expect("delete");
+                    prop_assert_eq!(existed, model.remove(&idx));
+                }
+                Op::CorruptAndQuarantine(idx) => {
+                    let hash = hash_chunk(CONTENTS[idx]);
+                    if model.remove(&idx) {
+                        // Rot that keeps the length, so the byte counter stays exact (see
+                        // `ChunkStore::stats`). The empty chunk cannot rot in place; it is
+                        // quarantined as it is.
+                        if !CONTENTS[idx].is_empty() {
+                            flip_byte(&store.path_of(&hash), 0);
+                            prop_assert!(
+                                matches!(store.get(&hash), Err(ChunkError::Corrupt { .. })),
+                                "a rotted copy must not be served"
+                            );
+                        }
+                        store.quarantine(&hash).expect("quarantine");
+                    } else {
+                        prop_assert!(matches!(store.quarantine(&hash), Err(ChunkError::NotFound(_))));
+                    }
+                }
+                Op::Reopen => {
+                    drop(store);
+                    store = open(dir.path());
+                }
+            }
+
+            let mut expected: Vec<ChunkHash> = model.iter().map(|&idx| hash_chunk(CONTENTS[idx])).collect();
+            expected.sort();
+            prop_assert_eq!(store.list().expect("list"), expected);
+            let expected_stats = StoreStats {
+                chunk_count: model.len() as u64,
+                chunk_bytes: model.iter().map(|&idx| CONTENTS[idx].len() as u64).sum(),
+            };
+            prop_assert_eq!(store.stats(), expected_stats);
+            for (idx, data) in CONTENTS.iter().enumerate() {
+                prop_assert_eq!(store.contains(&hash_chunk(data)), model.contains(&idx));
+            }
+        }
+
+        drop(store);
+        let reopened = open(dir.path());
+        let expected_stats = StoreStats {
+            chunk_count: model.len() as u64,
+            chunk_bytes: model.iter().map(|&idx| CONTENTS[idx].len() as u64).sum(),
+        };
+        prop_assert_eq!(reopened.stats(), expected_stats, "a fresh count at open matches the model");
+    }
+}

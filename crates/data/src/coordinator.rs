@@ -1,0 +1,424 @@
+//! The `Files` service: two-phase writes, verified reads, and the file namespace calls.
+//!
+//! Write: the upload is cut into chunks; each chunk is prepared on `replication_factor` nodes
+//! chosen by the ring (fsynced there before they answer); a node that fails is replaced by the
+//! ring's next choice (the commit records where the copies really are, so a write survives a
+//! dead replica without losing redundancy). Only when every chunk has all its copies does one
+//! Raft entry commit the file. A failure before that leaves the previous version untouched; the
+//! prepared copies become orphans that `gc` collects after the grace period.
+//!
+//! Read: the file's chunk list and replica lists come from a linearizable read; each chunk is
+//! fetched from its replicas in turn (this node first), its hash checked, and a replica that
+//! answers "missing" or "corrupt" is reported so the chunk map stops listing it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::stream::FuturesOrdered;
+use futures::{Stream, StreamExt};
+use mendfs_meta::files::{CommitFile, CommittedChunk, StorageNode};
+use mendfs_meta::network::PeerInterceptor;
+use mendfs_meta::node::{now_ms, FileView, LeaderRequest, LeaderResponse};
+use mendfs_meta::state::{Command, Outcome};
+use mendfs_meta::MetaNode;
+use mendfs_proto::v1 as pb;
+use mendfs_proto::v1::files_server::Files;
+use mendfs_proto::v1::storage_client::StorageClient;
+use mendfs_ring::{Ring, RingNode};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::DataConfig;
+
+/// Chunks being prepared at once per upload: enough to keep replicas busy, few enough that an
+/// upload holds at most this many chunks in memory.
+const CHUNKS_IN_FLIGHT_MAX: usize = 3;
+/// Size of the data messages a read streams back.
+const READ_MESSAGE_BYTES: usize = 1 << 20;
+/// Messages buffered per reader before the coordinator waits for the client.
+const READ_QUEUE_MESSAGES: usize = 8;
+const CHUNK_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+pub const PATH_BYTES_MAX: usize = 4_096;
+
+type StorageRpc = StorageClient<InterceptedService<Channel, PeerInterceptor>>;
+
+/// Checks a file path: absolute, `/`-separated, no empty, `.` or `..` segments, no NUL.
+pub fn validate_path(path: &str) -> Result<(), Status> {
+    let fail = |why: &str| Err(Status::invalid_argument(format!("invalid path {path:?}: {why}")));
+    if path.len() > PATH_BYTES_MAX {
+        return fail(&format!("longer than {PATH_BYTES_MAX} bytes"));
+    }
+    if !path.starts_with('/') || path == "/" {
+        return fail("must start with / and name a file");
+    }
+    if path.contains('\0') {
+        return fail("contains a NUL byte");
+    }
+    for segment in path[1..].split('/') {
+        match segment {
+            "" => return fail("empty segment (// or a trailing /)"),
+            "." | ".." => return fail("contains . or .."),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Clone)]
+pub struct Coordinator {
+    node: MetaNode,
+    config: Arc<DataConfig>,
+}
+
+impl Coordinator {
+    pub fn new(node: MetaNode, config: DataConfig) -> Self {
+        Self { node, config: Arc::new(config) }
+    }
+
+    fn storage(&self, addr: &str) -> Result<StorageRpc, Status> {
+        let channel = self.node.peers.channel(addr).map_err(Status::unavailable)?;
+        Ok(StorageClient::with_interceptor(channel, self.node.peers.interceptor())
+            .max_decoding_message_size(crate::CHUNK_BYTES_MAX + 1024)
+            .max_encoding_message_size(crate::CHUNK_BYTES_MAX + 1024))
+    }
+
+    /// The placement ring over nodes that accept new chunks, and every node's address.
+    fn placement(&self) -> Result<(Ring, HashMap<u64, String>), Status> {
+        let nodes: Vec<StorageNode> = self.node.storage_nodes()?;
+        let addresses = nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
+        let eligible: Vec<RingNode> = nodes
+            .iter()
+            .filter(|n| !n.draining)
+            .map(|n| RingNode { id: n.id, zone: n.zone.clone(), weight: n.weight })
+            .collect();
+        if eligible.len() < self.config.replication_factor {
+            return Err(Status::failed_precondition(format!(
+                "{} storage nodes accept new chunks; {} copies are needed (replication factor)",
+                eligible.len(),
+                self.config.replication_factor
+            )));
+        }
+        Ok((Ring::new(&eligible), addresses))
+    }
+
+    async fn send_prepare(&self, addr: Option<&String>, request: pb::PrepareChunkRequest) -> Result<(), String> {
+        let addr = addr.ok_or("no address known")?;
+        let mut client = self.storage(addr).map_err(|s| s.message().to_string())?;
+        let mut request = Request::new(request);
+        request.set_timeout(CHUNK_RPC_TIMEOUT);
+        match tokio::time::timeout(CHUNK_RPC_TIMEOUT, client.prepare_chunk(request)).await {
+            Err(_) => Err(format!("no answer within {CHUNK_RPC_TIMEOUT:?}")),
+            Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+
+    /// Phase one for one chunk: durable on `replication_factor` distinct nodes, or an error.
+    async fn prepare_chunk(
+        &self,
+        ring: &Ring,
+        addresses: &HashMap<u64, String>,
+        write_id: &[u8],
+        data: Vec<u8>,
+    ) -> Result<CommittedChunk, Status> {
+        let hash = *blake3::hash(&data).as_bytes();
+        let replication_factor = self.config.replication_factor;
+        // Every eligible node in preference order: the first are the chunk's home, the rest
+        // stand in for any that fail.
+        let candidates = ring.place_excluding(&hash, ring.nodes().len(), &BTreeSet::new());
+        let request = pb::PrepareChunkRequest {
+            write_id: write_id.to_vec(),
+            hash: hash.to_vec(),
+            data,
+            grace_ms: self.config.orphan_grace.as_millis() as u64,
+        };
+        let mut stored = Vec::with_capacity(replication_factor);
+        let mut errors = Vec::new();
+        let mut next = 0;
+        while stored.len() < replication_factor {
+            let wanted = replication_factor - stored.len();
+            let batch: Vec<u64> = candidates.iter().skip(next).take(wanted).copied().collect();
+            if batch.is_empty() {
+                return Err(Status::unavailable(format!(
+                    "chunk {} reached only {} of {replication_factor} replicas: {}",
+                    hex(&hash),
+                    stored.len(),
+                    errors.join("; ")
+                )));
+            }
+            next += batch.len();
+            let attempts = batch.iter().map(|id| self.send_prepare(addresses.get(id), request.clone()));
+            for (id, result) in batch.iter().zip(futures::future::join_all(attempts).await) {
+                match result {
+                    Ok(()) => stored.push(*id),
+                    Err(e) => {
+                        tracing::warn!(node = id, chunk = %hex(&hash), "prepare failed, trying another node: {e}");
+                        errors.push(format!("node {id}: {e}"));
+                    }
+                }
+            }
+        }
+        Ok(CommittedChunk { hash: hash.to_vec(), size: request.data.len() as u64, replicas: stored })
+    }
+
+    /// Reads one chunk from the first replica that returns the right bytes.
+    async fn read_chunk(
+        &self,
+        hash: &[u8],
+        replicas: &[u64],
+        addresses: &HashMap<u64, String>,
+    ) -> Result<Vec<u8>, Status> {
+        let mut order: Vec<u64> = replicas.to_vec();
+        // This node first (no network hop), the others in random order to spread load.
+        let me = self.node.config.node_id;
+        {
+            use rand::seq::SliceRandom;
+            order.shuffle(&mut rand::rng());
+        }
+        order.sort_by_key(|id| *id != me);
+        let mut errors = Vec::new();
+        for id in order {
+            let Some(addr) = addresses.get(&id) else {
+                errors.push(format!("node {id}: address unknown"));
+                continue;
+            };
+            let result = async {
+                let mut client = self.storage(addr)?;
+                let mut request = Request::new(pb::ReadChunkRequest { hash: hash.to_vec() });
+                request.set_timeout(CHUNK_RPC_TIMEOUT);
+                tokio::time::timeout(CHUNK_RPC_TIMEOUT, client.read_chunk(request))
+                    .await
+                    .map_err(|_| Status::deadline_exceeded(format!("no answer within {CHUNK_RPC_TIMEOUT:?}")))?
+            }
+            .await;
+            match result {
+                Ok(reply) => {
+                    let data = reply.into_inner().data;
+                    if blake3::hash(&data).as_bytes().as_slice() == hash {
+                        return Ok(data);
+                    }
+                    errors.push(format!("node {id}: bytes do not match the hash"));
+                    self.report_bad_replica(hash, id);
+                }
+                Err(status) => {
+                    errors.push(format!("node {id}: {}", status.message()));
+                    if matches!(status.code(), tonic::Code::NotFound | tonic::Code::DataLoss) {
+                        self.report_bad_replica(hash, id);
+                    }
+                }
+            }
+        }
+        Err(Status::unavailable(format!("no replica of chunk {} could be read: {}", hex(hash), errors.join("; "))))
+    }
+
+    /// Tells the metadata that a replica is missing or corrupt (in the background: the read
+    /// goes on with another copy either way).
+    fn report_bad_replica(&self, hash: &[u8], node_id: u64) {
+        tracing::warn!(node = node_id, chunk = %hex(hash), "bad replica reported");
+        let node = self.node.clone();
+        let hash = hash.to_vec();
+        tokio::spawn(async move {
+            if let Err(e) = node.execute(None, Command::DropReplica { hash, node_id }).await {
+                tracing::warn!("reporting a bad replica: {e}");
+            }
+        });
+    }
+
+    async fn file(&self, path: &str) -> Result<FileView, Status> {
+        match self.node.serve_on_leader(LeaderRequest::GetFile { path: path.to_string() }, false).await? {
+            LeaderResponse::File(Some(file)) => Ok(file),
+            LeaderResponse::File(None) => Err(Status::not_found(format!("file {path} not found"))),
+            other => Err(Status::internal(format!("unexpected answer to a file lookup: {other:?}"))),
+        }
+    }
+
+    async fn receive_upload(&self, mut stream: Streaming<pb::PutFileRequest>) -> Result<pb::PutFileReply, Status> {
+        let header = match stream.message().await? {
+            Some(pb::PutFileRequest { part: Some(pb::put_file_request::Part::Header(header)) }) => header,
+            _ => return Err(Status::invalid_argument("an upload starts with a header message")),
+        };
+        validate_path(&header.path)?;
+        let (ring, addresses) = self.placement()?;
+        let write_id: [u8; 16] = rand::random();
+        let prepared_at_ms = now_ms();
+        let chunk_size = self.config.chunk_size_bytes;
+        let mut content_hash = blake3::Hasher::new();
+        let mut size = 0u64;
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut in_flight = FuturesOrdered::new();
+        let mut chunks = Vec::new();
+        loop {
+            let data = match stream.message().await {
+                Ok(Some(pb::PutFileRequest { part: Some(pb::put_file_request::Part::Data(data)) })) => data,
+                Ok(Some(_)) => return Err(Status::invalid_argument("only the first upload message may be a header")),
+                Ok(None) => break,
+                Err(status) => {
+                    return Err(Status::aborted(format!(
+                        "the upload stream broke after {size} bytes ({}); nothing was committed",
+                        status.message()
+                    )))
+                }
+            };
+            content_hash.update(&data);
+            size += data.len() as u64;
+            if header.size.is_some_and(|declared| size > declared) {
+                return Err(Status::invalid_argument(format!(
+                    "the upload is longer than its declared {} bytes; nothing was committed",
+                    header.size.unwrap_or(0)
+                )));
+            }
+            buffer.extend_from_slice(&data);
+            while buffer.len() >= chunk_size {
+                let rest = buffer.split_off(chunk_size);
+                let chunk = std::mem::replace(&mut buffer, rest);
+                in_flight.push_back(self.prepare_chunk(&ring, &addresses, &write_id, chunk));
+                if in_flight.len() >= CHUNKS_IN_FLIGHT_MAX {
+                    if let Some(prepared) = in_flight.next().await {
+                        chunks.push(prepared?);
+                    }
+                }
+            }
+        }
+        if let Some(declared) = header.size {
+            if declared != size {
+                return Err(Status::invalid_argument(format!(
+                    "truncated upload: {size} of {declared} declared bytes arrived; nothing was committed"
+                )));
+            }
+        }
+        if !buffer.is_empty() {
+            in_flight.push_back(self.prepare_chunk(&ring, &addresses, &write_id, std::mem::take(&mut buffer)));
+        }
+        while let Some(prepared) = in_flight.next().await {
+            chunks.push(prepared?);
+        }
+        let n_chunks = chunks.len() as u32;
+        let content_hash = content_hash.finalize().as_bytes().to_vec();
+        let commit = CommitFile {
+            path: header.path.clone(),
+            size,
+            mtime_ms: if header.mtime_ms == 0 { now_ms() } else { header.mtime_ms },
+            content_hash: content_hash.clone(),
+            chunks,
+            expected_version: header.expected_version,
+            prepared_at_ms,
+            grace_ms: self.config.orphan_grace.as_millis() as u64,
+        };
+        match self.node.execute(None, Command::CommitFile(commit)).await? {
+            Outcome::FileCommitted { version, .. } => {
+                Ok(pb::PutFileReply { version, size, content_hash, chunks: n_chunks })
+            }
+            other => Err(Status::internal(format!("unexpected commit outcome {other:?}"))),
+        }
+    }
+}
+
+fn file_info(file: &FileView) -> pb::FileInfo {
+    pb::FileInfo {
+        path: file.path.clone(),
+        size: file.record.size,
+        mtime_ms: file.record.mtime_ms,
+        content_hash: file.record.content_hash.clone(),
+        version: file.record.version,
+        chunks: file
+            .record
+            .chunks
+            .iter()
+            .zip(&file.chunk_replicas)
+            .map(|(chunk, replicas)| pb::ChunkInfo {
+                hash: chunk.hash.clone(),
+                size: chunk.size,
+                replicas: replicas.clone(),
+            })
+            .collect(),
+    }
+}
+
+type FileStream = Pin<Box<dyn Stream<Item = Result<pb::GetFileReply, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Files for Coordinator {
+    async fn put(&self, request: Request<Streaming<pb::PutFileRequest>>) -> Result<Response<pb::PutFileReply>, Status> {
+        let reply = self.receive_upload(request.into_inner()).await;
+        if let Err(status) = &reply {
+            tracing::warn!("put failed: {}", status.message());
+        }
+        reply.map(Response::new)
+    }
+
+    type GetStream = FileStream;
+
+    async fn get(&self, request: Request<pb::GetFileRequest>) -> Result<Response<Self::GetStream>, Status> {
+        let path = request.into_inner().path;
+        validate_path(&path)?;
+        let file = self.file(&path).await?;
+        let addresses: HashMap<u64, String> = self.node.storage_nodes()?.into_iter().map(|n| (n.id, n.addr)).collect();
+        let (tx, rx) = mpsc::channel(READ_QUEUE_MESSAGES);
+        let coordinator = self.clone();
+        tokio::spawn(async move {
+            let info = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Info(file_info(&file))) };
+            if tx.send(Ok(info)).await.is_err() {
+                return;
+            }
+            for (chunk, replicas) in file.record.chunks.iter().zip(&file.chunk_replicas) {
+                let data = match coordinator.read_chunk(&chunk.hash, replicas, &addresses).await {
+                    Ok(data) => data,
+                    Err(status) => {
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                };
+                for piece in data.chunks(READ_MESSAGE_BYTES) {
+                    let reply = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(piece.to_vec())) };
+                    if tx.send(Ok(reply)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stat(&self, request: Request<pb::StatFileRequest>) -> Result<Response<pb::FileInfo>, Status> {
+        let path = request.into_inner().path;
+        validate_path(&path)?;
+        Ok(Response::new(file_info(&self.file(&path).await?)))
+    }
+
+    async fn list(&self, request: Request<pb::ListFilesRequest>) -> Result<Response<pb::ListFilesReply>, Status> {
+        let request = request.into_inner();
+        if request.prefix.len() > PATH_BYTES_MAX || request.prefix.contains('\0') {
+            return Err(Status::invalid_argument("the prefix is too long or contains a NUL byte"));
+        }
+        match self
+            .node
+            .serve_on_leader(LeaderRequest::ListFiles { prefix: request.prefix, limit: request.limit }, false)
+            .await?
+        {
+            LeaderResponse::Files { files, truncated } => {
+                Ok(Response::new(pb::ListFilesReply { files: files.iter().map(file_info).collect(), truncated }))
+            }
+            other => Err(Status::internal(format!("unexpected answer to a file listing: {other:?}"))),
+        }
+    }
+
+    async fn delete(&self, request: Request<pb::DeleteFileRequest>) -> Result<Response<pb::DeleteFileReply>, Status> {
+        let request = request.into_inner();
+        validate_path(&request.path)?;
+        let command = Command::DeleteFile { path: request.path, expected_version: request.expected_version };
+        match self.node.execute(None, command).await {
+            Ok(Outcome::Written { revision, .. }) => Ok(Response::new(pb::DeleteFileReply { revision })),
+            Ok(other) => Err(Status::internal(format!("unexpected delete outcome {other:?}"))),
+            Err(e) => Err(Status::from(e)),
+        }
+    }
+}

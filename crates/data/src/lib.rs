@@ -1,0 +1,47 @@
+//! The MendFS data plane, on top of the metadata cluster.
+//!
+//! - `storage`: each node's chunk store behind the `Storage` gRPC service; prepared chunks are
+//!   protected from garbage collection for the write's grace period.
+//! - `coordinator`: the `Files` service. Any node coordinates a write: it cuts the upload into
+//!   chunks, prepares each on its replicas (fsynced there), and only then commits the file's
+//!   metadata through Raft. Reads fetch chunks from recorded replicas, verify their hash, and
+//!   fall back to the next replica on any error.
+//! - `gc`: each storage node deletes copies that no committed file lists on it, after asking
+//!   the leader and only past the grace period.
+
+pub mod coordinator;
+pub mod gc;
+pub mod storage;
+
+use std::time::Duration;
+
+/// Data-plane settings of a node.
+#[derive(Debug, Clone)]
+pub struct DataConfig {
+    pub chunk_size_bytes: usize,
+    pub replication_factor: usize,
+    /// How long prepared chunks are protected from collection, and so how long a write may
+    /// take between its first prepare and its commit. The same on every node.
+    pub orphan_grace: Duration,
+    /// How often a storage node looks for orphaned copies.
+    pub gc_interval: Duration,
+    pub zone: String,
+    pub weight: u32,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            chunk_size_bytes: 4 << 20,
+            replication_factor: 3,
+            orphan_grace: Duration::from_millis(mendfs_meta::files::PREPARE_GRACE_MS),
+            gc_interval: Duration::from_secs(60),
+            zone: "default".into(),
+            weight: 100,
+        }
+    }
+}
+
+/// The largest chunk any node accepts: the chunk size setting may differ between nodes, so
+/// storage accepts up to this and coordinators cut at their own setting.
+pub const CHUNK_BYTES_MAX: usize = 64 << 20;
