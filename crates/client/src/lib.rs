@@ -152,6 +152,11 @@ impl Client {
                 .map_err(|e| Error::Config(format!("bad endpoint {endpoint:?}: {e}")))?
                 .connect_timeout(Duration::from_millis(1_000))
                 .tcp_nodelay(true)
+                // Streams (uploads, downloads, watches) have no overall deadline; keep-alives
+                // notice a dead server instead.
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true)
                 .connect_lazy();
             channels.push(channel);
         }
@@ -500,5 +505,178 @@ impl Watch {
     /// The first revision not yet delivered.
     pub fn next_revision(&self) -> u64 {
         self.next_revision
+    }
+}
+
+pub use mendfs_proto::v1::{FileInfo, PutFileReply};
+
+/// Bytes per upload message.
+const UPLOAD_MESSAGE_BYTES: usize = 1 << 20;
+/// Upload messages read ahead of the network.
+const UPLOAD_QUEUE_MESSAGES: usize = 4;
+
+type FilesRpc = mendfs_proto::v1::files_client::FilesClient<Intercepted>;
+
+impl Client {
+    fn files(&self, index: usize) -> FilesRpc {
+        mendfs_proto::v1::files_client::FilesClient::with_interceptor(
+            self.inner.channels[index].clone(),
+            self.inner.interceptor.clone(),
+        )
+        .max_decoding_message_size(16 << 20)
+        .max_encoding_message_size(16 << 20)
+    }
+
+    /// Uploads `reader` as `path`. With `size`, a stream that ends short is refused; without
+    /// it (stdin), the upload ends at end of input. A failed read cancels the upload, and the
+    /// server then commits nothing. `progress` hears the bytes sent so far.
+    pub async fn put_file<R>(
+        &self,
+        path: &str,
+        mut reader: R,
+        size: Option<u64>,
+        expected_version: Option<u64>,
+        progress: impl Fn(u64) + Send + 'static,
+    ) -> Result<PutFileReply, Error>
+    where
+        R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    {
+        use tokio::io::AsyncReadExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(UPLOAD_QUEUE_MESSAGES);
+        let header = pb::PutFileHeader { path: path.to_string(), expected_version, size, mtime_ms: 0 };
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
+        let reading = tokio::spawn(async move {
+            if tx.send(pb::PutFileRequest { part: Some(pb::put_file_request::Part::Header(header)) }).await.is_err() {
+                return;
+            }
+            let mut sent = 0u64;
+            loop {
+                let mut buffer = vec![0u8; UPLOAD_MESSAGE_BYTES];
+                let mut filled = 0;
+                // Fill whole messages: readers (pipes) often return small pieces.
+                while filled < buffer.len() {
+                    match reader.read(&mut buffer[filled..]).await {
+                        Ok(0) => break,
+                        Ok(n) => filled += n,
+                        Err(e) => {
+                            let _ = failed_tx.send(format!("reading the input: {e}"));
+                            return;
+                        }
+                    }
+                }
+                if filled == 0 {
+                    return;
+                }
+                buffer.truncate(filled);
+                sent += filled as u64;
+                if tx.send(pb::PutFileRequest { part: Some(pb::put_file_request::Part::Data(buffer)) }).await.is_err() {
+                    return;
+                }
+                progress(sent);
+            }
+        });
+        let index = self.inner.preferred.load(Ordering::Relaxed) % self.inner.channels.len();
+        let mut files = self.files(index);
+        let upload = files.put(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let result = tokio::select! {
+            reply = upload => reply,
+            Ok(message) = failed_rx => {
+                // Dropping the call resets the stream: the server sees a broken upload and
+                // commits nothing.
+                reading.abort();
+                return Err(Error::Server(format!("upload cancelled: {message}")));
+            }
+        };
+        match result {
+            Ok(reply) => Ok(reply.into_inner()),
+            Err(status) => Err(match classify(&status) {
+                Attempt::Fail(error) => error,
+                Attempt::Retry(message) => Error::Server(format!("{}: {message}", self.inner.config.endpoints[index])),
+            }),
+        }
+    }
+
+    /// Downloads `path` into `writer`, checking the size and the content hash end to end.
+    /// `progress` hears the file's info and the bytes received so far.
+    pub async fn get_file<W>(
+        &self,
+        path: &str,
+        writer: &mut W,
+        mut progress: impl FnMut(&FileInfo, u64),
+    ) -> Result<FileInfo, Error>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        use tokio::io::AsyncWriteExt;
+        let request = pb::GetFileRequest { path: path.to_string() };
+        let mut stream = self
+            .call("get file", |i| {
+                let request = request.clone();
+                let mut files = self.files(i);
+                async move { files.get(request).await }
+            })
+            .await?;
+        let stream_error = |status: tonic::Status| match classify(&status) {
+            Attempt::Fail(error) => error,
+            Attempt::Retry(message) => Error::Server(message),
+        };
+        let info = match stream.message().await.map_err(stream_error)? {
+            Some(pb::GetFileReply { part: Some(pb::get_file_reply::Part::Info(info)) }) => info,
+            _ => return Err(Error::Server("the download did not start with the file's info".into())),
+        };
+        progress(&info, 0);
+        let mut hasher = blake3::Hasher::new();
+        let mut received = 0u64;
+        while let Some(reply) = stream.message().await.map_err(stream_error)? {
+            let Some(pb::get_file_reply::Part::Data(data)) = reply.part else {
+                return Err(Error::Server("unexpected message in a download".into()));
+            };
+            hasher.update(&data);
+            received += data.len() as u64;
+            writer.write_all(&data).await.map_err(|e| Error::Server(format!("writing the output: {e}")))?;
+            progress(&info, received);
+        }
+        writer.flush().await.map_err(|e| Error::Server(format!("writing the output: {e}")))?;
+        if received != info.size {
+            return Err(Error::Server(format!("download ended after {received} of {} bytes", info.size)));
+        }
+        if hasher.finalize().as_bytes().as_slice() != info.content_hash.as_slice() {
+            return Err(Error::Server("the downloaded bytes do not match the file's content hash".into()));
+        }
+        Ok(info)
+    }
+
+    pub async fn stat_file(&self, path: &str) -> Result<FileInfo, Error> {
+        let request = pb::StatFileRequest { path: path.to_string() };
+        self.call("stat", |i| {
+            let request = request.clone();
+            let mut files = self.files(i);
+            async move { files.stat(request).await }
+        })
+        .await
+    }
+
+    /// Files whose path starts with `prefix`; the flag says whether more remain.
+    pub async fn list_files(&self, prefix: &str, limit: u32) -> Result<(Vec<FileInfo>, bool), Error> {
+        let request = pb::ListFilesRequest { prefix: prefix.to_string(), limit };
+        let reply = self
+            .call("list files", |i| {
+                let request = request.clone();
+                let mut files = self.files(i);
+                async move { files.list(request).await }
+            })
+            .await?;
+        Ok((reply.files, reply.truncated))
+    }
+
+    pub async fn delete_file(&self, path: &str, expected_version: Option<u64>) -> Result<(), Error> {
+        let request = pb::DeleteFileRequest { path: path.to_string(), expected_version };
+        self.call("delete file", |i| {
+            let request = request.clone();
+            let mut files = self.files(i);
+            async move { files.delete(request).await }
+        })
+        .await
+        .map(|_| ())
     }
 }

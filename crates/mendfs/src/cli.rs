@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::{bench, client_cmd, demo, server};
+use crate::{bench, client_cmd, demo, files_cmd, server};
 
 #[derive(Parser, Debug)]
 #[command(name = "mendfs", version, about = "MendFS: a self-healing distributed file store")]
@@ -27,6 +27,9 @@ pub enum Command {
         #[command(subcommand)]
         command: client_cmd::KvCommand,
     },
+    /// Files: put, get, ls, rm, stat.
+    #[command(flatten)]
+    Files(files_cmd::FileCommand),
     /// Cluster membership and health.
     Cluster {
         #[command(flatten)]
@@ -87,6 +90,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Server(args) => server::run(*args).await.map(|()| ExitCode::SUCCESS),
         Command::Kv { connection, command } => client_cmd::run_kv(connection, command).await,
+        Command::Files(command) => files_cmd::run(command).await,
         Command::Cluster { connection, command } => client_cmd::run_cluster(connection, command).await,
         Command::Bench { command } => bench::run(command).await.map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args).await,

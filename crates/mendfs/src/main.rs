@@ -5,6 +5,7 @@ mod bench;
 mod cli;
 mod client_cmd;
 mod demo;
+mod files_cmd;
 mod server;
 
 use std::process::ExitCode;

@@ -1,0 +1,241 @@
+//! `mendfs put|get|ls|rm|stat`: files. Progress bars on a terminal, quiet otherwise.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+use indicatif::{ProgressBar, ProgressStyle};
+use mendfs_client::FileInfo;
+use serde_json::json;
+
+use crate::cli::Connection;
+
+#[derive(Subcommand, Debug)]
+pub enum FileCommand {
+    /// Upload LOCAL (or - for stdin) as REMOTE, atomically: readers see the old file or the new one.
+    Put {
+        #[command(flatten)]
+        connection: Connection,
+        local: String,
+        remote: String,
+        /// Replace only this version of REMOTE (0: REMOTE must not exist).
+        #[arg(long)]
+        expect_version: Option<u64>,
+    },
+    /// Download REMOTE into LOCAL (or - for stdout), verified against its content hash.
+    Get {
+        #[command(flatten)]
+        connection: Connection,
+        remote: String,
+        local: String,
+    },
+    /// List files under a prefix.
+    Ls {
+        #[command(flatten)]
+        connection: Connection,
+        #[arg(default_value = "/")]
+        prefix: String,
+        /// Size, version, time and hash too.
+        #[arg(short = 'l')]
+        long: bool,
+        #[arg(long, default_value_t = 0)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a file.
+    Rm {
+        #[command(flatten)]
+        connection: Connection,
+        path: String,
+        #[arg(long)]
+        expect_version: Option<u64>,
+    },
+    /// Size, hash, version, and each chunk with the nodes holding it.
+    Stat {
+        #[command(flatten)]
+        connection: Connection,
+        path: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn progress_bar(total: Option<u64>) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = match total {
+        Some(total) => ProgressBar::new(total),
+        None => ProgressBar::new_spinner(),
+    };
+    let template = if total.is_some() {
+        "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}"
+    } else {
+        "{spinner} {bytes} {bytes_per_sec}"
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    Some(bar)
+}
+
+fn file_json(info: &FileInfo) -> serde_json::Value {
+    json!({
+        "path": info.path,
+        "size": info.size,
+        "version": info.version,
+        "mtime_ms": info.mtime_ms,
+        "content_hash": hex(&info.content_hash),
+        "chunks": info.chunks.iter().map(|c| json!({"hash": hex(&c.hash), "size": c.size, "replicas": c.replicas})).collect::<Vec<_>>(),
+    })
+}
+
+/// Where a download goes: a temporary file beside the target, renamed into place only when
+/// complete and verified, so a failed download never leaves a partial file behind.
+fn temporary_beside(target: &Path) -> PathBuf {
+    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "download".into());
+    target.with_file_name(format!(".{name}.mendfs-partial-{}", std::process::id()))
+}
+
+pub async fn run(command: FileCommand) -> Result<ExitCode> {
+    let connection = match &command {
+        FileCommand::Put { connection, .. }
+        | FileCommand::Get { connection, .. }
+        | FileCommand::Ls { connection, .. }
+        | FileCommand::Rm { connection, .. }
+        | FileCommand::Stat { connection, .. } => connection.clone(),
+    };
+    let client = connection.client()?;
+    match command {
+        FileCommand::Put { local, remote, expect_version, .. } => {
+            let (reader, size): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) = if local == "-" {
+                (Box::new(tokio::io::stdin()), None)
+            } else {
+                let file = tokio::fs::File::open(&local).await.with_context(|| format!("cannot open {local}"))?;
+                let size = file.metadata().await.with_context(|| format!("cannot stat {local}"))?.len();
+                (Box::new(file), Some(size))
+            };
+            let bar = progress_bar(size).map(Arc::new);
+            let bar_for_progress = bar.clone();
+            let reply = client
+                .put_file(&remote, reader, size, expect_version, move |sent| {
+                    if let Some(bar) = &bar_for_progress {
+                        bar.set_position(sent);
+                    }
+                })
+                .await
+                .with_context(|| format!("put {remote}"));
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            let reply = reply?;
+            println!(
+                "{remote}: {} bytes, version {}, {} chunks, blake3 {}",
+                reply.size,
+                reply.version,
+                reply.chunks,
+                hex(&reply.content_hash)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        FileCommand::Get { remote, local, .. } => {
+            let mut bar: Option<ProgressBar> = None;
+            let mut progress = |info: &FileInfo, received: u64| {
+                if received == 0 && bar.is_none() {
+                    bar = progress_bar(Some(info.size));
+                }
+                if let Some(bar) = &bar {
+                    bar.set_position(received);
+                }
+            };
+            if local == "-" {
+                let mut stdout = tokio::io::stdout();
+                client.get_file(&remote, &mut stdout, &mut progress).await.with_context(|| format!("get {remote}"))?;
+            } else {
+                let target = PathBuf::from(&local);
+                let partial = temporary_beside(&target);
+                let mut file = tokio::fs::File::create(&partial)
+                    .await
+                    .with_context(|| format!("cannot create {}", partial.display()))?;
+                let result = client.get_file(&remote, &mut file, &mut progress).await;
+                let result = match result {
+                    Ok(_) => file.sync_all().await.context("fsync the download"),
+                    Err(e) => Err(anyhow::Error::new(e)),
+                };
+                if let Err(e) = result {
+                    let _ = tokio::fs::remove_file(&partial).await;
+                    return Err(e.context(format!("get {remote}")));
+                }
+                tokio::fs::rename(&partial, &target)
+                    .await
+                    .with_context(|| format!("cannot move the download to {local}"))?;
+            }
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FileCommand::Ls { prefix, long, limit, json, .. } => {
+            let (files, truncated) = client.list_files(&prefix, limit).await.context("ls")?;
+            if json {
+                println!(
+                    "{}",
+                    json!({"files": files.iter().map(file_json).collect::<Vec<_>>(), "truncated": truncated})
+                );
+            } else {
+                for info in &files {
+                    if long {
+                        println!(
+                            "{:>14} {:>6} {:>14} {}  {}",
+                            info.size,
+                            info.version,
+                            info.mtime_ms,
+                            &hex(&info.content_hash)[..16],
+                            info.path
+                        );
+                    } else {
+                        println!("{}", info.path);
+                    }
+                }
+                if truncated {
+                    eprintln!("(more files follow; raise --limit)");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        FileCommand::Rm { path, expect_version, .. } => {
+            client.delete_file(&path, expect_version).await.with_context(|| format!("rm {path}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        FileCommand::Stat { path, json, .. } => {
+            let info = client.stat_file(&path).await.with_context(|| format!("stat {path}"))?;
+            if json {
+                println!("{}", file_json(&info));
+            } else {
+                println!("path:     {}", info.path);
+                println!("size:     {}", info.size);
+                println!("version:  {}", info.version);
+                println!("blake3:   {}", hex(&info.content_hash));
+                println!("chunks:   {}", info.chunks.len());
+                for (index, chunk) in info.chunks.iter().enumerate() {
+                    let nodes: Vec<String> = chunk.replicas.iter().map(|id| id.to_string()).collect();
+                    println!(
+                        "  {index:>6}  {}  {:>10} bytes  on nodes {}",
+                        hex(&chunk.hash),
+                        chunk.size,
+                        nodes.join(",")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
