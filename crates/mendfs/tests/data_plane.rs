@@ -1,0 +1,361 @@
+//! The data plane against real `mendfs server` processes: round trips, corrupted and missing
+//! replicas, nodes killed mid-write, concurrent overwrites, orphan collection, bad input.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mendfs_client::{Client, ClientConfig, Error};
+use mendfs_testkit::{wait_for, Cluster, ClusterOptions};
+
+const DEADLINE: Duration = Duration::from_secs(90);
+const CHUNK: usize = 1 << 20;
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mendfs"))
+}
+
+fn options(extra: &[&str]) -> ClusterOptions {
+    let mut server_args: Vec<String> = vec!["--chunk-size-bytes".into(), CHUNK.to_string()];
+    server_args.extend(extra.iter().map(|s| s.to_string()));
+    ClusterOptions { server_args, ..ClusterOptions::default() }
+}
+
+fn start(options: ClusterOptions) -> Cluster {
+    let cluster = Cluster::start(binary(), options).expect("start cluster");
+    cluster.wait_for_leader(DEADLINE).expect("a leader");
+    // Every node has registered its storage once a file can be written.
+    cluster
+}
+
+fn client_at(cluster: &Cluster, endpoints: Vec<String>) -> Client {
+    let mut config = ClientConfig::new(endpoints);
+    config.secret = cluster.secret();
+    config.deadline = Duration::from_secs(60);
+    Client::new(config).unwrap()
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// Deterministic content: every 8-byte word names the (stamp, offset), so a mix of two
+/// versions or a shifted chunk is detected, not just a changed hash.
+fn content(stamp: u32, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 8);
+    let mut offset = 0u32;
+    while out.len() < len {
+        out.extend_from_slice(&stamp.to_be_bytes());
+        out.extend_from_slice(&offset.to_be_bytes());
+        offset = offset.wrapping_add(1);
+    }
+    out.truncate(len);
+    out
+}
+
+async fn put(client: &Client, path: &str, data: Vec<u8>) -> Result<mendfs_client::PutFileReply, Error> {
+    let size = data.len() as u64;
+    client.put_file(path, std::io::Cursor::new(data), Some(size), None, |_| {}).await
+}
+
+async fn get(client: &Client, path: &str) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::new();
+    client.get_file(path, &mut out, |_, _| {}).await?;
+    Ok(out)
+}
+
+/// Waits until every storage node has registered (a put no longer fails for lack of nodes).
+async fn wait_until_writable(client: &Client) {
+    let by = Instant::now() + DEADLINE;
+    loop {
+        match put(client, "/.probe", b"probe".to_vec()).await {
+            Ok(_) => return,
+            Err(e) => assert!(Instant::now() < by, "the cluster never accepted a file: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn chunk_files(data_dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&data_dir.join("chunks").join("chunks"), &mut out);
+    out
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_round_trip_byte_for_byte_at_chunk_boundaries_and_300_mib() {
+    let cluster = start(options(&[]));
+    let client = client_at(&cluster, cluster.endpoint_list());
+    wait_until_writable(&client).await;
+    for (stamp, len) in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1].into_iter().enumerate() {
+        let path = format!("/sizes/{len}");
+        let data = content(stamp as u32, len);
+        let reply = put(&client, &path, data.clone()).await.unwrap_or_else(|e| panic!("put {len}: {e}"));
+        assert_eq!(reply.chunks as usize, len.div_ceil(CHUNK));
+        assert!(get(&client, &path).await.unwrap() == data, "{len} bytes read back differently");
+        let info = client.stat_file(&path).await.unwrap();
+        assert!(info.chunks.iter().all(|c| c.replicas.len() == 3), "RF=3 copies of every chunk");
+    }
+    // 300 MiB, streamed from a file and into a file: neither side holds it whole.
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("big");
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&source).unwrap();
+        for block in 0..300 {
+            file.write_all(&content(1_000 + block, CHUNK)).unwrap();
+        }
+    }
+    let file = tokio::fs::File::open(&source).await.unwrap();
+    let reply = client.put_file("/big", file, Some(300 * CHUNK as u64), None, |_| {}).await.expect("put 300 MiB");
+    assert_eq!(reply.size, 300 * CHUNK as u64);
+    let mut out = tokio::fs::File::create(dir.path().join("back")).await.unwrap();
+    client.get_file("/big", &mut out, |_, _| {}).await.expect("get 300 MiB");
+    drop(out);
+    assert!(files_equal(&source, &dir.path().join("back")), "300 MiB read back differently");
+}
+
+fn files_equal(a: &Path, b: &Path) -> bool {
+    use std::io::Read;
+    let (mut a, mut b) = (std::fs::File::open(a).unwrap(), std::fs::File::open(b).unwrap());
+    let (mut x, mut y) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
+    loop {
+        let n = a.read(&mut x).unwrap();
+        let mut filled = 0;
+        while filled < n {
+            let m = b.read(&mut y[filled..n]).unwrap();
+            if m == 0 {
+                return false;
+            }
+            filled += m;
+        }
+        if n == 0 {
+            return b.read(&mut y).unwrap() == 0;
+        }
+        if x[..n] != y[..n] {
+            return false;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_survives_one_corrupted_or_deleted_copy_of_each_chunk() {
+    let cluster = start(options(&[]));
+    // Reads through node 1, which tries its own copy first: every bad copy is met and reported.
+    let victim = 1;
+    let client = client_at(&cluster, vec![cluster.addr(victim)]);
+    wait_until_writable(&client).await;
+    let data = content(7, 6 * CHUNK + 123);
+    put(&client, "/precious", data.clone()).await.unwrap();
+    let info = client.stat_file("/precious").await.unwrap();
+    for (index, chunk) in info.chunks.iter().enumerate() {
+        assert!(chunk.replicas.contains(&victim), "RF=3 on 3 nodes puts a copy everywhere");
+        let hash = hex(&chunk.hash);
+        let path = cluster.nodes[&victim].data_dir.join("chunks/chunks").join(&hash[..2]).join(&hash[2..4]).join(&hash);
+        if index % 2 == 0 {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0xff;
+            std::fs::write(&path, bytes).unwrap();
+        } else {
+            std::fs::remove_file(&path).unwrap();
+        }
+    }
+    for _ in 0..3 {
+        assert!(get(&client, "/precious").await.expect("still readable") == data, "the bytes are right");
+    }
+    // The bad copies were reported: the chunk map stops listing them (repair restores them later).
+    let by = Instant::now() + DEADLINE;
+    loop {
+        let info = client.stat_file("/precious").await.unwrap();
+        if info.chunks.iter().all(|c| c.replicas.len() == 2 && !c.replicas.contains(&victim)) {
+            break;
+        }
+        assert!(Instant::now() < by, "bad replicas still listed: {info:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_replica_mid_put_fails_cleanly_or_stores_the_whole_file() {
+    let mut cluster = start(options(&[]));
+    let coordinator = cluster.wait_for_leader(DEADLINE).unwrap();
+    let client = client_at(&cluster, vec![cluster.addr(coordinator)]);
+    wait_until_writable(&client).await;
+    let victim = (1..=3).find(|id| *id != coordinator).unwrap();
+    let data = content(9, 48 * CHUNK);
+    let upload = {
+        let client = client.clone();
+        let data = data.clone();
+        tokio::spawn(async move { put(&client, "/during-kill", data).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    blocking(|| cluster.kill(victim)).unwrap();
+    match upload.await.unwrap() {
+        Ok(reply) => {
+            assert_eq!(reply.size, data.len() as u64);
+            assert!(get(&client, "/during-kill").await.unwrap() == data, "a successful put reads back whole");
+        }
+        Err(e) => {
+            assert!(matches!(client.stat_file("/during-kill").await, Err(Error::NotFound(_))), "failed put: {e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_coordinator_mid_put_keeps_the_old_version_and_orphans_are_collected() {
+    let mut cluster = start(options(&["--orphan-grace-ms", "3000", "--gc-interval-ms", "500"]));
+    let all = client_at(&cluster, cluster.endpoint_list());
+    wait_until_writable(&all).await;
+    all.delete_file("/.probe", None).await.unwrap();
+    let old = content(1, 3 * CHUNK);
+    put(&all, "/doc", old.clone()).await.unwrap();
+
+    let coordinator = 3;
+    let through_coordinator = client_at(&cluster, vec![cluster.addr(coordinator)]);
+    let upload = tokio::spawn(async move {
+        // Slow, endless input: the coordinator dies while it is still receiving.
+        let (mut writer, reader) = tokio::io::duplex(1 << 20);
+        let feeder = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for block in 0..10_000u32 {
+                if writer.write_all(&content(500 + block, CHUNK)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let result = through_coordinator.put_file("/doc", reader, None, None, |_| {}).await;
+        feeder.abort();
+        result
+    });
+    // Let several chunks reach the replicas first.
+    let chunks_before: usize = (1..=3).map(|id| chunk_files(&cluster.nodes[&id].data_dir).len()).sum();
+    blocking(|| {
+        wait_for("chunks of the new version to be prepared", DEADLINE, || {
+            let now: usize = (1..=3).map(|id| chunk_files(&cluster.nodes[&id].data_dir).len()).sum();
+            Ok((now >= chunks_before + 6).then_some(()))
+        })
+    })
+    .unwrap();
+    blocking(|| cluster.kill(coordinator)).unwrap();
+    assert!(upload.await.unwrap().is_err(), "the put cannot succeed without its coordinator");
+
+    let survivors = client_at(&cluster, vec![cluster.addr(1), cluster.addr(2)]);
+    let info = survivors.stat_file("/doc").await.unwrap();
+    assert_eq!(info.version, 1, "no partial version became visible");
+    assert!(get(&survivors, "/doc").await.unwrap() == old, "the previous version still reads");
+    // After the grace period the orphans are gone: each survivor holds exactly the copies the
+    // chunk map lists on it.
+    for id in [1u64, 2] {
+        let expected = info.chunks.iter().filter(|c| c.replicas.contains(&id)).count();
+        let dir = cluster.nodes[&id].data_dir.clone();
+        blocking(|| {
+            wait_for(&format!("node {id}'s orphans to be collected"), DEADLINE, || {
+                let n = chunk_files(&dir).len();
+                if n == expected {
+                    Ok(Some(()))
+                } else {
+                    anyhow::bail!("{n} chunk files, {expected} referenced")
+                }
+            })
+        })
+        .unwrap();
+    }
+    assert!(get(&survivors, "/doc").await.unwrap() == old, "collection never touches live data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_overwrites_are_atomic_for_readers() {
+    let cluster = start(options(&[]));
+    let client = client_at(&cluster, cluster.endpoint_list());
+    wait_until_writable(&client).await;
+    put(&client, "/contended", content(0, 3 * CHUNK + 17)).await.unwrap();
+    let mut writers = Vec::new();
+    for writer in 1..=2u32 {
+        let client = client.clone();
+        writers.push(tokio::spawn(async move {
+            for round in 0..12u32 {
+                let stamp = writer * 1_000 + round;
+                put(&client, "/contended", content(stamp, 3 * CHUNK + 17)).await.unwrap();
+            }
+        }));
+    }
+    let reader = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut reads = 0;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(120) && reads < 40 {
+                let data = get(&client, "/contended").await.expect("every read succeeds");
+                let stamp = u32::from_be_bytes(data[..4].try_into().unwrap());
+                assert!(data == content(stamp, 3 * CHUNK + 17), "read {reads} mixes versions");
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    assert!(reader.await.unwrap() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collection_racing_deletes_and_rewrites_of_the_same_content_never_loses_data() {
+    let cluster = start(options(&["--orphan-grace-ms", "200", "--gc-interval-ms", "100"]));
+    let client = client_at(&cluster, cluster.endpoint_list());
+    wait_until_writable(&client).await;
+    let data = content(42, 2 * CHUNK);
+    for round in 0..15 {
+        put(&client, "/a", data.clone()).await.unwrap();
+        client.delete_file("/a", None).await.unwrap();
+        // The chunks are unreferenced now; a collection pass may be running. Re-use them.
+        tokio::time::sleep(Duration::from_millis(50 * (round % 5))).await;
+        put(&client, "/b", data.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(get(&client, "/b").await.unwrap() == data, "round {round}: a committed chunk was collected");
+        client.delete_file("/b", None).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_file_input_gets_clean_errors() {
+    let cluster = start(options(&[]));
+    let client = client_at(&cluster, cluster.endpoint_list());
+    wait_until_writable(&client).await;
+    for bad in ["/a/../b", "relative", "/a\0b", "/", "/a//b", "/trailing/"] {
+        let err = put(&client, bad, b"x".to_vec()).await.expect_err(bad);
+        assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}: {err}");
+    }
+    let err = get(&client, "/missing").await.expect_err("missing");
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    // A truncated upload: 10 MiB declared, 3 MiB sent, then the stream ends.
+    let data = content(3, 3 * CHUNK);
+    let err = client
+        .put_file("/truncated", std::io::Cursor::new(data), Some(10 * CHUNK as u64), None, |_| {})
+        .await
+        .expect_err("truncated");
+    assert!(err.to_string().contains("truncated"), "{err}");
+    assert!(matches!(client.stat_file("/truncated").await, Err(Error::NotFound(_))), "no partial file");
+    // A stale overwrite is refused and changes nothing.
+    put(&client, "/v", b"one".to_vec()).await.unwrap();
+    let err = client.put_file("/v", std::io::Cursor::new(b"two".to_vec()), Some(3), Some(9), |_| {}).await;
+    assert!(matches!(err, Err(Error::VersionMismatch { expected: 9, actual: 1 })), "{err:?}");
+    assert_eq!(get(&client, "/v").await.unwrap(), b"one");
+}
