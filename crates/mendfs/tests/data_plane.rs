@@ -359,3 +359,56 @@ async fn bad_file_input_gets_clean_errors() {
     assert!(matches!(err, Err(Error::VersionMismatch { expected: 9, actual: 1 })), "{err:?}");
     assert_eq!(get(&client, "/v").await.unwrap(), b"one");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_larger_than_the_free_space_fails_cleanly_and_frees_the_disk() {
+    if !can_mount_tmpfs() {
+        eprintln!("SKIPPED: this test needs root to mount a size-capped tmpfs for the chunk stores");
+        return;
+    }
+    let options = ClusterOptions {
+        chunk_store_bytes_max: Some(8 << 20),
+        ..options(&["--orphan-grace-ms", "1000", "--gc-interval-ms", "300"])
+    };
+    let cluster = start(options);
+    let client = client_at(&cluster, cluster.endpoint_list());
+    wait_until_writable(&client).await;
+    client.delete_file("/.probe", None).await.unwrap();
+    put(&client, "/small", content(1, CHUNK)).await.expect("a file that fits");
+
+    let err = put(&client, "/huge", content(2, 20 * CHUNK)).await.expect_err("20 MiB cannot fit in 8 MiB");
+    assert!(err.to_string().contains("disk") || err.to_string().contains("full"), "a clear error: {err}");
+    assert!(matches!(client.stat_file("/huge").await, Err(Error::NotFound(_))), "no partial file");
+    assert!(get(&client, "/small").await.unwrap() == content(1, CHUNK), "nothing lost");
+    // The copies the failed put left are collected: each node is back to the one chunk of /small.
+    for id in 1..=3u64 {
+        let dir = cluster.nodes[&id].data_dir.clone();
+        blocking(|| {
+            wait_for(&format!("node {id}'s disk to be freed"), DEADLINE, || {
+                let n = chunk_files(&dir).len();
+                if n == 1 {
+                    Ok(Some(()))
+                } else {
+                    anyhow::bail!("{n} chunk files")
+                }
+            })
+        })
+        .unwrap();
+    }
+    put(&client, "/after", content(3, 2 * CHUNK)).await.expect("the freed space is usable again");
+}
+
+/// Whether this process may mount a tmpfs (root in the sandbox and on CI; not on a laptop).
+fn can_mount_tmpfs() -> bool {
+    let dir = tempfile::tempdir().unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(dir.path())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if mounted {
+        let _ = std::process::Command::new("umount").arg(dir.path()).status();
+    }
+    mounted
+}

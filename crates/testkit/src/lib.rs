@@ -26,11 +26,21 @@ pub struct ClusterOptions {
     pub keep_dir: bool,
     /// Where to put the cluster's directory; a fresh temporary one if None.
     pub dir: Option<PathBuf>,
+    /// Give each node's chunk store a filesystem of this many bytes (a tmpfs mount, which
+    /// needs root), to test full disks.
+    pub chunk_store_bytes_max: Option<u64>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { nodes: 3, server_args: Vec::new(), secure: true, keep_dir: false, dir: None }
+        Self {
+            nodes: 3,
+            server_args: Vec::new(),
+            secure: true,
+            keep_dir: false,
+            dir: None,
+            chunk_store_bytes_max: None,
+        }
     }
 }
 
@@ -60,6 +70,8 @@ pub struct Cluster {
     secret_file: Option<PathBuf>,
     options: ClusterOptions,
     pub nodes: BTreeMap<u64, Node>,
+    /// Filesystems mounted for the nodes, unmounted on drop.
+    mounts: Vec<PathBuf>,
 }
 
 /// A port that was free a moment ago. Binding to port 0 lets the kernel choose; the small
@@ -134,9 +146,23 @@ impl Cluster {
             secret_file,
             options: options.clone(),
             nodes: BTreeMap::new(),
+            mounts: Vec::new(),
         };
         for id in 1..=options.nodes as u64 {
             cluster.add_node_entry(id)?;
+            if let Some(bytes) = options.chunk_store_bytes_max {
+                let mount_point = cluster.nodes[&id].data_dir.join("chunks");
+                std::fs::create_dir_all(&mount_point).context("create the chunk store mount point")?;
+                let status = Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                    .arg(&mount_point)
+                    .status()
+                    .context("run mount")?;
+                if !status.success() {
+                    bail!("mounting a {bytes}-byte tmpfs at {} failed (root needed)", mount_point.display());
+                }
+                cluster.mounts.push(mount_point);
+            }
         }
         for id in 1..=options.nodes as u64 {
             cluster.spawn(id, true)?;
@@ -375,6 +401,9 @@ impl Drop for Cluster {
                 let _ = child.kill();
                 let _ = child.wait();
             }
+        }
+        for mount_point in &self.mounts {
+            let _ = Command::new("umount").arg(mount_point).status();
         }
     }
 }
