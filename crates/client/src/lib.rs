@@ -560,6 +560,9 @@ impl Client {
                         Ok(n) => filled += n,
                         Err(e) => {
                             let _ = failed_tx.send(format!("reading the input: {e}"));
+                            // Keep the stream open until the call is dropped: ending it here
+                            // would look like a complete upload to the server.
+                            std::future::pending::<()>().await;
                             return;
                         }
                     }
@@ -577,23 +580,26 @@ impl Client {
         });
         let index = self.inner.preferred.load(Ordering::Relaxed) % self.inner.channels.len();
         let mut files = self.files(index);
-        let upload = files.put(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let result = tokio::select! {
-            reply = upload => reply,
-            Ok(message) = failed_rx => {
-                // Dropping the call resets the stream: the server sees a broken upload and
-                // commits nothing.
+        let mut upload = Box::pin(files.put(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let failure = tokio::select! {
+            reply = &mut upload => {
                 reading.abort();
-                return Err(Error::Server(format!("upload cancelled: {message}")));
+                let result = reply;
+                return match result {
+                    Ok(reply) => Ok(reply.into_inner()),
+                    Err(status) => Err(match classify(&status) {
+                        Attempt::Fail(error) => error,
+                        Attempt::Retry(message) => Error::Server(format!("{}: {message}", self.inner.config.endpoints[index])),
+                    }),
+                };
             }
+            Ok(message) = failed_rx => message,
         };
-        match result {
-            Ok(reply) => Ok(reply.into_inner()),
-            Err(status) => Err(match classify(&status) {
-                Attempt::Fail(error) => error,
-                Attempt::Retry(message) => Error::Server(format!("{}: {message}", self.inner.config.endpoints[index])),
-            }),
-        }
+        // Dropping the call first resets the stream, so the server sees a broken upload and
+        // commits nothing; only then may the reader (which holds the stream open) go.
+        drop(upload);
+        reading.abort();
+        Err(Error::Server(format!("upload cancelled: {failure}")))
     }
 
     /// Downloads `path` into `writer`, checking the size and the content hash end to end.
@@ -670,7 +676,8 @@ impl Client {
     }
 
     pub async fn delete_file(&self, path: &str, expected_version: Option<u64>) -> Result<(), Error> {
-        let request = pb::DeleteFileRequest { path: path.to_string(), expected_version };
+        let request =
+            pb::DeleteFileRequest { path: path.to_string(), expected_version, request_id: self.next_request_id() };
         self.call("delete file", |i| {
             let request = request.clone();
             let mut files = self.files(i);

@@ -38,6 +38,12 @@ use crate::DataConfig;
 /// Chunks being prepared at once per upload: enough to keep replicas busy, few enough that an
 /// upload holds at most this many chunks in memory.
 const CHUNKS_IN_FLIGHT_MAX: usize = 3;
+/// Chunks being prepared at once across all uploads this node coordinates: bounds its memory
+/// (each costs about its size times one plus the replication factor) however many clients
+/// upload at once.
+const CHUNKS_IN_FLIGHT_PER_NODE_MAX: usize = 24;
+/// Chunks fetched ahead of the one being streamed to a reader.
+const READ_AHEAD_CHUNKS: usize = 2;
 /// Size of the data messages a read streams back.
 const READ_MESSAGE_BYTES: usize = 1 << 20;
 /// Messages buffered per reader before the coordinator waits for the client.
@@ -77,11 +83,16 @@ fn hex(bytes: &[u8]) -> String {
 pub struct Coordinator {
     node: MetaNode,
     config: Arc<DataConfig>,
+    prepare_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Coordinator {
     pub fn new(node: MetaNode, config: DataConfig) -> Self {
-        Self { node, config: Arc::new(config) }
+        Self {
+            node,
+            config: Arc::new(config),
+            prepare_slots: Arc::new(tokio::sync::Semaphore::new(CHUNKS_IN_FLIGHT_PER_NODE_MAX)),
+        }
     }
 
     fn storage(&self, addr: &str) -> Result<StorageRpc, Status> {
@@ -168,6 +179,18 @@ impl Coordinator {
             }
         }
         Ok(CommittedChunk { hash: hash.to_vec(), size: request.data.len() as u64, replicas: stored })
+    }
+
+    /// [`Coordinator::prepare_chunk`] holding one of the node's in-flight chunk slots.
+    async fn prepare_in_slot(
+        &self,
+        _slot: tokio::sync::OwnedSemaphorePermit,
+        ring: &Ring,
+        addresses: &HashMap<u64, String>,
+        write_id: &[u8],
+        data: Vec<u8>,
+    ) -> Result<CommittedChunk, Status> {
+        self.prepare_chunk(ring, addresses, write_id, data).await
     }
 
     /// Reads one chunk from the first replica that returns the right bytes.
@@ -280,7 +303,13 @@ impl Coordinator {
             while buffer.len() >= chunk_size {
                 let rest = buffer.split_off(chunk_size);
                 let chunk = std::mem::replace(&mut buffer, rest);
-                in_flight.push_back(self.prepare_chunk(&ring, &addresses, &write_id, chunk));
+                let slot = self
+                    .prepare_slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Status::unavailable("shutting down"))?;
+                in_flight.push_back(self.prepare_in_slot(slot, &ring, &addresses, &write_id, chunk));
                 if in_flight.len() >= CHUNKS_IN_FLIGHT_MAX {
                     if let Some(prepared) = in_flight.next().await {
                         chunks.push(prepared?);
@@ -296,7 +325,9 @@ impl Coordinator {
             }
         }
         if !buffer.is_empty() {
-            in_flight.push_back(self.prepare_chunk(&ring, &addresses, &write_id, std::mem::take(&mut buffer)));
+            let slot =
+                self.prepare_slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+            in_flight.push_back(self.prepare_in_slot(slot, &ring, &addresses, &write_id, std::mem::take(&mut buffer)));
         }
         while let Some(prepared) = in_flight.next().await {
             chunks.push(prepared?);
@@ -369,8 +400,21 @@ impl Files for Coordinator {
             if tx.send(Ok(info)).await.is_err() {
                 return;
             }
-            for (chunk, replicas) in file.record.chunks.iter().zip(&file.chunk_replicas) {
-                let data = match coordinator.read_chunk(&chunk.hash, replicas, &addresses).await {
+            let mut reads = file
+                .record
+                .chunks
+                .iter()
+                .zip(&file.chunk_replicas)
+                .map(|(chunk, replicas)| coordinator.read_chunk(&chunk.hash, replicas, &addresses));
+            let mut ahead = FuturesOrdered::new();
+            for read in reads.by_ref().take(READ_AHEAD_CHUNKS) {
+                ahead.push_back(read);
+            }
+            while let Some(result) = ahead.next().await {
+                if let Some(read) = reads.next() {
+                    ahead.push_back(read);
+                }
+                let data = match result {
                     Ok(data) => data,
                     Err(status) => {
                         let _ = tx.send(Err(status)).await;
@@ -415,7 +459,10 @@ impl Files for Coordinator {
         let request = request.into_inner();
         validate_path(&request.path)?;
         let command = Command::DeleteFile { path: request.path, expected_version: request.expected_version };
-        match self.node.execute(None, command).await {
+        let request_id = request
+            .request_id
+            .map(|id| mendfs_meta::state::RequestId { client_id: id.client_id, sequence: id.sequence });
+        match self.node.execute(request_id, command).await {
             Ok(Outcome::Written { revision, .. }) => Ok(Response::new(pb::DeleteFileReply { revision })),
             Ok(other) => Err(Status::internal(format!("unexpected delete outcome {other:?}"))),
             Err(e) => Err(Status::from(e)),

@@ -28,6 +28,19 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         value_bytes: usize,
     },
+    /// File put and get throughput by file size and concurrency, against the disk's fsynced
+    /// write rate and a loopback TCP copy measured in the same run.
+    Files {
+        /// File sizes in bytes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "4096,1048576,67108864")]
+        sizes: Vec<u64>,
+        /// Concurrent clients, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        clients: Vec<usize>,
+        /// Seconds per row (each row also stops at 1 GiB moved).
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
 }
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -39,6 +52,9 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Kv { clients, seconds, failovers, value_bytes } => {
             bench_kv(&clients, Duration::from_secs_f64(seconds), failovers, value_bytes).await
         }
+        BenchCommand::Files { sizes, clients, seconds } => {
+            bench_files(&sizes, &clients, Duration::from_secs_f64(seconds)).await
+        }
     }
 }
 
@@ -49,22 +65,25 @@ struct LoadResult {
     latency_us: Histogram<u64>,
 }
 
-/// `n_clients` tasks, each running `op(task_idx, op_idx)` back to back for `duration`.
-async fn run_load<F, Fut>(n_clients: usize, duration: Duration, op: F) -> Result<LoadResult>
+/// `n_clients` tasks, each running `op(task_idx, op_idx)` back to back for `duration` or until
+/// `ops_max` operations have started in all.
+async fn run_load<F, Fut>(n_clients: usize, duration: Duration, ops_max: u64, op: F) -> Result<LoadResult>
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
     let errors = Arc::new(AtomicU64::new(0));
+    let started_ops = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for task_idx in 0..n_clients {
         let op = op.clone();
         let errors = errors.clone();
+        let started_ops = started_ops.clone();
         tasks.push(tokio::spawn(async move {
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut op_idx = 0u64;
-            while started.elapsed() < duration {
+            while started.elapsed() < duration && started_ops.fetch_add(1, Ordering::Relaxed) < ops_max {
                 let op_started = Instant::now();
                 if op(task_idx, op_idx).await {
                     histogram.record(op_started.elapsed().as_micros() as u64)?;
@@ -194,7 +213,7 @@ async fn bench_etcd(clients: &[usize], duration: Duration, value: &[u8]) -> Resu
     for &n in clients {
         let channels = channels.clone();
         let value = value.to_vec();
-        let result = run_load(n, duration, move |task_idx, op_idx| {
+        let result = run_load(n, duration, u64::MAX, move |task_idx, op_idx| {
             // Spread clients over the members, as MendFS clients spread over endpoints.
             let mut client = EtcdKv::new(channels[task_idx % channels.len()].clone());
             let value = value.clone();
@@ -225,7 +244,7 @@ async fn bench_kv(clients: &[usize], duration: Duration, failovers: usize, value
     for &n in clients {
         let client = client.clone();
         let value = value.clone();
-        let result = run_load(n, duration, move |task_idx, op_idx| {
+        let result = run_load(n, duration, u64::MAX, move |task_idx, op_idx| {
             let client = client.clone();
             let value = value.clone();
             async move {
@@ -276,4 +295,155 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|line| line.strip_prefix("VmHWM:"))
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+/// A reader of `len` bytes of a repeating pattern, so uploads need no memory of their size.
+struct PatternReader {
+    remaining: u64,
+    seed: u8,
+}
+
+impl tokio::io::AsyncRead for PatternReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = (buf.remaining() as u64).min(self.remaining) as usize;
+        let seed = self.seed;
+        let start = buf.filled().len();
+        buf.put_slice(&vec![0u8; n]);
+        for (i, byte) in buf.filled_mut()[start..].iter_mut().enumerate() {
+            *byte = seed.wrapping_add((i % 251) as u8);
+        }
+        self.remaining -= n as u64;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// The disk's fsynced sequential write rate (what `dd conv=fdatasync` reports), in bytes/s.
+fn disk_fsync_rate(dir: &std::path::Path) -> Result<f64> {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let block = vec![0x5au8; 1 << 20];
+    let total_blocks = 256;
+    let started = Instant::now();
+    let mut file = std::fs::File::create(&path)?;
+    for _ in 0..total_blocks {
+        file.write_all(&block)?;
+    }
+    file.sync_data()?;
+    let rate = (total_blocks * block.len()) as f64 / started.elapsed().as_secs_f64();
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}
+
+/// A loopback TCP copy rate, in bytes/s.
+fn loopback_rate() -> Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let total: u64 = 2 << 30;
+    let receiver = std::thread::spawn(move || -> std::io::Result<u64> {
+        let (mut socket, _) = listener.accept()?;
+        let mut buffer = vec![0u8; 1 << 20];
+        let mut received = 0u64;
+        loop {
+            let n = socket.read(&mut buffer)?;
+            if n == 0 {
+                return Ok(received);
+            }
+            received += n as u64;
+        }
+    });
+    let started = Instant::now();
+    let mut socket = std::net::TcpStream::connect(addr)?;
+    let block = vec![0u8; 1 << 20];
+    let mut sent = 0u64;
+    while sent < total {
+        socket.write_all(&block)?;
+        sent += block.len() as u64;
+    }
+    drop(socket);
+    let received = receiver.join().map_err(|_| anyhow::anyhow!("loopback receiver panicked"))??;
+    Ok(received as f64 / started.elapsed().as_secs_f64())
+}
+
+fn mb(bytes_per_s: f64) -> f64 {
+    bytes_per_s / 1e6
+}
+
+async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration) -> Result<()> {
+    let binary = std::env::current_exe().context("locate the mendfs binary")?;
+    let options = ClusterOptions { nodes: 3, ..ClusterOptions::default() };
+    let cluster = blocking(|| Cluster::start(&binary, options))?;
+    blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
+    let disk = blocking(|| disk_fsync_rate(cluster.root()))?;
+    let loopback = blocking(loopback_rate)?;
+    println!(
+        "references measured now: disk fsynced write {:.0} MB/s, loopback TCP copy {:.0} MB/s",
+        mb(disk),
+        mb(loopback)
+    );
+    println!("a put writes every byte {} times to this one disk: its bound is disk/3 = {:.0} MB/s", 3, mb(disk / 3.0));
+    let mut config = ClientConfig::new(cluster.endpoint_list());
+    config.secret = cluster.secret();
+    let client = Client::new(config)?;
+    // Storage registration happens just after start: wait until a file can be written.
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while client.put_file("/bench/ready", PatternReader { remaining: 1, seed: 0 }, Some(1), None, |_| {}).await.is_err()
+    {
+        anyhow::ensure!(Instant::now() < ready_by, "the cluster never accepted a file");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    const BYTES_PER_ROW_MAX: u64 = 1 << 30;
+    println!(
+        "{:>4} {:>10} {:>8} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}",
+        "op", "size", "clients", "ops/s", "MB/s", "p50 ms", "p99 ms", "ratio", "errors"
+    );
+    for &size in sizes {
+        for &n in clients {
+            for op in ["put", "get"] {
+                let ops_max = (BYTES_PER_ROW_MAX / size.max(1)).max(n as u64);
+                let client = client.clone();
+                let result = run_load(n, duration, ops_max, move |task_idx, op_idx| {
+                    let client = client.clone();
+                    async move {
+                        let path = format!("/bench/{size}/{task_idx}/{}", op_idx % 4);
+                        if op == "put" {
+                            let reader = PatternReader { remaining: size, seed: task_idx as u8 };
+                            client.put_file(&path, reader, Some(size), None, |_| {}).await.is_ok()
+                        } else {
+                            let path = format!("/bench/{size}/{task_idx}/0");
+                            client.get_file(&path, &mut tokio::io::sink(), |_, _| {}).await.is_ok()
+                        }
+                    }
+                })
+                .await?;
+                let ops = result.ops;
+                let seconds = result.elapsed.as_secs_f64();
+                let rate = ops as f64 * size as f64 / seconds;
+                let bound = if op == "put" { disk / 3.0 } else { loopback };
+                println!(
+                    "{:>4} {:>10} {:>8} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>8.2} {:>7}",
+                    op,
+                    size,
+                    n,
+                    ops as f64 / seconds,
+                    mb(rate),
+                    result.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+                    result.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+                    rate / bound,
+                    result.errors
+                );
+            }
+        }
+    }
+    for (id, node) in &cluster.nodes {
+        if let Some(rss) = node.pid().and_then(peak_rss_kib) {
+            println!("node {id}: peak RSS {:.1} MiB", rss as f64 / 1024.0);
+        }
+    }
+    Ok(())
 }

@@ -230,6 +230,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         data_config.replication_factor = n;
     }
     if let Some(ms) = args.orphan_grace_ms.or(file.orphan_grace_ms) {
+        anyhow::ensure!(ms >= 100, "--orphan-grace-ms must be at least 100: every write must commit within it");
         data_config.orphan_grace = Duration::from_millis(ms);
     }
     if let Some(ms) = args.gc_interval_ms.or(file.gc_interval_ms) {

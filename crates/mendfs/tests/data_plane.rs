@@ -353,6 +353,13 @@ async fn bad_file_input_gets_clean_errors() {
         .expect_err("truncated");
     assert!(err.to_string().contains("truncated"), "{err}");
     assert!(matches!(client.stat_file("/truncated").await, Err(Error::NotFound(_))), "no partial file");
+    // An input that fails midway, with no declared size (like a broken pipe into stdin): the
+    // upload is cancelled, never committed as a short file.
+    let failing = FailingReader { remaining: 3 * CHUNK as u64 };
+    let err = client.put_file("/cut", failing, None, None, |_| {}).await.expect_err("the input failed");
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(matches!(client.stat_file("/cut").await, Err(Error::NotFound(_))), "no partial file from a failed input");
     // A stale overwrite is refused and changes nothing.
     put(&client, "/v", b"one".to_vec()).await.unwrap();
     let err = client.put_file("/v", std::io::Cursor::new(b"two".to_vec()), Some(3), Some(9), |_| {}).await;
@@ -411,4 +418,25 @@ fn can_mount_tmpfs() -> bool {
         let _ = std::process::Command::new("umount").arg(dir.path()).status();
     }
     mounted
+}
+
+/// Yields `remaining` bytes of zeros, then an I/O error.
+struct FailingReader {
+    remaining: u64,
+}
+
+impl tokio::io::AsyncRead for FailingReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.remaining == 0 {
+            return std::task::Poll::Ready(Err(std::io::Error::other("the input broke")));
+        }
+        let n = (buf.remaining() as u64).min(self.remaining) as usize;
+        buf.put_slice(&vec![0u8; n]);
+        self.remaining -= n as u64;
+        std::task::Poll::Ready(Ok(()))
+    }
 }

@@ -1,12 +1,15 @@
 //! The metadata state machine's logic, free of I/O.
 //!
-//! Every committed Raft entry carries a [`Proposal`]; [`apply`] turns it into changes to a small
-//! set of ordered byte tables behind the [`StateStore`] trait. The redb-backed store applies them
-//! inside one write transaction together with the applied log id, so the state on disk always
-//! describes exactly the entries up to that id (etcd 3.5's inconsistency came from saving the
-//! applied index apart from the state). [`MemoryStore`] implements the same trait over
-//! `BTreeMap`s for unit and property tests; every node applies the same entries to the same
-//! state and must get the same result, so nothing here reads a clock or a random number.
+//! Every committed Raft entry other than Raft's own (blank, membership) carries a
+//! [`ProposalBatch`]: concurrent writes share one entry (group commit). `storage` applies the
+//! batch's proposals one by one, in order, so this module never sees a batch: [`apply`] turns
+//! one [`Proposal`] into changes to a small set of ordered byte tables behind the
+//! [`StateStore`] trait. The redb-backed store applies them inside one write transaction
+//! together with the applied log id, so the state on disk always describes exactly the entries
+//! up to that id (etcd 3.5's inconsistency came from saving the applied index apart from the
+//! state). [`MemoryStore`] implements the same trait over `BTreeMap`s for
+//! unit and property tests; every node applies the same entries to the same state and must get
+//! the same result, so nothing here reads a clock or a random number.
 //!
 //! The data model follows etcd v3: one cluster-wide revision, bumped once per successful
 //! mutating command; per key a version (1 on create, +1 per set), a create and a modify
@@ -255,7 +258,10 @@ pub enum Outcome {
         version: u64,
         revision: u64,
     },
-    /// For Raft's own entries (blank, membership), which carry no command.
+    /// A command that succeeded with nothing to report and took no revision:
+    /// `RegisterStorageNode`, and `DropReplica` (also when it changed nothing). Raft's own
+    /// entries (blank, membership) carry no proposal; `storage` answers them with an empty
+    /// result vector, not with this.
     Noop,
 }
 

@@ -3,10 +3,14 @@
 //!
 //! Two database files rather than one so that appending to the log (on the leader's hot path)
 //! and applying committed entries proceed in parallel instead of queueing on one writer lock.
-//! Every write that Raft relies on is committed with `Durability::Immediate` (redb fsyncs before
-//! `commit` returns) before openraft is told it happened: an acknowledged vote or entry that a
-//! crash could take back would let two leaders be elected in one term, or lose a committed
-//! write.
+//! Every write whose loss Raft cannot tolerate (votes, log appends, truncations, purges, snapshot
+//! installs) is committed with `Durability::Immediate` (redb fsyncs before `commit` returns)
+//! before openraft is told it happened: an acknowledged vote or entry that a crash could take
+//! back would let two leaders be elected in one term, or lose a committed write. Two writes are
+//! lazy on purpose, each with its reason beside it: `save_committed` (a hint Raft re-learns) and
+//! `apply`, which is made durable only every `DURABLE_APPLY_EVERY_ENTRIES` entries and before a
+//! snapshot is built, because the log still holds every entry after the durable applied id and
+//! openraft re-applies them after a crash.
 
 use std::fmt::Debug;
 use std::io::{Cursor, Write};
