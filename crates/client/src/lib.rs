@@ -378,8 +378,9 @@ impl Client {
         .await
     }
 
-    pub async fn add_node(&self, id: u64, addr: &str) -> Result<pb::MembershipReply, Error> {
-        let request = pb::AddNodeRequest { id, addr: addr.to_string() };
+    /// Adds node `id` at `addr`: as a voter, or with `learner` as a non-voting member.
+    pub async fn add_node(&self, id: u64, addr: &str, learner: bool) -> Result<pb::MembershipReply, Error> {
+        let request = pb::AddNodeRequest { id, addr: addr.to_string(), learner };
         self.call("add node", |i| {
             let request = request.clone();
             let mut cluster = self.cluster(i);
@@ -568,6 +569,10 @@ impl Client {
                     }
                 }
                 if filled == 0 {
+                    // Only a clean end of input says so; any other way the stream stops, the
+                    // server commits nothing.
+                    let end = pb::PutFileEnd { size: sent };
+                    let _ = tx.send(pb::PutFileRequest { part: Some(pb::put_file_request::Part::End(end)) }).await;
                     return;
                 }
                 buffer.truncate(filled);

@@ -282,8 +282,22 @@ impl Coordinator {
         loop {
             let data = match stream.message().await {
                 Ok(Some(pb::PutFileRequest { part: Some(pb::put_file_request::Part::Data(data)) })) => data,
+                Ok(Some(pb::PutFileRequest { part: Some(pb::put_file_request::Part::End(end)) })) => {
+                    if end.size != size {
+                        return Err(Status::invalid_argument(format!(
+                            "the upload's end says {} bytes but {size} arrived; nothing was committed",
+                            end.size
+                        )));
+                    }
+                    break;
+                }
                 Ok(Some(_)) => return Err(Status::invalid_argument("only the first upload message may be a header")),
-                Ok(None) => break,
+                Ok(None) => {
+                    return Err(Status::aborted(format!(
+                        "the upload ended after {size} bytes without its end marker (the client stopped or its \
+                         input failed); nothing was committed"
+                    )))
+                }
                 Err(status) => {
                     return Err(Status::aborted(format!(
                         "the upload stream broke after {size} bytes ({}); nothing was committed",

@@ -92,7 +92,13 @@ pub enum ClusterCommand {
         json: bool,
     },
     /// Add node ID at ADDR: it joins as a learner, catches up, then becomes a voter.
-    AddNode { id: u64, addr: String },
+    AddNode {
+        id: u64,
+        addr: String,
+        /// Stay a non-voting learner (for a node started with --roles storage).
+        #[arg(long)]
+        learner: bool,
+    },
     /// Remove node ID from the cluster.
     RemoveNode { id: u64 },
 }
@@ -352,8 +358,8 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
             }
             Ok(ExitCode::SUCCESS)
         }
-        ClusterCommand::AddNode { id, addr } => {
-            let reply = client.add_node(id, &addr).await.with_context(|| format!("add node {id}"))?;
+        ClusterCommand::AddNode { id, addr, learner } => {
+            let reply = client.add_node(id, &addr, learner).await.with_context(|| format!("add node {id}"))?;
             println!("voters: {:?}  learners: {:?}", reply.voters, reply.learners);
             Ok(ExitCode::SUCCESS)
         }

@@ -91,6 +91,10 @@ pub struct ServerArgs {
     /// Relative capacity of this node for placement (100 = a default node).
     #[arg(long)]
     pub weight: Option<u32>,
+    /// What this node does: `meta` (a Raft voter for the metadata) and/or `storage` (holds
+    /// chunks). A storage-only node joins as a non-voting learner (`cluster add-node --learner`).
+    #[arg(long, value_delimiter = ',')]
+    pub roles: Option<Vec<String>>,
 }
 
 /// The same settings, as read from `--config`.
@@ -118,6 +122,7 @@ struct FileSettings {
     gc_interval_ms: Option<u64>,
     zone: Option<String>,
     weight: Option<u32>,
+    roles: Option<Vec<String>>,
 }
 
 /// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
@@ -172,6 +177,19 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         anyhow::ensure!(
             *addr == advertise,
             "--peers gives node {node_id} the address {addr}, but this node advertises {advertise}"
+        );
+    }
+    let roles = args.roles.or(file.roles).unwrap_or_else(|| vec!["meta".into(), "storage".into()]);
+    for role in &roles {
+        anyhow::ensure!(role == "meta" || role == "storage", "--roles {role:?}: use meta, storage or both");
+    }
+    let meta_role = roles.iter().any(|r| r == "meta");
+    let storage_role = roles.iter().any(|r| r == "storage");
+    if !meta_role {
+        anyhow::ensure!(
+            !peers.contains_key(&node_id),
+            "a storage-only node (--roles storage) is not a voter: leave it out of --peers and add it with \
+             `mendfs cluster add-node {node_id} ADDR --learner`"
         );
     }
     let insecure = args.insecure_dev || file.insecure_dev.unwrap_or(false);
@@ -243,10 +261,14 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     if let Some(weight) = args.weight.or(file.weight) {
         data_config.weight = weight;
     }
-    let chunk_store = Arc::new(
-        ChunkStore::open(&config.data_dir.join("chunks"), mendfs_data::CHUNK_BYTES_MAX)
-            .with_context(|| format!("open the chunk store in {}", config.data_dir.display()))?,
-    );
+    let chunk_store = if storage_role {
+        Some(Arc::new(
+            ChunkStore::open(&config.data_dir.join("chunks"), mendfs_data::CHUNK_BYTES_MAX)
+                .with_context(|| format!("open the chunk store in {}", config.data_dir.display()))?,
+        ))
+    } else {
+        None
+    };
 
     // Bind before starting Raft so that a taken port fails fast with a clear message.
     let listener =
@@ -254,28 +276,38 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let node = MetaNode::start(config).await.map_err(|e| anyhow::anyhow!(e))?;
     let (node_service, kv_service, cluster_service) = mendfs_meta::service::services(&node);
     let (client_gate, node_gate) = mendfs_meta::service::gates(&node);
-    let storage_state = Arc::new(StorageState::new(chunk_store, data_config.orphan_grace));
-    let storage_service = InterceptedService::new(
-        StorageServer::new(StorageApi { state: storage_state.clone() })
-            .max_decoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024)
-            .max_encoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024),
-        node_gate,
-    );
+    let storage_service = match chunk_store {
+        Some(chunk_store) => {
+            let storage_state = Arc::new(StorageState::new(chunk_store, data_config.orphan_grace));
+            tokio::spawn(register_storage(node.clone(), data_config.clone()));
+            tokio::spawn(mendfs_data::gc::run(
+                node.clone(),
+                storage_state.clone(),
+                data_config.orphan_grace,
+                data_config.gc_interval,
+            ));
+            Some(InterceptedService::new(
+                StorageServer::new(StorageApi { state: storage_state })
+                    .max_decoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024)
+                    .max_encoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024),
+                node_gate,
+            ))
+        }
+        None => None,
+    };
     let files_service = InterceptedService::new(
         FilesServer::new(Coordinator::new(node.clone(), data_config.clone()))
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(16 << 20),
         client_gate,
     );
-    tokio::spawn(register_storage(node.clone(), data_config.clone()));
-    tokio::spawn(mendfs_data::gc::run(node.clone(), storage_state, data_config.orphan_grace, data_config.gc_interval));
     tracing::info!(%listen_addr, "serving");
     let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(node_service)
         .add_service(kv_service)
         .add_service(cluster_service)
-        .add_service(storage_service)
+        .add_optional_service(storage_service)
         .add_service(files_service)
         .serve_with_incoming_shutdown(
             // TCP_NODELAY on every accepted connection: replies are small, and Nagle's

@@ -84,6 +84,7 @@ pub enum LeaderRequest {
     AddNode {
         id: NodeId,
         addr: String,
+        learner: bool,
     },
     RemoveNode {
         id: NodeId,
@@ -421,7 +422,7 @@ impl MetaNode {
                 }
                 Ok(LeaderResponse::Unreferenced(unreferenced))
             }
-            LeaderRequest::AddNode { id, addr } => self.add_node(id, addr).await,
+            LeaderRequest::AddNode { id, addr, learner } => self.add_node(id, addr, learner).await,
             LeaderRequest::RemoveNode { id } => self.remove_node(id).await,
         }
     }
@@ -489,8 +490,9 @@ impl MetaNode {
         }
     }
 
-    /// Adds a node as a learner, waits for it to catch up, then promotes it to voter.
-    async fn add_node(&self, id: NodeId, addr: String) -> Result<LeaderResponse, ApiError> {
+    /// Adds a node as a learner, waits for it to catch up, then promotes it to voter (unless
+    /// it is to stay a learner).
+    async fn add_node(&self, id: NodeId, addr: String, learner: bool) -> Result<LeaderResponse, ApiError> {
         if addr.parse::<std::net::SocketAddr>().is_err() {
             return Err(ApiError::InvalidArgument(format!("node address {addr:?} is not HOST:PORT with an IP host")));
         }
@@ -506,16 +508,23 @@ impl MetaNode {
                 )));
             }
         }
+        if learner && voters.contains(&id) {
+            return Err(ApiError::InvalidArgument(format!(
+                "node {id} is a voter; remove it first to make it a learner"
+            )));
+        }
         if !voters.contains(&id) {
             let timeout = Duration::from_secs(60);
             tokio::time::timeout(timeout, self.raft.add_learner(id, BasicNode { addr }, true))
                 .await
                 .map_err(|_| ApiError::Timeout(format!("node {id} did not catch up as a learner within {timeout:?}")))?
                 .map_err(|e| self.map_membership_error(e))?;
-            self.raft
-                .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-                .await
-                .map_err(|e| self.map_membership_error(e))?;
+            if !learner {
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(|e| self.map_membership_error(e))?;
+            }
         }
         Ok(self.membership_response())
     }

@@ -570,8 +570,8 @@ impl Cluster for ClusterApi {
         if add.id == 0 {
             return Err(Status::invalid_argument("node id 0 is reserved; use 1 or more"));
         }
-        let response =
-            self.node.serve_on_leader(LeaderRequest::AddNode { id: add.id, addr: add.addr }, forwarded).await?;
+        let request = LeaderRequest::AddNode { id: add.id, addr: add.addr, learner: add.learner };
+        let response = self.node.serve_on_leader(request, forwarded).await?;
         Self::membership_reply(response)
     }
 
