@@ -181,16 +181,24 @@ impl Coordinator {
         Ok(CommittedChunk { hash: hash.to_vec(), size: request.data.len() as u64, replicas: stored })
     }
 
-    /// [`Coordinator::prepare_chunk`] holding one of the node's in-flight chunk slots.
-    async fn prepare_in_slot(
+    /// Starts [`Coordinator::prepare_chunk`] as its own task, holding one of the node's
+    /// in-flight chunk slots until it is done. A task, not a lazy future: an upload waiting for
+    /// a slot or for client data must not stall the prepares it already started, or uploads
+    /// holding slots could wait on each other forever.
+    fn spawn_prepare(
         &self,
-        _slot: tokio::sync::OwnedSemaphorePermit,
-        ring: &Ring,
-        addresses: &HashMap<u64, String>,
-        write_id: &[u8],
+        slot: tokio::sync::OwnedSemaphorePermit,
+        ring: &Arc<Ring>,
+        addresses: &Arc<HashMap<u64, String>>,
+        write_id: [u8; 16],
         data: Vec<u8>,
-    ) -> Result<CommittedChunk, Status> {
-        self.prepare_chunk(ring, addresses, write_id, data).await
+    ) -> tokio::task::JoinHandle<Result<CommittedChunk, Status>> {
+        let coordinator = self.clone();
+        let (ring, addresses) = (ring.clone(), addresses.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            coordinator.prepare_chunk(&ring, &addresses, &write_id, data).await
+        })
     }
 
     /// Reads one chunk from the first replica that returns the right bytes.
@@ -271,6 +279,7 @@ impl Coordinator {
         };
         validate_path(&header.path)?;
         let (ring, addresses) = self.placement()?;
+        let (ring, addresses) = (Arc::new(ring), Arc::new(addresses));
         let write_id: [u8; 16] = rand::random();
         let prepared_at_ms = now_ms();
         let chunk_size = self.config.chunk_size_bytes;
@@ -323,10 +332,10 @@ impl Coordinator {
                     .acquire_owned()
                     .await
                     .map_err(|_| Status::unavailable("shutting down"))?;
-                in_flight.push_back(self.prepare_in_slot(slot, &ring, &addresses, &write_id, chunk));
+                in_flight.push_back(self.spawn_prepare(slot, &ring, &addresses, write_id, chunk));
                 if in_flight.len() >= CHUNKS_IN_FLIGHT_MAX {
                     if let Some(prepared) = in_flight.next().await {
-                        chunks.push(prepared?);
+                        chunks.push(prepared.map_err(|e| Status::internal(format!("prepare task: {e}")))??);
                     }
                 }
             }
@@ -341,10 +350,10 @@ impl Coordinator {
         if !buffer.is_empty() {
             let slot =
                 self.prepare_slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
-            in_flight.push_back(self.prepare_in_slot(slot, &ring, &addresses, &write_id, std::mem::take(&mut buffer)));
+            in_flight.push_back(self.spawn_prepare(slot, &ring, &addresses, write_id, std::mem::take(&mut buffer)));
         }
         while let Some(prepared) = in_flight.next().await {
-            chunks.push(prepared?);
+            chunks.push(prepared.map_err(|e| Status::internal(format!("prepare task: {e}")))??);
         }
         let n_chunks = chunks.len() as u32;
         let content_hash = content_hash.finalize().as_bytes().to_vec();

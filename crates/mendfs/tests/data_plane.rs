@@ -502,3 +502,24 @@ async fn a_storage_only_node_joins_as_a_learner_and_receives_chunks() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_uploads_all_complete() {
+    let cluster = start(options(&[]));
+    let client = client_at(&cluster, vec![cluster.addr(1)]);
+    wait_until_writable(&client).await;
+    // More chunks in flight than a node allows at once (24): uploads must wait for slots
+    // without ever waiting on each other forever.
+    let uploads: Vec<_> = (0..16u32)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { put(&client, &format!("/many/{i}"), content(i, 4 * CHUNK)).await })
+        })
+        .collect();
+    for upload in uploads {
+        tokio::time::timeout(DEADLINE, upload).await.expect("no upload hangs").unwrap().expect("put");
+    }
+    for i in 0..16u32 {
+        assert!(get(&client, &format!("/many/{i}")).await.unwrap() == content(i, 4 * CHUNK));
+    }
+}
