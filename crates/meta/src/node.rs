@@ -298,7 +298,8 @@ impl MetaNode {
     }
 
     pub fn is_leader(&self) -> bool {
-        let metrics = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
         metrics.current_leader == Some(self.config.node_id) && metrics.state == ServerState::Leader
     }
 
@@ -308,9 +309,13 @@ impl MetaNode {
 
     /// The current leader's address, if known.
     pub fn leader_addr(&self) -> Option<String> {
-        let metrics = self.raft.metrics().borrow().clone();
-        let leader = metrics.current_leader?;
-        metrics.membership_config.membership().get_node(&leader).map(|node| node.addr.clone())
+        self.member_addr(self.leader_id()?)
+    }
+
+    /// A member's address from the current membership (borrowed, not cloned: this runs on
+    /// every forwarded request and every reply hint).
+    fn member_addr(&self, id: NodeId) -> Option<String> {
+        self.raft.metrics().borrow().membership_config.membership().get_node(&id).map(|node| node.addr.clone())
     }
 
     /// Serves a leader-only request here if this node leads, otherwise forwards it to the
@@ -325,11 +330,7 @@ impl MetaNode {
     }
 
     async fn forward(&self, leader: NodeId, request: &LeaderRequest) -> Result<LeaderResponse, ApiError> {
-        let addr = {
-            let metrics = self.raft.metrics().borrow().clone();
-            metrics.membership_config.membership().get_node(&leader).map(|node| node.addr.clone())
-        };
-        let Some(addr) = addr else {
+        let Some(addr) = self.member_addr(leader) else {
             return Err(ApiError::NotLeader { leader: Some(leader) });
         };
         let mut client = self.peers.client(&addr).map_err(ApiError::Unavailable)?;
