@@ -1,0 +1,14 @@
+//! How MendFS finds faults and decides repairs, free of I/O and clocks: callers pass the time
+//! and the cluster's state in, and get decisions out, so tests can feed synthetic histories and
+//! assert exact outcomes.
+//!
+//! - `detector`: phi-accrual failure detection over heartbeat arrivals, plus health thresholds,
+//!   giving each node a liveness (`up`, `suspect`, `down`, `degraded`).
+//! - `planner`: from a chunk's recorded replicas and the nodes' states, the copies that restore
+//!   its redundancy and the replicas that may be dropped (down, drained, or surplus).
+
+pub mod detector;
+pub mod planner;
+
+/// A node's identifier, the same id as in the membership table.
+pub type NodeId = u64;
