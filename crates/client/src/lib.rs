@@ -396,6 +396,17 @@ impl Client {
         })
         .await
     }
+
+    /// Drains storage node `id` (repair moves its copies elsewhere; it gets no new ones), or
+    /// with `undrain` makes it an ordinary node again.
+    pub async fn drain(&self, id: u64, undrain: bool) -> Result<(), Error> {
+        self.call(if undrain { "undrain node" } else { "drain node" }, |i| {
+            let mut cluster = self.cluster(i);
+            async move { cluster.drain(pb::DrainRequest { id, undrain }).await }
+        })
+        .await
+        .map(|_| ())
+    }
 }
 
 /// A session: keys created with its id are deleted when it is closed or expires.

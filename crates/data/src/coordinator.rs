@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
+use mendfs_heal::detector::Liveness;
+use mendfs_heal::planner::ClusterView;
 use mendfs_meta::files::{CommitFile, CommittedChunk, StorageNode};
 use mendfs_meta::network::PeerInterceptor;
 use mendfs_meta::node::{now_ms, FileView, LeaderRequest, LeaderResponse};
@@ -26,14 +28,14 @@ use mendfs_meta::MetaNode;
 use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::files_server::Files;
 use mendfs_proto::v1::storage_client::StorageClient;
-use mendfs_ring::{Ring, RingNode};
+use mendfs_ring::Ring;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::DataConfig;
+use crate::{node_state, DataConfig};
 
 /// Chunks being prepared at once per upload: enough to keep replicas busy, few enough that an
 /// upload holds at most this many chunks in memory.
@@ -102,23 +104,33 @@ impl Coordinator {
             .max_encoding_message_size(crate::CHUNK_BYTES_MAX + 1024))
     }
 
-    /// The placement ring over nodes that accept new chunks, and every node's address.
+    /// The placement ring over nodes that accept new chunks (up, not draining: the same rule
+    /// repair uses), and every node's address.
     fn placement(&self) -> Result<(Ring, HashMap<u64, String>), Status> {
         let nodes: Vec<StorageNode> = self.node.storage_nodes()?;
         let addresses = nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
-        let eligible: Vec<RingNode> = nodes
-            .iter()
-            .filter(|n| !n.draining)
-            .map(|n| RingNode { id: n.id, zone: n.zone.clone(), weight: n.weight })
-            .collect();
-        if eligible.len() < self.config.replication_factor {
+        let cluster = ClusterView::new(nodes.iter().map(node_state).collect(), self.config.replication_factor);
+        let ring = cluster.ring().clone();
+        if ring.nodes().len() < self.config.replication_factor {
+            let refused: Vec<String> = nodes
+                .iter()
+                .filter(|n| n.draining || n.liveness != Liveness::Up)
+                .map(|n| {
+                    format!(
+                        "node {} {}",
+                        n.id,
+                        if n.draining { "draining".to_string() } else { n.liveness.to_string() }
+                    )
+                })
+                .collect();
             return Err(Status::failed_precondition(format!(
-                "{} storage nodes accept new chunks; {} copies are needed (replication factor)",
-                eligible.len(),
-                self.config.replication_factor
+                "{} storage nodes accept new chunks; {} copies are needed (replication factor){}",
+                ring.nodes().len(),
+                self.config.replication_factor,
+                if refused.is_empty() { String::new() } else { format!("; not accepting: {}", refused.join(", ")) }
             )));
         }
-        Ok((Ring::new(&eligible), addresses))
+        Ok((ring, addresses))
     }
 
     async fn send_prepare(&self, addr: Option<&String>, request: pb::PrepareChunkRequest) -> Result<(), String> {

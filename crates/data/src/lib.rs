@@ -8,9 +8,15 @@
 //!   fall back to the next replica on any error.
 //! - `gc`: each storage node deletes copies that no committed file lists on it, after asking
 //!   the leader and only past the grace period.
+//! - `heartbeat`: every node reports its health to the leader once per interval.
+//! - `healer`: on the leader, the failure detector and checkpointed, throttled repair.
+//! - `scrub`: every storage node re-hashes its copies and reports the bad and the missing.
 
 pub mod coordinator;
 pub mod gc;
+pub mod healer;
+pub mod heartbeat;
+pub mod scrub;
 pub mod storage;
 
 use std::time::Duration;
@@ -39,6 +45,17 @@ impl Default for DataConfig {
             zone: "default".into(),
             weight: 100,
         }
+    }
+}
+
+/// A registered storage node as the planner sees it: its committed liveness and admin state.
+pub fn node_state(node: &mendfs_meta::files::StorageNode) -> mendfs_heal::planner::NodeState {
+    mendfs_heal::planner::NodeState {
+        id: node.id,
+        zone: node.zone.clone(),
+        weight: node.weight,
+        liveness: node.liveness,
+        draining: node.draining,
     }
 }
 

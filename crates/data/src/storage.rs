@@ -8,6 +8,7 @@
 //! set, so it treats every chunk as pending for one grace period after start.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,40 @@ pub struct StorageState {
     pub store: Arc<ChunkStore>,
     pending: Mutex<HashMap<ChunkHash, Instant>>,
     protected_until: Instant,
+    /// The operator's cap on chunk bytes kept here (None: the filesystem's size).
+    pub capacity_bytes: Option<u64>,
+    pub counters: Counters,
+}
+
+/// What this node has seen since it started, reported in every heartbeat.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub io_errors: AtomicU64,
+    pub checksum_errors: AtomicU64,
+    pub scrub_passes: AtomicU64,
+    pub scrub_checked_chunks: AtomicU64,
+    pub scrub_checked_bytes: AtomicU64,
+    pub repair_copied_chunks: AtomicU64,
+    pub repair_copied_bytes: AtomicU64,
+}
+
+impl Counters {
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// Counts a failed chunk operation by kind: corruption and I/O trouble are health signals.
+    pub fn count_error(&self, error: &ChunkError) {
+        match error {
+            ChunkError::Corrupt { .. } => Self::add(&self.checksum_errors, 1),
+            ChunkError::Io { .. } | ChunkError::DiskFull { .. } => Self::add(&self.io_errors, 1),
+            _ => {}
+        }
+    }
 }
 
 /// Pending entries kept before expired ones are swept on the next prepare.
@@ -34,8 +69,14 @@ fn skew_allowance(grace: Duration) -> Duration {
 }
 
 impl StorageState {
-    pub fn new(store: Arc<ChunkStore>, grace: Duration) -> Self {
-        Self { store, pending: Mutex::default(), protected_until: Instant::now() + skew_allowance(grace) }
+    pub fn new(store: Arc<ChunkStore>, grace: Duration, capacity_bytes: Option<u64>) -> Self {
+        Self {
+            store,
+            pending: Mutex::default(),
+            protected_until: Instant::now() + skew_allowance(grace),
+            capacity_bytes,
+            counters: Counters::default(),
+        }
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<ChunkHash, Instant>> {
@@ -55,7 +96,29 @@ impl StorageState {
             let entry = pending.entry(*hash).or_insert(until);
             *entry = (*entry).max(until);
         }
-        self.store.put(hash, data)
+        if let Some(capacity) = self.capacity_bytes {
+            if !self.store.contains(hash) && self.store.stats().chunk_bytes + data.len() as u64 > capacity {
+                return Err(ChunkError::DiskFull { path: self.store.path_of(hash) });
+            }
+        }
+        let result = self.store.put(hash, data);
+        if let Err(e) = &result {
+            self.counters.count_error(e);
+        }
+        result
+    }
+
+    /// Protects a chunk from collection for `grace` and says whether a copy is already here.
+    /// Repair calls it before pulling a copy, so the copy it is about to record can never be
+    /// collected between "already here" and the commit that lists it.
+    pub fn claim(&self, hash: &ChunkHash, grace: Duration) -> bool {
+        {
+            let mut pending = self.pending();
+            let until = Instant::now() + skew_allowance(grace);
+            let entry = pending.entry(*hash).or_insert(until);
+            *entry = (*entry).max(until);
+        }
+        self.store.contains(hash)
     }
 
     /// Whether the chunk may be considered for collection at all (not pending, node not
@@ -89,6 +152,38 @@ fn chunk_status(error: ChunkError) -> Status {
 
 pub struct StorageApi {
     pub state: Arc<StorageState>,
+    /// Channels to the other nodes, for pulling repair copies.
+    pub peers: mendfs_meta::network::Peers,
+    /// Bounds concurrent repair pulls on this node, so repair never crowds out client traffic.
+    pub replication_slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// Repair pulls one node serves at once.
+pub const REPLICATIONS_IN_FLIGHT_MAX: usize = 4;
+const PULL_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl StorageApi {
+    pub fn new(state: Arc<StorageState>, peers: mendfs_meta::network::Peers) -> Self {
+        Self { state, peers, replication_slots: Arc::new(tokio::sync::Semaphore::new(REPLICATIONS_IN_FLIGHT_MAX)) }
+    }
+
+    async fn pull(&self, addr: &str, hash: &ChunkHash) -> Result<Vec<u8>, String> {
+        let channel = self.peers.channel(addr)?;
+        let mut client = pb::storage_client::StorageClient::with_interceptor(channel, self.peers.interceptor())
+            .max_decoding_message_size(crate::CHUNK_BYTES_MAX + 1024);
+        let mut request = Request::new(pb::ReadChunkRequest { hash: hash.to_vec() });
+        request.set_timeout(PULL_TIMEOUT);
+        let reply = tokio::time::timeout(PULL_TIMEOUT, client.read_chunk(request))
+            .await
+            .map_err(|_| format!("no answer within {PULL_TIMEOUT:?}"))?
+            .map_err(|status| format!("{}: {}", status.code(), status.message()))?;
+        let data = reply.into_inner().data;
+        // Verified here as well as by the store's put: a wrong copy must not even be tried.
+        if blake3::hash(&data).as_bytes() != hash {
+            return Err("the bytes do not match the hash".into());
+        }
+        Ok(data)
+    }
 }
 
 #[tonic::async_trait]
@@ -111,8 +206,12 @@ impl Storage for StorageApi {
     async fn read_chunk(&self, request: Request<pb::ReadChunkRequest>) -> Result<Response<pb::ReadChunkReply>, Status> {
         let hash = parse_hash(&request.get_ref().hash)?;
         let store = self.state.store.clone();
+        let state = self.state.clone();
         let result = tokio::task::spawn_blocking(move || {
             let result = store.get(&hash);
+            if let Err(e) = &result {
+                state.counters.count_error(e);
+            }
             if let Err(ChunkError::Corrupt { .. }) = &result {
                 // Never serve it again; keep it for inspection.
                 if let Err(e) = store.quarantine(&hash) {
@@ -130,5 +229,45 @@ impl Storage for StorageApi {
                 Err(chunk_status(e))
             }
         }
+    }
+
+    async fn replicate_chunk(
+        &self,
+        request: Request<pb::ReplicateChunkRequest>,
+    ) -> Result<Response<pb::ReplicateChunkReply>, Status> {
+        let request = request.into_inner();
+        let hash = parse_hash(&request.hash)?;
+        let grace = Duration::from_millis(request.grace_ms);
+        let _slot =
+            self.replication_slots.acquire().await.map_err(|_| Status::unavailable("the node is shutting down"))?;
+        let state = self.state.clone();
+        let present = tokio::task::spawn_blocking(move || state.claim(&hash, grace))
+            .await
+            .map_err(|e| Status::internal(format!("claim task: {e}")))?;
+        if present {
+            // Idempotent: a copy that is already here is not copied again (a repair resumed by a
+            // new leader redoes only what was not recorded).
+            return Ok(Response::new(pb::ReplicateChunkReply { already_present: true, copied_bytes: 0 }));
+        }
+        let mut errors = Vec::new();
+        for addr in &request.source_addrs {
+            let data = match self.pull(addr, &hash).await {
+                Ok(data) => data,
+                Err(e) => {
+                    errors.push(format!("{addr}: {e}"));
+                    continue;
+                }
+            };
+            let size = data.len() as u64;
+            let state = self.state.clone();
+            tokio::task::spawn_blocking(move || state.prepare(&hash, &data, grace))
+                .await
+                .map_err(|e| Status::internal(format!("store task: {e}")))?
+                .map_err(chunk_status)?;
+            Counters::add(&self.state.counters.repair_copied_chunks, 1);
+            Counters::add(&self.state.counters.repair_copied_bytes, size);
+            return Ok(Response::new(pb::ReplicateChunkReply { already_present: false, copied_bytes: size }));
+        }
+        Err(Status::unavailable(format!("no source could supply the chunk: {}", errors.join("; "))))
     }
 }

@@ -41,6 +41,20 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// Self-healing on 4 nodes at the default detector settings: false suspicions under full
+    /// write load, detection time after a SIGKILL (suspect, down), and time to full redundancy
+    /// with the repair rate against the disk's fsynced write rate.
+    Heal {
+        /// Data written before the kill, in MiB.
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        /// Repair bandwidth (0: unthrottled).
+        #[arg(long, default_value_t = 0)]
+        repair_bytes_per_sec: u64,
+    },
 }
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -54,6 +68,9 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         }
         BenchCommand::Files { sizes, clients, seconds } => {
             bench_files(&sizes, &clients, Duration::from_secs_f64(seconds)).await
+        }
+        BenchCommand::Heal { mib, clients, repair_bytes_per_sec } => {
+            bench_heal(mib, clients, repair_bytes_per_sec).await
         }
     }
 }
@@ -440,6 +457,169 @@ async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration) -> Re
             }
         }
     }
+    for (id, node) in &cluster.nodes {
+        if let Some(rss) = node.pid().and_then(peak_rss_kib) {
+            println!("node {id}: peak RSS {:.1} MiB", rss as f64 / 1024.0);
+        }
+    }
+    Ok(())
+}
+
+/// A reader of `remaining` bytes in which every 8-byte word names (file, word index): no two
+/// chunks of any two files are equal, so nothing deduplicates.
+struct UniqueReader {
+    file: u32,
+    position: u64,
+    remaining: u64,
+}
+
+impl tokio::io::AsyncRead for UniqueReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let n = (buf.remaining() as u64).min(self.remaining) as usize;
+        let mut bytes = Vec::with_capacity(n);
+        for position in self.position..self.position + n as u64 {
+            let word = position / 8;
+            let mut encoded = [0u8; 8];
+            encoded[..4].copy_from_slice(&self.file.to_be_bytes());
+            encoded[4..].copy_from_slice(&(word as u32).to_be_bytes());
+            bytes.push(encoded[(position % 8) as usize]);
+        }
+        buf.put_slice(&bytes);
+        self.position += n as u64;
+        self.remaining -= n as u64;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+fn node_state(status: &mendfs_proto::v1::StatusReply, id: u64) -> String {
+    status.nodes.iter().find(|n| n.id == id).map(|n| n.state.clone()).unwrap_or_default()
+}
+
+async fn bench_heal(mib: u64, clients: usize, repair_bytes_per_sec: u64) -> Result<()> {
+    let binary = std::env::current_exe().context("locate the mendfs binary")?;
+    let options = ClusterOptions {
+        nodes: 3,
+        server_args: vec!["--repair-bytes-per-sec".into(), repair_bytes_per_sec.to_string()],
+        ..ClusterOptions::default()
+    };
+    let mut cluster = blocking(|| Cluster::start(&binary, options))?;
+    blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
+    blocking(|| cluster.add_storage_learner(4))?;
+    let disk = blocking(|| disk_fsync_rate(cluster.root()))?;
+    println!("reference measured now: disk fsynced write {:.0} MB/s", mb(disk));
+    println!("cluster: 3 metadata voters + 1 storage-only node, RF 3, default detector (1 s heartbeats, phi 8, down after 10 s)");
+    let mut config = ClientConfig::new(cluster.endpoint_list());
+    config.secret = cluster.secret();
+    let client = Client::new(config)?;
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = client.status().await;
+        if let Ok(status) = &status {
+            if (1..=4).all(|id| node_state(status, id) == "up") {
+                break;
+            }
+        }
+        anyhow::ensure!(Instant::now() < ready_by, "the four nodes never all came up: {status:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Phase 1: full write load, watching for any false suspicion.
+    const FILE_BYTES: u64 = 64 << 20;
+    let files = (mib << 20).div_ceil(FILE_BYTES);
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let writers: Vec<_> = (0..clients)
+        .map(|_| {
+            let (client, next) = (client.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let file = next.fetch_add(1, Ordering::Relaxed);
+                    if file >= files {
+                        return Ok::<(), anyhow::Error>(());
+                    }
+                    let reader = UniqueReader { file: file as u32, position: 0, remaining: FILE_BYTES };
+                    client
+                        .put_file(&format!("/heal/{file}"), reader, Some(FILE_BYTES), None, |_| {})
+                        .await
+                        .with_context(|| format!("put file {file}"))?;
+                }
+            })
+        })
+        .collect();
+    let mut false_suspicions: Vec<String> = Vec::new();
+    let mut polls = 0u64;
+    while !writers.iter().all(|w| w.is_finished()) {
+        if let Ok(status) = client.status().await {
+            polls += 1;
+            for n in &status.nodes {
+                if !n.state.is_empty() && n.state != "up" {
+                    false_suspicions.push(format!("node {} {} ({})", n.id, n.state, n.state_reason));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for writer in writers {
+        writer.await??;
+    }
+    let write_secs = started.elapsed().as_secs_f64();
+    println!(
+        "wrote {} MiB in {:.1} s ({:.0} MB/s); {} status polls under load, false suspicions: {}",
+        files * 64,
+        write_secs,
+        mb((files * FILE_BYTES) as f64 / write_secs),
+        polls,
+        if false_suspicions.is_empty() { "none".to_string() } else { false_suspicions.join(", ") }
+    );
+    let status = loop {
+        let status = client.status().await?;
+        if status.under_replicated_chunks == 0 && status.chunks > 0 {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let held_by_4 = status.nodes.iter().find(|n| n.id == 4).map_or(0, |n| n.chunks_listed);
+    println!("{} chunks; node 4 holds {held_by_4} copies", status.chunks);
+
+    // Phase 2: SIGKILL node 4 and time detection and repair.
+    blocking(|| cluster.kill(4))?;
+    let killed = Instant::now();
+    let (mut suspect_at, mut down_at) = (None, None);
+    let deadline = Duration::from_secs(1800);
+    let done = loop {
+        anyhow::ensure!(killed.elapsed() < deadline, "no full redundancy within {deadline:?}");
+        let Ok(status) = client.status().await else { continue };
+        let state = node_state(&status, 4);
+        if suspect_at.is_none() && (state == "suspect" || state == "down") {
+            suspect_at = Some(killed.elapsed());
+        }
+        if down_at.is_none() && state == "down" {
+            down_at = Some(killed.elapsed());
+        }
+        let held = status.nodes.iter().find(|n| n.id == 4).map_or(0, |n| n.chunks_listed);
+        if down_at.is_some() && status.under_replicated_chunks == 0 && held == 0 {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let full_at = killed.elapsed();
+    let (suspect_at, down_at) = (suspect_at.unwrap_or_default(), down_at.unwrap_or_default());
+    let repaired = done.repair.as_ref().map_or(0, |r| r.done_bytes);
+    let repair_secs = (full_at - down_at).as_secs_f64();
+    let rate = repaired as f64 / repair_secs;
+    println!("SIGKILL -> suspect: {:.2} s   -> down: {:.2} s", suspect_at.as_secs_f64(), down_at.as_secs_f64());
+    println!(
+        "down -> full redundancy: {repair_secs:.2} s for {} MiB ({} copies): {:.0} MB/s = {:.2} x the disk's fsynced write rate",
+        repaired >> 20,
+        done.repair.as_ref().map_or(0, |r| r.done_copies),
+        mb(rate),
+        rate / disk
+    );
+    println!("SIGKILL -> full redundancy: {:.2} s", full_at.as_secs_f64());
     for (id, node) in &cluster.nodes {
         if let Some(rss) = node.pid().and_then(peak_rss_kib) {
             println!("node {id}: peak RSS {:.1} MiB", rss as f64 / 1024.0);

@@ -86,7 +86,8 @@ pub enum KvCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum ClusterCommand {
-    /// Leader, term, and per node its role, log and applied index, and lag.
+    /// Leader, term, per node its role, log, liveness (state, phi, heartbeat age) and health,
+    /// and the cluster's redundancy and repair progress.
     Status {
         #[arg(long)]
         json: bool,
@@ -99,8 +100,38 @@ pub enum ClusterCommand {
         #[arg(long)]
         learner: bool,
     },
-    /// Remove node ID from the cluster.
+    /// Remove node ID from the cluster (drain a storage node first).
     RemoveNode { id: u64 },
+    /// Move every chunk copy off storage node ID and place no new ones on it.
+    Drain { id: u64 },
+    /// Make a drained node an ordinary storage node again.
+    Undrain { id: u64 },
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
+}
+
+fn health_json(h: &mendfs_proto::v1::NodeHealth) -> serde_json::Value {
+    json!({
+        "disk_used_bytes": h.disk_used_bytes, "disk_capacity_bytes": h.disk_capacity_bytes,
+        "cpu_percent": h.cpu_percent, "memory_used_bytes": h.memory_used_bytes,
+        "memory_total_bytes": h.memory_total_bytes, "rss_bytes": h.rss_bytes,
+        "chunk_count": h.chunk_count, "chunk_bytes": h.chunk_bytes,
+        "io_errors": h.io_errors, "checksum_errors": h.checksum_errors,
+        "scrub_passes": h.scrub_passes, "scrub_checked_chunks": h.scrub_checked_chunks,
+        "scrub_checked_bytes": h.scrub_checked_bytes,
+        "repair_copied_chunks": h.repair_copied_chunks, "repair_copied_bytes": h.repair_copied_bytes,
+    })
+}
+
+fn repair_json(r: &mendfs_proto::v1::RepairStatus) -> serde_json::Value {
+    json!({
+        "job_id": r.job_id, "reason": r.reason, "started_unix_ms": r.started_unix_ms,
+        "finished_unix_ms": r.finished_unix_ms, "done_bytes": r.done_bytes, "total_bytes": r.total_bytes,
+        "done_copies": r.done_copies, "total_copies": r.total_copies,
+        "bytes_per_sec": r.bytes_per_sec, "eta_secs": r.eta_secs,
+    })
 }
 
 fn text(bytes: &[u8]) -> String {
@@ -322,13 +353,25 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                             "snapshot_index": n.snapshot_index, "purged_index": n.purged_index,
                             "revision": n.revision, "term": n.term,
                             "error": if n.error.is_empty() { None } else { Some(&n.error) },
+                            "state": if n.state.is_empty() { None } else { Some(&n.state) },
+                            "state_reason": if n.state_reason.is_empty() { None } else { Some(&n.state_reason) },
+                            "phi": n.phi, "heartbeat_age_ms": n.heartbeat_age_ms,
+                            "storage": n.storage, "draining": n.draining, "chunks": n.chunks_listed,
+                            "health": n.health.as_ref().map(health_json),
                         })
                     })
                     .collect();
                 println!(
                     "{}",
                     json!({"leader": status.leader, "term": status.term, "revision": status.revision,
-                           "cluster_id": status.cluster_id, "nodes": nodes})
+                           "cluster_id": status.cluster_id, "nodes": nodes,
+                           "chunks": status.chunks,
+                           "under_replicated_chunks": status.under_replicated_chunks,
+                           "over_replicated_chunks": status.over_replicated_chunks,
+                           "lost_chunks": status.lost_chunks,
+                           "unplaceable_copies": status.unplaceable_copies,
+                           "repair": status.repair.as_ref().map(repair_json),
+                           "health_error": if status.health_error.is_empty() { None } else { Some(&status.health_error) }})
                 );
             } else {
                 println!(
@@ -339,21 +382,81 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                     status.cluster_id
                 );
                 println!(
-                    "{:>4}  {:<22} {:<12} {:>6} {:>10} {:>10} {:>6}",
-                    "ID", "ADDRESS", "ROLE", "VOTER", "LAST LOG", "APPLIED", "LAG"
+                    "{:>4}  {:<22} {:<10} {:>5} {:>9} {:>6} {:<9} {:>6} {:>7} {:>7} {:>11} {:>5}",
+                    "ID", "ADDRESS", "ROLE", "VOTER", "APPLIED", "LAG", "STATE", "PHI", "BEAT", "CHUNKS", "DISK", "CPU"
                 );
                 for n in &status.nodes {
+                    let state = match (n.state.as_str(), n.draining) {
+                        ("", _) => "-".to_string(),
+                        (state, true) => format!("{state}/drain"),
+                        (state, false) => state.to_string(),
+                    };
+                    let beat = n.heartbeat_age_ms.map_or("-".to_string(), |ms| format!("{:.1}s", ms as f64 / 1000.0));
+                    let (chunks, disk, cpu) = match &n.health {
+                        Some(h) => (
+                            h.chunk_count.to_string(),
+                            if h.disk_capacity_bytes > 0 {
+                                format!("{:.0}% full", 100.0 * h.disk_used_bytes as f64 / h.disk_capacity_bytes as f64)
+                            } else {
+                                "-".to_string()
+                            },
+                            format!("{:.0}%", h.cpu_percent),
+                        ),
+                        None => ("-".to_string(), "-".to_string(), "-".to_string()),
+                    };
+                    let mut notes = Vec::new();
+                    if !n.state_reason.is_empty() {
+                        notes.push(n.state_reason.clone());
+                    }
+                    if !n.error.is_empty() {
+                        notes.push(n.error.clone());
+                    }
                     println!(
-                        "{:>4}  {:<22} {:<12} {:>6} {:>10} {:>10} {:>6}{}",
+                        "{:>4}  {:<22} {:<10} {:>5} {:>9} {:>6} {:<9} {:>6.1} {:>7} {:>7} {:>11} {:>5}{}",
                         n.id,
                         n.addr,
                         n.role,
                         if n.voter { "yes" } else { "no" },
-                        n.last_log_index,
                         n.applied_index,
                         n.lag,
-                        if n.error.is_empty() { String::new() } else { format!("  ({})", n.error) }
+                        state,
+                        n.phi,
+                        beat,
+                        chunks,
+                        disk,
+                        cpu,
+                        if notes.is_empty() { String::new() } else { format!("  ({})", notes.join("; ")) }
                     );
+                }
+                println!(
+                    "chunks: {}   under-replicated: {}   over-replicated: {}   lost: {}   unplaceable copies: {}",
+                    status.chunks,
+                    status.under_replicated_chunks,
+                    status.over_replicated_chunks,
+                    status.lost_chunks,
+                    status.unplaceable_copies
+                );
+                if let Some(r) = &status.repair {
+                    let progress =
+                        if r.total_bytes > 0 { 100.0 * r.done_bytes as f64 / r.total_bytes as f64 } else { 100.0 };
+                    let state = match (r.finished_unix_ms, r.eta_secs) {
+                        (Some(_), _) => "finished".to_string(),
+                        (None, Some(eta)) => format!("ETA {eta:.0}s"),
+                        (None, None) => "running".to_string(),
+                    };
+                    println!(
+                        "repair #{} ({}): {} / {} ({progress:.0}%), {} / {} copies, {}/s, {state}",
+                        r.job_id,
+                        r.reason,
+                        mib(r.done_bytes),
+                        mib(r.total_bytes),
+                        r.done_copies,
+                        r.total_copies,
+                        mib(r.bytes_per_sec as u64),
+                    );
+                }
+                if !status.health_error.is_empty() {
+                    println!("(no liveness view: {})", status.health_error);
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -366,6 +469,16 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
         ClusterCommand::RemoveNode { id } => {
             let reply = client.remove_node(id).await.with_context(|| format!("remove node {id}"))?;
             println!("voters: {:?}  learners: {:?}", reply.voters, reply.learners);
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCommand::Drain { id } => {
+            client.drain(id, false).await.with_context(|| format!("drain node {id}"))?;
+            println!("node {id} is draining: its copies move elsewhere; `mendfs cluster status` shows its chunk count");
+            Ok(ExitCode::SUCCESS)
+        }
+        ClusterCommand::Undrain { id } => {
+            client.drain(id, true).await.with_context(|| format!("undrain node {id}"))?;
+            println!("node {id} accepts new chunks again");
             Ok(ExitCode::SUCCESS)
         }
     }

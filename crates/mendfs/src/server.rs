@@ -11,12 +11,17 @@ use std::time::Duration;
 
 use mendfs_chunkstore::ChunkStore;
 use mendfs_data::coordinator::Coordinator;
+use mendfs_data::healer::Healer;
+use mendfs_data::healer::{HealerConfig, HealthApi};
+use mendfs_data::heartbeat::HealthSampler;
+use mendfs_data::scrub::ScrubConfig;
 use mendfs_data::storage::{StorageApi, StorageState};
 use mendfs_data::DataConfig;
 use mendfs_meta::files::StorageNode;
 use mendfs_meta::state::Command;
 use mendfs_meta::{MetaNode, NodeConfig};
 use mendfs_proto::v1::files_server::FilesServer;
+use mendfs_proto::v1::health_server::HealthServer;
 use mendfs_proto::v1::storage_server::StorageServer;
 use serde::Deserialize;
 use tonic::service::interceptor::InterceptedService;
@@ -95,6 +100,40 @@ pub struct ServerArgs {
     /// chunks). A storage-only node joins as a non-voting learner (`cluster add-node --learner`).
     #[arg(long, value_delimiter = ',')]
     pub roles: Option<Vec<String>>,
+    /// Cap on the chunk bytes this node stores (default: the filesystem's size). A node near
+    /// its cap is `degraded` and receives no new chunks.
+    #[arg(long)]
+    pub storage_capacity_bytes: Option<u64>,
+    /// How often this node sends the leader a heartbeat with its health, in milliseconds (default 1000).
+    #[arg(long)]
+    pub health_interval_ms: Option<u64>,
+    /// Phi at which the leader suspects a node (default 8).
+    #[arg(long)]
+    pub phi_threshold: Option<f64>,
+    /// Heartbeat delay tolerated before suspicion grows, in milliseconds (default 3000).
+    #[arg(long)]
+    pub acceptable_pause_ms: Option<u64>,
+    /// How long a node stays suspect before it is declared down and repaired, in milliseconds (default 10000).
+    #[arg(long)]
+    pub down_after_ms: Option<u64>,
+    /// Disk use (used/capacity) at which a node becomes degraded (default 0.9).
+    #[arg(long)]
+    pub disk_full_ratio: Option<f64>,
+    /// Repair copy bandwidth across the cluster in bytes per second; 0 = unthrottled (default 128 MiB/s).
+    #[arg(long)]
+    pub repair_bytes_per_sec: Option<u64>,
+    /// Repair copies in flight at once (default 8).
+    #[arg(long)]
+    pub repair_copies_in_flight: Option<usize>,
+    /// How often the leader scans the chunk map for repair work, in milliseconds (default 1000).
+    #[arg(long)]
+    pub repair_scan_interval_ms: Option<u64>,
+    /// Scrub read bandwidth in bytes per second; 0 = scrubbing off (default 32 MiB/s).
+    #[arg(long)]
+    pub scrub_bytes_per_sec: Option<u64>,
+    /// Rest between two scrub passes, in milliseconds (default 1 hour).
+    #[arg(long)]
+    pub scrub_interval_ms: Option<u64>,
 }
 
 /// The same settings, as read from `--config`.
@@ -123,6 +162,17 @@ struct FileSettings {
     zone: Option<String>,
     weight: Option<u32>,
     roles: Option<Vec<String>>,
+    storage_capacity_bytes: Option<u64>,
+    health_interval_ms: Option<u64>,
+    phi_threshold: Option<f64>,
+    acceptable_pause_ms: Option<u64>,
+    down_after_ms: Option<u64>,
+    disk_full_ratio: Option<f64>,
+    repair_bytes_per_sec: Option<u64>,
+    repair_copies_in_flight: Option<usize>,
+    repair_scan_interval_ms: Option<u64>,
+    scrub_bytes_per_sec: Option<u64>,
+    scrub_interval_ms: Option<u64>,
 }
 
 /// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
@@ -261,6 +311,49 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     if let Some(weight) = args.weight.or(file.weight) {
         data_config.weight = weight;
     }
+    let health_interval = Duration::from_millis(args.health_interval_ms.or(file.health_interval_ms).unwrap_or(1_000));
+    anyhow::ensure!(!health_interval.is_zero(), "--health-interval-ms must be positive");
+    let mut healer_config = HealerConfig {
+        replication_factor: data_config.replication_factor,
+        orphan_grace: data_config.orphan_grace,
+        ..HealerConfig::default()
+    };
+    // The detector's first guess of the rhythm is the configured interval.
+    healer_config.detector.phi.first_interval_estimate_ms = health_interval.as_millis() as f64;
+    if let Some(phi) = args.phi_threshold.or(file.phi_threshold) {
+        anyhow::ensure!(phi > 0.0 && phi.is_finite(), "--phi-threshold must be a positive number");
+        healer_config.detector.phi.threshold = phi;
+    }
+    if let Some(ms) = args.acceptable_pause_ms.or(file.acceptable_pause_ms) {
+        healer_config.detector.phi.acceptable_pause_ms = ms as f64;
+    }
+    if let Some(ms) = args.down_after_ms.or(file.down_after_ms) {
+        healer_config.detector.down_after_ms = ms;
+    }
+    if let Some(ratio) = args.disk_full_ratio.or(file.disk_full_ratio) {
+        anyhow::ensure!(ratio > 0.0 && ratio <= 1.0, "--disk-full-ratio must be within (0, 1]");
+        healer_config.detector.disk_full_ratio = ratio;
+    }
+    if let Some(rate) = args.repair_bytes_per_sec.or(file.repair_bytes_per_sec) {
+        healer_config.repair_bytes_per_sec = rate;
+    }
+    if let Some(n) = args.repair_copies_in_flight.or(file.repair_copies_in_flight) {
+        anyhow::ensure!(n >= 1, "--repair-copies-in-flight must be at least 1");
+        healer_config.repair_copies_in_flight = n;
+    }
+    if let Some(ms) = args.repair_scan_interval_ms.or(file.repair_scan_interval_ms) {
+        anyhow::ensure!(ms > 0, "--repair-scan-interval-ms must be positive");
+        healer_config.scan_interval = Duration::from_millis(ms);
+    }
+    let mut scrub_config = ScrubConfig::default();
+    if let Some(rate) = args.scrub_bytes_per_sec.or(file.scrub_bytes_per_sec) {
+        scrub_config.bytes_per_sec = rate;
+    }
+    if let Some(ms) = args.scrub_interval_ms.or(file.scrub_interval_ms) {
+        scrub_config.pause_between_passes = Duration::from_millis(ms);
+    }
+    let storage_capacity = args.storage_capacity_bytes.or(file.storage_capacity_bytes);
+
     let chunk_store = if storage_role {
         Some(Arc::new(
             ChunkStore::open(&config.data_dir.join("chunks"), mendfs_data::CHUNK_BYTES_MAX)
@@ -276,10 +369,18 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     let node = MetaNode::start(config).await.map_err(|e| anyhow::anyhow!(e))?;
     let (node_service, kv_service, cluster_service) = mendfs_meta::service::services(&node);
     let (client_gate, node_gate) = mendfs_meta::service::gates(&node);
-    let storage_service = match chunk_store {
-        Some(chunk_store) => {
-            let storage_state = Arc::new(StorageState::new(chunk_store, data_config.orphan_grace));
+    let healer = Healer::new(node.clone(), healer_config);
+    tokio::spawn(healer.clone().run());
+    let health_service =
+        InterceptedService::new(HealthServer::new(HealthApi { healer: healer.clone() }), node_gate.clone());
+    let storage_state = chunk_store
+        .map(|chunk_store| Arc::new(StorageState::new(chunk_store, data_config.orphan_grace, storage_capacity)));
+    let sampler = HealthSampler::new(&node.config.data_dir, storage_state.clone());
+    tokio::spawn(mendfs_data::heartbeat::run(node.clone(), healer, sampler, health_interval));
+    let storage_service = match storage_state {
+        Some(storage_state) => {
             tokio::spawn(register_storage(node.clone(), data_config.clone()));
+            tokio::spawn(mendfs_data::scrub::run(node.clone(), storage_state.clone(), scrub_config));
             tokio::spawn(mendfs_data::gc::run(
                 node.clone(),
                 storage_state.clone(),
@@ -287,7 +388,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
                 data_config.gc_interval,
             ));
             Some(InterceptedService::new(
-                StorageServer::new(StorageApi { state: storage_state })
+                StorageServer::new(StorageApi::new(storage_state, node.peers.clone()))
                     .max_decoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024)
                     .max_encoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024),
                 node_gate,
@@ -308,6 +409,7 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         .add_service(kv_service)
         .add_service(cluster_service)
         .add_optional_service(storage_service)
+        .add_service(health_service)
         .add_service(files_service)
         .serve_with_incoming_shutdown(
             // TCP_NODELAY on every accepted connection: replies are small, and Nagle's
@@ -331,6 +433,7 @@ async fn register_storage(node: MetaNode, data: DataConfig) {
         zone: data.zone,
         weight: data.weight,
         draining: false,
+        liveness: mendfs_heal::detector::Liveness::Up,
     };
     loop {
         let command = Command::RegisterStorageNode { node: storage_node.clone() };

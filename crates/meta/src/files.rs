@@ -10,6 +10,7 @@
 //! leader and only past a grace period in which a new write could still reference them (see
 //! `docs/ARCHITECTURE.md`, "Garbage collection").
 
+use mendfs_heal::detector::Liveness;
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
@@ -30,6 +31,10 @@ pub struct StorageNode {
     /// Relative capacity for placement (100 = a default node).
     pub weight: u32,
     pub draining: bool,
+    /// The last liveness a leader committed: `Up`, `Down` or `Degraded` (suspicion is the
+    /// leader's soft state and never committed). Coordinators place new chunks only on `Up`
+    /// nodes that are not draining; repair treats copies on `Down` nodes as lost.
+    pub liveness: Liveness,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,12 +122,185 @@ pub(crate) fn register_storage_node(
     node: &StorageNode,
 ) -> Result<CommandResult, StoreError> {
     let key = node.id.to_be_bytes();
-    let draining = match store.get(Table::StorageNodes, &key)? {
-        Some(bytes) => decode::<StorageNode>(&bytes)?.draining,
-        None => node.draining,
+    // The admin state and the committed liveness survive a re-registration (a restart): only
+    // the leader's detector and the operator change them.
+    let (draining, liveness) = match store.get(Table::StorageNodes, &key)? {
+        Some(bytes) => {
+            let existing = decode::<StorageNode>(&bytes)?;
+            (existing.draining, existing.liveness)
+        }
+        None => (node.draining, node.liveness),
     };
-    store.put(Table::StorageNodes, &key, &encode(&StorageNode { draining, ..node.clone() })?)?;
+    store.put(Table::StorageNodes, &key, &encode(&StorageNode { draining, liveness, ..node.clone() })?)?;
     Ok(Ok(Outcome::Noop))
+}
+
+fn update_storage_node(
+    store: &mut impl StateStore,
+    node_id: u64,
+    change: impl FnOnce(&mut StorageNode),
+) -> Result<CommandResult, StoreError> {
+    let key = node_id.to_be_bytes();
+    let Some(bytes) = store.get(Table::StorageNodes, &key)? else {
+        return Ok(Err(CommandError::NodeNotFound { node_id }));
+    };
+    let mut node: StorageNode = decode(&bytes)?;
+    change(&mut node);
+    store.put(Table::StorageNodes, &key, &encode(&node)?)?;
+    Ok(Ok(Outcome::Noop))
+}
+
+pub(crate) fn set_liveness(
+    store: &mut impl StateStore,
+    node_id: u64,
+    liveness: Liveness,
+) -> Result<CommandResult, StoreError> {
+    // Suspicion is never committed; a proposal of it is a leader bug, kept harmless.
+    if liveness == Liveness::Suspect {
+        return Ok(Ok(Outcome::Noop));
+    }
+    update_storage_node(store, node_id, |node| node.liveness = liveness)
+}
+
+pub(crate) fn set_draining(
+    store: &mut impl StateStore,
+    node_id: u64,
+    draining: bool,
+) -> Result<CommandResult, StoreError> {
+    update_storage_node(store, node_id, |node| node.draining = draining)
+}
+
+pub(crate) fn unregister_storage_node(store: &mut impl StateStore, node_id: u64) -> Result<CommandResult, StoreError> {
+    store.remove(Table::StorageNodes, &node_id.to_be_bytes())?;
+    Ok(Ok(Outcome::Noop))
+}
+
+/// A copy made by repair: `node` now holds a verified, fsynced copy of `hash`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaAdded {
+    pub hash: Vec<u8>,
+    pub node: u64,
+}
+
+/// Stop listing `node` for `hash`, but only if every node in `keep` is still listed: the
+/// planner decided the drop against those copies, and a concurrent change (another drop, a
+/// bad-replica report) must not turn a safe drop into a loss of redundancy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaDrop {
+    pub hash: Vec<u8>,
+    pub node: u64,
+    pub keep: Vec<u64>,
+}
+
+/// The repair the leader is running, checkpointed in Raft: a new leader continues the same
+/// job (its counters and start time) instead of starting over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairJob {
+    pub id: u64,
+    pub started_ms: u64,
+    /// Why it started: "node 3 down", "node 2 draining", "2 bad replicas"...
+    pub reason: String,
+    /// Chunk copies and bytes done so far plus those the latest scan still planned.
+    pub total_copies: u64,
+    pub total_bytes: u64,
+    pub done_copies: u64,
+    pub done_bytes: u64,
+    /// Set when a scan found nothing left to copy.
+    pub finished_ms: Option<u64>,
+}
+
+const META_REPAIR_JOB: &[u8] = b"repair_job";
+
+pub fn repair_job(store: &impl StateStore) -> Result<Option<RepairJob>, StoreError> {
+    store.get(Table::Meta, META_REPAIR_JOB)?.map(|bytes| decode(&bytes)).transpose()
+}
+
+pub(crate) fn record_repair_job(store: &mut impl StateStore, job: &RepairJob) -> Result<CommandResult, StoreError> {
+    store.put(Table::Meta, META_REPAIR_JOB, &encode(job)?)?;
+    Ok(Ok(Outcome::Noop))
+}
+
+/// Records finished copies, and counts them in the repair job when they belong to it (in the
+/// same entry, so the checkpoint and the counters never disagree).
+pub(crate) fn add_replicas(
+    store: &mut impl StateStore,
+    job_id: Option<u64>,
+    added: &[ReplicaAdded],
+) -> Result<CommandResult, StoreError> {
+    let (mut copies, mut bytes) = (0u64, 0u64);
+    for add in added {
+        // A chunk deleted meanwhile has no record: its new copy is an orphan for GC.
+        let Some(mut record) = get_chunk(store, &add.hash)? else { continue };
+        if record.replicas.contains(&add.node) {
+            continue;
+        }
+        record.replicas.push(add.node);
+        store.put(Table::Chunks, &add.hash, &encode(&record)?)?;
+        copies += 1;
+        bytes += record.size;
+    }
+    if let (Some(job_id), Some(mut job)) = (job_id, repair_job(store)?) {
+        if job.id == job_id {
+            job.done_copies += copies;
+            job.done_bytes += bytes;
+            job.total_copies = job.total_copies.max(job.done_copies);
+            job.total_bytes = job.total_bytes.max(job.done_bytes);
+            store.put(Table::Meta, META_REPAIR_JOB, &encode(&job)?)?;
+        }
+    }
+    Ok(Ok(Outcome::Noop))
+}
+
+pub(crate) fn drop_replicas(store: &mut impl StateStore, drops: &[ReplicaDrop]) -> Result<CommandResult, StoreError> {
+    for drop in drops {
+        let Some(mut record) = get_chunk(store, &drop.hash)? else { continue };
+        let still_safe = !drop.keep.is_empty()
+            && !drop.keep.contains(&drop.node)
+            && drop.keep.iter().all(|node| record.replicas.contains(node));
+        if still_safe && record.replicas.contains(&drop.node) {
+            record.replicas.retain(|node| *node != drop.node);
+            store.put(Table::Chunks, &drop.hash, &encode(&record)?)?;
+        }
+    }
+    Ok(Ok(Outcome::Noop))
+}
+
+/// How many chunk records list `node_id` (a full scan: for admin checks, not hot paths).
+pub fn chunks_listed_on(store: &impl StateStore, node_id: u64) -> Result<u64, StoreError> {
+    let mut count = 0;
+    for_each_chunk(store, |_, record| {
+        if record.replicas.contains(&node_id) {
+            count += 1;
+        }
+        true
+    })?;
+    Ok(count)
+}
+
+/// Calls `visit` for every chunk record in hash order, a page at a time so memory stays
+/// bounded; stops early when `visit` returns false.
+pub fn for_each_chunk(
+    store: &impl StateStore,
+    mut visit: impl FnMut(&[u8], ChunkRecord) -> bool,
+) -> Result<(), StoreError> {
+    const PAGE: usize = 4_096;
+    let mut start: Vec<u8> = Vec::new();
+    loop {
+        let rows = store.range(Table::Chunks, &start, None, PAGE)?;
+        let full = rows.len() == PAGE;
+        for (hash, value) in &rows {
+            if !visit(hash, decode(value)?) {
+                return Ok(());
+            }
+        }
+        match rows.last() {
+            Some((last, _)) if full => {
+                start = last.clone();
+                start.push(0);
+            }
+            _ => return Ok(()),
+        }
+    }
 }
 
 fn add_reference(store: &mut impl StateStore, chunk: &CommittedChunk) -> Result<(), StoreError> {
@@ -323,10 +501,115 @@ mod tests {
         assert_eq!(get_chunk(&store, &[1; 32]).unwrap().unwrap().replicas, vec![2]);
     }
 
+    fn replicas(store: &MemoryStore, byte: u8) -> Vec<u64> {
+        get_chunk(store, &[byte; 32]).unwrap().map(|r| r.replicas).unwrap_or_default()
+    }
+
+    fn job(id: u64) -> RepairJob {
+        RepairJob {
+            id,
+            started_ms: 5,
+            reason: "node 3 down".into(),
+            total_copies: 2,
+            total_bytes: 20,
+            done_copies: 0,
+            done_bytes: 0,
+            finished_ms: None,
+        }
+    }
+
+    #[test]
+    fn added_replicas_are_listed_once_and_counted_in_their_job() {
+        let mut store = MemoryStore::default();
+        commit_file(&mut store, &commit("/a", vec![chunk(1, &[1, 2]), chunk(2, &[1, 2])], None), 1_000)
+            .unwrap()
+            .unwrap();
+        record_repair_job(&mut store, &job(7)).unwrap().unwrap();
+        let added = vec![
+            ReplicaAdded { hash: vec![1; 32], node: 3 },
+            ReplicaAdded { hash: vec![1; 32], node: 3 },
+            ReplicaAdded { hash: vec![2; 32], node: 1 },
+            ReplicaAdded { hash: vec![9; 32], node: 3 },
+        ];
+        add_replicas(&mut store, Some(7), &added).unwrap().unwrap();
+        assert_eq!(replicas(&store, 1), vec![1, 2, 3]);
+        assert_eq!(replicas(&store, 2), vec![1, 2], "an already listed node is not added twice");
+        assert!(get_chunk(&store, &[9; 32]).unwrap().is_none(), "a deleted chunk gets no record back");
+        let recorded = repair_job(&store).unwrap().unwrap();
+        assert_eq!((recorded.done_copies, recorded.done_bytes), (1, 10), "only real additions count");
+        // Another job's completions (a stale leader's) do not count in this one.
+        add_replicas(&mut store, Some(6), &[ReplicaAdded { hash: vec![2; 32], node: 4 }]).unwrap().unwrap();
+        assert_eq!(repair_job(&store).unwrap().unwrap().done_copies, 1);
+        assert_eq!(replicas(&store, 2), vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn a_drop_applies_only_while_its_kept_copies_are_listed() {
+        let mut store = MemoryStore::default();
+        commit_file(&mut store, &commit("/a", vec![chunk(1, &[1, 2, 3, 4])], None), 1_000).unwrap().unwrap();
+        let drop = |node: u64, keep: &[u64]| ReplicaDrop { hash: vec![1; 32], node, keep: keep.to_vec() };
+        // Two drops planned against overlapping keeps: the second is stale once the first applied.
+        drop_replicas(&mut store, &[drop(4, &[1, 2, 3]), drop(3, &[1, 2, 4])]).unwrap().unwrap();
+        assert_eq!(replicas(&store, 1), vec![1, 2, 3]);
+        // Never a drop with an empty keep, nor of a node in its own keep.
+        drop_replicas(&mut store, &[drop(3, &[]), drop(2, &[1, 2])]).unwrap().unwrap();
+        assert_eq!(replicas(&store, 1), vec![1, 2, 3]);
+        drop_replicas(&mut store, &[drop(3, &[1, 2])]).unwrap().unwrap();
+        assert_eq!(replicas(&store, 1), vec![1, 2]);
+    }
+
+    #[test]
+    fn liveness_and_drain_change_only_registered_nodes_and_survive_reregistration() {
+        let mut store = MemoryStore::default();
+        assert_eq!(set_draining(&mut store, 9, true).unwrap(), Err(CommandError::NodeNotFound { node_id: 9 }));
+        let node = StorageNode {
+            id: 9,
+            addr: "127.0.0.1:1".into(),
+            zone: "a".into(),
+            weight: 100,
+            draining: false,
+            liveness: Liveness::Up,
+        };
+        register_storage_node(&mut store, &node).unwrap().unwrap();
+        set_liveness(&mut store, 9, Liveness::Down).unwrap().unwrap();
+        set_liveness(&mut store, 9, Liveness::Suspect).unwrap().unwrap();
+        assert_eq!(list_storage_nodes(&store).unwrap()[0].liveness, Liveness::Down, "suspicion is never committed");
+        register_storage_node(&mut store, &node).unwrap().unwrap();
+        assert_eq!(list_storage_nodes(&store).unwrap()[0].liveness, Liveness::Down, "a restart does not claim up");
+        unregister_storage_node(&mut store, 9).unwrap().unwrap();
+        assert!(list_storage_nodes(&store).unwrap().is_empty());
+    }
+
+    #[test]
+    fn chunk_scans_page_through_every_record() {
+        let mut store = MemoryStore::default();
+        for i in 0..5_000u32 {
+            let mut hash = vec![0u8; 32];
+            hash[..4].copy_from_slice(&i.to_be_bytes());
+            let c = CommittedChunk { hash, size: 1, replicas: vec![u64::from(i % 3) + 1] };
+            commit_file(&mut store, &commit(&format!("/f{i}"), vec![c], None), 1_000).unwrap().unwrap();
+        }
+        assert_eq!(chunks_listed_on(&store, 1).unwrap(), 1_667);
+        let mut seen = 0;
+        for_each_chunk(&store, |_, _| {
+            seen += 1;
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, 5_000);
+    }
+
     #[test]
     fn registration_keeps_the_admin_state() {
         let mut store = MemoryStore::default();
-        let node = StorageNode { id: 4, addr: "127.0.0.1:1".into(), zone: "a".into(), weight: 100, draining: true };
+        let node = StorageNode {
+            id: 4,
+            addr: "127.0.0.1:1".into(),
+            zone: "a".into(),
+            weight: 100,
+            draining: true,
+            liveness: Liveness::Up,
+        };
         register_storage_node(&mut store, &node).unwrap().unwrap();
         let moved = StorageNode { addr: "127.0.0.1:2".into(), draining: false, ..node };
         register_storage_node(&mut store, &moved).unwrap().unwrap();

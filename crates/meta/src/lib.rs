@@ -7,6 +7,7 @@
 
 pub mod error;
 pub mod files;
+pub mod health;
 pub mod network;
 pub mod node;
 pub mod service;

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::files::{self, FileRecord, StorageNode};
+use crate::health::HealthSnapshot;
 use crate::network::{NetworkFactory, Peers};
 use crate::state::{self, Command, CommandResult, KeyValue, Proposal, ProposalBatch, RequestId};
 use crate::storage::{LogStore, StateMachineStore, StateReader};
@@ -101,6 +102,13 @@ pub enum LeaderRequest {
         node_id: NodeId,
         hashes: Vec<Vec<u8>>,
     },
+    /// The leader's health snapshot (liveness, node health, repair).
+    Health,
+    /// Drain or undrain a storage node.
+    Drain {
+        id: NodeId,
+        draining: bool,
+    },
 }
 
 /// A file version with the replica list of each of its chunks, from one consistent read.
@@ -128,6 +136,8 @@ pub enum LeaderResponse {
     File(Option<FileView>),
     Files { files: Vec<FileView>, truncated: bool },
     Unreferenced(Vec<Vec<u8>>),
+    Health(Box<HealthSnapshot>),
+    Drained,
 }
 
 fn file_view(view: &crate::storage::ReadView, path: String, record: FileRecord) -> Result<FileView, ApiError> {
@@ -231,6 +241,8 @@ pub struct MetaNode {
     pub peers: Peers,
     sessions: Arc<Mutex<SessionClocks>>,
     proposer: mpsc::Sender<PendingProposal>,
+    /// Published by the data plane's healer while this node leads; None otherwise.
+    pub health: Arc<Mutex<Option<HealthSnapshot>>>,
 }
 
 pub fn now_ms() -> u64 {
@@ -264,7 +276,15 @@ impl MetaNode {
 
         let (proposer, queue) = mpsc::channel(PROPOSAL_QUEUE_LEN_MAX);
         tokio::spawn(run_proposer(raft.clone(), queue));
-        let node = MetaNode { config: Arc::new(config), raft, state, peers, sessions: Arc::default(), proposer };
+        let node = MetaNode {
+            config: Arc::new(config),
+            raft,
+            state,
+            peers,
+            sessions: Arc::default(),
+            proposer,
+            health: Arc::default(),
+        };
         node.initialize_once().await?;
         tokio::spawn(node.clone().leader_duties());
         Ok(node)
@@ -423,6 +443,21 @@ impl MetaNode {
                 }
                 Ok(LeaderResponse::Unreferenced(unreferenced))
             }
+            LeaderRequest::Health => {
+                let snapshot = self.health.lock().map_err(|_| ApiError::internal("health snapshot poisoned"))?.clone();
+                let Some(mut snapshot) = snapshot else {
+                    return Err(ApiError::Unavailable(
+                        "the leader's failure detector has not published a view yet (just elected?)".into(),
+                    ));
+                };
+                let view = self.state.view().map_err(ApiError::internal)?;
+                snapshot.repair_job = files::repair_job(&view).map_err(ApiError::internal)?;
+                Ok(LeaderResponse::Health(Box::new(snapshot)))
+            }
+            LeaderRequest::Drain { id, draining } => {
+                self.propose_here(Command::SetDraining { node_id: id, draining }).await?;
+                Ok(LeaderResponse::Drained)
+            }
             LeaderRequest::AddNode { id, addr, learner } => self.add_node(id, addr, learner).await,
             LeaderRequest::RemoveNode { id } => self.remove_node(id).await,
         }
@@ -463,6 +498,11 @@ impl MetaNode {
             Ok(Err(_)) => Err(ApiError::Unavailable("the proposal was dropped: the node is shutting down".into())),
             Ok(Ok(result)) => result,
         }
+    }
+
+    /// Proposes a command on this node, which is serving a leader request.
+    async fn propose_here(&self, command: Command) -> Result<state::Outcome, ApiError> {
+        self.propose(Self::proposal(None, command)).await?.map_err(ApiError::Command)
     }
 
     fn membership(&self) -> (BTreeSet<NodeId>, BTreeMap<NodeId, BasicNode>) {
@@ -542,6 +582,18 @@ impl MetaNode {
         if voters.contains(&id) && voters.len() == 1 {
             return Err(ApiError::InvalidArgument(format!("node {id} is the last voter; it cannot be removed")));
         }
+        // Removing a node that still holds listed copies would make them unreadable at once;
+        // drain it first (or let repair finish if it is down).
+        let listed = {
+            let view = self.state.view().map_err(ApiError::internal)?;
+            files::chunks_listed_on(&view, id).map_err(ApiError::internal)?
+        };
+        if listed > 0 {
+            return Err(ApiError::InvalidArgument(format!(
+                "node {id} still holds {listed} listed chunk copies; run `mendfs cluster drain {id}` and wait for \
+                 `cluster status` to show 0 chunks on it (or, if it is down, for repair to finish) before removing it"
+            )));
+        }
         if voters.contains(&id) {
             self.raft
                 .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
@@ -552,6 +604,7 @@ impl MetaNode {
             .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
             .await
             .map_err(|e| self.map_membership_error(e))?;
+        self.propose_here(Command::UnregisterStorageNode { node_id: id }).await?;
         Ok(self.membership_response())
     }
 

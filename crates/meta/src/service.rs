@@ -508,7 +508,19 @@ impl Cluster for ClusterApi {
                 (id, addr, info)
             }
         });
-        let infos = futures::future::join_all(asks).await;
+        // The detector's view lives on the leader; ask it alongside the nodes.
+        let health = async {
+            match tokio::time::timeout(Duration::from_secs(3), node.serve_on_leader(LeaderRequest::Health, false)).await
+            {
+                Err(_) => Err("the leader did not answer within 3s".to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok(LeaderResponse::Health(snapshot))) => Ok(*snapshot),
+                Ok(Ok(other)) => Err(format!("unexpected answer: {other:?}")),
+            }
+        };
+        let (infos, health) = futures::future::join(futures::future::join_all(asks), health).await;
+        let storage_nodes: std::collections::BTreeMap<u64, crate::files::StorageNode> =
+            node.storage_nodes().unwrap_or_default().into_iter().map(|n| (n.id, n)).collect();
 
         let leader = metrics.current_leader;
         let leader_last_log = infos
@@ -521,7 +533,7 @@ impl Cluster for ClusterApi {
             .filter_map(|(_, _, info)| info.as_ref().ok().map(|info| info.term))
             .max()
             .unwrap_or(metrics.current_term);
-        let nodes = infos
+        let mut nodes: Vec<pb::NodeStatus> = infos
             .into_iter()
             .map(|(id, addr, info)| match info {
                 Ok(info) => pb::NodeStatus {
@@ -537,6 +549,7 @@ impl Cluster for ClusterApi {
                     purged_index: info.purged_index,
                     revision: info.revision,
                     term: info.term,
+                    ..Default::default()
                 },
                 Err(error) => pb::NodeStatus {
                     id,
@@ -549,11 +562,67 @@ impl Cluster for ClusterApi {
                     error,
                     snapshot_index: 0,
                     purged_index: 0,
-                    revision: 0,
-                    term: 0,
+                    ..Default::default()
                 },
             })
             .collect();
+        let health_error = match &health {
+            Ok(snapshot) => {
+                for status in &mut nodes {
+                    status.storage = storage_nodes.contains_key(&status.id);
+                    status.draining = storage_nodes.get(&status.id).is_some_and(|n| n.draining);
+                    status.chunks_listed = snapshot.scan.chunks_listed.get(&status.id).copied().unwrap_or(0);
+                    if let Some(view) = snapshot.nodes.iter().find(|v| v.node_id == status.id) {
+                        status.state = view.liveness.to_string();
+                        status.phi = view.phi;
+                        status.heartbeat_age_ms = view.heartbeat_age_ms;
+                        status.state_reason = view.reason.clone();
+                        status.health = view.health.as_ref().map(pb::NodeHealth::from);
+                    }
+                }
+                String::new()
+            }
+            Err(e) => {
+                for status in &mut nodes {
+                    status.storage = storage_nodes.contains_key(&status.id);
+                    status.draining = storage_nodes.get(&status.id).is_some_and(|n| n.draining);
+                    // The committed liveness is all a node knows without the leader.
+                    if let Some(storage) = storage_nodes.get(&status.id) {
+                        status.state = storage.liveness.to_string();
+                    }
+                }
+                e.clone()
+            }
+        };
+        let snapshot = health.unwrap_or_default();
+        let repair = snapshot.repair_job.as_ref().map(|job| {
+            // A running job shows its current rate; a finished one its average.
+            let bytes_per_sec = match job.finished_ms {
+                None => snapshot.repair_bytes_per_sec,
+                Some(finished_ms) => {
+                    let took_secs = finished_ms.saturating_sub(job.started_ms) as f64 / 1000.0;
+                    if took_secs > 0.0 {
+                        job.done_bytes as f64 / took_secs
+                    } else {
+                        0.0
+                    }
+                }
+            };
+            let remaining = job.total_bytes.saturating_sub(job.done_bytes) as f64;
+            let eta_secs = (job.finished_ms.is_none() && bytes_per_sec > 0.0).then(|| remaining / bytes_per_sec);
+            pb::RepairStatus {
+                job_id: job.id,
+                reason: job.reason.clone(),
+                started_unix_ms: job.started_ms,
+                finished_unix_ms: job.finished_ms,
+                done_bytes: job.done_bytes,
+                total_bytes: job.total_bytes,
+                done_copies: job.done_copies,
+                total_copies: job.total_copies,
+                bytes_per_sec,
+                eta_secs,
+            }
+        });
         let revision = node.state.view().ok().and_then(|view| state::current_revision(&view).ok()).unwrap_or(0);
         Ok(Response::new(pb::StatusReply {
             leader,
@@ -561,7 +630,22 @@ impl Cluster for ClusterApi {
             nodes,
             revision,
             cluster_id: node.state.cluster_id().unwrap_or_default(),
+            under_replicated_chunks: snapshot.scan.under_replicated,
+            lost_chunks: snapshot.scan.lost,
+            unplaceable_copies: snapshot.scan.unplaceable,
+            over_replicated_chunks: snapshot.scan.over_replicated,
+            chunks: snapshot.scan.chunks,
+            repair,
+            health_error,
         }))
+    }
+
+    async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {
+        let forwarded = is_forwarded(&request);
+        let drain = request.into_inner();
+        let request = LeaderRequest::Drain { id: drain.id, draining: !drain.undrain };
+        self.node.serve_on_leader(request, forwarded).await?;
+        Ok(Response::new(pb::DrainReply {}))
     }
 
     async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Result<Response<pb::MembershipReply>, Status> {

@@ -191,6 +191,34 @@ pub enum Command {
         hash: Vec<u8>,
         node_id: u64,
     },
+    /// The leader's detector decided a storage node's liveness changed (`Up`, `Down` or
+    /// `Degraded`); committed so every coordinator stops placing chunks on it, and so a new
+    /// leader knows what was decided.
+    SetNodeLiveness {
+        node_id: u64,
+        liveness: mendfs_heal::detector::Liveness,
+    },
+    /// The operator drains (or undrains) a storage node: repair moves its copies elsewhere.
+    SetDraining {
+        node_id: u64,
+        draining: bool,
+    },
+    /// A removed node's storage record goes away with it.
+    UnregisterStorageNode {
+        node_id: u64,
+    },
+    /// Repair copies that are done: the checkpoint of the repair, in batches.
+    AddReplicas {
+        job_id: Option<u64>,
+        added: Vec<crate::files::ReplicaAdded>,
+    },
+    /// Replicas repair no longer needs (on a down or drained node, or surplus), each applied
+    /// only if the copies it was decided against are still listed.
+    DropReplicas {
+        drops: Vec<crate::files::ReplicaDrop>,
+    },
+    /// Starts, updates or finishes the repair job record.
+    RecordRepairJob(crate::files::RepairJob),
 }
 
 /// One Raft entry's payload: a command, who sent it, and when the proposing node received it.
@@ -217,6 +245,12 @@ impl Proposal {
                 Command::CommitFile(commit) => commit.path.len() + commit.chunks.len() * 64,
                 Command::DeleteFile { path, .. } => path.len(),
                 Command::DropReplica { hash, .. } => hash.len(),
+                Command::SetNodeLiveness { .. }
+                | Command::SetDraining { .. }
+                | Command::UnregisterStorageNode { .. } => 0,
+                Command::AddReplicas { added, .. } => added.len() * 48,
+                Command::DropReplicas { drops } => drops.iter().map(|d| 48 + d.keep.len() * 8).sum(),
+                Command::RecordRepairJob(job) => job.reason.len() + 64,
             }
     }
 }
@@ -281,6 +315,8 @@ pub enum CommandError {
         "the write's chunks were prepared {age_ms} ms ago, beyond the {grace_ms} ms grace period; retry the write"
     )]
     PrepareExpired { age_ms: u64, grace_ms: u64 },
+    #[error("storage node {node_id} is not registered")]
+    NodeNotFound { node_id: u64 },
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;
@@ -478,6 +514,12 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
         }
         Command::DeleteFile { path, expected_version } => crate::files::delete_file(store, path, *expected_version),
         Command::DropReplica { hash, node_id } => crate::files::drop_replica(store, hash, *node_id),
+        Command::SetNodeLiveness { node_id, liveness } => crate::files::set_liveness(store, *node_id, *liveness),
+        Command::SetDraining { node_id, draining } => crate::files::set_draining(store, *node_id, *draining),
+        Command::UnregisterStorageNode { node_id } => crate::files::unregister_storage_node(store, *node_id),
+        Command::AddReplicas { job_id, added } => crate::files::add_replicas(store, *job_id, added),
+        Command::DropReplicas { drops } => crate::files::drop_replicas(store, drops),
+        Command::RecordRepairJob(job) => crate::files::record_repair_job(store, job),
         Command::InitCluster { cluster_id: proposed } => {
             let cluster_id = match cluster_id(store)? {
                 Some(existing) => existing,

@@ -29,6 +29,8 @@ pub struct ClusterOptions {
     /// Give each node's chunk store a filesystem of this many bytes (a tmpfs mount, which
     /// needs root), to test full disks.
     pub chunk_store_bytes_max: Option<u64>,
+    /// Extra flags for particular nodes, after `server_args`.
+    pub node_args: BTreeMap<u64, Vec<String>>,
 }
 
 impl Default for ClusterOptions {
@@ -40,6 +42,7 @@ impl Default for ClusterOptions {
             keep_dir: false,
             dir: None,
             chunk_store_bytes_max: None,
+            node_args: BTreeMap::new(),
         }
     }
 }
@@ -51,6 +54,8 @@ pub struct Node {
     pub log_path: PathBuf,
     child: Option<Child>,
     stopped: bool,
+    /// Flags of this node alone (a storage-only learner's `--roles storage`).
+    extra_args: Option<Vec<String>>,
 }
 
 impl Node {
@@ -187,7 +192,7 @@ impl Cluster {
         let addr = format!("127.0.0.1:{}", free_port()?);
         let data_dir = self.root.join(format!("node-{id}"));
         let log_path = self.root.join(format!("node-{id}.log"));
-        self.nodes.insert(id, Node { id, addr, data_dir, log_path, child: None, stopped: false });
+        self.nodes.insert(id, Node { id, addr, data_dir, log_path, child: None, stopped: false, extra_args: None });
         Ok(&self.nodes[&id])
     }
 
@@ -220,11 +225,30 @@ impl Cluster {
             }
         }
         command.args(&self.options.server_args);
+        if let Some(args) = self.options.node_args.get(&id).or(node.extra_args.as_ref()) {
+            command.args(args);
+        }
         command.env_remove("MENDFS_SECRET").env("RUST_LOG", "info,openraft=warn");
         Ok(command)
     }
 
     /// Starts node `id` (which must not be running), its output appended to its log.
+    /// Starts node `id` as a storage-only node (`--roles storage`) and adds it to the cluster as
+    /// a non-voting learner.
+    pub fn add_storage_learner(&mut self, id: u64) -> Result<()> {
+        self.add_node_entry(id)?;
+        if let Some(node) = self.nodes.get_mut(&id) {
+            node.extra_args = Some(vec!["--roles".into(), "storage".into()]);
+        }
+        self.spawn(id, false)?;
+        let addr = self.addr(id);
+        let id_text = id.to_string();
+        wait_for(&format!("node {id} joins as a learner"), Duration::from_secs(90), || {
+            Ok(self.run_cli(&["cluster", "add-node", &id_text, &addr, "--learner"]).ok())
+        })?;
+        Ok(())
+    }
+
     pub fn spawn(&mut self, id: u64, with_peers: bool) -> Result<()> {
         let mut command = self.server_command(id, with_peers)?;
         let node = self.nodes.get_mut(&id).with_context(|| format!("no node {id}"))?;

@@ -1,0 +1,136 @@
+//! Every node tells the metadata leader, once per interval, that it is alive and how it is
+//! doing: disk, CPU, memory, its chunk store, and the error, scrub and repair counters. The
+//! leader's failure detector (see `healer`) learns each node's rhythm from these arrivals.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mendfs_meta::MetaNode;
+use mendfs_proto::v1 as pb;
+use sysinfo::{Disks, ProcessesToUpdate, System};
+use tonic::Request;
+
+use crate::healer::Healer;
+use crate::storage::{Counters, StorageState};
+
+/// Samples this node's health. Keeps its `System` between samples: CPU usage is measured
+/// between two refreshes.
+pub struct HealthSampler {
+    system: System,
+    disks: Disks,
+    data_dir: PathBuf,
+    storage: Option<Arc<StorageState>>,
+}
+
+impl HealthSampler {
+    pub fn new(data_dir: &Path, storage: Option<Arc<StorageState>>) -> Self {
+        let data_dir = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
+        Self { system: System::new(), disks: Disks::new_with_refreshed_list(), data_dir, storage }
+    }
+
+    /// The filesystem holding the data directory: (total, available) bytes.
+    fn filesystem(&mut self) -> Option<(u64, u64)> {
+        self.disks.refresh(true);
+        self.disks
+            .list()
+            .iter()
+            .filter(|disk| self.data_dir.starts_with(disk.mount_point()))
+            .max_by_key(|disk| disk.mount_point().as_os_str().len())
+            .map(|disk| (disk.total_space(), disk.available_space()))
+    }
+
+    pub fn sample(&mut self) -> pb::NodeHealth {
+        self.system.refresh_cpu_usage();
+        self.system.refresh_memory();
+        let rss_bytes = match sysinfo::get_current_pid() {
+            Ok(pid) => {
+                self.system.refresh_processes(ProcessesToUpdate::Some(&[pid]), true);
+                self.system.process(pid).map_or(0, |process| process.memory())
+            }
+            Err(_) => 0,
+        };
+        let filesystem = self.filesystem();
+        let mut health = pb::NodeHealth {
+            cpu_percent: self.system.global_cpu_usage(),
+            memory_used_bytes: self.system.used_memory(),
+            memory_total_bytes: self.system.total_memory(),
+            rss_bytes,
+            ..Default::default()
+        };
+        if let Some((total, available)) = filesystem {
+            health.disk_used_bytes = total.saturating_sub(available);
+            health.disk_capacity_bytes = total;
+        }
+        if let Some(storage) = &self.storage {
+            let stats = storage.store.stats();
+            health.chunk_count = stats.chunk_count;
+            health.chunk_bytes = stats.chunk_bytes;
+            if let Some(capacity) = storage.capacity_bytes {
+                // The operator's cap binds first unless the filesystem is fuller still: report
+                // whichever leaves less room.
+                let fs_room = filesystem.map_or(u64::MAX, |(_, available)| available);
+                let cap_room = capacity.saturating_sub(stats.chunk_bytes);
+                if cap_room <= fs_room {
+                    health.disk_used_bytes = stats.chunk_bytes;
+                    health.disk_capacity_bytes = capacity;
+                }
+            }
+            let c = &storage.counters;
+            health.io_errors = Counters::get(&c.io_errors);
+            health.checksum_errors = Counters::get(&c.checksum_errors);
+            health.scrub_passes = Counters::get(&c.scrub_passes);
+            health.scrub_checked_chunks = Counters::get(&c.scrub_checked_chunks);
+            health.scrub_checked_bytes = Counters::get(&c.scrub_checked_bytes);
+            health.repair_copied_chunks = Counters::get(&c.repair_copied_chunks);
+            health.repair_copied_bytes = Counters::get(&c.repair_copied_bytes);
+        }
+        health
+    }
+}
+
+/// Runs forever: one heartbeat per `interval` to whichever node leads now.
+pub async fn run(node: MetaNode, healer: Healer, sampler: HealthSampler, interval: Duration) {
+    let sampler = Arc::new(Mutex::new(sampler));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let sampler = sampler.clone();
+        let health = match tokio::task::spawn_blocking(move || {
+            sampler.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).sample()
+        })
+        .await
+        {
+            Ok(health) => health,
+            Err(e) => {
+                tracing::warn!("health sample: {e}");
+                continue;
+            }
+        };
+        if node.is_leader() {
+            healer.record_heartbeat(node.config.node_id, &health);
+            continue;
+        }
+        let Some(leader_addr) = node.leader_addr() else { continue };
+        if let Err(e) = send(&node, &leader_addr, health, interval).await {
+            // The detector on the leader is what notices missing heartbeats; here it is
+            // only worth a debug line (a leader change makes a few of these).
+            tracing::debug!(leader = %leader_addr, "heartbeat not delivered: {e}");
+        }
+    }
+}
+
+async fn send(node: &MetaNode, leader_addr: &str, health: pb::NodeHealth, interval: Duration) -> Result<(), String> {
+    let channel = node.peers.channel(leader_addr)?;
+    let mut client = pb::health_client::HealthClient::with_interceptor(channel, node.peers.interceptor());
+    // A heartbeat older than the next one is worthless: give up on it when the next is due.
+    let timeout = interval.max(Duration::from_millis(200));
+    let mut request = Request::new(pb::HeartbeatRequest { node_id: node.config.node_id, health: Some(health) });
+    request.set_timeout(timeout);
+    tokio::time::timeout(timeout, client.heartbeat(request))
+        .await
+        .map_err(|_| format!("no answer within {timeout:?}"))?
+        .map_err(|status| format!("{}: {}", status.code(), status.message()))?;
+    Ok(())
+}

@@ -1,0 +1,153 @@
+//! The scrubber: every storage node re-reads and re-hashes its chunks, at a throttled rate, to
+//! find bit rot before a reader does. A corrupt copy is quarantined (kept for inspection, never
+//! served) and reported; a copy the metadata lists here but the disk lacks is reported too. The
+//! report makes the metadata stop listing the copy, and the leader's repair restores the count
+//! from a good copy elsewhere.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mendfs_chunkstore::ChunkError;
+use mendfs_meta::files;
+use mendfs_meta::state::Command;
+use mendfs_meta::MetaNode;
+
+use crate::storage::{Counters, StorageState};
+
+#[derive(Debug, Clone)]
+pub struct ScrubConfig {
+    /// Read bandwidth for scrubbing (0: scrubbing off).
+    pub bytes_per_sec: u64,
+    /// Rest between two passes.
+    pub pause_between_passes: Duration,
+}
+
+impl Default for ScrubConfig {
+    fn default() -> Self {
+        Self { bytes_per_sec: 32 << 20, pause_between_passes: Duration::from_secs(3600) }
+    }
+}
+
+/// Missing copies reported per pass at most; the next pass reports the rest.
+const MISSING_PER_PASS_MAX: usize = 4_096;
+
+pub async fn run(node: MetaNode, storage: Arc<StorageState>, config: ScrubConfig) {
+    if config.bytes_per_sec == 0 {
+        tracing::info!("scrubbing is off");
+        return;
+    }
+    loop {
+        match scrub_pass(&node, &storage, config.bytes_per_sec).await {
+            Ok(outcome) => {
+                if outcome.corrupt + outcome.missing > 0 {
+                    tracing::warn!(corrupt = outcome.corrupt, missing = outcome.missing, "scrub pass found bad copies");
+                } else {
+                    tracing::debug!(checked = outcome.checked, "scrub pass clean");
+                }
+            }
+            Err(e) => tracing::warn!("scrub pass: {e}"),
+        }
+        tokio::time::sleep(config.pause_between_passes).await;
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct PassOutcome {
+    pub checked: u64,
+    pub corrupt: u64,
+    pub missing: u64,
+}
+
+pub async fn scrub_pass(
+    node: &MetaNode,
+    storage: &Arc<StorageState>,
+    bytes_per_sec: u64,
+) -> Result<PassOutcome, String> {
+    let mut outcome = PassOutcome::default();
+    let counters = &storage.counters;
+    counters.scrub_checked_chunks.store(0, std::sync::atomic::Ordering::Relaxed);
+    let listing = storage.clone();
+    let hashes = tokio::task::spawn_blocking(move || listing.store.list())
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let mut read_bytes = 0u64;
+    for hash in hashes {
+        let store = storage.store.clone();
+        let result = tokio::task::spawn_blocking(move || store.get(&hash)).await.map_err(|e| e.to_string())?;
+        match result {
+            Ok(data) => {
+                read_bytes += data.len() as u64;
+                outcome.checked += 1;
+                Counters::add(&counters.scrub_checked_chunks, 1);
+                Counters::add(&counters.scrub_checked_bytes, data.len() as u64);
+            }
+            // Collected since the listing: nothing to check.
+            Err(ChunkError::NotFound(_)) => {}
+            Err(e @ ChunkError::Corrupt { .. }) => {
+                counters.count_error(&e);
+                outcome.corrupt += 1;
+                tracing::warn!("scrub: {e}; quarantining the copy and reporting it");
+                let store = storage.store.clone();
+                if let Ok(Err(q)) = tokio::task::spawn_blocking(move || store.quarantine(&hash)).await {
+                    tracing::warn!("quarantine failed: {q}");
+                }
+                report(node, &hash).await;
+            }
+            Err(e) => {
+                counters.count_error(&e);
+                tracing::warn!("scrub read: {e}");
+            }
+        }
+        // Throttle: stay at or under the configured average read rate.
+        let due = Duration::from_secs_f64(read_bytes as f64 / bytes_per_sec as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    // Copies the metadata lists here but the disk does not have (lost files, a wiped dir).
+    let me = node.config.node_id;
+    let checker = storage.clone();
+    let view = node.state.clone();
+    let missing = tokio::task::spawn_blocking(move || -> Result<Vec<[u8; 32]>, String> {
+        let view = view.view().map_err(|e| e.to_string())?;
+        let mut missing = Vec::new();
+        files::for_each_chunk(&view, |hash, record| {
+            if record.replicas.contains(&me) {
+                if let Ok(hash) = <[u8; 32]>::try_from(hash) {
+                    if !checker.store.contains(&hash) {
+                        missing.push(hash);
+                    }
+                }
+            }
+            missing.len() < MISSING_PER_PASS_MAX
+        })
+        .map_err(|e| e.to_string())?;
+        Ok(missing)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    for hash in &missing {
+        // Re-check: a repair copy may have landed since the listing.
+        if !storage.store.contains(hash) {
+            tracing::warn!(chunk = %hex(hash), "scrub: a listed copy is missing here; reporting it");
+            outcome.missing += 1;
+            report(node, hash).await;
+        }
+    }
+    Counters::add(&counters.scrub_passes, 1);
+    Ok(outcome)
+}
+
+async fn report(node: &MetaNode, hash: &[u8; 32]) {
+    let command = Command::DropReplica { hash: hash.to_vec(), node_id: node.config.node_id };
+    if let Err(e) = node.execute(None, command).await {
+        tracing::warn!("reporting a bad copy: {e}");
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
