@@ -80,7 +80,9 @@ struct Term {
 #[derive(Default)]
 struct Shared {
     term: Option<Term>,
-    scan: ScanSummary,
+    /// The latest scan and the term it was made in: no view is published before this
+    /// leader's first scan, so a new leader never reports "0 under-replicated" unscanned.
+    scan: Option<(u64, ScanSummary)>,
     repaired: VecDeque<(Instant, u64)>,
 }
 
@@ -168,7 +170,10 @@ impl Healer {
         let now = self.now();
         let (assessments, snapshot) = {
             let mut shared = self.shared();
-            let scan = shared.scan.clone();
+            let scan = match &shared.scan {
+                Some((scanned_term, scan)) if *scanned_term == term => Some(scan.clone()),
+                _ => None,
+            };
             let rate = repair_rate(&mut shared.repaired);
             let state = self.term_state(&mut shared, term);
             let expected: BTreeSet<u64> = members.iter().chain(storage.keys()).copied().collect();
@@ -197,11 +202,12 @@ impl Healer {
                     health: state.reports.get(&a.node).cloned(),
                 })
                 .collect();
-            let snapshot = HealthSnapshot { nodes, scan, repair_bytes_per_sec: rate, repair_job: None };
+            let snapshot =
+                scan.map(|scan| HealthSnapshot { nodes, scan, repair_bytes_per_sec: rate, repair_job: None });
             (assessments, snapshot)
         };
         if let Ok(mut published) = self.node.health.lock() {
-            *published = Some(snapshot);
+            *published = snapshot;
         }
         for assessment in assessments {
             let Some(node) = storage.get(&assessment.node) else { continue };
@@ -241,6 +247,7 @@ impl Healer {
 
     /// One scan of the chunk map and one round of the work it found.
     pub async fn repair_once(&self) -> Result<(), String> {
+        let term = self.node.raft.metrics().borrow().current_term;
         let storage = self.node.storage_nodes().map_err(|e| e.to_string())?;
         let addresses: HashMap<u64, String> = storage.iter().map(|n| (n.id, n.addr.clone())).collect();
         let cluster = ClusterView::new(storage.iter().map(crate::node_state).collect(), self.config.replication_factor);
@@ -249,7 +256,7 @@ impl Healer {
             .await
             .map_err(|e| format!("scan task: {e}"))??;
         let planned_bytes: u64 = copies.iter().map(|c| c.size).sum();
-        self.shared().scan = summary.clone();
+        self.shared().scan = Some((term, summary.clone()));
 
         let job = self.update_job(job, &storage, &summary, copies.len() as u64, planned_bytes).await?;
         for batch in drops.chunks(DROPS_PER_ENTRY) {

@@ -212,7 +212,9 @@ async fn lost_nodes_are_detected_and_repaired_and_a_returning_node_is_trimmed() 
     blocking(|| cluster.kill(victim)).unwrap();
     wait_status(&cluster, "the killed node is down", |s| node(s, victim)["state"] == "down");
     let status = wait_status(&cluster, "repair restores three copies", |s| {
-        u64_of(&s["under_replicated_chunks"]) == 0 && u64_of(&node(s, victim)["chunks"]) == 0
+        u64_of(&s["chunks"]) == 400
+            && u64_of(&s["under_replicated_chunks"]) == 0
+            && u64_of(&node(s, victim)["chunks"]) == 0
     });
     assert_eq!(u64_of(&status["lost_chunks"]), 0, "{status}");
     assert!(status["repair"]["job_id"].as_u64().is_some(), "a repair job was recorded: {status}");
@@ -233,7 +235,7 @@ async fn lost_nodes_are_detected_and_repaired_and_a_returning_node_is_trimmed() 
     blocking(|| cluster.kill(4)).unwrap();
     wait_status(&cluster, "node 4 is down", |s| node(s, 4)["state"] == "down");
     let status = wait_status(&cluster, "repair restores three copies after the second loss", |s| {
-        u64_of(&s["under_replicated_chunks"]) == 0 && u64_of(&node(s, 4)["chunks"]) == 0
+        u64_of(&s["chunks"]) == 400 && u64_of(&s["under_replicated_chunks"]) == 0 && u64_of(&node(s, 4)["chunks"]) == 0
     });
     assert_eq!(u64_of(&status["lost_chunks"]), 0, "{status}");
     // And with the first victim killed again, two nodes are down at once: every chunk keeps
@@ -280,7 +282,10 @@ async fn repair_resumes_from_its_checkpoint_after_the_leader_is_killed() {
     blocking(|| cluster.spawn(old_leader, true)).unwrap();
 
     let status = wait_status(&cluster, "the new leader finishes the repair", |s| {
-        u64_of(&s["under_replicated_chunks"]) == 0 && u64_of(&node(s, 4)["chunks"]) == 0 && s["leader"] != old_leader
+        u64_of(&s["chunks"]) == 400
+            && u64_of(&s["under_replicated_chunks"]) == 0
+            && u64_of(&node(s, 4)["chunks"]) == 0
+            && s["leader"] != old_leader
     });
     assert_eq!(u64_of(&status["repair"]["job_id"]), job_id, "the same job resumed: {status}");
     assert!(status["repair"]["finished_unix_ms"].is_u64(), "{status}");
