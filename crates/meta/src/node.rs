@@ -451,7 +451,8 @@ impl MetaNode {
                 let snapshot = self.health.lock().map_err(|_| ApiError::internal("health snapshot poisoned"))?.clone();
                 let Some(mut snapshot) = snapshot else {
                     return Err(ApiError::Unavailable(
-                        "the leader has not finished its first failure-detection and repair scan yet (just elected?)".into(),
+                        "the leader has not finished its first failure-detection and repair scan yet (just elected?)"
+                            .into(),
                     ));
                 };
                 let view = self.state.view().map_err(ApiError::internal)?;
