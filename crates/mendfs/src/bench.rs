@@ -577,7 +577,8 @@ async fn bench_heal(mib: u64, clients: usize, repair_bytes_per_sec: u64) -> Resu
     );
     let status = loop {
         let status = client.status().await?;
-        if status.under_replicated_chunks == 0 && status.chunks > 0 {
+        // A scan that has seen every chunk (the default chunk size is 4 MiB).
+        if status.under_replicated_chunks == 0 && status.chunks >= files * (FILE_BYTES >> 22) {
             break status;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
