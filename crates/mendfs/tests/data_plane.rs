@@ -3,11 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use mendfs_client::{Client, ClientConfig, Error};
-use mendfs_testkit::{wait_for, Cluster, ClusterOptions};
+use mendfs_testkit::{chunk_files, wait_for, Cluster, ClusterOptions};
 
 const DEADLINE: Duration = Duration::from_secs(90);
 const CHUNK: usize = 1 << 20;
@@ -87,23 +87,6 @@ async fn wait_until_writable(client: &Client) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn chunk_files(data_dir: &Path) -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&data_dir.join("chunks").join("chunks"), &mut out);
-    out
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use mendfs_client::{Client, ClientConfig, Error};
-use mendfs_testkit::{wait_for, Cluster, ClusterOptions};
+use mendfs_testkit::{chunk_files, wait_for, Cluster, ClusterOptions};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(120);
@@ -172,24 +172,6 @@ async fn assert_all_readable(client: &Client, files: &[(String, u32)], chunks: u
 
 fn leader(cluster: &Cluster) -> u64 {
     cluster.wait_for_leader(DEADLINE).unwrap()
-}
-
-fn chunk_files(data_dir: &Path) -> Vec<PathBuf> {
-    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, out);
-            } else {
-                out.push(path);
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(&data_dir.join("chunks").join("chunks"), &mut out);
-    out.sort();
-    out
 }
 
 fn total_chunk_files(cluster: &Cluster, ids: &[u64]) -> usize {

@@ -436,3 +436,22 @@ impl Drop for Cluster {
 pub fn append_file(path: &Path) -> Result<File> {
     OpenOptions::new().create(true).append(true).open(path).with_context(|| format!("open {}", path.display()))
 }
+
+/// Every chunk file a node's chunk store holds (not its temporary or quarantined files), sorted.
+pub fn chunk_files(data_dir: &Path) -> Vec<PathBuf> {
+    fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&data_dir.join("chunks").join("chunks"), &mut out);
+    out.sort();
+    out
+}
