@@ -314,30 +314,6 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
 }
 
-/// A reader of `len` bytes of a repeating pattern, so uploads need no memory of their size.
-struct PatternReader {
-    remaining: u64,
-    seed: u8,
-}
-
-impl tokio::io::AsyncRead for PatternReader {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let n = (buf.remaining() as u64).min(self.remaining) as usize;
-        let seed = self.seed;
-        let start = buf.filled().len();
-        buf.put_slice(&vec![0u8; n]);
-        for (i, byte) in buf.filled_mut()[start..].iter_mut().enumerate() {
-            *byte = seed.wrapping_add((i % 251) as u8);
-        }
-        self.remaining -= n as u64;
-        std::task::Poll::Ready(Ok(()))
-    }
-}
-
 /// The disk's fsynced sequential write rate (what `dd conv=fdatasync` reports), in bytes/s.
 fn disk_fsync_rate(dir: &std::path::Path) -> Result<f64> {
     use std::io::Write;
@@ -409,7 +385,10 @@ async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration) -> Re
     let client = Client::new(config)?;
     // Storage registration happens just after start: wait until a file can be written.
     let ready_by = Instant::now() + Duration::from_secs(60);
-    while client.put_file("/bench/ready", PatternReader { remaining: 1, seed: 0 }, Some(1), None, |_| {}).await.is_err()
+    while client
+        .put_file("/bench/ready", UniqueReader { file: u32::MAX, position: 0, remaining: 1 }, Some(1), None, |_| {})
+        .await
+        .is_err()
     {
         anyhow::ensure!(Instant::now() < ready_by, "the cluster never accepted a file");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -429,7 +408,8 @@ async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration) -> Re
                     async move {
                         let path = format!("/bench/{size}/{task_idx}/{}", op_idx % 4);
                         if op == "put" {
-                            let reader = PatternReader { remaining: size, seed: task_idx as u8 };
+                            let file = ((task_idx as u32) << 20) | (op_idx as u32 & 0xf_ffff);
+                            let reader = UniqueReader { file, position: 0, remaining: size };
                             client.put_file(&path, reader, Some(size), None, |_| {}).await.is_ok()
                         } else {
                             let path = format!("/bench/{size}/{task_idx}/0");
@@ -465,8 +445,9 @@ async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration) -> Re
     Ok(())
 }
 
-/// A reader of `remaining` bytes in which every 8-byte word names (file, word index): no two
-/// chunks of any two files are equal, so nothing deduplicates.
+/// A reader of `remaining` bytes of the content named `file` (`testkit::stamped_bytes`): no
+/// two chunks of any two files are equal, so nothing deduplicates, and uploads need no memory
+/// of their size.
 struct UniqueReader {
     file: u32,
     position: u64,
@@ -480,15 +461,7 @@ impl tokio::io::AsyncRead for UniqueReader {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let n = (buf.remaining() as u64).min(self.remaining) as usize;
-        let mut bytes = Vec::with_capacity(n);
-        for position in self.position..self.position + n as u64 {
-            let word = position / 8;
-            let mut encoded = [0u8; 8];
-            encoded[..4].copy_from_slice(&self.file.to_be_bytes());
-            encoded[4..].copy_from_slice(&(word as u32).to_be_bytes());
-            bytes.push(encoded[(position % 8) as usize]);
-        }
-        buf.put_slice(&bytes);
+        buf.put_slice(&mendfs_testkit::stamped_bytes(self.file, self.position, n));
         self.position += n as u64;
         self.remaining -= n as u64;
         std::task::Poll::Ready(Ok(()))

@@ -40,18 +40,9 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-/// Deterministic content: every 8-byte word names the (stamp, offset), so a mix of two
-/// versions or a shifted chunk is detected, not just a changed hash.
+/// Deterministic content, distinct per stamp (see `stamped_bytes`).
 fn content(stamp: u32, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut offset = 0u32;
-    while out.len() < len {
-        out.extend_from_slice(&stamp.to_be_bytes());
-        out.extend_from_slice(&offset.to_be_bytes());
-        offset = offset.wrapping_add(1);
-    }
-    out.truncate(len);
-    out
+    mendfs_testkit::stamped_bytes(stamp, 0, len)
 }
 
 async fn put(client: &Client, path: &str, data: Vec<u8>) -> Result<mendfs_client::PutFileReply, Error> {

@@ -110,17 +110,9 @@ fn wait_status(cluster: &Cluster, what: &str, check: impl Fn(&Value) -> bool) ->
     })
 }
 
-/// Deterministic content, distinct per stamp (no two files share a chunk).
+/// Deterministic content, distinct per stamp (see `stamped_bytes`).
 fn content(stamp: u32, len: usize) -> Vec<u8> {
-    let mut out = Vec::with_capacity(len + 8);
-    let mut offset = 0u32;
-    while out.len() < len {
-        out.extend_from_slice(&stamp.to_be_bytes());
-        out.extend_from_slice(&offset.to_be_bytes());
-        offset = offset.wrapping_add(1);
-    }
-    out.truncate(len);
-    out
+    mendfs_testkit::stamped_bytes(stamp, 0, len)
 }
 
 async fn put(client: &Client, path: &str, data: Vec<u8>) -> Result<(), Error> {

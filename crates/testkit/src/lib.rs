@@ -455,3 +455,37 @@ pub fn chunk_files(data_dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// Bytes `start..start + len` of the deterministic content named `stamp`: every 8-byte word is
+/// (stamp, word index), big-endian. Distinct stamps share no chunk (nothing deduplicates), and a
+/// mix of two versions or a shifted chunk is detected, not just a changed hash.
+pub fn stamped_bytes(stamp: u32, start: u64, len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 16);
+    let first_word = start / 8;
+    let mut word = first_word;
+    while out.len() < len + (start % 8) as usize {
+        out.extend_from_slice(&stamp.to_be_bytes());
+        out.extend_from_slice(&(word as u32).to_be_bytes());
+        word += 1;
+    }
+    out.drain(..(start % 8) as usize);
+    out.truncate(len);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn stamped_bytes_at_any_offset_match_the_whole() {
+        let whole = super::stamped_bytes(7, 0, 100);
+        assert_eq!(&whole[..8], &[0, 0, 0, 7, 0, 0, 0, 0]);
+        assert_eq!(&whole[8..16], &[0, 0, 0, 7, 0, 0, 0, 1]);
+        for start in 0..30u64 {
+            for len in [0usize, 1, 7, 8, 9, 50] {
+                let part = super::stamped_bytes(7, start, len);
+                assert_eq!(part, whole[start as usize..start as usize + len], "start {start} len {len}");
+            }
+        }
+        assert_ne!(super::stamped_bytes(8, 0, 64), super::stamped_bytes(7, 0, 64));
+    }
+}
