@@ -234,19 +234,25 @@ impl Healer {
     }
 
     async fn repair_forever(self) {
+        let mut pause = self.config.scan_interval;
         loop {
-            tokio::time::sleep(self.config.scan_interval).await;
+            tokio::time::sleep(pause).await;
+            pause = self.config.scan_interval;
             if !self.node.is_leader() {
                 continue;
             }
-            if let Err(e) = self.repair_once().await {
-                tracing::warn!("repair: {e}");
+            match self.repair_once().await {
+                // Work done changes what the next scan finds (copies made allow drops; drops
+                // finish the job): scan again at once rather than leave redundancy waiting.
+                Ok(true) => pause = Duration::from_millis(20),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("repair: {e}"),
             }
         }
     }
 
-    /// One scan of the chunk map and one round of the work it found.
-    pub async fn repair_once(&self) -> Result<(), String> {
+    /// One scan of the chunk map and one round of the work it found; says whether it did any.
+    pub async fn repair_once(&self) -> Result<bool, String> {
         let term = self.node.raft.metrics().borrow().current_term;
         let storage = self.node.storage_nodes().map_err(|e| e.to_string())?;
         let addresses: HashMap<u64, String> = storage.iter().map(|n| (n.id, n.addr.clone())).collect();
@@ -258,7 +264,11 @@ impl Healer {
         let planned_bytes: u64 = copies.iter().map(|c| c.size).sum();
         self.shared().scan = Some((term, summary.clone()));
 
+        let job_before = job.clone();
         let job = self.update_job(job, &storage, &summary, copies.len() as u64, planned_bytes).await?;
+        let job_changed = job_before.filter(|j| j.finished_ms.is_none()).map(|j| j.id) != job.as_ref().map(|j| j.id);
+        // Failed copies are not progress: retrying them at once would only spin.
+        let mut worked = !drops.is_empty() || job_changed;
         for batch in drops.chunks(DROPS_PER_ENTRY) {
             let drops = batch
                 .iter()
@@ -267,9 +277,9 @@ impl Healer {
             self.node.execute(None, Command::DropReplicas { drops }).await.map_err(|e| e.to_string())?;
         }
         if !copies.is_empty() {
-            self.copy_all(copies, &addresses, job.map(|j| j.id)).await?;
+            worked |= self.copy_all(copies, &addresses, job.map(|j| j.id)).await? > 0;
         }
-        Ok(())
+        Ok(worked)
     }
 
     /// Starts, extends or finishes the checkpointed repair job to match what the scan found.
@@ -322,13 +332,14 @@ impl Healer {
         Ok(Some(next).filter(|j| j.finished_ms.is_none()))
     }
 
-    /// Runs the copies, throttled, committing finished ones in small batches.
+    /// Runs the copies, throttled, committing finished ones in small batches; returns how many
+    /// succeeded.
     async fn copy_all(
         &self,
         copies: Vec<CopyTask>,
         addresses: &HashMap<u64, String>,
         job_id: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<usize, String> {
         let (done_tx, mut done_rx) = mpsc::channel::<(ReplicaAdded, u64)>(CHECKPOINT_COPIES * 4);
         let slots = Arc::new(Semaphore::new(self.config.repair_copies_in_flight.max(1)));
         let dispatcher = {
@@ -359,11 +370,13 @@ impl Healer {
             })
         };
         let mut batch = Vec::new();
+        let mut succeeded = 0;
         let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
         loop {
             tokio::select! {
                 done = done_rx.recv() => match done {
                     Some((added, bytes)) => {
+                        succeeded += 1;
                         self.shared().repaired.push_back((Instant::now(), bytes));
                         batch.push(added);
                         if batch.len() >= CHECKPOINT_COPIES {
@@ -376,7 +389,8 @@ impl Healer {
             }
         }
         self.checkpoint(&mut batch, job_id).await?;
-        dispatcher.await.map_err(|e| format!("repair dispatcher: {e}"))
+        dispatcher.await.map_err(|e| format!("repair dispatcher: {e}"))?;
+        Ok(succeeded)
     }
 
     async fn checkpoint(&self, batch: &mut Vec<ReplicaAdded>, job_id: Option<u64>) -> Result<(), String> {

@@ -192,12 +192,8 @@ impl StorageApi {
             .await
             .map_err(|_| format!("no answer within {PULL_TIMEOUT:?}"))?
             .map_err(|status| format!("{}: {}", status.code(), status.message()))?;
-        let data = reply.into_inner().data;
-        // Verified here as well as by the store's put: a wrong copy must not even be tried.
-        if blake3::hash(&data).as_bytes() != hash {
-            return Err("the bytes do not match the hash".into());
-        }
-        Ok(data)
+        // Not hashed here: the store's put verifies the bytes against the hash before writing.
+        Ok(reply.into_inner().data)
     }
 }
 
@@ -275,10 +271,18 @@ impl Storage for StorageApi {
             };
             let size = data.len() as u64;
             let state = self.state.clone();
-            tokio::task::spawn_blocking(move || state.prepare(&hash, &data, grace))
+            let stored = tokio::task::spawn_blocking(move || state.prepare(&hash, &data, grace))
                 .await
-                .map_err(|e| Status::internal(format!("store task: {e}")))?
-                .map_err(chunk_status)?;
+                .map_err(|e| Status::internal(format!("store task: {e}")))?;
+            match stored {
+                Ok(()) => {}
+                // A source that sent wrong bytes: try the next one.
+                Err(e @ ChunkError::HashMismatch { .. }) => {
+                    errors.push(format!("{addr}: {e}"));
+                    continue;
+                }
+                Err(e) => return Err(chunk_status(e)),
+            }
             Counters::add(&self.state.counters.repair_copied_chunks, 1);
             Counters::add(&self.state.counters.repair_copied_bytes, size);
             return Ok(Response::new(pb::ReplicateChunkReply { already_present: false, copied_bytes: size }));
