@@ -134,7 +134,7 @@ impl Healer {
         let mut shared = self.shared();
         let state = self.term_state(&mut shared, term);
         state.detector.heartbeat(node_id, now, &report);
-        state.reports.insert(node_id, NodeHealthReport::from(health));
+        state.reports.insert(node_id, *health);
     }
 
     /// Runs forever: the detector loop and the repair loop.
@@ -199,7 +199,7 @@ impl Healer {
                     phi: a.phi,
                     heartbeat_age_ms: a.last_heartbeat_age_ms,
                     reason: a.reason.clone(),
-                    health: state.reports.get(&a.node).cloned(),
+                    health: state.reports.get(&a.node).copied(),
                 })
                 .collect();
             let snapshot =

@@ -13,69 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::files::RepairJob;
 use crate::NodeId;
 
-/// What a node reported about itself in its latest heartbeat (mirrors `pb::NodeHealth`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct NodeHealthReport {
-    pub disk_used_bytes: u64,
-    pub disk_capacity_bytes: u64,
-    pub cpu_percent: f32,
-    pub memory_used_bytes: u64,
-    pub memory_total_bytes: u64,
-    pub rss_bytes: u64,
-    pub chunk_count: u64,
-    pub chunk_bytes: u64,
-    pub io_errors: u64,
-    pub checksum_errors: u64,
-    pub scrub_passes: u64,
-    pub scrub_checked_chunks: u64,
-    pub scrub_checked_bytes: u64,
-    pub repair_copied_chunks: u64,
-    pub repair_copied_bytes: u64,
-}
-
-impl From<&pb::NodeHealth> for NodeHealthReport {
-    fn from(h: &pb::NodeHealth) -> Self {
-        Self {
-            disk_used_bytes: h.disk_used_bytes,
-            disk_capacity_bytes: h.disk_capacity_bytes,
-            cpu_percent: h.cpu_percent,
-            memory_used_bytes: h.memory_used_bytes,
-            memory_total_bytes: h.memory_total_bytes,
-            rss_bytes: h.rss_bytes,
-            chunk_count: h.chunk_count,
-            chunk_bytes: h.chunk_bytes,
-            io_errors: h.io_errors,
-            checksum_errors: h.checksum_errors,
-            scrub_passes: h.scrub_passes,
-            scrub_checked_chunks: h.scrub_checked_chunks,
-            scrub_checked_bytes: h.scrub_checked_bytes,
-            repair_copied_chunks: h.repair_copied_chunks,
-            repair_copied_bytes: h.repair_copied_bytes,
-        }
-    }
-}
-
-impl From<&NodeHealthReport> for pb::NodeHealth {
-    fn from(h: &NodeHealthReport) -> Self {
-        Self {
-            disk_used_bytes: h.disk_used_bytes,
-            disk_capacity_bytes: h.disk_capacity_bytes,
-            cpu_percent: h.cpu_percent,
-            memory_used_bytes: h.memory_used_bytes,
-            memory_total_bytes: h.memory_total_bytes,
-            rss_bytes: h.rss_bytes,
-            chunk_count: h.chunk_count,
-            chunk_bytes: h.chunk_bytes,
-            io_errors: h.io_errors,
-            checksum_errors: h.checksum_errors,
-            scrub_passes: h.scrub_passes,
-            scrub_checked_chunks: h.scrub_checked_chunks,
-            scrub_checked_bytes: h.scrub_checked_bytes,
-            repair_copied_chunks: h.repair_copied_chunks,
-            repair_copied_bytes: h.repair_copied_bytes,
-        }
-    }
-}
+/// What a node reported about itself in its latest heartbeat: the wire message itself.
+pub type NodeHealthReport = pb::NodeHealth;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeHealthView {

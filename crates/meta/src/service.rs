@@ -577,7 +577,7 @@ impl Cluster for ClusterApi {
                         status.phi = view.phi;
                         status.heartbeat_age_ms = view.heartbeat_age_ms;
                         status.state_reason = view.reason.clone();
-                        status.health = view.health.as_ref().map(pb::NodeHealth::from);
+                        status.health = view.health;
                     }
                 }
                 String::new()
