@@ -112,15 +112,13 @@ impl Healer {
 
     /// The detector of the current term, created fresh when the term changed.
     fn term_state<'a>(&self, shared: &'a mut Shared, term: u64) -> &'a mut Term {
-        if shared.term.as_ref().is_none_or(|t| t.term != term) {
+        if shared.term.as_ref().is_some_and(|t| t.term != term) {
+            shared.term = None;
+        }
+        shared.term.get_or_insert_with(|| {
             tracing::info!(term, "leading: failure detector starts with fresh arrival windows");
-            shared.term =
-                Some(Term { term, detector: Detector::new(self.config.detector.clone()), reports: BTreeMap::new() });
-        }
-        match &mut shared.term {
-            Some(state) => state,
-            None => unreachable!("set just above"),
-        }
+            Term { term, detector: Detector::new(self.config.detector.clone()), reports: BTreeMap::new() }
+        })
     }
 
     pub fn record_heartbeat(&self, node_id: u64, health: &pb::NodeHealth) {
