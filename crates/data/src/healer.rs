@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use mendfs_heal::detector::{Detector, DetectorConfig, HealthReport, Liveness};
-use mendfs_heal::planner::{ClusterView, CopyTask, DropTask};
+use mendfs_heal::planner::{urgency, ClusterView, CopyTask, DropTask};
 use mendfs_meta::files::{self, RepairJob, ReplicaAdded, ReplicaDrop, StorageNode};
 use mendfs_meta::health::{HealthSnapshot, NodeHealthReport, NodeHealthView, ScanSummary};
 use mendfs_meta::node::now_ms;
@@ -289,6 +289,7 @@ impl Healer {
         planned_copies: u64,
         planned_bytes: u64,
     ) -> Result<Option<RepairJob>, String> {
+        let previous_id = job.as_ref().map_or(0, |j| j.id);
         let active = job.filter(|j| j.finished_ms.is_none());
         let next = match (active, planned_copies) {
             (None, 0) => return Ok(None),
@@ -309,9 +310,6 @@ impl Healer {
                 job
             }
             (None, _) => {
-                let previous_id = files::repair_job(&self.node.state.view().map_err(|e| e.to_string())?)
-                    .map_err(|e| e.to_string())?
-                    .map_or(0, |j| j.id);
                 let job = RepairJob {
                     id: previous_id + 1,
                     started_ms: now_ms(),
@@ -420,8 +418,10 @@ impl Healer {
     }
 }
 
-/// Copy tasks ordered so the heap keeps the most urgent: fewest live copies first.
-struct Urgent(usize, CopyTask);
+/// Copy tasks ordered by the planner's urgency (fewest live copies first, then the largest
+/// deficit), so a bounded heap keeps the most urgent.
+struct Urgent(Urgency, CopyTask);
+type Urgency = (usize, std::cmp::Reverse<usize>);
 impl PartialEq for Urgent {
     fn eq(&self, other: &Self) -> bool {
         self.0 == other.0 && self.1.hash == other.1.hash && self.1.target == other.1.target
@@ -467,8 +467,9 @@ fn scan(node: &MetaNode, cluster: &ClusterView) -> Result<ScanResult, String> {
         }
         summary.lost += u64::from(plan.lost);
         summary.unplaceable += plan.unplaceable as u64;
+        let key = urgency(&plan);
         for copy in plan.copies {
-            urgent.push(Urgent(plan.live, copy));
+            urgent.push(Urgent(key, copy));
             if urgent.len() > COPIES_PER_SCAN_MAX {
                 urgent.pop();
             }
