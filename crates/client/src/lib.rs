@@ -21,6 +21,11 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
+use mendfs_proto::v1::telemetry_client::TelemetryClient;
+pub use mendfs_telemetry::context::{TraceContext, TraceId};
+pub use mendfs_telemetry::record::{Level, LogRecord, SpanRecord, SpanStatus};
+pub use mendfs_telemetry::store::LogQuery;
+
 pub use mendfs_proto::v1::{KeyValue, NodeStatus, StatusReply, WatchEvent, WatchReply};
 pub use pb::EventKind;
 
@@ -65,32 +70,53 @@ pub struct ClientConfig {
     pub attempt_timeout: Duration,
     /// Longest wait for a whole call, retries included.
     pub deadline: Duration,
+    /// The trace every call of this client joins (`mendfs --trace-id`). Without one, a call
+    /// made inside a traced span joins that span's trace, and any other call starts its own.
+    pub trace: Option<TraceContext>,
 }
 
 impl ClientConfig {
     pub fn new(endpoints: Vec<String>) -> Self {
-        Self { endpoints, secret: None, attempt_timeout: Duration::from_secs(7), deadline: Duration::from_secs(20) }
+        Self {
+            endpoints,
+            secret: None,
+            attempt_timeout: Duration::from_secs(7),
+            deadline: Duration::from_secs(20),
+            trace: None,
+        }
     }
 }
 
+/// Adds what every call carries: the cluster secret and a W3C `traceparent`.
 #[derive(Clone)]
-struct SecretInterceptor(Option<tonic::metadata::AsciiMetadataValue>);
+struct RequestInterceptor {
+    secret: Option<tonic::metadata::AsciiMetadataValue>,
+    trace: Option<TraceContext>,
+}
 
-impl Interceptor for SecretInterceptor {
+impl Interceptor for RequestInterceptor {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(secret) = &self.0 {
+        if let Some(secret) = &self.secret {
             request.metadata_mut().insert(SECRET_HEADER, secret.clone());
         }
+        let context = self.trace.or_else(|| CALL_TRACE.try_with(|context| *context).ok());
+        mendfs_telemetry::grpc::inject(request.metadata_mut(), context);
         Ok(request)
     }
 }
 
-type Intercepted = InterceptedService<Channel, SecretInterceptor>;
+tokio::task_local! {
+    /// The trace of the call in progress, so that its retries on other endpoints stay in one
+    /// trace instead of each starting its own.
+    static CALL_TRACE: TraceContext;
+}
+
+type Intercepted = InterceptedService<Channel, RequestInterceptor>;
 
 struct Inner {
     config: ClientConfig,
     channels: Vec<Channel>,
-    interceptor: SecretInterceptor,
+    interceptor: RequestInterceptor,
     /// The endpoint that answered last; tried first next time.
     preferred: AtomicUsize,
     client_id: u64,
@@ -165,11 +191,12 @@ impl Client {
             .as_deref()
             .map(|s| s.parse().map_err(|_| Error::Config("the secret must be printable ASCII".into())))
             .transpose()?;
+        let trace = config.trace;
         Ok(Client {
             inner: Arc::new(Inner {
                 config,
                 channels,
-                interceptor: SecretInterceptor(secret),
+                interceptor: RequestInterceptor { secret, trace },
                 preferred: AtomicUsize::new(0),
                 client_id: rand::random::<u64>() | 1,
                 sequence: AtomicU64::new(1),
@@ -198,8 +225,17 @@ impl Client {
     }
 
     /// Runs one call with failover: endpoints in turn, starting with the last that answered,
-    /// until success, a definite error, or the deadline.
-    async fn call<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, Error>
+    /// until success, a definite error, or the deadline. Every attempt carries the same trace.
+    async fn call<T, F, Fut>(&self, what: &str, attempt: F) -> Result<T, Error>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let context = self.inner.config.trace.unwrap_or_else(mendfs_telemetry::grpc::outgoing_context);
+        CALL_TRACE.scope(context, self.call_with_failover(what, attempt)).await
+    }
+
+    async fn call_with_failover<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut(usize) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -701,5 +737,67 @@ impl Client {
         })
         .await
         .map(|_| ())
+    }
+}
+
+/// What one node recorded, for `mendfs trace` and `mendfs logs`. These calls go to the node
+/// named, not to any endpoint: each node answers only for itself.
+impl Client {
+    fn telemetry_at(&self, addr: &str) -> Result<TelemetryClient<Intercepted>, Error> {
+        let uri = if addr.starts_with("http://") { addr.to_string() } else { format!("http://{addr}") };
+        let channel = Endpoint::from_shared(uri)
+            .map_err(|e| Error::Config(format!("bad node address {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_millis(1_000))
+            .timeout(self.inner.config.attempt_timeout)
+            .connect_lazy();
+        Ok(TelemetryClient::with_interceptor(channel, self.inner.interceptor.clone())
+            .max_decoding_message_size(64 << 20))
+    }
+
+    /// The spans of trace `trace_id` that the node at `addr` recorded, and that node's id.
+    pub async fn trace_spans(&self, addr: &str, trace_id: &TraceId) -> Result<(u64, Vec<SpanRecord>), Error> {
+        let mut telemetry = self.telemetry_at(addr)?;
+        let request = pb::TraceSpansRequest { trace_id: trace_id.to_string() };
+        let reply = tokio::time::timeout(self.inner.config.attempt_timeout, telemetry.trace_spans(request))
+            .await
+            .map_err(|_| Error::Timeout {
+                elapsed: self.inner.config.attempt_timeout,
+                last_error: format!("{addr}: no answer"),
+            })?
+            .map_err(|status| Error::Server(format!("{addr}: {}: {}", status.code(), status.message())))?
+            .into_inner();
+        let spans = reply
+            .spans_json
+            .iter()
+            .map(|line| serde_json::from_str(line).map_err(|e| Error::Server(format!("{addr}: malformed span: {e}"))))
+            .collect::<Result<Vec<SpanRecord>, Error>>()?;
+        Ok((reply.node_id, spans))
+    }
+
+    /// Log lines of the node at `addr` matching `query`, oldest first, and that node's id.
+    pub async fn query_logs(&self, addr: &str, query: &LogQuery) -> Result<(u64, Vec<LogRecord>), Error> {
+        let mut telemetry = self.telemetry_at(addr)?;
+        let request = pb::QueryLogsRequest {
+            trace_id: query.trace_id.clone().unwrap_or_default(),
+            since_unix_us: query.since_unix_us.unwrap_or(0),
+            min_level: query.min_level.map(|level| level.as_str().to_string()).unwrap_or_default(),
+            limit: query.limit.min(u32::MAX as usize) as u32,
+        };
+        let reply = tokio::time::timeout(self.inner.config.attempt_timeout, telemetry.query_logs(request))
+            .await
+            .map_err(|_| Error::Timeout {
+                elapsed: self.inner.config.attempt_timeout,
+                last_error: format!("{addr}: no answer"),
+            })?
+            .map_err(|status| Error::Server(format!("{addr}: {}: {}", status.code(), status.message())))?
+            .into_inner();
+        let lines = reply
+            .lines_json
+            .iter()
+            .map(|line| {
+                serde_json::from_str(line).map_err(|e| Error::Server(format!("{addr}: malformed log line: {e}")))
+            })
+            .collect::<Result<Vec<LogRecord>, Error>>()?;
+        Ok((reply.node_id, lines))
     }
 }

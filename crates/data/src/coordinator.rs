@@ -14,7 +14,6 @@
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
@@ -34,6 +33,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::{node_state, DataConfig};
 
@@ -50,7 +50,6 @@ const READ_AHEAD_CHUNKS: usize = 2;
 const READ_MESSAGE_BYTES: usize = 1 << 20;
 /// Messages buffered per reader before the coordinator waits for the client.
 const READ_QUEUE_MESSAGES: usize = 8;
-const CHUNK_RPC_TIMEOUT: Duration = Duration::from_secs(30);
 pub const PATH_BYTES_MAX: usize = 4_096;
 
 type StorageRpc = StorageClient<InterceptedService<Channel, PeerInterceptor>>;
@@ -75,6 +74,11 @@ pub fn validate_path(path: &str) -> Result<(), Status> {
         }
     }
     Ok(())
+}
+
+/// The first 8 bytes of a chunk hash in hex: enough to recognize a chunk in a trace.
+fn short_hex(bytes: &[u8]) -> String {
+    hex(&bytes[..bytes.len().min(8)])
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -133,16 +137,39 @@ impl Coordinator {
         Ok((ring, addresses))
     }
 
-    async fn send_prepare(&self, addr: Option<&String>, request: pb::PrepareChunkRequest) -> Result<(), String> {
-        let addr = addr.ok_or("no address known")?;
-        let mut client = self.storage(addr).map_err(|s| s.message().to_string())?;
-        let mut request = Request::new(request);
-        request.set_timeout(CHUNK_RPC_TIMEOUT);
-        match tokio::time::timeout(CHUNK_RPC_TIMEOUT, client.prepare_chunk(request)).await {
-            Err(_) => Err(format!("no answer within {CHUNK_RPC_TIMEOUT:?}")),
-            Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
-            Ok(Ok(_)) => Ok(()),
+    /// Prepares one copy on node `id`, in a span naming that node, so a trace shows which
+    /// replica failed or was slow.
+    async fn send_prepare(
+        &self,
+        id: u64,
+        addr: Option<&String>,
+        request: pb::PrepareChunkRequest,
+    ) -> Result<(), String> {
+        let span = tracing::info_span!(
+            "prepare_chunk",
+            peer = id,
+            chunk = %short_hex(&request.hash),
+            bytes = request.data.len(),
+            error = tracing::field::Empty,
+        );
+        let result = async {
+            let addr = addr.ok_or("no address known")?;
+            let mut client = self.storage(addr).map_err(|s| s.message().to_string())?;
+            let mut request = Request::new(request);
+            let timeout = self.config.chunk_rpc_timeout;
+            request.set_timeout(timeout);
+            match tokio::time::timeout(timeout, client.prepare_chunk(request)).await {
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+                Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+                Ok(Ok(_)) => Ok(()),
+            }
         }
+        .instrument(span.clone())
+        .await;
+        if let Err(e) = &result {
+            span.record("error", format!("node {id}: {e}"));
+        }
+        result
     }
 
     /// Phase one for one chunk: durable on `replication_factor` distinct nodes, or an error.
@@ -179,7 +206,7 @@ impl Coordinator {
                 )));
             }
             next += batch.len();
-            let attempts = batch.iter().map(|id| self.send_prepare(addresses.get(id), request.clone()));
+            let attempts = batch.iter().map(|id| self.send_prepare(*id, addresses.get(id), request.clone()));
             for (id, result) in batch.iter().zip(futures::future::join_all(attempts).await) {
                 match result {
                     Ok(()) => stored.push(*id),
@@ -207,10 +234,13 @@ impl Coordinator {
     ) -> tokio::task::JoinHandle<Result<CommittedChunk, Status>> {
         let coordinator = self.clone();
         let (ring, addresses) = (ring.clone(), addresses.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            coordinator.prepare_chunk(&ring, &addresses, &write_id, data).await
-        })
+        tokio::spawn(
+            async move {
+                let _slot = slot;
+                coordinator.prepare_chunk(&ring, &addresses, &write_id, data).await
+            }
+            .in_current_span(),
+        )
     }
 
     /// Reads one chunk from the first replica that returns the right bytes.
@@ -234,25 +264,32 @@ impl Coordinator {
                 errors.push(format!("node {id}: address unknown"));
                 continue;
             };
+            let span =
+                tracing::info_span!("read_chunk", peer = id, chunk = %short_hex(hash), error = tracing::field::Empty);
             let result = async {
                 let mut client = self.storage(addr)?;
                 let mut request = Request::new(pb::ReadChunkRequest { hash: hash.to_vec() });
-                request.set_timeout(CHUNK_RPC_TIMEOUT);
-                tokio::time::timeout(CHUNK_RPC_TIMEOUT, client.read_chunk(request))
+                let timeout = self.config.chunk_rpc_timeout;
+                request.set_timeout(timeout);
+                tokio::time::timeout(timeout, client.read_chunk(request))
                     .await
-                    .map_err(|_| Status::deadline_exceeded(format!("no answer within {CHUNK_RPC_TIMEOUT:?}")))?
+                    .map_err(|_| Status::deadline_exceeded(format!("no answer within {timeout:?}")))?
             }
+            .instrument(span.clone())
             .await;
+
             match result {
                 Ok(reply) => {
                     let data = reply.into_inner().data;
                     if blake3::hash(&data).as_bytes().as_slice() == hash {
                         return Ok(data);
                     }
+                    span.record("error", "bytes do not match the hash");
                     errors.push(format!("node {id}: bytes do not match the hash"));
                     self.report_bad_replica(hash, id);
                 }
                 Err(status) => {
+                    span.record("error", format!("{:?}: {}", status.code(), status.message()));
                     errors.push(format!("node {id}: {}", status.message()));
                     if matches!(status.code(), tonic::Code::NotFound | tonic::Code::DataLoss) {
                         self.report_bad_replica(hash, id);
@@ -269,11 +306,14 @@ impl Coordinator {
         tracing::warn!(node = node_id, chunk = %hex(hash), "bad replica reported");
         let node = self.node.clone();
         let hash = hash.to_vec();
-        tokio::spawn(async move {
-            if let Err(e) = node.execute(None, Command::DropReplica { hash, node_id }).await {
-                tracing::warn!("reporting a bad replica: {e}");
+        tokio::spawn(
+            async move {
+                if let Err(e) = node.execute(None, Command::DropReplica { hash, node_id }).await {
+                    tracing::warn!("reporting a bad replica: {e}");
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
 
     async fn file(&self, path: &str) -> Result<FileView, Status> {
@@ -379,7 +419,12 @@ impl Coordinator {
             prepared_at_ms,
             grace_ms: self.config.orphan_grace.as_millis() as u64,
         };
-        match self.node.execute(None, Command::CommitFile(commit)).await? {
+        let committing = tracing::info_span!("commit_file", chunks = n_chunks, error = tracing::field::Empty);
+        let committed = self.node.execute(None, Command::CommitFile(commit)).instrument(committing.clone()).await;
+        if let Err(e) = &committed {
+            committing.record("error", e.to_string());
+        }
+        match committed? {
             Outcome::FileCommitted { version, .. } => {
                 Ok(pb::PutFileReply { version, size, content_hash, chunks: n_chunks })
             }
@@ -430,40 +475,46 @@ impl Files for Coordinator {
         let addresses: HashMap<u64, String> = self.node.storage_nodes()?.into_iter().map(|n| (n.id, n.addr)).collect();
         let (tx, rx) = mpsc::channel(READ_QUEUE_MESSAGES);
         let coordinator = self.clone();
-        tokio::spawn(async move {
-            let info = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Info(file_info(&file))) };
-            if tx.send(Ok(info)).await.is_err() {
-                return;
-            }
-            let mut reads = file
-                .record
-                .chunks
-                .iter()
-                .zip(&file.chunk_replicas)
-                .map(|(chunk, replicas)| coordinator.read_chunk(&chunk.hash, replicas, &addresses));
-            let mut ahead = FuturesOrdered::new();
-            for read in reads.by_ref().take(READ_AHEAD_CHUNKS) {
-                ahead.push_back(read);
-            }
-            while let Some(result) = ahead.next().await {
-                if let Some(read) = reads.next() {
+        tokio::spawn(
+            async move {
+                // In the RPC's span: the chunk reads nest under it, and it lasts as long as the stream.
+                let info = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Info(file_info(&file))) };
+                if tx.send(Ok(info)).await.is_err() {
+                    return;
+                }
+                let mut reads = file
+                    .record
+                    .chunks
+                    .iter()
+                    .zip(&file.chunk_replicas)
+                    .map(|(chunk, replicas)| coordinator.read_chunk(&chunk.hash, replicas, &addresses));
+                let mut ahead = FuturesOrdered::new();
+                for read in reads.by_ref().take(READ_AHEAD_CHUNKS) {
                     ahead.push_back(read);
                 }
-                let data = match result {
-                    Ok(data) => data,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        return;
+                while let Some(result) = ahead.next().await {
+                    if let Some(read) = reads.next() {
+                        ahead.push_back(read);
                     }
-                };
-                for piece in data.chunks(READ_MESSAGE_BYTES) {
-                    let reply = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(piece.to_vec())) };
-                    if tx.send(Ok(reply)).await.is_err() {
-                        return;
+                    let data = match result {
+                        Ok(data) => data,
+                        Err(status) => {
+                            // The reply's headers went out already: mark the RPC's span here.
+                            tracing::Span::current().record("error", status.message());
+                            let _ = tx.send(Err(status)).await;
+                            return;
+                        }
+                    };
+                    for piece in data.chunks(READ_MESSAGE_BYTES) {
+                        let reply = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(piece.to_vec())) };
+                        if tx.send(Ok(reply)).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }
-        });
+            .in_current_span(),
+        );
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

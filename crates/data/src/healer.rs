@@ -30,6 +30,7 @@ use mendfs_meta::MetaNode;
 use mendfs_proto::v1 as pb;
 use tokio::sync::{mpsc, Semaphore};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 #[derive(Debug, Clone)]
 pub struct HealerConfig {
@@ -262,8 +263,36 @@ impl Healer {
         let planned_bytes: u64 = copies.iter().map(|c| c.size).sum();
         self.shared().scan = Some((term, summary.clone()));
 
+        // A round with work is a trace of its own (the copies and their pulls nest under it);
+        // the idle rounds, one a second, are not recorded.
+        let round = if copies.is_empty() && drops.is_empty() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                "repair_round",
+                copies = copies.len(),
+                bytes = planned_bytes,
+                drops = drops.len(),
+                error = tracing::field::Empty,
+            )
+        };
+        let result =
+            self.repair_round(&storage, &addresses, (summary, copies, drops, job)).instrument(round.clone()).await;
+        if let Err(e) = &result {
+            round.record("error", e.as_str());
+        }
+        result
+    }
+
+    async fn repair_round(
+        &self,
+        storage: &[StorageNode],
+        addresses: &HashMap<u64, String>,
+        (summary, copies, drops, job): ScanResult,
+    ) -> Result<bool, String> {
+        let planned_bytes: u64 = copies.iter().map(|c| c.size).sum();
         let job_before = job.clone();
-        let job = self.update_job(job, &storage, &summary, copies.len() as u64, planned_bytes).await?;
+        let job = self.update_job(job, storage, &summary, copies.len() as u64, planned_bytes).await?;
         let job_changed = job_before.filter(|j| j.finished_ms.is_none()).map(|j| j.id) != job.as_ref().map(|j| j.id);
         // Failed copies are not progress: retrying them at once would only spin.
         let mut worked = !drops.is_empty() || job_changed;
@@ -275,7 +304,7 @@ impl Healer {
             self.node.execute(None, Command::DropReplicas { drops }).await.map_err(|e| e.to_string())?;
         }
         if !copies.is_empty() {
-            worked |= self.copy_all(copies, &addresses, job.map(|j| j.id)).await? > 0;
+            worked |= self.copy_all(copies, addresses, job.map(|j| j.id)).await? > 0;
         }
         Ok(worked)
     }
@@ -341,29 +370,35 @@ impl Healer {
         let dispatcher = {
             let healer = self.clone();
             let addresses = addresses.clone();
-            tokio::spawn(async move {
-                let mut throttle = Throttle::new(healer.config.repair_bytes_per_sec);
-                for copy in copies {
-                    if !healer.node.is_leader() {
-                        return;
-                    }
-                    throttle.take(copy.size).await;
-                    let Ok(slot) = slots.clone().acquire_owned().await else { return };
-                    let healer = healer.clone();
-                    let addresses = addresses.clone();
-                    let done_tx = done_tx.clone();
-                    tokio::spawn(async move {
-                        let _slot = slot;
-                        match healer.replicate(&copy, &addresses).await {
-                            Ok(copied_bytes) => {
-                                let added = ReplicaAdded { hash: copy.hash.to_vec(), node: copy.target };
-                                let _ = done_tx.send((added, copied_bytes)).await;
-                            }
-                            Err(e) => tracing::warn!(target_node = copy.target, "repair copy failed: {e}"),
+            tokio::spawn(
+                async move {
+                    let mut throttle = Throttle::new(healer.config.repair_bytes_per_sec);
+                    for copy in copies {
+                        if !healer.node.is_leader() {
+                            return;
                         }
-                    });
+                        throttle.take(copy.size).await;
+                        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                        let healer = healer.clone();
+                        let addresses = addresses.clone();
+                        let done_tx = done_tx.clone();
+                        tokio::spawn(
+                            async move {
+                                let _slot = slot;
+                                match healer.replicate(&copy, &addresses).await {
+                                    Ok(copied_bytes) => {
+                                        let added = ReplicaAdded { hash: copy.hash.to_vec(), node: copy.target };
+                                        let _ = done_tx.send((added, copied_bytes)).await;
+                                    }
+                                    Err(e) => tracing::warn!(target_node = copy.target, "repair copy failed: {e}"),
+                                }
+                            }
+                            .in_current_span(),
+                        );
+                    }
                 }
-            })
+                .in_current_span(),
+            )
         };
         let mut batch = Vec::new();
         let mut succeeded = 0;
@@ -400,6 +435,21 @@ impl Healer {
     /// Asks the target to pull the chunk from a source; returns the bytes it copied (0 if it
     /// already had the chunk).
     async fn replicate(&self, copy: &CopyTask, addresses: &HashMap<u64, String>) -> Result<u64, String> {
+        let span = tracing::info_span!(
+            "repair_copy",
+            peer = copy.target,
+            chunk = %hex_prefix(&copy.hash),
+            bytes = copy.size,
+            error = tracing::field::Empty,
+        );
+        let result = self.replicate_unlogged(copy, addresses).instrument(span.clone()).await;
+        if let Err(e) = &result {
+            span.record("error", e.as_str());
+        }
+        result
+    }
+
+    async fn replicate_unlogged(&self, copy: &CopyTask, addresses: &HashMap<u64, String>) -> Result<u64, String> {
         let target = addresses.get(&copy.target).ok_or_else(|| format!("node {} has no address", copy.target))?;
         let source_addrs = copy.sources.iter().filter_map(|id| addresses.get(id).cloned()).collect();
         let channel = self.node.peers.channel(target)?;
@@ -562,4 +612,9 @@ impl pb::health_server::Health for HealthApi {
         self.healer.record_heartbeat(request.node_id, &health);
         Ok(Response::new(pb::HeartbeatReply {}))
     }
+}
+
+/// The first 8 bytes of a chunk hash in hex: enough to recognize a chunk in a trace.
+fn hex_prefix(hash: &[u8]) -> String {
+    hash.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }

@@ -33,6 +33,9 @@ pub struct DataConfig {
     pub gc_interval: Duration,
     pub zone: String,
     pub weight: u32,
+    /// Longest wait for one chunk RPC to one replica (prepare or read) before the coordinator
+    /// counts that replica failed and tries the next.
+    pub chunk_rpc_timeout: Duration,
 }
 
 impl Default for DataConfig {
@@ -44,6 +47,7 @@ impl Default for DataConfig {
             gc_interval: Duration::from_secs(60),
             zone: "default".into(),
             weight: 100,
+            chunk_rpc_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use mendfs_chunkstore::ChunkError;
 use mendfs_meta::files;
@@ -37,7 +38,26 @@ pub async fn run(node: MetaNode, storage: Arc<StorageState>, config: ScrubConfig
         return;
     }
     loop {
-        match scrub_pass(&node, &storage, config.bytes_per_sec).await {
+        // Each pass is a trace of its own: its reports of bad copies to the leader nest under it.
+        let pass = tracing::info_span!(
+            "scrub_pass",
+            checked = tracing::field::Empty,
+            corrupt = tracing::field::Empty,
+            missing = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let result = scrub_pass(&node, &storage, config.bytes_per_sec).instrument(pass.clone()).await;
+        match &result {
+            Ok(outcome) => {
+                pass.record("checked", outcome.checked);
+                pass.record("corrupt", outcome.corrupt);
+                pass.record("missing", outcome.missing);
+            }
+            Err(e) => {
+                pass.record("error", e.as_str());
+            }
+        }
+        pass.in_scope(|| match result {
             Ok(outcome) => {
                 if outcome.corrupt + outcome.missing > 0 {
                     tracing::warn!(corrupt = outcome.corrupt, missing = outcome.missing, "scrub pass found bad copies");
@@ -46,7 +66,9 @@ pub async fn run(node: MetaNode, storage: Arc<StorageState>, config: ScrubConfig
                 }
             }
             Err(e) => tracing::warn!("scrub pass: {e}"),
-        }
+        });
+        // The pass's span closes here, before the rest between passes.
+        drop(pass);
         tokio::time::sleep(config.pause_between_passes).await;
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::{bench, client_cmd, demo, files_cmd, server};
+use crate::{bench, client_cmd, demo, files_cmd, local_cmd, server, telemetry_cmd};
 
 #[derive(Parser, Debug)]
 #[command(name = "mendfs", version, about = "MendFS: a self-healing distributed file store")]
@@ -44,11 +44,34 @@ pub enum Command {
     },
     /// Start a local 3-node cluster, use it, kill its leader, watch it heal, and clean up.
     Demo(demo::DemoArgs),
+    /// A persistent cluster on this machine, for trying the CLI: `local up`, `local down`.
+    Local {
+        #[command(subcommand)]
+        command: local_cmd::LocalCommand,
+    },
+    /// Show one request's path through the cluster: every node's spans of a trace, as a tree.
+    Trace(telemetry_cmd::TraceArgs),
+    /// Gather structured log lines from the nodes (filter by node, trace, time and level).
+    Logs(telemetry_cmd::LogsArgs),
 }
 
-/// How the CLI reaches the cluster.
+/// How the CLI reaches the cluster, and the trace its command runs in.
 #[derive(Args, Debug, Clone)]
 pub struct Connection {
+    #[command(flatten)]
+    pub cluster: ClusterAddress,
+    /// Print this command's trace id on stderr, for `mendfs trace ID` and `mendfs logs --trace ID`.
+    #[arg(long, global = true)]
+    pub trace: bool,
+    /// Run this command in the given trace (32 hex digits) instead of a new one.
+    #[arg(long, value_name = "HEX32", global = true)]
+    pub trace_id: Option<String>,
+}
+
+/// Where the cluster is and how to get in (`mendfs logs` has its own `--trace ID` filter, so
+/// it takes only this).
+#[derive(Args, Debug, Clone)]
+pub struct ClusterAddress {
     /// Nodes to talk to, HOST:PORT separated by commas; the client fails over between them.
     #[arg(long, env = "MENDFS_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:7001", global = true)]
     pub endpoints: Vec<String>,
@@ -72,8 +95,8 @@ pub fn read_secret(secret_file: Option<&PathBuf>) -> Result<Option<String>> {
     Ok(std::env::var("MENDFS_SECRET").ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()))
 }
 
-impl Connection {
-    pub fn client(&self) -> Result<mendfs_client::Client> {
+impl ClusterAddress {
+    pub fn config(&self) -> Result<mendfs_client::ClientConfig> {
         anyhow::ensure!(
             self.timeout > 0.0 && self.timeout.is_finite(),
             "--timeout must be a positive number of seconds"
@@ -82,6 +105,27 @@ impl Connection {
         config.secret = read_secret(self.secret_file.as_ref())?;
         config.deadline = Duration::from_secs_f64(self.timeout);
         config.attempt_timeout = config.attempt_timeout.min(config.deadline);
+        Ok(config)
+    }
+
+    /// A client whose calls each start a trace of their own.
+    pub fn client(&self) -> Result<mendfs_client::Client> {
+        Ok(mendfs_client::Client::new(self.config()?)?)
+    }
+}
+
+impl Connection {
+    pub fn client(&self) -> Result<mendfs_client::Client> {
+        let mut config = self.cluster.config()?;
+        // One trace per command: every call it makes, retries included, lands in it.
+        let trace_id = match &self.trace_id {
+            Some(text) => text.parse::<mendfs_client::TraceId>().context("--trace-id")?,
+            None => mendfs_client::TraceId::random(),
+        };
+        if self.trace {
+            eprintln!("trace id: {trace_id}");
+        }
+        config.trace = Some(mendfs_client::TraceContext::new_root(trace_id));
         Ok(mendfs_client::Client::new(config)?)
     }
 }
@@ -94,5 +138,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cluster { connection, command } => client_cmd::run_cluster(connection, command).await,
         Command::Bench { command } => bench::run(command).await.map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args).await,
+        Command::Local { command } => local_cmd::run(command).await,
+        Command::Trace(args) => telemetry_cmd::trace(args).await,
+        Command::Logs(args) => telemetry_cmd::logs(args).await,
     }
 }

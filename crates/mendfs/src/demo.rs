@@ -1,28 +1,53 @@
-//! `mendfs demo`: a local 3-node metadata cluster, used, broken and healed in front of you.
+//! `mendfs demo`: a local 4-node cluster, filled with files, broken and healed in front of you.
 //!
-//! Starts real `mendfs server` processes on free 127.0.0.1 ports in a temporary directory,
-//! writes keys, SIGKILLs the leader, shows a new leader take over while writes go on, restarts
-//! the dead node, shows it catch up, verifies every key, and cleans up. Exit 0 only if every
-//! acknowledged key reads back. (The file store and self-healing parts join the demo as they
-//! land.)
+//! Starts real `mendfs server` processes on free 127.0.0.1 ports in a temporary directory
+//! (three metadata voters, one storage-only node), writes sample files, SIGKILLs a node that
+//! holds copies, shows the leader's failure detector mark it `suspect` then `down` (with phi),
+//! shows repair re-create its copies from the survivors, verifies every file byte for byte,
+//! restarts the node and shows it rejoin, and cleans up. Exit 0 only if every file verified.
+//! Works without a terminal: progress bars become plain lines.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use mendfs_client::{Client, ClientConfig};
-use mendfs_testkit::{Cluster, ClusterOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+use mendfs_client::{Client, ClientConfig, StatusReply};
+use mendfs_testkit::{stamped_bytes, Cluster, ClusterOptions};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Leave the cluster running and print how to use it.
     #[arg(long)]
     pub keep: bool,
-    /// Keys to write before and after the failure.
-    #[arg(long, default_value_t = 200)]
-    pub keys: u64,
+    /// Sample files to write.
+    #[arg(long, default_value_t = 24)]
+    pub files: u32,
+    /// Size of the largest sample file in MiB (sizes range from 1 KiB up to it).
+    #[arg(long, default_value_t = 8)]
+    pub max_file_mib: u64,
 }
+
+const CHUNK_BYTES: u64 = 1 << 20;
+const DEADLINE: Duration = Duration::from_secs(90);
+/// Detector and repair settings shortened so the demo takes a minute, not several: heartbeats
+/// every 500 ms, `down` 4 s after suspicion (the defaults are 1 s and 10 s).
+const DEMO_SERVER_ARGS: &[&str] = &[
+    "--chunk-size-bytes",
+    "1048576",
+    "--health-interval-ms",
+    "500",
+    "--acceptable-pause-ms",
+    "1500",
+    "--down-after-ms",
+    "4000",
+    "--repair-scan-interval-ms",
+    "500",
+    "--repair-bytes-per-sec",
+    "33554432",
+];
 
 fn step(text: &str) {
     println!("\n== {text}");
@@ -32,66 +57,233 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
 
-pub async fn run(args: DemoArgs) -> Result<ExitCode> {
-    let binary = std::env::current_exe().context("locate the mendfs binary")?;
-    step("Starting a local 3-node cluster (real processes on 127.0.0.1)");
-    let options = ClusterOptions { nodes: 3, keep_dir: args.keep, ..ClusterOptions::default() };
-    let mut cluster = blocking(|| Cluster::start(&binary, options))?;
-    println!("directory: {}", cluster.root().display());
-    let leader = blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
-    println!("node {leader} was elected leader");
-    print_status(&cluster);
+/// A progress bar on a terminal; elsewhere, a line at every 25 %.
+struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    reported_quarter: u64,
+    label: &'static str,
+}
 
-    let mut config = ClientConfig::new(cluster.endpoint_list());
-    config.secret = cluster.secret();
-    let client = Client::new(config)?;
-
-    step(&format!("Writing {} keys", args.keys));
-    let started = Instant::now();
-    for i in 0..args.keys {
-        client.set(format!("demo/key-{i:05}").as_bytes(), format!("value-{i}").as_bytes(), None, None).await?;
+impl Progress {
+    fn new(total: u64, label: &'static str) -> Self {
+        let bar = std::io::stdout().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template("{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.set_message(label);
+            bar
+        });
+        Progress { bar, total: total.max(1), reported_quarter: 0, label }
     }
-    println!("{} keys in {:.2?}", args.keys, started.elapsed());
 
-    step(&format!("SIGKILL the leader, node {leader}, and keep writing"));
-    blocking(|| cluster.kill(leader))?;
-    let killed_at = Instant::now();
-    client.set(b"demo/after-failover", b"written while a node was dead", None, None).await?;
-    let failover = killed_at.elapsed();
-    println!("first write acknowledged {failover:.2?} after the kill");
-    for i in args.keys..args.keys * 2 {
-        client.set(format!("demo/key-{i:05}").as_bytes(), format!("value-{i}").as_bytes(), None, None).await?;
-    }
-    let new_leader = blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
-    println!("node {new_leader} leads now; {} more keys written with one node down", args.keys);
-    print_status(&cluster);
-
-    step(&format!("Restarting node {leader}: it replays its log and catches up"));
-    blocking(|| cluster.restart(leader))?;
-    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
-    let restarted_at = Instant::now();
-    blocking(|| cluster.wait_for_caught_up(&ids, Duration::from_secs(60)))?;
-    println!("node {leader} caught up in {:.2?}", restarted_at.elapsed());
-    print_status(&cluster);
-
-    step("Verifying every acknowledged key");
-    let mut verified = 0u64;
-    let mut wrong = Vec::new();
-    for i in 0..args.keys * 2 {
-        let key = format!("demo/key-{i:05}");
-        match client.get(key.as_bytes()).await? {
-            Some(kv) if kv.value == format!("value-{i}").as_bytes() => verified += 1,
-            other => {
-                wrong.push(format!("{key}: {:?}", other.map(|kv| String::from_utf8_lossy(&kv.value).into_owned())))
+    fn set(&mut self, done: u64, total: u64) {
+        self.total = total.max(1);
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(self.total);
+                bar.set_position(done);
+            }
+            None => {
+                let quarter = (done.min(self.total) * 4) / self.total;
+                if quarter > self.reported_quarter {
+                    self.reported_quarter = quarter;
+                    println!("{}: {} of {} MiB ({}%)", self.label, mib(done), mib(self.total), quarter * 25);
+                }
             }
         }
     }
+
+    fn finish(self) {
+        if let Some(bar) = self.bar {
+            bar.finish();
+        }
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1 << 20) as f64)
+}
+
+/// Sample file sizes: from 1 KiB up to `max`, some on chunk boundaries, deterministic.
+fn file_sizes(count: u32, max: u64) -> Vec<u64> {
+    (0..count as u64)
+        .map(|i| match i % 4 {
+            0 => 1024 + i * 37,
+            1 => CHUNK_BYTES * (1 + i % 3),
+            2 => (max * (i + 1) / count as u64).max(4096) + 123,
+            _ => CHUNK_BYTES / 2 + i * 1000,
+        })
+        .map(|size| size.min(max.max(1024)))
+        .collect()
+}
+
+fn node_state(status: &StatusReply, id: u64) -> (String, f64) {
+    status.nodes.iter().find(|n| n.id == id).map_or((String::new(), 0.0), |n| (n.state.clone(), n.phi))
+}
+
+pub async fn run(args: DemoArgs) -> Result<ExitCode> {
+    anyhow::ensure!(args.files >= 1, "--files must be at least 1");
+    anyhow::ensure!((1..=1024).contains(&args.max_file_mib), "--max-file-mib must be within 1 ..= 1024");
+    let binary = std::env::current_exe().context("locate the mendfs binary")?;
+    let demo_started = Instant::now();
+
+    step("Starting a local 4-node cluster: 3 metadata voters and 1 storage-only node");
+    println!("(real `mendfs server` processes on 127.0.0.1; detector timings shortened for the demo)");
+    let options = ClusterOptions {
+        nodes: 3,
+        keep_dir: args.keep,
+        server_args: DEMO_SERVER_ARGS.iter().map(|s| s.to_string()).collect(),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = blocking(|| Cluster::start(&binary, options))?;
+    println!("directory: {}", cluster.root().display());
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE))?;
+    blocking(|| cluster.add_storage_learner(4))?;
+    println!("node {leader} was elected leader; node 4 joined as a storage-only learner");
+
+    let mut config = ClientConfig::new(cluster.endpoint_list());
+    config.secret = cluster.secret();
+    config.deadline = Duration::from_secs(60);
+    let client = Client::new(config)?;
+    wait_status(&client, "all 4 nodes up and storing", |s| {
+        s.nodes.iter().filter(|n| n.storage && n.state == "up").count() == 4
+    })
+    .await?;
+    print_status(&cluster);
+
+    let sizes = file_sizes(args.files, args.max_file_mib << 20);
+    let total: u64 = sizes.iter().sum();
+    step(&format!("Writing {} sample files, {} MiB in all (1 MiB chunks, 3 copies of each)", sizes.len(), mib(total)));
+    let mut progress = Progress::new(total, "written");
+    let mut written = 0u64;
+    let started = Instant::now();
+    for (i, size) in sizes.iter().enumerate() {
+        let data = stamped_bytes(i as u32, 0, *size as usize);
+        client
+            .put_file(&format!("/demo/file-{i:03}"), std::io::Cursor::new(data), Some(*size), None, |_| {})
+            .await
+            .with_context(|| format!("writing /demo/file-{i:03}"))?;
+        written += size;
+        progress.set(written, total);
+    }
+    progress.finish();
+    println!("{} files in {:.1?}", sizes.len(), started.elapsed());
+    let status = client.status().await?;
+    let leader = status.leader.context("no leader")?;
+    // The victim: the node other than the leader that holds the most copies.
+    let victim = status
+        .nodes
+        .iter()
+        .filter(|n| n.storage && n.id != leader)
+        .max_by_key(|n| n.chunks_listed)
+        .map(|n| (n.id, n.chunks_listed))
+        .context("no storage node to kill")?;
+    let (victim, victim_chunks) = victim;
+    print_status(&cluster);
+
+    step(&format!("SIGKILL node {victim}: it holds {victim_chunks} chunk copies"));
+    blocking(|| cluster.kill(victim))?;
+    let killed_at = Instant::now();
+    let mut last_state = "up".to_string();
+    let mut suspect_after = None;
+    let mut down_after = None;
+    while down_after.is_none() {
+        if killed_at.elapsed() > DEADLINE {
+            bail!("node {victim} was not declared down within {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Ok(status) = client.status().await else { continue };
+        let (state, phi) = node_state(&status, victim);
+        if state != last_state && !state.is_empty() {
+            let at = killed_at.elapsed();
+            println!("{:>6.1}s  node {victim}: {last_state} -> {state} (phi {phi:.1})", at.as_secs_f64());
+            if state == "suspect" && suspect_after.is_none() {
+                suspect_after = Some(at);
+            }
+            if state == "down" {
+                suspect_after.get_or_insert(at);
+                down_after = Some(at);
+            }
+            last_state = state;
+        }
+    }
+    let down_after = down_after.unwrap_or_default();
+
+    step(&format!(
+        "Repairing: the leader re-creates node {victim}'s copies from the survivors (throttled to 32 MiB/s)"
+    ));
+    let down_at = Instant::now();
+    let mut repair_progress = Progress::new(1, "repaired");
+    let mut repaired_bytes = 0u64;
+    let mut repaired_copies = 0u64;
+    loop {
+        if down_at.elapsed() > DEADLINE {
+            bail!("repair did not finish within {DEADLINE:?}");
+        }
+        let Ok(status) = client.status().await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        if let Some(repair) = &status.repair {
+            repaired_bytes = repair.done_bytes;
+            repaired_copies = repair.done_copies;
+            repair_progress.set(repair.done_bytes, repair.total_bytes);
+        }
+        let finished = status.repair.as_ref().is_some_and(|r| r.finished_unix_ms.is_some());
+        if finished && status.under_replicated_chunks == 0 && status.chunks > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    repair_progress.finish();
+    let healed_after = down_at.elapsed();
+    println!(
+        "full redundancy again {healed_after:.1?} after `down`: {repaired_copies} copies, {} MiB",
+        mib(repaired_bytes)
+    );
+    print_status(&cluster);
+
+    step(&format!("Verifying every file byte for byte (node {victim} is still dead)"));
+    let mut verified = 0usize;
+    let mut wrong = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let path = format!("/demo/file-{i:03}");
+        let mut got = Vec::with_capacity(*size as usize);
+        match client.get_file(&path, &mut got, |_, _| {}).await {
+            Ok(_) if got == stamped_bytes(i as u32, 0, *size as usize) => verified += 1,
+            Ok(_) => wrong.push(format!("{path}: content differs")),
+            Err(e) => wrong.push(format!("{path}: {e}")),
+        }
+    }
+    println!("{verified} of {} files read back identical", sizes.len());
+
+    step(&format!("Restarting node {victim}: it replays its log and rejoins"));
+    blocking(|| cluster.restart(victim))?;
+    let restarted_at = Instant::now();
+    wait_status(&client, &format!("node {victim} up again"), |s| node_state(s, victim).0 == "up").await?;
+    println!(
+        "node {victim} is up again after {:.1?}; its copies that are now surplus are trimmed later",
+        restarted_at.elapsed()
+    );
+    print_status(&cluster);
+
     step("Summary");
-    println!("keys verified:        {verified} of {}", args.keys * 2);
-    println!("leader failover:      {failover:.2?} (SIGKILL to next acknowledged write)");
-    println!("restarted node:       caught up in {:.2?}", restarted_at.elapsed());
+    println!("files verified:     {verified} of {} ({} MiB)", sizes.len(), mib(total));
+    println!(
+        "time to detect:     suspect {:.1}s, down {:.1}s after SIGKILL",
+        suspect_after.unwrap_or_default().as_secs_f64(),
+        down_after.as_secs_f64()
+    );
+    println!("time to heal:       {:.1}s from down to full redundancy", healed_after.as_secs_f64());
+    println!("bytes repaired:     {} MiB in {repaired_copies} chunk copies", mib(repaired_bytes));
+    println!("node {victim} rejoined:   {:.1}s after restart", restarted_at.elapsed().as_secs_f64());
+    println!("demo took:          {:.1}s", demo_started.elapsed().as_secs_f64());
     if !wrong.is_empty() {
-        eprintln!("error: {} keys did not read back: {}", wrong.len(), wrong.join("; "));
+        eprintln!("error: {} files did not verify: {}", wrong.len(), wrong.join("; "));
         return Ok(ExitCode::FAILURE);
     }
     if args.keep {
@@ -101,11 +293,27 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
             println!("  export MENDFS_SECRET=$(cat {})", path.display());
         }
         println!("  mendfs cluster status");
-        println!("  mendfs kv get demo/key-00001");
+        println!("  mendfs ls /demo -l");
+        println!("  mendfs get /demo/file-000 -");
         println!("Stop it with: pkill -f 'mendfs server.*{}'", cluster.root().display());
-        std::mem::forget(cluster);
+        cluster.detach();
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_status(client: &Client, what: &str, done: impl Fn(&StatusReply) -> bool) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        if let Ok(status) = client.status().await {
+            if done(&status) {
+                return Ok(());
+            }
+        }
+        if started.elapsed() > DEADLINE {
+            bail!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn print_status(cluster: &Cluster) {

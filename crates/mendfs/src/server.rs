@@ -23,7 +23,15 @@ use mendfs_meta::{MetaNode, NodeConfig};
 use mendfs_proto::v1::files_server::FilesServer;
 use mendfs_proto::v1::health_server::HealthServer;
 use mendfs_proto::v1::storage_server::StorageServer;
+use mendfs_proto::v1::telemetry_server::TelemetryServer;
+use mendfs_telemetry::grpc::RpcTraceLayer;
+use mendfs_telemetry::layer::{Sinks, TelemetryLayer};
+use mendfs_telemetry::metrics::RequestMetrics;
+use mendfs_telemetry::otlp::OtlpExporter;
+use mendfs_telemetry::service::TelemetryApi;
+use mendfs_telemetry::store::{LogStore, SpanStore};
 use serde::Deserialize;
+use std::sync::atomic::AtomicU64;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
@@ -53,7 +61,7 @@ pub struct ServerArgs {
     /// Run without a cluster secret: anyone who reaches the port can read and write. Local trials only.
     #[arg(long)]
     pub insecure_dev: bool,
-    /// Address for metrics and the dashboard (reserved: not served yet).
+    /// Address for HTTP: Prometheus `/metrics`, `/healthz` and `/readyz` (IP:PORT; off if unset).
     #[arg(long)]
     pub http: Option<String>,
     /// Take a snapshot and compact the Raft log every this many entries.
@@ -134,6 +142,19 @@ pub struct ServerArgs {
     /// Rest between two scrub passes, in milliseconds (default 1 hour).
     #[arg(long)]
     pub scrub_interval_ms: Option<u64>,
+    /// Longest wait for one replica to answer a chunk prepare or read, in milliseconds, before
+    /// the coordinator tries another (default 30000).
+    #[arg(long)]
+    pub chunk_rpc_timeout_ms: Option<u64>,
+    /// Disk bytes kept of this node's recent spans (`mendfs trace`), oldest dropped first (default 64 MiB).
+    #[arg(long)]
+    pub span_store_bytes: Option<u64>,
+    /// Disk bytes kept of this node's structured logs (`mendfs logs`), oldest dropped first (default 64 MiB).
+    #[arg(long)]
+    pub log_store_bytes: Option<u64>,
+    /// Also export spans over OTLP/gRPC to this collector (Jaeger, OpenTelemetry Collector), e.g. http://127.0.0.1:4317.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The same settings, as read from `--config`.
@@ -173,9 +194,13 @@ struct FileSettings {
     repair_scan_interval_ms: Option<u64>,
     scrub_bytes_per_sec: Option<u64>,
     scrub_interval_ms: Option<u64>,
+    chunk_rpc_timeout_ms: Option<u64>,
+    span_store_bytes: Option<u64>,
+    log_store_bytes: Option<u64>,
+    otlp_endpoint: Option<String>,
 }
 
-/// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
+/// Parses `1=127.0.0.1:7001,2=node2.example:7002` (IP addresses or DNS names).
 pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>> {
     let mut peers = BTreeMap::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -183,7 +208,7 @@ pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>> {
         let id: u64 = id.trim().parse().with_context(|| format!("peer id {id:?} is not a number"))?;
         anyhow::ensure!(id > 0, "peer id 0 is reserved; use 1 or more");
         let addr = addr.trim();
-        addr.parse::<SocketAddr>().with_context(|| format!("peer address {addr:?} is not IP:PORT"))?;
+        mendfs_meta::network::validate_node_addr(addr).map_err(|e| anyhow::anyhow!("--peers: {e}"))?;
         if peers.insert(id, addr.to_string()).is_some() {
             bail!("peer id {id} appears twice in --peers");
         }
@@ -191,18 +216,66 @@ pub fn parse_peers(text: &str) -> Result<BTreeMap<u64, String>> {
     Ok(peers)
 }
 
-fn init_logging(format: &str, node_id: u64) -> Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+/// Default disk bound of each of the span and log stores.
+const TELEMETRY_STORE_BYTES_DEFAULT: u64 = 64 << 20;
+
+/// What the node records about its own work, and where it goes.
+struct Telemetry {
+    sinks: Arc<Sinks>,
+    spans: Arc<SpanStore>,
+    logs: Arc<LogStore>,
+    otlp: Option<OtlpExporter>,
+}
+
+/// Logging to stderr (as `--log-format` and `RUST_LOG` say) plus the span and log stores under
+/// `DATA_DIR/telemetry/`, which keep this crate's spans and INFO lines (WARN for the libraries)
+/// whatever `RUST_LOG` says, so a trace is complete even when stderr is quiet.
+fn init_telemetry(
+    format: &str,
+    node_id: u64,
+    data_dir: &std::path::Path,
+    span_bytes: u64,
+    log_bytes: u64,
+    otlp_endpoint: Option<&str>,
+) -> Result<Telemetry> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let dir = data_dir.join("telemetry");
+    let spans = Arc::new(SpanStore::open(&dir.join("spans"), span_bytes).context("open the span store")?);
+    let logs = Arc::new(LogStore::open(&dir.join("logs"), log_bytes).context("open the log store")?);
+    let mut sinks = Sinks::new(node_id, Some(spans.clone()), Some(logs.clone()));
+    let otlp = match otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = OtlpExporter::start(endpoint, node_id).map_err(|e| anyhow::anyhow!(e))?;
+            let offered = exporter.clone();
+            sinks.span_listeners.push(Box::new(move |span| offered.offer(span)));
+            Some(exporter)
+        }
+        None => None,
+    };
+    let sinks = Arc::new(sinks);
+
+    let env_filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let result = match format {
-        "json" => builder.json().try_init(),
-        "text" => builder.try_init(),
+    let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let stderr = match format {
+        "json" => stderr.json().boxed(),
+        "text" => stderr.boxed(),
         other => bail!("--log-format {other:?}: use text or json"),
     };
-    result.map_err(|e| anyhow::anyhow!("logging: {e}"))?;
+    let recorded = tracing_subscriber::filter::filter_fn(|metadata| {
+        let ours = metadata.target().starts_with("mendfs");
+        *metadata.level() <= if ours { tracing::Level::INFO } else { tracing::Level::WARN }
+    });
+    tracing_subscriber::registry()
+        .with(stderr.with_filter(env_filter))
+        .with(TelemetryLayer::new(sinks.clone()).with_filter(recorded))
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("logging: {e}"))?;
     tracing::info!(node_id, "mendfs {} starting", env!("CARGO_PKG_VERSION"));
-    Ok(())
+    Ok(Telemetry { sinks, spans, logs, otlp })
 }
 
 pub async fn run(args: ServerArgs) -> Result<()> {
@@ -247,13 +320,24 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     if secret.is_none() && !insecure {
         bail!("no cluster secret: pass --secret-file FILE or set MENDFS_SECRET (or --insecure-dev for a local trial)");
     }
-    init_logging(args.log_format.or(file.log_format).as_deref().unwrap_or("text"), node_id)?;
+    let span_store_bytes = args.span_store_bytes.or(file.span_store_bytes).unwrap_or(TELEMETRY_STORE_BYTES_DEFAULT);
+    let log_store_bytes = args.log_store_bytes.or(file.log_store_bytes).unwrap_or(TELEMETRY_STORE_BYTES_DEFAULT);
+    let otlp_endpoint = args.otlp_endpoint.or(file.otlp_endpoint);
+    let telemetry = init_telemetry(
+        args.log_format.or(file.log_format).as_deref().unwrap_or("text"),
+        node_id,
+        &data_dir,
+        span_store_bytes,
+        log_store_bytes,
+        otlp_endpoint.as_deref(),
+    )?;
     if insecure && secret.is_none() {
         tracing::warn!("running without a cluster secret (--insecure-dev): anyone who reaches this port can write");
     }
-    if let Some(http) = args.http.or(file.http) {
-        tracing::warn!(%http, "--http is reserved for metrics and the dashboard; nothing is served there yet");
-    }
+    let http_listener = match args.http.or(file.http) {
+        Some(addr) => Some(crate::http::bind(&addr).await?),
+        None => None,
+    };
 
     let mut config = NodeConfig::new(node_id, advertise, data_dir);
     config.initial_peers = peers;
@@ -304,6 +388,10 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     if let Some(ms) = args.gc_interval_ms.or(file.gc_interval_ms) {
         anyhow::ensure!(ms > 0, "--gc-interval-ms must be positive");
         data_config.gc_interval = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.chunk_rpc_timeout_ms.or(file.chunk_rpc_timeout_ms) {
+        anyhow::ensure!(ms > 0, "--chunk-rpc-timeout-ms must be positive");
+        data_config.chunk_rpc_timeout = Duration::from_millis(ms);
     }
     if let Some(zone) = args.zone.or(file.zone) {
         data_config.zone = zone;
@@ -377,6 +465,31 @@ pub async fn run(args: ServerArgs) -> Result<()> {
         .map(|chunk_store| Arc::new(StorageState::new(chunk_store, data_config.orphan_grace, storage_capacity)));
     let sampler = HealthSampler::new(&node.config.data_dir, storage_state.clone());
     tokio::spawn(mendfs_data::heartbeat::run(node.clone(), healer, sampler, health_interval));
+    let request_metrics = Arc::new(RequestMetrics::new());
+    if let Some(listener) = http_listener {
+        let leader_changes = Arc::new(AtomicU64::new(0));
+        tokio::spawn(crate::http::count_leader_changes(node.clone(), leader_changes.clone()));
+        let state = Arc::new(crate::http::HttpState {
+            node: node.clone(),
+            storage: storage_state.clone(),
+            requests: request_metrics.clone(),
+            sinks: telemetry.sinks.clone(),
+            spans: telemetry.spans.clone(),
+            logs: telemetry.logs.clone(),
+            otlp: telemetry.otlp.clone(),
+            leader_changes,
+        });
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(listener, state).await {
+                tracing::error!("{e:#}");
+            }
+        });
+    }
+    let telemetry_service = InterceptedService::new(
+        TelemetryServer::new(TelemetryApi { node_id, spans: telemetry.spans.clone(), logs: telemetry.logs.clone() })
+            .max_encoding_message_size(64 << 20),
+        client_gate.clone(),
+    );
     let storage_service = match storage_state {
         Some(storage_state) => {
             tokio::spawn(register_storage(node.clone(), data_config.clone()));
@@ -405,12 +518,14 @@ pub async fn run(args: ServerArgs) -> Result<()> {
     tracing::info!(%listen_addr, "serving");
     let serve = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .layer(RpcTraceLayer::new(request_metrics))
         .add_service(node_service)
         .add_service(kv_service)
         .add_service(cluster_service)
         .add_optional_service(storage_service)
         .add_service(health_service)
         .add_service(files_service)
+        .add_service(telemetry_service)
         .serve_with_incoming_shutdown(
             // TCP_NODELAY on every accepted connection: replies are small, and Nagle's
             // algorithm against the peer's delayed ACK would hold each one for ~40 ms.

@@ -166,14 +166,25 @@ async fn a_file_survives_one_corrupted_or_deleted_copy_of_each_chunk() {
     for _ in 0..3 {
         assert!(get(&client, "/precious").await.expect("still readable") == data, "the bytes are right");
     }
-    // The bad copies were reported: the chunk map stops listing them (repair restores them later).
+    // The bad copies were reported and dropped from the chunk map, and repair then copied good
+    // ones back to the victim (the only node that can hold a third copy). Both steps may be
+    // done before the first look, so check where they end: every chunk listed on 3 nodes, and
+    // a verified copy on the victim's disk where the corrupt or missing one was.
     let by = Instant::now() + DEADLINE;
     loop {
         let info = client.stat_file("/precious").await.unwrap();
-        if info.chunks.iter().all(|c| c.replicas.len() == 2 && !c.replicas.contains(&victim)) {
+        let restored = info.chunks.iter().all(|chunk| {
+            let hash = hex(&chunk.hash);
+            let path =
+                cluster.nodes[&victim].data_dir.join("chunks/chunks").join(&hash[..2]).join(&hash[2..4]).join(&hash);
+            chunk.replicas.len() == 3
+                && chunk.replicas.contains(&victim)
+                && std::fs::read(&path).is_ok_and(|bytes| blake3::hash(&bytes).as_bytes().as_slice() == chunk.hash)
+        });
+        if restored {
             break;
         }
-        assert!(Instant::now() < by, "bad replicas still listed: {info:?}");
+        assert!(Instant::now() < by, "bad copies not replaced: {info:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

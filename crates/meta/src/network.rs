@@ -31,6 +31,30 @@ use crate::{NodeId, TypeConfig};
 /// How long to wait for a TCP connection to a peer before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1_000);
 
+/// Checks that a node address is `HOST:PORT`, where HOST is an IP address or a DNS name
+/// (containers and Kubernetes pods are reached by stable names, not by IPs that change on
+/// restart). The name is resolved when a connection is made, again on every reconnect.
+pub fn validate_node_addr(addr: &str) -> Result<(), String> {
+    if addr.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| format!("node address {addr:?} is not HOST:PORT"))?;
+    port.parse::<u16>().map_err(|_| format!("node address {addr:?}: port {port:?} is not a number from 0 to 65535"))?;
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !name_ok {
+        return Err(format!("node address {addr:?}: {host:?} is neither an IP address nor a DNS name"));
+    }
+    Ok(())
+}
+
 /// Adds the cluster secret and this node's cluster id to every outgoing call.
 #[derive(Clone)]
 pub struct PeerInterceptor {
@@ -45,6 +69,11 @@ impl Interceptor for PeerInterceptor {
         }
         if let Some(cluster_id) = self.state.cluster_id().and_then(|id| id.parse().ok()) {
             request.metadata_mut().insert(CLUSTER_ID_HEADER, cluster_id);
+        }
+        // Only calls made while serving a traced request (or a traced repair or scrub) carry a
+        // context; Raft's own replication and elections run outside any span and stay untraced.
+        if let Some(context) = mendfs_telemetry::layer::current_context() {
+            mendfs_telemetry::grpc::inject(request.metadata_mut(), Some(context));
         }
         Ok(request)
     }

@@ -243,6 +243,8 @@ pub struct MetaNode {
     proposer: mpsc::Sender<PendingProposal>,
     /// Published by the data plane's healer while this node leads; None otherwise.
     pub health: Arc<Mutex<Option<HealthSnapshot>>>,
+    /// Raft's committed index on this node (for metrics).
+    pub committed_index: Arc<std::sync::atomic::AtomicU64>,
 }
 
 pub fn now_ms() -> u64 {
@@ -254,6 +256,7 @@ impl MetaNode {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("create data dir {}: {e}", config.data_dir.display()))?;
         let log_store = LogStore::open(&config.data_dir).map_err(|e| e.to_string())?;
+        let committed_index = log_store.committed_index();
         let state_machine = StateMachineStore::open(&config.data_dir).map_err(|e| e.to_string())?;
         let state = state_machine.reader();
         let peers = Peers::new(config.secret.as_deref(), state.clone())?;
@@ -284,6 +287,7 @@ impl MetaNode {
             sessions: Arc::default(),
             proposer,
             health: Arc::default(),
+            committed_index,
         };
         node.initialize_once().await?;
         tokio::spawn(node.clone().leader_duties());
@@ -539,9 +543,7 @@ impl MetaNode {
     /// Adds a node as a learner, waits for it to catch up, then promotes it to voter (unless
     /// it is to stay a learner).
     async fn add_node(&self, id: NodeId, addr: String, learner: bool) -> Result<LeaderResponse, ApiError> {
-        if addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ApiError::InvalidArgument(format!("node address {addr:?} is not HOST:PORT with an IP host")));
-        }
+        crate::network::validate_node_addr(&addr).map_err(ApiError::InvalidArgument)?;
         if !self.is_leader() {
             return Err(ApiError::NotLeader { leader: self.leader_id() });
         }

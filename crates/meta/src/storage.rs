@@ -74,6 +74,9 @@ async fn blocking<T: Send + 'static>(
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    /// The latest committed index Raft told us (`save_committed`), for metrics; openraft's own
+    /// metrics do not carry it.
+    committed_index: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl LogStore {
@@ -83,7 +86,12 @@ impl LogStore {
         txn.open_table(LOG).map_err(store_err)?;
         txn.open_table(LOG_META).map_err(store_err)?;
         txn.commit().map_err(store_err)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self { db: Arc::new(db), committed_index: Arc::default() })
+    }
+
+    /// The committed index as last saved, shared: it moves as Raft commits.
+    pub fn committed_index(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.committed_index.clone()
     }
 
     fn read_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AnyError> {
@@ -178,6 +186,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), RaftStorageError> {
+        self.committed_index.store(committed.map_or(0, |id| id.index), std::sync::atomic::Ordering::Relaxed);
         // No fsync: the committed index only lets a restarted node re-apply sooner; losing the
         // latest value is harmless (Raft re-learns it from the leader). redb makes it durable
         // with the next Immediate commit (the next append or vote).
@@ -189,7 +198,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
         let committed: Option<Option<LogId<NodeId>>> = self.read_meta(KEY_COMMITTED).map_err(StorageIOError::read)?;
-        Ok(committed.flatten())
+        let committed = committed.flatten();
+        self.committed_index.store(committed.map_or(0, |id| id.index), std::sync::atomic::Ordering::Relaxed);
+        Ok(committed)
     }
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), RaftStorageError>

@@ -31,6 +31,9 @@ pub struct ClusterOptions {
     pub chunk_store_bytes_max: Option<u64>,
     /// Extra flags for particular nodes, after `server_args`.
     pub node_args: BTreeMap<u64, Vec<String>>,
+    /// Start each node in a process group of its own, so a Ctrl-C in the terminal that
+    /// started it does not reach it (`mendfs local up`, whose nodes outlive the command).
+    pub detached: bool,
 }
 
 impl Default for ClusterOptions {
@@ -43,6 +46,7 @@ impl Default for ClusterOptions {
             dir: None,
             chunk_store_bytes_max: None,
             node_args: BTreeMap::new(),
+            detached: false,
         }
     }
 }
@@ -104,7 +108,23 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Re
     }
 }
 
-fn signal(pid: u32, signal: i32) -> Result<()> {
+/// 128 random bits in hex, from the standard library's per-process random hash keys (the
+/// secret guards local clusters on loopback; no cryptographic strength is claimed).
+fn random_secret() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut text = String::new();
+    for salt in 0..2u64 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(salt ^ std::process::id() as u64);
+        hasher
+            .write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+        text.push_str(&format!("{:016x}", hasher.finish()));
+    }
+    text
+}
+
+/// Sends `signal` to process `pid`.
+pub fn signal(pid: u32, signal: i32) -> Result<()> {
     let pid = i32::try_from(pid).context("pid out of range")?;
     let rc = unsafe_kill(pid, signal);
     if rc != 0 {
@@ -135,8 +155,7 @@ impl Cluster {
         };
         let secret_file = if options.secure {
             let path = root.join("secret");
-            std::fs::write(&path, format!("test-secret-{:016x}\n", std::process::id() as u64 * 7919))
-                .context("write the secret file")?;
+            std::fs::write(&path, format!("{}\n", random_secret())).context("write the secret file")?;
             Some(path)
         } else {
             None
@@ -236,9 +255,16 @@ impl Cluster {
     /// Starts node `id` as a storage-only node (`--roles storage`) and adds it to the cluster as
     /// a non-voting learner.
     pub fn add_storage_learner(&mut self, id: u64) -> Result<()> {
+        self.add_storage_learner_with(id, &[])
+    }
+
+    /// [`Cluster::add_storage_learner`] with more flags for that node.
+    pub fn add_storage_learner_with(&mut self, id: u64, extra: &[String]) -> Result<()> {
         self.add_node_entry(id)?;
         if let Some(node) = self.nodes.get_mut(&id) {
-            node.extra_args = Some(vec!["--roles".into(), "storage".into()]);
+            let mut args = vec!["--roles".to_string(), "storage".to_string()];
+            args.extend(extra.iter().cloned());
+            node.extra_args = Some(args);
         }
         self.spawn(id, false)?;
         let addr = self.addr(id);
@@ -257,6 +283,10 @@ impl Cluster {
         }
         let log = OpenOptions::new().create(true).append(true).open(&node.log_path).context("open node log")?;
         let log_err = log.try_clone()?;
+        if self.options.detached {
+            use std::os::unix::process::CommandExt;
+            command.process_group(0);
+        }
         let child = command
             .stdin(Stdio::null())
             .stdout(log)
@@ -266,6 +296,18 @@ impl Cluster {
         node.child = Some(child);
         node.stopped = false;
         Ok(())
+    }
+
+    /// Lets the running nodes go on after this `Cluster` is dropped; returns each one's pid.
+    pub fn detach(&mut self) -> BTreeMap<u64, u32> {
+        let mut pids = BTreeMap::new();
+        for node in self.nodes.values_mut() {
+            // Dropping a `Child` neither kills nor waits for it.
+            if let Some(child) = node.child.take() {
+                pids.insert(node.id, child.id());
+            }
+        }
+        pids
     }
 
     /// SIGKILL: the node dies at once, with no chance to flush anything.

@@ -1,0 +1,280 @@
+//! The node's HTTP side (`--http`): Prometheus `/metrics`, `/healthz` (the process serves) and
+//! `/readyz` (it also sees a Raft leader). Every value is read from the live state at scrape
+//! time.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use mendfs_data::storage::{Counters, StorageState};
+use mendfs_heal::detector::Liveness;
+use mendfs_meta::MetaNode;
+use mendfs_telemetry::layer::Sinks;
+use mendfs_telemetry::metrics::{Labels, RequestMetrics, Scrape, CONTENT_TYPE};
+use mendfs_telemetry::otlp::OtlpExporter;
+use mendfs_telemetry::store::{LogStore, SpanStore};
+
+pub struct HttpState {
+    pub node: MetaNode,
+    pub storage: Option<Arc<StorageState>>,
+    pub requests: Arc<RequestMetrics>,
+    pub sinks: Arc<Sinks>,
+    pub spans: Arc<SpanStore>,
+    pub logs: Arc<LogStore>,
+    pub otlp: Option<OtlpExporter>,
+    pub leader_changes: Arc<AtomicU64>,
+}
+
+/// Serves until the process ends. The listener is bound by the caller, so a taken port fails
+/// the start with a clear message.
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<HttpState>) -> Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state);
+    axum::serve(listener, app).await.context("HTTP server")
+}
+
+pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
+    let addr: SocketAddr = addr.parse().with_context(|| format!("--http {addr:?} is not IP:PORT"))?;
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --http {addr}"))
+}
+
+/// Counts leader changes this node has seen (a new leader known, whoever it is), for
+/// `mendfs_raft_leader_changes_total`.
+pub async fn count_leader_changes(node: MetaNode, changes: Arc<AtomicU64>) {
+    let mut metrics = node.raft.metrics();
+    let mut last = metrics.borrow().current_leader;
+    while metrics.changed().await.is_ok() {
+        let now = metrics.borrow().current_leader;
+        if now != last {
+            if now.is_some() {
+                changes.fetch_add(1, Ordering::Relaxed);
+            }
+            last = now;
+        }
+    }
+}
+
+fn labels(pairs: &[(&str, String)]) -> Labels {
+    pairs.iter().map(|(key, value)| (key.to_string(), value.clone())).collect()
+}
+
+fn scrape(state: &HttpState) -> Scrape {
+    let mut scrape = Scrape::new();
+    let node_id = state.node.config.node_id;
+    scrape.gauge_family(
+        "mendfs_node_info",
+        "This node: its id and version (value 1)",
+        [(labels(&[("node_id", node_id.to_string()), ("version", env!("CARGO_PKG_VERSION").to_string())]), 1.0)],
+    );
+
+    let raft = state.node.raft.metrics().borrow().clone();
+    scrape.gauge("mendfs_raft_term", "Current Raft term", raft.current_term as f64);
+    scrape.gauge(
+        "mendfs_raft_last_log_index",
+        "Index of the last entry in this node's Raft log",
+        raft.last_log_index.unwrap_or(0) as f64,
+    );
+    scrape.gauge(
+        "mendfs_raft_commit_index",
+        "Highest Raft index this node knows is committed",
+        state.node.committed_index.load(Ordering::Relaxed) as f64,
+    );
+    scrape.gauge(
+        "mendfs_raft_applied_index",
+        "Highest Raft index applied to this node's state machine",
+        raft.last_applied.map_or(0, |id| id.index) as f64,
+    );
+    scrape.gauge(
+        "mendfs_raft_is_leader",
+        "1 if this node is the Raft leader",
+        if raft.current_leader == Some(node_id) { 1.0 } else { 0.0 },
+    );
+    scrape.gauge(
+        "mendfs_raft_leader_id",
+        "The leader this node knows (0: none)",
+        raft.current_leader.unwrap_or(0) as f64,
+    );
+    scrape.counter(
+        "mendfs_raft_leader_changes",
+        "Times this node saw a new leader",
+        state.leader_changes.load(Ordering::Relaxed),
+    );
+
+    if let Some(storage) = &state.storage {
+        let stats = storage.store.stats();
+        scrape.gauge("mendfs_chunk_store_chunks", "Chunk files held by this node", stats.chunk_count as f64);
+        scrape.gauge("mendfs_chunk_store_bytes", "Bytes of chunk files held by this node", stats.chunk_bytes as f64);
+        if let Some(capacity) = storage.capacity_bytes {
+            scrape.gauge("mendfs_chunk_store_capacity_bytes", "The operator's cap on chunk bytes", capacity as f64);
+        }
+        let counters = &storage.counters;
+        for (name, help, counter) in [
+            ("mendfs_chunk_store_io_errors", "Chunk operations that failed with an I/O error", &counters.io_errors),
+            (
+                "mendfs_chunk_store_checksum_errors",
+                "Chunk copies found corrupt (read or scrub)",
+                &counters.checksum_errors,
+            ),
+            ("mendfs_scrub_passes", "Completed scrub passes over this node's chunks", &counters.scrub_passes),
+            ("mendfs_scrub_checked_chunks", "Chunks verified by the scrubber", &counters.scrub_checked_chunks),
+            ("mendfs_scrub_checked_bytes", "Bytes verified by the scrubber", &counters.scrub_checked_bytes),
+            ("mendfs_repair_copied_chunks", "Chunk copies this node pulled for repair", &counters.repair_copied_chunks),
+            ("mendfs_repair_copied_bytes", "Bytes this node pulled for repair", &counters.repair_copied_bytes),
+        ] {
+            scrape.counter(name, help, Counters::get(counter));
+        }
+    }
+
+    // The cluster view exists on the leader only (its failure detector and repair scans).
+    let snapshot = state.node.health.lock().ok().and_then(|guard| guard.clone());
+    if let Some(snapshot) = snapshot.filter(|_| raft.current_leader == Some(node_id)) {
+        scrape.gauge_family(
+            "mendfs_node_phi",
+            "Phi of each node's heartbeats, from the leader's failure detector",
+            snapshot.nodes.iter().map(|n| (labels(&[("node", n.node_id.to_string())]), n.phi)),
+        );
+        scrape.gauge_family(
+            "mendfs_node_heartbeat_age_seconds",
+            "Time since the leader last heard each node",
+            snapshot.nodes.iter().filter_map(|n| {
+                n.heartbeat_age_ms.map(|age| (labels(&[("node", n.node_id.to_string())]), age as f64 / 1000.0))
+            }),
+        );
+        let states = [Liveness::Up, Liveness::Suspect, Liveness::Down, Liveness::Degraded];
+        scrape.gauge_family(
+            "mendfs_node_state",
+            "1 for each node's current state (up, suspect, down, degraded), 0 for the others",
+            snapshot.nodes.iter().flat_map(|n| {
+                states.iter().map(move |s| {
+                    (
+                        labels(&[("node", n.node_id.to_string()), ("state", s.as_str().to_string())]),
+                        if n.liveness == *s { 1.0 } else { 0.0 },
+                    )
+                })
+            }),
+        );
+        let scan = &snapshot.scan;
+        scrape.gauge("mendfs_cluster_chunks", "Chunks in the chunk map (latest scan)", scan.chunks as f64);
+        scrape.gauge(
+            "mendfs_cluster_under_replicated_chunks",
+            "Chunks with fewer live copies than RF",
+            scan.under_replicated as f64,
+        );
+        scrape.gauge(
+            "mendfs_cluster_over_replicated_chunks",
+            "Chunks with more copies than RF",
+            scan.over_replicated as f64,
+        );
+        scrape.gauge("mendfs_cluster_lost_chunks", "Chunks with no readable copy", scan.lost as f64);
+        scrape.gauge(
+            "mendfs_cluster_unplaceable_copies",
+            "Copies repair cannot place (too few eligible nodes)",
+            scan.unplaceable as f64,
+        );
+        scrape.gauge(
+            "mendfs_repair_bytes_per_second",
+            "Repair copy rate over the last seconds",
+            snapshot.repair_bytes_per_sec,
+        );
+        if let Some(job) = &snapshot.repair_job {
+            scrape.gauge(
+                "mendfs_repair_job_running",
+                "1 while a repair job has copies left",
+                if job.finished_ms.is_none() { 1.0 } else { 0.0 },
+            );
+            scrape.gauge(
+                "mendfs_repair_job_done_bytes",
+                "Bytes the current (or last) repair job copied",
+                job.done_bytes as f64,
+            );
+            scrape.gauge(
+                "mendfs_repair_job_total_bytes",
+                "Bytes the current (or last) repair job has to copy in all",
+                job.total_bytes as f64,
+            );
+            scrape.gauge(
+                "mendfs_repair_job_done_copies",
+                "Copies the current (or last) repair job made",
+                job.done_copies as f64,
+            );
+            scrape.gauge(
+                "mendfs_repair_job_total_copies",
+                "Copies the current (or last) repair job has to make in all",
+                job.total_copies as f64,
+            );
+        }
+    }
+
+    scrape.gauge_family(
+        "mendfs_telemetry_store_bytes",
+        "Bytes on disk of this node's span and log stores",
+        [
+            (labels(&[("store", "spans".into())]), state.spans.disk_bytes() as f64),
+            (labels(&[("store", "logs".into())]), state.logs.disk_bytes() as f64),
+        ],
+    );
+    scrape.counter(
+        "mendfs_telemetry_store_failures",
+        "Spans and log lines that could not be stored",
+        state.sinks.store_failures.load(Ordering::Relaxed),
+    );
+    if let Some(otlp) = &state.otlp {
+        scrape.counter(
+            "mendfs_otlp_exported_spans",
+            "Spans sent to the OTLP collector",
+            otlp.counters.exported.load(Ordering::Relaxed),
+        );
+        scrape.counter(
+            "mendfs_otlp_dropped_spans",
+            "Spans not exported (queue full or collector failed)",
+            otlp.counters.dropped.load(Ordering::Relaxed),
+        );
+    }
+    scrape
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+    match scrape(&state).finish(&state.requests) {
+        Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], text),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("cannot encode metrics: {e}\n"),
+        ),
+    }
+}
+
+fn health_json(state: &HttpState) -> serde_json::Value {
+    let raft = state.node.raft.metrics().borrow().clone();
+    serde_json::json!({
+        "node_id": state.node.config.node_id,
+        "raft": match &raft.running_state { Ok(()) => "running".to_string(), Err(e) => format!("stopped: {e}") },
+        "leader": raft.current_leader,
+        "term": raft.current_term,
+        "applied_index": raft.last_applied.map_or(0, |id| id.index),
+    })
+}
+
+/// 200 while the process serves and its Raft core runs: restart it otherwise.
+async fn healthz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+    let running = state.node.raft.metrics().borrow().running_state.is_ok();
+    let code = if running { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, axum::Json(health_json(&state)))
+}
+
+/// 200 when the node also knows a leader, so requests sent to it can be served.
+async fn readyz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+    let raft = state.node.raft.metrics().borrow().clone();
+    let ready = raft.running_state.is_ok() && raft.current_leader.is_some();
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, axum::Json(health_json(&state)))
+}

@@ -1,0 +1,259 @@
+//! `mendfs local up` / `mendfs local down`: a persistent cluster on this machine for trying the
+//! CLI. `up` starts the nodes in the background (each in a process group of its own, so a
+//! Ctrl-C in the terminal does not reach them) and records them, command lines included, in
+//! `DIR/local.json`; `down` stops exactly the processes recorded there; `up` again restarts
+//! them on their data with the same ports.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use mendfs_testkit::{free_port, wait_for, Cluster, ClusterOptions};
+use serde::{Deserialize, Serialize};
+
+#[derive(Subcommand, Debug)]
+pub enum LocalCommand {
+    /// Start a local cluster in the background and print the line to export.
+    Up(UpArgs),
+    /// Stop the local cluster started by `local up` (its data stays unless --purge).
+    Down(DownArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Nodes to start: up to 3 are metadata voters, the rest storage-only learners.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Where the nodes keep their data, logs and the cluster secret.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct DownArgs {
+    /// The directory given to `local up`.
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// Also delete the directory: data, logs, secret.
+    #[arg(long)]
+    pub purge: bool,
+}
+
+/// What `up` leaves for `down` (and for the curious).
+#[derive(Serialize, Deserialize, Debug)]
+struct LocalState {
+    endpoints: String,
+    secret_file: Option<PathBuf>,
+    nodes: Vec<LocalNode>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+struct LocalNode {
+    id: u64,
+    addr: String,
+    http: String,
+    pid: u32,
+    log: PathBuf,
+    /// The `mendfs` arguments that start this node again.
+    args: Vec<String>,
+}
+
+const STATE_FILE: &str = "local.json";
+const VOTERS_MAX: usize = 3;
+
+fn default_dir() -> PathBuf {
+    std::env::temp_dir().join("mendfs-local")
+}
+
+/// Whether `pid` is a `mendfs server` of the cluster in `dir` (not a recycled pid).
+fn is_our_node(pid: u32, dir: &Path) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let dir = dir.to_string_lossy();
+    // A stopped but unreaped process has an empty command line: not running anything.
+    args.iter().any(|a| a == "server") && args.iter().any(|a| a.starts_with(dir.as_ref()))
+}
+
+fn read_state(dir: &Path) -> Result<Option<LocalState>> {
+    let path = dir.join(STATE_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(Some(
+            serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a local cluster's state", path.display()))?,
+        )),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+pub async fn run(command: LocalCommand) -> Result<ExitCode> {
+    tokio::task::block_in_place(|| match command {
+        LocalCommand::Up(args) => up(args),
+        LocalCommand::Down(args) => down(args),
+    })
+}
+
+fn up(args: UpArgs) -> Result<ExitCode> {
+    anyhow::ensure!((1..=16).contains(&args.nodes), "--nodes must be within 1 ..= 16");
+    let dir = args.dir.unwrap_or_else(default_dir);
+    let dir = if dir.is_absolute() { dir } else { std::env::current_dir()?.join(dir) };
+    if let Some(state) = read_state(&dir)? {
+        if state.nodes.iter().any(|n| is_our_node(n.pid, &dir)) {
+            bail!(
+                "a local cluster is already running in {}; stop it with `mendfs local down --dir {}`",
+                dir.display(),
+                dir.display()
+            );
+        }
+        return restart(&dir, state);
+    }
+    let binary = std::env::current_exe().context("locate the mendfs binary")?;
+    let voters = args.nodes.min(VOTERS_MAX);
+    let mut http = std::collections::BTreeMap::new();
+    let mut http_args = std::collections::BTreeMap::new();
+    for id in 1..=args.nodes as u64 {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        http_args.insert(id, vec!["--http".to_string(), addr.clone()]);
+        http.insert(id, addr);
+    }
+    let node_args = http_args.iter().filter(|(id, _)| **id <= voters as u64).map(|(id, a)| (*id, a.clone())).collect();
+    let options = ClusterOptions {
+        nodes: voters,
+        dir: Some(dir.clone()),
+        keep_dir: true,
+        detached: true,
+        node_args,
+        ..ClusterOptions::default()
+    };
+    println!("starting {} nodes in {}", args.nodes, dir.display());
+    let started = Instant::now();
+    let mut cluster = Cluster::start(&binary, options)?;
+    let leader = cluster.wait_for_leader(Duration::from_secs(60))?;
+    for id in voters as u64 + 1..=args.nodes as u64 {
+        cluster.add_storage_learner_with(id, &http_args[&id])?;
+    }
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    cluster.wait_for_caught_up(&ids, Duration::from_secs(60))?;
+    // Storage registered on every node: the cluster takes a file.
+    wait_for("every node's storage to register", Duration::from_secs(60), || {
+        let status = cluster.status()?;
+        let registered =
+            status["nodes"].as_array().map_or(0, |nodes| nodes.iter().filter(|n| n["storage"] == true).count());
+        Ok((registered == args.nodes).then_some(()))
+    })?;
+    let mut nodes = Vec::new();
+    for node in cluster.nodes.values() {
+        // A voter restarts with `--peers` too: harmless once the cluster exists (only an empty
+        // log bootstraps), and it names the node's own address.
+        let command = cluster.server_command(node.id, node.id <= voters as u64)?;
+        let args = command.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
+        nodes.push(LocalNode {
+            id: node.id,
+            addr: node.addr.clone(),
+            http: http[&node.id].clone(),
+            pid: 0,
+            log: node.log_path.clone(),
+            args,
+        });
+    }
+    let pids = cluster.detach();
+    for node in &mut nodes {
+        node.pid = pids.get(&node.id).copied().unwrap_or(0);
+    }
+    let state =
+        LocalState { endpoints: cluster.endpoints(), secret_file: cluster.secret_file().map(Path::to_path_buf), nodes };
+    write_state(&dir, &state)?;
+    println!("{} nodes up in {:.1?}; node {leader} leads", args.nodes, started.elapsed());
+    print_usage(&dir, &state);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_state(dir: &Path, state: &LocalState) -> Result<()> {
+    let path = dir.join(STATE_FILE);
+    std::fs::write(&path, serde_json::to_string_pretty(state)?).with_context(|| format!("write {}", path.display()))
+}
+
+/// Starts the recorded nodes again, on their data and ports.
+fn restart(dir: &Path, mut state: LocalState) -> Result<ExitCode> {
+    use std::os::unix::process::CommandExt;
+    let binary = std::env::current_exe().context("locate the mendfs binary")?;
+    println!("restarting the {} nodes recorded in {}", state.nodes.len(), dir.display());
+    let started = Instant::now();
+    for node in &mut state.nodes {
+        let log = mendfs_testkit::append_file(&node.log)?;
+        let child = std::process::Command::new(&binary)
+            .args(&node.args)
+            .env_remove("MENDFS_SECRET")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("start node {}", node.id))?;
+        node.pid = child.id();
+    }
+    write_state(dir, &state)?;
+    let mut config = mendfs_client::ClientConfig::new(state.endpoints.split(',').map(str::to_string).collect());
+    config.secret = crate::cli::read_secret(state.secret_file.as_ref())?;
+    let client = mendfs_client::Client::new(config)?;
+    let runtime = tokio::runtime::Handle::current();
+    let leader = wait_for("a leader", Duration::from_secs(60), || Ok(runtime.block_on(client.status())?.leader))?;
+    println!("{} nodes up in {:.1?}; node {leader} leads", state.nodes.len(), started.elapsed());
+    print_usage(dir, &state);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_usage(dir: &Path, state: &LocalState) {
+    for node in &state.nodes {
+        println!("  node {}  {}  metrics http://{}/metrics  log {}", node.id, node.addr, node.http, node.log.display());
+    }
+    println!("\nUse it from this shell:\n");
+    println!("export MENDFS_ENDPOINTS={}", state.endpoints);
+    if let Some(secret) = &state.secret_file {
+        println!("export MENDFS_SECRET=$(cat {})", secret.display());
+    }
+    println!("\nthen try `mendfs cluster status`, `mendfs put FILE /f`, `mendfs get /f -`.");
+    println!("Stop it with `mendfs local down --dir {}`.", dir.display());
+}
+
+fn down(args: DownArgs) -> Result<ExitCode> {
+    let dir = args.dir.unwrap_or_else(default_dir);
+    let dir = if dir.is_absolute() { dir } else { std::env::current_dir()?.join(dir) };
+    let Some(state) = read_state(&dir)? else {
+        if args.purge && dir.exists() {
+            bail!("{} has no {STATE_FILE}: not a local cluster's directory; not deleting it", dir.display());
+        }
+        bail!("no local cluster in {} (no {STATE_FILE})", dir.display());
+    };
+    let running: Vec<&LocalNode> = state.nodes.iter().filter(|n| is_our_node(n.pid, &dir)).collect();
+    for node in &running {
+        // SIGTERM: the node shuts its server and Raft down cleanly.
+        let _ = mendfs_testkit::signal(node.pid, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while running.iter().any(|n| is_our_node(n.pid, &dir)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for node in running.iter().filter(|n| is_our_node(n.pid, &dir)) {
+        eprintln!("node {} did not stop within 15 s of SIGTERM; SIGKILL", node.id);
+        let _ = mendfs_testkit::signal(node.pid, libc::SIGKILL);
+    }
+    let left: Vec<u64> = state.nodes.iter().filter(|n| is_our_node(n.pid, &dir)).map(|n| n.id).collect();
+    if !left.is_empty() {
+        bail!("nodes {left:?} are still running");
+    }
+    println!("stopped {} nodes", running.len());
+    if args.purge {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("delete {}", dir.display()))?;
+        println!("deleted {}", dir.display());
+    } else {
+        println!(
+            "their data stays in {}: `mendfs local up --dir {}` starts them again, `--purge` deletes it",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,142 @@
+//! The newcomer's first commands, run as a newcomer runs them: `mendfs demo` end to end (not
+//! on a terminal), and `mendfs local up` / `local down` with the printed endpoints.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use mendfs_testkit::wait_for;
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mendfs"))
+}
+
+#[test]
+fn the_demo_runs_end_to_end_without_a_terminal_and_verifies_every_file() {
+    // Smaller files than the default keep the debug build quick; the steps are the same.
+    let output = Command::new(binary())
+        .args(["demo", "--files", "12", "--max-file-mib", "3"])
+        .env_remove("MENDFS_ENDPOINTS")
+        .env_remove("MENDFS_SECRET")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    // The story, in order.
+    let mut at = 0;
+    for milestone in [
+        "== Starting a local 4-node cluster",
+        "== Writing 12 sample files",
+        "== SIGKILL node",
+        "-> suspect (phi",
+        "-> down (phi",
+        "== Repairing",
+        "full redundancy again",
+        "== Verifying every file byte for byte",
+        "12 of 12 files read back identical",
+        "== Restarting node",
+        "is up again",
+        "== Summary",
+        "files verified:     12 of 12",
+    ] {
+        let found =
+            stdout[at..].find(milestone).unwrap_or_else(|| panic!("{milestone:?} missing (in order):\n{stdout}"));
+        at += found + milestone.len();
+    }
+    // No progress bar escape codes without a terminal; plain progress lines instead.
+    assert!(!stdout.contains('\u{1b}'), "terminal escapes in non-terminal output:\n{stdout}");
+    assert!(stdout.contains("repaired: "), "no plain repair progress line:\n{stdout}");
+    let summary = &stdout[stdout.find("== Summary").unwrap()..];
+    for field in ["time to detect:", "time to heal:", "bytes repaired:"] {
+        assert!(summary.contains(field), "{field} missing from the summary:\n{summary}");
+    }
+    assert!(!summary.contains("bytes repaired:     0.0 MiB"), "nothing was repaired:\n{summary}");
+}
+
+/// The processes whose command line mentions `dir`.
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let dir = dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(&dir))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn local_up_gives_endpoints_that_work_and_local_down_leaves_no_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster_dir = dir.path().join("local");
+    let up = Command::new(binary())
+        .args(["local", "up", "--nodes", "3", "--dir"])
+        .arg(&cluster_dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&up.stdout).into_owned();
+    assert!(up.status.success(), "local up failed: {}\n{stdout}", String::from_utf8_lossy(&up.stderr));
+    let endpoints = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("export MENDFS_ENDPOINTS="))
+        .unwrap_or_else(|| panic!("no MENDFS_ENDPOINTS line:\n{stdout}"))
+        .to_string();
+    let secret_file = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("export MENDFS_SECRET=$(cat ").and_then(|rest| rest.strip_suffix(')')))
+        .unwrap_or_else(|| panic!("no MENDFS_SECRET line:\n{stdout}"))
+        .to_string();
+    let secret = std::fs::read_to_string(&secret_file).unwrap().trim().to_string();
+    assert_eq!(processes_in(&cluster_dir).len(), 3, "three nodes run in the background");
+
+    let cli = |args: &[&str]| {
+        Command::new(binary())
+            .args(args)
+            .env("MENDFS_ENDPOINTS", &endpoints)
+            .env("MENDFS_SECRET", &secret)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let local_file = dir.path().join("hello.txt");
+    std::fs::write(&local_file, "hello from a local cluster\n").unwrap();
+    let put = cli(&["put", local_file.to_str().unwrap(), "/hello.txt"]);
+    assert!(put.status.success(), "put: {}", String::from_utf8_lossy(&put.stderr));
+    let get = cli(&["get", "/hello.txt", "-"]);
+    assert!(get.status.success(), "get: {}", String::from_utf8_lossy(&get.stderr));
+    assert_eq!(String::from_utf8_lossy(&get.stdout), "hello from a local cluster\n");
+
+    // A second `up` on a running cluster is refused, not a second cluster.
+    let again = Command::new(binary()).args(["local", "up", "--dir"]).arg(&cluster_dir).output().unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already running"));
+
+    let down = Command::new(binary()).args(["local", "down", "--dir"]).arg(&cluster_dir).output().unwrap();
+    assert!(down.status.success(), "local down: {}", String::from_utf8_lossy(&down.stderr));
+    wait_for("no process of the local cluster left", Duration::from_secs(30), || {
+        Ok(processes_in(&cluster_dir).is_empty().then_some(()))
+    })
+    .unwrap();
+
+    // `up` again restarts the same nodes on their data: the file is still there.
+    let up = Command::new(binary()).args(["local", "up", "--dir"]).arg(&cluster_dir).output().unwrap();
+    assert!(up.status.success(), "local up again: {}", String::from_utf8_lossy(&up.stderr));
+    let get = wait_for("the file after a restart", Duration::from_secs(60), || {
+        let get = cli(&["get", "/hello.txt", "-"]);
+        Ok(get.status.success().then_some(get))
+    })
+    .unwrap();
+    assert_eq!(String::from_utf8_lossy(&get.stdout), "hello from a local cluster\n");
+    let down = Command::new(binary()).args(["local", "down", "--purge", "--dir"]).arg(&cluster_dir).output().unwrap();
+    assert!(down.status.success(), "local down --purge: {}", String::from_utf8_lossy(&down.stderr));
+    assert!(processes_in(&cluster_dir).is_empty());
+    assert!(!cluster_dir.exists());
+}
