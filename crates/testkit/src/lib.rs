@@ -83,11 +83,35 @@ pub struct Cluster {
     mounts: Vec<PathBuf>,
 }
 
-/// A port that was free a moment ago. Binding to port 0 lets the kernel choose; the small
-/// window before the node binds it is acceptable on a test machine.
+/// Ports handed out by [`free_port`] are drawn from here: below Linux's ephemeral range
+/// (32768–60999), so the local ends of outgoing connections, which the kernel picks from that
+/// range, never take a node's port between its choice and its bind. (A port of 0's choosing
+/// comes from the ephemeral range, and a busy test run lost a node that way.)
+const TEST_PORTS: std::ops::Range<u16> = 20_000..32_000;
+
+/// A port that was free a moment ago and that this process has not handed out before.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("bind a free port")?;
-    Ok(listener.local_addr()?.port())
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    for _ in 0..1_000 {
+        let port = TEST_PORTS.start + (random_u64() % u64::from(TEST_PORTS.end - TEST_PORTS.start)) as u16;
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return Ok(port);
+        }
+    }
+    bail!("no free port found in {TEST_PORTS:?} after 1000 tries")
+}
+
+/// 64 random bits from the standard library's per-process random hash keys and the clock.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    hasher.finish()
 }
 
 /// Polls `check` until it returns Some, or fails after `deadline` naming `what` and the last
@@ -111,16 +135,7 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Re
 /// 128 random bits in hex, from the standard library's per-process random hash keys (the
 /// secret guards local clusters on loopback; no cryptographic strength is claimed).
 fn random_secret() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut text = String::new();
-    for salt in 0..2u64 {
-        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-        hasher.write_u64(salt ^ std::process::id() as u64);
-        hasher
-            .write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
-        text.push_str(&format!("{:016x}", hasher.finish()));
-    }
-    text
+    format!("{:016x}{:016x}", random_u64(), random_u64())
 }
 
 /// Sends `signal` to process `pid`.
@@ -470,6 +485,12 @@ impl Drop for Cluster {
         }
         for mount_point in &self.mounts {
             let _ = Command::new("umount").arg(mount_point).status();
+        }
+        // A failing test keeps its nodes' data and logs for the post-mortem.
+        if std::thread::panicking() {
+            if let Some(temp) = self._temp.take() {
+                eprintln!("cluster directory kept for inspection: {}", temp.keep().display());
+            }
         }
     }
 }
