@@ -41,6 +41,13 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// The cost of recording spans (layer + JSON + on-disk store) against a bare write of the
+    /// same bytes, and a trace lookup over a full span store.
+    Trace {
+        /// Spans to record.
+        #[arg(long, default_value_t = 200_000)]
+        spans: u64,
+    },
     /// Self-healing on 4 nodes at the default detector settings: false suspicions under full
     /// write load, detection time after a SIGKILL (suspect, down), and time to full redundancy
     /// with the repair rate against the disk's fsynced write rate.
@@ -75,7 +82,100 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Heal { mib, clients, repair_bytes_per_sec, repair_copies_in_flight } => {
             bench_heal(mib, clients, repair_bytes_per_sec, repair_copies_in_flight).await
         }
+        BenchCommand::Trace { spans } => tokio::task::block_in_place(|| bench_trace(spans)),
     }
+}
+
+/// The cost of recording: spans through the real layer into a real on-disk store, against the
+/// bare `write` of lines of the same size (the floor, measured in the same run); then a
+/// trace lookup in a full store.
+fn bench_trace(spans: u64) -> Result<()> {
+    use mendfs_telemetry::layer::{Sinks, TelemetryLayer};
+    use mendfs_telemetry::store::SpanStore;
+    use std::io::Write;
+    use std::sync::Arc;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    anyhow::ensure!(spans >= 1000, "--spans must be at least 1000");
+    let dir = tempfile::tempdir()?;
+    let bound = 64u64 << 20;
+    let store = Arc::new(SpanStore::open(&dir.path().join("spans"), bound)?);
+    let sinks = Arc::new(Sinks::new(1, Some(store.clone()), None));
+    let subscriber = tracing_subscriber::registry().with(TelemetryLayer::new(sinks));
+    let remote = mendfs_telemetry::context::TraceContext::new_root(mendfs_telemetry::context::TraceId::random());
+    let traceparent = remote.to_traceparent();
+    // Each request: the server's RPC span under the caller's context, plus one hop to a peer,
+    // like a coordinator preparing a chunk.
+    let started = Instant::now();
+    tracing::subscriber::with_default(subscriber, || {
+        for i in 0..spans / 2 {
+            let rpc = tracing::info_span!(
+                "rpc",
+                op = "Kv/Set",
+                traceparent = traceparent.as_str(),
+                error = tracing::field::Empty
+            );
+            let _entered = rpc.enter();
+            let hop = tracing::info_span!("prepare_chunk", peer = i % 3 + 1, error = tracing::field::Empty);
+            drop(hop);
+        }
+    });
+    let recorded = started.elapsed();
+    let stored = store.disk_bytes();
+    let recorded_spans = spans / 2 * 2;
+    // The records' average size, for the reference.
+    let average = {
+        let found = store.trace(&remote.trace_id.to_string())?;
+        let sample: u64 =
+            found.iter().take(1000).map(|s| serde_json::to_vec(s).map_or(0, |v| v.len() as u64 + 1)).sum();
+        (sample / found.len().clamp(1, 1000) as u64).max(1)
+    };
+    let reference_path = dir.path().join("reference.jsonl");
+    let mut reference = std::fs::OpenOptions::new().create(true).append(true).open(&reference_path)?;
+    let line = vec![b'x'; average as usize];
+    let started = Instant::now();
+    for _ in 0..recorded_spans {
+        reference.write_all(&line)?;
+    }
+    let written = started.elapsed();
+
+    // A lookup scans the whole store: fill it to its bound with other traces first.
+    let filler = SpanStore::open(&dir.path().join("full"), bound)?;
+    let mut record = store.trace(&remote.trace_id.to_string())?.into_iter().next().context("a recorded span")?;
+    let mut i = 0u64;
+    while filler.disk_bytes() + 2 * average < bound {
+        record.trace_id = format!("{:032x}", i % 100_000 + 1);
+        filler.record(&record)?;
+        i += 1;
+    }
+    let wanted = format!("{:032x}", 7);
+    let started = Instant::now();
+    let found = filler.trace(&wanted)?;
+    let lookup = started.elapsed();
+
+    let per_span = recorded.as_nanos() as f64 / recorded_spans as f64;
+    let per_write = written.as_nanos() as f64 / recorded_spans as f64;
+    println!(
+        "spans recorded:        {recorded_spans} ({} requests of 2 spans), {average} bytes each on disk",
+        spans / 2
+    );
+    println!(
+        "record cost:           {:.2} µs/span, {:.0} spans/s (store now {:.1} MiB, bound {} MiB)",
+        per_span / 1000.0,
+        1e9 / per_span,
+        stored as f64 / (1 << 20) as f64,
+        bound >> 20
+    );
+    println!("reference (bare write of a {average}-byte line): {:.2} µs/line", per_write / 1000.0);
+    println!("ratio:                 {:.2}x the bare write", per_span / per_write);
+    println!(
+        "trace lookup:          {:.1} ms over a full {} MiB store ({} spans scanned, {} found)",
+        lookup.as_secs_f64() * 1000.0,
+        bound >> 20,
+        i,
+        found.len()
+    );
+    Ok(())
 }
 
 struct LoadResult {
