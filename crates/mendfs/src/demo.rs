@@ -217,7 +217,8 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         "Repairing: the leader re-creates node {victim}'s copies from the survivors (throttled to 32 MiB/s)"
     ));
     let down_at = Instant::now();
-    let mut repair_progress = Progress::new(1, "repaired");
+    // Created once the leader reports the job, so the bar starts at its real total.
+    let mut repair_progress: Option<Progress> = None;
     let mut repaired_bytes = 0u64;
     let mut repaired_copies = 0u64;
     loop {
@@ -231,7 +232,9 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         if let Some(repair) = &status.repair {
             repaired_bytes = repair.done_bytes;
             repaired_copies = repair.done_copies;
-            repair_progress.set(repair.done_bytes, repair.total_bytes);
+            repair_progress
+                .get_or_insert_with(|| Progress::new(repair.total_bytes, "repaired"))
+                .set(repair.done_bytes, repair.total_bytes);
         }
         let finished = status.repair.as_ref().is_some_and(|r| r.finished_unix_ms.is_some());
         if finished && status.under_replicated_chunks == 0 && status.chunks > 0 {
@@ -239,7 +242,9 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    repair_progress.finish();
+    if let Some(progress) = repair_progress {
+        progress.finish();
+    }
     let healed_after = down_at.elapsed();
     println!(
         "full redundancy again {healed_after:.1?} after `down`: {repaired_copies} copies, {} MiB",
@@ -280,7 +285,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     );
     println!("time to heal:       {:.1}s from down to full redundancy", healed_after.as_secs_f64());
     println!("bytes repaired:     {} MiB in {repaired_copies} chunk copies", mib(repaired_bytes));
-    println!("node {victim} rejoined:   {:.1}s after restart", restarted_at.elapsed().as_secs_f64());
+    println!("{:<20}{:.1}s after restart", format!("node {victim} rejoined:"), restarted_at.elapsed().as_secs_f64());
     println!("demo took:          {:.1}s", demo_started.elapsed().as_secs_f64());
     if !wrong.is_empty() {
         eprintln!("error: {} files did not verify: {}", wrong.len(), wrong.join("; "));
