@@ -754,24 +754,27 @@ impl Client {
             .max_decoding_message_size(64 << 20))
     }
 
+    /// One call to the node at `addr`, within the attempt timeout, with no failover: another
+    /// node cannot answer for this one.
+    async fn ask_node<T>(
+        &self,
+        addr: &str,
+        call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    ) -> Result<T, Error> {
+        let timeout = self.inner.config.attempt_timeout;
+        match tokio::time::timeout(timeout, call).await {
+            Err(_) => Err(Error::Timeout { elapsed: timeout, last_error: format!("{addr}: no answer") }),
+            Ok(Err(status)) => Err(Error::Server(format!("{addr}: {}: {}", status.code(), status.message()))),
+            Ok(Ok(reply)) => Ok(reply.into_inner()),
+        }
+    }
+
     /// The spans of trace `trace_id` that the node at `addr` recorded, and that node's id.
     pub async fn trace_spans(&self, addr: &str, trace_id: &TraceId) -> Result<(u64, Vec<SpanRecord>), Error> {
         let mut telemetry = self.telemetry_at(addr)?;
         let request = pb::TraceSpansRequest { trace_id: trace_id.to_string() };
-        let reply = tokio::time::timeout(self.inner.config.attempt_timeout, telemetry.trace_spans(request))
-            .await
-            .map_err(|_| Error::Timeout {
-                elapsed: self.inner.config.attempt_timeout,
-                last_error: format!("{addr}: no answer"),
-            })?
-            .map_err(|status| Error::Server(format!("{addr}: {}: {}", status.code(), status.message())))?
-            .into_inner();
-        let spans = reply
-            .spans_json
-            .iter()
-            .map(|line| serde_json::from_str(line).map_err(|e| Error::Server(format!("{addr}: malformed span: {e}"))))
-            .collect::<Result<Vec<SpanRecord>, Error>>()?;
-        Ok((reply.node_id, spans))
+        let reply = self.ask_node(addr, telemetry.trace_spans(request)).await?;
+        Ok((reply.node_id, parse_records(addr, &reply.spans_json)?))
     }
 
     /// Log lines of the node at `addr` matching `query`, oldest first, and that node's id.
@@ -783,21 +786,15 @@ impl Client {
             min_level: query.min_level.map(|level| level.as_str().to_string()).unwrap_or_default(),
             limit: query.limit.min(u32::MAX as usize) as u32,
         };
-        let reply = tokio::time::timeout(self.inner.config.attempt_timeout, telemetry.query_logs(request))
-            .await
-            .map_err(|_| Error::Timeout {
-                elapsed: self.inner.config.attempt_timeout,
-                last_error: format!("{addr}: no answer"),
-            })?
-            .map_err(|status| Error::Server(format!("{addr}: {}: {}", status.code(), status.message())))?
-            .into_inner();
-        let lines = reply
-            .lines_json
-            .iter()
-            .map(|line| {
-                serde_json::from_str(line).map_err(|e| Error::Server(format!("{addr}: malformed log line: {e}")))
-            })
-            .collect::<Result<Vec<LogRecord>, Error>>()?;
-        Ok((reply.node_id, lines))
+        let reply = self.ask_node(addr, telemetry.query_logs(request)).await?;
+        Ok((reply.node_id, parse_records(addr, &reply.lines_json)?))
     }
+}
+
+/// Records a node sent as JSON lines; a malformed one fails the answer, naming the node.
+fn parse_records<R: serde::de::DeserializeOwned>(addr: &str, lines: &[String]) -> Result<Vec<R>, Error> {
+    lines
+        .iter()
+        .map(|line| serde_json::from_str(line).map_err(|e| Error::Server(format!("{addr}: malformed record: {e}"))))
+        .collect()
 }
