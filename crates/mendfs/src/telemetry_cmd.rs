@@ -52,23 +52,35 @@ async fn members(client: &Client) -> Result<Vec<(u64, String)>> {
     Ok(status.nodes.iter().map(|n| (n.id, n.addr.clone())).collect())
 }
 
+/// Asks every node at once; returns what they recorded, merged, and the nodes that did not
+/// answer.
+async fn ask_every_node<'a, R, F, Fut>(nodes: &'a [(u64, String)], ask: F) -> (Vec<R>, Vec<Unreachable>)
+where
+    F: Fn(&'a str) -> Fut,
+    Fut: std::future::Future<Output = Result<(u64, Vec<R>), mendfs_client::Error>>,
+{
+    let answers = futures::future::join_all(nodes.iter().map(|(id, addr)| {
+        let answer = ask(addr);
+        async move { (*id, answer.await) }
+    }))
+    .await;
+    let mut records = Vec::new();
+    let mut unreachable = Vec::new();
+    for (node, answer) in answers {
+        match answer {
+            Ok((_, found)) => records.extend(found),
+            Err(e) => unreachable.push(Unreachable { node, error: e.to_string() }),
+        }
+    }
+    (records, unreachable)
+}
+
 pub async fn trace(args: TraceArgs) -> Result<ExitCode> {
     let trace_id: TraceId = args.id.parse().context("the trace id")?;
     let client = args.connection.client()?;
     let nodes = members(&client).await?;
-    let answers = futures::future::join_all(nodes.iter().map(|(id, addr)| {
-        let client = client.clone();
-        async move { (*id, client.trace_spans(addr, &trace_id).await) }
-    }))
-    .await;
-    let mut spans: Vec<SpanRecord> = Vec::new();
-    let mut unreachable = Vec::new();
-    for (node, answer) in answers {
-        match answer {
-            Ok((_, found)) => spans.extend(found),
-            Err(e) => unreachable.push(Unreachable { node, error: e.to_string() }),
-        }
-    }
+    let (spans, unreachable): (Vec<SpanRecord>, _) =
+        ask_every_node(&nodes, |addr| client.trace_spans(addr, &trace_id)).await;
     let id = trace_id.to_string();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&render_json(&id, &spans, &unreachable))?);
@@ -120,19 +132,8 @@ pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
         nodes.retain(|(id, _)| *id == only);
         anyhow::ensure!(!nodes.is_empty(), "node {only} is not a member of the cluster");
     }
-    let answers = futures::future::join_all(nodes.iter().map(|(id, addr)| {
-        let (client, query) = (client.clone(), query.clone());
-        async move { (*id, client.query_logs(addr, &query).await) }
-    }))
-    .await;
-    let mut lines: Vec<LogRecord> = Vec::new();
-    let mut unreachable = Vec::new();
-    for (node, answer) in answers {
-        match answer {
-            Ok((_, found)) => lines.extend(found),
-            Err(e) => unreachable.push(format!("node {node} ({e})")),
-        }
-    }
+    let (mut lines, unreachable): (Vec<LogRecord>, _) =
+        ask_every_node(&nodes, |addr| client.query_logs(addr, &query)).await;
     // One timeline across nodes (their clocks as they are), newest `limit` kept.
     lines.sort_by_key(|line| (line.time_unix_us, line.node));
     let skip = lines.len().saturating_sub(args.limit);
@@ -144,7 +145,8 @@ pub async fn logs(args: LogsArgs) -> Result<ExitCode> {
         }
     }
     if !unreachable.is_empty() {
-        eprintln!("unreachable: {}", unreachable.join(", "));
+        let list: Vec<String> = unreachable.iter().map(|u| format!("node {} ({})", u.node, u.error)).collect();
+        eprintln!("unreachable: {}", list.join(", "));
     }
     Ok(if unreachable.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
