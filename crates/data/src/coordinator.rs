@@ -131,7 +131,11 @@ impl Coordinator {
                 "{} storage nodes accept new chunks; {} copies are needed (replication factor){}",
                 ring.nodes().len(),
                 self.config.replication_factor,
-                if refused.is_empty() { String::new() } else { format!("; not accepting: {}", refused.join(", ")) }
+                if refused.is_empty() {
+                    String::new()
+                } else {
+                    format!("; not accepting: {} (`mendfs status` gives the reasons)", refused.join(", "))
+                }
             )));
         }
         Ok((ring, addresses))

@@ -58,24 +58,16 @@ impl HealthSampler {
             rss_bytes,
             ..Default::default()
         };
-        if let Some((total, available)) = filesystem {
-            health.disk_used_bytes = total.saturating_sub(available);
-            health.disk_capacity_bytes = total;
+        let capacity = self.storage.as_ref().and_then(|storage| storage.capacity_bytes);
+        let stats = self.storage.as_ref().map(|storage| storage.store.stats());
+        let chunk_bytes = stats.as_ref().map_or(0, |stats| stats.chunk_bytes);
+        if let Some(fullness) = disk_fullness(filesystem, capacity, chunk_bytes) {
+            health.disk_used_bytes = fullness.used_bytes;
+            health.disk_capacity_bytes = fullness.capacity_bytes;
         }
-        if let Some(storage) = &self.storage {
-            let stats = storage.store.stats();
+        if let (Some(storage), Some(stats)) = (&self.storage, stats) {
             health.chunk_count = stats.chunk_count;
             health.chunk_bytes = stats.chunk_bytes;
-            if let Some(capacity) = storage.capacity_bytes {
-                // The operator's cap binds first unless the filesystem is fuller still: report
-                // whichever leaves less room.
-                let fs_room = filesystem.map_or(u64::MAX, |(_, available)| available);
-                let cap_room = capacity.saturating_sub(stats.chunk_bytes);
-                if cap_room <= fs_room {
-                    health.disk_used_bytes = stats.chunk_bytes;
-                    health.disk_capacity_bytes = capacity;
-                }
-            }
             let c = &storage.counters;
             health.io_errors = Counters::get(&c.io_errors);
             health.checksum_errors = Counters::get(&c.checksum_errors);
@@ -133,4 +125,63 @@ async fn send(node: &MetaNode, leader_addr: &str, health: pb::NodeHealth, interv
         .map_err(|_| format!("no answer within {timeout:?}"))?
         .map_err(|status| format!("{}: {}", status.code(), status.message()))?;
     Ok(())
+}
+
+/// How full a node's storage is, as the detector judges it against `disk_full_ratio`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskFullness {
+    pub used_bytes: u64,
+    pub capacity_bytes: u64,
+}
+
+/// With an operator's cap, fullness is measured against the cap: the room left is what the cap
+/// allows or what the filesystem still has, whichever is less. Without a cap it is the whole
+/// filesystem's fullness, which on a shared disk also counts other programs' files.
+/// `filesystem` is (total, available) bytes; None when neither is known.
+pub fn disk_fullness(filesystem: Option<(u64, u64)>, capacity: Option<u64>, chunk_bytes: u64) -> Option<DiskFullness> {
+    match capacity {
+        Some(capacity) => {
+            let fs_room = filesystem.map_or(u64::MAX, |(_, available)| available);
+            let room = capacity.saturating_sub(chunk_bytes).min(fs_room);
+            Some(DiskFullness { used_bytes: capacity - room, capacity_bytes: capacity })
+        }
+        None => filesystem.map(|(total, available)| DiskFullness {
+            used_bytes: total.saturating_sub(available),
+            capacity_bytes: total,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn without_a_cap_the_whole_filesystem_counts() {
+        let full = disk_fullness(Some((100 * GIB, 5 * GIB)), None, GIB).unwrap();
+        assert_eq!(full, DiskFullness { used_bytes: 95 * GIB, capacity_bytes: 100 * GIB });
+        assert_eq!(disk_fullness(None, None, GIB), None);
+    }
+
+    #[test]
+    fn with_a_cap_a_busy_shared_disk_with_room_to_spare_is_not_full() {
+        // The host's disk is 95 % full with other files, but 5 GiB is plenty for a 4 GiB cap.
+        let full = disk_fullness(Some((100 * GIB, 5 * GIB)), Some(4 * GIB), GIB).unwrap();
+        assert_eq!(full, DiskFullness { used_bytes: GIB, capacity_bytes: 4 * GIB });
+    }
+
+    #[test]
+    fn with_a_cap_the_lesser_room_binds() {
+        // Chunks fill the cap...
+        let full = disk_fullness(Some((100 * GIB, 50 * GIB)), Some(4 * GIB), 4 * GIB - 1).unwrap();
+        assert_eq!(full.used_bytes, 4 * GIB - 1);
+        // ...or the filesystem has less room than the cap would allow.
+        let full = disk_fullness(Some((100 * GIB, GIB / 2)), Some(4 * GIB), GIB).unwrap();
+        assert_eq!(full, DiskFullness { used_bytes: 4 * GIB - GIB / 2, capacity_bytes: 4 * GIB });
+        // Over the cap (a cap lowered after the fact) saturates at full.
+        let full = disk_fullness(None, Some(4 * GIB), 5 * GIB).unwrap();
+        assert_eq!(full.used_bytes, 4 * GIB);
+    }
 }

@@ -108,8 +108,11 @@ pub struct ServerArgs {
     /// chunks). A storage-only node joins as a non-voting learner (`cluster add-node --learner`).
     #[arg(long, value_delimiter = ',')]
     pub roles: Option<Vec<String>>,
-    /// Cap on the chunk bytes this node stores (default: the filesystem's size). A node near
-    /// its cap is `degraded` and receives no new chunks.
+    /// Cap on the chunk bytes this node stores (default: the filesystem's size). Fullness is
+    /// then measured against the cap: a node whose room left (under the cap, or on the
+    /// filesystem if that has less) falls below `1 - disk_full_ratio` of the cap is `degraded`
+    /// and receives no new chunks. Without a cap it is the whole filesystem's fullness, which
+    /// on a shared disk counts other programs' files too.
     #[arg(long)]
     pub storage_capacity_bytes: Option<u64>,
     /// How often this node sends the leader a heartbeat with its health, in milliseconds (default 1000).

@@ -14,6 +14,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+/// The cap each node gets unless a test says otherwise: far above what any test or the demo
+/// stores, so a node is degraded only when the host's disk has less than a tenth of it left.
+pub const DEFAULT_STORAGE_CAPACITY_BYTES: u64 = 8 << 30;
+
 /// How to start a cluster.
 #[derive(Debug, Clone)]
 pub struct ClusterOptions {
@@ -31,6 +35,11 @@ pub struct ClusterOptions {
     pub chunk_store_bytes_max: Option<u64>,
     /// Extra flags for particular nodes, after `server_args`.
     pub node_args: BTreeMap<u64, Vec<String>>,
+    /// `--storage-capacity-bytes` for every node whose flags do not set it (and none when
+    /// `chunk_store_bytes_max` gives the nodes filesystems of their own). With a cap a node is
+    /// degraded by its own use, not by how full the host's shared filesystem happens to be:
+    /// without one a build machine whose disk is 90 % full would refuse every put.
+    pub storage_capacity_bytes: Option<u64>,
     /// Start each node in a process group of its own, so a Ctrl-C in the terminal that
     /// started it does not reach it (`mendfs local up`, whose nodes outlive the command).
     pub detached: bool,
@@ -46,6 +55,7 @@ impl Default for ClusterOptions {
             dir: None,
             chunk_store_bytes_max: None,
             node_args: BTreeMap::new(),
+            storage_capacity_bytes: Some(DEFAULT_STORAGE_CAPACITY_BYTES),
             detached: false,
         }
     }
@@ -259,8 +269,16 @@ impl Cluster {
             }
         }
         command.args(&self.options.server_args);
-        if let Some(args) = self.options.node_args.get(&id).or(node.extra_args.as_ref()) {
+        let node_args = self.options.node_args.get(&id).or(node.extra_args.as_ref());
+        if let Some(args) = node_args {
             command.args(args);
+        }
+        let sets_capacity = |args: &[String]| args.iter().any(|a| a.starts_with("--storage-capacity-bytes"));
+        if let Some(bytes) = self.options.storage_capacity_bytes {
+            let already_set = sets_capacity(&self.options.server_args) || node_args.is_some_and(|a| sets_capacity(a));
+            if !already_set && self.options.chunk_store_bytes_max.is_none() {
+                command.args(["--storage-capacity-bytes", &bytes.to_string()]);
+            }
         }
         command.env_remove("MENDFS_SECRET").env("RUST_LOG", "info,openraft=warn");
         Ok(command)
