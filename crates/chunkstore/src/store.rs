@@ -349,6 +349,11 @@ impl ChunkStore {
         }
     }
 
+    /// The directory chunk files live under: the filesystem whose room limits this store.
+    pub fn chunks_dir(&self) -> &Path {
+        &self.chunks_dir
+    }
+
     /// Where the chunk's file lives (or would live): `root/chunks/<2 hex>/<2 hex>/<64 hex>`.
     pub fn path_of(&self, hash: &ChunkHash) -> PathBuf {
         let hex = to_hex(hash);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use mendfs_meta::MetaNode;
 use mendfs_proto::v1 as pb;
-use sysinfo::{Disks, ProcessesToUpdate, System};
+use sysinfo::{ProcessesToUpdate, System};
 use tonic::Request;
 
 use crate::healer::Healer;
@@ -18,26 +18,25 @@ use crate::storage::{Counters, StorageState};
 /// between two refreshes.
 pub struct HealthSampler {
     system: System,
-    disks: Disks,
-    data_dir: PathBuf,
+    measured_dir: PathBuf,
     storage: Option<Arc<StorageState>>,
 }
 
 impl HealthSampler {
+    /// Measures the filesystem of the chunk store on a storage node (where new chunks go, and
+    /// what placement cares about; it may be a mount of its own), of `data_dir` otherwise.
     pub fn new(data_dir: &Path, storage: Option<Arc<StorageState>>) -> Self {
-        let data_dir = data_dir.canonicalize().unwrap_or_else(|_| data_dir.to_path_buf());
-        Self { system: System::new(), disks: Disks::new_with_refreshed_list(), data_dir, storage }
+        let measured = storage.as_ref().map_or(data_dir, |storage| storage.store.chunks_dir());
+        let measured_dir = measured.canonicalize().unwrap_or_else(|_| measured.to_path_buf());
+        Self { system: System::new(), measured_dir, storage }
     }
 
-    /// The filesystem holding the data directory: (total, available) bytes.
-    fn filesystem(&mut self) -> Option<(u64, u64)> {
-        self.disks.refresh(true);
-        self.disks
-            .list()
-            .iter()
-            .filter(|disk| self.data_dir.starts_with(disk.mount_point()))
-            .max_by_key(|disk| disk.mount_point().as_os_str().len())
-            .map(|disk| (disk.total_space(), disk.available_space()))
+    /// The filesystem holding `measured_dir`: (total, available to this unprivileged process)
+    /// bytes; None if the kernel cannot say (the directory is gone, say), which the detector
+    /// treats as unknown rather than full.
+    fn filesystem(&self) -> Option<(u64, u64)> {
+        let stats = rustix::fs::statvfs(&self.measured_dir).ok()?;
+        Some((stats.f_blocks.saturating_mul(stats.f_frsize), stats.f_bavail.saturating_mul(stats.f_frsize)))
     }
 
     pub fn sample(&mut self) -> pb::NodeHealth {
