@@ -172,6 +172,17 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     }
     progress.finish();
     println!("{} files in {:.1?}", sizes.len(), started.elapsed());
+    // The leader's counts come from its repair scan and the nodes' heartbeats, each some hundreds
+    // of milliseconds behind: wait until both have seen every chunk, so the victim is chosen,
+    // and its copies counted, on what the nodes really hold.
+    let expected_chunks: u64 = sizes.iter().map(|size| size.div_ceil(CHUNK_BYTES)).sum();
+    wait_status(&client, "the leader to count every chunk written", |status| {
+        let storage = status.nodes.iter().filter(|n| n.storage);
+        status.chunks == expected_chunks
+            && storage.clone().map(|n| n.chunks_listed).sum::<u64>() == 3 * expected_chunks
+            && storage.clone().all(|n| n.health.as_ref().is_some_and(|h| h.chunk_count == n.chunks_listed))
+    })
+    .await?;
     let status = client.status().await?;
     let leader = status.leader.context("no leader")?;
     // The victim: the node other than the leader that holds the most copies.

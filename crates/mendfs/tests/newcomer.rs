@@ -55,6 +55,17 @@ fn the_demo_runs_end_to_end_without_a_terminal_and_verifies_every_file() {
         assert!(summary.contains(field), "{field} missing from the summary:\n{summary}");
     }
     assert!(!summary.contains("bytes repaired:     0.0 MiB"), "nothing was repaired:\n{summary}");
+    // Repair re-created exactly the copies the killed node held: the counts agree.
+    let number_after = |text: &str, prefix: &str| -> u64 {
+        let rest = &text[text.find(prefix).unwrap_or_else(|| panic!("{prefix:?} missing:\n{text}")) + prefix.len()..];
+        rest.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no number after {prefix:?}"))
+    };
+    let held = number_after(&stdout, ": it holds ");
+    let repaired = number_after(summary, " MiB in ");
+    assert_eq!(held, repaired, "the killed node held {held} copies but {repaired} were repaired:\n{stdout}");
 }
 
 /// The processes whose command line mentions `dir`.
