@@ -33,7 +33,8 @@ pub struct DemoArgs {
 const CHUNK_BYTES: u64 = 1 << 20;
 const DEADLINE: Duration = Duration::from_secs(90);
 /// Detector and repair settings shortened so the demo takes a minute, not several: heartbeats
-/// every 500 ms, `down` 4 s after suspicion (the defaults are 1 s and 10 s).
+/// every 500 ms, `down` 4 s after suspicion (the defaults are 1 s and 10 s). Repair is
+/// throttled to 8 MiB/s so its progress can be watched: about 3 s for the default files.
 const DEMO_SERVER_ARGS: &[&str] = &[
     "--chunk-size-bytes",
     "1048576",
@@ -46,7 +47,7 @@ const DEMO_SERVER_ARGS: &[&str] = &[
     "--repair-scan-interval-ms",
     "500",
     "--repair-bytes-per-sec",
-    "33554432",
+    "8388608",
 ];
 
 fn step(text: &str) {
@@ -224,9 +225,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     }
     let down_after = down_after.unwrap_or_default();
 
-    step(&format!(
-        "Repairing: the leader re-creates node {victim}'s copies from the survivors (throttled to 32 MiB/s)"
-    ));
+    step(&format!("Repairing: the leader re-creates node {victim}'s copies from the survivors (throttled to 8 MiB/s)"));
     let down_at = Instant::now();
     // Created once the leader reports the job, so the bar starts at its real total.
     let mut repair_progress: Option<Progress> = None;
