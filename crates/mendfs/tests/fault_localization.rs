@@ -327,10 +327,13 @@ async fn span_storage_stays_within_its_byte_bound_under_10000_requests() {
 /// A received span: its trace id bytes and its name.
 type ReceivedSpan = (Vec<u8>, String);
 
-/// A minimal OTLP collector: keeps what it is sent.
+/// A minimal OTLP collector: keeps what it is sent, except that it answers UNAVAILABLE, once,
+/// to the first batch carrying spans of `refuse_once` (a collector restarting, say).
 #[derive(Default, Clone)]
 struct Collector {
     spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    refuse_once: Arc<Mutex<Option<Vec<u8>>>>,
+    refused: Arc<Mutex<u32>>,
 }
 
 #[tonic::async_trait]
@@ -342,8 +345,24 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
         tonic::Response<opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse>,
         tonic::Status,
     > {
+        let request = request.into_inner();
+        let carries = |trace: &[u8]| {
+            request
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| &s.spans)
+                .any(|s| s.trace_id == trace)
+        };
+        let mut refuse_once = self.refuse_once.lock().unwrap();
+        if refuse_once.as_deref().is_some_and(carries) {
+            *refuse_once = None;
+            *self.refused.lock().unwrap() += 1;
+            return Err(tonic::Status::unavailable("the collector is restarting"));
+        }
+        drop(refuse_once);
         let mut spans = self.spans.lock().unwrap();
-        for resource in request.into_inner().resource_spans {
+        for resource in request.resource_spans {
             for scope in resource.scope_spans {
                 spans.extend(scope.spans.into_iter().map(|s| (s.trace_id, s.name)));
             }
@@ -353,8 +372,10 @@ impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::Tra
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_reach_an_otlp_collector() {
-    let collector = Collector::default();
+async fn spans_reach_an_otlp_collector_even_when_it_first_refuses_them() {
+    let id = TraceId::random();
+    let wanted = id.as_u128().to_be_bytes().to_vec();
+    let collector = Collector { refuse_once: Arc::new(Mutex::new(Some(wanted.clone()))), ..Collector::default() };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let collector_addr = listener.local_addr().unwrap();
     let service = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
@@ -367,10 +388,8 @@ async fn spans_reach_an_otlp_collector() {
     );
     let endpoint = format!("http://{collector_addr}");
     let (cluster, _http) = tokio::task::block_in_place(|| start_with_http(1, &["--otlp-endpoint", &endpoint]));
-    let id = TraceId::random();
     let client = client_at(&cluster, cluster.endpoint_list(), Some(TraceContext::new_root(id)));
     client.set(b"exported", b"yes", None, None).await.unwrap();
-    let wanted = id.as_u128().to_be_bytes().to_vec();
     let started = Instant::now();
     loop {
         let names: Vec<String> = collector
@@ -382,6 +401,7 @@ async fn spans_reach_an_otlp_collector() {
             .map(|(_, n)| n.clone())
             .collect();
         if names.iter().any(|n| n == "Kv/Set") {
+            assert_eq!(*collector.refused.lock().unwrap(), 1, "the batch was refused once, then sent again");
             break;
         }
         assert!(started.elapsed() < DEADLINE, "the collector never received the trace; it has {names:?}");

@@ -24,6 +24,10 @@ const QUEUE_SPANS: usize = 8192;
 const BATCH_SPANS: usize = 512;
 /// Longest a finished span waits before it is sent.
 const BATCH_DELAY: Duration = Duration::from_secs(1);
+/// Tries per batch, the first retry after `RETRY_BACKOFF_FIRST`, each later one after twice the
+/// last wait: a batch gives up after 0.2 + 0.4 + 0.8 s of backoff (plus the calls' own time).
+const EXPORT_ATTEMPTS: u32 = 4;
+const RETRY_BACKOFF_FIRST: Duration = Duration::from_millis(200);
 
 /// The exporter's counters, for `/metrics`.
 #[derive(Default, Debug)]
@@ -88,16 +92,45 @@ async fn export_loop(
         let count = batch.len() as u64;
         let request = export_request(node_id, &batch);
         batch.clear();
-        // One attempt per batch: a collector that is down loses those spans (counted); they
-        // are still in the node's own store.
-        match client.export(request).await {
-            Ok(_) => counters.exported.fetch_add(count, Ordering::Relaxed),
+        // A batch is retried, with backoff, while the collector answers with a code the OTLP
+        // spec calls retryable; then it is dropped (counted): the spans are still in the node's
+        // own store. New spans queue meanwhile, up to the queue's bound.
+        let mut backoff = RETRY_BACKOFF_FIRST;
+        let mut attempt = 1;
+        let outcome = loop {
+            match client.export(request.clone()).await {
+                Ok(_) => break Ok(()),
+                Err(status) if attempt < EXPORT_ATTEMPTS && retryable(status.code()) => {
+                    attempt += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff *= 2;
+                }
+                Err(status) => break Err(status),
+            }
+        };
+        match outcome {
+            Ok(()) => counters.exported.fetch_add(count, Ordering::Relaxed),
             Err(_) => {
                 counters.failed_batches.fetch_add(1, Ordering::Relaxed);
                 counters.dropped.fetch_add(count, Ordering::Relaxed)
             }
         };
     }
+}
+
+/// The codes after which OTLP/gRPC says an export may be retried (OTLP specification,
+/// "Failures"). RESOURCE_EXHAUSTED is retryable only with a server's RetryInfo, which this
+/// exporter does not read, so it is not retried.
+fn retryable(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Aborted
+            | tonic::Code::OutOfRange
+            | tonic::Code::Unavailable
+            | tonic::Code::DataLoss
+    )
 }
 
 fn string_value(key: &str, value: &str) -> KeyValue {
