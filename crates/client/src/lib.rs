@@ -7,6 +7,7 @@
 //! jittered backoff. Writes carry a request id that stays the same across retries, so a write
 //! whose first attempt was applied but not acknowledged is not applied twice.
 
+use futures::future::Either;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -101,14 +102,28 @@ impl Interceptor for RequestInterceptor {
         }
         let context = self.trace.or_else(|| CALL_TRACE.try_with(|context| *context).ok());
         mendfs_telemetry::grpc::inject(request.metadata_mut(), context);
+        if let Ok(deadline) = ATTEMPT_DEADLINE.try_with(|deadline| *deadline) {
+            request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        }
         Ok(request)
     }
+}
+
+/// What a call answers with, which decides whether its attempts send a deadline.
+#[derive(Debug, Clone, Copy)]
+enum Reply {
+    Unary,
+    Stream,
 }
 
 tokio::task_local! {
     /// The trace of the call in progress, so that its retries on other endpoints stay in one
     /// trace instead of each starting its own.
     static CALL_TRACE: TraceContext;
+    /// When the attempt in progress gives up, sent as `grpc-timeout`: a node that forwards the
+    /// request to the leader then never lets it outlive this client's wait, so a request
+    /// reported as timed out cannot be applied later by a leader that was paused.
+    static ATTEMPT_DEADLINE: Instant;
 }
 
 type Intercepted = InterceptedService<Channel, RequestInterceptor>;
@@ -224,18 +239,31 @@ impl Client {
         ClusterClient::with_interceptor(self.inner.channels[index].clone(), self.inner.interceptor.clone())
     }
 
-    /// Runs one call with failover: endpoints in turn, starting with the last that answered,
-    /// until success, a definite error, or the deadline. Every attempt carries the same trace.
+    /// Runs one unary call with failover: endpoints in turn, starting with the last that
+    /// answered, until success, a definite error, or the deadline. Every attempt carries the
+    /// same trace, and its own deadline as `grpc-timeout`.
     async fn call<T, F, Fut>(&self, what: &str, attempt: F) -> Result<T, Error>
     where
         F: FnMut(usize) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let context = self.inner.config.trace.unwrap_or_else(mendfs_telemetry::grpc::outgoing_context);
-        CALL_TRACE.scope(context, self.call_with_failover(what, attempt)).await
+        CALL_TRACE.scope(context, self.call_with_failover(what, Reply::Unary, attempt)).await
     }
 
-    async fn call_with_failover<T, F, Fut>(&self, what: &str, mut attempt: F) -> Result<T, Error>
+    /// Opens a server stream (a watch, a download) with failover, like `call`. No
+    /// `grpc-timeout` is sent: the server would end the stream when the opening attempt's time
+    /// is up, and a stream lives as long as its reader wants.
+    async fn open_stream<T, F, Fut>(&self, what: &str, attempt: F) -> Result<T, Error>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let context = self.inner.config.trace.unwrap_or_else(mendfs_telemetry::grpc::outgoing_context);
+        CALL_TRACE.scope(context, self.call_with_failover(what, Reply::Stream, attempt)).await
+    }
+
+    async fn call_with_failover<T, F, Fut>(&self, what: &str, reply: Reply, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut(usize) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
@@ -252,7 +280,11 @@ impl Client {
                 return Err(Error::Timeout { elapsed: started.elapsed(), last_error: format!("{what}: {last_error}") });
             }
             let budget = remaining.min(self.inner.config.attempt_timeout);
-            match tokio::time::timeout(budget, attempt(index)).await {
+            let answer = match reply {
+                Reply::Unary => Either::Left(ATTEMPT_DEADLINE.scope(Instant::now() + budget, attempt(index))),
+                Reply::Stream => Either::Right(attempt(index)),
+            };
+            match tokio::time::timeout(budget, answer).await {
                 Ok(Ok(response)) => {
                     // A node that had to forward to the leader names it: go there directly
                     // next time, saving a hop, if it is one of our endpoints.
@@ -520,7 +552,7 @@ impl Watch {
                     pb::WatchRequest { key: self.key.clone(), prefix: self.prefix, start_revision: self.next_revision };
                 let client = self.client.clone();
                 let stream = client
-                    .call("watch", |i| {
+                    .open_stream("watch", |i| {
                         let request = request.clone();
                         let mut kv = client.kv(i);
                         async move { kv.watch(request).await }
@@ -668,7 +700,7 @@ impl Client {
         use tokio::io::AsyncWriteExt;
         let request = pb::GetFileRequest { path: path.to_string() };
         let mut stream = self
-            .call("get file", |i| {
+            .open_stream("get file", |i| {
                 let request = request.clone();
                 let mut files = self.files(i);
                 async move { files.get(request).await }

@@ -23,7 +23,7 @@ use mendfs_meta::files::{CommitFile, CommittedChunk, StorageNode};
 use mendfs_meta::network::PeerInterceptor;
 use mendfs_meta::node::{now_ms, FileView, LeaderRequest, LeaderResponse};
 use mendfs_meta::state::{Command, Outcome};
-use mendfs_meta::MetaNode;
+use mendfs_meta::{MetaNode, Origin};
 use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::files_server::Files;
 use mendfs_proto::v1::storage_client::StorageClient;
@@ -321,7 +321,7 @@ impl Coordinator {
     }
 
     async fn file(&self, path: &str) -> Result<FileView, Status> {
-        match self.node.serve_on_leader(LeaderRequest::GetFile { path: path.to_string() }, false).await? {
+        match self.node.serve_on_leader(LeaderRequest::GetFile { path: path.to_string() }, Origin::LOCAL).await? {
             LeaderResponse::File(Some(file)) => Ok(file),
             LeaderResponse::File(None) => Err(Status::not_found(format!("file {path} not found"))),
             other => Err(Status::internal(format!("unexpected answer to a file lookup: {other:?}"))),
@@ -535,7 +535,7 @@ impl Files for Coordinator {
         }
         match self
             .node
-            .serve_on_leader(LeaderRequest::ListFiles { prefix: request.prefix, limit: request.limit }, false)
+            .serve_on_leader(LeaderRequest::ListFiles { prefix: request.prefix, limit: request.limit }, Origin::LOCAL)
             .await?
         {
             LeaderResponse::Files { files, truncated } => {
@@ -546,13 +546,14 @@ impl Files for Coordinator {
     }
 
     async fn delete(&self, request: Request<pb::DeleteFileRequest>) -> Result<Response<pb::DeleteFileReply>, Status> {
+        let origin = mendfs_meta::service::origin(&request);
         let request = request.into_inner();
         validate_path(&request.path)?;
         let command = Command::DeleteFile { path: request.path, expected_version: request.expected_version };
         let request_id = request
             .request_id
             .map(|id| mendfs_meta::state::RequestId { client_id: id.client_id, sequence: id.sequence });
-        match self.node.execute(request_id, command).await {
+        match self.node.execute_for(origin, request_id, command).await {
             Ok(Outcome::Written { revision, .. }) => Ok(Response::new(pb::DeleteFileReply { revision })),
             Ok(other) => Err(Status::internal(format!("unexpected delete outcome {other:?}"))),
             Err(e) => Err(Status::from(e)),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use mendfs_meta::node::{LeaderRequest, LeaderResponse};
-use mendfs_meta::MetaNode;
+use mendfs_meta::{MetaNode, Origin};
 
 use crate::storage::StorageState;
 
@@ -54,7 +54,7 @@ pub async fn collect_once(node: &MetaNode, storage: &Arc<StorageState>, grace: D
             node_id: node.config.node_id,
             hashes: batch.iter().map(|h| h.to_vec()).collect(),
         };
-        let unreferenced = match node.serve_on_leader(request, false).await.map_err(|e| e.to_string())? {
+        let unreferenced = match node.serve_on_leader(request, Origin::LOCAL).await.map_err(|e| e.to_string())? {
             LeaderResponse::Unreferenced(hashes) => hashes,
             other => return Err(format!("unexpected answer: {other:?}")),
         };

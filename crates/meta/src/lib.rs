@@ -31,4 +31,4 @@ openraft::declare_raft_types!(
 pub type Raft = openraft::Raft<TypeConfig>;
 
 pub use error::ApiError;
-pub use node::{MetaNode, NodeConfig};
+pub use node::{MetaNode, NodeConfig, Origin};

@@ -119,6 +119,23 @@ pub struct FileView {
     pub chunk_replicas: Vec<Vec<NodeId>>,
 }
 
+/// Where a leader-only request comes from: whether it may still be forwarded, and until when
+/// its caller waits for an answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// Already forwarded once by another node: never forwarded again.
+    pub forwarded: bool,
+    /// When the caller gives up (a client's `grpc-timeout`); None: this node's own timeouts.
+    pub deadline: Option<Instant>,
+}
+
+impl Origin {
+    /// This node's own work (repair, GC, a coordinator's lookups): its own timeouts apply.
+    pub const LOCAL: Origin = Origin { forwarded: false, deadline: None };
+    /// A request another node forwarded here, in an envelope with its deadline.
+    pub const FORWARDED: Origin = Origin { forwarded: true, deadline: None };
+}
+
 /// A forwarded request with the wall-clock time after which its sender no longer waits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ForwardEnvelope {
@@ -344,21 +361,35 @@ impl MetaNode {
 
     /// Serves a leader-only request here if this node leads, otherwise forwards it to the
     /// leader (once: a forwarded request is never forwarded again).
-    pub async fn serve_on_leader(&self, request: LeaderRequest, forwarded: bool) -> Result<LeaderResponse, ApiError> {
+    pub async fn serve_on_leader(&self, request: LeaderRequest, origin: Origin) -> Result<LeaderResponse, ApiError> {
         match self.serve_locally(request.clone()).await {
-            Err(ApiError::NotLeader { leader: Some(leader) }) if !forwarded && leader != self.config.node_id => {
-                self.forward(leader, &request).await
+            Err(ApiError::NotLeader { leader: Some(leader) }) if !origin.forwarded && leader != self.config.node_id => {
+                self.forward(leader, &request, origin.deadline).await
             }
             other => other,
         }
     }
 
-    async fn forward(&self, leader: NodeId, request: &LeaderRequest) -> Result<LeaderResponse, ApiError> {
+    /// Sends `request` to the leader in an envelope with a deadline, which the leader checks on
+    /// arrival. The deadline is never later than the caller's own: a caller that has given up
+    /// has reported a failure, and a request still waiting in a paused leader's socket must not
+    /// turn that into a success when the leader resumes.
+    async fn forward(
+        &self,
+        leader: NodeId,
+        request: &LeaderRequest,
+        caller_deadline: Option<Instant>,
+    ) -> Result<LeaderResponse, ApiError> {
         let Some(addr) = self.member_addr(leader) else {
             return Err(ApiError::NotLeader { leader: Some(leader) });
         };
         let mut client = self.peers.client(&addr).map_err(ApiError::Unavailable)?;
-        let timeout = Duration::from_millis(self.config.write_timeout_ms + 1_000);
+        let own = Duration::from_millis(self.config.write_timeout_ms + 1_000);
+        let timeout =
+            caller_deadline.map_or(own, |deadline| own.min(deadline.saturating_duration_since(Instant::now())));
+        if timeout.is_zero() {
+            return Err(ApiError::Timeout("the caller's deadline passed before the request could be forwarded".into()));
+        }
         let envelope =
             ForwardEnvelope { deadline_unix_ms: now_ms() + timeout.as_millis() as u64, request: request.clone() };
         let data = state::encode(&envelope).map_err(ApiError::internal)?;
@@ -687,9 +718,19 @@ impl MetaNode {
         files::list_storage_nodes(&view).map_err(ApiError::internal)
     }
 
-    /// Proposes a command through the leader and returns its outcome.
+    /// Proposes a command of this node's own through the leader and returns its outcome.
     pub async fn execute(&self, request_id: Option<RequestId>, command: Command) -> Result<state::Outcome, ApiError> {
-        match self.serve_on_leader(LeaderRequest::Propose(Self::proposal(request_id, command)), false).await? {
+        self.execute_for(Origin::LOCAL, request_id, command).await
+    }
+
+    /// Proposes a client's command through the leader, never outliving the client's deadline.
+    pub async fn execute_for(
+        &self,
+        origin: Origin,
+        request_id: Option<RequestId>,
+        command: Command,
+    ) -> Result<state::Outcome, ApiError> {
+        match self.serve_on_leader(LeaderRequest::Propose(Self::proposal(request_id, command)), origin).await? {
             LeaderResponse::Command(result) => result.map_err(ApiError::Command),
             other => Err(ApiError::Internal(format!("unexpected answer to a command: {other:?}"))),
         }

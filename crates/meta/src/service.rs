@@ -6,7 +6,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use mendfs_proto::v1 as pb;
@@ -23,7 +23,7 @@ use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
-use crate::node::{now_ms, ForwardEnvelope, LeaderRequest, LeaderResponse, MetaNode};
+use crate::node::{now_ms, ForwardEnvelope, LeaderRequest, LeaderResponse, MetaNode, Origin};
 use crate::state::{self, Command, CommandResult, EventKind, KeyValue, Outcome, RequestId};
 use crate::storage::StateReader;
 
@@ -159,7 +159,7 @@ impl Node for NodeApi {
                 now_ms() - envelope.deadline_unix_ms
             )))
         } else {
-            self.node.serve_on_leader(envelope.request, true).await
+            self.node.serve_on_leader(envelope.request, Origin::FORWARDED).await
         };
         encode_reply(&result)
     }
@@ -196,8 +196,34 @@ fn local_info(node: &MetaNode) -> pb::NodeInfo {
     }
 }
 
-fn is_forwarded<T>(request: &Request<T>) -> bool {
-    request.metadata().get(FORWARDED_HEADER).is_some()
+/// Whether another node forwarded the request, and until when its caller waits (its
+/// `grpc-timeout`, counted from now).
+pub fn origin<T>(request: &Request<T>) -> Origin {
+    let timeout =
+        request.metadata().get("grpc-timeout").and_then(|value| value.to_str().ok()).and_then(parse_grpc_timeout);
+    Origin {
+        forwarded: request.metadata().get(FORWARDED_HEADER).is_some(),
+        deadline: timeout.map(|timeout| Instant::now() + timeout),
+    }
+}
+
+/// Parses a `grpc-timeout` header value: at most 8 digits and a unit (H, M, S, m, u, n), as
+/// the gRPC over HTTP/2 specification defines it; None for anything else.
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 pub struct KvApi {
@@ -256,9 +282,9 @@ impl KvApi {
         Ok(())
     }
 
-    async fn command(&self, forwarded: bool, id: Option<pb::RequestId>, command: Command) -> Result<Outcome, Status> {
+    async fn command(&self, origin: Origin, id: Option<pb::RequestId>, command: Command) -> Result<Outcome, Status> {
         let proposal = MetaNode::proposal(request_id(id), command);
-        match self.node.serve_on_leader(LeaderRequest::Propose(proposal), forwarded).await? {
+        match self.node.serve_on_leader(LeaderRequest::Propose(proposal), origin).await? {
             LeaderResponse::Command(result) => command_outcome(result),
             other => Err(Status::internal(format!("unexpected answer to a write: {other:?}"))),
         }
@@ -286,16 +312,16 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchReply, Status>> + S
 #[tonic::async_trait]
 impl Kv for KvApi {
     async fn create(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::WriteReply>, Status> {
-        let forwarded = is_forwarded(&request);
+        let origin = origin(&request);
         let put = request.into_inner();
         self.check_key(&put.key)?;
         self.check_value(&put.value)?;
         let command = Command::Create { key: put.key, value: put.value, session_id: put.session_id };
-        self.hint(write_reply(self.command(forwarded, put.request_id, command).await?))
+        self.hint(write_reply(self.command(origin, put.request_id, command).await?))
     }
 
     async fn set(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::WriteReply>, Status> {
-        let forwarded = is_forwarded(&request);
+        let origin = origin(&request);
         let put = request.into_inner();
         self.check_key(&put.key)?;
         self.check_value(&put.value)?;
@@ -305,35 +331,35 @@ impl Kv for KvApi {
             expected_version: put.expected_version,
             session_id: put.session_id,
         };
-        self.hint(write_reply(self.command(forwarded, put.request_id, command).await?))
+        self.hint(write_reply(self.command(origin, put.request_id, command).await?))
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::WriteReply>, Status> {
-        let forwarded = is_forwarded(&request);
+        let origin = origin(&request);
         let delete = request.into_inner();
         self.check_key(&delete.key)?;
         let command = Command::Delete { key: delete.key, expected_version: delete.expected_version };
-        self.hint(write_reply(self.command(forwarded, delete.request_id, command).await?))
+        self.hint(write_reply(self.command(origin, delete.request_id, command).await?))
     }
 
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetReply>, Status> {
-        let forwarded = is_forwarded(&request);
+        let origin = origin(&request);
         let get = request.into_inner();
         self.check_key(&get.key)?;
-        self.hint(match self.node.serve_on_leader(LeaderRequest::Get { key: get.key }, forwarded).await? {
+        self.hint(match self.node.serve_on_leader(LeaderRequest::Get { key: get.key }, origin).await? {
             LeaderResponse::Get { revision, kv } => Ok(Response::new(pb::GetReply { revision, kv: kv.map(to_pb_kv) })),
             other => Err(Status::internal(format!("unexpected answer to a get: {other:?}"))),
         })
     }
 
     async fn list(&self, request: Request<pb::ListRequest>) -> Result<Response<pb::ListReply>, Status> {
-        let forwarded = is_forwarded(&request);
+        let origin = origin(&request);
         let list = request.into_inner();
         if !list.prefix.is_empty() {
             self.check_key(&list.prefix)?;
         }
         let leader_request = LeaderRequest::List { prefix: list.prefix, limit: list.limit };
-        self.hint(match self.node.serve_on_leader(leader_request, forwarded).await? {
+        self.hint(match self.node.serve_on_leader(leader_request, origin).await? {
             LeaderResponse::List { revision, kvs, truncated } => {
                 Ok(Response::new(pb::ListReply { revision, kvs: kvs.into_iter().map(to_pb_kv).collect(), truncated }))
             }
@@ -369,12 +395,12 @@ impl Kv for KvApi {
         &self,
         request: Request<pb::SessionOpenRequest>,
     ) -> Result<Response<pb::SessionOpenReply>, Status> {
-        let forwarded = is_forwarded(&request);
+        let origin = origin(&request);
         let open = request.into_inner();
         if !(100..=3_600_000).contains(&open.ttl_ms) {
             return Err(Status::invalid_argument(format!("session TTL {} ms is outside 100 ms ..= 1 h", open.ttl_ms)));
         }
-        match self.command(forwarded, open.request_id, Command::SessionOpen { ttl_ms: open.ttl_ms }).await? {
+        match self.command(origin, open.request_id, Command::SessionOpen { ttl_ms: open.ttl_ms }).await? {
             Outcome::SessionOpened { session_id, ttl_ms } => {
                 Ok(Response::new(pb::SessionOpenReply { session_id, ttl_ms }))
             }
@@ -386,9 +412,9 @@ impl Kv for KvApi {
         &self,
         request: Request<pb::SessionKeepAliveRequest>,
     ) -> Result<Response<pb::SessionKeepAliveReply>, Status> {
-        let forwarded = is_forwarded(&request);
+        let origin = origin(&request);
         let session_id = request.into_inner().session_id;
-        match self.node.serve_on_leader(LeaderRequest::KeepAlive { session_id }, forwarded).await? {
+        match self.node.serve_on_leader(LeaderRequest::KeepAlive { session_id }, origin).await? {
             LeaderResponse::KeepAlive { ttl_ms } => Ok(Response::new(pb::SessionKeepAliveReply { ttl_ms })),
             other => Err(Status::internal(format!("unexpected answer to a keep-alive: {other:?}"))),
         }
@@ -398,10 +424,10 @@ impl Kv for KvApi {
         &self,
         request: Request<pb::SessionCloseRequest>,
     ) -> Result<Response<pb::WriteReply>, Status> {
-        let forwarded = is_forwarded(&request);
+        let origin = origin(&request);
         let close = request.into_inner();
         let command = Command::SessionClose { session_id: close.session_id };
-        self.hint(write_reply(self.command(forwarded, close.request_id, command).await?))
+        self.hint(write_reply(self.command(origin, close.request_id, command).await?))
     }
 }
 
@@ -510,7 +536,11 @@ impl Cluster for ClusterApi {
         });
         // The detector's view lives on the leader; ask it alongside the nodes.
         let health = async {
-            match tokio::time::timeout(Duration::from_secs(3), node.serve_on_leader(LeaderRequest::Health, false)).await
+            match tokio::time::timeout(
+                Duration::from_secs(3),
+                node.serve_on_leader(LeaderRequest::Health, Origin::LOCAL),
+            )
+            .await
             {
                 Err(_) => Err("the leader did not answer within 3s".to_string()),
                 Ok(Err(e)) => Err(e.to_string()),
@@ -641,21 +671,21 @@ impl Cluster for ClusterApi {
     }
 
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {
-        let forwarded = is_forwarded(&request);
+        let origin = origin(&request);
         let drain = request.into_inner();
         let request = LeaderRequest::Drain { id: drain.id, draining: !drain.undrain };
-        self.node.serve_on_leader(request, forwarded).await?;
+        self.node.serve_on_leader(request, origin).await?;
         Ok(Response::new(pb::DrainReply {}))
     }
 
     async fn add_node(&self, request: Request<pb::AddNodeRequest>) -> Result<Response<pb::MembershipReply>, Status> {
-        let forwarded = is_forwarded(&request);
+        let origin = origin(&request);
         let add = request.into_inner();
         if add.id == 0 {
             return Err(Status::invalid_argument("node id 0 is reserved; use 1 or more"));
         }
         let request = LeaderRequest::AddNode { id: add.id, addr: add.addr, learner: add.learner };
-        let response = self.node.serve_on_leader(request, forwarded).await?;
+        let response = self.node.serve_on_leader(request, origin).await?;
         Self::membership_reply(response)
     }
 
@@ -663,9 +693,40 @@ impl Cluster for ClusterApi {
         &self,
         request: Request<pb::RemoveNodeRequest>,
     ) -> Result<Response<pb::MembershipReply>, Status> {
-        let forwarded = is_forwarded(&request);
+        let origin = origin(&request);
         let id = request.into_inner().id;
-        let response = self.node.serve_on_leader(LeaderRequest::RemoveNode { id }, forwarded).await?;
+        let response = self.node.serve_on_leader(LeaderRequest::RemoveNode { id }, origin).await?;
         Self::membership_reply(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit_and_garbage_is_refused() {
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(parse_grpc_timeout("4999m"), Some(Duration::from_millis(4999)));
+        assert_eq!(parse_grpc_timeout("12u"), Some(Duration::from_micros(12)));
+        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "5", "5s", "-5S", "123456789S", "5 S", "5SS", "é"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_request_says_whether_it_was_forwarded_and_until_when_its_caller_waits() {
+        let mut request = Request::new(());
+        assert_eq!(origin(&request), Origin::LOCAL);
+        request.set_timeout(Duration::from_secs(5));
+        request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::AsciiMetadataValue::from_static("1"));
+        let before = Instant::now();
+        let origin = origin(&request);
+        assert!(origin.forwarded);
+        let deadline = origin.deadline.expect("a deadline from grpc-timeout");
+        assert!(deadline > before + Duration::from_secs(4) && deadline <= Instant::now() + Duration::from_secs(5));
     }
 }
