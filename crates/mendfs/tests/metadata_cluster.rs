@@ -286,6 +286,40 @@ async fn a_write_to_a_minority_fails_with_a_timeout_and_never_applies() {
     assert!(client.get(b"minority/key").await.expect("get").is_none(), "the failed write never applied");
 }
 
+/// The write reaches a follower, which forwards it to a leader that is paused; the client gives
+/// up; the leader resumes at once, still leading (the followers' election timeout is a minute,
+/// so they never campaign), with a majority. The forwarded write sitting in its socket must be
+/// refused, not applied: the client was told it failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_its_client_gave_up_on_is_not_applied_by_a_leader_that_resumes() {
+    let patient = vec!["--election-timeout-ms".to_string(), "60000".to_string()];
+    let options =
+        ClusterOptions { node_args: BTreeMap::from([(2, patient.clone()), (3, patient)]), ..ClusterOptions::default() };
+    let mut cluster = start(options);
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).expect("leader");
+    assert_eq!(leader, 1, "only node 1 campaigns");
+    let client = client(&cluster);
+    client.set(b"resume/before", b"", None, None).await.expect("a write while all is well");
+
+    cluster.pause(1).expect("SIGSTOP the leader");
+    let output = blocking(|| {
+        cluster.cli_at(&cluster.addr(2)).args(["kv", "set", "resume/key", "must-not-apply", "--timeout", "3"]).output()
+    })
+    .expect("run the CLI");
+    cluster.resume(1).expect("SIGCONT the leader");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("timed out"), "the client gave up: {stderr}");
+
+    assert_eq!(blocking(|| cluster.wait_for_leader(DEADLINE)).expect("leader"), 1, "node 1 still leads");
+    client.set(b"resume/barrier", b"", None, None).await.expect("write after the resume");
+    assert!(
+        client.get(b"resume/key").await.expect("get").is_none(),
+        "a write reported as timed out was applied when the leader resumed"
+    );
+    let log = cluster.log(1);
+    assert!(log.contains("after its deadline"), "the leader says why it refused the request");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_clean_errors_and_the_node_stays_up() {
     let options = ClusterOptions {

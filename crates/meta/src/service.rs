@@ -154,10 +154,9 @@ impl Node for NodeApi {
         // is refused: the sender has already reported a failure, so applying it now would turn
         // a reported failure into a silent success.
         let result = if now_ms() > envelope.deadline_unix_ms {
-            Err(ApiError::Timeout(format!(
-                "the forwarded request arrived {} ms after its deadline",
-                now_ms() - envelope.deadline_unix_ms
-            )))
+            let late_ms = now_ms().saturating_sub(envelope.deadline_unix_ms);
+            tracing::warn!(late_ms, "refused a forwarded request that arrived after its deadline");
+            Err(ApiError::Timeout(format!("the forwarded request arrived {late_ms} ms after its deadline")))
         } else {
             self.node.serve_on_leader(envelope.request, Origin::FORWARDED).await
         };
