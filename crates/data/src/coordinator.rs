@@ -20,7 +20,7 @@ use futures::{Stream, StreamExt};
 use mendfs_heal::detector::Liveness;
 use mendfs_heal::planner::ClusterView;
 use mendfs_meta::files::{CommitFile, CommittedChunk, StorageNode};
-use mendfs_meta::network::PeerInterceptor;
+use mendfs_meta::network::{status_with_cause, PeerInterceptor};
 use mendfs_meta::node::{now_ms, FileView, LeaderRequest, LeaderResponse};
 use mendfs_meta::state::{Command, Outcome};
 use mendfs_meta::{MetaNode, Origin};
@@ -164,7 +164,7 @@ impl Coordinator {
             request.set_timeout(timeout);
             match tokio::time::timeout(timeout, client.prepare_chunk(request)).await {
                 Err(_) => Err(format!("no answer within {timeout:?}")),
-                Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+                Ok(Err(status)) => Err(status_with_cause(&status)),
                 Ok(Ok(_)) => Ok(()),
             }
         }
@@ -293,8 +293,9 @@ impl Coordinator {
                     self.report_bad_replica(hash, id);
                 }
                 Err(status) => {
-                    span.record("error", format!("{:?}: {}", status.code(), status.message()));
-                    errors.push(format!("node {id}: {}", status.message()));
+                    let text = status_with_cause(&status);
+                    span.record("error", text.as_str());
+                    errors.push(format!("node {id}: {text}"));
                     if matches!(status.code(), tonic::Code::NotFound | tonic::Code::DataLoss) {
                         self.report_bad_replica(hash, id);
                     }

@@ -470,7 +470,7 @@ impl Healer {
         let reply = tokio::time::timeout(REPLICATE_TIMEOUT, client.replicate_chunk(request))
             .await
             .map_err(|_| format!("no answer within {REPLICATE_TIMEOUT:?}"))?
-            .map_err(|status| format!("{}: {}", status.code(), status.message()))?;
+            .map_err(|status| mendfs_meta::network::status_with_cause(&status))?;
         Ok(reply.into_inner().copied_bytes)
     }
 }

@@ -122,7 +122,7 @@ async fn send(node: &MetaNode, leader_addr: &str, health: pb::NodeHealth, interv
     tokio::time::timeout(timeout, client.heartbeat(request))
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
-        .map_err(|status| format!("{}: {}", status.code(), status.message()))?;
+        .map_err(|status| mendfs_meta::network::status_with_cause(&status))?;
     Ok(())
 }
 

@@ -191,7 +191,7 @@ impl StorageApi {
         let reply = tokio::time::timeout(PULL_TIMEOUT, client.read_chunk(request))
             .await
             .map_err(|_| format!("no answer within {PULL_TIMEOUT:?}"))?
-            .map_err(|status| format!("{}: {}", status.code(), status.message()))?;
+            .map_err(|status| mendfs_meta::network::status_with_cause(&status))?;
         // Not hashed here: the store's put verifies the bytes against the hash before writing.
         Ok(reply.into_inner().data)
     }
