@@ -14,6 +14,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
@@ -22,8 +23,8 @@ use mendfs_heal::planner::ClusterView;
 use mendfs_meta::files::{CommitFile, CommittedChunk, StorageNode};
 use mendfs_meta::network::{status_with_cause, PeerInterceptor};
 use mendfs_meta::node::{now_ms, FileView, LeaderRequest, LeaderResponse};
-use mendfs_meta::state::{Command, Outcome};
-use mendfs_meta::{MetaNode, Origin};
+use mendfs_meta::state::{Command, Outcome, RequestId};
+use mendfs_meta::{ApiError, MetaNode, Origin};
 use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::files_server::Files;
 use mendfs_proto::v1::storage_client::StorageClient;
@@ -40,6 +41,8 @@ use crate::{node_state, DataConfig};
 /// Chunks being prepared at once per upload: enough to keep replicas busy, few enough that an
 /// upload holds at most this many chunks in memory.
 const CHUNKS_IN_FLIGHT_MAX: usize = 3;
+/// How long a put's commit keeps trying while the metadata cluster elects a leader.
+const COMMIT_RETRY_FOR: Duration = Duration::from_secs(30);
 /// Chunks being prepared at once across all uploads this node coordinates: bounds its memory
 /// (each costs about its size times one plus the replication factor) however many clients
 /// upload at once.
@@ -139,6 +142,28 @@ impl Coordinator {
             )));
         }
         Ok((ring, addresses))
+    }
+
+    /// Phase two: commits the file through Raft. A commit that fails only because leadership
+    /// is changing (no leader known, a leader that stepped down, a timeout) is tried again for
+    /// up to `COMMIT_RETRY_FOR`: the chunks are durable and protected for the grace period,
+    /// and the request id, derived from the upload's write id, makes a retry of a commit that
+    /// did apply return that first outcome instead of committing the file twice.
+    async fn commit(&self, write_id: [u8; 16], commit: CommitFile) -> Result<Outcome, ApiError> {
+        let [a, b, c, d, e, f, g, h, ..] = write_id;
+        let request_id = RequestId { client_id: u64::from_le_bytes([a, b, c, d, e, f, g, h]), sequence: 1 };
+        let give_up = Instant::now() + COMMIT_RETRY_FOR;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.node.execute(Some(request_id), Command::CommitFile(commit.clone())).await {
+                Err(e) if e.is_retryable() && Instant::now() + backoff < give_up => {
+                    tracing::info!("commit not yet possible, retrying: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Prepares one copy on node `id`, in a span naming that node, so a trace shows which
@@ -425,7 +450,7 @@ impl Coordinator {
             grace_ms: self.config.orphan_grace.as_millis() as u64,
         };
         let committing = tracing::info_span!("commit_file", chunks = n_chunks, error = tracing::field::Empty);
-        let committed = self.node.execute(None, Command::CommitFile(commit)).instrument(committing.clone()).await;
+        let committed = self.commit(write_id, commit).instrument(committing.clone()).await;
         if let Err(e) = &committed {
             committing.record("error", e.to_string());
         }

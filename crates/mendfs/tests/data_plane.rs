@@ -515,3 +515,45 @@ async fn many_concurrent_uploads_all_complete() {
         assert!(get(&client, &format!("/many/{i}")).await.unwrap() == content(i, 4 * CHUNK));
     }
 }
+
+/// The leader dies after every chunk of an upload is durable and before the client ends the
+/// upload: the commit meets an election. The coordinator keeps trying until a new leader takes
+/// it, and the file is whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_whose_commit_meets_a_leader_election_still_commits() {
+    use tokio::io::AsyncWriteExt;
+    let mut cluster = start(options(&[]));
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).unwrap();
+    let coordinator = (1..=3u64).find(|id| *id != leader).unwrap();
+    let client = client_at(&cluster, vec![cluster.addr(coordinator)]);
+    wait_until_writable(&client).await;
+    let held_before: Vec<usize> = (1..=3u64).map(|id| chunk_files(&cluster.nodes[&id].data_dir).len()).collect();
+
+    let data = content(11, 3 * CHUNK);
+    let (mut input, reader) = tokio::io::duplex(64 << 10);
+    let upload = {
+        let client = client.clone();
+        let size = data.len() as u64;
+        tokio::spawn(async move { client.put_file("/elected", reader, Some(size), None, |_| {}).await })
+    };
+    input.write_all(&data).await.unwrap();
+    // Every chunk is prepared on all three nodes before the leader dies (with it gone, no
+    // new chunk could reach three copies).
+    let dirs: Vec<_> = (1..=3u64).map(|id| cluster.nodes[&id].data_dir.clone()).collect();
+    blocking(|| {
+        wait_for("the upload's 3 chunks on every node", DEADLINE, || {
+            let held: Vec<usize> = dirs.iter().map(|dir| chunk_files(dir).len()).collect();
+            Ok(held.iter().zip(&held_before).all(|(now, before)| *now >= before + 3).then_some(()))
+        })
+    })
+    .unwrap();
+    blocking(|| cluster.kill(leader)).unwrap();
+    drop(input);
+
+    let reply = tokio::time::timeout(DEADLINE, upload).await.expect("the put ends").unwrap();
+    let reply = reply.expect("the commit waits for the new leader instead of failing");
+    assert_eq!(reply.size, 3 * CHUNK as u64);
+    let new_leader = blocking(|| cluster.wait_for_leader(DEADLINE)).unwrap();
+    assert_ne!(new_leader, leader);
+    assert!(get(&client, "/elected").await.unwrap() == data, "the file is whole");
+}
