@@ -247,8 +247,7 @@ impl Client {
         F: FnMut(usize) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let context = self.inner.config.trace.unwrap_or_else(mendfs_telemetry::grpc::outgoing_context);
-        CALL_TRACE.scope(context, self.call_with_failover(what, Reply::Unary, attempt)).await
+        self.call_with_failover(what, Reply::Unary, attempt).await
     }
 
     /// Opens a server stream (a watch, a download) with failover, like `call`. No
@@ -259,11 +258,20 @@ impl Client {
         F: FnMut(usize) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let context = self.inner.config.trace.unwrap_or_else(mendfs_telemetry::grpc::outgoing_context);
-        CALL_TRACE.scope(context, self.call_with_failover(what, Reply::Stream, attempt)).await
+        self.call_with_failover(what, Reply::Stream, attempt).await
     }
 
-    async fn call_with_failover<T, F, Fut>(&self, what: &str, reply: Reply, mut attempt: F) -> Result<T, Error>
+    /// Every attempt of one call runs in one trace: the configured one, or the caller's.
+    async fn call_with_failover<T, F, Fut>(&self, what: &str, reply: Reply, attempt: F) -> Result<T, Error>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let context = self.inner.config.trace.unwrap_or_else(mendfs_telemetry::grpc::outgoing_context);
+        CALL_TRACE.scope(context, self.attempts(what, reply, attempt)).await
+    }
+
+    async fn attempts<T, F, Fut>(&self, what: &str, reply: Reply, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut(usize) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
