@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 ///
 /// Retrying the same call on the same node helps only for `Io` (and for `DiskFull` once space has
 /// been freed); `NotFound` and `Corrupt` mean "read another replica"; `HashMismatch`, `TooLarge`
-/// and `InvalidHash` are the caller's mistake and fail the same way every time.
+/// are the caller's mistake and fail the same way every time.
 #[derive(Debug, thiserror::Error)]
 pub enum ChunkError {
     /// No chunk with this hash is stored here.
@@ -31,10 +31,6 @@ pub enum ChunkError {
     /// The chunk is larger than this store accepts. Nothing was written.
     #[error("chunk of {len} bytes is larger than the maximum of {max} bytes")]
     TooLarge { len: usize, max: usize },
-
-    /// A string that is not 64 hex digits was given as a chunk hash.
-    #[error("not a chunk hash (64 hex digits): {input:?}")]
-    InvalidHash { input: String },
 
     /// Any other error the operating system reported; `context` says what the store was doing.
     #[error("{context}")]

@@ -40,5 +40,5 @@ mod hash;
 mod store;
 
 pub use error::ChunkError;
-pub use hash::{from_hex, hash_chunk, to_hex, ChunkHash};
+pub use mendfs_types::ChunkHash;
 pub use store::{ChunkStore, StoreStats};

@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use crate::error::ChunkError;
-use crate::hash::{from_canonical_hex, from_canonical_hex_byte, hash_chunk, to_hex, ChunkHash};
+use crate::hash::{from_canonical_hex, from_canonical_hex_byte};
+use mendfs_types::ChunkHash;
 
 /// Number of striped per-hash locks. Enough that unrelated chunks rarely wait on each other with
 /// the few dozen blocking threads tokio runs, small enough to cost nothing.
@@ -171,9 +172,9 @@ impl ChunkStore {
         if data.len() > self.max_chunk_bytes {
             return Err(ChunkError::TooLarge { len: data.len(), max: self.max_chunk_bytes });
         }
-        let actual = hash_chunk(data);
+        let actual = ChunkHash::of(data);
         if actual != *expected {
-            return Err(ChunkError::HashMismatch { expected: to_hex(expected), actual: to_hex(&actual) });
+            return Err(ChunkError::HashMismatch { expected: expected.to_hex(), actual: actual.to_hex() });
         }
 
         let final_path = self.path_of(expected);
@@ -228,7 +229,7 @@ impl ChunkStore {
         let path = self.path_of(hash);
         let mut file = match File::open(&path) {
             Ok(file) => file,
-            Err(error) if error.kind() == io::ErrorKind::NotFound => return Err(ChunkError::NotFound(to_hex(hash))),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Err(ChunkError::NotFound(hash.to_hex())),
             Err(error) => return Err(ChunkError::from_io(error, "opening chunk", &path)),
         };
         // The size is only a capacity hint; clamp it so a nonsense size cannot reserve huge memory.
@@ -237,9 +238,9 @@ impl ChunkStore {
         let mut data = Vec::with_capacity(capacity);
         file.read_to_end(&mut data).map_err(|e| ChunkError::from_io(e, "reading chunk", &path))?;
 
-        let actual = hash_chunk(&data);
+        let actual = ChunkHash::of(&data);
         if actual != *hash {
-            return Err(ChunkError::Corrupt { hash: to_hex(hash), actual: to_hex(&actual) });
+            return Err(ChunkError::Corrupt { hash: hash.to_hex(), actual: actual.to_hex() });
         }
         Ok(data)
     }
@@ -280,7 +281,7 @@ impl ChunkStore {
     /// so the flush would buy nothing.
     pub fn quarantine(&self, hash: &ChunkHash) -> Result<(), ChunkError> {
         let path = self.path_of(hash);
-        let hex = to_hex(hash);
+        let hex = hash.to_hex();
         let _hash_guard = self.lock_hash(hash);
         let Some(len) = chunk_file_len(&path)? else {
             return Err(ChunkError::NotFound(hex));
@@ -356,7 +357,7 @@ impl ChunkStore {
 
     /// Where the chunk's file lives (or would live): `root/chunks/<2 hex>/<2 hex>/<64 hex>`.
     pub fn path_of(&self, hash: &ChunkHash) -> PathBuf {
-        let hex = to_hex(hash);
+        let hex = hash.to_hex();
         self.chunks_dir.join(&hex[0..2]).join(&hex[2..4]).join(hex)
     }
 
@@ -369,7 +370,7 @@ impl ChunkStore {
 
     fn temp_path(&self, hash: &ChunkHash) -> PathBuf {
         let counter = self.temp_file_counter.fetch_add(1, Ordering::Relaxed);
-        self.tmp_dir.join(format!("{}.{}.{counter}.tmp", to_hex(hash), std::process::id()))
+        self.tmp_dir.join(format!("{}.{}.{counter}.tmp", hash.to_hex(), std::process::id()))
     }
 
     /// Makes sure `chunks/<2 hex>/<2 hex>` exists and is durable, at most once per directory per
@@ -384,7 +385,7 @@ impl ChunkStore {
         if word.load(Ordering::Acquire) & bit != 0 {
             return Ok(());
         }
-        let hex = to_hex(hash);
+        let hex = hash.to_hex();
         let level1_dir = self.chunks_dir.join(&hex[0..2]);
         let leaf_dir = level1_dir.join(&hex[2..4]);
         create_dir_if_missing(&level1_dir)?;
@@ -584,7 +585,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open_store(&dir);
         let data = b"this chunk does not fit";
-        let hash = hash_chunk(data);
+        let hash = ChunkHash::of(data);
 
         let error = store.put_with_writer(&hash, data, write_to_dev_full).expect_err("disk is full");
 
@@ -602,7 +603,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open_store(&dir);
         let data = b"good bytes";
-        let hash = hash_chunk(data);
+        let hash = ChunkHash::of(data);
         store.put(&hash, data).expect("put");
         fs::write(store.path_of(&hash), b"bad bytes, longer").expect("corrupt");
         let stats_before = store.stats();

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 
-use mendfs_chunkstore::{from_hex, hash_chunk, to_hex, ChunkError, ChunkHash, ChunkStore, StoreStats};
+use mendfs_chunkstore::{ChunkError, ChunkHash, ChunkStore, StoreStats};
 use proptest::prelude::*;
 
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
@@ -15,7 +15,7 @@ fn open(dir: &Path) -> ChunkStore {
 }
 
 fn put(store: &ChunkStore, data: &[u8]) -> ChunkHash {
-    let hash = hash_chunk(data);
+    let hash = ChunkHash::of(data);
     store.put(&hash, data).expect("put");
     hash
 }
@@ -44,7 +44,7 @@ fn put_then_get_round_trips_and_uses_the_documented_layout() {
 
     assert_eq!(store.get(&hash).expect("get"), data);
     assert!(store.contains(&hash));
-    let hex = to_hex(&hash);
+    let hex = hash.to_hex();
     assert_eq!(store.path_of(&hash), dir.path().join("chunks").join(&hex[0..2]).join(&hex[2..4]).join(&hex));
     assert_eq!(fs::read(store.path_of(&hash)).expect("raw file"), data);
     assert_eq!(store.stats(), StoreStats { chunk_count: 1, chunk_bytes: data.len() as u64 });
@@ -71,19 +71,19 @@ fn putting_the_same_chunk_twice_stores_it_once() {
 fn put_with_a_wrong_hash_is_refused_and_stores_nothing() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
-    let claimed = hash_chunk(b"what the caller meant");
+    let claimed = ChunkHash::of(b"what the caller meant");
 
     let error = store.put(&claimed, b"what the caller sent").expect_err("mismatch");
 
     match error {
         ChunkError::HashMismatch { expected, actual } => {
-            assert_eq!(expected, to_hex(&claimed));
-            assert_eq!(actual, to_hex(&hash_chunk(b"what the caller sent")));
+            assert_eq!(expected, claimed.to_hex());
+            assert_eq!(actual, ChunkHash::of(b"what the caller sent").to_hex());
         }
         other => panic!("expected HashMismatch, got {other:?}"),
     }
     assert!(!store.contains(&claimed));
-    assert!(!store.contains(&hash_chunk(b"what the caller sent")));
+    assert!(!store.contains(&ChunkHash::of(b"what the caller sent")));
     assert_eq!(store.stats(), StoreStats::default());
     assert!(store.list().expect("list").is_empty());
 }
@@ -97,7 +97,7 @@ fn get_of_a_flipped_byte_reports_corrupt() {
 
     match store.get(&hash).expect_err("corrupt") {
         ChunkError::Corrupt { hash: named, actual } => {
-            assert_eq!(named, to_hex(&hash));
+            assert_eq!(named, hash.to_hex());
             assert_ne!(actual, named);
         }
         other => panic!("expected Corrupt, got {other:?}"),
@@ -119,9 +119,9 @@ fn get_of_a_truncated_or_emptied_file_reports_corrupt() {
 fn get_of_a_missing_chunk_is_not_found() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
-    let hash = hash_chunk(b"never stored");
+    let hash = ChunkHash::of(b"never stored");
     match store.get(&hash) {
-        Err(ChunkError::NotFound(hex)) => assert_eq!(hex, to_hex(&hash)),
+        Err(ChunkError::NotFound(hex)) => assert_eq!(hex, hash.to_hex()),
         other => panic!("expected NotFound, got {other:?}"),
     }
     assert!(!store.contains(&hash));
@@ -142,7 +142,7 @@ fn quarantine_moves_the_bad_copy_aside_and_keeps_every_copy() {
     assert!(matches!(store.get(&hash), Err(ChunkError::NotFound(_))));
     assert_eq!(store.stats(), StoreStats::default());
     assert!(store.list().expect("list").is_empty());
-    let hex = to_hex(&hash);
+    let hex = hash.to_hex();
     let quarantine_dir = dir.path().join("quarantine");
     assert_eq!(dir_entries(&quarantine_dir), vec![format!("{hex}.0")]);
     assert_eq!(fs::read(quarantine_dir.join(format!("{hex}.0"))).expect("read"), bad_bytes);
@@ -222,7 +222,7 @@ fn leftover_temp_files_are_removed_at_open() {
         put(&store, b"survivor")
     };
     let tmp = dir.path().join("tmp");
-    fs::write(tmp.join(format!("{}.1234.0.tmp", to_hex(&hash))), b"half a chu").expect("leftover");
+    fs::write(tmp.join(format!("{}.1234.0.tmp", hash.to_hex())), b"half a chu").expect("leftover");
     fs::write(tmp.join("anything-else"), b"junk").expect("leftover");
 
     let store = open(dir.path());
@@ -241,18 +241,18 @@ fn open_counts_existing_chunks_and_skips_junk() {
     };
     let chunks = dir.path().join("chunks");
     let a_path = {
-        let hex = to_hex(&a);
+        let hex = a.to_hex();
         chunks.join(&hex[0..2]).join(&hex[2..4])
     };
     // Junk that must not count as chunks: a stray file, an uppercase name, a hash in the wrong
     // directory, a non-hex directory, and a directory named like a chunk.
     fs::write(a_path.join("notes.txt"), b"x").expect("junk");
-    fs::write(a_path.join(to_hex(&a).to_uppercase()), b"x").expect("junk");
-    fs::write(a_path.join(to_hex(&hash_chunk(b"elsewhere"))), b"x").expect("junk");
+    fs::write(a_path.join(a.to_hex().to_uppercase()), b"x").expect("junk");
+    fs::write(a_path.join(ChunkHash::of(b"elsewhere").to_hex()), b"x").expect("junk");
     fs::create_dir_all(chunks.join("zz").join("00")).expect("junk dir");
-    fs::write(chunks.join("zz").join("00").join(to_hex(&hash_chunk(b"zz"))), b"x").expect("junk");
+    fs::write(chunks.join("zz").join("00").join(ChunkHash::of(b"zz").to_hex()), b"x").expect("junk");
     fs::write(chunks.join("README"), b"x").expect("junk");
-    fs::create_dir(a_path.join(to_hex(&hash_chunk(b"dir")))).ok();
+    fs::create_dir(a_path.join(ChunkHash::of(b"dir").to_hex())).ok();
 
     let store = open(dir.path());
 
@@ -279,11 +279,11 @@ fn chunks_larger_than_the_limit_are_refused() {
     let over_limit = vec![1u8; MAX_CHUNK_BYTES + 1];
 
     put(&store, &at_limit);
-    match store.put(&hash_chunk(&over_limit), &over_limit) {
+    match store.put(&ChunkHash::of(&over_limit), &over_limit) {
         Err(ChunkError::TooLarge { len, max }) => assert_eq!((len, max), (MAX_CHUNK_BYTES + 1, MAX_CHUNK_BYTES)),
         other => panic!("expected TooLarge, got {other:?}"),
     }
-    assert!(!store.contains(&hash_chunk(&over_limit)));
+    assert!(!store.contains(&ChunkHash::of(&over_limit)));
     assert_eq!(store.stats().chunk_count, 1);
 }
 
@@ -309,13 +309,6 @@ fn the_empty_chunk_is_a_valid_chunk() {
 }
 
 #[test]
-fn hex_helpers_round_trip_and_reject_garbage() {
-    let hash = hash_chunk(b"name me");
-    assert_eq!(from_hex(&to_hex(&hash)).expect("round trip"), hash);
-    assert!(matches!(from_hex("not a hash"), Err(ChunkError::InvalidHash { .. })));
-}
-
-#[test]
 fn concurrent_puts_of_the_same_and_different_chunks_count_each_chunk_once() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Arc::new(open(dir.path()));
@@ -327,7 +320,7 @@ fn concurrent_puts_of_the_same_and_different_chunks_count_each_chunk_once() {
             let chunks = &chunks;
             scope.spawn(move || {
                 for data in chunks {
-                    store.put(&hash_chunk(data), data).expect("put");
+                    store.put(&ChunkHash::of(data), data).expect("put");
                 }
             });
         }
@@ -382,11 +375,11 @@ proptest! {
                     model.insert(idx);
                 }
                 Op::Delete(idx) => {
-                    let existed = store.delete(&hash_chunk(CONTENTS[idx])).expect("delete");
+                    let existed = store.delete(&ChunkHash::of(CONTENTS[idx])).expect("delete");
                     prop_assert_eq!(existed, model.remove(&idx));
                 }
                 Op::CorruptAndQuarantine(idx) => {
-                    let hash = hash_chunk(CONTENTS[idx]);
+                    let hash = ChunkHash::of(CONTENTS[idx]);
                     if model.remove(&idx) {
                         // Rot that keeps the length, so the byte counter stays exact (see
                         // `ChunkStore::stats`). The empty chunk cannot rot in place; it is
@@ -409,7 +402,7 @@ proptest! {
                 }
             }
 
-            let mut expected: Vec<ChunkHash> = model.iter().map(|&idx| hash_chunk(CONTENTS[idx])).collect();
+            let mut expected: Vec<ChunkHash> = model.iter().map(|&idx| ChunkHash::of(CONTENTS[idx])).collect();
             expected.sort();
             prop_assert_eq!(store.list().expect("list"), expected);
             let expected_stats = StoreStats {
@@ -418,7 +411,7 @@ proptest! {
             };
             prop_assert_eq!(store.stats(), expected_stats);
             for (idx, data) in CONTENTS.iter().enumerate() {
-                prop_assert_eq!(store.contains(&hash_chunk(data)), model.contains(&idx));
+                prop_assert_eq!(store.contains(&ChunkHash::of(data)), model.contains(&idx));
             }
         }
 

@@ -20,15 +20,16 @@ use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
 use mendfs_heal::detector::Liveness;
 use mendfs_heal::planner::ClusterView;
-use mendfs_meta::files::{CommitFile, CommittedChunk, StorageNode};
-use mendfs_meta::network::{status_with_cause, PeerInterceptor};
-use mendfs_meta::node::{now_ms, FileView, LeaderRequest, LeaderResponse};
-use mendfs_meta::state::{Command, Outcome, RequestId};
-use mendfs_meta::{ApiError, MetaNode, Origin};
+use mendfs_meta::{
+    request_origin, ApiError, CommitFile, CommittedChunk, FileCommitted, FileView, MetaNode, Origin, PeerInterceptor,
+    RequestId, StorageNode,
+};
+use mendfs_proto::status_with_cause;
 use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::files_server::Files;
 use mendfs_proto::v1::storage_client::StorageClient;
 use mendfs_ring::Ring;
+use mendfs_types::{unix_now_ms, ChunkHash, NodeId};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
@@ -79,15 +80,6 @@ pub fn validate_path(path: &str) -> Result<(), Status> {
     Ok(())
 }
 
-/// The first 8 bytes of a chunk hash in hex: enough to recognize a chunk in a trace.
-fn short_hex(bytes: &[u8]) -> String {
-    hex(&bytes[..bytes.len().min(8)])
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[derive(Clone)]
 pub struct Coordinator {
     node: MetaNode,
@@ -105,8 +97,8 @@ impl Coordinator {
     }
 
     fn storage(&self, addr: &str) -> Result<StorageRpc, Status> {
-        let channel = self.node.peers.channel(addr).map_err(Status::unavailable)?;
-        Ok(StorageClient::with_interceptor(channel, self.node.peers.interceptor())
+        let channel = self.node.peers().channel(addr).map_err(Status::unavailable)?;
+        Ok(StorageClient::with_interceptor(channel, self.node.peers().interceptor())
             .max_decoding_message_size(crate::CHUNK_BYTES_MAX + 1024)
             .max_encoding_message_size(crate::CHUNK_BYTES_MAX + 1024))
     }
@@ -149,13 +141,13 @@ impl Coordinator {
     /// up to `COMMIT_RETRY_FOR`: the chunks are durable and protected for the grace period,
     /// and the request id, derived from the upload's write id, makes a retry of a commit that
     /// did apply return that first outcome instead of committing the file twice.
-    async fn commit(&self, write_id: [u8; 16], commit: CommitFile) -> Result<Outcome, ApiError> {
+    async fn commit(&self, write_id: [u8; 16], commit: CommitFile) -> Result<FileCommitted, ApiError> {
         let [a, b, c, d, e, f, g, h, ..] = write_id;
         let request_id = RequestId { client_id: u64::from_le_bytes([a, b, c, d, e, f, g, h]), sequence: 1 };
         let give_up = Instant::now() + COMMIT_RETRY_FOR;
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.node.execute(Some(request_id), Command::CommitFile(commit.clone())).await {
+            match self.node.commit_file(request_id, commit.clone()).await {
                 Err(e) if e.is_retryable() && Instant::now() + backoff < give_up => {
                     tracing::info!("commit not yet possible, retrying: {e}");
                     tokio::time::sleep(backoff).await;
@@ -172,12 +164,13 @@ impl Coordinator {
         &self,
         id: u64,
         addr: Option<&String>,
+        hash: &ChunkHash,
         request: pb::PrepareChunkRequest,
     ) -> Result<(), String> {
         let span = tracing::info_span!(
             "prepare_chunk",
             peer = id,
-            chunk = %short_hex(&request.hash),
+            chunk = %hash.short(),
             bytes = request.data.len(),
             error = tracing::field::Empty,
         );
@@ -209,7 +202,7 @@ impl Coordinator {
         write_id: &[u8],
         data: Vec<u8>,
     ) -> Result<CommittedChunk, Status> {
-        let hash = *blake3::hash(&data).as_bytes();
+        let hash = ChunkHash::of(&data);
         let replication_factor = self.config.replication_factor;
         // Every eligible node in preference order: the first are the chunk's home, the rest
         // stand in for any that fail.
@@ -229,24 +222,24 @@ impl Coordinator {
             if batch.is_empty() {
                 return Err(Status::unavailable(format!(
                     "chunk {} reached only {} of {replication_factor} replicas: {}",
-                    hex(&hash),
+                    hash,
                     stored.len(),
                     errors.join("; ")
                 )));
             }
             next += batch.len();
-            let attempts = batch.iter().map(|id| self.send_prepare(*id, addresses.get(id), request.clone()));
+            let attempts = batch.iter().map(|id| self.send_prepare(*id, addresses.get(id), &hash, request.clone()));
             for (id, result) in batch.iter().zip(futures::future::join_all(attempts).await) {
                 match result {
                     Ok(()) => stored.push(*id),
                     Err(e) => {
-                        tracing::warn!(node = id, chunk = %hex(&hash), "prepare failed, trying another node: {e}");
+                        tracing::warn!(node = id, chunk = %hash, "prepare failed, trying another node: {e}");
                         errors.push(format!("node {id}: {e}"));
                     }
                 }
             }
         }
-        Ok(CommittedChunk { hash: hash.to_vec(), size: request.data.len() as u64, replicas: stored })
+        Ok(CommittedChunk { hash, size: request.data.len() as u64, replicas: stored })
     }
 
     /// Starts [`Coordinator::prepare_chunk`] as its own task, holding one of the node's
@@ -275,13 +268,13 @@ impl Coordinator {
     /// Reads one chunk from the first replica that returns the right bytes.
     async fn read_chunk(
         &self,
-        hash: &[u8],
-        replicas: &[u64],
-        addresses: &HashMap<u64, String>,
+        hash: &ChunkHash,
+        replicas: &[NodeId],
+        addresses: &HashMap<NodeId, String>,
     ) -> Result<Vec<u8>, Status> {
         let mut order: Vec<u64> = replicas.to_vec();
         // This node first (no network hop), the others in random order to spread load.
-        let me = self.node.config.node_id;
+        let me = self.node.id();
         {
             use rand::seq::SliceRandom;
             order.shuffle(&mut rand::rng());
@@ -294,7 +287,7 @@ impl Coordinator {
                 continue;
             };
             let span =
-                tracing::info_span!("read_chunk", peer = id, chunk = %short_hex(hash), error = tracing::field::Empty);
+                tracing::info_span!("read_chunk", peer = id, chunk = %hash.short(), error = tracing::field::Empty);
             let result = async {
                 let mut client = self.storage(addr)?;
                 let mut request = Request::new(pb::ReadChunkRequest { hash: hash.to_vec() });
@@ -310,7 +303,7 @@ impl Coordinator {
             match result {
                 Ok(reply) => {
                     let data = reply.into_inner().data;
-                    if blake3::hash(&data).as_bytes().as_slice() == hash {
+                    if ChunkHash::of(&data) == *hash {
                         return Ok(data);
                     }
                     span.record("error", "bytes do not match the hash");
@@ -327,18 +320,18 @@ impl Coordinator {
                 }
             }
         }
-        Err(Status::unavailable(format!("no replica of chunk {} could be read: {}", hex(hash), errors.join("; "))))
+        Err(Status::unavailable(format!("no replica of chunk {hash} could be read: {}", errors.join("; "))))
     }
 
     /// Tells the metadata that a replica is missing or corrupt (in the background: the read
     /// goes on with another copy either way).
-    fn report_bad_replica(&self, hash: &[u8], node_id: u64) {
-        tracing::warn!(node = node_id, chunk = %hex(hash), "bad replica reported");
+    fn report_bad_replica(&self, hash: &ChunkHash, node_id: NodeId) {
+        tracing::warn!(node = node_id, chunk = %hash, "bad replica reported");
         let node = self.node.clone();
-        let hash = hash.to_vec();
+        let hash = *hash;
         tokio::spawn(
             async move {
-                if let Err(e) = node.execute(None, Command::DropReplica { hash, node_id }).await {
+                if let Err(e) = node.drop_replica(hash, node_id).await {
                     tracing::warn!("reporting a bad replica: {e}");
                 }
             }
@@ -347,10 +340,9 @@ impl Coordinator {
     }
 
     async fn file(&self, path: &str) -> Result<FileView, Status> {
-        match self.node.serve_on_leader(LeaderRequest::GetFile { path: path.to_string() }, Origin::LOCAL).await? {
-            LeaderResponse::File(Some(file)) => Ok(file),
-            LeaderResponse::File(None) => Err(Status::not_found(format!("file {path} not found"))),
-            other => Err(Status::internal(format!("unexpected answer to a file lookup: {other:?}"))),
+        match self.node.get_file(Origin::LOCAL, path.to_string()).await? {
+            Some(file) => Ok(file),
+            None => Err(Status::not_found(format!("file {path} not found"))),
         }
     }
 
@@ -363,7 +355,7 @@ impl Coordinator {
         let (ring, addresses) = self.placement()?;
         let (ring, addresses) = (Arc::new(ring), Arc::new(addresses));
         let write_id: [u8; 16] = rand::random();
-        let prepared_at_ms = now_ms();
+        let prepared_at_ms = unix_now_ms();
         let chunk_size = self.config.chunk_size_bytes;
         let mut content_hash = blake3::Hasher::new();
         let mut size = 0u64;
@@ -442,7 +434,7 @@ impl Coordinator {
         let commit = CommitFile {
             path: header.path.clone(),
             size,
-            mtime_ms: if header.mtime_ms == 0 { now_ms() } else { header.mtime_ms },
+            mtime_ms: if header.mtime_ms == 0 { unix_now_ms() } else { header.mtime_ms },
             content_hash: content_hash.clone(),
             chunks,
             expected_version: header.expected_version,
@@ -454,12 +446,8 @@ impl Coordinator {
         if let Err(e) = &committed {
             committing.record("error", e.to_string());
         }
-        match committed? {
-            Outcome::FileCommitted { version, .. } => {
-                Ok(pb::PutFileReply { version, size, content_hash, chunks: n_chunks })
-            }
-            other => Err(Status::internal(format!("unexpected commit outcome {other:?}"))),
-        }
+        let FileCommitted { version, .. } = committed?;
+        Ok(pb::PutFileReply { version, size, content_hash, chunks: n_chunks })
     }
 }
 
@@ -476,7 +464,7 @@ fn file_info(file: &FileView) -> pb::FileInfo {
             .iter()
             .zip(&file.chunk_replicas)
             .map(|(chunk, replicas)| pb::ChunkInfo {
-                hash: chunk.hash.clone(),
+                hash: chunk.hash.to_vec(),
                 size: chunk.size,
                 replicas: replicas.clone(),
             })
@@ -559,30 +547,16 @@ impl Files for Coordinator {
         if request.prefix.len() > PATH_BYTES_MAX || request.prefix.contains('\0') {
             return Err(Status::invalid_argument("the prefix is too long or contains a NUL byte"));
         }
-        match self
-            .node
-            .serve_on_leader(LeaderRequest::ListFiles { prefix: request.prefix, limit: request.limit }, Origin::LOCAL)
-            .await?
-        {
-            LeaderResponse::Files { files, truncated } => {
-                Ok(Response::new(pb::ListFilesReply { files: files.iter().map(file_info).collect(), truncated }))
-            }
-            other => Err(Status::internal(format!("unexpected answer to a file listing: {other:?}"))),
-        }
+        let (files, truncated) = self.node.list_files(Origin::LOCAL, request.prefix, request.limit).await?;
+        Ok(Response::new(pb::ListFilesReply { files: files.iter().map(file_info).collect(), truncated }))
     }
 
     async fn delete(&self, request: Request<pb::DeleteFileRequest>) -> Result<Response<pb::DeleteFileReply>, Status> {
-        let origin = mendfs_meta::service::origin(&request);
+        let origin = request_origin(&request);
         let request = request.into_inner();
         validate_path(&request.path)?;
-        let command = Command::DeleteFile { path: request.path, expected_version: request.expected_version };
-        let request_id = request
-            .request_id
-            .map(|id| mendfs_meta::state::RequestId { client_id: id.client_id, sequence: id.sequence });
-        match self.node.execute_for(origin, request_id, command).await {
-            Ok(Outcome::Written { revision, .. }) => Ok(Response::new(pb::DeleteFileReply { revision })),
-            Ok(other) => Err(Status::internal(format!("unexpected delete outcome {other:?}"))),
-            Err(e) => Err(Status::from(e)),
-        }
+        let request_id = request.request_id.map(|id| RequestId { client_id: id.client_id, sequence: id.sequence });
+        let revision = self.node.delete_file(origin, request_id, request.path, request.expected_version).await?;
+        Ok(Response::new(pb::DeleteFileReply { revision }))
     }
 }

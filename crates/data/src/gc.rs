@@ -6,30 +6,54 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use mendfs_meta::node::{LeaderRequest, LeaderResponse};
-use mendfs_meta::{MetaNode, Origin};
+use mendfs_meta::MetaNode;
+use mendfs_types::ChunkHash;
+use mendfs_worker::{Step, Worker, WorkerError};
 
-use crate::storage::StorageState;
+use crate::chunk_service::LocalChunks;
 
 /// Hashes asked about per leader round trip.
 const HASHES_PER_QUERY: usize = 1_024;
 
-/// Runs forever: one pass every `interval`.
-pub async fn run(node: MetaNode, storage: Arc<StorageState>, grace: Duration, interval: Duration) {
-    loop {
-        tokio::time::sleep(interval).await;
-        match collect_once(&node, &storage, grace).await {
+/// One pass every `interval`, the first an interval after start (nothing is collectable
+/// sooner: a starting node protects every chunk for a grace period).
+pub struct GcWorker {
+    node: MetaNode,
+    storage: Arc<LocalChunks>,
+    grace: Duration,
+    interval: Duration,
+    started: bool,
+}
+
+impl GcWorker {
+    pub fn new(node: MetaNode, storage: Arc<LocalChunks>, grace: Duration, interval: Duration) -> Self {
+        Self { node, storage, grace, interval, started: false }
+    }
+}
+
+impl Worker for GcWorker {
+    fn name(&self) -> String {
+        "gc".into()
+    }
+
+    async fn work(&mut self) -> Result<Step, WorkerError> {
+        if !std::mem::replace(&mut self.started, true) {
+            return Ok(Step::Idle(self.interval));
+        }
+        // A failed pass (no leader to confirm with, say) is simply tried again next interval.
+        match collect_once(&self.node, &self.storage, self.grace).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "collected orphaned chunk copies"),
             Err(e) => tracing::warn!("orphan collection: {e}"),
         }
+        Ok(Step::Idle(self.interval))
     }
 }
 
 /// One pass; returns how many copies were deleted.
-pub async fn collect_once(node: &MetaNode, storage: &Arc<StorageState>, grace: Duration) -> Result<usize, String> {
+pub async fn collect_once(node: &MetaNode, storage: &Arc<LocalChunks>, grace: Duration) -> Result<usize, String> {
     let scan = storage.clone();
-    let candidates = tokio::task::spawn_blocking(move || -> Result<Vec<[u8; 32]>, String> {
+    let candidates = tokio::task::spawn_blocking(move || -> Result<Vec<ChunkHash>, String> {
         let now = SystemTime::now();
         let mut old_enough = Vec::new();
         for hash in scan.store.list().map_err(|e| e.to_string())? {
@@ -50,16 +74,8 @@ pub async fn collect_once(node: &MetaNode, storage: &Arc<StorageState>, grace: D
 
     let mut deleted = 0;
     for batch in candidates.chunks(HASHES_PER_QUERY) {
-        let request = LeaderRequest::UnreferencedChunks {
-            node_id: node.config.node_id,
-            hashes: batch.iter().map(|h| h.to_vec()).collect(),
-        };
-        let unreferenced = match node.serve_on_leader(request, Origin::LOCAL).await.map_err(|e| e.to_string())? {
-            LeaderResponse::Unreferenced(hashes) => hashes,
-            other => return Err(format!("unexpected answer: {other:?}")),
-        };
+        let unreferenced = node.unreferenced_chunks(node.id(), batch.to_vec()).await.map_err(|e| e.to_string())?;
         for hash in unreferenced {
-            let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) else { continue };
             let storage = storage.clone();
             let removed = tokio::task::spawn_blocking(move || storage.delete_if_collectable(&hash))
                 .await

@@ -4,28 +4,29 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mendfs_meta::MetaNode;
 use mendfs_proto::v1 as pb;
+use mendfs_worker::{Step, Worker, WorkerError};
 use sysinfo::{ProcessesToUpdate, System};
 use tonic::Request;
 
+use crate::chunk_service::{Counters, LocalChunks};
 use crate::healer::Healer;
-use crate::storage::{Counters, StorageState};
 
 /// Samples this node's health. Keeps its `System` between samples: CPU usage is measured
 /// between two refreshes.
 pub struct HealthSampler {
     system: System,
     measured_dir: PathBuf,
-    storage: Option<Arc<StorageState>>,
+    storage: Option<Arc<LocalChunks>>,
 }
 
 impl HealthSampler {
     /// Measures the filesystem of the chunk store on a storage node (where new chunks go, and
     /// what placement cares about; it may be a mount of its own), of `data_dir` otherwise.
-    pub fn new(data_dir: &Path, storage: Option<Arc<StorageState>>) -> Self {
+    pub fn new(data_dir: &Path, storage: Option<Arc<LocalChunks>>) -> Self {
         let measured = storage.as_ref().map_or(data_dir, |storage| storage.store.chunks_dir());
         let measured_dir = measured.canonicalize().unwrap_or_else(|_| measured.to_path_buf());
         Self { system: System::new(), measured_dir, storage }
@@ -80,49 +81,60 @@ impl HealthSampler {
     }
 }
 
-/// Runs forever: one heartbeat per `interval` to whichever node leads now.
-pub async fn run(node: MetaNode, healer: Healer, sampler: HealthSampler, interval: Duration) {
-    let sampler = Arc::new(Mutex::new(sampler));
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let sampler = sampler.clone();
-        let health = match tokio::task::spawn_blocking(move || {
+/// Sends this node's heartbeat once per interval to whichever node leads now (to its own
+/// healer when it leads).
+pub struct HeartbeatWorker {
+    node: MetaNode,
+    healer: Healer,
+    sampler: Arc<Mutex<HealthSampler>>,
+    interval: Duration,
+}
+
+impl HeartbeatWorker {
+    pub fn new(node: MetaNode, healer: Healer, sampler: HealthSampler, interval: Duration) -> Self {
+        Self { node, healer, sampler: Arc::new(Mutex::new(sampler)), interval }
+    }
+}
+
+impl Worker for HeartbeatWorker {
+    fn name(&self) -> String {
+        "heartbeat".into()
+    }
+
+    async fn work(&mut self) -> Result<Step, WorkerError> {
+        let started = Instant::now();
+        let sampler = self.sampler.clone();
+        let health = tokio::task::spawn_blocking(move || {
             sampler.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).sample()
         })
         .await
-        {
-            Ok(health) => health,
-            Err(e) => {
-                tracing::warn!("health sample: {e}");
-                continue;
+        .map_err(|e| format!("health sample: {e}"))?;
+        if self.node.is_leader() {
+            self.healer.record_heartbeat(self.node.id(), &health);
+        } else if let Some(leader_addr) = self.node.leader_addr() {
+            if let Err(e) = send(&self.node, &leader_addr, health, self.interval).await {
+                // The detector on the leader is what notices missing heartbeats; here it is
+                // only worth a debug line (a leader change makes a few of these).
+                tracing::debug!(leader = %leader_addr, "heartbeat not delivered: {e}");
             }
-        };
-        if node.is_leader() {
-            healer.record_heartbeat(node.config.node_id, &health);
-            continue;
         }
-        let Some(leader_addr) = node.leader_addr() else { continue };
-        if let Err(e) = send(&node, &leader_addr, health, interval).await {
-            // The detector on the leader is what notices missing heartbeats; here it is
-            // only worth a debug line (a leader change makes a few of these).
-            tracing::debug!(leader = %leader_addr, "heartbeat not delivered: {e}");
-        }
+        // One heartbeat per interval, however long this one took (a late one is not doubled).
+        Ok(Step::Idle(self.interval.saturating_sub(started.elapsed())))
     }
 }
 
 async fn send(node: &MetaNode, leader_addr: &str, health: pb::NodeHealth, interval: Duration) -> Result<(), String> {
-    let channel = node.peers.channel(leader_addr)?;
-    let mut client = pb::health_client::HealthClient::with_interceptor(channel, node.peers.interceptor());
+    let peers = node.peers();
+    let mut client =
+        pb::health_client::HealthClient::with_interceptor(peers.channel(leader_addr)?, peers.interceptor());
     // A heartbeat older than the next one is worthless: give up on it when the next is due.
     let timeout = interval.max(Duration::from_millis(200));
-    let mut request = Request::new(pb::HeartbeatRequest { node_id: node.config.node_id, health: Some(health) });
+    let mut request = Request::new(pb::HeartbeatRequest { node_id: node.id(), health: Some(health) });
     request.set_timeout(timeout);
     tokio::time::timeout(timeout, client.heartbeat(request))
         .await
         .map_err(|_| format!("no answer within {timeout:?}"))?
-        .map_err(|status| mendfs_meta::network::status_with_cause(&status))?;
+        .map_err(|status| mendfs_proto::status_with_cause(&status))?;
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The MendFS data plane, on top of the metadata cluster.
 //!
-//! - `storage`: each node's chunk store behind the `Storage` gRPC service; prepared chunks are
-//!   protected from garbage collection for the write's grace period.
+//! - `chunk_service`: each node's chunks ([`chunk_service::LocalChunks`]) behind the `Storage`
+//!   gRPC service; prepared chunks are protected from garbage collection for the write's grace
+//!   period.
 //! - `coordinator`: the `Files` service. Any node coordinates a write: it cuts the upload into
 //!   chunks, prepares each on its replicas (fsynced there), and only then commits the file's
 //!   metadata through Raft. Reads fetch chunks from recorded replicas, verify their hash, and
@@ -9,15 +10,24 @@
 //! - `gc`: each storage node deletes copies that no committed file lists on it, after asking
 //!   the leader and only past the grace period.
 //! - `heartbeat`: every node reports its health to the leader once per interval.
-//! - `healer`: on the leader, the failure detector and checkpointed, throttled repair.
+//! - `healer`: on the leader, the failure detector and checkpointed, throttled repair, and the
+//!   leader's health view that `cluster status` shows.
+//! - `cluster_service`: the `Cluster` admin service: status built on the leader from the
+//!   metadata's membership and the healer's view, membership changes and drains.
 //! - `scrub`: every storage node re-hashes its copies and reports the bad and the missing.
+//! - `registration`: a storage node announces itself to the metadata until it is recorded.
+//!
+//! Architecture invariant: the data plane knows nothing about Raft. It reads and changes the
+//! metadata only through `mendfs_meta::MetaNode`'s typed methods.
 
+pub mod chunk_service;
+pub mod cluster_service;
 pub mod coordinator;
 pub mod gc;
 pub mod healer;
 pub mod heartbeat;
+pub mod registration;
 pub mod scrub;
-pub mod storage;
 
 use std::time::Duration;
 
@@ -43,7 +53,7 @@ impl Default for DataConfig {
         Self {
             chunk_size_bytes: 4 << 20,
             replication_factor: 3,
-            orphan_grace: Duration::from_millis(mendfs_meta::files::PREPARE_GRACE_MS),
+            orphan_grace: Duration::from_millis(mendfs_meta::PREPARE_GRACE_MS),
             gc_interval: Duration::from_secs(60),
             zone: "default".into(),
             weight: 100,
@@ -53,7 +63,7 @@ impl Default for DataConfig {
 }
 
 /// A registered storage node as the planner sees it: its committed liveness and admin state.
-pub fn node_state(node: &mendfs_meta::files::StorageNode) -> mendfs_heal::planner::NodeState {
+pub fn node_state(node: &mendfs_meta::StorageNode) -> mendfs_heal::planner::NodeState {
     mendfs_heal::planner::NodeState {
         id: node.id,
         zone: node.zone.clone(),

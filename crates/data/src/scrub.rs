@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 use mendfs_chunkstore::ChunkError;
-use mendfs_meta::files;
-use mendfs_meta::state::Command;
 use mendfs_meta::MetaNode;
+use mendfs_types::ChunkHash;
+use mendfs_worker::{Step, Worker, WorkerError};
 
-use crate::storage::{Counters, StorageState};
+use crate::chunk_service::{Counters, LocalChunks};
 
 #[derive(Debug, Clone)]
 pub struct ScrubConfig {
@@ -32,12 +32,30 @@ impl Default for ScrubConfig {
 /// Missing copies reported per pass at most; the next pass reports the rest.
 const MISSING_PER_PASS_MAX: usize = 4_096;
 
-pub async fn run(node: MetaNode, storage: Arc<StorageState>, config: ScrubConfig) {
-    if config.bytes_per_sec == 0 {
-        tracing::info!("scrubbing is off");
-        return;
+/// One throttled pass over this node's chunks, then a rest of `pause_between_passes`.
+pub struct ScrubWorker {
+    node: MetaNode,
+    storage: Arc<LocalChunks>,
+    config: ScrubConfig,
+}
+
+impl ScrubWorker {
+    pub fn new(node: MetaNode, storage: Arc<LocalChunks>, config: ScrubConfig) -> Self {
+        Self { node, storage, config }
     }
-    loop {
+}
+
+impl Worker for ScrubWorker {
+    fn name(&self) -> String {
+        "scrub".into()
+    }
+
+    async fn work(&mut self) -> Result<Step, WorkerError> {
+        if self.config.bytes_per_sec == 0 {
+            tracing::info!("scrubbing is off");
+            return Ok(Step::Done);
+        }
+        let (node, storage) = (&self.node, &self.storage);
         // Each pass is a trace of its own: its reports of bad copies to the leader nest under it.
         let pass = tracing::info_span!(
             "scrub_pass",
@@ -46,7 +64,7 @@ pub async fn run(node: MetaNode, storage: Arc<StorageState>, config: ScrubConfig
             missing = tracing::field::Empty,
             error = tracing::field::Empty,
         );
-        let result = scrub_pass(&node, &storage, config.bytes_per_sec).instrument(pass.clone()).await;
+        let result = scrub_pass(node, storage, self.config.bytes_per_sec).instrument(pass.clone()).await;
         match &result {
             Ok(outcome) => {
                 pass.record("checked", outcome.checked);
@@ -67,9 +85,7 @@ pub async fn run(node: MetaNode, storage: Arc<StorageState>, config: ScrubConfig
             }
             Err(e) => tracing::warn!("scrub pass: {e}"),
         });
-        // The pass's span closes here, before the rest between passes.
-        drop(pass);
-        tokio::time::sleep(config.pause_between_passes).await;
+        Ok(Step::Idle(self.config.pause_between_passes))
     }
 }
 
@@ -82,7 +98,7 @@ pub struct PassOutcome {
 
 pub async fn scrub_pass(
     node: &MetaNode,
-    storage: &Arc<StorageState>,
+    storage: &Arc<LocalChunks>,
     bytes_per_sec: u64,
 ) -> Result<PassOutcome, String> {
     let mut outcome = PassOutcome::default();
@@ -130,23 +146,19 @@ pub async fn scrub_pass(
     }
 
     // Copies the metadata lists here but the disk does not have (lost files, a wiped dir).
-    let me = node.config.node_id;
+    let me = node.id();
     let checker = storage.clone();
-    let view = node.state.clone();
-    let missing = tokio::task::spawn_blocking(move || -> Result<Vec<[u8; 32]>, String> {
-        let view = view.view().map_err(|e| e.to_string())?;
+    let metadata = node.clone();
+    let missing = tokio::task::spawn_blocking(move || -> Result<Vec<ChunkHash>, String> {
         let mut missing = Vec::new();
-        files::for_each_chunk(&view, |hash, record| {
-            if record.replicas.contains(&me) {
-                if let Ok(hash) = <[u8; 32]>::try_from(hash) {
-                    if !checker.store.contains(&hash) {
-                        missing.push(hash);
-                    }
+        metadata
+            .for_each_chunk(|hash, record| {
+                if record.replicas.contains(&me) && !checker.store.contains(&hash) {
+                    missing.push(hash);
                 }
-            }
-            missing.len() < MISSING_PER_PASS_MAX
-        })
-        .map_err(|e| e.to_string())?;
+                missing.len() < MISSING_PER_PASS_MAX
+            })
+            .map_err(|e| e.to_string())?;
         Ok(missing)
     })
     .await
@@ -154,7 +166,7 @@ pub async fn scrub_pass(
     for hash in &missing {
         // Re-check: a repair copy may have landed since the listing.
         if !storage.store.contains(hash) {
-            tracing::warn!(chunk = %hex(hash), "scrub: a listed copy is missing here; reporting it");
+            tracing::warn!(chunk = %hash, "scrub: a listed copy is missing here; reporting it");
             outcome.missing += 1;
             report(node, hash).await;
         }
@@ -163,13 +175,8 @@ pub async fn scrub_pass(
     Ok(outcome)
 }
 
-async fn report(node: &MetaNode, hash: &[u8; 32]) {
-    let command = Command::DropReplica { hash: hash.to_vec(), node_id: node.config.node_id };
-    if let Err(e) = node.execute(None, command).await {
+async fn report(node: &MetaNode, hash: &ChunkHash) {
+    if let Err(e) = node.drop_replica(*hash, node.id()).await {
         tracing::warn!("reporting a bad copy: {e}");
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

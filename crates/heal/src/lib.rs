@@ -6,9 +6,11 @@
 //!   giving each node a liveness (`up`, `suspect`, `down`, `degraded`).
 //! - `planner`: from a chunk's recorded replicas and the nodes' states, the copies that restore
 //!   its redundancy and the replicas that may be dropped (down, drained, or surplus).
+//! - `repair`: one scan's summary and its most urgent copies, the checkpointed repair job's
+//!   transitions, and the throttle that paces copies.
 
 pub mod detector;
 pub mod planner;
+pub mod repair;
 
-/// A node's identifier, the same id as in the membership table.
-pub type NodeId = u64;
+pub use mendfs_types::NodeId;

@@ -27,6 +27,7 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
 use mendfs_ring::{Ring, RingNode};
+use mendfs_types::ChunkHash;
 use serde::{Deserialize, Serialize};
 
 use crate::detector::Liveness;
@@ -116,7 +117,7 @@ impl ClusterView {
 
     /// The plan for one chunk, from its content hash, its size and the node ids its record
     /// lists (in any order, duplicates allowed). See [`ChunkPlan`] for what the plan contains.
-    pub fn plan_chunk(&self, hash: &[u8; 32], size: u64, replicas: &[NodeId]) -> ChunkPlan {
+    pub fn plan_chunk(&self, hash: &ChunkHash, size: u64, replicas: &[NodeId]) -> ChunkPlan {
         // Rule 1: a set, so a duplicated id counts once and the list's order cannot change
         // the plan.
         let listed: BTreeSet<NodeId> = replicas.iter().copied().collect();
@@ -227,7 +228,7 @@ impl Preference {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CopyTask {
     /// The chunk's BLAKE3 hash.
-    pub hash: [u8; 32],
+    pub hash: ChunkHash,
     /// The chunk's size in bytes, for throttling and accounting.
     pub size: u64,
     /// A node that accepts new copies and is not listed for this chunk.
@@ -254,7 +255,7 @@ pub enum DropReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DropTask {
     /// The chunk's BLAKE3 hash.
-    pub hash: [u8; 32],
+    pub hash: ChunkHash,
     /// The node whose record goes.
     pub node: NodeId,
     /// Exactly the replication factor's worth of counting replicas, sorted by id; never
@@ -349,7 +350,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const HASH: [u8; 32] = [7; 32];
+    const HASH: ChunkHash = ChunkHash::from_bytes([7; 32]);
     const SIZE: u64 = 1 << 20;
 
     fn node(id: NodeId, liveness: Liveness, draining: bool) -> NodeState {
@@ -671,7 +672,7 @@ mod tests {
         nodes: Vec<NodeState>,
         replication_factor: usize,
         replicas: Vec<NodeId>,
-        hash: [u8; 32],
+        hash: ChunkHash,
     }
 
     /// Ids above the cluster's size (at most 8) are unknown nodes.
@@ -714,7 +715,12 @@ mod tests {
             .prop_flat_map(|nodes| {
                 (Just(nodes), 1usize..=4, proptest::collection::vec(1..=REPLICA_ID_MAX, 0..8), any::<[u8; 32]>())
             })
-            .prop_map(|(nodes, replication_factor, replicas, hash)| Case { nodes, replication_factor, replicas, hash })
+            .prop_map(|(nodes, replication_factor, replicas, hash)| Case {
+                nodes,
+                replication_factor,
+                replicas,
+                hash: ChunkHash::from_bytes(hash),
+            })
     }
 
     fn counting(view: &ClusterView, replicas: &[NodeId]) -> usize {

@@ -6,7 +6,6 @@ mod cli;
 mod client_cmd;
 mod demo;
 mod files_cmd;
-mod http;
 mod local_cmd;
 mod server;
 mod telemetry_cmd;

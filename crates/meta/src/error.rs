@@ -3,7 +3,7 @@
 use mendfs_proto::{ERROR_ACTUAL_VERSION_HEADER, ERROR_EXPECTED_VERSION_HEADER, ERROR_KIND_HEADER};
 use serde::{Deserialize, Serialize};
 
-use crate::state::CommandError;
+use crate::schema::CommandError;
 use crate::NodeId;
 
 /// An error answered to a client. [`ApiError::is_retryable`] says whether the same request may

@@ -11,9 +11,10 @@
 //! `docs/ARCHITECTURE.md`, "Garbage collection").
 
 use mendfs_heal::detector::Liveness;
+use mendfs_types::{ChunkHash, NodeId};
 use serde::{Deserialize, Serialize};
 
-use crate::state::{
+use crate::schema::{
     commit_revision, current_revision, decode, encode, CommandError, CommandResult, Outcome, StateStore, StoreError,
     Table,
 };
@@ -39,7 +40,7 @@ pub struct StorageNode {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileChunk {
-    pub hash: Vec<u8>,
+    pub hash: ChunkHash,
     pub size: u64,
 }
 
@@ -65,7 +66,7 @@ pub struct ChunkRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommittedChunk {
-    pub hash: Vec<u8>,
+    pub hash: ChunkHash,
     pub size: u64,
     /// The nodes that acknowledged (fsynced) this chunk during prepare.
     pub replicas: Vec<u64>,
@@ -92,8 +93,8 @@ pub fn get_file(store: &impl StateStore, path: &str) -> Result<Option<FileRecord
     store.get(Table::Files, path.as_bytes())?.map(|bytes| decode(&bytes)).transpose()
 }
 
-pub fn get_chunk(store: &impl StateStore, hash: &[u8]) -> Result<Option<ChunkRecord>, StoreError> {
-    store.get(Table::Chunks, hash)?.map(|bytes| decode(&bytes)).transpose()
+pub fn get_chunk(store: &impl StateStore, hash: &ChunkHash) -> Result<Option<ChunkRecord>, StoreError> {
+    store.get(Table::Chunks, hash.as_ref())?.map(|bytes| decode(&bytes)).transpose()
 }
 
 /// Files whose path starts with `prefix`, in order; the flag says whether `limit` cut it short.
@@ -102,7 +103,7 @@ pub fn list_files(
     prefix: &str,
     limit: usize,
 ) -> Result<(Vec<(String, FileRecord)>, bool), StoreError> {
-    let end = crate::state::prefix_end(prefix.as_bytes());
+    let end = crate::schema::prefix_end(prefix.as_bytes());
     let rows = store.range(Table::Files, prefix.as_bytes(), end.as_deref(), limit.saturating_add(1))?;
     let truncated = rows.len() > limit;
     let mut files = Vec::with_capacity(rows.len().min(limit));
@@ -178,7 +179,7 @@ pub(crate) fn unregister_storage_node(store: &mut impl StateStore, node_id: u64)
 /// A copy made by repair: `node` now holds a verified, fsynced copy of `hash`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaAdded {
-    pub hash: Vec<u8>,
+    pub hash: ChunkHash,
     pub node: u64,
 }
 
@@ -187,27 +188,13 @@ pub struct ReplicaAdded {
 /// bad-replica report) must not turn a safe drop into a loss of redundancy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaDrop {
-    pub hash: Vec<u8>,
+    pub hash: ChunkHash,
     pub node: u64,
     pub keep: Vec<u64>,
 }
 
-/// The repair the leader is running, checkpointed in Raft: a new leader continues the same
-/// job (its counters and start time) instead of starting over.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RepairJob {
-    pub id: u64,
-    pub started_ms: u64,
-    /// Why it started: "node 3 down", "node 2 draining", "2 bad replicas"...
-    pub reason: String,
-    /// Chunk copies and bytes done so far plus those the latest scan still planned.
-    pub total_copies: u64,
-    pub total_bytes: u64,
-    pub done_copies: u64,
-    pub done_bytes: u64,
-    /// Set when a scan found nothing left to copy.
-    pub finished_ms: Option<u64>,
-}
+/// The repair job record: defined beside its transitions in the pure repair core.
+pub use mendfs_heal::repair::RepairJob;
 
 const META_REPAIR_JOB: &[u8] = b"repair_job";
 
@@ -235,7 +222,7 @@ pub(crate) fn add_replicas(
             continue;
         }
         record.replicas.push(add.node);
-        store.put(Table::Chunks, &add.hash, &encode(&record)?)?;
+        store.put(Table::Chunks, add.hash.as_ref(), &encode(&record)?)?;
         copies += 1;
         bytes += record.size;
     }
@@ -259,7 +246,7 @@ pub(crate) fn drop_replicas(store: &mut impl StateStore, drops: &[ReplicaDrop]) 
             && drop.keep.iter().all(|node| record.replicas.contains(node));
         if still_safe && record.replicas.contains(&drop.node) {
             record.replicas.retain(|node| *node != drop.node);
-            store.put(Table::Chunks, &drop.hash, &encode(&record)?)?;
+            store.put(Table::Chunks, drop.hash.as_ref(), &encode(&record)?)?;
         }
     }
     Ok(Ok(Outcome::Noop))
@@ -281,14 +268,15 @@ pub fn chunks_listed_on(store: &impl StateStore, node_id: u64) -> Result<u64, St
 /// bounded; stops early when `visit` returns false.
 pub fn for_each_chunk(
     store: &impl StateStore,
-    mut visit: impl FnMut(&[u8], ChunkRecord) -> bool,
+    mut visit: impl FnMut(ChunkHash, ChunkRecord) -> bool,
 ) -> Result<(), StoreError> {
     const PAGE: usize = 4_096;
     let mut start: Vec<u8> = Vec::new();
     loop {
         let rows = store.range(Table::Chunks, &start, None, PAGE)?;
         let full = rows.len() == PAGE;
-        for (hash, value) in &rows {
+        for (key, value) in &rows {
+            let hash = ChunkHash::try_from(key.as_slice()).map_err(|e| StoreError(format!("chunk map key: {e}")))?;
             if !visit(hash, decode(value)?) {
                 return Ok(());
             }
@@ -318,25 +306,21 @@ fn add_reference(store: &mut impl StateStore, chunk: &CommittedChunk) -> Result<
         }
         None => ChunkRecord { size: chunk.size, refs: 1, replicas: chunk.replicas.clone() },
     };
-    store.put(Table::Chunks, &chunk.hash, &encode(&record)?)
+    store.put(Table::Chunks, chunk.hash.as_ref(), &encode(&record)?)
 }
 
-fn drop_reference(store: &mut impl StateStore, hash: &[u8]) -> Result<(), StoreError> {
+fn drop_reference(store: &mut impl StateStore, hash: &ChunkHash) -> Result<(), StoreError> {
     let Some(mut record) = get_chunk(store, hash)? else {
-        return Err(StoreError(format!("chunk map lost a referenced chunk {}", hex(hash))));
+        return Err(StoreError(format!("chunk map lost a referenced chunk {}", hash)));
     };
     record.refs = record.refs.saturating_sub(1);
     if record.refs == 0 {
         // No committed version names it any more: its copies become orphans, collected by the
         // storage nodes after the grace period.
-        store.remove(Table::Chunks, hash)
+        store.remove(Table::Chunks, hash.as_ref())
     } else {
-        store.put(Table::Chunks, hash, &encode(&record)?)
+        store.put(Table::Chunks, hash.as_ref(), &encode(&record)?)
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 pub(crate) fn commit_file(
@@ -373,7 +357,7 @@ pub(crate) fn commit_file(
         version: actual + 1,
         create_revision: existing.as_ref().map_or(revision, |file| file.create_revision),
         modify_revision: revision,
-        chunks: commit.chunks.iter().map(|c| FileChunk { hash: c.hash.clone(), size: c.size }).collect(),
+        chunks: commit.chunks.iter().map(|c| FileChunk { hash: c.hash, size: c.size }).collect(),
     };
     store.put(Table::Files, commit.path.as_bytes(), &encode(&record)?)?;
     commit_revision(store, &[])?;
@@ -403,15 +387,15 @@ pub(crate) fn delete_file(
 
 pub(crate) fn drop_replica(
     store: &mut impl StateStore,
-    hash: &[u8],
-    node_id: u64,
+    hash: &ChunkHash,
+    node_id: NodeId,
 ) -> Result<CommandResult, StoreError> {
     if let Some(mut record) = get_chunk(store, hash)? {
         // Never drop the last listed copy: a record with no replica could never be repaired,
         // while a bad last copy can still be read by trying it.
         if record.replicas.len() > 1 && record.replicas.contains(&node_id) {
             record.replicas.retain(|node| *node != node_id);
-            store.put(Table::Chunks, hash, &encode(&record)?)?;
+            store.put(Table::Chunks, hash.as_ref(), &encode(&record)?)?;
         }
     }
     Ok(Ok(Outcome::Noop))
@@ -420,10 +404,10 @@ pub(crate) fn drop_replica(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::MemoryStore;
+    use crate::schema::MemoryStore;
 
     fn chunk(byte: u8, replicas: &[u64]) -> CommittedChunk {
-        CommittedChunk { hash: vec![byte; 32], size: 10, replicas: replicas.to_vec() }
+        CommittedChunk { hash: ChunkHash::from_bytes([byte; 32]), size: 10, replicas: replicas.to_vec() }
     }
 
     fn commit(path: &str, chunks: Vec<CommittedChunk>, expected_version: Option<u64>) -> CommitFile {
@@ -440,7 +424,7 @@ mod tests {
     }
 
     fn refs(store: &MemoryStore, byte: u8) -> u64 {
-        get_chunk(store, &[byte; 32]).unwrap().map_or(0, |record| record.refs)
+        get_chunk(store, &ChunkHash::from_bytes([byte; 32])).unwrap().map_or(0, |record| record.refs)
     }
 
     #[test]
@@ -457,8 +441,15 @@ mod tests {
                 .unwrap();
         assert!(matches!(outcome, Outcome::FileCommitted { version: 2, .. }));
         assert_eq!((refs(&store, 1), refs(&store, 2), refs(&store, 3)), (0, 1, 1));
-        assert!(get_chunk(&store, &[1; 32]).unwrap().is_none(), "an unreferenced chunk loses its record");
-        assert_eq!(get_chunk(&store, &[2; 32]).unwrap().unwrap().replicas, vec![1, 2, 3, 4], "new copies are listed");
+        assert!(
+            get_chunk(&store, &ChunkHash::from_bytes([1; 32])).unwrap().is_none(),
+            "an unreferenced chunk loses its record"
+        );
+        assert_eq!(
+            get_chunk(&store, &ChunkHash::from_bytes([2; 32])).unwrap().unwrap().replicas,
+            vec![1, 2, 3, 4],
+            "new copies are listed"
+        );
     }
 
     #[test]
@@ -496,13 +487,13 @@ mod tests {
     fn dropping_a_replica_never_drops_the_last_one() {
         let mut store = MemoryStore::default();
         commit_file(&mut store, &commit("/a", vec![chunk(1, &[1, 2])], None), 1_000).unwrap().unwrap();
-        drop_replica(&mut store, &[1; 32], 1).unwrap().unwrap();
-        drop_replica(&mut store, &[1; 32], 2).unwrap().unwrap();
-        assert_eq!(get_chunk(&store, &[1; 32]).unwrap().unwrap().replicas, vec![2]);
+        drop_replica(&mut store, &ChunkHash::from_bytes([1; 32]), 1).unwrap().unwrap();
+        drop_replica(&mut store, &ChunkHash::from_bytes([1; 32]), 2).unwrap().unwrap();
+        assert_eq!(get_chunk(&store, &ChunkHash::from_bytes([1; 32])).unwrap().unwrap().replicas, vec![2]);
     }
 
     fn replicas(store: &MemoryStore, byte: u8) -> Vec<u64> {
-        get_chunk(store, &[byte; 32]).unwrap().map(|r| r.replicas).unwrap_or_default()
+        get_chunk(store, &ChunkHash::from_bytes([byte; 32])).unwrap().map(|r| r.replicas).unwrap_or_default()
     }
 
     fn job(id: u64) -> RepairJob {
@@ -526,19 +517,24 @@ mod tests {
             .unwrap();
         record_repair_job(&mut store, &job(7)).unwrap().unwrap();
         let added = vec![
-            ReplicaAdded { hash: vec![1; 32], node: 3 },
-            ReplicaAdded { hash: vec![1; 32], node: 3 },
-            ReplicaAdded { hash: vec![2; 32], node: 1 },
-            ReplicaAdded { hash: vec![9; 32], node: 3 },
+            ReplicaAdded { hash: ChunkHash::from_bytes([1; 32]), node: 3 },
+            ReplicaAdded { hash: ChunkHash::from_bytes([1; 32]), node: 3 },
+            ReplicaAdded { hash: ChunkHash::from_bytes([2; 32]), node: 1 },
+            ReplicaAdded { hash: ChunkHash::from_bytes([9; 32]), node: 3 },
         ];
         add_replicas(&mut store, Some(7), &added).unwrap().unwrap();
         assert_eq!(replicas(&store, 1), vec![1, 2, 3]);
         assert_eq!(replicas(&store, 2), vec![1, 2], "an already listed node is not added twice");
-        assert!(get_chunk(&store, &[9; 32]).unwrap().is_none(), "a deleted chunk gets no record back");
+        assert!(
+            get_chunk(&store, &ChunkHash::from_bytes([9; 32])).unwrap().is_none(),
+            "a deleted chunk gets no record back"
+        );
         let recorded = repair_job(&store).unwrap().unwrap();
         assert_eq!((recorded.done_copies, recorded.done_bytes), (1, 10), "only real additions count");
         // Another job's completions (a stale leader's) do not count in this one.
-        add_replicas(&mut store, Some(6), &[ReplicaAdded { hash: vec![2; 32], node: 4 }]).unwrap().unwrap();
+        add_replicas(&mut store, Some(6), &[ReplicaAdded { hash: ChunkHash::from_bytes([2; 32]), node: 4 }])
+            .unwrap()
+            .unwrap();
         assert_eq!(repair_job(&store).unwrap().unwrap().done_copies, 1);
         assert_eq!(replicas(&store, 2), vec![1, 2, 4]);
     }
@@ -547,7 +543,8 @@ mod tests {
     fn a_drop_applies_only_while_its_kept_copies_are_listed() {
         let mut store = MemoryStore::default();
         commit_file(&mut store, &commit("/a", vec![chunk(1, &[1, 2, 3, 4])], None), 1_000).unwrap().unwrap();
-        let drop = |node: u64, keep: &[u64]| ReplicaDrop { hash: vec![1; 32], node, keep: keep.to_vec() };
+        let drop =
+            |node: u64, keep: &[u64]| ReplicaDrop { hash: ChunkHash::from_bytes([1; 32]), node, keep: keep.to_vec() };
         // Two drops planned against overlapping keeps: the second is stale once the first applied.
         drop_replicas(&mut store, &[drop(4, &[1, 2, 3]), drop(3, &[1, 2, 4])]).unwrap().unwrap();
         assert_eq!(replicas(&store, 1), vec![1, 2, 3]);
@@ -584,8 +581,9 @@ mod tests {
     fn chunk_scans_page_through_every_record() {
         let mut store = MemoryStore::default();
         for i in 0..5_000u32 {
-            let mut hash = vec![0u8; 32];
-            hash[..4].copy_from_slice(&i.to_be_bytes());
+            let mut bytes = [0u8; 32];
+            bytes[..4].copy_from_slice(&i.to_be_bytes());
+            let hash = ChunkHash::from_bytes(bytes);
             let c = CommittedChunk { hash, size: 1, replicas: vec![u64::from(i % 3) + 1] };
             commit_file(&mut store, &commit(&format!("/f{i}"), vec![c], None), 1_000).unwrap().unwrap();
         }

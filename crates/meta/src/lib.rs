@@ -1,26 +1,37 @@
-//! MendFS metadata: the Raft-replicated state machine (`state`, pure), its redb storage
-//! (`storage`), the Raft network over gRPC (`network`), and a running metadata node with its
-//! client-facing services (`node`, `service`).
+//! MendFS metadata: the Raft-replicated state machine, its redb storage, the Raft network over
+//! gRPC, and a running metadata node with its client-facing key-value service.
 //!
-//! `state` knows nothing about Raft, disks or the network; `storage` and `network` adapt it to
-//! openraft; `node` decides what only the leader may do and forwards the rest.
+//! API boundary: other crates use [`MetaNode`]'s typed methods, the record types re-exported
+//! here, [`ApiError`] and [`Origin`]; the modules are private.
+//!
+//! - `schema`: the ordered byte tables, the store trait, encoding, revisions, outcomes, errors;
+//! - `kv` (keys, sessions, events) and `files` (namespace, chunk map, storage nodes, repair
+//!   job) on top of it, and `state`, which turns a committed proposal into their changes. All
+//!   four are pure: no Raft, no disk, no clock;
+//! - `raft_store` and `network` adapt the state machine to openraft (redb files, gRPC);
+//! - `node` decides what only the leader may do and forwards the rest; `service` serves the
+//!   `Node` (peers) and `Kv` (clients) gRPC services.
+//!
+//! Architecture invariant: this is the only crate that names openraft. Nothing outside it sees
+//! Raft metrics, log entries or the state store.
 
-pub mod error;
-pub mod files;
-pub mod health;
-pub mod network;
-pub mod node;
-pub mod service;
-pub mod state;
-pub mod storage;
+mod error;
+mod files;
+mod kv;
+mod network;
+mod node;
+mod raft_store;
+mod schema;
+mod service;
+mod state;
 
-pub type NodeId = u64;
+pub use mendfs_types::NodeId;
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of the metadata cluster.
-    pub TypeConfig:
+    pub(crate) TypeConfig:
         D = state::ProposalBatch,
-        R = Vec<state::CommandResult>,
+        R = Vec<schema::CommandResult>,
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
@@ -28,7 +39,15 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
-pub type Raft = openraft::Raft<TypeConfig>;
+pub(crate) type Raft = openraft::Raft<TypeConfig>;
 
 pub use error::ApiError;
-pub use node::{MetaNode, NodeConfig, Origin};
+pub use files::{
+    ChunkRecord, CommitFile, CommittedChunk, FileChunk, FileRecord, RepairJob, ReplicaAdded, ReplicaDrop, StorageNode,
+    PREPARE_GRACE_MS,
+};
+pub use network::{validate_node_addr, PeerInterceptor, Peers};
+pub use node::{FileCommitted, FileView, Membership, MetaConfig, MetaNode, Origin, RaftStatus, Role};
+pub use schema::CommandError;
+pub use service::{gates, request_origin, services, Gatekeeper, KvService, NodeService};
+pub use state::RequestId;

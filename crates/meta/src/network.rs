@@ -24,8 +24,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::state::{decode, encode};
-use crate::storage::StateReader;
+use crate::raft_store::StateReader;
+use crate::schema::{decode, encode};
 use crate::{NodeId, TypeConfig};
 
 /// How long to wait for a TCP connection to a peer before calling it unreachable.
@@ -235,56 +235,5 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(&rpc, &option, async |mut client, payload| client.vote(payload).await).await
-    }
-}
-
-/// A peer call's status with the chain of errors behind it: tonic says only "http2 error" when
-/// a silent peer's connection is dropped, and the cause ("keep-alive timed out") is what tells
-/// an operator the node stopped answering rather than refused.
-pub fn status_with_cause(status: &tonic::Status) -> String {
-    let mut text = format!("{}: {}", status.code(), status.message());
-    let mut cause = std::error::Error::source(status);
-    while let Some(error) = cause {
-        let message = error.to_string();
-        if !text.contains(&message) {
-            text.push_str(": ");
-            text.push_str(&message);
-        }
-        cause = error.source();
-    }
-    text
-}
-
-#[cfg(test)]
-mod status_tests {
-    use super::status_with_cause;
-
-    #[derive(Debug)]
-    struct Layer(&'static str, Option<Box<Layer>>);
-
-    impl std::fmt::Display for Layer {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(self.0)
-        }
-    }
-
-    impl std::error::Error for Layer {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            self.1.as_deref().map(|layer| layer as &(dyn std::error::Error + 'static))
-        }
-    }
-
-    #[test]
-    fn the_causes_behind_a_status_are_named_once_each() {
-        let cause = Layer("transport error", Some(Box::new(Layer("keep-alive timed out", None))));
-        let mut status = tonic::Status::unavailable("http2 error");
-        status.set_source(std::sync::Arc::new(cause));
-        assert_eq!(
-            status_with_cause(&status),
-            "The service is currently unavailable: http2 error: transport error: keep-alive timed out"
-        );
-        // A cause already in the message is not repeated.
-        let status = tonic::Status::from_error(Box::new(Layer("disk full", None)));
-        assert_eq!(status_with_cause(&status).matches("disk full").count(), 1);
     }
 }

@@ -1,30 +1,40 @@
 //! A running metadata node: openraft plus the storage and network adapters, the decisions only
 //! the leader may take (writes, linearizable reads, session expiry, membership changes), and
 //! forwarding of those requests from any node to the leader.
+//!
+//! [`MetaNode`] is this crate's face: every other crate reads and changes the metadata through
+//! its typed methods, and none of them sees openraft, the state store or a catch-all answer.
+//! Inside, a leader-only request travels as a [`LeaderRequest`] (so that it can be forwarded to
+//! the leader in one envelope) and each typed method unpacks its own answer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use mendfs_heal::detector::Liveness;
 use mendfs_proto::v1::RaftPayload;
 use mendfs_proto::FORWARDED_HEADER;
+use mendfs_types::{unix_now_ms, ChunkHash};
+use mendfs_worker::{Background, OnFailure, Step, Worker, WorkerError};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
-use crate::files::{self, FileRecord, StorageNode};
-use crate::health::HealthSnapshot;
+use crate::files::{self, ChunkRecord, CommitFile, FileRecord, RepairJob, ReplicaAdded, ReplicaDrop, StorageNode};
+use crate::kv;
 use crate::network::{NetworkFactory, Peers};
-use crate::state::{self, Command, CommandResult, KeyValue, Proposal, ProposalBatch, RequestId};
-use crate::storage::{LogStore, StateMachineStore, StateReader};
+use crate::raft_store::{RaftLogStore, StateMachineStore, StateReader};
+use crate::schema::{self, CommandError, CommandResult, KeyValue, Outcome};
+use crate::state::{Command, Proposal, ProposalBatch, RequestId};
 use crate::{NodeId, Raft};
-use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Everything a metadata node needs to run. Defaults suit a local cluster on one machine.
 #[derive(Debug, Clone)]
-pub struct NodeConfig {
+pub struct MetaConfig {
     pub node_id: NodeId,
     /// The address peers and clients use to reach this node.
     pub advertise_addr: String,
@@ -47,7 +57,7 @@ pub struct NodeConfig {
     pub list_limit_max: u32,
 }
 
-impl NodeConfig {
+impl MetaConfig {
     pub fn new(node_id: NodeId, advertise_addr: String, data_dir: PathBuf) -> Self {
         Self {
             node_id,
@@ -70,7 +80,7 @@ impl NodeConfig {
 
 /// A request only the leader can serve; any other node forwards it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum LeaderRequest {
+pub(crate) enum LeaderRequest {
     Propose(Proposal),
     Get {
         key: Vec<u8>,
@@ -100,15 +110,27 @@ pub enum LeaderRequest {
     /// Which of these chunks no committed file lists on `node_id` (garbage collection).
     UnreferencedChunks {
         node_id: NodeId,
-        hashes: Vec<Vec<u8>>,
+        hashes: Vec<ChunkHash>,
     },
-    /// The leader's health snapshot (liveness, node health, repair).
-    Health,
     /// Drain or undrain a storage node.
     Drain {
         id: NodeId,
         draining: bool,
     },
+}
+
+/// The leader's answer to a [`LeaderRequest`], one variant per request kind.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum LeaderResponse {
+    Command(CommandResult),
+    Get { revision: u64, kv: Option<KeyValue> },
+    List { revision: u64, kvs: Vec<KeyValue>, truncated: bool },
+    KeepAlive { ttl_ms: u64 },
+    Membership(Membership),
+    File(Option<FileView>),
+    Files { files: Vec<FileView>, truncated: bool },
+    Unreferenced(Vec<ChunkHash>),
+    Drained,
 }
 
 /// A file version with the replica list of each of its chunks, from one consistent read.
@@ -117,6 +139,61 @@ pub struct FileView {
     pub path: String,
     pub record: FileRecord,
     pub chunk_replicas: Vec<Vec<NodeId>>,
+}
+
+/// The Raft members after a membership change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Membership {
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+}
+
+/// A committed file version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileCommitted {
+    pub version: u64,
+    pub revision: u64,
+}
+
+/// A node's role in the metadata cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    Shutdown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+            Role::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// This node's view of the replicated log, for metrics and `cluster status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub role: Role,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: u64,
+    pub committed_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub purged_index: u64,
+    /// Why Raft stopped (a fatal storage error, say); None while it runs.
+    pub stopped: Option<String>,
+    /// Every member (voters and learners) with its address.
+    pub members: BTreeMap<NodeId, String>,
+    pub voters: BTreeSet<NodeId>,
 }
 
 /// Where a leader-only request comes from: whether it may still be forwarded, and until when
@@ -138,26 +215,17 @@ impl Origin {
 
 /// A forwarded request with the wall-clock time after which its sender no longer waits.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ForwardEnvelope {
+pub(crate) struct ForwardEnvelope {
     pub deadline_unix_ms: u64,
     pub request: LeaderRequest,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum LeaderResponse {
-    Command(CommandResult),
-    Get { revision: u64, kv: Option<KeyValue> },
-    List { revision: u64, kvs: Vec<KeyValue>, truncated: bool },
-    KeepAlive { ttl_ms: u64 },
-    Membership { voters: Vec<NodeId>, learners: Vec<NodeId> },
-    File(Option<FileView>),
-    Files { files: Vec<FileView>, truncated: bool },
-    Unreferenced(Vec<Vec<u8>>),
-    Health(Box<HealthSnapshot>),
-    Drained,
+/// The one error for an answer of the wrong kind: a leader of another version, or a bug.
+fn unexpected(what: &str, answer: impl std::fmt::Debug) -> ApiError {
+    ApiError::Internal(format!("unexpected answer to {what}: {answer:?}"))
 }
 
-fn file_view(view: &crate::storage::ReadView, path: String, record: FileRecord) -> Result<FileView, ApiError> {
+fn file_view(view: &crate::raft_store::ReadView, path: String, record: FileRecord) -> Result<FileView, ApiError> {
     let mut chunk_replicas = Vec::with_capacity(record.chunks.len());
     for chunk in &record.chunks {
         let replicas = files::get_chunk(view, &chunk.hash).map_err(ApiError::internal)?.map(|c| c.replicas);
@@ -196,14 +264,25 @@ struct PendingProposal {
 /// Group commit: turns concurrent proposals into few Raft entries. openraft 0.9 appends (and
 /// fsyncs) each `client_write` on its own, so without this, write throughput would be bounded
 /// by one fsync per write.
-async fn run_proposer(raft: Raft, mut queue: mpsc::Receiver<PendingProposal>) {
-    let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX));
-    while let Some(first) = queue.recv().await {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
+struct Proposer {
+    raft: Raft,
+    queue: mpsc::Receiver<PendingProposal>,
+    in_flight: Arc<Semaphore>,
+    background: Background,
+}
+
+impl Worker for Proposer {
+    fn name(&self) -> String {
+        "meta.proposer".into()
+    }
+
+    async fn work(&mut self) -> Result<Step, WorkerError> {
+        let Some(first) = self.queue.recv().await else { return Ok(Step::Done) };
+        let permit = self.in_flight.clone().acquire_owned().await.map_err(|e| WorkerError(e.to_string()))?;
         let mut bytes = first.proposal.approximate_bytes();
         let mut batch = vec![first];
         while batch.len() < BATCH_PROPOSALS_MAX && bytes < BATCH_BYTES_MAX {
-            match queue.try_recv() {
+            match self.queue.try_recv() {
                 Ok(next) => {
                     bytes += next.proposal.approximate_bytes();
                     batch.push(next);
@@ -211,8 +290,16 @@ async fn run_proposer(raft: Raft, mut queue: mpsc::Receiver<PendingProposal>) {
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
-        tokio::spawn(async move {
+        self.commit(batch, permit);
+        Ok(Step::Busy)
+    }
+}
+
+impl Proposer {
+    /// Commits one batch in a task of its own, so the next batch gathers meanwhile.
+    fn commit(&self, batch: Vec<PendingProposal>, permit: OwnedSemaphorePermit) {
+        let raft = self.raft.clone();
+        self.background.spawn(async move {
             let _permit = permit;
             let (proposals, replies): (Vec<Proposal>, Vec<_>) =
                 batch.into_iter().map(|pending| (pending.proposal, pending.reply)).unzip();
@@ -250,29 +337,73 @@ async fn run_proposer(raft: Raft, mut queue: mpsc::Receiver<PendingProposal>) {
     }
 }
 
-#[derive(Clone)]
-pub struct MetaNode {
-    pub config: Arc<NodeConfig>,
-    pub raft: Raft,
-    pub state: StateReader,
-    pub peers: Peers,
-    sessions: Arc<Mutex<SessionClocks>>,
-    proposer: mpsc::Sender<PendingProposal>,
-    /// Published by the data plane's healer while this node leads; None otherwise.
-    pub health: Arc<Mutex<Option<HealthSnapshot>>>,
-    /// Raft's committed index on this node (for metrics).
-    pub committed_index: Arc<std::sync::atomic::AtomicU64>,
+/// What the leader does on its own: record the cluster id once, and expire sessions whose
+/// keep-alives stopped.
+struct LeaderDuties {
+    node: MetaNode,
+    led_in_term: Option<u64>,
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+impl Worker for LeaderDuties {
+    fn name(&self) -> String {
+        "meta.leader_duties".into()
+    }
+
+    async fn work(&mut self) -> Result<Step, WorkerError> {
+        const TICK: Duration = Duration::from_millis(100);
+        let node = &self.node;
+        if node.raft.metrics().borrow().state == ServerState::Shutdown {
+            return Ok(Step::Done);
+        }
+        // Session clocks belong to one leadership term: losing leadership, even for less
+        // than a tick (a new term), restarts every session's clock, so keep-alives sent to
+        // an interim leader are never held against a client.
+        let term = node.term();
+        if !node.is_leader() {
+            self.led_in_term = None;
+            return Ok(Step::Idle(TICK));
+        }
+        if self.led_in_term != Some(term) {
+            if let Ok(mut clocks) = node.sessions.lock() {
+                clocks.deadlines.clear();
+            }
+            self.led_in_term = Some(term);
+        }
+        if node.state.cluster_id().is_none() {
+            let cluster_id = format!("{:032x}", rand::random::<u128>());
+            if let Err(e) = node.propose(MetaNode::proposal(None, Command::InitCluster { cluster_id })).await {
+                tracing::warn!("recording the cluster id: {e}");
+            }
+        }
+        if let Err(e) = node.expire_sessions().await {
+            tracing::warn!("session expiry: {e}");
+        }
+        Ok(Step::Idle(TICK))
+    }
+}
+
+/// A running metadata node; cheap to clone.
+#[derive(Clone)]
+pub struct MetaNode {
+    pub(crate) config: Arc<MetaConfig>,
+    pub(crate) raft: Raft,
+    pub(crate) state: StateReader,
+    pub(crate) peers: Peers,
+    sessions: Arc<Mutex<SessionClocks>>,
+    proposer: mpsc::Sender<PendingProposal>,
+    /// Raft's committed index on this node (for metrics).
+    committed_index: Arc<AtomicU64>,
+    leader_changes: Arc<AtomicU64>,
 }
 
 impl MetaNode {
-    pub async fn start(config: NodeConfig) -> Result<Self, String> {
+    /// Opens the Raft log and state in `config.data_dir`, starts Raft, and runs the node's
+    /// background work (group commit, leader duties) on `background`. Stop with
+    /// [`MetaNode::shutdown`] and then `background.stop()`.
+    pub async fn start(config: MetaConfig, background: &Background) -> Result<Self, String> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("create data dir {}: {e}", config.data_dir.display()))?;
-        let log_store = LogStore::open(&config.data_dir).map_err(|e| e.to_string())?;
+        let log_store = RaftLogStore::open(&config.data_dir).map_err(|e| e.to_string())?;
         let committed_index = log_store.committed_index();
         let state_machine = StateMachineStore::open(&config.data_dir).map_err(|e| e.to_string())?;
         let state = state_machine.reader();
@@ -295,7 +426,16 @@ impl MetaNode {
                 .map_err(|e| format!("start raft: {e}"))?;
 
         let (proposer, queue) = mpsc::channel(PROPOSAL_QUEUE_LEN_MAX);
-        tokio::spawn(run_proposer(raft.clone(), queue));
+        // The proposer ends when the node stops; Raft failing under it fails each batch, not it.
+        background.spawn_worker(
+            Proposer {
+                raft: raft.clone(),
+                queue,
+                in_flight: Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX)),
+                background: background.clone(),
+            },
+            OnFailure::StopNode,
+        );
         let node = MetaNode {
             config: Arc::new(config),
             raft,
@@ -303,12 +443,21 @@ impl MetaNode {
             peers,
             sessions: Arc::default(),
             proposer,
-            health: Arc::default(),
             committed_index,
+            leader_changes: Arc::default(),
         };
         node.initialize_once().await?;
-        tokio::spawn(node.clone().leader_duties());
+        background.spawn_worker(LeaderDuties { node: node.clone(), led_in_term: None }, OnFailure::Restart);
+        background.spawn(node.clone().count_leader_changes(background.stopping()));
         Ok(node)
+    }
+
+    /// Stops Raft: this node stops voting, replicating and applying. Its background work ends
+    /// with the node's `Background`.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!("raft shutdown: {e}");
+        }
     }
 
     /// Bootstraps the cluster from `--peers` exactly once: only the lowest-id peer does it, only
@@ -338,6 +487,27 @@ impl MetaNode {
         }
     }
 
+    pub fn id(&self) -> NodeId {
+        self.config.node_id
+    }
+
+    pub fn config(&self) -> &MetaConfig {
+        &self.config
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.config.data_dir
+    }
+
+    /// Channels to other nodes, with the cluster secret and id on every call.
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    pub fn cluster_id(&self) -> Option<String> {
+        self.state.cluster_id()
+    }
+
     pub fn is_leader(&self) -> bool {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow();
@@ -353,6 +523,69 @@ impl MetaNode {
         self.member_addr(self.leader_id()?)
     }
 
+    /// The Raft term this node is in.
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// Every member of the metadata cluster (voters and learners).
+    pub fn member_ids(&self) -> BTreeSet<NodeId> {
+        self.raft.metrics().borrow().membership_config.membership().nodes().map(|(id, _)| *id).collect()
+    }
+
+    /// Leader changes this node has seen (a new leader known, whoever it is).
+    pub fn leader_changes(&self) -> u64 {
+        self.leader_changes.load(Ordering::Relaxed)
+    }
+
+    pub fn raft_status(&self) -> RaftStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        RaftStatus {
+            role: match metrics.state {
+                ServerState::Leader => Role::Leader,
+                ServerState::Follower => Role::Follower,
+                ServerState::Candidate => Role::Candidate,
+                ServerState::Learner => Role::Learner,
+                ServerState::Shutdown => Role::Shutdown,
+            },
+            term: metrics.current_term,
+            leader: metrics.current_leader,
+            last_log_index: metrics.last_log_index.unwrap_or(0),
+            committed_index: self.committed_index.load(Ordering::Relaxed),
+            applied_index: metrics.last_applied.map_or(0, |id| id.index),
+            snapshot_index: metrics.snapshot.map_or(0, |id| id.index),
+            purged_index: metrics.purged.map_or(0, |id| id.index),
+            stopped: metrics.running_state.as_ref().err().map(|e| e.to_string()),
+            members: membership.nodes().map(|(id, node)| (*id, node.addr.clone())).collect(),
+            voters: membership.voter_ids().collect(),
+        }
+    }
+
+    /// The cluster-wide revision this node's state machine has reached.
+    pub fn revision(&self) -> u64 {
+        self.state.view().ok().and_then(|view| schema::current_revision(&view).ok()).unwrap_or(0)
+    }
+
+    async fn count_leader_changes(self, stopping: tokio_util::sync::WaitForCancellationFutureOwned) {
+        let mut metrics = self.raft.metrics();
+        let mut last = metrics.borrow().current_leader;
+        tokio::pin!(stopping);
+        loop {
+            tokio::select! {
+                _ = &mut stopping => return,
+                changed = metrics.changed() => if changed.is_err() { return },
+            }
+            let now = metrics.borrow().current_leader;
+            if now != last {
+                if now.is_some() {
+                    self.leader_changes.fetch_add(1, Ordering::Relaxed);
+                }
+                last = now;
+            }
+        }
+    }
+
     /// A member's address from the current membership (borrowed, not cloned: this runs on
     /// every forwarded request and every reply hint).
     fn member_addr(&self, id: NodeId) -> Option<String> {
@@ -361,7 +594,11 @@ impl MetaNode {
 
     /// Serves a leader-only request here if this node leads, otherwise forwards it to the
     /// leader (once: a forwarded request is never forwarded again).
-    pub async fn serve_on_leader(&self, request: LeaderRequest, origin: Origin) -> Result<LeaderResponse, ApiError> {
+    pub(crate) async fn serve_on_leader(
+        &self,
+        request: LeaderRequest,
+        origin: Origin,
+    ) -> Result<LeaderResponse, ApiError> {
         match self.serve_locally(request.clone()).await {
             Err(ApiError::NotLeader { leader: Some(leader) }) if !origin.forwarded && leader != self.config.node_id => {
                 self.forward(leader, &request, origin.deadline).await
@@ -391,8 +628,8 @@ impl MetaNode {
             return Err(ApiError::Timeout("the caller's deadline passed before the request could be forwarded".into()));
         }
         let envelope =
-            ForwardEnvelope { deadline_unix_ms: now_ms() + timeout.as_millis() as u64, request: request.clone() };
-        let data = state::encode(&envelope).map_err(ApiError::internal)?;
+            ForwardEnvelope { deadline_unix_ms: unix_now_ms() + timeout.as_millis() as u64, request: request.clone() };
+        let data = schema::encode(&envelope).map_err(ApiError::internal)?;
         let mut grpc_request = tonic::Request::new(RaftPayload { data });
         grpc_request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::AsciiMetadataValue::from_static("1"));
         grpc_request.set_timeout(timeout);
@@ -406,7 +643,7 @@ impl MetaNode {
                 _ => ApiError::Internal(format!("leader {leader} at {addr}: {}", status.message())),
             })?;
         let result: Result<LeaderResponse, ApiError> =
-            state::decode(&reply.into_inner().data).map_err(ApiError::internal)?;
+            schema::decode(&reply.into_inner().data).map_err(ApiError::internal)?;
         result
     }
 
@@ -416,17 +653,16 @@ impl MetaNode {
             LeaderRequest::Get { key } => {
                 self.linearizable_barrier().await?;
                 let view = self.state.view().map_err(ApiError::internal)?;
-                let kv =
-                    state::get_key(&view, &key).map_err(ApiError::internal)?.map(|record| KeyValue { key, record });
-                Ok(LeaderResponse::Get { revision: state::current_revision(&view).map_err(ApiError::internal)?, kv })
+                let kv = kv::get_key(&view, &key).map_err(ApiError::internal)?.map(|record| KeyValue { key, record });
+                Ok(LeaderResponse::Get { revision: schema::current_revision(&view).map_err(ApiError::internal)?, kv })
             }
             LeaderRequest::List { prefix, limit } => {
                 self.linearizable_barrier().await?;
                 let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
                 let view = self.state.view().map_err(ApiError::internal)?;
-                let (kvs, truncated) = state::list_keys(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
+                let (kvs, truncated) = kv::list_keys(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
                 Ok(LeaderResponse::List {
-                    revision: state::current_revision(&view).map_err(ApiError::internal)?,
+                    revision: schema::current_revision(&view).map_err(ApiError::internal)?,
                     kvs,
                     truncated,
                 })
@@ -436,8 +672,8 @@ impl MetaNode {
                     return Err(ApiError::NotLeader { leader: self.leader_id() });
                 }
                 let view = self.state.view().map_err(ApiError::internal)?;
-                let Some(session) = state::get_session(&view, session_id).map_err(ApiError::internal)? else {
-                    return Err(ApiError::Command(state::CommandError::SessionNotFound { session_id }));
+                let Some(session) = kv::get_session(&view, session_id).map_err(ApiError::internal)? else {
+                    return Err(ApiError::Command(CommandError::SessionNotFound { session_id }));
                 };
                 let mut clocks = self.sessions.lock().map_err(|_| ApiError::internal("session clocks poisoned"))?;
                 clocks.deadlines.insert(session_id, Instant::now() + Duration::from_millis(session.ttl_ms));
@@ -477,22 +713,6 @@ impl MetaNode {
                     }
                 }
                 Ok(LeaderResponse::Unreferenced(unreferenced))
-            }
-            LeaderRequest::Health => {
-                // Only the leader's detector hears every heartbeat; a follower's view is empty.
-                if !self.is_leader() {
-                    return Err(ApiError::NotLeader { leader: self.leader_id() });
-                }
-                let snapshot = self.health.lock().map_err(|_| ApiError::internal("health snapshot poisoned"))?.clone();
-                let Some(mut snapshot) = snapshot else {
-                    return Err(ApiError::Unavailable(
-                        "the leader has not finished its first failure-detection and repair scan yet (just elected?)"
-                            .into(),
-                    ));
-                };
-                let view = self.state.view().map_err(ApiError::internal)?;
-                snapshot.repair_job = files::repair_job(&view).map_err(ApiError::internal)?;
-                Ok(LeaderResponse::Health(Box::new(snapshot)))
             }
             LeaderRequest::Drain { id, draining } => {
                 self.propose_here(Command::SetDraining { node_id: id, draining }).await?;
@@ -541,7 +761,7 @@ impl MetaNode {
     }
 
     /// Proposes a command on this node, which is serving a leader request.
-    async fn propose_here(&self, command: Command) -> Result<state::Outcome, ApiError> {
+    async fn propose_here(&self, command: Command) -> Result<Outcome, ApiError> {
         self.propose(Self::proposal(None, command)).await?.map_err(ApiError::Command)
     }
 
@@ -556,7 +776,7 @@ impl MetaNode {
     fn membership_response(&self) -> LeaderResponse {
         let (voters, nodes) = self.membership();
         let learners = nodes.keys().filter(|id| !voters.contains(id)).copied().collect();
-        LeaderResponse::Membership { voters: voters.into_iter().collect(), learners }
+        LeaderResponse::Membership(Membership { voters: voters.into_iter().collect(), learners })
     }
 
     fn map_membership_error(&self, e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>) -> ApiError {
@@ -646,50 +866,9 @@ impl MetaNode {
         Ok(self.membership_response())
     }
 
-    /// What the leader does on its own: record the cluster id once, and expire sessions whose
-    /// keep-alives stopped.
-    async fn leader_duties(self) {
-        const TICK: Duration = Duration::from_millis(100);
-        let mut led_in_term: Option<u64> = None;
-        loop {
-            tokio::time::sleep(TICK).await;
-            if self.raft.metrics().borrow().state == ServerState::Shutdown {
-                return;
-            }
-            // Session clocks belong to one leadership term: losing leadership, even for less
-            // than a tick (a new term), restarts every session's clock, so keep-alives sent to
-            // an interim leader are never held against a client.
-            let term = self.raft.metrics().borrow().current_term;
-            if !self.is_leader() {
-                led_in_term = None;
-                continue;
-            }
-            if led_in_term != Some(term) {
-                if let Ok(mut clocks) = self.sessions.lock() {
-                    clocks.deadlines.clear();
-                }
-                led_in_term = Some(term);
-            }
-            if self.state.cluster_id().is_none() {
-                let cluster_id = format!("{:032x}", rand::random::<u128>());
-                let proposal = Proposal {
-                    request_id: None,
-                    proposed_at_ms: now_ms(),
-                    command: Command::InitCluster { cluster_id },
-                };
-                if let Err(e) = self.propose(proposal).await {
-                    tracing::warn!("recording the cluster id: {e}");
-                }
-            }
-            if let Err(e) = self.expire_sessions().await {
-                tracing::warn!("session expiry: {e}");
-            }
-        }
-    }
-
     async fn expire_sessions(&self) -> Result<(), ApiError> {
         let view = self.state.view().map_err(ApiError::internal)?;
-        let sessions = state::list_sessions(&view).map_err(ApiError::internal)?;
+        let sessions = kv::list_sessions(&view).map_err(ApiError::internal)?;
         let now = Instant::now();
         let expired: Vec<u64> = {
             let mut clocks = self.sessions.lock().map_err(|_| ApiError::internal("session clocks poisoned"))?;
@@ -704,8 +883,11 @@ impl MetaNode {
         };
         for session_id in expired {
             tracing::info!(session_id, "session expired: no keep-alive within its TTL");
-            let proposal =
-                Proposal { request_id: None, proposed_at_ms: now_ms(), command: Command::SessionExpire { session_id } };
+            let proposal = Proposal {
+                request_id: None,
+                proposed_at_ms: unix_now_ms(),
+                command: Command::SessionExpire { session_id },
+            };
             let _outcome = self.propose(proposal).await?;
         }
         Ok(())
@@ -718,26 +900,193 @@ impl MetaNode {
         files::list_storage_nodes(&view).map_err(ApiError::internal)
     }
 
-    /// Proposes a command of this node's own through the leader and returns its outcome.
-    pub async fn execute(&self, request_id: Option<RequestId>, command: Command) -> Result<state::Outcome, ApiError> {
-        self.execute_for(Origin::LOCAL, request_id, command).await
+    /// Calls `visit` for every chunk record of this node's state machine, in hash order, from
+    /// one consistent read; stops early when `visit` returns false. Blocking (it reads the
+    /// whole chunk map a page at a time): call it from `spawn_blocking`.
+    pub fn for_each_chunk(&self, visit: impl FnMut(ChunkHash, ChunkRecord) -> bool) -> Result<(), ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        files::for_each_chunk(&view, visit).map_err(ApiError::internal)
     }
 
-    /// Proposes a client's command through the leader, never outliving the client's deadline.
-    pub async fn execute_for(
+    /// The repair job as this node's state machine last applied it.
+    pub fn repair_job(&self) -> Result<Option<RepairJob>, ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        files::repair_job(&view).map_err(ApiError::internal)
+    }
+
+    /// Proposes a command through the leader (from this node, or for a client whose deadline
+    /// it must not outlive) and returns its outcome.
+    async fn execute(
         &self,
         origin: Origin,
         request_id: Option<RequestId>,
         command: Command,
-    ) -> Result<state::Outcome, ApiError> {
+    ) -> Result<Outcome, ApiError> {
         match self.serve_on_leader(LeaderRequest::Propose(Self::proposal(request_id, command)), origin).await? {
             LeaderResponse::Command(result) => result.map_err(ApiError::Command),
-            other => Err(ApiError::Internal(format!("unexpected answer to a command: {other:?}"))),
+            other => Err(unexpected("a command", other)),
         }
     }
 
+    /// Proposes a command whose outcome carries nothing but success.
+    async fn execute_quietly(&self, command: Command) -> Result<(), ApiError> {
+        self.execute(Origin::LOCAL, None, command).await.map(drop)
+    }
+
     /// Builds a proposal stamped with this node's clock.
-    pub fn proposal(request_id: Option<RequestId>, command: Command) -> Proposal {
-        Proposal { request_id, proposed_at_ms: now_ms(), command }
+    pub(crate) fn proposal(request_id: Option<RequestId>, command: Command) -> Proposal {
+        Proposal { request_id, proposed_at_ms: unix_now_ms(), command }
+    }
+
+    /// Phase two of a write: installs the file version. `request_id` makes a retried commit
+    /// return the first one's outcome instead of committing twice.
+    pub async fn commit_file(&self, request_id: RequestId, commit: CommitFile) -> Result<FileCommitted, ApiError> {
+        match self.execute(Origin::LOCAL, Some(request_id), Command::CommitFile(commit)).await? {
+            Outcome::FileCommitted { version, revision } => Ok(FileCommitted { version, revision }),
+            other => Err(unexpected("a file commit", other)),
+        }
+    }
+
+    /// Deletes a file for a client; returns the revision of the deletion.
+    pub async fn delete_file(
+        &self,
+        origin: Origin,
+        request_id: Option<RequestId>,
+        path: String,
+        expected_version: Option<u64>,
+    ) -> Result<u64, ApiError> {
+        match self.execute(origin, request_id, Command::DeleteFile { path, expected_version }).await? {
+            Outcome::Written { revision, .. } => Ok(revision),
+            other => Err(unexpected("a file deletion", other)),
+        }
+    }
+
+    /// Announces a storage node (or its new address); its admin state is kept.
+    pub async fn register_storage_node(&self, node: StorageNode) -> Result<(), ApiError> {
+        self.execute_quietly(Command::RegisterStorageNode { node }).await
+    }
+
+    /// A replica was found missing or corrupt: stop listing it (never the last one).
+    pub async fn drop_replica(&self, hash: ChunkHash, node_id: NodeId) -> Result<(), ApiError> {
+        self.execute_quietly(Command::DropReplica { hash, node_id }).await
+    }
+
+    /// Commits the leader's liveness decision about a storage node.
+    pub async fn set_liveness(&self, node_id: NodeId, liveness: Liveness) -> Result<(), ApiError> {
+        self.execute_quietly(Command::SetNodeLiveness { node_id, liveness }).await
+    }
+
+    /// Records finished repair copies (the repair's checkpoint), counted in job `job_id`.
+    pub async fn add_replicas(&self, job_id: Option<u64>, added: Vec<ReplicaAdded>) -> Result<(), ApiError> {
+        self.execute_quietly(Command::AddReplicas { job_id, added }).await
+    }
+
+    /// Stops listing replicas repair no longer needs, each only if its kept copies still are.
+    pub async fn drop_replicas(&self, drops: Vec<ReplicaDrop>) -> Result<(), ApiError> {
+        self.execute_quietly(Command::DropReplicas { drops }).await
+    }
+
+    pub async fn record_repair_job(&self, job: RepairJob) -> Result<(), ApiError> {
+        self.execute_quietly(Command::RecordRepairJob(job)).await
+    }
+
+    /// Drains (or undrains) a storage node for an operator.
+    pub async fn set_draining(&self, origin: Origin, id: NodeId, draining: bool) -> Result<(), ApiError> {
+        match self.serve_on_leader(LeaderRequest::Drain { id, draining }, origin).await? {
+            LeaderResponse::Drained => Ok(()),
+            other => Err(unexpected("a drain", other)),
+        }
+    }
+
+    /// Adds a member (as a learner that is then promoted, unless `learner`).
+    pub async fn add_member(
+        &self,
+        origin: Origin,
+        id: NodeId,
+        addr: String,
+        learner: bool,
+    ) -> Result<Membership, ApiError> {
+        match self.serve_on_leader(LeaderRequest::AddNode { id, addr, learner }, origin).await? {
+            LeaderResponse::Membership(membership) => Ok(membership),
+            other => Err(unexpected("adding a node", other)),
+        }
+    }
+
+    /// Removes a member that holds no listed chunk copies.
+    pub async fn remove_member(&self, origin: Origin, id: NodeId) -> Result<Membership, ApiError> {
+        match self.serve_on_leader(LeaderRequest::RemoveNode { id }, origin).await? {
+            LeaderResponse::Membership(membership) => Ok(membership),
+            other => Err(unexpected("removing a node", other)),
+        }
+    }
+
+    /// A file's current version with its chunks' replicas, from a linearizable read.
+    pub async fn get_file(&self, origin: Origin, path: String) -> Result<Option<FileView>, ApiError> {
+        match self.serve_on_leader(LeaderRequest::GetFile { path }, origin).await? {
+            LeaderResponse::File(file) => Ok(file),
+            other => Err(unexpected("a file lookup", other)),
+        }
+    }
+
+    /// Files under `prefix` in path order (at most `limit`, 0 for the node's maximum); the flag
+    /// says whether the list was cut short.
+    pub async fn list_files(
+        &self,
+        origin: Origin,
+        prefix: String,
+        limit: u32,
+    ) -> Result<(Vec<FileView>, bool), ApiError> {
+        match self.serve_on_leader(LeaderRequest::ListFiles { prefix, limit }, origin).await? {
+            LeaderResponse::Files { files, truncated } => Ok((files, truncated)),
+            other => Err(unexpected("a file listing", other)),
+        }
+    }
+
+    /// Which of `hashes` no committed file lists on `node_id`, from a linearizable read.
+    pub async fn unreferenced_chunks(
+        &self,
+        node_id: NodeId,
+        hashes: Vec<ChunkHash>,
+    ) -> Result<Vec<ChunkHash>, ApiError> {
+        match self.serve_on_leader(LeaderRequest::UnreferencedChunks { node_id, hashes }, Origin::LOCAL).await? {
+            LeaderResponse::Unreferenced(hashes) => Ok(hashes),
+            other => Err(unexpected("an orphan check", other)),
+        }
+    }
+
+    pub(crate) async fn get_key(&self, origin: Origin, key: Vec<u8>) -> Result<(u64, Option<KeyValue>), ApiError> {
+        match self.serve_on_leader(LeaderRequest::Get { key }, origin).await? {
+            LeaderResponse::Get { revision, kv } => Ok((revision, kv)),
+            other => Err(unexpected("a get", other)),
+        }
+    }
+
+    pub(crate) async fn list_keys(
+        &self,
+        origin: Origin,
+        prefix: Vec<u8>,
+        limit: u32,
+    ) -> Result<(u64, Vec<KeyValue>, bool), ApiError> {
+        match self.serve_on_leader(LeaderRequest::List { prefix, limit }, origin).await? {
+            LeaderResponse::List { revision, kvs, truncated } => Ok((revision, kvs, truncated)),
+            other => Err(unexpected("a list", other)),
+        }
+    }
+
+    pub(crate) async fn keep_alive(&self, origin: Origin, session_id: u64) -> Result<u64, ApiError> {
+        match self.serve_on_leader(LeaderRequest::KeepAlive { session_id }, origin).await? {
+            LeaderResponse::KeepAlive { ttl_ms } => Ok(ttl_ms),
+            other => Err(unexpected("a keep-alive", other)),
+        }
+    }
+
+    /// A client's key or session command through the leader.
+    pub(crate) async fn client_command(
+        &self,
+        origin: Origin,
+        request_id: Option<RequestId>,
+        command: Command,
+    ) -> Result<Outcome, ApiError> {
+        self.execute(origin, request_id, command).await
     }
 }

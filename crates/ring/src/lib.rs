@@ -29,8 +29,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A node's identifier, the same id as in the membership table.
-pub type NodeId = u64;
+pub use mendfs_types::NodeId;
 
 /// One storage node as the ring sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -5,6 +5,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use proptest::prelude::*;
 
 use super::*;
+use crate::kv::*;
+use crate::schema::*;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -91,7 +93,7 @@ fn all_keys(store: &MemoryStore) -> BTreeMap<Vec<u8>, KeyRecord> {
 }
 
 fn table_len(store: &MemoryStore, table: Table) -> usize {
-    store.tables.get(&table).map_or(0, BTreeMap::len)
+    store.range(table, &[], None, usize::MAX).expect("range").len()
 }
 
 /// Checks the cross-table invariants: every session-owned key belongs to a live session and is

@@ -17,7 +17,9 @@ use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::storage_server::Storage;
 use tonic::{Request, Response, Status};
 
-pub struct StorageState {
+/// This node's chunks: the store, the prepares that protect chunks from collection, the
+/// operator's cap and the error and work counters.
+pub struct LocalChunks {
     pub store: Arc<ChunkStore>,
     pending: Mutex<HashMap<ChunkHash, Instant>>,
     protected_until: Instant,
@@ -64,14 +66,14 @@ impl Counters {
 const PENDING_SWEEP_LEN: usize = 65_536;
 
 pub fn parse_hash(bytes: &[u8]) -> Result<ChunkHash, Status> {
-    bytes.try_into().map_err(|_| Status::invalid_argument(format!("a chunk hash has 32 bytes, not {}", bytes.len())))
+    ChunkHash::try_from(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 fn skew_allowance(grace: Duration) -> Duration {
     grace + grace / 2
 }
 
-impl StorageState {
+impl LocalChunks {
     pub fn new(store: Arc<ChunkStore>, grace: Duration, capacity_bytes: Option<u64>) -> Self {
         Self {
             store,
@@ -165,10 +167,10 @@ fn chunk_status(error: ChunkError) -> Status {
     }
 }
 
-pub struct StorageApi {
-    pub state: Arc<StorageState>,
+pub struct ChunkService {
+    pub state: Arc<LocalChunks>,
     /// Channels to the other nodes, for pulling repair copies.
-    pub peers: mendfs_meta::network::Peers,
+    pub peers: mendfs_meta::Peers,
     /// Bounds concurrent repair pulls on this node, so repair never crowds out client traffic.
     pub replication_slots: Arc<tokio::sync::Semaphore>,
 }
@@ -177,8 +179,8 @@ pub struct StorageApi {
 pub const REPLICATIONS_IN_FLIGHT_MAX: usize = 4;
 const PULL_TIMEOUT: Duration = Duration::from_secs(30);
 
-impl StorageApi {
-    pub fn new(state: Arc<StorageState>, peers: mendfs_meta::network::Peers) -> Self {
+impl ChunkService {
+    pub fn new(state: Arc<LocalChunks>, peers: mendfs_meta::Peers) -> Self {
         Self { state, peers, replication_slots: Arc::new(tokio::sync::Semaphore::new(REPLICATIONS_IN_FLIGHT_MAX)) }
     }
 
@@ -191,14 +193,14 @@ impl StorageApi {
         let reply = tokio::time::timeout(PULL_TIMEOUT, client.read_chunk(request))
             .await
             .map_err(|_| format!("no answer within {PULL_TIMEOUT:?}"))?
-            .map_err(|status| mendfs_meta::network::status_with_cause(&status))?;
+            .map_err(|status| mendfs_proto::status_with_cause(&status))?;
         // Not hashed here: the store's put verifies the bytes against the hash before writing.
         Ok(reply.into_inner().data)
     }
 }
 
 #[tonic::async_trait]
-impl Storage for StorageApi {
+impl Storage for ChunkService {
     async fn prepare_chunk(
         &self,
         request: Request<pb::PrepareChunkRequest>,

@@ -3,64 +3,53 @@
 //! time.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use anyhow::{Context as _, Result};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use mendfs_data::storage::{Counters, StorageState};
+use mendfs_data::chunk_service::{Counters, LocalChunks};
+use mendfs_data::healer::Healer;
 use mendfs_heal::detector::Liveness;
 use mendfs_meta::MetaNode;
-use mendfs_telemetry::layer::Sinks;
 use mendfs_telemetry::metrics::{Labels, RequestMetrics, Scrape, CONTENT_TYPE};
-use mendfs_telemetry::otlp::OtlpExporter;
-use mendfs_telemetry::store::{LogStore, SpanStore};
+use mendfs_worker::{Background, WorkerState};
 
-pub struct HttpState {
+use crate::telemetry::Telemetry;
+use crate::NodeError;
+
+pub(crate) struct HttpState {
     pub node: MetaNode,
-    pub storage: Option<Arc<StorageState>>,
+    pub healer: Healer,
+    pub storage: Option<Arc<LocalChunks>>,
     pub requests: Arc<RequestMetrics>,
-    pub sinks: Arc<Sinks>,
-    pub spans: Arc<SpanStore>,
-    pub logs: Arc<LogStore>,
-    pub otlp: Option<OtlpExporter>,
-    pub leader_changes: Arc<AtomicU64>,
+    pub telemetry: Telemetry,
+    pub background: Background,
 }
 
-/// Serves until the process ends. The listener is bound by the caller, so a taken port fails
+/// Serves until the node stops. The listener is bound by the caller, so a taken port fails
 /// the start with a clear message.
-pub async fn serve(listener: tokio::net::TcpListener, state: Arc<HttpState>) -> Result<()> {
+pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<HttpState>) {
+    let stopping = state.background.stopping();
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
-    axum::serve(listener, app).await.context("HTTP server")
-}
-
-pub async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
-    let addr: SocketAddr = addr.parse().with_context(|| format!("--http {addr:?} is not IP:PORT"))?;
-    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on --http {addr}"))
-}
-
-/// Counts leader changes this node has seen (a new leader known, whoever it is), for
-/// `mendfs_raft_leader_changes_total`.
-pub async fn count_leader_changes(node: MetaNode, changes: Arc<AtomicU64>) {
-    let mut metrics = node.raft.metrics();
-    let mut last = metrics.borrow().current_leader;
-    while metrics.changed().await.is_ok() {
-        let now = metrics.borrow().current_leader;
-        if now != last {
-            if now.is_some() {
-                changes.fetch_add(1, Ordering::Relaxed);
-            }
-            last = now;
-        }
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopping).await {
+        tracing::error!("HTTP server: {e}");
     }
+}
+
+pub(crate) async fn bind(addr: &str) -> Result<tokio::net::TcpListener, NodeError> {
+    let addr: SocketAddr =
+        addr.parse().map_err(|_| NodeError::Config(crate::ConfigError(format!("--http {addr:?} is not IP:PORT"))))?;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| NodeError::Io { context: format!("cannot listen on --http {addr}"), source: e })
 }
 
 fn labels(pairs: &[(&str, String)]) -> Labels {
@@ -69,44 +58,50 @@ fn labels(pairs: &[(&str, String)]) -> Labels {
 
 fn scrape(state: &HttpState) -> Scrape {
     let mut scrape = Scrape::new();
-    let node_id = state.node.config.node_id;
+    let node_id = state.node.id();
     scrape.gauge_family(
         "mendfs_node_info",
         "This node: its id and version (value 1)",
         [(labels(&[("node_id", node_id.to_string()), ("version", env!("CARGO_PKG_VERSION").to_string())]), 1.0)],
     );
 
-    let raft = state.node.raft.metrics().borrow().clone();
-    scrape.gauge("mendfs_raft_term", "Current Raft term", raft.current_term as f64);
+    let raft = state.node.raft_status();
+    scrape.gauge("mendfs_raft_term", "Current Raft term", raft.term as f64);
     scrape.gauge(
         "mendfs_raft_last_log_index",
         "Index of the last entry in this node's Raft log",
-        raft.last_log_index.unwrap_or(0) as f64,
+        raft.last_log_index as f64,
     );
     scrape.gauge(
         "mendfs_raft_commit_index",
         "Highest Raft index this node knows is committed",
-        state.node.committed_index.load(Ordering::Relaxed) as f64,
+        raft.committed_index as f64,
     );
     scrape.gauge(
         "mendfs_raft_applied_index",
         "Highest Raft index applied to this node's state machine",
-        raft.last_applied.map_or(0, |id| id.index) as f64,
+        raft.applied_index as f64,
     );
     scrape.gauge(
         "mendfs_raft_is_leader",
         "1 if this node is the Raft leader",
-        if raft.current_leader == Some(node_id) { 1.0 } else { 0.0 },
+        if raft.leader == Some(node_id) { 1.0 } else { 0.0 },
     );
-    scrape.gauge(
-        "mendfs_raft_leader_id",
-        "The leader this node knows (0: none)",
-        raft.current_leader.unwrap_or(0) as f64,
+    scrape.gauge("mendfs_raft_leader_id", "The leader this node knows (0: none)", raft.leader.unwrap_or(0) as f64);
+    scrape.counter("mendfs_raft_leader_changes", "Times this node saw a new leader", state.node.leader_changes());
+    let workers = state.background.workers();
+    scrape.counter_family(
+        "mendfs_worker_failures",
+        "Failed (or panicked) steps of each background worker",
+        workers.iter().map(|w| (labels(&[("worker", w.name.clone())]), w.failures)),
     );
-    scrape.counter(
-        "mendfs_raft_leader_changes",
-        "Times this node saw a new leader",
-        state.leader_changes.load(Ordering::Relaxed),
+    scrape.gauge_family(
+        "mendfs_worker_running",
+        "1 for each background worker that has not stopped or finished",
+        workers.iter().map(|w| {
+            let running = !matches!(w.state, WorkerState::Done | WorkerState::Stopped);
+            (labels(&[("worker", w.name.clone())]), if running { 1.0 } else { 0.0 })
+        }),
     );
 
     if let Some(storage) = &state.storage {
@@ -135,8 +130,7 @@ fn scrape(state: &HttpState) -> Scrape {
     }
 
     // The cluster view exists on the leader only (its failure detector and repair scans).
-    let snapshot = state.node.health.lock().ok().and_then(|guard| guard.clone());
-    if let Some(snapshot) = snapshot.filter(|_| raft.current_leader == Some(node_id)) {
+    if let Some(snapshot) = state.healer.health_view() {
         scrape.gauge_family(
             "mendfs_node_phi",
             "Phi of each node's heartbeats, from the leader's failure detector",
@@ -218,16 +212,16 @@ fn scrape(state: &HttpState) -> Scrape {
         "mendfs_telemetry_store_bytes",
         "Bytes on disk of this node's span and log stores",
         [
-            (labels(&[("store", "spans".into())]), state.spans.disk_bytes() as f64),
-            (labels(&[("store", "logs".into())]), state.logs.disk_bytes() as f64),
+            (labels(&[("store", "spans".into())]), state.telemetry.spans.disk_bytes() as f64),
+            (labels(&[("store", "logs".into())]), state.telemetry.logs.disk_bytes() as f64),
         ],
     );
     scrape.counter(
         "mendfs_telemetry_store_failures",
         "Spans and log lines that could not be stored",
-        state.sinks.store_failures.load(Ordering::Relaxed),
+        state.telemetry.sinks.store_failures.load(Ordering::Relaxed),
     );
-    if let Some(otlp) = &state.otlp {
+    if let Some(otlp) = &state.telemetry.otlp {
         scrape.counter(
             "mendfs_otlp_exported_spans",
             "Spans sent to the OTLP collector",
@@ -254,27 +248,27 @@ async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
 }
 
 fn health_json(state: &HttpState) -> serde_json::Value {
-    let raft = state.node.raft.metrics().borrow().clone();
+    let raft = state.node.raft_status();
     serde_json::json!({
-        "node_id": state.node.config.node_id,
-        "raft": match &raft.running_state { Ok(()) => "running".to_string(), Err(e) => format!("stopped: {e}") },
-        "leader": raft.current_leader,
-        "term": raft.current_term,
-        "applied_index": raft.last_applied.map_or(0, |id| id.index),
+        "node_id": state.node.id(),
+        "raft": match &raft.stopped { None => "running".to_string(), Some(e) => format!("stopped: {e}") },
+        "leader": raft.leader,
+        "term": raft.term,
+        "applied_index": raft.applied_index,
     })
 }
 
 /// 200 while the process serves and its Raft core runs: restart it otherwise.
 async fn healthz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
-    let running = state.node.raft.metrics().borrow().running_state.is_ok();
+    let running = state.node.raft_status().stopped.is_none();
     let code = if running { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, axum::Json(health_json(&state)))
 }
 
 /// 200 when the node also knows a leader, so requests sent to it can be served.
 async fn readyz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
-    let raft = state.node.raft.metrics().borrow().clone();
-    let ready = raft.running_state.is_ok() && raft.current_leader.is_some();
+    let raft = state.node.raft_status();
+    let ready = raft.stopped.is_none() && raft.leader.is_some();
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, axum::Json(health_json(&state)))
 }

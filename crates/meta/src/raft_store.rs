@@ -27,7 +27,8 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::state::{self, decode, encode, CommandResult, Rows, StateStore, StoreError, Table};
+use crate::schema::{self, decode, encode, CommandResult, Rows, StateStore, StoreError, Table};
+use crate::state;
 use crate::{NodeId, TypeConfig};
 
 type RaftStorageError = StorageError<NodeId>;
@@ -72,14 +73,14 @@ async fn blocking<T: Send + 'static>(
 // Raft log
 
 #[derive(Clone)]
-pub struct LogStore {
+pub struct RaftLogStore {
     db: Arc<Database>,
     /// The latest committed index Raft told us (`save_committed`), for metrics; openraft's own
     /// metrics do not carry it.
     committed_index: Arc<std::sync::atomic::AtomicU64>,
 }
 
-impl LogStore {
+impl RaftLogStore {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let db = open_database(&data_dir.join("raft-log.redb"))?;
         let txn = db.begin_write().map_err(store_err)?;
@@ -128,7 +129,7 @@ impl LogStore {
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
+impl RaftLogReader<TypeConfig> for RaftLogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
@@ -157,8 +158,8 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 }
 
-impl RaftLogStorage<TypeConfig> for LogStore {
-    type LogReader = LogStore;
+impl RaftLogStorage<TypeConfig> for RaftLogStore {
+    type LogReader = RaftLogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
         let last_purged_log_id: Option<LogId<NodeId>> =
@@ -445,7 +446,7 @@ impl StateMachineStore {
                 tables.push(txn.open_table(table_definition(table)).map_err(store_err)?);
             }
             let view = ReadView { tables, last_applied: None };
-            (state::current_revision(&view)?, state::cluster_id(&view)?)
+            (schema::current_revision(&view)?, state::cluster_id(&view)?)
         };
         let cluster_id = match std::fs::read_to_string(data_dir.join(CLUSTER_ID_FILE)) {
             Ok(text) if !text.trim().is_empty() => Some(text.trim().to_string()),
@@ -472,7 +473,7 @@ impl StateMachineStore {
 
     fn publish(&self) -> Result<(), StoreError> {
         let view = self.reader.view()?;
-        let revision = state::current_revision(&view)?;
+        let revision = schema::current_revision(&view)?;
         if self.reader.cluster_id().is_none() {
             if let Some(cluster_id) = state::cluster_id(&view)? {
                 // Durable at once, apart from the (lazily fsynced) state machine: the id is what

@@ -1,0 +1,262 @@
+//! The repair loop on the leader: scan the chunk map, record the repair job's progress, drop
+//! the replicas no longer needed, and run the most urgent copies, throttled, checkpointing
+//! finished ones through the metadata in small batches.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mendfs_heal::planner::{ClusterView, CopyTask};
+use mendfs_heal::repair::{next_job, repair_reason, JobChange, Scan, ScanOutcome};
+use mendfs_meta::{ReplicaAdded, ReplicaDrop, StorageNode};
+use mendfs_proto::v1 as pb;
+use mendfs_types::{unix_now_ms, NodeId};
+use mendfs_worker::{Step, Worker, WorkerError};
+use tokio::sync::{mpsc, Semaphore};
+use tonic::Request;
+use tracing::Instrument;
+
+use super::{lock, Healer};
+
+/// Copies planned per scan at most: the most urgent ones; the next scan finds the rest. Keeps
+/// the planner's memory bounded however large the chunk map is.
+const COPIES_PER_SCAN_MAX: usize = 2_048;
+const DROPS_PER_SCAN_MAX: usize = 8_192;
+/// Finished copies are committed after this many, or this long, whichever comes first: the
+/// granularity of the checkpoint a new leader resumes from.
+const CHECKPOINT_COPIES: usize = 16;
+const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
+const DROPS_PER_ENTRY: usize = 512;
+const REPLICATE_TIMEOUT: Duration = Duration::from_secs(60);
+/// The rest after a round that did work: what it did changes what the next scan finds (copies
+/// made allow drops; drops finish the job), so redundancy should not wait a full interval.
+const RESCAN_AFTER_PROGRESS: Duration = Duration::from_millis(20);
+
+pub(super) struct RepairWorker {
+    pub(super) healer: Healer,
+}
+
+impl Worker for RepairWorker {
+    fn name(&self) -> String {
+        "healer.repair".into()
+    }
+
+    async fn work(&mut self) -> Result<Step, WorkerError> {
+        let interval = self.healer.config.scan_interval;
+        if !self.healer.node.is_leader() {
+            return Ok(Step::Idle(interval));
+        }
+        match self.healer.repair_once().await {
+            Ok(true) => Ok(Step::Idle(RESCAN_AFTER_PROGRESS)),
+            Ok(false) => Ok(Step::Idle(interval)),
+            // Leadership lost mid-round, no quorum, a node gone: the next scan starts over
+            // from the committed records.
+            Err(e) => {
+                tracing::warn!("repair: {e}");
+                Ok(Step::Idle(interval))
+            }
+        }
+    }
+}
+
+impl Healer {
+    /// One scan of the chunk map and one round of the work it found; says whether it did any.
+    pub async fn repair_once(&self) -> Result<bool, String> {
+        let term = self.node.term();
+        let storage = self.node.storage_nodes().map_err(|e| e.to_string())?;
+        let addresses: HashMap<NodeId, String> = storage.iter().map(|n| (n.id, n.addr.clone())).collect();
+        let cluster = ClusterView::new(storage.iter().map(crate::node_state).collect(), self.config.replication_factor);
+        let node = self.node.clone();
+        let outcome = tokio::task::spawn_blocking(move || -> Result<ScanOutcome, String> {
+            let mut scan = Scan::new(COPIES_PER_SCAN_MAX, DROPS_PER_SCAN_MAX);
+            node.for_each_chunk(|hash, record| {
+                scan.add(&record.replicas, cluster.plan_chunk(&hash, record.size, &record.replicas));
+                true
+            })
+            .map_err(|e| e.to_string())?;
+            Ok(scan.finish())
+        })
+        .await
+        .map_err(|e| format!("scan task: {e}"))??;
+        self.shared().scan = Some((term, outcome.summary.clone()));
+
+        // A round with work is a trace of its own (the copies and their pulls nest under it);
+        // the idle rounds, one a second, are not recorded.
+        let round = if outcome.copies.is_empty() && outcome.drops.is_empty() {
+            tracing::Span::none()
+        } else {
+            tracing::info_span!(
+                "repair_round",
+                copies = outcome.copies.len(),
+                bytes = outcome.planned_bytes(),
+                drops = outcome.drops.len(),
+                error = tracing::field::Empty,
+            )
+        };
+        let result = self.repair_round(&storage, &addresses, outcome).instrument(round.clone()).await;
+        if let Err(e) = &result {
+            round.record("error", e.as_str());
+        }
+        result
+    }
+
+    async fn repair_round(
+        &self,
+        storage: &[StorageNode],
+        addresses: &HashMap<NodeId, String>,
+        outcome: ScanOutcome,
+    ) -> Result<bool, String> {
+        let last = self.node.repair_job().map_err(|e| e.to_string())?;
+        let nodes: Vec<_> = storage.iter().map(crate::node_state).collect();
+        let change = next_job(last, outcome.copies.len() as u64, outcome.planned_bytes(), unix_now_ms(), || {
+            repair_reason(&nodes, &outcome.summary)
+        });
+        match &change {
+            JobChange::Started(job) => {
+                tracing::info!(job = job.id, reason = %job.reason, copies = job.total_copies, bytes = job.total_bytes, "repair started")
+            }
+            JobChange::Finished(job) => {
+                tracing::info!(job = job.id, copies = job.done_copies, bytes = job.done_bytes, "repair finished")
+            }
+            JobChange::Extended(_) | JobChange::Unchanged(_) => {}
+        }
+        if let Some(record) = change.to_record() {
+            self.node.record_repair_job(record.clone()).await.map_err(|e| e.to_string())?;
+        }
+        let job_id = change.running().map(|job| job.id);
+        let job_changed = matches!(change, JobChange::Started(_) | JobChange::Finished(_));
+        // Failed copies are not progress: retrying them at once would only spin.
+        let mut worked = !outcome.drops.is_empty() || job_changed;
+        for batch in outcome.drops.chunks(DROPS_PER_ENTRY) {
+            let drops =
+                batch.iter().map(|d| ReplicaDrop { hash: d.hash, node: d.node, keep: d.keep.clone() }).collect();
+            self.node.drop_replicas(drops).await.map_err(|e| e.to_string())?;
+        }
+        if !outcome.copies.is_empty() {
+            worked |= self.copy_all(outcome.copies, addresses, job_id).await? > 0;
+        }
+        Ok(worked)
+    }
+
+    /// Runs the copies, throttled, committing finished ones in small batches; returns how many
+    /// succeeded.
+    async fn copy_all(
+        &self,
+        copies: Vec<CopyTask>,
+        addresses: &HashMap<NodeId, String>,
+        job_id: Option<u64>,
+    ) -> Result<usize, String> {
+        let (done_tx, mut done_rx) = mpsc::channel::<(ReplicaAdded, u64)>(CHECKPOINT_COPIES * 4);
+        let slots = Arc::new(Semaphore::new(self.config.repair_copies_in_flight.max(1)));
+        let dispatcher = {
+            let healer = self.clone();
+            let addresses = addresses.clone();
+            tokio::spawn(
+                async move {
+                    for copy in copies {
+                        if !healer.node.is_leader() {
+                            return;
+                        }
+                        let wait = lock(&healer.throttle).reserve(Instant::now(), copy.size);
+                        tokio::time::sleep(wait).await;
+                        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                        let healer = healer.clone();
+                        let addresses = addresses.clone();
+                        let done_tx = done_tx.clone();
+                        tokio::spawn(
+                            async move {
+                                let _slot = slot;
+                                match healer.replicate(&copy, &addresses).await {
+                                    Ok(copied_bytes) => {
+                                        let added = ReplicaAdded { hash: copy.hash, node: copy.target };
+                                        let _ = done_tx.send((added, copied_bytes)).await;
+                                    }
+                                    Err(e) => tracing::warn!(target_node = copy.target, "repair copy failed: {e}"),
+                                }
+                            }
+                            .in_current_span(),
+                        );
+                    }
+                }
+                .in_current_span(),
+            )
+        };
+        // If this round is cancelled (the node stops), the dispatcher must not go on copying.
+        let _stop_dispatcher = AbortOnDrop(dispatcher.abort_handle());
+        let mut batch = Vec::new();
+        let mut succeeded = 0;
+        let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
+        loop {
+            tokio::select! {
+                done = done_rx.recv() => match done {
+                    Some((added, bytes)) => {
+                        succeeded += 1;
+                        self.shared().repaired.record(Instant::now(), bytes);
+                        batch.push(added);
+                        if batch.len() >= CHECKPOINT_COPIES {
+                            self.checkpoint(&mut batch, job_id).await?;
+                        }
+                    }
+                    None => break,
+                },
+                _ = ticker.tick() => self.checkpoint(&mut batch, job_id).await?,
+            }
+        }
+        self.checkpoint(&mut batch, job_id).await?;
+        dispatcher.await.map_err(|e| format!("repair dispatcher: {e}"))?;
+        Ok(succeeded)
+    }
+
+    async fn checkpoint(&self, batch: &mut Vec<ReplicaAdded>, job_id: Option<u64>) -> Result<(), String> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let added = std::mem::take(batch);
+        self.node.add_replicas(job_id, added).await.map_err(|e| e.to_string())
+    }
+
+    /// Asks the target to pull the chunk from a source; returns the bytes it copied (0 if it
+    /// already had the chunk).
+    async fn replicate(&self, copy: &CopyTask, addresses: &HashMap<NodeId, String>) -> Result<u64, String> {
+        let span = tracing::info_span!(
+            "repair_copy",
+            peer = copy.target,
+            chunk = %copy.hash.short(),
+            bytes = copy.size,
+            error = tracing::field::Empty,
+        );
+        let result = self.replicate_unlogged(copy, addresses).instrument(span.clone()).await;
+        if let Err(e) = &result {
+            span.record("error", e.as_str());
+        }
+        result
+    }
+
+    async fn replicate_unlogged(&self, copy: &CopyTask, addresses: &HashMap<NodeId, String>) -> Result<u64, String> {
+        let target = addresses.get(&copy.target).ok_or_else(|| format!("node {} has no address", copy.target))?;
+        let source_addrs = copy.sources.iter().filter_map(|id| addresses.get(id).cloned()).collect();
+        let peers = self.node.peers();
+        let mut client =
+            pb::storage_client::StorageClient::with_interceptor(peers.channel(target)?, peers.interceptor());
+        let mut request = Request::new(pb::ReplicateChunkRequest {
+            hash: copy.hash.to_vec(),
+            source_addrs,
+            grace_ms: self.config.orphan_grace.as_millis() as u64,
+        });
+        request.set_timeout(REPLICATE_TIMEOUT);
+        let reply = tokio::time::timeout(REPLICATE_TIMEOUT, client.replicate_chunk(request))
+            .await
+            .map_err(|_| format!("no answer within {REPLICATE_TIMEOUT:?}"))?
+            .map_err(|status| mendfs_proto::status_with_cause(&status))?;
+        Ok(reply.into_inner().copied_bytes)
+    }
+}
+
+/// Aborts a task when dropped: a round cancelled mid-way takes its copy dispatcher with it.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,275 @@
+//! The shape of the metadata state, below both halves of the state machine (`kv` and `files`):
+//! the ordered byte tables and the [`StateStore`] trait over them, the encoding of their rows,
+//! the cluster-wide revision and its event history, and what a command answers (its
+//! [`Outcome`] or the [`CommandError`] refusing it).
+//!
+//! The redb-backed store (`raft_store`) and [`MemoryStore`] (for unit and property tests)
+//! implement the same trait; nothing here reads a clock or a random number.
+
+use serde::{Deserialize, Serialize};
+
+/// Rows of a table, in key order: (key, value).
+pub type Rows = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// The ordered byte tables the state machine is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Table {
+    /// key → [`KeyRecord`]
+    Keys,
+    /// session id (u64 BE) → [`SessionRecord`]
+    Sessions,
+    /// session id (u64 BE) ++ key → (): the ephemeral keys a session owns.
+    SessionKeys,
+    /// revision (u64 BE) → `Vec<Event>`: the bounded change history watchers read.
+    Events,
+    /// client id (u64 BE) ++ sequence (u64 BE) → [`DedupRecord`]
+    Dedup,
+    /// proposal time ms (u64 BE) ++ client id ++ sequence → (): expiry index of `Dedup`.
+    DedupByTime,
+    /// named scalars, see the `META_*` constants.
+    Meta,
+    /// path → [`crate::files::FileRecord`]
+    Files,
+    /// chunk hash (32 bytes) → [`crate::files::ChunkRecord`]: where a chunk's copies are, and
+    /// how many committed file versions reference it.
+    Chunks,
+    /// node id (u64 BE) → [`crate::files::StorageNode`]
+    StorageNodes,
+}
+
+impl Table {
+    /// In discriminant order (storage indexes by `table as usize`).
+    pub const ALL: [Table; 10] = [
+        Table::Keys,
+        Table::Sessions,
+        Table::SessionKeys,
+        Table::Events,
+        Table::Dedup,
+        Table::DedupByTime,
+        Table::Meta,
+        Table::Files,
+        Table::Chunks,
+        Table::StorageNodes,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Keys => "keys",
+            Table::Sessions => "sessions",
+            Table::SessionKeys => "session_keys",
+            Table::Events => "events",
+            Table::Dedup => "dedup",
+            Table::DedupByTime => "dedup_by_time",
+            Table::Meta => "meta",
+            Table::Files => "files",
+            Table::Chunks => "chunks",
+            Table::StorageNodes => "storage_nodes",
+        }
+    }
+}
+
+pub const META_REVISION: &[u8] = b"revision";
+pub const META_COMPACTED_REVISION: &[u8] = b"compacted_revision";
+pub const META_NEXT_SESSION_ID: &[u8] = b"next_session_id";
+pub const META_CLUSTER_ID: &[u8] = b"cluster_id";
+pub const META_CLOCK_MS: &[u8] = b"clock_ms";
+
+/// How many revisions of change history are kept for watchers. A watcher that falls further
+/// behind than this gets a clear "compacted" error and must re-list. A constant, not a setting:
+/// every replica must compact identically.
+pub const EVENT_HISTORY_REVISIONS: u64 = 50_000;
+
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {0}")]
+pub struct StoreError(pub String);
+
+/// The ordered byte tables, as the state machine sees them.
+pub trait StateStore {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    fn remove(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError>;
+    /// Entries with `start <= key < end` (no end: to the last key), in key order, at most `limit`.
+    fn range(&self, table: Table, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Rows, StoreError>;
+}
+
+/// A key's current state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    pub value: Vec<u8>,
+    pub version: u64,
+    pub create_revision: u64,
+    pub modify_revision: u64,
+    /// 0 when the key belongs to no session.
+    pub session_id: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EventKind {
+    Put,
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub kind: EventKind,
+    pub key: Vec<u8>,
+    /// After a put: the new record. After a delete: the last record, with an empty value.
+    pub record: KeyRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: Vec<u8>,
+    pub record: KeyRecord,
+}
+
+/// The successful outcome of a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Written {
+        revision: u64,
+        kv: Option<KeyValue>,
+        deleted: bool,
+    },
+    SessionOpened {
+        session_id: u64,
+        ttl_ms: u64,
+    },
+    SessionClosed {
+        revision: u64,
+        found: bool,
+    },
+    ClusterId {
+        cluster_id: String,
+    },
+    FileCommitted {
+        version: u64,
+        revision: u64,
+    },
+    /// A command that succeeded with nothing to report and took no revision:
+    /// `RegisterStorageNode`, and `DropReplica` (also when it changed nothing). Raft's own
+    /// entries (blank, membership) carry no proposal; `storage` answers them with an empty
+    /// result vector, not with this.
+    Noop,
+}
+
+/// Why a well-formed command was refused. These are answers, not failures: the command was
+/// applied (as a no-op) and every replica agrees on the refusal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum CommandError {
+    #[error("key already exists (version {version})")]
+    KeyExists { version: u64 },
+    #[error("version mismatch: expected version {expected}, actual version {actual}")]
+    VersionMismatch { expected: u64, actual: u64 },
+    #[error("session {session_id} not found (expired or closed)")]
+    SessionNotFound { session_id: u64 },
+    #[error("file {path} not found")]
+    FileNotFound { path: String },
+    #[error(
+        "the write's chunks were prepared {age_ms} ms ago, beyond the {grace_ms} ms grace period; retry the write"
+    )]
+    PrepareExpired { age_ms: u64, grace_ms: u64 },
+    #[error("storage node {node_id} is not registered")]
+    NodeNotFound { node_id: u64 },
+}
+
+pub type CommandResult = Result<Outcome, CommandError>;
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
+    postcard::to_allocvec(value).map_err(|e| StoreError(format!("encode: {e}")))
+}
+
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError(format!("decode: {e}")))
+}
+
+pub fn get_u64(store: &impl StateStore, table: Table, key: &[u8]) -> Result<u64, StoreError> {
+    match store.get(table, key)? {
+        None => Ok(0),
+        Some(bytes) => {
+            let array: [u8; 8] = bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError(format!("{}: not a u64", String::from_utf8_lossy(key))))?;
+            Ok(u64::from_be_bytes(array))
+        }
+    }
+}
+
+pub fn put_u64(store: &mut impl StateStore, table: Table, key: &[u8], value: u64) -> Result<(), StoreError> {
+    store.put(table, key, &value.to_be_bytes())
+}
+
+pub fn current_revision(store: &impl StateStore) -> Result<u64, StoreError> {
+    get_u64(store, Table::Meta, META_REVISION)
+}
+
+/// Revisions at or below this have been dropped from the event history.
+pub fn compacted_revision(store: &impl StateStore) -> Result<u64, StoreError> {
+    get_u64(store, Table::Meta, META_COMPACTED_REVISION)
+}
+
+/// The smallest key greater than every key starting with `prefix`, or None if there is none
+/// (the prefix is empty or all 0xff).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// Starts a new revision: bumps the counter, records the events, drops history beyond the
+/// retention bound.
+pub fn commit_revision(store: &mut impl StateStore, events: &[Event]) -> Result<u64, StoreError> {
+    let revision = current_revision(store)? + 1;
+    put_u64(store, Table::Meta, META_REVISION, revision)?;
+    store.put(Table::Events, &revision.to_be_bytes(), &encode(&events)?)?;
+    if revision > EVENT_HISTORY_REVISIONS {
+        let dropped = revision - EVENT_HISTORY_REVISIONS;
+        store.remove(Table::Events, &dropped.to_be_bytes())?;
+        put_u64(store, Table::Meta, META_COMPACTED_REVISION, dropped)?;
+    }
+    Ok(revision)
+}
+
+/// The state machine over in-memory maps, for tests.
+#[cfg(test)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MemoryStore {
+    tables: std::collections::BTreeMap<Table, std::collections::BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+#[cfg(test)]
+impl StateStore for MemoryStore {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tables.get(&table).and_then(|rows| rows.get(key)).cloned())
+    }
+
+    fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.tables.entry(table).or_default().insert(key.to_vec(), value.to_vec());
+        Ok(())
+    }
+
+    fn remove(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
+        if let Some(rows) = self.tables.get_mut(&table) {
+            rows.remove(key);
+        }
+        Ok(())
+    }
+
+    fn range(&self, table: Table, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Rows, StoreError> {
+        let Some(rows) = self.tables.get(&table) else {
+            return Ok(Vec::new());
+        };
+        Ok(rows
+            .range(start.to_vec()..)
+            .take_while(|(key, _)| end.is_none_or(|end| key.as_slice() < end))
+            .take(limit)
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect())
+    }
+}

@@ -1,0 +1,254 @@
+//! One MendFS node, assembled: [`Node::start`] takes a [`NodeConfig`] and returns a
+//! [`NodeHandle`] that stops it cleanly.
+//!
+//! API boundary: the binary, the tests and anything that embeds a node start it here, and
+//! nothing else wires services together. A node is the metadata node (`mendfs_meta`), the data
+//! plane's services and workers (`mendfs_data`), its telemetry and its HTTP side, on one gRPC
+//! listener. Every background loop runs as a named worker of the node's `Background`
+//! (`mendfs_worker`), so [`NodeHandle::stop`] ends all of them, and a worker the node cannot do
+//! without that fails stops the node instead of vanishing.
+//!
+//! Architecture invariant: this crate parses no command line and reads no environment; the
+//! binary turns flags, environment and files into a [`NodeConfig`].
+
+mod config;
+mod http;
+mod telemetry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mendfs_chunkstore::ChunkStore;
+use mendfs_data::chunk_service::{ChunkService, LocalChunks};
+use mendfs_data::cluster_service::ClusterApi;
+use mendfs_data::coordinator::Coordinator;
+use mendfs_data::gc::GcWorker;
+use mendfs_data::healer::{Healer, HealthApi};
+use mendfs_data::heartbeat::{HealthSampler, HeartbeatWorker};
+use mendfs_data::registration::RegistrationWorker;
+use mendfs_data::scrub::ScrubWorker;
+use mendfs_meta::MetaNode;
+use mendfs_proto::v1::files_server::FilesServer;
+use mendfs_proto::v1::health_server::HealthServer;
+use mendfs_proto::v1::storage_server::StorageServer;
+use mendfs_proto::v1::telemetry_server::TelemetryServer;
+use mendfs_telemetry::grpc::RpcTraceLayer;
+use mendfs_telemetry::metrics::RequestMetrics;
+use mendfs_telemetry::service::TelemetryApi;
+use mendfs_types::NodeId;
+use mendfs_worker::{Background, OnFailure, WorkerStatus};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+
+pub use config::{parse_peers, ConfigError, NodeConfig};
+pub use telemetry::Telemetry;
+
+/// Why a node could not start, or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Start(String),
+    /// A worker the node cannot run without failed, and the node stopped.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// How long [`NodeHandle::stop`] waits for in-flight requests and workers before it gives up
+/// on them (a client streaming a watch, say).
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// Starts nodes.
+pub struct Node;
+
+impl Node {
+    /// Checks `config`, opens the node's stores, binds its listeners and starts everything.
+    /// A taken port or a bad setting fails here, before Raft starts.
+    pub async fn start(config: NodeConfig, telemetry: Telemetry) -> Result<NodeHandle, NodeError> {
+        let parts = config.parts()?;
+        let chunks = if parts.storage_role {
+            let store = ChunkStore::open(&config.data_dir.join("chunks"), mendfs_data::CHUNK_BYTES_MAX)
+                .map_err(|e| NodeError::Start(format!("open the chunk store in {}: {e}", config.data_dir.display())))?;
+            Some(Arc::new(LocalChunks::new(Arc::new(store), parts.data.orphan_grace, config.storage_capacity_bytes)))
+        } else {
+            None
+        };
+        let listener = tokio::net::TcpListener::bind(parts.listen)
+            .await
+            .map_err(|e| NodeError::Io { context: format!("cannot listen on {}", parts.listen), source: e })?;
+        let addr =
+            listener.local_addr().map_err(|e| NodeError::Io { context: "listener address".into(), source: e })?;
+        let http_listener = match &config.http {
+            Some(http) => Some(http::bind(http).await?),
+            None => None,
+        };
+        let http_addr = http_listener.as_ref().and_then(|listener| listener.local_addr().ok());
+
+        let background = Background::new();
+        let meta = MetaNode::start(parts.meta.clone(), &background).await.map_err(NodeError::Start)?;
+        let (node_service, kv_service) = mendfs_meta::services(&meta);
+        let (client_gate, node_gate) = mendfs_meta::gates(&meta);
+
+        let healer = Healer::new(meta.clone(), parts.healer.clone());
+        healer.spawn_workers(&background);
+        let sampler = HealthSampler::new(&config.data_dir, chunks.clone());
+        background.spawn_worker(
+            HeartbeatWorker::new(meta.clone(), healer.clone(), sampler, parts.health_interval),
+            OnFailure::Restart,
+        );
+        let storage_service = chunks.as_ref().map(|chunks| {
+            background.spawn_worker(RegistrationWorker::new(meta.clone(), &parts.data), OnFailure::Restart);
+            background
+                .spawn_worker(ScrubWorker::new(meta.clone(), chunks.clone(), parts.scrub.clone()), OnFailure::Restart);
+            background.spawn_worker(
+                GcWorker::new(meta.clone(), chunks.clone(), parts.data.orphan_grace, parts.data.gc_interval),
+                OnFailure::Restart,
+            );
+            InterceptedService::new(
+                StorageServer::new(ChunkService::new(chunks.clone(), meta.peers().clone()))
+                    .max_decoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024)
+                    .max_encoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024),
+                node_gate.clone(),
+            )
+        });
+        let health_service =
+            InterceptedService::new(HealthServer::new(HealthApi { healer: healer.clone() }), node_gate);
+        let cluster_service =
+            InterceptedService::new(ClusterApi::new(meta.clone(), healer.clone()), client_gate.clone());
+        let telemetry_service = InterceptedService::new(
+            TelemetryServer::new(TelemetryApi {
+                node_id: config.node_id,
+                spans: telemetry.spans.clone(),
+                logs: telemetry.logs.clone(),
+            })
+            .max_encoding_message_size(64 << 20),
+            client_gate.clone(),
+        );
+        let files_service = InterceptedService::new(
+            FilesServer::new(Coordinator::new(meta.clone(), parts.data.clone()))
+                .max_decoding_message_size(16 << 20)
+                .max_encoding_message_size(16 << 20),
+            client_gate,
+        );
+
+        let requests = Arc::new(RequestMetrics::new());
+        if let Some(listener) = http_listener {
+            let state = Arc::new(http::HttpState {
+                node: meta.clone(),
+                healer: healer.clone(),
+                storage: chunks,
+                requests: requests.clone(),
+                telemetry,
+                background: background.clone(),
+            });
+            background.spawn(http::serve(listener, state));
+        }
+        let serve = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .layer(RpcTraceLayer::new(requests))
+            .add_service(node_service)
+            .add_service(kv_service)
+            .add_service(cluster_service)
+            .add_optional_service(storage_service)
+            .add_service(health_service)
+            .add_service(files_service)
+            .add_service(telemetry_service)
+            .serve_with_incoming_shutdown(
+                // TCP_NODELAY on every accepted connection: replies are small, and Nagle's
+                // algorithm against the peer's delayed ACK would hold each one for ~40 ms.
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                background.stopping(),
+            );
+        let served = background.clone();
+        background.spawn(async move {
+            let result = serve.await;
+            // The node cannot work without its server: whatever ended it ends the node.
+            if !served.is_stopping() {
+                served.fail(format!("the gRPC server ended: {result:?}"));
+            } else if let Err(e) = result {
+                tracing::error!("gRPC server: {e}");
+            }
+        });
+        tracing::info!(%addr, "serving");
+        Ok(NodeHandle { id: config.node_id, addr, http_addr, meta, background })
+    }
+}
+
+/// A running node. Dropping it leaves the node running; [`NodeHandle::stop`] ends it.
+pub struct NodeHandle {
+    id: NodeId,
+    addr: SocketAddr,
+    http_addr: Option<SocketAddr>,
+    meta: MetaNode,
+    background: Background,
+}
+
+impl NodeHandle {
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The gRPC address the node listens on (the real port when the config asked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.meta.is_leader()
+    }
+
+    pub fn leader_id(&self) -> Option<NodeId> {
+        self.meta.leader_id()
+    }
+
+    /// What each background worker is doing.
+    pub fn workers(&self) -> Vec<WorkerStatus> {
+        self.background.workers()
+    }
+
+    /// Tasks of this node still running: its workers, its servers and their helpers.
+    pub fn tasks_running(&self) -> usize {
+        self.background.running()
+    }
+
+    /// Returns when the node stopped itself (a worker it cannot do without failed), with why.
+    pub async fn stopped(&self) -> NodeError {
+        self.background.stopping().await;
+        NodeError::Failed(self.background.fatal_error().unwrap_or_else(|| "the node stopped".into()))
+    }
+
+    /// Stops the node: the servers stop accepting and finish in-flight calls, Raft stops, and
+    /// every worker ends. Returns once nothing of the node runs, or after a grace period, with
+    /// why the node had stopped itself if it had.
+    pub async fn stop(self) -> Result<(), NodeError> {
+        tracing::info!(node = self.id, "stopping");
+        let fatal = self.background.fatal_error();
+        // Stop accepting first, so no new request reaches a Raft that is going away.
+        let stopping = self.background.stop(Duration::ZERO);
+        stopping.await;
+        self.meta.shutdown().await;
+        if !self.background.stop(STOP_GRACE).await {
+            tracing::warn!(
+                node = self.id,
+                running = self.background.running(),
+                "some tasks were still running {STOP_GRACE:?} after the stop"
+            );
+        }
+        match fatal {
+            Some(why) => Err(NodeError::Failed(why)),
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! What a node records about its own work: its span and log stores under
+//! `DATA_DIR/telemetry/`, and the optional OTLP export. The process-wide `tracing` subscriber
+//! that fills them is the binary's to install (one per process); a node in a test without one
+//! still serves its (empty) stores.
+
+use std::sync::Arc;
+
+use mendfs_telemetry::layer::Sinks;
+use mendfs_telemetry::otlp::OtlpExporter;
+use mendfs_telemetry::store::{LogStore, SpanStore};
+
+use crate::{NodeConfig, NodeError};
+
+#[derive(Clone)]
+pub struct Telemetry {
+    pub sinks: Arc<Sinks>,
+    pub spans: Arc<SpanStore>,
+    pub logs: Arc<LogStore>,
+    pub otlp: Option<OtlpExporter>,
+}
+
+impl Telemetry {
+    /// Opens the stores, bounded as `config` says, and starts the OTLP exporter if configured.
+    pub fn open(config: &NodeConfig) -> Result<Self, NodeError> {
+        let dir = config.data_dir.join("telemetry");
+        let spans = Arc::new(
+            SpanStore::open(&dir.join("spans"), config.span_store_bytes)
+                .map_err(|e| NodeError::Start(format!("open the span store: {e}")))?,
+        );
+        let logs = Arc::new(
+            LogStore::open(&dir.join("logs"), config.log_store_bytes)
+                .map_err(|e| NodeError::Start(format!("open the log store: {e}")))?,
+        );
+        let mut sinks = Sinks::new(config.node_id, Some(spans.clone()), Some(logs.clone()));
+        let otlp = match &config.otlp_endpoint {
+            Some(endpoint) => {
+                let exporter = OtlpExporter::start(endpoint, config.node_id).map_err(NodeError::Start)?;
+                let offered = exporter.clone();
+                sinks.span_listeners.push(Box::new(move |span| offered.offer(span)));
+                Some(exporter)
+            }
+            None => None,
+        };
+        Ok(Self { sinks: Arc::new(sinks), spans, logs, otlp })
+    }
+}
