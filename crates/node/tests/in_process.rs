@@ -1,0 +1,183 @@
+//! Several nodes in one test process, started and stopped through the library: the middle
+//! layer between the pure cores' unit tests and the real-process cluster tests. Each node gets
+//! its own loopback port and data directory; a stop through the handle plays a clean shutdown
+//! (the process tests play SIGKILL and SIGSTOP).
+
+use std::time::{Duration, Instant};
+
+use mendfs_client::{Client, ClientConfig};
+use mendfs_node::{Node, NodeConfig, NodeHandle, Telemetry};
+use mendfs_testkit::{free_port, stamped_bytes};
+use tempfile::TempDir;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+fn config(id: u64, port: u16, peers: &str, root: &std::path::Path) -> NodeConfig {
+    NodeConfig {
+        node_id: id,
+        listen: format!("127.0.0.1:{port}"),
+        data_dir: root.join(format!("node-{id}")),
+        peers: Some(peers.to_string()),
+        insecure_dev: true,
+        replication_factor: 2,
+        chunk_size_bytes: 64 << 10,
+        storage_capacity_bytes: Some(8 << 30),
+        health_interval_ms: 200,
+        acceptable_pause_ms: 600,
+        down_after_ms: 1_500,
+        repair_scan_interval_ms: 200,
+        span_store_bytes: 1 << 20,
+        log_store_bytes: 1 << 20,
+        ..NodeConfig::default()
+    }
+}
+
+async fn start(config: NodeConfig) -> NodeHandle {
+    let telemetry = Telemetry::open(&config).expect("telemetry stores");
+    Node::start(config, telemetry).await.expect("node starts")
+}
+
+/// Starts `n` voters that are also storage nodes; returns their configs (to restart them) and
+/// handles.
+async fn start_cluster(root: &TempDir, n: u64) -> (Vec<NodeConfig>, Vec<Option<NodeHandle>>) {
+    let ports: Vec<u16> = (0..n).map(|_| free_port().expect("free port")).collect();
+    let peers: Vec<String> = ports.iter().enumerate().map(|(i, port)| format!("{}=127.0.0.1:{port}", i + 1)).collect();
+    let peers = peers.join(",");
+    let configs: Vec<NodeConfig> =
+        ports.iter().enumerate().map(|(i, port)| config(i as u64 + 1, *port, &peers, root.path())).collect();
+    let mut handles = Vec::new();
+    for config in &configs {
+        handles.push(Some(start(config.clone()).await));
+    }
+    (configs, handles)
+}
+
+fn client(handles: &[Option<NodeHandle>]) -> Client {
+    let endpoints = handles.iter().flatten().map(|handle| handle.addr().to_string()).collect();
+    Client::new(ClientConfig::new(endpoints)).expect("client")
+}
+
+/// Polls `check` until it gives Some, failing after `DEADLINE` with the last thing it saw.
+async fn wait_for<T>(what: &str, mut check: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < DEADLINE {
+        match check().await {
+            Ok(value) => return value,
+            Err(seen) => last = seen,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after {DEADLINE:?} waiting for {what}; last seen: {last}");
+}
+
+fn alive_tasks() -> usize {
+    tokio::runtime::Handle::current().metrics().num_alive_tasks()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_in_one_process_detect_a_stopped_node_repair_it_and_stop_without_leftovers() {
+    let tasks_before = alive_tasks();
+    let root = tempfile::tempdir().expect("tempdir");
+    let (_configs, mut handles) = start_cluster(&root, 3).await;
+    let client = client(&handles);
+
+    wait_for("every storage node up", async || {
+        let status = client.status().await.map_err(|e| e.to_string())?;
+        let up = status.nodes.iter().filter(|n| n.storage && n.state == "up").count();
+        if up == 3 {
+            Ok(())
+        } else {
+            Err(format!("{:?}", status.nodes))
+        }
+    })
+    .await;
+    let content = stamped_bytes(7, 0, (1 << 20) + 123);
+    let reply = client
+        .put_file("/in-process/a", std::io::Cursor::new(content.clone()), Some(content.len() as u64), None, |_| {})
+        .await
+        .expect("put");
+    assert_eq!(reply.size, content.len() as u64);
+
+    // Stop a follower that holds copies, through its handle.
+    let leader = handles.iter().flatten().find(|h| h.is_leader()).map(|h| h.id()).expect("a leader");
+    let info = client.stat_file("/in-process/a").await.expect("stat");
+    let victim = (1..=3u64)
+        .filter(|id| *id != leader)
+        .find(|id| info.chunks.iter().any(|chunk| chunk.replicas.contains(id)))
+        .expect("a follower holds a copy");
+    drop(client);
+    let handle = handles[victim as usize - 1].take().expect("running");
+    handle.stop().await.expect("a clean stop");
+
+    let survivors = handles.iter().flatten().map(|h| h.addr().to_string()).collect();
+    let client = Client::new(ClientConfig::new(survivors)).expect("client");
+    wait_for("the stopped node down and every chunk back to two copies", async || {
+        let status = client.status().await.map_err(|e| e.to_string())?;
+        let state = status.nodes.iter().find(|n| n.id == victim).map(|n| n.state.clone()).unwrap_or_default();
+        let repaired = status.repair.as_ref().is_some_and(|job| job.finished_unix_ms.is_some());
+        if state == "down" && status.under_replicated_chunks == 0 && status.lost_chunks == 0 && repaired {
+            Ok(())
+        } else {
+            Err(format!(
+                "node {victim} {state}, {} under-replicated, repair {:?}",
+                status.under_replicated_chunks, status.repair
+            ))
+        }
+    })
+    .await;
+    let info = wait_for("no copy listed on the stopped node", async || {
+        let info = client.stat_file("/in-process/a").await.map_err(|e| e.to_string())?;
+        let clean = info.chunks.iter().all(|c| c.replicas.len() == 2 && !c.replicas.contains(&victim));
+        if clean {
+            Ok(info)
+        } else {
+            Err(format!("{:?}", info.chunks.iter().map(|c| &c.replicas).collect::<Vec<_>>()))
+        }
+    })
+    .await;
+    assert!(!info.chunks.is_empty());
+    let mut read = Vec::new();
+    client.get_file("/in-process/a", &mut read, |_, _| {}).await.expect("get after repair");
+    assert!(read == content, "the file reads back whole after repair");
+
+    drop(client);
+    for handle in handles.iter_mut().filter_map(Option::take) {
+        handle.stop().await.expect("a clean stop");
+    }
+    // Nothing of the nodes is left running: no worker, server, Raft task or peer connection.
+    wait_for("every task of the stopped nodes to end", async || {
+        let alive = alive_tasks();
+        if alive <= tasks_before {
+            Ok(())
+        } else {
+            Err(format!("{alive} tasks alive, {tasks_before} before"))
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_releases_its_files_and_port_and_restarts_with_its_data() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let port = free_port().expect("free port");
+    let mut config = config(1, port, &format!("1=127.0.0.1:{port}"), root.path());
+    config.replication_factor = 1;
+    let node = start(config.clone()).await;
+    let client = Client::new(ClientConfig::new(vec![node.addr().to_string()])).expect("client");
+    wait_for("a leader", async || client.set(b"k", b"before the stop", None, None).await.map_err(|e| e.to_string()))
+        .await;
+    drop(client);
+    node.stop().await.expect("a clean stop");
+
+    // The same directory (its redb files and chunk store lock) and the same port, at once.
+    let node = start(config).await;
+    let client = Client::new(ClientConfig::new(vec![node.addr().to_string()])).expect("client");
+    let kv = wait_for("the key after the restart", async || {
+        client.get(b"k").await.map_err(|e| e.to_string())?.ok_or_else(|| "no key yet".to_string())
+    })
+    .await;
+    assert_eq!(kv.value, b"before the stop");
+    drop(client);
+    node.stop().await.expect("a clean stop");
+}
