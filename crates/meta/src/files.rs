@@ -8,7 +8,7 @@
 //! Garbage collection never happens here: a chunk whose count drops to zero loses its record,
 //! and the storage nodes later delete copies that no record lists, after checking with the
 //! leader and only past a grace period in which a new write could still reference them (see
-//! `docs/ARCHITECTURE.md`, "Garbage collection").
+//! `docs/design/garbage-collection.md`).
 
 use mendfs_heal::detector::Liveness;
 use mendfs_types::{ChunkHash, NodeId};

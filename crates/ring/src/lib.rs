@@ -14,7 +14,7 @@
 //! second walk fill the remaining slots with further distinct nodes, whatever their zone. So a
 //! zone failure loses at most one copy whenever the cluster has enough zones.
 //!
-//! The ring proposes, the metadata records (docs/ARCHITECTURE.md): the placement computed here
+//! The ring proposes, the metadata records (docs/design/write-and-read-path.md): the placement computed here
 //! is used when a chunk is written and when repair needs a new target; where copies actually
 //! are is the metadata's business. Even so, every node must compute the same answer from the
 //! same membership, so the vnode positions (see [`Ring::with_vnodes`]) are a cluster-wide
