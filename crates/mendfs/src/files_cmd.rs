@@ -1,5 +1,6 @@
 //! `mendfs put|get|ls|rm|stat`: files. Progress bars on a terminal, quiet otherwise.
 
+use mendfs_types::hex;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -62,10 +63,6 @@ pub enum FileCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn progress_bar(total: Option<u64>) -> Option<ProgressBar> {

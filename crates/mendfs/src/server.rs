@@ -191,7 +191,7 @@ fn init_logging(format: &str, node_id: u64, sinks: Arc<Sinks>) -> Result<()> {
     use tracing_subscriber::Layer;
 
     let env_filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(mendfs_meta::DEFAULT_LOG_FILTER));
     let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let stderr = if format == "json" { stderr.json().boxed() } else { stderr.boxed() };
     let recorded = tracing_subscriber::filter::filter_fn(|metadata| {

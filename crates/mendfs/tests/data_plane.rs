@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+use mendfs_types::hex;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -78,10 +79,6 @@ async fn wait_until_writable(client: &Client) {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

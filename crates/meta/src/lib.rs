@@ -27,6 +27,10 @@ mod state;
 
 pub use mendfs_types::NodeId;
 
+/// The log filter a process embedding a metadata node starts from when `RUST_LOG` is unset:
+/// openraft reports every election and replication step at INFO, which drowns the node's own.
+pub const DEFAULT_LOG_FILTER: &str = "info,openraft=warn";
+
 openraft::declare_raft_types!(
     /// The openraft type configuration of the metadata cluster.
     pub(crate) TypeConfig:

@@ -139,6 +139,16 @@ impl Node {
             client_gate,
         );
 
+        if let Some(export) = telemetry.take_export() {
+            let stopping = background.stopping();
+            // Spans still queued at the stop are dropped: each is in the node's own store.
+            background.spawn(async move {
+                tokio::select! {
+                    _ = export => {}
+                    _ = stopping => {}
+                }
+            });
+        }
         let requests = Arc::new(RequestMetrics::new());
         if let Some(listener) = http_listener {
             let state = Arc::new(http::HttpState {

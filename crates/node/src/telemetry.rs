@@ -3,10 +3,10 @@
 //! that fills them is the binary's to install (one per process); a node in a test without one
 //! still serves its (empty) stores.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use mendfs_telemetry::layer::Sinks;
-use mendfs_telemetry::otlp::OtlpExporter;
+use mendfs_telemetry::otlp::{ExportLoop, OtlpExporter};
 use mendfs_telemetry::store::{LogStore, SpanStore};
 
 use crate::{NodeConfig, NodeError};
@@ -17,6 +17,8 @@ pub struct Telemetry {
     pub spans: Arc<SpanStore>,
     pub logs: Arc<LogStore>,
     pub otlp: Option<OtlpExporter>,
+    /// The OTLP export loop, until the node takes it to run among its tasks.
+    export: Arc<Mutex<Option<ExportLoop>>>,
 }
 
 impl Telemetry {
@@ -32,15 +34,20 @@ impl Telemetry {
                 .map_err(|e| NodeError::Start(format!("open the log store: {e}")))?,
         );
         let mut sinks = Sinks::new(config.node_id, Some(spans.clone()), Some(logs.clone()));
-        let otlp = match &config.otlp_endpoint {
+        let (otlp, export) = match &config.otlp_endpoint {
             Some(endpoint) => {
-                let exporter = OtlpExporter::start(endpoint, config.node_id).map_err(NodeError::Start)?;
+                let (exporter, export) = OtlpExporter::new(endpoint, config.node_id).map_err(NodeError::Start)?;
                 let offered = exporter.clone();
                 sinks.span_listeners.push(Box::new(move |span| offered.offer(span)));
-                Some(exporter)
+                (Some(exporter), Some(export))
             }
-            None => None,
+            None => (None, None),
         };
-        Ok(Self { sinks: Arc::new(sinks), spans, logs, otlp })
+        Ok(Self { sinks: Arc::new(sinks), spans, logs, otlp, export: Arc::new(Mutex::new(export)) })
+    }
+
+    /// The export loop, once: the node runs it until it stops.
+    pub(crate) fn take_export(&self) -> Option<ExportLoop> {
+        self.export.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
     }
 }

@@ -37,6 +37,9 @@ pub struct ExportCounters {
     pub failed_batches: AtomicU64,
 }
 
+/// The export loop: it ends when every exporter handle is gone.
+pub type ExportLoop = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// The request-path side: hands spans to the export task.
 #[derive(Clone)]
 pub struct OtlpExporter {
@@ -45,9 +48,10 @@ pub struct OtlpExporter {
 }
 
 impl OtlpExporter {
-    /// Starts the export task (on the current Tokio runtime) towards `endpoint`
-    /// (`http://HOST:4317`).
-    pub fn start(endpoint: &str, node_id: u64) -> Result<Self, String> {
+    /// An exporter towards `endpoint` (`http://HOST:4317`), and the export loop, which the
+    /// caller runs as a task of its own (a node runs it among its tracked tasks, so that a
+    /// stopped node leaves no exporter behind).
+    pub fn new(endpoint: &str, node_id: u64) -> Result<(Self, ExportLoop), String> {
         let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
         let channel = tonic::transport::Endpoint::from_shared(uri)
             .map_err(|e| format!("--otlp-endpoint {endpoint:?}: {e}"))?
@@ -56,8 +60,8 @@ impl OtlpExporter {
             .connect_lazy();
         let (queue, receiver) = mpsc::channel(QUEUE_SPANS);
         let counters = Arc::new(ExportCounters::default());
-        tokio::spawn(export_loop(TraceServiceClient::new(channel), receiver, node_id, counters.clone()));
-        Ok(OtlpExporter { queue, counters })
+        let export = Box::pin(export_loop(TraceServiceClient::new(channel), receiver, node_id, counters.clone()));
+        Ok((OtlpExporter { queue, counters }, export))
     }
 
     /// Queues a span for export without waiting.

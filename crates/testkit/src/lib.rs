@@ -280,7 +280,14 @@ impl Cluster {
                 command.args(["--storage-capacity-bytes", &bytes.to_string()]);
             }
         }
-        command.env_remove("MENDFS_SECRET").env("RUST_LOG", "info,openraft=warn");
+        // The node's settings are exactly the flags above: none leak in from the test's own
+        // environment (a `MENDFS_*` variable is a server setting, RUST_LOG its log filter).
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(|name| name.starts_with("MENDFS_")) {
+                command.env_remove(&name);
+            }
+        }
+        command.env_remove("RUST_LOG");
         Ok(command)
     }
 
