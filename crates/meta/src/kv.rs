@@ -91,6 +91,14 @@ pub(crate) fn create(
     put_key(store, key, value, None, session_id)
 }
 
+/// The refusal of a write that expected another version of the key (0: absent).
+fn version_mismatch(existing: Option<&KeyRecord>, expected_version: Option<u64>) -> Option<CommandError> {
+    let actual = existing.map_or(0, |record| record.version);
+    expected_version
+        .filter(|expected| *expected != actual)
+        .map(|expected| CommandError::VersionMismatch { expected, actual })
+}
+
 /// Sets `key`, if its version is still `expected_version` when one is given (0: absent).
 pub(crate) fn set(
     store: &mut impl StateStore,
@@ -100,11 +108,8 @@ pub(crate) fn set(
     session_id: Option<u64>,
 ) -> Result<CommandResult, StoreError> {
     let existing = get_key(store, key)?;
-    let actual = existing.as_ref().map_or(0, |record| record.version);
-    if let Some(expected) = expected_version {
-        if expected != actual {
-            return Ok(Err(CommandError::VersionMismatch { expected, actual }));
-        }
+    if let Some(refused) = version_mismatch(existing.as_ref(), expected_version) {
+        return Ok(Err(refused));
     }
     put_key(store, key, value, existing, session_id)
 }
@@ -116,11 +121,8 @@ pub(crate) fn delete(
     expected_version: Option<u64>,
 ) -> Result<CommandResult, StoreError> {
     let existing = get_key(store, key)?;
-    let actual = existing.as_ref().map_or(0, |record| record.version);
-    if let Some(expected) = expected_version {
-        if expected != actual {
-            return Ok(Err(CommandError::VersionMismatch { expected, actual }));
-        }
+    if let Some(refused) = version_mismatch(existing.as_ref(), expected_version) {
+        return Ok(Err(refused));
     }
     match existing {
         None => Ok(Ok(Outcome::Written { revision: current_revision(store)?, kv: None, deleted: false })),
