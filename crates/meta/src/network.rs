@@ -79,7 +79,7 @@ impl Interceptor for PeerInterceptor {
     }
 }
 
-pub type PeerClient = NodeClient<InterceptedService<Channel, PeerInterceptor>>;
+pub(crate) type PeerClient = NodeClient<InterceptedService<Channel, PeerInterceptor>>;
 
 /// Lazily connected channels to peers, one per address, shared by Raft replication and
 /// request forwarding (gRPC multiplexes calls over one HTTP/2 connection).
@@ -124,7 +124,7 @@ impl Peers {
         self.interceptor.clone()
     }
 
-    pub fn client(&self, addr: &str) -> Result<PeerClient, String> {
+    pub(crate) fn client(&self, addr: &str) -> Result<PeerClient, String> {
         let channel = self.channel(addr)?;
         Ok(NodeClient::with_interceptor(channel, self.interceptor.clone())
             .max_decoding_message_size(usize::MAX)

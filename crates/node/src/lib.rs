@@ -93,7 +93,14 @@ impl Node {
         let http_addr = http_listener.as_ref().and_then(|listener| listener.local_addr().ok());
 
         let background = Background::new();
-        let meta = MetaNode::start(parts.meta.clone(), &background).await.map_err(NodeError::Start)?;
+        let meta = match MetaNode::start(parts.meta.clone(), &background).await {
+            Ok(meta) => meta,
+            Err(e) => {
+                // Whatever of the node had started (its group-commit worker) goes with it.
+                background.stop(STOP_GRACE).await;
+                return Err(NodeError::Start(e));
+            }
+        };
         let (node_service, kv_service) = mendfs_meta::services(&meta);
         let (client_gate, node_gate) = mendfs_meta::gates(&meta);
 
@@ -246,8 +253,7 @@ impl NodeHandle {
         tracing::info!(node = self.id, "stopping");
         let fatal = self.background.fatal_error();
         // Stop accepting first, so no new request reaches a Raft that is going away.
-        let stopping = self.background.stop(Duration::ZERO);
-        stopping.await;
+        self.background.request_stop();
         self.meta.shutdown().await;
         if !self.background.stop(STOP_GRACE).await {
             tracing::warn!(

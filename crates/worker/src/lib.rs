@@ -236,11 +236,16 @@ impl Background {
         lock(&self.statuses).iter().map(|status| lock(status).clone()).collect()
     }
 
+    /// Tells every worker and task to stop, without waiting for them.
+    pub fn request_stop(&self) {
+        self.stop.cancel();
+        self.tracker.close();
+    }
+
     /// Stops every worker and task and waits until all have ended. Returns false if some were
     /// still running after `grace` (they are left to end on their own).
     pub async fn stop(&self, grace: Duration) -> bool {
-        self.stop.cancel();
-        self.tracker.close();
+        self.request_stop();
         tokio::time::timeout(grace, self.tracker.wait()).await.is_ok()
     }
 
