@@ -6,7 +6,7 @@
 //! itself, saying why the liveness view is missing, when the leader cannot be asked.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mendfs_meta::{request_origin, MetaNode, StorageNode};
 use mendfs_proto::v1 as pb;
@@ -21,6 +21,9 @@ use crate::healer::{Healer, HealthSnapshot};
 const INFO_TIMEOUT: Duration = Duration::from_millis(1_500);
 /// How long the leader has to build the status for another node.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(4);
+/// What building the status here takes at most (asking every member), kept in reserve when
+/// the leader is asked first.
+const LOCAL_STATUS_TIME: Duration = Duration::from_secs(2);
 
 pub struct ClusterApi {
     node: MetaNode,
@@ -32,17 +35,21 @@ impl ClusterApi {
         ClusterServer::new(Self { node, healer })
     }
 
-    /// Asks the leader for the status, as one forwarded call.
-    async fn status_from_leader(&self) -> Result<pb::StatusReply, String> {
+    /// Asks the leader for the status, as one forwarded call, leaving room before the caller's
+    /// deadline to answer from this node's own view if the leader does not.
+    async fn status_from_leader(&self, deadline: Option<Instant>) -> Result<pb::StatusReply, String> {
+        let timeout = deadline.map_or(FORWARD_TIMEOUT, |deadline| {
+            FORWARD_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()).saturating_sub(LOCAL_STATUS_TIME))
+        });
         let addr = self.node.leader_addr().ok_or("no leader is known")?;
         let peers = self.node.peers();
         let mut client =
             pb::cluster_client::ClusterClient::with_interceptor(peers.channel(&addr)?, peers.interceptor());
         let mut request = Request::new(pb::StatusRequest {});
         request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::AsciiMetadataValue::from_static("1"));
-        request.set_timeout(FORWARD_TIMEOUT);
-        match tokio::time::timeout(FORWARD_TIMEOUT, client.status(request)).await {
-            Err(_) => Err(format!("the leader at {addr} did not answer within {FORWARD_TIMEOUT:?}")),
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.status(request)).await {
+            Err(_) => Err(format!("the leader at {addr} did not answer within {timeout:?}")),
             Ok(Err(status)) => Err(format!("the leader at {addr}: {}", status.message())),
             Ok(Ok(reply)) => Ok(reply.into_inner()),
         }
@@ -53,7 +60,7 @@ impl ClusterApi {
         if !self.node.is_leader() {
             return Err(format!("node {} is not the leader (leader: {:?})", self.node.id(), self.node.leader_id()));
         }
-        self.healer.health_view().ok_or_else(|| {
+        self.healer.health_view().map_err(|e| e.to_string())?.ok_or_else(|| {
             "the leader has not finished its first failure-detection and repair scan yet (just elected?)".to_string()
         })
     }
@@ -206,7 +213,7 @@ impl Cluster for ClusterApi {
         let health = if self.node.is_leader() || origin.forwarded {
             self.local_health()
         } else {
-            match self.status_from_leader().await {
+            match self.status_from_leader(origin.deadline).await {
                 Ok(reply) => return Ok(Response::new(reply)),
                 Err(e) => Err(e),
             }

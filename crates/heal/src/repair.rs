@@ -17,7 +17,8 @@ use crate::planner::{urgency, ChunkPlan, CopyTask, DropTask, NodeState};
 use crate::NodeId;
 
 /// The repair the leader is running, checkpointed in Raft: a new leader continues the same
-/// job (its counters and start time) instead of starting over.
+/// job (its counters and start time) instead of starting over. Stored in the metadata with
+/// postcard, which encodes fields by position: append new fields at the end, never reorder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RepairJob {
     pub id: u64,
@@ -40,7 +41,7 @@ impl RepairJob {
 }
 
 /// Counts from one full scan of the chunk map.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScanSummary {
     pub chunks: u64,
     pub under_replicated: u64,

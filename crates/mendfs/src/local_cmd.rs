@@ -183,9 +183,16 @@ fn restart(dir: &Path, mut state: LocalState) -> Result<ExitCode> {
     let started = Instant::now();
     for node in &mut state.nodes {
         let log = mendfs_testkit::append_file(&node.log)?;
-        let child = std::process::Command::new(&binary)
+        let mut command = std::process::Command::new(&binary);
+        // The recorded flags are the node's settings: no MENDFS_* variable of this shell may
+        // change them.
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("MENDFS_") {
+                command.env_remove(name);
+            }
+        }
+        let child = command
             .args(&node.args)
-            .env_remove("MENDFS_SECRET")
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 /// Every setting of `mendfs server`. Precedence: the `--config` file, then `MENDFS_*` environment
 /// variables, then flags; what none sets keeps its default (see `mendfs_node::NodeConfig`).
+/// Serialized only to be merged over the file's settings.
 #[derive(Args, Debug, Default, Serialize)]
 pub struct ServerArgs {
     /// TOML file with any of the settings below (same names, with underscores).
@@ -144,15 +145,22 @@ impl ServerArgs {
     /// The node's settings: the file's, overridden by those given in the environment or as
     /// flags (clap has already let flags override the environment).
     pub fn node_config(&self) -> Result<NodeConfig> {
+        // Merged as JSON maps: JSON numbers hold every u64 a flag may give (TOML's stop at i64).
         let mut settings = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-                text.parse::<toml::Table>().with_context(|| format!("bad config file {}", path.display()))?
+                let table: toml::Table = text.parse().with_context(|| format!("bad config file {}", path.display()))?;
+                serde_json::to_value(table)?
             }
-            None => toml::Table::new(),
+            None => serde_json::json!({}),
         };
-        settings.extend(toml::Table::try_from(self).context("settings from flags")?);
-        let mut config: NodeConfig = toml::Value::Table(settings).try_into().with_context(|| match &self.config {
+        if let (Some(settings), serde_json::Value::Object(given)) =
+            (settings.as_object_mut(), serde_json::to_value(self)?)
+        {
+            // A flag or variable not given is null here, and leaves the file's setting alone.
+            settings.extend(given.into_iter().filter(|(_, value)| !value.is_null()));
+        }
+        let mut config: NodeConfig = serde_json::from_value(settings).with_context(|| match &self.config {
             Some(path) => format!("bad config file {}", path.display()),
             None => "bad settings".to_string(),
         })?;
@@ -191,7 +199,7 @@ fn init_logging(format: &str, node_id: u64, sinks: Arc<Sinks>) -> Result<()> {
     use tracing_subscriber::Layer;
 
     let env_filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(mendfs_meta::DEFAULT_LOG_FILTER));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(mendfs_node::DEFAULT_LOG_FILTER));
     let stderr = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let stderr = if format == "json" { stderr.json().boxed() } else { stderr.boxed() };
     let recorded = tracing_subscriber::filter::filter_fn(|metadata| {

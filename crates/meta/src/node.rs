@@ -8,7 +8,7 @@
 //! the leader in one envelope) and each typed method unpacks its own answer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -79,6 +79,10 @@ impl MetaConfig {
 }
 
 /// A request only the leader can serve; any other node forwards it.
+///
+/// Wire format: postcard numbers the variants by position, and nodes of two versions forward
+/// to each other during a rolling upgrade, so a variant is never removed or reordered; a
+/// retired one stays as a placeholder (`tests::leader_messages_keep_their_wire_numbers`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum LeaderRequest {
     Propose(Proposal),
@@ -112,6 +116,9 @@ pub(crate) enum LeaderRequest {
         node_id: NodeId,
         hashes: Vec<ChunkHash>,
     },
+    /// Retired: the health view was asked of the leader this way; `Cluster.Status` is now
+    /// forwarded whole. Kept so the variants after it keep their numbers; refused.
+    RetiredHealth,
     /// Drain or undrain a storage node.
     Drain {
         id: NodeId,
@@ -119,17 +126,32 @@ pub(crate) enum LeaderRequest {
     },
 }
 
-/// The leader's answer to a [`LeaderRequest`], one variant per request kind.
+/// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
+/// rule as for requests.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum LeaderResponse {
     Command(CommandResult),
-    Get { revision: u64, kv: Option<KeyValue> },
-    List { revision: u64, kvs: Vec<KeyValue>, truncated: bool },
-    KeepAlive { ttl_ms: u64 },
+    Get {
+        revision: u64,
+        kv: Option<KeyValue>,
+    },
+    List {
+        revision: u64,
+        kvs: Vec<KeyValue>,
+        truncated: bool,
+    },
+    KeepAlive {
+        ttl_ms: u64,
+    },
     Membership(Membership),
     File(Option<FileView>),
-    Files { files: Vec<FileView>, truncated: bool },
+    Files {
+        files: Vec<FileView>,
+        truncated: bool,
+    },
     Unreferenced(Vec<ChunkHash>),
+    /// Retired with `LeaderRequest::RetiredHealth`; never sent.
+    RetiredHealth,
     Drained,
 }
 
@@ -446,7 +468,10 @@ impl MetaNode {
             committed_index,
             leader_changes: Arc::default(),
         };
-        node.initialize_once().await?;
+        if let Err(e) = node.initialize_once().await {
+            node.shutdown().await;
+            return Err(e);
+        }
         background.spawn_worker(LeaderDuties { node: node.clone(), led_in_term: None }, OnFailure::Restart);
         background.spawn(node.clone().count_leader_changes(background.stopping()));
         Ok(node)
@@ -493,10 +518,6 @@ impl MetaNode {
 
     pub fn config(&self) -> &MetaConfig {
         &self.config
-    }
-
-    pub fn data_dir(&self) -> &Path {
-        &self.config.data_dir
     }
 
     /// Channels to other nodes, with the cluster secret and id on every call.
@@ -714,6 +735,9 @@ impl MetaNode {
                 }
                 Ok(LeaderResponse::Unreferenced(unreferenced))
             }
+            LeaderRequest::RetiredHealth => Err(ApiError::InvalidArgument(
+                "the health view is no longer forwarded this way; ask Cluster.Status (upgrade this node)".into(),
+            )),
             LeaderRequest::Drain { id, draining } => {
                 self.propose_here(Command::SetDraining { node_id: id, draining }).await?;
                 Ok(LeaderResponse::Drained)
@@ -1088,5 +1112,50 @@ impl MetaNode {
         command: Command,
     ) -> Result<Outcome, ApiError> {
         self.execute(origin, request_id, command).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wire_number<T: Serialize>(message: &T) -> u8 {
+        schema::encode(message).expect("encode")[0]
+    }
+
+    /// Nodes of two versions forward to each other: a variant's number is its wire identity.
+    #[test]
+    fn leader_messages_keep_their_wire_numbers() {
+        let requests = [
+            (LeaderRequest::Get { key: vec![] }, 1),
+            (LeaderRequest::KeepAlive { session_id: 1 }, 3),
+            (LeaderRequest::RemoveNode { id: 1 }, 5),
+            (LeaderRequest::UnreferencedChunks { node_id: 1, hashes: vec![] }, 8),
+            (LeaderRequest::RetiredHealth, 9),
+            (LeaderRequest::Drain { id: 1, draining: true }, 10),
+        ];
+        for (request, number) in requests {
+            assert_eq!(wire_number(&request), number, "{request:?}");
+        }
+        let responses = [
+            (LeaderResponse::KeepAlive { ttl_ms: 1 }, 3),
+            (LeaderResponse::Unreferenced(vec![]), 7),
+            (LeaderResponse::RetiredHealth, 8),
+            (LeaderResponse::Drained, 9),
+        ];
+        for (response, number) in responses {
+            assert_eq!(wire_number(&response), number, "{response:?}");
+        }
+        // Commands are in the Raft log on disk, forever.
+        let commands = [
+            (Command::InitCluster { cluster_id: String::new() }, 0),
+            (Command::SessionExpire { session_id: 1 }, 6),
+            (Command::DropReplica { hash: ChunkHash::from_bytes([1; 32]), node_id: 1 }, 10),
+            (Command::UnregisterStorageNode { node_id: 1 }, 13),
+            (Command::DropReplicas { drops: vec![] }, 15),
+        ];
+        for (command, number) in commands {
+            assert_eq!(wire_number(&command), number, "{command:?}");
+        }
     }
 }

@@ -194,9 +194,9 @@ impl MetaNode {
             request.set_timeout(timeout);
             client.info(request).await.map(|r| r.into_inner()).map_err(|s| s.message().to_string())
         };
-        tokio::time::timeout(timeout + Duration::from_millis(500), ask)
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")))
+        // The call's own timeout covers the answer; this one covers connecting as well.
+        let limit = timeout + Duration::from_millis(500);
+        tokio::time::timeout(limit, ask).await.unwrap_or_else(|_| Err(format!("no answer within {limit:?}")))
     }
 }
 

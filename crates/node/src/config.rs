@@ -207,6 +207,10 @@ impl NodeConfig {
                 self.node_id
             );
         }
+        ensure!(self.secret.as_ref().is_none_or(|secret| !secret.is_empty()), "the cluster secret is empty");
+        if let Some(http) = &self.http {
+            ensure!(http.parse::<SocketAddr>().is_ok(), "--http {http:?} is not IP:PORT");
+        }
         ensure!(
             self.secret.is_some() || self.insecure_dev,
             "no cluster secret: pass --secret-file FILE or set MENDFS_SECRET (or --insecure-dev for a local trial)"

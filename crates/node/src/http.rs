@@ -32,8 +32,11 @@ pub(crate) struct HttpState {
 
 /// Serves until the node stops. The listener is bound by the caller, so a taken port fails
 /// the start with a clear message.
-pub(crate) async fn serve(listener: tokio::net::TcpListener, state: Arc<HttpState>) {
-    let stopping = state.background.stopping();
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    state: Arc<HttpState>,
+    stopping: impl std::future::Future<Output = ()> + Send + 'static,
+) {
     let app = Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -130,7 +133,7 @@ fn scrape(state: &HttpState) -> Scrape {
     }
 
     // The cluster view exists on the leader only (its failure detector and repair scans).
-    if let Some(snapshot) = state.healer.health_view() {
+    if let Some(snapshot) = state.healer.health_view().ok().flatten() {
         scrape.gauge_family(
             "mendfs_node_phi",
             "Phi of each node's heartbeats, from the leader's failure detector",

@@ -38,10 +38,13 @@ use mendfs_telemetry::metrics::RequestMetrics;
 use mendfs_telemetry::service::TelemetryApi;
 use mendfs_types::NodeId;
 use mendfs_worker::{Background, OnFailure, WorkerStatus};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 
-pub use config::{parse_peers, ConfigError, NodeConfig};
+pub use config::{ConfigError, NodeConfig};
+pub use mendfs_meta::DEFAULT_LOG_FILTER;
 pub use telemetry::Telemetry;
 
 /// Why a node could not start, or stopped on its own.
@@ -73,7 +76,7 @@ impl Node {
     /// Checks `config`, opens the node's stores, binds its listeners and starts everything.
     /// A taken port or a bad setting fails here, before Raft starts.
     pub async fn start(config: NodeConfig, telemetry: Telemetry) -> Result<NodeHandle, NodeError> {
-        let parts = config.parts()?;
+        let mut parts = config.parts()?;
         let chunks = if parts.storage_role {
             let store = ChunkStore::open(&config.data_dir.join("chunks"), mendfs_data::CHUNK_BYTES_MAX)
                 .map_err(|e| NodeError::Start(format!("open the chunk store in {}: {e}", config.data_dir.display())))?;
@@ -86,6 +89,10 @@ impl Node {
             .map_err(|e| NodeError::Io { context: format!("cannot listen on {}", parts.listen), source: e })?;
         let addr =
             listener.local_addr().map_err(|e| NodeError::Io { context: "listener address".into(), source: e })?;
+        if config.advertise.is_none() && parts.listen.port() == 0 {
+            // Asked for any free port: others reach the one the system gave.
+            parts.meta.advertise_addr = addr.to_string();
+        }
         let http_listener = match &config.http {
             Some(http) => Some(http::bind(http).await?),
             None => None,
@@ -93,6 +100,18 @@ impl Node {
         let http_addr = http_listener.as_ref().and_then(|listener| listener.local_addr().ok());
 
         let background = Background::new();
+        // Stopping serving comes first and apart from the rest: in-flight calls still need Raft
+        // and the workers to finish (see `NodeHandle::stop`).
+        let serving = CancellationToken::new();
+        let stop_serving = || {
+            let (serving, stopping) = (serving.clone(), background.stopping());
+            async move {
+                tokio::select! {
+                    _ = serving.cancelled() => {}
+                    _ = stopping => {}
+                }
+            }
+        };
         let meta = match MetaNode::start(parts.meta.clone(), &background).await {
             Ok(meta) => meta,
             Err(e) => {
@@ -157,6 +176,7 @@ impl Node {
             });
         }
         let requests = Arc::new(RequestMetrics::new());
+        let mut servers = Vec::new();
         if let Some(listener) = http_listener {
             let state = Arc::new(http::HttpState {
                 node: meta.clone(),
@@ -166,7 +186,7 @@ impl Node {
                 telemetry,
                 background: background.clone(),
             });
-            background.spawn(http::serve(listener, state));
+            servers.push(tokio::spawn(http::serve(listener, state, stop_serving())));
         }
         let serve = tonic::transport::Server::builder()
             .tcp_nodelay(true)
@@ -182,20 +202,20 @@ impl Node {
                 // TCP_NODELAY on every accepted connection: replies are small, and Nagle's
                 // algorithm against the peer's delayed ACK would hold each one for ~40 ms.
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
-                background.stopping(),
+                stop_serving(),
             );
-        let served = background.clone();
-        background.spawn(async move {
+        let (served, stopped_serving) = (background.clone(), serving.clone());
+        servers.push(tokio::spawn(async move {
             let result = serve.await;
             // The node cannot work without its server: whatever ended it ends the node.
-            if !served.is_stopping() {
+            if !stopped_serving.is_cancelled() && !served.is_stopping() {
                 served.fail(format!("the gRPC server ended: {result:?}"));
             } else if let Err(e) = result {
                 tracing::error!("gRPC server: {e}");
             }
-        });
+        }));
         tracing::info!(%addr, "serving");
-        Ok(NodeHandle { id: config.node_id, addr, http_addr, meta, background })
+        Ok(NodeHandle { id: config.node_id, addr, http_addr, meta, background, serving, servers })
     }
 }
 
@@ -206,6 +226,9 @@ pub struct NodeHandle {
     http_addr: Option<SocketAddr>,
     meta: MetaNode,
     background: Background,
+    /// Cancelled first on a stop: the servers stop accepting and drain their calls.
+    serving: CancellationToken,
+    servers: Vec<JoinHandle<()>>,
 }
 
 impl NodeHandle {
@@ -246,13 +269,28 @@ impl NodeHandle {
         NodeError::Failed(self.background.fatal_error().unwrap_or_else(|| "the node stopped".into()))
     }
 
-    /// Stops the node: the servers stop accepting and finish in-flight calls, Raft stops, and
-    /// every worker ends. Returns once nothing of the node runs, or after a grace period, with
-    /// why the node had stopped itself if it had.
-    pub async fn stop(self) -> Result<(), NodeError> {
+    /// Stops the node in two phases. First the servers stop accepting and finish the calls in
+    /// flight, with Raft and the workers still running, so a client's upload or write that
+    /// arrived before the stop completes (bounded by a grace period: a watch streams forever).
+    /// Then every worker ends and Raft stops. Returns once nothing of the node runs, or after
+    /// a grace period, with why the node had stopped itself if it had.
+    pub async fn stop(mut self) -> Result<(), NodeError> {
         tracing::info!(node = self.id, "stopping");
         let fatal = self.background.fatal_error();
-        // Stop accepting first, so no new request reaches a Raft that is going away.
+        self.serving.cancel();
+        let servers = &mut self.servers;
+        let drained = tokio::time::timeout(STOP_GRACE, async {
+            for server in servers.iter_mut() {
+                let _ = server.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(node = self.id, "calls still in flight {STOP_GRACE:?} after the stop; cut off");
+        }
+        for server in &self.servers {
+            server.abort();
+        }
         self.background.request_stop();
         self.meta.shutdown().await;
         if !self.background.stop(STOP_GRACE).await {

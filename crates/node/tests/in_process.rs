@@ -181,3 +181,48 @@ async fn a_stopped_node_releases_its_files_and_port_and_restarts_with_its_data()
     drop(client);
     node.stop().await.expect("a clean stop");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upload_in_flight_when_its_coordinator_is_stopped_completes() {
+    use tokio::io::AsyncWriteExt;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    let (_configs, mut handles) = start_cluster(&root, 3).await;
+    let everyone = client(&handles);
+    wait_for("every storage node up", async || {
+        let status = everyone.status().await.map_err(|e| e.to_string())?;
+        let up = status.nodes.iter().filter(|n| n.storage && n.state == "up").count();
+        if up == 3 {
+            Ok(())
+        } else {
+            Err(format!("{:?}", status.nodes))
+        }
+    })
+    .await;
+    let leader = handles.iter().flatten().find(|h| h.is_leader()).map(|h| h.id()).expect("a leader");
+    let coordinator_id = (1..=3u64).find(|id| *id != leader).expect("a follower");
+    let coordinator = handles[coordinator_id as usize - 1].take().expect("running");
+    let through_it = Client::new(ClientConfig::new(vec![coordinator.addr().to_string()])).expect("client");
+
+    let content = stamped_bytes(11, 0, 16 << 20);
+    let (mut writer, reader) = tokio::io::duplex(64 << 10);
+    let size = content.len() as u64;
+    let upload =
+        tokio::spawn(async move { through_it.put_file("/in-process/drained", reader, Some(size), None, |_| {}).await });
+    // Well past what the client and the connection buffer: the coordinator is receiving.
+    writer.write_all(&content[..10 << 20]).await.expect("first part");
+    let stopping = tokio::spawn(coordinator.stop());
+    writer.write_all(&content[10 << 20..]).await.expect("the rest, while the node stops");
+    drop(writer);
+    let reply = upload.await.expect("upload task").expect("the upload the stop found in flight completes");
+    assert_eq!(reply.size, size);
+    stopping.await.expect("stop task").expect("a clean stop");
+
+    let mut read = Vec::new();
+    everyone.get_file("/in-process/drained", &mut read, |_, _| {}).await.expect("get from the others");
+    assert!(read == content, "the file reads back whole");
+    drop(everyone);
+    for handle in handles.iter_mut().filter_map(Option::take) {
+        handle.stop().await.expect("a clean stop");
+    }
+}

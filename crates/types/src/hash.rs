@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 /// BLAKE3 of a chunk's bytes. 32 bytes by construction: a hash of another length cannot be
 /// built, decoded from disk or taken off the wire.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ChunkHash([u8; 32]);
 
 /// Bytes or text that are not a chunk hash.

@@ -142,6 +142,7 @@ impl Background {
                 let set_state = |state| lock(&status).state = state;
                 let mut backoff = RESTART_BACKOFF_MIN;
                 loop {
+                    set_state(WorkerState::Busy);
                     let step = tokio::select! {
                         biased;
                         _ = background.stop.cancelled() => break,
@@ -153,7 +154,6 @@ impl Background {
                             backoff = RESTART_BACKOFF_MIN;
                             match step {
                                 Step::Busy => {
-                                    set_state(WorkerState::Busy);
                                     // Let other tasks run between steps of a busy worker.
                                     tokio::task::yield_now().await;
                                     continue;

@@ -147,9 +147,12 @@ impl Healer {
 
     /// The cluster's health as this node sees it while leading: None on a follower, and on a
     /// new leader until its first scan. The repair job comes from the committed state.
-    pub fn health_view(&self) -> Option<HealthSnapshot> {
-        let mut snapshot = self.shared().published.clone()?;
-        snapshot.repair_job = self.node.repair_job().ok().flatten();
-        Some(snapshot)
+    pub fn health_view(&self) -> Result<Option<HealthSnapshot>, mendfs_meta::ApiError> {
+        if !self.node.is_leader() {
+            return Ok(None);
+        }
+        let Some(mut snapshot) = self.shared().published.clone() else { return Ok(None) };
+        snapshot.repair_job = self.node.repair_job()?;
+        Ok(Some(snapshot))
     }
 }

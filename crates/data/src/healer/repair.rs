@@ -61,7 +61,7 @@ impl Worker for RepairWorker {
 
 impl Healer {
     /// One scan of the chunk map and one round of the work it found; says whether it did any.
-    pub async fn repair_once(&self) -> Result<bool, String> {
+    pub(super) async fn repair_once(&self) -> Result<bool, String> {
         let term = self.node.term();
         let storage = self.node.storage_nodes().map_err(|e| e.to_string())?;
         let addresses: HashMap<NodeId, String> = storage.iter().map(|n| (n.id, n.addr.clone())).collect();
@@ -153,17 +153,20 @@ impl Healer {
             let addresses = addresses.clone();
             tokio::spawn(
                 async move {
+                    // The copies are the dispatcher's: aborting it (a round cancelled when the
+                    // node stops) aborts them too, and it returns only once all have ended.
+                    let mut in_flight = tokio::task::JoinSet::new();
                     for copy in copies {
                         if !healer.node.is_leader() {
-                            return;
+                            break;
                         }
                         let wait = lock(&healer.throttle).reserve(Instant::now(), copy.size);
                         tokio::time::sleep(wait).await;
-                        let Ok(slot) = slots.clone().acquire_owned().await else { return };
+                        let Ok(slot) = slots.clone().acquire_owned().await else { break };
                         let healer = healer.clone();
                         let addresses = addresses.clone();
                         let done_tx = done_tx.clone();
-                        tokio::spawn(
+                        in_flight.spawn(
                             async move {
                                 let _slot = slot;
                                 match healer.replicate(&copy, &addresses).await {
@@ -177,6 +180,8 @@ impl Healer {
                             .in_current_span(),
                         );
                     }
+                    drop(done_tx);
+                    while in_flight.join_next().await.is_some() {}
                 }
                 .in_current_span(),
             )
