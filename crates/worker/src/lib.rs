@@ -23,7 +23,6 @@ use futures::FutureExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 /// What a worker does after a step of work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,70 +135,68 @@ impl Background {
         }));
         lock(&self.statuses).push(status.clone());
         let background = self.clone();
-        let span = tracing::info_span!("worker", worker = %name);
-        self.tracker.spawn(
-            async move {
-                let set_state = |state| lock(&status).state = state;
-                let mut backoff = RESTART_BACKOFF_MIN;
-                loop {
-                    set_state(WorkerState::Busy);
-                    let step = tokio::select! {
-                        biased;
-                        _ = background.stop.cancelled() => break,
-                        step = AssertUnwindSafe(worker.work()).catch_unwind() => step,
-                    };
-                    let failure = match step {
-                        Ok(Ok(step)) => {
-                            lock(&status).steps += 1;
-                            backoff = RESTART_BACKOFF_MIN;
-                            match step {
-                                Step::Busy => {
-                                    // Let other tasks run between steps of a busy worker.
-                                    tokio::task::yield_now().await;
-                                    continue;
-                                }
-                                Step::Idle(rest) => {
-                                    set_state(WorkerState::Idle);
-                                    tokio::select! {
-                                        _ = background.stop.cancelled() => break,
-                                        _ = tokio::time::sleep(rest) => continue,
-                                    }
-                                }
-                                Step::Done => {
-                                    set_state(WorkerState::Done);
-                                    return;
+        // No span around the loop: a worker's steps (a repair round, a scrub pass) are each a
+        // trace of their own, and a span open for the node's lifetime would make them one.
+        self.tracker.spawn(async move {
+            let set_state = |state| lock(&status).state = state;
+            let mut backoff = RESTART_BACKOFF_MIN;
+            loop {
+                set_state(WorkerState::Busy);
+                let step = tokio::select! {
+                    biased;
+                    _ = background.stop.cancelled() => break,
+                    step = AssertUnwindSafe(worker.work()).catch_unwind() => step,
+                };
+                let failure = match step {
+                    Ok(Ok(step)) => {
+                        lock(&status).steps += 1;
+                        backoff = RESTART_BACKOFF_MIN;
+                        match step {
+                            Step::Busy => {
+                                // Let other tasks run between steps of a busy worker.
+                                tokio::task::yield_now().await;
+                                continue;
+                            }
+                            Step::Idle(rest) => {
+                                set_state(WorkerState::Idle);
+                                tokio::select! {
+                                    _ = background.stop.cancelled() => break,
+                                    _ = tokio::time::sleep(rest) => continue,
                                 }
                             }
+                            Step::Done => {
+                                set_state(WorkerState::Done);
+                                return;
+                            }
                         }
-                        Ok(Err(error)) => error.0,
-                        Err(panic) => format!("panicked: {}", panic_message(&panic)),
-                    };
-                    {
-                        let mut status = lock(&status);
-                        status.steps += 1;
-                        status.failures += 1;
-                        status.last_error = Some(failure.clone());
-                        status.state = WorkerState::Failing;
                     }
-                    match on_failure {
-                        OnFailure::Restart => {
-                            tracing::error!(worker = %name, "worker failed, restarting in {backoff:?}: {failure}");
-                            tokio::select! {
-                                _ = background.stop.cancelled() => break,
-                                _ = tokio::time::sleep(backoff) => {}
-                            }
-                            backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+                    Ok(Err(error)) => error.0,
+                    Err(panic) => format!("panicked: {}", panic_message(&panic)),
+                };
+                {
+                    let mut status = lock(&status);
+                    status.steps += 1;
+                    status.failures += 1;
+                    status.last_error = Some(failure.clone());
+                    status.state = WorkerState::Failing;
+                }
+                match on_failure {
+                    OnFailure::Restart => {
+                        tracing::error!(worker = %name, "worker failed, restarting in {backoff:?}: {failure}");
+                        tokio::select! {
+                            _ = background.stop.cancelled() => break,
+                            _ = tokio::time::sleep(backoff) => {}
                         }
-                        OnFailure::StopNode => {
-                            background.fail(format!("worker {name} failed: {failure}"));
-                            break;
-                        }
+                        backoff = (backoff * 2).min(RESTART_BACKOFF_MAX);
+                    }
+                    OnFailure::StopNode => {
+                        background.fail(format!("worker {name} failed: {failure}"));
+                        break;
                     }
                 }
-                set_state(WorkerState::Stopped);
             }
-            .instrument(span),
-        );
+            set_state(WorkerState::Stopped);
+        });
     }
 
     /// Runs a task that is not a loop of steps (a server, a stream), tracked like a worker:
