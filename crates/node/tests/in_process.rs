@@ -71,6 +71,19 @@ async fn wait_for<T>(what: &str, mut check: impl AsyncFnMut() -> Result<T, Strin
     panic!("timed out after {DEADLINE:?} waiting for {what}; last seen: {last}");
 }
 
+async fn wait_for_storage_up(client: &Client, n: usize) {
+    wait_for("every storage node up", async || {
+        let status = client.status().await.map_err(|e| e.to_string())?;
+        let up = status.nodes.iter().filter(|node| node.storage && node.state == "up").count();
+        if up == n {
+            Ok(())
+        } else {
+            Err(format!("{:?}", status.nodes))
+        }
+    })
+    .await;
+}
+
 fn alive_tasks() -> usize {
     tokio::runtime::Handle::current().metrics().num_alive_tasks()
 }
@@ -82,16 +95,7 @@ async fn three_nodes_in_one_process_detect_a_stopped_node_repair_it_and_stop_wit
     let (_configs, mut handles) = start_cluster(&root, 3).await;
     let client = client(&handles);
 
-    wait_for("every storage node up", async || {
-        let status = client.status().await.map_err(|e| e.to_string())?;
-        let up = status.nodes.iter().filter(|n| n.storage && n.state == "up").count();
-        if up == 3 {
-            Ok(())
-        } else {
-            Err(format!("{:?}", status.nodes))
-        }
-    })
-    .await;
+    wait_for_storage_up(&client, 3).await;
     let content = stamped_bytes(7, 0, (1 << 20) + 123);
     let reply = client
         .put_file("/in-process/a", std::io::Cursor::new(content.clone()), Some(content.len() as u64), None, |_| {})
@@ -189,16 +193,7 @@ async fn an_upload_in_flight_when_its_coordinator_is_stopped_completes() {
     let root = tempfile::tempdir().expect("tempdir");
     let (_configs, mut handles) = start_cluster(&root, 3).await;
     let everyone = client(&handles);
-    wait_for("every storage node up", async || {
-        let status = everyone.status().await.map_err(|e| e.to_string())?;
-        let up = status.nodes.iter().filter(|n| n.storage && n.state == "up").count();
-        if up == 3 {
-            Ok(())
-        } else {
-            Err(format!("{:?}", status.nodes))
-        }
-    })
-    .await;
+    wait_for_storage_up(&everyone, 3).await;
     let leader = handles.iter().flatten().find(|h| h.is_leader()).map(|h| h.id()).expect("a leader");
     let coordinator_id = (1..=3u64).find(|id| *id != leader).expect("a follower");
     let coordinator = handles[coordinator_id as usize - 1].take().expect("running");

@@ -12,6 +12,8 @@ pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
 
+include!(concat!(env!("OUT_DIR"), "/operations.rs"));
+
 /// gRPC metadata key carrying the cluster secret on every call, node-to-node and client.
 pub const SECRET_HEADER: &str = "x-mendfs-secret";
 /// gRPC metadata key carrying the sender's cluster id on node-to-node calls, so that a node
@@ -76,5 +78,22 @@ mod tests {
         // A cause already in the message is not repeated.
         let status = tonic::Status::from_error(Box::new(Layer("disk full", None)));
         assert_eq!(status_with_cause(&status).matches("disk full").count(), 1);
+    }
+
+    #[test]
+    fn every_service_method_is_a_known_operation() {
+        for operation in [
+            "Node/AppendEntries",
+            "Kv/Watch",
+            "Cluster/Drain",
+            "Files/Put",
+            "Storage/ReplicateChunk",
+            "Health/Heartbeat",
+            "Telemetry/QueryLogs",
+            "KV/Put",
+        ] {
+            assert!(crate::OPERATIONS.contains(&operation), "{operation}");
+        }
+        assert!(crate::OPERATIONS.len() >= 30, "{:?}", crate::OPERATIONS);
     }
 }

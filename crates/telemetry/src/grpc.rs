@@ -27,6 +27,16 @@ pub fn operation_name(path: &str) -> &str {
     }
 }
 
+/// The label an RPC path counts under: its `Service/Method` if a proto defines it, else
+/// `unknown`. A fixed set, so that requests to made-up paths (from anyone, before any credential
+/// is checked) cannot add metric series or fill the span store.
+pub fn known_operation(path: &str) -> &'static str {
+    let op = operation_name(path);
+    mendfs_proto::OPERATIONS.iter().find(|known| **known == op).copied().unwrap_or(UNKNOWN_OPERATION)
+}
+
+pub const UNKNOWN_OPERATION: &str = "unknown";
+
 /// Calls that are the cluster's own background rhythm, not requests: Raft replication and
 /// elections, health heartbeats. Traced only when a caller sends a context (never, today);
 /// otherwise each would start a trace of its own many times a second and flood the store.
@@ -81,12 +91,14 @@ where
         // The instance that was polled ready serves this call; a fresh clone stays behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let op = operation_name(request.uri().path()).to_string();
+        let op = known_operation(request.uri().path());
         let traceparent =
             request.headers().get(TRACEPARENT_HEADER).and_then(|value| value.to_str().ok()).map(str::to_string);
         let metrics = self.metrics.clone();
         let started = Instant::now();
-        let span = if traceparent.is_none() && is_background(&op) {
+        // A path no service defines is answered `Unimplemented` by the router: counted, not
+        // traced.
+        let span = if (traceparent.is_none() && is_background(op)) || op == UNKNOWN_OPERATION {
             tracing::Span::none()
         } else {
             tracing::info_span!(
@@ -117,7 +129,7 @@ where
                         "transport".to_string()
                     }
                 };
-                metrics.observe(&op, &outcome, started.elapsed());
+                metrics.observe(op, &outcome, started.elapsed());
                 result
             }
             .instrument(span),
@@ -150,6 +162,15 @@ mod tests {
         assert_eq!(operation_name("/Storage/PrepareChunk"), "Storage/PrepareChunk");
         assert_eq!(operation_name("/odd"), "odd");
         assert_eq!(operation_name(""), "");
+    }
+
+    #[test]
+    fn only_defined_operations_get_a_label_of_their_own() {
+        assert_eq!(known_operation("/mendfs.v1.Files/Put"), "Files/Put");
+        assert_eq!(known_operation("/mendfs.v1.Node/AppendEntries"), "Node/AppendEntries");
+        for made_up in ["/x.Y/3f0c", "/mendfs.v1.Files/Putt", "", "/", "//", "/a/b/c"] {
+            assert_eq!(known_operation(made_up), UNKNOWN_OPERATION, "{made_up:?}");
+        }
     }
 
     #[test]
