@@ -221,3 +221,62 @@ async fn an_upload_in_flight_when_its_coordinator_is_stopped_completes() {
         handle.stop().await.expect("a clean stop");
     }
 }
+
+/// `mendfs_rpc_requests_total`'s `op` labels, from a scrape of `/metrics`.
+fn request_ops(http_addr: std::net::SocketAddr) -> std::collections::BTreeMap<String, f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(http_addr).expect("connect to --http");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {http_addr}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let mut ops = std::collections::BTreeMap::new();
+    for line in response.lines().filter(|line| line.starts_with("mendfs_rpc_requests_total{")) {
+        let op = line.split("op=\"").nth(1).and_then(|rest| rest.split('"').next()).expect("an op label");
+        let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).expect("a value");
+        *ops.entry(op.to_string()).or_default() += value;
+    }
+    ops
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_to_made_up_paths_without_credentials_add_no_metric_series() {
+    use tonic::codegen::http::uri::PathAndQuery;
+
+    let root = tempfile::tempdir().expect("tempdir");
+    let port = free_port().expect("free port");
+    let mut config = config(1, port, &format!("1=127.0.0.1:{port}"), root.path());
+    config.insecure_dev = false;
+    config.secret = Some("the cluster secret".into());
+    config.http = Some("127.0.0.1:0".into());
+    config.replication_factor = 1;
+    let node = start(config).await;
+    let http_addr = node.http_addr().expect("an HTTP address");
+    let mut client_config = ClientConfig::new(vec![node.addr().to_string()]);
+    client_config.secret = Some("the cluster secret".into());
+    let client = Client::new(client_config).expect("client");
+    wait_for("a leader", async || client.set(b"k", b"v", None, None).await.map_err(|e| e.to_string())).await;
+    let before = tokio::task::block_in_place(|| request_ops(http_addr));
+
+    const CALLS: u64 = 2_000;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", node.addr()))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    for i in 0..CALLS {
+        grpc.ready().await.expect("ready");
+        let path = PathAndQuery::try_from(format!("/x.Y{i}/M{}", i * 7919)).expect("path");
+        let codec = tonic_prost::ProstCodec::<mendfs_proto::v1::InfoRequest, mendfs_proto::v1::NodeInfo>::default();
+        let answer = grpc.unary(tonic::Request::new(mendfs_proto::v1::InfoRequest {}), path, codec).await;
+        assert_eq!(answer.expect_err("no such method").code(), tonic::Code::Unimplemented);
+    }
+
+    let after = tokio::task::block_in_place(|| request_ops(http_addr));
+    let new_ops: Vec<&String> = after.keys().filter(|op| !before.contains_key(*op)).collect();
+    assert!(new_ops.iter().all(|op| op.as_str() == "unknown"), "new op labels: {new_ops:?}");
+    assert!(after.get("unknown").copied().unwrap_or(0.0) >= CALLS as f64, "every made-up call is counted once");
+    drop(client);
+    node.stop().await.expect("a clean stop");
+}
