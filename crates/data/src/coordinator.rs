@@ -54,30 +54,13 @@ const READ_AHEAD_CHUNKS: usize = 2;
 const READ_MESSAGE_BYTES: usize = 1 << 20;
 /// Messages buffered per reader before the coordinator waits for the client.
 const READ_QUEUE_MESSAGES: usize = 8;
-pub const PATH_BYTES_MAX: usize = 4_096;
+pub use mendfs_meta::PATH_BYTES_MAX;
 
 type StorageRpc = StorageClient<InterceptedService<Channel, PeerInterceptor>>;
 
-/// Checks a file path: absolute, `/`-separated, no empty, `.` or `..` segments, no NUL.
+/// Checks a file path (see `mendfs_meta::validate_path`), as a gRPC answer.
 pub fn validate_path(path: &str) -> Result<(), Status> {
-    let fail = |why: &str| Err(Status::invalid_argument(format!("invalid path {path:?}: {why}")));
-    if path.len() > PATH_BYTES_MAX {
-        return fail(&format!("longer than {PATH_BYTES_MAX} bytes"));
-    }
-    if !path.starts_with('/') || path == "/" {
-        return fail("must start with / and name a file");
-    }
-    if path.contains('\0') {
-        return fail("contains a NUL byte");
-    }
-    for segment in path[1..].split('/') {
-        match segment {
-            "" => return fail("empty segment (// or a trailing /)"),
-            "." | ".." => return fail("contains . or .."),
-            _ => {}
-        }
-    }
-    Ok(())
+    mendfs_meta::validate_path(path).map_err(Status::invalid_argument)
 }
 
 #[derive(Clone)]

@@ -159,6 +159,7 @@ pub async fn scrub_pass(
                 missing.len() < MISSING_PER_PASS_MAX
             })
             .map_err(|e| e.to_string())?;
+        // Rows that are not chunk records are the repair scan's to report, once per round.
         Ok(missing)
     })
     .await

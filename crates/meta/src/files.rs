@@ -89,6 +89,32 @@ pub struct CommitFile {
     pub grace_ms: u64,
 }
 
+/// The longest file path, in bytes.
+pub const PATH_BYTES_MAX: usize = 4_096;
+
+/// Checks a file path: absolute, `/`-separated, no empty, `.` or `..` segments, no NUL; says
+/// what is wrong.
+pub fn validate_path(path: &str) -> Result<(), String> {
+    let fail = |why: &str| Err(format!("invalid path {path:?}: {why}"));
+    if path.len() > PATH_BYTES_MAX {
+        return fail(&format!("longer than {PATH_BYTES_MAX} bytes"));
+    }
+    if !path.starts_with('/') || path == "/" {
+        return fail("must start with / and name a file");
+    }
+    if path.contains('\0') {
+        return fail("contains a NUL byte");
+    }
+    for segment in path[1..].split('/') {
+        match segment {
+            "" => return fail("empty segment (// or a trailing /)"),
+            "." | ".." => return fail("contains . or .."),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 pub fn get_file(store: &impl StateStore, path: &str) -> Result<Option<FileRecord>, StoreError> {
     store.get(Table::Files, path.as_bytes())?.map(|bytes| decode(&bytes)).transpose()
 }
@@ -265,20 +291,27 @@ pub fn chunks_listed_on(store: &impl StateStore, node_id: u64) -> Result<u64, St
 }
 
 /// Calls `visit` for every chunk record in hash order, a page at a time so memory stays
-/// bounded; stops early when `visit` returns false.
+/// bounded; stops early when `visit` returns false. A row that is not a chunk record (a key
+/// that is not a hash, a value that does not decode) is skipped and counted, not an error: a
+/// scan that failed on it would fail forever, and repair would stop for every other chunk.
+/// Returns how many rows were skipped.
 pub fn for_each_chunk(
     store: &impl StateStore,
     mut visit: impl FnMut(ChunkHash, ChunkRecord) -> bool,
-) -> Result<(), StoreError> {
+) -> Result<u64, StoreError> {
+    let mut skipped = 0;
     const PAGE: usize = 4_096;
     let mut start: Vec<u8> = Vec::new();
     loop {
         let rows = store.range(Table::Chunks, &start, None, PAGE)?;
         let full = rows.len() == PAGE;
         for (key, value) in &rows {
-            let hash = ChunkHash::try_from(key.as_slice()).map_err(|e| StoreError(format!("chunk map key: {e}")))?;
-            if !visit(hash, decode(value)?) {
-                return Ok(());
+            let (Ok(hash), Ok(record)) = (ChunkHash::try_from(key.as_slice()), decode::<ChunkRecord>(value)) else {
+                skipped += 1;
+                continue;
+            };
+            if !visit(hash, record) {
+                return Ok(skipped);
             }
         }
         match rows.last() {
@@ -286,7 +319,7 @@ pub fn for_each_chunk(
                 start = last.clone();
                 start.push(0);
             }
-            _ => return Ok(()),
+            _ => return Ok(skipped),
         }
     }
 }
@@ -595,6 +628,25 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, 5_000);
+    }
+
+    #[test]
+    fn a_chunk_scan_skips_rows_that_are_not_chunk_records() {
+        let mut store = MemoryStore::default();
+        commit_file(&mut store, &commit("/a", vec![chunk(1, &[1]), chunk(3, &[2])], None), 1_000).unwrap().unwrap();
+        // What a bad forwarded command once left behind: a 3-byte key, and a value that does not decode.
+        store
+            .put(Table::Chunks, &[2; 3], &encode(&ChunkRecord { size: 1, refs: 1, replicas: vec![1] }).unwrap())
+            .unwrap();
+        store.put(Table::Chunks, &[2; 32], &[0xff; 5]).unwrap();
+        let mut seen = Vec::new();
+        let skipped = for_each_chunk(&store, |hash, _| {
+            seen.push(hash);
+            true
+        })
+        .unwrap();
+        assert_eq!(skipped, 2);
+        assert_eq!(seen, vec![ChunkHash::from_bytes([1; 32]), ChunkHash::from_bytes([3; 32])]);
     }
 
     #[test]

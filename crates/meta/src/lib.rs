@@ -24,6 +24,7 @@ mod raft_store;
 mod schema;
 mod service;
 mod state;
+mod validate;
 
 pub use mendfs_types::NodeId;
 
@@ -47,8 +48,8 @@ pub(crate) type Raft = openraft::Raft<TypeConfig>;
 
 pub use error::ApiError;
 pub use files::{
-    ChunkRecord, CommitFile, CommittedChunk, FileChunk, FileRecord, RepairJob, ReplicaAdded, ReplicaDrop, StorageNode,
-    PREPARE_GRACE_MS,
+    validate_path, ChunkRecord, CommitFile, CommittedChunk, FileChunk, FileRecord, RepairJob, ReplicaAdded,
+    ReplicaDrop, StorageNode, PATH_BYTES_MAX, PREPARE_GRACE_MS,
 };
 pub use network::{validate_node_addr, PeerInterceptor, Peers};
 pub use node::{FileCommitted, FileView, Membership, MetaConfig, MetaNode, Origin, RaftStatus, Role};

@@ -670,7 +670,11 @@ impl MetaNode {
 
     async fn serve_locally(&self, request: LeaderRequest) -> Result<LeaderResponse, ApiError> {
         match request {
-            LeaderRequest::Propose(proposal) => Ok(LeaderResponse::Command(self.propose(proposal).await?)),
+            LeaderRequest::Propose(proposal) => {
+                // Here, not only where clients enter: a forwarded proposal has seen no other check.
+                crate::validate::check_command(&self.config, &proposal.command)?;
+                Ok(LeaderResponse::Command(self.propose(proposal).await?))
+            }
             LeaderRequest::Get { key } => {
                 self.linearizable_barrier().await?;
                 let view = self.state.view().map_err(ApiError::internal)?;
@@ -926,8 +930,9 @@ impl MetaNode {
 
     /// Calls `visit` for every chunk record of this node's state machine, in hash order, from
     /// one consistent read; stops early when `visit` returns false. Blocking (it reads the
-    /// whole chunk map a page at a time): call it from `spawn_blocking`.
-    pub fn for_each_chunk(&self, visit: impl FnMut(ChunkHash, ChunkRecord) -> bool) -> Result<(), ApiError> {
+    /// whole chunk map a page at a time): call it from `spawn_blocking`. Returns how many rows
+    /// were skipped as not chunk records.
+    pub fn for_each_chunk(&self, visit: impl FnMut(ChunkHash, ChunkRecord) -> bool) -> Result<u64, ApiError> {
         let view = self.state.view().map_err(ApiError::internal)?;
         files::for_each_chunk(&view, visit).map_err(ApiError::internal)
     }

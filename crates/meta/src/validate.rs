@@ -1,0 +1,202 @@
+//! The limits every command must keep, checked on the leader before it is proposed, whoever
+//! sent it: a client through a node's own checks, or a peer's forwarded request, which no
+//! other check has seen. Refusing here keeps oversized or malformed records out of the log,
+//! where every replica would have to store and apply them forever.
+
+use crate::error::ApiError;
+use crate::files::validate_path;
+use crate::node::MetaConfig;
+use crate::state::Command;
+
+/// Sessions live at least this long and at most this long.
+pub const SESSION_TTL_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
+/// Chunks of one file version (a 64 MiB chunk makes that 64 TiB).
+pub const FILE_CHUNKS_MAX: usize = 1 << 20;
+/// Replicas listed for one chunk, and nodes in one drop's `keep`.
+const REPLICAS_MAX: usize = 64;
+/// Entries in one repair checkpoint or drop batch.
+const BATCH_ENTRIES_MAX: usize = 65_536;
+/// Short strings: a cluster id, a zone, a repair job's reason.
+const LABEL_BYTES_MAX: usize = 1_024;
+
+fn invalid(message: String) -> ApiError {
+    ApiError::InvalidArgument(message)
+}
+
+fn check_key(config: &MetaConfig, key: &[u8]) -> Result<(), ApiError> {
+    if key.is_empty() {
+        return Err(invalid("the key is empty".into()));
+    }
+    if key.len() > config.max_key_bytes {
+        return Err(invalid(format!(
+            "the key is {} bytes; the limit is {} bytes (max_key_bytes)",
+            key.len(),
+            config.max_key_bytes
+        )));
+    }
+    Ok(())
+}
+
+fn check_value(config: &MetaConfig, value: &[u8]) -> Result<(), ApiError> {
+    if value.len() > config.max_value_bytes {
+        return Err(invalid(format!(
+            "the value is {} bytes; the limit is {} bytes (max_value_bytes)",
+            value.len(),
+            config.max_value_bytes
+        )));
+    }
+    Ok(())
+}
+
+fn check_len(what: &str, len: usize, max: usize) -> Result<(), ApiError> {
+    if len > max {
+        return Err(invalid(format!("{what}: {len} is more than the limit of {max}")));
+    }
+    Ok(())
+}
+
+/// Checks `command` against the limits of `config`; says what is wrong.
+pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<(), ApiError> {
+    match command {
+        Command::InitCluster { cluster_id } => check_len("cluster id bytes", cluster_id.len(), LABEL_BYTES_MAX),
+        Command::Create { key, value, .. } | Command::Set { key, value, .. } => {
+            check_key(config, key)?;
+            check_value(config, value)
+        }
+        Command::Delete { key, .. } => check_key(config, key),
+        Command::SessionOpen { ttl_ms } => {
+            if SESSION_TTL_MS.contains(ttl_ms) {
+                Ok(())
+            } else {
+                Err(invalid(format!("session TTL {ttl_ms} ms is outside 100 ms ..= 1 h")))
+            }
+        }
+        Command::SessionClose { .. } | Command::SessionExpire { .. } => Ok(()),
+        Command::RegisterStorageNode { node } => {
+            crate::network::validate_node_addr(&node.addr).map_err(invalid)?;
+            check_len("zone bytes", node.zone.len(), LABEL_BYTES_MAX)
+        }
+        Command::CommitFile(commit) => {
+            validate_path(&commit.path).map_err(invalid)?;
+            check_len("chunks in one file", commit.chunks.len(), FILE_CHUNKS_MAX)?;
+            if commit.content_hash.len() != 32 {
+                return Err(invalid(format!("a content hash is 32 bytes, not {}", commit.content_hash.len())));
+            }
+            let mut size = 0u64;
+            for chunk in &commit.chunks {
+                if chunk.replicas.is_empty() {
+                    return Err(invalid(format!("chunk {} has no replica", chunk.hash)));
+                }
+                check_len("replicas of one chunk", chunk.replicas.len(), REPLICAS_MAX)?;
+                size = size.saturating_add(chunk.size);
+            }
+            if size != commit.size {
+                return Err(invalid(format!("the chunks add up to {size} bytes, the file says {}", commit.size)));
+            }
+            Ok(())
+        }
+        Command::DeleteFile { path, .. } => validate_path(path).map_err(invalid),
+        Command::DropReplica { .. }
+        | Command::SetNodeLiveness { .. }
+        | Command::SetDraining { .. }
+        | Command::UnregisterStorageNode { .. } => Ok(()),
+        Command::AddReplicas { added, .. } => check_len("replicas added in one entry", added.len(), BATCH_ENTRIES_MAX),
+        Command::DropReplicas { drops } => {
+            check_len("replicas dropped in one entry", drops.len(), BATCH_ENTRIES_MAX)?;
+            for drop in drops {
+                check_len("nodes one drop keeps", drop.keep.len(), REPLICAS_MAX)?;
+            }
+            Ok(())
+        }
+        Command::RecordRepairJob(job) => check_len("repair reason bytes", job.reason.len(), LABEL_BYTES_MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::files::{CommitFile, CommittedChunk, StorageNode};
+    use mendfs_heal::detector::Liveness;
+    use mendfs_types::ChunkHash;
+
+    fn config() -> MetaConfig {
+        MetaConfig::new(1, "127.0.0.1:1".into(), "/tmp/x".into())
+    }
+
+    fn commit(path: &str, chunks: Vec<CommittedChunk>, size: u64) -> Command {
+        Command::CommitFile(CommitFile {
+            path: path.into(),
+            size,
+            mtime_ms: 0,
+            content_hash: vec![0; 32],
+            chunks,
+            expected_version: None,
+            prepared_at_ms: 0,
+            grace_ms: 1,
+        })
+    }
+
+    fn chunk(size: u64, replicas: Vec<u64>) -> CommittedChunk {
+        CommittedChunk { hash: ChunkHash::of(b"c"), size, replicas }
+    }
+
+    #[test]
+    fn commands_within_the_limits_pass() {
+        let config = config();
+        let good = [
+            Command::Set { key: b"k".to_vec(), value: vec![0; 1 << 20], expected_version: None, session_id: None },
+            Command::SessionOpen { ttl_ms: 100 },
+            commit("/a/b", vec![chunk(3, vec![1, 2]), chunk(4, vec![2])], 7),
+            Command::DeleteFile { path: "/a".into(), expected_version: None },
+        ];
+        for command in good {
+            assert_eq!(check_command(&config, &command), Ok(()), "{command:?}");
+        }
+    }
+
+    /// What a forwarded request could otherwise put into the log: each is refused by name.
+    #[test]
+    fn commands_past_the_limits_are_refused_saying_why() {
+        let config = config();
+        let storage_node = |addr: &str, zone: String| StorageNode {
+            id: 9,
+            addr: addr.into(),
+            zone,
+            weight: 100,
+            draining: false,
+            liveness: Liveness::Up,
+        };
+        let bad = [
+            (Command::Create { key: vec![], value: vec![], session_id: None }, "the key is empty"),
+            (
+                Command::Set { key: vec![1; 4_097], value: vec![], expected_version: None, session_id: None },
+                "max_key_bytes",
+            ),
+            (
+                Command::Set {
+                    key: b"k".to_vec(),
+                    value: vec![0; (1 << 20) + 1],
+                    expected_version: None,
+                    session_id: None,
+                },
+                "max_value_bytes",
+            ),
+            (Command::SessionOpen { ttl_ms: 0 }, "session TTL"),
+            (commit("relative", vec![], 0), "invalid path"),
+            (commit("/a/../b", vec![], 0), "invalid path"),
+            (commit("/a", vec![chunk(3, vec![])], 3), "no replica"),
+            (commit("/a", vec![chunk(3, vec![1])], 4), "add up to"),
+            (
+                commit("/a", vec![chunk(3, vec![1]); FILE_CHUNKS_MAX + 1], 3 * (FILE_CHUNKS_MAX as u64 + 1)),
+                "chunks in one file",
+            ),
+            (Command::RegisterStorageNode { node: storage_node("not an address", "z".into()) }, "HOST:PORT"),
+            (Command::RegisterStorageNode { node: storage_node("127.0.0.1:1", "z".repeat(2_000)) }, "zone bytes"),
+        ];
+        for (command, why) in bad {
+            let refused = check_command(&config, &command).expect_err(why);
+            assert!(matches!(refused, ApiError::InvalidArgument(_)), "{refused:?}");
+            assert!(refused.to_string().contains(why), "{refused} should say {why:?}");
+        }
+    }
+}
