@@ -316,6 +316,8 @@ async fn run_locked(client: &Client, name: &str, ttl: Duration, command: &[Strin
         let mut child = tokio::process::Command::new(&command[0])
             .args(&command[1..])
             .env("MENDFS_LOCK_TOKEN", token.to_string())
+            // The command gets its fencing token, not this shell's key to the whole cluster.
+            .env_remove("MENDFS_SECRET")
             .spawn()
             .with_context(|| format!("cannot run {}", command[0]))?;
         let status = tokio::select! {

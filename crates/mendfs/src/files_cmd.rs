@@ -95,11 +95,23 @@ fn file_json(info: &FileInfo) -> serde_json::Value {
     })
 }
 
-/// Where a download goes: a temporary file beside the target, renamed into place only when
-/// complete and verified, so a failed download never leaves a partial file behind.
-fn temporary_beside(target: &Path) -> PathBuf {
+/// Where a download goes: a new temporary file beside the target, renamed into place only when
+/// complete and verified, so a failed download never leaves a partial file behind. Created
+/// exclusively under an unpredictable name: a name planted in advance (a symlink to a file of
+/// the user's) is never opened, let alone truncated.
+fn temporary_beside(target: &Path) -> Result<tempfile::NamedTempFile> {
+    use std::os::unix::fs::PermissionsExt;
     let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "download".into());
-    target.with_file_name(format!(".{name}.mendfs-partial-{}", std::process::id()))
+    let dir = match target.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    tempfile::Builder::new()
+        .prefix(&format!(".{name}.mendfs-partial-"))
+        // What a plain create would give, less the umask.
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))
 }
 
 pub async fn run(command: FileCommand) -> Result<ExitCode> {
@@ -158,22 +170,17 @@ pub async fn run(command: FileCommand) -> Result<ExitCode> {
                 client.get_file(&remote, &mut stdout, &mut progress).await.with_context(|| format!("get {remote}"))?;
             } else {
                 let target = PathBuf::from(&local);
-                let partial = temporary_beside(&target);
-                let mut file = tokio::fs::File::create(&partial)
-                    .await
-                    .with_context(|| format!("cannot create {}", partial.display()))?;
+                let (file, partial) = temporary_beside(&target)?.into_parts();
+                let mut file = tokio::fs::File::from_std(file);
                 let result = client.get_file(&remote, &mut file, &mut progress).await;
                 let result = match result {
+                    // Durable before it takes the target's name.
                     Ok(_) => file.sync_all().await.context("fsync the download"),
                     Err(e) => Err(anyhow::Error::new(e)),
                 };
-                if let Err(e) = result {
-                    let _ = tokio::fs::remove_file(&partial).await;
-                    return Err(e.context(format!("get {remote}")));
-                }
-                tokio::fs::rename(&partial, &target)
-                    .await
-                    .with_context(|| format!("cannot move the download to {local}"))?;
+                // On failure, dropping `partial` deletes it.
+                result.with_context(|| format!("get {remote}"))?;
+                partial.persist(&target).with_context(|| format!("cannot move the download to {local}"))?;
             }
             if let Some(bar) = bar {
                 bar.finish_and_clear();

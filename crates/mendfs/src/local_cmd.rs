@@ -63,8 +63,55 @@ struct LocalNode {
 const STATE_FILE: &str = "local.json";
 const VOTERS_MAX: usize = 3;
 
-fn default_dir() -> PathBuf {
-    std::env::temp_dir().join("mendfs-local")
+/// A per-user directory: the runtime directory when the session has one, else under the
+/// home directory. Never a shared, predictable name in /tmp, where another user could plant
+/// a `local.json` that `up` would run.
+fn default_dir() -> Result<PathBuf> {
+    if let Some(runtime) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from).filter(|p| p.is_absolute()) {
+        return Ok(runtime.join("mendfs-local"));
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).filter(|p| p.is_absolute());
+    let home = home.context("neither XDG_RUNTIME_DIR nor HOME is set: pass --dir")?;
+    Ok(home.join(".local/share/mendfs/local"))
+}
+
+/// Refuses a path that another user owns or could change: `up` runs what `local.json` says
+/// and keeps the secret beside it.
+fn check_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::symlink_metadata(path).with_context(|| format!("cannot inspect {}", path.display()))?;
+    let me = rustix::process::geteuid().as_raw();
+    anyhow::ensure!(
+        metadata.uid() == me,
+        "{} belongs to user {}, not to you (user {me}): refusing to use it",
+        path.display(),
+        metadata.uid()
+    );
+    anyhow::ensure!(
+        metadata.mode() & 0o022 == 0,
+        "{} can be changed by other users (mode {:o}): refusing to use it",
+        path.display(),
+        metadata.mode() & 0o7777
+    );
+    Ok(())
+}
+
+/// Creates the cluster directory (0700) or checks that an existing one is private to this user.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    check_private(dir)?;
+    let state = dir.join(STATE_FILE);
+    if std::fs::symlink_metadata(&state).is_ok() {
+        check_private(&state)?;
+    }
+    Ok(())
 }
 
 /// Whether `pid` is a `mendfs server` of the cluster in `dir` (not a recycled pid).
@@ -97,8 +144,12 @@ pub async fn run(command: LocalCommand) -> Result<ExitCode> {
 
 fn up(args: UpArgs) -> Result<ExitCode> {
     anyhow::ensure!((1..=16).contains(&args.nodes), "--nodes must be within 1 ..= 16");
-    let dir = args.dir.unwrap_or_else(default_dir);
+    let dir = match args.dir {
+        Some(dir) => dir,
+        None => default_dir()?,
+    };
     let dir = if dir.is_absolute() { dir } else { std::env::current_dir()?.join(dir) };
+    private_dir(&dir)?;
     if let Some(state) = read_state(&dir)? {
         if state.nodes.iter().any(|n| is_our_node(n.pid, &dir)) {
             bail!(
@@ -226,8 +277,15 @@ fn print_usage(dir: &Path, state: &LocalState) {
 }
 
 fn down(args: DownArgs) -> Result<ExitCode> {
-    let dir = args.dir.unwrap_or_else(default_dir);
+    let dir = match args.dir {
+        Some(dir) => dir,
+        None => default_dir()?,
+    };
     let dir = if dir.is_absolute() { dir } else { std::env::current_dir()?.join(dir) };
+    if dir.exists() {
+        // `down` signals the pids `local.json` names: only a file of this user's is believed.
+        private_dir(&dir)?;
+    }
     let Some(state) = read_state(&dir)? else {
         if args.purge && dir.exists() {
             bail!("{} has no {STATE_FILE}: not a local cluster's directory; not deleting it", dir.display());

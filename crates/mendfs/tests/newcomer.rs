@@ -95,6 +95,12 @@ fn local_up_gives_endpoints_that_work_and_local_down_leaves_no_process() {
         .unwrap();
     let stdout = String::from_utf8_lossy(&up.stdout).into_owned();
     assert!(up.status.success(), "local up failed: {}\n{stdout}", String::from_utf8_lossy(&up.stderr));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cluster_dir), 0o700, "the cluster directory is the user's alone");
+        assert_eq!(mode(&cluster_dir.join("secret")), 0o600, "the secret is the user's alone");
+    }
     let endpoints = stdout
         .lines()
         .find_map(|l| l.strip_prefix("export MENDFS_ENDPOINTS="))
@@ -150,4 +156,39 @@ fn local_up_gives_endpoints_that_work_and_local_down_leaves_no_process() {
     assert!(down.status.success(), "local down --purge: {}", String::from_utf8_lossy(&down.stderr));
     assert!(processes_in(&cluster_dir).is_empty());
     assert!(!cluster_dir.exists());
+}
+
+/// `local up` runs what `local.json` says: it refuses one that another user could have written.
+#[test]
+fn local_up_refuses_a_directory_or_state_file_others_can_change() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let planted = dir.path().join("planted");
+    std::fs::create_dir(&planted).unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::write(planted.join("local.json"), r#"{"endpoints":"","secret_file":null,"nodes":[]}"#).unwrap();
+    std::fs::set_permissions(planted.join("local.json"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let up = Command::new(binary()).args(["local", "up", "--dir"]).arg(&planted).output().unwrap();
+    assert!(!up.status.success());
+    assert!(
+        String::from_utf8_lossy(&up.stderr).contains("can be changed by other users"),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let up = Command::new(binary()).args(["local", "up", "--dir"]).arg(&shared).output().unwrap();
+    assert!(!up.status.success());
+    assert!(String::from_utf8_lossy(&up.stderr).contains("can be changed by other users"));
+
+    // Owned by someone else (checked where the test can give a file away: as root).
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    if std::os::unix::fs::chown(&theirs, Some(65_534), Some(65_534)).is_ok() {
+        let up = Command::new(binary()).args(["local", "up", "--dir"]).arg(&theirs).output().unwrap();
+        assert!(!up.status.success());
+        assert!(String::from_utf8_lossy(&up.stderr).contains("not to you"), "{}", String::from_utf8_lossy(&up.stderr));
+    }
 }

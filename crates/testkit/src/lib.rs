@@ -7,7 +7,9 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::io::Write as _;
 use std::net::TcpListener;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -180,7 +182,14 @@ impl Cluster {
         };
         let secret_file = if options.secure {
             let path = root.join("secret");
-            std::fs::write(&path, format!("{}\n", random_secret())).context("write the secret file")?;
+            // Readable by this user only: whoever reads it can do anything to the cluster.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("create the secret file {}", path.display()))?;
+            writeln!(file, "{}", random_secret()).context("write the secret file")?;
             Some(path)
         } else {
             None
