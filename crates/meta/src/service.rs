@@ -261,29 +261,14 @@ impl KvApi {
         Ok(response)
     }
 
+    /// Refused here, where the client enters, before anything is forwarded; the leader checks
+    /// again (`validate`), since a forwarded request may come from elsewhere.
     fn check_key(&self, key: &[u8]) -> Result<(), ApiError> {
-        if key.is_empty() {
-            return Err(ApiError::InvalidArgument("the key is empty".into()));
-        }
-        if key.len() > self.node.config.max_key_bytes {
-            return Err(ApiError::InvalidArgument(format!(
-                "the key is {} bytes; the limit is {} bytes (max_key_bytes)",
-                key.len(),
-                self.node.config.max_key_bytes
-            )));
-        }
-        Ok(())
+        crate::validate::check_key(&self.node.config, key)
     }
 
     fn check_value(&self, value: &[u8]) -> Result<(), ApiError> {
-        if value.len() > self.node.config.max_value_bytes {
-            return Err(ApiError::InvalidArgument(format!(
-                "the value is {} bytes; the limit is {} bytes (max_value_bytes)",
-                value.len(),
-                self.node.config.max_value_bytes
-            )));
-        }
-        Ok(())
+        crate::validate::check_value(&self.node.config, value)
     }
 
     async fn command(&self, origin: Origin, id: Option<pb::RequestId>, command: Command) -> Result<Outcome, Status> {
@@ -390,9 +375,7 @@ impl Kv for KvApi {
     ) -> Result<Response<pb::SessionOpenReply>, Status> {
         let origin = request_origin(&request);
         let open = request.into_inner();
-        if !(100..=3_600_000).contains(&open.ttl_ms) {
-            return Err(Status::invalid_argument(format!("session TTL {} ms is outside 100 ms ..= 1 h", open.ttl_ms)));
-        }
+        crate::validate::check_command(&self.node.config, &Command::SessionOpen { ttl_ms: open.ttl_ms })?;
         match self.command(origin, open.request_id, Command::SessionOpen { ttl_ms: open.ttl_ms }).await? {
             Outcome::SessionOpened { session_id, ttl_ms } => {
                 Ok(Response::new(pb::SessionOpenReply { session_id, ttl_ms }))

@@ -23,7 +23,7 @@ fn invalid(message: String) -> ApiError {
     ApiError::InvalidArgument(message)
 }
 
-fn check_key(config: &MetaConfig, key: &[u8]) -> Result<(), ApiError> {
+pub(crate) fn check_key(config: &MetaConfig, key: &[u8]) -> Result<(), ApiError> {
     if key.is_empty() {
         return Err(invalid("the key is empty".into()));
     }
@@ -37,7 +37,7 @@ fn check_key(config: &MetaConfig, key: &[u8]) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn check_value(config: &MetaConfig, value: &[u8]) -> Result<(), ApiError> {
+pub(crate) fn check_value(config: &MetaConfig, value: &[u8]) -> Result<(), ApiError> {
     if value.len() > config.max_value_bytes {
         return Err(invalid(format!(
             "the value is {} bytes; the limit is {} bytes (max_value_bytes)",
