@@ -408,3 +408,50 @@ async fn spans_reach_an_otlp_collector_even_when_it_first_refuses_them() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Calls with a wrong secret, from anyone who reaches the port, are refused and counted, but
+/// neither traced nor logged one line each: they must not push real records out of the node's
+/// bounded stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_calls_are_counted_but_neither_traced_nor_logged_one_by_one() {
+    const REFUSED: u64 = 2_000;
+    let (cluster, http) = tokio::task::block_in_place(|| start_with_http(1, &["--replication-factor", "1"]));
+    let telemetry = cluster.nodes[&1].data_dir.join("telemetry");
+    let dir_bytes = |dir: &Path| -> u64 {
+        std::fs::read_dir(dir).unwrap().filter_map(|e| e.ok()).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum()
+    };
+    let good = client_at(&cluster, cluster.endpoint_list(), None);
+    wait_for_async(|| async { good.set(b"k", b"v", None, None).await.is_ok() }).await;
+    let (spans_before, logs_before) = (dir_bytes(&telemetry.join("spans")), dir_bytes(&telemetry.join("logs")));
+
+    let mut config = ClientConfig::new(cluster.endpoint_list());
+    config.secret = Some("not the cluster secret".into());
+    config.deadline = Duration::from_secs(5);
+    let stranger = Client::new(config).unwrap();
+    let started = Instant::now();
+    for _ in 0..REFUSED {
+        let refused = stranger.get(b"k").await.expect_err("a wrong secret is refused");
+        assert!(refused.to_string().contains("wrong cluster secret"), "{refused}");
+        assert!(started.elapsed() < DEADLINE, "{REFUSED} refusals took too long");
+    }
+
+    let counted = tokio::task::block_in_place(|| {
+        sample(&scrape(&http[&1]), "mendfs_rpc_requests_total", &[("op", "Kv/Get"), ("outcome", "Unauthenticated")])
+    });
+    assert!(counted.unwrap_or(0.0) >= REFUSED as f64, "every refusal is counted: {counted:?}");
+    // A span or a log line is a few hundred bytes: one each per refusal would be hundreds of KiB.
+    let (spans_after, logs_after) = (dir_bytes(&telemetry.join("spans")), dir_bytes(&telemetry.join("logs")));
+    assert!(spans_after - spans_before < 32 << 10, "spans grew {} bytes", spans_after - spans_before);
+    assert!(logs_after - logs_before < 32 << 10, "logs grew {} bytes", logs_after - logs_before);
+    let log = cluster.log(1);
+    let lines = log.lines().filter(|line| line.contains("refused a call with a wrong cluster secret")).count();
+    assert!((1..=10).contains(&lines), "{lines} refusal lines for {REFUSED} refusals");
+}
+
+async fn wait_for_async<F: std::future::Future<Output = bool>>(mut check: impl FnMut() -> F) {
+    let started = Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < DEADLINE, "timed out");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -36,12 +36,54 @@ const WATCH_BATCH_REVISIONS: usize = 256;
 /// client to drain them.
 const WATCH_QUEUE_REPLIES: usize = 64;
 
+/// Refusals are logged at most once per this long, with how many there were: a stranger's
+/// calls must not flood the log, nor push real lines out of the node's bounded log store.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// When the next refusal line is due.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    last_line: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    /// Counts a refusal at `now`; when a line is due, returns how many refusals it reports
+    /// (this one and those since the last line).
+    fn note(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        if self.last_line.is_some_and(|last| now.saturating_duration_since(last) < REFUSAL_LOG_EVERY) {
+            return None;
+        }
+        self.last_line = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
 /// Refuses calls without the cluster secret, and node calls from another cluster.
 #[derive(Clone)]
 pub struct Gatekeeper {
     secret: Option<Arc<str>>,
     /// Set for the `Node` service only: its callers must belong to this node's cluster.
     state: Option<StateReader>,
+    /// Shared by a node's gatekeepers: one log budget for all refusals.
+    refusals: Arc<std::sync::Mutex<RefusalLog>>,
+}
+
+impl Gatekeeper {
+    /// Whether `given` (the secret header's bytes) opens this gate's secret check.
+    pub fn admits_secret(&self, given: Option<&[u8]>) -> bool {
+        match (&self.secret, given) {
+            (None, _) => true,
+            (Some(secret), Some(given)) => secrets_equal(given, secret.as_bytes()),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Whether a refusal should be logged now, and how many it reports.
+    fn refusal_line_due(&self) -> Option<u64> {
+        self.refusals.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).note(Instant::now())
+    }
 }
 
 /// Compares in time independent of where the first difference is.
@@ -56,13 +98,17 @@ impl Interceptor for Gatekeeper {
             let remote = request.remote_addr().map_or("unknown".to_string(), |addr| addr.to_string());
             match given {
                 None => {
-                    tracing::warn!(%remote, "refused a call without the cluster secret");
+                    if let Some(refused) = self.refusal_line_due() {
+                        tracing::warn!(%remote, refused, "refused a call without the cluster secret");
+                    }
                     return Err(Status::unauthenticated(
                         "the cluster secret is required (--secret-file or MENDFS_SECRET)",
                     ));
                 }
                 Some(given) if !secrets_equal(given, secret.as_bytes()) => {
-                    tracing::warn!(%remote, "refused a call with a wrong cluster secret");
+                    if let Some(refused) = self.refusal_line_due() {
+                        tracing::warn!(%remote, refused, "refused a call with a wrong cluster secret");
+                    }
                     return Err(Status::unauthenticated("wrong cluster secret"));
                 }
                 Some(_) => {}
@@ -72,11 +118,13 @@ impl Interceptor for Gatekeeper {
             let theirs = request.metadata().get(CLUSTER_ID_HEADER).and_then(|value| value.to_str().ok());
             if let (Some(theirs), Some(ours)) = (theirs, state.cluster_id()) {
                 if theirs != ours {
-                    tracing::error!(
-                        ours = %ours,
-                        theirs = %theirs,
-                        "refused a call from a node of another cluster: this node's data directory belongs to cluster {ours}, the caller's to cluster {theirs}"
-                    );
+                    if self.refusal_line_due().is_some() {
+                        tracing::error!(
+                            ours = %ours,
+                            theirs = %theirs,
+                            "refused a call from a node of another cluster: this node's data directory belongs to cluster {ours}, the caller's to cluster {theirs}"
+                        );
+                    }
                     return Err(Status::failed_precondition(format!(
                         "cluster id mismatch: this node belongs to cluster {ours}, the caller to cluster {theirs}"
                     )));
@@ -93,7 +141,11 @@ pub type KvService = InterceptedService<KvServer<KvApi>, Gatekeeper>;
 /// The gatekeepers for client-facing and for node-to-node services.
 pub fn gates(node: &MetaNode) -> (Gatekeeper, Gatekeeper) {
     let secret: Option<Arc<str>> = node.config.secret.as_deref().map(Arc::from);
-    (Gatekeeper { secret: secret.clone(), state: None }, Gatekeeper { secret, state: Some(node.state.clone()) })
+    let refusals = Arc::default();
+    (
+        Gatekeeper { secret: secret.clone(), state: None, refusals: Arc::clone(&refusals) },
+        Gatekeeper { secret, state: Some(node.state.clone()), refusals },
+    )
 }
 
 /// The metadata services of a node, wrapped with their gatekeepers and message size limits.
@@ -468,6 +520,18 @@ async fn run_watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_logged_at_once_then_at_most_once_per_interval_with_their_count() {
+        let start = Instant::now();
+        let mut log = RefusalLog::default();
+        assert_eq!(log.note(start), Some(1), "the first refusal is logged at once");
+        for i in 1..=999u64 {
+            assert_eq!(log.note(start + Duration::from_millis(i)), None);
+        }
+        assert_eq!(log.note(start + REFUSAL_LOG_EVERY), Some(1_000), "then one line counts them all");
+        assert_eq!(log.note(start + REFUSAL_LOG_EVERY + Duration::from_secs(1)), None);
+    }
 
     #[test]
     fn grpc_timeouts_parse_in_every_unit_and_garbage_is_refused() {

@@ -122,6 +122,7 @@ impl Node {
         };
         let (node_service, kv_service) = mendfs_meta::services(&meta);
         let (client_gate, node_gate) = mendfs_meta::gates(&meta);
+        let secret_gate = client_gate.clone();
 
         let healer = Healer::new(meta.clone(), parts.healer.clone());
         healer.spawn_workers(&background);
@@ -188,9 +189,13 @@ impl Node {
             });
             servers.push(tokio::spawn(http::serve(listener, state, stop_serving())));
         }
+        let admits: mendfs_telemetry::grpc::Admits = {
+            let gate = secret_gate;
+            Arc::new(move |headers| gate.admits_secret(headers.get(mendfs_proto::SECRET_HEADER).map(|v| v.as_bytes())))
+        };
         let serve = tonic::transport::Server::builder()
             .tcp_nodelay(true)
-            .layer(RpcTraceLayer::new(requests))
+            .layer(RpcTraceLayer::new(requests).admitting(admits))
             .add_service(node_service)
             .add_service(kv_service)
             .add_service(cluster_service)

@@ -44,15 +44,26 @@ fn is_background(op: &str) -> bool {
     matches!(op, "Node/AppendEntries" | "Node/Vote" | "Node/InstallSnapshot" | "Health/Heartbeat")
 }
 
+/// Whether a call's headers carry credentials the services behind will accept.
+pub type Admits = Arc<dyn Fn(&http::HeaderMap) -> bool + Send + Sync>;
+
 /// Wraps every service of a tonic server.
 #[derive(Clone)]
 pub struct RpcTraceLayer {
     metrics: Arc<RequestMetrics>,
+    admits: Option<Admits>,
 }
 
 impl RpcTraceLayer {
     pub fn new(metrics: Arc<RequestMetrics>) -> Self {
-        RpcTraceLayer { metrics }
+        RpcTraceLayer { metrics, admits: None }
+    }
+
+    /// Opens no span for a call `admits` refuses: a refused call is counted, but a stranger's
+    /// calls must not push real traces out of the bounded span store.
+    pub fn admitting(mut self, admits: Admits) -> Self {
+        self.admits = Some(admits);
+        self
     }
 }
 
@@ -60,7 +71,7 @@ impl<S> tower::Layer<S> for RpcTraceLayer {
     type Service = RpcTrace<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RpcTrace { inner, metrics: self.metrics.clone() }
+        RpcTrace { inner, metrics: self.metrics.clone(), admits: self.admits.clone() }
     }
 }
 
@@ -68,6 +79,7 @@ impl<S> tower::Layer<S> for RpcTraceLayer {
 pub struct RpcTrace<S> {
     inner: S,
     metrics: Arc<RequestMetrics>,
+    admits: Option<Admits>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -98,7 +110,8 @@ where
         let started = Instant::now();
         // A path no service defines is answered `Unimplemented` by the router: counted, not
         // traced.
-        let span = if (traceparent.is_none() && is_background(op)) || op == UNKNOWN_OPERATION {
+        let refused = self.admits.as_ref().is_some_and(|admits| !admits(request.headers()));
+        let span = if (traceparent.is_none() && is_background(op)) || op == UNKNOWN_OPERATION || refused {
             tracing::Span::none()
         } else {
             tracing::info_span!(
