@@ -156,7 +156,7 @@ pub fn services(node: &MetaNode) -> (NodeService, KvService) {
     let client_message_max = node.config.max_key_bytes + node.config.max_value_bytes + 64 * 1024;
     (
         InterceptedService::new(
-            NodeServer::new(NodeApi { node: node.clone() })
+            NodeServer::new(NodeApi { node: node.clone(), receiving: std::sync::Mutex::default() })
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
             node_gate,
@@ -181,6 +181,32 @@ fn decode_payload<T: for<'de> serde::Deserialize<'de>>(payload: &pb::RaftPayload
 
 pub struct NodeApi {
     node: MetaNode,
+    /// The snapshot being received: its id and how many contiguous bytes have arrived.
+    receiving: std::sync::Mutex<Option<(String, u64)>>,
+}
+
+/// Admits a snapshot chunk only where the bytes received so far end (or earlier: a resent
+/// chunk), so the snapshot grows only by what a sender actually sends. openraft seeks to any
+/// offset it is given, and a chunk at 2^44 would make it allocate 16 TiB.
+fn admit_snapshot_chunk(receiving: &mut Option<(String, u64)>, id: &str, offset: u64, len: u64) -> Result<(), String> {
+    let end = offset.checked_add(len).ok_or_else(|| format!("snapshot chunk at offset {offset} overflows"))?;
+    match receiving {
+        Some((current, received)) if current == id => {
+            if offset > *received {
+                return Err(format!(
+                    "snapshot {id}: a chunk at offset {offset} would leave a gap after the {received} bytes received"
+                ));
+            }
+            *received = (*received).max(end);
+        }
+        _ => {
+            if offset != 0 {
+                return Err(format!("snapshot {id}: its first chunk is at offset {offset}, not 0"));
+            }
+            *receiving = Some((id.to_string(), end));
+        }
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -196,7 +222,16 @@ impl Node for NodeApi {
     }
 
     async fn install_snapshot(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
-        let rpc = decode_payload(request.get_ref(), "install-snapshot")?;
+        let rpc: openraft::raft::InstallSnapshotRequest<crate::TypeConfig> =
+            decode_payload(request.get_ref(), "install-snapshot")?;
+        {
+            let mut receiving = self.receiving.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let id = rpc.meta.snapshot_id.as_str();
+            if let Err(refused) = admit_snapshot_chunk(&mut receiving, id, rpc.offset, rpc.data.len() as u64) {
+                tracing::warn!("refused a snapshot chunk: {refused}");
+                return Err(Status::invalid_argument(refused));
+            }
+        }
         encode_reply(&self.node.raft.install_snapshot(rpc).await)
     }
 
@@ -520,6 +555,22 @@ async fn run_watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn snapshot_chunks_must_follow_the_bytes_received() {
+        let mut receiving = None;
+        assert!(admit_snapshot_chunk(&mut receiving, "s1", 5, 10).unwrap_err().contains("not 0"));
+        assert_eq!(admit_snapshot_chunk(&mut receiving, "s1", 0, 100), Ok(()));
+        assert_eq!(admit_snapshot_chunk(&mut receiving, "s1", 100, 100), Ok(()), "the next chunk");
+        assert_eq!(admit_snapshot_chunk(&mut receiving, "s1", 100, 100), Ok(()), "a resent chunk");
+        // The crafted chunk: same snapshot, far past what arrived.
+        let refused = admit_snapshot_chunk(&mut receiving, "s1", 1 << 44, 1).unwrap_err();
+        assert!(refused.contains("gap after the 200 bytes"), "{refused}");
+        assert!(admit_snapshot_chunk(&mut receiving, "s1", u64::MAX, 2).unwrap_err().contains("overflows"));
+        // A new snapshot starts over at 0.
+        assert_eq!(admit_snapshot_chunk(&mut receiving, "s2", 0, 1), Ok(()));
+        assert!(admit_snapshot_chunk(&mut receiving, "s2", 150, 1).is_err());
+    }
 
     #[test]
     fn refusals_are_logged_at_once_then_at_most_once_per_interval_with_their_count() {
