@@ -139,6 +139,10 @@ pub struct ServerArgs {
     /// Also export spans over OTLP/gRPC to this collector (Jaeger, OpenTelemetry Collector), e.g. http://127.0.0.1:4317.
     #[arg(long, env = "MENDFS_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Require `Authorization: Bearer TOKEN` on `/metrics` (`/healthz` and `/readyz` stay open).
+    /// Prefer the environment or the config file: a flag shows in the process list.
+    #[arg(long, env = "MENDFS_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
 }
 
 impl ServerArgs {

@@ -83,6 +83,8 @@ pub struct NodeConfig {
     pub span_store_bytes: u64,
     pub log_store_bytes: u64,
     pub otlp_endpoint: Option<String>,
+    /// When set, `/metrics` answers only `Authorization: Bearer <this>`.
+    pub metrics_token: Option<String>,
 }
 
 /// Default disk bound of each of the span and log stores.
@@ -133,6 +135,7 @@ impl Default for NodeConfig {
             span_store_bytes: TELEMETRY_STORE_BYTES_DEFAULT,
             log_store_bytes: TELEMETRY_STORE_BYTES_DEFAULT,
             otlp_endpoint: None,
+            metrics_token: None,
         }
     }
 }
@@ -208,6 +211,7 @@ impl NodeConfig {
             );
         }
         ensure!(self.secret.as_ref().is_none_or(|secret| !secret.is_empty()), "the cluster secret is empty");
+        ensure!(self.metrics_token.as_ref().is_none_or(|token| !token.is_empty()), "--metrics-token is empty");
         if let Some(http) = &self.http {
             ensure!(http.parse::<SocketAddr>().is_ok(), "--http {http:?} is not IP:PORT");
         }

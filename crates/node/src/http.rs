@@ -28,6 +28,7 @@ pub(crate) struct HttpState {
     pub requests: Arc<RequestMetrics>,
     pub telemetry: Telemetry,
     pub background: Background,
+    pub metrics_token: Option<String>,
 }
 
 /// Serves until the node stops. The listener is bound by the caller, so a taken port fails
@@ -239,7 +240,25 @@ fn scrape(state: &HttpState) -> Scrape {
     scrape
 }
 
-async fn metrics(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
+/// Whether the request carries `Authorization: Bearer <token>`, compared in constant time.
+fn bearer_matches(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.as_bytes().strip_prefix(b"Bearer "))
+        .unwrap_or_default();
+    given.len() == token.len() && given.iter().zip(token.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+}
+
+async fn metrics(State(state): State<Arc<HttpState>>, headers: axum::http::HeaderMap) -> impl IntoResponse {
+    if let Some(token) = &state.metrics_token {
+        if !bearer_matches(&headers, token) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+                "/metrics needs Authorization: Bearer <the node's metrics token>\n".to_string(),
+            );
+        }
+    }
     match scrape(&state).finish(&state.requests) {
         Ok(text) => (StatusCode::OK, [(header::CONTENT_TYPE, CONTENT_TYPE)], text),
         Err(e) => (

@@ -186,6 +186,7 @@ impl Node {
                 requests: requests.clone(),
                 telemetry,
                 background: background.clone(),
+                metrics_token: config.metrics_token.clone(),
             });
             servers.push(tokio::spawn(http::serve(listener, state, stop_serving())));
         }

@@ -224,12 +224,8 @@ async fn an_upload_in_flight_when_its_coordinator_is_stopped_completes() {
 
 /// `mendfs_rpc_requests_total`'s `op` labels, from a scrape of `/metrics`.
 fn request_ops(http_addr: std::net::SocketAddr) -> std::collections::BTreeMap<String, f64> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(http_addr).expect("connect to --http");
-    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {http_addr}\r\n\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
+    let (code, response) = http_get(http_addr, "/metrics", "");
+    assert_eq!(code, 200, "{response}");
     let mut ops = std::collections::BTreeMap::new();
     for line in response.lines().filter(|line| line.starts_with("mendfs_rpc_requests_total{")) {
         let op = line.split("op=\"").nth(1).and_then(|rest| rest.split('"').next()).expect("an op label");
@@ -278,5 +274,38 @@ async fn calls_to_made_up_paths_without_credentials_add_no_metric_series() {
     assert!(new_ops.iter().all(|op| op.as_str() == "unknown"), "new op labels: {new_ops:?}");
     assert!(after.get("unknown").copied().unwrap_or(0.0) >= CALLS as f64, "every made-up call is counted once");
     drop(client);
+    node.stop().await.expect("a clean stop");
+}
+
+/// (status code, body) of `GET path` with optional extra header lines.
+fn http_get(http_addr: std::net::SocketAddr, path: &str, extra_headers: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(http_addr).expect("connect to --http");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {http_addr}\r\n{extra_headers}\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.split_whitespace().nth(1).and_then(|code| code.parse().ok()).unwrap_or(0), body.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_metrics_token_only_its_bearer_scrapes_and_health_stays_open() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let port = free_port().expect("free port");
+    let mut config = config(1, port, &format!("1=127.0.0.1:{port}"), root.path());
+    config.http = Some("127.0.0.1:0".into());
+    config.metrics_token = Some("scrape-me".into());
+    let node = start(config).await;
+    let http = node.http_addr().expect("an HTTP address");
+    tokio::task::block_in_place(|| {
+        assert_eq!(http_get(http, "/metrics", "").0, 401, "no token");
+        assert_eq!(http_get(http, "/metrics", "Authorization: Bearer scrape-m\r\n").0, 401, "a wrong token");
+        assert_eq!(http_get(http, "/metrics", "Authorization: Basic scrape-me\r\n").0, 401, "not a bearer");
+        let (code, body) = http_get(http, "/metrics", "Authorization: Bearer scrape-me\r\n");
+        assert_eq!(code, 200);
+        assert!(body.contains("mendfs_node_info"), "{body}");
+        assert_eq!(http_get(http, "/healthz", "").0, 200, "liveness needs no token");
+    });
     node.stop().await.expect("a clean stop");
 }
