@@ -724,6 +724,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 }
 
+/// Whether `data` is a snapshot this node can install: checked before openraft is given the
+/// last chunk of a snapshot from a peer, since a failed install stops Raft.
+pub(crate) fn check_snapshot(data: &[u8]) -> Result<(), String> {
+    decode::<SnapshotTables>(data).map(drop).map_err(|e| format!("the snapshot does not decode: {e}"))
+}
+
 impl From<StoreError> for AnyError {
     fn from(e: StoreError) -> Self {
         AnyError::error(e.0)

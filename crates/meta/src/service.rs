@@ -156,7 +156,7 @@ pub fn services(node: &MetaNode) -> (NodeService, KvService) {
     let client_message_max = node.config.max_key_bytes + node.config.max_value_bytes + 64 * 1024;
     (
         InterceptedService::new(
-            NodeServer::new(NodeApi { node: node.clone(), receiving: std::sync::Mutex::default() })
+            NodeServer::new(NodeApi { node: node.clone(), receiving: std::sync::Mutex::new(None) })
                 .max_decoding_message_size(usize::MAX)
                 .max_encoding_message_size(usize::MAX),
             node_gate,
@@ -181,32 +181,78 @@ fn decode_payload<T: for<'de> serde::Deserialize<'de>>(payload: &pb::RaftPayload
 
 pub struct NodeApi {
     node: MetaNode,
-    /// The snapshot being received: its id and how many contiguous bytes have arrived.
-    receiving: std::sync::Mutex<Option<(String, u64)>>,
+    /// The snapshot being received, kept whole until its last chunk is checked.
+    receiving: std::sync::Mutex<Option<SnapshotReceiver>>,
+}
+
+/// Largest snapshot a node accepts from a peer. The bytes are held in memory until the last
+/// chunk arrives (twice: openraft's copy and the one checked here), so this bounds what a
+/// peer can make a node allocate.
+const SNAPSHOT_BYTES_MAX: u64 = 4 << 30;
+
+/// A copy of the snapshot a peer is sending, so its last chunk is handed to openraft only
+/// once the whole snapshot decodes: openraft treats a snapshot that fails to install as a
+/// fatal storage error and stops Raft, so one undecodable snapshot would stop the node.
+#[derive(Debug)]
+struct SnapshotReceiver {
+    id: String,
+    data: Vec<u8>,
+}
+
+/// What the receiver makes of one chunk.
+#[derive(Debug, PartialEq)]
+enum ChunkVerdict {
+    /// More chunks are to come; hand this one to openraft.
+    Continue,
+    /// The last chunk: the whole snapshot, to check before openraft installs it.
+    Complete(Vec<u8>),
 }
 
 /// Admits a snapshot chunk only where the bytes received so far end (or earlier: a resent
-/// chunk), so the snapshot grows only by what a sender actually sends. openraft seeks to any
-/// offset it is given, and a chunk at 2^44 would make it allocate 16 TiB.
-fn admit_snapshot_chunk(receiving: &mut Option<(String, u64)>, id: &str, offset: u64, len: u64) -> Result<(), String> {
-    let end = offset.checked_add(len).ok_or_else(|| format!("snapshot chunk at offset {offset} overflows"))?;
-    match receiving {
-        Some((current, received)) if current == id => {
-            if offset > *received {
-                return Err(format!(
-                    "snapshot {id}: a chunk at offset {offset} would leave a gap after the {received} bytes received"
-                ));
-            }
-            *received = (*received).max(end);
-        }
+/// chunk), so the snapshot grows only by what a sender actually sends, up to
+/// `SNAPSHOT_BYTES_MAX`. openraft seeks to any offset it is given, and a chunk at 2^44 would
+/// make it allocate 16 TiB.
+fn receive_snapshot_chunk(
+    receiving: &mut Option<SnapshotReceiver>,
+    id: &str,
+    offset: u64,
+    chunk: &[u8],
+    done: bool,
+    max_bytes: u64,
+) -> Result<ChunkVerdict, String> {
+    let end =
+        offset.checked_add(chunk.len() as u64).ok_or_else(|| format!("snapshot chunk at offset {offset} overflows"))?;
+    if end > max_bytes {
+        *receiving = None;
+        return Err(format!("snapshot {id} would exceed the {max_bytes}-byte limit (a chunk ends at byte {end})"));
+    }
+    let current = match receiving {
+        Some(current) if current.id == id => current,
         _ => {
             if offset != 0 {
                 return Err(format!("snapshot {id}: its first chunk is at offset {offset}, not 0"));
             }
-            *receiving = Some((id.to_string(), end));
+            receiving.insert(SnapshotReceiver { id: id.to_string(), data: Vec::new() })
         }
+    };
+    let received = current.data.len() as u64;
+    if offset > received {
+        return Err(format!(
+            "snapshot {id}: a chunk at offset {offset} would leave a gap after the {received} bytes received"
+        ));
     }
-    Ok(())
+    // Both fit in memory: `end` is at most `max_bytes`, checked above.
+    let (offset, end) = (offset as usize, end as usize);
+    let overlap = end.min(current.data.len());
+    current.data[offset.min(overlap)..overlap].copy_from_slice(&chunk[..overlap.saturating_sub(offset)]);
+    if end > current.data.len() {
+        current.data.extend_from_slice(&chunk[current.data.len() - offset..]);
+    }
+    if !done {
+        return Ok(ChunkVerdict::Continue);
+    }
+    let whole = receiving.take().map(|receiver| receiver.data).unwrap_or_default();
+    Ok(ChunkVerdict::Complete(whole))
 }
 
 #[tonic::async_trait]
@@ -224,13 +270,25 @@ impl Node for NodeApi {
     async fn install_snapshot(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
         let rpc: openraft::raft::InstallSnapshotRequest<crate::TypeConfig> =
             decode_payload(request.get_ref(), "install-snapshot")?;
-        {
+        let verdict = {
             let mut receiving = self.receiving.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let id = rpc.meta.snapshot_id.as_str();
-            if let Err(refused) = admit_snapshot_chunk(&mut receiving, id, rpc.offset, rpc.data.len() as u64) {
-                tracing::warn!("refused a snapshot chunk: {refused}");
-                return Err(Status::invalid_argument(refused));
-            }
+            receive_snapshot_chunk(
+                &mut receiving,
+                rpc.meta.snapshot_id.as_str(),
+                rpc.offset,
+                &rpc.data,
+                rpc.done,
+                SNAPSHOT_BYTES_MAX,
+            )
+        };
+        let refused = match verdict {
+            Ok(ChunkVerdict::Continue) => None,
+            Ok(ChunkVerdict::Complete(whole)) => crate::raft_store::check_snapshot(&whole).err(),
+            Err(refused) => Some(refused),
+        };
+        if let Some(refused) = refused {
+            tracing::warn!(snapshot = %rpc.meta.snapshot_id, "refused a snapshot chunk: {refused}");
+            return Err(Status::invalid_argument(refused));
         }
         encode_reply(&self.node.raft.install_snapshot(rpc).await)
     }
@@ -558,18 +616,52 @@ mod tests {
 
     #[test]
     fn snapshot_chunks_must_follow_the_bytes_received() {
+        use ChunkVerdict::*;
+        let max = 1 << 20;
         let mut receiving = None;
-        assert!(admit_snapshot_chunk(&mut receiving, "s1", 5, 10).unwrap_err().contains("not 0"));
-        assert_eq!(admit_snapshot_chunk(&mut receiving, "s1", 0, 100), Ok(()));
-        assert_eq!(admit_snapshot_chunk(&mut receiving, "s1", 100, 100), Ok(()), "the next chunk");
-        assert_eq!(admit_snapshot_chunk(&mut receiving, "s1", 100, 100), Ok(()), "a resent chunk");
+        let chunk = |receiving: &mut Option<SnapshotReceiver>, id: &str, offset: u64, data: &[u8], done: bool| {
+            receive_snapshot_chunk(receiving, id, offset, data, done, max)
+        };
+        assert!(chunk(&mut receiving, "s1", 5, &[1; 10], false).unwrap_err().contains("not 0"));
+        assert_eq!(chunk(&mut receiving, "s1", 0, &[1; 100], false), Ok(Continue));
+        assert_eq!(chunk(&mut receiving, "s1", 100, &[2; 100], false), Ok(Continue), "the next chunk");
+        assert_eq!(chunk(&mut receiving, "s1", 100, &[2; 100], false), Ok(Continue), "a resent chunk");
+        assert_eq!(chunk(&mut receiving, "s1", 150, &[3; 100], false), Ok(Continue), "an overlapping chunk");
         // The crafted chunk: same snapshot, far past what arrived.
-        let refused = admit_snapshot_chunk(&mut receiving, "s1", 1 << 44, 1).unwrap_err();
-        assert!(refused.contains("gap after the 200 bytes"), "{refused}");
-        assert!(admit_snapshot_chunk(&mut receiving, "s1", u64::MAX, 2).unwrap_err().contains("overflows"));
+        let refused = chunk(&mut receiving, "s1", 1 << 44, &[1], false).unwrap_err();
+        assert!(refused.contains("limit"), "{refused}");
+        let mut receiving = None;
+        assert_eq!(chunk(&mut receiving, "s1", 0, &[1; 100], false), Ok(Continue));
+        let refused = chunk(&mut receiving, "s1", 1000, &[1], false).unwrap_err();
+        assert!(refused.contains("gap after the 100 bytes"), "{refused}");
+        assert!(chunk(&mut receiving, "s1", u64::MAX, &[1, 2], false).unwrap_err().contains("overflows"));
+        let Ok(Complete(whole)) = chunk(&mut receiving, "s1", 100, &[2; 50], true) else { panic!("complete") };
+        assert_eq!(whole, [vec![1; 100], vec![2; 50]].concat());
+        assert!(receiving.is_none(), "a completed snapshot is no longer held");
         // A new snapshot starts over at 0.
-        assert_eq!(admit_snapshot_chunk(&mut receiving, "s2", 0, 1), Ok(()));
-        assert!(admit_snapshot_chunk(&mut receiving, "s2", 150, 1).is_err());
+        assert_eq!(chunk(&mut receiving, "s2", 0, &[1], false), Ok(Continue));
+        assert!(chunk(&mut receiving, "s2", 150, &[1], false).is_err());
+        assert_eq!(chunk(&mut receiving, "s3", 0, &[7; 3], true), Ok(Complete(vec![7; 3])), "one-chunk snapshot");
+    }
+
+    #[test]
+    fn resent_and_overlapping_chunks_rebuild_the_sent_bytes() {
+        proptest::proptest!(|(data in proptest::collection::vec(proptest::num::u8::ANY, 1..2_000),
+                              cuts in proptest::collection::vec(0usize..2_000, 0..8))| {
+            // Chunks that each start at or before the bytes received so far, some resent.
+            let mut receiving = None;
+            let mut sent = 0usize;
+            for cut in cuts {
+                let start = cut.min(sent);
+                let end = (start + 1 + cut % 300).min(data.len());
+                if end <= start { continue; }
+                let verdict = receive_snapshot_chunk(&mut receiving, "s", start as u64, &data[start..end], false, 1 << 20);
+                proptest::prop_assert_eq!(verdict, Ok(ChunkVerdict::Continue));
+                sent = sent.max(end);
+            }
+            let verdict = receive_snapshot_chunk(&mut receiving, "s", sent as u64, &data[sent..], true, 1 << 20);
+            proptest::prop_assert_eq!(verdict, Ok(ChunkVerdict::Complete(data.clone())));
+        });
     }
 
     #[test]
