@@ -13,14 +13,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mendfs_proto::v1 as pb;
+use mendfs_proto::v1::auth_client::AuthClient;
 use mendfs_proto::v1::cluster_client::ClusterClient;
 use mendfs_proto::v1::kv_client::KvClient;
 use mendfs_proto::{
-    ERROR_ACTUAL_VERSION_HEADER, ERROR_EXPECTED_VERSION_HEADER, ERROR_KIND_HEADER, LEADER_HINT_HEADER, SECRET_HEADER,
+    AUTHORIZATION_HEADER, ERROR_ACTUAL_VERSION_HEADER, ERROR_EXPECTED_VERSION_HEADER, ERROR_KIND_HEADER,
+    LEADER_HINT_HEADER, SECRET_HEADER,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use mendfs_proto::v1::telemetry_client::TelemetryClient;
 pub use mendfs_telemetry::context::{TraceContext, TraceId};
@@ -45,6 +47,9 @@ pub enum Error {
     InvalidArgument(String),
     #[error("refused: {0}")]
     Unauthenticated(String),
+    /// The caller is known but its role does not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("history compacted: {0}")]
     Compacted(String),
     #[error("timed out after {elapsed:?}: {last_error}")]
@@ -66,7 +71,15 @@ impl Error {
 pub struct ClientConfig {
     /// `HOST:PORT` of any nodes of the cluster; the client finds the rest by itself.
     pub endpoints: Vec<String>,
+    /// The cluster secret: a node's credential, also usable by an operator on a node's machine.
     pub secret: Option<String>,
+    /// A client token (`mendfs auth token create`), sent as `Authorization: Bearer`.
+    pub token: Option<String>,
+    /// TLS: the CA the nodes' certificates must chain to (PEM). Set, or an `https://`
+    /// endpoint, and every connection is TLS.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate and key (PEM) to present under TLS; tokens still decide rights.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
     /// Longest wait for one attempt on one endpoint.
     pub attempt_timeout: Duration,
     /// Longest wait for a whole call, retries included.
@@ -81,6 +94,9 @@ impl ClientConfig {
         Self {
             endpoints,
             secret: None,
+            token: None,
+            ca_pem: None,
+            identity_pem: None,
             attempt_timeout: Duration::from_secs(7),
             deadline: Duration::from_secs(20),
             trace: None,
@@ -88,16 +104,51 @@ impl ClientConfig {
     }
 }
 
-/// Adds what every call carries: the cluster secret and a W3C `traceparent`.
+impl ClientConfig {
+    /// A lazily connected channel to `addr` (`HOST:PORT`, `http://…` or `https://…`), over TLS
+    /// when the address says `https://` or a CA is configured.
+    fn endpoint(&self, addr: &str) -> Result<Endpoint, Error> {
+        let (tls, host_port) = match addr.split_once("://") {
+            Some(("https", rest)) => (true, rest),
+            Some(("http", rest)) => (false, rest),
+            Some((scheme, _)) => return Err(Error::Config(format!("endpoint {addr:?}: unknown scheme {scheme:?}"))),
+            None => (self.ca_pem.is_some(), addr),
+        };
+        if tls && self.ca_pem.is_none() {
+            return Err(Error::Config(format!(
+                "endpoint {addr:?} is https: give the cluster CA (--ca FILE or MENDFS_CA)"
+            )));
+        }
+        if !tls && self.ca_pem.is_some() {
+            return Err(Error::Config(format!("endpoint {addr:?} is plain http, but a CA for TLS is given")));
+        }
+        let scheme = if tls { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{host_port}"))
+            .map_err(|e| Error::Config(format!("bad endpoint {addr:?}: {e}")))?;
+        if let Some(ca) = &self.ca_pem {
+            let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = &self.identity_pem {
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint.tls_config(config).map_err(|e| Error::Config(format!("TLS to {addr:?}: {e}")))?;
+        }
+        Ok(endpoint.connect_timeout(Duration::from_millis(1_000)).tcp_nodelay(true))
+    }
+}
+
+/// Adds what every call carries: the credential (token or secret) and a W3C `traceparent`.
 #[derive(Clone)]
 struct RequestInterceptor {
     secret: Option<tonic::metadata::AsciiMetadataValue>,
+    authorization: Option<tonic::metadata::AsciiMetadataValue>,
     trace: Option<TraceContext>,
 }
 
 impl Interceptor for RequestInterceptor {
     fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(secret) = &self.secret {
+        if let Some(authorization) = &self.authorization {
+            request.metadata_mut().insert(AUTHORIZATION_HEADER, authorization.clone());
+        } else if let Some(secret) = &self.secret {
             request.metadata_mut().insert(SECRET_HEADER, secret.clone());
         }
         let context = self.trace.or_else(|| CALL_TRACE.try_with(|context| *context).ok());
@@ -173,7 +224,8 @@ fn classify(status: &tonic::Status) -> Attempt {
         }
         tonic::Code::NotFound => Attempt::Fail(Error::NotFound(message)),
         tonic::Code::InvalidArgument => Attempt::Fail(Error::InvalidArgument(message)),
-        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => Attempt::Fail(Error::Unauthenticated(message)),
+        tonic::Code::Unauthenticated => Attempt::Fail(Error::Unauthenticated(message)),
+        tonic::Code::PermissionDenied => Attempt::Fail(Error::PermissionDenied(message)),
         tonic::Code::OutOfRange => Attempt::Fail(Error::Compacted(message)),
         code => Attempt::Fail(Error::Server(format!("{code}: {message}"))),
     }
@@ -188,11 +240,8 @@ impl Client {
         }
         let mut channels = Vec::with_capacity(config.endpoints.len());
         for endpoint in &config.endpoints {
-            let uri = if endpoint.starts_with("http://") { endpoint.clone() } else { format!("http://{endpoint}") };
-            let channel = Endpoint::from_shared(uri)
-                .map_err(|e| Error::Config(format!("bad endpoint {endpoint:?}: {e}")))?
-                .connect_timeout(Duration::from_millis(1_000))
-                .tcp_nodelay(true)
+            let channel = config
+                .endpoint(endpoint)?
                 // Streams (uploads, downloads, watches) have no overall deadline; keep-alives
                 // notice a dead server instead.
                 .http2_keep_alive_interval(Duration::from_secs(5))
@@ -206,12 +255,21 @@ impl Client {
             .as_deref()
             .map(|s| s.parse().map_err(|_| Error::Config("the secret must be printable ASCII".into())))
             .transpose()?;
+        let authorization = config
+            .token
+            .as_deref()
+            .map(|token| {
+                format!("Bearer {}", token.trim())
+                    .parse()
+                    .map_err(|_| Error::Config("the token must be printable ASCII".into()))
+            })
+            .transpose()?;
         let trace = config.trace;
         Ok(Client {
             inner: Arc::new(Inner {
                 config,
                 channels,
-                interceptor: RequestInterceptor { secret, trace },
+                interceptor: RequestInterceptor { secret, authorization, trace },
                 preferred: AtomicUsize::new(0),
                 client_id: rand::random::<u64>() | 1,
                 sequence: AtomicU64::new(1),
@@ -237,6 +295,52 @@ impl Client {
 
     fn cluster(&self, index: usize) -> ClusterClient<Intercepted> {
         ClusterClient::with_interceptor(self.inner.channels[index].clone(), self.inner.interceptor.clone())
+    }
+
+    fn auth(&self, index: usize) -> AuthClient<Intercepted> {
+        AuthClient::with_interceptor(self.inner.channels[index].clone(), self.inner.interceptor.clone())
+    }
+
+    /// Creates a client token with `role` (read, write or admin); the reply holds the token,
+    /// which cannot be shown again. Needs an admin token.
+    pub async fn create_token(&self, name: &str, role: &str) -> Result<pb::CreateTokenReply, Error> {
+        let request = pb::CreateTokenRequest { name: name.to_string(), role: role.to_string() };
+        self.call("create token", |i| {
+            let request = request.clone();
+            let mut auth = self.auth(i);
+            async move { auth.create_token(request).await }
+        })
+        .await
+    }
+
+    pub async fn list_tokens(&self) -> Result<Vec<pb::TokenInfo>, Error> {
+        self.call("list tokens", |i| {
+            let mut auth = self.auth(i);
+            async move { auth.list_tokens(pb::ListTokensRequest {}).await }
+        })
+        .await
+        .map(|reply| reply.tokens)
+    }
+
+    /// Revokes the token named `name`; false if there was none.
+    pub async fn revoke_token(&self, name: &str) -> Result<bool, Error> {
+        let request = pb::RevokeTokenRequest { name: name.to_string() };
+        self.call("revoke token", |i| {
+            let request = request.clone();
+            let mut auth = self.auth(i);
+            async move { auth.revoke_token(request).await }
+        })
+        .await
+        .map(|reply| reply.revoked)
+    }
+
+    /// Who the cluster takes this client for, and its role.
+    pub async fn who_am_i(&self) -> Result<pb::WhoAmIReply, Error> {
+        self.call("who am i", |i| {
+            let mut auth = self.auth(i);
+            async move { auth.who_am_i(pb::WhoAmIRequest {}).await }
+        })
+        .await
     }
 
     /// Runs one unary call with failover: endpoints in turn, starting with the last that
@@ -784,12 +888,7 @@ impl Client {
 /// named, not to any endpoint: each node answers only for itself.
 impl Client {
     fn telemetry_at(&self, addr: &str) -> Result<TelemetryClient<Intercepted>, Error> {
-        let uri = if addr.starts_with("http://") { addr.to_string() } else { format!("http://{addr}") };
-        let channel = Endpoint::from_shared(uri)
-            .map_err(|e| Error::Config(format!("bad node address {addr:?}: {e}")))?
-            .connect_timeout(Duration::from_millis(1_000))
-            .timeout(self.inner.config.attempt_timeout)
-            .connect_lazy();
+        let channel = self.inner.config.endpoint(addr)?.timeout(self.inner.config.attempt_timeout).connect_lazy();
         Ok(TelemetryClient::with_interceptor(channel, self.inner.interceptor.clone())
             .max_decoding_message_size(64 << 20))
     }

@@ -27,6 +27,9 @@ pub enum BenchCommand {
         /// Value size in bytes.
         #[arg(long, default_value_t = 64)]
         value_bytes: usize,
+        /// Also run every row on a TLS cluster (clients with tokens) and print TLS / plaintext.
+        #[arg(long)]
+        tls: bool,
     },
     /// File put and get throughput by file size and concurrency, against the disk's fsynced
     /// write rate and a loopback TCP copy measured in the same run.
@@ -40,6 +43,9 @@ pub enum BenchCommand {
         /// Seconds per row (each row also stops at 1 GiB moved).
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// Also run every row on a TLS cluster (clients with tokens) and print TLS / plaintext.
+        #[arg(long)]
+        tls: bool,
     },
     /// The cost of recording spans (layer + JSON + on-disk store) against a bare write of the
     /// same bytes, and a trace lookup over a full span store.
@@ -73,11 +79,29 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 
 pub async fn run(command: BenchCommand) -> Result<()> {
     match command {
-        BenchCommand::Kv { clients, seconds, failovers, value_bytes } => {
-            bench_kv(&clients, Duration::from_secs_f64(seconds), failovers, value_bytes).await
+        BenchCommand::Kv { clients, seconds, failovers, value_bytes, tls } => {
+            let duration = Duration::from_secs_f64(seconds);
+            let plain = bench_kv(&clients, duration, failovers, value_bytes, false).await?;
+            if tls {
+                println!("\nthe same on a TLS cluster (clients with an admin token):");
+                let over_tls = bench_kv(&clients, duration, 0, value_bytes, true).await?;
+                for ((n, plain), tls) in clients.iter().zip(&plain).zip(&over_tls) {
+                    println!("{n:>3} clients: TLS / plaintext = {:.2}", tls / plain);
+                }
+            }
+            Ok(())
         }
-        BenchCommand::Files { sizes, clients, seconds } => {
-            bench_files(&sizes, &clients, Duration::from_secs_f64(seconds)).await
+        BenchCommand::Files { sizes, clients, seconds, tls } => {
+            let duration = Duration::from_secs_f64(seconds);
+            let plain = bench_files(&sizes, &clients, duration, false).await?;
+            if tls {
+                println!("\nthe same on a TLS cluster (clients with an admin token):");
+                let over_tls = bench_files(&sizes, &clients, duration, true).await?;
+                for ((row, plain), (_, tls)) in plain.iter().zip(&over_tls) {
+                    println!("{row}: TLS / plaintext = {:.2}", tls / plain);
+                }
+            }
+            Ok(())
         }
         BenchCommand::Heal { mib, clients, repair_bytes_per_sec, repair_copies_in_flight } => {
             bench_heal(mib, clients, repair_bytes_per_sec, repair_copies_in_flight).await
@@ -345,14 +369,33 @@ async fn bench_etcd(clients: &[usize], duration: Duration, value: &[u8]) -> Resu
     Ok(Some(rates))
 }
 
-async fn bench_kv(clients: &[usize], duration: Duration, failovers: usize, value_bytes: usize) -> Result<()> {
-    let binary = std::env::current_exe().context("locate the mendfs binary")?;
-    let options = ClusterOptions { nodes: 3, ..ClusterOptions::default() };
-    let mut cluster = blocking(|| Cluster::start(&binary, options))?;
-    blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
+/// A client of `cluster` as a user would have it: a token (made with the secret), and the CA
+/// when the cluster runs TLS.
+async fn token_client(cluster: &Cluster) -> Result<Client> {
     let mut config = ClientConfig::new(cluster.endpoint_list());
     config.secret = cluster.secret();
-    let client = Client::new(config)?;
+    if let Some(tls) = cluster.tls_dir() {
+        config.ca_pem = Some(std::fs::read(tls.join("ca.pem"))?);
+    }
+    let token = Client::new(config.clone())?.create_token("bench", "admin").await?.token;
+    config.secret = None;
+    config.token = Some(token);
+    Ok(Client::new(config)?)
+}
+
+/// Returns the sets/s of each row.
+async fn bench_kv(
+    clients: &[usize],
+    duration: Duration,
+    failovers: usize,
+    value_bytes: usize,
+    tls: bool,
+) -> Result<Vec<f64>> {
+    let binary = std::env::current_exe().context("locate the mendfs binary")?;
+    let options = ClusterOptions { nodes: 3, tls, ..ClusterOptions::default() };
+    let mut cluster = blocking(|| Cluster::start(&binary, options))?;
+    blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
+    let client = token_client(&cluster).await?;
     let value = vec![b'x'; value_bytes];
 
     println!("kv sets, 3 members on 127.0.0.1, {value_bytes}-byte values, {duration:?} per row");
@@ -375,9 +418,12 @@ async fn bench_kv(clients: &[usize], duration: Duration, failovers: usize, value
         .await?;
         mendfs_rates.push(print_row("mendfs", n, &result));
     }
-    if let Some(etcd_rates) = bench_etcd(clients, duration, &value).await? {
-        for ((n, mendfs), etcd) in clients.iter().zip(&mendfs_rates).zip(&etcd_rates) {
-            println!("{n:>3} clients: MendFS / etcd = {:.2}", mendfs / etcd);
+    // etcd runs plaintext: it is measured against the plaintext pass only.
+    if !tls {
+        if let Some(etcd_rates) = bench_etcd(clients, duration, &value).await? {
+            for ((n, mendfs), etcd) in clients.iter().zip(&mendfs_rates).zip(&etcd_rates) {
+                println!("{n:>3} clients: MendFS / etcd = {:.2}", mendfs / etcd);
+            }
         }
     }
     for (id, node) in &cluster.nodes {
@@ -405,7 +451,7 @@ async fn bench_kv(clients: &[usize], duration: Duration, failovers: usize, value
             histogram.max() as f64 / 1000.0
         );
     }
-    Ok(())
+    Ok(mendfs_rates)
 }
 
 /// Peak resident set size of a process, from /proc (Linux only).
@@ -492,9 +538,10 @@ fn mb(bytes_per_s: f64) -> f64 {
     bytes_per_s / 1e6
 }
 
-async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration) -> Result<()> {
+/// Returns each row's name and bytes/s.
+async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration, tls: bool) -> Result<Vec<(String, f64)>> {
     let binary = std::env::current_exe().context("locate the mendfs binary")?;
-    let options = ClusterOptions { nodes: 3, ..ClusterOptions::default() };
+    let options = ClusterOptions { nodes: 3, tls, ..ClusterOptions::default() };
     let cluster = blocking(|| Cluster::start(&binary, options))?;
     blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
     let disk = blocking(|| disk_fsync_rate(cluster.root()))?;
@@ -505,9 +552,7 @@ async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration) -> Re
         mb(loopback)
     );
     println!("a put writes every byte {} times to this one disk: its bound is disk/3 = {:.0} MB/s", 3, mb(disk / 3.0));
-    let mut config = ClientConfig::new(cluster.endpoint_list());
-    config.secret = cluster.secret();
-    let client = Client::new(config)?;
+    let client = token_client(&cluster).await?;
     // Storage registration happens just after start: wait until a file can be written.
     let ready_by = Instant::now() + Duration::from_secs(60);
     while client
@@ -519,6 +564,7 @@ async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration) -> Re
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     const BYTES_PER_ROW_MAX: u64 = 1 << 30;
+    let mut rows = Vec::new();
     println!(
         "{:>4} {:>10} {:>8} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}",
         "op", "size", "clients", "ops/s", "MB/s", "p50 ms", "p99 ms", "ratio", "errors"
@@ -559,6 +605,7 @@ async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration) -> Re
                     rate / bound,
                     result.errors
                 );
+                rows.push((format!("{op} {size} B x {n}"), rate));
             }
         }
     }
@@ -567,7 +614,7 @@ async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration) -> Re
             println!("node {id}: peak RSS {:.1} MiB", rss as f64 / 1024.0);
         }
     }
-    Ok(())
+    Ok(rows)
 }
 
 /// A reader of `remaining` bytes of the content named `file` (`testkit::stamped_bytes`): no

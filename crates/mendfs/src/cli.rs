@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::{bench, client_cmd, demo, files_cmd, local_cmd, server, telemetry_cmd};
+use crate::{auth_cmd, bench, client_cmd, demo, files_cmd, local_cmd, server, telemetry_cmd};
 
 #[derive(Parser, Debug)]
 #[command(name = "mendfs", version, about = "MendFS: a self-healing distributed file store")]
@@ -53,6 +53,18 @@ pub enum Command {
     Trace(telemetry_cmd::TraceArgs),
     /// Gather structured log lines from the nodes (filter by node, trace, time and level).
     Logs(telemetry_cmd::LogsArgs),
+    /// Client tokens and their roles: `auth token create|list|revoke`, `auth whoami`.
+    Auth {
+        #[command(flatten)]
+        connection: ClusterAddress,
+        #[command(subcommand)]
+        command: auth_cmd::AuthCommand,
+    },
+    /// Certificates for a TLS cluster: `cert init DIR --nodes N`.
+    Cert {
+        #[command(subcommand)]
+        command: auth_cmd::CertCommand,
+    },
 }
 
 /// How the CLI reaches the cluster, and the trace its command runs in.
@@ -75,9 +87,23 @@ pub struct ClusterAddress {
     /// Nodes to talk to, HOST:PORT separated by commas; the client fails over between them.
     #[arg(long, env = "MENDFS_ENDPOINTS", value_delimiter = ',', default_value = "127.0.0.1:7001", global = true)]
     pub endpoints: Vec<String>,
-    /// File holding the cluster secret (else MENDFS_SECRET).
+    /// Client token (`mendfs auth token create`); prefer MENDFS_TOKEN: a flag shows in the
+    /// process list.
+    #[arg(long, env = "MENDFS_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
+    /// File holding the cluster secret (else MENDFS_SECRET): the nodes' credential, for an
+    /// operator on a node's machine. Clients use tokens.
     #[arg(long, global = true)]
     pub secret_file: Option<PathBuf>,
+    /// The cluster CA certificate (PEM): connect over TLS and check the nodes against it.
+    #[arg(long, env = "MENDFS_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// A client certificate to present over TLS (PEM; with --client-key).
+    #[arg(long, env = "MENDFS_CLIENT_CERT", global = true, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's key (PEM).
+    #[arg(long, env = "MENDFS_CLIENT_KEY", global = true, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
     /// Give up on a call after this many seconds, retries included.
     #[arg(long, default_value_t = 20.0, global = true)]
     pub timeout: f64,
@@ -103,6 +129,12 @@ impl ClusterAddress {
         );
         let mut config = mendfs_client::ClientConfig::new(self.endpoints.clone());
         config.secret = read_secret(self.secret_file.as_ref())?;
+        config.token = self.token.as_deref().map(str::trim).filter(|token| !token.is_empty()).map(str::to_string);
+        let read = |path: &PathBuf| std::fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+        config.ca_pem = self.ca.as_ref().map(read).transpose()?;
+        if let (Some(cert), Some(key)) = (&self.client_cert, &self.client_key) {
+            config.identity_pem = Some((read(cert)?, read(key)?));
+        }
         config.deadline = Duration::from_secs_f64(self.timeout);
         config.attempt_timeout = config.attempt_timeout.min(config.deadline);
         Ok(config)
@@ -141,5 +173,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Local { command } => local_cmd::run(command).await,
         Command::Trace(args) => telemetry_cmd::trace(args).await,
         Command::Logs(args) => telemetry_cmd::logs(args).await,
+        Command::Auth { connection, command } => auth_cmd::run_auth(connection, command).await,
+        Command::Cert { command } => auth_cmd::run_cert(command),
     }
 }

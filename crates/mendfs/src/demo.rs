@@ -146,9 +146,21 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     blocking(|| cluster.add_storage_learner(4))?;
     println!("node {leader} was elected leader; node 4 joined as a storage-only learner");
 
+    // The secret is the nodes' credential; the demo's client, like any user, gets a token.
     let mut config = ClientConfig::new(cluster.endpoint_list());
     config.secret = cluster.secret();
     config.deadline = Duration::from_secs(60);
+    let admin = Client::new(config.clone())?.create_token("demo-admin", "admin").await?;
+    let token_file = cluster.root().join("admin.token");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&token_file)?;
+        writeln!(file, "{}", admin.token)?;
+    }
+    println!("created an admin token for the demo's client ({})", token_file.display());
+    config.secret = None;
+    config.token = Some(admin.token);
     let client = Client::new(config)?;
     wait_status(&client, "all 4 nodes up and storing", |s| {
         s.nodes.iter().filter(|n| n.storage && n.state == "up").count() == 4
@@ -304,9 +316,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     if args.keep {
         println!("\nThe cluster keeps running. Try:");
         println!("  export MENDFS_ENDPOINTS={}", cluster.endpoints());
-        if let Some(path) = cluster.secret_file() {
-            println!("  export MENDFS_SECRET=$(cat {})", path.display());
-        }
+        println!("  export MENDFS_TOKEN=$(cat {})", token_file.display());
         println!("  mendfs cluster status");
         println!("  mendfs ls /demo -l");
         println!("  mendfs get /demo/file-000 -");

@@ -29,6 +29,10 @@ pub struct UpArgs {
     /// Where the nodes keep their data, logs and the cluster secret.
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Run with TLS: a cluster CA and certificates are made in DIR/tls (`mendfs cert init`).
+    /// Without it the cluster is plaintext, on 127.0.0.1 only.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(Args, Debug)]
@@ -46,6 +50,12 @@ pub struct DownArgs {
 struct LocalState {
     endpoints: String,
     secret_file: Option<PathBuf>,
+    /// The admin token made at the first `up` (0600).
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    /// The cluster CA, when the cluster runs with TLS.
+    #[serde(default)]
+    ca_file: Option<PathBuf>,
     nodes: Vec<LocalNode>,
 }
 
@@ -97,7 +107,7 @@ fn check_private(path: &Path) -> Result<()> {
 }
 
 /// Creates the cluster directory (0700) or checks that an existing one is private to this user.
-fn private_dir(dir: &Path) -> Result<()> {
+pub(crate) fn private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     if !dir.exists() {
         std::fs::DirBuilder::new()
@@ -176,6 +186,7 @@ fn up(args: UpArgs) -> Result<ExitCode> {
         keep_dir: true,
         detached: true,
         node_args,
+        tls: args.tls,
         ..ClusterOptions::default()
     };
     println!("starting {} nodes in {}", args.nodes, dir.display());
@@ -209,16 +220,38 @@ fn up(args: UpArgs) -> Result<ExitCode> {
             args,
         });
     }
+    // The admin token clients use; the secret stays the nodes' own credential.
+    let token = cluster.run_cli(&["auth", "token", "create", "local-admin", "--role", "admin"])?;
+    let token_file = dir.join("admin.token");
+    write_private(&token_file, token.trim())?;
     let pids = cluster.detach();
     for node in &mut nodes {
         node.pid = pids.get(&node.id).copied().unwrap_or(0);
     }
-    let state =
-        LocalState { endpoints: cluster.endpoints(), secret_file: cluster.secret_file().map(Path::to_path_buf), nodes };
+    let state = LocalState {
+        endpoints: cluster.endpoints(),
+        secret_file: cluster.secret_file().map(Path::to_path_buf),
+        token_file: Some(token_file),
+        ca_file: cluster.tls_dir().map(|tls| tls.join("ca.pem")),
+        nodes,
+    };
     write_state(&dir, &state)?;
     println!("{} nodes up in {:.1?}; node {leader} leads", args.nodes, started.elapsed());
     print_usage(&dir, &state);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes a new file readable by this user only (never through an existing file or symlink).
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    writeln!(file, "{contents}").with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn write_state(dir: &Path, state: &LocalState) -> Result<()> {
@@ -255,6 +288,9 @@ fn restart(dir: &Path, mut state: LocalState) -> Result<ExitCode> {
     write_state(dir, &state)?;
     let mut config = mendfs_client::ClientConfig::new(state.endpoints.split(',').map(str::to_string).collect());
     config.secret = crate::cli::read_secret(state.secret_file.as_ref())?;
+    if let Some(ca) = &state.ca_file {
+        config.ca_pem = Some(std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?);
+    }
     let client = mendfs_client::Client::new(config)?;
     let runtime = tokio::runtime::Handle::current();
     let leader = wait_for("a leader", Duration::from_secs(60), || Ok(runtime.block_on(client.status())?.leader))?;
@@ -264,13 +300,25 @@ fn restart(dir: &Path, mut state: LocalState) -> Result<ExitCode> {
 }
 
 fn print_usage(dir: &Path, state: &LocalState) {
+    let scheme = if state.ca_file.is_some() { "https" } else { "http" };
     for node in &state.nodes {
-        println!("  node {}  {}  metrics http://{}/metrics  log {}", node.id, node.addr, node.http, node.log.display());
+        println!(
+            "  node {}  {}  metrics {scheme}://{}/metrics  log {}",
+            node.id,
+            node.addr,
+            node.http,
+            node.log.display()
+        );
     }
     println!("\nUse it from this shell:\n");
     println!("export MENDFS_ENDPOINTS={}", state.endpoints);
-    if let Some(secret) = &state.secret_file {
-        println!("export MENDFS_SECRET=$(cat {})", secret.display());
+    match (&state.token_file, &state.secret_file) {
+        (Some(token), _) => println!("export MENDFS_TOKEN=$(cat {})   # an admin token", token.display()),
+        (None, Some(secret)) => println!("export MENDFS_SECRET=$(cat {})", secret.display()),
+        (None, None) => {}
+    }
+    if let Some(ca) = &state.ca_file {
+        println!("export MENDFS_CA={}", ca.display());
     }
     println!("\nthen try `mendfs cluster status`, `mendfs put FILE /f`, `mendfs get /f -`.");
     println!("Stop it with `mendfs local down --dir {}`.", dir.display());

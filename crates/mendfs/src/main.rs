@@ -1,6 +1,7 @@
 //! `mendfs`: the one binary. A node (`server`), the client CLI (`kv`, `cluster`), the
 //! benchmarks (`bench`) and the newcomer's `demo`. Only this crate prints to the terminal.
 
+mod auth_cmd;
 mod bench;
 mod cli;
 mod client_cmd;

@@ -143,6 +143,25 @@ pub struct ServerArgs {
     /// Prefer the environment or the config file: a flag shows in the process list.
     #[arg(long, env = "MENDFS_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
+    /// This node's TLS certificate (PEM, from `mendfs cert init` or your CA). With --tls-key
+    /// and --tls-ca, every listener speaks only TLS, and peers must present node certificates.
+    #[arg(long, env = "MENDFS_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's TLS private key (PEM).
+    #[arg(long, env = "MENDFS_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA certificate (PEM): peers' and clients' certificates must chain to it.
+    #[arg(long, env = "MENDFS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Connections open at once on each listener; more are closed at once (default 4096).
+    #[arg(long, env = "MENDFS_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Connections open at once from one IP address on each listener (default 1024).
+    #[arg(long, env = "MENDFS_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Close a connection that sent nothing for this long, in milliseconds (default 300000).
+    #[arg(long, env = "MENDFS_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
 }
 
 impl ServerArgs {

@@ -444,7 +444,7 @@ async fn refused_calls_are_counted_but_neither_traced_nor_logged_one_by_one() {
     assert!(spans_after - spans_before < 32 << 10, "spans grew {} bytes", spans_after - spans_before);
     assert!(logs_after - logs_before < 32 << 10, "logs grew {} bytes", logs_after - logs_before);
     let log = cluster.log(1);
-    let lines = log.lines().filter(|line| line.contains("refused a call with a wrong cluster secret")).count();
+    let lines = log.lines().filter(|line| line.contains("refused a call: wrong cluster secret")).count();
     assert!((1..=10).contains(&lines), "{lines} refusal lines for {REFUSED} refusals");
 }
 

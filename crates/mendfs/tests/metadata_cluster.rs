@@ -359,7 +359,7 @@ async fn bad_input_gets_clean_errors_and_the_node_stays_up() {
     assert!(!wrong.status.success());
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong cluster secret"));
     let missing = cluster.cli().env_remove("MENDFS_SECRET").args(["kv", "get", "keep/me"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("secret is required"));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("a token is required"));
     assert!(
         cluster.log(1).contains("refused a call")
             || cluster.log(2).contains("refused a call")

@@ -100,25 +100,31 @@ fn local_up_gives_endpoints_that_work_and_local_down_leaves_no_process() {
         let mode = |path: &std::path::Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(&cluster_dir), 0o700, "the cluster directory is the user's alone");
         assert_eq!(mode(&cluster_dir.join("secret")), 0o600, "the secret is the user's alone");
+        assert_eq!(mode(&cluster_dir.join("admin.token")), 0o600, "the admin token is the user's alone");
     }
     let endpoints = stdout
         .lines()
         .find_map(|l| l.strip_prefix("export MENDFS_ENDPOINTS="))
         .unwrap_or_else(|| panic!("no MENDFS_ENDPOINTS line:\n{stdout}"))
         .to_string();
-    let secret_file = stdout
+    // Clients get the admin token `up` made, not the nodes' secret.
+    let token_file = stdout
         .lines()
-        .find_map(|l| l.strip_prefix("export MENDFS_SECRET=$(cat ").and_then(|rest| rest.strip_suffix(')')))
-        .unwrap_or_else(|| panic!("no MENDFS_SECRET line:\n{stdout}"))
+        .find_map(|l| {
+            l.strip_prefix("export MENDFS_TOKEN=$(cat ").and_then(|rest| rest.split_once(')')).map(|(f, _)| f)
+        })
+        .unwrap_or_else(|| panic!("no MENDFS_TOKEN line:\n{stdout}"))
         .to_string();
-    let secret = std::fs::read_to_string(&secret_file).unwrap().trim().to_string();
+    let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
+    assert!(!stdout.contains("MENDFS_SECRET"), "the secret is not handed to clients:\n{stdout}");
     assert_eq!(processes_in(&cluster_dir).len(), 3, "three nodes run in the background");
 
     let cli = |args: &[&str]| {
         Command::new(binary())
             .args(args)
             .env("MENDFS_ENDPOINTS", &endpoints)
-            .env("MENDFS_SECRET", &secret)
+            .env("MENDFS_TOKEN", &token)
+            .env_remove("MENDFS_SECRET")
             .stdin(Stdio::null())
             .output()
             .unwrap()

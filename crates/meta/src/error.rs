@@ -53,6 +53,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::Command(CommandError::FileNotFound { .. }) => (tonic::Code::NotFound, "file-not-found"),
             ApiError::Command(CommandError::PrepareExpired { .. }) => (tonic::Code::Aborted, "prepare-expired"),
             ApiError::Command(CommandError::NodeNotFound { .. }) => (tonic::Code::NotFound, "node-not-found"),
+            ApiError::Command(CommandError::TokenExists { .. }) => (tonic::Code::FailedPrecondition, "token-exists"),
             ApiError::Internal(_) => (tonic::Code::Internal, "internal"),
         };
         let mut status = tonic::Status::new(code, message);

@@ -15,6 +15,9 @@
 //! Architecture invariant: this is the only crate that names openraft. Nothing outside it sees
 //! Raft metrics, log entries or the state store.
 
+pub mod auth;
+#[doc(hidden)]
+pub mod crafted;
 mod error;
 mod files;
 mod kv;
@@ -52,7 +55,7 @@ pub use files::{
     ReplicaDrop, StorageNode, PATH_BYTES_MAX, PREPARE_GRACE_MS,
 };
 pub use network::{validate_node_addr, PeerInterceptor, Peers};
-pub use node::{FileCommitted, FileView, Membership, MetaConfig, MetaNode, Origin, RaftStatus, Role};
+pub use node::{FileCommitted, FileView, Membership, MetaConfig, MetaNode, Origin, PeerTls, RaftStatus, Role};
 pub use schema::CommandError;
-pub use service::{gates, request_origin, services, Gatekeeper, KvService, NodeService};
+pub use service::{authenticator, request_origin, services, AuthApi, KvApi, NodeApi};
 pub use state::RequestId;

@@ -1,7 +1,7 @@
 //! Node-to-node transport: openraft's RPCs and forwarded requests over gRPC.
 //!
 //! Raft messages are postcard-encoded openraft structures inside a protobuf `RaftPayload`;
-//! every call carries the cluster secret and this node's cluster id (see `service` for the
+//! every call carries the cluster secret, this node's id and its cluster id (see `service` for the
 //! checks on the receiving side).
 
 use std::collections::HashMap;
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use mendfs_proto::v1::node_client::NodeClient;
 use mendfs_proto::v1::RaftPayload;
-use mendfs_proto::{CLUSTER_ID_HEADER, SECRET_HEADER};
+use mendfs_proto::{CLUSTER_ID_HEADER, NODE_ID_HEADER, SECRET_HEADER};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -22,7 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::raft_store::StateReader;
 use crate::schema::{decode, encode};
@@ -55,10 +55,11 @@ pub fn validate_node_addr(addr: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Adds the cluster secret and this node's cluster id to every outgoing call.
+/// Adds the cluster secret, this node's id and its cluster id to every outgoing call.
 #[derive(Clone)]
 pub struct PeerInterceptor {
     secret: Option<tonic::metadata::AsciiMetadataValue>,
+    node_id: tonic::metadata::AsciiMetadataValue,
     state: StateReader,
 }
 
@@ -67,6 +68,7 @@ impl Interceptor for PeerInterceptor {
         if let Some(secret) = &self.secret {
             request.metadata_mut().insert(SECRET_HEADER, secret.clone());
         }
+        request.metadata_mut().insert(NODE_ID_HEADER, self.node_id.clone());
         if let Some(cluster_id) = self.state.cluster_id().and_then(|id| id.parse().ok()) {
             request.metadata_mut().insert(CLUSTER_ID_HEADER, cluster_id);
         }
@@ -87,14 +89,27 @@ pub(crate) type PeerClient = NodeClient<InterceptedService<Channel, PeerIntercep
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     interceptor: PeerInterceptor,
+    /// With TLS, peers are reached over `https://` and this node shows its certificate.
+    tls: Option<ClientTlsConfig>,
 }
 
 impl Peers {
-    pub fn new(secret: Option<&str>, state: StateReader) -> Result<Self, String> {
+    pub fn new(
+        node_id: NodeId,
+        secret: Option<&str>,
+        tls: Option<&crate::node::PeerTls>,
+        state: StateReader,
+    ) -> Result<Self, String> {
         let secret = secret
             .map(|secret| secret.parse().map_err(|_| "the cluster secret must be printable ASCII".to_string()))
             .transpose()?;
-        Ok(Self { channels: Arc::default(), interceptor: PeerInterceptor { secret, state } })
+        let node_id = tonic::metadata::AsciiMetadataValue::from(node_id);
+        let tls = tls.map(|tls| {
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+                .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+        });
+        Ok(Self { channels: Arc::default(), interceptor: PeerInterceptor { secret, node_id, state }, tls })
     }
 
     /// The shared channel to `addr`, for other node-to-node services.
@@ -104,8 +119,13 @@ impl Peers {
             match channels.get(addr) {
                 Some(channel) => channel.clone(),
                 None => {
-                    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-                        .map_err(|e| format!("bad peer address {addr:?}: {e}"))?
+                    let scheme = if self.tls.is_some() { "https" } else { "http" };
+                    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))
+                        .map_err(|e| format!("bad peer address {addr:?}: {e}"))?;
+                    if let Some(tls) = &self.tls {
+                        endpoint = endpoint.tls_config(tls.clone()).map_err(|e| format!("TLS to {addr}: {e}"))?;
+                    }
+                    let endpoint = endpoint
                         .connect_timeout(CONNECT_TIMEOUT)
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(5))

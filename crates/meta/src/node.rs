@@ -55,6 +55,24 @@ pub struct MetaConfig {
     /// How long a write may wait for a quorum before the caller hears a timeout.
     pub write_timeout_ms: u64,
     pub list_limit_max: u32,
+    /// TLS for calls to peers: this node's certificate (its client identity) and the CA the
+    /// peers' certificates must chain to. None: plaintext.
+    pub peer_tls: Option<PeerTls>,
+}
+
+/// PEM material for TLS to peers.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerTls {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("PeerTls").finish_non_exhaustive()
+    }
 }
 
 impl MetaConfig {
@@ -74,6 +92,7 @@ impl MetaConfig {
             max_value_bytes: 1 << 20,
             write_timeout_ms: 5_000,
             list_limit_max: 10_000,
+            peer_tls: None,
         }
     }
 }
@@ -429,7 +448,7 @@ impl MetaNode {
         let committed_index = log_store.committed_index();
         let state_machine = StateMachineStore::open(&config.data_dir).map_err(|e| e.to_string())?;
         let state = state_machine.reader();
-        let peers = Peers::new(config.secret.as_deref(), state.clone())?;
+        let peers = Peers::new(config.node_id, config.secret.as_deref(), config.peer_tls.as_ref(), state.clone())?;
 
         let raft_config = Config {
             cluster_name: "mendfs".to_string(),
@@ -926,6 +945,45 @@ impl MetaNode {
     pub fn storage_nodes(&self) -> Result<Vec<StorageNode>, ApiError> {
         let view = self.state.view().map_err(ApiError::internal)?;
         files::list_storage_nodes(&view).map_err(ApiError::internal)
+    }
+
+    /// Creates a client token named `name` with `role`; returns the token, which is stored
+    /// only as its hash and cannot be shown again.
+    pub async fn create_token(
+        &self,
+        origin: Origin,
+        name: String,
+        role: crate::auth::Role,
+    ) -> Result<String, ApiError> {
+        let token = crate::auth::generate_token();
+        let record =
+            crate::auth::TokenRecord { hash: crate::auth::token_hash(&token), role, created_unix_ms: unix_now_ms() };
+        // The request id makes a retried create (after an ambiguous failure) idempotent.
+        let request_id = RequestId { client_id: rand::random::<u64>() | 1, sequence: 1 };
+        self.execute(origin, Some(request_id), Command::CreateToken { name, record }).await?;
+        Ok(token)
+    }
+
+    /// Revokes the token named `name`; false if there was none. Every node stops admitting it
+    /// as soon as it applies the revocation.
+    pub async fn revoke_token(&self, origin: Origin, name: String) -> Result<bool, ApiError> {
+        match self.execute(origin, None, Command::RevokeToken { name }).await? {
+            Outcome::TokenRevoked { found } => Ok(found),
+            other => Err(unexpected("a token revocation", other)),
+        }
+    }
+
+    /// The client tokens this node knows of (its applied state), by name.
+    pub fn list_tokens(&self) -> Result<Vec<(String, crate::auth::TokenRecord)>, ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        let rows = schema::StateStore::range(&view, schema::Table::Tokens, &[], None, usize::MAX)
+            .map_err(ApiError::internal)?;
+        rows.into_iter()
+            .map(|(name, value)| {
+                let record = schema::decode(&value).map_err(ApiError::internal)?;
+                Ok((String::from_utf8_lossy(&name).into_owned(), record))
+            })
+            .collect()
     }
 
     /// Calls `visit` for every chunk record of this node's state machine, in hash order, from

@@ -380,9 +380,15 @@ pub struct StateReader {
     db: Arc<Database>,
     revision: watch::Receiver<u64>,
     cluster_id: Arc<RwLock<Option<String>>>,
+    tokens: crate::auth::SharedTokens,
 }
 
 impl StateReader {
+    /// The client tokens, kept current as tokens are created and revoked.
+    pub fn tokens(&self) -> crate::auth::SharedTokens {
+        self.tokens.clone()
+    }
+
     pub fn view(&self) -> Result<ReadView, StoreError> {
         let txn = self.db.begin_read().map_err(store_err)?;
         let mut tables = Vec::with_capacity(Table::ALL.len());
@@ -439,14 +445,14 @@ impl StateMachineStore {
         WriteTables::open(&txn)?;
         txn.open_table(SM_META).map_err(store_err)?;
         txn.commit().map_err(store_err)?;
-        let (revision, cluster_id) = {
+        let (revision, cluster_id, tokens) = {
             let txn = db.begin_read().map_err(store_err)?;
             let mut tables = Vec::new();
             for table in Table::ALL {
                 tables.push(txn.open_table(table_definition(table)).map_err(store_err)?);
             }
             let view = ReadView { tables, last_applied: None };
-            (schema::current_revision(&view)?, state::cluster_id(&view)?)
+            (schema::current_revision(&view)?, state::cluster_id(&view)?, crate::auth::TokenTable::load(&view)?)
         };
         let cluster_id = match std::fs::read_to_string(data_dir.join(CLUSTER_ID_FILE)) {
             Ok(text) if !text.trim().is_empty() => Some(text.trim().to_string()),
@@ -456,7 +462,12 @@ impl StateMachineStore {
         };
         let (revision_tx, revision_rx) = watch::channel(revision);
         let cluster_id = Arc::new(RwLock::new(cluster_id));
-        let reader = StateReader { db: db.clone(), revision: revision_rx, cluster_id: cluster_id.clone() };
+        let reader = StateReader {
+            db: db.clone(),
+            revision: revision_rx,
+            cluster_id: cluster_id.clone(),
+            tokens: Arc::new(RwLock::new(tokens)),
+        };
         Ok(Self {
             entries_since_durable: 0,
             db,
@@ -471,8 +482,14 @@ impl StateMachineStore {
         self.reader.clone()
     }
 
-    fn publish(&self) -> Result<(), StoreError> {
+    /// Tells readers what was applied. `tokens_changed`: reload the client tokens too (only
+    /// then, since every call reads them and most applies do not touch them).
+    fn publish(&self, tokens_changed: bool) -> Result<(), StoreError> {
         let view = self.reader.view()?;
+        if tokens_changed {
+            let tokens = crate::auth::TokenTable::load(&view)?;
+            *self.reader.tokens.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = tokens;
+        }
         let revision = schema::current_revision(&view)?;
         if self.reader.cluster_id().is_none() {
             if let Some(cluster_id) = state::cluster_id(&view)? {
@@ -631,6 +648,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         } else {
             Durability::None
         };
+        let tokens_changed = entries.iter().any(|entry| match &entry.payload {
+            EntryPayload::Normal(batch) => batch.proposals.iter().any(|proposal| proposal.command.changes_tokens()),
+            _ => false,
+        });
         let results = blocking(move || {
             let mut txn = db.begin_write().map_err(io_err)?;
             txn.set_durability(durability).map_err(io_err)?;
@@ -667,7 +688,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         })
         .await
         .map_err(StorageIOError::write_state_machine)?;
-        self.publish().map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
+        self.publish(tokens_changed).map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
         Ok(results)
     }
 
@@ -714,7 +735,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         .map_err(StorageIOError::write_state_machine)?;
         self.save_snapshot_file(&StoredSnapshot { meta: meta.clone(), data })
             .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), io_err(e)))?;
-        self.publish().map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
+        self.publish(true).map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
         Ok(())
     }
 

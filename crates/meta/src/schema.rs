@@ -35,11 +35,13 @@ pub enum Table {
     Chunks,
     /// node id (u64 BE) → [`crate::files::StorageNode`]
     StorageNodes,
+    /// token name → [`crate::auth::TokenRecord`]: client tokens, by the hash only.
+    Tokens,
 }
 
 impl Table {
     /// In discriminant order (storage indexes by `table as usize`).
-    pub const ALL: [Table; 10] = [
+    pub const ALL: [Table; 11] = [
         Table::Keys,
         Table::Sessions,
         Table::SessionKeys,
@@ -50,6 +52,7 @@ impl Table {
         Table::Files,
         Table::Chunks,
         Table::StorageNodes,
+        Table::Tokens,
     ];
 
     pub fn name(self) -> &'static str {
@@ -64,6 +67,7 @@ impl Table {
             Table::Files => "files",
             Table::Chunks => "chunks",
             Table::StorageNodes => "storage_nodes",
+            Table::Tokens => "tokens",
         }
     }
 }
@@ -146,6 +150,10 @@ pub enum Outcome {
         version: u64,
         revision: u64,
     },
+    /// A token was revoked, or there was none of that name.
+    TokenRevoked {
+        found: bool,
+    },
     /// A command that succeeded with nothing to report and took no revision:
     /// `RegisterStorageNode`, and `DropReplica` (also when it changed nothing). Raft's own
     /// entries (blank, membership) carry no proposal; `storage` answers them with an empty
@@ -171,6 +179,8 @@ pub enum CommandError {
     PrepareExpired { age_ms: u64, grace_ms: u64 },
     #[error("storage node {node_id} is not registered")]
     NodeNotFound { node_id: u64 },
+    #[error("a token named {name:?} already exists; revoke it first")]
+    TokenExists { name: String },
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;

@@ -1,25 +1,23 @@
 //! The gRPC services a metadata node serves: `Node` (peers), `Kv` and `Cluster` (clients).
 //!
-//! Every call must carry the cluster secret; node-to-node calls from a node whose data belongs
-//! to another cluster are refused. Input from the network is validated here and answered with
-//! a clear error; nothing in this module panics on it.
+//! Who may call what is decided before a call gets here (`auth`). Input from the network is
+//! validated here and answered with a clear error; nothing in this module panics on it.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
 use mendfs_proto::v1 as pb;
+use mendfs_proto::v1::auth_server::{Auth as AuthService, AuthServer};
 use mendfs_proto::v1::kv_server::{Kv, KvServer};
 use mendfs_proto::v1::node_server::{Node, NodeServer};
-use mendfs_proto::{CLUSTER_ID_HEADER, FORWARDED_HEADER, LEADER_HINT_HEADER, SECRET_HEADER};
+use mendfs_proto::{FORWARDED_HEADER, LEADER_HINT_HEADER};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Authenticator, Role};
 use crate::error::ApiError;
 use mendfs_types::unix_now_ms;
 
@@ -36,138 +34,27 @@ const WATCH_BATCH_REVISIONS: usize = 256;
 /// client to drain them.
 const WATCH_QUEUE_REPLIES: usize = 64;
 
-/// Refusals are logged at most once per this long, with how many there were: a stranger's
-/// calls must not flood the log, nor push real lines out of the node's bounded log store.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
-
-/// When the next refusal line is due.
-#[derive(Debug, Default)]
-struct RefusalLog {
-    last_line: Option<Instant>,
-    unlogged: u64,
-}
-
-impl RefusalLog {
-    /// Counts a refusal at `now`; when a line is due, returns how many refusals it reports
-    /// (this one and those since the last line).
-    fn note(&mut self, now: Instant) -> Option<u64> {
-        self.unlogged += 1;
-        if self.last_line.is_some_and(|last| now.saturating_duration_since(last) < REFUSAL_LOG_EVERY) {
-            return None;
-        }
-        self.last_line = Some(now);
-        Some(std::mem::take(&mut self.unlogged))
-    }
-}
-
-/// Refuses calls without the cluster secret, and node calls from another cluster.
-#[derive(Clone)]
-pub struct Gatekeeper {
-    secret: Option<Arc<str>>,
-    /// Set for the `Node` service only: its callers must belong to this node's cluster.
-    state: Option<StateReader>,
-    /// Shared by a node's gatekeepers: one log budget for all refusals.
-    refusals: Arc<std::sync::Mutex<RefusalLog>>,
-}
-
-impl Gatekeeper {
-    /// Whether `given` (the secret header's bytes) opens this gate's secret check.
-    pub fn admits_secret(&self, given: Option<&[u8]>) -> bool {
-        match (&self.secret, given) {
-            (None, _) => true,
-            (Some(secret), Some(given)) => secrets_equal(given, secret.as_bytes()),
-            (Some(_), None) => false,
-        }
-    }
-
-    /// Whether a refusal should be logged now, and how many it reports.
-    fn refusal_line_due(&self) -> Option<u64> {
-        self.refusals.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).note(Instant::now())
-    }
-}
-
-/// Compares in time independent of where the first difference is.
-fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-impl Interceptor for Gatekeeper {
-    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(secret) = &self.secret {
-            let given = request.metadata().get(SECRET_HEADER).map(|value| value.as_bytes());
-            let remote = request.remote_addr().map_or("unknown".to_string(), |addr| addr.to_string());
-            match given {
-                None => {
-                    if let Some(refused) = self.refusal_line_due() {
-                        tracing::warn!(%remote, refused, "refused a call without the cluster secret");
-                    }
-                    return Err(Status::unauthenticated(
-                        "the cluster secret is required (--secret-file or MENDFS_SECRET)",
-                    ));
-                }
-                Some(given) if !secrets_equal(given, secret.as_bytes()) => {
-                    if let Some(refused) = self.refusal_line_due() {
-                        tracing::warn!(%remote, refused, "refused a call with a wrong cluster secret");
-                    }
-                    return Err(Status::unauthenticated("wrong cluster secret"));
-                }
-                Some(_) => {}
-            }
-        }
-        if let Some(state) = &self.state {
-            let theirs = request.metadata().get(CLUSTER_ID_HEADER).and_then(|value| value.to_str().ok());
-            if let (Some(theirs), Some(ours)) = (theirs, state.cluster_id()) {
-                if theirs != ours {
-                    if self.refusal_line_due().is_some() {
-                        tracing::error!(
-                            ours = %ours,
-                            theirs = %theirs,
-                            "refused a call from a node of another cluster: this node's data directory belongs to cluster {ours}, the caller's to cluster {theirs}"
-                        );
-                    }
-                    return Err(Status::failed_precondition(format!(
-                        "cluster id mismatch: this node belongs to cluster {ours}, the caller to cluster {theirs}"
-                    )));
-                }
-            }
-        }
-        Ok(request)
-    }
-}
-
-pub type NodeService = InterceptedService<NodeServer<NodeApi>, Gatekeeper>;
-pub type KvService = InterceptedService<KvServer<KvApi>, Gatekeeper>;
-
-/// The gatekeepers for client-facing and for node-to-node services.
-pub fn gates(node: &MetaNode) -> (Gatekeeper, Gatekeeper) {
-    let secret: Option<Arc<str>> = node.config.secret.as_deref().map(Arc::from);
-    let refusals = Arc::default();
-    (
-        Gatekeeper { secret: secret.clone(), state: None, refusals: Arc::clone(&refusals) },
-        Gatekeeper { secret, state: Some(node.state.clone()), refusals },
-    )
-}
-
-/// The metadata services of a node, wrapped with their gatekeepers and message size limits.
-pub fn services(node: &MetaNode) -> (NodeService, KvService) {
-    let (client_gate, node_gate) = gates(node);
+/// The metadata services of a node, with their message size limits. Every call reaches them
+/// through the node's [`crate::auth::AuthLayer`] (see [`authenticator`]).
+pub fn services(node: &MetaNode) -> (NodeServer<NodeApi>, KvServer<KvApi>, AuthServer<AuthApi>) {
     // Client messages are bounded by the key and value limits (plus framing), so an oversized
     // message is refused before it is buffered.
     let client_message_max = node.config.max_key_bytes + node.config.max_value_bytes + 64 * 1024;
     (
-        InterceptedService::new(
-            NodeServer::new(NodeApi { node: node.clone(), receiving: std::sync::Mutex::new(None) })
-                .max_decoding_message_size(usize::MAX)
-                .max_encoding_message_size(usize::MAX),
-            node_gate,
-        ),
-        InterceptedService::new(
-            KvServer::new(KvApi { node: node.clone() })
-                .max_decoding_message_size(client_message_max)
-                .max_encoding_message_size(usize::MAX),
-            client_gate,
-        ),
+        NodeServer::new(NodeApi { node: node.clone(), receiving: std::sync::Mutex::new(None) })
+            .max_decoding_message_size(usize::MAX)
+            .max_encoding_message_size(usize::MAX),
+        KvServer::new(KvApi { node: node.clone() })
+            .max_decoding_message_size(client_message_max)
+            .max_encoding_message_size(usize::MAX),
+        AuthServer::new(AuthApi { node: node.clone() }).max_decoding_message_size(64 * 1024),
     )
+}
+
+/// The gate every call to this node passes: the cluster secret and node certificates for
+/// peers, tokens for clients.
+pub fn authenticator(node: &MetaNode) -> Authenticator {
+    Authenticator::new(node.config.secret.as_deref(), node.state.clone())
 }
 
 fn encode_reply<T: Serialize>(value: &T) -> Result<Response<pb::RaftPayload>, Status> {
@@ -194,7 +81,7 @@ const SNAPSHOT_BYTES_MAX: u64 = 4 << 30;
 /// once the whole snapshot decodes: openraft treats a snapshot that fails to install as a
 /// fatal storage error and stops Raft, so one undecodable snapshot would stop the node.
 #[derive(Debug)]
-struct SnapshotReceiver {
+pub(crate) struct SnapshotReceiver {
     id: String,
     data: Vec<u8>,
 }
@@ -253,6 +140,19 @@ fn receive_snapshot_chunk(
     }
     let whole = receiving.take().map(|receiver| receiver.data).unwrap_or_default();
     Ok(ChunkVerdict::Complete(whole))
+}
+
+/// The receiver with a 1 MiB limit, for `crafted`: the bytes held once the last chunk is in.
+pub(crate) fn receive_snapshot_chunk_for_tests(
+    receiving: &mut Option<SnapshotReceiver>,
+    offset: u64,
+    chunk: &[u8],
+    done: bool,
+) -> Result<usize, String> {
+    match receive_snapshot_chunk(receiving, "s", offset, chunk, done, 1 << 20)? {
+        ChunkVerdict::Continue => Ok(receiving.as_ref().map_or(0, |receiver| receiver.data.len())),
+        ChunkVerdict::Complete(whole) => Ok(whole.len()),
+    }
 }
 
 #[tonic::async_trait]
@@ -552,6 +452,58 @@ impl Kv for KvApi {
 
 /// Streams every change from `next` on, in revision order, with no gaps and no repeats:
 /// history first, then each new revision as it is applied. Ends when the client goes away.
+pub struct AuthApi {
+    node: MetaNode,
+}
+
+#[tonic::async_trait]
+impl AuthService for AuthApi {
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenReply>, Status> {
+        let origin = request_origin(&request);
+        let request = request.into_inner();
+        let role: Role = request.role.parse().map_err(Status::invalid_argument)?;
+        let token = self.node.create_token(origin, request.name.clone(), role).await?;
+        tracing::info!(name = %request.name, role = role.as_str(), "created a token");
+        Ok(Response::new(pb::CreateTokenReply { name: request.name, role: role.as_str().into(), token }))
+    }
+
+    async fn list_tokens(
+        &self,
+        _request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensReply>, Status> {
+        let tokens = self.node.list_tokens()?;
+        Ok(Response::new(pb::ListTokensReply {
+            tokens: tokens
+                .into_iter()
+                .map(|(name, record)| pb::TokenInfo {
+                    name,
+                    role: record.role.as_str().into(),
+                    created_unix_ms: record.created_unix_ms,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenReply>, Status> {
+        let origin = request_origin(&request);
+        let name = request.into_inner().name;
+        let revoked = self.node.revoke_token(origin, name.clone()).await?;
+        tracing::info!(%name, revoked, "revoked a token");
+        Ok(Response::new(pb::RevokeTokenReply { revoked }))
+    }
+
+    async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIReply>, Status> {
+        let caller = crate::auth::caller_of(&request);
+        Ok(Response::new(pb::WhoAmIReply { identity: caller.identity(), role: caller.role_name().into() }))
+    }
+}
+
 async fn run_watch(
     reader: StateReader,
     key: Vec<u8>,
@@ -662,18 +614,6 @@ mod tests {
             let verdict = receive_snapshot_chunk(&mut receiving, "s", sent as u64, &data[sent..], true, 1 << 20);
             proptest::prop_assert_eq!(verdict, Ok(ChunkVerdict::Complete(data.clone())));
         });
-    }
-
-    #[test]
-    fn refusals_are_logged_at_once_then_at_most_once_per_interval_with_their_count() {
-        let start = Instant::now();
-        let mut log = RefusalLog::default();
-        assert_eq!(log.note(start), Some(1), "the first refusal is logged at once");
-        for i in 1..=999u64 {
-            assert_eq!(log.note(start + Duration::from_millis(i)), None);
-        }
-        assert_eq!(log.note(start + REFUSAL_LOG_EVERY), Some(1_000), "then one line counts them all");
-        assert_eq!(log.note(start + REFUSAL_LOG_EVERY + Duration::from_secs(1)), None);
     }
 
     #[test]

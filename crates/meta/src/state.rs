@@ -20,8 +20,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::schema::{
-    decode, encode, get_u64, put_u64, CommandResult, Outcome, StateStore, StoreError, Table, META_CLOCK_MS,
-    META_CLUSTER_ID,
+    decode, encode, get_u64, put_u64, CommandError, CommandResult, Outcome, StateStore, StoreError, Table,
+    META_CLOCK_MS, META_CLUSTER_ID,
 };
 use crate::{files, kv};
 
@@ -111,6 +111,21 @@ pub enum Command {
     },
     /// Starts, updates or finishes the repair job record.
     RecordRepairJob(crate::files::RepairJob),
+    /// Records a client token (its hash) under a name no other token has.
+    CreateToken {
+        name: String,
+        record: crate::auth::TokenRecord,
+    },
+    RevokeToken {
+        name: String,
+    },
+}
+
+impl Command {
+    /// Whether applying this changes the client tokens, which every node keeps in memory.
+    pub fn changes_tokens(&self) -> bool {
+        matches!(self, Command::CreateToken { .. } | Command::RevokeToken { .. })
+    }
 }
 
 /// One Raft entry's payload: a command, who sent it, and when the proposing node received it.
@@ -143,6 +158,8 @@ impl Proposal {
                 Command::AddReplicas { added, .. } => added.len() * 48,
                 Command::DropReplicas { drops } => drops.iter().map(|d| 48 + d.keep.len() * 8).sum(),
                 Command::RecordRepairJob(job) => job.reason.len() + 64,
+                Command::CreateToken { name, .. } => name.len() + 48,
+                Command::RevokeToken { name } => name.len(),
             }
     }
 }
@@ -229,6 +246,22 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
         Command::AddReplicas { job_id, added } => files::add_replicas(store, *job_id, added),
         Command::DropReplicas { drops } => files::drop_replicas(store, drops),
         Command::RecordRepairJob(job) => files::record_repair_job(store, job),
+        Command::CreateToken { name, record } => {
+            if let Some(existing) = store.get(Table::Tokens, name.as_bytes())? {
+                // The same token proposed again (a retry whose first attempt was applied) is
+                // not a conflict.
+                if decode::<crate::auth::TokenRecord>(&existing)?.hash != record.hash {
+                    return Ok(Err(CommandError::TokenExists { name: name.clone() }));
+                }
+            }
+            store.put(Table::Tokens, name.as_bytes(), &encode(record)?)?;
+            Ok(Ok(Outcome::Noop))
+        }
+        Command::RevokeToken { name } => {
+            let found = store.get(Table::Tokens, name.as_bytes())?.is_some();
+            store.remove(Table::Tokens, name.as_bytes())?;
+            Ok(Ok(Outcome::TokenRevoked { found }))
+        }
         Command::InitCluster { cluster_id: proposed } => {
             let cluster_id = match cluster_id(store)? {
                 Some(existing) => existing,

@@ -109,6 +109,9 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
             Ok(())
         }
         Command::RecordRepairJob(job) => check_len("repair reason bytes", job.reason.len(), LABEL_BYTES_MAX),
+        Command::CreateToken { name, .. } | Command::RevokeToken { name } => {
+            crate::auth::validate_token_name(name).map_err(invalid)
+        }
     }
 }
 

@@ -85,6 +85,18 @@ pub struct NodeConfig {
     pub otlp_endpoint: Option<String>,
     /// When set, `/metrics` answers only `Authorization: Bearer <this>`.
     pub metrics_token: Option<String>,
+    /// This node's TLS certificate (PEM, issued by `tls_ca`); with `tls_key` and `tls_ca`,
+    /// every listener speaks only TLS and peers must present node certificates.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// The cluster CA: peers' and clients' certificates must chain to it.
+    pub tls_ca: Option<PathBuf>,
+    /// Connections open at once on each listener; more are closed at once.
+    pub max_connections: usize,
+    /// Connections open at once from one IP address on each listener.
+    pub max_connections_per_ip: usize,
+    /// A connection that sends nothing for this long is closed.
+    pub idle_timeout_ms: u64,
 }
 
 /// Default disk bound of each of the span and log stores.
@@ -136,6 +148,12 @@ impl Default for NodeConfig {
             log_store_bytes: TELEMETRY_STORE_BYTES_DEFAULT,
             otlp_endpoint: None,
             metrics_token: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_ca: None,
+            max_connections: 4_096,
+            max_connections_per_ip: 1_024,
+            idle_timeout_ms: 300_000,
         }
     }
 }
@@ -165,6 +183,16 @@ pub(crate) struct Parts {
     pub scrub: ScrubConfig,
     pub health_interval: Duration,
     pub storage_role: bool,
+    pub tls: Option<TlsFiles>,
+    pub limits: crate::listener::ConnectionLimits,
+}
+
+/// Where a node's TLS material is.
+#[derive(Debug, Clone)]
+pub(crate) struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
 }
 
 impl NodeConfig {
@@ -215,6 +243,21 @@ impl NodeConfig {
         if let Some(http) = &self.http {
             ensure!(http.parse::<SocketAddr>().is_ok(), "--http {http:?} is not IP:PORT");
         }
+        let tls = match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(cert), Some(key), Some(ca)) => {
+                Some(TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() })
+            }
+            (None, None, None) => None,
+            _ => return Err(ConfigError("TLS needs all of --tls-cert, --tls-key and --tls-ca".into())),
+        };
+        ensure!(self.max_connections >= 1, "--max-connections must be at least 1");
+        ensure!(self.max_connections_per_ip >= 1, "--max-connections-per-ip must be at least 1");
+        ensure!(self.idle_timeout_ms >= 1_000, "--idle-timeout-ms must be at least 1000");
+        let limits = crate::listener::ConnectionLimits {
+            max_connections: self.max_connections,
+            max_connections_per_ip: self.max_connections_per_ip,
+            idle_timeout: Duration::from_millis(self.idle_timeout_ms),
+        };
         ensure!(
             self.secret.is_some() || self.insecure_dev,
             "no cluster secret: pass --secret-file FILE or set MENDFS_SECRET (or --insecure-dev for a local trial)"
@@ -298,6 +341,8 @@ impl NodeConfig {
             scrub,
             health_interval: Duration::from_millis(self.health_interval_ms),
             storage_role,
+            tls,
+            limits,
         })
     }
 }

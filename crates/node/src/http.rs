@@ -18,6 +18,7 @@ use mendfs_meta::MetaNode;
 use mendfs_telemetry::metrics::{Labels, RequestMetrics, Scrape, CONTENT_TYPE};
 use mendfs_worker::{Background, WorkerState};
 
+use crate::listener::Connection;
 use crate::telemetry::Telemetry;
 use crate::NodeError;
 
@@ -31,10 +32,41 @@ pub(crate) struct HttpState {
     pub metrics_token: Option<String>,
 }
 
+/// The admitted connections of the HTTP listener (see `listener`), as axum takes them.
+struct Connections {
+    incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<Connection>>,
+    addr: Option<SocketAddr>,
+}
+
+impl axum::serve::Listener for Connections {
+    type Io = Connection;
+    type Addr = Option<SocketAddr>;
+
+    async fn accept(&mut self) -> (Connection, Option<SocketAddr>) {
+        use tokio_stream::StreamExt;
+        loop {
+            match self.incoming.next().await {
+                Some(Ok(connection)) => {
+                    let remote = connection.remote();
+                    return (connection, remote);
+                }
+                Some(Err(_)) => continue,
+                // The node is stopping: the graceful shutdown ends the server.
+                None => std::future::pending().await,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        Ok(self.addr)
+    }
+}
+
 /// Serves until the node stops. The listener is bound by the caller, so a taken port fails
 /// the start with a clear message.
 pub(crate) async fn serve(
-    listener: tokio::net::TcpListener,
+    incoming: tokio_stream::wrappers::ReceiverStream<std::io::Result<Connection>>,
+    addr: Option<SocketAddr>,
     state: Arc<HttpState>,
     stopping: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
@@ -43,7 +75,7 @@ pub(crate) async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state);
-    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopping).await {
+    if let Err(e) = axum::serve(Connections { incoming, addr }, app).with_graceful_shutdown(stopping).await {
         tracing::error!("HTTP server: {e}");
     }
 }

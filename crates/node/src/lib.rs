@@ -13,7 +13,9 @@
 
 mod config;
 mod http;
+mod listener;
 mod telemetry;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,6 +30,7 @@ use mendfs_data::healer::{Healer, HealthApi};
 use mendfs_data::heartbeat::{HealthSampler, HeartbeatWorker};
 use mendfs_data::registration::RegistrationWorker;
 use mendfs_data::scrub::ScrubWorker;
+use mendfs_meta::auth::AuthLayer;
 use mendfs_meta::MetaNode;
 use mendfs_proto::v1::files_server::FilesServer;
 use mendfs_proto::v1::health_server::HealthServer;
@@ -40,8 +43,6 @@ use mendfs_types::NodeId;
 use mendfs_worker::{Background, OnFailure, WorkerStatus};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 
 pub use config::{ConfigError, NodeConfig};
 pub use mendfs_meta::DEFAULT_LOG_FILTER;
@@ -77,6 +78,17 @@ impl Node {
     /// A taken port or a bad setting fails here, before Raft starts.
     pub async fn start(config: NodeConfig, telemetry: Telemetry) -> Result<NodeHandle, NodeError> {
         let mut parts = config.parts()?;
+        if let Some(files) = &parts.tls {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path)
+                    .map_err(|e| NodeError::Io { context: format!("cannot read {}", path.display()), source: e })
+            };
+            parts.meta.peer_tls = Some(mendfs_meta::PeerTls {
+                ca_pem: read(&files.ca)?,
+                cert_pem: read(&files.cert)?,
+                key_pem: read(&files.key)?,
+            });
+        }
         let chunks = if parts.storage_role {
             let store = ChunkStore::open(&config.data_dir.join("chunks"), mendfs_data::CHUNK_BYTES_MAX)
                 .map_err(|e| NodeError::Start(format!("open the chunk store in {}: {e}", config.data_dir.display())))?;
@@ -120,9 +132,8 @@ impl Node {
                 return Err(NodeError::Start(e));
             }
         };
-        let (node_service, kv_service) = mendfs_meta::services(&meta);
-        let (client_gate, node_gate) = mendfs_meta::gates(&meta);
-        let secret_gate = client_gate.clone();
+        let (node_service, kv_service, auth_service) = mendfs_meta::services(&meta);
+        let authenticator = mendfs_meta::authenticator(&meta);
 
         let healer = Healer::new(meta.clone(), parts.healer.clone());
         healer.spawn_workers(&background);
@@ -139,32 +150,21 @@ impl Node {
                 GcWorker::new(meta.clone(), chunks.clone(), parts.data.orphan_grace, parts.data.gc_interval),
                 OnFailure::Restart,
             );
-            InterceptedService::new(
-                StorageServer::new(ChunkService::new(chunks.clone(), meta.peers().clone()))
-                    .max_decoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024)
-                    .max_encoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024),
-                node_gate.clone(),
-            )
+            StorageServer::new(ChunkService::new(chunks.clone(), meta.peers().clone()))
+                .max_decoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024)
+                .max_encoding_message_size(mendfs_data::CHUNK_BYTES_MAX + 1024)
         });
-        let health_service =
-            InterceptedService::new(HealthServer::new(HealthApi { healer: healer.clone() }), node_gate);
-        let cluster_service =
-            InterceptedService::new(ClusterApi::new(meta.clone(), healer.clone()), client_gate.clone());
-        let telemetry_service = InterceptedService::new(
-            TelemetryServer::new(TelemetryApi {
-                node_id: config.node_id,
-                spans: telemetry.spans.clone(),
-                logs: telemetry.logs.clone(),
-            })
-            .max_encoding_message_size(64 << 20),
-            client_gate.clone(),
-        );
-        let files_service = InterceptedService::new(
-            FilesServer::new(Coordinator::new(meta.clone(), parts.data.clone()))
-                .max_decoding_message_size(16 << 20)
-                .max_encoding_message_size(16 << 20),
-            client_gate,
-        );
+        let health_service = HealthServer::new(HealthApi { healer: healer.clone() });
+        let cluster_service = ClusterApi::new(meta.clone(), healer.clone());
+        let telemetry_service = TelemetryServer::new(TelemetryApi {
+            node_id: config.node_id,
+            spans: telemetry.spans.clone(),
+            logs: telemetry.logs.clone(),
+        })
+        .max_encoding_message_size(64 << 20);
+        let files_service = FilesServer::new(Coordinator::new(meta.clone(), parts.data.clone()))
+            .max_decoding_message_size(16 << 20)
+            .max_encoding_message_size(16 << 20);
 
         if let Some(export) = telemetry.take_export() {
             let stopping = background.stopping();
@@ -179,6 +179,11 @@ impl Node {
         let requests = Arc::new(RequestMetrics::new());
         let mut servers = Vec::new();
         if let Some(listener) = http_listener {
+            let tls = match &parts.tls {
+                Some(files) => Some(tls::ServerTls::load(&files.cert, &files.key, &files.ca, &[b"http/1.1"])?),
+                None => None,
+            };
+            let connections = listener::incoming(listener, parts.limits, tls, stop_serving());
             let state = Arc::new(http::HttpState {
                 node: meta.clone(),
                 healer: healer.clone(),
@@ -188,26 +193,33 @@ impl Node {
                 background: background.clone(),
                 metrics_token: config.metrics_token.clone(),
             });
-            servers.push(tokio::spawn(http::serve(listener, state, stop_serving())));
+            servers.push(tokio::spawn(http::serve(connections, http_addr, state, stop_serving())));
         }
         let admits: mendfs_telemetry::grpc::Admits = {
-            let gate = secret_gate;
-            Arc::new(move |headers| gate.admits_secret(headers.get(mendfs_proto::SECRET_HEADER).map(|v| v.as_bytes())))
+            let authenticator = authenticator.clone();
+            Arc::new(move |path, headers, extensions| authenticator.admits(path, headers, extensions))
+        };
+        let grpc_tls = match &parts.tls {
+            Some(files) => Some(tls::ServerTls::load(&files.cert, &files.key, &files.ca, &[b"h2"])?),
+            None => None,
         };
         let serve = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .layer(RpcTraceLayer::new(requests).admitting(admits))
+            // Outermost first: every call is counted (refused ones too), then authorized.
+            .layer(
+                tower::ServiceBuilder::new()
+                    .layer(RpcTraceLayer::new(requests).admitting(admits))
+                    .layer(AuthLayer::new(authenticator)),
+            )
             .add_service(node_service)
             .add_service(kv_service)
+            .add_service(auth_service)
             .add_service(cluster_service)
             .add_optional_service(storage_service)
             .add_service(health_service)
             .add_service(files_service)
             .add_service(telemetry_service)
             .serve_with_incoming_shutdown(
-                // TCP_NODELAY on every accepted connection: replies are small, and Nagle's
-                // algorithm against the peer's delayed ACK would hold each one for ~40 ms.
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                listener::incoming(listener, parts.limits, grpc_tls, stop_serving()),
                 stop_serving(),
             );
         let (served, stopped_serving) = (background.clone(), serving.clone());

@@ -266,7 +266,8 @@ async fn calls_to_made_up_paths_without_credentials_add_no_metric_series() {
         let path = PathAndQuery::try_from(format!("/x.Y{i}/M{}", i * 7919)).expect("path");
         let codec = tonic_prost::ProstCodec::<mendfs_proto::v1::InfoRequest, mendfs_proto::v1::NodeInfo>::default();
         let answer = grpc.unary(tonic::Request::new(mendfs_proto::v1::InfoRequest {}), path, codec).await;
-        assert_eq!(answer.expect_err("no such method").code(), tonic::Code::Unimplemented);
+        // Refused before any router: a stranger learns nothing, not even which methods exist.
+        assert_eq!(answer.expect_err("no credentials").code(), tonic::Code::Unauthenticated);
     }
 
     let after = tokio::task::block_in_place(|| request_ops(http_addr));

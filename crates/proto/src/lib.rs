@@ -14,8 +14,14 @@ pub mod etcd {
 
 include!(concat!(env!("OUT_DIR"), "/operations.rs"));
 
-/// gRPC metadata key carrying the cluster secret on every call, node-to-node and client.
+/// gRPC metadata key carrying the cluster secret, the peers' credential (and an operator's on
+/// a node's own machine); clients use tokens instead.
 pub const SECRET_HEADER: &str = "x-mendfs-secret";
+/// gRPC metadata key carrying the calling node's id on node-to-node calls. A node presenting
+/// a certificate must name the node the certificate was issued to.
+pub const NODE_ID_HEADER: &str = "x-mendfs-node";
+/// gRPC metadata key carrying a client's bearer token (`Bearer TOKEN`).
+pub const AUTHORIZATION_HEADER: &str = "authorization";
 /// gRPC metadata key carrying the sender's cluster id on node-to-node calls, so that a node
 /// whose data directory belongs to another cluster is refused instead of mixing two clusters.
 pub const CLUSTER_ID_HEADER: &str = "x-mendfs-cluster-id";

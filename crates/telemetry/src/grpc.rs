@@ -44,8 +44,9 @@ fn is_background(op: &str) -> bool {
     matches!(op, "Node/AppendEntries" | "Node/Vote" | "Node/InstallSnapshot" | "Health/Heartbeat")
 }
 
-/// Whether a call's headers carry credentials the services behind will accept.
-pub type Admits = Arc<dyn Fn(&http::HeaderMap) -> bool + Send + Sync>;
+/// Whether a call (its path, headers and connection) carries credentials the services behind
+/// will accept.
+pub type Admits = Arc<dyn Fn(&str, &http::HeaderMap, &http::Extensions) -> bool + Send + Sync>;
 
 /// Wraps every service of a tonic server.
 #[derive(Clone)]
@@ -110,7 +111,10 @@ where
         let started = Instant::now();
         // A path no service defines is answered `Unimplemented` by the router: counted, not
         // traced.
-        let refused = self.admits.as_ref().is_some_and(|admits| !admits(request.headers()));
+        let refused = self
+            .admits
+            .as_ref()
+            .is_some_and(|admits| !admits(request.uri().path(), request.headers(), request.extensions()));
         let span = if (traceparent.is_none() && is_background(op)) || op == UNKNOWN_OPERATION || refused {
             tracing::Span::none()
         } else {

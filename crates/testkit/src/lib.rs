@@ -45,7 +45,13 @@ pub struct ClusterOptions {
     /// Start each node in a process group of its own, so a Ctrl-C in the terminal that
     /// started it does not reach it (`mendfs local up`, whose nodes outlive the command).
     pub detached: bool,
+    /// Run with TLS: `mendfs cert init` makes a CA and certificates for node ids
+    /// 1..=`TLS_NODE_CERTIFICATES` in `ROOT/tls`, the nodes get `--tls-*`, the CLI `MENDFS_CA`.
+    pub tls: bool,
 }
+
+/// Node certificates a TLS cluster's CA issues up front (nodes added later use them too).
+pub const TLS_NODE_CERTIFICATES: u64 = 16;
 
 impl Default for ClusterOptions {
     fn default() -> Self {
@@ -59,6 +65,7 @@ impl Default for ClusterOptions {
             node_args: BTreeMap::new(),
             storage_capacity_bytes: Some(DEFAULT_STORAGE_CAPACITY_BYTES),
             detached: false,
+            tls: false,
         }
     }
 }
@@ -194,6 +201,15 @@ impl Cluster {
         } else {
             None
         };
+        if options.tls {
+            let output = Command::new(binary)
+                .args(["cert", "init"])
+                .arg(root.join("tls"))
+                .args(["--nodes", &TLS_NODE_CERTIFICATES.to_string(), "--clients", "test"])
+                .output()
+                .context("run mendfs cert init")?;
+            output_result(&["cert", "init"], output)?;
+        }
         // MENDFS_KEEP_TEST_DIRS=1 keeps every cluster's directory (data and logs) for a post-mortem.
         let keep = options.keep_dir || std::env::var_os("MENDFS_KEEP_TEST_DIRS").is_some();
         let temp = if keep { temp.map(|t| t.keep()).and(None) } else { temp };
@@ -236,6 +252,11 @@ impl Cluster {
         self.secret_file.as_deref()
     }
 
+    /// Where a TLS cluster's CA and certificates are (`cert init`'s directory).
+    pub fn tls_dir(&self) -> Option<PathBuf> {
+        self.options.tls.then(|| self.root.join("tls"))
+    }
+
     pub fn secret(&self) -> Option<String> {
         self.secret_file.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).map(|s| s.trim().to_string())
     }
@@ -276,6 +297,15 @@ impl Cluster {
             None => {
                 command.arg("--insecure-dev");
             }
+        }
+        if let Some(tls) = self.tls_dir() {
+            command
+                .arg("--tls-cert")
+                .arg(tls.join(format!("node-{id}.pem")))
+                .arg("--tls-key")
+                .arg(tls.join(format!("node-{id}.key")))
+                .arg("--tls-ca")
+                .arg(tls.join("ca.pem"));
         }
         command.args(&self.options.server_args);
         let node_args = self.options.node_args.get(&id).or(node.extra_args.as_ref());
@@ -431,9 +461,15 @@ impl Cluster {
     /// A `mendfs` CLI command aimed at the given endpoints.
     pub fn cli_at(&self, endpoints: &str) -> Command {
         let mut command = Command::new(&self.binary);
-        command.env("MENDFS_ENDPOINTS", endpoints).env_remove("MENDFS_SECRET");
+        command.env("MENDFS_ENDPOINTS", endpoints);
+        for name in ["MENDFS_SECRET", "MENDFS_TOKEN", "MENDFS_CA", "MENDFS_CLIENT_CERT", "MENDFS_CLIENT_KEY"] {
+            command.env_remove(name);
+        }
         if let Some(secret) = self.secret() {
             command.env("MENDFS_SECRET", secret);
+        }
+        if let Some(tls) = self.tls_dir() {
+            command.env("MENDFS_CA", tls.join("ca.pem"));
         }
         command.stdin(Stdio::null());
         command

@@ -20,7 +20,16 @@ impl pb::health_server::Health for HealthApi {
                 node.leader_id()
             )));
         }
+        // A heartbeat keeps a node "up": only that node may send it, whatever the message says.
+        let caller = mendfs_meta::auth::caller_of(&request);
         let request = request.into_inner();
+        if !caller.speaks_for(request.node_id) {
+            return Err(Status::permission_denied(format!(
+                "permission denied: {} may not send heartbeats for node {}",
+                caller.identity(),
+                request.node_id
+            )));
+        }
         let health = request.health.unwrap_or_default();
         self.healer.record_heartbeat(request.node_id, &health);
         Ok(Response::new(pb::HeartbeatReply {}))

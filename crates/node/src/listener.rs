@@ -1,0 +1,316 @@
+//! The gRPC listener: accepts connections within limits, runs the TLS handshake off the accept
+//! loop, and tells every request what its connection proved ([`ConnectionInfo`]).
+//!
+//! Limits, so that strangers cannot hold a node's resources: at most `max_connections` open at
+//! once and `max_connections_per_ip` from one address (more are closed as soon as they are
+//! accepted); a connection must finish its TLS handshake and send its first bytes within
+//! `HANDSHAKE_TIMEOUT`, and is closed after `idle_timeout` without receiving anything.
+//! Clients of the MendFS library send HTTP/2 pings while they wait, so a long watch is not
+//! idle.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use mendfs_meta::auth::ConnectionInfo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Sleep;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::tls::ServerTls;
+
+/// How long a new connection has to finish its TLS handshake and send its first bytes.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bounds on what connections may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub idle_timeout: Duration,
+}
+
+/// Open connections, in all and per remote address.
+#[derive(Debug, Default)]
+struct Slots {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// Holds one connection's place in [`Slots`] until the connection is dropped.
+struct Slot {
+    slots: Arc<Mutex<Slots>>,
+    ip: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut slots = self.slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        slots.total = slots.total.saturating_sub(1);
+        if let Some(count) = slots.per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                slots.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+fn take_slot(slots: &Arc<Mutex<Slots>>, ip: IpAddr, limits: &ConnectionLimits) -> Result<Slot, &'static str> {
+    let mut guard = slots.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if guard.total >= limits.max_connections {
+        return Err("the node has its maximum number of connections open");
+    }
+    let from_ip = guard.per_ip.entry(ip).or_insert(0);
+    if *from_ip >= limits.max_connections_per_ip {
+        return Err("this address has its maximum number of connections open");
+    }
+    *from_ip += 1;
+    guard.total += 1;
+    Ok(Slot { slots: slots.clone(), ip })
+}
+
+/// Logs at most one line per this long about refused connections, with their count.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct RefusalLog {
+    last_line: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self) -> Option<u64> {
+        self.unlogged += 1;
+        let now = Instant::now();
+        if self.last_line.is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_EVERY) {
+            return None;
+        }
+        self.last_line = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+/// Accepts connections on `listener` until `stop` resolves, and yields the admitted ones
+/// (after their TLS handshake when `tls` is set) for tonic to serve.
+pub fn incoming(
+    listener: TcpListener,
+    limits: ConnectionLimits,
+    tls: Option<ServerTls>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> ReceiverStream<io::Result<Connection>> {
+    // Few slots: a connection waits here only while tonic picks it up.
+    let (sender, receiver) = mpsc::channel(16);
+    let slots = Arc::new(Mutex::new(Slots::default()));
+    let refusals = Arc::new(Mutex::new(RefusalLog::default()));
+    tokio::spawn(async move {
+        tokio::pin!(stop);
+        loop {
+            let accepted = tokio::select! {
+                _ = &mut stop => break,
+                _ = sender.closed() => break,
+                accepted = listener.accept() => accepted,
+            };
+            let (stream, remote) = match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: wait a little rather than spin.
+                    tracing::warn!("accepting a connection failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let slot = match take_slot(&slots, remote.ip(), &limits) {
+                Ok(slot) => slot,
+                Err(why) => {
+                    if let Some(refused) = refusals.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).note() {
+                        tracing::warn!(%remote, refused, "refused a connection: {why}");
+                    }
+                    continue; // dropping the stream closes it
+                }
+            };
+            // TCP_NODELAY: replies are small, and Nagle's algorithm against the peer's delayed
+            // ACK would hold each one for ~40 ms.
+            let _ = stream.set_nodelay(true);
+            let (sender, tls, refusals) = (sender.clone(), tls.clone(), refusals.clone());
+            // The handshake runs apart from the accept loop: a slow or silent client delays no
+            // one else.
+            tokio::spawn(async move {
+                let established = tokio::time::timeout(HANDSHAKE_TIMEOUT, establish(stream, remote, tls)).await;
+                let (io, certificate) = match established {
+                    Ok(Ok(established)) => established,
+                    Ok(Err(why)) => {
+                        if let Some(refused) = refusals.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).note() {
+                            tracing::warn!(%remote, refused, "refused a connection: {why}");
+                        }
+                        return;
+                    }
+                    Err(_) => {
+                        if let Some(refused) = refusals.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).note() {
+                            tracing::warn!(%remote, refused, "refused a connection: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+                        }
+                        return;
+                    }
+                };
+                let connection = Connection {
+                    io,
+                    info: ConnectionInfo { remote: Some(remote), certificate },
+                    idle_timeout: limits.idle_timeout,
+                    first_byte_by: Some(HANDSHAKE_TIMEOUT),
+                    idle: Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT)),
+                    _slot: slot,
+                };
+                let _ = sender.send(Ok(connection)).await;
+            });
+        }
+    });
+    ReceiverStream::new(receiver)
+}
+
+async fn establish(
+    stream: TcpStream,
+    remote: SocketAddr,
+    tls: Option<ServerTls>,
+) -> Result<(Stream, Option<mendfs_meta::auth::CertifiedIdentity>), String> {
+    match tls {
+        None => Ok((Stream::Plain(stream), None)),
+        Some(tls) => {
+            let stream = tls.accept(stream).await.map_err(|e| format!("TLS handshake with {remote} failed: {e}"))?;
+            let certificate = crate::tls::certified_identity(&stream)?;
+            Ok((Stream::Tls(Box::new(stream)), certificate))
+        }
+    }
+}
+
+/// A connection's byte stream, plain or TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// One admitted connection: its stream, what it proved, and its place in the limits.
+pub struct Connection {
+    io: Stream,
+    info: ConnectionInfo,
+    idle_timeout: Duration,
+    /// Until the first bytes arrive, the (shorter) handshake timeout applies.
+    first_byte_by: Option<Duration>,
+    idle: Pin<Box<Sleep>>,
+    _slot: Slot,
+}
+
+impl Connection {
+    pub fn remote(&self) -> Option<SocketAddr> {
+        self.info.remote
+    }
+}
+
+impl Connected for Connection {
+    type ConnectInfo = ConnectionInfo;
+
+    fn connect_info(&self) -> ConnectionInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let polled = match &mut this.io {
+            Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        };
+        match polled {
+            Poll::Ready(result) => {
+                if buf.filled().len() > before {
+                    this.first_byte_by = None;
+                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                }
+                Poll::Ready(result)
+            }
+            Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    let waited = this.first_byte_by.unwrap_or(this.idle_timeout);
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("nothing received for {waited:?}"),
+                    )))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        match &mut self.io {
+            Stream::Plain(stream) => Pin::new(stream).poll_write(cx, data),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buffers: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match &mut self.io {
+            Stream::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, buffers),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, buffers),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Stream::Plain(stream) => stream.is_write_vectored(),
+            Stream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            Stream::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &mut self.io {
+            Stream::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_bound_connections_in_all_and_per_address() {
+        let limits =
+            ConnectionLimits { max_connections: 3, max_connections_per_ip: 2, idle_timeout: Duration::from_secs(1) };
+        let slots = Arc::new(Mutex::new(Slots::default()));
+        let (a, b): (IpAddr, IpAddr) = ("127.0.0.1".parse().unwrap(), "127.0.0.2".parse().unwrap());
+        let first = take_slot(&slots, a, &limits).expect("first");
+        let _second = take_slot(&slots, a, &limits).expect("second");
+        assert!(take_slot(&slots, a, &limits).is_err(), "a third from one address");
+        let _third = take_slot(&slots, b, &limits).expect("another address");
+        assert!(take_slot(&slots, "127.0.0.3".parse().unwrap(), &limits).is_err(), "over the total");
+        drop(first);
+        assert!(take_slot(&slots, a, &limits).is_ok(), "a closed connection frees its slot");
+        let guard = slots.lock().unwrap();
+        assert_eq!(guard.total, 2, "the slot taken in the last assert was dropped");
+    }
+}
