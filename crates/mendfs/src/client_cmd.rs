@@ -316,8 +316,9 @@ async fn run_locked(client: &Client, name: &str, ttl: Duration, command: &[Strin
         let mut child = tokio::process::Command::new(&command[0])
             .args(&command[1..])
             .env("MENDFS_LOCK_TOKEN", token.to_string())
-            // The command gets its fencing token, not this shell's key to the whole cluster.
+            // The command gets its fencing token, not this shell's keys to the cluster.
             .env_remove("MENDFS_SECRET")
+            .env_remove("MENDFS_TOKEN")
             .spawn()
             .with_context(|| format!("cannot run {}", command[0]))?;
         let status = tokio::select! {

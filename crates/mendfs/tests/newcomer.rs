@@ -197,4 +197,16 @@ fn local_up_refuses_a_directory_or_state_file_others_can_change() {
         assert!(!up.status.success());
         assert!(String::from_utf8_lossy(&up.stderr).contains("not to you"), "{}", String::from_utf8_lossy(&up.stderr));
     }
+    // A private directory of ours, with a `local.json` someone else planted in it.
+    let planted_by_them = dir.path().join("planted-by-them");
+    std::fs::create_dir(&planted_by_them).unwrap();
+    std::fs::set_permissions(&planted_by_them, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let state = planted_by_them.join("local.json");
+    std::fs::write(&state, r#"{"endpoints":"","secret_file":null,"nodes":[]}"#).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o600)).unwrap();
+    if std::os::unix::fs::chown(&state, Some(65_534), Some(65_534)).is_ok() {
+        let up = Command::new(binary()).args(["local", "up", "--dir"]).arg(&planted_by_them).output().unwrap();
+        assert!(!up.status.success());
+        assert!(String::from_utf8_lossy(&up.stderr).contains("not to you"), "{}", String::from_utf8_lossy(&up.stderr));
+    }
 }

@@ -221,6 +221,25 @@ fn tokens_have_roles_and_a_revoked_token_stops_working_on_every_node() {
     let whoami = output_result(&[], run(as_token(&cluster, &endpoints, &writer), &["auth", "whoami"])).unwrap();
     assert!(whoami.contains("token writer (role write)"), "{whoami}");
 
+    // A lock's command gets its fencing token, and neither the holder's token nor the secret.
+    let mut lock = as_token(&cluster, &endpoints, &writer);
+    lock.env("MENDFS_SECRET", cluster.secret().unwrap());
+    let held = run(
+        lock,
+        &[
+            "kv",
+            "lock",
+            "job",
+            "--",
+            "sh",
+            "-c",
+            "echo \"$MENDFS_LOCK_TOKEN ${MENDFS_TOKEN:-no-token} ${MENDFS_SECRET:-no-secret}\"",
+        ],
+    );
+    assert!(held.status.success(), "kv lock: {}", stderr(&held));
+    let seen = String::from_utf8_lossy(&held.stdout);
+    assert!(seen.trim().ends_with(" no-token no-secret"), "the command saw: {seen}");
+
     // `get` never writes through a planted symlink: the link is replaced, its target untouched.
     let victim = cluster.root().join("victim.txt");
     std::fs::write(&victim, b"precious").unwrap();

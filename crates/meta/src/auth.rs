@@ -240,11 +240,12 @@ pub type SharedTokens = Arc<RwLock<TokenTable>>;
 
 /// Refusals are logged at most once per this long, with how many there were: a stranger's
 /// calls must not flood the log, nor push real lines out of the node's bounded log store.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
-/// When the next refusal line is due.
+/// When the next refusal line is due (for refused calls here, refused connections in the
+/// node's listener).
 #[derive(Debug, Default)]
-struct RefusalLog {
+pub struct RefusalLog {
     last_line: Option<Instant>,
     unlogged: u64,
 }
@@ -252,7 +253,7 @@ struct RefusalLog {
 impl RefusalLog {
     /// Counts a refusal at `now`; when a line is due, returns how many refusals it reports
     /// (this one and those since the last line).
-    fn note(&mut self, now: Instant) -> Option<u64> {
+    pub fn note(&mut self, now: Instant) -> Option<u64> {
         self.unlogged += 1;
         if self.last_line.is_some_and(|last| now.saturating_duration_since(last) < REFUSAL_LOG_EVERY) {
             return None;

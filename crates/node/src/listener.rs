@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use mendfs_meta::auth::ConnectionInfo;
+use mendfs_meta::auth::{ConnectionInfo, RefusalLog};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -78,24 +78,11 @@ fn take_slot(slots: &Arc<Mutex<Slots>>, ip: IpAddr, limits: &ConnectionLimits) -
     Ok(Slot { slots: slots.clone(), ip })
 }
 
-/// Logs at most one line per this long about refused connections, with their count.
-const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
-
-#[derive(Default)]
-struct RefusalLog {
-    last_line: Option<Instant>,
-    unlogged: u64,
-}
-
-impl RefusalLog {
-    fn note(&mut self) -> Option<u64> {
-        self.unlogged += 1;
-        let now = Instant::now();
-        if self.last_line.is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_EVERY) {
-            return None;
-        }
-        self.last_line = Some(now);
-        Some(std::mem::take(&mut self.unlogged))
+/// Logs a refused connection, at most one line per `REFUSAL_LOG_EVERY` with the count since.
+fn log_refusal(refusals: &Mutex<RefusalLog>, remote: SocketAddr, why: &str) {
+    let due = refusals.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).note(Instant::now());
+    if let Some(refused) = due {
+        tracing::warn!(%remote, refused, "refused a connection: {why}");
     }
 }
 
@@ -131,9 +118,7 @@ pub fn incoming(
             let slot = match take_slot(&slots, remote.ip(), &limits) {
                 Ok(slot) => slot,
                 Err(why) => {
-                    if let Some(refused) = refusals.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).note() {
-                        tracing::warn!(%remote, refused, "refused a connection: {why}");
-                    }
+                    log_refusal(&refusals, remote, why);
                     continue; // dropping the stream closes it
                 }
             };
@@ -147,24 +132,17 @@ pub fn incoming(
                 let established = tokio::time::timeout(HANDSHAKE_TIMEOUT, establish(stream, remote, tls)).await;
                 let (io, certificate) = match established {
                     Ok(Ok(established)) => established,
-                    Ok(Err(why)) => {
-                        if let Some(refused) = refusals.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).note() {
-                            tracing::warn!(%remote, refused, "refused a connection: {why}");
-                        }
-                        return;
-                    }
+                    Ok(Err(why)) => return log_refusal(&refusals, remote, &why),
                     Err(_) => {
-                        if let Some(refused) = refusals.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).note() {
-                            tracing::warn!(%remote, refused, "refused a connection: no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
-                        }
-                        return;
+                        let why = format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}");
+                        return log_refusal(&refusals, remote, &why);
                     }
                 };
                 let connection = Connection {
                     io,
                     info: ConnectionInfo { remote: Some(remote), certificate },
                     idle_timeout: limits.idle_timeout,
-                    first_byte_by: Some(HANDSHAKE_TIMEOUT),
+                    last_received: None,
                     idle: Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT)),
                     _slot: slot,
                 };
@@ -201,8 +179,10 @@ pub struct Connection {
     io: Stream,
     info: ConnectionInfo,
     idle_timeout: Duration,
-    /// Until the first bytes arrive, the (shorter) handshake timeout applies.
-    first_byte_by: Option<Duration>,
+    /// When bytes last arrived; None until the first do (the handshake timeout applies).
+    last_received: Option<tokio::time::Instant>,
+    /// Fires at the earliest moment the connection could be idle. Re-armed only when it fires
+    /// (from `last_received`), not on every read: a busy connection costs no timer work.
     idle: Pin<Box<Sleep>>,
     _slot: Slot,
 }
@@ -229,25 +209,33 @@ impl AsyncRead for Connection {
             Stream::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
             Stream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
         };
-        match polled {
-            Poll::Ready(result) => {
-                if buf.filled().len() > before {
-                    this.first_byte_by = None;
-                    let deadline = tokio::time::Instant::now() + this.idle_timeout;
-                    this.idle.as_mut().reset(deadline);
-                }
-                Poll::Ready(result)
+        if let Poll::Ready(result) = polled {
+            if buf.filled().len() > before {
+                this.last_received = Some(tokio::time::Instant::now());
             }
-            Poll::Pending => match this.idle.as_mut().poll(cx) {
-                Poll::Ready(()) => {
-                    let waited = this.first_byte_by.unwrap_or(this.idle_timeout);
-                    Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("nothing received for {waited:?}"),
-                    )))
-                }
-                Poll::Pending => Poll::Pending,
-            },
+            return Poll::Ready(result);
+        }
+        loop {
+            if this.idle.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            let Some(last) = this.last_received else {
+                let waited = HANDSHAKE_TIMEOUT;
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("nothing received for {waited:?}"),
+                )));
+            };
+            let idle_at = last + this.idle_timeout;
+            if idle_at <= tokio::time::Instant::now() {
+                let waited = this.idle_timeout;
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("nothing received for {waited:?}"),
+                )));
+            }
+            // Bytes arrived since the timer was set: wait until this connection could be idle.
+            this.idle.as_mut().reset(idle_at);
         }
     }
 }

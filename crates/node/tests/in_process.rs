@@ -310,3 +310,61 @@ async fn with_a_metrics_token_only_its_bearer_scrapes_and_health_stays_open() {
     });
     node.stop().await.expect("a clean stop");
 }
+
+/// Reads from `stream` until the node closes it (EOF or reset); returns how long that took,
+/// or None if it is still open after `limit`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buffer = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(limit.saturating_sub(started.elapsed()), stream.read(&mut buffer)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {} // the server's HTTP/2 preface and settings
+        }
+    }
+}
+
+/// Connections are bounded per address, and silent ones are closed: before their first bytes
+/// after the handshake timeout, later after the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_bound_connections_per_address_and_close_silent_ones() {
+    use tokio::io::AsyncWriteExt;
+    let root = tempfile::tempdir().expect("tempdir");
+    let port = free_port().expect("free port");
+    let mut config = config(1, port, &format!("1=127.0.0.1:{port}"), root.path());
+    config.max_connections_per_ip = 3;
+    config.idle_timeout_ms = 1_000;
+    let node = start(config).await;
+    let connect = || tokio::net::TcpStream::connect(node.addr());
+
+    // Three connections are held; a fourth from the same address is closed at once.
+    let mut silent = connect().await.expect("connect");
+    let silent_since = Instant::now();
+    let mut talked = connect().await.expect("connect");
+    let _third = connect().await.expect("connect");
+    // Each is admitted once the accept loop took it: wait until the node answers the third.
+    let mut fourth = wait_for("a fourth connection to be refused", async || {
+        let mut fourth = connect().await.map_err(|e| e.to_string())?;
+        match closed_within(&mut fourth, Duration::from_secs(2)).await {
+            Some(_) => Ok(fourth),
+            None => Err("the fourth connection stayed open".into()),
+        }
+    })
+    .await;
+    drop(fourth.shutdown().await);
+
+    // A connection that sent its preface and then nothing is closed after the idle timeout.
+    talked.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.expect("send the preface");
+    let idle = closed_within(&mut talked, Duration::from_secs(30)).await.expect("closed when idle");
+    assert!(idle >= Duration::from_millis(900), "closed after {idle:?}, before the idle timeout");
+    // One that never sent a byte is closed after the handshake timeout (10 s).
+    closed_within(&mut silent, Duration::from_secs(30)).await.expect("closed without a first byte");
+    let never = silent_since.elapsed();
+    assert!(never >= Duration::from_secs(9), "closed {never:?} after it connected");
+    // Closed connections free their places.
+    let mut again = connect().await.expect("connect");
+    assert!(closed_within(&mut again, Duration::from_millis(500)).await.is_none(), "a freed place is taken again");
+    node.stop().await.expect("a clean stop");
+}

@@ -48,16 +48,19 @@ pub struct OtlpExporter {
 }
 
 impl OtlpExporter {
-    /// An exporter towards `endpoint` (`http://HOST:4317`), and the export loop, which the
-    /// caller runs as a task of its own (a node runs it among its tracked tasks, so that a
-    /// stopped node leaves no exporter behind).
+    /// An exporter towards `endpoint` (`http://HOST:4317`, or `https://` checked against the
+    /// system's trusted CAs), and the export loop, which the caller runs as a task of its own
+    /// (a node runs it among its tracked tasks, so that a stopped node leaves no exporter
+    /// behind).
     pub fn new(endpoint: &str, node_id: u64) -> Result<(Self, ExportLoop), String> {
         let uri = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
-        let channel = tonic::transport::Endpoint::from_shared(uri)
-            .map_err(|e| format!("--otlp-endpoint {endpoint:?}: {e}"))?
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(10))
-            .connect_lazy();
+        let mut channel = tonic::transport::Endpoint::from_shared(uri.clone())
+            .map_err(|e| format!("--otlp-endpoint {endpoint:?}: {e}"))?;
+        if uri.starts_with("https://") {
+            let tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+            channel = channel.tls_config(tls).map_err(|e| format!("--otlp-endpoint {endpoint:?}: TLS: {e}"))?;
+        }
+        let channel = channel.connect_timeout(Duration::from_secs(2)).timeout(Duration::from_secs(10)).connect_lazy();
         let (queue, receiver) = mpsc::channel(QUEUE_SPANS);
         let counters = Arc::new(ExportCounters::default());
         let export = Box::pin(export_loop(TraceServiceClient::new(channel), receiver, node_id, counters.clone()));
