@@ -54,6 +54,12 @@ const READ_AHEAD_CHUNKS: usize = 2;
 const READ_MESSAGE_BYTES: usize = 1 << 20;
 /// Messages buffered per reader before the coordinator waits for the client.
 const READ_QUEUE_MESSAGES: usize = 8;
+/// How long a put waits for enough storage nodes to accept chunks before it fails: a cluster
+/// that just started has a leader a moment before its storage nodes have registered, and a
+/// node that is coming back is up again within a few heartbeats.
+const PLACEMENT_WAIT_MAX: Duration = Duration::from_secs(10);
+/// Pause between two looks at the storage nodes while a put waits for them.
+const PLACEMENT_RETRY_EVERY: Duration = Duration::from_millis(200);
 pub use mendfs_meta::PATH_BYTES_MAX;
 
 type StorageRpc = StorageClient<InterceptedService<Channel, PeerInterceptor>>;
@@ -117,6 +123,21 @@ impl Coordinator {
             )));
         }
         Ok((ring, addresses))
+    }
+
+    /// `placement`, waiting up to `deadline` while too few storage nodes accept chunks.
+    async fn placement_by(&self, deadline: Instant) -> Result<(Ring, HashMap<u64, String>), Status> {
+        loop {
+            match self.placement() {
+                Err(status)
+                    if status.code() == tonic::Code::FailedPrecondition
+                        && Instant::now() + PLACEMENT_RETRY_EVERY < deadline =>
+                {
+                    tokio::time::sleep(PLACEMENT_RETRY_EVERY).await;
+                }
+                placed => return placed,
+            }
+        }
     }
 
     /// Phase two: commits the file through Raft. A commit that fails only because leadership
@@ -329,13 +350,17 @@ impl Coordinator {
         }
     }
 
-    async fn receive_upload(&self, mut stream: Streaming<pb::PutFileRequest>) -> Result<pb::PutFileReply, Status> {
+    async fn receive_upload(
+        &self,
+        mut stream: Streaming<pb::PutFileRequest>,
+        wait_for_nodes_until: Instant,
+    ) -> Result<pb::PutFileReply, Status> {
         let header = match stream.message().await? {
             Some(pb::PutFileRequest { part: Some(pb::put_file_request::Part::Header(header)) }) => header,
             _ => return Err(Status::invalid_argument("an upload starts with a header message")),
         };
         validate_path(&header.path)?;
-        let (ring, addresses) = self.placement()?;
+        let (ring, addresses) = self.placement_by(wait_for_nodes_until).await?;
         let (ring, addresses) = (Arc::new(ring), Arc::new(addresses));
         let write_id: [u8; 16] = rand::random();
         let prepared_at_ms = unix_now_ms();
@@ -460,7 +485,10 @@ type FileStream = Pin<Box<dyn Stream<Item = Result<pb::GetFileReply, Status>> + 
 #[tonic::async_trait]
 impl Files for Coordinator {
     async fn put(&self, request: Request<Streaming<pb::PutFileRequest>>) -> Result<Response<pb::PutFileReply>, Status> {
-        let reply = self.receive_upload(request.into_inner()).await;
+        // Within the caller's deadline, if it sent one (a stream usually does not).
+        let cap = Instant::now() + PLACEMENT_WAIT_MAX;
+        let wait_until = request_origin(&request).deadline.map_or(cap, |deadline| deadline.min(cap));
+        let reply = self.receive_upload(request.into_inner(), wait_until).await;
         if let Err(status) = &reply {
             tracing::warn!("put failed: {}", status.message());
         }

@@ -554,3 +554,28 @@ async fn a_put_whose_commit_meets_a_leader_election_still_commits() {
     assert_ne!(new_leader, leader);
     assert!(get(&client, "/elected").await.unwrap() == data, "the file is whole");
 }
+
+/// A new user's first put, sent the moment the cluster has a leader (before the storage nodes
+/// may have registered), waits for them instead of failing; `/readyz` then says ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_put_on_a_fresh_cluster_waits_for_the_storage_nodes() {
+    let http = format!("127.0.0.1:{}", mendfs_testkit::free_port().unwrap());
+    let mut options = options(&[]);
+    options.node_args.insert(1, vec!["--http".to_string(), http.clone()]);
+    let cluster = blocking(|| start(options));
+    let client = client_at(&cluster, cluster.endpoint_list());
+    let data = content(7, 3 * CHUNK + 5);
+    let reply = put(&client, "/first", data.clone()).await.expect("the first put succeeds");
+    assert_eq!(reply.size, data.len() as u64);
+    assert_eq!(get(&client, "/first").await.unwrap(), data);
+    let ready = blocking(|| {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&http).unwrap();
+        write!(stream, "GET /readyz HTTP/1.0\r\n\r\n").unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    });
+    assert!(ready.starts_with("HTTP/1.0 200") || ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(ready.contains("\"storage_nodes\":3"), "{ready}");
+}

@@ -55,7 +55,9 @@ pub use files::{
     ReplicaDrop, StorageNode, PATH_BYTES_MAX, PREPARE_GRACE_MS,
 };
 pub use network::{validate_node_addr, PeerInterceptor, Peers};
-pub use node::{FileCommitted, FileView, Membership, MetaConfig, MetaNode, Origin, PeerTls, RaftStatus, Role};
+pub use node::{
+    FileCommitted, FileView, FilesInUse, Membership, MetaConfig, MetaNode, Origin, PeerTls, RaftStatus, Role,
+};
 pub use schema::CommandError;
 pub use service::{authenticator, request_origin, services, AuthApi, KvApi, NodeApi};
 pub use state::RequestId;

@@ -435,6 +435,21 @@ pub struct MetaNode {
     /// Raft's committed index on this node (for metrics).
     committed_index: Arc<AtomicU64>,
     leader_changes: Arc<AtomicU64>,
+    files: FilesInUse,
+}
+
+/// Whether a stopped node's database files are closed: every handle to them (a connection
+/// task, one of openraft's, a worker's) has been dropped, so the same directory can be opened
+/// again at once, by this process or another.
+#[derive(Clone)]
+pub struct FilesInUse {
+    databases: Arc<[std::sync::Weak<redb::Database>]>,
+}
+
+impl FilesInUse {
+    pub fn released(&self) -> bool {
+        self.databases.iter().all(|database| database.strong_count() == 0)
+    }
 }
 
 impl MetaNode {
@@ -448,6 +463,7 @@ impl MetaNode {
         let committed_index = log_store.committed_index();
         let state_machine = StateMachineStore::open(&config.data_dir).map_err(|e| e.to_string())?;
         let state = state_machine.reader();
+        let files = FilesInUse { databases: Arc::new([log_store.database_weak(), state.database_weak()]) };
         let peers = Peers::new(config.node_id, config.secret.as_deref(), config.peer_tls.as_ref(), state.clone())?;
 
         let raft_config = Config {
@@ -486,6 +502,7 @@ impl MetaNode {
             proposer,
             committed_index,
             leader_changes: Arc::default(),
+            files,
         };
         if let Err(e) = node.initialize_once().await {
             node.shutdown().await;
@@ -498,6 +515,11 @@ impl MetaNode {
 
     /// Stops Raft: this node stops voting, replicating and applying. Its background work ends
     /// with the node's `Background`.
+    /// Tells when this node's database files are closed, after a stop.
+    pub fn files_in_use(&self) -> FilesInUse {
+        self.files.clone()
+    }
+
     pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!("raft shutdown: {e}");

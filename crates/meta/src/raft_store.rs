@@ -90,6 +90,11 @@ impl RaftLogStore {
         Ok(Self { db: Arc::new(db), committed_index: Arc::default() })
     }
 
+    /// A handle that tells when the log's database file is closed (see `FilesInUse`).
+    pub fn database_weak(&self) -> std::sync::Weak<Database> {
+        Arc::downgrade(&self.db)
+    }
+
     /// The committed index as last saved, shared: it moves as Raft commits.
     pub fn committed_index(&self) -> Arc<std::sync::atomic::AtomicU64> {
         self.committed_index.clone()
@@ -384,6 +389,11 @@ pub struct StateReader {
 }
 
 impl StateReader {
+    /// A handle that tells when the state machine's database file is closed.
+    pub fn database_weak(&self) -> std::sync::Weak<Database> {
+        Arc::downgrade(&self.db)
+    }
+
     /// The client tokens, kept current as tokens are created and revoked.
     pub fn tokens(&self) -> crate::auth::SharedTokens {
         self.tokens.clone()

@@ -30,6 +30,8 @@ pub(crate) struct HttpState {
     pub telemetry: Telemetry,
     pub background: Background,
     pub metrics_token: Option<String>,
+    /// Storage nodes the cluster needs registered before it is ready.
+    pub replication_factor: usize,
 }
 
 /// The admitted connections of the HTTP listener (see `listener`), as axum takes them.
@@ -319,10 +321,17 @@ async fn healthz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
     (code, axum::Json(health_json(&state)))
 }
 
-/// 200 when the node also knows a leader, so requests sent to it can be served.
+/// 200 when the node also knows a leader and the cluster has registered at least as many
+/// storage nodes as the replication factor: a cluster that just started is ready once it can
+/// take a write. Registered, not up: a node that dies later keeps the others ready, since
+/// reads still work and writes wait for placement or fail with the reason.
 async fn readyz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
     let raft = state.node.raft_status();
-    let ready = raft.stopped.is_none() && raft.leader.is_some();
+    let storage_nodes = state.node.storage_nodes().map_or(0, |nodes| nodes.len());
+    let ready = raft.stopped.is_none() && raft.leader.is_some() && storage_nodes >= state.replication_factor;
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, axum::Json(health_json(&state)))
+    let mut body = health_json(&state);
+    body["storage_nodes"] = storage_nodes.into();
+    body["replication_factor"] = state.replication_factor.into();
+    (code, axum::Json(body))
 }

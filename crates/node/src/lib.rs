@@ -192,6 +192,7 @@ impl Node {
                 telemetry,
                 background: background.clone(),
                 metrics_token: config.metrics_token.clone(),
+                replication_factor: parts.data.replication_factor,
             });
             servers.push(tokio::spawn(http::serve(connections, http_addr, state, stop_serving())));
         }
@@ -317,6 +318,19 @@ impl NodeHandle {
                 running = self.background.running(),
                 "some tasks were still running {STOP_GRACE:?} after the stop"
             );
+        }
+        // Returns once the data directory can be opened again: the last handles to its
+        // databases may still be dropping (a connection task draining, one of openraft's).
+        let files = self.meta.files_in_use();
+        let NodeHandle { meta, background, servers, .. } = self;
+        drop((meta, background, servers));
+        let released_by = tokio::time::Instant::now() + STOP_GRACE;
+        while !files.released() {
+            if tokio::time::Instant::now() >= released_by {
+                tracing::warn!("the data directory's databases were still open {STOP_GRACE:?} after the stop");
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         match fatal {
             Some(why) => Err(NodeError::Failed(why)),
