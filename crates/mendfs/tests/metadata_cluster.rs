@@ -504,3 +504,54 @@ async fn a_follower_that_lost_its_disk_rejoins_without_harming_the_leader() {
     }
     assert_eq!(client.list(b"disk/", 0).await.expect("list").0.len(), 100);
 }
+
+/// With 100,000 sessions open, an abandoned session still expires on time: the leader finds
+/// due sessions through its deadline index and expires them together, so its ephemeral key
+/// is gone within TTL + 2 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ephemeral_key_expires_on_time_among_100000_sessions() {
+    use futures::StreamExt;
+    const SESSIONS: usize = 100_000;
+    const TTL: Duration = Duration::from_secs(2);
+    let cluster = start(ClusterOptions { nodes: 1, ..ClusterOptions::default() });
+    let client = client(&cluster);
+    let ready_by = Instant::now() + DEADLINE;
+    while client.set(b"ready", b"1", None, None).await.is_err() {
+        assert!(Instant::now() < ready_by, "the cluster never took a write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let started = Instant::now();
+    let opened: Vec<Result<_, Error>> = futures::stream::iter(0..SESSIONS)
+        .map(|_| {
+            let client = client.clone();
+            // Long enough to outlive the test: these sessions are the crowd, not the subject.
+            async move { client.open_session(Duration::from_secs(600)).await.map(|session| session.id()) }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await;
+    let failed = opened.iter().filter(|opened| opened.is_err()).count();
+    assert_eq!(failed, 0, "{failed} of {SESSIONS} sessions failed to open");
+    eprintln!("{SESSIONS} sessions opened in {:.1?}", started.elapsed());
+
+    for round in 0..3 {
+        let session = client.open_session(TTL).await.unwrap();
+        let key = format!("ephemeral/{round}");
+        client.create(key.as_bytes(), b"held", Some(session.id())).await.unwrap();
+        let abandoned = Instant::now();
+        drop(session); // no keep-alive from here on
+        let gone_after = loop {
+            if client.get(key.as_bytes()).await.unwrap().is_none() {
+                break abandoned.elapsed();
+            }
+            assert!(abandoned.elapsed() < Duration::from_secs(60), "the key never went away");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        eprintln!(
+            "round {round}: the ephemeral key was gone {gone_after:.1?} after its session's last word (TTL {TTL:?})"
+        );
+        assert!(gone_after <= TTL + Duration::from_secs(2), "gone after {gone_after:?}, more than TTL + 2 s");
+        assert!(gone_after >= TTL - Duration::from_millis(100), "gone after {gone_after:?}, before its TTL");
+    }
+}

@@ -8,6 +8,8 @@
 //! the leader in one envelope) and each typed method unpacks its own answer.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use futures::StreamExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -285,6 +287,62 @@ fn file_view(view: &crate::raft_store::ReadView, path: String, record: FileRecor
 #[derive(Default)]
 struct SessionClocks {
     deadlines: HashMap<u64, Instant>,
+    /// The same deadlines in order: a tick looks only at the sessions that are due, not at all
+    /// of them.
+    by_deadline: BTreeSet<(Instant, u64)>,
+    /// When the sessions table was last read whole, to learn of sessions opened since (or under
+    /// an earlier leader) and forget closed ones; not every tick, since it is a full scan.
+    last_scan: Option<Instant>,
+}
+
+/// How often the leader reads the whole sessions table. Sessions opened through this leader get
+/// their clocks when the open commits; the scan finds those opened under an earlier leader (at
+/// once, on a new term) and forgets closed ones, so it is rare: it reads every session.
+const SESSION_SCAN_EVERY: Duration = Duration::from_secs(10);
+/// Expiries proposed per tick, all at once: group commit puts them into a few Raft entries.
+const SESSION_EXPIRIES_PER_TICK_MAX: usize = 8_192;
+/// Expiry proposals in flight at once.
+const SESSION_EXPIRIES_IN_FLIGHT_MAX: usize = 512;
+
+impl SessionClocks {
+    fn set(&mut self, session_id: u64, deadline: Instant) {
+        if let Some(previous) = self.deadlines.insert(session_id, deadline) {
+            self.by_deadline.remove(&(previous, session_id));
+        }
+        self.by_deadline.insert((deadline, session_id));
+    }
+
+    fn forget(&mut self, session_id: u64) {
+        if let Some(deadline) = self.deadlines.remove(&session_id) {
+            self.by_deadline.remove(&(deadline, session_id));
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = SessionClocks::default();
+    }
+
+    /// Takes in a full read of the sessions table at `now`: `(id, ttl_ms)` of every live
+    /// session. Ones without a clock get a full TTL from now. None is forgotten here: a session
+    /// opened while the table was being read is missing from `live` but very much alive.
+    /// Clocks go when their session is closed or expired through this leader.
+    fn sync(&mut self, live: &[(u64, u64)], now: Instant) {
+        for (id, ttl_ms) in live {
+            if !self.deadlines.contains_key(id) {
+                self.set(*id, now + Duration::from_millis(*ttl_ms));
+            }
+        }
+        self.last_scan = Some(now);
+    }
+
+    fn scan_due(&self, now: Instant) -> bool {
+        self.last_scan.is_none_or(|last| now.saturating_duration_since(last) >= SESSION_SCAN_EVERY)
+    }
+
+    /// Sessions whose deadline has passed, earliest first, at most `limit`.
+    fn due(&self, now: Instant, limit: usize) -> Vec<u64> {
+        self.by_deadline.iter().take_while(|(deadline, _)| *deadline <= now).take(limit).map(|(_, id)| *id).collect()
+    }
 }
 
 /// Proposals waiting to join a batch. Bounded: when Raft cannot keep up, callers wait here
@@ -406,7 +464,7 @@ impl Worker for LeaderDuties {
         }
         if self.led_in_term != Some(term) {
             if let Ok(mut clocks) = node.sessions.lock() {
-                clocks.deadlines.clear();
+                clocks.clear();
             }
             self.led_in_term = Some(term);
         }
@@ -714,7 +772,22 @@ impl MetaNode {
             LeaderRequest::Propose(proposal) => {
                 // Here, not only where clients enter: a forwarded proposal has seen no other check.
                 crate::validate::check_command(&self.config, &proposal.command)?;
-                Ok(LeaderResponse::Command(self.propose(proposal).await?))
+                let closing = match &proposal.command {
+                    Command::SessionClose { session_id } | Command::SessionExpire { session_id } => Some(*session_id),
+                    _ => None,
+                };
+                let result = self.propose(proposal).await?;
+                if let Ok(mut clocks) = self.sessions.lock() {
+                    // A session's clock starts when its open commits, not when the next read
+                    // of the sessions table finds it, and ends with it.
+                    if let Ok(Outcome::SessionOpened { session_id, ttl_ms }) = &result {
+                        clocks.set(*session_id, Instant::now() + Duration::from_millis(*ttl_ms));
+                    }
+                    if let (Some(session_id), Ok(_)) = (closing, &result) {
+                        clocks.forget(session_id);
+                    }
+                }
+                Ok(LeaderResponse::Command(result))
             }
             LeaderRequest::Get { key } => {
                 self.linearizable_barrier().await?;
@@ -742,7 +815,7 @@ impl MetaNode {
                     return Err(ApiError::Command(CommandError::SessionNotFound { session_id }));
                 };
                 let mut clocks = self.sessions.lock().map_err(|_| ApiError::internal("session clocks poisoned"))?;
-                clocks.deadlines.insert(session_id, Instant::now() + Duration::from_millis(session.ttl_ms));
+                clocks.set(session_id, Instant::now() + Duration::from_millis(session.ttl_ms));
                 Ok(LeaderResponse::KeepAlive { ttl_ms: session.ttl_ms })
             }
             LeaderRequest::GetFile { path } => {
@@ -935,31 +1008,68 @@ impl MetaNode {
         Ok(self.membership_response())
     }
 
+    /// Expires the sessions whose clocks ran out: all of them at once (group commit batches
+    /// the proposals), found through the deadline index, with the sessions table read whole
+    /// at most once per `SESSION_SCAN_EVERY`, off the async workers.
     async fn expire_sessions(&self) -> Result<(), ApiError> {
-        let view = self.state.view().map_err(ApiError::internal)?;
-        let sessions = kv::list_sessions(&view).map_err(ApiError::internal)?;
-        let now = Instant::now();
-        let expired: Vec<u64> = {
-            let mut clocks = self.sessions.lock().map_err(|_| ApiError::internal("session clocks poisoned"))?;
-            let live: BTreeSet<u64> = sessions.iter().map(|(id, _)| *id).collect();
-            clocks.deadlines.retain(|id, _| live.contains(id));
-            for (id, session) in &sessions {
-                // A session this leader has not heard of yet (new, or opened under an earlier
-                // leader) gets a full TTL from now.
-                clocks.deadlines.entry(*id).or_insert(now + Duration::from_millis(session.ttl_ms));
-            }
-            clocks.deadlines.iter().filter(|(_, deadline)| **deadline <= now).map(|(id, _)| *id).collect()
-        };
-        for session_id in expired {
-            tracing::info!(session_id, "session expired: no keep-alive within its TTL");
-            let proposal = Proposal {
-                request_id: None,
-                proposed_at_ms: unix_now_ms(),
-                command: Command::SessionExpire { session_id },
-            };
-            let _outcome = self.propose(proposal).await?;
+        // Due sessions first: a full scan (below) takes a while with many sessions, and must
+        // not hold up the expiries that are due now.
+        let expired = self.expire_due_sessions().await;
+        let scan_due =
+            self.sessions.lock().map_err(|_| ApiError::internal("session clocks poisoned"))?.scan_due(Instant::now());
+        if scan_due {
+            let state = self.state.clone();
+            let live = tokio::task::spawn_blocking(move || -> Result<Vec<(u64, u64)>, ApiError> {
+                let view = state.view().map_err(ApiError::internal)?;
+                let sessions = kv::list_sessions(&view).map_err(ApiError::internal)?;
+                Ok(sessions.into_iter().map(|(id, session)| (id, session.ttl_ms)).collect())
+            })
+            .await
+            .map_err(ApiError::internal)??;
+            self.sessions
+                .lock()
+                .map_err(|_| ApiError::internal("session clocks poisoned"))?
+                .sync(&live, Instant::now());
         }
-        Ok(())
+        expired
+    }
+
+    async fn expire_due_sessions(&self) -> Result<(), ApiError> {
+        let expired = self
+            .sessions
+            .lock()
+            .map_err(|_| ApiError::internal("session clocks poisoned"))?
+            .due(Instant::now(), SESSION_EXPIRIES_PER_TICK_MAX);
+        if expired.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            sessions = expired.len(),
+            first = expired[0],
+            "sessions expired: no keep-alive within their TTL"
+        );
+        let results: Vec<(u64, Result<CommandResult, ApiError>)> = futures::stream::iter(expired)
+            .map(|session_id| async move {
+                let proposal = Proposal {
+                    request_id: None,
+                    proposed_at_ms: unix_now_ms(),
+                    command: Command::SessionExpire { session_id },
+                };
+                (session_id, self.propose(proposal).await)
+            })
+            .buffer_unordered(SESSION_EXPIRIES_IN_FLIGHT_MAX)
+            .collect()
+            .await;
+        let mut clocks = self.sessions.lock().map_err(|_| ApiError::internal("session clocks poisoned"))?;
+        let mut first_error = None;
+        for (session_id, result) in results {
+            match result {
+                // Closed (or already gone): its clock goes; a failed proposal is tried again next tick.
+                Ok(_) => clocks.forget(session_id),
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        first_error.map_or(Ok(()), Err)
     }
 
     /// Storage nodes as this node's state machine knows them (may lag the leader slightly;
@@ -1203,6 +1313,32 @@ impl MetaNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn session_clocks_find_due_sessions_through_their_deadline_index() {
+        let start = Instant::now();
+        let mut clocks = SessionClocks::default();
+        assert!(clocks.scan_due(start), "a first scan is due at once");
+        clocks.sync(&[(1, 1_000), (2, 5_000), (3, 2_000)], start);
+        assert!(!clocks.scan_due(start + Duration::from_millis(500)));
+        assert!(clocks.scan_due(start + SESSION_SCAN_EVERY));
+        assert_eq!(clocks.due(start + Duration::from_millis(999), 10), Vec::<u64>::new());
+        assert_eq!(clocks.due(start + Duration::from_millis(2_000), 10), vec![1, 3], "earliest first");
+        assert_eq!(clocks.due(start + Duration::from_millis(2_000), 1), vec![1], "at most the limit");
+        // A keep-alive moves a session's deadline; the index follows.
+        clocks.set(1, start + Duration::from_millis(9_000));
+        assert_eq!(clocks.due(start + Duration::from_millis(5_000), 10), vec![3, 2]);
+        // A scan adds the sessions it had no clock for and keeps the clocks it had.
+        clocks.forget(2);
+        clocks.forget(3);
+        clocks.sync(&[(1, 1_000), (4, 1_000)], start + Duration::from_millis(6_000));
+        assert_eq!(clocks.due(start + Duration::from_millis(7_000), 10), vec![4]);
+        assert_eq!(clocks.due(start + Duration::from_millis(9_000), 10), vec![4, 1]);
+        clocks.forget(4);
+        assert_eq!(clocks.by_deadline.len(), clocks.deadlines.len());
+        clocks.clear();
+        assert!(clocks.due(start + Duration::from_secs(60), 10).is_empty() && clocks.scan_due(start));
+    }
 
     fn wire_number<T: Serialize>(message: &T) -> u8 {
         schema::encode(message).expect("encode")[0]
