@@ -20,6 +20,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use mendfs_proto::{AUTHORIZATION_HEADER, CLUSTER_ID_HEADER, NODE_ID_HEADER, SECRET_HEADER};
+// The operation a path names, `/mendfs.v1.Kv/Set` → `Kv/Set`, as metrics and traces name it.
+use mendfs_telemetry::grpc::operation_name as operation;
 use mendfs_types::NodeId;
 use serde::{Deserialize, Serialize};
 use tonic::codegen::http;
@@ -278,18 +280,6 @@ pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The operation a path names, `/mendfs.v1.Kv/Set` → `Kv/Set`.
-fn operation(path: &str) -> &str {
-    let path = path.trim_start_matches('/');
-    match path.split_once('/') {
-        Some((service, _)) => {
-            let package_len = service.rfind('.').map_or(0, |dot| dot + 1);
-            &path[package_len..]
-        }
-        None => path,
-    }
-}
-
 impl Authenticator {
     pub(crate) fn new(secret: Option<&str>, state: StateReader) -> Self {
         Self { secret: secret.map(Arc::from), tokens: state.tokens(), state, refusals: Arc::default() }
@@ -519,14 +509,6 @@ mod tests {
         assert!(!Caller::Peer { node: Some(3) }.speaks_for(2));
         assert!(!Caller::Peer { node: None }.speaks_for(2), "the operator's secret is no node");
         assert!(!Caller::Client { token: "a".into(), role: Role::Admin }.speaks_for(2));
-    }
-
-    #[test]
-    fn operations_drop_the_package() {
-        assert_eq!(operation("/mendfs.v1.Kv/Set"), "Kv/Set");
-        assert_eq!(operation("/Kv/Set"), "Kv/Set");
-        assert_eq!(operation("/x"), "x");
-        assert_eq!(operation(""), "");
     }
 
     #[test]
