@@ -78,6 +78,14 @@ impl Node {
     /// A taken port or a bad setting fails here, before Raft starts.
     pub async fn start(config: NodeConfig, telemetry: Telemetry) -> Result<NodeHandle, NodeError> {
         let mut parts = config.parts()?;
+        // TLS material is read before anything starts: a bad file fails the start cleanly.
+        let (grpc_tls, http_tls) = match &parts.tls {
+            Some(files) => (
+                Some(tls::ServerTls::load(&files.cert, &files.key, &files.ca, &[b"h2"])?),
+                Some(tls::ServerTls::load(&files.cert, &files.key, &files.ca, &[b"http/1.1"])?),
+            ),
+            None => (None, None),
+        };
         if let Some(files) = &parts.tls {
             let read = |path: &std::path::Path| {
                 std::fs::read(path)
@@ -179,11 +187,8 @@ impl Node {
         let requests = Arc::new(RequestMetrics::new());
         let mut servers = Vec::new();
         if let Some(listener) = http_listener {
-            let tls = match &parts.tls {
-                Some(files) => Some(tls::ServerTls::load(&files.cert, &files.key, &files.ca, &[b"http/1.1"])?),
-                None => None,
-            };
-            let connections = listener::incoming(listener, parts.limits, tls, stop_serving());
+            let (connections, accept_loop) = listener::incoming(listener, parts.limits, http_tls, stop_serving());
+            background.spawn(accept_loop);
             let state = Arc::new(http::HttpState {
                 node: meta.clone(),
                 healer: healer.clone(),
@@ -200,10 +205,8 @@ impl Node {
             let authenticator = authenticator.clone();
             Arc::new(move |path, headers, extensions| authenticator.admits(path, headers, extensions))
         };
-        let grpc_tls = match &parts.tls {
-            Some(files) => Some(tls::ServerTls::load(&files.cert, &files.key, &files.ca, &[b"h2"])?),
-            None => None,
-        };
+        let (grpc_connections, accept_loop) = listener::incoming(listener, parts.limits, grpc_tls, stop_serving());
+        background.spawn(accept_loop);
         let serve = tonic::transport::Server::builder()
             // Outermost first: every call is counted (refused ones too), then authorized.
             .layer(
@@ -219,10 +222,7 @@ impl Node {
             .add_service(health_service)
             .add_service(files_service)
             .add_service(telemetry_service)
-            .serve_with_incoming_shutdown(
-                listener::incoming(listener, parts.limits, grpc_tls, stop_serving()),
-                stop_serving(),
-            );
+            .serve_with_incoming_shutdown(grpc_connections, stop_serving());
         let (served, stopped_serving) = (background.clone(), serving.clone());
         servers.push(tokio::spawn(async move {
             let result = serve.await;

@@ -86,19 +86,20 @@ fn log_refusal(refusals: &Mutex<RefusalLog>, remote: SocketAddr, why: &str) {
     }
 }
 
-/// Accepts connections on `listener` until `stop` resolves, and yields the admitted ones
-/// (after their TLS handshake when `tls` is set) for tonic to serve.
+/// The admitted connections (after their TLS handshake when `tls` is set) for a server to
+/// serve, and the accept loop that yields them until `stop` resolves, which the caller runs
+/// as a tracked task of the node.
 pub fn incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
     tls: Option<ServerTls>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> ReceiverStream<io::Result<Connection>> {
+) -> (ReceiverStream<io::Result<Connection>>, impl std::future::Future<Output = ()> + Send + 'static) {
     // Few slots: a connection waits here only while tonic picks it up.
     let (sender, receiver) = mpsc::channel(16);
     let slots = Arc::new(Mutex::new(Slots::default()));
     let refusals = Arc::new(Mutex::new(RefusalLog::default()));
-    tokio::spawn(async move {
+    let accept_loop = async move {
         tokio::pin!(stop);
         loop {
             let accepted = tokio::select! {
@@ -149,8 +150,8 @@ pub fn incoming(
                 let _ = sender.send(Ok(connection)).await;
             });
         }
-    });
-    ReceiverStream::new(receiver)
+    };
+    (ReceiverStream::new(receiver), accept_loop)
 }
 
 async fn establish(
