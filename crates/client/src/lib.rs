@@ -487,6 +487,19 @@ impl Client {
         Ok(reply.deleted)
     }
 
+    /// Drops the key history up to and including `revision` (0: the current revision), the way
+    /// to give the kv quota back what old values hold; returns the revision compacted through.
+    pub async fn compact(&self, revision: u64) -> Result<u64, Error> {
+        let request = pb::CompactRequest { revision };
+        let reply = self
+            .call("compact", |i| {
+                let mut kv = self.kv(i);
+                async move { kv.compact(request).await }
+            })
+            .await?;
+        Ok(reply.compacted_revision)
+    }
+
     /// A linearizable read of `key`.
     pub async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, Error> {
         let request = pb::GetRequest { key: key.to_vec() };

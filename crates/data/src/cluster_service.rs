@@ -185,6 +185,15 @@ impl ClusterApi {
             }
         });
         let revision = node.revision();
+        let kv_usage = node.kv_usage().ok().map(|(usage, compacted_revision)| pb::KvUsage {
+            key_bytes: usage.key_bytes,
+            history_bytes: usage.history_bytes,
+            quota_bytes: usage.quota_bytes,
+            quota_alarm: usage.alarm,
+            sessions: usage.sessions,
+            max_sessions: usage.max_sessions,
+            compacted_revision,
+        });
         pb::StatusReply {
             leader,
             term,
@@ -198,6 +207,7 @@ impl ClusterApi {
             chunks: snapshot.scan.chunks,
             repair,
             health_error,
+            kv_usage,
         }
     }
 }

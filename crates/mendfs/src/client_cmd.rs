@@ -48,6 +48,9 @@ pub enum KvCommand {
         #[arg(long)]
         expect_version: Option<u64>,
     },
+    /// Drop the key history up to REVISION (default: the current one), giving its bytes back to
+    /// the kv quota; watchers that are further behind must re-list.
+    Compact { revision: Option<u64> },
     /// List keys starting with PREFIX.
     List {
         #[arg(default_value = "")]
@@ -227,6 +230,11 @@ pub async fn run_kv(connection: Connection, command: KvCommand) -> Result<ExitCo
             }
             Ok(ExitCode::SUCCESS)
         }
+        KvCommand::Compact { revision } => {
+            let compacted = client.compact(revision.unwrap_or(0)).await.context("compact the key history")?;
+            println!("history compacted through revision {compacted}");
+            Ok(ExitCode::SUCCESS)
+        }
         KvCommand::List { prefix, limit, json } => {
             let (kvs, truncated) = client.list(prefix.as_bytes(), limit).await.context("list")?;
             if json {
@@ -374,6 +382,11 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                            "lost_chunks": status.lost_chunks,
                            "unplaceable_copies": status.unplaceable_copies,
                            "repair": status.repair.as_ref().map(repair_json),
+                           "kv": status.kv_usage.as_ref().map(|kv| json!({
+                               "key_bytes": kv.key_bytes, "history_bytes": kv.history_bytes,
+                               "quota_bytes": kv.quota_bytes, "quota_alarm": kv.quota_alarm,
+                               "sessions": kv.sessions, "max_sessions": kv.max_sessions,
+                               "compacted_revision": kv.compacted_revision})),
                            "health_error": if status.health_error.is_empty() { None } else { Some(&status.health_error) }})
                 );
             } else {
@@ -456,6 +469,20 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                         r.done_copies,
                         r.total_copies,
                         mib(r.bytes_per_sec as u64),
+                    );
+                }
+                if let Some(kv) = &status.kv_usage {
+                    let used = kv.key_bytes + kv.history_bytes;
+                    println!(
+                        "kv: {} of {} quota ({:.0}%: keys {}, history {}){}   sessions: {} of {}",
+                        mib(used),
+                        mib(kv.quota_bytes),
+                        100.0 * used as f64 / kv.quota_bytes.max(1) as f64,
+                        mib(kv.key_bytes),
+                        mib(kv.history_bytes),
+                        if kv.quota_alarm { "   QUOTA ALARM: writes refused" } else { "" },
+                        kv.sessions,
+                        kv.max_sessions
                     );
                 }
                 if !status.health_error.is_empty() {

@@ -63,6 +63,18 @@ pub struct ServerArgs {
     /// How long a write may wait for a quorum before failing, in milliseconds.
     #[arg(long, env = "MENDFS_WRITE_TIMEOUT_MS")]
     pub write_timeout_ms: Option<u64>,
+    /// Byte quota of the coordination keyspace, keys and history (default 2GiB); writes beyond
+    /// it are refused until keys are deleted and history compacted. Accepts 64MiB, 2GiB, ...
+    /// Cluster-wide: the leader's value applies, so set the same on every node.
+    #[arg(long, env = "MENDFS_KV_QUOTA_BYTES", value_parser = parse_byte_size)]
+    pub kv_quota_bytes: Option<u64>,
+    /// Bytes of key history kept for watchers (default 512MiB); beyond, the oldest revisions go.
+    /// Cluster-wide.
+    #[arg(long, env = "MENDFS_KV_HISTORY_BYTES", value_parser = parse_byte_size)]
+    pub kv_history_bytes: Option<u64>,
+    /// Most coordination sessions open at once (default 1000000). Cluster-wide.
+    #[arg(long, env = "MENDFS_MAX_SESSIONS")]
+    pub max_sessions: Option<u64>,
     /// Log format on stderr: text or json.
     #[arg(long, env = "MENDFS_LOG_FORMAT")]
     pub log_format: Option<String>,
@@ -251,4 +263,11 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }
+}
+
+/// A size as operators write it: `67108864`, `64MiB`, `2GiB`, `500MB`.
+fn parse_byte_size(text: &str) -> Result<u64, String> {
+    byte_unit::Byte::parse_str(text, true)
+        .map(|size| size.as_u64())
+        .map_err(|e| format!("{text:?} is not a size like 64MiB or 2GiB: {e}"))
 }

@@ -84,7 +84,7 @@ pub fn required_access(op: &str) -> Option<Access> {
         "Storage/PrepareChunk" | "Storage/ReadChunk" | "Storage/ReplicateChunk" => Peer,
         "Node/Info" => Client(Read),
         "Kv/Get" | "Kv/List" | "Kv/Watch" => Client(Read),
-        "Kv/Create" | "Kv/Set" | "Kv/Delete" => Client(Write),
+        "Kv/Create" | "Kv/Set" | "Kv/Delete" | "Kv/Compact" => Client(Write),
         "Kv/SessionOpen" | "Kv/SessionKeepAlive" | "Kv/SessionClose" => Client(Write),
         "Files/Get" | "Files/Stat" | "Files/List" => Client(Read),
         "Files/Put" | "Files/Delete" => Client(Write),

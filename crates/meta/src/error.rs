@@ -54,6 +54,13 @@ impl From<ApiError> for tonic::Status {
             ApiError::Command(CommandError::PrepareExpired { .. }) => (tonic::Code::Aborted, "prepare-expired"),
             ApiError::Command(CommandError::NodeNotFound { .. }) => (tonic::Code::NotFound, "node-not-found"),
             ApiError::Command(CommandError::TokenExists { .. }) => (tonic::Code::FailedPrecondition, "token-exists"),
+            ApiError::Command(CommandError::QuotaExceeded { .. }) => (tonic::Code::ResourceExhausted, "quota-exceeded"),
+            ApiError::Command(CommandError::TooManySessions { .. }) => {
+                (tonic::Code::ResourceExhausted, "too-many-sessions")
+            }
+            ApiError::Command(CommandError::CompactBeyondCurrent { .. }) => {
+                (tonic::Code::OutOfRange, "compact-beyond-current")
+            }
             ApiError::Internal(_) => (tonic::Code::Internal, "internal"),
         };
         let mut status = tonic::Status::new(code, message);

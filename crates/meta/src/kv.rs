@@ -5,9 +5,17 @@
 use serde::{Deserialize, Serialize};
 
 use crate::schema::{
-    commit_revision, current_revision, decode, encode, get_u64, prefix_end, put_u64, CommandError, CommandResult,
-    Event, EventKind, KeyRecord, KeyValue, Outcome, StateStore, StoreError, Table, META_NEXT_SESSION_ID,
+    add_to_counter, commit_revision, compact_history, current_revision, decode, encode, get_u64, kv_usage, limits,
+    prefix_end, put_u64, settle_quota_alarm, CommandError, CommandResult, Event, EventKind, KeyRecord, KeyValue,
+    Outcome, StateStore, StoreError, Table, META_KEY_BYTES, META_NEXT_SESSION_ID, META_QUOTA_ALARM, META_SESSION_COUNT,
 };
+
+/// A list answer stops adding keys past this many bytes of keys and values (it always holds at
+/// least one key), and says it was truncated: the caller continues after its last key.
+pub const LIST_BYTES_MAX: usize = 4 << 20;
+
+/// A watch step reads at most this many bytes of history (at least one revision) at a time.
+pub const WATCH_STEP_BYTES_MAX: usize = 4 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SessionRecord {
@@ -33,22 +41,42 @@ pub fn list_sessions(store: &impl StateStore) -> Result<Vec<(u64, SessionRecord)
     Ok(sessions)
 }
 
-/// Keys starting with `prefix`, in order; the flag says whether `limit` cut the list short.
-pub fn list_keys(store: &impl StateStore, prefix: &[u8], limit: usize) -> Result<(Vec<KeyValue>, bool), StoreError> {
+/// Keys starting with `prefix`, from `start` on (when it is within the prefix), in order, at
+/// most `limit` of them and about [`LIST_BYTES_MAX`] bytes; the flag says whether the list was
+/// cut short, and the caller continues after the last key.
+pub fn list_keys(
+    store: &impl StateStore,
+    prefix: &[u8],
+    start: &[u8],
+    limit: usize,
+) -> Result<(Vec<KeyValue>, bool), StoreError> {
+    const ROWS_PER_READ: usize = 256;
     let end = prefix_end(prefix);
-    let rows = store.range(Table::Keys, prefix, end.as_deref(), limit.saturating_add(1))?;
-    let truncated = rows.len() > limit;
-    let kvs = rows
-        .into_iter()
-        .take(limit)
-        .map(|(key, value)| Ok(KeyValue { key, record: decode(&value)? }))
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    Ok((kvs, truncated))
+    let mut from = if start > prefix { start.to_vec() } else { prefix.to_vec() };
+    let mut kvs = Vec::new();
+    let mut bytes = 0usize;
+    loop {
+        let rows = store.range(Table::Keys, &from, end.as_deref(), ROWS_PER_READ)?;
+        let exhausted = rows.len() < ROWS_PER_READ;
+        for (key, value) in rows {
+            if kvs.len() == limit || (!kvs.is_empty() && bytes + key.len() + value.len() > LIST_BYTES_MAX) {
+                return Ok((kvs, true));
+            }
+            bytes += key.len() + value.len();
+            from = key.clone();
+            from.push(0);
+            kvs.push(KeyValue { key, record: decode(&value)? });
+        }
+        if exhausted {
+            return Ok((kvs, false));
+        }
+    }
 }
 
-/// Events of the revisions from `from` on, at most `max_revisions` of them, filtered by
-/// key or prefix. A revision with no matching event comes back with an empty list, so that a
-/// watcher still advances past it.
+/// Events of the revisions from `from` on, at most `max_revisions` of them and about
+/// [`WATCH_STEP_BYTES_MAX`] bytes (at least one revision), filtered by key or prefix. A
+/// revision with no matching event comes back with an empty list, so that a watcher still
+/// advances past it.
 pub fn events_between(
     store: &impl StateStore,
     from: u64,
@@ -56,20 +84,50 @@ pub fn events_between(
     key: &[u8],
     is_prefix: bool,
 ) -> Result<Vec<(u64, Vec<Event>)>, StoreError> {
-    let rows = store.range(Table::Events, &from.to_be_bytes(), None, max_revisions)?;
-    let mut out = Vec::with_capacity(rows.len());
-    for (revision_bytes, value) in rows {
-        let revision = u64::from_be_bytes(
-            revision_bytes.as_slice().try_into().map_err(|_| StoreError("event revision is not a u64".into()))?,
-        );
-        let events: Vec<Event> = decode(&value)?;
-        let matching: Vec<Event> = events
-            .into_iter()
-            .filter(|event| if is_prefix { event.key.starts_with(key) } else { event.key == key })
-            .collect();
-        out.push((revision, matching));
+    const ROWS_PER_READ: usize = 16;
+    let mut out = Vec::new();
+    let mut next = from;
+    let mut bytes = 0usize;
+    while out.len() < max_revisions && (out.is_empty() || bytes < WATCH_STEP_BYTES_MAX) {
+        let rows =
+            store.range(Table::Events, &next.to_be_bytes(), None, ROWS_PER_READ.min(max_revisions - out.len()))?;
+        if rows.is_empty() {
+            break;
+        }
+        for (revision_bytes, value) in rows {
+            if out.len() == max_revisions || (!out.is_empty() && bytes >= WATCH_STEP_BYTES_MAX) {
+                break;
+            }
+            let revision = u64::from_be_bytes(
+                revision_bytes.as_slice().try_into().map_err(|_| StoreError("event revision is not a u64".into()))?,
+            );
+            bytes += value.len();
+            let events: Vec<Event> = decode(&value)?;
+            let matching: Vec<Event> = events
+                .into_iter()
+                .filter(|event| if is_prefix { event.key.starts_with(key) } else { event.key == key })
+                .collect();
+            out.push((revision, matching));
+            next = revision + 1;
+        }
     }
     Ok(out)
+}
+
+/// Drops the event history up to and including `revision` (etcd's compaction): the way to
+/// give the quota back the bytes that deleted and overwritten values still hold in history.
+pub(crate) fn compact(store: &mut impl StateStore, revision: u64) -> Result<CommandResult, StoreError> {
+    let current = current_revision(store)?;
+    if revision > current {
+        return Ok(Err(CommandError::CompactBeyondCurrent { requested: revision, current }));
+    }
+    compact_history(store, |oldest, _| oldest <= revision)?;
+    Ok(Ok(Outcome::Compacted { revision: crate::schema::compacted_revision(store)? }))
+}
+
+/// The bytes a live key counts for against the quota.
+fn key_bytes(key: &[u8], encoded_record: &[u8]) -> i64 {
+    (key.len() + encoded_record.len()) as i64
 }
 
 fn session_key_entry(session_id: u64, key: &[u8]) -> Vec<u8> {
@@ -129,12 +187,19 @@ pub(crate) fn delete(
         Some(record) => {
             let event = delete_key(store, key, record)?;
             let revision = commit_revision(store, &[event])?;
+            settle_quota_alarm(store)?;
             Ok(Ok(Outcome::Written { revision, kv: None, deleted: true }))
         }
     }
 }
 
 pub(crate) fn open_session(store: &mut impl StateStore, ttl_ms: u64) -> Result<CommandResult, StoreError> {
+    let open = get_u64(store, Table::Meta, META_SESSION_COUNT)?;
+    let limit = limits(store)?.max_sessions;
+    if open >= limit {
+        return Ok(Err(CommandError::TooManySessions { open, limit }));
+    }
+    put_u64(store, Table::Meta, META_SESSION_COUNT, open + 1)?;
     let session_id = get_u64(store, Table::Meta, META_NEXT_SESSION_ID)?.max(1);
     put_u64(store, Table::Meta, META_NEXT_SESSION_ID, session_id + 1)?;
     store.put(Table::Sessions, &session_id.to_be_bytes(), &encode(&SessionRecord { ttl_ms })?)?;
@@ -147,6 +212,7 @@ pub(crate) fn close_session(store: &mut impl StateStore, session_id: u64) -> Res
         return Ok(Ok(Outcome::SessionClosed { revision: current_revision(store)?, found: false }));
     }
     store.remove(Table::Sessions, &session_id.to_be_bytes())?;
+    add_to_counter(store, META_SESSION_COUNT, -1)?;
     let prefix = session_id.to_be_bytes();
     let end = prefix_end(&prefix);
     let owned = store.range(Table::SessionKeys, &prefix, end.as_deref(), usize::MAX)?;
@@ -162,6 +228,7 @@ pub(crate) fn close_session(store: &mut impl StateStore, session_id: u64) -> Res
         }
     }
     let revision = if events.is_empty() { current_revision(store)? } else { commit_revision(store, &events)? };
+    settle_quota_alarm(store)?;
     Ok(Ok(Outcome::SessionClosed { revision, found: true }))
 }
 
@@ -177,6 +244,10 @@ fn put_key(
         return Ok(Err(CommandError::SessionNotFound { session_id }));
     }
     let revision = current_revision(store)? + 1;
+    let previous_bytes = match &existing {
+        Some(previous) => key_bytes(key, &encode(previous)?),
+        None => 0,
+    };
     let record = match existing {
         Some(previous) => {
             if previous.session_id != 0 && previous.session_id != session_id {
@@ -198,18 +269,35 @@ fn put_key(
             session_id,
         },
     };
+    let encoded = encode(&record)?;
+    let event = Event { kind: EventKind::Put, key: key.to_vec(), record };
+    // The write adds its key's growth and one history row (about the record again).
+    let needed_bytes = (key_bytes(key, &encoded) - previous_bytes).max(0) as u64 + 8 + encoded.len() as u64 + 16;
+    let usage = kv_usage(store)?;
+    if usage.alarm || usage.used_bytes().saturating_add(needed_bytes) > usage.quota_bytes {
+        put_u64(store, Table::Meta, META_QUOTA_ALARM, 1)?;
+        return Ok(Err(CommandError::QuotaExceeded {
+            used_bytes: usage.used_bytes(),
+            quota_bytes: usage.quota_bytes,
+            needed_bytes,
+        }));
+    }
     if session_id != 0 {
         store.put(Table::SessionKeys, &session_key_entry(session_id, key), &[])?;
     }
-    store.put(Table::Keys, key, &encode(&record)?)?;
-    let kv = KeyValue { key: key.to_vec(), record: record.clone() };
-    let committed = commit_revision(store, &[Event { kind: EventKind::Put, key: key.to_vec(), record }])?;
+    store.put(Table::Keys, key, &encoded)?;
+    add_to_counter(store, META_KEY_BYTES, key_bytes(key, &encoded) - previous_bytes)?;
+    // The outcome carries the key's new version and revisions, not its value: the writer has
+    // the value, and the outcome is kept for deduplication, which must not hold values.
+    let kv = KeyValue { key: key.to_vec(), record: KeyRecord { value: Vec::new(), ..event.record.clone() } };
+    let committed = commit_revision(store, &[event])?;
     debug_assert_eq!(committed, revision);
     Ok(Ok(Outcome::Written { revision, kv: Some(kv), deleted: false }))
 }
 
 fn delete_key(store: &mut impl StateStore, key: &[u8], record: KeyRecord) -> Result<Event, StoreError> {
     store.remove(Table::Keys, key)?;
+    add_to_counter(store, META_KEY_BYTES, -key_bytes(key, &encode(&record)?))?;
     if record.session_id != 0 {
         store.remove(Table::SessionKeys, &session_key_entry(record.session_id, key))?;
     }

@@ -58,6 +58,6 @@ pub use network::{validate_node_addr, PeerInterceptor, Peers};
 pub use node::{
     FileCommitted, FileView, FilesInUse, Membership, MetaConfig, MetaNode, Origin, PeerTls, RaftStatus, Role,
 };
-pub use schema::CommandError;
+pub use schema::{CommandError, KvUsage, Limits};
 pub use service::{authenticator, request_origin, services, AuthApi, KvApi, NodeApi};
 pub use state::RequestId;

@@ -57,6 +57,8 @@ pub struct MetaConfig {
     /// How long a write may wait for a quorum before the caller hears a timeout.
     pub write_timeout_ms: u64,
     pub list_limit_max: u32,
+    /// The cluster-wide limits this node proposes when it leads (see `schema::Limits`).
+    pub limits: crate::schema::Limits,
     /// TLS for calls to peers: this node's certificate (its client identity) and the CA the
     /// peers' certificates must chain to. None: plaintext.
     pub peer_tls: Option<PeerTls>,
@@ -94,6 +96,7 @@ impl MetaConfig {
             max_value_bytes: 1 << 20,
             write_timeout_ms: 5_000,
             list_limit_max: 10_000,
+            limits: crate::schema::Limits::default(),
             peer_tls: None,
         }
     }
@@ -441,6 +444,8 @@ impl Proposer {
 struct LeaderDuties {
     node: MetaNode,
     led_in_term: Option<u64>,
+    /// The term in which this leader's configured limits were found committed (or committed).
+    limits_agreed_in_term: Option<u64>,
 }
 
 impl Worker for LeaderDuties {
@@ -472,6 +477,12 @@ impl Worker for LeaderDuties {
             let cluster_id = format!("{:032x}", rand::random::<u128>());
             if let Err(e) = node.propose(MetaNode::proposal(None, Command::InitCluster { cluster_id })).await {
                 tracing::warn!("recording the cluster id: {e}");
+            }
+        }
+        if self.limits_agreed_in_term != Some(term) {
+            match node.agree_on_limits().await {
+                Ok(()) => self.limits_agreed_in_term = Some(term),
+                Err(e) => tracing::warn!("recording the cluster limits: {e}"),
             }
         }
         if let Err(e) = node.expire_sessions().await {
@@ -566,7 +577,10 @@ impl MetaNode {
             node.shutdown().await;
             return Err(e);
         }
-        background.spawn_worker(LeaderDuties { node: node.clone(), led_in_term: None }, OnFailure::Restart);
+        background.spawn_worker(
+            LeaderDuties { node: node.clone(), led_in_term: None, limits_agreed_in_term: None },
+            OnFailure::Restart,
+        );
         background.spawn(node.clone().count_leader_changes(background.stopping()));
         Ok(node)
     }
@@ -683,6 +697,13 @@ impl MetaNode {
     }
 
     /// The cluster-wide revision this node's state machine has reached.
+    /// The coordination keyspace's usage and limits as this node's state machine knows them.
+    pub fn kv_usage(&self) -> Result<(crate::schema::KvUsage, u64), ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        let usage = schema::kv_usage(&view).map_err(ApiError::internal)?;
+        Ok((usage, schema::compacted_revision(&view).map_err(ApiError::internal)?))
+    }
+
     pub fn revision(&self) -> u64 {
         self.state.view().ok().and_then(|view| schema::current_revision(&view).ok()).unwrap_or(0)
     }
@@ -799,7 +820,8 @@ impl MetaNode {
                 self.linearizable_barrier().await?;
                 let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
                 let view = self.state.view().map_err(ApiError::internal)?;
-                let (kvs, truncated) = kv::list_keys(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
+                let (kvs, truncated) =
+                    kv::list_keys(&view, &prefix, &[], limit as usize).map_err(ApiError::internal)?;
                 Ok(LeaderResponse::List {
                     revision: schema::current_revision(&view).map_err(ApiError::internal)?,
                     kvs,
@@ -1032,6 +1054,18 @@ impl MetaNode {
                 .sync(&live, Instant::now());
         }
         expired
+    }
+
+    /// Commits this node's configured limits if they differ from the cluster's: the leader's
+    /// configuration is the cluster's, and every replica enforces the committed value alike.
+    async fn agree_on_limits(&self) -> Result<(), ApiError> {
+        let committed = schema::limits(&self.state.view().map_err(ApiError::internal)?).map_err(ApiError::internal)?;
+        if committed == self.config.limits {
+            return Ok(());
+        }
+        tracing::info!(?committed, configured = ?self.config.limits, "the cluster limits change to this leader's");
+        let result = self.propose(MetaNode::proposal(None, Command::SetLimits(self.config.limits))).await?;
+        result.map(drop).map_err(ApiError::Command)
     }
 
     async fn expire_due_sessions(&self) -> Result<(), ApiError> {

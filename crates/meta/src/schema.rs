@@ -77,11 +77,115 @@ pub const META_COMPACTED_REVISION: &[u8] = b"compacted_revision";
 pub const META_NEXT_SESSION_ID: &[u8] = b"next_session_id";
 pub const META_CLUSTER_ID: &[u8] = b"cluster_id";
 pub const META_CLOCK_MS: &[u8] = b"clock_ms";
+/// The cluster's [`Limits`], as the leader last proposed them.
+pub const META_LIMITS: &[u8] = b"limits";
+/// Bytes of the live coordination keys (key + encoded record), for the quota.
+pub const META_KEY_BYTES: &[u8] = b"key_bytes";
+/// Bytes of the event history (revision key + encoded events), for the quota.
+pub const META_HISTORY_BYTES: &[u8] = b"history_bytes";
+/// How many sessions are open, for `Limits::max_sessions`.
+pub const META_SESSION_COUNT: &[u8] = b"session_count";
+/// 1 while the keyspace quota alarm is raised (see [`quota_alarm`]).
+pub const META_QUOTA_ALARM: &[u8] = b"quota_alarm";
 
 /// How many revisions of change history are kept for watchers. A watcher that falls further
 /// behind than this gets a clear "compacted" error and must re-list. A constant, not a setting:
 /// every replica must compact identically.
 pub const EVENT_HISTORY_REVISIONS: u64 = 50_000;
+
+/// Cluster-wide bounds that every replica must apply identically, so they live in the replicated
+/// state: each new leader proposes the values of its own configuration (`Command::SetLimits`)
+/// when they differ from the committed ones. Until the first is committed, the defaults hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Live keys plus event history, in bytes; writes beyond it are refused (etcd's backend
+    /// quota, and the same default).
+    pub kv_quota_bytes: u64,
+    /// The event history is trimmed, oldest revision first, beyond this many bytes (as well as
+    /// beyond [`EVENT_HISTORY_REVISIONS`]).
+    pub kv_history_bytes: u64,
+    /// Opening a session beyond this many is refused.
+    pub max_sessions: u64,
+}
+
+impl Limits {
+    pub const DEFAULT_KV_QUOTA_BYTES: u64 = 2 << 30;
+    pub const DEFAULT_KV_HISTORY_BYTES: u64 = 512 << 20;
+    /// The leader keeps a clock per session (about 100 bytes each), so this bounds that memory
+    /// to ~100 MB as well as the sessions table.
+    pub const DEFAULT_MAX_SESSIONS: u64 = 1_000_000;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            kv_quota_bytes: Self::DEFAULT_KV_QUOTA_BYTES,
+            kv_history_bytes: Self::DEFAULT_KV_HISTORY_BYTES,
+            max_sessions: Self::DEFAULT_MAX_SESSIONS,
+        }
+    }
+}
+
+pub fn limits(store: &impl StateStore) -> Result<Limits, StoreError> {
+    store.get(Table::Meta, META_LIMITS)?.map(|bytes| decode(&bytes)).transpose().map(Option::unwrap_or_default)
+}
+
+/// What the coordination keyspace uses against its quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvUsage {
+    pub key_bytes: u64,
+    pub history_bytes: u64,
+    pub quota_bytes: u64,
+    pub alarm: bool,
+    pub sessions: u64,
+    pub max_sessions: u64,
+}
+
+impl KvUsage {
+    pub fn used_bytes(&self) -> u64 {
+        self.key_bytes.saturating_add(self.history_bytes)
+    }
+}
+
+pub fn kv_usage(store: &impl StateStore) -> Result<KvUsage, StoreError> {
+    let limits = limits(store)?;
+    Ok(KvUsage {
+        key_bytes: get_u64(store, Table::Meta, META_KEY_BYTES)?,
+        history_bytes: get_u64(store, Table::Meta, META_HISTORY_BYTES)?,
+        quota_bytes: limits.kv_quota_bytes,
+        alarm: get_u64(store, Table::Meta, META_QUOTA_ALARM)? != 0,
+        sessions: get_u64(store, Table::Meta, META_SESSION_COUNT)?,
+        max_sessions: limits.max_sessions,
+    })
+}
+
+/// Adds `delta` (which may be negative) to a byte counter; a counter never goes below zero.
+pub fn add_to_counter(store: &mut impl StateStore, counter: &[u8], delta: i64) -> Result<(), StoreError> {
+    let current = get_u64(store, Table::Meta, counter)?;
+    let updated =
+        if delta >= 0 { current.saturating_add(delta as u64) } else { current.saturating_sub(delta.unsigned_abs()) };
+    put_u64(store, Table::Meta, counter, updated)
+}
+
+/// The quota alarm: raised when a write is refused for the quota, cleared once deletes and
+/// compaction bring the usage to 90 % of the quota or less. While it is raised every write
+/// that adds bytes is refused, as in etcd, so that a keyspace at its limit does not flap
+/// between accepting and refusing writes of different sizes.
+pub fn quota_alarm(store: &impl StateStore) -> Result<bool, StoreError> {
+    Ok(get_u64(store, Table::Meta, META_QUOTA_ALARM)? != 0)
+}
+
+/// Clears the alarm if the usage has fallen far enough; called after anything that frees bytes.
+pub fn settle_quota_alarm(store: &mut impl StateStore) -> Result<(), StoreError> {
+    if !quota_alarm(store)? {
+        return Ok(());
+    }
+    let usage = kv_usage(store)?;
+    if usage.used_bytes() <= usage.quota_bytes / 10 * 9 {
+        put_u64(store, Table::Meta, META_QUOTA_ALARM, 0)?;
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("state store: {0}")]
@@ -150,6 +254,10 @@ pub enum Outcome {
         version: u64,
         revision: u64,
     },
+    /// The event history was dropped up to and including `revision`.
+    Compacted {
+        revision: u64,
+    },
     /// A token was revoked, or there was none of that name.
     TokenRevoked {
         found: bool,
@@ -181,6 +289,16 @@ pub enum CommandError {
     NodeNotFound { node_id: u64 },
     #[error("a token named {name:?} already exists; revoke it first")]
     TokenExists { name: String },
+    #[error(
+        "kv quota exceeded: the keyspace uses {used_bytes} bytes (keys and history) of its {quota_bytes}-byte \
+         quota and this write adds {needed_bytes}; reads and deletes still work: delete keys and run \
+         `mendfs kv compact`, writes resume once usage is at or below 90% of the quota"
+    )]
+    QuotaExceeded { used_bytes: u64, quota_bytes: u64, needed_bytes: u64 },
+    #[error("too many sessions: {open} are open and the limit is {limit}; close unused sessions")]
+    TooManySessions { open: u64, limit: u64 },
+    #[error("cannot compact to revision {requested}: the current revision is {current}")]
+    CompactBeyondCurrent { requested: u64, current: u64 },
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;
@@ -233,19 +351,46 @@ pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// Starts a new revision: bumps the counter, records the events, drops history beyond the
-/// retention bound.
+/// retention bounds (revisions and bytes).
 pub fn commit_revision(store: &mut impl StateStore, events: &[Event]) -> Result<u64, StoreError> {
     let revision = current_revision(store)? + 1;
     put_u64(store, Table::Meta, META_REVISION, revision)?;
-    store.put(Table::Events, &revision.to_be_bytes(), &encode(&events)?)?;
-    if revision > EVENT_HISTORY_REVISIONS {
-        let dropped = revision - EVENT_HISTORY_REVISIONS;
-        store.remove(Table::Events, &dropped.to_be_bytes())?;
-        put_u64(store, Table::Meta, META_COMPACTED_REVISION, dropped)?;
-    }
+    let row = encode(&events)?;
+    store.put(Table::Events, &revision.to_be_bytes(), &row)?;
+    add_to_counter(store, META_HISTORY_BYTES, history_row_bytes(row.len()) as i64)?;
+    let limits = limits(store)?;
+    // The revision just written always stays, so a watcher can see it, whatever its size.
+    let keep_from = revision.saturating_sub(EVENT_HISTORY_REVISIONS - 1);
+    compact_history(store, |oldest, history_bytes| {
+        oldest < keep_from || (oldest < revision && history_bytes > limits.kv_history_bytes)
+    })?;
     Ok(revision)
 }
 
+/// The bytes one history row counts for: its revision key and its encoded events.
+fn history_row_bytes(encoded_len: usize) -> u64 {
+    8 + encoded_len as u64
+}
+
+/// Drops the oldest revisions of history while `drop_oldest(oldest revision, history bytes)`
+/// says so.
+pub fn compact_history(
+    store: &mut impl StateStore,
+    mut drop_oldest: impl FnMut(u64, u64) -> bool,
+) -> Result<(), StoreError> {
+    while let Some((key, row)) = store.range(Table::Events, &[], None, 1)?.into_iter().next() {
+        let oldest = u64::from_be_bytes(
+            key.as_slice().try_into().map_err(|_| StoreError("event revision is not a u64".into()))?,
+        );
+        if !drop_oldest(oldest, get_u64(store, Table::Meta, META_HISTORY_BYTES)?) {
+            break;
+        }
+        store.remove(Table::Events, &key)?;
+        add_to_counter(store, META_HISTORY_BYTES, -(history_row_bytes(row.len()) as i64))?;
+        put_u64(store, Table::Meta, META_COMPACTED_REVISION, oldest.max(compacted_revision(store)?))?;
+    }
+    settle_quota_alarm(store)
+}
 /// The state machine over in-memory maps, for tests.
 #[cfg(test)]
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -368,6 +368,20 @@ impl Kv for KvApi {
         self.hint(write_reply(self.command(origin, delete.request_id, command).await?))
     }
 
+    async fn compact(&self, request: Request<pb::CompactRequest>) -> Result<Response<pb::CompactReply>, Status> {
+        let origin = request_origin(&request);
+        let revision = match request.into_inner().revision {
+            0 => self.node.revision(),
+            revision => revision,
+        };
+        match self.command(origin, None, Command::Compact { revision }).await? {
+            Outcome::Compacted { revision } => {
+                self.hint(Ok(Response::new(pb::CompactReply { compacted_revision: revision })))
+            }
+            other => Err(Status::internal(format!("unexpected compact outcome {other:?}"))),
+        }
+    }
+
     async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetReply>, Status> {
         let origin = request_origin(&request);
         let get = request.into_inner();

@@ -119,6 +119,13 @@ pub enum Command {
     RevokeToken {
         name: String,
     },
+    /// Drops the coordination keys' event history up to and including `revision`.
+    Compact {
+        revision: u64,
+    },
+    /// The leader's configured cluster-wide limits, proposed when they differ from the
+    /// committed ones.
+    SetLimits(crate::schema::Limits),
 }
 
 impl Command {
@@ -160,6 +167,7 @@ impl Proposal {
                 Command::RecordRepairJob(job) => job.reason.len() + 64,
                 Command::CreateToken { name, .. } => name.len() + 48,
                 Command::RevokeToken { name } => name.len(),
+                Command::Compact { .. } | Command::SetLimits(_) => 0,
             }
     }
 }
@@ -261,6 +269,14 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
             let found = store.get(Table::Tokens, name.as_bytes())?.is_some();
             store.remove(Table::Tokens, name.as_bytes())?;
             Ok(Ok(Outcome::TokenRevoked { found }))
+        }
+        Command::Compact { revision } => kv::compact(store, *revision),
+        Command::SetLimits(limits) => {
+            store.put(Table::Meta, crate::schema::META_LIMITS, &encode(limits)?)?;
+            // A raised quota can clear the alarm at once; a lowered one is enforced by the
+            // next write.
+            crate::schema::settle_quota_alarm(store)?;
+            Ok(Ok(Outcome::Noop))
         }
         Command::InitCluster { cluster_id: proposed } => {
             let cluster_id = match cluster_id(store)? {

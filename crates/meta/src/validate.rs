@@ -112,6 +112,13 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
         Command::CreateToken { name, .. } | Command::RevokeToken { name } => {
             crate::auth::validate_token_name(name).map_err(invalid)
         }
+        Command::Compact { .. } => Ok(()),
+        Command::SetLimits(limits) => {
+            if limits.kv_quota_bytes == 0 || limits.max_sessions == 0 {
+                return Err(invalid("the kv quota and the session limit must be at least 1".into()));
+            }
+            Ok(())
+        }
     }
 }
 

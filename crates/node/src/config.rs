@@ -58,6 +58,13 @@ pub struct NodeConfig {
     pub max_key_bytes: usize,
     pub max_value_bytes: usize,
     pub write_timeout_ms: u64,
+    /// Byte quota of the coordination keyspace (live keys and their history). Cluster-wide:
+    /// the leader's value applies, so set the same on every node.
+    pub kv_quota_bytes: u64,
+    /// Bytes of key history kept for watchers, beyond which the oldest revisions go. Cluster-wide.
+    pub kv_history_bytes: u64,
+    /// Most sessions open at once. Cluster-wide.
+    pub max_sessions: u64,
     /// Log format on stderr: `text` or `json`.
     pub log_format: String,
     pub chunk_size_bytes: usize,
@@ -124,6 +131,9 @@ impl Default for NodeConfig {
             max_key_bytes: meta.max_key_bytes,
             max_value_bytes: meta.max_value_bytes,
             write_timeout_ms: meta.write_timeout_ms,
+            kv_quota_bytes: meta.limits.kv_quota_bytes,
+            kv_history_bytes: meta.limits.kv_history_bytes,
+            max_sessions: meta.limits.max_sessions,
             log_format: "text".into(),
             chunk_size_bytes: data.chunk_size_bytes,
             replication_factor: data.replication_factor,
@@ -284,6 +294,18 @@ impl NodeConfig {
         meta.max_key_bytes = self.max_key_bytes;
         meta.max_value_bytes = self.max_value_bytes;
         meta.write_timeout_ms = self.write_timeout_ms;
+        ensure!(
+            self.kv_quota_bytes >= self.max_value_bytes as u64 * 2,
+            "--kv-quota-bytes ({}) must hold at least two of the largest values (--max-value-bytes {})",
+            self.kv_quota_bytes,
+            self.max_value_bytes
+        );
+        ensure!(self.max_sessions >= 1, "--max-sessions must be at least 1");
+        meta.limits = mendfs_meta::Limits {
+            kv_quota_bytes: self.kv_quota_bytes,
+            kv_history_bytes: self.kv_history_bytes,
+            max_sessions: self.max_sessions,
+        };
 
         ensure!(
             (1..=mendfs_data::CHUNK_BYTES_MAX).contains(&self.chunk_size_bytes),
@@ -375,7 +397,7 @@ mod tests {
     #[test]
     fn every_missing_or_bad_setting_is_named() {
         type Spoil = fn(&mut NodeConfig);
-        let cases: [(Spoil, &str); 8] = [
+        let cases: [(Spoil, &str); 10] = [
             (|c| c.node_id = 0, "--node-id"),
             (|c| c.listen = "nowhere".into(), "--listen"),
             (|c| c.insecure_dev = false, "no cluster secret"),
@@ -384,6 +406,8 @@ mod tests {
             (|c| c.roles = vec!["cook".into()], "--roles"),
             (|c| c.election_timeout_ms = 10, "heartbeat interval"),
             (|c| c.chunk_size_bytes = 0, "--chunk-size-bytes"),
+            (|c| c.kv_quota_bytes = 1_000, "--kv-quota-bytes"),
+            (|c| c.max_sessions = 0, "--max-sessions"),
         ];
         for (spoil, named) in cases {
             let mut config = valid();

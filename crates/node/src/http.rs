@@ -127,6 +127,22 @@ fn scrape(state: &HttpState) -> Scrape {
     );
     scrape.gauge("mendfs_raft_leader_id", "The leader this node knows (0: none)", raft.leader.unwrap_or(0) as f64);
     scrape.counter("mendfs_raft_leader_changes", "Times this node saw a new leader", state.node.leader_changes());
+    if let Ok((usage, _)) = state.node.kv_usage() {
+        scrape.gauge("mendfs_kv_key_bytes", "Bytes of live coordination keys and values", usage.key_bytes as f64);
+        scrape.gauge("mendfs_kv_history_bytes", "Bytes of key history kept for watchers", usage.history_bytes as f64);
+        scrape.gauge(
+            "mendfs_kv_quota_bytes",
+            "The coordination keyspace's byte quota (keys and history)",
+            usage.quota_bytes as f64,
+        );
+        scrape.gauge(
+            "mendfs_kv_quota_alarm",
+            "1 while writes are refused for the kv quota",
+            if usage.alarm { 1.0 } else { 0.0 },
+        );
+        scrape.gauge("mendfs_kv_sessions", "Open coordination sessions", usage.sessions as f64);
+        scrape.gauge("mendfs_kv_max_sessions", "The most sessions that may be open", usage.max_sessions as f64);
+    }
     let workers = state.background.workers();
     scrape.counter_family(
         "mendfs_worker_failures",

@@ -87,9 +87,12 @@ fn events_at(store: &MemoryStore, revision: u64) -> Vec<Event> {
 }
 
 fn all_keys(store: &MemoryStore) -> BTreeMap<Vec<u8>, KeyRecord> {
-    let (kvs, truncated) = list_keys(store, b"", usize::MAX).expect("list");
-    assert!(!truncated);
-    kvs.into_iter().map(|kv| (kv.key, kv.record)).collect()
+    store
+        .range(Table::Keys, &[], None, usize::MAX)
+        .expect("keys")
+        .into_iter()
+        .map(|(key, value)| (key, decode(&value).expect("record")))
+        .collect()
 }
 
 fn table_len(store: &MemoryStore, table: Table) -> usize {
@@ -120,6 +123,27 @@ fn check_session_invariants(store: &MemoryStore) {
     for (session_id, key) in &owned {
         assert!(live.contains(session_id), "key {key:?} owned by dead session {session_id}");
     }
+    check_usage_counters(store);
+}
+
+/// The quota's running counters equal what the tables hold, recounted.
+fn check_usage_counters(store: &MemoryStore) {
+    let usage = kv_usage(store).expect("usage");
+    let key_bytes: u64 = store
+        .range(Table::Keys, &[], None, usize::MAX)
+        .expect("keys")
+        .iter()
+        .map(|(key, value)| (key.len() + value.len()) as u64)
+        .sum();
+    let history_bytes: u64 = store
+        .range(Table::Events, &[], None, usize::MAX)
+        .expect("events")
+        .iter()
+        .map(|(key, value)| (key.len() + value.len()) as u64)
+        .sum();
+    assert_eq!(usage.key_bytes, key_bytes, "the key byte counter drifted");
+    assert_eq!(usage.history_bytes, history_bytes, "the history byte counter drifted");
+    assert_eq!(usage.sessions, table_len(store, Table::Sessions) as u64, "the session counter drifted");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -137,7 +161,7 @@ fn create_new_key_starts_at_version_one() {
         result,
         Ok(Outcome::Written {
             revision: 1,
-            kv: Some(KeyValue { key: b"a".to_vec(), record: expected.clone() }),
+            kv: Some(KeyValue { key: b"a".to_vec(), record: KeyRecord { value: Vec::new(), ..expected.clone() } }),
             deleted: false
         })
     );
@@ -189,7 +213,7 @@ fn versions_and_revisions_follow_etcd_semantics() {
 }
 
 #[test]
-fn set_outcome_carries_the_new_record() {
+fn set_outcome_carries_the_new_record_without_its_value() {
     let mut store = MemoryStore::default();
     run(&mut store, create(b"k", b"v1")).expect("create");
     let result = run(&mut store, set(b"k", b"v2", Some(1)));
@@ -199,7 +223,7 @@ fn set_outcome_carries_the_new_record() {
         result,
         Ok(Outcome::Written {
             revision: 2,
-            kv: Some(KeyValue { key: b"k".to_vec(), record: expected.clone() }),
+            kv: Some(KeyValue { key: b"k".to_vec(), record: KeyRecord { value: Vec::new(), ..expected.clone() } }),
             deleted: false
         })
     );
@@ -901,7 +925,7 @@ fn list_fixture() -> MemoryStore {
 }
 
 fn listed(store: &MemoryStore, prefix: &[u8], limit: usize) -> (Vec<Vec<u8>>, bool) {
-    let (kvs, truncated) = list_keys(store, prefix, limit).expect("list");
+    let (kvs, truncated) = list_keys(store, prefix, &[], limit).expect("list");
     for kv in &kvs {
         assert_eq!(kv.record, record(store, &kv.key).expect("listed key exists"));
     }
@@ -943,6 +967,174 @@ fn list_keys_by_prefix_with_limit_and_truncation() {
     assert_eq!(listed(&store, b"c", 5), (vec![], false));
     assert_eq!(listed(&store, b"c", 0), (vec![], false));
     assert_eq!(listed(&MemoryStore::default(), b"", 0), (vec![], false));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Limits: the byte quota, history by bytes, sessions, bounded answers
+// ---------------------------------------------------------------------------------------------
+
+fn with_limits(kv_quota_bytes: u64, kv_history_bytes: u64, max_sessions: u64) -> MemoryStore {
+    let mut store = MemoryStore::default();
+    run(&mut store, Command::SetLimits(Limits { kv_quota_bytes, kv_history_bytes, max_sessions })).expect("limits");
+    store
+}
+
+#[test]
+fn writes_beyond_the_quota_are_refused_naming_it_and_reads_and_deletes_keep_working() {
+    let value = vec![7u8; 1_000];
+    let mut store = with_limits(200_000, 1 << 30, 10);
+    let mut written = Vec::new();
+    let refusal = loop {
+        let key = format!("k{}", written.len()).into_bytes();
+        match run(&mut store, create(&key, &value)) {
+            Ok(_) => written.push(key),
+            Err(refusal) => break refusal,
+        }
+        assert!(written.len() < 1_000, "the quota never refused");
+    };
+    let CommandError::QuotaExceeded { used_bytes, quota_bytes, needed_bytes } = refusal.clone() else {
+        panic!("expected a quota refusal, got {refusal:?}");
+    };
+    assert_eq!(quota_bytes, 200_000);
+    assert!(used_bytes <= 200_000 && used_bytes + needed_bytes > 200_000, "{refusal}");
+    assert!(refusal.to_string().contains("quota"), "{refusal}");
+    // Each key costs its bytes twice: once live, once in history.
+    assert!((85..=100).contains(&written.len()), "{} keys fit", written.len());
+    assert!(kv_usage(&store).expect("usage").alarm);
+    check_usage_counters(&store);
+
+    // Reads keep working, and the refused write changed nothing.
+    let before = revision(&store);
+    assert!(record(&store, &written[0]).is_some());
+    // While the alarm is raised, even a small write is refused.
+    assert!(matches!(run(&mut store, create(b"tiny", b"x")), Err(CommandError::QuotaExceeded { .. })));
+    assert_eq!(revision(&store), before);
+
+    // Deletes work. One delete frees too little to lower the alarm (it clears at 90%).
+    written_revision(&run(&mut store, delete(&written[0], None)));
+    assert!(kv_usage(&store).expect("usage").alarm);
+    for key in &written[1..] {
+        written_revision(&run(&mut store, delete(key, None)));
+    }
+    // Deleting leaves the history holding the values until compaction.
+    let usage = kv_usage(&store).expect("usage");
+    assert_eq!(usage.key_bytes, 0);
+    assert!(usage.history_bytes > written.len() as u64 * 1_000, "{usage:?}");
+    // Compaction gives the bytes back and clears the alarm.
+    let current = revision(&store);
+    assert_eq!(run(&mut store, Command::Compact { revision: current }), Ok(Outcome::Compacted { revision: current }));
+    let usage = kv_usage(&store).expect("usage");
+    assert!(!usage.alarm && usage.history_bytes == 0, "{usage:?}");
+    written_revision(&run(&mut store, create(b"again", &value)));
+    check_usage_counters(&store);
+    assert_eq!(
+        run(&mut store, Command::Compact { revision: current + 10 }),
+        Err(CommandError::CompactBeyondCurrent { requested: current + 10, current: current + 1 })
+    );
+}
+
+#[test]
+fn overwriting_a_key_in_place_counts_only_its_growth() {
+    let mut store = with_limits(1 << 20, 4_096, 10);
+    for round in 0..1_000u32 {
+        let value = round.to_be_bytes().repeat(100);
+        written_revision(&run(&mut store, set(b"k", &value, None)));
+    }
+    let usage = kv_usage(&store).expect("usage");
+    assert!(usage.history_bytes <= 4_096, "history is bounded by bytes: {usage:?}");
+    assert!(usage.key_bytes < 1_000, "{usage:?}");
+    check_usage_counters(&store);
+}
+
+#[test]
+fn history_is_trimmed_by_bytes_but_always_keeps_the_latest_revision() {
+    let mut store = with_limits(1 << 30, 10_000, 10);
+    for i in 0..100u32 {
+        written_revision(&run(&mut store, set(format!("k{i}").as_bytes(), &[1u8; 1_000], None)));
+    }
+    let usage = kv_usage(&store).expect("usage");
+    assert!(usage.history_bytes <= 10_000, "{usage:?}");
+    let history = all_events(&store);
+    assert_eq!(history.last().expect("latest").0, 100);
+    assert_eq!(compacted_revision(&store).expect("compacted") + history.len() as u64, 100);
+    // One revision larger than the whole history bound is still kept (a watcher must see it).
+    written_revision(&run(&mut store, set(b"big", &[2u8; 20_000], None)));
+    assert_eq!(all_events(&store).iter().map(|(revision, _)| *revision).collect::<Vec<_>>(), vec![101]);
+    check_usage_counters(&store);
+}
+
+#[test]
+fn sessions_beyond_the_limit_are_refused_until_one_ends() {
+    let mut store = with_limits(1 << 30, 1 << 20, 3);
+    let ids: Vec<u64> = (0..3).map(|_| open_session(&mut store, 1_000)).collect();
+    assert_eq!(
+        run(&mut store, Command::SessionOpen { ttl_ms: 1_000 }),
+        Err(CommandError::TooManySessions { open: 3, limit: 3 })
+    );
+    run(&mut store, Command::SessionExpire { session_id: ids[0] }).expect("expire");
+    // Closing an unknown session does not free a slot twice.
+    run(&mut store, Command::SessionClose { session_id: ids[0] }).expect("close again");
+    open_session(&mut store, 1_000);
+    assert!(matches!(
+        run(&mut store, Command::SessionOpen { ttl_ms: 1_000 }),
+        Err(CommandError::TooManySessions { .. })
+    ));
+    check_session_invariants(&store);
+}
+
+#[test]
+fn deduplication_keeps_outcomes_not_values() {
+    let mut store = MemoryStore::default();
+    let value = vec![9u8; 10_000];
+    let write = proposal_with_id(1, 1, 5, set(b"k", &value, None));
+    let first = run_proposal(&mut store, &write);
+    assert_eq!(run_proposal(&mut store, &write), first);
+    let dedup_bytes: usize =
+        store.range(Table::Dedup, &[], None, usize::MAX).expect("dedup").iter().map(|(_, v)| v.len()).sum();
+    assert!(dedup_bytes < 200, "a dedup record of {dedup_bytes} bytes holds the value");
+}
+
+#[test]
+fn list_answers_are_bounded_in_bytes_and_continue_after_the_last_key() {
+    let mut store = MemoryStore::default();
+    let value = vec![1u8; 1 << 20];
+    for i in 0..10u8 {
+        run(&mut store, create(&[b'k', i], &value)).expect("create");
+    }
+    let (first, truncated) = list_keys(&store, b"k", &[], usize::MAX).expect("list");
+    assert!(truncated && first.len() == 3, "{} keys in one answer", first.len());
+    let mut all: Vec<Vec<u8>> = first.iter().map(|kv| kv.key.clone()).collect();
+    loop {
+        let mut after = all.last().expect("a key").clone();
+        after.push(0);
+        let (page, truncated) = list_keys(&store, b"k", &after, usize::MAX).expect("list");
+        all.extend(page.into_iter().map(|kv| kv.key));
+        if !truncated {
+            break;
+        }
+    }
+    assert_eq!(all, (0..10u8).map(|i| vec![b'k', i]).collect::<Vec<_>>());
+    // A start before the prefix lists from the prefix; one after its end lists nothing.
+    assert_eq!(list_keys(&store, b"k", b"a", 1).expect("list").0[0].key, vec![b'k', 0]);
+    assert_eq!(list_keys(&store, b"k", b"l", 1).expect("list"), (vec![], false));
+    // One key larger than the bound still comes back alone.
+    let mut big = MemoryStore::default();
+    run(&mut big, create(b"big", &vec![0u8; LIST_BYTES_MAX + 1])).expect("create");
+    run(&mut big, create(b"bih", b"x")).expect("create");
+    let (page, truncated) = list_keys(&big, b"bi", &[], usize::MAX).expect("list");
+    assert_eq!((page.len(), truncated), (1, true));
+}
+
+#[test]
+fn a_watch_step_is_bounded_in_bytes() {
+    let mut store = MemoryStore::default();
+    for i in 0..10u8 {
+        run(&mut store, set(b"k", &vec![i; 1 << 20], None)).expect("set");
+    }
+    let step = events_between(&store, 1, usize::MAX, b"k", false).expect("events");
+    assert_eq!(step.iter().map(|(revision, _)| *revision).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
+    let rest = events_between(&store, 5, usize::MAX, b"k", false).expect("events");
+    assert_eq!(rest.first().expect("next").0, 5);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1044,7 +1236,7 @@ impl Model {
             None => (value.to_vec(), 1, revision, revision),
         };
         self.keys.insert(key.to_vec(), entry);
-        let record = self.record(key).expect("just written");
+        let record = KeyRecord { value: Vec::new(), ..self.record(key).expect("just written") };
         Ok(Outcome::Written { revision, kv: Some(KeyValue { key: key.to_vec(), record }), deleted: false })
     }
 
