@@ -354,7 +354,7 @@ async fn crafted_snapshots_forwards_and_spoofed_heartbeats_are_refused_and_the_c
     let garbage = mendfs_meta::crafted::install_snapshot_chunk(term, leader, "crafted-2", 0, vec![0xff; 4096], true);
     let refused = target.install_snapshot(with_headers(pb::RaftPayload { data: garbage }, &peer(leader))).await;
     let refused = refused.expect_err("an undecodable snapshot");
-    assert!(refused.message().contains("does not decode"), "{refused:?}");
+    assert!(refused.message().contains("not a MendFS snapshot"), "{refused:?}");
 
     // Forwarded commands that break the rules, sent straight to the leader.
     let mut at_leader = pb::node_client::NodeClient::new(channel(&cluster.addr(leader)).await);

@@ -100,7 +100,7 @@ pub fn decode_peer_payloads(data: &[u8]) {
         >,
     >(data);
     let _ = forward_refusal(data);
-    let _ = crate::raft_store::check_snapshot(data);
+    let _ = crate::snapshot_file::SnapshotParser::default().feed(data, |_| Ok(()));
 }
 
 /// Feeds a peer's snapshot chunks, cut from `data` at `cuts`, through the receiver a node

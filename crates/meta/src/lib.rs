@@ -26,6 +26,7 @@ mod node;
 mod raft_store;
 mod schema;
 mod service;
+mod snapshot_file;
 mod state;
 mod validate;
 
@@ -43,7 +44,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = std::io::Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -13,7 +13,7 @@
 //! openraft re-applies them after a crash.
 
 use std::fmt::Debug;
-use std::io::{Cursor, Write};
+use std::io::Write;
 use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::schema::{self, decode, encode, CommandResult, Rows, StateStore, StoreError, Table};
+use crate::snapshot_file::{Item, SnapshotParser, SnapshotWriter};
 use crate::state;
 use crate::{NodeId, TypeConfig};
 
@@ -167,8 +168,11 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
     type LogReader = RaftLogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
-        let last_purged_log_id: Option<LogId<NodeId>> =
+        // Stored as an `Option<LogId>` (see `purge`); reading it as a bare `LogId` once turned
+        // the `Some` tag into the term and every field after it into the next one.
+        let last_purged_log_id: Option<Option<LogId<NodeId>>> =
             self.read_meta(KEY_LAST_PURGED).map_err(StorageIOError::read_logs)?;
+        let last_purged_log_id = last_purged_log_id.flatten();
         let last_log_id = self.last_entry_log_id().map_err(StorageIOError::read_logs)?.or(last_purged_log_id);
         Ok(LogState { last_purged_log_id, last_log_id })
     }
@@ -424,17 +428,10 @@ impl StateReader {
     }
 }
 
-/// Snapshot contents: every state machine table, row by row.
-#[derive(Serialize, Deserialize)]
-struct SnapshotTables {
-    tables: Vec<(Table, Rows)>,
-}
+type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
 
-#[derive(Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<NodeId, openraft::BasicNode>,
-    data: Vec<u8>,
-}
+/// Reads of a snapshot file go in pieces of this size.
+const SNAPSHOT_READ_BYTES: usize = 256 << 10;
 
 /// See `apply`: how many entries may be applied between two durable state machine commits.
 const DURABLE_APPLY_EVERY_ENTRIES: u64 = 1_024;
@@ -443,6 +440,12 @@ pub struct StateMachineStore {
     entries_since_durable: u64,
     db: Arc<Database>,
     data_dir: PathBuf,
+    /// Held by a snapshot build and an install for their whole run: the two write
+    /// `snapshot.bin` and an install replaces the state a build reads, so they take turns.
+    snapshot_turn: Arc<tokio::sync::Mutex<()>>,
+    /// Test hook: runs inside a build between opening its read transaction and making the
+    /// state durable, where a race would bite (`MENDFS_TEST_SNAPSHOT_BUILD_PAUSE_MS` sets a sleep).
+    build_pause: Option<Arc<dyn Fn() + Send + Sync>>,
     revision_tx: Arc<watch::Sender<u64>>,
     cluster_id: Arc<RwLock<Option<String>>>,
     reader: StateReader,
@@ -478,10 +481,18 @@ impl StateMachineStore {
             cluster_id: cluster_id.clone(),
             tokens: Arc::new(RwLock::new(tokens)),
         };
+        remove_stale_temporary_files(data_dir)?;
+        let build_pause =
+            std::env::var("MENDFS_TEST_SNAPSHOT_BUILD_PAUSE_MS").ok().and_then(|ms| ms.parse::<u64>().ok()).map(|ms| {
+                Arc::new(move || std::thread::sleep(std::time::Duration::from_millis(ms)))
+                    as Arc<dyn Fn() + Send + Sync>
+            });
         Ok(Self {
             entries_since_durable: 0,
             db,
             data_dir: data_dir.to_path_buf(),
+            snapshot_turn: Arc::default(),
+            build_pause,
             revision_tx: Arc::new(revision_tx),
             cluster_id,
             reader,
@@ -520,18 +531,73 @@ impl StateMachineStore {
         self.data_dir.join(SNAPSHOT_FILE)
     }
 
-    fn save_snapshot_file(&self, snapshot: &StoredSnapshot) -> Result<(), StoreError> {
-        let bytes = encode(snapshot)?;
-        write_file_durably(&self.snapshot_path(), &bytes)
+    #[cfg(test)]
+    pub(crate) fn set_build_pause(&mut self, pause: Arc<dyn Fn() + Send + Sync>) {
+        self.build_pause = Some(pause);
     }
+}
 
-    fn load_snapshot_file(&self) -> Result<Option<StoredSnapshot>, StoreError> {
-        match std::fs::read(self.snapshot_path()) {
-            Ok(bytes) => Ok(Some(decode(&bytes)?)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(StoreError(format!("read snapshot: {e}"))),
+/// A temporary file beside `snapshot.bin`, unique to its writer (a build and an install never
+/// share one), removed if dropped before it is renamed into place.
+fn temporary_snapshot_file(data_dir: &Path, purpose: &str) -> std::io::Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new().prefix(&format!("snapshot-{purpose}-")).suffix(".tmp").tempfile_in(data_dir)
+}
+
+/// Leftovers of a build or install a crash interrupted.
+fn remove_stale_temporary_files(data_dir: &Path) -> Result<(), StoreError> {
+    let entries = std::fs::read_dir(data_dir).map_err(|e| StoreError(format!("list {}: {e}", data_dir.display())))?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snapshot-") && name.ends_with(".tmp") || name == "snapshot.tmp" {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
+    Ok(())
+}
+
+/// Durably puts `temporary` in place as `snapshot.bin`: fsync of the file, rename, fsync of the
+/// directory (the rename is durable only once the directory is).
+fn install_snapshot_file(temporary: tempfile::NamedTempFile, path: &Path) -> std::io::Result<()> {
+    temporary.as_file().sync_all()?;
+    temporary.persist(path).map_err(|e| e.error)?;
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Reads the meta at the head of a snapshot file (the rest is read when it is sent or installed).
+fn read_snapshot_meta(path: &Path) -> Result<Option<Meta>, AnyError> {
+    use std::io::Read;
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(format!("open {}: {e}", path.display()))),
+    };
+    let mut parser = SnapshotParser::default();
+    let mut meta = None;
+    let mut piece = vec![0u8; 4096];
+    while meta.is_none() {
+        let read = file.read(&mut piece).map_err(io_err)?;
+        if read == 0 {
+            return Err(io_err(format!("{} ends before its meta", path.display())));
+        }
+        // The first item is the meta; stop there.
+        let result = parser.feed(&piece[..read], |item| match item {
+            Item::Meta(bytes) => {
+                meta = Some(bytes);
+                Err(String::new())
+            }
+            Item::Row { .. } => Err("a row before the meta".into()),
+        });
+        if let Err(e) = result {
+            if meta.is_none() {
+                return Err(io_err(format!("{}: {e}", path.display())));
+            }
+        }
+    }
+    meta.map(|bytes| decode(&bytes)).transpose().map_err(io_err)
 }
 
 /// Writes a file so that after a crash it is either absent, the old version, or complete:
@@ -558,45 +624,61 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
+        let _turn = self.store.snapshot_turn.clone().lock_owned().await;
         let db = self.db.clone();
-        let (last_applied, membership, data) = blocking(move || {
-            // Make every applied entry durable before the snapshot lets openraft purge the log
-            // entries that could otherwise rebuild it (an empty Immediate commit persists the
-            // non-durable ones before it).
-            db.begin_write().map_err(io_err)?.commit().map_err(io_err)?;
-            // One read transaction: the rows and the applied id describe the same instant.
+        let data_dir = self.store.data_dir.clone();
+        let path = self.store.snapshot_path();
+        let pause = self.store.build_pause.clone();
+        let meta = blocking(move || {
+            // The read transaction first: it fixes the instant the snapshot describes.
             let txn = db.begin_read().map_err(io_err)?;
-            let meta = txn.open_table(SM_META).map_err(io_err)?;
-            let last_applied: Option<LogId<NodeId>> = match meta.get(KEY_LAST_APPLIED).map_err(io_err)? {
+            if let Some(pause) = pause {
+                pause();
+            }
+            // Then make durable every applied entry, which includes all the read transaction
+            // sees (an empty Immediate commit persists the non-durable ones before it). In the
+            // other order an apply landing in between would be in the snapshot but not on disk,
+            // and openraft, told the snapshot covers it, may purge the log entries a restart
+            // needs to re-apply it.
+            db.begin_write().map_err(io_err)?.commit().map_err(io_err)?;
+            let sm_meta = txn.open_table(SM_META).map_err(io_err)?;
+            let last_applied: Option<LogId<NodeId>> = match sm_meta.get(KEY_LAST_APPLIED).map_err(io_err)? {
                 Some(guard) => decode(guard.value()).map_err(io_err)?,
                 None => None,
             };
             let membership: StoredMembership<NodeId, openraft::BasicNode> =
-                match meta.get(KEY_MEMBERSHIP).map_err(io_err)? {
+                match sm_meta.get(KEY_MEMBERSHIP).map_err(io_err)? {
                     Some(guard) => decode(guard.value()).map_err(io_err)?,
                     None => StoredMembership::default(),
                 };
-            let mut tables = Vec::new();
+            let snapshot_id = match last_applied {
+                Some(log_id) => format!("{}-{}-{}", log_id.leader_id, log_id.index, rand::random::<u32>()),
+                None => format!("empty-{}", rand::random::<u32>()),
+            };
+            let meta = Meta { last_log_id: last_applied, last_membership: membership, snapshot_id };
+            // Rows go from the read transaction to the file one at a time.
+            let temporary = temporary_snapshot_file(&data_dir, "build").map_err(io_err)?;
+            let mut writer =
+                SnapshotWriter::new(std::io::BufWriter::new(temporary.as_file()), &encode(&meta).map_err(io_err)?)
+                    .map_err(io_err)?;
             for table in Table::ALL {
                 let handle = txn.open_table(table_definition(table)).map_err(io_err)?;
-                tables.push((table, range_rows(&handle, &[], None, usize::MAX).map_err(io_err)?));
+                for row in handle.iter().map_err(io_err)? {
+                    let (key, value) = row.map_err(io_err)?;
+                    writer.row(table, key.value(), value.value()).map_err(io_err)?;
+                }
             }
-            let data = encode(&SnapshotTables { tables }).map_err(io_err)?;
-            Ok((last_applied, membership, data))
+            writer.finish().map_err(io_err)?.flush().map_err(io_err)?;
+            // Durable before openraft hears of it: it purges the log up to the snapshot.
+            install_snapshot_file(temporary, &path).map_err(io_err)?;
+            Ok(meta)
         })
         .await
         .map_err(StorageIOError::read_state_machine)?;
-
-        let snapshot_id = match last_applied {
-            Some(log_id) => format!("{}-{}-{}", log_id.leader_id, log_id.index, rand::random::<u32>()),
-            None => format!("empty-{}", rand::random::<u32>()),
-        };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership: membership, snapshot_id };
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        self.store
-            .save_snapshot_file(&stored)
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), io_err(e)))?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(stored.data)) })
+        let file = tokio::fs::File::open(self.store.snapshot_path())
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
+        Ok(Snapshot { meta, snapshot: Box::new(file) })
     }
 }
 
@@ -606,6 +688,8 @@ impl StateMachineStore {
             entries_since_durable: 0,
             db: self.db.clone(),
             data_dir: self.data_dir.clone(),
+            snapshot_turn: self.snapshot_turn.clone(),
+            build_pause: self.build_pause.clone(),
             revision_tx: self.revision_tx.clone(),
             cluster_id: self.cluster_id.clone(),
             reader: self.reader.clone(),
@@ -706,63 +790,220 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         SnapshotBuilder { db: self.db.clone(), store: self.handle() }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, RaftStorageError> {
+        // Anonymous: it is gone when openraft drops it, installed or not; an install copies
+        // what it reads into `snapshot.bin`.
+        let data_dir = self.data_dir.clone();
+        let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(data_dir))
+            .await
+            .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?
+            .map_err(|e| StorageIOError::write_snapshot(None, io_err(e)))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<NodeId, openraft::BasicNode>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), RaftStorageError> {
-        let data = snapshot.into_inner();
-        let contents: SnapshotTables =
-            decode(&data).map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), io_err(e)))?;
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<tokio::fs::File>) -> Result<(), RaftStorageError> {
+        let _turn = self.snapshot_turn.clone().lock_owned().await;
+        let source = snapshot.into_std().await;
         let db = self.db.clone();
         let snapshot_meta = meta.clone();
-        blocking(move || {
-            let txn = db.begin_write().map_err(io_err)?;
-            {
-                let mut tables = WriteTables::open(&txn).map_err(io_err)?;
-                for table in Table::ALL {
-                    tables.table_mut(table).retain(|_, _| false).map_err(io_err)?;
-                }
-                for (table, rows) in &contents.tables {
-                    for (key, value) in rows {
-                        tables.put(*table, key, value).map_err(io_err)?;
-                    }
-                }
-                let mut sm_meta = txn.open_table(SM_META).map_err(io_err)?;
-                let applied = encode(&snapshot_meta.last_log_id).map_err(io_err)?;
-                sm_meta.insert(KEY_LAST_APPLIED, applied.as_slice()).map_err(io_err)?;
-                let membership = encode(&snapshot_meta.last_membership).map_err(io_err)?;
-                sm_meta.insert(KEY_MEMBERSHIP, membership.as_slice()).map_err(io_err)?;
-            }
-            // Durable: the leader stops sending the entries this snapshot covers.
-            txn.commit().map_err(io_err)
-        })
-        .await
-        .map_err(StorageIOError::write_state_machine)?;
-        self.save_snapshot_file(&StoredSnapshot { meta: meta.clone(), data })
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), io_err(e)))?;
+        let data_dir = self.data_dir.clone();
+        let path = self.snapshot_path();
+        blocking(move || install_from_file(&db, &data_dir, &path, source, &snapshot_meta))
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), e))?;
         self.publish(true).map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
-        let stored = self.load_snapshot_file().map_err(|e| StorageIOError::read_snapshot(None, io_err(e)))?;
-        Ok(stored.map(|stored| Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+        let path = self.snapshot_path();
+        let _turn = self.snapshot_turn.clone().lock_owned().await;
+        let read = {
+            let path = path.clone();
+            blocking(move || {
+                let Some(meta) = read_snapshot_meta(&path)? else { return Ok(None) };
+                // Opened under the turn: a later build or install renames a new file into
+                // place and leaves this one readable until it is dropped.
+                let file = std::fs::File::open(&path).map_err(io_err)?;
+                Ok(Some((meta, file)))
+            })
+            .await
+        };
+        let found = read.map_err(|e| StorageIOError::read_snapshot(None, e))?;
+        Ok(found.map(|(meta, file)| Snapshot { meta, snapshot: Box::new(tokio::fs::File::from_std(file)) }))
     }
 }
 
-/// Whether `data` is a snapshot this node can install: checked before openraft is given the
-/// last chunk of a snapshot from a peer, since a failed install stops Raft.
-pub(crate) fn check_snapshot(data: &[u8]) -> Result<(), String> {
-    decode::<SnapshotTables>(data).map(drop).map_err(|e| format!("the snapshot does not decode: {e}"))
+/// Replaces the whole state with the snapshot in `source`, row by row in one write transaction,
+/// copying its bytes into a new `snapshot.bin` on the way; nothing is committed unless the
+/// snapshot parses to its end and its hash matches.
+fn install_from_file(
+    db: &Database,
+    data_dir: &Path,
+    path: &Path,
+    mut source: std::fs::File,
+    meta: &Meta,
+) -> Result<(), AnyError> {
+    use std::io::{Read, Seek};
+    source.rewind().map_err(io_err)?;
+    let temporary = temporary_snapshot_file(data_dir, "install").map_err(io_err)?;
+    let mut copy = std::io::BufWriter::new(temporary.as_file());
+    let txn = db.begin_write().map_err(io_err)?;
+    {
+        let mut tables = WriteTables::open(&txn).map_err(io_err)?;
+        for table in Table::ALL {
+            tables.table_mut(table).retain(|_, _| false).map_err(io_err)?;
+        }
+        let mut parser = SnapshotParser::default();
+        let mut piece = vec![0u8; SNAPSHOT_READ_BYTES];
+        loop {
+            let read = source.read(&mut piece).map_err(io_err)?;
+            if read == 0 {
+                break;
+            }
+            copy.write_all(&piece[..read]).map_err(io_err)?;
+            parser
+                .feed(&piece[..read], |item| match item {
+                    Item::Meta(_) => Ok(()),
+                    Item::Row { table, key, value } => tables.put(table, &key, &value).map_err(|e| e.to_string()),
+                })
+                .map_err(io_err)?;
+        }
+        parser.finish().map_err(io_err)?;
+        let mut sm_meta = txn.open_table(SM_META).map_err(io_err)?;
+        let applied = encode(&meta.last_log_id).map_err(io_err)?;
+        sm_meta.insert(KEY_LAST_APPLIED, applied.as_slice()).map_err(io_err)?;
+        let membership = encode(&meta.last_membership).map_err(io_err)?;
+        sm_meta.insert(KEY_MEMBERSHIP, membership.as_slice()).map_err(io_err)?;
+    }
+    // Durable: the leader stops sending the entries this snapshot covers.
+    txn.commit().map_err(io_err)?;
+    copy.flush().map_err(io_err)?;
+    drop(copy);
+    // The copy becomes the snapshot this node serves to others and restarts from.
+    install_snapshot_file(temporary, path).map_err(io_err)
 }
 
 impl From<StoreError> for AnyError {
     fn from(e: StoreError) -> Self {
         AnyError::error(e.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Command, Proposal, ProposalBatch};
+    use openraft::testing::{StoreBuilder, Suite};
+    use openraft::CommittedLeaderId;
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, RaftLogStore, StateMachineStore, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, RaftLogStore, StateMachineStore), RaftStorageError> {
+            let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(io_err(e)))?;
+            let log = RaftLogStore::open(dir.path()).map_err(|e| StorageIOError::write(io_err(e)))?;
+            let state = StateMachineStore::open(dir.path()).map_err(|e| StorageIOError::write(io_err(e)))?;
+            Ok((dir, log, state))
+        }
+    }
+
+    /// openraft's own conformance suite for log and state machine stores.
+    #[test]
+    fn the_stores_pass_openraft_storage_suite() -> Result<(), RaftStorageError> {
+        Suite::test_all(Builder)
+    }
+
+    fn set_entry(index: u64, key: &str) -> Entry<TypeConfig> {
+        let proposal = Proposal {
+            request_id: None,
+            proposed_at_ms: 0,
+            command: Command::Set { key: key.into(), value: vec![1; 100], expected_version: None, session_id: None },
+        };
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(ProposalBatch { proposals: vec![proposal] }),
+        }
+    }
+
+    fn keys(store: &StateMachineStore) -> Vec<Vec<u8>> {
+        let view = store.reader().view().expect("view");
+        crate::kv::list_keys(&view, b"", &[], usize::MAX).expect("list").0.into_iter().map(|kv| kv.key).collect()
+    }
+
+    /// A build paused between its read transaction and its durability point, with an apply and
+    /// an install arriving meanwhile: the snapshot describes exactly the read transaction's
+    /// instant, the install waits for the build, and what is left on disk reopens.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_build_racing_an_apply_and_an_install_leaves_a_consistent_restartable_store() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut store = StateMachineStore::open(dir.path()).expect("open");
+        store.apply((1..=10).map(|i| set_entry(i, &format!("a{i}")))).await.expect("apply");
+
+        // The snapshot the install will bring: another store's state, up to index 30.
+        let other_dir = tempfile::tempdir().expect("dir");
+        let mut other = StateMachineStore::open(other_dir.path()).expect("open");
+        other.apply((1..=30).map(|i| set_entry(i, &format!("b{i}")))).await.expect("apply");
+        let incoming = other.get_snapshot_builder().await.build_snapshot().await.expect("build");
+
+        let (paused_tx, paused_rx) = std::sync::mpsc::channel::<()>();
+        let (resume_tx, resume_rx) = std::sync::mpsc::channel::<()>();
+        let resume_rx = std::sync::Mutex::new(resume_rx);
+        store.set_build_pause(Arc::new(move || {
+            let _ = paused_tx.send(());
+            let _ = resume_rx.lock().map(|rx| rx.recv());
+        }));
+        let mut builder = store.get_snapshot_builder().await;
+        let build = tokio::spawn(async move { builder.build_snapshot().await });
+        tokio::task::spawn_blocking(move || paused_rx.recv()).await.expect("join").expect("paused");
+
+        // An apply lands inside the pause; an install arrives and must wait its turn.
+        store.apply([set_entry(11, "a11")]).await.expect("apply during the build");
+        let mut installer = store.handle();
+        let install_meta = incoming.meta.clone();
+        let install = tokio::spawn(async move { installer.install_snapshot(&install_meta, incoming.snapshot).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!install.is_finished(), "the install ran while a build held the snapshot file");
+        resume_tx.send(()).expect("resume");
+
+        let built = build.await.expect("join").expect("build");
+        assert_eq!(
+            built.meta.last_log_id.map(|id| id.index),
+            Some(10),
+            "the snapshot is the read transaction's instant"
+        );
+        install.await.expect("join").expect("install");
+        let mut expected: Vec<Vec<u8>> = (1..=30).map(|i| format!("b{i}").into_bytes()).collect();
+        expected.sort();
+        assert_eq!(keys(&store), expected);
+
+        // The file left in place is the installed snapshot, whole; the store reopens from it.
+        let current = store.get_current_snapshot().await.expect("read").expect("a snapshot");
+        assert_eq!(current.meta.last_log_id.map(|id| id.index), Some(30));
+        drop(store);
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .flatten()
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        let mut reopened = StateMachineStore::open(dir.path()).expect("reopen");
+        let (applied, _) = reopened.applied_state().await.expect("applied");
+        assert_eq!(applied.map(|id| id.index), Some(30));
+        let snapshot = reopened.get_current_snapshot().await.expect("read").expect("a snapshot");
+        let mut bytes = Vec::new();
+        let mut file = snapshot.snapshot;
+        tokio::io::AsyncReadExt::read_to_end(&mut file, &mut bytes).await.expect("read");
+        let mut parser = SnapshotParser::default();
+        let mut rows = 0;
+        parser
+            .feed(&bytes, |item| {
+                rows += usize::from(matches!(item, Item::Row { .. }));
+                Ok(())
+            })
+            .expect("parses");
+        parser.finish().expect("whole");
+        assert!(rows >= 30);
     }
 }

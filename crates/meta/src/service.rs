@@ -25,6 +25,9 @@ use crate::kv;
 use crate::node::{ForwardEnvelope, MetaNode, Origin};
 use crate::raft_store::StateReader;
 use crate::schema::{self, EventKind, KeyValue, Outcome};
+use crate::snapshot_file::SnapshotParser;
+#[cfg(test)]
+use crate::snapshot_file::SnapshotWriter;
 use crate::state::{Command, RequestId};
 
 /// Revisions read from history per step of a watch, so one slow watcher never holds a large
@@ -68,22 +71,26 @@ fn decode_payload<T: for<'de> serde::Deserialize<'de>>(payload: &pb::RaftPayload
 
 pub struct NodeApi {
     node: MetaNode,
-    /// The snapshot being received, kept whole until its last chunk is checked.
+    /// The snapshot being received, checked as its chunks arrive.
     receiving: std::sync::Mutex<Option<SnapshotReceiver>>,
 }
 
-/// Largest snapshot a node accepts from a peer. The bytes are held in memory until the last
-/// chunk arrives (twice: openraft's copy and the one checked here), so this bounds what a
-/// peer can make a node allocate.
-const SNAPSHOT_BYTES_MAX: u64 = 4 << 30;
+/// Largest snapshot a node accepts from a peer. The bytes go to a file as they arrive (openraft
+/// writes them), and only one row is held in memory to check them, so this bounds the disk a
+/// peer can make a node fill, not its memory.
+const SNAPSHOT_BYTES_MAX: u64 = 64 << 30;
 
-/// A copy of the snapshot a peer is sending, so its last chunk is handed to openraft only
-/// once the whole snapshot decodes: openraft treats a snapshot that fails to install as a
-/// fatal storage error and stops Raft, so one undecodable snapshot would stop the node.
-#[derive(Debug)]
+/// Checks the snapshot a peer is sending as its chunks arrive, so that its last chunk is handed
+/// to openraft only once the whole snapshot parses and its hash matches: openraft treats a
+/// snapshot that fails to install as a fatal storage error and stops Raft, so one bad snapshot
+/// would stop the node.
 pub(crate) struct SnapshotReceiver {
     id: String,
-    data: Vec<u8>,
+    received: u64,
+    parser: SnapshotParser,
+    /// The last chunk's offset and hash, to recognize it when it is sent again (a retry after
+    /// a lost answer), since openraft then writes its bytes again.
+    last_chunk: (u64, blake3::Hash),
 }
 
 /// What the receiver makes of one chunk.
@@ -91,14 +98,14 @@ pub(crate) struct SnapshotReceiver {
 enum ChunkVerdict {
     /// More chunks are to come; hand this one to openraft.
     Continue,
-    /// The last chunk: the whole snapshot, to check before openraft installs it.
-    Complete(Vec<u8>),
+    /// The last chunk of a snapshot that checked out whole.
+    Complete,
 }
 
-/// Admits a snapshot chunk only where the bytes received so far end (or earlier: a resent
-/// chunk), so the snapshot grows only by what a sender actually sends, up to
-/// `SNAPSHOT_BYTES_MAX`. openraft seeks to any offset it is given, and a chunk at 2^44 would
-/// make it allocate 16 TiB.
+/// Admits a snapshot chunk only where the bytes received so far end, as a resend of the last
+/// chunk, or at 0 (a sender starting over), so the snapshot grows only by what a sender
+/// actually sends, up to `SNAPSHOT_BYTES_MAX`, and every byte openraft writes is one checked
+/// here. openraft seeks to any offset it is given: a chunk at 2^44 would make it write there.
 fn receive_snapshot_chunk(
     receiving: &mut Option<SnapshotReceiver>,
     id: &str,
@@ -113,36 +120,47 @@ fn receive_snapshot_chunk(
         *receiving = None;
         return Err(format!("snapshot {id} would exceed the {max_bytes}-byte limit (a chunk ends at byte {end})"));
     }
+    let chunk_hash = blake3::hash(chunk);
     let current = match receiving {
-        Some(current) if current.id == id => current,
+        Some(current) if current.id == id && offset != 0 => current,
         _ => {
             if offset != 0 {
                 return Err(format!("snapshot {id}: its first chunk is at offset {offset}, not 0"));
             }
-            receiving.insert(SnapshotReceiver { id: id.to_string(), data: Vec::new() })
+            receiving.insert(SnapshotReceiver {
+                id: id.to_string(),
+                received: 0,
+                parser: SnapshotParser::default(),
+                last_chunk: (u64::MAX, chunk_hash),
+            })
         }
     };
-    let received = current.data.len() as u64;
-    if offset > received {
+    if offset == current.received {
+        let checked = current.parser.feed(chunk, |_| Ok(()));
+        if let Err(e) = checked {
+            *receiving = None;
+            return Err(format!("snapshot {id}: {e}"));
+        }
+        current.received = end;
+        current.last_chunk = (offset, chunk_hash);
+    } else if current.last_chunk != (offset, chunk_hash) || end != current.received {
         return Err(format!(
-            "snapshot {id}: a chunk at offset {offset} would leave a gap after the {received} bytes received"
+            "snapshot {id}: a chunk at offset {offset} is neither the next one (at {}) nor the last one again",
+            current.received
         ));
-    }
-    // Both fit in memory: `end` is at most `max_bytes`, checked above.
-    let (offset, end) = (offset as usize, end as usize);
-    let overlap = end.min(current.data.len());
-    current.data[offset.min(overlap)..overlap].copy_from_slice(&chunk[..overlap.saturating_sub(offset)]);
-    if end > current.data.len() {
-        current.data.extend_from_slice(&chunk[current.data.len() - offset..]);
     }
     if !done {
         return Ok(ChunkVerdict::Continue);
     }
-    let whole = receiving.take().map(|receiver| receiver.data).unwrap_or_default();
-    Ok(ChunkVerdict::Complete(whole))
+    let finished = receiving.take().map(|receiver| receiver.parser.finish());
+    match finished {
+        Some(Ok(())) => Ok(ChunkVerdict::Complete),
+        Some(Err(e)) => Err(format!("snapshot {id}: {e}")),
+        None => Err(format!("snapshot {id}: nothing received")),
+    }
 }
 
-/// The receiver with a 1 MiB limit, for `crafted`: the bytes held once the last chunk is in.
+/// The receiver with a 1 MiB limit, for `crafted`: the bytes received once the chunk is in.
 pub(crate) fn receive_snapshot_chunk_for_tests(
     receiving: &mut Option<SnapshotReceiver>,
     offset: u64,
@@ -150,8 +168,8 @@ pub(crate) fn receive_snapshot_chunk_for_tests(
     done: bool,
 ) -> Result<usize, String> {
     match receive_snapshot_chunk(receiving, "s", offset, chunk, done, 1 << 20)? {
-        ChunkVerdict::Continue => Ok(receiving.as_ref().map_or(0, |receiver| receiver.data.len())),
-        ChunkVerdict::Complete(whole) => Ok(whole.len()),
+        ChunkVerdict::Continue => Ok(receiving.as_ref().map_or(0, |receiver| receiver.received as usize)),
+        ChunkVerdict::Complete => Ok(offset as usize + chunk.len()),
     }
 }
 
@@ -181,12 +199,7 @@ impl Node for NodeApi {
                 SNAPSHOT_BYTES_MAX,
             )
         };
-        let refused = match verdict {
-            Ok(ChunkVerdict::Continue) => None,
-            Ok(ChunkVerdict::Complete(whole)) => crate::raft_store::check_snapshot(&whole).err(),
-            Err(refused) => Some(refused),
-        };
-        if let Some(refused) = refused {
+        if let Err(refused) = verdict {
             tracing::warn!(snapshot = %rpc.meta.snapshot_id, "refused a snapshot chunk: {refused}");
             return Err(Status::invalid_argument(refused));
         }
@@ -580,53 +593,73 @@ async fn run_watch(
 mod tests {
     use super::*;
 
+    fn snapshot_bytes(rows: usize) -> Vec<u8> {
+        let mut writer = SnapshotWriter::new(Vec::new(), b"meta").expect("header");
+        for row in 0..rows {
+            writer.row(crate::schema::Table::Keys, &row.to_be_bytes(), &[row as u8; 40]).expect("row");
+        }
+        writer.finish().expect("end")
+    }
+
     #[test]
     fn snapshot_chunks_must_follow_the_bytes_received() {
         use ChunkVerdict::*;
         let max = 1 << 20;
+        let data = snapshot_bytes(10);
         let mut receiving = None;
-        let chunk = |receiving: &mut Option<SnapshotReceiver>, id: &str, offset: u64, data: &[u8], done: bool| {
-            receive_snapshot_chunk(receiving, id, offset, data, done, max)
+        let chunk = |receiving: &mut Option<SnapshotReceiver>, id: &str, offset: usize, end: usize, done: bool| {
+            receive_snapshot_chunk(receiving, id, offset as u64, &data[offset..end], done, max)
         };
-        assert!(chunk(&mut receiving, "s1", 5, &[1; 10], false).unwrap_err().contains("not 0"));
-        assert_eq!(chunk(&mut receiving, "s1", 0, &[1; 100], false), Ok(Continue));
-        assert_eq!(chunk(&mut receiving, "s1", 100, &[2; 100], false), Ok(Continue), "the next chunk");
-        assert_eq!(chunk(&mut receiving, "s1", 100, &[2; 100], false), Ok(Continue), "a resent chunk");
-        assert_eq!(chunk(&mut receiving, "s1", 150, &[3; 100], false), Ok(Continue), "an overlapping chunk");
+        assert!(chunk(&mut receiving, "s1", 5, 10, false).unwrap_err().contains("not 0"));
+        assert_eq!(chunk(&mut receiving, "s1", 0, 100, false), Ok(Continue));
+        assert_eq!(chunk(&mut receiving, "s1", 100, 200, false), Ok(Continue), "the next chunk");
+        assert_eq!(chunk(&mut receiving, "s1", 100, 200, false), Ok(Continue), "a resent chunk");
+        let refused = chunk(&mut receiving, "s1", 150, 250, false).unwrap_err();
+        assert!(refused.contains("neither the next"), "an overlapping chunk: {refused}");
+        let refused = receive_snapshot_chunk(&mut receiving, "s1", 100, &[9; 100], false, max).unwrap_err();
+        assert!(refused.contains("neither the next"), "a resend with other bytes: {refused}");
         // The crafted chunk: same snapshot, far past what arrived.
-        let refused = chunk(&mut receiving, "s1", 1 << 44, &[1], false).unwrap_err();
+        let refused = receive_snapshot_chunk(&mut receiving, "s1", 1 << 44, &[1], false, max).unwrap_err();
         assert!(refused.contains("limit"), "{refused}");
-        let mut receiving = None;
-        assert_eq!(chunk(&mut receiving, "s1", 0, &[1; 100], false), Ok(Continue));
-        let refused = chunk(&mut receiving, "s1", 1000, &[1], false).unwrap_err();
-        assert!(refused.contains("gap after the 100 bytes"), "{refused}");
-        assert!(chunk(&mut receiving, "s1", u64::MAX, &[1, 2], false).unwrap_err().contains("overflows"));
-        let Ok(Complete(whole)) = chunk(&mut receiving, "s1", 100, &[2; 50], true) else { panic!("complete") };
-        assert_eq!(whole, [vec![1; 100], vec![2; 50]].concat());
-        assert!(receiving.is_none(), "a completed snapshot is no longer held");
-        // A new snapshot starts over at 0.
-        assert_eq!(chunk(&mut receiving, "s2", 0, &[1], false), Ok(Continue));
-        assert!(chunk(&mut receiving, "s2", 150, &[1], false).is_err());
-        assert_eq!(chunk(&mut receiving, "s3", 0, &[7; 3], true), Ok(Complete(vec![7; 3])), "one-chunk snapshot");
+        assert!(receiving.is_none());
+        assert_eq!(chunk(&mut receiving, "s1", 0, 100, false), Ok(Continue));
+        assert!(chunk(&mut receiving, "s1", 300, 400, false).unwrap_err().contains("neither the next"));
+        assert!(receive_snapshot_chunk(&mut receiving, "s1", u64::MAX, &[1, 2], false, max)
+            .unwrap_err()
+            .contains("overflows"));
+        // Starting over at 0 is allowed (a sender that retries the whole snapshot).
+        assert_eq!(chunk(&mut receiving, "s1", 0, 50, false), Ok(Continue));
+        assert_eq!(chunk(&mut receiving, "s1", 50, data.len(), true), Ok(Complete));
+        assert!(receiving.is_none(), "a completed snapshot is no longer tracked");
+        // A snapshot cut short, or damaged, is refused at its last chunk.
+        assert_eq!(chunk(&mut receiving, "s2", 0, 100, false), Ok(Continue));
+        assert!(chunk(&mut receiving, "s2", 100, data.len() - 1, true).unwrap_err().contains("cut short"));
+        let mut damaged = data.clone();
+        damaged[60] ^= 1;
+        let refused = receive_snapshot_chunk(&mut receiving, "s3", 0, &damaged, true, max).unwrap_err();
+        assert!(refused.contains("hash"), "{refused}");
+        let refused = receive_snapshot_chunk(&mut receiving, "s4", 0, &[7; 30], true, max).unwrap_err();
+        assert!(refused.contains("magic"), "{refused}");
     }
 
     #[test]
-    fn resent_and_overlapping_chunks_rebuild_the_sent_bytes() {
-        proptest::proptest!(|(data in proptest::collection::vec(proptest::num::u8::ANY, 1..2_000),
-                              cuts in proptest::collection::vec(0usize..2_000, 0..8))| {
-            // Chunks that each start at or before the bytes received so far, some resent.
+    fn a_snapshot_in_any_chunks_with_resends_is_accepted_whole() {
+        proptest::proptest!(|(rows in 0usize..60, cuts in proptest::collection::vec(1usize..300, 0..12),
+                              resend in proptest::collection::vec(proptest::bool::ANY, 12))| {
+            let data = snapshot_bytes(rows);
             let mut receiving = None;
             let mut sent = 0usize;
-            for cut in cuts {
-                let start = cut.min(sent);
-                let end = (start + 1 + cut % 300).min(data.len());
-                if end <= start { continue; }
-                let verdict = receive_snapshot_chunk(&mut receiving, "s", start as u64, &data[start..end], false, 1 << 20);
-                proptest::prop_assert_eq!(verdict, Ok(ChunkVerdict::Continue));
-                sent = sent.max(end);
+            for (index, cut) in cuts.iter().enumerate() {
+                let end = (sent + cut).min(data.len() - 1);
+                if end <= sent { break; }
+                for _ in 0..=usize::from(resend[index]) {
+                    let verdict = receive_snapshot_chunk(&mut receiving, "s", sent as u64, &data[sent..end], false, 1 << 20);
+                    proptest::prop_assert_eq!(verdict, Ok(ChunkVerdict::Continue));
+                }
+                sent = end;
             }
             let verdict = receive_snapshot_chunk(&mut receiving, "s", sent as u64, &data[sent..], true, 1 << 20);
-            proptest::prop_assert_eq!(verdict, Ok(ChunkVerdict::Complete(data.clone())));
+            proptest::prop_assert_eq!(verdict, Ok(ChunkVerdict::Complete));
         });
     }
 
