@@ -351,9 +351,16 @@ impl SessionClocks {
 /// Proposals waiting to join a batch. Bounded: when Raft cannot keep up, callers wait here
 /// (and time out) instead of growing memory.
 const PROPOSAL_QUEUE_LEN_MAX: usize = 4_096;
-/// Limits of one batch: entries stay small enough to replicate and apply quickly.
+/// Limits of one batch: entries stay small enough to replicate and apply quickly. A batch
+/// closes once it holds this many bytes, so an entry is at most this plus one proposal (about
+/// 2 MiB with the largest value).
 const BATCH_PROPOSALS_MAX: usize = 512;
-const BATCH_BYTES_MAX: usize = 4 << 20;
+const BATCH_BYTES_MAX: usize = 1 << 20;
+/// Entries in one AppendEntries. openraft 0.9 gives an AppendEntries the heartbeat interval to
+/// complete, the follower's fsync included; a follower behind by many large entries was sent
+/// them all at once (up to 300 entries of 4 MiB), never answered in time, and was sent the same
+/// again: no progress, no commits. Four entries keep one message to about 8 MiB.
+const APPEND_ENTRIES_MAX: u64 = 4;
 /// Batches being committed at once. While they are, new proposals gather into the next batch;
 /// more in flight would only make batches smaller.
 const BATCHES_IN_FLIGHT_MAX: usize = 2;
@@ -543,6 +550,7 @@ impl MetaNode {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_every_entries),
             max_in_snapshot_log_to_keep: config.log_entries_kept_after_snapshot,
             purge_batch_size: 64,
+            max_payload_entries: APPEND_ENTRIES_MAX,
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| format!("raft config: {e}"))?);

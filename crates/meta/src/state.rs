@@ -43,17 +43,22 @@ pub enum Command {
         cluster_id: String,
     },
     Create {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         session_id: Option<u64>,
     },
     Set {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         expected_version: Option<u64>,
         session_id: Option<u64>,
     },
     Delete {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         expected_version: Option<u64>,
     },

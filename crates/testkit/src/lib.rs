@@ -48,6 +48,9 @@ pub struct ClusterOptions {
     /// Run with TLS: `mendfs cert init` makes a CA and certificates for node ids
     /// 1..=`TLS_NODE_CERTIFICATES` in `ROOT/tls`, the nodes get `--tls-*`, the CLI `MENDFS_CA`.
     pub tls: bool,
+    /// Environment variables for every `mendfs server` (test hooks such as
+    /// `MENDFS_TEST_SNAPSHOT_BUILD_PAUSE_MS`); no other `MENDFS_*` variable reaches a node.
+    pub server_env: Vec<(String, String)>,
 }
 
 /// Node certificates a TLS cluster's CA issues up front (nodes added later use them too).
@@ -66,6 +69,7 @@ impl Default for ClusterOptions {
             storage_capacity_bytes: Some(DEFAULT_STORAGE_CAPACITY_BYTES),
             detached: false,
             tls: false,
+            server_env: Vec::new(),
         }
     }
 }
@@ -327,6 +331,7 @@ impl Cluster {
             }
         }
         command.env_remove("RUST_LOG");
+        command.envs(self.options.server_env.iter().map(|(name, value)| (name, value)));
         Ok(command)
     }
 

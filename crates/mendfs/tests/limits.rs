@@ -1,0 +1,180 @@
+//! Bounded under heavy use, against real `mendfs server` processes: the coordination keyspace's
+//! byte quota (refusal, memory through snapshots and a full restart, space freed by delete and
+//! compaction), and a snapshot build racing applies with a crash right after it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use mendfs_client::{Client, ClientConfig};
+use mendfs_testkit::{wait_for, Cluster, ClusterOptions};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mendfs"))
+}
+
+fn start(options: ClusterOptions) -> Cluster {
+    let cluster = Cluster::start(binary(), options).expect("start cluster");
+    cluster.wait_for_leader(DEADLINE).expect("a leader");
+    cluster
+}
+
+fn client(cluster: &Cluster) -> Client {
+    let mut config = ClientConfig::new(cluster.endpoint_list());
+    config.secret = cluster.secret();
+    Client::new(config).expect("client")
+}
+
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(f)
+}
+
+/// A node's peak resident memory so far (the kernel's high-water mark), in MiB.
+fn peak_rss_mib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024)
+}
+
+fn peaks(cluster: &Cluster) -> BTreeMap<u64, u64> {
+    cluster.nodes.iter().filter_map(|(id, node)| node.pid().and_then(peak_rss_mib).map(|peak| (*id, peak))).collect()
+}
+
+fn value_of(index: usize) -> Vec<u8> {
+    let stamp = format!("value {index} ");
+    stamp.as_bytes().iter().copied().cycle().take(1 << 20).collect()
+}
+
+fn kv_usage(cluster: &Cluster) -> serde_json::Value {
+    cluster.status().expect("status")["kv"].clone()
+}
+
+/// No node's memory should come near this while the keyspace is held to 64 MiB: a snapshot or
+/// an install that held the state several times over, or a history of values, would.
+const RSS_BOUND_MIB: u64 = 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kv_quota_refuses_writes_until_space_is_freed_and_memory_stays_bounded() {
+    let options = ClusterOptions {
+        server_args: ["--kv-quota-bytes", "64MiB", "--snapshot-every-entries", "16"].map(String::from).to_vec(),
+        ..ClusterOptions::default()
+    };
+    let mut cluster = start(options);
+    let client = client(&cluster);
+
+    // 1 MiB values until the quota refuses one.
+    let mut acknowledged = Vec::new();
+    let refusal = loop {
+        let index = acknowledged.len();
+        assert!(index < 100, "64 MiB took more than 100 values of 1 MiB");
+        match client.set(format!("big/{index:03}").as_bytes(), &value_of(index), None, None).await {
+            Ok(_) => acknowledged.push(index),
+            Err(error) => break error.to_string(),
+        }
+    };
+    assert!(
+        refusal.contains("quota exceeded") && refusal.contains("67108864"),
+        "after {} values: {refusal}\n{}",
+        acknowledged.len(),
+        cluster.log_tail(blocking(|| cluster.wait_for_leader(DEADLINE)).expect("leader"), 30)
+    );
+    // Keys and history both count: about 32 values fit, not 64.
+    assert!((25..=33).contains(&acknowledged.len()), "{} values fit", acknowledged.len());
+    let usage = kv_usage(&cluster);
+    assert_eq!(usage["quota_alarm"], true, "{usage}");
+    assert_eq!(usage["quota_bytes"], 64 << 20, "{usage}");
+    // Reads work, and a small write is refused while the alarm is raised.
+    let first = client.get(b"big/000").await.expect("get").expect("present");
+    assert_eq!(first.value, value_of(0));
+    let small = client.set(b"small", b"x", None, None).await.expect_err("the alarm refuses writes");
+    assert!(small.to_string().contains("quota"), "{small}");
+    let peaks_before_restart = peaks(&cluster);
+
+    // A full restart: every node killed, then started again from its disk.
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    for id in &ids {
+        blocking(|| cluster.kill(*id)).expect("kill");
+    }
+    for id in &ids {
+        blocking(|| cluster.restart(*id)).expect("restart");
+    }
+    blocking(|| cluster.wait_for_leader(DEADLINE)).expect("a leader after the restart");
+    let client = self::client(&cluster);
+    for index in &acknowledged {
+        let kv = client.get(format!("big/{index:03}").as_bytes()).await.expect("get").expect("acknowledged key");
+        assert!(kv.value == value_of(*index), "big/{index:03} came back different");
+    }
+    let peaks_after_restart = peaks(&cluster);
+    println!("peak RSS per node (MiB): before the restart {peaks_before_restart:?}, after it {peaks_after_restart:?}");
+    for (id, peak) in peaks_before_restart.iter().chain(&peaks_after_restart) {
+        assert!(*peak < RSS_BOUND_MIB, "node {id} peaked at {peak} MiB");
+    }
+
+    // Deleting frees the keys' bytes; compaction frees the history's; writes resume.
+    for index in &acknowledged {
+        client.delete(format!("big/{index:03}").as_bytes(), None).await.expect("delete under the alarm");
+    }
+    let compacted = client.compact(0).await.expect("compact");
+    assert!(compacted > 0);
+    let usage = blocking(|| {
+        wait_for("the alarm to clear", DEADLINE, || {
+            let usage = kv_usage(&cluster);
+            Ok((usage["quota_alarm"] == false).then_some(usage))
+        })
+    })
+    .expect("alarm cleared");
+    assert!(usage["history_bytes"].as_u64().expect("history bytes") < 1 << 20, "{usage}");
+    client.set(b"big/again", &value_of(1000), None, None).await.expect("a write after freeing space");
+}
+
+/// A snapshot build paused (by a test hook) between its read transaction and its durability
+/// point while writes keep landing, then every node killed at once right after the snapshot:
+/// the restarted cluster has every acknowledged write. With the durability point before the
+/// read transaction, the writes of the pause were in the snapshot but not on disk, the log
+/// entries that could replay them were purged, and the nodes failed to restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_right_after_a_snapshot_built_during_writes_loses_nothing() {
+    let options = ClusterOptions {
+        server_args: ["--snapshot-every-entries", "50"].map(String::from).to_vec(),
+        server_env: vec![("MENDFS_TEST_SNAPSHOT_BUILD_PAUSE_MS".into(), "1500".into())],
+        ..ClusterOptions::default()
+    };
+    let mut cluster = start(options);
+    let client = client(&cluster);
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).expect("leader");
+    let snapshot_index = |cluster: &Cluster| -> Option<u64> {
+        let status = cluster.status().ok()?;
+        let nodes = status["nodes"].as_array()?.clone();
+        nodes.iter().find(|n| n["id"].as_u64() == Some(leader)).and_then(|n| n["snapshot_index"].as_u64())
+    };
+
+    let mut acknowledged = 0usize;
+    let started = Instant::now();
+    // Writes until the first snapshot is in (its build sleeps 1.5 s while these keep landing).
+    while snapshot_index(&cluster).unwrap_or(0) == 0 {
+        assert!(acknowledged < 5_000 && started.elapsed() < DEADLINE, "no snapshot after {acknowledged} writes");
+        for _ in 0..20 {
+            client.set(format!("w/{acknowledged:05}").as_bytes(), b"v", None, None).await.expect("set");
+            acknowledged += 1;
+        }
+    }
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    for id in &ids {
+        blocking(|| cluster.kill(*id)).expect("kill");
+    }
+    for id in &ids {
+        blocking(|| cluster.restart(*id)).expect("restart");
+    }
+    blocking(|| cluster.wait_for_leader(DEADLINE)).expect("a leader after the restart");
+    let client = self::client(&cluster);
+    let (kvs, truncated) = client.list(b"w/", 0).await.expect("list");
+    assert!(!truncated);
+    assert_eq!(kvs.len(), acknowledged, "acknowledged writes lost in the crash");
+    for id in &ids {
+        let log = cluster.log(*id);
+        assert!(!log.contains("Failed to get log entries"), "node {id} could not replay its log:\n{log}");
+    }
+}
