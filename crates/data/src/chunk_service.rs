@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mendfs_chunkstore::{ChunkError, ChunkHash, ChunkStore};
+use mendfs_chunkstore::{ChunkError, ChunkHash, ChunkStore, QuarantineOutcome};
 use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::storage_server::Storage;
 use tonic::{Request, Response, Status};
@@ -62,6 +62,17 @@ impl Counters {
     }
 }
 
+/// What is left of a copy found corrupt once it went through quarantine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyAfterQuarantine {
+    /// The copy was moved aside, was gone already, or is bad and could not be moved: this node
+    /// has no good copy, and the caller reports it.
+    NoGoodCopy,
+    /// A put replaced the corrupt copy before the quarantine: the good copy stays, and this node
+    /// is still a replica (the caller must not report it bad).
+    Good,
+}
+
 /// Pending entries kept before expired ones are swept on the next prepare.
 const PENDING_SWEEP_LEN: usize = 65_536;
 
@@ -102,6 +113,8 @@ impl LocalChunks {
             let entry = pending.entry(*hash).or_insert(until);
             *entry = (*entry).max(until);
         }
+        // Presence is enough here: it only decides whether the put adds bytes. Over a corrupt
+        // copy of another length the estimate is off by the difference, as `stats` already is.
         let reserved = match self.capacity_bytes {
             Some(capacity) if !self.store.contains(hash) => {
                 let mut reserved = self.reserved_bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -136,6 +149,49 @@ impl LocalChunks {
             *entry = (*entry).max(until);
         }
         self.store.contains(hash)
+    }
+
+    /// Reads a chunk, verified. A corrupt copy is quarantined (never served again, kept for
+    /// inspection); if the quarantine finds that a put replaced it with a good copy meanwhile,
+    /// that copy is read and served instead of an error that would make the reader report a
+    /// replica that is fine. Blocking.
+    pub fn read(&self, hash: &ChunkHash) -> Result<Vec<u8>, ChunkError> {
+        let result = self.store.get(hash);
+        if let Err(error) = &result {
+            self.counters.count_error(error);
+        }
+        match result {
+            Err(ChunkError::Corrupt { .. }) if self.quarantine_corrupt_copy(hash) == CopyAfterQuarantine::Good => {
+                let reread = self.store.get(hash);
+                if let Err(error) = &reread {
+                    self.counters.count_error(error);
+                }
+                reread
+            }
+            other => other,
+        }
+    }
+
+    /// Quarantines a copy the caller found corrupt, and says what is here afterwards. The store
+    /// re-checks the copy under the chunk's lock and leaves it if it is good: a put may have
+    /// replaced the bad copy since the caller read it, and that copy is a replica the metadata
+    /// must go on listing. Blocking: re-hashes the copy.
+    pub fn quarantine_corrupt_copy(&self, hash: &ChunkHash) -> CopyAfterQuarantine {
+        match self.store.quarantine(hash) {
+            Ok(QuarantineOutcome::MovedAside) => CopyAfterQuarantine::NoGoodCopy,
+            Ok(QuarantineOutcome::CopyIsGood) => {
+                tracing::info!(chunk = %hash, "a good copy replaced the corrupt one before its quarantine; kept");
+                CopyAfterQuarantine::Good
+            }
+            // Removed meanwhile (collected, or quarantined by another caller): no copy to keep.
+            Err(ChunkError::NotFound(_)) => CopyAfterQuarantine::NoGoodCopy,
+            Err(error) => {
+                // The bad copy stays under its name, where every read re-hashes and refuses it.
+                self.counters.count_error(&error);
+                tracing::warn!(chunk = %hash, "quarantine of a corrupt copy failed: {error}");
+                CopyAfterQuarantine::NoGoodCopy
+            }
+        }
     }
 
     /// Whether the chunk may be considered for collection at all (not pending, node not
@@ -218,23 +274,10 @@ impl Storage for ChunkService {
 
     async fn read_chunk(&self, request: Request<pb::ReadChunkRequest>) -> Result<Response<pb::ReadChunkReply>, Status> {
         let hash = parse_hash(&request.get_ref().hash)?;
-        let store = self.state.store.clone();
         let state = self.state.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let result = store.get(&hash);
-            if let Err(e) = &result {
-                state.counters.count_error(e);
-            }
-            if let Err(ChunkError::Corrupt { .. }) = &result {
-                // Never serve it again; keep it for inspection.
-                if let Err(e) = store.quarantine(&hash) {
-                    tracing::warn!("quarantine of a corrupt chunk failed: {e}");
-                }
-            }
-            result
-        })
-        .await
-        .map_err(|e| Status::internal(format!("read task: {e}")))?;
+        let result = tokio::task::spawn_blocking(move || state.read(&hash))
+            .await
+            .map_err(|e| Status::internal(format!("read task: {e}")))?;
         match result {
             Ok(data) => Ok(Response::new(pb::ReadChunkReply { data })),
             Err(e) => {
@@ -290,5 +333,52 @@ impl Storage for ChunkService {
             return Ok(Response::new(pb::ReplicateChunkReply { already_present: false, copied_bytes: size }));
         }
         Err(Status::unavailable(format!("no source could supply the chunk: {}", errors.join("; "))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(60);
+
+    fn local_chunks(dir: &tempfile::TempDir) -> Arc<LocalChunks> {
+        let store = ChunkStore::open(dir.path(), 1 << 20).expect("open store");
+        Arc::new(LocalChunks::new(Arc::new(store), GRACE, None))
+    }
+
+    fn quarantined(dir: &tempfile::TempDir) -> Vec<Vec<u8>> {
+        let entries = std::fs::read_dir(dir.path().join("quarantine")).expect("quarantine dir");
+        entries.map(|entry| std::fs::read(entry.expect("entry").path()).expect("read")).collect()
+    }
+
+    #[test]
+    fn a_read_that_finds_a_copy_corrupt_quarantines_it_and_reports_no_good_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let data = b"rots on disk".to_vec();
+        let hash = ChunkHash::of(&data);
+        local.store.put(&hash, &data).expect("put");
+        std::fs::write(local.store.path_of(&hash), b"rots on dusk").expect("corrupt");
+
+        assert!(matches!(local.read(&hash), Err(ChunkError::Corrupt { .. })));
+        assert!(!local.store.contains(&hash));
+        assert_eq!(quarantined(&dir).len(), 1);
+    }
+
+    #[test]
+    fn quarantining_a_copy_a_put_has_since_replaced_keeps_it_as_a_good_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let data = b"found rotted, then rewritten".to_vec();
+        let hash = ChunkHash::of(&data);
+        local.store.put(&hash, &data).expect("put");
+        std::fs::write(local.store.path_of(&hash), b"found rotted, then rewritteN").expect("corrupt");
+        assert!(matches!(local.store.get(&hash), Err(ChunkError::Corrupt { .. })));
+        local.prepare(&hash, &data, GRACE).expect("a prepare replaces the bad copy");
+
+        assert_eq!(local.quarantine_corrupt_copy(&hash), CopyAfterQuarantine::Good);
+        assert_eq!(local.read(&hash).expect("still served"), data);
+        assert!(quarantined(&dir).is_empty());
     }
 }
