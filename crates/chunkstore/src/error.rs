@@ -15,7 +15,7 @@ pub enum ChunkError {
     NotFound(String),
 
     /// The stored bytes no longer hash to the chunk's name: this copy rotted on disk. The caller
-    /// should quarantine it and read another replica.
+    /// should quarantine it (which re-checks it first) and read another replica.
     #[error("chunk {hash} is corrupt: its stored bytes hash to {actual}")]
     Corrupt { hash: String, actual: String },
 

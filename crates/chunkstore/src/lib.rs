@@ -7,7 +7,9 @@
 //! before it is served. Because the name depends only on the content, storing the same chunk twice
 //! is a no-op, and repair can copy a chunk from any healthy replica without asking which version
 //! it is. A chunk is written to a temp file, fsynced, and renamed into place, so a chunk file is
-//! either absent or complete: a crash never leaves a half-written chunk under a chunk's name.
+//! either absent or complete: a crash never leaves a half-written chunk under a chunk's name. A
+//! file under a chunk's name proves nothing more: it may be an old copy that has rotted since.
+//! Only [`ChunkStore::verify`] (or a `get`) re-hashing it shows a good copy.
 //!
 //! The store is synchronous (`std::fs`) and knows nothing about the network, Raft or reference
 //! counts: callers in async code wrap calls in `tokio::task::spawn_blocking`, and the decision
@@ -34,6 +36,11 @@
 //! and `TooLarge` are the caller's mistake and will fail the same way again; `DiskFull` means this
 //! node cannot take writes until space is freed, so the write should go elsewhere; `Io` is
 //! anything else the operating system reported.
+//!
+//! A quarantine re-checks the copy under the chunk's lock before moving it, because a put may have
+//! replaced the bad copy since the caller saw it. It then answers
+//! [`QuarantineOutcome::CopyIsGood`] and moves nothing, and the caller must keep treating the copy
+//! as a good replica (not report it bad).
 
 mod error;
 mod hash;
@@ -41,4 +48,4 @@ mod store;
 
 pub use error::ChunkError;
 pub use mendfs_types::ChunkHash;
-pub use store::{ChunkStore, StoreStats};
+pub use store::{ChunkStore, QuarantineOutcome, StoreStats};

@@ -1,10 +1,11 @@
 //! The chunk store proper: durable put, verified get, delete, quarantine, listing and counters.
 //!
 //! Concurrency: calls for the same hash are serialized by one of [`HASH_LOCK_COUNT`] striped
-//! mutexes, so two puts of one chunk cannot both count it, and a delete cannot race a put's
-//! "is it already here?" check. Calls for different hashes run in parallel. Reads (`get`,
-//! `contains`, `list`) take no lock: a rename replaces a chunk file atomically, so a reader sees
-//! either the old file or the new one, never a mix.
+//! mutexes, so two puts of one chunk cannot both count it, a delete cannot race a put's
+//! "is it already here?" check, and a quarantine's "is this copy bad?" still holds when it moves
+//! the copy. Calls for different hashes run in parallel. Reads (`get`, `verify`, `contains`,
+//! `list`) take no lock: a rename replaces a chunk file atomically, so a reader sees either the
+//! old file or the new one, never a mix.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
@@ -76,6 +77,18 @@ enum ExistingCopy {
     Bad {
         len: u64,
     },
+}
+
+/// What [`ChunkStore::quarantine`] did with the copy at a chunk's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a copy found good is still a good replica: the caller must not report it bad"]
+pub enum QuarantineOutcome {
+    /// The copy was bad (its bytes hash to another name, or could not be read) and now lies in
+    /// `quarantine/`; the chunk is no longer stored here.
+    MovedAside,
+    /// The copy hashes to its name and was left in place: the caller's evidence was stale (a put
+    /// replaced the bad copy since the caller read it). The chunk is still stored here.
+    CopyIsGood,
 }
 
 impl ChunkStore {
@@ -223,8 +236,8 @@ impl ChunkStore {
     }
 
     /// Reads a chunk and checks that its bytes hash to its name. `Corrupt` if they do not: the
-    /// caller should quarantine this copy and read another replica. Memory use is the file's size,
-    /// which `put` bounded by `max_chunk_bytes`.
+    /// caller should quarantine this copy (which re-checks it) and read another replica. Memory
+    /// use is the file's size, which `put` bounded by `max_chunk_bytes`.
     pub fn get(&self, hash: &ChunkHash) -> Result<Vec<u8>, ChunkError> {
         let path = self.path_of(hash);
         let mut file = match File::open(&path) {
@@ -245,7 +258,28 @@ impl ChunkStore {
         Ok(data)
     }
 
-    /// Whether a chunk file with this name exists. Presence only: the bytes are not verified.
+    /// Re-hashes a chunk's copy in bounded pieces, without loading it: `Ok` if its bytes hash to
+    /// its name, `NotFound`, `Corrupt` (quarantine it), or `Io` if it could not be read. Takes no
+    /// lock, like `get`. Blocking: reads the whole copy.
+    ///
+    /// This, not [`ChunkStore::contains`], is what may be taken as proof of a good copy.
+    pub fn verify(&self, hash: &ChunkHash) -> Result<(), ChunkError> {
+        let path = self.path_of(hash);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Err(ChunkError::NotFound(hash.to_hex())),
+            Err(error) => return Err(ChunkError::from_io(error, "opening chunk", &path)),
+        };
+        let actual = hash_of_reader(&mut file).map_err(|e| ChunkError::from_io(e, "reading chunk", &path))?;
+        if actual != *hash {
+            return Err(ChunkError::Corrupt { hash: hash.to_hex(), actual: actual.to_hex() });
+        }
+        Ok(())
+    }
+
+    /// Whether a chunk file with this name exists. Presence only: the bytes are not verified, so
+    /// a `true` is no proof of a good copy (a stale, rotted one answers `true` too); use
+    /// [`ChunkStore::verify`] for that.
     pub fn contains(&self, hash: &ChunkHash) -> bool {
         fs::symlink_metadata(self.path_of(hash)).is_ok_and(|metadata| metadata.is_file())
     }
@@ -274,18 +308,55 @@ impl ChunkStore {
     }
 
     /// Moves a bad chunk aside to `root/quarantine/<hex>.<n>` (the first unused `n`), so it is never
-    /// served again but is kept for inspection. `NotFound` if there is no such chunk.
+    /// served again but is kept for inspection; but only if the copy at the chunk's path *is* bad.
+    /// It re-hashes the copy first: `CopyIsGood` if its bytes hash to its name, and then nothing
+    /// is moved. `NotFound` if there is no such chunk. Blocking: reads the whole copy.
+    ///
+    /// The caller's evidence is stale by the time it calls: a reader that found the copy corrupt
+    /// (`get` takes no lock) may be overtaken by a put that renames a good copy over the bad one,
+    /// and moving that good copy aside would lose a replica the metadata lists. An unreadable copy
+    /// (a read error) counts as bad, as it does for `put`: it cannot be served either way.
     ///
     /// No fsync: if a crash undoes the move, the corrupt copy is back under its name, where every
     /// `get` verifies it, reports `Corrupt` and has it quarantined again. Nothing bad is served,
     /// so the flush would buy nothing.
-    pub fn quarantine(&self, hash: &ChunkHash) -> Result<(), ChunkError> {
+    pub fn quarantine(&self, hash: &ChunkHash) -> Result<QuarantineOutcome, ChunkError> {
+        self.quarantine_with_pause(hash, || {})
+    }
+
+    /// `quarantine` with a step run between the verdict and the rename, so tests can hold it there
+    /// and show that no put gets in between.
+    fn quarantine_with_pause(
+        &self,
+        hash: &ChunkHash,
+        between_verify_and_rename: impl FnOnce(),
+    ) -> Result<QuarantineOutcome, ChunkError> {
         let path = self.path_of(hash);
         let hex = hash.to_hex();
+        // Why the verdict still holds at the rename: everything that changes what is at a chunk's
+        // path (put's rename, delete, quarantine) holds this hash's lock, and `LOCK` keeps any other
+        // store off this root. So from here to the rename nothing can replace the file hashed
+        // below, and the rename moves exactly the copy that was found bad. (Comparing the inode of
+        // the opened file with the path's would only narrow the window, since the check and the
+        // rename are two calls; the lock closes it.) Readers take no lock, but they only read.
         let _hash_guard = self.lock_hash(hash);
-        let Some(len) = chunk_file_len(&path)? else {
+        if chunk_file_len(&path)?.is_none() {
+            // Nothing, or something other than a regular file (which is not ours to move).
             return Err(ChunkError::NotFound(hex));
+        }
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Err(ChunkError::NotFound(hex)),
+            // Not a verdict on the copy (out of file descriptors, say): move nothing.
+            Err(error) => return Err(ChunkError::from_io(error, "opening chunk to quarantine", &path)),
         };
+        // The size of the very file being judged, for the counters.
+        let len = file.metadata().map_err(|e| ChunkError::from_io(e, "reading size of", &path))?.len();
+        if hash_of_reader(&mut file).is_ok_and(|actual| actual == *hash) {
+            return Ok(QuarantineOutcome::CopyIsGood);
+        }
+        drop(file);
+        between_verify_and_rename();
 
         // Quarantine names embed the hash, so the hash lock also keeps two quarantines from
         // picking the same free name.
@@ -318,7 +389,7 @@ impl ChunkStore {
         }
         saturating_sub(&self.chunk_count, 1);
         saturating_sub(&self.chunk_bytes, len);
-        Ok(())
+        Ok(QuarantineOutcome::MovedAside)
     }
 
     /// Every stored chunk, sorted by hash (so a scrubber can resume from a hash). Files that are
@@ -451,6 +522,14 @@ fn write_and_sync(file: &mut File, data: &[u8]) -> io::Result<()> {
     // crash leaves a chunk's name over empty or partial contents (ext4 and xfs both allow this).
     // sync_all rather than sync_data only for plainness: a new file's size must be flushed anyway.
     file.sync_all()
+}
+
+/// The BLAKE3 of everything `reader` yields (the same hash as `ChunkHash::of` over those bytes),
+/// read in bounded pieces, so judging a copy costs no more memory however large the file.
+fn hash_of_reader(reader: &mut impl Read) -> io::Result<ChunkHash> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_reader(reader)?;
+    Ok(ChunkHash::from_bytes(*hasher.finalize().as_bytes()))
 }
 
 fn write_temp_and_rename(
@@ -623,6 +702,51 @@ mod tests {
         assert!(matches!(quota, ChunkError::DiskFull { .. }));
         let denied = ChunkError::from_io(io::Error::from(io::ErrorKind::PermissionDenied), "writing", path);
         assert!(matches!(denied, ChunkError::Io { .. }));
+    }
+
+    #[test]
+    fn a_put_cannot_slip_a_good_copy_in_between_a_quarantines_verdict_and_its_rename() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(&dir);
+        let data = b"the good bytes a concurrent prepare brings";
+        let hash = ChunkHash::of(data);
+        store.put(&hash, data).expect("put");
+        // Rot that keeps the length, so the byte counter stays exact (see `stats`).
+        let mut bad_bytes = data.to_vec();
+        bad_bytes[0] ^= 0x01;
+        fs::write(store.path_of(&hash), &bad_bytes).expect("corrupt");
+
+        let put_done = std::sync::atomic::AtomicBool::new(false);
+        let outcome = std::thread::scope(|scope| {
+            let outcome = store.quarantine_with_pause(&hash, || {
+                // The verdict (bad) is in; a put of the good copy starts now and must wait for the
+                // rename, or it would rename its good copy in and see it moved aside.
+                scope.spawn(|| {
+                    store.put(&hash, data).expect("concurrent put");
+                    put_done.store(true, Ordering::SeqCst);
+                });
+                // Long enough for an unblocked put of a few bytes to finish many times over.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                assert!(!put_done.load(Ordering::SeqCst), "a put finished between the verdict and the rename");
+            });
+            outcome.expect("quarantine")
+        });
+
+        assert_eq!(outcome, QuarantineOutcome::MovedAside);
+        assert!(put_done.load(Ordering::SeqCst));
+        assert_eq!(store.get(&hash).expect("the put's good copy is in place"), data);
+        let quarantined = dir.path().join("quarantine").join(format!("{}.0", hash.to_hex()));
+        assert_eq!(fs::read(quarantined).expect("quarantined copy"), bad_bytes, "the bad copy, not the good one");
+        assert_eq!(store.stats(), StoreStats { chunk_count: 1, chunk_bytes: data.len() as u64 });
+    }
+
+    #[test]
+    fn streamed_hash_equals_the_chunk_hash() {
+        // Longer than any one read, so the pieces are joined.
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let streamed = hash_of_reader(&mut data.as_slice()).expect("hash");
+        assert_eq!(streamed, ChunkHash::of(&data));
+        assert_eq!(hash_of_reader(&mut [].as_slice()).expect("hash"), ChunkHash::of(b""));
     }
 
     #[test]

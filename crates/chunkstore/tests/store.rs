@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::sync::Arc;
 
-use mendfs_chunkstore::{ChunkError, ChunkHash, ChunkStore, StoreStats};
+use mendfs_chunkstore::{ChunkError, ChunkHash, ChunkStore, QuarantineOutcome, StoreStats};
 use proptest::prelude::*;
 
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
@@ -136,7 +136,7 @@ fn quarantine_moves_the_bad_copy_aside_and_keeps_every_copy() {
     flip_byte(&store.path_of(&hash), 0);
     let bad_bytes = fs::read(store.path_of(&hash)).expect("read");
 
-    store.quarantine(&hash).expect("quarantine");
+    assert_eq!(store.quarantine(&hash).expect("quarantine"), QuarantineOutcome::MovedAside);
 
     assert!(!store.contains(&hash));
     assert!(matches!(store.get(&hash), Err(ChunkError::NotFound(_))));
@@ -150,7 +150,7 @@ fn quarantine_moves_the_bad_copy_aside_and_keeps_every_copy() {
     // A second bad copy of the same chunk gets the next number instead of overwriting the first.
     put(&store, data);
     flip_byte(&store.path_of(&hash), 1);
-    store.quarantine(&hash).expect("quarantine again");
+    assert_eq!(store.quarantine(&hash).expect("quarantine again"), QuarantineOutcome::MovedAside);
     assert_eq!(dir_entries(&quarantine_dir), vec![format!("{hex}.0"), format!("{hex}.1")]);
 
     // Quarantined copies survive a reopen and are not counted as chunks.
@@ -158,6 +158,63 @@ fn quarantine_moves_the_bad_copy_aside_and_keeps_every_copy() {
     let store = open(dir.path());
     assert_eq!(store.stats(), StoreStats::default());
     assert!(matches!(store.quarantine(&hash), Err(ChunkError::NotFound(_))));
+}
+
+#[test]
+fn quarantine_leaves_a_good_copy_that_a_put_brought_since_the_read_and_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = b"a chunk a reader finds rotted".to_vec();
+    let hash = put(&store, &data);
+    flip_byte(&store.path_of(&hash), 0);
+    // The reader's evidence...
+    assert!(matches!(store.get(&hash), Err(ChunkError::Corrupt { .. })));
+    // ...goes stale: a prepare (or repair) of the same chunk replaces the bad copy first.
+    store.put(&hash, &data).expect("put over the corrupt copy");
+
+    assert_eq!(store.quarantine(&hash).expect("quarantine"), QuarantineOutcome::CopyIsGood);
+
+    assert_eq!(store.get(&hash).expect("the good copy is still served"), data);
+    assert!(dir_entries(&dir.path().join("quarantine")).is_empty(), "nothing was moved aside");
+    assert_eq!(store.stats(), StoreStats { chunk_count: 1, chunk_bytes: data.len() as u64 });
+    assert_eq!(store.list().expect("list"), vec![hash]);
+}
+
+#[test]
+fn quarantine_moves_a_truncated_copy_but_leaves_a_good_empty_chunk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = b"twenty bytes of data".to_vec();
+    let hash = put(&store, &data);
+    fs::write(store.path_of(&hash), b"").expect("truncate");
+    assert_eq!(store.quarantine(&hash).expect("quarantine"), QuarantineOutcome::MovedAside);
+    assert!(!store.contains(&hash));
+
+    // The empty chunk is good when empty: there is nothing to move.
+    let empty = put(&store, b"");
+    assert_eq!(store.quarantine(&empty).expect("quarantine"), QuarantineOutcome::CopyIsGood);
+    assert!(store.contains(&empty));
+}
+
+#[test]
+fn verify_rehashes_the_copy_instead_of_trusting_its_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let data = vec![3u8; 50_000];
+    let hash = put(&store, &data);
+    store.verify(&hash).expect("a good copy verifies");
+
+    flip_byte(&store.path_of(&hash), 49_999);
+    assert!(store.contains(&hash), "the name is still there");
+    match store.verify(&hash) {
+        Err(ChunkError::Corrupt { hash: hex, actual }) => {
+            assert_eq!(hex, hash.to_hex());
+            assert_ne!(actual, hash.to_hex());
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    let absent = ChunkHash::of(b"never stored");
+    assert!(matches!(store.verify(&absent), Err(ChunkError::NotFound(_))));
 }
 
 #[test]
@@ -380,18 +437,19 @@ proptest! {
                 }
                 Op::CorruptAndQuarantine(idx) => {
                     let hash = ChunkHash::of(CONTENTS[idx]);
-                    if model.remove(&idx) {
-                        // Rot that keeps the length, so the byte counter stays exact (see
-                        // `ChunkStore::stats`). The empty chunk cannot rot in place; it is
-                        // quarantined as it is.
-                        if !CONTENTS[idx].is_empty() {
-                            flip_byte(&store.path_of(&hash), 0);
-                            prop_assert!(
-                                matches!(store.get(&hash), Err(ChunkError::Corrupt { .. })),
-                                "a rotted copy must not be served"
-                            );
-                        }
-                        store.quarantine(&hash).expect("quarantine");
+                    if CONTENTS[idx].is_empty() && model.contains(&idx) {
+                        // The empty chunk cannot rot in place (rot of another length would put the
+                        // byte counter off, see `ChunkStore::stats`), so this is a quarantine of a
+                        // good copy: it stays.
+                        prop_assert_eq!(store.quarantine(&hash).expect("quarantine"), QuarantineOutcome::CopyIsGood);
+                    } else if model.remove(&idx) {
+                        // Rot that keeps the length, so the byte counter stays exact.
+                        flip_byte(&store.path_of(&hash), 0);
+                        prop_assert!(
+                            matches!(store.get(&hash), Err(ChunkError::Corrupt { .. })),
+                            "a rotted copy must not be served"
+                        );
+                        prop_assert_eq!(store.quarantine(&hash).expect("quarantine"), QuarantineOutcome::MovedAside);
                     } else {
                         prop_assert!(matches!(store.quarantine(&hash), Err(ChunkError::NotFound(_))));
                     }

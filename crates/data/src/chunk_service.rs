@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mendfs_chunkstore::{ChunkError, ChunkHash, ChunkStore};
+use mendfs_chunkstore::{ChunkError, ChunkHash, ChunkStore, QuarantineOutcome};
 use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::storage_server::Storage;
 use tonic::{Request, Response, Status};
@@ -62,6 +62,26 @@ impl Counters {
     }
 }
 
+/// What is left of a copy found corrupt once it went through quarantine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyAfterQuarantine {
+    /// The copy was moved aside, was gone already, or is bad and could not be moved: this node
+    /// has no good copy, and the caller reports it.
+    NoGoodCopy,
+    /// A put replaced the corrupt copy before the quarantine: the good copy stays, and this node
+    /// is still a replica (the caller must not report it bad).
+    Good,
+}
+
+/// What a `ReplicateChunk` did on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replicated {
+    /// A copy that re-hashes to its name was already here; nothing was pulled.
+    AlreadyPresent,
+    /// The chunk was pulled from a source and stored (over a corrupt copy, if one was here).
+    Copied { bytes: u64 },
+}
+
 /// Pending entries kept before expired ones are swept on the next prepare.
 const PENDING_SWEEP_LEN: usize = 65_536;
 
@@ -102,6 +122,8 @@ impl LocalChunks {
             let entry = pending.entry(*hash).or_insert(until);
             *entry = (*entry).max(until);
         }
+        // Presence is enough here: it only decides whether the put adds bytes. Over a corrupt
+        // copy of another length the estimate is off by the difference, as `stats` already is.
         let reserved = match self.capacity_bytes {
             Some(capacity) if !self.store.contains(hash) => {
                 let mut reserved = self.reserved_bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -125,9 +147,14 @@ impl LocalChunks {
         result
     }
 
-    /// Protects a chunk from collection for `grace` and says whether a copy is already here.
+    /// Protects a chunk from collection for `grace` and says whether a good copy is already here.
     /// Repair calls it before pulling a copy, so the copy it is about to record can never be
     /// collected between "already here" and the commit that lists it.
+    ///
+    /// "Good" means the copy re-hashes to its name, not merely that a file of that name exists:
+    /// a stale orphan that rotted would otherwise be recorded as a replica (and a good surplus
+    /// copy elsewhere dropped in its favour). A corrupt copy is quarantined, and the caller copies
+    /// the chunk afresh as if none were here. Blocking: re-hashes the copy.
     pub fn claim(&self, hash: &ChunkHash, grace: Duration) -> bool {
         {
             let mut pending = self.pending();
@@ -135,7 +162,65 @@ impl LocalChunks {
             let entry = pending.entry(*hash).or_insert(until);
             *entry = (*entry).max(until);
         }
-        self.store.contains(hash)
+        match self.store.verify(hash) {
+            Ok(()) => true,
+            Err(ChunkError::NotFound(_)) => false,
+            Err(error @ ChunkError::Corrupt { .. }) => {
+                self.counters.count_error(&error);
+                tracing::warn!("{error}; quarantining it before copying the chunk afresh");
+                self.quarantine_corrupt_copy(hash) == CopyAfterQuarantine::Good
+            }
+            Err(error) => {
+                // Unreadable: no good copy. Copying afresh replaces it, since a put treats a copy
+                // it cannot read as bad.
+                self.counters.count_error(&error);
+                tracing::warn!("checking the copy already here: {error}; copying the chunk afresh");
+                false
+            }
+        }
+    }
+
+    /// Reads a chunk, verified. A corrupt copy is quarantined (never served again, kept for
+    /// inspection); if the quarantine finds that a put replaced it with a good copy meanwhile,
+    /// that copy is read and served instead of an error that would make the reader report a
+    /// replica that is fine. Blocking.
+    pub fn read(&self, hash: &ChunkHash) -> Result<Vec<u8>, ChunkError> {
+        let result = self.store.get(hash);
+        if let Err(error) = &result {
+            self.counters.count_error(error);
+        }
+        match result {
+            Err(ChunkError::Corrupt { .. }) if self.quarantine_corrupt_copy(hash) == CopyAfterQuarantine::Good => {
+                let reread = self.store.get(hash);
+                if let Err(error) = &reread {
+                    self.counters.count_error(error);
+                }
+                reread
+            }
+            other => other,
+        }
+    }
+
+    /// Quarantines a copy the caller found corrupt, and says what is here afterwards. The store
+    /// re-checks the copy under the chunk's lock and leaves it if it is good: a put may have
+    /// replaced the bad copy since the caller read it, and that copy is a replica the metadata
+    /// must go on listing. Blocking: re-hashes the copy.
+    pub fn quarantine_corrupt_copy(&self, hash: &ChunkHash) -> CopyAfterQuarantine {
+        match self.store.quarantine(hash) {
+            Ok(QuarantineOutcome::MovedAside) => CopyAfterQuarantine::NoGoodCopy,
+            Ok(QuarantineOutcome::CopyIsGood) => {
+                tracing::info!(chunk = %hash, "a good copy replaced the corrupt one before its quarantine; kept");
+                CopyAfterQuarantine::Good
+            }
+            // Removed meanwhile (collected, or quarantined by another caller): no copy to keep.
+            Err(ChunkError::NotFound(_)) => CopyAfterQuarantine::NoGoodCopy,
+            Err(error) => {
+                // The bad copy stays under its name, where every read re-hashes and refuses it.
+                self.counters.count_error(&error);
+                tracing::warn!(chunk = %hash, "quarantine of a corrupt copy failed: {error}");
+                CopyAfterQuarantine::NoGoodCopy
+            }
+        }
     }
 
     /// Whether the chunk may be considered for collection at all (not pending, node not
@@ -218,23 +303,10 @@ impl Storage for ChunkService {
 
     async fn read_chunk(&self, request: Request<pb::ReadChunkRequest>) -> Result<Response<pb::ReadChunkReply>, Status> {
         let hash = parse_hash(&request.get_ref().hash)?;
-        let store = self.state.store.clone();
         let state = self.state.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let result = store.get(&hash);
-            if let Err(e) = &result {
-                state.counters.count_error(e);
-            }
-            if let Err(ChunkError::Corrupt { .. }) = &result {
-                // Never serve it again; keep it for inspection.
-                if let Err(e) = store.quarantine(&hash) {
-                    tracing::warn!("quarantine of a corrupt chunk failed: {e}");
-                }
-            }
-            result
-        })
-        .await
-        .map_err(|e| Status::internal(format!("read task: {e}")))?;
+        let result = tokio::task::spawn_blocking(move || state.read(&hash))
+            .await
+            .map_err(|e| Status::internal(format!("read task: {e}")))?;
         match result {
             Ok(data) => Ok(Response::new(pb::ReadChunkReply { data })),
             Err(e) => {
@@ -253,42 +325,183 @@ impl Storage for ChunkService {
         let grace = Duration::from_millis(request.grace_ms);
         let _slot =
             self.replication_slots.acquire().await.map_err(|_| Status::unavailable("the node is shutting down"))?;
-        let state = self.state.clone();
-        let present = tokio::task::spawn_blocking(move || state.claim(&hash, grace))
-            .await
-            .map_err(|e| Status::internal(format!("claim task: {e}")))?;
-        if present {
-            // Idempotent: a copy that is already here is not copied again (a repair resumed by a
-            // new leader redoes only what was not recorded).
-            return Ok(Response::new(pb::ReplicateChunkReply { already_present: true, copied_bytes: 0 }));
-        }
-        let mut errors = Vec::new();
-        for addr in &request.source_addrs {
-            let data = match self.pull(addr, &hash).await {
-                Ok(data) => data,
-                Err(e) => {
-                    errors.push(format!("{addr}: {e}"));
-                    continue;
-                }
-            };
-            let size = data.len() as u64;
-            let state = self.state.clone();
-            let stored = tokio::task::spawn_blocking(move || state.prepare(&hash, &data, grace))
-                .await
-                .map_err(|e| Status::internal(format!("store task: {e}")))?;
-            match stored {
-                Ok(()) => {}
-                // A source that sent wrong bytes: try the next one.
-                Err(e @ ChunkError::HashMismatch { .. }) => {
-                    errors.push(format!("{addr}: {e}"));
-                    continue;
-                }
-                Err(e) => return Err(chunk_status(e)),
+        let pull_from = |addr: String| async move { self.pull(&addr, &hash).await };
+        let replicated = replicate(&self.state, hash, grace, &request.source_addrs, pull_from).await?;
+        let reply = match replicated {
+            Replicated::AlreadyPresent => pb::ReplicateChunkReply { already_present: true, copied_bytes: 0 },
+            Replicated::Copied { bytes } => pb::ReplicateChunkReply { already_present: false, copied_bytes: bytes },
+        };
+        Ok(Response::new(reply))
+    }
+}
+
+/// The work behind `ReplicateChunk`: claims the chunk (protecting it from GC), answers
+/// `AlreadyPresent` only for a copy that re-hashes to its name (a corrupt one is quarantined
+/// first), and otherwise pulls the chunk from the sources in turn and stores the first bytes that
+/// hash to it. `pull` fetches from one source address; the service pulls over gRPC.
+pub async fn replicate<Pull>(
+    state: &Arc<LocalChunks>,
+    hash: ChunkHash,
+    grace: Duration,
+    source_addrs: &[String],
+    mut pull: impl FnMut(String) -> Pull,
+) -> Result<Replicated, Status>
+where
+    // A closure returning a future rather than an async closure over `&str`: the service's
+    // future must be `Send`, and the compiler cannot yet prove that of an async closure's future
+    // for every lifetime of its argument.
+    Pull: std::future::Future<Output = Result<Vec<u8>, String>>,
+{
+    let claiming = state.clone();
+    // Re-hashes a copy already here: blocking work, off the async workers.
+    let present = tokio::task::spawn_blocking(move || claiming.claim(&hash, grace))
+        .await
+        .map_err(|e| Status::internal(format!("claim task: {e}")))?;
+    if present {
+        // Idempotent: a good copy that is already here is not copied again (a repair resumed by a
+        // new leader redoes only what was not recorded).
+        return Ok(Replicated::AlreadyPresent);
+    }
+    let mut errors = Vec::new();
+    for addr in source_addrs {
+        let data = match pull(addr.clone()).await {
+            Ok(data) => data,
+            Err(e) => {
+                errors.push(format!("{addr}: {e}"));
+                continue;
             }
-            Counters::add(&self.state.counters.repair_copied_chunks, 1);
-            Counters::add(&self.state.counters.repair_copied_bytes, size);
-            return Ok(Response::new(pb::ReplicateChunkReply { already_present: false, copied_bytes: size }));
+        };
+        let size = data.len() as u64;
+        let storing = state.clone();
+        let stored = tokio::task::spawn_blocking(move || storing.prepare(&hash, &data, grace))
+            .await
+            .map_err(|e| Status::internal(format!("store task: {e}")))?;
+        match stored {
+            Ok(()) => {}
+            // A source that sent wrong bytes: try the next one.
+            Err(e @ ChunkError::HashMismatch { .. }) => {
+                errors.push(format!("{addr}: {e}"));
+                continue;
+            }
+            Err(e) => return Err(chunk_status(e)),
         }
-        Err(Status::unavailable(format!("no source could supply the chunk: {}", errors.join("; "))))
+        Counters::add(&state.counters.repair_copied_chunks, 1);
+        Counters::add(&state.counters.repair_copied_bytes, size);
+        return Ok(Replicated::Copied { bytes: size });
+    }
+    Err(Status::unavailable(format!("no source could supply the chunk: {}", errors.join("; "))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GRACE: Duration = Duration::from_secs(60);
+
+    fn local_chunks(dir: &tempfile::TempDir) -> Arc<LocalChunks> {
+        let store = ChunkStore::open(dir.path(), 1 << 20).expect("open store");
+        Arc::new(LocalChunks::new(Arc::new(store), GRACE, None))
+    }
+
+    fn quarantined(dir: &tempfile::TempDir) -> Vec<Vec<u8>> {
+        let entries = std::fs::read_dir(dir.path().join("quarantine")).expect("quarantine dir");
+        entries.map(|entry| std::fs::read(entry.expect("entry").path()).expect("read")).collect()
+    }
+
+    /// A source that hands over `data` and counts how often it was asked.
+    fn source<'a>(
+        data: &'a [u8],
+        pulls: &'a std::cell::Cell<u32>,
+    ) -> impl FnMut(String) -> std::future::Ready<Result<Vec<u8>, String>> + 'a {
+        move |_addr| {
+            pulls.set(pulls.get() + 1);
+            std::future::ready(Ok(data.to_vec()))
+        }
+    }
+
+    #[tokio::test]
+    async fn replicate_onto_a_corrupt_copy_quarantines_it_and_copies_the_good_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let data = b"the chunk as its sources hold it".to_vec();
+        let hash = ChunkHash::of(&data);
+        // A stale orphan of the chunk that rotted since it was written.
+        local.store.put(&hash, &data).expect("put");
+        let rotted = b"the chunk as this node's disk holds it".to_vec();
+        std::fs::write(local.store.path_of(&hash), &rotted).expect("corrupt");
+
+        let pulls = std::cell::Cell::new(0);
+        let sources = ["source-a".to_string()];
+        let replicated = replicate(&local, hash, GRACE, &sources, source(&data, &pulls)).await.expect("replicate");
+
+        assert_eq!(replicated, Replicated::Copied { bytes: data.len() as u64 }, "not already present");
+        assert_eq!(pulls.get(), 1);
+        assert_eq!(local.store.get(&hash).expect("the good copy is here"), data);
+        assert_eq!(quarantined(&dir), vec![rotted], "the corrupt copy was moved aside, not served");
+        assert_eq!(Counters::get(&local.counters.checksum_errors), 1);
+        assert!(!local.is_collectable(&hash), "the copy is protected until its commit");
+    }
+
+    #[tokio::test]
+    async fn replicate_onto_a_good_copy_is_already_present_and_pulls_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let data = b"a chunk already here".to_vec();
+        let hash = ChunkHash::of(&data);
+        local.store.put(&hash, &data).expect("put");
+
+        let pulls = std::cell::Cell::new(0);
+        let sources = ["source-a".to_string()];
+        let replicated = replicate(&local, hash, GRACE, &sources, source(&data, &pulls)).await.expect("replicate");
+
+        assert_eq!(replicated, Replicated::AlreadyPresent);
+        assert_eq!(pulls.get(), 0);
+        assert!(quarantined(&dir).is_empty());
+    }
+
+    #[tokio::test]
+    async fn replicate_skips_a_source_with_wrong_bytes_and_takes_the_next() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let data = b"the right bytes".to_vec();
+        let hash = ChunkHash::of(&data);
+
+        let sources = ["bad".to_string(), "good".to_string()];
+        let pull =
+            |addr: String| std::future::ready(Ok(if addr == "bad" { b"wrong bytes".to_vec() } else { data.clone() }));
+        let replicated = replicate(&local, hash, GRACE, &sources, pull).await.expect("replicate");
+
+        assert_eq!(replicated, Replicated::Copied { bytes: data.len() as u64 });
+        assert_eq!(local.store.get(&hash).expect("get"), data);
+    }
+
+    #[test]
+    fn a_read_that_finds_a_copy_corrupt_quarantines_it_and_reports_no_good_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let data = b"rots on disk".to_vec();
+        let hash = ChunkHash::of(&data);
+        local.store.put(&hash, &data).expect("put");
+        std::fs::write(local.store.path_of(&hash), b"rots on dusk").expect("corrupt");
+
+        assert!(matches!(local.read(&hash), Err(ChunkError::Corrupt { .. })));
+        assert!(!local.store.contains(&hash));
+        assert_eq!(quarantined(&dir).len(), 1);
+    }
+
+    #[test]
+    fn quarantining_a_copy_a_put_has_since_replaced_keeps_it_as_a_good_copy() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let data = b"found rotted, then rewritten".to_vec();
+        let hash = ChunkHash::of(&data);
+        local.store.put(&hash, &data).expect("put");
+        std::fs::write(local.store.path_of(&hash), b"found rotted, then rewritteN").expect("corrupt");
+        assert!(matches!(local.store.get(&hash), Err(ChunkError::Corrupt { .. })));
+        local.prepare(&hash, &data, GRACE).expect("a prepare replaces the bad copy");
+
+        assert_eq!(local.quarantine_corrupt_copy(&hash), CopyAfterQuarantine::Good);
+        assert_eq!(local.read(&hash).expect("still served"), data);
+        assert!(quarantined(&dir).is_empty());
     }
 }

@@ -13,7 +13,7 @@ use mendfs_meta::MetaNode;
 use mendfs_types::ChunkHash;
 use mendfs_worker::{Step, Worker, WorkerError};
 
-use crate::chunk_service::{Counters, LocalChunks};
+use crate::chunk_service::{CopyAfterQuarantine, Counters, LocalChunks};
 
 #[derive(Debug, Clone)]
 pub struct ScrubConfig {
@@ -125,13 +125,17 @@ pub async fn scrub_pass(
             Err(ChunkError::NotFound(_)) => {}
             Err(e @ ChunkError::Corrupt { .. }) => {
                 counters.count_error(&e);
-                outcome.corrupt += 1;
-                tracing::warn!("scrub: {e}; quarantining the copy and reporting it");
-                let store = storage.store.clone();
-                if let Ok(Err(q)) = tokio::task::spawn_blocking(move || store.quarantine(&hash)).await {
-                    tracing::warn!("quarantine failed: {q}");
+                tracing::warn!("scrub: {e}; quarantining the copy");
+                let quarantining = storage.clone();
+                let after = tokio::task::spawn_blocking(move || quarantining.quarantine_corrupt_copy(&hash))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // A put that replaced the copy since it was read left a good one, which stays
+                // listed; only a copy that is really gone or bad is reported.
+                if after == CopyAfterQuarantine::NoGoodCopy {
+                    outcome.corrupt += 1;
+                    report(node, &hash).await;
                 }
-                report(node, &hash).await;
             }
             Err(e) => {
                 counters.count_error(&e);
@@ -165,7 +169,9 @@ pub async fn scrub_pass(
     .await
     .map_err(|e| e.to_string())??;
     for hash in &missing {
-        // Re-check: a repair copy may have landed since the listing.
+        // Re-check: a repair copy may have landed since the listing. Presence is enough here, as
+        // this looks only for missing copies: a file that was here at the listing was re-hashed
+        // above, and one that landed since was hashed by the put that stored it.
         if !storage.store.contains(hash) {
             tracing::warn!(chunk = %hash, "scrub: a listed copy is missing here; reporting it");
             outcome.missing += 1;

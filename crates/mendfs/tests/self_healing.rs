@@ -324,6 +324,57 @@ async fn the_scrubber_finds_corrupt_chunks_and_they_are_repaired() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repair_target_holding_a_rotted_copy_copies_the_chunk_afresh() {
+    // A long orphan grace, so GC leaves the planted stale copies alone until the repair comes.
+    let (mut cluster, client) = start_four(fast_args(&["--orphan-grace-ms", "120000"]), BTreeMap::new()).await;
+    let files = write_files(&client, "/stale", 0, 1, 8).await;
+    wait_status(&cluster, "8 chunks fully replicated", |s| {
+        u64_of(&s["chunks"]) == 8 && u64_of(&s["under_replicated_chunks"]) == 0
+    });
+    // Every chunk has three copies on four nodes. For each chunk node 4 holds, plant a rotted
+    // copy (a stale orphan whose bytes went bad) on the one node that lacks the chunk: once node
+    // 4 is gone, that node is the only place repair can copy it to.
+    let node_4_dir = cluster.nodes[&4].data_dir.clone();
+    let mut planted = Vec::new();
+    for path_on_4 in chunk_files(&node_4_dir) {
+        let relative = path_on_4.strip_prefix(&node_4_dir).unwrap().to_path_buf();
+        let target = (1..=3).find(|id| !cluster.nodes[id].data_dir.join(&relative).exists()).unwrap();
+        let path = cluster.nodes[&target].data_dir.join(&relative);
+        let mut bytes = std::fs::read(&path_on_4).unwrap();
+        bytes[0] ^= 0x5a;
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, bytes).unwrap();
+        planted.push((target, path));
+    }
+    assert!(!planted.is_empty(), "node 4 holds copies");
+
+    blocking(|| cluster.kill(4)).unwrap();
+    wait_status(&cluster, "repair restores three copies without node 4", |s| {
+        node(s, 4)["state"] == "down"
+            && u64_of(&s["chunks"]) == 8
+            && u64_of(&s["under_replicated_chunks"]) == 0
+            && u64_of(&node(s, 4)["chunks"]) == 0
+    });
+    // Each target answered with a fresh copy, not "already present" over its rotted one.
+    for (target, path) in &planted {
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(
+            blake3::hash(&bytes).to_hex().as_str(),
+            name,
+            "node {target} still holds a rotted copy of {name} after the repair"
+        );
+        let quarantine = cluster.nodes[target].data_dir.join("chunks").join("quarantine");
+        let kept = std::fs::read_dir(&quarantine)
+            .unwrap()
+            .flatten()
+            .any(|entry| entry.file_name().to_string_lossy().starts_with(&name));
+        assert!(kept, "node {target} quarantined its rotted copy of {name}");
+    }
+    assert_all_readable(&client, &files, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_briefly_paused_node_is_suspected_then_up_without_repair() {
     let (mut cluster, client) = start_four(fast_args(&[]), BTreeMap::new()).await;
     write_files(&client, "/pause", 0, 20, 1).await;
