@@ -59,8 +59,17 @@ fn store_err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
-fn open_database(path: &Path) -> Result<Database, StoreError> {
-    Database::create(path).map_err(|e| StoreError(format!("open {}: {e}", path.display())))
+/// redb's page cache per database: its default is 1 GiB each, which let a node's memory grow
+/// to twice that with a large state. The log is written and read near its end; the state
+/// machine gets more for reads.
+const LOG_CACHE_BYTES: usize = 64 << 20;
+const STATE_CACHE_BYTES: usize = 256 << 20;
+
+fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
+    redb::Builder::new()
+        .set_cache_size(cache_bytes)
+        .create(path)
+        .map_err(|e| StoreError(format!("open {}: {e}", path.display())))
 }
 
 /// Runs blocking redb work off the async executor.
@@ -83,7 +92,7 @@ pub struct RaftLogStore {
 
 impl RaftLogStore {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let db = open_database(&data_dir.join("raft-log.redb"))?;
+        let db = open_database(&data_dir.join("raft-log.redb"), LOG_CACHE_BYTES)?;
         let txn = db.begin_write().map_err(store_err)?;
         txn.open_table(LOG).map_err(store_err)?;
         txn.open_table(LOG_META).map_err(store_err)?;
@@ -453,7 +462,7 @@ pub struct StateMachineStore {
 
 impl StateMachineStore {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
-        let db = Arc::new(open_database(&data_dir.join("state.redb"))?);
+        let db = Arc::new(open_database(&data_dir.join("state.redb"), STATE_CACHE_BYTES)?);
         let txn = db.begin_write().map_err(store_err)?;
         WriteTables::open(&txn)?;
         txn.open_table(SM_META).map_err(store_err)?;
