@@ -1014,10 +1014,14 @@ impl MetaNode {
         }
         // Removing a node that still holds listed copies would make them unreadable at once;
         // drain it first (or let repair finish if it is down).
-        let listed = {
-            let view = self.state.view().map_err(ApiError::internal)?;
-            files::chunks_listed_on(&view, id).map_err(ApiError::internal)?
-        };
+        // A scan of the whole chunk map: off the async workers, which carry Raft's heartbeats.
+        let state = self.state.clone();
+        let listed = tokio::task::spawn_blocking(move || {
+            let view = state.view().map_err(ApiError::internal)?;
+            files::chunks_listed_on(&view, id).map_err(ApiError::internal)
+        })
+        .await
+        .map_err(ApiError::internal)??;
         if listed > 0 {
             return Err(ApiError::InvalidArgument(format!(
                 "node {id} still holds {listed} listed chunk copies; run `mendfs cluster drain {id}` and wait for \

@@ -540,7 +540,10 @@ async fn run_watch(
 ) {
     let mut applied = reader.subscribe();
     loop {
-        let batch = reader.view().map_err(|e| e.to_string()).and_then(|view| {
+        // Reading up to 4 MiB of history is disk work: off the async workers.
+        let (step_reader, step_key) = (reader.clone(), key.clone());
+        let batch = tokio::task::spawn_blocking(move || {
+            let view = step_reader.view().map_err(|e| e.to_string())?;
             let compacted = schema::compacted_revision(&view).map_err(|e| e.to_string())?;
             if next <= compacted {
                 return Err(format!(
@@ -548,8 +551,10 @@ async fn run_watch(
                     compacted + 1
                 ));
             }
-            kv::events_between(&view, next, WATCH_BATCH_REVISIONS, &key, is_prefix).map_err(|e| e.to_string())
-        });
+            kv::events_between(&view, next, WATCH_BATCH_REVISIONS, &step_key, is_prefix).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("reading the history failed: {e}")));
         let batch = match batch {
             Ok(batch) => batch,
             Err(message) => {
