@@ -161,6 +161,7 @@ async fn a_crash_right_after_a_snapshot_built_during_writes_loses_nothing() {
             acknowledged += 1;
         }
     }
+    let peaks_before = peaks(&cluster);
     let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
     for id in &ids {
         blocking(|| cluster.kill(*id)).expect("kill");
@@ -170,6 +171,10 @@ async fn a_crash_right_after_a_snapshot_built_during_writes_loses_nothing() {
     }
     blocking(|| cluster.wait_for_leader(DEADLINE)).expect("a leader after the restart");
     let client = self::client(&cluster);
+    println!(
+        "{acknowledged} writes; peak RSS per node (MiB): before the crash {peaks_before:?}, after the restart {:?}",
+        peaks(&cluster)
+    );
     let (kvs, truncated) = client.list(b"w/", 0).await.expect("list");
     assert!(!truncated);
     assert_eq!(kvs.len(), acknowledged, "acknowledged writes lost in the crash");
