@@ -501,9 +501,14 @@ impl Client {
     }
 
     /// Keys starting with `prefix`, in order, at most `limit` (0: the server's maximum); the
-    /// flag says whether more remain.
+    /// flag says whether more remain (see [`Client::list_pages`] for all of them).
     pub async fn list(&self, prefix: &[u8], limit: u32) -> Result<(Vec<KeyValue>, bool), Error> {
-        let request = pb::ListRequest { prefix: prefix.to_vec(), limit };
+        self.list_from(prefix, &[], limit).await
+    }
+
+    /// [`Client::list`] from `start_key` on (inclusive): one page of a longer listing.
+    pub async fn list_from(&self, prefix: &[u8], start_key: &[u8], limit: u32) -> Result<(Vec<KeyValue>, bool), Error> {
+        let request = pb::ListRequest { prefix: prefix.to_vec(), limit, start_key: start_key.to_vec() };
         let reply = self
             .call("list", |i| {
                 let request = request.clone();
@@ -512,6 +517,22 @@ impl Client {
             })
             .await?;
         Ok((reply.kvs, reply.truncated))
+    }
+
+    /// Every key under `prefix`, page by page (`page_limit` keys each, 0: the server's
+    /// maximum); see [`ListPages`] for what paging promises.
+    pub fn list_pages(&self, prefix: &[u8], page_limit: u32) -> ListPages {
+        ListPages { client: self.clone(), prefix: prefix.to_vec(), page_limit, start_key: Vec::new(), done: false }
+    }
+
+    /// Every key under `prefix`, however many, read page by page ([`ListPages`]).
+    pub async fn list_all(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, Error> {
+        let mut pages = self.list_pages(prefix, 0);
+        let mut all = Vec::new();
+        while let Some(page) = pages.next_page().await? {
+            all.extend(page);
+        }
+        Ok(all)
     }
 
     /// Opens a session with the given TTL; keep it alive with [`Session::keep_alive_in_background`].
@@ -589,6 +610,35 @@ impl Client {
     }
 }
 
+/// Every key under a prefix, one page (a linearizable read) at a time, each page starting just
+/// after the last key of the one before. Pages are read at different revisions: a key that
+/// exists throughout the listing is listed exactly once; one created or deleted meanwhile may
+/// or may not be.
+pub struct ListPages {
+    client: Client,
+    prefix: Vec<u8>,
+    page_limit: u32,
+    start_key: Vec<u8>,
+    done: bool,
+}
+
+impl ListPages {
+    /// The next page, in key order; None once the prefix is exhausted.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<KeyValue>>, Error> {
+        if self.done {
+            return Ok(None);
+        }
+        let (kvs, truncated) = self.client.list_from(&self.prefix, &self.start_key, self.page_limit).await?;
+        match kvs.last() {
+            // The smallest key after the last one listed.
+            Some(last) if truncated => self.start_key = [last.key.as_slice(), &[0]].concat(),
+            None if truncated => return Err(Error::Server("a list page was cut short before its first key".into())),
+            _ => self.done = true,
+        }
+        Ok(Some(kvs))
+    }
+}
+
 /// A session: keys created with its id are deleted when it is closed or expires.
 pub struct Session {
     client: Client,
@@ -652,7 +702,7 @@ impl Watch {
             let reply = client
                 .call("watch", |i| {
                     let mut kv = client.kv(i);
-                    let request = pb::ListRequest { prefix: self.key.clone(), limit: 1 };
+                    let request = pb::ListRequest { prefix: self.key.clone(), limit: 1, start_key: Vec::new() };
                     async move { kv.list(request).await }
                 })
                 .await?;

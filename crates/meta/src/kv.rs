@@ -33,10 +33,21 @@ pub fn list_sessions(store: &impl StateStore) -> Result<Vec<(u64, SessionRecord)
     Ok(sessions)
 }
 
-/// Keys starting with `prefix`, in order; the flag says whether `limit` cut the list short.
-pub fn list_keys(store: &impl StateStore, prefix: &[u8], limit: usize) -> Result<(Vec<KeyValue>, bool), StoreError> {
+/// Keys starting with `prefix`, in order, from `start_key` on (when it lies past the prefix's
+/// first key; a continuation); the flag says whether `limit` cut the list short.
+pub fn list_keys(
+    store: &impl StateStore,
+    prefix: &[u8],
+    start_key: &[u8],
+    limit: usize,
+) -> Result<(Vec<KeyValue>, bool), StoreError> {
     let end = prefix_end(prefix);
-    let rows = store.range(Table::Keys, prefix, end.as_deref(), limit.saturating_add(1))?;
+    let start = prefix.max(start_key);
+    if end.as_deref().is_some_and(|end| start >= end) {
+        // Past the prefix's keys (and a range whose start passes its end is not asked of the store).
+        return Ok((Vec::new(), false));
+    }
+    let rows = store.range(Table::Keys, start, end.as_deref(), limit.saturating_add(1))?;
     let truncated = rows.len() > limit;
     let kvs = rows
         .into_iter()

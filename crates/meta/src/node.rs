@@ -145,6 +145,13 @@ pub(crate) enum LeaderRequest {
         id: NodeId,
         draining: bool,
     },
+    /// `List` continued from `start_key` (a page after the first). Forwarded only when
+    /// `start_key` is not empty, so a first page still reaches a leader that predates it.
+    ListFrom {
+        prefix: Vec<u8>,
+        start_key: Vec<u8>,
+        limit: u32,
+    },
 }
 
 /// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
@@ -795,17 +802,8 @@ impl MetaNode {
                 let kv = kv::get_key(&view, &key).map_err(ApiError::internal)?.map(|record| KeyValue { key, record });
                 Ok(LeaderResponse::Get { revision: schema::current_revision(&view).map_err(ApiError::internal)?, kv })
             }
-            LeaderRequest::List { prefix, limit } => {
-                self.linearizable_barrier().await?;
-                let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
-                let view = self.state.view().map_err(ApiError::internal)?;
-                let (kvs, truncated) = kv::list_keys(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
-                Ok(LeaderResponse::List {
-                    revision: schema::current_revision(&view).map_err(ApiError::internal)?,
-                    kvs,
-                    truncated,
-                })
-            }
+            LeaderRequest::List { prefix, limit } => self.list_page(prefix, Vec::new(), limit).await,
+            LeaderRequest::ListFrom { prefix, start_key, limit } => self.list_page(prefix, start_key, limit).await,
             LeaderRequest::KeepAlive { session_id } => {
                 if !self.is_leader() {
                     return Err(ApiError::NotLeader { leader: self.leader_id() });
@@ -881,6 +879,19 @@ impl MetaNode {
             Ok(Err(RaftError::APIError(e))) => Err(ApiError::Unavailable(e.to_string())),
             Ok(Err(RaftError::Fatal(e))) => Err(ApiError::Unavailable(format!("raft stopped: {e}"))),
         }
+    }
+
+    /// One page of keys under `prefix` from `start_key` on, from a linearizable read.
+    async fn list_page(&self, prefix: Vec<u8>, start_key: Vec<u8>, limit: u32) -> Result<LeaderResponse, ApiError> {
+        self.linearizable_barrier().await?;
+        let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
+        let view = self.state.view().map_err(ApiError::internal)?;
+        let (kvs, truncated) = kv::list_keys(&view, &prefix, &start_key, limit as usize).map_err(ApiError::internal)?;
+        Ok(LeaderResponse::List {
+            revision: schema::current_revision(&view).map_err(ApiError::internal)?,
+            kvs,
+            truncated,
+        })
     }
 
     async fn propose(&self, proposal: Proposal) -> Result<CommandResult, ApiError> {
@@ -1284,9 +1295,15 @@ impl MetaNode {
         &self,
         origin: Origin,
         prefix: Vec<u8>,
+        start_key: Vec<u8>,
         limit: u32,
     ) -> Result<(u64, Vec<KeyValue>, bool), ApiError> {
-        match self.serve_on_leader(LeaderRequest::List { prefix, limit }, origin).await? {
+        let request = if start_key.is_empty() {
+            LeaderRequest::List { prefix, limit }
+        } else {
+            LeaderRequest::ListFrom { prefix, start_key, limit }
+        };
+        match self.serve_on_leader(request, origin).await? {
             LeaderResponse::List { revision, kvs, truncated } => Ok((revision, kvs, truncated)),
             other => Err(unexpected("a list", other)),
         }
@@ -1354,6 +1371,7 @@ mod tests {
             (LeaderRequest::UnreferencedChunks { node_id: 1, hashes: vec![] }, 8),
             (LeaderRequest::RetiredHealth, 9),
             (LeaderRequest::Drain { id: 1, draining: true }, 10),
+            (LeaderRequest::ListFrom { prefix: vec![], start_key: vec![], limit: 0 }, 11),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");
