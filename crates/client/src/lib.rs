@@ -41,6 +41,13 @@ pub enum Error {
     VersionMismatch { expected: u64, actual: u64 },
     #[error("session {0} not found (expired or closed)")]
     SessionNotFound(u64),
+    /// The client gave the session up: no keep-alive was acknowledged in time, so the cluster
+    /// may expire it soon (see [`Session::keep_alive_in_background`]).
+    #[error(
+        "session {session_id} given up: no keep-alive acknowledged for {silent_for:.1?} (the limit is 2/3 of its \
+         {ttl:?} TTL), so the cluster may expire it at any moment; last error: {last_error}"
+    )]
+    SessionLost { session_id: u64, ttl: Duration, silent_for: Duration, last_error: String },
     #[error("{0}")]
     NotFound(String),
     #[error("invalid argument: {0}")]
@@ -365,6 +372,16 @@ impl Client {
         self.call_with_failover(what, Reply::Stream, attempt).await
     }
 
+    /// `call`, but giving up at `deadline` rather than after the configured deadline.
+    async fn call_until<T, F, Fut>(&self, what: &str, deadline: Instant, attempt: F) -> Result<T, Error>
+    where
+        F: FnMut(usize) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let context = self.inner.config.trace.unwrap_or_else(mendfs_telemetry::grpc::outgoing_context);
+        CALL_TRACE.scope(context, self.attempts(what, Reply::Unary, deadline, attempt)).await
+    }
+
     /// Every attempt of one call runs in one trace: the configured one, or the caller's.
     async fn call_with_failover<T, F, Fut>(&self, what: &str, reply: Reply, attempt: F) -> Result<T, Error>
     where
@@ -372,23 +389,24 @@ impl Client {
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let context = self.inner.config.trace.unwrap_or_else(mendfs_telemetry::grpc::outgoing_context);
-        CALL_TRACE.scope(context, self.attempts(what, reply, attempt)).await
+        let deadline = Instant::now() + self.inner.config.deadline;
+        CALL_TRACE.scope(context, self.attempts(what, reply, deadline, attempt)).await
     }
 
-    async fn attempts<T, F, Fut>(&self, what: &str, reply: Reply, mut attempt: F) -> Result<T, Error>
+    async fn attempts<T, F, Fut>(&self, what: &str, reply: Reply, deadline: Instant, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut(usize) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let started = Instant::now();
-        let deadline = started + self.inner.config.deadline;
         let n_endpoints = self.inner.channels.len();
         let mut index = self.inner.preferred.load(Ordering::Relaxed) % n_endpoints;
         let mut backoff = Duration::from_millis(10);
-        let mut last_error = String::from("no attempt made");
+        let mut last_error: Option<String> = None;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
+                let last_error = last_error.unwrap_or_else(|| "no attempt made".into());
                 return Err(Error::Timeout { elapsed: started.elapsed(), last_error: format!("{what}: {last_error}") });
             }
             let budget = remaining.min(self.inner.config.attempt_timeout);
@@ -396,7 +414,11 @@ impl Client {
                 Reply::Unary => Either::Left(ATTEMPT_DEADLINE.scope(Instant::now() + budget, attempt(index))),
                 Reply::Stream => Either::Right(attempt(index)),
             };
-            match tokio::time::timeout(budget, answer).await {
+            let outcome = tokio::time::timeout(budget, answer).await;
+            // An attempt cut short by the call's own deadline says less than what a node
+            // answered before it: that answer is the one reported.
+            let keep_earlier = last_error.is_some() && Instant::now() >= deadline;
+            match outcome {
                 Ok(Ok(response)) => {
                     // A node that had to forward to the leader names it: go there directly
                     // next time, saving a hop, if it is one of our endpoints.
@@ -414,15 +436,17 @@ impl Client {
                         self.inner.preferred.store(index, Ordering::Relaxed);
                         return Err(error);
                     }
+                    Attempt::Retry(_) if keep_earlier => {}
                     Attempt::Retry(message) => {
-                        last_error = format!("{}: {message}", self.inner.config.endpoints[index]);
+                        last_error = Some(format!("{}: {message}", self.inner.config.endpoints[index]));
                     }
                 },
+                Err(_) if keep_earlier => {}
                 Err(_) => {
-                    last_error = format!("{}: no answer within {budget:?}", self.inner.config.endpoints[index]);
+                    last_error = Some(format!("{}: no answer within {budget:?}", self.inner.config.endpoints[index]));
                 }
             }
-            tracing::debug!(what, %last_error, "retrying on the next endpoint");
+            tracing::debug!(what, last_error = last_error.as_deref().unwrap_or(""), "retrying on the next endpoint");
             index = (index + 1) % n_endpoints;
             let pause = backoff.mul_f64(0.5 + rand::random::<f64>());
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(Instant::now()))).await;
@@ -514,9 +538,14 @@ impl Client {
     }
 
     /// Keys starting with `prefix`, in order, at most `limit` (0: the server's maximum); the
-    /// flag says whether more remain.
+    /// flag says whether more remain (see [`Client::list_pages`] for all of them).
     pub async fn list(&self, prefix: &[u8], limit: u32) -> Result<(Vec<KeyValue>, bool), Error> {
-        let request = pb::ListRequest { prefix: prefix.to_vec(), limit };
+        self.list_from(prefix, &[], limit).await
+    }
+
+    /// [`Client::list`] from `start_key` on (inclusive): one page of a longer listing.
+    pub async fn list_from(&self, prefix: &[u8], start_key: &[u8], limit: u32) -> Result<(Vec<KeyValue>, bool), Error> {
+        let request = pb::ListRequest { prefix: prefix.to_vec(), limit, start_key: start_key.to_vec() };
         let reply = self
             .call("list", |i| {
                 let request = request.clone();
@@ -527,8 +556,27 @@ impl Client {
         Ok((reply.kvs, reply.truncated))
     }
 
+    /// Every key under `prefix`, page by page (`page_limit` keys each, 0: the server's
+    /// maximum); see [`ListPages`] for what paging promises.
+    pub fn list_pages(&self, prefix: &[u8], page_limit: u32) -> ListPages {
+        ListPages { client: self.clone(), prefix: prefix.to_vec(), page_limit, start_key: Vec::new(), done: false }
+    }
+
+    /// Every key under `prefix`, however many, read page by page ([`ListPages`]).
+    pub async fn list_all(&self, prefix: &[u8]) -> Result<Vec<KeyValue>, Error> {
+        let mut pages = self.list_pages(prefix, 0);
+        let mut all = Vec::new();
+        while let Some(page) = pages.next_page().await? {
+            all.extend(page);
+        }
+        Ok(all)
+    }
+
     /// Opens a session with the given TTL; keep it alive with [`Session::keep_alive_in_background`].
     pub async fn open_session(&self, ttl: Duration) -> Result<Session, Error> {
+        let deadline = Instant::now() + self.inner.config.deadline;
+        // The cluster starts the session's clock when the open commits, after this.
+        let mut sent = Instant::now();
         let request = pb::SessionOpenRequest { ttl_ms: ttl.as_millis() as u64, request_id: self.next_request_id() };
         let reply = self
             .call("open session", |i| {
@@ -536,11 +584,20 @@ impl Client {
                 async move { kv.session_open(request).await }
             })
             .await?;
-        Ok(Session { client: self.clone(), id: reply.session_id, ttl: Duration::from_millis(reply.ttl_ms) })
+        let ttl = Duration::from_millis(reply.ttl_ms);
+        // The client counts the session's life from the call's start, the safe side of when
+        // its clock started. After a slow open (retried through an election, say) little of
+        // that is left, and the session would be given up at once: a keep-alive starts afresh.
+        while sent.elapsed() > ttl / 3 {
+            sent = Instant::now();
+            self.keep_alive(reply.session_id, deadline).await?;
+        }
+        Ok(Session { client: self.clone(), id: reply.session_id, ttl, renewed_sent_at: sent })
     }
 
-    async fn keep_alive(&self, session_id: u64) -> Result<(), Error> {
-        self.call("keep-alive", |i| {
+    /// One keep-alive, retried on other endpoints until `deadline`.
+    async fn keep_alive(&self, session_id: u64, deadline: Instant) -> Result<(), Error> {
+        self.call_until("keep-alive", deadline, |i| {
             let mut kv = self.kv(i);
             async move { kv.session_keep_alive(pb::SessionKeepAliveRequest { session_id }).await }
         })
@@ -602,11 +659,87 @@ impl Client {
     }
 }
 
+/// Every key under a prefix, one page (a linearizable read) at a time, each page starting just
+/// after the last key of the one before. Pages are read at different revisions: a key that
+/// exists throughout the listing is listed exactly once; one created or deleted meanwhile may
+/// or may not be.
+pub struct ListPages {
+    client: Client,
+    prefix: Vec<u8>,
+    page_limit: u32,
+    start_key: Vec<u8>,
+    done: bool,
+}
+
+impl ListPages {
+    /// The next page, in key order; None once the prefix is exhausted.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<KeyValue>>, Error> {
+        if self.done {
+            return Ok(None);
+        }
+        let (kvs, truncated) = self.client.list_from(&self.prefix, &self.start_key, self.page_limit).await?;
+        match kvs.last() {
+            // The smallest key after the last one listed.
+            Some(last) if truncated => self.start_key = [last.key.as_slice(), &[0]].concat(),
+            None if truncated => return Err(Error::Server("a list page was cut short before its first key".into())),
+            _ => self.done = true,
+        }
+        Ok(Some(kvs))
+    }
+}
+
 /// A session: keys created with its id are deleted when it is closed or expires.
 pub struct Session {
     client: Client,
     id: u64,
     ttl: Duration,
+    /// When the last call that restarted the session's TTL (its open, or a keep-alive) was
+    /// sent: where the client starts counting toward giving the session up.
+    renewed_sent_at: Instant,
+}
+
+/// Pause before another keep-alive after one failed without the cluster's retry hint (a
+/// refused token, say), so a hopeless session is not a busy loop until it is given up.
+const KEEP_ALIVE_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// When a session's keep-alives go out, and when the client gives the session up. Pure: the
+/// caller reads the clock.
+///
+/// The client gives a session up once no keep-alive has been acknowledged for 2/3 of the TTL,
+/// counted from when the last acknowledged one was *sent*. Why that is safe: a leader
+/// acknowledges a keep-alive only after a quorum confirmed its leadership in a round that
+/// started after the keep-alive arrived, and then counts the TTL from that moment; a leader
+/// elected later gives every session a full TTL from its election, which came after that
+/// confirmation. Either way the cluster cannot expire the session before TTL after the send.
+/// Giving up at 2/3 leaves a third of the TTL for the holder to stop what the session
+/// protects (`kv lock` stops its command), for a busy client's scheduling delays, and for the
+/// two machines' monotonic clocks to run at slightly different rates. Keep-alives go out every
+/// TTL/3, so a session survives one whole interval of failed attempts, retried all the while.
+#[derive(Debug, Clone, Copy)]
+struct KeepAlivePlan {
+    ttl: Duration,
+    acknowledged_sent_at: Instant,
+}
+
+impl KeepAlivePlan {
+    fn new(ttl: Duration, renewed_sent_at: Instant) -> Self {
+        Self { ttl, acknowledged_sent_at: renewed_sent_at }
+    }
+
+    /// When the next keep-alive is due (in the past after a failed one: at once).
+    fn next_send_at(&self) -> Instant {
+        self.acknowledged_sent_at + self.ttl / 3
+    }
+
+    /// When the client gives the session up, unless another keep-alive is acknowledged first.
+    fn give_up_at(&self) -> Instant {
+        self.acknowledged_sent_at + self.ttl * 2 / 3
+    }
+
+    /// A keep-alive sent at `sent_at` was acknowledged.
+    fn acknowledged(&mut self, sent_at: Instant) {
+        self.acknowledged_sent_at = self.acknowledged_sent_at.max(sent_at);
+    }
 }
 
 impl Session {
@@ -618,20 +751,46 @@ impl Session {
         self.ttl
     }
 
+    /// One keep-alive now, retried within the client's deadline: Ok once a leader that has
+    /// just confirmed it still leads has restarted the session's TTL. It does not move the
+    /// give-up time of a [`Session::keep_alive_in_background`] task, which counts its own.
+    pub async fn keep_alive(&self) -> Result<(), Error> {
+        self.client.keep_alive(self.id, Instant::now() + self.client.inner.config.deadline).await
+    }
+
     /// Sends keep-alives every third of the TTL until the returned handle is dropped or
-    /// aborted. The handle resolves with the error that ended the session, if one did.
+    /// aborted. The handle resolves with the error that ended the session: the cluster said
+    /// it is gone ([`Error::SessionNotFound`]), or the client gave it up
+    /// ([`Error::SessionLost`]) because no keep-alive was acknowledged for 2/3 of the TTL
+    /// since the last acknowledged one was sent (the reasoning is at `KeepAlivePlan`). From
+    /// then on the session must be treated as over, whatever the cluster still thinks.
     pub fn keep_alive_in_background(&self) -> tokio::task::JoinHandle<Error> {
         let client = self.client.clone();
         let id = self.id;
-        let interval = self.ttl / 3;
+        let mut plan = KeepAlivePlan::new(self.ttl, self.renewed_sent_at);
         tokio::spawn(async move {
+            let mut last_error = String::from("none");
             loop {
-                tokio::time::sleep(interval).await;
-                if let Err(error) = client.keep_alive(id).await {
-                    if matches!(error, Error::SessionNotFound(_)) {
-                        return error;
+                tokio::time::sleep_until(plan.next_send_at().into()).await;
+                let sent_at = Instant::now();
+                let give_up_at = plan.give_up_at();
+                if sent_at >= give_up_at {
+                    let silent_for = sent_at.saturating_duration_since(plan.acknowledged_sent_at);
+                    tracing::warn!(session = id, ?silent_for, "session given up: {last_error}");
+                    return Error::SessionLost { session_id: id, ttl: plan.ttl, silent_for, last_error };
+                }
+                match client.keep_alive(id, give_up_at).await {
+                    Ok(()) => plan.acknowledged(sent_at),
+                    Err(error @ Error::SessionNotFound(_)) => return error,
+                    Err(error) => {
+                        tracing::warn!(session = id, "keep-alive failed: {error}");
+                        last_error = match error {
+                            Error::Timeout { last_error, .. } => last_error,
+                            other => other.to_string(),
+                        };
+                        let pause = KEEP_ALIVE_RETRY_PAUSE.min(give_up_at.saturating_duration_since(Instant::now()));
+                        tokio::time::sleep(pause).await;
                     }
-                    tracing::warn!(session = id, "keep-alive failed: {error}");
                 }
             }
         })
@@ -665,7 +824,7 @@ impl Watch {
             let reply = client
                 .call("watch", |i| {
                     let mut kv = client.kv(i);
-                    let request = pb::ListRequest { prefix: self.key.clone(), limit: 1 };
+                    let request = pb::ListRequest { prefix: self.key.clone(), limit: 1, start_key: Vec::new() };
                     async move { kv.list(request).await }
                 })
                 .await?;
@@ -949,4 +1108,28 @@ fn parse_records<R: serde::de::DeserializeOwned>(addr: &str, lines: &[String]) -
         .iter()
         .map(|line| serde_json::from_str(line).map_err(|e| Error::Server(format!("{addr}: malformed record: {e}"))))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_is_given_up_two_thirds_of_its_ttl_after_the_last_acknowledged_send() {
+        let opened = Instant::now();
+        let ttl = Duration::from_secs(3);
+        let mut plan = KeepAlivePlan::new(ttl, opened);
+        assert_eq!(plan.next_send_at(), opened + Duration::from_secs(1));
+        assert_eq!(plan.give_up_at(), opened + Duration::from_secs(2));
+        // Acknowledged: both move on from the send, not from the answer.
+        plan.acknowledged(opened + Duration::from_millis(1_100));
+        assert_eq!(plan.next_send_at(), opened + Duration::from_millis(2_100));
+        assert_eq!(plan.give_up_at(), opened + Duration::from_millis(3_100));
+        // A late answer to an earlier send never moves them back.
+        plan.acknowledged(opened + Duration::from_millis(500));
+        assert_eq!(plan.give_up_at(), opened + Duration::from_millis(3_100));
+        // The client gives up strictly before the cluster may expire the session (TTL after
+        // the send), with a third of the TTL to spare.
+        assert!(plan.give_up_at() + ttl / 3 <= plan.acknowledged_sent_at + ttl);
+    }
 }

@@ -52,7 +52,11 @@ pub fn list_keys(
 ) -> Result<(Vec<KeyValue>, bool), StoreError> {
     const ROWS_PER_READ: usize = 256;
     let end = prefix_end(prefix);
-    let mut from = if start > prefix { start.to_vec() } else { prefix.to_vec() };
+    let mut from = prefix.max(start).to_vec();
+    if end.as_deref().is_some_and(|end| from.as_slice() >= end) {
+        // Past the prefix's keys (and a range whose start passes its end is not asked of the store).
+        return Ok((Vec::new(), false));
+    }
     let mut kvs = Vec::new();
     let mut bytes = 0usize;
     loop {

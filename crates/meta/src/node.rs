@@ -148,6 +148,13 @@ pub(crate) enum LeaderRequest {
         id: NodeId,
         draining: bool,
     },
+    /// `List` continued from `start_key` (a page after the first). Forwarded only when
+    /// `start_key` is not empty, so a first page still reaches a leader that predates it.
+    ListFrom {
+        prefix: Vec<u8>,
+        start_key: Vec<u8>,
+        limit: u32,
+    },
 }
 
 /// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
@@ -446,6 +453,59 @@ impl Proposer {
     }
 }
 
+/// Keep-alives waiting for their leadership confirmation. Bounded: when confirmations cannot
+/// keep up, callers wait here (and time out) instead of growing memory.
+const CONFIRMATION_QUEUE_LEN_MAX: usize = 4_096;
+
+/// Read-index on `raft`: confirms with a quorum that this node still leads, then waits until its
+/// state machine has applied everything committed before, within `timeout`.
+async fn read_index(raft: &Raft, timeout: Duration) -> Result<(), ApiError> {
+    match tokio::time::timeout(timeout, raft.ensure_linearizable()).await {
+        Err(_) => Err(ApiError::Timeout(format!(
+            "could not confirm leadership with a quorum within {timeout:?} (is a majority of nodes reachable?)"
+        ))),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward)))) => {
+            Err(ApiError::NotLeader { leader: forward.leader_id })
+        }
+        Ok(Err(RaftError::APIError(e))) => Err(ApiError::Unavailable(e.to_string())),
+        Ok(Err(RaftError::Fatal(e))) => Err(ApiError::Unavailable(format!("raft stopped: {e}"))),
+    }
+}
+
+/// Confirms leadership for keep-alives, many at once, as group commit does for writes: every
+/// keep-alive waiting when a round starts shares one read-index (one heartbeat to each voter,
+/// where openraft sends one per call), and a keep-alive that arrives during a round waits for
+/// the next. Either way the round that answers it started after it arrived, which is what
+/// makes its acknowledgement safe (see the keep-alive in `serve_locally`).
+struct LeadershipConfirmer {
+    raft: Raft,
+    timeout: Duration,
+    queue: mpsc::Receiver<oneshot::Sender<Result<(), ApiError>>>,
+}
+
+impl Worker for LeadershipConfirmer {
+    fn name(&self) -> String {
+        "meta.leadership_confirmer".into()
+    }
+
+    async fn work(&mut self) -> Result<Step, WorkerError> {
+        let Some(first) = self.queue.recv().await else { return Ok(Step::Done) };
+        let mut waiting = vec![first];
+        while waiting.len() < CONFIRMATION_QUEUE_LEN_MAX {
+            match self.queue.try_recv() {
+                Ok(next) => waiting.push(next),
+                Err(_) => break,
+            }
+        }
+        let outcome = read_index(&self.raft, self.timeout).await;
+        for reply in waiting {
+            let _ = reply.send(outcome.clone());
+        }
+        Ok(Step::Busy)
+    }
+}
+
 /// What the leader does on its own: record the cluster id once, and expire sessions whose
 /// keep-alives stopped.
 struct LeaderDuties {
@@ -508,6 +568,8 @@ pub struct MetaNode {
     pub(crate) peers: Peers,
     sessions: Arc<Mutex<SessionClocks>>,
     proposer: mpsc::Sender<PendingProposal>,
+    /// Keep-alives on their way to a leadership confirmation ([`LeadershipConfirmer`]).
+    confirmations: mpsc::Sender<oneshot::Sender<Result<(), ApiError>>>,
     /// Raft's committed index on this node (for metrics).
     committed_index: Arc<AtomicU64>,
     leader_changes: Arc<AtomicU64>,
@@ -570,6 +632,15 @@ impl MetaNode {
             },
             OnFailure::StopNode,
         );
+        let (confirmations, confirmation_queue) = mpsc::channel(CONFIRMATION_QUEUE_LEN_MAX);
+        background.spawn_worker(
+            LeadershipConfirmer {
+                raft: raft.clone(),
+                timeout: Duration::from_millis(config.write_timeout_ms),
+                queue: confirmation_queue,
+            },
+            OnFailure::StopNode,
+        );
         let node = MetaNode {
             config: Arc::new(config),
             raft,
@@ -577,6 +648,7 @@ impl MetaNode {
             peers,
             sessions: Arc::default(),
             proposer,
+            confirmations,
             committed_index,
             leader_changes: Arc::default(),
             files,
@@ -824,22 +896,20 @@ impl MetaNode {
                 let kv = kv::get_key(&view, &key).map_err(ApiError::internal)?.map(|record| KeyValue { key, record });
                 Ok(LeaderResponse::Get { revision: schema::current_revision(&view).map_err(ApiError::internal)?, kv })
             }
-            LeaderRequest::List { prefix, limit } => {
-                self.linearizable_barrier().await?;
-                let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
-                let view = self.state.view().map_err(ApiError::internal)?;
-                let (kvs, truncated) =
-                    kv::list_keys(&view, &prefix, &[], limit as usize).map_err(ApiError::internal)?;
-                Ok(LeaderResponse::List {
-                    revision: schema::current_revision(&view).map_err(ApiError::internal)?,
-                    kvs,
-                    truncated,
-                })
-            }
+            LeaderRequest::List { prefix, limit } => self.list_page(prefix, Vec::new(), limit).await,
+            LeaderRequest::ListFrom { prefix, start_key, limit } => self.list_page(prefix, start_key, limit).await,
             LeaderRequest::KeepAlive { session_id } => {
                 if !self.is_leader() {
                     return Err(ApiError::NotLeader { leader: self.leader_id() });
                 }
+                // A leader cut off from the majority still believes it leads (openraft 0.9 has
+                // no check-quorum), while the majority elects another and expires the session
+                // on its own clock. An acknowledgement from such a leader would tell the client
+                // its session lives when it may not, so a keep-alive is acknowledged only after
+                // a quorum confirmed this node's leadership, in a round that started after the
+                // keep-alive arrived: any later leader was elected after that, and gives the
+                // session a full TTL from its election (see `SessionClocks`).
+                self.confirm_leadership().await?;
                 let view = self.state.view().map_err(ApiError::internal)?;
                 let Some(session) = kv::get_session(&view, session_id).map_err(ApiError::internal)? else {
                     return Err(ApiError::Command(CommandError::SessionNotFound { session_id }));
@@ -899,18 +969,33 @@ impl MetaNode {
     /// applied everything committed before the read arrived, so the read sees every write that
     /// completed before it (no clock assumption, unlike a leader lease).
     async fn linearizable_barrier(&self) -> Result<(), ApiError> {
+        read_index(&self.raft, Duration::from_millis(self.config.write_timeout_ms)).await
+    }
+
+    /// The read-index of [`MetaNode::linearizable_barrier`], shared by every keep-alive waiting
+    /// when a round starts (see [`LeadershipConfirmer`]).
+    async fn confirm_leadership(&self) -> Result<(), ApiError> {
         let timeout = Duration::from_millis(self.config.write_timeout_ms);
-        match tokio::time::timeout(timeout, self.raft.ensure_linearizable()).await {
-            Err(_) => Err(ApiError::Timeout(format!(
-                "could not confirm leadership with a quorum within {timeout:?} (is a majority of nodes reachable?)"
-            ))),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward)))) => {
-                Err(ApiError::NotLeader { leader: forward.leader_id })
-            }
-            Ok(Err(RaftError::APIError(e))) => Err(ApiError::Unavailable(e.to_string())),
-            Ok(Err(RaftError::Fatal(e))) => Err(ApiError::Unavailable(format!("raft stopped: {e}"))),
+        let (reply, answer) = oneshot::channel();
+        match tokio::time::timeout(timeout, self.confirmations.send(reply)).await {
+            Err(_) => return Err(ApiError::Unavailable(format!("the keep-alive queue stayed full for {timeout:?}"))),
+            Ok(Err(_)) => return Err(ApiError::Unavailable("the node is shutting down".into())),
+            Ok(Ok(())) => {}
         }
+        answer.await.map_err(|_| ApiError::Unavailable("the node is shutting down".into()))?
+    }
+
+    /// One page of keys under `prefix` from `start_key` on, from a linearizable read.
+    async fn list_page(&self, prefix: Vec<u8>, start_key: Vec<u8>, limit: u32) -> Result<LeaderResponse, ApiError> {
+        self.linearizable_barrier().await?;
+        let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
+        let view = self.state.view().map_err(ApiError::internal)?;
+        let (kvs, truncated) = kv::list_keys(&view, &prefix, &start_key, limit as usize).map_err(ApiError::internal)?;
+        Ok(LeaderResponse::List {
+            revision: schema::current_revision(&view).map_err(ApiError::internal)?,
+            kvs,
+            truncated,
+        })
     }
 
     async fn propose(&self, proposal: Proposal) -> Result<CommandResult, ApiError> {
@@ -1330,9 +1415,15 @@ impl MetaNode {
         &self,
         origin: Origin,
         prefix: Vec<u8>,
+        start_key: Vec<u8>,
         limit: u32,
     ) -> Result<(u64, Vec<KeyValue>, bool), ApiError> {
-        match self.serve_on_leader(LeaderRequest::List { prefix, limit }, origin).await? {
+        let request = if start_key.is_empty() {
+            LeaderRequest::List { prefix, limit }
+        } else {
+            LeaderRequest::ListFrom { prefix, start_key, limit }
+        };
+        match self.serve_on_leader(request, origin).await? {
             LeaderResponse::List { revision, kvs, truncated } => Ok((revision, kvs, truncated)),
             other => Err(unexpected("a list", other)),
         }
@@ -1400,6 +1491,7 @@ mod tests {
             (LeaderRequest::UnreferencedChunks { node_id: 1, hashes: vec![] }, 8),
             (LeaderRequest::RetiredHealth, 9),
             (LeaderRequest::Drain { id: 1, draining: true }, 10),
+            (LeaderRequest::ListFrom { prefix: vec![], start_key: vec![], limit: 0 }, 11),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");

@@ -409,7 +409,15 @@ impl Kv for KvApi {
         if !list.prefix.is_empty() {
             self.check_key(&list.prefix)?;
         }
-        let (revision, kvs, truncated) = self.node.list_keys(origin, list.prefix, list.limit).await?;
+        // A continuation is the last key listed plus a zero byte: one byte over the key limit.
+        if list.start_key.len() > self.node.config.max_key_bytes + 1 {
+            return Err(Status::invalid_argument(format!(
+                "the start key is {} bytes; the limit is max_key_bytes + 1 ({} bytes)",
+                list.start_key.len(),
+                self.node.config.max_key_bytes + 1
+            )));
+        }
+        let (revision, kvs, truncated) = self.node.list_keys(origin, list.prefix, list.start_key, list.limit).await?;
         self.hint(Ok(Response::new(pb::ListReply {
             revision,
             kvs: kvs.into_iter().map(to_pb_kv).collect(),

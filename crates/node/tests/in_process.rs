@@ -368,3 +368,53 @@ async fn listeners_bound_connections_per_address_and_close_silent_ones() {
     assert!(closed_within(&mut again, Duration::from_millis(500)).await.is_none(), "a freed place is taken again");
     node.stop().await.expect("a clean stop");
 }
+
+/// openraft 0.9 lets a leader that lost its quorum go on believing it leads, while the
+/// majority could elect another and expire sessions. Such a leader must not acknowledge a
+/// keep-alive; and a client that hears no acknowledgement gives its session up 2/3 of the TTL
+/// after sending the last acknowledged one, before the cluster could expire it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_without_a_quorum_refuses_keep_alives_and_the_client_gives_the_session_up() {
+    const TTL: Duration = Duration::from_secs(3);
+    let root = tempfile::tempdir().expect("tempdir");
+    let (_configs, mut handles) = start_cluster(&root, 3).await;
+    let leader = wait_for("a leader", async || {
+        handles.iter().flatten().find(|h| h.is_leader()).map(|h| h.id()).ok_or_else(|| "no leader yet".to_string())
+    })
+    .await;
+    let leader_idx = leader as usize - 1;
+    let mut config = ClientConfig::new(vec![handles[leader_idx].as_ref().expect("running").addr().to_string()]);
+    config.deadline = Duration::from_secs(2);
+    config.attempt_timeout = Duration::from_secs(1);
+    let client = Client::new(config).expect("client");
+    let session = wait_for("a session", async || client.open_session(TTL).await.map_err(|e| e.to_string())).await;
+    session.keep_alive().await.expect("a keep-alive is acknowledged while the leader has its quorum");
+    let in_background = session.keep_alive_in_background();
+
+    for idx in (0..3).filter(|idx| *idx != leader_idx) {
+        handles[idx].take().expect("running").stop().await.expect("a clean stop");
+    }
+    let alone_since = Instant::now();
+    let leader_handle = handles[leader_idx].as_ref().expect("running");
+    assert!(leader_handle.is_leader(), "the premise: alone, the leader still believes it leads");
+    let refused = session.keep_alive().await;
+    assert!(
+        matches!(refused, Err(mendfs_client::Error::Timeout { .. })),
+        "a leader without a quorum acknowledged a keep-alive: {refused:?}"
+    );
+    assert!(leader_handle.is_leader(), "refused by a node that still believes it leads");
+
+    let ended = tokio::time::timeout(TTL, in_background).await.expect("given up within the TTL").expect("task");
+    let given_up_after = alone_since.elapsed();
+    let mendfs_client::Error::SessionLost { silent_for, .. } = ended else {
+        panic!("the session ended otherwise: {ended}");
+    };
+    assert!(
+        silent_for >= TTL * 2 / 3 && silent_for < TTL,
+        "given up {silent_for:?} after the last acknowledged send, not at 2/3 of the {TTL:?} TTL"
+    );
+    eprintln!("alone, the leader refused keep-alives; the client gave the session up {given_up_after:?} later");
+    for handle in handles.into_iter().flatten() {
+        handle.stop().await.expect("a clean stop");
+    }
+}

@@ -4,6 +4,11 @@
 //! deadline (never sleep-and-hope).
 //!
 //! Every child is killed when the [`Cluster`] is dropped, including on a test's panic.
+//!
+//! For partition tests, [`netns::Lab`] puts each node (and the CLI) in a network namespace of
+//! its own, and [`ClusterOptions::placement`] starts them there.
+
+pub mod netns;
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -51,6 +56,18 @@ pub struct ClusterOptions {
     /// Environment variables for every `mendfs server` (test hooks such as
     /// `MENDFS_TEST_SNAPSHOT_BUILD_PAUSE_MS`); no other `MENDFS_*` variable reaches a node.
     pub server_env: Vec<(String, String)>,
+    /// Where the nodes and the CLI run (by default: 127.0.0.1, in this process's network).
+    pub placement: Placement,
+}
+
+/// Where nodes and the CLI run, for partition tests ([`netns::Lab::placement`]).
+#[derive(Debug, Clone, Default)]
+pub struct Placement {
+    /// Per node: the network namespace it runs in (`ip netns exec`) and its IP address there.
+    /// Other nodes run on 127.0.0.1 here.
+    pub nodes: BTreeMap<u64, (String, String)>,
+    /// The network namespace the CLI runs in ([`Cluster::cli`], [`Cluster::status`], ...).
+    pub cli_netns: Option<String>,
 }
 
 /// Node certificates a TLS cluster's CA issues up front (nodes added later use them too).
@@ -70,6 +87,7 @@ impl Default for ClusterOptions {
             detached: false,
             tls: false,
             server_env: Vec::new(),
+            placement: Placement::default(),
         }
     }
 }
@@ -267,7 +285,9 @@ impl Cluster {
 
     /// Reserves an id, a port and directories for a node, without starting it.
     pub fn add_node_entry(&mut self, id: u64) -> Result<&Node> {
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let host = self.options.placement.nodes.get(&id).map_or("127.0.0.1", |(_, ip)| ip.as_str());
+        // In a namespace of its own every port is free; one free here is as good as any.
+        let addr = format!("{host}:{}", free_port()?);
         let data_dir = self.root.join(format!("node-{id}"));
         let log_path = self.root.join(format!("node-{id}.log"));
         self.nodes.insert(id, Node { id, addr, data_dir, log_path, child: None, stopped: false, extra_args: None });
@@ -284,7 +304,8 @@ impl Cluster {
     /// The command line that starts node `id`.
     pub fn server_command(&self, id: u64, with_peers: bool) -> Result<Command> {
         let node = self.nodes.get(&id).with_context(|| format!("no node {id}"))?;
-        let mut command = Command::new(&self.binary);
+        let netns = self.options.placement.nodes.get(&id).map(|(netns, _)| netns.as_str());
+        let mut command = self.binary_in(netns);
         command
             .arg("server")
             .args(["--node-id", &id.to_string()])
@@ -465,7 +486,13 @@ impl Cluster {
 
     /// A `mendfs` CLI command aimed at the given endpoints.
     pub fn cli_at(&self, endpoints: &str) -> Command {
-        let mut command = Command::new(&self.binary);
+        self.cli_in(self.options.placement.cli_netns.as_deref(), endpoints)
+    }
+
+    /// A `mendfs` CLI command run in network namespace `netns` (None: this process's own),
+    /// aimed at the given endpoints.
+    pub fn cli_in(&self, netns: Option<&str>, endpoints: &str) -> Command {
+        let mut command = self.binary_in(netns);
         command.env("MENDFS_ENDPOINTS", endpoints);
         for name in ["MENDFS_SECRET", "MENDFS_TOKEN", "MENDFS_CA", "MENDFS_CLIENT_CERT", "MENDFS_CLIENT_KEY"] {
             command.env_remove(name);
@@ -478,6 +505,19 @@ impl Cluster {
         }
         command.stdin(Stdio::null());
         command
+    }
+
+    /// The binary, to be run in network namespace `netns` when one is given. `ip netns exec`
+    /// execs it in place, so the child's pid is the binary's own (signals reach it).
+    fn binary_in(&self, netns: Option<&str>) -> Command {
+        match netns {
+            Some(netns) => {
+                let mut command = Command::new("ip");
+                command.args(["netns", "exec", netns]).arg(&self.binary);
+                command
+            }
+            None => Command::new(&self.binary),
+        }
     }
 
     /// Runs the CLI with `args`; Ok(stdout) on success, Err with stderr otherwise.

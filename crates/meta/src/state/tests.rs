@@ -925,7 +925,11 @@ fn list_fixture() -> MemoryStore {
 }
 
 fn listed(store: &MemoryStore, prefix: &[u8], limit: usize) -> (Vec<Vec<u8>>, bool) {
-    let (kvs, truncated) = list_keys(store, prefix, &[], limit).expect("list");
+    listed_from(store, prefix, b"", limit)
+}
+
+fn listed_from(store: &MemoryStore, prefix: &[u8], start_key: &[u8], limit: usize) -> (Vec<Vec<u8>>, bool) {
+    let (kvs, truncated) = list_keys(store, prefix, start_key, limit).expect("list");
     for kv in &kvs {
         assert_eq!(kv.record, record(store, &kv.key).expect("listed key exists"));
     }
@@ -967,6 +971,54 @@ fn list_keys_by_prefix_with_limit_and_truncation() {
     assert_eq!(listed(&store, b"c", 5), (vec![], false));
     assert_eq!(listed(&store, b"c", 0), (vec![], false));
     assert_eq!(listed(&MemoryStore::default(), b"", 0), (vec![], false));
+}
+
+#[test]
+fn list_keys_continues_from_a_start_key_within_the_prefix() {
+    let store = list_fixture();
+    let a = |keys: &[&[u8]]| keys.iter().map(|key| key.to_vec()).collect::<Vec<_>>();
+    // The start key is inclusive; a page's last key followed by a zero byte starts the next.
+    assert_eq!(listed_from(&store, b"a/", b"a/2", 10), (a(&[b"a/2", b"a/3"]), false));
+    assert_eq!(listed_from(&store, b"a/", b"a/1\0", 1), (a(&[b"a/2"]), true));
+    assert_eq!(listed_from(&store, b"a/", b"a/2\0", 1), (a(&[b"a/3"]), false));
+    assert_eq!(listed_from(&store, b"a/", b"a/3\0", 1), (vec![], false), "past the last key");
+    // A start key before the prefix's keys lists from the prefix; one after them lists nothing.
+    assert_eq!(listed_from(&store, b"a/", b"", 10), listed(&store, b"a/", 10));
+    assert_eq!(listed_from(&store, b"a/", b"a", 10), listed(&store, b"a/", 10));
+    assert_eq!(listed_from(&store, b"a/", b"b", 10), (vec![], false));
+    assert_eq!(listed_from(&store, b"a/", &[0xff, 0xff, 0xff], 10), (vec![], false));
+    // Without an end bound (all-0xff prefix) the start key still counts.
+    assert_eq!(listed_from(&store, &[0xff], &[0xff, 0x01], 10), (vec![vec![0xff, 0xff]], false));
+    assert_eq!(listed_from(&store, b"", b"b", 10), (a(&[b"b", &[0xff], &[0xff, 0x00], &[0xff, 0xff]]), false));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// Paging through a prefix (each page from the last key plus a zero byte) lists exactly
+    /// what one unlimited list does, each key once, whatever the page size.
+    #[test]
+    fn paging_with_start_keys_lists_each_key_once(
+        prefix in prop::collection::vec(prop::sample::select(vec![b'a', b'/', 0xff]), 0..3),
+        page in 1usize..4,
+    ) {
+        let store = list_fixture();
+        let (whole, _) = listed(&store, &prefix, usize::MAX);
+        let mut paged = Vec::new();
+        let mut start = Vec::new();
+        loop {
+            let (keys, truncated) = listed_from(&store, &prefix, &start, page);
+            prop_assert!(keys.len() <= page);
+            if let Some(last) = keys.last() {
+                start = [last.as_slice(), &[0]].concat();
+            }
+            paged.extend(keys);
+            if !truncated {
+                break;
+            }
+        }
+        prop_assert_eq!(paged, whole);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
