@@ -598,6 +598,7 @@ impl MetaNode {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("create data dir {}: {e}", config.data_dir.display()))?;
         let log_store = RaftLogStore::open(&config.data_dir).map_err(|e| e.to_string())?;
+        log_store.give_up_own_leadership(config.node_id).map_err(|e| e.to_string())?;
         let committed_index = log_store.committed_index();
         let state_machine = StateMachineStore::open(&config.data_dir).map_err(|e| e.to_string())?;
         let state = state_machine.reader();

@@ -100,6 +100,28 @@ impl RaftLogStore {
         Ok(Self { db: Arc::new(db), committed_index: Arc::default() })
     }
 
+    /// Turns a stored vote that says this node won its term into a plain vote for itself in
+    /// that term, before openraft starts.
+    ///
+    /// openraft 0.9 resumes leadership at start-up when the stored vote is committed and its
+    /// own, without a new term and so without a new first entry. Its read index is then the
+    /// larger of that first entry (long committed) and the committed index it restored, which is
+    /// saved lazily (`save_committed`): an entry committed and acknowledged just before a crash
+    /// was missing from linearizable reads after the restart (`limits.rs` lost the last write
+    /// of 100 that way). As a candidate instead, the node wins a new term or follows whoever
+    /// does, and that leader's first entry, which commits everything before it, bounds reads.
+    /// Safe: an uncommitted vote is less than what the node knew, never more.
+    pub fn give_up_own_leadership(&self, node_id: NodeId) -> Result<(), StoreError> {
+        let vote: Option<Vote<NodeId>> = self.read_meta(KEY_VOTE).map_err(|e| StoreError(e.to_string()))?;
+        match vote {
+            Some(vote) if vote.is_committed() && vote.leader_id().voted_for() == Some(node_id) => {
+                let candidate = Vote::new(vote.leader_id().get_term(), node_id);
+                self.write_meta(KEY_VOTE, &candidate, Durability::Immediate).map_err(|e| StoreError(e.to_string()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// A handle that tells when the log's database file is closed (see `FilesInUse`).
     pub fn database_weak(&self) -> std::sync::Weak<Database> {
         Arc::downgrade(&self.db)
