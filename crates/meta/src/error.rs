@@ -54,6 +54,8 @@ impl From<ApiError> for tonic::Status {
             ApiError::Command(CommandError::PrepareExpired { .. }) => (tonic::Code::Aborted, "prepare-expired"),
             ApiError::Command(CommandError::NodeNotFound { .. }) => (tonic::Code::NotFound, "node-not-found"),
             ApiError::Command(CommandError::TokenExists { .. }) => (tonic::Code::FailedPrecondition, "token-exists"),
+            ApiError::Command(CommandError::UploadNotFound { .. }) => (tonic::Code::Aborted, "upload-not-found"),
+            ApiError::Command(CommandError::UploadMismatch { .. }) => (tonic::Code::Internal, "upload-mismatch"),
             ApiError::Internal(_) => (tonic::Code::Internal, "internal"),
         };
         let mut status = tonic::Status::new(code, message);
