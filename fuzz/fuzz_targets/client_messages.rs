@@ -10,6 +10,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = pb::WatchRequest::decode(data);
     let _ = pb::PutFileRequest::decode(data);
     let _ = pb::GetFileRequest::decode(data);
+    let _ = pb::FileChunksRequest::decode(data);
     let _ = pb::PrepareChunkRequest::decode(data);
     let _ = pb::ReplicateChunkRequest::decode(data);
     let _ = pb::HeartbeatRequest::decode(data);

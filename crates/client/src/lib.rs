@@ -872,7 +872,7 @@ impl Watch {
     }
 }
 
-pub use mendfs_proto::v1::{FileInfo, PutFileReply};
+pub use mendfs_proto::v1::{ChunkInfo, FileChunksReply, FileInfo, PutFileReply};
 
 /// Bytes per upload message.
 const UPLOAD_MESSAGE_BYTES: usize = 1 << 20;
@@ -1020,6 +1020,8 @@ impl Client {
         Ok(info)
     }
 
+    /// A file's summary (`n_chunks` says how many chunks it has) and the first page of its
+    /// chunk list; [`Client::chunk_pages`] gives the rest.
     pub async fn stat_file(&self, path: &str) -> Result<FileInfo, Error> {
         let request = pb::StatFileRequest { path: path.to_string() };
         self.call("stat", |i| {
@@ -1030,7 +1032,39 @@ impl Client {
         .await
     }
 
-    /// Files whose path starts with `prefix`; the flag says whether more remain.
+    /// One page of a file version's chunk list from `from_index` (at most `limit` chunks, 0 for
+    /// a full page; the server caps a page at 8 192 chunks and about 1 MiB). `version` 0: the
+    /// current one; otherwise `VersionMismatch` once that version was replaced or deleted.
+    pub async fn file_chunks(
+        &self,
+        path: &str,
+        version: u64,
+        from_index: u64,
+        limit: u32,
+    ) -> Result<FileChunksReply, Error> {
+        let request = pb::FileChunksRequest { path: path.to_string(), version, from_index, limit };
+        self.call("file chunks", |i| {
+            let request = request.clone();
+            let mut files = self.files(i);
+            async move { files.chunks(request).await }
+        })
+        .await
+    }
+
+    /// Pages through the chunk list of `file`'s version, from chunk `from_index` on (say,
+    /// `file.chunks.len()` after a stat): memory is one page, whatever the file's size.
+    pub fn chunk_pages(&self, file: &FileInfo, from_index: u64) -> ChunkPages<'_> {
+        ChunkPages {
+            client: self,
+            path: file.path.clone(),
+            version: file.version,
+            next_index: from_index,
+            n_chunks: file.n_chunks,
+        }
+    }
+
+    /// Files whose path starts with `prefix`, as summaries without chunk lists; the flag says
+    /// whether more remain.
     pub async fn list_files(&self, prefix: &str, limit: u32) -> Result<(Vec<FileInfo>, bool), Error> {
         let request = pb::ListFilesRequest { prefix: prefix.to_string(), limit };
         let reply = self
@@ -1053,6 +1087,38 @@ impl Client {
         })
         .await
         .map(|_| ())
+    }
+}
+
+/// A file version's chunk list, a page at a time (see [`Client::chunk_pages`]).
+pub struct ChunkPages<'a> {
+    client: &'a Client,
+    path: String,
+    version: u64,
+    next_index: u64,
+    n_chunks: u64,
+}
+
+impl ChunkPages<'_> {
+    /// The next page, or None after the last chunk. `VersionMismatch` if the file changed.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<ChunkInfo>>, Error> {
+        if self.next_index >= self.n_chunks {
+            return Ok(None);
+        }
+        let page = self.client.file_chunks(&self.path, self.version, self.next_index, 0).await?;
+        if page.chunks.is_empty() {
+            return Err(Error::Server(format!(
+                "{}: an empty chunk page at chunk {} of {}",
+                self.path, self.next_index, self.n_chunks
+            )));
+        }
+        self.next_index += page.chunks.len() as u64;
+        Ok(Some(page.chunks))
+    }
+
+    /// The index of the next page's first chunk.
+    pub fn next_index(&self) -> u64 {
+        self.next_index
     }
 }
 

@@ -4,12 +4,17 @@
 //! chosen by the ring (fsynced there before they answer); a node that fails is replaced by the
 //! ring's next choice (the commit records where the copies really are, so a write survives a
 //! dead replica without losing redundancy). Only when every chunk has all its copies does one
-//! Raft entry commit the file. A failure before that leaves the previous version untouched; the
-//! prepared copies become orphans that `gc` collects after the grace period.
+//! Raft entry commit the file. A big file's chunk list goes to the metadata a segment at a time
+//! as its chunks are prepared (each segment staged by its own bounded entry), and the commit
+//! carries only the last one; so the coordinator holds one segment of the list, never the
+//! file's. A failure before the commit leaves the previous version untouched: the staged
+//! segments are released (aborted, or expired by the metadata), and the prepared copies become
+//! orphans that `gc` collects after the grace period.
 //!
-//! Read: the file's chunk list and replica lists come from a linearizable read; each chunk is
-//! fetched from its replicas in turn (this node first), its hash checked, and a replica that
-//! answers "missing" or "corrupt" is reported so the chunk map stops listing it.
+//! Read: the file's chunk list and replica lists come a page at a time from linearizable reads
+//! of one version (a reader whose file changes under it fails rather than mixing versions);
+//! each chunk is fetched from its replicas in turn (this node first), its hash checked, and a
+//! replica that answers "missing" or "corrupt" is reported so the chunk map stops listing it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
@@ -21,8 +26,8 @@ use futures::{Stream, StreamExt};
 use mendfs_heal::detector::Liveness;
 use mendfs_heal::planner::ClusterView;
 use mendfs_meta::{
-    request_origin, ApiError, CommitFile, CommittedChunk, FileCommitted, FileView, MetaNode, Origin, PeerInterceptor,
-    RequestId, StorageNode,
+    request_origin, segment_chunks_for, ApiError, ChunkPage, ChunkRef, CommitFile, CommittedChunk, FileCommitted,
+    FileView, MetaNode, Origin, PeerInterceptor, RequestId, StageSegment, StorageNode, CHUNK_PAGE_CHUNKS_MAX,
 };
 use mendfs_proto::status_with_cause;
 use mendfs_proto::v1 as pb;
@@ -50,6 +55,11 @@ const COMMIT_RETRY_FOR: Duration = Duration::from_secs(30);
 const CHUNKS_IN_FLIGHT_PER_NODE_MAX: usize = 24;
 /// Chunks fetched ahead of the one being streamed to a reader.
 const READ_AHEAD_CHUNKS: usize = 2;
+/// Data in one segment of an upload, at most: a segment's chunks must all be prepared within
+/// the grace period of its first prepare, so a segment is a few seconds of work at any
+/// reasonable rate even with big chunks (and otherwise as many chunks as the metadata takes in
+/// one segment).
+const SEGMENT_DATA_BYTES_MAX: u64 = 256 << 20;
 /// Size of the data messages a read streams back.
 const READ_MESSAGE_BYTES: usize = 1 << 20;
 /// Messages buffered per reader before the coordinator waits for the client.
@@ -140,26 +150,40 @@ impl Coordinator {
         }
     }
 
-    /// Phase two: commits the file through Raft. A commit that fails only because leadership
-    /// is changing (no leader known, a leader that stepped down, a timeout) is tried again for
-    /// up to `COMMIT_RETRY_FOR`: the chunks are durable and protected for the grace period,
-    /// and the request id, derived from the upload's write id, makes a retry of a commit that
-    /// did apply return that first outcome instead of committing the file twice.
-    async fn commit(&self, write_id: [u8; 16], commit: CommitFile) -> Result<FileCommitted, ApiError> {
-        let [a, b, c, d, e, f, g, h, ..] = write_id;
-        let request_id = RequestId { client_id: u64::from_le_bytes([a, b, c, d, e, f, g, h]), sequence: 1 };
+    /// Proposes one of an upload's metadata writes (a segment, the commit) through Raft. One
+    /// that fails only because leadership is changing (no leader known, a leader that stepped
+    /// down, a timeout) is tried again for up to `COMMIT_RETRY_FOR`: the chunks are durable and
+    /// protected for the grace period, and `request_id`, derived from the upload's write id,
+    /// makes a retry of a write that did apply return that first outcome instead of applying
+    /// it twice.
+    async fn propose_retrying<T, F>(&self, mut write: impl FnMut() -> F) -> Result<T, ApiError>
+    where
+        F: std::future::Future<Output = Result<T, ApiError>>,
+    {
         let give_up = Instant::now() + COMMIT_RETRY_FOR;
         let mut backoff = Duration::from_millis(50);
         loop {
-            match self.node.commit_file(request_id, commit.clone()).await {
+            match write().await {
                 Err(e) if e.is_retryable() && Instant::now() + backoff < give_up => {
-                    tracing::info!("commit not yet possible, retrying: {e}");
+                    tracing::info!("metadata write not yet possible, retrying: {e}");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
                 other => return other,
             }
         }
+    }
+
+    /// Phase two: commits the file through Raft.
+    async fn commit(&self, write_id: [u8; 16], commit: CommitFile) -> Result<FileCommitted, ApiError> {
+        let request_id = upload_request_id(write_id, 1);
+        self.propose_retrying(|| self.node.commit_file(request_id, commit.clone())).await
+    }
+
+    /// Stages one full segment of a big upload, the `number`th (from 0).
+    async fn stage(&self, write_id: [u8; 16], number: u64, stage: StageSegment) -> Result<(), ApiError> {
+        let request_id = upload_request_id(write_id, 2 + number);
+        self.propose_retrying(|| self.node.stage_segment(request_id, stage.clone())).await
     }
 
     /// Prepares one copy on node `id`, in a span naming that node, so a trace shows which
@@ -343,9 +367,10 @@ impl Coordinator {
         );
     }
 
-    async fn file(&self, path: &str) -> Result<FileView, Status> {
-        match self.node.get_file(Origin::LOCAL, path.to_string()).await? {
-            Some(file) => Ok(file),
+    /// A file's summary and the first `limit` chunks of its current version.
+    async fn first_page(&self, origin: Origin, path: &str, limit: u32) -> Result<(FileView, ChunkPage), Status> {
+        match self.node.file_chunks(origin, path.to_string(), None, 0, limit).await? {
+            Some(found) => Ok(found),
             None => Err(Status::not_found(format!("file {path} not found"))),
         }
     }
@@ -361,15 +386,44 @@ impl Coordinator {
         };
         validate_path(&header.path)?;
         let (ring, addresses) = self.placement_by(wait_for_nodes_until).await?;
-        let (ring, addresses) = (Arc::new(ring), Arc::new(addresses));
         let write_id: [u8; 16] = rand::random();
-        let prepared_at_ms = unix_now_ms();
+        let chunk_size = self.config.chunk_size_bytes;
+        let segment_chunks = segment_chunks_for(self.config.replication_factor)
+            .min((SEGMENT_DATA_BYTES_MAX / chunk_size.max(1) as u64).max(1) as usize);
+        let grace_ms = self.config.orphan_grace.as_millis() as u64;
+        let mut list = SegmentedList::new(write_id, header.path.clone(), segment_chunks, grace_ms);
+        let written = self.write_upload(header, stream, Arc::new(ring), Arc::new(addresses), &mut list).await;
+        if written.is_err() && list.staged_chunks > 0 {
+            // Release what the metadata staged now rather than at the upload's expiry. If this
+            // fails, or comes after a commit whose answer was lost, the expiry (or nothing:
+            // a committed upload is gone) is what remains.
+            let (node, upload_id) = (self.node.clone(), list.upload_id);
+            tokio::spawn(
+                async move {
+                    if let Err(e) = node.abort_upload(upload_id).await {
+                        tracing::warn!(upload = upload_id, "releasing a failed upload's segments: {e}");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        written
+    }
+
+    /// Prepares an upload's chunks, stages its full segments, and commits it.
+    async fn write_upload(
+        &self,
+        header: pb::PutFileHeader,
+        mut stream: Streaming<pb::PutFileRequest>,
+        ring: Arc<Ring>,
+        addresses: Arc<HashMap<u64, String>>,
+        list: &mut SegmentedList,
+    ) -> Result<pb::PutFileReply, Status> {
         let chunk_size = self.config.chunk_size_bytes;
         let mut content_hash = blake3::Hasher::new();
         let mut size = 0u64;
         let mut buffer: Vec<u8> = Vec::new();
         let mut in_flight = FuturesOrdered::new();
-        let mut chunks = Vec::new();
         loop {
             let data = match stream.message().await {
                 Ok(Some(pb::PutFileRequest { part: Some(pb::put_file_request::Part::Data(data)) })) => data,
@@ -405,22 +459,15 @@ impl Coordinator {
                 )));
             }
             buffer.extend_from_slice(&data);
-            while buffer.len() >= chunk_size {
-                let rest = buffer.split_off(chunk_size);
-                let chunk = std::mem::replace(&mut buffer, rest);
-                let slot = self
-                    .prepare_slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| Status::unavailable("shutting down"))?;
-                in_flight.push_back(self.spawn_prepare(slot, &ring, &addresses, write_id, chunk));
-                if in_flight.len() >= CHUNKS_IN_FLIGHT_MAX {
-                    if let Some(prepared) = in_flight.next().await {
-                        chunks.push(prepared.map_err(|e| Status::internal(format!("prepare task: {e}")))??);
-                    }
-                }
+            // Cut whole chunks, then keep the rest: one copy per chunk, however small the
+            // chunks are against the message.
+            let mut cut = 0;
+            while buffer.len() - cut >= chunk_size {
+                let chunk = buffer[cut..cut + chunk_size].to_vec();
+                cut += chunk_size;
+                self.prepare_next(list, &mut in_flight, &ring, &addresses, chunk).await?;
             }
+            buffer.drain(..cut);
         }
         if let Some(declared) = header.size {
             if declared != size {
@@ -430,53 +477,274 @@ impl Coordinator {
             }
         }
         if !buffer.is_empty() {
-            let slot =
-                self.prepare_slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
-            in_flight.push_back(self.spawn_prepare(slot, &ring, &addresses, write_id, std::mem::take(&mut buffer)));
+            self.prepare_next(list, &mut in_flight, &ring, &addresses, std::mem::take(&mut buffer)).await?;
         }
-        while let Some(prepared) = in_flight.next().await {
-            chunks.push(prepared.map_err(|e| Status::internal(format!("prepare task: {e}")))??);
-        }
-        let n_chunks = chunks.len() as u32;
+        self.settle(list, &mut in_flight, 0).await?;
+        let n_chunks = list.staged_chunks + list.current.len() as u64;
         let content_hash = content_hash.finalize().as_bytes().to_vec();
         let commit = CommitFile {
             path: header.path.clone(),
             size,
             mtime_ms: if header.mtime_ms == 0 { unix_now_ms() } else { header.mtime_ms },
             content_hash: content_hash.clone(),
-            chunks,
+            upload_id: (list.staged_chunks > 0).then_some(list.upload_id),
+            first_index: list.staged_chunks,
+            prepared_at_ms: list.current_started_ms(),
+            chunks: std::mem::take(&mut list.current),
             expected_version: header.expected_version,
-            prepared_at_ms,
-            grace_ms: self.config.orphan_grace.as_millis() as u64,
+            grace_ms: list.grace_ms,
         };
         let committing = tracing::info_span!("commit_file", chunks = n_chunks, error = tracing::field::Empty);
-        let committed = self.commit(write_id, commit).instrument(committing.clone()).await;
+        let committed = self.commit(list.write_id, commit).instrument(committing.clone()).await;
         if let Err(e) = &committed {
             committing.record("error", e.to_string());
         }
         let FileCommitted { version, .. } = committed?;
         Ok(pb::PutFileReply { version, size, content_hash, chunks: n_chunks })
     }
+
+    /// Starts preparing the upload's next chunk, then takes in prepared chunks (in order)
+    /// until fewer than `CHUNKS_IN_FLIGHT_MAX` are left in flight.
+    async fn prepare_next(
+        &self,
+        list: &mut SegmentedList,
+        in_flight: &mut PreparesInFlight,
+        ring: &Arc<Ring>,
+        addresses: &Arc<HashMap<u64, String>>,
+        data: Vec<u8>,
+    ) -> Result<(), Status> {
+        let slot =
+            self.prepare_slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+        list.chunk_starting();
+        in_flight.push_back(self.spawn_prepare(slot, ring, addresses, list.write_id, data));
+        self.settle(list, in_flight, CHUNKS_IN_FLIGHT_MAX - 1).await
+    }
+
+    /// Takes in prepared chunks, in order, until at most `keep` are still in flight; stages
+    /// each segment that fills.
+    async fn settle(
+        &self,
+        list: &mut SegmentedList,
+        in_flight: &mut PreparesInFlight,
+        keep: usize,
+    ) -> Result<(), Status> {
+        while in_flight.len() > keep {
+            let Some(prepared) = in_flight.next().await else { break };
+            let chunk = prepared.map_err(|e| Status::internal(format!("prepare task: {e}")))??;
+            if let Some((number, stage)) = list.push(chunk) {
+                let staging = tracing::info_span!(
+                    "stage_segment",
+                    first_chunk = stage.first_index,
+                    chunks = stage.chunks.len(),
+                    error = tracing::field::Empty,
+                );
+                let staged = self.stage(list.write_id, number, stage).instrument(staging.clone()).await;
+                if let Err(e) = &staged {
+                    staging.record("error", e.to_string());
+                }
+                staged?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Streams a file's chunks to `tx` in order, page by page: the summary first, then the
+    /// data, with `READ_AHEAD_CHUNKS` chunks fetched ahead and the next page asked for when
+    /// this one is used up, so memory is a page of chunk references plus a few chunks,
+    /// whatever the file's size. A page of a version that is no longer current (an overwrite
+    /// or a delete while reading) ends the stream with `Aborted`.
+    async fn stream_file(
+        &self,
+        file: &FileView,
+        first: ChunkPage,
+        tx: &mpsc::Sender<Result<pb::GetFileReply, Status>>,
+    ) -> Result<(), Status> {
+        let info = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Info(file_info(file, &[]))) };
+        if tx.send(Ok(info)).await.is_err() {
+            return Ok(());
+        }
+        let mut next_index = first.from_index + first.chunks.len() as u64;
+        let mut listed = first.chunks.into_iter();
+        let mut addresses = self.addresses()?;
+        let mut ahead = FuturesOrdered::new();
+        let mut sent = 0u64;
+        loop {
+            while ahead.len() <= READ_AHEAD_CHUNKS {
+                let chunk = match listed.next() {
+                    Some(chunk) => chunk,
+                    None if next_index < file.record.n_chunks => {
+                        let page = self.next_page(file, next_index).await?;
+                        if page.chunks.is_empty() {
+                            return Err(Status::internal(format!(
+                                "an empty chunk page at chunk {next_index} of {}",
+                                file.path
+                            )));
+                        }
+                        next_index += page.chunks.len() as u64;
+                        listed = page.chunks.into_iter();
+                        // A long read may meet copies that repair put on a node added since
+                        // it began.
+                        addresses = self.addresses()?;
+                        continue;
+                    }
+                    None => break,
+                };
+                let addresses = addresses.clone();
+                ahead.push_back(async move { self.read_chunk(&chunk.hash, &chunk.replicas, &addresses).await });
+            }
+            let Some(read) = ahead.next().await else { break };
+            let data = read?;
+            sent += 1;
+            for piece in data.chunks(READ_MESSAGE_BYTES) {
+                let reply = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(piece.to_vec())) };
+                if tx.send(Ok(reply)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        if sent != file.record.n_chunks {
+            return Err(Status::internal(format!(
+                "the chunk list of {} ended after {sent} of {} chunks",
+                file.path, file.record.n_chunks
+            )));
+        }
+        Ok(())
+    }
+
+    /// Every storage node's address, from this node's state.
+    fn addresses(&self) -> Result<Arc<HashMap<u64, String>>, Status> {
+        Ok(Arc::new(self.node.storage_nodes()?.into_iter().map(|n| (n.id, n.addr)).collect()))
+    }
+
+    /// The page of `file`'s version from `from_index`; `Aborted` once that version is gone.
+    async fn next_page(&self, file: &FileView, from_index: u64) -> Result<ChunkPage, Status> {
+        let version = file.record.version;
+        let page = self
+            .node
+            .file_chunks(Origin::LOCAL, file.path.clone(), Some(version), from_index, CHUNK_PAGE_CHUNKS_MAX)
+            .await;
+        match page {
+            Ok(Some((_, page))) => Ok(page),
+            Ok(None) | Err(ApiError::Command(mendfs_meta::CommandError::VersionMismatch { .. })) => {
+                Err(Status::aborted(format!(
+                    "{} changed while it was read (version {version} was replaced or deleted); read it again",
+                    file.path
+                )))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
-fn file_info(file: &FileView) -> pb::FileInfo {
+type PreparesInFlight = FuturesOrdered<tokio::task::JoinHandle<Result<CommittedChunk, Status>>>;
+
+/// An upload's chunk list while it is written: the segment being filled in memory, the ones
+/// before it staged in the metadata. Memory is one segment, whatever the file's size.
+struct SegmentedList {
+    write_id: [u8; 16],
+    /// The metadata's name for the upload (from the write id).
+    upload_id: u64,
+    path: String,
+    segment_chunks: usize,
+    /// Chunks whose prepare has started.
+    started_chunks: u64,
+    /// Chunks in staged segments: the index in the file of `current[0]`.
+    staged_chunks: u64,
+    staged_segments: u64,
+    /// Prepared chunks of the segment being filled, in file order.
+    current: Vec<CommittedChunk>,
+    /// When each segment not yet staged (the current one first) began preparing, read before
+    /// its first chunk's prepare: what its staging tells the metadata, which refuses it if that
+    /// is more than the grace period ago.
+    segment_started_ms: std::collections::VecDeque<u64>,
+    /// When the upload began, for a file without chunks.
+    created_ms: u64,
+    /// The coordinator's grace period (see `CommitFile::grace_ms`).
+    grace_ms: u64,
+}
+
+impl SegmentedList {
+    fn new(write_id: [u8; 16], path: String, segment_chunks: usize, grace_ms: u64) -> Self {
+        let [_, _, _, _, _, _, _, _, a, b, c, d, e, f, g, h] = write_id;
+        Self {
+            write_id,
+            upload_id: u64::from_le_bytes([a, b, c, d, e, f, g, h]),
+            path,
+            segment_chunks: segment_chunks.max(1),
+            started_chunks: 0,
+            staged_chunks: 0,
+            staged_segments: 0,
+            current: Vec::new(),
+            segment_started_ms: std::collections::VecDeque::new(),
+            created_ms: unix_now_ms(),
+            grace_ms,
+        }
+    }
+
+    /// A chunk's prepare is about to start.
+    fn chunk_starting(&mut self) {
+        if self.started_chunks.is_multiple_of(self.segment_chunks as u64) {
+            self.segment_started_ms.push_back(unix_now_ms());
+        }
+        self.started_chunks += 1;
+    }
+
+    fn current_started_ms(&self) -> u64 {
+        self.segment_started_ms.front().copied().unwrap_or(self.created_ms)
+    }
+
+    /// Takes in the next prepared chunk; when that fills the segment, returns it to be staged
+    /// (with its number), and starts the next.
+    fn push(&mut self, chunk: CommittedChunk) -> Option<(u64, StageSegment)> {
+        self.current.push(chunk);
+        if self.current.len() < self.segment_chunks {
+            return None;
+        }
+        let stage = StageSegment {
+            upload_id: self.upload_id,
+            path: self.path.clone(),
+            first_index: self.staged_chunks,
+            prepared_at_ms: self.segment_started_ms.pop_front().unwrap_or(self.created_ms),
+            grace_ms: self.grace_ms,
+            chunks: std::mem::take(&mut self.current),
+        };
+        let number = self.staged_segments;
+        self.staged_chunks += stage.chunks.len() as u64;
+        self.staged_segments += 1;
+        Some((number, stage))
+    }
+}
+
+/// The request id of an upload's `sequence`th metadata write (1: the commit; 2 on: segments),
+/// the same on every retry.
+fn upload_request_id(write_id: [u8; 16], sequence: u64) -> RequestId {
+    let [a, b, c, d, e, f, g, h, ..] = write_id;
+    RequestId { client_id: u64::from_le_bytes([a, b, c, d, e, f, g, h]), sequence }
+}
+
+/// A file's summary on the wire, with `chunks` as its (first) chunk list page.
+fn file_info(file: &FileView, chunks: &[ChunkRef]) -> pb::FileInfo {
     pb::FileInfo {
         path: file.path.clone(),
         size: file.record.size,
         mtime_ms: file.record.mtime_ms,
         content_hash: file.record.content_hash.clone(),
         version: file.record.version,
-        chunks: file
-            .record
-            .chunks
-            .iter()
-            .zip(&file.chunk_replicas)
-            .map(|(chunk, replicas)| pb::ChunkInfo {
-                hash: chunk.hash.to_vec(),
-                size: chunk.size,
-                replicas: replicas.clone(),
-            })
-            .collect(),
+        chunks: chunks.iter().map(chunk_info).collect(),
+        n_chunks: file.record.n_chunks,
+    }
+}
+
+fn chunk_info(chunk: &ChunkRef) -> pb::ChunkInfo {
+    pb::ChunkInfo { hash: chunk.hash.to_vec(), size: chunk.size, replicas: chunk.replicas.clone() }
+}
+
+/// A page limit from the wire: 0 or more than a page means a full page.
+fn page_limit(limit: u32) -> u32 {
+    if limit == 0 {
+        CHUNK_PAGE_CHUNKS_MAX
+    } else {
+        limit.min(CHUNK_PAGE_CHUNKS_MAX)
     }
 }
 
@@ -500,46 +768,16 @@ impl Files for Coordinator {
     async fn get(&self, request: Request<pb::GetFileRequest>) -> Result<Response<Self::GetStream>, Status> {
         let path = request.into_inner().path;
         validate_path(&path)?;
-        let file = self.file(&path).await?;
-        let addresses: HashMap<u64, String> = self.node.storage_nodes()?.into_iter().map(|n| (n.id, n.addr)).collect();
+        let (file, first) = self.first_page(Origin::LOCAL, &path, CHUNK_PAGE_CHUNKS_MAX).await?;
         let (tx, rx) = mpsc::channel(READ_QUEUE_MESSAGES);
         let coordinator = self.clone();
         tokio::spawn(
             async move {
                 // In the RPC's span: the chunk reads nest under it, and it lasts as long as the stream.
-                let info = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Info(file_info(&file))) };
-                if tx.send(Ok(info)).await.is_err() {
-                    return;
-                }
-                let mut reads = file
-                    .record
-                    .chunks
-                    .iter()
-                    .zip(&file.chunk_replicas)
-                    .map(|(chunk, replicas)| coordinator.read_chunk(&chunk.hash, replicas, &addresses));
-                let mut ahead = FuturesOrdered::new();
-                for read in reads.by_ref().take(READ_AHEAD_CHUNKS) {
-                    ahead.push_back(read);
-                }
-                while let Some(result) = ahead.next().await {
-                    if let Some(read) = reads.next() {
-                        ahead.push_back(read);
-                    }
-                    let data = match result {
-                        Ok(data) => data,
-                        Err(status) => {
-                            // The reply's headers went out already: mark the RPC's span here.
-                            tracing::Span::current().record("error", status.message());
-                            let _ = tx.send(Err(status)).await;
-                            return;
-                        }
-                    };
-                    for piece in data.chunks(READ_MESSAGE_BYTES) {
-                        let reply = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(piece.to_vec())) };
-                        if tx.send(Ok(reply)).await.is_err() {
-                            return;
-                        }
-                    }
+                if let Err(status) = coordinator.stream_file(&file, first, &tx).await {
+                    // The reply's headers went out already: mark the RPC's span here.
+                    tracing::Span::current().record("error", status.message());
+                    let _ = tx.send(Err(status)).await;
                 }
             }
             .in_current_span(),
@@ -548,18 +786,42 @@ impl Files for Coordinator {
     }
 
     async fn stat(&self, request: Request<pb::StatFileRequest>) -> Result<Response<pb::FileInfo>, Status> {
+        let origin = request_origin(&request);
         let path = request.into_inner().path;
         validate_path(&path)?;
-        Ok(Response::new(file_info(&self.file(&path).await?)))
+        let (file, page) = self.first_page(origin, &path, CHUNK_PAGE_CHUNKS_MAX).await?;
+        Ok(Response::new(file_info(&file, &page.chunks)))
     }
 
     async fn list(&self, request: Request<pb::ListFilesRequest>) -> Result<Response<pb::ListFilesReply>, Status> {
+        let origin = request_origin(&request);
         let request = request.into_inner();
         if request.prefix.len() > PATH_BYTES_MAX || request.prefix.contains('\0') {
             return Err(Status::invalid_argument("the prefix is too long or contains a NUL byte"));
         }
-        let (files, truncated) = self.node.list_files(Origin::LOCAL, request.prefix, request.limit).await?;
-        Ok(Response::new(pb::ListFilesReply { files: files.iter().map(file_info).collect(), truncated }))
+        let (files, truncated) = self.node.list_files(origin, request.prefix, request.limit).await?;
+        let files = files.iter().map(|file| file_info(file, &[])).collect();
+        Ok(Response::new(pb::ListFilesReply { files, truncated }))
+    }
+
+    async fn chunks(&self, request: Request<pb::FileChunksRequest>) -> Result<Response<pb::FileChunksReply>, Status> {
+        let origin = request_origin(&request);
+        let request = request.into_inner();
+        validate_path(&request.path)?;
+        let version = (request.version != 0).then_some(request.version);
+        let page = self
+            .node
+            .file_chunks(origin, request.path.clone(), version, request.from_index, page_limit(request.limit))
+            .await?;
+        let Some((_, page)) = page else {
+            return Err(Status::not_found(format!("file {} not found", request.path)));
+        };
+        Ok(Response::new(pb::FileChunksReply {
+            version: page.version,
+            n_chunks: page.n_chunks,
+            from_index: page.from_index,
+            chunks: page.chunks.iter().map(chunk_info).collect(),
+        }))
     }
 
     async fn delete(&self, request: Request<pb::DeleteFileRequest>) -> Result<Response<pb::DeleteFileReply>, Status> {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
-use mendfs_client::FileInfo;
+use mendfs_client::{ChunkInfo, Client, FileInfo};
 use serde_json::json;
 
 use crate::cli::Connection;
@@ -55,11 +55,14 @@ pub enum FileCommand {
         #[arg(long)]
         expect_version: Option<u64>,
     },
-    /// Size, hash, version, and each chunk with the nodes holding it.
+    /// Size, hash, version, and each chunk with the nodes holding it (read a page at a time).
     Stat {
         #[command(flatten)]
         connection: Connection,
         path: String,
+        /// The summary and the chunk count only, not the chunks.
+        #[arg(long)]
+        summary: bool,
         #[arg(long)]
         json: bool,
     },
@@ -84,6 +87,7 @@ fn progress_bar(total: Option<u64>) -> Option<ProgressBar> {
     Some(bar)
 }
 
+/// A file's summary, without its chunk list.
 fn file_json(info: &FileInfo) -> serde_json::Value {
     json!({
         "path": info.path,
@@ -91,8 +95,74 @@ fn file_json(info: &FileInfo) -> serde_json::Value {
         "version": info.version,
         "mtime_ms": info.mtime_ms,
         "content_hash": hex(&info.content_hash),
-        "chunks": info.chunks.iter().map(|c| json!({"hash": hex(&c.hash), "size": c.size, "replicas": c.replicas})).collect::<Vec<_>>(),
+        "n_chunks": info.n_chunks,
     })
+}
+
+fn chunk_json(chunk: &ChunkInfo) -> serde_json::Value {
+    json!({"hash": hex(&chunk.hash), "size": chunk.size, "replicas": chunk.replicas})
+}
+
+/// Prints `stat`: the summary, then (unless `summary`) every chunk, a page at a time, so that
+/// a file of millions of chunks never sits in memory whole. JSON is written as it goes: the
+/// summary's fields, then `"chunks": [...]`.
+async fn print_stat(client: &Client, path: &str, summary: bool, json: bool) -> Result<()> {
+    use std::io::Write;
+    let info = client.stat_file(path).await.with_context(|| format!("stat {path}"))?;
+    let mut out = std::io::BufWriter::new(std::io::stdout());
+    if json {
+        let mut head = file_json(&info).to_string();
+        if summary {
+            writeln!(out, "{head}")?;
+            out.flush()?;
+            return Ok(());
+        }
+        head.pop(); // the closing brace: the chunks come next
+        write!(out, "{head},\"chunks\":[")?;
+    } else {
+        writeln!(out, "path:     {}", info.path)?;
+        writeln!(out, "size:     {}", info.size)?;
+        writeln!(out, "version:  {}", info.version)?;
+        writeln!(out, "blake3:   {}", hex(&info.content_hash))?;
+        writeln!(out, "chunks:   {}", info.n_chunks)?;
+        if summary {
+            out.flush()?;
+            return Ok(());
+        }
+    }
+    let mut index = 0u64;
+    let mut print_page = |out: &mut std::io::BufWriter<std::io::Stdout>, page: &[ChunkInfo]| -> Result<()> {
+        for chunk in page {
+            if json {
+                write!(out, "{}{}", if index == 0 { "" } else { "," }, chunk_json(chunk))?;
+            } else {
+                let nodes: Vec<String> = chunk.replicas.iter().map(|id| id.to_string()).collect();
+                writeln!(
+                    out,
+                    "  {index:>6}  {}  {:>10} bytes  on nodes {}",
+                    hex(&chunk.hash),
+                    chunk.size,
+                    nodes.join(",")
+                )?;
+            }
+            index += 1;
+        }
+        Ok(())
+    };
+    print_page(&mut out, &info.chunks)?;
+    let mut pages = client.chunk_pages(&info, info.chunks.len() as u64);
+    loop {
+        let from = pages.next_index();
+        let Some(page) = pages.next_page().await.with_context(|| format!("stat {path}: chunks from {from}"))? else {
+            break;
+        };
+        print_page(&mut out, &page)?;
+    }
+    if json {
+        writeln!(out, "]}}")?;
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// Where a download goes: a new temporary file beside the target, renamed into place only when
@@ -219,26 +289,8 @@ pub async fn run(command: FileCommand) -> Result<ExitCode> {
             client.delete_file(&path, expect_version).await.with_context(|| format!("rm {path}"))?;
             Ok(ExitCode::SUCCESS)
         }
-        FileCommand::Stat { path, json, .. } => {
-            let info = client.stat_file(&path).await.with_context(|| format!("stat {path}"))?;
-            if json {
-                println!("{}", file_json(&info));
-            } else {
-                println!("path:     {}", info.path);
-                println!("size:     {}", info.size);
-                println!("version:  {}", info.version);
-                println!("blake3:   {}", hex(&info.content_hash));
-                println!("chunks:   {}", info.chunks.len());
-                for (index, chunk) in info.chunks.iter().enumerate() {
-                    let nodes: Vec<String> = chunk.replicas.iter().map(|id| id.to_string()).collect();
-                    println!(
-                        "  {index:>6}  {}  {:>10} bytes  on nodes {}",
-                        hex(&chunk.hash),
-                        chunk.size,
-                        nodes.join(",")
-                    );
-                }
-            }
+        FileCommand::Stat { path, summary, json, .. } => {
+            print_stat(&client, &path, summary, json).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -86,7 +86,7 @@ pub fn required_access(op: &str) -> Option<Access> {
         "Kv/Get" | "Kv/List" | "Kv/Watch" => Client(Read),
         "Kv/Create" | "Kv/Set" | "Kv/Delete" | "Kv/Compact" => Client(Write),
         "Kv/SessionOpen" | "Kv/SessionKeepAlive" | "Kv/SessionClose" => Client(Write),
-        "Files/Get" | "Files/Stat" | "Files/List" => Client(Read),
+        "Files/Get" | "Files/Stat" | "Files/List" | "Files/Chunks" => Client(Read),
         "Files/Put" | "Files/Delete" => Client(Write),
         "Cluster/Status" => Client(Read),
         "Cluster/AddNode" | "Cluster/RemoveNode" | "Cluster/Drain" => Client(Admin),
@@ -483,7 +483,7 @@ mod tests {
         let writer = Caller::Client { token: "w".into(), role: Role::Write };
         let admin = Caller::Client { token: "a".into(), role: Role::Admin };
         let peer = Caller::Peer { node: Some(2) };
-        for op in ["Files/Get", "Kv/Watch", "Cluster/Status", "Telemetry/TraceSpans"] {
+        for op in ["Files/Get", "Files/Chunks", "Kv/Watch", "Cluster/Status", "Telemetry/TraceSpans"] {
             let access = required_access(op).expect("defined");
             assert!(reader.may(access) && writer.may(access) && admin.may(access), "{op}");
         }

@@ -38,6 +38,8 @@ pub fn forward_commit_with_hash_len(path: &str, hash_len: u8) -> Vec<u8> {
         mtime_ms: now,
         content_hash: vec![0; 32],
         chunks: vec![CommittedChunk { hash, size: 1, replicas: vec![1] }],
+        upload_id: None,
+        first_index: 0,
         expected_version: None,
         prepared_at_ms: now,
         grace_ms: 60_000,

@@ -61,6 +61,8 @@ impl From<ApiError> for tonic::Status {
             ApiError::Command(CommandError::CompactBeyondCurrent { .. }) => {
                 (tonic::Code::OutOfRange, "compact-beyond-current")
             }
+            ApiError::Command(CommandError::UploadNotFound { .. }) => (tonic::Code::Aborted, "upload-not-found"),
+            ApiError::Command(CommandError::UploadMismatch { .. }) => (tonic::Code::Internal, "upload-mismatch"),
             ApiError::Internal(_) => (tonic::Code::Internal, "internal"),
         };
         let mut status = tonic::Status::new(code, message);

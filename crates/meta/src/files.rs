@@ -1,9 +1,26 @@
 //! The file namespace and chunk map inside the metadata state machine, free of I/O.
 //!
 //! A file version is an ordered list of chunks; a chunk record says where its copies are and
-//! how many committed file versions reference it. A commit installs the new version and moves
-//! the references in one Raft entry, so a reader sees the old file or the new one, never a mix,
-//! and a chunk's reference count is exactly the number of committed versions naming it.
+//! how many chunk-list entries reference it. A commit installs the new version and moves the
+//! references in one Raft entry, so a reader sees the old file or the new one, never a mix.
+//!
+//! **Chunk lists in segments.** A version's chunk list is not part of its record: it lives in
+//! `Segments` rows of at most [`SEGMENT_CHUNKS_MAX`] chunks under a *chunk set* id, which the
+//! [`FileRecord`] names. So no record, no Raft entry and no reply grows with the file. A small
+//! file is committed by one `CommitFile` carrying its whole list. A big one is written as an
+//! *upload*: each full segment is staged by its own `StageSegment` (adding its chunk
+//! references, so its copies are protected from collection from then on), and the final
+//! `CommitFile` carries the last segment and installs the upload's chunk set as the file's,
+//! which costs the same however many segments came before: the file appears whole or not at
+//! all. An upload that no segment extends for its grace period expires by the state clock.
+//!
+//! **References.** A chunk's `refs` counts its entries in every segment that exists: those of
+//! committed versions, of uploads, and of released chunk sets not yet processed. A chunk set
+//! that nothing owns any more (a deleted or overwritten version, an aborted or expired upload)
+//! is *released*: the first segment's worth of its references is dropped at once, the rest by
+//! `ReleaseChunks` commands that the leader proposes while any are queued, a bounded amount
+//! each, so no apply does work proportional to a file's size. Until then the chunks stay
+//! referenced, which only delays their collection.
 //!
 //! Garbage collection never happens here: a chunk whose count drops to zero loses its record,
 //! and the storage nodes later delete copies that no record lists, after checking with the
@@ -15,8 +32,8 @@ use mendfs_types::{ChunkHash, NodeId};
 use serde::{Deserialize, Serialize};
 
 use crate::schema::{
-    commit_revision, current_revision, decode, encode, CommandError, CommandResult, Outcome, StateStore, StoreError,
-    Table,
+    commit_revision, current_revision, decode, encode, get_u64, prefix_end, put_u64, CommandError, CommandResult,
+    Outcome, StateStore, StoreError, Table,
 };
 
 /// The default for how long after its chunks were prepared a write may still commit. Storage
@@ -44,6 +61,7 @@ pub struct FileChunk {
     pub size: u64,
 }
 
+/// A file version. Its chunk list is in `Segments`, under `chunk_set`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileRecord {
     pub size: u64,
@@ -53,7 +71,66 @@ pub struct FileRecord {
     pub version: u64,
     pub create_revision: u64,
     pub modify_revision: u64,
-    pub chunks: Vec<FileChunk>,
+    /// The chunk set holding this version's chunk list.
+    pub chunk_set: u64,
+    pub n_chunks: u64,
+}
+
+/// Chunks in one segment of a chunk list: one `Segments` row, one `StageSegment` (about
+/// 600 KiB of proposal at RF 3), at most one `CommitFile`'s worth, and one chunk page.
+pub const SEGMENT_CHUNKS_MAX: usize = 8_192;
+/// The most one segment's chunks add to a proposal (see [`committed_chunk_bytes`]), so a
+/// staging entry stays small next to the 4 MiB batches of group commit however many replicas
+/// each chunk has.
+pub const SEGMENT_BYTES_MAX: usize = 1 << 20;
+
+/// What one chunk adds to a proposal: its hash, its size and its replicas' ids.
+pub fn committed_chunk_bytes(chunk: &CommittedChunk) -> usize {
+    48 + 8 * chunk.replicas.len()
+}
+
+/// How many chunks of `replicas` copies each a coordinator puts into one segment: as many as
+/// both segment limits allow.
+pub fn segment_chunks_for(replicas: usize) -> usize {
+    (SEGMENT_BYTES_MAX / (48 + 8 * replicas)).clamp(1, SEGMENT_CHUNKS_MAX)
+}
+
+/// Chunk references dropped at once when a chunk set is released, and by one `ReleaseChunks`
+/// (whole segments, so up to twice this): bounded work per apply, whatever a file's size.
+pub const RELEASE_CHUNKS_PER_APPLY: u64 = SEGMENT_CHUNKS_MAX as u64;
+/// Uploads one `ReleaseChunks` expires.
+const UPLOADS_EXPIRED_PER_APPLY: usize = 64;
+/// The next chunk set id (in `Meta`); ids start at 1 and are never reused.
+const META_NEXT_CHUNK_SET: &[u8] = b"next_chunk_set";
+
+/// A file being written segment by segment and not yet committed: its chunk set so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    pub path: String,
+    pub chunk_set: u64,
+    pub n_chunks: u64,
+    pub size: u64,
+    /// State-clock time after which the upload is abandoned: its last segment's apply plus its
+    /// grace. Staging or committing it later is refused (`UploadNotFound`), and the next
+    /// `ReleaseChunks` releases its chunk set.
+    pub expires_at_ms: u64,
+}
+
+/// One full segment of an upload, staged ahead of its `CommitFile`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageSegment {
+    /// Chosen by the coordinator (random); the first segment (`first_index` 0) starts it.
+    pub upload_id: u64,
+    pub path: String,
+    /// The index in the file of this segment's first chunk: the number of chunks staged
+    /// before it.
+    pub first_index: u64,
+    pub chunks: Vec<CommittedChunk>,
+    /// When the coordinator started preparing this segment's chunks, on its clock.
+    pub prepared_at_ms: u64,
+    /// As in [`CommitFile`]: a segment later than this after `prepared_at_ms` is refused; also
+    /// how long the upload lives without another segment.
+    pub grace_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,13 +152,19 @@ pub struct CommittedChunk {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommitFile {
     pub path: String,
+    /// The whole file's size.
     pub size: u64,
     pub mtime_ms: u64,
     pub content_hash: Vec<u8>,
+    /// The file's last chunks (at most [`SEGMENT_CHUNKS_MAX`]): all of them without an upload.
     pub chunks: Vec<CommittedChunk>,
+    /// The upload whose staged segments come before `chunks`; None: `chunks` is the file.
+    pub upload_id: Option<u64>,
+    /// The index in the file of `chunks[0]`: the chunks staged before (0 without an upload).
+    pub first_index: u64,
     /// Replace only the version the writer started from (0: the path must not exist).
     pub expected_version: Option<u64>,
-    /// When the coordinator started preparing, on its clock.
+    /// When the coordinator started preparing `chunks`, on its clock.
     pub prepared_at_ms: u64,
     /// How long storage nodes keep prepared chunks (the coordinator's setting, sent to them
     /// with every prepare): a commit later than this after `prepared_at_ms` is refused, since
@@ -356,14 +439,242 @@ fn drop_reference(store: &mut impl StateStore, hash: &ChunkHash) -> Result<(), S
     }
 }
 
+fn segment_key(chunk_set: u64, last_index: u64) -> [u8; 16] {
+    let mut key = [0u8; 16];
+    key[..8].copy_from_slice(&chunk_set.to_be_bytes());
+    key[8..].copy_from_slice(&last_index.to_be_bytes());
+    key
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// A fresh chunk set id.
+fn new_chunk_set(store: &mut impl StateStore) -> Result<u64, StoreError> {
+    let id = get_u64(store, Table::Meta, META_NEXT_CHUNK_SET)?.max(1);
+    put_u64(store, Table::Meta, META_NEXT_CHUNK_SET, id + 1)?;
+    Ok(id)
+}
+
+/// Appends `chunks`, the chunk list's entries from `first_index` on, to `chunk_set` as one
+/// segment, adding a reference to each chunk.
+fn append_segment(
+    store: &mut impl StateStore,
+    chunk_set: u64,
+    first_index: u64,
+    chunks: &[CommittedChunk],
+) -> Result<(), StoreError> {
+    let Some(last) = chunks.len().checked_sub(1) else { return Ok(()) };
+    for chunk in chunks {
+        add_reference(store, chunk)?;
+    }
+    let list: Vec<FileChunk> = chunks.iter().map(|c| FileChunk { hash: c.hash, size: c.size }).collect();
+    store.put(Table::Segments, &segment_key(chunk_set, first_index + last as u64), &encode(&list)?)
+}
+
+/// Up to `limit` entries of a chunk list of `n_chunks` from `from_index` on, in order: one
+/// range read per segment touched.
+pub fn chunk_list_page(
+    store: &impl StateStore,
+    chunk_set: u64,
+    n_chunks: u64,
+    from_index: u64,
+    limit: usize,
+) -> Result<Vec<FileChunk>, StoreError> {
+    let end = prefix_end(&chunk_set.to_be_bytes());
+    let mut page = Vec::with_capacity(limit.min(SEGMENT_CHUNKS_MAX).min(n_chunks.saturating_sub(from_index) as usize));
+    let mut index = from_index;
+    while page.len() < limit && index < n_chunks {
+        let rows = store.range(Table::Segments, &segment_key(chunk_set, index), end.as_deref(), 1)?;
+        let broken = || StoreError(format!("chunk set {chunk_set} has no segment holding chunk {index}"));
+        let (key, value) = rows.into_iter().next().ok_or_else(broken)?;
+        let last = u64_at(&key, 8).ok_or_else(broken)?;
+        let segment: Vec<FileChunk> = decode(&value)?;
+        let first = (last + 1).checked_sub(segment.len() as u64).filter(|first| *first <= index).ok_or_else(broken)?;
+        let wanted = limit - page.len();
+        page.extend(segment.into_iter().skip((index - first) as usize).take(wanted));
+        index = from_index + page.len() as u64;
+    }
+    Ok(page)
+}
+
+/// Up to `limit` chunks of a file version from `from_index` on.
+pub fn file_chunk_page(
+    store: &impl StateStore,
+    file: &FileRecord,
+    from_index: u64,
+    limit: usize,
+) -> Result<Vec<FileChunk>, StoreError> {
+    chunk_list_page(store, file.chunk_set, file.n_chunks, from_index, limit)
+}
+
+/// Drops the references of `chunk_set`'s segments, first segment first, whole segments until
+/// at least `budget` are dropped. Returns how many were, and whether the set is now empty.
+fn release_segments(store: &mut impl StateStore, chunk_set: u64, budget: u64) -> Result<(u64, bool), StoreError> {
+    let start = chunk_set.to_be_bytes();
+    let end = prefix_end(&start);
+    let mut dropped = 0;
+    loop {
+        let rows = store.range(Table::Segments, &start, end.as_deref(), 1)?;
+        let Some((key, value)) = rows.into_iter().next() else { return Ok((dropped, true)) };
+        if dropped >= budget {
+            return Ok((dropped, false));
+        }
+        let segment: Vec<FileChunk> = decode(&value)?;
+        for chunk in &segment {
+            drop_reference(store, &chunk.hash)?;
+        }
+        store.remove(Table::Segments, &key)?;
+        dropped += segment.len() as u64;
+    }
+}
+
+/// Nothing owns `chunk_set` any more: drops its first segment's worth of references now and
+/// queues the rest for `ReleaseChunks`.
+fn release_chunk_set(store: &mut impl StateStore, chunk_set: u64) -> Result<(), StoreError> {
+    let (_, empty) = release_segments(store, chunk_set, RELEASE_CHUNKS_PER_APPLY)?;
+    if !empty {
+        store.put(Table::ReleasedChunkSets, &chunk_set.to_be_bytes(), &[])?;
+    }
+    Ok(())
+}
+
+pub fn get_upload(store: &impl StateStore, upload_id: u64) -> Result<Option<Upload>, StoreError> {
+    store.get(Table::Uploads, &upload_id.to_be_bytes())?.map(|bytes| decode(&bytes)).transpose()
+}
+
+fn expiry_key(expires_at_ms: u64, upload_id: u64) -> [u8; 16] {
+    segment_key(expires_at_ms, upload_id)
+}
+
+/// Forgets an upload (its chunk set is the caller's to install or release).
+fn remove_upload(store: &mut impl StateStore, upload_id: u64, upload: &Upload) -> Result<(), StoreError> {
+    store.remove(Table::UploadsByExpiry, &expiry_key(upload.expires_at_ms, upload_id))?;
+    store.remove(Table::Uploads, &upload_id.to_be_bytes())
+}
+
+/// The upload, unless it is missing, expired, or not the one the command continues.
+fn continued_upload(
+    store: &impl StateStore,
+    upload_id: u64,
+    path: &str,
+    first_index: u64,
+    clock_ms: u64,
+) -> Result<Result<Upload, CommandError>, StoreError> {
+    let Some(upload) = get_upload(store, upload_id)?.filter(|upload| upload.expires_at_ms >= clock_ms) else {
+        return Ok(Err(CommandError::UploadNotFound { upload_id }));
+    };
+    if upload.path != path {
+        let why = format!("it writes {}, not {path}", upload.path);
+        return Ok(Err(CommandError::UploadMismatch { upload_id, why }));
+    }
+    if upload.n_chunks != first_index {
+        let why = format!("{} chunks are staged, but the segment starts at chunk {first_index}", upload.n_chunks);
+        return Ok(Err(CommandError::UploadMismatch { upload_id, why }));
+    }
+    Ok(Ok(upload))
+}
+
+fn check_prepare_age(prepared_at_ms: u64, grace_ms: u64, clock_ms: u64) -> Result<(), CommandError> {
+    let age_ms = clock_ms.saturating_sub(prepared_at_ms);
+    if age_ms > grace_ms {
+        return Err(CommandError::PrepareExpired { age_ms, grace_ms });
+    }
+    Ok(())
+}
+
+pub(crate) fn stage_segment(
+    store: &mut impl StateStore,
+    stage: &StageSegment,
+    clock_ms: u64,
+) -> Result<CommandResult, StoreError> {
+    if let Err(refused) = check_prepare_age(stage.prepared_at_ms, stage.grace_ms, clock_ms) {
+        return Ok(Err(refused));
+    }
+    let exists = store.get(Table::Uploads, &stage.upload_id.to_be_bytes())?.is_some();
+    let mut upload = if stage.first_index == 0 && !exists {
+        Upload {
+            path: stage.path.clone(),
+            chunk_set: new_chunk_set(store)?,
+            n_chunks: 0,
+            size: 0,
+            expires_at_ms: clock_ms,
+        }
+    } else {
+        match continued_upload(store, stage.upload_id, &stage.path, stage.first_index, clock_ms)? {
+            Ok(upload) => {
+                store.remove(Table::UploadsByExpiry, &expiry_key(upload.expires_at_ms, stage.upload_id))?;
+                upload
+            }
+            Err(refused) => return Ok(Err(refused)),
+        }
+    };
+    append_segment(store, upload.chunk_set, upload.n_chunks, &stage.chunks)?;
+    upload.n_chunks += stage.chunks.len() as u64;
+    upload.size = stage.chunks.iter().fold(upload.size, |size, chunk| size.saturating_add(chunk.size));
+    upload.expires_at_ms = clock_ms.saturating_add(stage.grace_ms);
+    store.put(Table::UploadsByExpiry, &expiry_key(upload.expires_at_ms, stage.upload_id), &[])?;
+    store.put(Table::Uploads, &stage.upload_id.to_be_bytes(), &encode(&upload)?)?;
+    Ok(Ok(Outcome::Noop))
+}
+
+/// The coordinator gave up on an upload (its client went away, its commit was refused):
+/// releases what it staged now rather than at its expiry.
+pub(crate) fn abort_upload(store: &mut impl StateStore, upload_id: u64) -> Result<CommandResult, StoreError> {
+    if let Some(upload) = get_upload(store, upload_id)? {
+        remove_upload(store, upload_id, &upload)?;
+        release_chunk_set(store, upload.chunk_set)?;
+    }
+    Ok(Ok(Outcome::Noop))
+}
+
+/// The queued work of chunk sets: expires abandoned uploads, then drops about `budget`
+/// references of released chunk sets, oldest set first.
+pub(crate) fn release_chunks(
+    store: &mut impl StateStore,
+    clock_ms: u64,
+    budget: u64,
+) -> Result<CommandResult, StoreError> {
+    let due = store.range(Table::UploadsByExpiry, &[], Some(&clock_ms.to_be_bytes()), UPLOADS_EXPIRED_PER_APPLY)?;
+    for (key, _) in due {
+        store.remove(Table::UploadsByExpiry, &key)?;
+        let Some(upload_id) = u64_at(&key, 8) else { continue };
+        if let Some(upload) = get_upload(store, upload_id)? {
+            store.remove(Table::Uploads, &upload_id.to_be_bytes())?;
+            store.put(Table::ReleasedChunkSets, &upload.chunk_set.to_be_bytes(), &[])?;
+        }
+    }
+    let mut dropped = 0;
+    while dropped < budget {
+        let rows = store.range(Table::ReleasedChunkSets, &[], None, 1)?;
+        let Some((key, _)) = rows.into_iter().next() else { break };
+        let (done, empty) = match u64_at(&key, 0) {
+            Some(chunk_set) => release_segments(store, chunk_set, budget - dropped)?,
+            None => (0, true),
+        };
+        if empty {
+            store.remove(Table::ReleasedChunkSets, &key)?;
+        }
+        dropped += done;
+    }
+    Ok(Ok(Outcome::Noop))
+}
+
+/// Whether a `ReleaseChunks` proposed at `now_ms` would find work: a released chunk set, or an
+/// upload expired by then.
+pub fn release_pending(store: &impl StateStore, now_ms: u64) -> Result<bool, StoreError> {
+    Ok(!store.range(Table::ReleasedChunkSets, &[], None, 1)?.is_empty()
+        || !store.range(Table::UploadsByExpiry, &[], Some(&now_ms.to_be_bytes()), 1)?.is_empty())
+}
+
 pub(crate) fn commit_file(
     store: &mut impl StateStore,
     commit: &CommitFile,
     clock_ms: u64,
 ) -> Result<CommandResult, StoreError> {
-    let age_ms = clock_ms.saturating_sub(commit.prepared_at_ms);
-    if age_ms > commit.grace_ms {
-        return Ok(Err(CommandError::PrepareExpired { age_ms, grace_ms: commit.grace_ms }));
+    if let Err(refused) = check_prepare_age(commit.prepared_at_ms, commit.grace_ms, clock_ms) {
+        return Ok(Err(refused));
     }
     let existing = get_file(store, &commit.path)?;
     let actual = existing.as_ref().map_or(0, |file| file.version);
@@ -372,15 +683,31 @@ pub(crate) fn commit_file(
             return Ok(Err(CommandError::VersionMismatch { expected, actual }));
         }
     }
+    let final_bytes = commit.chunks.iter().fold(0u64, |size, chunk| size.saturating_add(chunk.size));
+    let chunk_set = match commit.upload_id {
+        None => new_chunk_set(store)?,
+        Some(upload_id) => {
+            let upload = match continued_upload(store, upload_id, &commit.path, commit.first_index, clock_ms)? {
+                Ok(upload) => upload,
+                Err(refused) => return Ok(Err(refused)),
+            };
+            if upload.size.saturating_add(final_bytes) != commit.size {
+                let why = format!(
+                    "{} bytes are staged and {final_bytes} come with the commit, but the file has {}",
+                    upload.size, commit.size
+                );
+                return Ok(Err(CommandError::UploadMismatch { upload_id, why }));
+            }
+            remove_upload(store, upload_id, &upload)?;
+            upload.chunk_set
+        }
+    };
     // New references first, so a chunk shared by the old and the new version never drops to
     // zero in between.
-    for chunk in &commit.chunks {
-        add_reference(store, chunk)?;
-    }
+    let first_index = if commit.upload_id.is_some() { commit.first_index } else { 0 };
+    append_segment(store, chunk_set, first_index, &commit.chunks)?;
     if let Some(old) = &existing {
-        for chunk in &old.chunks {
-            drop_reference(store, &chunk.hash)?;
-        }
+        release_chunk_set(store, old.chunk_set)?;
     }
     let revision = current_revision(store)? + 1;
     let record = FileRecord {
@@ -390,7 +717,8 @@ pub(crate) fn commit_file(
         version: actual + 1,
         create_revision: existing.as_ref().map_or(revision, |file| file.create_revision),
         modify_revision: revision,
-        chunks: commit.chunks.iter().map(|c| FileChunk { hash: c.hash, size: c.size }).collect(),
+        chunk_set,
+        n_chunks: first_index + commit.chunks.len() as u64,
     };
     store.put(Table::Files, commit.path.as_bytes(), &encode(&record)?)?;
     commit_revision(store, &[])?;
@@ -410,9 +738,7 @@ pub(crate) fn delete_file(
             return Ok(Err(CommandError::VersionMismatch { expected, actual: existing.version }));
         }
     }
-    for chunk in &existing.chunks {
-        drop_reference(store, &chunk.hash)?;
-    }
+    release_chunk_set(store, existing.chunk_set)?;
     store.remove(Table::Files, path.as_bytes())?;
     let revision = commit_revision(store, &[])?;
     Ok(Ok(Outcome::Written { revision, kv: None, deleted: true }))
@@ -450,6 +776,8 @@ mod tests {
             mtime_ms: 1,
             content_hash: vec![0; 32],
             chunks,
+            upload_id: None,
+            first_index: 0,
             expected_version,
             prepared_at_ms: 1_000,
             grace_ms: PREPARE_GRACE_MS,
@@ -667,5 +995,350 @@ mod tests {
         assert_eq!(nodes.len(), 1);
         assert_eq!(nodes[0].addr, "127.0.0.1:2");
         assert!(nodes[0].draining, "re-registering does not undo a drain");
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Chunk lists in segments, uploads, released chunk sets
+    // -----------------------------------------------------------------------------------------
+
+    /// A chunk whose hash is made from `n` (so any number of distinct chunks), size 1.
+    fn numbered(n: u32, replicas: &[u64]) -> CommittedChunk {
+        let mut bytes = [0xa5; 32];
+        bytes[..4].copy_from_slice(&n.to_be_bytes());
+        CommittedChunk { hash: ChunkHash::from_bytes(bytes), size: 1, replicas: replicas.to_vec() }
+    }
+
+    fn numbered_list(range: std::ops::Range<u32>) -> Vec<CommittedChunk> {
+        range.map(|n| numbered(n, &[1, 2, 3])).collect()
+    }
+
+    fn stage(upload_id: u64, path: &str, first_index: u64, chunks: Vec<CommittedChunk>) -> StageSegment {
+        StageSegment {
+            upload_id,
+            path: path.into(),
+            first_index,
+            chunks,
+            prepared_at_ms: 1_000,
+            grace_ms: PREPARE_GRACE_MS,
+        }
+    }
+
+    fn final_commit(
+        upload_id: u64,
+        path: &str,
+        first_index: u64,
+        chunks: Vec<CommittedChunk>,
+        size: u64,
+    ) -> CommitFile {
+        CommitFile { upload_id: Some(upload_id), first_index, size, ..commit(path, chunks, None) }
+    }
+
+    /// Every chunk's `refs` equals its entries in all segment rows, and no record has none.
+    fn check_references(store: &MemoryStore) {
+        let mut counted: std::collections::BTreeMap<ChunkHash, u64> = std::collections::BTreeMap::new();
+        for (_, value) in store.range(Table::Segments, &[], None, usize::MAX).unwrap() {
+            for chunk in decode::<Vec<FileChunk>>(&value).unwrap() {
+                *counted.entry(chunk.hash).or_default() += 1;
+            }
+        }
+        let mut recorded = std::collections::BTreeMap::new();
+        for_each_chunk(store, |hash, record| {
+            recorded.insert(hash, record.refs);
+            true
+        })
+        .unwrap();
+        assert_eq!(recorded, counted, "chunk references disagree with the segments naming them");
+    }
+
+    fn whole_list(store: &MemoryStore, path: &str) -> Vec<ChunkHash> {
+        let file = get_file(store, path).unwrap().unwrap();
+        let list = file_chunk_page(store, &file, 0, usize::MAX).unwrap();
+        assert_eq!(list.len() as u64, file.n_chunks);
+        list.into_iter().map(|c| c.hash).collect()
+    }
+
+    fn drain_releases(store: &mut MemoryStore, clock_ms: u64) -> usize {
+        let mut steps = 0;
+        while release_pending(store, clock_ms).unwrap() {
+            release_chunks(store, clock_ms, RELEASE_CHUNKS_PER_APPLY).unwrap().unwrap();
+            steps += 1;
+            assert!(steps < 10_000, "release never ends");
+        }
+        steps
+    }
+
+    #[test]
+    fn a_big_file_is_staged_in_segments_and_appears_whole_at_its_commit() {
+        let mut store = MemoryStore::default();
+        let s = SEGMENT_CHUNKS_MAX as u32;
+        for segment in 0..3u32 {
+            let chunks = numbered_list(segment * s..(segment + 1) * s);
+            stage_segment(&mut store, &stage(9, "/big", u64::from(segment * s), chunks), 1_000).unwrap().unwrap();
+            assert!(get_file(&store, "/big").unwrap().is_none(), "nothing is visible before the commit");
+        }
+        assert_eq!(get_chunk(&store, &numbered(5, &[]).hash).unwrap().unwrap().refs, 1, "staged chunks are referenced");
+        check_references(&store);
+        let tail = numbered_list(3 * s..3 * s + 10);
+        let outcome =
+            commit_file(&mut store, &final_commit(9, "/big", 3 * u64::from(s), tail, 3 * u64::from(s) + 10), 2_000)
+                .unwrap()
+                .unwrap();
+        assert!(matches!(outcome, Outcome::FileCommitted { version: 1, .. }));
+        let file = get_file(&store, "/big").unwrap().unwrap();
+        assert_eq!((file.n_chunks, file.size), (3 * u64::from(s) + 10, 3 * u64::from(s) + 10));
+        let expected: Vec<ChunkHash> = (0..3 * s + 10).map(|n| numbered(n, &[]).hash).collect();
+        assert_eq!(whole_list(&store, "/big"), expected);
+        // Pages that start and end inside segments and cross their boundaries.
+        for (from, limit) in [(0u64, 1usize), (8_191, 2), (100, 20_000), (24_570, 100), (24_586, 5)] {
+            let page = file_chunk_page(&store, &file, from, limit).unwrap();
+            let want: Vec<ChunkHash> = expected.iter().skip(from as usize).take(limit).copied().collect();
+            assert_eq!(page.iter().map(|c| c.hash).collect::<Vec<_>>(), want, "page at {from}, {limit}");
+        }
+        assert!(get_upload(&store, 9).unwrap().is_none(), "the commit consumes the upload");
+        assert!(store.range(Table::UploadsByExpiry, &[], None, 10).unwrap().is_empty());
+        check_references(&store);
+    }
+
+    #[test]
+    fn a_staged_segment_or_final_commit_that_does_not_continue_its_upload_is_refused_and_changes_nothing() {
+        let mut store = MemoryStore::default();
+        stage_segment(&mut store, &stage(1, "/big", 0, numbered_list(0..4)), 1_000).unwrap().unwrap();
+        let before = store.clone();
+        let refusals = [
+            stage_segment(&mut store, &stage(1, "/big", 3, numbered_list(4..8)), 1_000).unwrap(),
+            stage_segment(&mut store, &stage(1, "/big", 0, numbered_list(4..8)), 1_000).unwrap(),
+            stage_segment(&mut store, &stage(1, "/other", 4, numbered_list(4..8)), 1_000).unwrap(),
+            stage_segment(&mut store, &stage(2, "/big", 4, numbered_list(4..8)), 1_000).unwrap(),
+            commit_file(&mut store, &final_commit(1, "/big", 5, numbered_list(4..5), 5), 1_000).unwrap(),
+            commit_file(&mut store, &final_commit(1, "/big", 4, numbered_list(4..5), 6), 1_000).unwrap(),
+            commit_file(&mut store, &final_commit(2, "/big", 4, numbered_list(4..5), 5), 1_000).unwrap(),
+            commit_file(
+                &mut store,
+                &CommitFile { expected_version: Some(3), ..final_commit(1, "/big", 4, vec![], 4) },
+                1_000,
+            )
+            .unwrap(),
+        ];
+        for refused in &refusals {
+            assert!(
+                matches!(
+                    refused,
+                    Err(CommandError::UploadMismatch { .. }
+                        | CommandError::UploadNotFound { .. }
+                        | CommandError::VersionMismatch { .. })
+                ),
+                "{refused:?}"
+            );
+        }
+        assert!(matches!(refusals[3], Err(CommandError::UploadNotFound { upload_id: 2 })));
+        assert_eq!(store, before);
+        // The right continuation still works, with an empty last segment.
+        commit_file(&mut store, &final_commit(1, "/big", 4, vec![], 4), 1_000).unwrap().unwrap();
+        assert_eq!(whole_list(&store, "/big").len(), 4);
+    }
+
+    #[test]
+    fn an_abandoned_upload_expires_by_the_state_clock_and_releases_its_references() {
+        let mut store = MemoryStore::default();
+        let grace = PREPARE_GRACE_MS;
+        stage_segment(&mut store, &stage(1, "/big", 0, numbered_list(0..100)), 1_000).unwrap().unwrap();
+        // A later segment moves the expiry: the upload lives `grace` after its last segment.
+        let later = 1_000 + grace / 2;
+        stage_segment(
+            &mut store,
+            &StageSegment { prepared_at_ms: later, ..stage(1, "/big", 100, numbered_list(100..200)) },
+            later,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(!release_pending(&store, 1_000 + grace + 1).unwrap(), "extended by the second segment");
+        assert!(release_pending(&store, later + grace + 1).unwrap());
+        assert_eq!(drain_releases(&mut store, later + grace), 0, "not yet expired at its deadline");
+        // Past it, staging or committing is refused even before anything collected it...
+        let late = later + grace + 1;
+        let refused = commit_file(
+            &mut store,
+            &CommitFile { prepared_at_ms: late, ..final_commit(1, "/big", 200, vec![], 200) },
+            late,
+        )
+        .unwrap();
+        assert_eq!(refused, Err(CommandError::UploadNotFound { upload_id: 1 }));
+        // ...and the next release steps drop every reference it held.
+        drain_releases(&mut store, late);
+        assert!(get_upload(&store, 1).unwrap().is_none());
+        assert_eq!(chunks_listed_on(&store, 1).unwrap(), 0, "no chunk is referenced any more");
+        assert!(store.range(Table::Segments, &[], None, 1).unwrap().is_empty());
+        check_references(&store);
+    }
+
+    #[test]
+    fn deleting_a_big_file_drops_a_segment_at_once_and_the_rest_in_bounded_steps() {
+        let mut store = MemoryStore::default();
+        let s = SEGMENT_CHUNKS_MAX as u32;
+        // Five segments; the file also shares chunks with a small one, which must survive.
+        for segment in 0..5u32 {
+            let chunks = numbered_list(segment * s..(segment + 1) * s);
+            stage_segment(&mut store, &stage(4, "/big", u64::from(segment * s), chunks), 1_000).unwrap().unwrap();
+        }
+        commit_file(&mut store, &final_commit(4, "/big", 5 * u64::from(s), vec![], 5 * u64::from(s)), 1_000)
+            .unwrap()
+            .unwrap();
+        commit_file(&mut store, &commit("/small", numbered_list(0..3), None), 1_000).unwrap().unwrap();
+        delete_file(&mut store, "/big", None).unwrap().unwrap();
+        check_references(&store);
+        assert_eq!(chunks_listed_on(&store, 1).unwrap(), 4 * u64::from(s) + 3, "one segment dropped at once");
+        let steps = drain_releases(&mut store, 1_000);
+        assert_eq!(steps, 4, "a segment per step");
+        assert_eq!(chunks_listed_on(&store, 1).unwrap(), 3, "only the small file's chunks remain");
+        assert_eq!(whole_list(&store, "/small").len(), 3);
+        check_references(&store);
+        // Overwriting releases the old version the same way, after the new one's references.
+        commit_file(&mut store, &commit("/small", numbered_list(1..4), Some(1)), 1_000).unwrap().unwrap();
+        assert_eq!(chunks_listed_on(&store, 1).unwrap(), 3);
+        assert!(get_chunk(&store, &numbered(0, &[]).hash).unwrap().is_none());
+        check_references(&store);
+    }
+
+    #[test]
+    fn an_aborted_upload_releases_what_it_staged() {
+        let mut store = MemoryStore::default();
+        commit_file(&mut store, &commit("/keep", numbered_list(0..2), None), 1_000).unwrap().unwrap();
+        stage_segment(&mut store, &stage(8, "/big", 0, numbered_list(0..50)), 1_000).unwrap().unwrap();
+        abort_upload(&mut store, 8).unwrap().unwrap();
+        abort_upload(&mut store, 8).unwrap().unwrap();
+        assert_eq!(chunks_listed_on(&store, 1).unwrap(), 2);
+        assert!(!release_pending(&store, u64::MAX).unwrap());
+        let refused = stage_segment(&mut store, &stage(8, "/big", 50, numbered_list(50..60)), 1_000).unwrap();
+        assert_eq!(refused, Err(CommandError::UploadNotFound { upload_id: 8 }));
+        check_references(&store);
+    }
+
+    /// What a sequence of file operations may do, for the property test below.
+    #[derive(Debug, Clone)]
+    enum FileOp {
+        /// Commit a small file `path` with these chunk numbers.
+        Put {
+            path: u8,
+            chunks: Vec<u8>,
+        },
+        /// Stage a segment of upload `upload` (for path `upload % 3`).
+        Stage {
+            upload: u8,
+            chunks: Vec<u8>,
+        },
+        /// Commit upload `upload` with these last chunks.
+        Commit {
+            upload: u8,
+            chunks: Vec<u8>,
+        },
+        Abort {
+            upload: u8,
+        },
+        Delete {
+            path: u8,
+        },
+        /// A release step of this budget, `advance_ms` later.
+        Release {
+            budget: u64,
+            advance_ms: u64,
+        },
+    }
+
+    fn file_op() -> impl proptest::strategy::Strategy<Value = FileOp> {
+        use proptest::prelude::*;
+        let chunks = || prop::collection::vec(0u8..12, 0..6);
+        prop_oneof![
+            (0u8..3, chunks()).prop_map(|(path, chunks)| FileOp::Put { path, chunks }),
+            (0u8..4, prop::collection::vec(0u8..12, 1..6))
+                .prop_map(|(upload, chunks)| FileOp::Stage { upload, chunks }),
+            (0u8..4, chunks()).prop_map(|(upload, chunks)| FileOp::Commit { upload, chunks }),
+            (0u8..4).prop_map(|upload| FileOp::Abort { upload }),
+            (0u8..3).prop_map(|path| FileOp::Delete { path }),
+            (1u64..6, prop_oneof![Just(0u64), Just(PREPARE_GRACE_MS / 2), Just(PREPARE_GRACE_MS + 1)])
+                .prop_map(|(budget, advance_ms)| FileOp::Release { budget, advance_ms }),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Whatever the interleaving of small puts, staged uploads, commits, aborts, deletes,
+        /// expiries and partial release steps: every chunk's count equals the segment entries
+        /// naming it, every file reads back the chunks it was committed with, and once every
+        /// file is deleted and the queue drained, nothing is referenced.
+        #[test]
+        fn references_follow_the_segments_through_any_history(ops in proptest::collection::vec(file_op(), 0..60)) {
+            let mut store = MemoryStore::default();
+            let mut clock_ms = 1_000u64;
+            let mut files: std::collections::BTreeMap<String, Vec<ChunkHash>> = Default::default();
+            // Upload → (path, chunks staged so far), while the model believes it is alive.
+            let mut uploads: std::collections::BTreeMap<u64, (String, Vec<ChunkHash>, u64)> = Default::default();
+            let list = |numbers: &[u8]| -> Vec<CommittedChunk> { numbers.iter().map(|n| numbered(u32::from(*n), &[1, 2])).collect() };
+            for op in ops {
+                match op {
+                    FileOp::Put { path, chunks } => {
+                        let path = format!("/f{path}");
+                        let c = CommitFile { prepared_at_ms: clock_ms, ..commit(&path, list(&chunks), None) };
+                        commit_file(&mut store, &c, clock_ms).unwrap().unwrap();
+                        files.insert(path, c.chunks.iter().map(|c| c.hash).collect());
+                    }
+                    FileOp::Stage { upload, chunks } => {
+                        let id = u64::from(upload);
+                        let (path, staged, _) = uploads.get(&id).cloned().unwrap_or((format!("/f{}", upload % 3), vec![], 0));
+                        let st = StageSegment { prepared_at_ms: clock_ms, ..stage(id, &path, staged.len() as u64, list(&chunks)) };
+                        let result = stage_segment(&mut store, &st, clock_ms).unwrap();
+                        if result.is_ok() {
+                            let mut staged = staged;
+                            staged.extend(st.chunks.iter().map(|c| c.hash));
+                            uploads.insert(id, (path, staged, clock_ms + PREPARE_GRACE_MS));
+                        } else {
+                            proptest::prop_assert!(matches!(result, Err(CommandError::UploadNotFound { .. })), "{result:?}");
+                            uploads.remove(&id);
+                        }
+                    }
+                    FileOp::Commit { upload, chunks } => {
+                        let id = u64::from(upload);
+                        let Some((path, staged, _)) = uploads.remove(&id) else { continue };
+                        let last = list(&chunks);
+                        let size = (staged.len() + last.len()) as u64;
+                        let c = CommitFile { prepared_at_ms: clock_ms, ..final_commit(id, &path, staged.len() as u64, last, size) };
+                        match commit_file(&mut store, &c, clock_ms).unwrap() {
+                            Ok(_) => {
+                                let mut all = staged;
+                                all.extend(c.chunks.iter().map(|c| c.hash));
+                                files.insert(path, all);
+                            }
+                            Err(refused) => proptest::prop_assert!(matches!(refused, CommandError::UploadNotFound { .. }), "{refused:?}"),
+                        }
+                    }
+                    FileOp::Abort { upload } => {
+                        abort_upload(&mut store, u64::from(upload)).unwrap().unwrap();
+                        uploads.remove(&u64::from(upload));
+                    }
+                    FileOp::Delete { path } => {
+                        let path = format!("/f{path}");
+                        let result = delete_file(&mut store, &path, None).unwrap();
+                        proptest::prop_assert_eq!(result.is_ok(), files.remove(&path).is_some());
+                    }
+                    FileOp::Release { budget, advance_ms } => {
+                        clock_ms += advance_ms;
+                        release_chunks(&mut store, clock_ms, budget).unwrap().unwrap();
+                        uploads.retain(|_, (_, _, expires)| *expires >= clock_ms);
+                    }
+                }
+                check_references(&store);
+                for (path, chunks) in &files {
+                    proptest::prop_assert_eq!(&whole_list(&store, path), chunks);
+                }
+            }
+            for path in files.keys() {
+                delete_file(&mut store, path, None).unwrap().unwrap();
+            }
+            drain_releases(&mut store, clock_ms + PREPARE_GRACE_MS + 1);
+            check_references(&store);
+            proptest::prop_assert!(store.range(Table::Chunks, &[], None, 1).unwrap().is_empty(), "nothing referenced");
+            proptest::prop_assert!(store.range(Table::Segments, &[], None, 1).unwrap().is_empty(), "no segment left");
+            proptest::prop_assert!(store.range(Table::Uploads, &[], None, 1).unwrap().is_empty(), "no upload left");
+        }
     }
 }

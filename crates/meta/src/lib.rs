@@ -5,8 +5,8 @@
 //! here, [`ApiError`] and [`Origin`]; the modules are private.
 //!
 //! - `schema`: the ordered byte tables, the store trait, encoding, revisions, outcomes, errors;
-//! - `kv` (keys, sessions, events) and `files` (namespace, chunk map, storage nodes, repair
-//!   job) on top of it, and `state`, which turns a committed proposal into their changes. All
+//! - `kv` (keys, sessions, events) and `files` (namespace, chunk lists in segments, uploads,
+//!   chunk map, storage nodes, repair job) on top of it, and `state`, which turns a committed proposal into their changes. All
 //!   four are pure: no Raft, no disk, no clock;
 //! - `raft_store` and `network` adapt the state machine to openraft (redb files, gRPC);
 //! - `node` decides what only the leader may do and forwards the rest; `service` serves the
@@ -52,12 +52,13 @@ pub(crate) type Raft = openraft::Raft<TypeConfig>;
 
 pub use error::ApiError;
 pub use files::{
-    validate_path, ChunkRecord, CommitFile, CommittedChunk, FileChunk, FileRecord, RepairJob, ReplicaAdded,
-    ReplicaDrop, StorageNode, PATH_BYTES_MAX, PREPARE_GRACE_MS,
+    segment_chunks_for, validate_path, ChunkRecord, CommitFile, CommittedChunk, FileChunk, FileRecord, RepairJob,
+    ReplicaAdded, ReplicaDrop, StageSegment, StorageNode, PATH_BYTES_MAX, PREPARE_GRACE_MS, SEGMENT_CHUNKS_MAX,
 };
 pub use network::{validate_node_addr, PeerInterceptor, Peers};
 pub use node::{
-    FileCommitted, FileView, FilesInUse, Membership, MetaConfig, MetaNode, Origin, PeerTls, RaftStatus, Role,
+    ChunkPage, ChunkRef, FileCommitted, FileView, FilesInUse, Membership, MetaConfig, MetaNode, Origin, PeerTls,
+    RaftStatus, Role, CHUNK_PAGE_CHUNKS_MAX,
 };
 pub use schema::{CommandError, KvUsage, Limits};
 pub use service::{authenticator, request_origin, services, AuthApi, KvApi, NodeApi};

@@ -26,7 +26,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::ApiError;
-use crate::files::{self, ChunkRecord, CommitFile, FileRecord, RepairJob, ReplicaAdded, ReplicaDrop, StorageNode};
+use crate::files::{
+    self, ChunkRecord, CommitFile, FileRecord, RepairJob, ReplicaAdded, ReplicaDrop, StageSegment, StorageNode,
+};
 use crate::kv;
 use crate::network::{NetworkFactory, Peers};
 use crate::raft_store::{RaftLogStore, StateMachineStore, StateReader};
@@ -128,13 +130,10 @@ pub(crate) enum LeaderRequest {
     RemoveNode {
         id: NodeId,
     },
-    GetFile {
-        path: String,
-    },
-    ListFiles {
-        prefix: String,
-        limit: u32,
-    },
+    /// Retired: a file with its whole chunk list; now `FileChunks`. Refused.
+    RetiredGetFile,
+    /// Retired: files with their whole chunk lists; now `ListFiles`. Refused.
+    RetiredListFiles,
     /// Which of these chunks no committed file lists on `node_id` (garbage collection).
     UnreferencedChunks {
         node_id: NodeId,
@@ -153,6 +152,19 @@ pub(crate) enum LeaderRequest {
     ListFrom {
         prefix: Vec<u8>,
         start_key: Vec<u8>,
+        limit: u32,
+    },
+    /// A file's summary and one page of its chunk list (`limit` 0: the summary alone), of
+    /// `version` (None: the current one).
+    FileChunks {
+        path: String,
+        version: Option<u64>,
+        from_index: u64,
+        limit: u32,
+    },
+    /// File summaries under a prefix, without their chunk lists.
+    ListFiles {
+        prefix: String,
         limit: u32,
     },
 }
@@ -175,24 +187,50 @@ pub(crate) enum LeaderResponse {
         ttl_ms: u64,
     },
     Membership(Membership),
-    File(Option<FileView>),
-    Files {
-        files: Vec<FileView>,
-        truncated: bool,
-    },
+    /// Retired with `LeaderRequest::RetiredGetFile`; never sent.
+    RetiredFile,
+    /// Retired with `LeaderRequest::RetiredListFiles`; never sent.
+    RetiredFiles,
     Unreferenced(Vec<ChunkHash>),
     /// Retired with `LeaderRequest::RetiredHealth`; never sent.
     RetiredHealth,
     Drained,
+    FileChunks(Option<(FileView, ChunkPage)>),
+    Files {
+        files: Vec<FileView>,
+        truncated: bool,
+    },
 }
 
-/// A file version with the replica list of each of its chunks, from one consistent read.
+/// A file version's summary: its record, which names its chunk list but does not hold it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FileView {
     pub path: String,
     pub record: FileRecord,
-    pub chunk_replicas: Vec<Vec<NodeId>>,
 }
+
+/// One chunk of a file with the nodes its copies are listed on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub hash: ChunkHash,
+    pub size: u64,
+    pub replicas: Vec<NodeId>,
+}
+
+/// Consecutive chunks of one file version, from one consistent read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkPage {
+    pub version: u64,
+    pub n_chunks: u64,
+    pub from_index: u64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+/// The most chunks one page holds.
+pub const CHUNK_PAGE_CHUNKS_MAX: u32 = files::SEGMENT_CHUNKS_MAX as u32;
+/// The most bytes one page holds, roughly (a hash, a size and each replica's id per chunk):
+/// a page stays a small message, whatever the file's size or the chunks' replica counts.
+const CHUNK_PAGE_BYTES_MAX: usize = 1 << 20;
 
 /// The Raft members after a membership change.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,17 +316,43 @@ fn unexpected(what: &str, answer: impl std::fmt::Debug) -> ApiError {
     ApiError::Internal(format!("unexpected answer to {what}: {answer:?}"))
 }
 
-fn file_view(view: &crate::raft_store::ReadView, path: String, record: FileRecord) -> Result<FileView, ApiError> {
-    let mut chunk_replicas = Vec::with_capacity(record.chunks.len());
-    for chunk in &record.chunks {
-        let replicas = files::get_chunk(view, &chunk.hash).map_err(ApiError::internal)?.map(|c| c.replicas);
-        chunk_replicas.push(
-            replicas.ok_or_else(|| {
-                ApiError::Internal(format!("file {path} references a chunk missing from the chunk map"))
-            })?,
-        );
+/// A file's summary and up to `limit` of its chunks from `from_index` on, with their
+/// replicas, from one read view; None if there is no such file. `version`: refused with
+/// `VersionMismatch` unless it is the current one (a reader paging through a file learns that
+/// the file changed instead of mixing two versions).
+fn file_chunk_page(
+    view: &crate::raft_store::ReadView,
+    path: String,
+    version: Option<u64>,
+    from_index: u64,
+    limit: u32,
+) -> Result<Option<(FileView, ChunkPage)>, ApiError> {
+    let record = files::get_file(view, &path).map_err(ApiError::internal)?;
+    if let Some(expected) = version {
+        let actual = record.as_ref().map_or(0, |record| record.version);
+        if actual != expected {
+            return Err(ApiError::Command(CommandError::VersionMismatch { expected, actual }));
+        }
     }
-    Ok(FileView { path, record, chunk_replicas })
+    let Some(record) = record else { return Ok(None) };
+    let limit = limit.min(CHUNK_PAGE_CHUNKS_MAX) as usize;
+    let listed = files::file_chunk_page(view, &record, from_index, limit).map_err(ApiError::internal)?;
+    let mut chunks = Vec::with_capacity(listed.len());
+    let mut bytes = 0;
+    for chunk in listed {
+        let replicas = files::get_chunk(view, &chunk.hash).map_err(ApiError::internal)?.map(|c| c.replicas);
+        let replicas = replicas.ok_or_else(|| {
+            ApiError::Internal(format!("file {path} references chunk {} missing from the chunk map", chunk.hash))
+        })?;
+        bytes += 48 + 8 * replicas.len();
+        // Always at least one chunk, so a reader makes progress.
+        if bytes > CHUNK_PAGE_BYTES_MAX && !chunks.is_empty() {
+            break;
+        }
+        chunks.push(ChunkRef { hash: chunk.hash, size: chunk.size, replicas });
+    }
+    let page = ChunkPage { version: record.version, n_chunks: record.n_chunks, from_index, chunks };
+    Ok(Some((FileView { path, record }, page)))
 }
 
 /// Session liveness, kept by the leader alone (soft state, like etcd's lease keep-alives): a
@@ -559,6 +623,50 @@ impl Worker for LeaderDuties {
     }
 }
 
+/// The leader's queued chunk-set work, one bounded step at a time: while a released chunk set
+/// (a deleted or overwritten file's, an aborted upload's) or an expired upload waits, it
+/// proposes `ReleaseChunks`, whose apply drops about a segment's worth of references. One at a
+/// time, so a big delete never crowds the log.
+struct ChunkReleaser {
+    node: MetaNode,
+}
+
+/// How often the leader looks for released chunk sets and expired uploads when it found none.
+const RELEASE_CHECK_EVERY: Duration = Duration::from_millis(250);
+
+impl Worker for ChunkReleaser {
+    fn name(&self) -> String {
+        "meta.chunk_release".into()
+    }
+
+    async fn work(&mut self) -> Result<Step, WorkerError> {
+        let node = &self.node;
+        if node.raft.metrics().borrow().state == ServerState::Shutdown {
+            return Ok(Step::Done);
+        }
+        if !node.is_leader() {
+            return Ok(Step::Idle(RELEASE_CHECK_EVERY));
+        }
+        let now_ms = unix_now_ms();
+        let pending = node
+            .state
+            .view()
+            .and_then(|view| files::release_pending(&view, now_ms))
+            .map_err(|e| WorkerError(e.to_string()))?;
+        if !pending {
+            return Ok(Step::Idle(RELEASE_CHECK_EVERY));
+        }
+        match node.propose(Proposal { request_id: None, proposed_at_ms: now_ms, command: Command::ReleaseChunks }).await
+        {
+            Ok(_) => Ok(Step::Busy),
+            Err(e) => {
+                tracing::warn!("releasing chunk references: {e}");
+                Ok(Step::Idle(RELEASE_CHECK_EVERY))
+            }
+        }
+    }
+}
+
 /// A running metadata node; cheap to clone.
 #[derive(Clone)]
 pub struct MetaNode {
@@ -662,6 +770,7 @@ impl MetaNode {
             LeaderDuties { node: node.clone(), led_in_term: None, limits_agreed_in_term: None },
             OnFailure::Restart,
         );
+        background.spawn_worker(ChunkReleaser { node: node.clone() }, OnFailure::Restart);
         background.spawn(node.clone().count_leader_changes(background.stopping()));
         Ok(node)
     }
@@ -919,11 +1028,17 @@ impl MetaNode {
                 clocks.set(session_id, Instant::now() + Duration::from_millis(session.ttl_ms));
                 Ok(LeaderResponse::KeepAlive { ttl_ms: session.ttl_ms })
             }
-            LeaderRequest::GetFile { path } => {
+            LeaderRequest::FileChunks { path, version, from_index, limit } => {
                 self.linearizable_barrier().await?;
-                let view = self.state.view().map_err(ApiError::internal)?;
-                let file = files::get_file(&view, &path).map_err(ApiError::internal)?;
-                Ok(LeaderResponse::File(file.map(|record| file_view(&view, path, record)).transpose()?))
+                // Off the async workers: a page reads up to a segment's worth of chunk records.
+                let state = self.state.clone();
+                let page = tokio::task::spawn_blocking(move || {
+                    let view = state.view().map_err(ApiError::internal)?;
+                    file_chunk_page(&view, path, version, from_index, limit)
+                })
+                .await
+                .map_err(ApiError::internal)??;
+                Ok(LeaderResponse::FileChunks(page))
             }
             LeaderRequest::ListFiles { prefix, limit } => {
                 self.linearizable_barrier().await?;
@@ -931,12 +1046,12 @@ impl MetaNode {
                 let view = self.state.view().map_err(ApiError::internal)?;
                 let (found, truncated) =
                     files::list_files(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
-                let files = found
-                    .into_iter()
-                    .map(|(path, record)| file_view(&view, path, record))
-                    .collect::<Result<Vec<_>, _>>()?;
+                let files = found.into_iter().map(|(path, record)| FileView { path, record }).collect();
                 Ok(LeaderResponse::Files { files, truncated })
             }
+            LeaderRequest::RetiredGetFile | LeaderRequest::RetiredListFiles => Err(ApiError::InvalidArgument(
+                "whole chunk lists are no longer served; files are read a page at a time (upgrade this node)".into(),
+            )),
             LeaderRequest::UnreferencedChunks { node_id, hashes } => {
                 // Read-index: the answer reflects every commit acknowledged before it, so a
                 // chunk reported unreferenced here was not referenced on this node by any
@@ -1298,6 +1413,17 @@ impl MetaNode {
         }
     }
 
+    /// Stages one full segment of a big file's upload (see `files`). `request_id` makes a
+    /// retried stage return the first one's outcome instead of staging twice.
+    pub async fn stage_segment(&self, request_id: RequestId, stage: StageSegment) -> Result<(), ApiError> {
+        self.execute(Origin::LOCAL, Some(request_id), Command::StageSegment(stage)).await.map(drop)
+    }
+
+    /// Releases what an upload staged, once its coordinator gave up on it.
+    pub async fn abort_upload(&self, upload_id: u64) -> Result<(), ApiError> {
+        self.execute_quietly(Command::AbortUpload { upload_id }).await
+    }
+
     /// Deletes a file for a client; returns the revision of the deletion.
     pub async fn delete_file(
         &self,
@@ -1371,16 +1497,31 @@ impl MetaNode {
         }
     }
 
-    /// A file's current version with its chunks' replicas, from a linearizable read.
+    /// A file's current version (its summary), from a linearizable read.
     pub async fn get_file(&self, origin: Origin, path: String) -> Result<Option<FileView>, ApiError> {
-        match self.serve_on_leader(LeaderRequest::GetFile { path }, origin).await? {
-            LeaderResponse::File(file) => Ok(file),
-            other => Err(unexpected("a file lookup", other)),
+        Ok(self.file_chunks(origin, path, None, 0, 0).await?.map(|(file, _)| file))
+    }
+
+    /// A file's summary and up to `limit` chunks (at most [`CHUNK_PAGE_CHUNKS_MAX`], and a page
+    /// stays under about 1 MiB) from `from_index` on, with their replicas, from one
+    /// linearizable read; None if the file does not exist. With `version`, refused with
+    /// `VersionMismatch` (actual 0: deleted) unless that is still the current version.
+    pub async fn file_chunks(
+        &self,
+        origin: Origin,
+        path: String,
+        version: Option<u64>,
+        from_index: u64,
+        limit: u32,
+    ) -> Result<Option<(FileView, ChunkPage)>, ApiError> {
+        match self.serve_on_leader(LeaderRequest::FileChunks { path, version, from_index, limit }, origin).await? {
+            LeaderResponse::FileChunks(page) => Ok(page),
+            other => Err(unexpected("a chunk page", other)),
         }
     }
 
-    /// Files under `prefix` in path order (at most `limit`, 0 for the node's maximum); the flag
-    /// says whether the list was cut short.
+    /// Summaries of the files under `prefix` in path order (at most `limit`, 0 for the node's
+    /// maximum), without chunk lists; the flag says whether the list was cut short.
     pub async fn list_files(
         &self,
         origin: Origin,
@@ -1491,8 +1632,12 @@ mod tests {
             (LeaderRequest::RemoveNode { id: 1 }, 5),
             (LeaderRequest::UnreferencedChunks { node_id: 1, hashes: vec![] }, 8),
             (LeaderRequest::RetiredHealth, 9),
+            (LeaderRequest::RetiredGetFile, 6),
+            (LeaderRequest::RetiredListFiles, 7),
             (LeaderRequest::Drain { id: 1, draining: true }, 10),
             (LeaderRequest::ListFrom { prefix: vec![], start_key: vec![], limit: 0 }, 11),
+            (LeaderRequest::FileChunks { path: String::new(), version: None, from_index: 0, limit: 0 }, 12),
+            (LeaderRequest::ListFiles { prefix: String::new(), limit: 0 }, 13),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");
@@ -1501,7 +1646,11 @@ mod tests {
             (LeaderResponse::KeepAlive { ttl_ms: 1 }, 3),
             (LeaderResponse::Unreferenced(vec![]), 7),
             (LeaderResponse::RetiredHealth, 8),
+            (LeaderResponse::RetiredFile, 5),
+            (LeaderResponse::RetiredFiles, 6),
             (LeaderResponse::Drained, 9),
+            (LeaderResponse::FileChunks(None), 10),
+            (LeaderResponse::Files { files: vec![], truncated: false }, 11),
         ];
         for (response, number) in responses {
             assert_eq!(wire_number(&response), number, "{response:?}");

@@ -37,11 +37,24 @@ pub enum Table {
     StorageNodes,
     /// token name → [`crate::auth::TokenRecord`]: client tokens, by the hash only.
     Tokens,
+    /// chunk set id (u64 BE) ++ index of the segment's last chunk (u64 BE) →
+    /// `Vec<`[`crate::files::FileChunk`]`>`: a file's (or an upload's) chunk list, in bounded
+    /// segments. Keyed by the last index so that one range read finds the segment holding any
+    /// index.
+    Segments,
+    /// upload id (u64 BE) → [`crate::files::Upload`]: a big file being written, segment by
+    /// segment, not yet committed.
+    Uploads,
+    /// expiry time ms (u64 BE) ++ upload id (u64 BE) → (): expiry index of `Uploads`.
+    UploadsByExpiry,
+    /// chunk set id (u64 BE) → (): chunk sets no file or upload owns any more, whose chunk
+    /// references are still to be dropped (a bounded amount per `ReleaseChunks`).
+    ReleasedChunkSets,
 }
 
 impl Table {
     /// In discriminant order (storage indexes by `table as usize`).
-    pub const ALL: [Table; 11] = [
+    pub const ALL: [Table; 15] = [
         Table::Keys,
         Table::Sessions,
         Table::SessionKeys,
@@ -53,6 +66,10 @@ impl Table {
         Table::Chunks,
         Table::StorageNodes,
         Table::Tokens,
+        Table::Segments,
+        Table::Uploads,
+        Table::UploadsByExpiry,
+        Table::ReleasedChunkSets,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +85,10 @@ impl Table {
             Table::Chunks => "chunks",
             Table::StorageNodes => "storage_nodes",
             Table::Tokens => "tokens",
+            Table::Segments => "segments",
+            Table::Uploads => "uploads",
+            Table::UploadsByExpiry => "uploads_by_expiry",
+            Table::ReleasedChunkSets => "released_chunk_sets",
         }
     }
 }
@@ -305,6 +326,13 @@ pub enum CommandError {
     TooManySessions { open: u64, limit: u64 },
     #[error("cannot compact to revision {requested}: the current revision is {current}")]
     CompactBeyondCurrent { requested: u64, current: u64 },
+    #[error(
+        "upload {upload_id} is gone: it expired (no segment for longer than its grace period), was aborted, or \
+         never started; write the file again"
+    )]
+    UploadNotFound { upload_id: u64 },
+    #[error("upload {upload_id} does not match: {why}")]
+    UploadMismatch { upload_id: u64, why: String },
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;

@@ -77,7 +77,8 @@ pub enum Command {
     RegisterStorageNode {
         node: crate::files::StorageNode,
     },
-    /// Phase two of a file write: installs the new version and its chunk references at once.
+    /// Phase two of a file write: installs the new version at once, with its last segment of
+    /// chunk references (for a big file, after the segments its upload staged).
     CommitFile(crate::files::CommitFile),
     DeleteFile {
         path: String,
@@ -131,6 +132,16 @@ pub enum Command {
     /// The leader's configured cluster-wide limits, proposed when they differ from the
     /// committed ones.
     SetLimits(crate::schema::Limits),
+    /// One full segment of a big file's chunk list, ahead of the `CommitFile` that installs
+    /// the file: its chunk references are added now, so no entry carries a whole big file.
+    StageSegment(crate::files::StageSegment),
+    /// The coordinator gave up on an upload: release what it staged.
+    AbortUpload {
+        upload_id: u64,
+    },
+    /// The leader's bounded step through queued work: expires abandoned uploads and drops
+    /// the references of released chunk sets (a deleted or overwritten big file's).
+    ReleaseChunks,
 }
 
 impl Command {
@@ -161,7 +172,9 @@ impl Proposal {
                 Command::Delete { key, .. } => key.len(),
                 Command::SessionOpen { .. } | Command::SessionClose { .. } | Command::SessionExpire { .. } => 0,
                 Command::RegisterStorageNode { node } => node.addr.len() + node.zone.len(),
-                Command::CommitFile(commit) => commit.path.len() + commit.chunks.len() * 64,
+                Command::CommitFile(commit) => {
+                    commit.path.len() + commit.content_hash.len() + committed_chunks_bytes(&commit.chunks)
+                }
                 Command::DeleteFile { path, .. } => path.len(),
                 Command::DropReplica { .. } => 32,
                 Command::SetNodeLiveness { .. }
@@ -173,8 +186,16 @@ impl Proposal {
                 Command::CreateToken { name, .. } => name.len() + 48,
                 Command::RevokeToken { name } => name.len(),
                 Command::Compact { .. } | Command::SetLimits(_) => 0,
+                Command::StageSegment(stage) => stage.path.len() + committed_chunks_bytes(&stage.chunks),
+                Command::AbortUpload { .. } | Command::ReleaseChunks => 0,
             }
     }
+}
+
+/// What a list of committed chunks adds to an entry; `validate` bounds it per segment
+/// (`SEGMENT_BYTES_MAX`).
+fn committed_chunks_bytes(chunks: &[crate::files::CommittedChunk]) -> usize {
+    chunks.iter().map(crate::files::committed_chunk_bytes).sum()
 }
 
 /// Proposals that travel through Raft as one entry: concurrent writes share one log append,
@@ -301,6 +322,15 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
         Command::SessionOpen { ttl_ms } => kv::open_session(store, *ttl_ms),
         Command::SessionClose { session_id } | Command::SessionExpire { session_id } => {
             kv::close_session(store, *session_id)
+        }
+        Command::StageSegment(stage) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            files::stage_segment(store, stage, clock_ms)
+        }
+        Command::AbortUpload { upload_id } => files::abort_upload(store, *upload_id),
+        Command::ReleaseChunks => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            files::release_chunks(store, clock_ms, files::RELEASE_CHUNKS_PER_APPLY)
         }
     }
 }

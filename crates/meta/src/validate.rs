@@ -4,14 +4,12 @@
 //! where every replica would have to store and apply them forever.
 
 use crate::error::ApiError;
-use crate::files::validate_path;
+use crate::files::{committed_chunk_bytes, validate_path, CommittedChunk, SEGMENT_BYTES_MAX, SEGMENT_CHUNKS_MAX};
 use crate::node::MetaConfig;
 use crate::state::Command;
 
 /// Sessions live at least this long and at most this long.
 pub const SESSION_TTL_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
-/// Chunks of one file version (a 64 MiB chunk makes that 64 TiB).
-pub const FILE_CHUNKS_MAX: usize = 1 << 20;
 /// Replicas listed for one chunk, and nodes in one drop's `keep`.
 const REPLICAS_MAX: usize = 64;
 /// Entries in one repair checkpoint or drop batch.
@@ -55,6 +53,22 @@ fn check_len(what: &str, len: usize, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Checks one segment of a chunk list (what one entry may carry); returns its bytes.
+fn check_segment(chunks: &[CommittedChunk]) -> Result<u64, ApiError> {
+    check_len("chunks in one segment", chunks.len(), SEGMENT_CHUNKS_MAX)?;
+    let (mut size, mut bytes) = (0u64, 0usize);
+    for chunk in chunks {
+        if chunk.replicas.is_empty() {
+            return Err(invalid(format!("chunk {} has no replica", chunk.hash)));
+        }
+        check_len("replicas of one chunk", chunk.replicas.len(), REPLICAS_MAX)?;
+        size = size.saturating_add(chunk.size);
+        bytes += committed_chunk_bytes(chunk);
+    }
+    check_len("proposal bytes of one segment", bytes, SEGMENT_BYTES_MAX)?;
+    Ok(size)
+}
+
 /// Checks `command` against the limits of `config`; says what is wrong.
 pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<(), ApiError> {
     match command {
@@ -78,23 +92,31 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
         }
         Command::CommitFile(commit) => {
             validate_path(&commit.path).map_err(invalid)?;
-            check_len("chunks in one file", commit.chunks.len(), FILE_CHUNKS_MAX)?;
             if commit.content_hash.len() != 32 {
                 return Err(invalid(format!("a content hash is 32 bytes, not {}", commit.content_hash.len())));
             }
-            let mut size = 0u64;
-            for chunk in &commit.chunks {
-                if chunk.replicas.is_empty() {
-                    return Err(invalid(format!("chunk {} has no replica", chunk.hash)));
+            let size = check_segment(&commit.chunks)?;
+            match commit.upload_id {
+                None if commit.first_index != 0 => {
+                    Err(invalid(format!("a commit without an upload starts at chunk 0, not {}", commit.first_index)))
                 }
-                check_len("replicas of one chunk", chunk.replicas.len(), REPLICAS_MAX)?;
-                size = size.saturating_add(chunk.size);
+                None if size != commit.size => {
+                    Err(invalid(format!("the chunks add up to {size} bytes, the file says {}", commit.size)))
+                }
+                Some(_) if size > commit.size => {
+                    Err(invalid(format!("the last chunks alone are {size} bytes, the file says {}", commit.size)))
+                }
+                _ => Ok(()),
             }
-            if size != commit.size {
-                return Err(invalid(format!("the chunks add up to {size} bytes, the file says {}", commit.size)));
-            }
-            Ok(())
         }
+        Command::StageSegment(stage) => {
+            validate_path(&stage.path).map_err(invalid)?;
+            if stage.chunks.is_empty() {
+                return Err(invalid("a staged segment has no chunk".into()));
+            }
+            check_segment(&stage.chunks).map(drop)
+        }
+        Command::AbortUpload { .. } | Command::ReleaseChunks => Ok(()),
         Command::DeleteFile { path, .. } => validate_path(path).map_err(invalid),
         Command::DropReplica { .. }
         | Command::SetNodeLiveness { .. }
@@ -140,7 +162,20 @@ mod tests {
             mtime_ms: 0,
             content_hash: vec![0; 32],
             chunks,
+            upload_id: None,
+            first_index: 0,
             expected_version: None,
+            prepared_at_ms: 0,
+            grace_ms: 1,
+        })
+    }
+
+    fn stage(chunks: Vec<CommittedChunk>) -> Command {
+        Command::StageSegment(crate::files::StageSegment {
+            upload_id: 7,
+            path: "/big".into(),
+            first_index: 0,
+            chunks,
             prepared_at_ms: 0,
             grace_ms: 1,
         })
@@ -157,6 +192,8 @@ mod tests {
             Command::Set { key: b"k".to_vec(), value: vec![0; 1 << 20], expected_version: None, session_id: None },
             Command::SessionOpen { ttl_ms: 100 },
             commit("/a/b", vec![chunk(3, vec![1, 2]), chunk(4, vec![2])], 7),
+            commit("/a/b", vec![chunk(3, vec![1]); SEGMENT_CHUNKS_MAX], 3 * SEGMENT_CHUNKS_MAX as u64),
+            stage(vec![chunk(3, vec![1, 2, 3]); SEGMENT_CHUNKS_MAX]),
             Command::DeleteFile { path: "/a".into(), expected_version: None },
         ];
         for command in good {
@@ -197,9 +234,13 @@ mod tests {
             (commit("/a", vec![chunk(3, vec![])], 3), "no replica"),
             (commit("/a", vec![chunk(3, vec![1])], 4), "add up to"),
             (
-                commit("/a", vec![chunk(3, vec![1]); FILE_CHUNKS_MAX + 1], 3 * (FILE_CHUNKS_MAX as u64 + 1)),
-                "chunks in one file",
+                commit("/a", vec![chunk(3, vec![1]); SEGMENT_CHUNKS_MAX + 1], 3 * (SEGMENT_CHUNKS_MAX as u64 + 1)),
+                "chunks in one segment",
             ),
+            (stage(vec![chunk(3, vec![1]); SEGMENT_CHUNKS_MAX + 1]), "chunks in one segment"),
+            (stage(vec![]), "no chunk"),
+            (stage(vec![chunk(3, vec![1; 65])]), "replicas of one chunk"),
+            (stage(vec![chunk(3, vec![1; 20]); SEGMENT_CHUNKS_MAX]), "proposal bytes of one segment"),
             (Command::RegisterStorageNode { node: storage_node("not an address", "z".into()) }, "HOST:PORT"),
             (Command::RegisterStorageNode { node: storage_node("127.0.0.1:1", "z".repeat(2_000)) }, "zone bytes"),
         ];

@@ -758,6 +758,91 @@ fn expired_dedup_records_drain_over_later_applies() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Big files: staged segments, uploads, released chunk sets
+// ---------------------------------------------------------------------------------------------
+
+fn segment_chunks(first: u32, n: u32) -> Vec<crate::files::CommittedChunk> {
+    (first..first + n)
+        .map(|i| {
+            let mut bytes = [7u8; 32];
+            bytes[..4].copy_from_slice(&i.to_be_bytes());
+            crate::files::CommittedChunk {
+                hash: mendfs_types::ChunkHash::from_bytes(bytes),
+                size: 2,
+                replicas: vec![1, 2, 3],
+            }
+        })
+        .collect()
+}
+
+fn stage_proposal(sequence: u64, at_ms: u64, first_index: u64, chunks: Vec<crate::files::CommittedChunk>) -> Proposal {
+    let stage = crate::files::StageSegment {
+        upload_id: 42,
+        path: "/big".into(),
+        first_index,
+        chunks,
+        prepared_at_ms: at_ms,
+        grace_ms: 60_000,
+    };
+    proposal_with_id(9, sequence, at_ms, Command::StageSegment(stage))
+}
+
+fn chunk_records(store: &MemoryStore) -> usize {
+    table_len(store, Table::Chunks)
+}
+
+#[test]
+fn a_big_file_commits_through_bounded_entries_and_its_release_follows_the_state_clock() {
+    let mut store = MemoryStore::default();
+    let segment = crate::files::SEGMENT_CHUNKS_MAX as u32;
+    let first = stage_proposal(2, 1_000, 0, segment_chunks(0, segment));
+    let second = stage_proposal(3, 1_100, u64::from(segment), segment_chunks(segment, segment));
+    for proposal in [&first, &second] {
+        assert!(proposal.approximate_bytes() < 1 << 20, "a segment is a small entry");
+        assert_eq!(run_proposal(&mut store, proposal), Ok(Outcome::Noop));
+    }
+    // A retried segment (its answer was lost) is deduplicated, not staged twice.
+    let before = store.clone();
+    assert_eq!(run_proposal(&mut store, &second), Ok(Outcome::Noop));
+    assert_eq!(store, before);
+    let commit = crate::files::CommitFile {
+        path: "/big".into(),
+        size: 2 * (2 * u64::from(segment) + 3),
+        mtime_ms: 1,
+        content_hash: vec![0; 32],
+        chunks: segment_chunks(2 * segment, 3),
+        upload_id: Some(42),
+        first_index: 2 * u64::from(segment),
+        expected_version: Some(0),
+        prepared_at_ms: 1_200,
+        grace_ms: 60_000,
+    };
+    let committed = run_proposal(&mut store, &proposal_with_id(9, 1, 1_200, Command::CommitFile(commit)));
+    assert!(matches!(committed, Ok(Outcome::FileCommitted { version: 1, revision: 1 })), "{committed:?}");
+    assert_eq!(revision(&store), 1, "the staged segments took no revision; the commit took one");
+    assert_eq!(chunk_records(&store), 2 * segment as usize + 3);
+
+    // Deleting drops a segment's references at once; ReleaseChunks, stamped by the leader,
+    // drops the rest, a bounded step each.
+    run(&mut store, Command::DeleteFile { path: "/big".into(), expected_version: None }).expect("delete");
+    assert_eq!(chunk_records(&store), segment as usize + 3);
+    let release = |at_ms: u64| Proposal { request_id: None, proposed_at_ms: at_ms, command: Command::ReleaseChunks };
+    assert_eq!(run_proposal(&mut store, &release(1_300)), Ok(Outcome::Noop));
+    assert_eq!(chunk_records(&store), 3, "a segment per step");
+    run_proposal(&mut store, &release(1_300)).expect("release");
+    assert_eq!(chunk_records(&store), 0);
+
+    // An upload that is never committed is released once the state clock passes its expiry,
+    // and not before.
+    run_proposal(&mut store, &stage_proposal(4, 2_000, 0, segment_chunks(0, 10))).expect("stage");
+    run_proposal(&mut store, &release(2_000 + 60_000)).expect("release");
+    assert_eq!(chunk_records(&store), 10, "still within its grace");
+    run_proposal(&mut store, &release(2_000 + 60_001)).expect("release");
+    assert_eq!(chunk_records(&store), 0, "expired and released");
+    assert_eq!(table_len(&store, Table::Uploads) + table_len(&store, Table::Segments), 0);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Event history
 // ---------------------------------------------------------------------------------------------
 
