@@ -147,10 +147,18 @@ impl Peers {
     pub(crate) fn client(&self, addr: &str) -> Result<PeerClient, String> {
         let channel = self.channel(addr)?;
         Ok(NodeClient::with_interceptor(channel, self.interceptor.clone())
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX))
+            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX))
     }
 }
+
+/// The largest message between two nodes, either way. What travels is bounded below it: an
+/// `AppendEntries` holds at most 4 entries of 1 MiB plus one proposal (a value is at most
+/// 8 MiB, `--max-value-bytes`), a snapshot chunk is 3 MiB, a
+/// forwarded proposal is one client write or one segment of a file's chunk list, and a leader's
+/// answer is a page. A peer (or a bug) that sends more is refused before the bytes are buffered
+/// (an unbounded 64 MiB forward once took a leader long enough to decode that it lost its term).
+pub const PEER_MESSAGE_BYTES_MAX: usize = 64 << 20;
 
 pub struct NetworkFactory {
     pub peers: Peers,

@@ -1043,11 +1043,17 @@ impl MetaNode {
             LeaderRequest::ListFiles { prefix, limit } => {
                 self.linearizable_barrier().await?;
                 let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
-                let view = self.state.view().map_err(ApiError::internal)?;
-                let (found, truncated) =
-                    files::list_files(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
-                let files = found.into_iter().map(|(path, record)| FileView { path, record }).collect();
-                Ok(LeaderResponse::Files { files, truncated })
+                // A scan of up to `limit` file records: off the async workers.
+                let state = self.state.clone();
+                tokio::task::spawn_blocking(move || {
+                    let view = state.view().map_err(ApiError::internal)?;
+                    let (found, truncated) =
+                        files::list_files(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
+                    let files = found.into_iter().map(|(path, record)| FileView { path, record }).collect();
+                    Ok(LeaderResponse::Files { files, truncated })
+                })
+                .await
+                .map_err(ApiError::internal)?
             }
             LeaderRequest::RetiredGetFile | LeaderRequest::RetiredListFiles => Err(ApiError::InvalidArgument(
                 "whole chunk lists are no longer served; files are read a page at a time (upgrade this node)".into(),
@@ -1057,17 +1063,23 @@ impl MetaNode {
                 // chunk reported unreferenced here was not referenced on this node by any
                 // committed file at that moment.
                 self.linearizable_barrier().await?;
-                let view = self.state.view().map_err(ApiError::internal)?;
-                let mut unreferenced = Vec::new();
-                for hash in hashes {
-                    let listed = files::get_chunk(&view, &hash)
-                        .map_err(ApiError::internal)?
-                        .is_some_and(|record| record.replicas.contains(&node_id));
-                    if !listed {
-                        unreferenced.push(hash);
+                // One lookup per hash a collector asks about: off the async workers.
+                let state = self.state.clone();
+                tokio::task::spawn_blocking(move || {
+                    let view = state.view().map_err(ApiError::internal)?;
+                    let mut unreferenced = Vec::new();
+                    for hash in hashes {
+                        let listed = files::get_chunk(&view, &hash)
+                            .map_err(ApiError::internal)?
+                            .is_some_and(|record| record.replicas.contains(&node_id));
+                        if !listed {
+                            unreferenced.push(hash);
+                        }
                     }
-                }
-                Ok(LeaderResponse::Unreferenced(unreferenced))
+                    Ok(LeaderResponse::Unreferenced(unreferenced))
+                })
+                .await
+                .map_err(ApiError::internal)?
             }
             LeaderRequest::RetiredHealth => Err(ApiError::InvalidArgument(
                 "the health view is no longer forwarded this way; ask Cluster.Status (upgrade this node)".into(),
@@ -1105,13 +1117,20 @@ impl MetaNode {
     async fn list_page(&self, prefix: Vec<u8>, start_key: Vec<u8>, limit: u32) -> Result<LeaderResponse, ApiError> {
         self.linearizable_barrier().await?;
         let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
-        let view = self.state.view().map_err(ApiError::internal)?;
-        let (kvs, truncated) = kv::list_keys(&view, &prefix, &start_key, limit as usize).map_err(ApiError::internal)?;
-        Ok(LeaderResponse::List {
-            revision: schema::current_revision(&view).map_err(ApiError::internal)?,
-            kvs,
-            truncated,
+        // Up to 10,000 keys or 4 MiB read from redb: off the async workers.
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let view = state.view().map_err(ApiError::internal)?;
+            let (kvs, truncated) =
+                kv::list_keys(&view, &prefix, &start_key, limit as usize).map_err(ApiError::internal)?;
+            Ok(LeaderResponse::List {
+                revision: schema::current_revision(&view).map_err(ApiError::internal)?,
+                kvs,
+                truncated,
+            })
         })
+        .await
+        .map_err(ApiError::internal)?
     }
 
     async fn propose(&self, proposal: Proposal) -> Result<CommandResult, ApiError> {

@@ -45,8 +45,8 @@ pub fn services(node: &MetaNode) -> (NodeServer<NodeApi>, KvServer<KvApi>, AuthS
     let client_message_max = node.config.max_key_bytes + node.config.max_value_bytes + 64 * 1024;
     (
         NodeServer::new(NodeApi { node: node.clone(), receiving: std::sync::Mutex::new(None) })
-            .max_decoding_message_size(usize::MAX)
-            .max_encoding_message_size(usize::MAX),
+            .max_decoding_message_size(crate::network::PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(crate::network::PEER_MESSAGE_BYTES_MAX),
         KvServer::new(KvApi { node: node.clone() })
             .max_decoding_message_size(client_message_max)
             .max_encoding_message_size(usize::MAX),

@@ -295,6 +295,11 @@ impl NodeConfig {
         meta.max_value_bytes = self.max_value_bytes;
         meta.write_timeout_ms = self.write_timeout_ms;
         ensure!(
+            (1..=8 << 20).contains(&self.max_value_bytes),
+            "--max-value-bytes must be within 1 ..= 8388608 (8 MiB): every node-to-node message is bounded"
+        );
+        ensure!((1..=64 << 10).contains(&self.max_key_bytes), "--max-key-bytes must be within 1 ..= 65536");
+        ensure!(
             self.kv_quota_bytes >= self.max_value_bytes as u64 * 2,
             "--kv-quota-bytes ({}) must hold at least two of the largest values (--max-value-bytes {})",
             self.kv_quota_bytes,
