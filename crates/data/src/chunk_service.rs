@@ -125,6 +125,22 @@ impl LocalChunks {
         result
     }
 
+    /// Reads a chunk, verified against its hash. A corrupt copy is counted and quarantined:
+    /// never served again, kept for inspection. Blocking.
+    pub fn read(&self, hash: &ChunkHash) -> Result<Vec<u8>, ChunkError> {
+        let result = self.store.get(hash);
+        if let Err(e) = &result {
+            self.counters.count_error(e);
+            tracing::warn!("read chunk: {e}");
+        }
+        if let Err(ChunkError::Corrupt { .. }) = &result {
+            if let Err(e) = self.store.quarantine(hash) {
+                tracing::warn!("quarantine of a corrupt chunk failed: {e}");
+            }
+        }
+        result
+    }
+
     /// Protects a chunk from collection for `grace` and says whether a copy is already here.
     /// Repair calls it before pulling a copy, so the copy it is about to record can never be
     /// collected between "already here" and the commit that lists it.
@@ -157,7 +173,9 @@ impl LocalChunks {
     }
 }
 
-fn chunk_status(error: ChunkError) -> Status {
+/// A chunk operation's error as a gRPC answer: `NotFound` and `DataLoss` tell a reader to try
+/// another replica and report this one.
+pub(crate) fn chunk_status(error: ChunkError) -> Status {
     match error {
         ChunkError::NotFound(_) => Status::not_found(error.to_string()),
         ChunkError::Corrupt { .. } => Status::data_loss(error.to_string()),
@@ -218,30 +236,12 @@ impl Storage for ChunkService {
 
     async fn read_chunk(&self, request: Request<pb::ReadChunkRequest>) -> Result<Response<pb::ReadChunkReply>, Status> {
         let hash = parse_hash(&request.get_ref().hash)?;
-        let store = self.state.store.clone();
         let state = self.state.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            let result = store.get(&hash);
-            if let Err(e) = &result {
-                state.counters.count_error(e);
-            }
-            if let Err(ChunkError::Corrupt { .. }) = &result {
-                // Never serve it again; keep it for inspection.
-                if let Err(e) = store.quarantine(&hash) {
-                    tracing::warn!("quarantine of a corrupt chunk failed: {e}");
-                }
-            }
-            result
-        })
-        .await
-        .map_err(|e| Status::internal(format!("read task: {e}")))?;
-        match result {
-            Ok(data) => Ok(Response::new(pb::ReadChunkReply { data })),
-            Err(e) => {
-                tracing::warn!("read chunk: {e}");
-                Err(chunk_status(e))
-            }
-        }
+        let data = tokio::task::spawn_blocking(move || state.read(&hash))
+            .await
+            .map_err(|e| Status::internal(format!("read task: {e}")))?
+            .map_err(chunk_status)?;
+        Ok(Response::new(pb::ReadChunkReply { data }))
     }
 
     async fn replicate_chunk(
