@@ -765,3 +765,97 @@ async fn a_file_of_420_000_chunks_is_put_stated_read_back_and_deleted() {
          delete until unreferenced {delete_time:.1?}"
     );
 }
+
+/// Yields `chunks` chunks of the pattern `PatternReader` makes, then waits forever: an upload
+/// whose client stalls midway.
+struct StallingReader(PatternReader);
+
+impl tokio::io::AsyncRead for StallingReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let inner = std::pin::Pin::new(&mut self.0);
+        match inner.poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() == before => std::task::Poll::Pending,
+            other => other,
+        }
+    }
+}
+
+/// A big upload that never commits gives back what it staged: at once when its client goes
+/// away (the coordinator aborts it), and after the grace period when its coordinator dies (the
+/// upload expires by the replicated clock, and the new leader releases it). Also the CLI's
+/// `stat --json` and `ls --json` of a file that spans pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_big_upload_gives_back_its_staged_segments() {
+    const DISTINCT: u64 = 16;
+    // Long enough for a segment's new chunks to be prepared on a loaded machine.
+    let grace_ms = 8_000;
+    let cluster = start(ClusterOptions {
+        server_args: [
+            "--chunk-size-bytes",
+            &SMALL_CHUNK.to_string(),
+            "--orphan-grace-ms",
+            &grace_ms.to_string(),
+            "--heartbeat-interval-ms",
+            "100",
+            "--election-timeout-ms",
+            "1000",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ClusterOptions::default()
+    });
+    let client = client_at(&cluster, cluster.endpoint_list());
+    wait_until_writable(&client).await;
+    client.delete_file("/.probe", None).await.unwrap();
+
+    // The CLI pages through a file of 20,000 chunks (three pages).
+    let n_chunks = 20_000;
+    let reader = PatternReader { next_chunk: 0, n_chunks, distinct: 50, pending: Vec::new() };
+    client.put_file("/pages", reader, Some(n_chunks * SMALL_CHUNK as u64), None, |_| {}).await.unwrap();
+    let stat: serde_json::Value =
+        serde_json::from_str(&cluster.run_cli(&["stat", "/pages", "--json"]).unwrap()).unwrap();
+    assert_eq!(stat["n_chunks"], n_chunks);
+    assert_eq!(stat["chunks"].as_array().map(Vec::len), Some(n_chunks as usize), "every chunk, a page at a time");
+    assert_eq!(stat["chunks"][19_999]["hash"], hex(blake3::hash(&content(49, SMALL_CHUNK)).as_bytes()));
+    let ls: serde_json::Value = serde_json::from_str(&cluster.run_cli(&["ls", "/", "--json"]).unwrap()).unwrap();
+    assert_eq!(ls["files"][0]["n_chunks"], n_chunks);
+    assert!(ls["files"][0].get("chunks").is_none(), "ls lists summaries");
+    client.delete_file("/pages", None).await.unwrap();
+    wait_for_chunk_records(&cluster, "the paged file's chunks to be unreferenced", 0, DEADLINE);
+
+    // A client that stalls after two full segments, then goes away: the staged segments are
+    // referenced while the upload lives, and released as soon as the coordinator gives up.
+    let stalled =
+        |n_chunks| StallingReader(PatternReader { next_chunk: 0, n_chunks, distinct: DISTINCT, pending: Vec::new() });
+    let upload = {
+        let client = client_at(&cluster, vec![cluster.addr(1)]);
+        tokio::spawn(async move { client.put_file("/never", stalled(20_000), None, None, |_| {}).await })
+    };
+    wait_for_chunk_records(&cluster, "the staged segments' chunks to be referenced", DISTINCT, DEADLINE);
+    upload.abort();
+    let started = Instant::now();
+    wait_for_chunk_records(&cluster, "the aborted upload's chunks to be unreferenced", 0, DEADLINE);
+    let aborted_after = started.elapsed();
+
+    // The same, but the coordinator dies: nobody aborts, the upload expires after its grace.
+    let client_of_2 = client_at(&cluster, vec![cluster.addr(2)]);
+    let upload_started = Instant::now();
+    let upload = tokio::spawn(async move { client_of_2.put_file("/never", stalled(20_000), None, None, |_| {}).await });
+    wait_for_chunk_records(&cluster, "the staged segments' chunks to be referenced", DISTINCT, DEADLINE);
+    let mut cluster = cluster;
+    cluster.kill(2).unwrap();
+    let started = Instant::now();
+    wait_for_chunk_records(&cluster, "the expired upload's chunks to be unreferenced", 0, DEADLINE);
+    let expired_after = started.elapsed();
+    // It expires a grace period after its last segment, which came after the upload began.
+    let lived = upload_started.elapsed();
+    assert!(lived >= Duration::from_millis(grace_ms), "released {lived:?} after it began: before it expired");
+    assert!(upload.await.unwrap().is_err(), "the upload never committed");
+    assert!(matches!(client.stat_file("/never").await, Err(Error::NotFound(_))));
+    eprintln!("released {aborted_after:.1?} after the abort, {expired_after:.1?} after the coordinator died");
+}
