@@ -242,7 +242,9 @@ impl LocalChunks {
     }
 }
 
-fn chunk_status(error: ChunkError) -> Status {
+/// A chunk operation's error as a gRPC answer: `NotFound` and `DataLoss` tell a reader to try
+/// another replica and report this one.
+pub(crate) fn chunk_status(error: ChunkError) -> Status {
     match error {
         ChunkError::NotFound(_) => Status::not_found(error.to_string()),
         ChunkError::Corrupt { .. } => Status::data_loss(error.to_string()),

@@ -42,25 +42,36 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::chunk_service::{chunk_status, LocalChunks};
 use crate::{node_state, DataConfig};
 
-/// Chunks being prepared at once per upload: enough to keep replicas busy, few enough that an
-/// upload holds at most this many chunks in memory.
-const CHUNKS_IN_FLIGHT_MAX: usize = 3;
+/// Chunk bytes being prepared at once per upload: enough to keep the replicas busy, little
+/// enough that an upload holds at most this much in memory. Counted in chunks, at least
+/// `PREPARE_CHUNKS_IN_FLIGHT_MIN` (3 of the default 4 MiB) and at most
+/// `PREPARE_CHUNKS_IN_FLIGHT_MAX`, so that small chunks are not prepared one round trip (and
+/// one fsync) at a time.
+const PREPARE_BYTES_IN_FLIGHT_MAX: usize = 12 << 20;
+const PREPARE_CHUNKS_IN_FLIGHT_MIN: usize = 3;
+const PREPARE_CHUNKS_IN_FLIGHT_MAX: usize = 64;
 /// How long a put's commit keeps trying while the metadata cluster elects a leader.
 const COMMIT_RETRY_FOR: Duration = Duration::from_secs(30);
-/// Chunks being prepared at once across all uploads this node coordinates: bounds its memory
-/// (each costs about its size times one plus the replication factor) however many clients
-/// upload at once.
-const CHUNKS_IN_FLIGHT_PER_NODE_MAX: usize = 24;
-/// Chunks fetched ahead of the one being streamed to a reader.
-const READ_AHEAD_CHUNKS: usize = 2;
+/// Chunk bytes being prepared at once across all uploads this node coordinates: bounds its
+/// memory (each chunk costs about its size times one plus the replication factor) however many
+/// clients upload at once. Held in slots of `PREPARE_SLOT_BYTES`, at least one per chunk.
+const PREPARE_BYTES_PER_NODE_MAX: usize = 96 << 20;
+const PREPARE_SLOT_BYTES: usize = 64 << 10;
+/// Chunks fetched ahead of the one being streamed to a reader: at least
+/// `READ_AHEAD_CHUNKS_MIN`, and more while they add up to less than `READ_AHEAD_BYTES_MAX`
+/// (small chunks), up to `READ_AHEAD_CHUNKS_MAX`.
+const READ_AHEAD_CHUNKS_MIN: usize = 2;
+const READ_AHEAD_CHUNKS_MAX: usize = 64;
+const READ_AHEAD_BYTES_MAX: u64 = 8 << 20;
 /// Data in one segment of an upload, at most: a segment's chunks must all be prepared within
 /// the grace period of its first prepare, so a segment is a few seconds of work at any
 /// reasonable rate even with big chunks (and otherwise as many chunks as the metadata takes in
 /// one segment).
 const SEGMENT_DATA_BYTES_MAX: u64 = 256 << 20;
-/// Size of the data messages a read streams back.
+/// Size of the data messages a read streams back (smaller chunks are gathered into one).
 const READ_MESSAGE_BYTES: usize = 1 << 20;
 /// Messages buffered per reader before the coordinator waits for the client.
 const READ_QUEUE_MESSAGES: usize = 8;
@@ -84,15 +95,24 @@ pub struct Coordinator {
     node: MetaNode,
     config: Arc<DataConfig>,
     prepare_slots: Arc<tokio::sync::Semaphore>,
+    /// This node's own chunks, if it is a storage node: its own copies are prepared and read
+    /// without a round trip through gRPC to itself.
+    local: Option<Arc<LocalChunks>>,
 }
 
 impl Coordinator {
-    pub fn new(node: MetaNode, config: DataConfig) -> Self {
+    pub fn new(node: MetaNode, config: DataConfig, local: Option<Arc<LocalChunks>>) -> Self {
         Self {
             node,
             config: Arc::new(config),
-            prepare_slots: Arc::new(tokio::sync::Semaphore::new(CHUNKS_IN_FLIGHT_PER_NODE_MAX)),
+            prepare_slots: Arc::new(tokio::sync::Semaphore::new(PREPARE_BYTES_PER_NODE_MAX / PREPARE_SLOT_BYTES)),
+            local,
         }
+    }
+
+    /// This node's chunk store when `id` is this node.
+    fn local_store(&self, id: NodeId) -> Option<&Arc<LocalChunks>> {
+        self.local.as_ref().filter(|_| id == self.node.id())
     }
 
     fn storage(&self, addr: &str) -> Result<StorageRpc, Status> {
@@ -203,6 +223,14 @@ impl Coordinator {
             error = tracing::field::Empty,
         );
         let result = async {
+            if let Some(local) = self.local_store(id) {
+                let (local, hash) = (local.clone(), *hash);
+                let grace = Duration::from_millis(request.grace_ms);
+                return tokio::task::spawn_blocking(move || local.prepare(&hash, &request.data, grace))
+                    .await
+                    .map_err(|e| format!("prepare task: {e}"))?
+                    .map_err(|e| status_with_cause(&chunk_status(e)));
+            }
             let addr = addr.ok_or("no address known")?;
             let mut client = self.storage(addr).map_err(|s| s.message().to_string())?;
             let mut request = Request::new(request);
@@ -228,9 +256,9 @@ impl Coordinator {
         ring: &Ring,
         addresses: &HashMap<u64, String>,
         write_id: &[u8],
+        hash: ChunkHash,
         data: Vec<u8>,
     ) -> Result<CommittedChunk, Status> {
-        let hash = ChunkHash::of(&data);
         let replication_factor = self.config.replication_factor;
         // Every eligible node in preference order: the first are the chunk's home, the rest
         // stand in for any that fail.
@@ -280,6 +308,7 @@ impl Coordinator {
         ring: &Arc<Ring>,
         addresses: &Arc<HashMap<u64, String>>,
         write_id: [u8; 16],
+        hash: ChunkHash,
         data: Vec<u8>,
     ) -> tokio::task::JoinHandle<Result<CommittedChunk, Status>> {
         let coordinator = self.clone();
@@ -287,7 +316,7 @@ impl Coordinator {
         tokio::spawn(
             async move {
                 let _slot = slot;
-                coordinator.prepare_chunk(&ring, &addresses, &write_id, data).await
+                coordinator.prepare_chunk(&ring, &addresses, &write_id, hash, data).await
             }
             .in_current_span(),
         )
@@ -317,6 +346,14 @@ impl Coordinator {
             let span =
                 tracing::info_span!("read_chunk", peer = id, chunk = %hash.short(), error = tracing::field::Empty);
             let result = async {
+                if let Some(local) = self.local_store(id) {
+                    let (local, hash) = (local.clone(), *hash);
+                    return tokio::task::spawn_blocking(move || local.read(&hash))
+                        .await
+                        .map_err(|e| Status::internal(format!("read task: {e}")))?
+                        .map(|data| Response::new(pb::ReadChunkReply { data }))
+                        .map_err(chunk_status);
+                }
                 let mut client = self.storage(addr)?;
                 let mut request = Request::new(pb::ReadChunkRequest { hash: hash.to_vec() });
                 let timeout = self.config.chunk_rpc_timeout;
@@ -504,7 +541,9 @@ impl Coordinator {
     }
 
     /// Starts preparing the upload's next chunk, then takes in prepared chunks (in order)
-    /// until fewer than `CHUNKS_IN_FLIGHT_MAX` are left in flight.
+    /// until fewer than the upload's window are left in flight. A chunk the upload already
+    /// listed is not prepared again: it goes into the list as a repeat, a reference to the
+    /// copies its first listing made.
     async fn prepare_next(
         &self,
         list: &mut SegmentedList,
@@ -513,11 +552,27 @@ impl Coordinator {
         addresses: &Arc<HashMap<u64, String>>,
         data: Vec<u8>,
     ) -> Result<(), Status> {
-        let slot =
-            self.prepare_slots.clone().acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
+        let hash = ChunkHash::of(&data);
         list.chunk_starting();
-        in_flight.push_back(self.spawn_prepare(slot, ring, addresses, list.write_id, data));
-        self.settle(list, in_flight, CHUNKS_IN_FLIGHT_MAX - 1).await
+        if list.is_repeat(&hash) {
+            let repeat = CommittedChunk { hash, size: data.len() as u64, replicas: Vec::new() };
+            in_flight.push_back(Box::pin(std::future::ready(Ok(repeat))));
+        } else {
+            let slots = data.len().div_ceil(PREPARE_SLOT_BYTES).max(1) as u32;
+            let slot = self
+                .prepare_slots
+                .clone()
+                .acquire_many_owned(slots)
+                .await
+                .map_err(|_| Status::unavailable("shutting down"))?;
+            let prepare = self.spawn_prepare(slot, ring, addresses, list.write_id, hash, data);
+            in_flight.push_back(Box::pin(async move {
+                prepare.await.map_err(|e| Status::internal(format!("prepare task: {e}")))?
+            }));
+        }
+        let window = (PREPARE_BYTES_IN_FLIGHT_MAX / self.config.chunk_size_bytes.max(1))
+            .clamp(PREPARE_CHUNKS_IN_FLIGHT_MIN, PREPARE_CHUNKS_IN_FLIGHT_MAX);
+        self.settle(list, in_flight, window - 1).await
     }
 
     /// Takes in prepared chunks, in order, until at most `keep` are still in flight; stages
@@ -530,7 +585,7 @@ impl Coordinator {
     ) -> Result<(), Status> {
         while in_flight.len() > keep {
             let Some(prepared) = in_flight.next().await else { break };
-            let chunk = prepared.map_err(|e| Status::internal(format!("prepare task: {e}")))??;
+            let chunk = prepared?;
             if let Some((number, stage)) = list.push(chunk) {
                 let staging = tracing::info_span!(
                     "stage_segment",
@@ -549,9 +604,9 @@ impl Coordinator {
     }
 
     /// Streams a file's chunks to `tx` in order, page by page: the summary first, then the
-    /// data, with `READ_AHEAD_CHUNKS` chunks fetched ahead and the next page asked for when
-    /// this one is used up, so memory is a page of chunk references plus a few chunks,
-    /// whatever the file's size. A page of a version that is no longer current (an overwrite
+    /// data, with a few chunks (or a few MiB of small ones) fetched ahead and the next page
+    /// asked for when this one is used up, so memory is a page of chunk references plus the
+    /// read-ahead, whatever the file's size. A page of a version that is no longer current (an overwrite
     /// or a delete while reading) ends the stream with `Aborted`.
     async fn stream_file(
         &self,
@@ -567,9 +622,15 @@ impl Coordinator {
         let mut listed = first.chunks.into_iter();
         let mut addresses = self.addresses()?;
         let mut ahead = FuturesOrdered::new();
+        let mut ahead_bytes = 0u64;
         let mut sent = 0u64;
+        // Data not yet sent: small chunks are gathered into messages of up to
+        // `READ_MESSAGE_BYTES`, big ones cut into such messages.
+        let mut unsent: Vec<u8> = Vec::new();
         loop {
-            while ahead.len() <= READ_AHEAD_CHUNKS {
+            while ahead.len() <= READ_AHEAD_CHUNKS_MIN
+                || (ahead.len() < READ_AHEAD_CHUNKS_MAX && ahead_bytes < READ_AHEAD_BYTES_MAX)
+            {
                 let chunk = match listed.next() {
                     Some(chunk) => chunk,
                     None if next_index < file.record.n_chunks => {
@@ -590,16 +651,30 @@ impl Coordinator {
                     None => break,
                 };
                 let addresses = addresses.clone();
-                ahead.push_back(async move { self.read_chunk(&chunk.hash, &chunk.replicas, &addresses).await });
+                ahead_bytes += chunk.size;
+                ahead.push_back(async move {
+                    (chunk.size, self.read_chunk(&chunk.hash, &chunk.replicas, &addresses).await)
+                });
             }
-            let Some(read) = ahead.next().await else { break };
-            let data = read?;
+            let Some((size, read)) = ahead.next().await else { break };
+            ahead_bytes -= size;
+            unsent.extend_from_slice(&read?);
             sent += 1;
-            for piece in data.chunks(READ_MESSAGE_BYTES) {
-                let reply = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(piece.to_vec())) };
+            let mut start = 0;
+            while unsent.len() - start >= READ_MESSAGE_BYTES {
+                let piece = unsent[start..start + READ_MESSAGE_BYTES].to_vec();
+                start += READ_MESSAGE_BYTES;
+                let reply = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(piece)) };
                 if tx.send(Ok(reply)).await.is_err() {
                     return Ok(());
                 }
+            }
+            unsent.drain(..start);
+        }
+        if !unsent.is_empty() {
+            let reply = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(unsent)) };
+            if tx.send(Ok(reply)).await.is_err() {
+                return Ok(());
             }
         }
         if sent != file.record.n_chunks {
@@ -636,7 +711,12 @@ impl Coordinator {
     }
 }
 
-type PreparesInFlight = FuturesOrdered<tokio::task::JoinHandle<Result<CommittedChunk, Status>>>;
+type PreparesInFlight =
+    FuturesOrdered<Pin<Box<dyn std::future::Future<Output = Result<CommittedChunk, Status>> + Send>>>;
+
+/// Distinct chunks an upload remembers to send as repeats instead of preparing them again: a
+/// bound on the coordinator's memory (32 bytes each), however big and repetitive the file.
+const KNOWN_CHUNKS_MAX: usize = 65_536;
 
 /// An upload's chunk list while it is written: the segment being filled in memory, the ones
 /// before it staged in the metadata. Memory is one segment, whatever the file's size.
@@ -661,6 +741,10 @@ struct SegmentedList {
     created_ms: u64,
     /// The coordinator's grace period (see `CommitFile::grace_ms`).
     grace_ms: u64,
+    /// Chunks this upload has listed (up to `KNOWN_CHUNKS_MAX`). A repeat always comes after
+    /// its first listing in the file, so in the same entry or in a segment staged before, and
+    /// the metadata resolves it against that (a failed first prepare fails the upload first).
+    known: std::collections::HashSet<ChunkHash>,
 }
 
 impl SegmentedList {
@@ -678,7 +762,20 @@ impl SegmentedList {
             segment_started_ms: std::collections::VecDeque::new(),
             created_ms: unix_now_ms(),
             grace_ms,
+            known: std::collections::HashSet::new(),
         }
+    }
+
+    /// Whether `hash` was listed before in this upload; otherwise it is remembered (while
+    /// there is room) and must be prepared.
+    fn is_repeat(&mut self, hash: &ChunkHash) -> bool {
+        if self.known.contains(hash) {
+            return true;
+        }
+        if self.known.len() < KNOWN_CHUNKS_MAX {
+            self.known.insert(*hash);
+        }
+        false
     }
 
     /// A chunk's prepare is about to start.

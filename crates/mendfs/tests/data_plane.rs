@@ -579,3 +579,283 @@ async fn the_first_put_on_a_fresh_cluster_waits_for_the_storage_nodes() {
     assert!(ready.starts_with("HTTP/1.0 200") || ready.starts_with("HTTP/1.1 200"), "{ready}");
     assert!(ready.contains("\"storage_nodes\":3"), "{ready}");
 }
+
+/// Chunk size of the big-file test: tiny, so that a file of hundreds of thousands of chunks is
+/// only tens of MB.
+const SMALL_CHUNK: usize = 64;
+
+/// Streams `n_chunks` chunks of `SMALL_CHUNK` bytes, chunk `i` being distinct chunk
+/// `i % distinct` (`stamped_bytes` of that stamp), without ever holding the file.
+struct PatternReader {
+    next_chunk: u64,
+    n_chunks: u64,
+    distinct: u64,
+    /// The unread rest of the chunk being read.
+    pending: Vec<u8>,
+}
+
+impl tokio::io::AsyncRead for PatternReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        while buf.remaining() > 0 {
+            if self.pending.is_empty() {
+                if self.next_chunk == self.n_chunks {
+                    break;
+                }
+                let stamp = (self.next_chunk % self.distinct) as u32;
+                self.pending = content(stamp, SMALL_CHUNK);
+                self.next_chunk += 1;
+            }
+            let n = buf.remaining().min(self.pending.len());
+            buf.put_slice(&self.pending[..n]);
+            self.pending.drain(..n);
+        }
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Hashes and counts what is written to it, holding none of it.
+#[derive(Default)]
+struct HashingWriter {
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl tokio::io::AsyncWrite for HashingWriter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.hasher.update(buf);
+        self.len += buf.len() as u64;
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Waits (up to `deadline`) until the leader's latest repair scan counts `n` chunk records.
+fn wait_for_chunk_records(cluster: &Cluster, what: &str, n: u64, deadline: Duration) {
+    blocking(|| {
+        wait_for(what, deadline, || {
+            let status = cluster.status()?;
+            match status["chunks"].as_u64() {
+                Some(counted) if counted == n => Ok(Some(())),
+                counted => anyhow::bail!("{counted:?} chunk records"),
+            }
+        })
+    })
+    .unwrap();
+}
+
+/// Files of any size (issue 13): a file of 420,000 chunks, whose chunk list no message and no
+/// Raft entry could hold whole (it was once one `FileInfo` under a 16 MiB cap, and one
+/// `CommitFile`), is put (its list staged in segments), stat'ed (the chunk count, and the list
+/// paged through to the end), listed, read back byte for byte (BLAKE3 end to end), and
+/// deleted, after which none of its chunks is referenced.
+///
+/// The content is a repeating pattern of 4,096 distinct 64-byte chunks. Identical chunks all
+/// the way would test the chunk list (one entry per chunk, in segments and pages) but store
+/// and read one chunk; 420,000 distinct chunks would make the test mostly 1.3 million tiny
+/// fsyncs (about 150 chunks a second on a busy 2-core machine: tens of minutes). The pattern
+/// keeps every chunk-list entry real and every read real (each of the 420,000 chunks is read
+/// from a chunk store and verified), stores and prepares each distinct chunk once (the rest go
+/// into the list as repeats: several per segment, and across segments), and makes each chunk
+/// record count about a hundred references, which the delete must drop to zero.
+///
+/// Raft gets a 100 ms heartbeat and a 1 s election timeout: the test is about file size, and on
+/// a loaded machine the default 50 ms deadlines would add leader changes it does not need
+/// (which puts survive anyway, by retrying). Measured on a shared 2-core machine under load
+/// (load average 8-10): put 63 s, stat and 52 pages 7 s, get 85 s, delete until unreferenced
+/// 35 s; about 3.5 min in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_of_420_000_chunks_is_put_stated_read_back_and_deleted() {
+    const N_CHUNKS: u64 = 420_000;
+    const DISTINCT: u64 = 4_096;
+    /// For the waits on the leader's scans and on the release of 420,000 references.
+    const SLOW_DEADLINE: Duration = Duration::from_secs(300);
+    let size = N_CHUNKS * SMALL_CHUNK as u64;
+    let cluster = start(ClusterOptions {
+        server_args: [
+            "--chunk-size-bytes",
+            &SMALL_CHUNK.to_string(),
+            "--heartbeat-interval-ms",
+            "100",
+            "--election-timeout-ms",
+            "1000",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ClusterOptions::default()
+    });
+    let client = client_at(&cluster, cluster.endpoint_list());
+    wait_until_writable(&client).await;
+    client.delete_file("/.probe", None).await.unwrap();
+    wait_for_chunk_records(&cluster, "no chunk record left from the probe", 0, SLOW_DEADLINE);
+
+    let started = Instant::now();
+    let reader = PatternReader { next_chunk: 0, n_chunks: N_CHUNKS, distinct: DISTINCT, pending: Vec::new() };
+    let reply = client.put_file("/big", reader, Some(size), None, |_| {}).await.expect("put");
+    let put_time = started.elapsed();
+    assert_eq!((reply.size, reply.chunks), (size, N_CHUNKS));
+    let mut expected = blake3::Hasher::new();
+    for i in 0..N_CHUNKS {
+        expected.update(&content((i % DISTINCT) as u32, SMALL_CHUNK));
+    }
+    assert_eq!(reply.content_hash, expected.finalize().as_bytes().to_vec());
+
+    let started = Instant::now();
+    let info = client.stat_file("/big").await.expect("stat");
+    assert_eq!((info.size, info.n_chunks, info.version), (size, N_CHUNKS, 1));
+    assert!((info.chunks.len() as u64) < N_CHUNKS, "a stat answers with the first page only");
+    let mut index = 0u64;
+    let mut check = |page: &[mendfs_client::ChunkInfo]| {
+        for chunk in page {
+            let data = content((index % DISTINCT) as u32, SMALL_CHUNK);
+            assert_eq!(chunk.hash, blake3::hash(&data).as_bytes().to_vec(), "chunk {index}");
+            assert_eq!(chunk.replicas.len(), 3, "chunk {index}");
+            index += 1;
+        }
+    };
+    check(&info.chunks);
+    let mut pages = client.chunk_pages(&info, info.chunks.len() as u64);
+    let mut n_pages = 1;
+    while let Some(page) = pages.next_page().await.expect("a chunk page") {
+        check(&page);
+        n_pages += 1;
+    }
+    assert_eq!(index, N_CHUNKS, "the pages list every chunk once");
+    let stat_time = started.elapsed();
+    let (listed, _) = client.list_files("/big", 0).await.unwrap();
+    assert_eq!((listed.len(), listed[0].n_chunks, listed[0].chunks.len()), (1, N_CHUNKS, 0), "ls: a summary");
+
+    let started = Instant::now();
+    let mut back = HashingWriter::default();
+    let got = client.get_file("/big", &mut back, |_, _| {}).await.expect("get");
+    let get_time = started.elapsed();
+    assert_eq!(back.len, size);
+    assert_eq!(back.hasher.finalize().as_bytes().to_vec(), got.content_hash, "read back byte for byte");
+    assert_eq!(got.content_hash, reply.content_hash);
+
+    // One record per distinct chunk, each referenced about a hundred times.
+    wait_for_chunk_records(&cluster, "a record per distinct chunk", DISTINCT, SLOW_DEADLINE);
+    let started = Instant::now();
+    client.delete_file("/big", None).await.expect("delete");
+    assert!(matches!(client.stat_file("/big").await, Err(Error::NotFound(_))));
+    wait_for_chunk_records(&cluster, "every chunk of the file to be unreferenced", 0, SLOW_DEADLINE);
+    let delete_time = started.elapsed();
+    eprintln!(
+        "{N_CHUNKS} chunks: put {put_time:.1?}, stat and {n_pages} pages {stat_time:.1?}, get {get_time:.1?}, \
+         delete until unreferenced {delete_time:.1?}"
+    );
+}
+
+/// Yields `chunks` chunks of the pattern `PatternReader` makes, then waits forever: an upload
+/// whose client stalls midway.
+struct StallingReader(PatternReader);
+
+impl tokio::io::AsyncRead for StallingReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let inner = std::pin::Pin::new(&mut self.0);
+        match inner.poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) if buf.filled().len() == before => std::task::Poll::Pending,
+            other => other,
+        }
+    }
+}
+
+/// A big upload that never commits gives back what it staged: at once when its client goes
+/// away (the coordinator aborts it), and after the grace period when its coordinator dies (the
+/// upload expires by the replicated clock, and the new leader releases it). Also the CLI's
+/// `stat --json` and `ls --json` of a file that spans pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_big_upload_gives_back_its_staged_segments() {
+    const DISTINCT: u64 = 16;
+    // Long enough for a segment's new chunks to be prepared on a loaded machine.
+    let grace_ms = 8_000;
+    let cluster = start(ClusterOptions {
+        server_args: [
+            "--chunk-size-bytes",
+            &SMALL_CHUNK.to_string(),
+            "--orphan-grace-ms",
+            &grace_ms.to_string(),
+            "--heartbeat-interval-ms",
+            "100",
+            "--election-timeout-ms",
+            "1000",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..ClusterOptions::default()
+    });
+    let client = client_at(&cluster, cluster.endpoint_list());
+    wait_until_writable(&client).await;
+    client.delete_file("/.probe", None).await.unwrap();
+
+    // The CLI pages through a file of 20,000 chunks (three pages).
+    let n_chunks = 20_000;
+    let reader = PatternReader { next_chunk: 0, n_chunks, distinct: 50, pending: Vec::new() };
+    client.put_file("/pages", reader, Some(n_chunks * SMALL_CHUNK as u64), None, |_| {}).await.unwrap();
+    let stat: serde_json::Value =
+        serde_json::from_str(&cluster.run_cli(&["stat", "/pages", "--json"]).unwrap()).unwrap();
+    assert_eq!(stat["n_chunks"], n_chunks);
+    assert_eq!(stat["chunks"].as_array().map(Vec::len), Some(n_chunks as usize), "every chunk, a page at a time");
+    assert_eq!(stat["chunks"][19_999]["hash"], hex(blake3::hash(&content(49, SMALL_CHUNK)).as_bytes()));
+    let ls: serde_json::Value = serde_json::from_str(&cluster.run_cli(&["ls", "/", "--json"]).unwrap()).unwrap();
+    assert_eq!(ls["files"][0]["n_chunks"], n_chunks);
+    assert!(ls["files"][0].get("chunks").is_none(), "ls lists summaries");
+    client.delete_file("/pages", None).await.unwrap();
+    wait_for_chunk_records(&cluster, "the paged file's chunks to be unreferenced", 0, DEADLINE);
+
+    // A client that stalls after two full segments, then goes away: the staged segments are
+    // referenced while the upload lives, and released as soon as the coordinator gives up.
+    let stalled =
+        |n_chunks| StallingReader(PatternReader { next_chunk: 0, n_chunks, distinct: DISTINCT, pending: Vec::new() });
+    let upload = {
+        let client = client_at(&cluster, vec![cluster.addr(1)]);
+        tokio::spawn(async move { client.put_file("/never", stalled(20_000), None, None, |_| {}).await })
+    };
+    wait_for_chunk_records(&cluster, "the staged segments' chunks to be referenced", DISTINCT, DEADLINE);
+    upload.abort();
+    let started = Instant::now();
+    wait_for_chunk_records(&cluster, "the aborted upload's chunks to be unreferenced", 0, DEADLINE);
+    let aborted_after = started.elapsed();
+
+    // The same, but the coordinator dies: nobody aborts, the upload expires after its grace.
+    let client_of_2 = client_at(&cluster, vec![cluster.addr(2)]);
+    let upload_started = Instant::now();
+    let upload = tokio::spawn(async move { client_of_2.put_file("/never", stalled(20_000), None, None, |_| {}).await });
+    wait_for_chunk_records(&cluster, "the staged segments' chunks to be referenced", DISTINCT, DEADLINE);
+    let mut cluster = cluster;
+    cluster.kill(2).unwrap();
+    let started = Instant::now();
+    wait_for_chunk_records(&cluster, "the expired upload's chunks to be unreferenced", 0, DEADLINE);
+    let expired_after = started.elapsed();
+    // It expires a grace period after its last segment, which came after the upload began.
+    let lived = upload_started.elapsed();
+    assert!(lived >= Duration::from_millis(grace_ms), "released {lived:?} after it began: before it expired");
+    assert!(upload.await.unwrap().is_err(), "the upload never committed");
+    assert!(matches!(client.stat_file("/never").await, Err(Error::NotFound(_))));
+    eprintln!("released {aborted_after:.1?} after the abort, {expired_after:.1?} after the coordinator died");
+}

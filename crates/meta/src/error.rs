@@ -63,6 +63,7 @@ impl From<ApiError> for tonic::Status {
             }
             ApiError::Command(CommandError::UploadNotFound { .. }) => (tonic::Code::Aborted, "upload-not-found"),
             ApiError::Command(CommandError::UploadMismatch { .. }) => (tonic::Code::Internal, "upload-mismatch"),
+            ApiError::Command(CommandError::UnknownChunk { .. }) => (tonic::Code::Internal, "unknown-chunk"),
             ApiError::Internal(_) => (tonic::Code::Internal, "internal"),
         };
         let mut status = tonic::Status::new(code, message);

@@ -145,7 +145,9 @@ pub struct ChunkRecord {
 pub struct CommittedChunk {
     pub hash: ChunkHash,
     pub size: u64,
-    /// The nodes that acknowledged (fsynced) this chunk during prepare.
+    /// The nodes that acknowledged (fsynced) this chunk during prepare. Empty for a chunk the
+    /// same write already lists earlier (a repeat, not prepared again): it only adds a
+    /// reference to the chunk's record, which that earlier entry keeps alive.
     pub replicas: Vec<u64>,
 }
 
@@ -457,6 +459,21 @@ fn new_chunk_set(store: &mut impl StateStore) -> Result<u64, StoreError> {
     Ok(id)
 }
 
+/// The first repeat in `chunks` (an entry without replicas) whose chunk neither an earlier entry
+/// of `chunks` nor a chunk record names: it would reference copies nobody prepared. A write
+/// sends repeats only of chunks it listed before, in this entry or in a staged segment of its
+/// own upload, whose references keep the record alive.
+fn unresolved_repeat(store: &impl StateStore, chunks: &[CommittedChunk]) -> Result<Option<ChunkHash>, StoreError> {
+    let mut listed = std::collections::HashSet::new();
+    for chunk in chunks {
+        if chunk.replicas.is_empty() && !listed.contains(&chunk.hash) && get_chunk(store, &chunk.hash)?.is_none() {
+            return Ok(Some(chunk.hash));
+        }
+        listed.insert(chunk.hash);
+    }
+    Ok(None)
+}
+
 /// Appends `chunks`, the chunk list's entries from `first_index` on, to `chunk_set` as one
 /// segment, adding a reference to each chunk.
 fn append_segment(
@@ -593,22 +610,29 @@ pub(crate) fn stage_segment(
         return Ok(Err(refused));
     }
     let exists = store.get(Table::Uploads, &stage.upload_id.to_be_bytes())?.is_some();
-    let mut upload = if stage.first_index == 0 && !exists {
-        Upload {
+    let continued = if stage.first_index == 0 && !exists {
+        None
+    } else {
+        match continued_upload(store, stage.upload_id, &stage.path, stage.first_index, clock_ms)? {
+            Ok(upload) => Some(upload),
+            Err(refused) => return Ok(Err(refused)),
+        }
+    };
+    if let Some(hash) = unresolved_repeat(store, &stage.chunks)? {
+        return Ok(Err(CommandError::UnknownChunk { hash }));
+    }
+    let mut upload = match continued {
+        Some(upload) => {
+            store.remove(Table::UploadsByExpiry, &expiry_key(upload.expires_at_ms, stage.upload_id))?;
+            upload
+        }
+        None => Upload {
             path: stage.path.clone(),
             chunk_set: new_chunk_set(store)?,
             n_chunks: 0,
             size: 0,
             expires_at_ms: clock_ms,
-        }
-    } else {
-        match continued_upload(store, stage.upload_id, &stage.path, stage.first_index, clock_ms)? {
-            Ok(upload) => {
-                store.remove(Table::UploadsByExpiry, &expiry_key(upload.expires_at_ms, stage.upload_id))?;
-                upload
-            }
-            Err(refused) => return Ok(Err(refused)),
-        }
+        },
     };
     append_segment(store, upload.chunk_set, upload.n_chunks, &stage.chunks)?;
     upload.n_chunks += stage.chunks.len() as u64;
@@ -684,6 +708,9 @@ pub(crate) fn commit_file(
         }
     }
     let final_bytes = commit.chunks.iter().fold(0u64, |size, chunk| size.saturating_add(chunk.size));
+    if let Some(hash) = unresolved_repeat(store, &commit.chunks)? {
+        return Ok(Err(CommandError::UnknownChunk { hash }));
+    }
     let chunk_set = match commit.upload_id {
         None => new_chunk_set(store)?,
         Some(upload_id) => {
@@ -1213,6 +1240,33 @@ mod tests {
         check_references(&store);
     }
 
+    #[test]
+    fn a_repeat_adds_a_reference_without_replicas_and_must_follow_its_first_listing() {
+        let mut store = MemoryStore::default();
+        let repeat = |n: u32| CommittedChunk { replicas: vec![], ..numbered(n, &[]) };
+        // Within one entry: the first listing prepared it, the repeats only count.
+        let chunks = vec![numbered(1, &[1, 2]), repeat(1), numbered(2, &[2, 3]), repeat(1)];
+        stage_segment(&mut store, &stage(5, "/big", 0, chunks), 1_000).unwrap().unwrap();
+        let record = get_chunk(&store, &numbered(1, &[]).hash).unwrap().unwrap();
+        assert_eq!((record.refs, record.replicas), (3, vec![1, 2]));
+        // Across segments of one upload: the staged segment keeps the record alive.
+        commit_file(&mut store, &final_commit(5, "/big", 4, vec![repeat(2), repeat(1)], 6), 1_000).unwrap().unwrap();
+        assert_eq!(get_chunk(&store, &numbered(2, &[]).hash).unwrap().unwrap().refs, 2);
+        check_references(&store);
+        // A repeat of a chunk nothing lists is refused whole, changing nothing.
+        let before = store.clone();
+        let orphan = commit("/small", vec![numbered(3, &[1]), repeat(4)], None);
+        assert_eq!(
+            commit_file(&mut store, &orphan, 1_000).unwrap(),
+            Err(CommandError::UnknownChunk { hash: numbered(4, &[]).hash })
+        );
+        let refused = stage_segment(&mut store, &stage(6, "/other", 0, vec![repeat(9)]), 1_000).unwrap();
+        assert_eq!(refused, Err(CommandError::UnknownChunk { hash: numbered(9, &[]).hash }));
+        assert_eq!(store, before);
+        delete_file(&mut store, "/big", None).unwrap().unwrap();
+        assert!(store.range(Table::Chunks, &[], None, 1).unwrap().is_empty());
+    }
+
     /// What a sequence of file operations may do, for the property test below.
     #[derive(Debug, Clone)]
     enum FileOp {
@@ -1273,19 +1327,31 @@ mod tests {
             let mut files: std::collections::BTreeMap<String, Vec<ChunkHash>> = Default::default();
             // Upload → (path, chunks staged so far), while the model believes it is alive.
             let mut uploads: std::collections::BTreeMap<u64, (String, Vec<ChunkHash>, u64)> = Default::default();
-            let list = |numbers: &[u8]| -> Vec<CommittedChunk> { numbers.iter().map(|n| numbered(u32::from(*n), &[1, 2])).collect() };
+            // An even chunk the write listed before is sent as a repeat, without replicas.
+            let list = |numbers: &[u8], before: &[ChunkHash]| -> Vec<CommittedChunk> {
+                let mut listed: Vec<ChunkHash> = before.to_vec();
+                numbers
+                    .iter()
+                    .map(|n| {
+                        let chunk = numbered(u32::from(*n), &[1, 2]);
+                        let repeat = n % 2 == 0 && listed.contains(&chunk.hash);
+                        listed.push(chunk.hash);
+                        if repeat { CommittedChunk { replicas: vec![], ..chunk } } else { chunk }
+                    })
+                    .collect()
+            };
             for op in ops {
                 match op {
                     FileOp::Put { path, chunks } => {
                         let path = format!("/f{path}");
-                        let c = CommitFile { prepared_at_ms: clock_ms, ..commit(&path, list(&chunks), None) };
+                        let c = CommitFile { prepared_at_ms: clock_ms, ..commit(&path, list(&chunks, &[]), None) };
                         commit_file(&mut store, &c, clock_ms).unwrap().unwrap();
                         files.insert(path, c.chunks.iter().map(|c| c.hash).collect());
                     }
                     FileOp::Stage { upload, chunks } => {
                         let id = u64::from(upload);
                         let (path, staged, _) = uploads.get(&id).cloned().unwrap_or((format!("/f{}", upload % 3), vec![], 0));
-                        let st = StageSegment { prepared_at_ms: clock_ms, ..stage(id, &path, staged.len() as u64, list(&chunks)) };
+                        let st = StageSegment { prepared_at_ms: clock_ms, ..stage(id, &path, staged.len() as u64, list(&chunks, &staged)) };
                         let result = stage_segment(&mut store, &st, clock_ms).unwrap();
                         if result.is_ok() {
                             let mut staged = staged;
@@ -1299,7 +1365,7 @@ mod tests {
                     FileOp::Commit { upload, chunks } => {
                         let id = u64::from(upload);
                         let Some((path, staged, _)) = uploads.remove(&id) else { continue };
-                        let last = list(&chunks);
+                        let last = list(&chunks, &staged);
                         let size = (staged.len() + last.len()) as u64;
                         let c = CommitFile { prepared_at_ms: clock_ms, ..final_commit(id, &path, staged.len() as u64, last, size) };
                         match commit_file(&mut store, &c, clock_ms).unwrap() {

@@ -321,7 +321,7 @@ fn unexpected(what: &str, answer: impl std::fmt::Debug) -> ApiError {
 /// `VersionMismatch` unless it is the current one (a reader paging through a file learns that
 /// the file changed instead of mixing two versions).
 fn file_chunk_page(
-    view: &crate::raft_store::ReadView,
+    view: &impl schema::StateStore,
     path: String,
     version: Option<u64>,
     from_index: u64,
@@ -1636,6 +1636,64 @@ mod tests {
         assert_eq!(clocks.by_deadline.len(), clocks.deadlines.len());
         clocks.clear();
         assert!(clocks.due(start + Duration::from_secs(60), 10).is_empty() && clocks.scan_due(start));
+    }
+
+    /// `/f` with `n` chunks of `replicas` copies each, committed at `version` 1.
+    fn store_with_file(n: u32, replicas: usize) -> schema::MemoryStore {
+        let mut store = schema::MemoryStore::default();
+        let chunks: Vec<files::CommittedChunk> = (0..n)
+            .map(|i| {
+                let mut bytes = [3u8; 32];
+                bytes[..4].copy_from_slice(&i.to_be_bytes());
+                let replicas = (1..=replicas as u64).collect();
+                files::CommittedChunk { hash: ChunkHash::from_bytes(bytes), size: 1, replicas }
+            })
+            .collect();
+        let commit = CommitFile {
+            path: "/f".into(),
+            size: u64::from(n),
+            mtime_ms: 1,
+            content_hash: vec![0; 32],
+            chunks,
+            upload_id: None,
+            first_index: 0,
+            expected_version: None,
+            prepared_at_ms: 0,
+            grace_ms: 1,
+        };
+        let proposal = Proposal { request_id: None, proposed_at_ms: 0, command: Command::CommitFile(commit) };
+        crate::state::apply(&mut store, &proposal).expect("apply").expect("commit");
+        store
+    }
+
+    #[test]
+    fn chunk_pages_are_bounded_and_belong_to_one_version() {
+        let store = store_with_file(5_000, 3);
+        let (file, page) = file_chunk_page(&store, "/f".into(), None, 0, 0).unwrap().unwrap();
+        assert_eq!((file.record.n_chunks, page.chunks.len()), (5_000, 0), "limit 0: the summary alone");
+        let (_, page) = file_chunk_page(&store, "/f".into(), Some(1), 4_990, 100).unwrap().unwrap();
+        assert_eq!((page.from_index, page.chunks.len(), page.chunks[0].replicas.clone()), (4_990, 10, vec![1, 2, 3]));
+        let (_, past) = file_chunk_page(&store, "/f".into(), Some(1), 9_999, 100).unwrap().unwrap();
+        assert!(past.chunks.is_empty());
+        assert_eq!(
+            file_chunk_page(&store, "/f".into(), Some(2), 0, 10).unwrap_err(),
+            ApiError::Command(CommandError::VersionMismatch { expected: 2, actual: 1 }),
+            "a reader of another version learns that the file changed"
+        );
+        assert_eq!(
+            file_chunk_page(&store, "/gone".into(), Some(1), 0, 10).unwrap_err(),
+            ApiError::Command(CommandError::VersionMismatch { expected: 1, actual: 0 })
+        );
+        assert!(file_chunk_page(&store, "/gone".into(), None, 0, 10).unwrap().is_none());
+        // A page stops at about 1 MiB, however many replicas each chunk lists.
+        let store = store_with_file(8_192, 64);
+        let (_, page) = file_chunk_page(&store, "/f".into(), None, 0, u32::MAX).unwrap().unwrap();
+        let bytes = schema::encode(&page).unwrap().len();
+        assert!(
+            page.chunks.len() < 8_192 && bytes <= CHUNK_PAGE_BYTES_MAX,
+            "{} chunks, {bytes} bytes",
+            page.chunks.len()
+        );
     }
 
     fn wire_number<T: Serialize>(message: &T) -> u8 {

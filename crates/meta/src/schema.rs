@@ -333,6 +333,8 @@ pub enum CommandError {
     UploadNotFound { upload_id: u64 },
     #[error("upload {upload_id} does not match: {why}")]
     UploadMismatch { upload_id: u64, why: String },
+    #[error("chunk {hash} is listed as a repeat, but no earlier entry of the write and no chunk record names it")]
+    UnknownChunk { hash: mendfs_types::ChunkHash },
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;

@@ -53,14 +53,12 @@ fn check_len(what: &str, len: usize, max: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Checks one segment of a chunk list (what one entry may carry); returns its bytes.
+/// Checks one segment of a chunk list (what one entry may carry); returns its bytes. A chunk
+/// without replicas is a repeat of one the write listed before, which `apply` checks.
 fn check_segment(chunks: &[CommittedChunk]) -> Result<u64, ApiError> {
     check_len("chunks in one segment", chunks.len(), SEGMENT_CHUNKS_MAX)?;
     let (mut size, mut bytes) = (0u64, 0usize);
     for chunk in chunks {
-        if chunk.replicas.is_empty() {
-            return Err(invalid(format!("chunk {} has no replica", chunk.hash)));
-        }
         check_len("replicas of one chunk", chunk.replicas.len(), REPLICAS_MAX)?;
         size = size.saturating_add(chunk.size);
         bytes += committed_chunk_bytes(chunk);
@@ -231,7 +229,6 @@ mod tests {
             (Command::SessionOpen { ttl_ms: 0 }, "session TTL"),
             (commit("relative", vec![], 0), "invalid path"),
             (commit("/a/../b", vec![], 0), "invalid path"),
-            (commit("/a", vec![chunk(3, vec![])], 3), "no replica"),
             (commit("/a", vec![chunk(3, vec![1])], 4), "add up to"),
             (
                 commit("/a", vec![chunk(3, vec![1]); SEGMENT_CHUNKS_MAX + 1], 3 * (SEGMENT_CHUNKS_MAX as u64 + 1)),

@@ -170,7 +170,7 @@ impl Node {
             logs: telemetry.logs.clone(),
         })
         .max_encoding_message_size(64 << 20);
-        let files_service = FilesServer::new(Coordinator::new(meta.clone(), parts.data.clone()))
+        let files_service = FilesServer::new(Coordinator::new(meta.clone(), parts.data.clone(), chunks.clone()))
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(16 << 20);
 
