@@ -941,8 +941,10 @@ mod tests {
 
     /// openraft's own conformance suite for log and state machine stores.
     #[test]
-    fn the_stores_pass_openraft_storage_suite() -> Result<(), RaftStorageError> {
-        Suite::test_all(Builder)
+    fn the_stores_pass_openraft_storage_suite() {
+        if let Err(e) = Suite::test_all(Builder) {
+            panic!("openraft's storage suite failed: {e}");
+        }
     }
 
     fn set_entry(index: u64, key: &str) -> Entry<TypeConfig> {
