@@ -4,9 +4,10 @@
 //!   gRPC service; prepared chunks are protected from garbage collection for the write's grace
 //!   period.
 //! - `coordinator`: the `Files` service. Any node coordinates a write: it cuts the upload into
-//!   chunks, prepares each on its replicas (fsynced there), and only then commits the file's
-//!   metadata through Raft. Reads fetch chunks from recorded replicas, verify their hash, and
-//!   fall back to the next replica on any error.
+//!   chunks, prepares each on its replicas (fsynced there), stages a big file's chunk list in
+//!   bounded segments, and only then commits the file's metadata through Raft. Reads page
+//!   through the chunk list, fetch chunks from recorded replicas, verify their hash, and fall
+//!   back to the next replica on any error.
 //! - `gc`: each storage node deletes copies that no committed file lists on it, after asking
 //!   the leader and only past the grace period.
 //! - `heartbeat`: every node reports its health to the leader once per interval.
@@ -37,7 +38,8 @@ pub struct DataConfig {
     pub chunk_size_bytes: usize,
     pub replication_factor: usize,
     /// How long prepared chunks are protected from collection, and so how long a write may
-    /// take between its first prepare and its commit. The same on every node.
+    /// take between a segment's first prepare and the entry that lists it (its staging, or the
+    /// commit); also how long a big upload lives without a new segment. The same on every node.
     pub orphan_grace: Duration,
     /// How often a storage node looks for orphaned copies.
     pub gc_interval: Duration,
