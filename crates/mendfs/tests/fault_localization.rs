@@ -134,9 +134,12 @@ fn a_put_is_one_trace_across_nodes_under_one_root_and_the_metrics_move() {
         .to_string();
     assert_eq!(id.len(), 32);
 
-    // 4 chunks × 3 replicas: every replica's Storage/PrepareChunk span is there.
+    // 4 chunks × 3 replicas: a prepare_chunk hop per replica, naming it, and under each hop to
+    // another node that replica's Storage/PrepareChunk span (the coordinator's own copies are
+    // written in place, without an RPC to itself).
     let trace = trace_json(&cluster, &endpoint, &id, |t| {
-        spans(t).iter().filter(|s| s["name"] == "Storage/PrepareChunk").count() >= 12
+        spans(t).iter().filter(|s| s["name"] == "Storage/PrepareChunk").count() >= 8
+            && spans(t).iter().filter(|s| s["name"] == "prepare_chunk").count() >= 12
             && spans(t).iter().any(|s| s["name"] == "Files/Put")
     });
     let all = spans(&trace);
@@ -162,6 +165,13 @@ fn a_put_is_one_trace_across_nodes_under_one_root_and_the_metrics_move() {
         }
         assert_eq!(ancestor["name"], "Files/Put");
     }
+    let own = coordinator.to_string();
+    let hops_to_self = all.iter().filter(|s| s["name"] == "prepare_chunk" && s["attributes"]["peer"] == own.as_str());
+    assert_eq!(hops_to_self.count(), 4, "one local copy per chunk: {trace}");
+    assert!(
+        !all.iter().any(|s| s["name"] == "Storage/PrepareChunk" && s["node"] == coordinator),
+        "no RPC to itself: {trace}"
+    );
     // The commit went to the leader: its forward is in the trace too, on the leader.
     assert!(all.iter().any(|s| s["name"] == "commit_file"), "no commit span: {trace}");
     assert!(
