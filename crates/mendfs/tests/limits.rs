@@ -43,6 +43,20 @@ fn peaks(cluster: &Cluster) -> BTreeMap<u64, u64> {
     cluster.nodes.iter().filter_map(|(id, node)| node.pid().and_then(peak_rss_mib).map(|peak| (*id, peak))).collect()
 }
 
+/// A full restart: every node killed, then started again from its disk; returns their ids once
+/// a leader is elected.
+fn restart_all(cluster: &mut Cluster) -> Vec<u64> {
+    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
+    for id in &ids {
+        blocking(|| cluster.kill(*id)).expect("kill");
+    }
+    for id in &ids {
+        blocking(|| cluster.restart(*id)).expect("restart");
+    }
+    blocking(|| cluster.wait_for_leader(DEADLINE)).expect("a leader after the restart");
+    ids
+}
+
 fn value_of(index: usize) -> Vec<u8> {
     let stamp = format!("value {index} ");
     stamp.as_bytes().iter().copied().cycle().take(1 << 20).collect()
@@ -93,15 +107,7 @@ async fn a_kv_quota_refuses_writes_until_space_is_freed_and_memory_stays_bounded
     assert!(small.to_string().contains("quota"), "{small}");
     let peaks_before_restart = peaks(&cluster);
 
-    // A full restart: every node killed, then started again from its disk.
-    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
-    for id in &ids {
-        blocking(|| cluster.kill(*id)).expect("kill");
-    }
-    for id in &ids {
-        blocking(|| cluster.restart(*id)).expect("restart");
-    }
-    blocking(|| cluster.wait_for_leader(DEADLINE)).expect("a leader after the restart");
+    restart_all(&mut cluster);
     let client = self::client(&cluster);
     for index in &acknowledged {
         let kv = client.get(format!("big/{index:03}").as_bytes()).await.expect("get").expect("acknowledged key");
@@ -165,14 +171,7 @@ async fn a_crash_right_after_a_snapshot_built_during_writes_loses_nothing() {
         }
     }
     let peaks_before = peaks(&cluster);
-    let ids: Vec<u64> = cluster.nodes.keys().copied().collect();
-    for id in &ids {
-        blocking(|| cluster.kill(*id)).expect("kill");
-    }
-    for id in &ids {
-        blocking(|| cluster.restart(*id)).expect("restart");
-    }
-    blocking(|| cluster.wait_for_leader(DEADLINE)).expect("a leader after the restart");
+    let ids = restart_all(&mut cluster);
     let client = self::client(&cluster);
     println!(
         "{acknowledged} writes; peak RSS per node (MiB): before the crash {peaks_before:?}, after the restart {:?}",
