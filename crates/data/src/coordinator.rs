@@ -619,8 +619,8 @@ impl Coordinator {
             return Ok(());
         }
         let mut next_index = first.from_index + first.chunks.len() as u64;
+        let mut addresses = self.addresses_for(&first.chunks).await?;
         let mut listed = first.chunks.into_iter();
-        let mut addresses = self.addresses()?;
         let mut ahead = FuturesOrdered::new();
         let mut ahead_bytes = 0u64;
         let mut sent = 0u64;
@@ -642,10 +642,10 @@ impl Coordinator {
                             )));
                         }
                         next_index += page.chunks.len() as u64;
-                        listed = page.chunks.into_iter();
                         // A long read may meet copies that repair put on a node added since
                         // it began.
-                        addresses = self.addresses()?;
+                        addresses = self.addresses_for(&page.chunks).await?;
+                        listed = page.chunks.into_iter();
                         continue;
                     }
                     None => break,
@@ -689,6 +689,20 @@ impl Coordinator {
     /// Every storage node's address, from this node's state.
     fn addresses(&self) -> Result<Arc<HashMap<u64, String>>, Status> {
         Ok(Arc::new(self.node.storage_nodes()?.into_iter().map(|n| (n.id, n.addr)).collect()))
+    }
+
+    /// The addresses of every replica `chunks` name. The page came from the leader; this
+    /// node's own state may not have applied a node's registration yet (a learner still
+    /// catching up, a follower a little behind), so a replica it cannot place sends it to the
+    /// leader for the list, which is at least as new as the page.
+    async fn addresses_for(&self, chunks: &[ChunkRef]) -> Result<Arc<HashMap<u64, String>>, Status> {
+        let local = self.addresses()?;
+        let all_known = chunks.iter().flat_map(|c| &c.replicas).all(|id| local.contains_key(id));
+        if all_known {
+            return Ok(local);
+        }
+        let nodes = self.node.storage_nodes_from_leader(Origin::LOCAL).await?;
+        Ok(Arc::new(nodes.into_iter().map(|n| (n.id, n.addr)).collect()))
     }
 
     /// The page of `file`'s version from `from_index`; `Aborted` once that version is gone.

@@ -167,6 +167,9 @@ pub(crate) enum LeaderRequest {
         prefix: String,
         limit: u32,
     },
+    /// Every storage node with its address, as the leader knows them: for a node whose own
+    /// state lags (a learner catching up) and meets a replica on a node it has not heard of.
+    StorageNodes,
 }
 
 /// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
@@ -200,6 +203,7 @@ pub(crate) enum LeaderResponse {
         files: Vec<FileView>,
         truncated: bool,
     },
+    StorageNodes(Vec<StorageNode>),
 }
 
 /// A file version's summary: its record, which names its chunk list but does not hold it.
@@ -1055,6 +1059,10 @@ impl MetaNode {
                 .await
                 .map_err(ApiError::internal)?
             }
+            LeaderRequest::StorageNodes => {
+                self.linearizable_barrier().await?;
+                Ok(LeaderResponse::StorageNodes(self.storage_nodes()?))
+            }
             LeaderRequest::RetiredGetFile | LeaderRequest::RetiredListFiles => Err(ApiError::InvalidArgument(
                 "whole chunk lists are no longer served; files are read a page at a time (upgrade this node)".into(),
             )),
@@ -1343,6 +1351,15 @@ impl MetaNode {
     pub fn storage_nodes(&self) -> Result<Vec<StorageNode>, ApiError> {
         let view = self.state.view().map_err(ApiError::internal)?;
         files::list_storage_nodes(&view).map_err(ApiError::internal)
+    }
+
+    /// Storage nodes as the leader knows them, from a linearizable read: every node a chunk
+    /// page read at the same time or earlier can name.
+    pub async fn storage_nodes_from_leader(&self, origin: Origin) -> Result<Vec<StorageNode>, ApiError> {
+        match self.serve_on_leader(LeaderRequest::StorageNodes, origin).await? {
+            LeaderResponse::StorageNodes(nodes) => Ok(nodes),
+            other => Err(unexpected("the storage nodes", other)),
+        }
     }
 
     /// Creates a client token named `name` with `role`; returns the token, which is stored
@@ -1715,6 +1732,7 @@ mod tests {
             (LeaderRequest::ListFrom { prefix: vec![], start_key: vec![], limit: 0 }, 11),
             (LeaderRequest::FileChunks { path: String::new(), version: None, from_index: 0, limit: 0 }, 12),
             (LeaderRequest::ListFiles { prefix: String::new(), limit: 0 }, 13),
+            (LeaderRequest::StorageNodes, 14),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");
@@ -1728,6 +1746,7 @@ mod tests {
             (LeaderResponse::Drained, 9),
             (LeaderResponse::FileChunks(None), 10),
             (LeaderResponse::Files { files: vec![], truncated: false }, 11),
+            (LeaderResponse::StorageNodes(vec![]), 12),
         ];
         for (response, number) in responses {
             assert_eq!(wire_number(&response), number, "{response:?}");
