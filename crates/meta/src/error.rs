@@ -64,6 +64,26 @@ impl From<ApiError> for tonic::Status {
             ApiError::Command(CommandError::UploadNotFound { .. }) => (tonic::Code::Aborted, "upload-not-found"),
             ApiError::Command(CommandError::UploadMismatch { .. }) => (tonic::Code::Internal, "upload-mismatch"),
             ApiError::Command(CommandError::UnknownChunk { .. }) => (tonic::Code::Internal, "unknown-chunk"),
+            ApiError::Command(CommandError::NoSuchBucket { .. }) => (tonic::Code::NotFound, "no-such-bucket"),
+            ApiError::Command(CommandError::BucketExists { .. }) => (tonic::Code::AlreadyExists, "bucket-exists"),
+            ApiError::Command(CommandError::BucketNotEmpty { .. }) => {
+                (tonic::Code::FailedPrecondition, "bucket-not-empty")
+            }
+            ApiError::Command(CommandError::NoSuchKey { .. }) => (tonic::Code::NotFound, "no-such-key"),
+            ApiError::Command(CommandError::PreconditionFailed { .. }) => {
+                (tonic::Code::FailedPrecondition, "precondition-failed")
+            }
+            ApiError::Command(CommandError::NoSuchUpload { .. }) => (tonic::Code::NotFound, "no-such-upload"),
+            ApiError::Command(CommandError::InvalidPart { .. }) => (tonic::Code::InvalidArgument, "invalid-part"),
+            ApiError::Command(CommandError::InvalidPartOrder) => (tonic::Code::InvalidArgument, "invalid-part-order"),
+            ApiError::Command(CommandError::EntityTooSmall { .. }) => {
+                (tonic::Code::InvalidArgument, "entity-too-small")
+            }
+            ApiError::Command(CommandError::AccessKeyExists { .. }) => {
+                (tonic::Code::AlreadyExists, "access-key-exists")
+            }
+            ApiError::Command(CommandError::NoSuchAccessKey { .. }) => (tonic::Code::NotFound, "no-such-access-key"),
+            ApiError::Command(CommandError::InvalidRequest { .. }) => (tonic::Code::InvalidArgument, "invalid-request"),
             ApiError::Internal(_) => (tonic::Code::Internal, "internal"),
         };
         let mut status = tonic::Status::new(code, message);

@@ -448,7 +448,7 @@ fn segment_key(chunk_set: u64, last_index: u64) -> [u8; 16] {
     key
 }
 
-fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
+pub(crate) fn u64_at(bytes: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.get(at..at + 8)?.try_into().ok()?))
 }
 
@@ -549,12 +549,18 @@ fn release_segments(store: &mut impl StateStore, chunk_set: u64, budget: u64) ->
 
 /// Nothing owns `chunk_set` any more: drops its first segment's worth of references now and
 /// queues the rest for `ReleaseChunks`.
-fn release_chunk_set(store: &mut impl StateStore, chunk_set: u64) -> Result<(), StoreError> {
+pub(crate) fn release_chunk_set(store: &mut impl StateStore, chunk_set: u64) -> Result<(), StoreError> {
     let (_, empty) = release_segments(store, chunk_set, RELEASE_CHUNKS_PER_APPLY)?;
     if !empty {
         store.put(Table::ReleasedChunkSets, &chunk_set.to_be_bytes(), &[])?;
     }
     Ok(())
+}
+
+/// Nothing owns `chunk_set` any more: queues all of its references for `ReleaseChunks`, for a
+/// command that releases many chunk sets at once (an S3 multipart upload's parts).
+pub(crate) fn queue_chunk_set_release(store: &mut impl StateStore, chunk_set: u64) -> Result<(), StoreError> {
+    store.put(Table::ReleasedChunkSets, &chunk_set.to_be_bytes(), &[])
 }
 
 pub fn get_upload(store: &impl StateStore, upload_id: u64) -> Result<Option<Upload>, StoreError> {
@@ -692,6 +698,65 @@ pub fn release_pending(store: &impl StateStore, now_ms: u64) -> Result<bool, Sto
         || !store.range(Table::UploadsByExpiry, &[], Some(&now_ms.to_be_bytes()), 1)?.is_empty())
 }
 
+/// The chunk list a write brings to its commit: the last segment, and the upload whose staged
+/// segments come before it (shared by file commits and S3 objects and parts).
+pub(crate) struct NewChunkList<'a> {
+    /// What the upload was staged for (a file's path, an S3 object's label): a staged upload
+    /// of another target is refused.
+    pub label: &'a str,
+    /// The whole content's size.
+    pub size: u64,
+    pub chunks: &'a [CommittedChunk],
+    pub upload_id: Option<u64>,
+    pub first_index: u64,
+    pub prepared_at_ms: u64,
+    pub grace_ms: u64,
+}
+
+/// Checks `list` and installs it as a chunk set: the upload's, or a new one. Returns the chunk
+/// set and its chunk count. Every refusal comes before the first change, so a caller that
+/// checked its own conditions first refuses or applies whole.
+pub(crate) fn install_chunk_list(
+    store: &mut impl StateStore,
+    list: &NewChunkList<'_>,
+    clock_ms: u64,
+) -> Result<Result<(u64, u64), CommandError>, StoreError> {
+    if let Err(refused) = check_prepare_age(list.prepared_at_ms, list.grace_ms, clock_ms) {
+        return Ok(Err(refused));
+    }
+    let final_bytes = list.chunks.iter().fold(0u64, |size, chunk| size.saturating_add(chunk.size));
+    if let Some(hash) = unresolved_repeat(store, list.chunks)? {
+        return Ok(Err(CommandError::UnknownChunk { hash }));
+    }
+    let chunk_set = match list.upload_id {
+        None => {
+            if final_bytes != list.size {
+                let why = format!("its chunks hold {final_bytes} bytes, but the content has {}", list.size);
+                return Ok(Err(CommandError::UploadMismatch { upload_id: 0, why }));
+            }
+            new_chunk_set(store)?
+        }
+        Some(upload_id) => {
+            let upload = match continued_upload(store, upload_id, list.label, list.first_index, clock_ms)? {
+                Ok(upload) => upload,
+                Err(refused) => return Ok(Err(refused)),
+            };
+            if upload.size.saturating_add(final_bytes) != list.size {
+                let why = format!(
+                    "{} bytes are staged and {final_bytes} come with the commit, but the content has {}",
+                    upload.size, list.size
+                );
+                return Ok(Err(CommandError::UploadMismatch { upload_id, why }));
+            }
+            remove_upload(store, upload_id, &upload)?;
+            upload.chunk_set
+        }
+    };
+    let first_index = if list.upload_id.is_some() { list.first_index } else { 0 };
+    append_segment(store, chunk_set, first_index, list.chunks)?;
+    Ok(Ok((chunk_set, first_index + list.chunks.len() as u64)))
+}
+
 pub(crate) fn commit_file(
     store: &mut impl StateStore,
     commit: &CommitFile,
@@ -707,32 +772,21 @@ pub(crate) fn commit_file(
             return Ok(Err(CommandError::VersionMismatch { expected, actual }));
         }
     }
-    let final_bytes = commit.chunks.iter().fold(0u64, |size, chunk| size.saturating_add(chunk.size));
-    if let Some(hash) = unresolved_repeat(store, &commit.chunks)? {
-        return Ok(Err(CommandError::UnknownChunk { hash }));
-    }
-    let chunk_set = match commit.upload_id {
-        None => new_chunk_set(store)?,
-        Some(upload_id) => {
-            let upload = match continued_upload(store, upload_id, &commit.path, commit.first_index, clock_ms)? {
-                Ok(upload) => upload,
-                Err(refused) => return Ok(Err(refused)),
-            };
-            if upload.size.saturating_add(final_bytes) != commit.size {
-                let why = format!(
-                    "{} bytes are staged and {final_bytes} come with the commit, but the file has {}",
-                    upload.size, commit.size
-                );
-                return Ok(Err(CommandError::UploadMismatch { upload_id, why }));
-            }
-            remove_upload(store, upload_id, &upload)?;
-            upload.chunk_set
-        }
+    let list = NewChunkList {
+        label: &commit.path,
+        size: commit.size,
+        chunks: &commit.chunks,
+        upload_id: commit.upload_id,
+        first_index: commit.first_index,
+        prepared_at_ms: commit.prepared_at_ms,
+        grace_ms: commit.grace_ms,
     };
     // New references first, so a chunk shared by the old and the new version never drops to
     // zero in between.
-    let first_index = if commit.upload_id.is_some() { commit.first_index } else { 0 };
-    append_segment(store, chunk_set, first_index, &commit.chunks)?;
+    let (chunk_set, n_chunks) = match install_chunk_list(store, &list, clock_ms)? {
+        Ok(installed) => installed,
+        Err(refused) => return Ok(Err(refused)),
+    };
     if let Some(old) = &existing {
         release_chunk_set(store, old.chunk_set)?;
     }
@@ -745,7 +799,7 @@ pub(crate) fn commit_file(
         create_revision: existing.as_ref().map_or(revision, |file| file.create_revision),
         modify_revision: revision,
         chunk_set,
-        n_chunks: first_index + commit.chunks.len() as u64,
+        n_chunks,
     };
     store.put(Table::Files, commit.path.as_bytes(), &encode(&record)?)?;
     commit_revision(store, &[])?;

@@ -24,6 +24,7 @@ mod kv;
 mod network;
 mod node;
 mod raft_store;
+pub mod s3;
 mod schema;
 mod service;
 mod snapshot_file;

@@ -50,11 +50,32 @@ pub enum Table {
     /// chunk set id (u64 BE) → (): chunk sets no file or upload owns any more, whose chunk
     /// references are still to be dropped (a bounded amount per `ReleaseChunks`).
     ReleasedChunkSets,
+    /// bucket name → [`crate::s3::BucketRecord`]
+    S3Buckets,
+    /// bucket ++ 0 ++ object key → [`crate::s3::ObjectRecord`]
+    S3Objects,
+    /// access key id → [`crate::s3::AccessKeyRecord`]
+    S3Keys,
+    /// access key id ++ 0 ++ bucket → [`crate::s3::Grant`]
+    S3Grants,
+    /// piece list id (u64 BE) → the objects naming it (a reference count).
+    S3PieceLists,
+    /// piece list id (u64 BE) ++ index of the piece's last chunk in the object (u64 BE) → a
+    /// piece: a chunk set and where it starts.
+    S3Pieces,
+    /// multipart upload id (u64 BE) → [`crate::s3::MultipartUpload`]
+    S3Uploads,
+    /// bucket ++ 0 ++ key ++ 0 ++ upload id (u64 BE) → (): uploads by object, for listings.
+    S3UploadsByObject,
+    /// initiation time ms (u64 BE) ++ upload id (u64 BE) → (): for expiring abandoned uploads.
+    S3UploadsByTime,
+    /// upload id (u64 BE) ++ part number (u32 BE) → [`crate::s3::PartRecord`]
+    S3Parts,
 }
 
 impl Table {
     /// In discriminant order (storage indexes by `table as usize`).
-    pub const ALL: [Table; 15] = [
+    pub const ALL: [Table; 25] = [
         Table::Keys,
         Table::Sessions,
         Table::SessionKeys,
@@ -70,6 +91,16 @@ impl Table {
         Table::Uploads,
         Table::UploadsByExpiry,
         Table::ReleasedChunkSets,
+        Table::S3Buckets,
+        Table::S3Objects,
+        Table::S3Keys,
+        Table::S3Grants,
+        Table::S3PieceLists,
+        Table::S3Pieces,
+        Table::S3Uploads,
+        Table::S3UploadsByObject,
+        Table::S3UploadsByTime,
+        Table::S3Parts,
     ];
 
     pub fn name(self) -> &'static str {
@@ -89,6 +120,16 @@ impl Table {
             Table::Uploads => "uploads",
             Table::UploadsByExpiry => "uploads_by_expiry",
             Table::ReleasedChunkSets => "released_chunk_sets",
+            Table::S3Buckets => "s3_buckets",
+            Table::S3Objects => "s3_objects",
+            Table::S3Keys => "s3_keys",
+            Table::S3Grants => "s3_grants",
+            Table::S3PieceLists => "s3_piece_lists",
+            Table::S3Pieces => "s3_pieces",
+            Table::S3Uploads => "s3_uploads",
+            Table::S3UploadsByObject => "s3_uploads_by_object",
+            Table::S3UploadsByTime => "s3_uploads_by_time",
+            Table::S3Parts => "s3_parts",
         }
     }
 }
@@ -294,6 +335,18 @@ pub enum Outcome {
     /// entries (blank, membership) carry no proposal; `storage` answers them with an empty
     /// result vector, not with this.
     Noop,
+    /// An S3 object (or part) was written: its ETag and time.
+    ObjectWritten {
+        etag: String,
+        last_modified_ms: u64,
+    },
+    /// Which of the keys a `S3DeleteObjects` named existed.
+    ObjectsDeleted {
+        found: Vec<bool>,
+    },
+    MultipartCreated {
+        upload_id: u64,
+    },
 }
 
 /// Why a well-formed command was refused. These are answers, not failures: the command was
@@ -335,6 +388,30 @@ pub enum CommandError {
     UploadMismatch { upload_id: u64, why: String },
     #[error("chunk {hash} is listed as a repeat, but no earlier entry of the write and no chunk record names it")]
     UnknownChunk { hash: mendfs_types::ChunkHash },
+    #[error("bucket {bucket} does not exist")]
+    NoSuchBucket { bucket: String },
+    #[error("bucket {bucket} already exists")]
+    BucketExists { bucket: String, yours: bool },
+    #[error("bucket {bucket} is not empty: delete its objects and abort its multipart uploads first")]
+    BucketNotEmpty { bucket: String },
+    #[error("object {key:?} does not exist in bucket {bucket}")]
+    NoSuchKey { bucket: String, key: String },
+    #[error("precondition failed: {why}")]
+    PreconditionFailed { why: String },
+    #[error("multipart upload {upload_id} does not exist (completed, aborted, expired or never created)")]
+    NoSuchUpload { upload_id: u64 },
+    #[error("invalid part: {why}")]
+    InvalidPart { why: String },
+    #[error("the parts of a completed upload must be listed in ascending part number order")]
+    InvalidPartOrder,
+    #[error("part too small: {why}")]
+    EntityTooSmall { why: String },
+    #[error("access key {key_id} already exists")]
+    AccessKeyExists { key_id: String },
+    #[error("access key {key_id} does not exist")]
+    NoSuchAccessKey { key_id: String },
+    #[error("invalid request: {why}")]
+    InvalidRequest { why: String },
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;

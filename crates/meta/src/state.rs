@@ -23,7 +23,7 @@ use crate::schema::{
     decode, encode, get_u64, put_u64, CommandError, CommandResult, Outcome, StateStore, StoreError, Table,
     META_CLOCK_MS, META_CLUSTER_ID,
 };
-use crate::{files, kv};
+use crate::{files, kv, s3};
 
 /// How long a write's outcome is remembered for deduplication, measured on the proposers'
 /// clocks. Clients retry an ambiguous write for far less than this.
@@ -142,6 +142,49 @@ pub enum Command {
     /// The leader's bounded step through queued work: expires abandoned uploads and drops
     /// the references of released chunk sets (a deleted or overwritten big file's).
     ReleaseChunks,
+    /// S3: a bucket; `owner` (an access key) gets every right in it.
+    S3CreateBucket {
+        bucket: String,
+        owner: Option<String>,
+    },
+    /// S3: deletes an empty bucket.
+    S3DeleteBucket {
+        bucket: String,
+    },
+    /// S3: records an access key (the admin created it).
+    S3PutAccessKey {
+        key_id: String,
+        record: crate::s3::AccessKeyRecord,
+    },
+    S3DeleteAccessKey {
+        key_id: String,
+    },
+    /// S3: what a key may do in a bucket (an empty grant removes it).
+    S3SetGrant {
+        key_id: String,
+        bucket: String,
+        grant: crate::s3::Grant,
+    },
+    /// S3: phase two of a single-part object write.
+    S3PutObject(Box<crate::s3::PutObject>),
+    /// S3: a server-side copy: a new record naming the source's content.
+    S3CopyObject(Box<crate::s3::CopyObject>),
+    S3DeleteObjects {
+        bucket: String,
+        keys: Vec<String>,
+    },
+    S3CreateMultipart(Box<crate::s3::MultipartUpload>),
+    /// S3: phase two of a part's write.
+    S3PutPart(Box<crate::s3::PutPart>),
+    S3CompleteMultipart(Box<crate::s3::CompleteUpload>),
+    S3AbortMultipart {
+        upload_id: u64,
+    },
+    /// The leader aborts multipart uploads initiated before this time, a bounded number per
+    /// entry.
+    S3ExpireMultipart {
+        initiated_before_ms: u64,
+    },
 }
 
 impl Command {
@@ -188,6 +231,22 @@ impl Proposal {
                 Command::Compact { .. } | Command::SetLimits(_) => 0,
                 Command::StageSegment(stage) => stage.path.len() + committed_chunks_bytes(&stage.chunks),
                 Command::AbortUpload { .. } | Command::ReleaseChunks => 0,
+                Command::S3CreateBucket { bucket, owner } => bucket.len() + owner.as_ref().map_or(0, String::len),
+                Command::S3DeleteBucket { bucket } => bucket.len(),
+                Command::S3PutAccessKey { key_id, record } => key_id.len() + record.name.len() + record.secret.len(),
+                Command::S3DeleteAccessKey { key_id } => key_id.len(),
+                Command::S3SetGrant { key_id, bucket, .. } => key_id.len() + bucket.len(),
+                Command::S3PutObject(put) => put.approximate_bytes(),
+                Command::S3CopyObject(copy) => {
+                    copy.source_bucket.len() + copy.source_key.len() + copy.bucket.len() + copy.key.len() + 512
+                }
+                Command::S3DeleteObjects { bucket, keys } => {
+                    bucket.len() + keys.iter().map(|k| k.len() + 8).sum::<usize>()
+                }
+                Command::S3CreateMultipart(upload) => upload.bucket.len() + upload.key.len() + 2_048,
+                Command::S3PutPart(put) => put.content.approximate_bytes() + put.etag.len(),
+                Command::S3CompleteMultipart(complete) => complete.parts.iter().map(|(_, etag)| etag.len() + 8).sum(),
+                Command::S3AbortMultipart { .. } | Command::S3ExpireMultipart { .. } => 0,
             }
     }
 }
@@ -332,6 +391,28 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
             let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
             files::release_chunks(store, clock_ms, files::RELEASE_CHUNKS_PER_APPLY)
         }
+        Command::S3CreateBucket { bucket, owner } => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            s3::create_bucket(store, bucket, owner.as_deref(), clock_ms)
+        }
+        Command::S3DeleteBucket { bucket } => s3::delete_bucket(store, bucket),
+        Command::S3PutAccessKey { key_id, record } => s3::put_access_key(store, key_id, record),
+        Command::S3DeleteAccessKey { key_id } => s3::delete_access_key(store, key_id),
+        Command::S3SetGrant { key_id, bucket, grant } => s3::set_grant(store, key_id, bucket, *grant),
+        Command::S3PutObject(put) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            s3::put_object(store, put, clock_ms)
+        }
+        Command::S3CopyObject(copy) => s3::copy_object(store, copy),
+        Command::S3DeleteObjects { bucket, keys } => s3::delete_objects(store, bucket, keys),
+        Command::S3CreateMultipart(upload) => s3::create_multipart(store, upload),
+        Command::S3PutPart(put) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            s3::put_part(store, put, clock_ms)
+        }
+        Command::S3CompleteMultipart(complete) => s3::complete_multipart(store, complete),
+        Command::S3AbortMultipart { upload_id } => s3::abort_multipart(store, *upload_id),
+        Command::S3ExpireMultipart { initiated_before_ms } => s3::expire_multipart(store, *initiated_before_ms),
     }
 }
 

@@ -6,6 +6,7 @@
 use crate::error::ApiError;
 use crate::files::{committed_chunk_bytes, validate_path, CommittedChunk, SEGMENT_BYTES_MAX, SEGMENT_CHUNKS_MAX};
 use crate::node::MetaConfig;
+use crate::s3;
 use crate::state::Command;
 
 /// Sessions live at least this long and at most this long.
@@ -139,6 +140,130 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
             }
             Ok(())
         }
+        Command::S3CreateBucket { bucket, owner } => {
+            s3::validate_bucket_name(bucket).map_err(invalid)?;
+            owner.as_deref().map_or(Ok(()), check_access_key_id)
+        }
+        Command::S3DeleteBucket { bucket } => check_bucket(bucket),
+        Command::S3PutAccessKey { key_id, record } => {
+            check_access_key_id(key_id)?;
+            check_len("access key name bytes", record.name.len(), LABEL_BYTES_MAX)?;
+            check_len("secret key bytes", record.secret.len(), LABEL_BYTES_MAX)
+        }
+        Command::S3DeleteAccessKey { key_id } => check_access_key_id(key_id),
+        Command::S3SetGrant { key_id, bucket, .. } => {
+            check_access_key_id(key_id)?;
+            check_bucket(bucket)
+        }
+        Command::S3PutObject(put) => {
+            check_bucket(&put.bucket)?;
+            s3::validate_object_key(&put.key).map_err(invalid)?;
+            check_etag(&put.etag)?;
+            check_object_meta(&put.meta)?;
+            check_precondition(&put.condition)?;
+            check_s3_content(&put.content)
+        }
+        Command::S3CopyObject(copy) => {
+            check_bucket(&copy.source_bucket)?;
+            check_bucket(&copy.bucket)?;
+            s3::validate_object_key(&copy.source_key).map_err(invalid)?;
+            s3::validate_object_key(&copy.key).map_err(invalid)?;
+            check_precondition(&copy.source_condition)?;
+            check_precondition(&copy.condition)?;
+            copy.meta.as_ref().map_or(Ok(()), check_object_meta)
+        }
+        Command::S3DeleteObjects { bucket, keys } => {
+            check_bucket(bucket)?;
+            check_len("keys deleted at once", keys.len(), s3::DELETE_KEYS_MAX)?;
+            keys.iter().try_for_each(|key| s3::validate_object_key(key).map_err(invalid))
+        }
+        Command::S3CreateMultipart(upload) => {
+            check_bucket(&upload.bucket)?;
+            s3::validate_object_key(&upload.key).map_err(invalid)?;
+            check_object_meta(&upload.meta)
+        }
+        Command::S3PutPart(put) => {
+            check_etag(&put.etag)?;
+            check_s3_content(&put.content)
+        }
+        Command::S3CompleteMultipart(complete) => {
+            check_len("parts of one upload", complete.parts.len(), s3::PARTS_MAX as usize)?;
+            check_precondition(&complete.condition)?;
+            complete.parts.iter().try_for_each(|(_, etag)| check_len("ETag bytes", etag.len(), ETAG_BYTES_MAX))
+        }
+        Command::S3AbortMultipart { .. } | Command::S3ExpireMultipart { .. } => Ok(()),
+    }
+}
+
+/// ETags, access key ids: short by nature.
+const ETAG_BYTES_MAX: usize = 128;
+const ACCESS_KEY_ID_BYTES_MAX: usize = 128;
+/// Standard headers stored with an object, each.
+const OBJECT_HEADER_BYTES_MAX: usize = 8 * 1024;
+/// ETags one precondition names.
+const PRECONDITION_ETAGS_MAX: usize = 64;
+
+fn check_bucket(bucket: &str) -> Result<(), ApiError> {
+    // Existing buckets may predate a rule: only the length and the separator matter here.
+    if bucket.is_empty() || bucket.len() > 63 || bucket.contains('\0') {
+        return Err(invalid(format!("invalid bucket name {bucket:?}")));
+    }
+    Ok(())
+}
+
+fn check_access_key_id(key_id: &str) -> Result<(), ApiError> {
+    check_len("access key id bytes", key_id.len(), ACCESS_KEY_ID_BYTES_MAX)?;
+    if key_id.is_empty() || !key_id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(invalid(format!("an access key id is letters and digits, not {key_id:?}")));
+    }
+    Ok(())
+}
+
+fn check_etag(etag: &str) -> Result<(), ApiError> {
+    check_len("ETag bytes", etag.len(), ETAG_BYTES_MAX)
+}
+
+fn check_object_meta(meta: &s3::ObjectMeta) -> Result<(), ApiError> {
+    let headers = [
+        &meta.content_type,
+        &meta.content_encoding,
+        &meta.content_disposition,
+        &meta.content_language,
+        &meta.cache_control,
+        &meta.expires,
+    ];
+    for header in headers.into_iter().flatten() {
+        check_len("bytes of a stored header", header.len(), OBJECT_HEADER_BYTES_MAX)?;
+    }
+    check_len("bytes of user metadata", meta.user_bytes(), s3::USER_METADATA_BYTES_MAX)?;
+    check_len("checksums", meta.checksums.len(), 8)?;
+    for (algorithm, value) in &meta.checksums {
+        check_len("checksum bytes", algorithm.len() + value.len(), 256)?;
+    }
+    Ok(())
+}
+
+fn check_precondition(condition: &s3::Precondition) -> Result<(), ApiError> {
+    for tags in [&condition.etag_in, &condition.etag_not_in].into_iter().flatten() {
+        check_len("ETags in one condition", tags.len(), PRECONDITION_ETAGS_MAX)?;
+        tags.iter().try_for_each(|tag| check_etag(tag))?;
+    }
+    Ok(())
+}
+
+fn check_s3_content(content: &s3::S3Content) -> Result<(), ApiError> {
+    let size = check_segment(&content.chunks)?;
+    match content.upload_id {
+        None if content.first_index != 0 => {
+            Err(invalid(format!("a commit without an upload starts at chunk 0, not {}", content.first_index)))
+        }
+        None if size != content.size => {
+            Err(invalid(format!("the chunks add up to {size} bytes, the content says {}", content.size)))
+        }
+        Some(_) if size > content.size => {
+            Err(invalid(format!("the last chunks alone are {size} bytes, the content says {}", content.size)))
+        }
+        _ => Ok(()),
     }
 }
 
