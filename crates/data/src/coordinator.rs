@@ -176,7 +176,7 @@ impl Coordinator {
     /// protected for the grace period, and `request_id`, derived from the upload's write id,
     /// makes a retry of a write that did apply return that first outcome instead of applying
     /// it twice.
-    async fn propose_retrying<T, F>(&self, mut write: impl FnMut() -> F) -> Result<T, ApiError>
+    pub async fn propose_retrying<T, F>(&self, mut write: impl FnMut() -> F) -> Result<T, ApiError>
     where
         F: std::future::Future<Output = Result<T, ApiError>>,
     {
@@ -192,12 +192,6 @@ impl Coordinator {
                 other => return other,
             }
         }
-    }
-
-    /// Phase two: commits the file through Raft.
-    async fn commit(&self, write_id: [u8; 16], commit: CommitFile) -> Result<FileCommitted, ApiError> {
-        let request_id = upload_request_id(write_id, 1);
-        self.propose_retrying(|| self.node.commit_file(request_id, commit.clone())).await
     }
 
     /// Stages one full segment of a big upload, the `number`th (from 0).
@@ -422,18 +416,83 @@ impl Coordinator {
             _ => return Err(Status::invalid_argument("an upload starts with a header message")),
         };
         validate_path(&header.path)?;
+        let source = FileUpload { stream, declared: header.size, received: 0 };
+        self.write_content(header.path.clone(), source, wait_for_nodes_until, |written| async move {
+            let commit = CommitFile {
+                path: header.path.clone(),
+                size: written.size,
+                mtime_ms: if header.mtime_ms == 0 { unix_now_ms() } else { header.mtime_ms },
+                content_hash: written.content_hash.to_vec(),
+                upload_id: written.upload_id,
+                first_index: written.first_index,
+                prepared_at_ms: written.prepared_at_ms,
+                chunks: written.chunks,
+                expected_version: header.expected_version,
+                grace_ms: written.grace_ms,
+            };
+            let committing = tracing::info_span!("commit_file", chunks = written.n_chunks, error = tracing::field::Empty);
+            let request_id = written.request_id;
+            let committed = self
+                .propose_retrying(|| self.node.commit_file(request_id, commit.clone()))
+                .instrument(committing.clone())
+                .await;
+            if let Err(e) = &committed {
+                committing.record("error", e.to_string());
+            }
+            let FileCommitted { version, .. } = committed?;
+            Ok(pb::PutFileReply {
+                version,
+                size: written.size,
+                content_hash: written.content_hash.to_vec(),
+                chunks: written.n_chunks,
+            })
+        })
+        .await
+    }
+
+    /// Phase one of a write, for any kind of content: places, prepares and stages the chunks
+    /// of everything `source` yields, labelled `label` in the metadata (a file's path, an S3
+    /// object's label), then hands the result to `commit` (phase two). If anything fails, what
+    /// the metadata staged is released now rather than at the upload's expiry.
+    pub async fn write_content<T, F, Fut>(
+        &self,
+        label: String,
+        source: impl UploadSource,
+        wait_for_nodes_until: Instant,
+        commit: F,
+    ) -> Result<T, Status>
+    where
+        F: FnOnce(WrittenContent) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
         let (ring, addresses) = self.placement_by(wait_for_nodes_until).await?;
         let write_id: [u8; 16] = rand::random();
         let chunk_size = self.config.chunk_size_bytes;
         let segment_chunks = segment_chunks_for(self.config.replication_factor)
             .min((SEGMENT_DATA_BYTES_MAX / chunk_size.max(1) as u64).max(1) as usize);
         let grace_ms = self.config.orphan_grace.as_millis() as u64;
-        let mut list = SegmentedList::new(write_id, header.path.clone(), segment_chunks, grace_ms);
-        let written = self.write_upload(header, stream, Arc::new(ring), Arc::new(addresses), &mut list).await;
+        let mut list = SegmentedList::new(write_id, label, segment_chunks, grace_ms);
+        let written = match self.write_chunks(source, Arc::new(ring), Arc::new(addresses), &mut list).await {
+            Ok((size, content_hash)) => {
+                let n_chunks = list.staged_chunks + list.current.len() as u64;
+                let written = WrittenContent {
+                    size,
+                    content_hash,
+                    n_chunks,
+                    upload_id: (list.staged_chunks > 0).then_some(list.upload_id),
+                    first_index: list.staged_chunks,
+                    prepared_at_ms: list.current_started_ms(),
+                    chunks: std::mem::take(&mut list.current),
+                    grace_ms: list.grace_ms,
+                    request_id: upload_request_id(list.write_id, 1),
+                };
+                commit(written).await
+            }
+            Err(e) => Err(e),
+        };
         if written.is_err() && list.staged_chunks > 0 {
-            // Release what the metadata staged now rather than at the upload's expiry. If this
-            // fails, or comes after a commit whose answer was lost, the expiry (or nothing:
-            // a committed upload is gone) is what remains.
+            // If this fails, or comes after a commit whose answer was lost, the expiry (or
+            // nothing: a committed upload is gone) is what remains.
             let (node, upload_id) = (self.node.clone(), list.upload_id);
             tokio::spawn(
                 async move {
@@ -447,54 +506,23 @@ impl Coordinator {
         written
     }
 
-    /// Prepares an upload's chunks, stages its full segments, and commits it.
-    async fn write_upload(
+    /// Prepares the chunks of everything `source` yields and stages the full segments;
+    /// returns the size and the BLAKE3 of the content.
+    async fn write_chunks(
         &self,
-        header: pb::PutFileHeader,
-        mut stream: Streaming<pb::PutFileRequest>,
+        mut source: impl UploadSource,
         ring: Arc<Ring>,
         addresses: Arc<HashMap<u64, String>>,
         list: &mut SegmentedList,
-    ) -> Result<pb::PutFileReply, Status> {
+    ) -> Result<(u64, [u8; 32]), Status> {
         let chunk_size = self.config.chunk_size_bytes;
         let mut content_hash = blake3::Hasher::new();
         let mut size = 0u64;
         let mut buffer: Vec<u8> = Vec::new();
         let mut in_flight = FuturesOrdered::new();
-        loop {
-            let data = match stream.message().await {
-                Ok(Some(pb::PutFileRequest { part: Some(pb::put_file_request::Part::Data(data)) })) => data,
-                Ok(Some(pb::PutFileRequest { part: Some(pb::put_file_request::Part::End(end)) })) => {
-                    if end.size != size {
-                        return Err(Status::invalid_argument(format!(
-                            "the upload's end says {} bytes but {size} arrived; nothing was committed",
-                            end.size
-                        )));
-                    }
-                    break;
-                }
-                Ok(Some(_)) => return Err(Status::invalid_argument("only the first upload message may be a header")),
-                Ok(None) => {
-                    return Err(Status::aborted(format!(
-                        "the upload ended after {size} bytes without its end marker (the client stopped or its \
-                         input failed); nothing was committed"
-                    )))
-                }
-                Err(status) => {
-                    return Err(Status::aborted(format!(
-                        "the upload stream broke after {size} bytes ({}); nothing was committed",
-                        status.message()
-                    )))
-                }
-            };
+        while let Some(data) = source.next_data().await? {
             content_hash.update(&data);
             size += data.len() as u64;
-            if header.size.is_some_and(|declared| size > declared) {
-                return Err(Status::invalid_argument(format!(
-                    "the upload is longer than its declared {} bytes; nothing was committed",
-                    header.size.unwrap_or(0)
-                )));
-            }
             buffer.extend_from_slice(&data);
             // Cut whole chunks, then keep the rest: one copy per chunk, however small the
             // chunks are against the message.
@@ -506,38 +534,11 @@ impl Coordinator {
             }
             buffer.drain(..cut);
         }
-        if let Some(declared) = header.size {
-            if declared != size {
-                return Err(Status::invalid_argument(format!(
-                    "truncated upload: {size} of {declared} declared bytes arrived; nothing was committed"
-                )));
-            }
-        }
         if !buffer.is_empty() {
             self.prepare_next(list, &mut in_flight, &ring, &addresses, std::mem::take(&mut buffer)).await?;
         }
         self.settle(list, &mut in_flight, 0).await?;
-        let n_chunks = list.staged_chunks + list.current.len() as u64;
-        let content_hash = content_hash.finalize().as_bytes().to_vec();
-        let commit = CommitFile {
-            path: header.path.clone(),
-            size,
-            mtime_ms: if header.mtime_ms == 0 { unix_now_ms() } else { header.mtime_ms },
-            content_hash: content_hash.clone(),
-            upload_id: (list.staged_chunks > 0).then_some(list.upload_id),
-            first_index: list.staged_chunks,
-            prepared_at_ms: list.current_started_ms(),
-            chunks: std::mem::take(&mut list.current),
-            expected_version: header.expected_version,
-            grace_ms: list.grace_ms,
-        };
-        let committing = tracing::info_span!("commit_file", chunks = n_chunks, error = tracing::field::Empty);
-        let committed = self.commit(list.write_id, commit).instrument(committing.clone()).await;
-        if let Err(e) = &committed {
-            committing.record("error", e.to_string());
-        }
-        let FileCommitted { version, .. } = committed?;
-        Ok(pb::PutFileReply { version, size, content_hash, chunks: n_chunks })
+        Ok((size, *content_hash.finalize().as_bytes()))
     }
 
     /// Starts preparing the upload's next chunk, then takes in prepared chunks (in order)
@@ -603,42 +604,44 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Streams a file's chunks to `tx` in order, page by page: the summary first, then the
-    /// data, with a few chunks (or a few MiB of small ones) fetched ahead and the next page
-    /// asked for when this one is used up, so memory is a page of chunk references plus the
-    /// read-ahead, whatever the file's size. A page of a version that is no longer current (an overwrite
-    /// or a delete while reading) ends the stream with `Aborted`.
-    async fn stream_file(
+    /// Streams `range` of a content's bytes to `tx` in order, page by page: with a few chunks
+    /// (or a few MiB of small ones) fetched ahead and the next page asked for when this one is
+    /// used up, so memory is a page of chunk references plus the read-ahead, whatever the
+    /// content's size. Chunks wholly outside the range are never read. A page of a version that
+    /// is no longer current (an overwrite or a delete while reading) ends the stream with
+    /// `Aborted`. `wrap` turns a piece of data into the stream's message.
+    pub async fn stream_content<M>(
         &self,
-        file: &FileView,
+        content: &ContentRef,
+        n_chunks: u64,
         first: ChunkPage,
-        tx: &mpsc::Sender<Result<pb::GetFileReply, Status>>,
+        range: std::ops::Range<u64>,
+        tx: &mpsc::Sender<Result<M, Status>>,
+        wrap: fn(Vec<u8>) -> M,
     ) -> Result<(), Status> {
-        let info = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Info(file_info(file, &[]))) };
-        if tx.send(Ok(info)).await.is_err() {
-            return Ok(());
-        }
         let mut next_index = first.from_index + first.chunks.len() as u64;
         let mut addresses = self.addresses_for(&first.chunks).await?;
         let mut listed = first.chunks.into_iter();
         let mut ahead = FuturesOrdered::new();
         let mut ahead_bytes = 0u64;
-        let mut sent = 0u64;
+        // Where the next listed chunk starts in the content.
+        let mut offset = 0u64;
+        let mut sent_to = range.start;
         // Data not yet sent: small chunks are gathered into messages of up to
         // `READ_MESSAGE_BYTES`, big ones cut into such messages.
         let mut unsent: Vec<u8> = Vec::new();
         loop {
-            while ahead.len() <= READ_AHEAD_CHUNKS_MIN
-                || (ahead.len() < READ_AHEAD_CHUNKS_MAX && ahead_bytes < READ_AHEAD_BYTES_MAX)
+            while offset < range.end
+                && (ahead.len() <= READ_AHEAD_CHUNKS_MIN
+                    || (ahead.len() < READ_AHEAD_CHUNKS_MAX && ahead_bytes < READ_AHEAD_BYTES_MAX))
             {
                 let chunk = match listed.next() {
                     Some(chunk) => chunk,
-                    None if next_index < file.record.n_chunks => {
-                        let page = self.next_page(file, next_index).await?;
+                    None if next_index < n_chunks => {
+                        let page = self.next_page(content, next_index).await?;
                         if page.chunks.is_empty() {
                             return Err(Status::internal(format!(
-                                "an empty chunk page at chunk {next_index} of {}",
-                                file.path
+                                "an empty chunk page at chunk {next_index} of {content}"
                             )));
                         }
                         next_index += page.chunks.len() as u64;
@@ -650,37 +653,46 @@ impl Coordinator {
                     }
                     None => break,
                 };
+                let chunk_start = offset;
+                offset += chunk.size;
+                if offset <= range.start {
+                    continue;
+                }
+                // The part of the chunk inside the range.
+                let keep = (range.start.max(chunk_start) - chunk_start) as usize
+                    ..(range.end.min(offset) - chunk_start) as usize;
                 let addresses = addresses.clone();
                 ahead_bytes += chunk.size;
                 ahead.push_back(async move {
-                    (chunk.size, self.read_chunk(&chunk.hash, &chunk.replicas, &addresses).await)
+                    let read = self.read_chunk(&chunk.hash, &chunk.replicas, &addresses).await;
+                    (chunk.size, keep, read)
                 });
             }
-            let Some((size, read)) = ahead.next().await else { break };
+            let Some((size, keep, read)) = ahead.next().await else { break };
             ahead_bytes -= size;
-            unsent.extend_from_slice(&read?);
-            sent += 1;
+            let data = read?;
+            let piece = data.get(keep.clone()).ok_or_else(|| {
+                Status::internal(format!("a chunk of {content} has {} bytes, not the {size} listed", data.len()))
+            })?;
+            unsent.extend_from_slice(piece);
+            sent_to += piece.len() as u64;
             let mut start = 0;
             while unsent.len() - start >= READ_MESSAGE_BYTES {
                 let piece = unsent[start..start + READ_MESSAGE_BYTES].to_vec();
                 start += READ_MESSAGE_BYTES;
-                let reply = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(piece)) };
-                if tx.send(Ok(reply)).await.is_err() {
+                if tx.send(Ok(wrap(piece))).await.is_err() {
                     return Ok(());
                 }
             }
             unsent.drain(..start);
         }
-        if !unsent.is_empty() {
-            let reply = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(unsent)) };
-            if tx.send(Ok(reply)).await.is_err() {
-                return Ok(());
-            }
+        if !unsent.is_empty() && tx.send(Ok(wrap(unsent))).await.is_err() {
+            return Ok(());
         }
-        if sent != file.record.n_chunks {
+        if sent_to != range.end {
             return Err(Status::internal(format!(
-                "the chunk list of {} ended after {sent} of {} chunks",
-                file.path, file.record.n_chunks
+                "the chunk list of {content} ended at byte {sent_to}, short of {}",
+                range.end
             )));
         }
         Ok(())
@@ -705,22 +717,48 @@ impl Coordinator {
         Ok(Arc::new(nodes.into_iter().map(|n| (n.id, n.addr)).collect()))
     }
 
-    /// The page of `file`'s version from `from_index`; `Aborted` once that version is gone.
-    async fn next_page(&self, file: &FileView, from_index: u64) -> Result<ChunkPage, Status> {
-        let version = file.record.version;
-        let page = self
-            .node
-            .file_chunks(Origin::LOCAL, file.path.clone(), Some(version), from_index, CHUNK_PAGE_CHUNKS_MAX)
-            .await;
-        match page {
-            Ok(Some((_, page))) => Ok(page),
-            Ok(None) | Err(ApiError::Command(mendfs_meta::CommandError::VersionMismatch { .. })) => {
-                Err(Status::aborted(format!(
-                    "{} changed while it was read (version {version} was replaced or deleted); read it again",
-                    file.path
-                )))
+    /// The page of a content's version from `from_index`; `Aborted` once that version is gone.
+    async fn next_page(&self, content: &ContentRef, from_index: u64) -> Result<ChunkPage, Status> {
+        let page = match content {
+            ContentRef::File { path, version } => self
+                .node
+                .file_chunks(Origin::LOCAL, path.clone(), Some(*version), from_index, CHUNK_PAGE_CHUNKS_MAX)
+                .await
+                .and_then(|page| page.map(|(_, page)| page).ok_or(ApiError::NotFound(path.clone()))),
+            ContentRef::Object { bucket, key, pieces } => {
+                self.node.s3_object_page(bucket.clone(), key.clone(), *pieces, from_index, CHUNK_PAGE_CHUNKS_MAX).await
             }
+        };
+        match page {
+            Ok(page) => Ok(page),
+            Err(
+                ApiError::NotFound(_)
+                | ApiError::Command(
+                    mendfs_meta::CommandError::VersionMismatch { .. }
+                    | mendfs_meta::CommandError::PreconditionFailed { .. }
+                    | mendfs_meta::CommandError::NoSuchBucket { .. },
+                ),
+            ) => Err(Status::aborted(format!(
+                "{content} changed while it was read (replaced or deleted); read it again"
+            ))),
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// The version of a content a reader streams.
+#[derive(Debug, Clone)]
+pub enum ContentRef {
+    File { path: String, version: u64 },
+    /// An S3 object's content, named by its piece list.
+    Object { bucket: String, key: String, pieces: u64 },
+}
+
+impl std::fmt::Display for ContentRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ContentRef::File { path, version } => write!(f, "{path} (version {version})"),
+            ContentRef::Object { bucket, key, .. } => write!(f, "s3://{bucket}/{key}"),
         }
     }
 }
@@ -731,6 +769,81 @@ type PreparesInFlight =
 /// Distinct chunks an upload remembers to send as repeats instead of preparing them again: a
 /// bound on the coordinator's memory (32 bytes each), however big and repetitive the file.
 const KNOWN_CHUNKS_MAX: usize = 65_536;
+
+/// Where an upload's bytes come from: the next piece of data, or None at its end (which the
+/// source has checked is a real end, not a client that went away).
+pub trait UploadSource: Send {
+    fn next_data(&mut self) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, Status>> + Send;
+}
+
+/// What phase one wrote, for phase two to commit.
+#[derive(Debug)]
+pub struct WrittenContent {
+    pub size: u64,
+    /// BLAKE3 of the whole content.
+    pub content_hash: [u8; 32],
+    pub n_chunks: u64,
+    /// The last segment's chunks (all of them when nothing was staged).
+    pub chunks: Vec<CommittedChunk>,
+    /// The upload whose staged segments come first, if any were.
+    pub upload_id: Option<u64>,
+    pub first_index: u64,
+    pub prepared_at_ms: u64,
+    pub grace_ms: u64,
+    /// The commit's request id: the same on every retry, so it applies once.
+    pub request_id: RequestId,
+}
+
+/// A `Files.Put` stream as an upload source: data messages up to the end marker, whose size
+/// must match, and never more than the header declared.
+struct FileUpload {
+    stream: Streaming<pb::PutFileRequest>,
+    declared: Option<u64>,
+    received: u64,
+}
+
+impl UploadSource for FileUpload {
+    async fn next_data(&mut self) -> Result<Option<Vec<u8>>, Status> {
+        let size = self.received;
+        let data = match self.stream.message().await {
+            Ok(Some(pb::PutFileRequest { part: Some(pb::put_file_request::Part::Data(data)) })) => data,
+            Ok(Some(pb::PutFileRequest { part: Some(pb::put_file_request::Part::End(end)) })) => {
+                if end.size != size {
+                    return Err(Status::invalid_argument(format!(
+                        "the upload's end says {} bytes but {size} arrived; nothing was committed",
+                        end.size
+                    )));
+                }
+                if let Some(declared) = self.declared.filter(|declared| *declared != size) {
+                    return Err(Status::invalid_argument(format!(
+                        "truncated upload: {size} of {declared} declared bytes arrived; nothing was committed"
+                    )));
+                }
+                return Ok(None);
+            }
+            Ok(Some(_)) => return Err(Status::invalid_argument("only the first upload message may be a header")),
+            Ok(None) => {
+                return Err(Status::aborted(format!(
+                    "the upload ended after {size} bytes without its end marker (the client stopped or its \
+                     input failed); nothing was committed"
+                )))
+            }
+            Err(status) => {
+                return Err(Status::aborted(format!(
+                    "the upload stream broke after {size} bytes ({}); nothing was committed",
+                    status.message()
+                )))
+            }
+        };
+        self.received += data.len() as u64;
+        if let Some(declared) = self.declared.filter(|declared| self.received > *declared) {
+            return Err(Status::invalid_argument(format!(
+                "the upload is longer than its declared {declared} bytes; nothing was committed"
+            )));
+        }
+        Ok(Some(data))
+    }
+}
 
 /// An upload's chunk list while it is written: the segment being filled in memory, the ones
 /// before it staged in the metadata. Memory is one segment, whatever the file's size.
@@ -867,7 +980,8 @@ impl Files for Coordinator {
         // Within the caller's deadline, if it sent one (a stream usually does not).
         let cap = Instant::now() + PLACEMENT_WAIT_MAX;
         let wait_until = request_origin(&request).deadline.map_or(cap, |deadline| deadline.min(cap));
-        let reply = self.receive_upload(request.into_inner(), wait_until).await;
+        // Boxed: the write's future is deep enough to overflow the compiler's layout depth.
+        let reply = Box::pin(self.receive_upload(request.into_inner(), wait_until)).await;
         if let Err(status) = &reply {
             tracing::warn!("put failed: {}", status.message());
         }
@@ -885,7 +999,15 @@ impl Files for Coordinator {
         tokio::spawn(
             async move {
                 // In the RPC's span: the chunk reads nest under it, and it lasts as long as the stream.
-                if let Err(status) = coordinator.stream_file(&file, first, &tx).await {
+                let info = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Info(file_info(&file, &[]))) };
+                if tx.send(Ok(info)).await.is_err() {
+                    return;
+                }
+                let content = ContentRef::File { path: file.path.clone(), version: file.record.version };
+                let data = |data| pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(data)) };
+                let range = 0..file.record.size;
+                let streamed = coordinator.stream_content(&content, file.record.n_chunks, first, range, &tx, data).await;
+                if let Err(status) = streamed {
                     // The reply's headers went out already: mark the RPC's span here.
                     tracing::Span::current().record("error", status.message());
                     let _ = tx.send(Err(status)).await;

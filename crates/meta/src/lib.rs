@@ -58,7 +58,7 @@ pub use files::{
 };
 pub use network::{validate_node_addr, PeerInterceptor, Peers};
 pub use node::{
-    ChunkPage, ChunkRef, FileCommitted, FileView, FilesInUse, Membership, MetaConfig, MetaNode, Origin, PeerTls,
+    AccessKeyView, ChunkPage, ChunkRef, FileCommitted, BUCKETS_LISTED_MAX, OBJECTS_LISTED_MAX, FileView, FilesInUse, Membership, MetaConfig, MetaNode, Origin, PeerTls,
     RaftStatus, Role, CHUNK_PAGE_CHUNKS_MAX,
 };
 pub use schema::{CommandError, KvUsage, Limits};

@@ -64,6 +64,9 @@ pub struct MetaConfig {
     /// TLS for calls to peers: this node's certificate (its client identity) and the CA the
     /// peers' certificates must chain to. None: plaintext.
     pub peer_tls: Option<PeerTls>,
+    /// An S3 multipart upload not completed this long after it began is aborted, and its
+    /// parts' space given back.
+    pub s3_upload_expiry_ms: u64,
 }
 
 /// PEM material for TLS to peers.
@@ -100,6 +103,7 @@ impl MetaConfig {
             list_limit_max: 10_000,
             limits: crate::schema::Limits::default(),
             peer_tls: None,
+            s3_upload_expiry_ms: 24 * 60 * 60 * 1000,
         }
     }
 }
@@ -170,6 +174,8 @@ pub(crate) enum LeaderRequest {
     /// Every storage node with its address, as the leader knows them: for a node whose own
     /// state lags (a learner catching up) and meets a replica on a node it has not heard of.
     StorageNodes,
+    /// A read of the S3 keyspace.
+    S3(s3_api::S3Read),
 }
 
 /// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
@@ -204,6 +210,7 @@ pub(crate) enum LeaderResponse {
         truncated: bool,
     },
     StorageNodes(Vec<StorageNode>),
+    S3(s3_api::S3Answer),
 }
 
 /// A file version's summary: its record, which names its chunk list but does not hold it.
@@ -316,7 +323,10 @@ pub(crate) struct ForwardEnvelope {
 }
 
 /// The one error for an answer of the wrong kind: a leader of another version, or a bug.
-fn unexpected(what: &str, answer: impl std::fmt::Debug) -> ApiError {
+mod s3_api;
+pub use s3_api::{AccessKeyView, BUCKETS_LISTED_MAX, OBJECTS_LISTED_MAX};
+
+pub(crate) fn unexpected(what: &str, answer: impl std::fmt::Debug) -> ApiError {
     ApiError::Internal(format!("unexpected answer to {what}: {answer:?}"))
 }
 
@@ -652,15 +662,24 @@ impl Worker for ChunkReleaser {
             return Ok(Step::Idle(RELEASE_CHECK_EVERY));
         }
         let now_ms = unix_now_ms();
-        let pending = node
+        let initiated_before_ms = now_ms.saturating_sub(node.config.s3_upload_expiry_ms);
+        let (release, expire) = node
             .state
             .view()
-            .and_then(|view| files::release_pending(&view, now_ms))
+            .and_then(|view| {
+                Ok((
+                    files::release_pending(&view, now_ms)?,
+                    crate::s3::expired_multipart_pending(&view, initiated_before_ms)?,
+                ))
+            })
             .map_err(|e| WorkerError(e.to_string()))?;
-        if !pending {
-            return Ok(Step::Idle(RELEASE_CHECK_EVERY));
-        }
-        match node.propose(Proposal { request_id: None, proposed_at_ms: now_ms, command: Command::ReleaseChunks }).await
+        // Expired S3 uploads first: aborting them queues their parts for release.
+        let command = match (expire, release) {
+            (true, _) => Command::S3ExpireMultipart { initiated_before_ms },
+            (false, true) => Command::ReleaseChunks,
+            (false, false) => return Ok(Step::Idle(RELEASE_CHECK_EVERY)),
+        };
+        match node.propose(Proposal { request_id: None, proposed_at_ms: now_ms, command }).await
         {
             Ok(_) => Ok(Step::Busy),
             Err(e) => {
@@ -1062,6 +1081,19 @@ impl MetaNode {
             LeaderRequest::StorageNodes => {
                 self.linearizable_barrier().await?;
                 Ok(LeaderResponse::StorageNodes(self.storage_nodes()?))
+            }
+            LeaderRequest::S3(read) => {
+                self.linearizable_barrier().await?;
+                // Pages, listings and key lists read up to thousands of rows: off the async
+                // workers.
+                let state = self.state.clone();
+                let answer = tokio::task::spawn_blocking(move || {
+                    let view = state.view().map_err(ApiError::internal)?;
+                    s3_api::answer(&view, read)
+                })
+                .await
+                .map_err(ApiError::internal)??;
+                Ok(LeaderResponse::S3(answer))
             }
             LeaderRequest::RetiredGetFile | LeaderRequest::RetiredListFiles => Err(ApiError::InvalidArgument(
                 "whole chunk lists are no longer served; files are read a page at a time (upgrade this node)".into(),
@@ -1733,6 +1765,7 @@ mod tests {
             (LeaderRequest::FileChunks { path: String::new(), version: None, from_index: 0, limit: 0 }, 12),
             (LeaderRequest::ListFiles { prefix: String::new(), limit: 0 }, 13),
             (LeaderRequest::StorageNodes, 14),
+            (LeaderRequest::S3(s3_api::S3Read::Buckets), 15),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");
@@ -1747,6 +1780,7 @@ mod tests {
             (LeaderResponse::FileChunks(None), 10),
             (LeaderResponse::Files { files: vec![], truncated: false }, 11),
             (LeaderResponse::StorageNodes(vec![]), 12),
+            (LeaderResponse::S3(s3_api::S3Answer::Bucket(None)), 13),
         ];
         for (response, number) in responses {
             assert_eq!(wire_number(&response), number, "{response:?}");
