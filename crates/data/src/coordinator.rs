@@ -430,7 +430,8 @@ impl Coordinator {
                 expected_version: header.expected_version,
                 grace_ms: written.grace_ms,
             };
-            let committing = tracing::info_span!("commit_file", chunks = written.n_chunks, error = tracing::field::Empty);
+            let committing =
+                tracing::info_span!("commit_file", chunks = written.n_chunks, error = tracing::field::Empty);
             let request_id = written.request_id;
             let committed = self
                 .propose_retrying(|| self.node.commit_file(request_id, commit.clone()))
@@ -749,9 +750,16 @@ impl Coordinator {
 /// The version of a content a reader streams.
 #[derive(Debug, Clone)]
 pub enum ContentRef {
-    File { path: String, version: u64 },
+    File {
+        path: String,
+        version: u64,
+    },
     /// An S3 object's content, named by its piece list.
-    Object { bucket: String, key: String, pieces: u64 },
+    Object {
+        bucket: String,
+        key: String,
+        pieces: u64,
+    },
 }
 
 impl std::fmt::Display for ContentRef {
@@ -1006,7 +1014,8 @@ impl Files for Coordinator {
                 let content = ContentRef::File { path: file.path.clone(), version: file.record.version };
                 let data = |data| pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(data)) };
                 let range = 0..file.record.size;
-                let streamed = coordinator.stream_content(&content, file.record.n_chunks, first, range, &tx, data).await;
+                let streamed =
+                    coordinator.stream_content(&content, file.record.n_chunks, first, range, &tx, data).await;
                 if let Err(status) = streamed {
                     // The reply's headers went out already: mark the RPC's span here.
                     tracing::Span::current().record("error", status.message());

@@ -174,6 +174,26 @@ pub struct ServerArgs {
     /// Close a connection that sent nothing for this long, in milliseconds (default 300000).
     #[arg(long, env = "MENDFS_IDLE_TIMEOUT_MS")]
     pub idle_timeout_ms: Option<u64>,
+    /// Address for the S3 API (IP:PORT; off if unset). TLS when the node has TLS. Access keys
+    /// and buckets: `mendfs s3`.
+    #[arg(long, env = "MENDFS_S3")]
+    pub s3: Option<String>,
+    /// The region S3 clients sign for (default us-east-1).
+    #[arg(long, env = "MENDFS_S3_REGION")]
+    pub s3_region: Option<String>,
+    /// A base domain for virtual-hosted-style S3 requests (BUCKET.DOMAIN[:PORT]); repeat for
+    /// several. Path-style requests always work.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[arg(long = "s3-domain", env = "MENDFS_S3_DOMAINS", value_delimiter = ',')]
+    pub s3_domains: Vec<String>,
+    /// Every part of an S3 multipart upload but the last must be at least this many bytes
+    /// (default 5 MiB, as S3).
+    #[arg(long, env = "MENDFS_S3_MIN_PART_BYTES")]
+    pub s3_min_part_bytes: Option<u64>,
+    /// Abort S3 multipart uploads not completed this long after they began, in milliseconds
+    /// (default 1 day). Cluster-wide: the leader's value applies.
+    #[arg(long, env = "MENDFS_S3_UPLOAD_EXPIRY_MS")]
+    pub s3_upload_expiry_ms: Option<u64>,
 }
 
 impl ServerArgs {

@@ -58,8 +58,8 @@ pub use files::{
 };
 pub use network::{validate_node_addr, PeerInterceptor, Peers};
 pub use node::{
-    AccessKeyView, ChunkPage, ChunkRef, FileCommitted, BUCKETS_LISTED_MAX, OBJECTS_LISTED_MAX, FileView, FilesInUse, Membership, MetaConfig, MetaNode, Origin, PeerTls,
-    RaftStatus, Role, CHUNK_PAGE_CHUNKS_MAX,
+    AccessKeyView, ChunkPage, ChunkRef, FileCommitted, FileView, FilesInUse, Membership, MetaConfig, MetaNode, Origin,
+    PeerTls, RaftStatus, Role, BUCKETS_LISTED_MAX, CHUNK_PAGE_CHUNKS_MAX, OBJECTS_LISTED_MAX,
 };
 pub use schema::{CommandError, KvUsage, Limits};
 pub use service::{authenticator, request_origin, services, AuthApi, KvApi, NodeApi};

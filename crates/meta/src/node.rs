@@ -679,8 +679,7 @@ impl Worker for ChunkReleaser {
             (false, true) => Command::ReleaseChunks,
             (false, false) => return Ok(Step::Idle(RELEASE_CHECK_EVERY)),
         };
-        match node.propose(Proposal { request_id: None, proposed_at_ms: now_ms, command }).await
-        {
+        match node.propose(Proposal { request_id: None, proposed_at_ms: now_ms, command }).await {
             Ok(_) => Ok(Step::Busy),
             Err(e) => {
                 tracing::warn!("releasing chunk references: {e}");

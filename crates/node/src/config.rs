@@ -104,6 +104,17 @@ pub struct NodeConfig {
     pub max_connections_per_ip: usize,
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout_ms: u64,
+    /// Address for the S3 API (IP:PORT; off if unset); TLS when the node has TLS.
+    pub s3: Option<String>,
+    /// The region S3 clients sign for.
+    pub s3_region: String,
+    /// Base domains for virtual-hosted-style S3 requests (`BUCKET.DOMAIN[:PORT]`).
+    pub s3_domains: Vec<String>,
+    /// Every part of an S3 multipart upload but the last must be at least this big.
+    pub s3_min_part_bytes: u64,
+    /// An S3 multipart upload not completed this long after it began is aborted. Cluster-wide:
+    /// the leader's value applies.
+    pub s3_upload_expiry_ms: u64,
 }
 
 /// Default disk bound of each of the span and log stores.
@@ -164,6 +175,11 @@ impl Default for NodeConfig {
             max_connections: 4_096,
             max_connections_per_ip: 1_024,
             idle_timeout_ms: 300_000,
+            s3: None,
+            s3_region: "us-east-1".into(),
+            s3_domains: Vec::new(),
+            s3_min_part_bytes: 5 << 20,
+            s3_upload_expiry_ms: meta.s3_upload_expiry_ms,
         }
     }
 }
@@ -253,6 +269,11 @@ impl NodeConfig {
         if let Some(http) = &self.http {
             ensure!(http.parse::<SocketAddr>().is_ok(), "--http {http:?} is not IP:PORT");
         }
+        if let Some(s3) = &self.s3 {
+            ensure!(s3.parse::<SocketAddr>().is_ok(), "--s3 {s3:?} is not IP:PORT");
+        }
+        ensure!(!self.s3_region.is_empty() && self.s3_region.len() <= 64, "--s3-region must be 1 to 64 characters");
+        ensure!(self.s3_upload_expiry_ms >= 60_000, "--s3-upload-expiry-ms must be at least 60000");
         let tls = match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
             (Some(cert), Some(key), Some(ca)) => {
                 Some(TlsFiles { cert: cert.clone(), key: key.clone(), ca: ca.clone() })
@@ -306,6 +327,7 @@ impl NodeConfig {
             self.max_value_bytes
         );
         ensure!(self.max_sessions >= 1, "--max-sessions must be at least 1");
+        meta.s3_upload_expiry_ms = self.s3_upload_expiry_ms;
         meta.limits = mendfs_meta::Limits {
             kv_quota_bytes: self.kv_quota_bytes,
             kv_history_bytes: self.kv_history_bytes,

@@ -82,12 +82,12 @@ pub(crate) async fn serve(
     }
 }
 
-pub(crate) async fn bind(addr: &str) -> Result<tokio::net::TcpListener, NodeError> {
+pub(crate) async fn bind(flag: &str, addr: &str) -> Result<tokio::net::TcpListener, NodeError> {
     let addr: SocketAddr =
-        addr.parse().map_err(|_| NodeError::Config(crate::ConfigError(format!("--http {addr:?} is not IP:PORT"))))?;
+        addr.parse().map_err(|_| NodeError::Config(crate::ConfigError(format!("{flag} {addr:?} is not IP:PORT"))))?;
     tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| NodeError::Io { context: format!("cannot listen on --http {addr}"), source: e })
+        .map_err(|e| NodeError::Io { context: format!("cannot listen on {flag} {addr}"), source: e })
 }
 
 fn labels(pairs: &[(&str, String)]) -> Labels {

@@ -114,10 +114,15 @@ impl Node {
             parts.meta.advertise_addr = addr.to_string();
         }
         let http_listener = match &config.http {
-            Some(http) => Some(http::bind(http).await?),
+            Some(http) => Some(http::bind("--http", http).await?),
             None => None,
         };
         let http_addr = http_listener.as_ref().and_then(|listener| listener.local_addr().ok());
+        let s3_listener = match &config.s3 {
+            Some(s3) => Some(http::bind("--s3", s3).await?),
+            None => None,
+        };
+        let s3_addr = s3_listener.as_ref().and_then(|listener| listener.local_addr().ok());
 
         let background = Background::new();
         // Stopping serving comes first and apart from the rest: in-flight calls still need Raft
@@ -170,7 +175,9 @@ impl Node {
             logs: telemetry.logs.clone(),
         })
         .max_encoding_message_size(64 << 20);
-        let files_service = FilesServer::new(Coordinator::new(meta.clone(), parts.data.clone(), chunks.clone()))
+        // One coordinator for files and S3: its bound on the bytes being prepared is the node's.
+        let coordinator = Coordinator::new(meta.clone(), parts.data.clone(), chunks.clone());
+        let files_service = FilesServer::new(coordinator.clone())
             .max_decoding_message_size(16 << 20)
             .max_encoding_message_size(16 << 20);
 
@@ -187,7 +194,8 @@ impl Node {
         let requests = Arc::new(RequestMetrics::new());
         let mut servers = Vec::new();
         if let Some(listener) = http_listener {
-            let (connections, accept_loop) = listener::incoming(listener, parts.limits, http_tls, stop_serving());
+            let (connections, accept_loop) =
+                listener::incoming(listener, parts.limits, http_tls.clone(), stop_serving());
             background.spawn(accept_loop);
             let state = Arc::new(http::HttpState {
                 node: meta.clone(),
@@ -200,6 +208,44 @@ impl Node {
                 replication_factor: parts.data.replication_factor,
             });
             servers.push(tokio::spawn(http::serve(connections, http_addr, state, stop_serving())));
+        }
+        if let Some(listener) = s3_listener {
+            let settings = mendfs_s3::S3Settings {
+                region: config.s3_region.clone(),
+                domains: config.s3_domains.clone(),
+                min_part_bytes: config.s3_min_part_bytes,
+            };
+            let gateway = mendfs_s3::S3Gateway::new(meta.clone(), coordinator.clone(), settings, requests.clone())
+                .map_err(|e| NodeError::Config(ConfigError(e)))?;
+            let (connections, accept_loop) =
+                listener::incoming(listener, parts.limits, http_tls.clone(), stop_serving());
+            background.spawn(accept_loop);
+            let stop = stop_serving();
+            let (serving, stopper) = (serving.clone(), background.clone());
+            background.spawn(async move {
+                use tokio_stream::StreamExt;
+                let mut connections = connections;
+                tokio::pin!(stop);
+                loop {
+                    let connection = tokio::select! {
+                        _ = &mut stop => break,
+                        next = connections.next() => match next {
+                            Some(Ok(connection)) => connection,
+                            Some(Err(_)) => continue,
+                            None => break,
+                        },
+                    };
+                    let (serving, stopping) = (serving.clone(), stopper.stopping());
+                    let stop = async move {
+                        tokio::select! {
+                            _ = serving.cancelled() => {}
+                            _ = stopping => {}
+                        }
+                    };
+                    tokio::spawn(gateway.clone().serve_connection(connection, stop));
+                }
+            });
+            tracing::info!(addr = ?s3_addr, "serving S3");
         }
         let admits: mendfs_telemetry::grpc::Admits = {
             let authenticator = authenticator.clone();

@@ -3,7 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{unexpected, ChunkPage, ChunkRef, LeaderRequest, LeaderResponse, MetaNode, Origin, CHUNK_PAGE_BYTES_MAX, CHUNK_PAGE_CHUNKS_MAX};
+use super::{
+    unexpected, ChunkPage, ChunkRef, LeaderRequest, LeaderResponse, MetaNode, Origin, CHUNK_PAGE_BYTES_MAX,
+    CHUNK_PAGE_CHUNKS_MAX,
+};
 use crate::error::ApiError;
 use crate::files;
 use crate::s3::{
@@ -23,13 +26,39 @@ pub const OBJECTS_LISTED_MAX: usize = 1_000;
 pub(crate) enum S3Read {
     /// An object's record and a page of its chunks (limit 0: the record alone); with
     /// `pieces`, refused unless that is still the object's content.
-    Object { bucket: String, key: String, pieces: Option<u64>, from_index: u64, limit: u32 },
-    List { bucket: String, prefix: String, delimiter: Option<String>, after: Option<String>, max: u32 },
+    Object {
+        bucket: String,
+        key: String,
+        pieces: Option<u64>,
+        from_index: u64,
+        limit: u32,
+    },
+    List {
+        bucket: String,
+        prefix: String,
+        delimiter: Option<String>,
+        after: Option<String>,
+        max: u32,
+    },
     Buckets,
-    Bucket { bucket: String },
-    Uploads { bucket: String, prefix: String, key_marker: Option<String>, upload_marker: Option<u64>, max: u32 },
-    Parts { upload_id: u64, after: u32, max: u32 },
-    AccessKey { key_id: String },
+    Bucket {
+        bucket: String,
+    },
+    Uploads {
+        bucket: String,
+        prefix: String,
+        key_marker: Option<String>,
+        upload_marker: Option<u64>,
+        max: u32,
+    },
+    Parts {
+        upload_id: u64,
+        after: u32,
+        max: u32,
+    },
+    AccessKey {
+        key_id: String,
+    },
     AccessKeys,
 }
 
@@ -165,7 +194,12 @@ impl MetaNode {
         }
     }
 
-    pub async fn s3_create_bucket(&self, origin: Origin, bucket: String, owner: Option<String>) -> Result<(), ApiError> {
+    pub async fn s3_create_bucket(
+        &self,
+        origin: Origin,
+        bucket: String,
+        owner: Option<String>,
+    ) -> Result<(), ApiError> {
         self.execute(origin, None, Command::S3CreateBucket { bucket, owner }).await.map(drop)
     }
 
@@ -186,7 +220,13 @@ impl MetaNode {
         self.execute(origin, None, Command::S3DeleteAccessKey { key_id }).await.map(drop)
     }
 
-    pub async fn s3_set_grant(&self, origin: Origin, key_id: String, bucket: String, grant: Grant) -> Result<(), ApiError> {
+    pub async fn s3_set_grant(
+        &self,
+        origin: Origin,
+        key_id: String,
+        bucket: String,
+        grant: Grant,
+    ) -> Result<(), ApiError> {
         self.execute(origin, None, Command::S3SetGrant { key_id, bucket, grant }).await.map(drop)
     }
 
@@ -201,7 +241,12 @@ impl MetaNode {
     }
 
     /// Deletes keys (at most [`s3::DELETE_KEYS_MAX`]); answers which existed.
-    pub async fn s3_delete_objects(&self, origin: Origin, bucket: String, keys: Vec<String>) -> Result<Vec<bool>, ApiError> {
+    pub async fn s3_delete_objects(
+        &self,
+        origin: Origin,
+        bucket: String,
+        keys: Vec<String>,
+    ) -> Result<Vec<bool>, ApiError> {
         match self.execute(origin, None, Command::S3DeleteObjects { bucket, keys }).await? {
             Outcome::ObjectsDeleted { found } => Ok(found),
             other => Err(unexpected("an S3 delete", other)),
@@ -216,7 +261,8 @@ impl MetaNode {
     }
 
     pub async fn s3_put_part(&self, request_id: RequestId, put: PutPart) -> Result<String, ApiError> {
-        written(self.execute(Origin::LOCAL, Some(request_id), Command::S3PutPart(Box::new(put))).await?).map(|(etag, _)| etag)
+        written(self.execute(Origin::LOCAL, Some(request_id), Command::S3PutPart(Box::new(put))).await?)
+            .map(|(etag, _)| etag)
     }
 
     pub async fn s3_complete_multipart(
