@@ -16,6 +16,7 @@ use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::auth_client::AuthClient;
 use mendfs_proto::v1::cluster_client::ClusterClient;
 use mendfs_proto::v1::kv_client::KvClient;
+use mendfs_proto::v1::s3_admin_client::S3AdminClient;
 use mendfs_proto::{
     AUTHORIZATION_HEADER, ERROR_ACTUAL_VERSION_HEADER, ERROR_EXPECTED_VERSION_HEADER, ERROR_KIND_HEADER,
     LEADER_HINT_HEADER, SECRET_HEADER,
@@ -50,6 +51,10 @@ pub enum Error {
     SessionLost { session_id: u64, ttl: Duration, silent_for: Duration, last_error: String },
     #[error("{0}")]
     NotFound(String),
+    /// Something other than a key of the coordination keyspace already exists (a bucket, an
+    /// access key); the server's message says what.
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     #[error("refused: {0}")]
@@ -220,6 +225,9 @@ fn classify(status: &tonic::Status) -> Attempt {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
             Attempt::Retry(if message.is_empty() { status.code().to_string() } else { message })
         }
+        tonic::Code::AlreadyExists if !kind.is_empty() && kind != "key-exists" => {
+            Attempt::Fail(Error::AlreadyExists(message))
+        }
         tonic::Code::AlreadyExists => Attempt::Fail(Error::KeyExists { version: actual }),
         tonic::Code::FailedPrecondition if kind == "version-mismatch" => {
             let expected = header_u64(ERROR_EXPECTED_VERSION_HEADER);
@@ -339,6 +347,99 @@ impl Client {
         })
         .await
         .map(|reply| reply.revoked)
+    }
+
+    fn s3_admin(&self, index: usize) -> S3AdminClient<Intercepted> {
+        S3AdminClient::with_interceptor(self.inner.channels[index].clone(), self.inner.interceptor.clone())
+            .max_decoding_message_size(usize::MAX)
+    }
+
+    /// Creates an S3 access key named `name` (a label); the reply holds its id and its secret,
+    /// which cannot be shown again. With `create_buckets` the key may create buckets (and owns
+    /// those it creates). Needs an admin token.
+    pub async fn s3_create_key(&self, name: &str, create_buckets: bool) -> Result<pb::S3CreateKeyReply, Error> {
+        let request = pb::S3CreateKeyRequest { name: name.to_string(), create_buckets };
+        self.call("create S3 key", |i| {
+            let request = request.clone();
+            let mut admin = self.s3_admin(i);
+            async move { admin.create_key(request).await }
+        })
+        .await
+    }
+
+    /// Every S3 access key with its grants (never the secrets).
+    pub async fn s3_list_keys(&self) -> Result<Vec<pb::S3KeyInfo>, Error> {
+        self.call("list S3 keys", |i| {
+            let mut admin = self.s3_admin(i);
+            async move { admin.list_keys(pb::S3ListKeysRequest {}).await }
+        })
+        .await
+        .map(|reply| reply.keys)
+    }
+
+    /// Deletes an S3 access key and its grants; [`Error::NotFound`] if there is none.
+    pub async fn s3_delete_key(&self, key_id: &str) -> Result<(), Error> {
+        let request = pb::S3DeleteKeyRequest { key_id: key_id.to_string() };
+        self.call("delete S3 key", |i| {
+            let request = request.clone();
+            let mut admin = self.s3_admin(i);
+            async move { admin.delete_key(request).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Sets what `key_id` may do in `bucket`, exactly; all false revokes the grant.
+    pub async fn s3_allow(
+        &self,
+        key_id: &str,
+        bucket: &str,
+        read: bool,
+        write: bool,
+        owner: bool,
+    ) -> Result<(), Error> {
+        let request = pb::S3AllowRequest { key_id: key_id.to_string(), bucket: bucket.to_string(), read, write, owner };
+        self.call("set S3 grant", |i| {
+            let request = request.clone();
+            let mut admin = self.s3_admin(i);
+            async move { admin.allow(request).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Creates a bucket, owned by the access key `owner` if given; [`Error::AlreadyExists`]
+    /// if it exists.
+    pub async fn s3_create_bucket(&self, bucket: &str, owner: Option<&str>) -> Result<(), Error> {
+        let request = pb::S3CreateBucketRequest { bucket: bucket.to_string(), owner: owner.map(str::to_string) };
+        self.call("create bucket", |i| {
+            let request = request.clone();
+            let mut admin = self.s3_admin(i);
+            async move { admin.create_bucket(request).await }
+        })
+        .await
+        .map(drop)
+    }
+
+    pub async fn s3_list_buckets(&self) -> Result<Vec<pb::S3BucketInfo>, Error> {
+        self.call("list buckets", |i| {
+            let mut admin = self.s3_admin(i);
+            async move { admin.list_buckets(pb::S3ListBucketsRequest {}).await }
+        })
+        .await
+        .map(|reply| reply.buckets)
+    }
+
+    /// Deletes an empty bucket (no objects, no multipart uploads) and its grants.
+    pub async fn s3_delete_bucket(&self, bucket: &str) -> Result<(), Error> {
+        let request = pb::S3DeleteBucketRequest { bucket: bucket.to_string() };
+        self.call("delete bucket", |i| {
+            let request = request.clone();
+            let mut admin = self.s3_admin(i);
+            async move { admin.delete_bucket(request).await }
+        })
+        .await
+        .map(drop)
     }
 
     /// Who the cluster takes this client for, and its role.

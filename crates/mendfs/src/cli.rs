@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::{auth_cmd, bench, client_cmd, demo, files_cmd, local_cmd, server, telemetry_cmd};
+use crate::{auth_cmd, bench, client_cmd, demo, files_cmd, local_cmd, s3_cmd, server, telemetry_cmd};
 
 #[derive(Parser, Debug)]
 #[command(name = "mendfs", version, about = "MendFS: a self-healing distributed file store")]
@@ -59,6 +59,14 @@ pub enum Command {
         connection: ClusterAddress,
         #[command(subcommand)]
         command: auth_cmd::AuthCommand,
+    },
+    /// S3 access keys, buckets and grants: `s3 key create|list|delete`, `s3 allow`,
+    /// `s3 bucket create|list|delete`.
+    S3 {
+        #[command(flatten)]
+        connection: ClusterAddress,
+        #[command(subcommand)]
+        command: s3_cmd::S3Command,
     },
     /// Certificates for a TLS cluster: `cert init DIR --nodes N`.
     Cert {
@@ -174,6 +182,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Trace(args) => telemetry_cmd::trace(args).await,
         Command::Logs(args) => telemetry_cmd::logs(args).await,
         Command::Auth { connection, command } => auth_cmd::run_auth(connection, command).await,
+        Command::S3 { connection, command } => s3_cmd::run_s3(connection, command).await,
         Command::Cert { command } => auth_cmd::run_cert(command),
     }
 }

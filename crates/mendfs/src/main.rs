@@ -8,6 +8,7 @@ mod client_cmd;
 mod demo;
 mod files_cmd;
 mod local_cmd;
+mod s3_cmd;
 mod server;
 mod telemetry_cmd;
 

@@ -37,7 +37,7 @@ pub enum Role {
     Read,
     /// Adds put, rm, kv writes, sessions and locks.
     Write,
-    /// Adds membership, drain and token management.
+    /// Adds membership, drain, token management and S3 keys and buckets.
     Admin,
 }
 
@@ -93,6 +93,8 @@ pub fn required_access(op: &str) -> Option<Access> {
         "Telemetry/TraceSpans" | "Telemetry/QueryLogs" => Client(Read),
         "Auth/WhoAmI" => Client(Read),
         "Auth/CreateToken" | "Auth/ListTokens" | "Auth/RevokeToken" => Client(Admin),
+        "S3Admin/CreateKey" | "S3Admin/ListKeys" | "S3Admin/DeleteKey" | "S3Admin/Allow" => Client(Admin),
+        "S3Admin/CreateBucket" | "S3Admin/ListBuckets" | "S3Admin/DeleteBucket" => Client(Admin),
         _ => return None,
     })
 }
@@ -491,7 +493,19 @@ mod tests {
             let access = required_access(op).expect("defined");
             assert!(!reader.may(access) && writer.may(access) && admin.may(access), "{op}");
         }
-        for op in ["Cluster/Drain", "Cluster/AddNode", "Auth/CreateToken", "Auth/RevokeToken"] {
+        for op in [
+            "Cluster/Drain",
+            "Cluster/AddNode",
+            "Auth/CreateToken",
+            "Auth/RevokeToken",
+            "S3Admin/CreateKey",
+            "S3Admin/ListKeys",
+            "S3Admin/DeleteKey",
+            "S3Admin/Allow",
+            "S3Admin/CreateBucket",
+            "S3Admin/ListBuckets",
+            "S3Admin/DeleteBucket",
+        ] {
             let access = required_access(op).expect("defined");
             assert!(!reader.may(access) && !writer.may(access) && admin.may(access), "{op}");
         }

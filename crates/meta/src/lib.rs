@@ -62,5 +62,5 @@ pub use node::{
     PeerTls, RaftStatus, Role, BUCKETS_LISTED_MAX, CHUNK_PAGE_CHUNKS_MAX, OBJECTS_LISTED_MAX,
 };
 pub use schema::{CommandError, KvUsage, Limits};
-pub use service::{authenticator, request_origin, services, AuthApi, KvApi, NodeApi};
+pub use service::{authenticator, request_origin, services, AuthApi, KvApi, NodeApi, S3AdminApi};
 pub use state::RequestId;

@@ -1,4 +1,5 @@
-//! The gRPC services a metadata node serves: `Node` (peers), `Kv` and `Cluster` (clients).
+//! The gRPC services a metadata node serves: `Node` (peers), `Kv` and `Cluster` (clients),
+//! `Auth` and `S3Admin` (the operator).
 //!
 //! Who may call what is decided before a call gets here (`auth`). Input from the network is
 //! validated here and answered with a clear error; nothing in this module panics on it.
@@ -11,6 +12,7 @@ use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::auth_server::{Auth as AuthService, AuthServer};
 use mendfs_proto::v1::kv_server::{Kv, KvServer};
 use mendfs_proto::v1::node_server::{Node, NodeServer};
+use mendfs_proto::v1::s3_admin_server::{S3Admin, S3AdminServer};
 use mendfs_proto::{FORWARDED_HEADER, LEADER_HINT_HEADER};
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -39,7 +41,9 @@ const WATCH_QUEUE_REPLIES: usize = 64;
 
 /// The metadata services of a node, with their message size limits. Every call reaches them
 /// through the node's [`crate::auth::AuthLayer`] (see [`authenticator`]).
-pub fn services(node: &MetaNode) -> (NodeServer<NodeApi>, KvServer<KvApi>, AuthServer<AuthApi>) {
+pub fn services(
+    node: &MetaNode,
+) -> (NodeServer<NodeApi>, KvServer<KvApi>, AuthServer<AuthApi>, S3AdminServer<S3AdminApi>) {
     // Client messages are bounded by the key and value limits (plus framing), so an oversized
     // message is refused before it is buffered.
     let client_message_max = node.config.max_key_bytes + node.config.max_value_bytes + 64 * 1024;
@@ -51,6 +55,9 @@ pub fn services(node: &MetaNode) -> (NodeServer<NodeApi>, KvServer<KvApi>, AuthS
             .max_decoding_message_size(client_message_max)
             .max_encoding_message_size(usize::MAX),
         AuthServer::new(AuthApi { node: node.clone() }).max_decoding_message_size(64 * 1024),
+        S3AdminServer::new(S3AdminApi { node: node.clone() })
+            .max_decoding_message_size(64 * 1024)
+            .max_encoding_message_size(usize::MAX),
     )
 }
 
@@ -539,6 +546,159 @@ impl AuthService for AuthApi {
     }
 }
 
+/// S3 access keys and buckets, for the operator. Every method needs the admin role (see
+/// `auth::required_access`).
+pub struct S3AdminApi {
+    node: MetaNode,
+}
+
+/// Access key ids: `MK` and 18 more of upper-case letters and digits (AWS's are `AKIA...`).
+pub const ACCESS_KEY_ID_LEN: usize = 20;
+pub const ACCESS_KEY_ID_PREFIX: &str = "MK";
+/// Secret access keys: 40 of `A-Z a-z 0-9`, about 238 random bits.
+pub const SECRET_KEY_LEN: usize = 40;
+
+/// A new random access key id.
+pub fn generate_access_key_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut rng = rand::rng();
+    let mut id = String::with_capacity(ACCESS_KEY_ID_LEN);
+    id.push_str(ACCESS_KEY_ID_PREFIX);
+    while id.len() < ACCESS_KEY_ID_LEN {
+        id.push(char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]));
+    }
+    id
+}
+
+/// A new random secret access key.
+pub fn generate_secret_key() -> String {
+    use rand::Rng;
+    rand::rng().sample_iter(rand::distr::Alphanumeric).take(SECRET_KEY_LEN).map(char::from).collect()
+}
+
+/// Access key names are labels an operator types, like token names: 1–64 of
+/// `A-Z a-z 0-9 . _ -`.
+pub fn validate_access_key_name(name: &str) -> Result<(), String> {
+    crate::auth::validate_token_name(name).map_err(|_| {
+        format!("access key name {name:?} must be 1 to {} of A-Z a-z 0-9 . _ -", crate::auth::TOKEN_NAME_BYTES_MAX)
+    })
+}
+
+#[tonic::async_trait]
+impl S3Admin for S3AdminApi {
+    async fn create_key(
+        &self,
+        request: Request<pb::S3CreateKeyRequest>,
+    ) -> Result<Response<pb::S3CreateKeyReply>, Status> {
+        let origin = request_origin(&request);
+        let request = request.into_inner();
+        validate_access_key_name(&request.name).map_err(Status::invalid_argument)?;
+        let (key_id, secret) = (generate_access_key_id(), generate_secret_key());
+        let record = crate::s3::AccessKeyRecord {
+            name: request.name.clone(),
+            secret: secret.clone(),
+            create_buckets: request.create_buckets,
+            created_ms: unix_now_ms(),
+        };
+        self.node.s3_put_access_key(origin, key_id.clone(), record).await?;
+        tracing::info!(%key_id, name = %request.name, create_buckets = request.create_buckets, "created an S3 access key");
+        Ok(Response::new(pb::S3CreateKeyReply { key_id, secret }))
+    }
+
+    async fn list_keys(
+        &self,
+        request: Request<pb::S3ListKeysRequest>,
+    ) -> Result<Response<pb::S3ListKeysReply>, Status> {
+        let keys = self.node.s3_access_keys(request_origin(&request)).await?;
+        let keys = keys
+            .into_iter()
+            .map(|key| pb::S3KeyInfo {
+                key_id: key.key_id,
+                name: key.name,
+                create_buckets: key.create_buckets,
+                created_ms: key.created_ms,
+                grants: key
+                    .grants
+                    .into_iter()
+                    .map(|(bucket, grant)| pb::S3BucketGrant {
+                        bucket,
+                        read: grant.read,
+                        write: grant.write,
+                        owner: grant.owner,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::S3ListKeysReply { keys }))
+    }
+
+    async fn delete_key(
+        &self,
+        request: Request<pb::S3DeleteKeyRequest>,
+    ) -> Result<Response<pb::S3DeleteKeyReply>, Status> {
+        let origin = request_origin(&request);
+        let key_id = request.into_inner().key_id;
+        self.node.s3_delete_access_key(origin, key_id.clone()).await?;
+        tracing::info!(%key_id, "deleted an S3 access key");
+        Ok(Response::new(pb::S3DeleteKeyReply {}))
+    }
+
+    async fn allow(&self, request: Request<pb::S3AllowRequest>) -> Result<Response<pb::S3AllowReply>, Status> {
+        let origin = request_origin(&request);
+        let allow = request.into_inner();
+        let grant = crate::s3::Grant { read: allow.read, write: allow.write, owner: allow.owner };
+        self.node.s3_set_grant(origin, allow.key_id.clone(), allow.bucket.clone(), grant).await?;
+        tracing::info!(key_id = %allow.key_id, bucket = %allow.bucket, ?grant, "set an S3 grant");
+        Ok(Response::new(pb::S3AllowReply {}))
+    }
+
+    async fn create_bucket(
+        &self,
+        request: Request<pb::S3CreateBucketRequest>,
+    ) -> Result<Response<pb::S3CreateBucketReply>, Status> {
+        let origin = request_origin(&request);
+        let create = request.into_inner();
+        crate::s3::validate_bucket_name(&create.bucket).map_err(Status::invalid_argument)?;
+        let owner = create.owner.filter(|owner| !owner.is_empty());
+        if let Some(owner) = &owner {
+            // The state machine would grant a key that does not exist; an operator's typo is
+            // refused instead.
+            if self.node.s3_access_key(owner).await?.is_none() {
+                return Err(
+                    ApiError::from(crate::schema::CommandError::NoSuchAccessKey { key_id: owner.clone() }).into()
+                );
+            }
+        }
+        self.node.s3_create_bucket(origin, create.bucket.clone(), owner.clone()).await?;
+        tracing::info!(bucket = %create.bucket, owner = owner.as_deref().unwrap_or(""), "created an S3 bucket");
+        Ok(Response::new(pb::S3CreateBucketReply {}))
+    }
+
+    async fn list_buckets(
+        &self,
+        request: Request<pb::S3ListBucketsRequest>,
+    ) -> Result<Response<pb::S3ListBucketsReply>, Status> {
+        let buckets = self.node.s3_buckets(request_origin(&request)).await?;
+        let buckets = buckets
+            .into_iter()
+            .map(|(name, record)| pb::S3BucketInfo { name, created_ms: record.created_ms })
+            .collect();
+        Ok(Response::new(pb::S3ListBucketsReply { buckets }))
+    }
+
+    async fn delete_bucket(
+        &self,
+        request: Request<pb::S3DeleteBucketRequest>,
+    ) -> Result<Response<pb::S3DeleteBucketReply>, Status> {
+        let origin = request_origin(&request);
+        let bucket = request.into_inner().bucket;
+        self.node.s3_delete_bucket(origin, bucket.clone()).await?;
+        tracing::info!(%bucket, "deleted an S3 bucket");
+        Ok(Response::new(pb::S3DeleteBucketReply {}))
+    }
+}
+
 async fn run_watch(
     reader: StateReader,
     key: Vec<u8>,
@@ -674,6 +834,28 @@ mod tests {
             let verdict = receive_snapshot_chunk(&mut receiving, "s", sent as u64, &data[sent..], true, 1 << 20);
             proptest::prop_assert_eq!(verdict, Ok(ChunkVerdict::Complete));
         });
+    }
+
+    #[test]
+    fn access_key_ids_and_secrets_are_random_and_well_formed() {
+        let (a, b) = (generate_access_key_id(), generate_access_key_id());
+        assert_ne!(a, b);
+        for id in [&a, &b] {
+            assert_eq!(id.len(), ACCESS_KEY_ID_LEN, "{id}");
+            assert!(id.starts_with(ACCESS_KEY_ID_PREFIX), "{id}");
+            assert!(id.bytes().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit()), "{id}");
+        }
+        let (a, b) = (generate_secret_key(), generate_secret_key());
+        assert_ne!(a, b);
+        for secret in [&a, &b] {
+            assert_eq!(secret.len(), SECRET_KEY_LEN, "{secret}");
+            assert!(secret.bytes().all(|c| c.is_ascii_alphanumeric()), "{secret}");
+        }
+        assert!(validate_access_key_name("backup-job.1").is_ok());
+        for bad in ["", "a b", "x/y", &"n".repeat(65)] {
+            let refused = validate_access_key_name(bad).unwrap_err();
+            assert!(refused.contains("access key name"), "{refused}");
+        }
     }
 
     #[test]

@@ -145,7 +145,7 @@ impl Node {
                 return Err(NodeError::Start(e));
             }
         };
-        let (node_service, kv_service, auth_service) = mendfs_meta::services(&meta);
+        let (node_service, kv_service, auth_service, s3_admin_service) = mendfs_meta::services(&meta);
         let authenticator = mendfs_meta::authenticator(&meta);
 
         let healer = Healer::new(meta.clone(), parts.healer.clone());
@@ -263,6 +263,7 @@ impl Node {
             .add_service(node_service)
             .add_service(kv_service)
             .add_service(auth_service)
+            .add_service(s3_admin_service)
             .add_service(cluster_service)
             .add_optional_service(storage_service)
             .add_service(health_service)

@@ -96,6 +96,8 @@ mod tests {
             "Storage/ReplicateChunk",
             "Health/Heartbeat",
             "Telemetry/QueryLogs",
+            "S3Admin/CreateKey",
+            "S3Admin/DeleteBucket",
             "KV/Put",
         ] {
             assert!(crate::OPERATIONS.contains(&operation), "{operation}");
