@@ -56,6 +56,9 @@ struct LocalState {
     /// The cluster CA, when the cluster runs with TLS.
     #[serde(default)]
     ca_file: Option<PathBuf>,
+    /// An S3 access key allowed to create buckets: its id and secret (0600), made by `up`.
+    #[serde(default)]
+    s3_key_file: Option<PathBuf>,
     nodes: Vec<LocalNode>,
 }
 
@@ -64,6 +67,9 @@ struct LocalNode {
     id: u64,
     addr: String,
     http: String,
+    /// The node's S3 listener.
+    #[serde(default)]
+    s3: Option<String>,
     pid: u32,
     log: PathBuf,
     /// The `mendfs` arguments that start this node again.
@@ -173,11 +179,14 @@ fn up(args: UpArgs) -> Result<ExitCode> {
     let binary = std::env::current_exe().context("locate the mendfs binary")?;
     let voters = args.nodes.min(VOTERS_MAX);
     let mut http = std::collections::BTreeMap::new();
+    let mut s3 = std::collections::BTreeMap::new();
     let mut http_args = std::collections::BTreeMap::new();
     for id in 1..=args.nodes as u64 {
         let addr = format!("127.0.0.1:{}", free_port()?);
-        http_args.insert(id, vec!["--http".to_string(), addr.clone()]);
+        let s3_addr = format!("127.0.0.1:{}", free_port()?);
+        http_args.insert(id, vec!["--http".to_string(), addr.clone(), "--s3".to_string(), s3_addr.clone()]);
         http.insert(id, addr);
+        s3.insert(id, s3_addr);
     }
     let node_args = http_args.iter().filter(|(id, _)| **id <= voters as u64).map(|(id, a)| (*id, a.clone())).collect();
     let options = ClusterOptions {
@@ -215,6 +224,7 @@ fn up(args: UpArgs) -> Result<ExitCode> {
             id: node.id,
             addr: node.addr.clone(),
             http: http[&node.id].clone(),
+            s3: Some(s3[&node.id].clone()),
             pid: 0,
             log: node.log_path.clone(),
             args,
@@ -224,6 +234,11 @@ fn up(args: UpArgs) -> Result<ExitCode> {
     let token = cluster.run_cli(&["auth", "token", "create", "local-admin", "--role", "admin"])?;
     let token_file = dir.join("admin.token");
     write_private(&token_file, token.trim())?;
+    // An S3 key that may create buckets, for the AWS CLI, SDKs and rclone.
+    let s3_key = cluster.run_cli(&["s3", "key", "create", "local", "--create-buckets"])?;
+    let s3_key_file = dir.join("s3.env");
+    let exports: Vec<&str> = s3_key.lines().filter(|line| line.starts_with("export AWS_")).collect();
+    write_private(&s3_key_file, &exports.join("\n"))?;
     let pids = cluster.detach();
     for node in &mut nodes {
         node.pid = pids.get(&node.id).copied().unwrap_or(0);
@@ -233,6 +248,7 @@ fn up(args: UpArgs) -> Result<ExitCode> {
         secret_file: cluster.secret_file().map(Path::to_path_buf),
         token_file: Some(token_file),
         ca_file: cluster.tls_dir().map(|tls| tls.join("ca.pem")),
+        s3_key_file: Some(s3_key_file),
         nodes,
     };
     write_state(&dir, &state)?;
@@ -320,7 +336,18 @@ fn print_usage(dir: &Path, state: &LocalState) {
     if let Some(ca) = &state.ca_file {
         println!("export MENDFS_CA={}", ca.display());
     }
-    println!("\nthen try `mendfs cluster status`, `mendfs put FILE /f`, `mendfs get /f -`.");
+    if let (Some(s3), Some(key_file)) = (state.nodes.first().and_then(|n| n.s3.as_ref()), &state.s3_key_file) {
+        // The first node's; every node serves the same buckets.
+        println!("export AWS_ENDPOINT_URL={scheme}://{s3}");
+        // The key's own lines (from a file only this user reads): a key that may create buckets.
+        match std::fs::read_to_string(key_file) {
+            Ok(exports) => exports.lines().for_each(|line| println!("{line}")),
+            Err(e) => println!("# cannot read the S3 key in {}: {e}", key_file.display()),
+        }
+        println!("export AWS_DEFAULT_REGION=us-east-1");
+    }
+    println!("\nthen try `mendfs cluster status`, `mendfs put FILE /f`, `mendfs get /f -`,");
+    println!("or S3: `aws s3 mb s3://photos`, `aws s3 cp FILE s3://photos/`, `aws s3 ls s3://photos`.");
     println!("Stop it with `mendfs local down --dir {}`.", dir.display());
 }
 

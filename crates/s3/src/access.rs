@@ -168,6 +168,13 @@ impl S3Access for KeyAccess {
         };
         let grant = self.grant(&key_id, &bucket, needs).await?;
         if !allows(grant, needs) {
+            // A bucket that does not exist is answered as such, as S3 does.
+            if self.node.s3_bucket(mendfs_meta::Origin::LOCAL, bucket.clone()).await.map_err(from_api)?.is_none() {
+                return Err(S3Error::with_message(
+                    S3ErrorCode::NoSuchBucket,
+                    format!("bucket {bucket} does not exist"),
+                ));
+            }
             let what = match needs {
                 Needs::Read => "read",
                 Needs::Owner => "delete",

@@ -46,6 +46,25 @@ fn etag(value: &str) -> ETag {
     ETag::Strong(value.to_string())
 }
 
+/// The request id of a completion: the same for the same upload, parts and conditions, so a
+/// client's retry of a completion that applied (its answer lost) gets the same ETag back
+/// instead of `NoSuchUpload`; another parts list is another request.
+fn completion_id(complete: &CompleteUpload) -> mendfs_meta::RequestId {
+    use md5::Digest;
+    let mut digest = md5::Md5::new();
+    digest.update(complete.upload_id.to_be_bytes());
+    for (number, tag) in &complete.parts {
+        digest.update(number.to_be_bytes());
+        digest.update(tag.as_bytes());
+        digest.update([0]);
+    }
+    digest.update(format!("{:?}", complete.condition).as_bytes());
+    let sum = digest.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&sum[..8]);
+    mendfs_meta::RequestId { client_id: u64::from_le_bytes(first), sequence: 1 }
+}
+
 fn upload_id_text(id: u64) -> String {
     format!("{id:016x}")
 }
@@ -837,6 +856,80 @@ impl S3 for Gateway {
         }))
     }
 
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<UploadPartCopyInput>,
+    ) -> S3Result<S3Response<UploadPartCopyOutput>> {
+        let input = req.input;
+        let upload_id = parse_upload_id(&input.upload_id)?;
+        let part_number = u32::try_from(input.part_number)
+            .ok()
+            .filter(|n| (1..=meta_s3::PARTS_MAX).contains(n))
+            .ok_or_else(|| invalid_argument(format!("part numbers are 1 to {}", meta_s3::PARTS_MAX)))?;
+        let CopySource::Bucket { bucket: source_bucket, key: source_key, version_id } = &input.copy_source else {
+            return Err(S3Error::with_message(S3ErrorCode::NotImplemented, "access points are not supported"));
+        };
+        if version_id.as_deref().is_some_and(|v| v != "null") {
+            return Err(S3Error::with_message(S3ErrorCode::NoSuchVersion, "buckets are not versioned"));
+        }
+        let (source, first) = self.object(source_bucket, source_key, CHUNK_PAGE_CHUNKS_MAX).await?;
+        let condition = Precondition {
+            etag_in: etag_list(&input.copy_source_if_match),
+            etag_not_in: etag_list(&input.copy_source_if_none_match),
+            modified_since_ms: input.copy_source_if_modified_since.as_ref().map(millis),
+            unmodified_since_ms: input.copy_source_if_unmodified_since.as_ref().map(millis),
+            must_not_exist: false,
+        };
+        if let Some(why) = meta_s3::precondition_failure(&condition, Some(&source)) {
+            return Err(S3Error::with_message(S3ErrorCode::PreconditionFailed, format!("copy source: {why}")));
+        }
+        let range =
+            match &input.copy_source_range {
+                None => 0..source.size,
+                Some(text) => match Range::parse(text) {
+                    Ok(range @ Range::Int { last: Some(last), .. }) if last < source.size => {
+                        range.check(source.size).map_err(|_| {
+                            S3Error::with_message(S3ErrorCode::InvalidRange, format!("{text} is outside the source"))
+                        })?
+                    }
+                    _ => return Err(S3Error::with_message(
+                        S3ErrorCode::InvalidRange,
+                        format!(
+                            "x-amz-copy-source-range {text:?} must be bytes=FIRST-LAST within the source's {} bytes",
+                            source.size
+                        ),
+                    )),
+                },
+            };
+        let length = range.end - range.start;
+        // The source's bytes flow through this node into new chunks: a part is its own chunk
+        // list (whole chunks that match the source's are stored once, by their hash).
+        let body = self.stream(source_bucket.to_string(), source_key.to_string(), &source, first, range);
+        let declared = Declared { length: Some(length), ..Default::default() };
+        let label = meta_s3::part_label(upload_id, part_number);
+        let node = self.node.clone();
+        let coordinator = self.coordinator.clone();
+        let ((etag_value, modified_ms), _) = self
+            .write(label, Some(body), declared, None, |content, verified, request_id, refusal| async move {
+                let mtime_ms = unix_now_ms();
+                let put = PutPart { upload_id, part_number, content, etag: verified.md5_hex.clone(), mtime_ms };
+                coordinator
+                    .propose_retrying(|| node.s3_put_part(request_id, put.clone()))
+                    .await
+                    .map(|etag| (etag, mtime_ms))
+                    .map_err(|e| refuse(&refusal, e))
+            })
+            .await?;
+        Ok(S3Response::new(UploadPartCopyOutput {
+            copy_part_result: Some(CopyPartResult {
+                e_tag: Some(etag(&etag_value)),
+                last_modified: Some(timestamp(modified_ms)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
     async fn complete_multipart_upload(
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
@@ -862,9 +955,7 @@ impl S3 for Gateway {
             condition,
             mtime_ms: unix_now_ms(),
         };
-        // The same id on every retry of this request: a completion applied once answers the
-        // same ETag again instead of NoSuchUpload.
-        let request_id = mendfs_meta::RequestId { client_id: upload_id ^ 0x5333_636f_6d70_6c65, sequence: 1 };
+        let request_id = completion_id(&complete);
         let (etag_value, _) = self
             .coordinator
             .propose_retrying(|| self.node.s3_complete_multipart(origin(), request_id, complete.clone()))

@@ -73,7 +73,20 @@ impl S3Gateway {
             .in_scope(mendfs_telemetry::layer::current_context)
             .map(|context| context.trace_id.to_string())
             .unwrap_or_default();
-        let mut response = match self.service.call(request).instrument(span.clone()).await {
+        let refused = signature_v2(&request).then(|| {
+            xml_error(
+                http::StatusCode::FORBIDDEN,
+                "AccessDenied",
+                "Signature Version 2 is not accepted: sign with AWS Signature Version 4 (boto3: \
+                 Config(signature_version='s3v4'))",
+                &request_id,
+            )
+        });
+        let served = match refused {
+            Some(response) => Ok(response),
+            None => self.service.call(request).instrument(span.clone()).await,
+        };
+        let mut response = match served {
             Ok(response) => response,
             Err(e) => {
                 let error: s3s::StdError = e.into();
@@ -116,4 +129,31 @@ impl S3Gateway {
             _ = stop => connection.as_mut().graceful_shutdown(),
         }
     }
+}
+
+/// Whether a request is signed with AWS Signature Version 2 (headers or a presigned URL),
+/// which the gateway refuses before `s3s` looks at it: its answer would be a confusing
+/// `SignatureDoesNotMatch`.
+fn signature_v2(request: &http::Request<s3s::Body>) -> bool {
+    let header_v2 = request
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("AWS "));
+    let query_v2 = request.uri().query().is_some_and(|query| {
+        query.split('&').any(|pair| pair.starts_with("AWSAccessKeyId=")) && !query.contains("X-Amz-Signature=")
+    });
+    header_v2 || query_v2
+}
+
+/// An S3 error answer of our own.
+fn xml_error(status: http::StatusCode, code: &str, message: &str, request_id: &str) -> http::Response<s3s::Body> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code><Message>{message}</Message>\
+         <RequestId>{request_id}</RequestId></Error>"
+    );
+    let mut response = http::Response::new(s3s::Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/xml"));
+    response
 }
