@@ -134,16 +134,23 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
 
     step("Starting a local 4-node cluster: 3 metadata voters and 1 storage-only node");
     println!("(real `mendfs server` processes on 127.0.0.1; detector timings shortened for the demo)");
+    // Every node serves S3 too (what `--keep` leaves running for an S3 client to try).
+    let mut s3_args = std::collections::BTreeMap::new();
+    for id in 1..=4u64 {
+        let addr = format!("127.0.0.1:{}", mendfs_testkit::free_port()?);
+        s3_args.insert(id, vec!["--s3".to_string(), addr]);
+    }
     let options = ClusterOptions {
         nodes: 3,
         keep_dir: args.keep,
         server_args: DEMO_SERVER_ARGS.iter().map(|s| s.to_string()).collect(),
+        node_args: s3_args.iter().filter(|(id, _)| **id <= 3).map(|(id, a)| (*id, a.clone())).collect(),
         ..ClusterOptions::default()
     };
     let mut cluster = blocking(|| Cluster::start(&binary, options))?;
     println!("directory: {}", cluster.root().display());
     let leader = blocking(|| cluster.wait_for_leader(DEADLINE))?;
-    blocking(|| cluster.add_storage_learner(4))?;
+    blocking(|| cluster.add_storage_learner_with(4, &s3_args[&4]))?;
     println!("node {leader} was elected leader; node 4 joined as a storage-only learner");
 
     // The secret is the nodes' credential; the demo's client, like any user, gets a token.
@@ -314,9 +321,15 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     if args.keep {
+        let s3_key = client.s3_create_key("demo", true).await?;
         println!("\nThe cluster keeps running. Try:");
         println!("  export MENDFS_ENDPOINTS={}", cluster.endpoints());
         println!("  export MENDFS_TOKEN=$(cat {})", token_file.display());
+        println!("  export AWS_ENDPOINT_URL=http://{}", s3_args[&1][1]);
+        println!("  export AWS_ACCESS_KEY_ID={}", s3_key.key_id);
+        println!("  export AWS_SECRET_ACCESS_KEY={}", s3_key.secret);
+        println!("  export AWS_DEFAULT_REGION=us-east-1");
+        println!("  aws s3 mb s3://demo && aws s3 cp FILE s3://demo/ && aws s3 ls s3://demo");
         println!("  mendfs cluster status");
         println!("  mendfs ls /demo -l");
         println!("  mendfs get /demo/file-000 -");

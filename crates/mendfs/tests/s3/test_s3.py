@@ -456,3 +456,94 @@ def test_signature_version_2_is_refused_with_a_clear_answer(bucket):
         v2.list_objects_v2(Bucket=bucket)
     assert code_of(refused.value) == "AccessDenied"
     assert "Version 4" in refused.value.response["Error"]["Message"]
+
+
+def test_virtual_hosted_style(s3, bucket):
+    """BUCKET.s3.test:PORT (the nodes run with --s3-domain s3.test:PORT), signed by curl."""
+    s3.put_object(Bucket=bucket, Key="vhost/key", Body=b"by host name")
+    port = ENDPOINT.rsplit(":", 1)[1]
+    host = f"{bucket}.s3.test:{port}"
+    done = subprocess.run(
+        [
+            "curl", "--silent", "--show-error", "--fail-with-body",
+            "--aws-sigv4", f"aws:amz:{REGION}:s3", "--user", f"{KEY}:{SECRET}",
+            "--header", "x-amz-content-sha256: UNSIGNED-PAYLOAD",
+            "--connect-to", f"{host}:127.0.0.1:{port}",
+            f"http://{host}/vhost/key",
+        ],
+        capture_output=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == b"by host name"
+
+
+def test_request_ids_are_trace_ids_and_requests_are_counted(s3, bucket):
+    reply = s3.put_object(Bucket=bucket, Key="traced", Body=b"x" * 5000)
+    request_id = reply["ResponseMetadata"]["RequestId"]
+    assert len(request_id) == 32 and int(request_id, 16) != 0
+    env = dict(os.environ)
+    # The request's spans reach the span stores within moments: poll, bounded.
+    deadline = time.monotonic() + 60
+    while True:
+        done = subprocess.run(
+            [os.environ["MENDFS_BIN"], "trace", request_id], env=env, capture_output=True, text=True, timeout=60
+        )
+        if done.returncode == 0 and "prepare_chunk" in done.stdout:
+            break
+        assert time.monotonic() < deadline, done.stdout + done.stderr
+        time.sleep(0.5)
+    assert "S3" in done.stdout, done.stdout
+    with urllib.request.urlopen(os.environ["MENDFS_METRICS_URL"], timeout=30) as response:
+        metrics = response.read().decode()
+    assert 'op="S3/PutObject"' in metrics, [line for line in metrics.splitlines() if "S3" in line][:20]
+
+
+def test_rclone(bucket, tmp_path):
+    source = tmp_path / "tree"
+    (source / "a" / "b").mkdir(parents=True)
+    files = {"a/one.txt": b"one", "a/b/two.bin": pattern(3 * MiB, 21), "three": b""}
+    for name, data in files.items():
+        (source / name).write_bytes(data)
+    remote = f":s3,provider=Other,env_auth=false,access_key_id={KEY},secret_access_key={SECRET}," \
+             f"endpoint='{ENDPOINT}',region={REGION}:{bucket}/synced"
+
+    def rclone(*args):
+        # rclone 1.60 fails to load any AWS_CA_BUNDLE over plain HTTP: not ours to pass on.
+        env = {name: value for name, value in os.environ.items() if name != "AWS_CA_BUNDLE"}
+        done = subprocess.run(
+            ["rclone", "--config", "/dev/null", *args], capture_output=True, text=True, timeout=300, env=env
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    rclone("copy", str(source), remote)
+    listed = sorted(rclone("lsf", "-R", "--files-only", remote).split())
+    assert listed == sorted(files)
+    rclone("check", str(source), remote)
+    back = tmp_path / "back"
+    rclone("copy", remote, str(back))
+    for name, data in files.items():
+        assert (back / name).read_bytes() == data
+
+
+def test_s3cmd(bucket, tmp_path):
+    host = ENDPOINT.split("://", 1)[1]
+    config = tmp_path / "s3cfg"
+    config.write_text(
+        f"[default]\naccess_key = {KEY}\nsecret_key = {SECRET}\nhost_base = {host}\nhost_bucket = {host}\n"
+        f"use_https = False\nsignature_v2 = False\nbucket_location = {REGION}\n"
+    )
+    source = tmp_path / "s3cmd.bin"
+    source.write_bytes(pattern(20 * MiB, 23))
+
+    def s3cmd(*args):
+        done = subprocess.run(["s3cmd", "-c", str(config), *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    # 20 MiB: s3cmd sends it as a multipart upload of 15 MiB parts.
+    s3cmd("put", str(source), f"s3://{bucket}/s3cmd/file.bin")
+    assert "s3cmd/file.bin" in s3cmd("ls", f"s3://{bucket}/s3cmd/")
+    s3cmd("get", f"s3://{bucket}/s3cmd/file.bin", str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
+    s3cmd("del", f"s3://{bucket}/s3cmd/file.bin")
