@@ -284,6 +284,9 @@ pub struct CopyObject {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PutPart {
     pub upload_id: u64,
+    /// The bucket and key the request named: an upload is only continued through its own.
+    pub bucket: String,
+    pub key: String,
     pub part_number: u32,
     pub content: S3Content,
     pub etag: String,
@@ -293,6 +296,8 @@ pub struct PutPart {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CompleteUpload {
     pub upload_id: u64,
+    pub bucket: String,
+    pub key: String,
     /// (part number, ETag) as the client listed them.
     pub parts: Vec<(u32, String)>,
     /// Every part but the last must be at least this big (S3: 5 MiB).
@@ -727,6 +732,18 @@ pub(crate) fn delete_objects(
     Ok(Ok(Outcome::ObjectsDeleted { found }))
 }
 
+/// The upload `upload_id` if it exists and writes `bucket`/`key`: a request that names another
+/// object's upload (ids are small numbers, easily guessed) finds none, so a key allowed to
+/// write one bucket cannot complete an upload into another.
+fn upload_for(
+    store: &impl StateStore,
+    upload_id: u64,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<MultipartUpload>, StoreError> {
+    Ok(get_multipart(store, upload_id)?.filter(|upload| upload.bucket == bucket && upload.key == key))
+}
+
 pub(crate) fn create_multipart(
     store: &mut impl StateStore,
     upload: &MultipartUpload,
@@ -764,7 +781,7 @@ pub fn list_parts(
 }
 
 pub(crate) fn put_part(store: &mut impl StateStore, put: &PutPart, clock_ms: u64) -> Result<CommandResult, StoreError> {
-    if get_multipart(store, put.upload_id)?.is_none() {
+    if upload_for(store, put.upload_id, &put.bucket, &put.key)?.is_none() {
         return Ok(Err(CommandError::NoSuchUpload { upload_id: put.upload_id }));
     }
     if !(1..=PARTS_MAX).contains(&put.part_number) {
@@ -816,7 +833,7 @@ pub(crate) fn complete_multipart(
 ) -> Result<CommandResult, StoreError> {
     use md5::Digest;
     let upload_id = complete.upload_id;
-    let Some(upload) = get_multipart(store, upload_id)? else {
+    let Some(upload) = upload_for(store, upload_id, &complete.bucket, &complete.key)? else {
         return Ok(Err(CommandError::NoSuchUpload { upload_id }));
     };
     if get_bucket(store, &upload.bucket)?.is_none() {
@@ -876,8 +893,13 @@ pub(crate) fn complete_multipart(
     Ok(Ok(Outcome::ObjectWritten { etag: record.etag, last_modified_ms: record.last_modified_ms }))
 }
 
-pub(crate) fn abort_multipart(store: &mut impl StateStore, upload_id: u64) -> Result<CommandResult, StoreError> {
-    let Some(upload) = get_multipart(store, upload_id)? else {
+pub(crate) fn abort_multipart(
+    store: &mut impl StateStore,
+    upload_id: u64,
+    bucket: &str,
+    key: &str,
+) -> Result<CommandResult, StoreError> {
+    let Some(upload) = upload_for(store, upload_id, bucket, key)? else {
         return Ok(Err(CommandError::NoSuchUpload { upload_id }));
     };
     end_multipart(store, upload_id, &upload, &Default::default())?;
@@ -1195,7 +1217,7 @@ mod tests {
             MultipartUpload { bucket: "photos".into(), key: "m".into(), initiated_ms: NOW, meta: Default::default() };
         let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload)) else { panic!() };
         assert!(matches!(refused(delete_bucket(&mut store, "photos")), CommandError::BucketNotEmpty { .. }));
-        ok(abort_multipart(&mut store, upload_id));
+        ok(abort_multipart(&mut store, upload_id, "photos", "m"));
         ok(delete_bucket(&mut store, "photos"));
         assert_eq!(get_grant(&store, "KEY1", "photos").unwrap(), Grant::default(), "grants go with the bucket");
         assert!(matches!(refused(delete_bucket(&mut store, "photos")), CommandError::NoSuchBucket { .. }));
@@ -1285,8 +1307,16 @@ mod tests {
     }
 
     fn upload_part(store: &mut MemoryStore, upload_id: u64, number: u32, chunks: Vec<CommittedChunk>, etag: &str) {
-        let part =
-            PutPart { upload_id, part_number: number, content: content(chunks), etag: etag.into(), mtime_ms: NOW };
+        let (bucket, key) = get_multipart(store, upload_id).unwrap().map(|u| (u.bucket, u.key)).unwrap();
+        let part = PutPart {
+            upload_id,
+            bucket,
+            key,
+            part_number: number,
+            content: content(chunks),
+            etag: etag.into(),
+            mtime_ms: NOW,
+        };
         ok(put_part(store, &part, NOW));
     }
 
@@ -1306,14 +1336,34 @@ mod tests {
         upload_part(&mut store, upload_id, 1, vec![chunk(4, 10), chunk(5, 10)], MD5_A);
         upload_part(&mut store, upload_id, 3, vec![chunk(6, 10)], MD5_C);
         assert!(get_object(&store, "b", "big").unwrap().is_none(), "nothing is visible before completion");
+        // The upload is only reachable through its own bucket and key.
+        ok(create_bucket(&mut store, "elsewhere", None, NOW));
+        let stray = PutPart {
+            upload_id,
+            bucket: "elsewhere".into(),
+            key: "big".into(),
+            part_number: 9,
+            content: content(vec![chunk(9, 10)]),
+            etag: MD5_A.into(),
+            mtime_ms: NOW,
+        };
+        assert!(matches!(refused(put_part(&mut store, &stray, NOW)), CommandError::NoSuchUpload { .. }));
+        assert!(matches!(
+            refused(abort_multipart(&mut store, upload_id, "b", "other")),
+            CommandError::NoSuchUpload { .. }
+        ));
 
         let complete = |parts: Vec<(u32, &str)>, min| CompleteUpload {
             upload_id,
+            bucket: "b".into(),
+            key: "big".into(),
             parts: parts.into_iter().map(|(n, e)| (n, e.to_string())).collect(),
             min_part_bytes: min,
             condition: Precondition::default(),
             mtime_ms: NOW,
         };
+        let stray = CompleteUpload { key: "other".into(), ..complete(vec![(1, MD5_A)], 0) };
+        assert!(matches!(refused(complete_multipart(&mut store, &stray)), CommandError::NoSuchUpload { .. }));
         let order = complete(vec![(2, MD5_B), (1, MD5_A)], 0);
         assert_eq!(refused(complete_multipart(&mut store, &order)), CommandError::InvalidPartOrder);
         let wrong_tag = complete(vec![(1, MD5_B), (2, MD5_B)], 0);

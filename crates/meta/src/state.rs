@@ -179,6 +179,8 @@ pub enum Command {
     S3CompleteMultipart(Box<crate::s3::CompleteUpload>),
     S3AbortMultipart {
         upload_id: u64,
+        bucket: String,
+        key: String,
     },
     /// The leader aborts multipart uploads initiated before this time, a bounded number per
     /// entry.
@@ -244,9 +246,16 @@ impl Proposal {
                     bucket.len() + keys.iter().map(|k| k.len() + 8).sum::<usize>()
                 }
                 Command::S3CreateMultipart(upload) => upload.bucket.len() + upload.key.len() + 2_048,
-                Command::S3PutPart(put) => put.content.approximate_bytes() + put.etag.len(),
-                Command::S3CompleteMultipart(complete) => complete.parts.iter().map(|(_, etag)| etag.len() + 8).sum(),
-                Command::S3AbortMultipart { .. } | Command::S3ExpireMultipart { .. } => 0,
+                Command::S3PutPart(put) => {
+                    put.content.approximate_bytes() + put.etag.len() + put.bucket.len() + put.key.len()
+                }
+                Command::S3CompleteMultipart(complete) => {
+                    complete.bucket.len()
+                        + complete.key.len()
+                        + complete.parts.iter().map(|(_, etag)| etag.len() + 8).sum::<usize>()
+                }
+                Command::S3AbortMultipart { bucket, key, .. } => bucket.len() + key.len(),
+                Command::S3ExpireMultipart { .. } => 0,
             }
     }
 }
@@ -411,7 +420,7 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
             s3::put_part(store, put, clock_ms)
         }
         Command::S3CompleteMultipart(complete) => s3::complete_multipart(store, complete),
-        Command::S3AbortMultipart { upload_id } => s3::abort_multipart(store, *upload_id),
+        Command::S3AbortMultipart { upload_id, bucket, key } => s3::abort_multipart(store, *upload_id, bucket, key),
         Command::S3ExpireMultipart { initiated_before_ms } => s3::expire_multipart(store, *initiated_before_ms),
     }
 }

@@ -183,15 +183,23 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
             check_object_meta(&upload.meta)
         }
         Command::S3PutPart(put) => {
+            check_bucket(&put.bucket)?;
+            s3::validate_object_key(&put.key).map_err(invalid)?;
             check_etag(&put.etag)?;
             check_s3_content(&put.content)
         }
         Command::S3CompleteMultipart(complete) => {
+            check_bucket(&complete.bucket)?;
+            s3::validate_object_key(&complete.key).map_err(invalid)?;
             check_len("parts of one upload", complete.parts.len(), s3::PARTS_MAX as usize)?;
             check_precondition(&complete.condition)?;
             complete.parts.iter().try_for_each(|(_, etag)| check_len("ETag bytes", etag.len(), ETAG_BYTES_MAX))
         }
-        Command::S3AbortMultipart { .. } | Command::S3ExpireMultipart { .. } => Ok(()),
+        Command::S3AbortMultipart { bucket, key, .. } => {
+            check_bucket(bucket)?;
+            s3::validate_object_key(key).map_err(invalid)
+        }
+        Command::S3ExpireMultipart { .. } => Ok(()),
     }
 }
 

@@ -235,6 +235,19 @@ impl Gateway {
         StreamingBlob::wrap(stream)
     }
 
+    /// Fails fast, before a part's data is streamed, unless the upload exists and writes
+    /// `bucket`/`key` (the commit checks again).
+    async fn upload_must_exist(&self, upload_id: u64, bucket: &str, key: &str) -> S3Result<()> {
+        let found = self.node.s3_list_parts(origin(), upload_id, 0, 0).await.map_err(from_api)?;
+        match found {
+            Some((upload, _)) if upload.bucket == bucket && upload.key == key => Ok(()),
+            _ => Err(S3Error::with_message(
+                S3ErrorCode::NoSuchUpload,
+                format!("upload {} of {bucket}/{key} does not exist", upload_id_text(upload_id)),
+            )),
+        }
+    }
+
     /// An object's record and first page; `NoSuchKey` if it does not exist.
     async fn object(&self, bucket: &str, key: &str, limit: u32) -> S3Result<(ObjectRecord, mendfs_meta::ChunkPage)> {
         check_key(key)?;
@@ -826,6 +839,8 @@ impl S3 for Gateway {
         };
         let declared =
             Self::declared(input.content_length, input.content_md5.clone(), checksum, input.checksum_algorithm.clone());
+        let (bucket, key) = (input.bucket.clone(), input.key.clone());
+        self.upload_must_exist(upload_id, &bucket, &key).await?;
         let label = meta_s3::part_label(upload_id, part_number);
         let node = self.node.clone();
         let coordinator = self.coordinator.clone();
@@ -833,6 +848,8 @@ impl S3 for Gateway {
             .write(label, input.body, declared, trailing_headers, |content, verified, request_id, refusal| async move {
                 let put = PutPart {
                     upload_id,
+                    bucket,
+                    key,
                     part_number,
                     content,
                     etag: verified.md5_hex.clone(),
@@ -872,6 +889,7 @@ impl S3 for Gateway {
         if version_id.as_deref().is_some_and(|v| v != "null") {
             return Err(S3Error::with_message(S3ErrorCode::NoSuchVersion, "buckets are not versioned"));
         }
+        self.upload_must_exist(upload_id, &input.bucket, &input.key).await?;
         let (source, first) = self.object(source_bucket, source_key, CHUNK_PAGE_CHUNKS_MAX).await?;
         let condition = Precondition {
             etag_in: etag_list(&input.copy_source_if_match),
@@ -907,13 +925,15 @@ impl S3 for Gateway {
         // list (whole chunks that match the source's are stored once, by their hash).
         let body = self.stream(source_bucket.to_string(), source_key.to_string(), &source, first, range);
         let declared = Declared { length: Some(length), ..Default::default() };
+        let (bucket, key) = (input.bucket.clone(), input.key.clone());
         let label = meta_s3::part_label(upload_id, part_number);
         let node = self.node.clone();
         let coordinator = self.coordinator.clone();
         let ((etag_value, modified_ms), _) = self
             .write(label, Some(body), declared, None, |content, verified, request_id, refusal| async move {
                 let mtime_ms = unix_now_ms();
-                let put = PutPart { upload_id, part_number, content, etag: verified.md5_hex.clone(), mtime_ms };
+                let put =
+                    PutPart { upload_id, bucket, key, part_number, content, etag: verified.md5_hex.clone(), mtime_ms };
                 coordinator
                     .propose_retrying(|| node.s3_put_part(request_id, put.clone()))
                     .await
@@ -951,6 +971,8 @@ impl S3 for Gateway {
         let condition = write_condition(&input.if_match, &input.if_none_match)?;
         let complete = CompleteUpload {
             upload_id,
+            bucket: input.bucket.clone(),
+            key: input.key.clone(),
             parts,
             min_part_bytes: self.settings.min_part_bytes,
             condition,
@@ -976,7 +998,8 @@ impl S3 for Gateway {
         req: S3Request<AbortMultipartUploadInput>,
     ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
         let upload_id = parse_upload_id(&req.input.upload_id)?;
-        self.node.s3_abort_multipart(origin(), upload_id).await.map_err(from_api)?;
+        let (bucket, key) = (req.input.bucket.clone(), req.input.key.clone());
+        self.node.s3_abort_multipart(origin(), upload_id, bucket, key).await.map_err(from_api)?;
         Ok(S3Response::new(AbortMultipartUploadOutput::default()))
     }
 

@@ -315,6 +315,16 @@ def test_multipart_rules(s3, bucket):
     upload = s3.create_multipart_upload(Bucket=bucket, Key="mp", Metadata={"k": "v"})["UploadId"]
     small = s3.upload_part(Bucket=bucket, Key="mp", UploadId=upload, PartNumber=1, Body=b"tiny")
     last = s3.upload_part(Bucket=bucket, Key="mp", UploadId=upload, PartNumber=2, Body=b"end")
+    # An upload is reachable only through its own bucket and key.
+    other = "t-" + uuid.uuid4().hex[:20]
+    s3.create_bucket(Bucket=other)
+    for stray in [lambda: s3.upload_part(Bucket=other, Key="mp", UploadId=upload, PartNumber=3, Body=b"x"),
+                  lambda: s3.upload_part(Bucket=bucket, Key="not-mp", UploadId=upload, PartNumber=3, Body=b"x"),
+                  lambda: s3.abort_multipart_upload(Bucket=other, Key="mp", UploadId=upload)]:
+        with pytest.raises(botocore.exceptions.ClientError) as refused:
+            stray()
+        assert code_of(refused.value) == "NoSuchUpload"
+    s3.delete_bucket(Bucket=other)
     listed = s3.list_parts(Bucket=bucket, Key="mp", UploadId=upload)
     assert [p["PartNumber"] for p in listed["Parts"]] == [1, 2]
     uploads = s3.list_multipart_uploads(Bucket=bucket)["Uploads"]

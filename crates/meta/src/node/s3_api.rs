@@ -60,6 +60,10 @@ pub(crate) enum S3Read {
         key_id: String,
     },
     AccessKeys,
+    Grant {
+        key_id: String,
+        bucket: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,6 +76,7 @@ pub(crate) enum S3Answer {
     Parts(Option<(MultipartUpload, Vec<(u32, PartRecord)>)>),
     AccessKey(Option<AccessKeyRecord>),
     AccessKeys(Vec<AccessKeyView>),
+    Grant(Grant),
 }
 
 /// An access key as the admin lists it: never its secret.
@@ -141,6 +146,7 @@ pub(crate) fn answer(view: &impl StateStore, read: S3Read) -> Result<S3Answer, A
                 }
             }
         }
+        S3Read::Grant { key_id, bucket } => S3Answer::Grant(s3::get_grant(view, &key_id, &bucket).map_err(internal)?),
         S3Read::AccessKey { key_id } => S3Answer::AccessKey(s3::get_access_key(view, &key_id).map_err(internal)?),
         S3Read::AccessKeys => {
             let keys = s3::list_access_keys(view, BUCKETS_LISTED_MAX).map_err(internal)?;
@@ -274,8 +280,14 @@ impl MetaNode {
         written(self.execute(origin, Some(request_id), Command::S3CompleteMultipart(Box::new(complete))).await?)
     }
 
-    pub async fn s3_abort_multipart(&self, origin: Origin, upload_id: u64) -> Result<(), ApiError> {
-        self.execute(origin, None, Command::S3AbortMultipart { upload_id }).await.map(drop)
+    pub async fn s3_abort_multipart(
+        &self,
+        origin: Origin,
+        upload_id: u64,
+        bucket: String,
+        key: String,
+    ) -> Result<(), ApiError> {
+        self.execute(origin, None, Command::S3AbortMultipart { upload_id, bucket, key }).await.map(drop)
     }
 
     /// An object's record and its first `limit` chunks; None if it does not exist.
@@ -396,11 +408,10 @@ impl MetaNode {
 
     /// What `key_id` may do in `bucket`, as the leader knows it.
     pub async fn s3_grant_from_leader(&self, key_id: &str, bucket: &str) -> Result<Grant, ApiError> {
-        let keys = self.s3_access_keys(Origin::LOCAL).await?;
-        Ok(keys
-            .into_iter()
-            .find(|key| key.key_id == key_id)
-            .and_then(|key| key.grants.into_iter().find(|(name, _)| name == bucket).map(|(_, grant)| grant))
-            .unwrap_or_default())
+        let read = S3Read::Grant { key_id: key_id.to_string(), bucket: bucket.to_string() };
+        match self.s3_read(Origin::LOCAL, read).await? {
+            S3Answer::Grant(grant) => Ok(grant),
+            other => Err(unexpected("a grant", other)),
+        }
     }
 }
