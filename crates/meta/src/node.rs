@@ -536,18 +536,35 @@ impl Proposer {
 const CONFIRMATION_QUEUE_LEN_MAX: usize = 4_096;
 
 /// Read-index on `raft`: confirms with a quorum that this node still leads, then waits until its
-/// state machine has applied everything committed before, within `timeout`.
+/// state machine has applied everything committed before, within `timeout`. A round in which
+/// too few voters answered in time (each has one heartbeat interval: a busy node, a dead one
+/// beside it) is tried again until the deadline, not answered `Unavailable` at once: the next
+/// round may well succeed, and each round starts after the read arrived, so a later one is
+/// just as safe.
 async fn read_index(raft: &Raft, timeout: Duration) -> Result<(), ApiError> {
-    match tokio::time::timeout(timeout, raft.ensure_linearizable()).await {
-        Err(_) => Err(ApiError::Timeout(format!(
-            "could not confirm leadership with a quorum within {timeout:?} (is a majority of nodes reachable?)"
-        ))),
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward)))) => {
-            Err(ApiError::NotLeader { leader: forward.leader_id })
+    let deadline = Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, raft.ensure_linearizable()).await {
+            Err(_) => {
+                return Err(ApiError::Timeout(format!(
+                    "could not confirm leadership with a quorum within {timeout:?} (is a majority of nodes reachable?)"
+                )))
+            }
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(forward)))) => {
+                return Err(ApiError::NotLeader { leader: forward.leader_id })
+            }
+            Ok(Err(RaftError::APIError(e @ openraft::error::CheckIsLeaderError::QuorumNotEnough(_)))) => {
+                if Instant::now() + backoff >= deadline {
+                    return Err(ApiError::Unavailable(e.to_string()));
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(200));
+            }
+            Ok(Err(RaftError::Fatal(e))) => return Err(ApiError::Unavailable(format!("raft stopped: {e}"))),
         }
-        Ok(Err(RaftError::APIError(e))) => Err(ApiError::Unavailable(e.to_string())),
-        Ok(Err(RaftError::Fatal(e))) => Err(ApiError::Unavailable(format!("raft stopped: {e}"))),
     }
 }
 
