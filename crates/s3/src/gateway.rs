@@ -883,24 +883,25 @@ impl S3 for Gateway {
         if let Some(why) = meta_s3::precondition_failure(&condition, Some(&source)) {
             return Err(S3Error::with_message(S3ErrorCode::PreconditionFailed, format!("copy source: {why}")));
         }
-        let range =
-            match &input.copy_source_range {
-                None => 0..source.size,
-                Some(text) => match Range::parse(text) {
-                    Ok(range @ Range::Int { last: Some(last), .. }) if last < source.size => {
-                        range.check(source.size).map_err(|_| {
-                            S3Error::with_message(S3ErrorCode::InvalidRange, format!("{text} is outside the source"))
-                        })?
-                    }
-                    _ => return Err(S3Error::with_message(
+        let range = match &input.copy_source_range {
+            None => 0..source.size,
+            Some(text) => match Range::parse(text) {
+                Ok(range @ Range::Int { last: Some(last), .. }) if last < source.size => {
+                    range.check(source.size).map_err(|_| {
+                        S3Error::with_message(S3ErrorCode::InvalidRange, format!("{text} is outside the source"))
+                    })?
+                }
+                _ => {
+                    return Err(S3Error::with_message(
                         S3ErrorCode::InvalidRange,
                         format!(
                             "x-amz-copy-source-range {text:?} must be bytes=FIRST-LAST within the source's {} bytes",
                             source.size
                         ),
-                    )),
-                },
-            };
+                    ))
+                }
+            },
+        };
         let length = range.end - range.start;
         // The source's bytes flow through this node into new chunks: a part is its own chunk
         // list (whole chunks that match the source's are stored once, by their hash).
