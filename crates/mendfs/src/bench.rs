@@ -11,6 +11,8 @@ use hdrhistogram::Histogram;
 use mendfs_client::{Client, ClientConfig};
 use mendfs_testkit::{Cluster, ClusterOptions};
 
+mod s3;
+
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Sets/s and latency with 1, 16 and 64 concurrent clients, then leader failover times.
@@ -46,6 +48,20 @@ pub enum BenchCommand {
         /// Also run every row on a TLS cluster (clients with tokens) and print TLS / plaintext.
         #[arg(long)]
         tls: bool,
+    },
+    /// Object PUT and GET through the S3 gateway (SigV4-signed HTTP/1.1 on keep-alive
+    /// connections) against file put and get through the MendFS client, on the same cluster in
+    /// the same run: ops/s, MB/s, p50/p99 and the gateway's ratio to the native path.
+    S3 {
+        /// Object sizes in bytes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "4096,1048576")]
+        sizes: Vec<u64>,
+        /// Concurrent connections (S3) and clients (native), one request in flight on each.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Seconds per row (each row also stops at 1 GiB moved).
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
     },
     /// The cost of recording spans (layer + JSON + on-disk store) against a bare write of the
     /// same bytes, and a trace lookup over a full span store.
@@ -102,6 +118,9 @@ pub async fn run(command: BenchCommand) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        BenchCommand::S3 { sizes, connections, seconds } => {
+            s3::bench_s3(&sizes, connections, Duration::from_secs_f64(seconds)).await
         }
         BenchCommand::Heal { mib, clients, repair_bytes_per_sec, repair_copies_in_flight } => {
             bench_heal(mib, clients, repair_bytes_per_sec, repair_copies_in_flight).await
