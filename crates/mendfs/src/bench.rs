@@ -11,6 +11,8 @@ use hdrhistogram::Histogram;
 use mendfs_client::{Client, ClientConfig};
 use mendfs_testkit::{Cluster, ClusterOptions};
 
+mod s3;
+
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Sets/s and latency with 1, 16 and 64 concurrent clients, then leader failover times.
@@ -46,6 +48,20 @@ pub enum BenchCommand {
         /// Also run every row on a TLS cluster (clients with tokens) and print TLS / plaintext.
         #[arg(long)]
         tls: bool,
+    },
+    /// Object PUT and GET through the S3 gateway (SigV4-signed HTTP/1.1 on keep-alive
+    /// connections) against file put and get through the MendFS client, on the same cluster in
+    /// the same run: ops/s, MB/s, p50/p99 and the gateway's ratio to the native path.
+    S3 {
+        /// Object sizes in bytes, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "4096,1048576")]
+        sizes: Vec<u64>,
+        /// Concurrent connections (S3) and clients (native), one request in flight on each.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        /// Seconds per row (each row also stops at 1 GiB moved).
+        #[arg(long, default_value_t = 10.0)]
+        seconds: f64,
     },
     /// The cost of recording spans (layer + JSON + on-disk store) against a bare write of the
     /// same bytes, and a trace lookup over a full span store.
@@ -102,6 +118,9 @@ pub async fn run(command: BenchCommand) -> Result<()> {
                 }
             }
             Ok(())
+        }
+        BenchCommand::S3 { sizes, connections, seconds } => {
+            s3::bench_s3(&sizes, connections, Duration::from_secs_f64(seconds)).await
         }
         BenchCommand::Heal { mib, clients, repair_bytes_per_sec, repair_copies_in_flight } => {
             bench_heal(mib, clients, repair_bytes_per_sec, repair_copies_in_flight).await
@@ -210,29 +229,40 @@ struct LoadResult {
 }
 
 /// `n_clients` tasks, each running `op(task_idx, op_idx)` back to back for `duration` or until
-/// `ops_max` operations have started in all.
+/// `ops_max` operations have started in all. An operation answers `Ok(true)` when it succeeded,
+/// `Ok(false)` for a failure to count, and `Err` to end the whole load with that error.
 async fn run_load<F, Fut>(n_clients: usize, duration: Duration, ops_max: u64, op: F) -> Result<LoadResult>
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = bool> + Send,
+    Fut: std::future::Future<Output = Result<bool>> + Send,
 {
     let errors = Arc::new(AtomicU64::new(0));
     let started_ops = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let started = Instant::now();
     let mut tasks = Vec::new();
     for task_idx in 0..n_clients {
         let op = op.clone();
         let errors = errors.clone();
         let started_ops = started_ops.clone();
+        let failed = failed.clone();
         tasks.push(tokio::spawn(async move {
             let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut op_idx = 0u64;
-            while started.elapsed() < duration && started_ops.fetch_add(1, Ordering::Relaxed) < ops_max {
+            while started.elapsed() < duration
+                && !failed.load(Ordering::Relaxed)
+                && started_ops.fetch_add(1, Ordering::Relaxed) < ops_max
+            {
                 let op_started = Instant::now();
-                if op(task_idx, op_idx).await {
-                    histogram.record(op_started.elapsed().as_micros() as u64)?;
-                } else {
-                    errors.fetch_add(1, Ordering::Relaxed);
+                match op(task_idx, op_idx).await {
+                    Ok(true) => histogram.record(op_started.elapsed().as_micros() as u64)?,
+                    Ok(false) => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
                 }
                 op_idx += 1;
             }
@@ -240,8 +270,15 @@ where
         }));
     }
     let mut latency_us = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut first_error = None;
     for task in tasks {
-        latency_us.add(task.await.context("load task")??)?;
+        match task.await.context("load task")? {
+            Ok(histogram) => latency_us.add(histogram)?,
+            Err(e) => first_error = first_error.or(Some(e)),
+        }
+    }
+    if let Some(e) = first_error {
+        return Err(e);
     }
     Ok(LoadResult {
         ops: latency_us.len(),
@@ -357,13 +394,16 @@ async fn bench_etcd(clients: &[usize], duration: Duration, value: &[u8]) -> Resu
     for &n in clients {
         let channels = channels.clone();
         let value = value.to_vec();
-        let result = run_load(n, duration, u64::MAX, move |task_idx, op_idx| {
-            // Spread clients over the members, as MendFS clients spread over endpoints.
-            let mut client = EtcdKv::new(channels[task_idx % channels.len()].clone());
-            let value = value.clone();
-            async move { etcd_put(&mut client, format!("bench/{task_idx}/{}", op_idx % 1000).as_bytes(), &value).await }
-        })
-        .await?;
+        let result =
+            run_load(n, duration, u64::MAX, move |task_idx, op_idx| {
+                // Spread clients over the members, as MendFS clients spread over endpoints.
+                let mut client = EtcdKv::new(channels[task_idx % channels.len()].clone());
+                let value = value.clone();
+                async move {
+                    Ok(etcd_put(&mut client, format!("bench/{task_idx}/{}", op_idx % 1000).as_bytes(), &value).await)
+                }
+            })
+            .await?;
         rates.push(print_row("etcd", n, &result));
     }
     Ok(Some(rates))
@@ -412,7 +452,7 @@ async fn bench_kv(
             let value = value.clone();
             async move {
                 let key = format!("bench/{task_idx}/{}", op_idx % 1000);
-                client.set(key.as_bytes(), &value, None, None).await.is_ok()
+                Ok(client.set(key.as_bytes(), &value, None, None).await.is_ok())
             }
         })
         .await?;
@@ -426,11 +466,7 @@ async fn bench_kv(
             }
         }
     }
-    for (id, node) in &cluster.nodes {
-        if let Some(rss) = node.pid().and_then(peak_rss_kib) {
-            println!("node {id}: peak RSS {:.1} MiB", rss as f64 / 1024.0);
-        }
-    }
+    print_peak_rss(&cluster);
 
     if failovers > 0 {
         let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
@@ -544,26 +580,9 @@ async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration, tls: 
     let options = ClusterOptions { nodes: 3, tls, ..ClusterOptions::default() };
     let cluster = blocking(|| Cluster::start(&binary, options))?;
     blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
-    let disk = blocking(|| disk_fsync_rate(cluster.root()))?;
-    let loopback = blocking(loopback_rate)?;
-    println!(
-        "references measured now: disk fsynced write {:.0} MB/s, loopback TCP copy {:.0} MB/s",
-        mb(disk),
-        mb(loopback)
-    );
-    println!("a put writes every byte {} times to this one disk: its bound is disk/3 = {:.0} MB/s", 3, mb(disk / 3.0));
+    let (disk, loopback) = print_file_references(&cluster)?;
     let client = token_client(&cluster).await?;
-    // Storage registration happens just after start: wait until a file can be written.
-    let ready_by = Instant::now() + Duration::from_secs(60);
-    while client
-        .put_file("/bench/ready", UniqueReader { file: u32::MAX, position: 0, remaining: 1 }, Some(1), None, |_| {})
-        .await
-        .is_err()
-    {
-        anyhow::ensure!(Instant::now() < ready_by, "the cluster never accepted a file");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    const BYTES_PER_ROW_MAX: u64 = 1 << 30;
+    wait_writable(&client).await?;
     let mut rows = Vec::new();
     println!(
         "{:>4} {:>10} {:>8} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}",
@@ -571,24 +590,9 @@ async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration, tls: 
     );
     for &size in sizes {
         for &n in clients {
-            for op in ["put", "get"] {
-                let ops_max = (BYTES_PER_ROW_MAX / size.max(1)).max(n as u64);
-                let client = client.clone();
-                let result = run_load(n, duration, ops_max, move |task_idx, op_idx| {
-                    let client = client.clone();
-                    async move {
-                        let path = format!("/bench/{size}/{task_idx}/{}", op_idx % 4);
-                        if op == "put" {
-                            let file = ((task_idx as u32) << 20) | (op_idx as u32 & 0xf_ffff);
-                            let reader = UniqueReader { file, position: 0, remaining: size };
-                            client.put_file(&path, reader, Some(size), None, |_| {}).await.is_ok()
-                        } else {
-                            let path = format!("/bench/{size}/{task_idx}/0");
-                            client.get_file(&path, &mut tokio::io::sink(), |_, _| {}).await.is_ok()
-                        }
-                    }
-                })
-                .await?;
+            for op in [FileOp::Put, FileOp::Get] {
+                let result = native_files_row(&client, op, size, n, duration).await?;
+                let op = op.name();
                 let ops = result.ops;
                 let seconds = result.elapsed.as_secs_f64();
                 let rate = ops as f64 * size as f64 / seconds;
@@ -609,12 +613,98 @@ async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration, tls: 
             }
         }
     }
+    print_peak_rss(&cluster);
+    Ok(rows)
+}
+
+/// Measures and prints the references file rows are read against: the disk's fsynced write
+/// rate and a loopback TCP copy, in bytes/s.
+fn print_file_references(cluster: &Cluster) -> Result<(f64, f64)> {
+    let disk = blocking(|| disk_fsync_rate(cluster.root()))?;
+    let loopback = blocking(loopback_rate)?;
+    println!(
+        "references measured now: disk fsynced write {:.0} MB/s, loopback TCP copy {:.0} MB/s",
+        mb(disk),
+        mb(loopback)
+    );
+    println!("a put writes every byte {} times to this one disk: its bound is disk/3 = {:.0} MB/s", 3, mb(disk / 3.0));
+    Ok((disk, loopback))
+}
+
+/// Storage registration happens just after start: waits until a file can be written.
+async fn wait_writable(client: &Client) -> Result<()> {
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    while client
+        .put_file("/bench/ready", UniqueReader { file: u32::MAX, position: 0, remaining: 1 }, Some(1), None, |_| {})
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(Instant::now() < ready_by, "the cluster never accepted a file");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+fn print_peak_rss(cluster: &Cluster) {
     for (id, node) in &cluster.nodes {
         if let Some(rss) = node.pid().and_then(peak_rss_kib) {
             println!("node {id}: peak RSS {:.1} MiB", rss as f64 / 1024.0);
         }
     }
-    Ok(rows)
+}
+
+/// A file row stops after this many bytes, whatever its duration.
+const BYTES_PER_ROW_MAX: u64 = 1 << 30;
+
+/// The operations a row stops after: `BYTES_PER_ROW_MAX` moved, and at least one per client.
+fn row_ops_max(size: u64, clients: usize) -> u64 {
+    (BYTES_PER_ROW_MAX / size.max(1)).max(clients as u64)
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FileOp {
+    Put,
+    Get,
+}
+
+impl FileOp {
+    fn name(self) -> &'static str {
+        match self {
+            FileOp::Put => "put",
+            FileOp::Get => "get",
+        }
+    }
+}
+
+/// One row of files through the MendFS client: `clients` tasks putting `size`-byte files of
+/// unique content (each task cycles over 4 paths), or getting back the first file each task
+/// put, for `duration` or `row_ops_max` operations. Failed operations are counted.
+async fn native_files_row(
+    client: &Client,
+    op: FileOp,
+    size: u64,
+    clients: usize,
+    duration: Duration,
+) -> Result<LoadResult> {
+    let client = client.clone();
+    run_load(clients, duration, row_ops_max(size, clients), move |task_idx, op_idx| {
+        let client = client.clone();
+        async move {
+            Ok(match op {
+                FileOp::Put => {
+                    let path = format!("/bench/{size}/{task_idx}/{}", op_idx % 4);
+                    let file = ((task_idx as u32) << 20) | (op_idx as u32 & 0xf_ffff);
+                    let reader = UniqueReader { file, position: 0, remaining: size };
+                    client.put_file(&path, reader, Some(size), None, |_| {}).await.is_ok()
+                }
+                FileOp::Get => {
+                    let path = format!("/bench/{size}/{task_idx}/0");
+                    client.get_file(&path, &mut tokio::io::sink(), |_, _| {}).await.is_ok()
+                }
+            })
+        }
+    })
+    .await
 }
 
 /// A reader of `remaining` bytes of the content named `file` (`testkit::stamped_bytes`): no
@@ -791,10 +881,6 @@ async fn bench_heal(
         }
     }
     println!("SIGKILL -> full redundancy: {:.2} s", full_at.as_secs_f64());
-    for (id, node) in &cluster.nodes {
-        if let Some(rss) = node.pid().and_then(peak_rss_kib) {
-            println!("node {id}: peak RSS {:.1} MiB", rss as f64 / 1024.0);
-        }
-    }
+    print_peak_rss(&cluster);
     Ok(())
 }

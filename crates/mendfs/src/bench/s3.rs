@@ -1,0 +1,265 @@
+//! `mendfs bench s3`: object PUT and GET through the S3 gateway against file put and get
+//! through the MendFS client on the same cluster, in the same run.
+//!
+//! The S3 side sends what an S3 SDK sends: SigV4-signed (`UNSIGNED-PAYLOAD`) HTTP/1.1
+//! requests, one in flight on each keep-alive connection, the connections spread over the
+//! nodes' gateways. Every answer's status is checked: anything but 2xx ends the bench with the
+//! gateway's error body.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use aws_credential_types::Credentials;
+use aws_sigv4::http_request::{
+    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
+    UriPathNormalizationMode,
+};
+use aws_sigv4::sign::v4;
+use aws_smithy_runtime_api::client::identity::Identity;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use mendfs_testkit::{Cluster, ClusterOptions};
+use tokio::sync::Mutex;
+
+use super::{
+    blocking, mb, native_files_row, print_file_references, print_peak_rss, row_ops_max, run_load, token_client,
+    wait_writable, FileOp, LoadResult,
+};
+
+const BUCKET: &str = "bench";
+/// The gateway's default region, the one its clients sign for.
+const REGION: &str = "us-east-1";
+
+/// What signs requests: an access key made with `mendfs s3 key create`.
+struct Signer {
+    identity: Identity,
+}
+
+impl Signer {
+    /// The key in `mendfs s3 key create`'s `export AWS_...=` lines.
+    fn from_exports(output: &str) -> Result<Self> {
+        let exported = |name: &str| {
+            let prefix = format!("export {name}=");
+            output
+                .lines()
+                .find_map(|line| line.trim().strip_prefix(&prefix))
+                .map(|value| value.trim_matches('\'').trim_matches('"').to_string())
+                .with_context(|| format!("no `export {name}=` in `mendfs s3 key create`'s output"))
+        };
+        let credentials = Credentials::new(
+            exported("AWS_ACCESS_KEY_ID")?,
+            exported("AWS_SECRET_ACCESS_KEY")?,
+            None,
+            None,
+            "mendfs-bench",
+        );
+        Ok(Signer { identity: credentials.into() })
+    }
+
+    /// Signs `request` in place as S3 SDKs do: SigV4 in the Authorization header, the path
+    /// encoded once and not normalized, and `x-amz-content-sha256: UNSIGNED-PAYLOAD`.
+    fn sign(&self, authority: &str, request: &mut http::Request<Full<Bytes>>) -> Result<()> {
+        let mut settings = SigningSettings::default();
+        settings.percent_encoding_mode = PercentEncodingMode::Single;
+        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
+        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
+        let params = v4::SigningParams::builder()
+            .identity(&self.identity)
+            .region(REGION)
+            .name("s3")
+            .time(SystemTime::now())
+            .settings(settings)
+            .build()
+            .context("SigV4 signing parameters")?
+            .into();
+        let url = format!("http://{authority}{}", request.uri());
+        let headers = request.headers().iter().filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)));
+        let signable = SignableRequest::new(request.method().as_str(), url, headers, SignableBody::UnsignedPayload)?;
+        let (instructions, _signature) = sign(signable, &params)?.into_parts();
+        instructions.apply_to_request_http1x(request);
+        Ok(())
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection to a node's gateway.
+struct Connection {
+    authority: String,
+    send: SendRequest<Full<Bytes>>,
+}
+
+impl Connection {
+    async fn open(authority: &str) -> Result<Self> {
+        let stream = tokio::net::TcpStream::connect(authority).await.with_context(|| format!("connect {authority}"))?;
+        stream.set_nodelay(true)?;
+        let (send, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        // Drives the connection; it ends when `send` is dropped or the peer closes.
+        tokio::spawn(connection);
+        Ok(Connection { authority: authority.to_string(), send })
+    }
+
+    /// Sends one signed request and reads its whole answer; returns the body's length. A
+    /// non-2xx status is an error carrying the gateway's error body.
+    async fn request(&mut self, signer: &Signer, method: http::Method, path: &str, body: Bytes) -> Result<u64> {
+        let mut request = http::Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .header(http::header::HOST, &self.authority)
+            .header(http::header::CONTENT_LENGTH, body.len())
+            .body(Full::new(body))?;
+        signer.sign(&self.authority, &mut request)?;
+        self.send.ready().await.with_context(|| format!("connection to {}", self.authority))?;
+        let response = self
+            .send
+            .send_request(request)
+            .await
+            .with_context(|| format!("S3 {method} {path} to {}", self.authority))?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            anyhow::bail!(
+                "S3 {method} {path} to {} answered {status}: {}",
+                self.authority,
+                String::from_utf8_lossy(&bytes).trim()
+            );
+        }
+        let mut received = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Some(data) = frame.with_context(|| format!("S3 {method} {path}: the answer's body"))?.data_ref() {
+                received += data.len() as u64;
+            }
+        }
+        Ok(received)
+    }
+}
+
+/// `connections` connections, spread round-robin over the gateways.
+async fn open_connections(gateways: &[String], connections: usize) -> Result<Vec<Mutex<Connection>>> {
+    let mut opened = Vec::with_capacity(connections);
+    for i in 0..connections {
+        opened.push(Mutex::new(Connection::open(&gateways[i % gateways.len()]).await?));
+    }
+    Ok(opened)
+}
+
+/// One row of S3 objects: on each connection, back to back, PUTs of `size`-byte objects of
+/// unique content (cycling over 4 keys per connection, as the native rows cycle over 4 paths),
+/// or GETs of the first object that connection put. Each GET must return `size` bytes.
+async fn s3_row(
+    signer: &std::sync::Arc<Signer>,
+    gateways: &[String],
+    op: FileOp,
+    size: u64,
+    connections: usize,
+    duration: Duration,
+) -> Result<LoadResult> {
+    let opened = std::sync::Arc::new(open_connections(gateways, connections).await?);
+    let signer = signer.clone();
+    run_load(connections, duration, row_ops_max(size, connections), move |task_idx, op_idx| {
+        let (opened, signer) = (opened.clone(), signer.clone());
+        async move {
+            let mut connection = opened[task_idx].lock().await;
+            match op {
+                FileOp::Put => {
+                    let path = format!("/{BUCKET}/{size}/{task_idx}/{}", op_idx % 4);
+                    // Stamps of their own (top bit set): no chunk equals a native row's.
+                    let stamp = 0x8000_0000 | ((task_idx as u32 & 0x7ff) << 20) | (op_idx as u32 & 0xf_ffff);
+                    let body = Bytes::from(mendfs_testkit::stamped_bytes(stamp, 0, size as usize));
+                    connection.request(&signer, http::Method::PUT, &path, body).await?;
+                }
+                FileOp::Get => {
+                    let path = format!("/{BUCKET}/{size}/{task_idx}/0");
+                    let received = connection.request(&signer, http::Method::GET, &path, Bytes::new()).await?;
+                    anyhow::ensure!(received == size, "S3 GET {path} returned {received} bytes, not {size}");
+                }
+            }
+            Ok(true)
+        }
+    })
+    .await
+}
+
+/// Makes the bench's bucket, retrying while the gateways come up.
+async fn create_bucket(signer: &Signer, gateway: &str) -> Result<()> {
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    loop {
+        let attempt = async {
+            let mut connection = Connection::open(gateway).await?;
+            connection.request(signer, http::Method::PUT, &format!("/{BUCKET}"), Bytes::new()).await
+        };
+        match attempt.await {
+            Ok(_) => return Ok(()),
+            Err(e) if Instant::now() >= ready_by => return Err(e.context("create the bench's bucket")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+fn print_row(op: FileOp, size: u64, path: &str, connections: usize, result: &LoadResult, ratio: Option<f64>) -> f64 {
+    let seconds = result.elapsed.as_secs_f64();
+    let ops = result.ops as f64 / seconds;
+    println!(
+        "{:>4} {:>10} {:>7} {:>6} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>7} {:>10}",
+        op.name(),
+        size,
+        path,
+        connections,
+        ops,
+        mb(ops * size as f64),
+        result.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
+        result.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
+        result.errors,
+        ratio.map_or(String::new(), |r| format!("{r:.2}"))
+    );
+    ops
+}
+
+pub(super) async fn bench_s3(sizes: &[u64], connections: usize, duration: Duration) -> Result<()> {
+    anyhow::ensure!(connections >= 1, "--connections must be at least 1");
+    anyhow::ensure!(sizes.iter().all(|s| (1..=1 << 30).contains(s)), "--sizes must be between 1 byte and 1 GiB");
+    let binary = std::env::current_exe().context("locate the mendfs binary")?;
+    let mut node_args = BTreeMap::new();
+    let mut gateways = Vec::new();
+    for id in 1..=3u64 {
+        let addr = format!("127.0.0.1:{}", mendfs_testkit::free_port()?);
+        node_args.insert(id, vec!["--s3".to_string(), addr.clone()]);
+        gateways.push(addr);
+    }
+    let options = ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() };
+    let cluster = blocking(|| Cluster::start(&binary, options))?;
+    blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
+    print_file_references(&cluster)?;
+    let client = token_client(&cluster).await?;
+    wait_writable(&client).await?;
+    let key = blocking(|| cluster.run_cli(&["s3", "key", "create", "bench", "--create-buckets"]))?;
+    let signer = std::sync::Arc::new(Signer::from_exports(&key)?);
+    create_bucket(&signer, &gateways[0]).await?;
+
+    println!(
+        "3 nodes on 127.0.0.1, S3 on each; {connections} connections (S3: SigV4, UNSIGNED-PAYLOAD, HTTP/1.1 \
+         keep-alive, spread over the 3 gateways; native: the MendFS client), {duration:?} per row"
+    );
+    println!(
+        "{:>4} {:>10} {:>7} {:>6} {:>10} {:>9} {:>9} {:>9} {:>7} {:>10}",
+        "op", "size", "path", "conns", "ops/s", "MB/s", "p50 ms", "p99 ms", "errors", "s3/native"
+    );
+    let mut ratios = Vec::new();
+    for &size in sizes {
+        for op in [FileOp::Put, FileOp::Get] {
+            let native = native_files_row(&client, op, size, connections, duration).await?;
+            let native_ops = print_row(op, size, "native", connections, &native, None);
+            let s3 = s3_row(&signer, &gateways, op, size, connections, duration).await?;
+            let s3_ops = s3.ops as f64 / s3.elapsed.as_secs_f64();
+            let ratio = s3_ops / native_ops;
+            print_row(op, size, "s3", connections, &s3, Some(ratio));
+            ratios.push((op, size, ratio));
+        }
+    }
+    for (op, size, ratio) in ratios {
+        println!("{} {size} B x {connections}: S3 / native = {ratio:.2}", op.name());
+    }
+    print_peak_rss(&cluster);
+    Ok(())
+}
