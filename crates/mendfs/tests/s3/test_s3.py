@@ -557,3 +557,31 @@ def test_s3cmd(bucket, tmp_path):
     s3cmd("get", f"s3://{bucket}/s3cmd/file.bin", str(tmp_path / "back.bin"))
     assert (tmp_path / "back.bin").read_bytes() == source.read_bytes()
     s3cmd("del", f"s3://{bucket}/s3cmd/file.bin")
+
+
+def test_stored_headers_come_back(s3, bucket):
+    expires = "Wed, 21 Oct 2037 07:28:00 GMT"
+    s3.put_object(
+        Bucket=bucket, Key="headers", Body=b"payload",
+        ContentType="text/csv", ContentEncoding="identity", ContentDisposition='attachment; filename="a.csv"',
+        ContentLanguage="en", CacheControl="max-age=60", Expires=expires, Metadata={"Owner": "Ops", "x": "1"},
+    )
+    for reply in [s3.head_object(Bucket=bucket, Key="headers"), s3.get_object(Bucket=bucket, Key="headers")]:
+        assert reply["ContentType"] == "text/csv"
+        assert reply["ContentEncoding"] == "identity"
+        assert reply["ContentDisposition"] == 'attachment; filename="a.csv"'
+        assert reply["ContentLanguage"] == "en"
+        assert reply["CacheControl"] == "max-age=60"
+        assert reply["ResponseMetadata"]["HTTPHeaders"]["expires"] == expires
+        assert reply["Metadata"] == {"owner": "Ops", "x": "1"}
+        assert reply["ResponseMetadata"]["HTTPHeaders"]["last-modified"].endswith("GMT")
+    with pytest.raises(botocore.exceptions.ClientError) as refused:
+        s3.put_object(Bucket=bucket, Key="too-much-meta", Body=b"", Metadata={"big": "v" * 2100})
+    assert code_of(refused.value) == "MetadataTooLarge"
+
+
+def test_unsupported_operations_answer_not_implemented(s3, bucket):
+    with pytest.raises(botocore.exceptions.ClientError) as refused:
+        s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    assert status_of(refused.value) == 501
+    assert code_of(refused.value) == "NotImplemented"
