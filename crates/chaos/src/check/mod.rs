@@ -1,0 +1,1 @@
+//! Checkers that judge a chaos history (pure: no I/O).
