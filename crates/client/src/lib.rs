@@ -7,6 +7,8 @@
 //! jittered backoff. Writes carry a request id that stays the same across retries, so a write
 //! whose first attempt was applied but not acknowledged is not applied twice.
 
+pub mod lock;
+
 use futures::future::Either;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -49,6 +51,10 @@ pub enum Error {
          {ttl:?} TTL), so the cluster may expire it at any moment; last error: {last_error}"
     )]
     SessionLost { session_id: u64, ttl: Duration, silent_for: Duration, last_error: String },
+    /// A lock's session ended, or was given up, while the lock was wanted or held
+    /// ([`lock::HeldLock::lost`]).
+    #[error("lock lost: {0}")]
+    LockLost(String),
     #[error("{0}")]
     NotFound(String),
     /// Something other than a key of the coordination keyspace already exists (a bucket, an

@@ -292,114 +292,57 @@ pub async fn run_kv(connection: Connection, command: KvCommand) -> Result<ExitCo
 /// How holding the lock ended.
 enum Held {
     /// The command ended by itself, the lock held throughout.
-    Finished(std::process::ExitStatus),
+    Finished(Result<std::process::ExitStatus>),
     /// The session ended, or was given up, first: the command (if it had started) was stopped.
     Lost(String),
 }
 
-/// The lock recipe (etcd's mutex): each contender creates an ephemeral key under the lock's
-/// prefix; the one with the lowest create revision holds the lock; the others wait for the
-/// key just before theirs to go. The holder's create revision is the fencing token: it only
-/// grows, so a resource that remembers the highest token it saw can refuse a stale holder whose
-/// session expired while it was paused. A lease-based lock alone cannot promise mutual
-/// exclusion (a paused holder may resume after its session expired); the token is what lets
-/// the protected resource enforce it.
-///
-/// The command runs only while the session is known to be alive: once the client gives the
-/// session up (no keep-alive acknowledged for 2/3 of the TTL) or hears that it is gone, the
-/// command is stopped, and that is over before the cluster can expire the session and let
-/// the next contender in (see `stop_command`).
+/// Runs `command` while holding lock `name` (the recipe and its fencing token are at
+/// `mendfs_client::lock`). The command runs only while the session is known to be alive: once
+/// the client gives the session up or hears that it is gone, the command is stopped, and that
+/// is over before the cluster can expire the session and let the next contender in (see
+/// `stop_command`).
 async fn run_locked(client: &Client, name: &str, ttl: Duration, command: &[String]) -> Result<ExitCode> {
-    let prefix = format!("__lock/{name}/");
-    let session = client.open_session(ttl).await.context("open a session for the lock")?;
-    let key = format!("{prefix}{:016x}", session.id());
-    let mut keep_alive = session.keep_alive_in_background();
-    let session_end = |ended: Result<mendfs_client::Error, tokio::task::JoinError>| match ended {
-        Ok(error) => error.to_string(),
-        Err(e) => format!("the keep-alive task failed: {e}"),
-    };
-    let held = async {
-        let mine = client.create(key.as_bytes(), b"", Some(session.id())).await.context("create the lock key")?;
-        // Waiting ends with the session: a lock acquired after it would not be held at all.
-        // Biased: a session given up at the moment the lock comes is not taken as held.
-        let token = tokio::select! {
-            biased;
-            ended = &mut keep_alive => return Ok(Held::Lost(format!("while waiting for it: {}", session_end(ended)))),
-            token = acquire(client, &prefix, &mine) => token?,
-        };
-        eprintln!("lock {name} acquired (fencing token {token})");
-        let mut child = tokio::process::Command::new(&command[0])
-            .args(&command[1..])
-            .env("MENDFS_LOCK_TOKEN", token.to_string())
-            // The command gets its fencing token, not this shell's keys to the cluster.
-            .env_remove("MENDFS_SECRET")
-            .env_remove("MENDFS_TOKEN")
-            .spawn()
-            .with_context(|| format!("cannot run {}", command[0]))?;
-        tokio::select! {
-            biased;
-            ended = &mut keep_alive => {
-                let reason = session_end(ended);
-                stop_command(&mut child, ttl / 6).await;
-                Ok(Held::Lost(reason))
-            }
-            status = child.wait() => Ok(Held::Finished(status.context("wait for the command")?)),
+    let mut lock = client.lock(name, ttl).await.map_err(|e| match e {
+        lost @ mendfs_client::Error::LockLost(_) => anyhow::Error::new(lost),
+        other => anyhow::Error::new(other).context(format!("acquire lock {name}")),
+    })?;
+    let token = lock.token();
+    eprintln!("lock {name} acquired (fencing token {token})");
+    let spawned = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .env("MENDFS_LOCK_TOKEN", token.to_string())
+        // The command gets its fencing token, not this shell's keys to the cluster.
+        .env_remove("MENDFS_SECRET")
+        .env_remove("MENDFS_TOKEN")
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(e) => {
+            let _ = lock.release().await;
+            return Err(e).with_context(|| format!("cannot run {}", command[0]));
         }
-    }
-    .await;
-    keep_alive.abort();
+    };
+    let held = tokio::select! {
+        biased;
+        lost = lock.lost() => {
+            stop_command(&mut child, ttl / 6).await;
+            Held::Lost(lost.to_string())
+        }
+        status = child.wait() => Held::Finished(status.context("wait for the command")),
+    };
     match held {
-        Ok(Held::Finished(status)) => {
-            session.close().await.context("release the lock")?;
+        Held::Finished(status) => {
+            lock.release().await.context("release the lock")?;
+            let status = status?;
             Ok(match status.code() {
                 Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
                 None => ExitCode::FAILURE,
             })
         }
-        Ok(Held::Lost(reason)) => {
-            // Should the cluster still have the session, closing it lets the next contender in
-            // at once; it may well be unreachable, so this is brief.
-            let _ = tokio::time::timeout(ttl / 3, session.close()).await;
-            bail!("lock lost: {reason}")
-        }
-        Err(e) => {
-            let _ = session.close().await;
-            Err(e)
-        }
-    }
-}
-
-/// Waits until `mine` is the oldest contender under `prefix`; returns its fencing token.
-/// Contenders are listed whole, page by page: keys are ordered by session id, not by age, so
-/// the one just ahead can be on any page (with more contenders than one list returns, a
-/// first page alone could show no one ahead, and two would hold the lock).
-async fn acquire(client: &Client, prefix: &str, mine: &KeyValue) -> Result<u64> {
-    loop {
-        let mut pages = client.list_pages(prefix.as_bytes(), 0);
-        let mut listed = false;
-        let mut before: Option<KeyValue> = None;
-        while let Some(page) = pages.next_page().await.context("list lock contenders")? {
-            for kv in page {
-                if kv.key == mine.key {
-                    listed = kv.create_revision == mine.create_revision;
-                } else if kv.create_revision < mine.create_revision
-                    && before.as_ref().is_none_or(|b| kv.create_revision > b.create_revision)
-                {
-                    before = Some(kv);
-                }
-            }
-        }
-        if !listed {
-            bail!("lock lost while waiting for it: the lock key {} is gone (its session ended)", text(&mine.key));
-        }
-        let Some(before) = before else { return Ok(mine.create_revision) };
-        // Wait for the contender just ahead of us to release (or lose) the lock.
-        let mut watch = client.watch(&before.key, false, before.modify_revision + 1);
-        loop {
-            let reply = watch.next().await.context("watch the lock holder")?;
-            if reply.events.iter().any(|event| event.kind == EventKind::Delete as i32) {
-                break;
-            }
+        Held::Lost(reason) => {
+            lock.abandon().await;
+            bail!("{reason}")
         }
     }
 }

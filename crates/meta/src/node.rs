@@ -1436,17 +1436,23 @@ impl MetaNode {
         }
     }
 
-    /// The client tokens this node knows of (its applied state), by name.
-    pub fn list_tokens(&self) -> Result<Vec<(String, crate::auth::TokenRecord)>, ApiError> {
-        let view = self.state.view().map_err(ApiError::internal)?;
-        let rows = schema::StateStore::range(&view, schema::Table::Tokens, &[], None, usize::MAX)
-            .map_err(ApiError::internal)?;
-        rows.into_iter()
-            .map(|(name, value)| {
-                let record = schema::decode(&value).map_err(ApiError::internal)?;
-                Ok((String::from_utf8_lossy(&name).into_owned(), record))
-            })
-            .collect()
+    /// The client tokens this node knows of (its applied state), by name. A scan of the whole
+    /// table (admins may create many): off the async workers.
+    pub async fn list_tokens(&self) -> Result<Vec<(String, crate::auth::TokenRecord)>, ApiError> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || {
+            let view = state.view().map_err(ApiError::internal)?;
+            let rows = schema::StateStore::range(&view, schema::Table::Tokens, &[], None, usize::MAX)
+                .map_err(ApiError::internal)?;
+            rows.into_iter()
+                .map(|(name, value)| {
+                    let record = schema::decode(&value).map_err(ApiError::internal)?;
+                    Ok((String::from_utf8_lossy(&name).into_owned(), record))
+                })
+                .collect()
+        })
+        .await
+        .map_err(ApiError::internal)?
     }
 
     /// Calls `visit` for every chunk record of this node's state machine, in hash order, from

@@ -516,7 +516,7 @@ impl AuthService for AuthApi {
         &self,
         _request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensReply>, Status> {
-        let tokens = self.node.list_tokens()?;
+        let tokens = self.node.list_tokens().await?;
         Ok(Response::new(pb::ListTokensReply {
             tokens: tokens
                 .into_iter()
