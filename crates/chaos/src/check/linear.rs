@@ -74,6 +74,13 @@ pub trait Model {
         operations.iter().map(|operation| operation.call.clone()).collect()
     }
 
+    /// Whether an Unknown `call` can change neither `state` nor any state that can follow it
+    /// (a CAS expecting a version the register has passed: versions never go back). The search
+    /// then sets it aside until it backtracks past `state`. Default: never.
+    fn can_no_longer_apply(&self, _state: &Self::State, _call: &Call) -> bool {
+        false
+    }
+
     /// The same register where, between any two operations, writes absent from the history
     /// may also have happened (writes of values no operation in the history read). A
     /// sub-history that is not linearizable even so shows its violation without the
@@ -105,12 +112,21 @@ pub enum Verdict {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Judgement {
     pub verdict: Verdict,
-    /// Model steps the search took.
+    /// Search steps taken: list entries visited, each costing at most one model step.
     pub steps: u64,
 }
 
+/// What the search did on its current path, undone in reverse when it backtracks.
+enum Move<S> {
+    /// Linearized the operation of this invocation entry; the state before it.
+    Placed(usize, S),
+    /// Set aside this Unknown operation's invocation entry: in the state reached it can no
+    /// longer take effect ([`Model::can_no_longer_apply`]).
+    SetAside(usize),
+}
+
 /// Judges one register's history (operations in any order, any outcomes), taking at most
-/// `search_steps_max` model steps.
+/// `search_steps_max` search steps.
 pub fn check<M: Model>(model: &M, operations: &[Operation], search_steps_max: u64) -> Judgement {
     let (ops, mut entries) = prepare(model, operations);
     let zobrist: Vec<u128> = (0..ops.len()).map(zobrist_key).collect();
@@ -120,8 +136,7 @@ pub fn check<M: Model>(model: &M, operations: &[Operation], search_steps_max: u6
     let mut linearized_key: u128 = 0;
     let mut state = model.init();
     let mut explored: HashSet<(u128, M::State)> = HashSet::new();
-    // The call entries linearized so far, each with the state before it.
-    let mut placed: Vec<(usize, M::State)> = Vec::new();
+    let mut path: Vec<Move<M::State>> = Vec::new();
     let mut steps: u64 = 0;
     // The latest completion entry the search had to stop at.
     let mut stuck_at: Option<usize> = None;
@@ -131,11 +146,24 @@ pub fn check<M: Model>(model: &M, operations: &[Operation], search_steps_max: u6
         if definite_left == 0 {
             return Judgement { verdict: Verdict::Linearizable, steps };
         }
+        if steps >= search_steps_max {
+            return Judgement { verdict: Verdict::Inconclusive, steps };
+        }
+        steps += 1;
+
         if entry == NONE || !entries[entry].is_call {
             if entry != NONE {
                 stuck_at = stuck_at.max(Some(entry));
             }
-            let Some((call_entry, state_before)) = placed.pop() else {
+            // Undo moves up to and including the latest placement, then try what follows it.
+            let undone = loop {
+                match path.pop() {
+                    Some(Move::SetAside(set_aside)) => restore(&mut entries, set_aside),
+                    Some(Move::Placed(call_entry, state_before)) => break Some((call_entry, state_before)),
+                    None => break None,
+                }
+            };
+            let Some((call_entry, state_before)) = undone else {
                 let culprit = stuck_at
                     .map(|stuck| ops[entries[stuck].op].original)
                     .or_else(|| ops.iter().find(|op| op.returned.is_some()).map(|op| op.original))
@@ -156,21 +184,26 @@ pub fn check<M: Model>(model: &M, operations: &[Operation], search_steps_max: u6
 
         let op_idx = entries[entry].op;
         let op = &ops[op_idx];
+        if op.returned.is_none() && model.can_no_longer_apply(&state, &op.call) {
+            // Pending Unknown operations pile up over a long run; without this, each would be
+            // retried after every placement. Setting one aside changes neither the state nor
+            // the linearized set, so the cache stays exact.
+            remove(&mut entries, entry);
+            path.push(Move::SetAside(entry));
+            entry = entries[entry].next;
+            continue;
+        }
         if op.earlier_twin.is_some_and(|twin| !linearized[twin]) {
             entry = entries[entry].next;
             continue;
         }
-        if steps >= search_steps_max {
-            return Judgement { verdict: Verdict::Inconclusive, steps };
-        }
-        steps += 1;
         if let Some(next_state) = model.step(&state, &op.call, op.returned.as_ref()) {
             // An Unknown operation that changes nothing here is better left unplaced: placing
             // it constrains nothing that leaving it for later does not.
             let useless = op.returned.is_none() && next_state == state;
             let next_key = linearized_key ^ zobrist[op_idx];
             if !useless && explored.insert((next_key, next_state.clone())) {
-                placed.push((entry, std::mem::replace(&mut state, next_state)));
+                path.push(Move::Placed(entry, std::mem::replace(&mut state, next_state)));
                 linearized[op_idx] = true;
                 linearized_key = next_key;
                 if op.returned.is_some() {
@@ -200,36 +233,76 @@ pub struct Witness {
     /// reads returned) makes it linearizable. When false the budget ran out first.
     pub minimal: bool,
     /// The witness was judged a violation by the search. False only when the budget ran out
-    /// before even a small enough one was found: then it holds the operations around the
+    /// before any small enough one was found: then it holds the operations around the
     /// culprit, for a human to start from.
     pub verified: bool,
 }
 
-/// Witnesses longer than this, when the budget runs out, are replaced by the operations
-/// around the culprit.
-const WITNESS_READABLE_OPS_MAX: usize = 16;
+/// Operations shown around the culprit when no witness could be found in budget.
+const AROUND_CULPRIT_OPS_MAX: usize = 16;
 
-/// Shrinks a history that [`check`] found `Violated { culprit }` to a small sub-history that
-/// is still not linearizable, spending at most `shrink_steps_max` search steps in all.
+/// Windows of the history checked on their own, smallest first: a violation is usually
+/// visible among the last few operations before it, and checks of small sub-histories are
+/// cheap whether they pass or fail, while a failing check of a long history must rule out
+/// every order of it.
+const WINDOW_OPS_MIN: usize = 4;
+const WINDOW_GROWTH: usize = 4;
+
+/// Operations per window, and the stride between windows, when [`find_local_violation`] scans
+/// a whole history.
+const SCAN_WINDOW_OPS: usize = 32;
+
+/// Finds a small sub-history of a history that [`check`] found `Violated { culprit }` that is
+/// still not linearizable, spending at most `witness_steps_max` search steps in all.
 ///
 /// A sub-history always keeps the writes its reads returned (a read of a value whose write was
 /// left out would fail for a reason of our making). It is judged, when possible, by the model
-/// [allowing unseen writes](Model::allowing_unseen_writes), so it also holds the writes that
-/// only its versions imply. Otherwise it must keep failing at the original culprit.
-pub fn shrink<M: Model>(model: &M, operations: &[Operation], culprit: usize, shrink_steps_max: u64) -> Witness {
-    let mut shrinker =
-        Shrinker { operations, writers_read: writers_read(model, operations), steps_left: shrink_steps_max };
-    let all: Vec<usize> = invocation_order(operations, 0..operations.len());
-
-    let lenient = model.allowing_unseen_writes();
-    let lenient_culprit = lenient.as_ref().and_then(|lenient| match shrinker.judge(lenient, &all) {
-        Some(Verdict::Violated { culprit }) => Some(culprit),
-        _ => None,
-    });
-    match (lenient, lenient_culprit) {
-        (Some(lenient), Some(lenient_culprit)) => shrinker.shrink(&lenient, all, lenient_culprit, true),
-        _ => shrinker.shrink(model, all, culprit, false),
+/// [allowing unseen writes](Model::allowing_unseen_writes), so it needs no write that only its
+/// versions imply. Otherwise it is read as the register's whole history and must keep failing
+/// at the original culprit.
+///
+/// Windows of the operations that completed last before the culprit are tried first, growing
+/// until one fails; then operations are removed from it while it keeps failing.
+pub fn shrink<M: Model>(model: &M, operations: &[Operation], culprit: usize, witness_steps_max: u64) -> Witness {
+    let mut shrinker = Shrinker::new(model, operations, witness_steps_max);
+    if let Some(lenient) = model.allowing_unseen_writes() {
+        // Keep half of the budget for the stricter reading, in case this one needs it all.
+        let reserve = shrinker.steps_left / 2;
+        shrinker.steps_left -= reserve;
+        let found = shrinker.first_failing_window(&lenient, culprit, None);
+        shrinker.steps_left += reserve;
+        if let Some((window, found_culprit)) = found {
+            return shrinker.minimize(&lenient, window, found_culprit, true);
+        }
     }
+    match shrinker.first_failing_window(model, culprit, Some(culprit)) {
+        Some((window, found_culprit)) => shrinker.minimize(model, window, found_culprit, false),
+        None => shrinker.around_culprit(culprit),
+    }
+}
+
+/// Looks for a violation in windows of a history, each judged on its own by the model
+/// [allowing unseen writes](Model::allowing_unseen_writes), and shrinks the first it finds.
+/// For a history too long for [`check`] to decide: a window that fails even though any write
+/// outside it may have happened proves the whole history is not linearizable.
+pub fn find_local_violation<M: Model>(model: &M, operations: &[Operation], witness_steps_max: u64) -> Option<Witness> {
+    let lenient = model.allowing_unseen_writes()?;
+    let mut shrinker = Shrinker::new(model, operations, witness_steps_max);
+    let mut by_completion: Vec<usize> = (0..operations.len()).collect();
+    by_completion.sort_by_key(|&i| (operations[i].completed_us, i));
+    let mut start = 0;
+    while start < by_completion.len() && shrinker.steps_left > 0 {
+        let end = (start + SCAN_WINDOW_OPS).min(by_completion.len());
+        let window = shrinker.with_writers_read(by_completion[start..end].iter().copied());
+        if let Some(Verdict::Violated { culprit }) = shrinker.judge(&lenient, &window) {
+            return Some(shrinker.minimize(&lenient, window, culprit, true));
+        }
+        if end == by_completion.len() {
+            break;
+        }
+        start += SCAN_WINDOW_OPS / 2;
+    }
+    None
 }
 
 struct Shrinker<'a> {
@@ -239,7 +312,13 @@ struct Shrinker<'a> {
     steps_left: u64,
 }
 
-impl Shrinker<'_> {
+impl<'a> Shrinker<'a> {
+    fn new<M: Model>(model: &M, operations: &'a [Operation], steps_max: u64) -> Shrinker<'a> {
+        Shrinker { operations, writers_read: writers_read(model, operations), steps_left: steps_max }
+    }
+
+    /// The verdict on `subset` (culprit as an index into all operations), or None once the
+    /// budget is spent.
     fn judge<M: Model>(&mut self, model: &M, subset: &[usize]) -> Option<Verdict> {
         if self.steps_left == 0 {
             return None;
@@ -254,16 +333,10 @@ impl Shrinker<'_> {
         }
     }
 
-    /// The culprit of `subset` when it still shows the violation being shrunk.
-    fn still_fails<M: Model>(
-        &mut self,
-        model: &M,
-        subset: &[usize],
-        culprit: usize,
-        stands_alone: bool,
-    ) -> Option<usize> {
+    /// The culprit of `subset` when it fails (at `must_fail_at`, when given).
+    fn fails<M: Model>(&mut self, model: &M, subset: &[usize], must_fail_at: Option<usize>) -> Option<usize> {
         match self.judge(model, subset)? {
-            Verdict::Violated { culprit: found } if stands_alone || found == culprit => Some(found),
+            Verdict::Violated { culprit } if must_fail_at.is_none_or(|expected| expected == culprit) => Some(culprit),
             _ => None,
         }
     }
@@ -282,54 +355,70 @@ impl Shrinker<'_> {
         invocation_order(self.operations, kept)
     }
 
-    fn shrink<M: Model>(&mut self, model: &M, all: Vec<usize>, culprit: usize, stands_alone: bool) -> Witness {
-        let mut kept = all;
-        let mut culprit = culprit;
-        let witness = |kept: &Vec<usize>, culprit: usize, minimal: bool| Witness {
-            operations: kept.clone(),
-            culprit,
-            stands_alone,
-            minimal,
-            verified: true,
-        };
-
-        // Whatever was invoked after the culprit completed cannot be what stopped the search
-        // there.
+    /// The smallest window around `culprit` that fails, and its culprit: the culprit, what was
+    /// still running when it completed, the operations that completed last before it, and
+    /// (with `must_fail_at` None) as many of those that were invoked after it completed, where
+    /// a more lenient reading may only fail later; growing until it holds them all. Read as a
+    /// whole history, operations invoked after the culprit completed cannot matter to it.
+    fn first_failing_window<M: Model>(
+        &mut self,
+        model: &M,
+        culprit: usize,
+        must_fail_at: Option<usize>,
+    ) -> Option<(Vec<usize>, usize)> {
         let culprit_completed_us = self.operations[culprit].completed_us;
-        let before: Vec<usize> =
-            kept.iter().copied().filter(|&i| self.operations[i].invoked_us <= culprit_completed_us).collect();
-        let before = self.with_writers_read(before);
-        if before.len() < kept.len() {
-            match self.still_fails(model, &before, culprit, stands_alone) {
-                Some(found) => (kept, culprit) = (before, found),
-                None if self.steps_left == 0 => return self.around_culprit(&kept, culprit, stands_alone),
-                None => {}
+        let mut completed_before: Vec<usize> = Vec::new();
+        let mut running_at_completion: Vec<usize> = Vec::new();
+        let mut invoked_after: Vec<usize> = Vec::new();
+        for (i, op) in self.operations.iter().enumerate() {
+            if i == culprit {
+                continue;
+            }
+            if op.invoked_us > culprit_completed_us {
+                if must_fail_at.is_none() {
+                    invoked_after.push(i);
+                }
+            } else if op.completed_us <= culprit_completed_us {
+                completed_before.push(i);
+            } else {
+                running_at_completion.push(i);
             }
         }
+        completed_before.sort_by_key(|&i| (self.operations[i].completed_us, i));
+        invoked_after.sort_by_key(|&i| (self.operations[i].invoked_us, i));
 
-        // A violation usually needs only the last few operations before the culprit: try
-        // growing windows of them before removing operations one chunk at a time.
-        let mut window = 8;
-        while window < kept.len() {
-            let mut by_completion = kept.clone();
-            by_completion.sort_by_key(|&i| (self.operations[i].completed_us, i));
-            let recent = by_completion.iter().rev().take(window).copied().chain([culprit]);
-            let candidate = self.with_writers_read(recent);
-            if candidate.len() < kept.len() {
-                if let Some(found) = self.still_fails(model, &candidate, culprit, stands_alone) {
-                    (kept, culprit) = (candidate, found);
-                    break;
-                }
-                if self.steps_left == 0 {
-                    return self.around_culprit(&kept, culprit, stands_alone);
+        let mut previous_len = 0;
+        let mut window_ops = WINDOW_OPS_MIN;
+        loop {
+            let latest_before = completed_before.iter().rev().take(window_ops);
+            let first_after = invoked_after.iter().take(window_ops);
+            let around = latest_before.chain(&running_at_completion).chain(first_after).copied();
+            let window = self.with_writers_read(around.chain([culprit]));
+            if window.len() > previous_len {
+                previous_len = window.len();
+                if let Some(found) = self.fails(model, &window, must_fail_at) {
+                    return Some((window, found));
                 }
             }
-            window *= 4;
+            let covered_all = window_ops >= completed_before.len() && window_ops >= invoked_after.len();
+            if covered_all || self.steps_left == 0 {
+                return None;
+            }
+            window_ops = window_ops.saturating_mul(WINDOW_GROWTH);
         }
+    }
 
-        // Remove halves, then quarters, and so on down to single operations, keeping every
-        // removal after which the violation remains; end with passes of single removals until
-        // none succeeds.
+    /// Removes halves of `kept`, then quarters, and so on down to single operations, keeping
+    /// every removal after which it still fails; ends with passes of single removals until
+    /// none succeeds, or the budget runs out.
+    fn minimize<M: Model>(
+        &mut self,
+        model: &M,
+        mut kept: Vec<usize>,
+        mut culprit: usize,
+        stands_alone: bool,
+    ) -> Witness {
+        let must_fail_at = |culprit: usize| if stands_alone { None } else { Some(culprit) };
         let mut chunk = (kept.len() / 2).max(1);
         loop {
             let mut removed_any = false;
@@ -339,35 +428,31 @@ impl Shrinker<'_> {
                 let rest = kept[..start].iter().chain(&kept[end..]).copied();
                 let candidate = self.with_writers_read(rest);
                 if candidate.len() < kept.len() {
-                    if let Some(found) = self.still_fails(model, &candidate, culprit, stands_alone) {
+                    if let Some(found) = self.fails(model, &candidate, must_fail_at(culprit)) {
                         (kept, culprit) = (candidate, found);
                         removed_any = true;
                         continue;
                     }
                 }
                 if self.steps_left == 0 {
-                    return if kept.len() > WITNESS_READABLE_OPS_MAX {
-                        self.around_culprit(&kept, culprit, stands_alone)
-                    } else {
-                        witness(&kept, culprit, false)
-                    };
+                    return Witness { operations: kept, culprit, stands_alone, minimal: false, verified: true };
                 }
                 start = end;
             }
             if chunk == 1 && !removed_any {
-                return witness(&kept, culprit, true);
+                return Witness { operations: kept, culprit, stands_alone, minimal: true, verified: true };
             }
             chunk = (chunk / 2).max(1);
         }
     }
 
-    /// The culprit, what ran concurrently with it, and the operations that completed just
-    /// before it: where a human should look when the witness could not be shrunk in budget.
-    fn around_culprit(&self, kept: &[usize], culprit: usize, stands_alone: bool) -> Witness {
+    /// The culprit, what ran concurrently with it, the operations that completed just before
+    /// it and the writes they read: where a human should look when no witness was found.
+    fn around_culprit(&self, culprit: usize) -> Witness {
         let culprit_op = &self.operations[culprit];
-        let mut by_completion: Vec<usize> = kept.to_vec();
+        let mut by_completion: Vec<usize> = (0..self.operations.len()).collect();
         by_completion.sort_by_key(|&i| (self.operations[i].completed_us, i));
-        let concurrent = kept.iter().copied().filter(|&i| {
+        let concurrent = (0..self.operations.len()).filter(|&i| {
             let op = &self.operations[i];
             op.invoked_us <= culprit_op.completed_us && op.completed_us >= culprit_op.invoked_us
         });
@@ -376,18 +461,12 @@ impl Shrinker<'_> {
             .copied()
             .filter(|&i| self.operations[i].completed_us < culprit_op.invoked_us)
             .rev()
-            .take(WITNESS_READABLE_OPS_MAX / 2);
-        let mut around: Vec<usize> = concurrent.chain(before).chain([culprit]).collect();
-        around.sort_unstable();
-        around.dedup();
-        around.truncate(WITNESS_READABLE_OPS_MAX.max(1));
-        if !around.contains(&culprit) {
-            around.push(culprit);
-        }
+            .take(AROUND_CULPRIT_OPS_MAX / 2);
+        let around = [culprit].into_iter().chain(concurrent.take(AROUND_CULPRIT_OPS_MAX / 2)).chain(before);
         Witness {
-            operations: invocation_order(self.operations, around),
+            operations: self.with_writers_read(around),
             culprit,
-            stands_alone,
+            stands_alone: false,
             minimal: false,
             verified: false,
         }

@@ -26,9 +26,9 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use linear::{check, shrink, Judgement, Model, Verdict, Witness};
+pub use linear::{check, find_local_violation, shrink, Judgement, Model, Verdict, Witness};
 pub use lock::check_locks;
-pub use models::{FileRegister, KvRegister};
+pub use models::{FileRegister, KvRegister, KvState};
 
 use crate::history::{Call, Operation, Outcome, Returned};
 
@@ -44,19 +44,21 @@ pub const HISTORY: &str = "history";
 /// Budgets that keep a check bounded whatever the history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckOptions {
-    /// Model steps one register's linearizability search may take before the register is
-    /// reported inconclusive. The search's memory grows with its steps (tens of bytes each).
+    /// Steps one register's linearizability search may take before the register is reported
+    /// inconclusive (a step visits one invocation or completion, and costs at most one model
+    /// step). Its time and memory grow with its steps: tens of bytes each, at most.
     pub search_steps_max: u64,
-    /// Model steps, over all the searches it runs, that shrinking one violation to a small
-    /// sub-history may take.
-    pub shrink_steps_max: u64,
+    /// Search steps, over all the searches it runs, that finding a small sub-history that
+    /// shows one violation may take (and, for a register the search could not decide, looking
+    /// for a violation in windows of its history).
+    pub witness_steps_max: u64,
     /// Violations reported per workload and subject; the rest are only counted.
     pub violations_per_subject_max: usize,
 }
 
 impl Default for CheckOptions {
     fn default() -> CheckOptions {
-        CheckOptions { search_steps_max: 10_000_000, shrink_steps_max: 2_000_000, violations_per_subject_max: 10 }
+        CheckOptions { search_steps_max: 10_000_000, witness_steps_max: 2_000_000, violations_per_subject_max: 10 }
     }
 }
 
@@ -190,24 +192,31 @@ impl Register<'_> {
         let judgement = linear::check(model, self.history, options.search_steps_max);
         match judgement.verdict {
             Verdict::Linearizable => {}
-            Verdict::Inconclusive => inconclusive.push(format!(
-                "{} {} {:?}: the linearizability search gave up after {} steps on {} operations \
-                 (raise search_steps_max, or spread the workload over more {}s)",
-                self.workload,
-                self.noun,
-                self.subject,
-                judgement.steps,
-                self.history.len(),
-                self.noun
-            )),
             Verdict::Violated { culprit } => {
-                let witness = linear::shrink(model, self.history, culprit, options.shrink_steps_max);
-                violations.push(self.violation(&witness));
+                let witness = linear::shrink(model, self.history, culprit, options.witness_steps_max);
+                violations.push(self.violation(&witness, ""));
+            }
+            Verdict::Inconclusive => {
+                if let Some(witness) = linear::find_local_violation(model, self.history, options.witness_steps_max) {
+                    let note = " (found in a window of the history: the whole was too long to search)";
+                    violations.push(self.violation(&witness, note));
+                    return;
+                }
+                inconclusive.push(format!(
+                    "{} {} {:?}: the linearizability search gave up after {} steps on {} operations \
+                 (raise search_steps_max, or spread the workload over more {}s)",
+                    self.workload,
+                    self.noun,
+                    self.subject,
+                    judgement.steps,
+                    self.history.len(),
+                    self.noun
+                ));
             }
         }
     }
 
-    fn violation(&self, witness: &Witness) -> Violation {
+    fn violation(&self, witness: &Witness, note: &str) -> Violation {
         let culprit = &self.history[witness.culprit];
         let shown = witness.operations.len();
         let mut message = format!(
@@ -232,7 +241,9 @@ impl Register<'_> {
                 "fail as if they were the only operations on it"
             };
             message.push_str(&format!("These {shown} of its {} operations {reading}", self.history.len()));
-            message.push_str(if witness.minimal { "." } else { " (shrinking ran out of budget: not minimal)." });
+            message.push_str(if witness.minimal { "" } else { " (shrinking ran out of budget: not minimal)" });
+            message.push_str(note);
+            message.push('.');
         }
         Violation {
             workload: self.workload.to_string(),

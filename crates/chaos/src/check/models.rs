@@ -16,6 +16,19 @@ pub struct KvRegister {
     allows_unseen_writes: bool,
 }
 
+/// A key as [`KvRegister`] holds it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct KvState {
+    /// None while the key does not exist.
+    pub current: Option<Versioned>,
+    /// The version is only a lower bound: with unseen writes, any number of them may have
+    /// happened just before the Unknown write that set the value. The next operation that
+    /// returns a version settles it.
+    pub version_at_least: bool,
+    /// The value is one an unseen write wrote, which no read can return.
+    pub value_unseen: bool,
+}
+
 impl KvRegister {
     pub fn new() -> KvRegister {
         KvRegister::default()
@@ -23,45 +36,77 @@ impl KvRegister {
 }
 
 impl Model for KvRegister {
-    type State = Option<Versioned>;
+    type State = KvState;
 
-    fn init(&self) -> Option<Versioned> {
-        None
+    fn init(&self) -> KvState {
+        KvState::default()
     }
 
-    fn step(&self, state: &Option<Versioned>, call: &Call, returned: Option<&Returned>) -> Option<Option<Versioned>> {
-        let current_version = state.map_or(0, |current| current.version);
-        // None only past u64::MAX, which no write can reach.
-        let next_version = current_version.checked_add(1);
+    fn step(&self, state: &KvState, call: &Call, returned: Option<&Returned>) -> Option<KvState> {
+        let version = state.current.map_or(0, |current| current.version);
+        let known = |value: u64, version: u64| KvState {
+            current: Some(Versioned { value, version }),
+            version_at_least: false,
+            value_unseen: false,
+        };
         match (call, returned) {
             (Call::KvRead { .. }, None) => Some(*state),
-            (Call::KvRead { .. }, Some(Returned::KvRead { found })) => (found == state).then_some(*state),
-            (Call::KvWrite { value, .. }, None) => Some(Some(Versioned { value: *value, version: next_version? })),
-            (Call::KvWrite { value, .. }, Some(Returned::KvWritten { version })) => {
-                let next_version = next_version?;
-                let possible =
-                    if self.allows_unseen_writes { *version >= next_version } else { *version == next_version };
-                possible.then_some(Some(Versioned { value: *value, version: *version }))
+            (Call::KvRead { .. }, Some(Returned::KvRead { found })) => match (found, state.current) {
+                (None, None) => Some(*state),
+                (Some(found), Some(current)) => {
+                    let value_fits = found.value == current.value && !state.value_unseen;
+                    let version_fits = found.version == current.version
+                        || (state.version_at_least && found.version >= current.version);
+                    (value_fits && version_fits).then(|| known(found.value, found.version))
+                }
+                _ => None,
+            },
+            (Call::KvWrite { value, .. }, None) => Some(KvState {
+                current: Some(Versioned { value: *value, version: version.checked_add(1)? }),
+                version_at_least: self.allows_unseen_writes,
+                value_unseen: false,
+            }),
+            (Call::KvWrite { value, .. }, Some(Returned::KvWritten { version: written })) => {
+                let possible = if self.allows_unseen_writes {
+                    *written > version
+                } else {
+                    version.checked_add(1) == Some(*written)
+                };
+                possible.then(|| known(*value, *written))
             }
             (Call::KvCas { expected_version, value, .. }, None) => {
-                if current_version == *expected_version {
-                    Some(Some(Versioned { value: *value, version: next_version? }))
+                // With unseen writes it may also have been refused: that is the same as
+                // leaving it unplaced.
+                let applies =
+                    if self.allows_unseen_writes { version <= *expected_version } else { version == *expected_version };
+                if applies {
+                    Some(known(*value, expected_version.checked_add(1)?))
                 } else {
                     Some(*state)
                 }
             }
-            (Call::KvCas { expected_version, value, .. }, Some(Returned::KvWritten { version })) => {
-                let expected_found = if self.allows_unseen_writes {
-                    current_version <= *expected_version
-                } else {
-                    current_version == *expected_version
-                };
-                let possible = expected_found && expected_version.checked_add(1) == Some(*version);
-                possible.then_some(Some(Versioned { value: *value, version: *version }))
+            (Call::KvCas { expected_version, value, .. }, Some(Returned::KvWritten { version: written })) => {
+                let expected_found =
+                    if self.allows_unseen_writes { version <= *expected_version } else { version == *expected_version };
+                let possible = expected_found && expected_version.checked_add(1) == Some(*written);
+                possible.then(|| known(*value, *written))
             }
             (Call::KvCas { expected_version, .. }, Some(Returned::CasRefused)) => {
-                // With unseen writes, one may have moved the version just before.
-                (self.allows_unseen_writes || current_version != *expected_version).then_some(*state)
+                if version != *expected_version || state.version_at_least {
+                    // Refused as it should be; or, above a lower bound, possibly so (keeping
+                    // the state is the more lenient of the two readings).
+                    Some(*state)
+                } else if self.allows_unseen_writes {
+                    // Only an unseen write just before explains it: it moved the version on
+                    // and left a value no read can return.
+                    Some(KvState {
+                        current: Some(Versioned { value: 0, version: expected_version.checked_add(1)? }),
+                        version_at_least: true,
+                        value_unseen: true,
+                    })
+                } else {
+                    None
+                }
             }
             _ => None,
         }
@@ -69,6 +114,12 @@ impl Model for KvRegister {
 
     fn is_read(&self, call: &Call) -> bool {
         matches!(call, Call::KvRead { .. })
+    }
+
+    fn can_no_longer_apply(&self, state: &KvState, call: &Call) -> bool {
+        // Versions never go back, not even a lower bound.
+        let version = state.current.map_or(0, |current| current.version);
+        matches!(call, Call::KvCas { expected_version, .. } if *expected_version < version)
     }
 
     fn value_written(&self, call: &Call) -> Option<String> {

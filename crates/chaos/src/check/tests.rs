@@ -185,6 +185,17 @@ fn a_cas_must_not_be_refused_when_nothing_else_wrote() {
     assert_eq!(ids(&violation), [0, 1], "{violation}");
 }
 
+#[test]
+fn a_cas_refused_at_the_current_version_shows_with_the_writes_around_it() {
+    let mut history: Vec<Operation> = (0..50).map(|n| write(n, 1, (n * 100, n * 100 + 10), n, n + 1)).collect();
+    history.push(cas(50, 2, (5_020, 5_030), 50, 999, Returned::CasRefused));
+    history.push(write(51, 1, (5_040, 5_050), 51, 51));
+    let violation = assert_violation(&history, KV);
+    // An unseen write would explain the refusal, but then the next write would be version 52.
+    assert_eq!(ids(&violation), [49, 50, 51], "{violation}");
+    assert!(violation.message.contains("even if writes not shown happened"), "{violation}");
+}
+
 // ---- kv: must pass ----
 
 #[test]
@@ -272,6 +283,16 @@ fn many_unknown_writes_that_never_show_up_stay_cheap() {
     let judgement = linear::check(&KvRegister::new(), &history, 100_000);
     assert_eq!(judgement.verdict, Verdict::Linearizable);
     assert!(judgement.steps < 2_000, "took {} steps", judgement.steps);
+}
+
+#[test]
+fn with_unseen_writes_an_unknown_write_may_land_at_any_later_version() {
+    // The write of version 2 is left out: the Unknown write then made version 3, not 2.
+    let sub_history =
+        [write(0, 1, (0, 10), 1, 1), write_unknown(2, 3, (15, 25), 3), read(3, 1, (40, 50), Some((3, 3)))];
+    let lenient = KvRegister::new().allowing_unseen_writes().unwrap();
+    assert_eq!(linear::check(&lenient, &sub_history, 1_000).verdict, Verdict::Linearizable);
+    assert!(matches!(linear::check(&KvRegister::new(), &sub_history, 1_000).verdict, Verdict::Violated { .. }));
 }
 
 // ---- files ----
@@ -446,6 +467,25 @@ fn a_large_violation_is_shrunk_to_the_few_operations_that_show_it() {
     assert_eq!(shown.len(), 3, "{violation}");
     assert_eq!((shown[0], shown[2]), (500, 600), "{violation}");
     assert!(shown[1] > 500 && shown[1].is_multiple_of(2), "{violation}");
+}
+
+#[test]
+fn when_the_search_gives_up_windows_of_the_history_may_still_prove_a_violation() {
+    let mut history: Vec<Operation> = Vec::new();
+    for n in 0..300 {
+        let at = n * 100;
+        history.push(write(2 * n, n % 4, (at, at + 40), n, n + 1));
+        history.push(read(2 * n + 1, 4 + n % 4, (at + 50, at + 90), Some((n, n + 1))));
+    }
+    history[401].outcome = ok(Returned::KvRead { found: Some(Versioned { value: 150, version: 151 }) });
+    let options = CheckOptions { search_steps_max: 100, ..CheckOptions::default() };
+    let report = check_history(&history, &options);
+    assert!(report.inconclusive.is_empty(), "{report}");
+    assert_eq!(report.violations.len(), 1, "{report}");
+    let violation = &report.violations[0];
+    assert!(violation.message.contains("found in a window"), "{violation}");
+    assert_eq!(violation.operations.len(), 3, "{violation}");
+    assert_eq!(violation.operations.last().map(|operation| operation.id), Some(401), "{violation}");
 }
 
 #[test]
