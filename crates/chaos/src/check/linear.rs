@@ -25,14 +25,21 @@
 //!   `returned: None` and must accept any output. An Unknown read changes nothing and says
 //!   nothing, so it is left out.
 //!
-//! Two refinements keep Unknown writes, which pile up over a long run with faults, from making
-//! the search exponential. Unknown operations whose calls are equal are interchangeable, so they
-//! are only linearized in invocation order: a later twin waits until its earlier twin is placed.
-//! And a model may rewrite the values nobody read to one shared stand-in
-//! ([`Model::merge_unread_values`]), which makes most Unknown writes twins of each other.
+//! Three refinements keep Unknown writes, which pile up over a long run with faults, from making
+//! the search exponential or quadratic. Unknown operations whose calls are equal are
+//! interchangeable, so they are only linearized in invocation order: a later twin waits until
+//! its earlier twin is placed. A model may rewrite the values nobody read to one shared stand-in
+//! ([`Model::merge_unread_values`]), which makes most Unknown writes twins of each other. And an
+//! Unknown operation that can no longer take effect ([`Model::can_no_longer_apply`]) is set
+//! aside until the search backtracks past the state that made it so.
+//!
+//! The search is exhaustive only when it fails: a linearizable history is usually decided in a
+//! few steps per operation, while proving that no order works can take far more. Every step
+//! counts against a budget; a search that runs out reports [`Verdict::Inconclusive`].
 //!
 //! When a history is not linearizable, [`shrink`] looks for a small sub-history that still is
-//! not, to show a human.
+//! not, to show a human; when the search ran out, [`find_local_violation`] looks for one in
+//! windows of the history.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::Hash;
@@ -261,8 +268,9 @@ const SCAN_WINDOW_OPS: usize = 32;
 /// versions imply. Otherwise it is read as the register's whole history and must keep failing
 /// at the original culprit.
 ///
-/// Windows of the operations that completed last before the culprit are tried first, growing
-/// until one fails; then operations are removed from it while it keeps failing.
+/// Windows around the culprit are tried first, growing until one fails; then operations are
+/// removed from it while it keeps failing. When the budget runs out before any window fails,
+/// the witness holds the operations around the culprit, unverified.
 pub fn shrink<M: Model>(model: &M, operations: &[Operation], culprit: usize, witness_steps_max: u64) -> Witness {
     let mut shrinker = Shrinker::new(model, operations, witness_steps_max);
     if let Some(lenient) = model.allowing_unseen_writes() {
