@@ -41,11 +41,19 @@
 //! replaced the bad copy since the caller saw it. It then answers
 //! [`QuarantineOutcome::CopyIsGood`] and moves nothing, and the caller must keep treating the copy
 //! as a good replica (not report it bad).
+//!
+//! # Injected faults
+//!
+//! For `mendfs chaos` only, a store can be given a [`FaultState`] ([`ChunkStore::with_faults`])
+//! that makes it a slow disk or a full one. A store opened the ordinary way has none and never
+//! looks for one; see the `faults` module for what each fault does.
 
 mod error;
+mod faults;
 mod hash;
 mod store;
 
 pub use error::ChunkError;
+pub use faults::{FaultSettings, FaultState, CHUNK_IO_DELAY_MS_MAX};
 pub use mendfs_types::ChunkHash;
 pub use store::{ChunkStore, QuarantineOutcome, StoreStats};

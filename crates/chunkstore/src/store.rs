@@ -11,9 +11,10 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::ChunkError;
+use crate::faults::{FaultSettings, FaultState};
 use crate::hash::{from_canonical_hex, from_canonical_hex_byte};
 use mendfs_types::ChunkHash;
 
@@ -63,6 +64,9 @@ pub struct ChunkStore {
     /// Serializes creating leaf directories, so a second put cannot see a directory another put has
     /// just created but not yet fsynced into its parent, and then acknowledge a chunk in it.
     leaf_dir_creation: Mutex<()>,
+    /// Injected faults (a slow or full disk), for chaos tests only; None, and never consulted,
+    /// unless the node allows fault injection. See [`crate::faults`].
+    faults: Option<Arc<FaultState>>,
     /// Held open for the advisory lock on `root/LOCK`; the lock is released when the store drops
     /// (or the process dies).
     _lock_file: File,
@@ -148,6 +152,7 @@ impl ChunkStore {
             hash_locks: (0..HASH_LOCK_COUNT).map(|_| Mutex::new(())).collect(),
             leaf_dirs_durable: (0..LEAF_DIR_COUNT / 64).map(|_| AtomicU64::new(0)).collect(),
             leaf_dir_creation: Mutex::new(()),
+            faults: None,
             _lock_file: lock_file,
         };
 
@@ -171,7 +176,14 @@ impl ChunkStore {
     /// the chunk's directory. On `DiskFull` (or any other error) the temp file is removed, so a
     /// failed put leaves nothing behind.
     pub fn put(&self, expected: &ChunkHash, data: &[u8]) -> Result<(), ChunkError> {
-        self.put_with_writer(expected, data, write_and_sync)
+        match &self.faults {
+            // An injected full disk: the temp file's write fails with the kernel's "no space",
+            // so everything after it is the path a real ENOSPC takes.
+            Some(faults) if faults.chunk_store_full() => {
+                self.put_with_writer(expected, data, |_, _| Err(io::Error::from(io::ErrorKind::StorageFull)))
+            }
+            _ => self.put_with_writer(expected, data, write_and_sync),
+        }
     }
 
     /// `put` with the step that fills the temp file passed in, so tests can make it fail the way a
@@ -192,6 +204,7 @@ impl ChunkStore {
 
         let final_path = self.path_of(expected);
         let _hash_guard = self.lock_hash(expected);
+        self.delay_injected();
         self.ensure_leaf_dir(expected)?;
 
         let replaced_len = match existing_copy(&final_path, data)? {
@@ -239,6 +252,7 @@ impl ChunkStore {
     /// caller should quarantine this copy (which re-checks it) and read another replica. Memory
     /// use is the file's size, which `put` bounded by `max_chunk_bytes`.
     pub fn get(&self, hash: &ChunkHash) -> Result<Vec<u8>, ChunkError> {
+        self.delay_injected();
         let path = self.path_of(hash);
         let mut file = match File::open(&path) {
             Ok(file) => file,
@@ -264,6 +278,7 @@ impl ChunkStore {
     ///
     /// This, not [`ChunkStore::contains`], is what may be taken as proof of a good copy.
     pub fn verify(&self, hash: &ChunkHash) -> Result<(), ChunkError> {
+        self.delay_injected();
         let path = self.path_of(hash);
         let mut file = match File::open(&path) {
             Ok(file) => file,
@@ -340,6 +355,7 @@ impl ChunkStore {
         // the opened file with the path's would only narrow the window, since the check and the
         // rename are two calls; the lock closes it.) Readers take no lock, but they only read.
         let _hash_guard = self.lock_hash(hash);
+        self.delay_injected();
         if chunk_file_len(&path)?.is_none() {
             // Nothing, or something other than a regular file (which is not ours to move).
             return Err(ChunkError::NotFound(hex));
@@ -418,6 +434,25 @@ impl ChunkStore {
         StoreStats {
             chunk_count: self.chunk_count.load(Ordering::Relaxed),
             chunk_bytes: self.chunk_bytes.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Gives the store a [`FaultState`] to consult on every chunk read and write, for chaos
+    /// tests only (see [`crate::faults`]). A store without one has no fault hooks at all.
+    pub fn with_faults(mut self, faults: Arc<FaultState>) -> Self {
+        self.faults = Some(faults);
+        self
+    }
+
+    /// The faults injected now; none for a store without a [`FaultState`].
+    pub fn injected_faults(&self) -> FaultSettings {
+        self.faults.as_ref().map(|faults| faults.get()).unwrap_or_default()
+    }
+
+    /// Waits out an injected slow disk, on this (blocking) thread; nothing without faults.
+    fn delay_injected(&self) {
+        if let Some(faults) = &self.faults {
+            faults.delay_chunk_io();
         }
     }
 
@@ -693,6 +728,61 @@ mod tests {
         assert!(tmp_is_empty(&dir));
         assert!(store.contains(&hash), "the old copy stays until a good one replaces it");
         assert_eq!(store.stats(), stats_before);
+    }
+
+    #[test]
+    fn an_injected_full_disk_fails_new_writes_as_enospc_does_and_reads_go_on() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let faults = Arc::new(FaultState::new());
+        let store = open_store(&dir).with_faults(faults.clone());
+        let (stored, new) = (b"stored before the disk filled".as_slice(), b"arrives after".as_slice());
+        let (stored_hash, new_hash) = (ChunkHash::of(stored), ChunkHash::of(new));
+        store.put(&stored_hash, stored).expect("put");
+        faults.set(FaultSettings { chunk_store_full: true, ..FaultSettings::default() });
+        assert!(store.injected_faults().chunk_store_full);
+
+        let error = store.put(&new_hash, new).expect_err("the disk is full");
+
+        assert!(matches!(error, ChunkError::DiskFull { .. }), "got {error:?}");
+        assert!(tmp_is_empty(&dir), "the temp file must be removed, as on a real ENOSPC");
+        assert!(!store.contains(&new_hash));
+        assert_eq!(store.get(&stored_hash).expect("reads keep working"), stored);
+        store.verify(&stored_hash).expect("verify keeps working");
+        store.put(&stored_hash, stored).expect("a copy already here needs no space");
+        assert_eq!(store.stats(), StoreStats { chunk_count: 1, chunk_bytes: stored.len() as u64 });
+        // Once the fault is cleared, the same put succeeds.
+        faults.set(FaultSettings::default());
+        store.put(&new_hash, new).expect("put after the fault is cleared");
+        assert_eq!(store.get(&new_hash).expect("get"), new);
+    }
+
+    #[test]
+    fn an_injected_delay_slows_every_chunk_read_and_write() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let faults = Arc::new(FaultState::new());
+        let store = open_store(&dir).with_faults(faults.clone());
+        let data = b"on a slow disk";
+        let hash = ChunkHash::of(data);
+        let delay = std::time::Duration::from_millis(30);
+        faults.set(FaultSettings { chunk_io_delay_ms: delay.as_millis() as u64, ..FaultSettings::default() });
+        // A lower bound only: a sleep lasts at least its duration, however busy the machine.
+        let timed = |call: &dyn Fn()| {
+            let started = std::time::Instant::now();
+            call();
+            started.elapsed()
+        };
+        assert!(timed(&|| store.put(&hash, data).expect("put")) >= delay, "put");
+        assert!(timed(&|| assert_eq!(store.get(&hash).expect("get"), data)) >= delay, "get");
+        assert!(timed(&|| store.verify(&hash).expect("verify")) >= delay, "verify");
+        let outcome = std::cell::Cell::new(None);
+        assert!(timed(&|| outcome.set(Some(store.quarantine(&hash).expect("quarantine")))) >= delay, "quarantine");
+        assert_eq!(outcome.get(), Some(QuarantineOutcome::CopyIsGood));
+    }
+
+    #[test]
+    fn a_store_without_faults_reports_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(open_store(&dir).injected_faults(), FaultSettings::default());
     }
 
     #[test]

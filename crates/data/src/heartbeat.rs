@@ -50,7 +50,12 @@ impl HealthSampler {
             }
             Err(_) => 0,
         };
-        let filesystem = self.filesystem();
+        let mut filesystem = self.filesystem();
+        if self.storage.as_ref().is_some_and(|storage| storage.store.injected_faults().chunk_store_full) {
+            // An injected full disk (chaos tests only): reported as a real one is, a filesystem
+            // with no room left, so the detector and placement judge it exactly as they would.
+            filesystem = filesystem.map(|(total, _)| (total, 0));
+        }
         let mut health = pb::NodeHealth {
             cpu_percent: self.system.global_cpu_usage(),
             memory_used_bytes: self.system.used_memory(),
@@ -168,6 +173,25 @@ mod tests {
     use super::*;
 
     const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn an_injected_full_disk_is_reported_as_full() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let faults = Arc::new(mendfs_chunkstore::FaultState::new());
+        let store = mendfs_chunkstore::ChunkStore::open(dir.path(), 1 << 20).expect("open store");
+        let storage = Arc::new(LocalChunks::new(
+            Arc::new(store.with_faults(faults.clone())),
+            Duration::from_secs(60),
+            Some(4 * GIB),
+        ));
+        let mut sampler = HealthSampler::new(dir.path(), Some(storage));
+        let health = sampler.sample();
+        assert!(health.disk_used_bytes < health.disk_capacity_bytes, "{health:?}");
+
+        faults.set(mendfs_chunkstore::FaultSettings { chunk_store_full: true, ..Default::default() });
+        let health = sampler.sample();
+        assert_eq!((health.disk_used_bytes, health.disk_capacity_bytes), (4 * GIB, 4 * GIB));
+    }
 
     #[test]
     fn without_a_cap_the_whole_filesystem_counts() {

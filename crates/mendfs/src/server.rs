@@ -194,6 +194,17 @@ pub struct ServerArgs {
     /// (default 1 day). Cluster-wide: the leader's value applies.
     #[arg(long, env = "MENDFS_S3_UPLOAD_EXPIRY_MS")]
     pub s3_upload_expiry_ms: Option<u64>,
+    /// FOR `mendfs chaos` ONLY, never in production: obey the fault control file
+    /// DATA_DIR/faults.json (polled every 200 ms; a slow or full chunk store) and accept the
+    /// fault-only flags below. Off by default.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[arg(long, env = "MENDFS_ALLOW_FAULT_INJECTION")]
+    pub allow_fault_injection: bool,
+    /// DELIBERATELY BROKEN, for `mendfs chaos` only (needs --allow-fault-injection): answer key
+    /// reads from this node's own state without the leader or read-index, so they can be stale.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[arg(long, env = "MENDFS_UNSAFE_LOCAL_READS")]
+    pub unsafe_local_reads: bool,
 }
 
 impl ServerArgs {

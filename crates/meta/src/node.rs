@@ -67,6 +67,12 @@ pub struct MetaConfig {
     /// An S3 multipart upload not completed this long after it began is aborted, and its
     /// parts' space given back.
     pub s3_upload_expiry_ms: u64,
+    /// DELIBERATELY BROKEN, for `mendfs chaos` only: a client's key Get is answered from this
+    /// node's own state, with neither the leader nor read-index, so a follower or a leader cut
+    /// off from the majority answers stale values. It exists so the chaos checker can be shown
+    /// to catch a server that is not linearizable. Off by default; the node refuses it without
+    /// `--allow-fault-injection`.
+    pub unsafe_local_reads: bool,
 }
 
 /// PEM material for TLS to peers.
@@ -104,6 +110,7 @@ impl MetaConfig {
             limits: crate::schema::Limits::default(),
             peer_tls: None,
             s3_upload_expiry_ms: 24 * 60 * 60 * 1000,
+            unsafe_local_reads: false,
         }
     }
 }
@@ -1637,10 +1644,22 @@ impl MetaNode {
     }
 
     pub(crate) async fn get_key(&self, origin: Origin, key: Vec<u8>) -> Result<(u64, Option<KeyValue>), ApiError> {
+        if self.config.unsafe_local_reads {
+            return self.get_key_unsafely_here(key);
+        }
         match self.serve_on_leader(LeaderRequest::Get { key }, origin).await? {
             LeaderResponse::Get { revision, kv } => Ok((revision, kv)),
             other => Err(unexpected("a get", other)),
         }
+    }
+
+    /// `--unsafe-local-reads` (chaos tests only): the key as this node's state machine has it
+    /// now, with no leader and no read-index, so possibly stale. This breaks linearizability on
+    /// purpose; see [`MetaConfig::unsafe_local_reads`].
+    fn get_key_unsafely_here(&self, key: Vec<u8>) -> Result<(u64, Option<KeyValue>), ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        let kv = kv::get_key(&view, &key).map_err(ApiError::internal)?.map(|record| KeyValue { key, record });
+        Ok((schema::current_revision(&view).map_err(ApiError::internal)?, kv))
     }
 
     pub(crate) async fn list_keys(

@@ -115,6 +115,14 @@ pub struct NodeConfig {
     /// An S3 multipart upload not completed this long after it began is aborted. Cluster-wide:
     /// the leader's value applies.
     pub s3_upload_expiry_ms: u64,
+    /// Lets `mendfs chaos` inject faults into this node: it polls `<data_dir>/faults.json`
+    /// (a slow or full chunk store), and the fault-only settings below are accepted. Never in
+    /// production.
+    pub allow_fault_injection: bool,
+    /// Deliberately broken, for `mendfs chaos` only (needs `allow_fault_injection`): serves a
+    /// key's Get from this node's own state, without the leader and without read-index, so a
+    /// follower or a cut-off ex-leader answers stale values.
+    pub unsafe_local_reads: bool,
 }
 
 /// Default disk bound of each of the span and log stores.
@@ -180,6 +188,8 @@ impl Default for NodeConfig {
             s3_domains: Vec::new(),
             s3_min_part_bytes: 5 << 20,
             s3_upload_expiry_ms: meta.s3_upload_expiry_ms,
+            allow_fault_injection: false,
+            unsafe_local_reads: meta.unsafe_local_reads,
         }
     }
 }
@@ -211,6 +221,8 @@ pub(crate) struct Parts {
     pub storage_role: bool,
     pub tls: Option<TlsFiles>,
     pub limits: crate::listener::ConnectionLimits,
+    /// Whether the node polls its fault control file (see `crate::faults`).
+    pub allow_fault_injection: bool,
 }
 
 /// Where a node's TLS material is.
@@ -239,6 +251,13 @@ impl NodeConfig {
         let listen: SocketAddr =
             self.listen.parse().map_err(|_| ConfigError(format!("--listen {:?} is not IP:PORT", self.listen)))?;
         ensure!(!self.data_dir.as_os_str().is_empty(), "--data-dir is required");
+        // Fault-only settings are refused, not ignored, without the switch: a node must never
+        // run a broken mode because of a stray line in a config file.
+        ensure!(
+            !self.unsafe_local_reads || self.allow_fault_injection,
+            "--unsafe-local-reads is a fault-injection mode for `mendfs chaos` and needs --allow-fault-injection \
+             (never use either in production)"
+        );
         let advertise = self.advertise_addr().to_string();
         let peers = match &self.peers {
             Some(text) => parse_peers(text)?,
@@ -328,6 +347,7 @@ impl NodeConfig {
         );
         ensure!(self.max_sessions >= 1, "--max-sessions must be at least 1");
         meta.s3_upload_expiry_ms = self.s3_upload_expiry_ms;
+        meta.unsafe_local_reads = self.unsafe_local_reads;
         meta.limits = mendfs_meta::Limits {
             kv_quota_bytes: self.kv_quota_bytes,
             kv_history_bytes: self.kv_history_bytes,
@@ -392,6 +412,7 @@ impl NodeConfig {
             storage_role,
             tls,
             limits,
+            allow_fault_injection: self.allow_fault_injection,
         })
     }
 }
@@ -424,7 +445,7 @@ mod tests {
     #[test]
     fn every_missing_or_bad_setting_is_named() {
         type Spoil = fn(&mut NodeConfig);
-        let cases: [(Spoil, &str); 10] = [
+        let cases: [(Spoil, &str); 11] = [
             (|c| c.node_id = 0, "--node-id"),
             (|c| c.listen = "nowhere".into(), "--listen"),
             (|c| c.insecure_dev = false, "no cluster secret"),
@@ -435,6 +456,7 @@ mod tests {
             (|c| c.chunk_size_bytes = 0, "--chunk-size-bytes"),
             (|c| c.kv_quota_bytes = 1_000, "--kv-quota-bytes"),
             (|c| c.max_sessions = 0, "--max-sessions"),
+            (|c| c.unsafe_local_reads = true, "needs --allow-fault-injection"),
         ];
         for (spoil, named) in cases {
             let mut config = valid();
@@ -442,6 +464,18 @@ mod tests {
             let error = config.parts().expect_err(named).to_string();
             assert!(error.contains(named), "{error:?} should name {named:?}");
         }
+    }
+
+    #[test]
+    fn fault_injection_is_off_by_default_and_its_modes_are_accepted_only_with_it() {
+        let defaults = valid().parts().expect("valid");
+        assert!(!defaults.allow_fault_injection && !defaults.meta.unsafe_local_reads);
+        let allowed = NodeConfig { allow_fault_injection: true, unsafe_local_reads: true, ..valid() };
+        let parts = allowed.parts().expect("allowed");
+        assert!(parts.allow_fault_injection && parts.meta.unsafe_local_reads);
+        let parsed: NodeConfig =
+            serde_json::from_str(r#"{"allow_fault_injection": true}"#).expect("a config file may allow it");
+        assert!(parsed.allow_fault_injection && !parsed.unsafe_local_reads);
     }
 
     #[test]

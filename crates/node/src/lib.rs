@@ -12,6 +12,7 @@
 //! binary turns flags, environment and files into a [`NodeConfig`].
 
 mod config;
+mod faults;
 mod http;
 mod listener;
 mod telemetry;
@@ -21,7 +22,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mendfs_chunkstore::ChunkStore;
+use mendfs_chunkstore::{ChunkStore, FaultState};
 use mendfs_data::chunk_service::{ChunkService, LocalChunks};
 use mendfs_data::cluster_service::ClusterApi;
 use mendfs_data::coordinator::Coordinator;
@@ -97,9 +98,33 @@ impl Node {
                 key_pem: read(&files.key)?,
             });
         }
+        // Fault injection (for `mendfs chaos` only): without the switch there is no fault state,
+        // no control file is read and the chunk store has no fault hooks.
+        let fault_control = parts.allow_fault_injection.then(|| {
+            let mut control = faults::FaultControl::new(&config.data_dir, Arc::new(FaultState::new()));
+            tracing::warn!(
+                file = %control.path().display(),
+                "FAULT INJECTION IS ALLOWED (--allow-fault-injection): this node obeys its fault control \
+                 file; for `mendfs chaos` only, never in production"
+            );
+            // Once now, so faults written before the start are in force from the first request.
+            let polled = control.poll();
+            faults::log_polled(control.path(), &polled);
+            control
+        });
+        if parts.meta.unsafe_local_reads {
+            tracing::warn!(
+                "UNSAFE LOCAL READS (--unsafe-local-reads): this node answers key reads from its own, \
+                 possibly stale state, without the leader or read-index. Reads are NOT linearizable. \
+                 This mode is deliberately broken, for testing `mendfs chaos` only"
+            );
+        }
         let chunks = if parts.storage_role {
-            let store = ChunkStore::open(&config.data_dir.join("chunks"), mendfs_data::CHUNK_BYTES_MAX)
+            let mut store = ChunkStore::open(&config.data_dir.join("chunks"), mendfs_data::CHUNK_BYTES_MAX)
                 .map_err(|e| NodeError::Start(format!("open the chunk store in {}: {e}", config.data_dir.display())))?;
+            if let Some(control) = &fault_control {
+                store = store.with_faults(control.faults().clone());
+            }
             Some(Arc::new(LocalChunks::new(Arc::new(store), parts.data.orphan_grace, config.storage_capacity_bytes)))
         } else {
             None
@@ -148,6 +173,9 @@ impl Node {
         let (node_service, kv_service, auth_service, s3_admin_service) = mendfs_meta::services(&meta);
         let authenticator = mendfs_meta::authenticator(&meta);
 
+        if let Some(control) = fault_control {
+            background.spawn_worker(faults::FaultControlWorker::new(control), OnFailure::Restart);
+        }
         let healer = Healer::new(meta.clone(), parts.healer.clone());
         healer.spawn_workers(&background);
         let sampler = HealthSampler::new(&config.data_dir, chunks.clone());
