@@ -1,0 +1,249 @@
+//! Network faults against real processes: nodes in network namespaces ([`Lab`]) with nftables
+//! filters between them, clients in a namespace of their own that reaches every node, as
+//! Jepsen's do. A test that this machine cannot run (not root, no nft) says so and passes.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use mendfs_testkit::netns::Lab;
+use mendfs_testkit::{output_result, wait_for, Cluster, ClusterOptions};
+use serde_json::Value;
+
+/// For anything that should happen: generous, CI is a busy 2-core machine.
+const DEADLINE: Duration = Duration::from_secs(60);
+/// One CLI attempt, in seconds: short, so that polling tries again soon.
+const ATTEMPT_SECS: &str = "5";
+/// How long a fault holds while the test writes through it: many election timeouts (150 to
+/// 300 ms), so that whatever elections the fault provokes happen under it.
+const FAULT_HOLD: Duration = Duration::from_secs(3);
+
+fn binary() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_mendfs"))
+}
+
+/// A lab for nodes 1..=3 with working packet filters, or None after saying why not.
+fn lab_with_filters() -> Option<Lab> {
+    let lab = match Lab::create(&[1, 2, 3]) {
+        Ok(lab) => lab,
+        Err(e) => {
+            eprintln!("skipping: this test runs nodes in network namespaces, which this machine refuses: {e:#}");
+            return None;
+        }
+    };
+    if let Err(e) = lab.filters_available() {
+        eprintln!("skipping: this test filters packets between namespaces, which this machine cannot: {e:#}");
+        return None;
+    }
+    Some(lab)
+}
+
+fn start_in(lab: &Lab) -> Cluster {
+    start_in_with(lab, &[])
+}
+
+fn start_in_with(lab: &Lab, server_args: &[&str]) -> Cluster {
+    let options = ClusterOptions {
+        placement: lab.placement(),
+        server_args: server_args.iter().map(|arg| arg.to_string()).collect(),
+        ..ClusterOptions::default()
+    };
+    Cluster::start(binary(), options).expect("start the cluster in its namespaces")
+}
+
+/// The CLI (from the CLI's namespace) aimed at nodes `ids` only, giving up after `timeout_secs`.
+fn cli_via_within(cluster: &Cluster, ids: &[u64], timeout_secs: &str, args: &[&str]) -> Output {
+    cluster.cli_at(&cluster.endpoints_of(ids)).args(args).args(["--timeout", timeout_secs]).output().unwrap()
+}
+
+fn cli_via(cluster: &Cluster, ids: &[u64], args: &[&str]) -> Output {
+    cli_via_within(cluster, ids, ATTEMPT_SECS, args)
+}
+
+fn via(cluster: &Cluster, ids: &[u64], args: &[&str]) -> anyhow::Result<String> {
+    output_result(args, cli_via(cluster, ids, args))
+}
+
+fn status_via(cluster: &Cluster, ids: &[u64]) -> anyhow::Result<Value> {
+    Ok(serde_json::from_str(&via(cluster, ids, &["cluster", "status", "--json"])?)?)
+}
+
+fn node_field<'a>(status: &'a Value, id: u64, field: &str) -> &'a Value {
+    status["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["id"].as_u64() == Some(id)))
+        .map_or(&Value::Null, |node| &node[field])
+}
+
+/// Sets `key` through nodes `ids`, trying again until one attempt is acknowledged.
+fn set_via(cluster: &Cluster, ids: &[u64], key: &str, value: &str) {
+    wait_for(&format!("{key}={value} acknowledged through nodes {ids:?}"), DEADLINE, || {
+        via(cluster, ids, &["kv", "set", key, value]).map(Some)
+    })
+    .unwrap();
+}
+
+/// Writes `prefix/0`, `prefix/1`, ... through any node for [`FAULT_HOLD`] (three at least),
+/// each acknowledged within the deadline; returns how many.
+fn write_while_the_fault_holds(cluster: &Cluster, prefix: &str) -> usize {
+    let started = Instant::now();
+    let mut written = 0;
+    while written < 3 || started.elapsed() < FAULT_HOLD {
+        set_via(cluster, &all(cluster), &format!("{prefix}/{written}"), "x");
+        written += 1;
+    }
+    written
+}
+
+fn all(cluster: &Cluster) -> Vec<u64> {
+    cluster.nodes.keys().copied().collect()
+}
+
+/// Waits until the healed cluster agrees: one leader, every node a follower of it at the same
+/// term, with the same revision applied.
+fn wait_converged(cluster: &Cluster) -> Value {
+    let ids = all(cluster);
+    wait_for("every node to agree on one leader and one revision", DEADLINE, || {
+        let status = status_via(cluster, &ids)?;
+        let leaders: Vec<u64> = ids.iter().copied().filter(|id| node_field(&status, *id, "role") == "leader").collect();
+        let terms: Vec<&Value> = ids.iter().map(|id| node_field(&status, *id, "term")).collect();
+        let revisions: Vec<&Value> = ids.iter().map(|id| node_field(&status, *id, "revision")).collect();
+        let agreed = leaders.len() == 1
+            && status["leader"].as_u64() == leaders.first().copied()
+            && terms.iter().all(|term| *term == terms[0])
+            && revisions.iter().all(|revision| revision.is_u64() && *revision == revisions[0]);
+        Ok(agreed.then_some(status))
+    })
+    .unwrap()
+}
+
+/// Every node, asked alone, has `key` at `value`.
+fn assert_everywhere(cluster: &Cluster, key: &str, value: &str) {
+    for id in all(cluster) {
+        let read = wait_for(&format!("node {id} to answer a read"), DEADLINE, || {
+            via(cluster, &[id], &["kv", "get", key]).map(Some)
+        })
+        .unwrap();
+        assert_eq!(read.trim(), value, "node {id} reads {key}");
+    }
+}
+
+/// (a) The leader alone on one side: the two others elect a leader among themselves and go on
+/// committing, while the old leader, which a client still reaches, acknowledges no write and
+/// serves no stale read. After the heal everyone follows one leader at one revision.
+#[test]
+fn a_leader_partitioned_into_a_minority_of_one_stops_acknowledging_while_the_majority_commits() {
+    let Some(lab) = lab_with_filters() else { return };
+    let cluster = start_in(&lab);
+    let old = cluster.wait_for_leader(DEADLINE).expect("a leader");
+    let majority: Vec<u64> = all(&cluster).into_iter().filter(|id| *id != old).collect();
+    set_via(&cluster, &all(&cluster), "register", "before");
+
+    let cut = Instant::now();
+    lab.isolate(old).expect("isolate the leader");
+    let new = wait_for("a leader elected on the majority side", DEADLINE, || {
+        let status = status_via(&cluster, &majority)?;
+        Ok(status["leader"].as_u64().filter(|id| majority.contains(id) && node_field(&status, *id, "role") == "leader"))
+    })
+    .unwrap();
+    set_via(&cluster, &majority, "register", "during");
+    for i in 0..5 {
+        via(&cluster, &majority, &["kv", "set", &format!("majority/{i}"), "x"]).expect("a write through the majority");
+    }
+    eprintln!("node {new} leads the majority, writes acknowledged {:?} after the cut", cut.elapsed());
+
+    // The old leader, still reachable from the clients' namespace, cannot reach a quorum.
+    let write = cli_via(&cluster, &[old], &["kv", "set", "register", "stale"]);
+    assert!(
+        !write.status.success(),
+        "the cut-off leader acknowledged a write: {}",
+        String::from_utf8_lossy(&write.stdout)
+    );
+    let read = cli_via(&cluster, &[old], &["kv", "get", "register"]);
+    if read.status.success() {
+        let value = String::from_utf8_lossy(&read.stdout);
+        assert_eq!(value.trim(), "during", "the cut-off leader served a stale read");
+    }
+
+    lab.heal_network().expect("heal");
+    let status = wait_converged(&cluster);
+    eprintln!("converged {:?} after the cut: leader {}", cut.elapsed(), status["leader"]);
+    // A write after the heal orders every read after anything the old leader still held.
+    set_via(&cluster, &all(&cluster), "barrier", "after");
+    assert_everywhere(&cluster, "register", "during");
+    assert_everywhere(&cluster, "majority/4", "x");
+}
+
+/// (b) Two non-transitive faults: the leader's packets to one follower lost (that follower
+/// hears no heartbeat, while the leader still hears it), then a bridge (two nodes that cannot
+/// see each other, and one that sees both). Each time some node commits, within a generous
+/// deadline, and the heal converges.
+#[test]
+fn one_way_loss_and_a_bridge_leave_the_cluster_committing_and_the_heal_converges() {
+    let Some(lab) = lab_with_filters() else { return };
+    let cluster = start_in(&lab);
+    let everyone = all(&cluster);
+    let started = Instant::now();
+
+    let leader = cluster.wait_for_leader(DEADLINE).expect("a leader");
+    let deaf = everyone.iter().copied().find(|id| *id != leader).unwrap();
+    lab.cut_one_way(leader, deaf).expect("one-way cut");
+    let one_way = write_while_the_fault_holds(&cluster, "one-way");
+    lab.heal_network().expect("heal the one-way cut");
+    wait_converged(&cluster);
+    eprintln!("one-way cut {leader} -> {deaf}: {one_way} writes, converged after {:?}", started.elapsed());
+
+    let leader = cluster.wait_for_leader(DEADLINE).expect("a leader");
+    let others: Vec<u64> = everyone.iter().copied().filter(|id| *id != leader).collect();
+    let (bridge, far) = (others[0], others[1]);
+    lab.bridge(&[leader], bridge, &[far]).expect("bridge");
+    let bridged = write_while_the_fault_holds(&cluster, "bridge");
+    lab.heal_network().expect("heal the bridge");
+    wait_converged(&cluster);
+    eprintln!("bridge {leader} | {bridge} | {far}: {bridged} writes, converged after {:?}", started.elapsed());
+    set_via(&cluster, &everyone, "barrier", "after");
+    assert_everywhere(&cluster, &format!("one-way/{}", one_way - 1), "x");
+    assert_everywhere(&cluster, &format!("bridge/{}", bridged - 1), "x");
+}
+
+/// (c) The leader loses 30 % of its packets to and from the other nodes, each way: slower, but
+/// key writes and a file (whose chunks go to every node) still succeed.
+#[test]
+fn a_leader_losing_30_percent_of_its_packets_keeps_the_cluster_working() {
+    let Some(lab) = lab_with_filters() else { return };
+    // Two copies of each chunk, so that a copy the lossy node fails to take goes to the third.
+    let cluster = start_in_with(&lab, &["--replication-factor", "2"]);
+    let everyone = all(&cluster);
+    let leader = cluster.wait_for_leader(DEADLINE).expect("a leader");
+    let contents: Vec<u8> = (0..25_000u32).flat_map(|i| i.to_le_bytes()).collect();
+    let local = cluster.root().join("flaky.bin");
+    std::fs::write(&local, &contents).unwrap();
+    let local = local.to_str().unwrap();
+    wait_for("a writable cluster", DEADLINE, || Ok(via(&cluster, &everyone, &["put", local, "/probe"]).ok())).unwrap();
+
+    let started = Instant::now();
+    lab.flaky(leader, 30).expect("flaky leader");
+    for i in 0..10 {
+        set_via(&cluster, &everyone, &format!("flaky/{i}"), &i.to_string());
+    }
+    // The file goes through a node with a sound link (a coordinator on the lossy node pushes
+    // every copy through the loss, which gRPC's keep-alive then often gives up on) and its
+    // commit through the lossy leader; an attempt may take a while, TCP resending what is lost.
+    let sound: Vec<u64> = everyone.iter().copied().filter(|id| *id != leader).collect();
+    wait_for("a file put through the lossy network", DEADLINE, || {
+        output_result(&["put"], cli_via_within(&cluster, &sound, "30", &["put", local, "/flaky"])).map(Some)
+    })
+    .unwrap();
+    let back = cluster.root().join("flaky.back");
+    let back_text = back.to_str().unwrap();
+    wait_for("the file read back", DEADLINE, || via(&cluster, &everyone, &["get", "/flaky", back_text]).map(Some))
+        .unwrap();
+    assert!(std::fs::read(&back).unwrap() == contents, "the file reads back whole");
+    eprintln!("10 writes and a file through a 30 % lossy leader in {:?}", started.elapsed());
+
+    lab.heal_network().expect("heal");
+    wait_converged(&cluster);
+    assert_everywhere(&cluster, "flaky/9", "9");
+}
