@@ -1,10 +1,13 @@
-//! Network faults against real processes: nodes in network namespaces ([`Lab`]) with nftables
-//! filters between them, clients in a namespace of their own that reaches every node, as
-//! Jepsen's do. A test that this machine cannot run (not root, no nft) says so and passes.
+//! Network faults and clock skew against real processes. Partitions: nodes in network
+//! namespaces ([`Lab`]) with nftables filters between them, clients in a namespace of their own
+//! that reaches every node, as Jepsen's do. Skew: nodes under libfaketime
+//! ([`ClusterOptions::clock_control`]), their wall clocks moved while their monotonic clocks
+//! stay true. A test that this machine cannot run (not root, no nft, no libfaketime) says so
+//! and passes.
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
@@ -246,4 +249,112 @@ fn a_leader_losing_30_percent_of_its_packets_keeps_the_cluster_working() {
     lab.heal_network().expect("heal");
     wait_converged(&cluster);
     assert_everywhere(&cluster, "flaky/9", "9");
+}
+
+/// A cluster whose node clocks the test moves, or None after saying why not.
+fn start_with_clock_control(server_args: &[&str]) -> Option<Cluster> {
+    if mendfs_testkit::faketime_library().is_none() {
+        eprintln!(
+            "skipping: this test skews node clocks with libfaketime, which is not installed (apt-get install faketime)"
+        );
+        return None;
+    }
+    let options = ClusterOptions {
+        clock_control: true,
+        server_args: server_args.iter().map(|arg| arg.to_string()).collect(),
+        ..ClusterOptions::default()
+    };
+    Some(Cluster::start(binary(), options).expect("start the cluster under libfaketime"))
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+/// Puts a small file through node `id` alone (its coordinator stamps the file's mtime with
+/// its own wall clock) and returns how far that mtime is from the test's clock, in seconds.
+fn clock_offset_seen_through(cluster: &Cluster, id: u64, local: &Path) -> anyhow::Result<i64> {
+    let remote = format!("/clock-probe-{id}");
+    let local = local.to_str().unwrap();
+    via(cluster, &[id], &["put", local, &remote])?;
+    let stat: Value = serde_json::from_str(&via(cluster, &[id], &["stat", &remote, "--json"])?)?;
+    let mtime_ms = stat["mtime_ms"].as_i64().ok_or_else(|| anyhow::anyhow!("no mtime in {stat}"))?;
+    Ok((mtime_ms - unix_ms()) / 1000)
+}
+
+fn probe_file(cluster: &Cluster) -> PathBuf {
+    let path = cluster.root().join("probe.bin");
+    std::fs::write(&path, b"what time is it").unwrap();
+    path
+}
+
+/// The harness itself: an offset moves one node's wall clock from the next read on, and
+/// survives the node's restart; the other nodes, and the CLI, keep the true time.
+#[test]
+fn a_clock_offset_moves_one_nodes_wall_clock_and_survives_its_restart() {
+    let Some(mut cluster) = start_with_clock_control(&[]) else { return };
+    let probe = probe_file(&cluster);
+    let offset_through = |cluster: &Cluster, id: u64| {
+        wait_for(&format!("a put through node {id}"), DEADLINE, || {
+            Ok(clock_offset_seen_through(cluster, id, &probe).ok())
+        })
+        .unwrap()
+    };
+    let near = |seconds: i64, target: i64| (seconds - target).abs() <= 30;
+    assert!(near(offset_through(&cluster, 1), 0), "node 1 starts at the true time");
+
+    cluster.set_clock_offset(2, 3_600).unwrap();
+    let seen = offset_through(&cluster, 2);
+    assert!(near(seen, 3_600), "node 2's clock is an hour ahead at once, not {seen} s");
+    cluster.restart(2).unwrap();
+    let seen = offset_through(&cluster, 2);
+    assert!(near(seen, 3_600), "node 2's clock is still an hour ahead after its restart, not {seen} s");
+    assert!(cluster.set_clock_offset(9, 1).is_err(), "no node 9");
+}
+
+/// Sets and gets a key, and puts and gets a file, through node `id` alone.
+fn write_and_read_through(cluster: &Cluster, id: u64, local: &Path) -> anyhow::Result<()> {
+    let key = format!("skew/{id}");
+    via(cluster, &[id], &["kv", "set", &key, "v"])?;
+    anyhow::ensure!(via(cluster, &[id], &["kv", "get", &key])?.trim() == "v", "kv get returned another value");
+    let remote = format!("/skew-{id}");
+    via(cluster, &[id], &["put", local.to_str().unwrap(), &remote])?;
+    let back = cluster.root().join(format!("back-{id}"));
+    via(cluster, &[id], &["get", &remote, back.to_str().unwrap()])?;
+    anyhow::ensure!(std::fs::read(&back)? == std::fs::read(local)?, "the file read back differs");
+    Ok(())
+}
+
+/// One follower `skew_secs` ahead, the other as far behind: keys and files written and read
+/// through each node, the one ahead first (its writes are those that could move the state
+/// clock). Skew moves wall clocks only; Raft, leases and timeouts run on monotonic clocks.
+fn skewed_followers_keep_the_cluster_writing_through_every_node(skew_secs: i64) {
+    let Some(cluster) = start_with_clock_control(&[]) else { return };
+    let probe = probe_file(&cluster);
+    let local = probe.to_str().unwrap();
+    wait_for("a writable cluster", DEADLINE, || Ok(via(&cluster, &all(&cluster), &["put", local, "/probe"]).ok()))
+        .unwrap();
+    let leader = cluster.wait_for_leader(DEADLINE).expect("a leader");
+    let followers: Vec<u64> = all(&cluster).into_iter().filter(|id| *id != leader).collect();
+    let (ahead, behind) = (followers[0], followers[1]);
+    cluster.set_clock_offset(ahead, skew_secs).unwrap();
+    cluster.set_clock_offset(behind, -skew_secs).unwrap();
+    for id in [ahead, leader, behind] {
+        let role = if id == leader {
+            "the leader"
+        } else if id == ahead {
+            "ahead"
+        } else {
+            "behind"
+        };
+        if let Err(e) = write_and_read_through(&cluster, id, &probe) {
+            panic!("through node {id} ({role}), with followers {skew_secs} s ahead and behind: {e:#}");
+        }
+    }
+}
+
+/// A skew of seconds, well inside the forwarding deadline and the prepare grace, is harmless.
+#[test]
+fn followers_two_seconds_ahead_and_behind_keep_the_cluster_writing_through_every_node() {
+    skewed_followers_keep_the_cluster_writing_through_every_node(2);
 }
