@@ -358,3 +358,75 @@ fn skewed_followers_keep_the_cluster_writing_through_every_node(skew_secs: i64) 
 fn followers_two_seconds_ahead_and_behind_keep_the_cluster_writing_through_every_node() {
     skewed_followers_keep_the_cluster_writing_through_every_node(2);
 }
+
+/// An hour is no harder: nothing needs the nodes' clocks to agree.
+#[test]
+#[ignore = "shows bugs: a follower an hour behind has every forwarded request refused as late \
+            (meta/src/service.rs:221); one put through the node an hour ahead moves the state clock \
+            (meta/src/state.rs:292) so that puts through every other node fail PrepareExpired"]
+fn followers_an_hour_ahead_and_behind_keep_the_cluster_writing_through_every_node() {
+    skewed_followers_keep_the_cluster_writing_through_every_node(3_600);
+}
+
+/// A coordinator stamps a write's `prepared_at_ms` with its wall clock, and the state machine
+/// refuses the commit if the state clock is more than the grace period past it; storage nodes
+/// protect prepared copies for 1.5 grace periods of their monotonic clocks, then collect them if
+/// nothing references them. A coordinator whose clock steps back between prepare and commit
+/// (NTP correcting a clock that ran ahead) makes its chunks look younger than they are: the
+/// commit is accepted after the copies are gone, and an acknowledged file cannot be read.
+#[test]
+#[ignore = "shows bug: a coordinator whose clock steps back commits chunks that every storage node \
+            already collected (prepare age checked on wall clocks, meta/src/files.rs:602)"]
+fn a_coordinator_whose_clock_steps_back_never_commits_chunks_already_collected() {
+    const CHUNK_BYTES: usize = 64 * 1024;
+    let grace = ["--orphan-grace-ms", "2000", "--gc-interval-ms", "300", "--chunk-size-bytes", "65536"];
+    let Some(cluster) = start_with_clock_control(&grace) else { return };
+    let probe = probe_file(&cluster);
+    wait_for("a writable cluster", DEADLINE, || Ok(clock_offset_seen_through(&cluster, 1, &probe).ok())).unwrap();
+    cluster.set_clock_offset(1, 600).unwrap();
+    assert!((clock_offset_seen_through(&cluster, 1, &probe).unwrap() - 600).abs() < 30, "node 1 ten minutes ahead");
+    let chunk_counts = || -> Vec<usize> {
+        cluster.nodes.values().map(|node| mendfs_testkit::chunk_files(&node.data_dir).len()).collect()
+    };
+    let before = chunk_counts();
+
+    // A MiB (the CLI sends its input in MiB messages: 16 chunks) through node 1, which
+    // prepares the chunks on every node; the rest of the file later.
+    let sent_first = 16 * CHUNK_BYTES;
+    let contents = mendfs_testkit::stamped_bytes(7, 0, sent_first + 1_000);
+    let mut put = cluster
+        .cli_at(&cluster.addr(1))
+        .args(["put", "-", "/stepped-back", "--timeout", "120"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = put.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, &contents[..sent_first]).unwrap();
+    std::io::Write::flush(&mut stdin).unwrap();
+    wait_for("the first chunks prepared on every node", DEADLINE, || {
+        Ok(chunk_counts().iter().zip(&before).all(|(now, then)| *now >= then + 8).then_some(()))
+    })
+    .unwrap();
+
+    // The clock steps back; the storage nodes' protection of the copies runs out.
+    cluster.set_clock_offset(1, 0).unwrap();
+    wait_for("the prepared copies collected as orphans", DEADLINE, || {
+        Ok(chunk_counts().iter().zip(&before).all(|(now, then)| now <= then).then_some(()))
+    })
+    .unwrap();
+
+    std::io::Write::write_all(&mut stdin, &contents[sent_first..]).unwrap();
+    drop(stdin);
+    let output = put.wait_with_output().unwrap();
+    if !output.status.success() {
+        // Refusing the commit is right: its copies are gone.
+        eprintln!("the late commit was refused: {}", String::from_utf8_lossy(&output.stderr).trim());
+        return;
+    }
+    let back = cluster.root().join("stepped-back.back");
+    let get = via(&cluster, &all(&cluster), &["get", "/stepped-back", back.to_str().unwrap()]);
+    assert!(get.is_ok(), "an acknowledged put cannot be read back: {get:?}");
+    assert!(std::fs::read(&back).unwrap() == contents, "an acknowledged put reads back whole");
+}
