@@ -7,6 +7,10 @@
 //!
 //! For partition tests, [`netns::Lab`] puts each node (and the CLI) in a network namespace of
 //! its own, and [`ClusterOptions::placement`] starts them there.
+//!
+//! For clock-skew tests, [`ClusterOptions::clock_control`] starts the nodes under libfaketime,
+//! and [`Cluster::set_clock_offset`] moves one node's wall clock (only the wall clock: the
+//! monotonic clock, which timeouts, elections and leases use, stays true).
 
 pub mod netns;
 
@@ -58,6 +62,10 @@ pub struct ClusterOptions {
     pub server_env: Vec<(String, String)>,
     /// Where the nodes and the CLI run (by default: 127.0.0.1, in this process's network).
     pub placement: Placement,
+    /// Start every node under libfaketime ([`faketime_library`]; `Cluster::start` fails
+    /// saying so when it is missing), so that [`Cluster::set_clock_offset`] can move its wall
+    /// clock. The CLI and the test itself keep the true clock.
+    pub clock_control: bool,
 }
 
 /// Where nodes and the CLI run, for partition tests ([`netns::Lab::placement`]).
@@ -88,6 +96,7 @@ impl Default for ClusterOptions {
             tls: false,
             server_env: Vec::new(),
             placement: Placement::default(),
+            clock_control: false,
         }
     }
 }
@@ -155,6 +164,18 @@ fn random_u64() -> u64 {
     hasher.finish()
 }
 
+/// libfaketime's preload library, where Debian's `libfaketime` package (`apt-get install
+/// faketime`) and a `make install` from source put it; None if it is in neither.
+pub fn faketime_library() -> Option<PathBuf> {
+    let mut candidates = Vec::new();
+    // Debian's multiarch directories: /usr/lib/x86_64-linux-gnu/faketime/, and so on.
+    if let Ok(entries) = std::fs::read_dir("/usr/lib") {
+        candidates.extend(entries.flatten().map(|entry| entry.path().join("faketime")));
+    }
+    candidates.extend(["/usr/lib/faketime", "/usr/lib64/faketime", "/usr/local/lib/faketime"].map(PathBuf::from));
+    candidates.into_iter().map(|dir| dir.join("libfaketime.so.1")).find(|library| library.is_file())
+}
+
 /// Polls `check` until it returns Some, or fails after `deadline` naming `what` and the last
 /// observation.
 pub fn wait_for<T>(what: &str, deadline: Duration, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
@@ -209,6 +230,11 @@ impl Cluster {
                 (Some(temp), root)
             }
         };
+        if options.clock_control && faketime_library().is_none() {
+            bail!(
+                "clock_control needs libfaketime (libfaketime.so.1), which is not installed: apt-get install faketime"
+            );
+        }
         let secret_file = if options.secure {
             let path = root.join("secret");
             // Readable by this user only: whoever reads it can do anything to the cluster.
@@ -291,6 +317,9 @@ impl Cluster {
         let data_dir = self.root.join(format!("node-{id}"));
         let log_path = self.root.join(format!("node-{id}.log"));
         self.nodes.insert(id, Node { id, addr, data_dir, log_path, child: None, stopped: false, extra_args: None });
+        if self.options.clock_control {
+            write_clock_offset(&self.clock_offset_path(id), 0)?;
+        }
         Ok(&self.nodes[&id])
     }
 
@@ -353,7 +382,41 @@ impl Cluster {
         }
         command.env_remove("RUST_LOG");
         command.envs(self.options.server_env.iter().map(|(name, value)| (name, value)));
+        if self.options.clock_control {
+            let library = faketime_library().context("libfaketime is not installed: apt-get install faketime")?;
+            command
+                .env("LD_PRELOAD", library)
+                .env("FAKETIME_TIMESTAMP_FILE", self.clock_offset_path(id))
+                // Timeouts, Raft elections and session leases run on the monotonic clock,
+                // which no real skew moves either. (With this, libfaketime 0.9.10 fails
+                // clock_nanosleep with TIMER_ABSTIME, which Python's time.sleep uses; Rust's
+                // sleeps and tokio's timers do not.)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+                // The file is read at every wall-clock read (some microseconds each; the
+                // monotonic clock, read far more often, stays fast), so a new offset holds
+                // from the next read on. libfaketime's cache would delay it by up to 2 s.
+                .env("FAKETIME_NO_CACHE", "1");
+        }
         Ok(command)
+    }
+
+    /// The file libfaketime reads node `id`'s clock offset from: beside its log rather than in
+    /// its data directory, so a test that wipes a node's disk does not reset its clock too.
+    fn clock_offset_path(&self, id: u64) -> PathBuf {
+        self.root.join(format!("node-{id}.faketime"))
+    }
+
+    /// Sets node `id`'s wall clock `seconds` away from the true time (negative: behind), for
+    /// every wall-clock read the node starts after this returns, and across its restarts: a
+    /// step, as NTP makes when it finds a clock far off. Needs [`ClusterOptions::clock_control`].
+    pub fn set_clock_offset(&self, id: u64, seconds: i64) -> Result<()> {
+        if !self.options.clock_control {
+            bail!("set_clock_offset needs a cluster started with ClusterOptions::clock_control");
+        }
+        if !self.nodes.contains_key(&id) {
+            bail!("no node {id}");
+        }
+        write_clock_offset(&self.clock_offset_path(id), seconds)
     }
 
     /// Starts node `id` (which must not be running), its output appended to its log.
@@ -572,6 +635,14 @@ impl Cluster {
             Ok(Some(()))
         })
     }
+}
+
+/// Writes a libfaketime offset ("+3600", "-60", "+0") to `path` in one piece: a temporary file
+/// renamed over it, so a node never reads a half-written offset.
+fn write_clock_offset(path: &Path, seconds: i64) -> Result<()> {
+    let temporary = path.with_extension("faketime.tmp");
+    std::fs::write(&temporary, format!("{seconds:+}\n")).with_context(|| format!("write {}", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("rename {} over {}", temporary.display(), path.display()))
 }
 
 pub fn output_result(args: &[&str], output: Output) -> Result<String> {
