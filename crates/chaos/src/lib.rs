@@ -7,4 +7,8 @@
 
 pub mod check;
 pub mod history;
+pub mod nemesis;
+pub mod report;
+pub mod runner;
 pub mod schedule;
+pub mod workload;

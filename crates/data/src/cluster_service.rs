@@ -39,7 +39,10 @@ impl ClusterApi {
     /// deadline to answer from this node's own view if the leader does not.
     async fn status_from_leader(&self, deadline: Option<Instant>) -> Result<pb::StatusReply, String> {
         let timeout = deadline.map_or(FORWARD_TIMEOUT, |deadline| {
-            FORWARD_TIMEOUT.min(deadline.saturating_duration_since(Instant::now()).saturating_sub(LOCAL_STATUS_TIME))
+            let left = deadline.saturating_duration_since(Instant::now());
+            // A caller with little time (a 2 s attempt timeout, say) still gets the leader's
+            // view when the leader answers quickly: half of what is left, not nothing.
+            FORWARD_TIMEOUT.min(left.saturating_sub(LOCAL_STATUS_TIME).max(left / 2))
         });
         let addr = self.node.leader_addr().ok_or("no leader is known")?;
         let peers = self.node.peers();

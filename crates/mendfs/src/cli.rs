@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::{auth_cmd, bench, client_cmd, demo, files_cmd, local_cmd, s3_cmd, server, telemetry_cmd};
+use crate::{auth_cmd, bench, chaos_cmd, client_cmd, demo, files_cmd, local_cmd, s3_cmd, server, telemetry_cmd};
 
 #[derive(Parser, Debug)]
 #[command(name = "mendfs", version, about = "MendFS: a self-healing distributed file store")]
@@ -44,6 +44,9 @@ pub enum Command {
     },
     /// Start a local 3-node cluster, use it, kill its leader, watch it heal, and clean up.
     Demo(demo::DemoArgs),
+    /// Inject faults (kills, pauses, partitions, disk and clock faults) into a local cluster
+    /// under load, heal it, and check that no promise was broken.
+    Chaos(chaos_cmd::ChaosArgs),
     /// A persistent cluster on this machine, for trying the CLI: `local up`, `local down`.
     Local {
         #[command(subcommand)]
@@ -178,6 +181,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Cluster { connection, command } => client_cmd::run_cluster(connection, command).await,
         Command::Bench { command } => bench::run(command).await.map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args).await,
+        Command::Chaos(args) => chaos_cmd::run(args).await,
         Command::Local { command } => local_cmd::run(command).await,
         Command::Trace(args) => telemetry_cmd::trace(args).await,
         Command::Logs(args) => telemetry_cmd::logs(args).await,

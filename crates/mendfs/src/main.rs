@@ -3,6 +3,7 @@
 
 mod auth_cmd;
 mod bench;
+mod chaos_cmd;
 mod cli;
 mod client_cmd;
 mod demo;
