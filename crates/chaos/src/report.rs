@@ -204,7 +204,7 @@ impl Report {
             let availability: Vec<String> = fault
                 .operations
                 .iter()
-                .map(|(workload, tally)| format!("{workload} {:.0}% of {}", tally.availability(), tally.total()))
+                .map(|(workload, tally)| format!("{workload} {:.1}% of {}", tally.availability(), tally.total()))
                 .collect();
             let _ = writeln!(
                 out,

@@ -226,10 +226,21 @@ async fn run_in_namespace(
     };
     let mut workers = tokio::task::JoinSet::new();
     let mut client_id = 0u64;
+    // A kv client is bound to one node, as Jepsen's clients are: every node's own answers are
+    // then checked, including a cut-off node's (a client that failed over would leave it at
+    // its first refused write). File and lock clients fail over like any application.
+    let pinned_to = |n: usize| -> Result<Client> {
+        let mut config = config.clone();
+        config.endpoints = vec![endpoints[n % endpoints.len().max(1)].clone()];
+        Ok(Client::new(config)?)
+    };
     for kind in &options.workloads {
         for _ in 0..options.clients {
             client_id += 1;
-            let client = client_for(client_id as usize)?;
+            let client = match kind {
+                WorkloadKind::Kv => pinned_to(client_id as usize)?,
+                _ => client_for(client_id as usize)?,
+            };
             let context = context.clone();
             match kind {
                 WorkloadKind::Kv => workers.spawn(workload::run_kv_client(context, client_id, client)),
