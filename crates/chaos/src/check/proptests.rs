@@ -349,9 +349,10 @@ fn bench_draws(n_ops: usize, n_clients: u64, n_keys: usize, seed: u64) -> Vec<Dr
         .collect()
 }
 
+/// A chaos run's size of history is decided, not judged inconclusive. The time it takes is
+/// printed, not asserted (`cargo test -p mendfs-chaos --release -- --nocapture twenty`).
 #[test]
-#[ignore = "timing, run in release: cargo test -p mendfs-chaos --release -- --ignored --nocapture"]
-fn time_to_check_20000_kv_operations_over_16_keys_and_8_clients() {
+fn twenty_thousand_kv_operations_over_16_keys_and_8_clients_are_judged_linearizable() {
     let history = execute(&mut KvStore::default(), &bench_draws(20_000, 8, 16, 42));
     let started = std::time::Instant::now();
     let report = check_history(&history, &CheckOptions::default());
