@@ -40,6 +40,8 @@ pub struct RunFacts {
     pub faults_over_us: Micros,
     pub history: Vec<Operation>,
     pub checked: CheckReport,
+    /// Keys and paths the final reads could not read at all, with the last error.
+    pub unreadable: Vec<String>,
     pub convergence: Convergence,
     pub node_log_tails: BTreeMap<u64, String>,
 }
@@ -96,6 +98,8 @@ pub struct Report {
     /// Operations invoked while no fault was in force.
     pub operations_without_faults: BTreeMap<&'static str, Tally>,
     pub check: CheckReport,
+    /// Keys and paths that could not be read after healing: each counts as a violation.
+    pub unreadable: Vec<String>,
     pub convergence: Convergence,
     pub node_log_tails: BTreeMap<u64, String>,
     #[serde(skip)]
@@ -145,11 +149,18 @@ impl Report {
             operations,
             operations_without_faults,
             check: facts.checked,
+            unreadable: facts.unreadable,
             convergence: facts.convergence,
             node_log_tails: facts.node_log_tails,
             history: facts.history,
             faults_over_us: facts.faults_over_us,
         }
+    }
+
+    /// Violations found by the checkers, keys the checker could not decide, and keys or paths
+    /// unreadable after healing: each is a promise not shown kept.
+    pub fn violations(&self) -> usize {
+        self.check.violations.len() + self.check.inconclusive.len() + self.unreadable.len()
     }
 
     pub fn converged(&self) -> bool {
@@ -158,8 +169,7 @@ impl Report {
 
     /// No violation, nothing left undecided, every workload did work, and the cluster healed.
     pub fn passed(&self) -> bool {
-        self.check.violations.is_empty()
-            && self.check.inconclusive.is_empty()
+        self.violations() == 0
             && self.converged()
             && self.workloads.iter().all(|w| self.operations.get(w.name()).is_some_and(|t| t.ok > 0))
     }
@@ -170,7 +180,7 @@ impl Report {
             self.seed,
             self.history.len(),
             self.faults.len(),
-            self.check.violations.len() + self.check.inconclusive.len(),
+            self.violations(),
             if self.converged() { "yes" } else { "no" }
         )
     }
@@ -237,15 +247,19 @@ impl Report {
         );
         let _ = writeln!(
             out,
-            "\nChecks: {} violations, {} inconclusive",
+            "\nChecks: {} violations, {} inconclusive, {} unreadable after healing",
             self.check.violations.len(),
-            self.check.inconclusive.len()
+            self.check.inconclusive.len(),
+            self.unreadable.len()
         );
         for violation in &self.check.violations {
             let _ = writeln!(out, "\n{violation}");
         }
         for inconclusive in &self.check.inconclusive {
             let _ = writeln!(out, "\nINCONCLUSIVE: {inconclusive}");
+        }
+        for unreadable in &self.unreadable {
+            let _ = writeln!(out, "\nUNREADABLE after healing: {unreadable}");
         }
         if !self.passed() {
             for (id, tail) in &self.node_log_tails {

@@ -296,7 +296,10 @@ async fn run_in_namespace(
 
     // Reading everything back is part of the history: an acknowledged write that a final read
     // does not see is a violation like any other.
-    final_reads(&options.workloads, &recorder, &target.observer).await;
+    let unreadable = final_reads(&options.workloads, &recorder, &target.observer).await;
+    for what in &unreadable {
+        println!("chaos: UNREADABLE after healing: {what}");
+    }
     let history = recorder.history();
     let checked = check::check_history(&history, &check::CheckOptions::default());
     let leaders_logs = {
@@ -315,6 +318,7 @@ async fn run_in_namespace(
         faults_over_us,
         history,
         checked,
+        unreadable,
         convergence,
         node_log_tails: leaders_logs,
     }))
@@ -323,7 +327,10 @@ async fn run_in_namespace(
 /// The client that makes the final reads.
 const FINAL_READER: u64 = 0;
 
-async fn final_reads(workloads: &[WorkloadKind], recorder: &Recorder, client: &Client) {
+/// Reads every key and path once more; returns the ones that could not be read at all (after
+/// healing, each is data the cluster can no longer serve: a violation of its own).
+async fn final_reads(workloads: &[WorkloadKind], recorder: &Recorder, client: &Client) -> Vec<String> {
+    let mut unreadable = Vec::new();
     let mut calls: Vec<Call> = Vec::new();
     if workloads.contains(&WorkloadKind::Kv) {
         calls.extend(workload::kv_keys().into_iter().map(|key| Call::KvRead { key }));
@@ -334,6 +341,7 @@ async fn final_reads(workloads: &[WorkloadKind], recorder: &Recorder, client: &C
     for call in calls {
         // A final read that fails is tried again: after healing it should not, and a read
         // that never succeeds leaves that key unchecked, which the report shows.
+        let mut last_error = None;
         for _ in 0..3 {
             let outcome = match &call {
                 Call::KvRead { key } => {
@@ -362,11 +370,21 @@ async fn final_reads(workloads: &[WorkloadKind], recorder: &Recorder, client: &C
                 }
                 _ => break,
             };
-            if matches!(outcome, crate::history::Outcome::Ok { .. }) {
-                break;
+            match outcome {
+                crate::history::Outcome::Ok { .. } => {
+                    last_error = None;
+                    break;
+                }
+                crate::history::Outcome::Failed { error } | crate::history::Outcome::Unknown { error } => {
+                    last_error = Some(error)
+                }
             }
         }
+        if let Some(error) = last_error {
+            unreadable.push(format!("{} {}: {error}", report::workload_of(&call), call.subject()));
+        }
     }
+    unreadable
 }
 
 /// Waits until the cluster has healed: a leader, every node up and caught up, every chunk at
