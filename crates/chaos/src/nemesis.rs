@@ -47,6 +47,10 @@ pub struct Target {
     pub node_ids: Vec<u64>,
     /// A client that asks who leads.
     pub observer: Client,
+    /// The node the membership fault adds and removes, if that fault is on.
+    pub spare: Option<u64>,
+    /// Whether the spare is a member now.
+    pub spare_joined: std::sync::atomic::AtomicBool,
 }
 
 impl Target {
@@ -221,6 +225,20 @@ async fn apply(target: &Target, fault: &PlannedFault, window: &mut FaultWindow) 
             write_fault_file(&target.data_dir(id)?, &faults.to_string())?;
             Undo::ClearFaultFile(id)
         }
+        FaultKind::Membership => {
+            let spare = target.spare.context("no spare node for membership changes")?;
+            window.targets = vec![spare];
+            if !target.spare_joined.load(std::sync::atomic::Ordering::Relaxed) {
+                // A new storage node: a learner that catches up, registers and gets copies.
+                blocking(move || cluster.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.add_storage_learner(spare))
+                    .await?;
+                target.spare_joined.store(true, std::sync::atomic::Ordering::Relaxed);
+                window.detail = format!("node {spare} joined as a storage node");
+            } else {
+                window.detail = drain_and_remove(target, spare).await?;
+            }
+            Undo::Nothing
+        }
         FaultKind::ClockSkew => {
             let id = any_node(target, &mut random);
             let seconds = random.between(30, 3_600) as i64 * if random.below(2) == 0 { 1 } else { -1 };
@@ -230,6 +248,40 @@ async fn apply(target: &Target, fault: &PlannedFault, window: &mut FaultWindow) 
             Undo::ResetClock(id)
         }
     })
+}
+
+/// Drains the spare (repair moves its copies away under load), removes it from the cluster,
+/// stops it and wipes its disk, so it can join again as a new node later.
+async fn drain_and_remove(target: &Target, spare: u64) -> Result<String> {
+    target.observer.drain(spare, false).await.context("drain the spare")?;
+    let started = std::time::Instant::now();
+    let drained_within = Duration::from_secs(90);
+    loop {
+        let listed = match target.observer.status().await {
+            Ok(status) => status.nodes.iter().find(|n| n.id == spare).map(|n| n.chunks_listed),
+            Err(_) => None,
+        };
+        if listed == Some(0) {
+            break;
+        }
+        if started.elapsed() > drained_within {
+            bail!("node {spare} still held copies {drained_within:?} after the drain began ({listed:?} listed)");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    target.observer.remove_node(spare).await.context("remove the drained spare")?;
+    target.spare_joined.store(false, std::sync::atomic::Ordering::Relaxed);
+    let cluster = target.cluster.clone();
+    blocking(move || {
+        let mut cluster = cluster.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        cluster.kill(spare)?;
+        if let Some(node) = cluster.nodes.get(&spare) {
+            let _ = std::fs::remove_dir_all(&node.data_dir);
+        }
+        Ok(())
+    })
+    .await?;
+    Ok(format!("node {spare} drained in {:.1} s and removed", started.elapsed().as_secs_f64()))
 }
 
 async fn undo_fault(target: &Target, undo: Undo) -> Result<()> {
@@ -297,7 +349,11 @@ pub fn heal_everything(target: &Target) -> Result<()> {
         lab.heal_network()?;
     }
     let mut cluster = target.cluster.lock().map_err(|_| anyhow::anyhow!("cluster lock poisoned"))?;
-    for id in target.node_ids.clone() {
+    let mut members = target.node_ids.clone();
+    if let Some(spare) = target.spare.filter(|_| target.spare_joined.load(std::sync::atomic::Ordering::Relaxed)) {
+        members.push(spare);
+    }
+    for id in members {
         if let Some(node) = cluster.nodes.get(&id) {
             let data_dir = node.data_dir.clone();
             if data_dir.join("faults.json").exists() {

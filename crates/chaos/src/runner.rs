@@ -93,11 +93,14 @@ pub fn run(options: ChaosOptions) -> Result<ChaosOutcome> {
     std::fs::create_dir_all(&options.report_dir)
         .with_context(|| format!("create the report directory {}", options.report_dir.display()))?;
     let node_ids: Vec<u64> = (1..=options.nodes as u64).collect();
+    // The membership fault adds and removes one more node, which needs a place in the lab.
+    let spare = options.faults.contains(&FaultKind::Membership).then_some(options.nodes as u64 + 1);
+    let lab_ids: Vec<u64> = node_ids.iter().copied().chain(spare).collect();
 
     // What this machine allows; the rest of the requested faults are skipped, and said so.
     let mut skipped: Vec<(FaultKind, String)> = Vec::new();
     let lab = if options.faults.iter().any(|kind| kind.needs_network_lab()) {
-        match Lab::create(&node_ids).and_then(|lab| lab.filters_available().map(|()| lab)) {
+        match Lab::create(&lab_ids).and_then(|lab| lab.filters_available().map(|()| lab)) {
             Ok(lab) => Some(Arc::new(lab)),
             Err(e) => {
                 let reason = format!("no network lab: {e:#}");
@@ -179,6 +182,7 @@ pub fn run(options: ChaosOptions) -> Result<ChaosOutcome> {
                 thread_cluster,
                 thread_lab,
                 node_ids,
+                spare,
                 config,
                 planned,
                 skipped,
@@ -209,6 +213,7 @@ async fn run_in_namespace(
     cluster: Arc<Mutex<Cluster>>,
     lab: Option<Arc<Lab>>,
     node_ids: Vec<u64>,
+    spare: Option<u64>,
     config: ClientConfig,
     planned: Vec<schedule::PlannedFault>,
     skipped: Vec<(FaultKind, String)>,
@@ -257,7 +262,14 @@ async fn run_in_namespace(
         config.deadline = Duration::from_secs(20);
         Client::new(config)?
     };
-    let target = Target { cluster: cluster.clone(), lab, node_ids: node_ids.clone(), observer: observer.clone() };
+    let target = Target {
+        cluster: cluster.clone(),
+        lab,
+        node_ids: node_ids.clone(),
+        observer: observer.clone(),
+        spare,
+        spare_joined: false.into(),
+    };
 
     // The nemesis, on this task: one fault at a time, at the scheduled times.
     let mut windows: Vec<FaultWindow> = Vec::new();
@@ -285,8 +297,9 @@ async fn run_in_namespace(
         println!("chaos: some workload clients did not stop in time; their last operations are left unknown");
     }
     let faults_over_us = recorder.now_us();
-    let heal_target = Target { cluster: cluster.clone(), lab: target.lab.clone(), node_ids, observer };
-    tokio::task::spawn_blocking(move || nemesis::heal_everything(&heal_target)).await.context("heal task")??;
+    let target = Arc::new(target);
+    let healing = target.clone();
+    tokio::task::spawn_blocking(move || nemesis::heal_everything(&healing)).await.context("heal task")??;
     println!("chaos: every fault removed; waiting up to {} s for the cluster to heal", options.heal_seconds);
     let convergence = wait_for_convergence(&target.observer, Duration::from_secs(options.heal_seconds)).await;
     match &convergence.failure {

@@ -44,10 +44,12 @@ pub enum FaultKind {
     SlowDisk,
     /// A node's wall clock jumps ahead or behind.
     ClockSkew,
+    /// A spare storage node joins the cluster, or (when it is in) is drained and removed.
+    Membership,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 15] = [
+    pub const ALL: [FaultKind; 16] = [
         FaultKind::Kill,
         FaultKind::KillLeader,
         FaultKind::Pause,
@@ -63,6 +65,7 @@ impl FaultKind {
         FaultKind::DiskFull,
         FaultKind::SlowDisk,
         FaultKind::ClockSkew,
+        FaultKind::Membership,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,6 +85,7 @@ impl FaultKind {
             FaultKind::DiskFull => "disk-full",
             FaultKind::SlowDisk => "slow-disk",
             FaultKind::ClockSkew => "clock-skew",
+            FaultKind::Membership => "membership",
         }
     }
 
@@ -98,13 +102,14 @@ impl FaultKind {
         )
     }
 
-    /// Faults applied once and then left to the cluster to find and repair (no undo).
+    /// Faults applied once and then left to the cluster to find and repair (no undo). A
+    /// membership change is not undone either: it lasts as long as it takes.
     pub fn is_instant(self) -> bool {
-        matches!(self, FaultKind::CorruptChunks | FaultKind::DeleteChunks)
+        matches!(self, FaultKind::CorruptChunks | FaultKind::DeleteChunks | FaultKind::Membership)
     }
 
     /// Parses a `--faults` list: comma-separated names, `all`, or groups (`process`,
-    /// `network`, `disk`, `clock`).
+    /// `network`, `disk`, `clock`; `membership` is a name and a group of one).
     pub fn parse_list(list: &str) -> Result<Vec<FaultKind>, String> {
         let mut kinds = Vec::new();
         for name in list.split(',').map(str::trim).filter(|name| !name.is_empty()) {
@@ -252,7 +257,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn faults_never_overlap_and_end_before_the_run_does(seed: u64, run_s in 1u64..600, n_kinds in 1usize..15) {
+        fn faults_never_overlap_and_end_before_the_run_does(seed: u64, run_s in 1u64..600, n_kinds in 1usize..16) {
             let spec = ScheduleSpec::new(seed, run_s * 1000, FaultKind::ALL[..n_kinds].to_vec());
             let planned = plan(&spec);
             let mut free_from = spec.warmup_ms;

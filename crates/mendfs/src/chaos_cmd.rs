@@ -25,7 +25,8 @@ pub struct ChaosArgs {
     /// Faults to inject: all, or a comma-separated list of names and groups (process,
     /// network, disk, clock; kill, kill-leader, pause, pause-leader, isolate, isolate-leader,
     /// majority-minority, one-way, bridge, flaky, corrupt-chunks, delete-chunks, disk-full,
-    /// slow-disk, clock-skew). Faults this machine cannot inject are listed as skipped.
+    /// slow-disk, clock-skew, membership). Faults this machine cannot inject are listed as
+    /// skipped.
     #[arg(long, default_value = "all")]
     pub faults: String,
     /// Workloads to run: all, or a comma-separated list of kv, lock, files.
