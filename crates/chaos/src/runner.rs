@@ -177,16 +177,16 @@ pub fn run(options: ChaosOptions) -> Result<ChaosOutcome> {
                 enter_network_namespace(netns)?;
             }
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-            runtime.block_on(run_in_namespace(
-                thread_options,
-                thread_cluster,
-                thread_lab,
+            runtime.block_on(run_in_namespace(Setup {
+                options: thread_options,
+                cluster: thread_cluster,
+                lab: thread_lab,
                 node_ids,
                 spare,
                 config,
                 planned,
                 skipped,
-            ))
+            }))
         })
         .context("start the chaos thread")?
         .join()
@@ -208,7 +208,8 @@ fn enter_network_namespace(name: &str) -> Result<()> {
         .with_context(|| format!("enter network namespace {name}"))
 }
 
-async fn run_in_namespace(
+/// What the workloads' thread gets to run the chaos with.
+struct Setup {
     options: ChaosOptions,
     cluster: Arc<Mutex<Cluster>>,
     lab: Option<Arc<Lab>>,
@@ -217,7 +218,10 @@ async fn run_in_namespace(
     config: ClientConfig,
     planned: Vec<schedule::PlannedFault>,
     skipped: Vec<(FaultKind, String)>,
-) -> Result<Report> {
+}
+
+async fn run_in_namespace(setup: Setup) -> Result<Report> {
+    let Setup { options, cluster, lab, node_ids, spare, config, planned, skipped } = setup;
     let started = Instant::now();
     let recorder = Recorder::new(started);
     let stop_at = started + Duration::from_secs(options.seconds);
