@@ -27,6 +27,10 @@ pub struct Operation {
     pub outcome: Outcome,
 }
 
+/// Subjects of the s3 workload's objects start with this (`s3://BUCKET/KEY`); the file
+/// calls stand for their S3 counterparts (PUT, GET, DELETE), which promise the same.
+pub const S3_SUBJECT_PREFIX: &str = "s3://";
+
 /// What the client asked for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "call", rename_all = "snake_case")]
@@ -56,6 +60,12 @@ impl Call {
             Call::FilePut { path, .. } | Call::FileGet { path } | Call::FileDelete { path } => path,
             Call::LockHold { lock } => lock,
         }
+    }
+
+    /// Whether the call is the s3 workload's (an object, not a file).
+    pub fn is_s3(&self) -> bool {
+        matches!(self, Call::FilePut { .. } | Call::FileGet { .. } | Call::FileDelete { .. })
+            && self.subject().starts_with(S3_SUBJECT_PREFIX)
     }
 }
 
@@ -88,6 +98,8 @@ pub enum Returned {
     FileRead { content: Option<String> },
     /// `FileDelete`: whether there was a file to delete.
     FileDeleted { existed: bool },
+    /// `FileDelete` of an S3 object: done, and S3 does not say whether there was one.
+    ObjectDeleted,
     /// `LockHold`: the lock was held with fencing token `token` from `acquired_us` (when
     /// the acquire returned) until `released_us` (when the client started to release it, or
     /// learned that its session was lost, whichever came first). `lost` says why a hold ended

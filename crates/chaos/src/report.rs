@@ -12,7 +12,7 @@ use mendfs_client::StatusReply;
 use serde::Serialize;
 
 use crate::check::CheckReport;
-use crate::history::{self, Call, Micros, Operation, Outcome};
+use crate::history::{self, Micros, Operation, Outcome};
 use crate::nemesis::FaultWindow;
 use crate::schedule::{FaultKind, PlannedFault};
 use crate::workload::WorkloadKind;
@@ -107,14 +107,7 @@ pub struct Report {
     pub faults_over_us: Micros,
 }
 
-/// The workload a call belongs to.
-pub fn workload_of(call: &Call) -> &'static str {
-    match call {
-        Call::KvRead { .. } | Call::KvWrite { .. } | Call::KvCas { .. } => "kv",
-        Call::FilePut { .. } | Call::FileGet { .. } | Call::FileDelete { .. } => "files",
-        Call::LockHold { .. } => "lock",
-    }
-}
+pub use crate::check::workload_of;
 
 impl Report {
     pub fn new(facts: RunFacts) -> Self {
@@ -373,10 +366,11 @@ pub fn timeline_svg(report: &Report) -> Result<String> {
                 (Outcome::Unknown { .. }, _) => RGBColor(220, 0, 0),
                 (Outcome::Ok { .. }, "kv") => RGBColor(40, 90, 200),
                 (Outcome::Ok { .. }, "files") => RGBColor(30, 150, 60),
+                (Outcome::Ok { .. }, "s3") => RGBColor(0, 150, 160),
                 (Outcome::Ok { .. }, _) => RGBColor(130, 60, 170),
             }
         };
-        for (label, workload) in [("kv ok", "kv"), ("files ok", "files"), ("lock ok", "lock")] {
+        for (label, workload) in [("kv ok", "kv"), ("files ok", "files"), ("s3 ok", "s3"), ("lock ok", "lock")] {
             let points: Vec<(f64, f64)> = history
                 .iter()
                 .filter(|op| matches!(op.outcome, Outcome::Ok { .. }) && workload_of(&op.call) == workload)

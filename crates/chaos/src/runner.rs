@@ -131,9 +131,23 @@ pub fn run(options: ChaosOptions) -> Result<ChaosOutcome> {
     if options.unsafe_local_reads {
         server_args.push("--unsafe-local-reads".into());
     }
+    // Every node serves S3 when the s3 workload runs (on its own address in the lab, where
+    // every port is free).
+    let mut node_args = BTreeMap::new();
+    let mut gateways = Vec::new();
+    if options.workloads.contains(&WorkloadKind::S3) {
+        let placement = lab.as_ref().map(|lab| lab.placement()).unwrap_or_default();
+        for id in &node_ids {
+            let host = placement.nodes.get(id).map_or("127.0.0.1", |(_, ip)| ip.as_str());
+            let gateway = format!("{host}:{}", mendfs_testkit::free_port()?);
+            node_args.insert(*id, vec!["--s3".to_string(), gateway.clone()]);
+            gateways.push(gateway);
+        }
+    }
     let cluster_options = ClusterOptions {
         nodes: options.nodes,
         server_args,
+        node_args,
         dir: Some(options.report_dir.join("cluster")),
         keep_dir: true,
         placement: lab.as_ref().map(|lab| lab.placement()).unwrap_or_default(),
@@ -184,6 +198,7 @@ pub fn run(options: ChaosOptions) -> Result<ChaosOutcome> {
                 node_ids,
                 spare,
                 config,
+                gateways,
                 planned,
                 skipped,
             }))
@@ -216,12 +231,21 @@ struct Setup {
     node_ids: Vec<u64>,
     spare: Option<u64>,
     config: ClientConfig,
+    /// Every node's S3 gateway (empty without the s3 workload).
+    gateways: Vec<String>,
     planned: Vec<schedule::PlannedFault>,
     skipped: Vec<(FaultKind, String)>,
 }
 
 async fn run_in_namespace(setup: Setup) -> Result<Report> {
-    let Setup { options, cluster, lab, node_ids, spare, config, planned, skipped } = setup;
+    let Setup { options, cluster, lab, node_ids, spare, config, gateways, planned, skipped } = setup;
+    // The s3 workload's key and bucket are made before the clock starts, with no fault yet.
+    let s3_target = if options.workloads.contains(&WorkloadKind::S3) {
+        let admin = Client::new(config.clone())?;
+        Some(Arc::new(prepare_s3(&admin, gateways).await?))
+    } else {
+        None
+    };
     let started = Instant::now();
     let recorder = Recorder::new(started);
     let stop_at = started + Duration::from_secs(options.seconds);
@@ -255,6 +279,10 @@ async fn run_in_namespace(setup: Setup) -> Result<Report> {
                 WorkloadKind::Kv => workers.spawn(workload::run_kv_client(context, client_id, client)),
                 WorkloadKind::Files => workers.spawn(workload::run_files_client(context, client_id, client)),
                 WorkloadKind::Lock => workers.spawn(workload::run_lock_client(context, client_id, client)),
+                WorkloadKind::S3 => match &s3_target {
+                    Some(target) => workers.spawn(workload::run_s3_client(context, client_id, target.clone())),
+                    None => bail!("the s3 workload has no gateways"),
+                },
             };
         }
     }
@@ -313,7 +341,7 @@ async fn run_in_namespace(setup: Setup) -> Result<Report> {
 
     // Reading everything back is part of the history: an acknowledged write that a final read
     // does not see is a violation like any other.
-    let unreadable = final_reads(&options.workloads, &recorder, &target.observer).await;
+    let unreadable = final_reads(&options.workloads, &recorder, &target.observer, s3_target.as_ref()).await;
     for what in &unreadable {
         println!("chaos: UNREADABLE after healing: {what}");
     }
@@ -346,14 +374,23 @@ const FINAL_READER: u64 = 0;
 
 /// Reads every key and path once more; returns the ones that could not be read at all (after
 /// healing, each is data the cluster can no longer serve: a violation of its own).
-async fn final_reads(workloads: &[WorkloadKind], recorder: &Recorder, client: &Client) -> Vec<String> {
+async fn final_reads(
+    workloads: &[WorkloadKind],
+    recorder: &Recorder,
+    client: &Client,
+    s3_target: Option<&Arc<workload::S3Target>>,
+) -> Vec<String> {
     let mut unreadable = Vec::new();
     let mut calls: Vec<Call> = Vec::new();
+    let mut s3_session = s3_target.map(|target| workload::S3Session::new(target.clone(), 0));
     if workloads.contains(&WorkloadKind::Kv) {
         calls.extend(workload::kv_keys().into_iter().map(|key| Call::KvRead { key }));
     }
     if workloads.contains(&WorkloadKind::Files) {
         calls.extend(workload::file_paths().into_iter().map(|path| Call::FileGet { path }));
+    }
+    if s3_session.is_some() {
+        calls.extend(workload::object_subjects().into_iter().map(|path| Call::FileGet { path }));
     }
     for call in calls {
         // A final read that fails is tried again: after healing it should not, and a read
@@ -382,6 +419,10 @@ async fn final_reads(workloads: &[WorkloadKind], recorder: &Recorder, client: &C
                         })
                         .await
                 }
+                Call::FileGet { path } if call.is_s3() => match s3_session.as_mut() {
+                    Some(session) => recorder.record(FINAL_READER, call.clone(), session.get(path)).await,
+                    None => break,
+                },
                 Call::FileGet { path } => {
                     recorder.record(FINAL_READER, call.clone(), workload::read_file(client, path)).await
                 }
@@ -402,6 +443,32 @@ async fn final_reads(workloads: &[WorkloadKind], recorder: &Recorder, client: &C
         }
     }
     unreadable
+}
+
+/// Makes the s3 workload's access key and bucket (the key owns it), retrying while the
+/// cluster comes up.
+async fn prepare_s3(admin: &Client, gateways: Vec<String>) -> Result<workload::S3Target> {
+    let ready_by = Instant::now() + Duration::from_secs(60);
+    let key = loop {
+        match admin.s3_create_key("chaos", false).await {
+            Ok(key) => break key,
+            Err(e) if Instant::now() >= ready_by => return Err(e).context("create the s3 workload's access key"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    };
+    loop {
+        match admin.s3_create_bucket(workload::S3_BUCKET, Some(&key.key_id)).await {
+            // A retried create that had applied the first time.
+            Ok(()) | Err(mendfs_client::Error::AlreadyExists(_)) => break,
+            Err(e) if Instant::now() >= ready_by => return Err(e).context("create the s3 workload's bucket"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    Ok(workload::S3Target {
+        signer: crate::s3_client::Signer::new(&key.key_id, &key.secret),
+        gateways,
+        deadline: OPERATION_DEADLINE,
+    })
 }
 
 /// Waits until the cluster has healed: a leader, every node up and caught up, every chunk at

@@ -11,10 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use mendfs_client::{Client, Error};
 use serde::{Deserialize, Serialize};
 
-use crate::history::{Call, Micros, Operation, Outcome, Returned, Versioned};
+use crate::history::{Call, Micros, Operation, Outcome, Returned, Versioned, S3_SUBJECT_PREFIX};
+use crate::s3_client::{Answer, Connection, Signer};
 use crate::schedule::SplitMix64;
 
 /// A workload, as named in `--workloads`.
@@ -24,16 +26,18 @@ pub enum WorkloadKind {
     Kv,
     Lock,
     Files,
+    S3,
 }
 
 impl WorkloadKind {
-    pub const ALL: [WorkloadKind; 3] = [WorkloadKind::Kv, WorkloadKind::Lock, WorkloadKind::Files];
+    pub const ALL: [WorkloadKind; 4] = [WorkloadKind::Kv, WorkloadKind::Lock, WorkloadKind::Files, WorkloadKind::S3];
 
     pub fn name(self) -> &'static str {
         match self {
             WorkloadKind::Kv => "kv",
             WorkloadKind::Lock => "lock",
             WorkloadKind::Files => "files",
+            WorkloadKind::S3 => "s3",
         }
     }
 
@@ -44,7 +48,7 @@ impl WorkloadKind {
                 "all" => WorkloadKind::ALL.to_vec(),
                 other => match WorkloadKind::ALL.iter().find(|kind| kind.name() == other) {
                     Some(kind) => vec![*kind],
-                    None => return Err(format!("unknown workload {other:?}: use all, kv, lock or files")),
+                    None => return Err(format!("unknown workload {other:?}: use all, kv, lock, files or s3")),
                 },
             };
             for kind in group {
@@ -225,6 +229,21 @@ fn parse_value(bytes: &[u8]) -> Option<u64> {
 /// small enough that many puts fit in a short run.
 pub const MAX_FILE_BYTES: u64 = 600 << 10;
 
+/// Random content for a put: empty to a few bytes a quarter of the time, otherwise up to
+/// [`MAX_FILE_BYTES`], so that files and objects span zero, one and several chunks.
+fn random_content(random: &mut SplitMix64) -> Vec<u8> {
+    let size = match random.below(4) {
+        0 => random.below(64),
+        _ => random.below(MAX_FILE_BYTES + 1),
+    };
+    let mut content = vec![0u8; size as usize];
+    for word in content.chunks_mut(8) {
+        let bytes = random.next_u64().to_le_bytes();
+        word.copy_from_slice(&bytes[..word.len()]);
+    }
+    content
+}
+
 /// One files client: puts, reads back and deletes a few paths, until `stop_at`. Contents are
 /// random and named by their BLAKE3, so a read names the put it saw (or no put at all, when
 /// its bytes are a mix of versions).
@@ -235,15 +254,8 @@ pub async fn run_files_client(context: WorkloadContext, client_id: u64, client: 
         let path = paths[random.below(paths.len() as u64) as usize].clone();
         match random.below(5) {
             0 | 1 => {
-                let size = match random.below(4) {
-                    0 => random.below(64),
-                    _ => random.below(MAX_FILE_BYTES + 1),
-                };
-                let mut content = vec![0u8; size as usize];
-                for word in content.chunks_mut(8) {
-                    let bytes = random.next_u64().to_le_bytes();
-                    word.copy_from_slice(&bytes[..word.len()]);
-                }
+                let content = random_content(&mut random);
+                let size = content.len() as u64;
                 let hash = blake3::hash(&content).to_hex().to_string();
                 let call = Call::FilePut { path: path.clone(), content: hash };
                 context
@@ -330,6 +342,164 @@ pub async fn run_lock_client(context: WorkloadContext, client_id: u64, client: C
         if !matches!(outcome, Outcome::Ok { .. }) {
             // Do not hammer a cluster that cannot give locks right now.
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// The bucket the s3 workload's objects live in.
+pub const S3_BUCKET: &str = "chaos";
+
+/// Object subjects the s3 workload uses (`s3://BUCKET/KEY`).
+pub fn object_subjects() -> Vec<String> {
+    (0..6).map(|i| format!("{S3_SUBJECT_PREFIX}{S3_BUCKET}/object-{i}")).collect()
+}
+
+/// Where the s3 workload's clients send requests, and as whom.
+pub struct S3Target {
+    pub signer: Signer,
+    /// Every node's gateway, `IP:PORT`.
+    pub gateways: Vec<String>,
+    /// An operation that has not finished in this time is recorded as unknown.
+    pub deadline: Duration,
+}
+
+/// One S3 client's connection: kept alive between requests to one gateway, and moved to the
+/// next gateway after an answer that says this one cannot serve (a transport failure, a
+/// timeout, a 5xx, a signature refused by a node whose clock is off), as an SDK configured
+/// with several endpoints would.
+pub struct S3Session {
+    target: Arc<S3Target>,
+    gateway: usize,
+    connection: Option<Connection>,
+}
+
+/// What became of one S3 request.
+enum S3Result {
+    Answered(Answer),
+    /// No answer, or an answer cut off: the request may or may not have taken effect.
+    Lost(String),
+}
+
+impl S3Session {
+    pub fn new(target: Arc<S3Target>, first_gateway: usize) -> Self {
+        let gateway = first_gateway % target.gateways.len().max(1);
+        S3Session { target, gateway, connection: None }
+    }
+
+    async fn request(&mut self, method: http::Method, subject: &str, body: Bytes, sink: impl FnMut(&[u8])) -> S3Result {
+        let path = format!("/{}", subject.trim_start_matches(S3_SUBJECT_PREFIX));
+        let Some(authority) = self.target.gateways.get(self.gateway).cloned() else {
+            return S3Result::Lost("no S3 gateways".into());
+        };
+        let target = self.target.clone();
+        let attempt = async {
+            if self.connection.is_none() {
+                self.connection = Some(Connection::open(&authority).await?);
+            }
+            let connection = self.connection.as_mut().ok_or_else(|| anyhow::anyhow!("no connection"))?;
+            connection.request(&target.signer, method.clone(), &path, body, sink).await
+        };
+        let result = match tokio::time::timeout(target.deadline, attempt).await {
+            Ok(Ok(answer)) => S3Result::Answered(answer),
+            Ok(Err(e)) => S3Result::Lost(format!("{e:#}")),
+            Err(_) => S3Result::Lost(format!("S3 {method} {path} to {authority}: no answer in {:?}", target.deadline)),
+        };
+        let keep_gateway = match &result {
+            S3Result::Answered(answer) => answer.status.is_success() || answer.status == http::StatusCode::NOT_FOUND,
+            S3Result::Lost(_) => false,
+        };
+        if !keep_gateway {
+            self.connection = None;
+            self.gateway = (self.gateway + 1) % target.gateways.len().max(1);
+        }
+        result
+    }
+
+    /// PUTs `content` as `subject`.
+    pub async fn put(&mut self, subject: &str, content: Vec<u8>) -> Outcome {
+        match self.request(http::Method::PUT, subject, Bytes::from(content), |_| {}).await {
+            S3Result::Answered(answer) if answer.status.is_success() => ok(Returned::FilePut),
+            S3Result::Answered(answer) => s3_refused(&answer),
+            S3Result::Lost(error) => Outcome::Unknown { error },
+        }
+    }
+
+    /// GETs `subject` whole and names its content by its BLAKE3 (None: no such key).
+    pub async fn get(&mut self, subject: &str) -> Outcome {
+        let mut hasher = blake3::Hasher::new();
+        match self
+            .request(http::Method::GET, subject, Bytes::new(), |data| {
+                hasher.update(data);
+            })
+            .await
+        {
+            S3Result::Answered(answer) if answer.status.is_success() => {
+                ok(Returned::FileRead { content: Some(hasher.finalize().to_hex().to_string()) })
+            }
+            S3Result::Answered(answer)
+                if answer.status == http::StatusCode::NOT_FOUND && answer.error_body.contains("NoSuchKey") =>
+            {
+                ok(Returned::FileRead { content: None })
+            }
+            S3Result::Answered(answer) => s3_refused(&answer),
+            S3Result::Lost(error) => Outcome::Unknown { error },
+        }
+    }
+
+    /// DELETEs `subject` (S3 answers the same whether or not it existed).
+    pub async fn delete(&mut self, subject: &str) -> Outcome {
+        match self.request(http::Method::DELETE, subject, Bytes::new(), |_| {}).await {
+            S3Result::Answered(answer) if answer.status.is_success() => ok(Returned::ObjectDeleted),
+            S3Result::Answered(answer) => s3_refused(&answer),
+            S3Result::Lost(error) => Outcome::Unknown { error },
+        }
+    }
+}
+
+/// A gateway's answer other than success: a 4xx is a refusal before anything was done (a bad
+/// signature, a date too far from the node's clock, a denied key), except a timeout or a
+/// throttle (408, 429), which like a 5xx may come after the write took effect.
+fn s3_refused(answer: &Answer) -> Outcome {
+    let error = format!("S3 answered {}: {}", answer.status, answer.error_body);
+    let status = answer.status;
+    if status.is_client_error()
+        && status != http::StatusCode::REQUEST_TIMEOUT
+        && status != http::StatusCode::TOO_MANY_REQUESTS
+    {
+        Outcome::Failed { error }
+    } else {
+        Outcome::Unknown { error }
+    }
+}
+
+/// One s3 client: PUTs, GETs and DELETEs a few objects, until `stop_at`, as the files client
+/// does with files; the same model judges them.
+pub async fn run_s3_client(context: WorkloadContext, client_id: u64, target: Arc<S3Target>) {
+    let mut random = SplitMix64::new(context.seed ^ (client_id << 32) ^ 0x7333);
+    let subjects = object_subjects();
+    let mut session = S3Session::new(target, client_id as usize);
+    while Instant::now() < context.stop_at {
+        let subject = subjects[random.below(subjects.len() as u64) as usize].clone();
+        let outcome = match random.below(5) {
+            0 | 1 => {
+                let content = random_content(&mut random);
+                let call =
+                    Call::FilePut { path: subject.clone(), content: blake3::hash(&content).to_hex().to_string() };
+                context.recorder.record(client_id, call, session.put(&subject, content)).await
+            }
+            2 | 3 => {
+                context.recorder.record(client_id, Call::FileGet { path: subject.clone() }, session.get(&subject)).await
+            }
+            _ => {
+                context
+                    .recorder
+                    .record(client_id, Call::FileDelete { path: subject.clone() }, session.delete(&subject))
+                    .await
+            }
+        };
+        if !matches!(outcome, Outcome::Ok { .. }) {
+            // The next gateway may be the one that is down too: do not spin on refusals.
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }

@@ -29,7 +29,7 @@ pub struct ChaosArgs {
     /// skipped.
     #[arg(long, default_value = "all")]
     pub faults: String,
-    /// Workloads to run: all, or a comma-separated list of kv, lock, files.
+    /// Workloads to run: all, or a comma-separated list of kv, lock, files, s3.
     #[arg(long, default_value = "all")]
     pub workloads: String,
     /// Where to write report.txt, report.json, history.jsonl and the cluster's files

@@ -66,7 +66,7 @@ fn sample(seed: &str) {
     );
     assert!(line.ends_with("violations=0 converged=yes"), "{line}");
     // Every workload did real work, faults were injected, and the report has all its parts.
-    for workload in ["kv", "files", "lock"] {
+    for workload in ["kv", "files", "s3", "lock"] {
         let ok = run.report["operations"][workload]["ok"].as_u64().unwrap_or(0);
         assert!(ok > 10, "{workload}: only {ok} operations succeeded");
     }

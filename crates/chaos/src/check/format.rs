@@ -55,6 +55,7 @@ fn returned(returned: &Returned) -> String {
         Returned::FileRead { content: Some(content) } => format!("content {}", short(content)),
         Returned::FileDeleted { existed: true } => "deleted".to_string(),
         Returned::FileDeleted { existed: false } => "nothing to delete".to_string(),
+        Returned::ObjectDeleted => "deleted (if there was one)".to_string(),
         Returned::LockHeld { token, acquired_us, released_us, lost } => {
             let lost = lost.as_ref().map(|reason| format!(", lost: {reason}")).unwrap_or_default();
             format!("token {token} held {} → {} ms{lost}", ms(*acquired_us), ms(*released_us))

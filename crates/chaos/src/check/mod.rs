@@ -36,6 +36,8 @@ use crate::history::{Call, Operation, Outcome, Returned};
 pub const KV: &str = "kv";
 /// The files workload's name in reports.
 pub const FILES: &str = "files";
+/// The s3 workload: objects, checked with the files model.
+pub const S3: &str = "s3";
 /// The locks workload's name in reports.
 pub const LOCKS: &str = lock::WORKLOAD;
 /// Violations of the history's own rules (a recorder bug, not a cluster bug).
@@ -148,12 +150,14 @@ pub fn check_history(operations: &[Operation], options: &CheckOptions) -> CheckR
 
     let mut kv_keys: BTreeMap<&str, Vec<Operation>> = BTreeMap::new();
     let mut file_paths: BTreeMap<&str, Vec<Operation>> = BTreeMap::new();
+    let mut objects: BTreeMap<&str, Vec<Operation>> = BTreeMap::new();
     let mut lock_holds: Vec<Operation> = Vec::new();
     for operation in &checkable {
         let subject = operation.call.subject();
         match workload_of(&operation.call) {
             KV => kv_keys.entry(subject).or_default().push((*operation).clone()),
             FILES => file_paths.entry(subject).or_default().push((*operation).clone()),
+            S3 => objects.entry(subject).or_default().push((*operation).clone()),
             _ => lock_holds.push((*operation).clone()),
         }
     }
@@ -165,6 +169,10 @@ pub fn check_history(operations: &[Operation], options: &CheckOptions) -> CheckR
     }
     for (path, history) in &file_paths {
         let register = Register { workload: FILES, noun: "path", subject: path, history };
+        register.check(&FileRegister::new(), options, &mut violations, &mut inconclusive);
+    }
+    for (object, history) in &objects {
+        let register = Register { workload: S3, noun: "object", subject: object, history };
         register.check(&FileRegister::new(), options, &mut violations, &mut inconclusive);
     }
     violations.extend(lock::check_locks(&lock_holds));
@@ -254,9 +262,10 @@ impl Register<'_> {
     }
 }
 
-fn workload_of(call: &Call) -> &'static str {
+pub fn workload_of(call: &Call) -> &'static str {
     match call {
         Call::KvRead { .. } | Call::KvWrite { .. } | Call::KvCas { .. } => KV,
+        _ if call.is_s3() => S3,
         Call::FilePut { .. } | Call::FileGet { .. } | Call::FileDelete { .. } => FILES,
         Call::LockHold { .. } => LOCKS,
     }
@@ -327,13 +336,13 @@ fn returned_fits(call: &Call, returned: &Returned) -> bool {
             | (Call::KvCas { .. }, Returned::KvWritten { .. } | Returned::CasRefused)
             | (Call::FilePut { .. }, Returned::FilePut)
             | (Call::FileGet { .. }, Returned::FileRead { .. })
-            | (Call::FileDelete { .. }, Returned::FileDeleted { .. })
+            | (Call::FileDelete { .. }, Returned::FileDeleted { .. } | Returned::ObjectDeleted)
             | (Call::LockHold { .. }, Returned::LockHeld { .. })
     )
 }
 
 fn summaries(operations: &[Operation]) -> Vec<WorkloadSummary> {
-    [KV, FILES, LOCKS]
+    [KV, FILES, S3, LOCKS]
         .into_iter()
         .map(|workload| {
             let own = operations.iter().filter(|operation| workload_of(&operation.call) == workload);

@@ -205,6 +205,7 @@ impl Model for FileRegister {
             (Call::FileDelete { .. }, Some(Returned::FileDeleted { existed })) => {
                 (self.allows_unseen_writes || *existed == state.is_some()).then_some(None)
             }
+            (Call::FileDelete { .. }, Some(Returned::ObjectDeleted)) => Some(None),
             _ => None,
         }
     }

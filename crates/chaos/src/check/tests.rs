@@ -336,6 +336,50 @@ fn a_delete_must_say_whether_there_was_a_file() {
     assert_violation(&history, FILES);
 }
 
+/// The s3 workload's operations: the file calls on an `s3://` subject.
+fn on_object(mut operation: Operation) -> Operation {
+    operation.call = match operation.call {
+        Call::FilePut { content, .. } => Call::FilePut { path: "s3://b/o".into(), content },
+        Call::FileGet { .. } => Call::FileGet { path: "s3://b/o".into() },
+        Call::FileDelete { .. } => Call::FileDelete { path: "s3://b/o".into() },
+        call => call,
+    };
+    operation
+}
+
+#[test]
+fn an_object_put_after_a_delete_must_not_read_back_as_absent_and_is_reported_as_s3() {
+    let history = [
+        put(0, 1, (0, 10), "c0", ok(Returned::FilePut)),
+        delete(1, 1, (20, 30), ok(Returned::ObjectDeleted)),
+        put(2, 1, (40, 50), "c1", ok(Returned::FilePut)),
+        get(3, 2, (60, 70), None),
+    ]
+    .map(on_object);
+    let violation = assert_violation(&history, S3);
+    assert_eq!(ids(&violation), [2, 3], "{violation}");
+    assert_eq!(violation.subject, "s3://b/o");
+}
+
+#[test]
+fn an_object_delete_need_not_say_whether_there_was_one_but_a_deleted_object_must_not_come_back() {
+    let deleted_twice = [
+        delete(0, 1, (0, 10), ok(Returned::ObjectDeleted)),
+        put(1, 1, (20, 30), "c0", ok(Returned::FilePut)),
+        delete(2, 2, (40, 50), ok(Returned::ObjectDeleted)),
+        get(3, 2, (60, 70), None),
+    ]
+    .map(on_object);
+    assert_passes(&deleted_twice);
+    let resurrected = [
+        put(0, 1, (0, 10), "c0", ok(Returned::FilePut)),
+        delete(1, 2, (20, 30), ok(Returned::ObjectDeleted)),
+        get(2, 3, (40, 50), Some("c0")),
+    ]
+    .map(on_object);
+    assert_violation(&resurrected, S3);
+}
+
 #[test]
 fn unknown_puts_and_deletes_may_or_may_not_have_happened() {
     let history = [

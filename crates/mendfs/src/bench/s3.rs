@@ -1,25 +1,17 @@
 //! `mendfs bench s3`: object PUT and GET through the S3 gateway against file put and get
 //! through the MendFS client on the same cluster, in the same run.
 //!
-//! The S3 side sends what an S3 SDK sends: SigV4-signed (`UNSIGNED-PAYLOAD`) HTTP/1.1
+//! The S3 side sends what an S3 SDK sends (`mendfs_chaos::s3_client`): SigV4-signed (`UNSIGNED-PAYLOAD`) HTTP/1.1
 //! requests, one in flight on each keep-alive connection, the connections spread over the
 //! nodes' gateways. Every answer's status is checked: anything but 2xx ends the bench with the
 //! gateway's error body.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use aws_credential_types::Credentials;
-use aws_sigv4::http_request::{
-    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
-    UriPathNormalizationMode,
-};
-use aws_sigv4::sign::v4;
-use aws_smithy_runtime_api::client::identity::Identity;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1::SendRequest;
+use mendfs_chaos::s3_client::{Connection, Signer};
 use mendfs_testkit::{Cluster, ClusterOptions};
 use tokio::sync::Mutex;
 
@@ -29,110 +21,25 @@ use super::{
 };
 
 const BUCKET: &str = "bench";
-/// The gateway's default region, the one its clients sign for.
-const REGION: &str = "us-east-1";
 
-/// What signs requests: an access key made with `mendfs s3 key create`.
-struct Signer {
-    identity: Identity,
-}
-
-impl Signer {
-    /// The key in `mendfs s3 key create`'s `export AWS_...=` lines.
-    fn from_exports(output: &str) -> Result<Self> {
-        let exported = |name: &str| {
-            let prefix = format!("export {name}=");
-            output
-                .lines()
-                .find_map(|line| line.trim().strip_prefix(&prefix))
-                .map(|value| value.trim_matches('\'').trim_matches('"').to_string())
-                .with_context(|| format!("no `export {name}=` in `mendfs s3 key create`'s output"))
-        };
-        let credentials = Credentials::new(
-            exported("AWS_ACCESS_KEY_ID")?,
-            exported("AWS_SECRET_ACCESS_KEY")?,
-            None,
-            None,
-            "mendfs-bench",
-        );
-        Ok(Signer { identity: credentials.into() })
-    }
-
-    /// Signs `request` in place as S3 SDKs do: SigV4 in the Authorization header, the path
-    /// encoded once and not normalized, and `x-amz-content-sha256: UNSIGNED-PAYLOAD`.
-    fn sign(&self, authority: &str, request: &mut http::Request<Full<Bytes>>) -> Result<()> {
-        let mut settings = SigningSettings::default();
-        settings.percent_encoding_mode = PercentEncodingMode::Single;
-        settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
-        settings.uri_path_normalization_mode = UriPathNormalizationMode::Disabled;
-        let params = v4::SigningParams::builder()
-            .identity(&self.identity)
-            .region(REGION)
-            .name("s3")
-            .time(SystemTime::now())
-            .settings(settings)
-            .build()
-            .context("SigV4 signing parameters")?
-            .into();
-        let url = format!("http://{authority}{}", request.uri());
-        let headers = request.headers().iter().filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?)));
-        let signable = SignableRequest::new(request.method().as_str(), url, headers, SignableBody::UnsignedPayload)?;
-        let (instructions, _signature) = sign(signable, &params)?.into_parts();
-        instructions.apply_to_request_http1x(request);
-        Ok(())
-    }
-}
-
-/// One keep-alive HTTP/1.1 connection to a node's gateway.
-struct Connection {
-    authority: String,
-    send: SendRequest<Full<Bytes>>,
-}
-
-impl Connection {
-    async fn open(authority: &str) -> Result<Self> {
-        let stream = tokio::net::TcpStream::connect(authority).await.with_context(|| format!("connect {authority}"))?;
-        stream.set_nodelay(true)?;
-        let (send, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        // Drives the connection; it ends when `send` is dropped or the peer closes.
-        tokio::spawn(connection);
-        Ok(Connection { authority: authority.to_string(), send })
-    }
-
-    /// Sends one signed request and reads its whole answer; returns the body's length. A
-    /// non-2xx status is an error carrying the gateway's error body.
-    async fn request(&mut self, signer: &Signer, method: http::Method, path: &str, body: Bytes) -> Result<u64> {
-        let mut request = http::Request::builder()
-            .method(method.clone())
-            .uri(path)
-            .header(http::header::HOST, &self.authority)
-            .header(http::header::CONTENT_LENGTH, body.len())
-            .body(Full::new(body))?;
-        signer.sign(&self.authority, &mut request)?;
-        self.send.ready().await.with_context(|| format!("connection to {}", self.authority))?;
-        let response = self
-            .send
-            .send_request(request)
-            .await
-            .with_context(|| format!("S3 {method} {path} to {}", self.authority))?;
-        let status = response.status();
-        let mut body = response.into_body();
-        if !status.is_success() {
-            let bytes = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
-            anyhow::bail!(
-                "S3 {method} {path} to {} answered {status}: {}",
-                self.authority,
-                String::from_utf8_lossy(&bytes).trim()
-            );
-        }
-        let mut received = 0u64;
-        while let Some(frame) = body.frame().await {
-            if let Some(data) = frame.with_context(|| format!("S3 {method} {path}: the answer's body"))?.data_ref() {
-                received += data.len() as u64;
-            }
-        }
-        Ok(received)
-    }
+/// Sends one signed request and reads its whole answer; returns the body's length. A non-2xx
+/// status is an error carrying the gateway's error body.
+async fn request(
+    connection: &mut Connection,
+    signer: &Signer,
+    method: http::Method,
+    path: &str,
+    body: Bytes,
+) -> Result<u64> {
+    let answer = connection.request(signer, method.clone(), path, body, |_| {}).await?;
+    anyhow::ensure!(
+        answer.status.is_success(),
+        "S3 {method} {path} to {} answered {}: {}",
+        connection.authority(),
+        answer.status,
+        answer.error_body
+    );
+    Ok(answer.body_bytes)
 }
 
 /// `connections` connections, spread round-robin over the gateways.
@@ -167,11 +74,11 @@ async fn s3_row(
                     // Stamps of their own (top bit set): no chunk equals a native row's.
                     let stamp = 0x8000_0000 | ((task_idx as u32 & 0x7ff) << 20) | (op_idx as u32 & 0xf_ffff);
                     let body = Bytes::from(mendfs_testkit::stamped_bytes(stamp, 0, size as usize));
-                    connection.request(&signer, http::Method::PUT, &path, body).await?;
+                    request(&mut connection, &signer, http::Method::PUT, &path, body).await?;
                 }
                 FileOp::Get => {
                     let path = format!("/{BUCKET}/{size}/{task_idx}/0");
-                    let received = connection.request(&signer, http::Method::GET, &path, Bytes::new()).await?;
+                    let received = request(&mut connection, &signer, http::Method::GET, &path, Bytes::new()).await?;
                     anyhow::ensure!(received == size, "S3 GET {path} returned {received} bytes, not {size}");
                 }
             }
@@ -187,7 +94,7 @@ async fn create_bucket(signer: &Signer, gateway: &str) -> Result<()> {
     loop {
         let attempt = async {
             let mut connection = Connection::open(gateway).await?;
-            connection.request(signer, http::Method::PUT, &format!("/{BUCKET}"), Bytes::new()).await
+            request(&mut connection, signer, http::Method::PUT, &format!("/{BUCKET}"), Bytes::new()).await
         };
         match attempt.await {
             Ok(_) => return Ok(()),
