@@ -25,6 +25,7 @@ use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::clock::StateClock;
 use crate::error::ApiError;
 use crate::files::{
     self, ChunkRecord, CommitFile, FileRecord, RepairJob, ReplicaAdded, ReplicaDrop, StageSegment, StorageNode,
@@ -470,6 +471,9 @@ struct Proposer {
     queue: mpsc::Receiver<PendingProposal>,
     in_flight: Arc<Semaphore>,
     background: Background,
+    /// Stamps each batch: only a batch this node commits as leader keeps its stamp, so only the
+    /// leader's clock reaches the state (see `clock`).
+    clock: Arc<StateClock>,
 }
 
 impl Worker for Proposer {
@@ -500,10 +504,19 @@ impl Proposer {
     /// Commits one batch in a task of its own, so the next batch gathers meanwhile.
     fn commit(&self, batch: Vec<PendingProposal>, permit: OwnedSemaphorePermit) {
         let raft = self.raft.clone();
+        // Stamped here, just before the batch goes to Raft, and not where a proposal was made:
+        // a follower's proposal is refused by its Raft and forwarded, and the leader's proposer
+        // stamps it again. One stamp for the batch: its proposals are applied as one moment.
+        let stamp_ms = self.clock.stamp(unix_now_ms(), Instant::now());
         self.background.spawn(async move {
             let _permit = permit;
-            let (proposals, replies): (Vec<Proposal>, Vec<_>) =
-                batch.into_iter().map(|pending| (pending.proposal, pending.reply)).unzip();
+            let (proposals, replies): (Vec<Proposal>, Vec<_>) = batch
+                .into_iter()
+                .map(|mut pending| {
+                    pending.proposal.proposed_at_ms = stamp_ms;
+                    (pending.proposal, pending.reply)
+                })
+                .unzip();
             let outcome = raft.client_write(ProposalBatch { proposals }).await;
             match outcome {
                 Ok(response) if response.data.len() == replies.len() => {
@@ -685,7 +698,8 @@ impl Worker for ChunkReleaser {
         if !node.is_leader() {
             return Ok(Step::Idle(RELEASE_CHECK_EVERY));
         }
-        let now_ms = unix_now_ms();
+        // By the state clock, which the apply compares with: this leader's next stamp.
+        let now_ms = node.state.clock().peek(unix_now_ms(), Instant::now());
         let initiated_before_ms = now_ms.saturating_sub(node.config.s3_upload_expiry_ms);
         let (release, expire) = node
             .state
@@ -703,7 +717,7 @@ impl Worker for ChunkReleaser {
             (false, true) => Command::ReleaseChunks,
             (false, false) => return Ok(Step::Idle(RELEASE_CHECK_EVERY)),
         };
-        match node.propose(Proposal { request_id: None, proposed_at_ms: now_ms, command }).await {
+        match node.propose(MetaNode::proposal(None, command)).await {
             Ok(_) => Ok(Step::Busy),
             Err(e) => {
                 tracing::warn!("releasing chunk references: {e}");
@@ -784,6 +798,7 @@ impl MetaNode {
                 queue,
                 in_flight: Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX)),
                 background: background.clone(),
+                clock: state.clock().clone(),
             },
             OnFailure::StopNode,
         );
@@ -1379,11 +1394,7 @@ impl MetaNode {
         );
         let results: Vec<(u64, Result<CommandResult, ApiError>)> = futures::stream::iter(expired)
             .map(|session_id| async move {
-                let proposal = Proposal {
-                    request_id: None,
-                    proposed_at_ms: unix_now_ms(),
-                    command: Command::SessionExpire { session_id },
-                };
+                let proposal = Self::proposal(None, Command::SessionExpire { session_id });
                 (session_id, self.propose(proposal).await)
             })
             .buffer_unordered(SESSION_EXPIRIES_IN_FLIGHT_MAX)
@@ -1496,9 +1507,9 @@ impl MetaNode {
         self.execute(Origin::LOCAL, None, command).await.map(drop)
     }
 
-    /// Builds a proposal stamped with this node's clock.
+    /// Builds a proposal, not yet stamped: the leader's proposer stamps it.
     pub(crate) fn proposal(request_id: Option<RequestId>, command: Command) -> Proposal {
-        Proposal { request_id, proposed_at_ms: unix_now_ms(), command }
+        Proposal { request_id, proposed_at_ms: 0, command }
     }
 
     /// Phase two of a write: installs the file version. `request_id` makes a retried commit

@@ -25,8 +25,9 @@ use crate::schema::{
 };
 use crate::{files, kv, s3};
 
-/// How long a write's outcome is remembered for deduplication, measured on the proposers'
-/// clocks. Clients retry an ambiguous write for far less than this.
+/// How long a write's outcome is remembered for deduplication, measured on the state clock,
+/// which never runs faster than real time (see `clock`). Clients retry an ambiguous write for
+/// far less than this.
 pub const DEDUP_WINDOW_MS: u64 = 120_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -196,12 +197,16 @@ impl Command {
     }
 }
 
-/// One Raft entry's payload: a command, who sent it, and when the proposing node received it.
+/// One Raft entry's payload: a command, who sent it, and when the leader committed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
     pub request_id: Option<RequestId>,
-    /// Wall-clock time on the proposing node; only used to age out deduplication records, so
-    /// clock skew between leaders only shortens or stretches that window.
+    /// The leader's stamp, the only way time enters the state: the state clock becomes the
+    /// largest stamp applied. Whoever builds a proposal leaves it 0; the proposer of the node
+    /// that commits it as leader stamps it, following its wall clock but never faster than its
+    /// monotonic clock (`clock::next_stamp`), so no node's date can move the state clock further
+    /// than the real time that passed. (Entries written before this rule carry the proposing
+    /// node's wall clock; applying them is unchanged.)
     pub proposed_at_ms: u64,
     pub command: Command,
 }

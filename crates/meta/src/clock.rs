@@ -1,0 +1,120 @@
+//! Clocks, and which of them the cluster trusts.
+//!
+//! Every node has two clocks. Its monotonic clock (`Instant`) only moves forward, at the rate
+//! of real time, whatever NTP or an operator does to the date. Its wall clock (the date) can be
+//! wrong by hours and can step either way at any moment. Nothing that decides correctness
+//! compares two wall clocks, or a wall clock with a time taken on another node:
+//!
+//! - **The state clock** (`schema::META_CLOCK_MS`) is the time every replica's state machine
+//!   sees: it is advanced by proposal stamps alone, and only the leader stamps
+//!   ([`StateClock`]). A stamp follows the leader's wall clock where it can, but never goes back
+//!   and never advances faster than the leader's monotonic clock ([`next_stamp`]): a leader
+//!   whose date leaps a day ahead moves the state clock by the real time that passed, no more.
+//!   So a duration measured on the state clock (the deduplication window, an upload's expiry, a
+//!   multipart upload's expiry) is never shorter in real time than it says. Its absolute value
+//!   (shown as creation and modification times) is only as good as the leaders' wall clocks.
+//!
+//! Wall clocks still show: in the times people read, in the date a node stamps on what it hands
+//! to a client, and in protocols that define themselves by dates (S3 signatures, TLS
+//! certificates); see `docs/design/guarantees.md`.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A value of the state clock and the moment, on this node's monotonic clock, from which it is
+/// known to hold: at or after the moment it was stamped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ClockReading {
+    pub clock_ms: u64,
+    pub at: Instant,
+}
+
+impl ClockReading {
+    /// The later reading of the two: the larger clock, and for equal clocks the earlier moment
+    /// (both are true, and the earlier one lets more time count).
+    pub(crate) fn latest(a: Option<ClockReading>, b: Option<ClockReading>) -> Option<ClockReading> {
+        match (a, b) {
+            (Some(a), Some(b)) if (a.clock_ms, std::cmp::Reverse(a.at)) >= (b.clock_ms, std::cmp::Reverse(b.at)) => {
+                Some(a)
+            }
+            (Some(_), Some(b)) => Some(b),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// The stamp a leader puts on proposals at `now`, given the latest state clock it knows of
+/// (`reference`: its own last stamp or the clock its state machine applied, whichever is later)
+/// and its wall clock `wall_ms`. Returns the new reading.
+///
+/// - The stamp never goes back: it is at least the reference.
+/// - It never advances faster than real time: at most the reference plus the monotonic time
+///   since it held. A wall clock ahead of that (a date stepped forward, a leader whose clock is
+///   fast) is not followed; the state clock moves at real speed instead.
+/// - Between those bounds it is the wall clock, so with good clocks the state clock is the date.
+/// - A wall clock behind the reference (a leader whose date is late, or a state clock a fast
+///   leader moved ahead) slows the state clock to half speed rather than stopping it, as
+///   `adjtime` slews: what expires by the state clock still expires, and a state clock that is
+///   ahead comes back to a correct wall clock.
+/// - Without a reference (a new cluster's first proposal) it is the wall clock.
+///
+/// The returned moment is exactly as far past the reference's as the clock advanced at real
+/// speed, so stamps in quick succession lose no fractions of a millisecond.
+pub(crate) fn next_stamp(reference: Option<ClockReading>, wall_ms: u64, now: Instant) -> ClockReading {
+    let Some(reference) = reference.filter(|reference| reference.clock_ms > 0) else {
+        return ClockReading { clock_ms: wall_ms, at: now };
+    };
+    let elapsed_ms = now.saturating_duration_since(reference.at).as_millis() as u64;
+    let real_speed = reference.clock_ms.saturating_add(elapsed_ms);
+    if wall_ms >= real_speed {
+        ClockReading { clock_ms: real_speed, at: reference.at + Duration::from_millis(elapsed_ms) }
+    } else if wall_ms >= reference.clock_ms {
+        ClockReading { clock_ms: wall_ms, at: now }
+    } else {
+        let half_ms = elapsed_ms / 2;
+        ClockReading { clock_ms: reference.clock_ms + half_ms, at: reference.at + Duration::from_millis(2 * half_ms) }
+    }
+}
+
+/// The leader's side of the state clock: its last stamp, and the latest clock its state machine
+/// applied (another leader's stamps), kept by `raft_store` as entries are applied.
+#[derive(Default)]
+pub(crate) struct StateClock {
+    last_stamp: Mutex<Option<ClockReading>>,
+    applied: Mutex<Option<ClockReading>>,
+}
+
+impl StateClock {
+    /// The state machine applied entries and its clock is now `clock_ms`: noted with the moment,
+    /// if it is later than any noted before.
+    pub(crate) fn applied(&self, clock_ms: u64, now: Instant) {
+        let mut applied = self.applied.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if applied.is_none_or(|known| clock_ms > known.clock_ms) {
+            *applied = Some(ClockReading { clock_ms, at: now });
+        }
+    }
+
+    fn reference(&self) -> Option<ClockReading> {
+        let applied = *self.applied.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let last = *self.last_stamp.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        ClockReading::latest(applied, last)
+    }
+
+    /// The stamp for proposals this node (as leader) commits now.
+    pub(crate) fn stamp(&self, wall_ms: u64, now: Instant) -> u64 {
+        let applied = *self.applied.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut last = self.last_stamp.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let next = next_stamp(ClockReading::latest(applied, *last), wall_ms, now);
+        *last = Some(next);
+        next.clock_ms
+    }
+
+    /// What a stamp taken now would be, without taking it: for the leader's decisions about
+    /// what to propose (what has expired).
+    pub(crate) fn peek(&self, wall_ms: u64, now: Instant) -> u64 {
+        next_stamp(self.reference(), wall_ms, now).clock_ms
+    }
+}
+
+#[cfg(test)]
+mod tests;
