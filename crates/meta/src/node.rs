@@ -25,7 +25,7 @@ use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
-use crate::clock::StateClock;
+use crate::clock::{self, PeerClocks, PeerInstant, StateClock};
 use crate::error::ApiError;
 use crate::files::{
     self, ChunkRecord, CommitFile, FileRecord, RepairJob, ReplicaAdded, ReplicaDrop, StageSegment, StorageNode,
@@ -323,11 +323,78 @@ impl Origin {
     pub const FORWARDED: Origin = Origin { forwarded: true, deadline: None };
 }
 
-/// A forwarded request with the wall-clock time after which its sender no longer waits.
+/// A forwarded request with how long its sender waits for the answer.
+///
+/// The leader must not act on a request its sender has given up on (the sender has reported a
+/// failure), so it needs to know how long the request was on its way, which no two dates tell:
+/// the sender states when it sent the envelope *on the leader's monotonic clock*, as it knows
+/// that clock from the leader's own calls to it (`clock::PeerClocks`: never later than the
+/// truth), and how long it waits from then. The leader compares with its own clock alone.
+///
+/// Wire format: postcard, fields in order. Fields are only ever added at the end: a leader of
+/// the previous version decodes the first two and ignores the rest, and this version decodes
+/// an envelope of the previous version as [`LegacyForwardEnvelope`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ForwardEnvelope {
+    /// Retired: the sender's date after which it no longer waits, which a leader compared with
+    /// its own date, so that a follower whose clock was an hour behind had every request
+    /// refused. Still filled for a leader of the previous version; ignored on arrival.
     pub deadline_unix_ms: u64,
     pub request: LeaderRequest,
+    /// How long the sender waits for the answer from `sent_at`, in milliseconds.
+    pub remaining_ms: u64,
+    /// When the sender sent it, on the receiver's monotonic clock; None if the sender has no
+    /// recent reading of the receiver's clock (it has not heard from it for a while).
+    pub sent_at: Option<PeerInstant>,
+}
+
+/// An envelope as the previous version sends it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LegacyForwardEnvelope {
+    pub deadline_unix_ms: u64,
+    pub request: LeaderRequest,
+}
+
+/// What the receiver makes of an envelope on arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Arrival {
+    /// When its sender gives up, on the receiver's clock.
+    pub deadline: Instant,
+}
+
+impl ForwardEnvelope {
+    pub(crate) fn new(request: LeaderRequest, remaining: Duration, sent_at: Option<PeerInstant>) -> Self {
+        let remaining_ms = remaining.as_millis() as u64;
+        ForwardEnvelope { deadline_unix_ms: unix_now_ms().saturating_add(remaining_ms), request, remaining_ms, sent_at }
+    }
+
+    /// Decodes an envelope of this version or of the previous one.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, schema::StoreError> {
+        schema::decode::<ForwardEnvelope>(bytes).or_else(|e| {
+            let legacy: LegacyForwardEnvelope = schema::decode(bytes).map_err(|_| e)?;
+            // The previous version's deadline is a date: all its sender left to go by.
+            let remaining_ms = legacy.deadline_unix_ms.saturating_sub(unix_now_ms());
+            Ok(ForwardEnvelope {
+                deadline_unix_ms: legacy.deadline_unix_ms,
+                request: legacy.request,
+                remaining_ms,
+                sent_at: None,
+            })
+        })
+    }
+
+    /// The envelope arrived at `received`: when its sender gives up, or, if it has already
+    /// (the request waited in a paused leader's socket, or in a network that held it back), by
+    /// how many milliseconds it is late. Without a `sent_at` the time on the way is unknown and
+    /// counted as none: the leader then relies on its own timeouts.
+    pub(crate) fn arrival(&self, received: Instant) -> Result<Arrival, u64> {
+        let remaining = Duration::from_millis(self.remaining_ms);
+        let on_the_way = self.sent_at.and_then(|sent_at| clock::elapsed_since(sent_at, received)).unwrap_or_default();
+        if on_the_way >= remaining {
+            return Err((on_the_way - remaining).as_millis() as u64);
+        }
+        Ok(Arrival { deadline: received + (remaining - on_the_way) })
+    }
 }
 
 /// The one error for an answer of the wrong kind: a leader of another version, or a bug.
@@ -738,6 +805,8 @@ pub struct MetaNode {
     proposer: mpsc::Sender<PendingProposal>,
     /// Keep-alives on their way to a leadership confirmation ([`LeadershipConfirmer`]).
     confirmations: mpsc::Sender<oneshot::Sender<Result<(), ApiError>>>,
+    /// What this node knows of its peers' monotonic clocks (from their calls to it).
+    pub(crate) peer_clocks: Arc<PeerClocks>,
     /// Raft's committed index on this node (for metrics).
     committed_index: Arc<AtomicU64>,
     leader_changes: Arc<AtomicU64>,
@@ -765,6 +834,8 @@ impl MetaNode {
     pub async fn start(config: MetaConfig, background: &Background) -> Result<Self, String> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("create data dir {}: {e}", config.data_dir.display()))?;
+        // Fixes this process's monotonic origin before any moment is named to a peer.
+        tracing::debug!(incarnation = clock::incarnation(), "process clock");
         let log_store = RaftLogStore::open(&config.data_dir).map_err(|e| e.to_string())?;
         log_store.give_up_own_leadership(config.node_id).map_err(|e| e.to_string())?;
         let committed_index = log_store.committed_index();
@@ -819,6 +890,7 @@ impl MetaNode {
             sessions: Arc::default(),
             proposer,
             confirmations,
+            peer_clocks: Arc::default(),
             committed_index,
             leader_changes: Arc::default(),
             files,
@@ -1014,13 +1086,15 @@ impl MetaNode {
         };
         let mut client = self.peers.client(&addr).map_err(ApiError::Unavailable)?;
         let own = Duration::from_millis(self.config.write_timeout_ms + 1_000);
-        let timeout =
-            caller_deadline.map_or(own, |deadline| own.min(deadline.saturating_duration_since(Instant::now())));
+        let now = Instant::now();
+        let timeout = caller_deadline.map_or(own, |deadline| own.min(deadline.saturating_duration_since(now)));
         if timeout.is_zero() {
             return Err(ApiError::Timeout("the caller's deadline passed before the request could be forwarded".into()));
         }
-        let envelope =
-            ForwardEnvelope { deadline_unix_ms: unix_now_ms() + timeout.as_millis() as u64, request: request.clone() };
+        // Read before the call starts, so the leader counts the request as sent no later than it
+        // was, and gives up no later than this node does.
+        let sent_at = self.peer_clocks.on_peer_clock(leader, now);
+        let envelope = ForwardEnvelope::new(request.clone(), timeout, sent_at);
         let data = schema::encode(&envelope).map_err(ApiError::internal)?;
         let mut grpc_request = tonic::Request::new(RaftPayload { data });
         grpc_request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::AsciiMetadataValue::from_static("1"));
@@ -1795,6 +1869,63 @@ mod tests {
             "{} chunks, {bytes} bytes",
             page.chunks.len()
         );
+    }
+
+    /// A moment well after this process's monotonic origin, so that times before it can be named.
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(3_600)
+    }
+
+    fn sent_ago(received: Instant, ms: u64) -> Option<PeerInstant> {
+        Some(PeerInstant { incarnation: clock::incarnation(), monotonic_ms: clock::monotonic_ms(received) - ms })
+    }
+
+    fn kv_request() -> LeaderRequest {
+        LeaderRequest::Get { key: b"k".to_vec() }
+    }
+
+    #[test]
+    fn a_forwarded_request_is_timed_on_the_receivers_clock_alone() {
+        let received = later();
+        let three_s = Duration::from_secs(3);
+        // Sent a second ago, with three seconds to wait: two are left, whatever either date says.
+        let mut envelope = ForwardEnvelope::new(kv_request(), three_s, sent_ago(received, 1_000));
+        for date in [0, unix_now_ms() - 3_600_000, unix_now_ms() + 3_600_000] {
+            envelope.deadline_unix_ms = date;
+            assert_eq!(envelope.arrival(received), Ok(Arrival { deadline: received + Duration::from_secs(2) }));
+        }
+        // Sent four seconds ago (it sat in a paused leader's socket): its sender gave up a second ago.
+        let late = ForwardEnvelope::new(kv_request(), three_s, sent_ago(received, 4_000));
+        assert_eq!(late.arrival(received), Err(1_000));
+        let just_late = ForwardEnvelope::new(kv_request(), three_s, sent_ago(received, 3_000));
+        assert_eq!(just_late.arrival(received), Err(0));
+        // Without a reading of this node's clock, or with one of an earlier process of this
+        // node, the time on the way is unknown: the whole wait is left.
+        let unknown = ForwardEnvelope::new(kv_request(), three_s, None);
+        assert_eq!(unknown.arrival(received), Ok(Arrival { deadline: received + three_s }));
+        let restarted =
+            sent_ago(received, 10_000).map(|sent| PeerInstant { incarnation: sent.incarnation ^ 2, ..sent });
+        let stale = ForwardEnvelope::new(kv_request(), three_s, restarted);
+        assert_eq!(stale.arrival(received), Ok(Arrival { deadline: received + three_s }));
+    }
+
+    #[test]
+    fn forward_envelopes_cross_versions() {
+        let received = later();
+        let envelope = ForwardEnvelope::new(kv_request(), Duration::from_secs(3), sent_ago(received, 5));
+        let bytes = schema::encode(&envelope).unwrap();
+        // A leader of the previous version reads its fields and ignores the new ones.
+        let old: LegacyForwardEnvelope = schema::decode(&bytes).unwrap();
+        assert!(matches!(old.request, LeaderRequest::Get { .. }));
+        assert!(old.deadline_unix_ms.abs_diff(unix_now_ms() + 3_000) < 1_000, "a date its clock can check");
+        // This version reads an envelope of the previous one by its date.
+        let legacy = LegacyForwardEnvelope { deadline_unix_ms: unix_now_ms() + 2_000, request: kv_request() };
+        let read = ForwardEnvelope::decode(&schema::encode(&legacy).unwrap()).unwrap();
+        assert!(read.sent_at.is_none() && (1_000..=2_000).contains(&read.remaining_ms), "{read:?}");
+        let past = LegacyForwardEnvelope { deadline_unix_ms: 1, request: kv_request() };
+        let read = ForwardEnvelope::decode(&schema::encode(&past).unwrap()).unwrap();
+        assert_eq!(read.arrival(received), Err(0), "past its date: refused, as before");
+        assert!(ForwardEnvelope::decode(&[0xff; 3]).is_err());
     }
 
     fn wire_number<T: Serialize>(message: &T) -> u8 {

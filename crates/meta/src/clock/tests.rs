@@ -122,8 +122,10 @@ fn event() -> impl Strategy<Value = Event> {
 
 proptest! {
     /// Whatever the wall clock does: stamps never go back, and between any two the state clock
-    /// advanced by at most the real time between them (another leader's stamps, themselves no
-    /// faster, count from when they were applied here).
+    /// advanced by at most the real time between them, give or take the millisecond the clock
+    /// stands still while less than two have passed at half speed (each value counts from the
+    /// first moment it held; another leader's stamps, themselves no faster, from when they were
+    /// applied here).
     #[test]
     fn stamps_never_go_back_and_never_outrun_real_time(events in prop::collection::vec(event(), 1..200)) {
         let start = Instant::now();
@@ -141,7 +143,9 @@ proptest! {
                     // stamp were real time that passed before this node applied it.
                     let stamped_ms = base + ahead_ms.min(true_ms - stamps.last().map_or(0, |(_, at)| *at));
                     clock.applied(stamped_ms, after(start, true_ms));
-                    stamps.push((stamped_ms, true_ms));
+                    if stamps.last().is_none_or(|(last, _)| stamped_ms > *last) {
+                        stamps.push((stamped_ms, true_ms));
+                    }
                 }
                 Event::Stamp => {
                     let wall_ms = (DATE_MS as i64 + true_ms as i64 + offset_ms) as u64;
@@ -155,9 +159,66 @@ proptest! {
                             "{stamp} is {} ms past {earlier} after {} ms", stamp - earlier, true_ms - earlier_at
                         );
                     }
-                    stamps.push((stamp, true_ms));
+                    if stamps.last().is_none_or(|(last, _)| stamp > *last) {
+                        stamps.push((stamp, true_ms));
+                    }
                 }
             }
         }
     }
+}
+#[test]
+fn peer_clocks_bound_the_time_a_message_was_on_its_way() {
+    let clocks = PeerClocks::default();
+    let now = Instant::now() + Duration::from_secs(3_600);
+    // The peer's clock is 10 s ahead of ours; its messages take 3 ms, then 1 ms, then 40 ms.
+    let ours = monotonic_ms(now);
+    let peer = |ms: u64| PeerInstant { incarnation: 7, monotonic_ms: ours + 10_000 + ms };
+    clocks.observe(2, peer(0), after(now, 3));
+    clocks.observe(2, peer(10), after(now, 11));
+    clocks.observe(2, peer(20), after(now, 60));
+    let on_peer = clocks.on_peer_clock(2, after(now, 100)).expect("a reading");
+    assert_eq!(on_peer.incarnation, 7);
+    assert_eq!(on_peer.monotonic_ms, ours + 10_000 + 99, "early by the fastest message's delay, never late");
+    assert!(clocks.on_peer_clock(3, now).is_none(), "no reading of a node never heard from");
+    assert!(clocks.on_peer_clock(2, after(now, 60_000)).is_none(), "nor of one not heard from lately");
+    // A restart: a new incarnation replaces every sample.
+    clocks.observe(2, PeerInstant { incarnation: 8, monotonic_ms: 5 }, after(now, 200));
+    assert_eq!(clocks.on_peer_clock(2, after(now, 200)).map(|at| (at.incarnation, at.monotonic_ms)), Some((8, 5)));
+}
+
+#[test]
+fn old_samples_leave_the_bound() {
+    let clocks = PeerClocks::default();
+    let now = Instant::now() + Duration::from_secs(3_600);
+    let ours = monotonic_ms(now) as i64;
+    let at = |peer_ms: i64| PeerInstant { incarnation: 1, monotonic_ms: (ours + 1_000_000 + peer_ms) as u64 };
+    // A fast sample, then the peer's clock drifts 20 ms back over two windows.
+    clocks.observe(4, at(0), now);
+    let window = PEER_SAMPLE_WINDOW.as_millis() as u64;
+    clocks.observe(4, at(window as i64 - 10), after(now, window));
+    clocks.observe(4, at(2 * window as i64 - 20), after(now, 2 * window));
+    let on_peer = clocks.on_peer_clock(4, after(now, 2 * window)).unwrap();
+    assert_eq!(
+        on_peer.monotonic_ms as i64,
+        ours + 1_000_000 + 2 * window as i64 - 10,
+        "the window before still counts"
+    );
+    clocks.observe(4, at(3 * window as i64 - 30), after(now, 3 * window));
+    let on_peer = clocks.on_peer_clock(4, after(now, 3 * window)).unwrap();
+    assert_eq!(on_peer.monotonic_ms as i64, ours + 1_000_000 + 3 * window as i64 - 20);
+}
+
+#[test]
+fn clock_headers_round_trip_and_refuse_garbage() {
+    // Well after this process's origin, however early the test runs.
+    let now = Instant::now() + Duration::from_secs(3_600);
+    let value = header_value(now);
+    assert_eq!(parse_header(&value), Some((incarnation(), monotonic_ms(now))));
+    for bad in ["", ".", "1.", ".1", "x.1", "1.x", "1.2.3", "11111111111111111.1", "1.-2"] {
+        assert_eq!(parse_header(bad), None, "{bad:?}");
+    }
+    let sent = PeerInstant { incarnation: incarnation(), monotonic_ms: monotonic_ms(now) };
+    assert_eq!(elapsed_since(sent, after(now, 250)), Some(Duration::from_millis(250)));
+    assert_eq!(elapsed_since(PeerInstant { incarnation: incarnation() ^ 2, ..sent }, now), None, "another process");
 }
