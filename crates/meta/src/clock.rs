@@ -84,6 +84,32 @@ pub(crate) fn elapsed_since(sent: PeerInstant, now: Instant) -> Option<Duration>
         .then(|| Duration::from_millis(monotonic_ms(now).saturating_sub(sent.monotonic_ms)))
 }
 
+/// How long ago something began, as known at a moment on this process's monotonic clock. An
+/// age crosses to another node as a number of milliseconds, never as a date, and the receiver
+/// adds the time the message may have been on its way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Age {
+    known_at: Instant,
+    age: Duration,
+}
+
+impl Age {
+    /// The age of something that began at `start`, on this process's clock.
+    pub(crate) fn since(start: Instant) -> Self {
+        Age { known_at: start, age: Duration::ZERO }
+    }
+
+    /// Something that was `age` old at `known_at`.
+    pub(crate) fn of(age: Duration, known_at: Instant) -> Self {
+        Age { known_at, age }
+    }
+
+    /// Its age at `now`.
+    pub(crate) fn at(&self, now: Instant) -> Duration {
+        self.age + now.saturating_duration_since(self.known_at)
+    }
+}
+
 /// Samples older than this stop counting towards a peer's offset: the two monotonic clocks may
 /// drift apart (NTP slews them by up to 500 ppm), and a bound older than twice this could be
 /// off by more than 5 ms.

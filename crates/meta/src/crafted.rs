@@ -48,6 +48,7 @@ pub fn forward_commit_with_hash_len(path: &str, hash_len: u8) -> Vec<u8> {
         LeaderRequest::Propose(MetaNode::proposal(None, Command::CommitFile(commit))),
         std::time::Duration::from_secs(60),
         None,
+        None,
     );
     let mut bytes = encode(&envelope).unwrap_or_default();
     // The hash is written as its length (32, one byte) and its bytes.
@@ -72,6 +73,7 @@ pub fn forward_set(key_bytes: usize, value_bytes: usize) -> Vec<u8> {
     let envelope = ForwardEnvelope::new(
         LeaderRequest::Propose(MetaNode::proposal(None, command)),
         std::time::Duration::from_secs(60),
+        None,
         None,
     );
     encode(&envelope).unwrap_or_default()

@@ -180,6 +180,7 @@ pub struct S3Content {
     /// their path) before `chunks`.
     pub upload_id: Option<u64>,
     pub first_index: u64,
+    /// As in [`crate::files::CommitFile`]: filled in by the leader.
     pub prepared_at_ms: u64,
     pub grace_ms: u64,
 }

@@ -246,7 +246,7 @@ impl Node for NodeApi {
             }
             Ok(arrival) => {
                 let origin = Origin { deadline: Some(arrival.deadline), ..Origin::FORWARDED };
-                self.node.serve_on_leader(envelope.request, origin).await
+                self.node.serve_on_leader_aged(envelope.request, origin, arrival.prepare_age).await
             }
         };
         encode_reply(&result)

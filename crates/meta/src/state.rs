@@ -195,6 +195,20 @@ impl Command {
     pub fn changes_tokens(&self) -> bool {
         matches!(self, Command::CreateToken { .. } | Command::RevokeToken { .. })
     }
+
+    /// For a command that references prepared chunks (a file commit, a staged segment, an S3
+    /// object or part): when they began preparing, on the state clock. The leader fills it in
+    /// as it stamps the proposal (its stamp less the write's age); the apply refuses the command
+    /// if the state clock is past it by more than the grace (`files::check_prepare_age`).
+    pub fn prepared_at_ms_mut(&mut self) -> Option<&mut u64> {
+        match self {
+            Command::CommitFile(commit) => Some(&mut commit.prepared_at_ms),
+            Command::StageSegment(stage) => Some(&mut stage.prepared_at_ms),
+            Command::S3PutObject(put) => Some(&mut put.content.prepared_at_ms),
+            Command::S3PutPart(put) => Some(&mut put.content.prepared_at_ms),
+            _ => None,
+        }
+    }
 }
 
 /// One Raft entry's payload: a command, who sent it, and when the leader committed it.
