@@ -65,8 +65,8 @@ pub struct MetaConfig {
     /// TLS for calls to peers: this node's certificate (its client identity) and the CA the
     /// peers' certificates must chain to. None: plaintext.
     pub peer_tls: Option<PeerTls>,
-    /// An S3 multipart upload not completed this long after it began is aborted, and its
-    /// parts' space given back.
+    /// An S3 multipart upload not completed this long after it began (both on the state
+    /// clock) is aborted, and its parts' space given back.
     pub s3_upload_expiry_ms: u64,
     /// DELIBERATELY BROKEN, for `mendfs chaos` only: a client's key Get is answered from this
     /// node's own state, with neither the leader nor read-index, so a follower or a leader cut

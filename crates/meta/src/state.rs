@@ -183,8 +183,8 @@ pub enum Command {
         bucket: String,
         key: String,
     },
-    /// The leader aborts multipart uploads initiated before this time, a bounded number per
-    /// entry.
+    /// The leader aborts multipart uploads initiated before this time (on the state clock: its
+    /// next stamp less the expiry), a bounded number per entry.
     S3ExpireMultipart {
         initiated_before_ms: u64,
     },
@@ -433,7 +433,10 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
         }
         Command::S3CopyObject(copy) => s3::copy_object(store, copy),
         Command::S3DeleteObjects { bucket, keys } => s3::delete_objects(store, bucket, keys),
-        Command::S3CreateMultipart(upload) => s3::create_multipart(store, upload),
+        Command::S3CreateMultipart(upload) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            s3::create_multipart(store, upload, clock_ms)
+        }
         Command::S3PutPart(put) => {
             let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
             s3::put_part(store, put, clock_ms)

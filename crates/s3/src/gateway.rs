@@ -824,7 +824,8 @@ impl S3 for Gateway {
             input.metadata.clone(),
         )?;
         let upload =
-            MultipartUpload { bucket: input.bucket.clone(), key: input.key.clone(), initiated_ms: unix_now_ms(), meta };
+            // Initiated at the state clock when it applies (0): its expiry is measured on it.
+            MultipartUpload { bucket: input.bucket.clone(), key: input.key.clone(), initiated_ms: 0, meta };
         let upload_id = self.node.s3_create_multipart(origin(), upload).await.map_err(from_api)?;
         Ok(S3Response::new(CreateMultipartUploadOutput {
             bucket: Some(input.bucket),
