@@ -126,7 +126,7 @@ pub struct StageSegment {
     /// before it.
     pub first_index: u64,
     pub chunks: Vec<CommittedChunk>,
-    /// When the coordinator started preparing this segment's chunks, on its clock.
+    /// As in [`CommitFile`], for this segment's chunks.
     pub prepared_at_ms: u64,
     /// As in [`CommitFile`]: a segment later than this after `prepared_at_ms` is refused; also
     /// how long the upload lives without another segment.
@@ -166,7 +166,11 @@ pub struct CommitFile {
     pub first_index: u64,
     /// Replace only the version the writer started from (0: the path must not exist).
     pub expected_version: Option<u64>,
-    /// When the coordinator started preparing `chunks`, on its clock.
+    /// When the coordinator started preparing `chunks`, on the state clock: filled in by the
+    /// leader as it stamps the proposal, its stamp less the write's age, which the coordinator
+    /// measured on its monotonic clock from before its first prepare and which counts the time
+    /// the proposal took to reach the leader (`node::prepared_at_on_state_clock`). No two dates
+    /// are compared. (Entries from before this rule carry the coordinator's date.)
     pub prepared_at_ms: u64,
     /// How long storage nodes keep prepared chunks (the coordinator's setting, sent to them
     /// with every prepare): a commit later than this after `prepared_at_ms` is refused, since
@@ -599,6 +603,9 @@ fn continued_upload(
     Ok(Ok(upload))
 }
 
+/// Refuses a write whose chunks began preparing more than `grace_ms` of state clock ago. The
+/// state clock is at least the leader's stamp, and `prepared_at_ms` is that stamp less the
+/// write's real age, so the age checked is never less than the real one.
 fn check_prepare_age(prepared_at_ms: u64, grace_ms: u64, clock_ms: u64) -> Result<(), CommandError> {
     let age_ms = clock_ms.saturating_sub(prepared_at_ms);
     if age_ms > grace_ms {

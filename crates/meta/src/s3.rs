@@ -156,6 +156,9 @@ struct Piece {
 pub struct MultipartUpload {
     pub bucket: String,
     pub key: String,
+    /// When the upload began, on the state clock, which its expiry is measured on. The gateway
+    /// sends 0, and the apply records the state clock; a gateway's date would tie the expiry to
+    /// one node's clock. (Entries from before this rule carry the gateway's date, kept.)
     pub initiated_ms: u64,
     pub meta: ObjectMeta,
 }
@@ -180,6 +183,7 @@ pub struct S3Content {
     /// their path) before `chunks`.
     pub upload_id: Option<u64>,
     pub first_index: u64,
+    /// As in [`crate::files::CommitFile`]: filled in by the leader.
     pub prepared_at_ms: u64,
     pub grace_ms: u64,
 }
@@ -747,10 +751,18 @@ fn upload_for(
 pub(crate) fn create_multipart(
     store: &mut impl StateStore,
     upload: &MultipartUpload,
+    clock_ms: u64,
 ) -> Result<CommandResult, StoreError> {
     if get_bucket(store, &upload.bucket)?.is_none() {
         return Ok(no_bucket(&upload.bucket));
     }
+    let stamped;
+    let upload = if upload.initiated_ms == 0 {
+        stamped = MultipartUpload { initiated_ms: clock_ms, ..upload.clone() };
+        &stamped
+    } else {
+        upload
+    };
     let upload_id = new_id(store, META_NEXT_MULTIPART)?;
     store.put(Table::S3Uploads, &upload_id.to_be_bytes(), &encode(upload)?)?;
     store.put(Table::S3UploadsByObject, &upload_by_object_row(&upload.bucket, &upload.key, upload_id), &[])?;
@@ -1215,7 +1227,7 @@ mod tests {
         ok(delete_objects(&mut store, "photos", &["a".into()]));
         let upload =
             MultipartUpload { bucket: "photos".into(), key: "m".into(), initiated_ms: NOW, meta: Default::default() };
-        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload)) else { panic!() };
+        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload, NOW)) else { panic!() };
         assert!(matches!(refused(delete_bucket(&mut store, "photos")), CommandError::BucketNotEmpty { .. }));
         ok(abort_multipart(&mut store, upload_id, "photos", "m"));
         ok(delete_bucket(&mut store, "photos"));
@@ -1329,7 +1341,7 @@ mod tests {
         let mut store = store_with_bucket("b");
         let upload =
             MultipartUpload { bucket: "b".into(), key: "big".into(), initiated_ms: NOW, meta: Default::default() };
-        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload)) else { panic!() };
+        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload, NOW)) else { panic!() };
         upload_part(&mut store, upload_id, 2, vec![chunk(3, 10)], MD5_B);
         upload_part(&mut store, upload_id, 1, vec![chunk(1, 10), chunk(2, 10)], "ffffffffffffffffffffffffffffffff");
         // Part 1 again: the first upload of it is replaced and released.
@@ -1415,7 +1427,9 @@ mod tests {
                 initiated_ms: NOW + i,
                 meta: Default::default(),
             };
-            let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload)) else { panic!() };
+            let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload, NOW)) else {
+                panic!()
+            };
             upload_part(&mut store, upload_id, 1, vec![chunk(i as u8, 1)], MD5_A);
         }
         assert!(!expired_multipart_pending(&store, NOW).unwrap());
@@ -1430,6 +1444,24 @@ mod tests {
         ok(delete_bucket(&mut store, "b"));
     }
 
+    /// The gateway's date plays no part: an upload begins at the state clock of its apply, and
+    /// expires by the state clock.
+    #[test]
+    fn an_upload_begins_and_expires_by_the_state_clock() {
+        let mut store = store_with_bucket("b");
+        let upload = MultipartUpload { bucket: "b".into(), key: "k".into(), initiated_ms: 0, meta: Default::default() };
+        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload, NOW + 7)) else {
+            panic!()
+        };
+        assert_eq!(get_multipart(&store, upload_id).unwrap().unwrap().initiated_ms, NOW + 7);
+        assert!(!expired_multipart_pending(&store, NOW + 7).unwrap());
+        assert!(expired_multipart_pending(&store, NOW + 8).unwrap());
+        // An entry from before the rule keeps the date it carries.
+        let old = MultipartUpload { initiated_ms: 5, ..upload };
+        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &old, NOW)) else { panic!() };
+        assert_eq!(get_multipart(&store, upload_id).unwrap().unwrap().initiated_ms, 5);
+    }
+
     #[test]
     fn uploads_are_listed_by_key_then_id() {
         let mut store = store_with_bucket("b");
@@ -1437,7 +1469,9 @@ mod tests {
         for key in ["a/1", "a/1", "a/2", "b"] {
             let upload =
                 MultipartUpload { bucket: "b".into(), key: key.into(), initiated_ms: NOW, meta: Default::default() };
-            let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload)) else { panic!() };
+            let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload, NOW)) else {
+                panic!()
+            };
             ids.push(upload_id);
         }
         let (all, truncated) = list_multipart(&store, "b", "a/", None, None, 10).unwrap();

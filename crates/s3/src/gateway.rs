@@ -198,6 +198,15 @@ fn checksum_of(meta: &ObjectMeta, algorithm: &str) -> Option<String> {
 /// Where a write's ApiError goes while the data plane carries only a gRPC status.
 type Refusal = Arc<Mutex<Option<ApiError>>>;
 
+/// What a write's commit needs besides its content: the request id that makes a retry apply
+/// once, and when its (last segment's) chunks began preparing, on this node's monotonic clock,
+/// from which the leader reckons the write's age.
+#[derive(Debug, Clone, Copy)]
+struct Committing {
+    request_id: mendfs_meta::RequestId,
+    prepare_started: std::time::Instant,
+}
+
 fn refuse(slot: &Refusal, error: ApiError) -> tonic::Status {
     let status = tonic::Status::from(error.clone());
     if let Ok(mut refusal) = slot.lock() {
@@ -270,7 +279,7 @@ impl Gateway {
         commit: F,
     ) -> S3Result<(T, body::Verified)>
     where
-        F: FnOnce(S3Content, body::Verified, mendfs_meta::RequestId, Refusal) -> Fut,
+        F: FnOnce(S3Content, body::Verified, Committing, Refusal) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let body =
@@ -286,10 +295,12 @@ impl Gateway {
                 chunks: written.chunks,
                 upload_id: written.upload_id,
                 first_index: written.first_index,
-                prepared_at_ms: written.prepared_at_ms,
+                // Filled in by the leader, from `prepare_started`.
+                prepared_at_ms: 0,
                 grace_ms: written.grace_ms,
             };
-            let committed = commit(content, verified.clone(), written.request_id, refusal_for_commit).await?;
+            let committing = Committing { request_id: written.request_id, prepare_started: written.prepare_started };
+            let committed = commit(content, verified.clone(), committing, refusal_for_commit).await?;
             Ok((committed, verified))
         }))
         .await;
@@ -468,7 +479,7 @@ impl S3 for Gateway {
         let node = self.node.clone();
         let coordinator = self.coordinator.clone();
         let (written, verified) = self
-            .write(label, input.body, declared, trailing_headers, |content, verified, request_id, refusal| async move {
+            .write(label, input.body, declared, trailing_headers, |content, verified, committing, refusal| async move {
                 let mut meta = meta;
                 meta.checksums = verified.checksums.clone();
                 let put = PutObject {
@@ -480,8 +491,9 @@ impl S3 for Gateway {
                     mtime_ms: unix_now_ms(),
                     condition,
                 };
+                let Committing { request_id, prepare_started } = committing;
                 coordinator
-                    .propose_retrying(|| node.s3_put_object(request_id, put.clone()))
+                    .propose_retrying(|| node.s3_put_object(request_id, put.clone(), prepare_started))
                     .await
                     .map_err(|e| refuse(&refusal, e))
             })
@@ -812,7 +824,8 @@ impl S3 for Gateway {
             input.metadata.clone(),
         )?;
         let upload =
-            MultipartUpload { bucket: input.bucket.clone(), key: input.key.clone(), initiated_ms: unix_now_ms(), meta };
+            // Initiated at the state clock when it applies (0): its expiry is measured on it.
+            MultipartUpload { bucket: input.bucket.clone(), key: input.key.clone(), initiated_ms: 0, meta };
         let upload_id = self.node.s3_create_multipart(origin(), upload).await.map_err(from_api)?;
         Ok(S3Response::new(CreateMultipartUploadOutput {
             bucket: Some(input.bucket),
@@ -845,7 +858,7 @@ impl S3 for Gateway {
         let node = self.node.clone();
         let coordinator = self.coordinator.clone();
         let (etag_value, verified) = self
-            .write(label, input.body, declared, trailing_headers, |content, verified, request_id, refusal| async move {
+            .write(label, input.body, declared, trailing_headers, |content, verified, committing, refusal| async move {
                 let put = PutPart {
                     upload_id,
                     bucket,
@@ -855,8 +868,9 @@ impl S3 for Gateway {
                     etag: verified.md5_hex.clone(),
                     mtime_ms: unix_now_ms(),
                 };
+                let Committing { request_id, prepare_started } = committing;
                 coordinator
-                    .propose_retrying(|| node.s3_put_part(request_id, put.clone()))
+                    .propose_retrying(|| node.s3_put_part(request_id, put.clone(), prepare_started))
                     .await
                     .map_err(|e| refuse(&refusal, e))
             })
@@ -930,12 +944,13 @@ impl S3 for Gateway {
         let node = self.node.clone();
         let coordinator = self.coordinator.clone();
         let ((etag_value, modified_ms), _) = self
-            .write(label, Some(body), declared, None, |content, verified, request_id, refusal| async move {
+            .write(label, Some(body), declared, None, |content, verified, committing, refusal| async move {
                 let mtime_ms = unix_now_ms();
                 let put =
                     PutPart { upload_id, bucket, key, part_number, content, etag: verified.md5_hex.clone(), mtime_ms };
+                let Committing { request_id, prepare_started } = committing;
                 coordinator
-                    .propose_retrying(|| node.s3_put_part(request_id, put.clone()))
+                    .propose_retrying(|| node.s3_put_part(request_id, put.clone(), prepare_started))
                     .await
                     .map(|etag| (etag, mtime_ms))
                     .map_err(|e| refuse(&refusal, e))
