@@ -34,7 +34,7 @@ use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::files_server::Files;
 use mendfs_proto::v1::storage_client::StorageClient;
 use mendfs_ring::Ring;
-use mendfs_types::{unix_now_ms, ChunkHash, NodeId};
+use mendfs_types::{ChunkHash, NodeId};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
@@ -428,7 +428,8 @@ impl Coordinator {
             let commit = CommitFile {
                 path: header.path.clone(),
                 size: written.size,
-                mtime_ms: if header.mtime_ms == 0 { unix_now_ms() } else { header.mtime_ms },
+                // 0 (the usual): the apply stamps the state clock, not this node's date.
+                mtime_ms: header.mtime_ms,
                 content_hash: written.content_hash.to_vec(),
                 upload_id: written.upload_id,
                 first_index: written.first_index,

@@ -156,6 +156,7 @@ pub struct CommitFile {
     pub path: String,
     /// The whole file's size.
     pub size: u64,
+    /// 0: stamped with the state clock at the apply ([`stamped`]).
     pub mtime_ms: u64,
     pub content_hash: Vec<u8>,
     /// The file's last chunks (at most [`SEGMENT_CHUNKS_MAX`]): all of them without an upload.
@@ -764,6 +765,18 @@ pub(crate) fn install_chunk_list(
     Ok(Ok((chunk_set, first_index + list.chunks.len() as u64)))
 }
 
+/// A version's modification time: the one its writer set (a client preserving a file's
+/// mtime), or, for 0, the state clock at the apply. Never the date of the node that took the
+/// write: a node whose clock is a day off would otherwise stamp an overwrite as older than the
+/// version it replaced, and every replica applies the same stamp.
+pub(crate) fn stamped(requested_ms: u64, clock_ms: u64) -> u64 {
+    if requested_ms == 0 {
+        clock_ms
+    } else {
+        requested_ms
+    }
+}
+
 pub(crate) fn commit_file(
     store: &mut impl StateStore,
     commit: &CommitFile,
@@ -800,7 +813,7 @@ pub(crate) fn commit_file(
     let revision = current_revision(store)? + 1;
     let record = FileRecord {
         size: commit.size,
-        mtime_ms: commit.mtime_ms,
+        mtime_ms: stamped(commit.mtime_ms, clock_ms),
         content_hash: commit.content_hash.clone(),
         version: actual + 1,
         create_revision: existing.as_ref().map_or(revision, |file| file.create_revision),
@@ -913,6 +926,18 @@ mod tests {
         assert_eq!(refs(&store, 7), 1, "still referenced by /a");
         delete_file(&mut store, "/a", Some(1)).unwrap().unwrap();
         assert_eq!(refs(&store, 7), 0);
+    }
+
+    /// A commit without a time is stamped with the state clock at its apply; one with a time
+    /// (a client preserving a file's mtime) keeps it.
+    #[test]
+    fn a_commit_is_stamped_with_the_state_clock_unless_it_carries_a_time() {
+        let mut store = MemoryStore::default();
+        let unstamped = CommitFile { mtime_ms: 0, ..commit("/a", vec![chunk(1, &[1])], None) };
+        commit_file(&mut store, &unstamped, 1_500).unwrap().unwrap();
+        assert_eq!(get_file(&store, "/a").unwrap().unwrap().mtime_ms, 1_500);
+        commit_file(&mut store, &commit("/a", vec![chunk(2, &[1])], None), 1_600).unwrap().unwrap();
+        assert_eq!(get_file(&store, "/a").unwrap().unwrap().mtime_ms, 1);
     }
 
     #[test]

@@ -21,7 +21,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::files::{
-    chunk_list_page, install_chunk_list, queue_chunk_set_release, u64_at, CommittedChunk, FileChunk, NewChunkList,
+    chunk_list_page, install_chunk_list, queue_chunk_set_release, stamped, u64_at, CommittedChunk, FileChunk,
+    NewChunkList,
 };
 use crate::schema::{
     decode, encode, get_u64, prefix_end, put_u64, CommandError, CommandResult, Outcome, StateStore, StoreError, Table,
@@ -268,6 +269,8 @@ pub struct PutObject {
     pub content: S3Content,
     pub etag: String,
     pub meta: ObjectMeta,
+    /// 0: stamped with the state clock at the apply (`files::stamped`), as the gateway sends
+    /// it; likewise for a copy, a part and a completion.
     pub mtime_ms: u64,
     pub condition: Precondition,
 }
@@ -663,7 +666,7 @@ pub(crate) fn put_object(
     let record = ObjectRecord {
         size: put.content.size,
         etag: put.etag.clone(),
-        last_modified_ms: put.mtime_ms,
+        last_modified_ms: stamped(put.mtime_ms, clock_ms),
         pieces,
         n_chunks,
         parts: 0,
@@ -673,7 +676,11 @@ pub(crate) fn put_object(
     Ok(Ok(Outcome::ObjectWritten { etag: record.etag, last_modified_ms: record.last_modified_ms }))
 }
 
-pub(crate) fn copy_object(store: &mut impl StateStore, copy: &CopyObject) -> Result<CommandResult, StoreError> {
+pub(crate) fn copy_object(
+    store: &mut impl StateStore,
+    copy: &CopyObject,
+    clock_ms: u64,
+) -> Result<CommandResult, StoreError> {
     if get_bucket(store, &copy.source_bucket)?.is_none() {
         return Ok(no_bucket(&copy.source_bucket));
     }
@@ -705,7 +712,7 @@ pub(crate) fn copy_object(store: &mut impl StateStore, copy: &CopyObject) -> Res
     list.refs += 1;
     store.put(Table::S3PieceLists, &list_row, &encode(&list)?)?;
     let record = ObjectRecord {
-        last_modified_ms: copy.mtime_ms,
+        last_modified_ms: stamped(copy.mtime_ms, clock_ms),
         meta: copy.meta.clone().unwrap_or_else(|| source.meta.clone()),
         ..source
     };
@@ -812,7 +819,7 @@ pub(crate) fn put_part(store: &mut impl StateStore, put: &PutPart, clock_ms: u64
     let part = PartRecord {
         etag: put.etag.clone(),
         size: put.content.size,
-        last_modified_ms: put.mtime_ms,
+        last_modified_ms: stamped(put.mtime_ms, clock_ms),
         chunk_set,
         n_chunks,
     };
@@ -842,6 +849,7 @@ fn end_multipart(
 pub(crate) fn complete_multipart(
     store: &mut impl StateStore,
     complete: &CompleteUpload,
+    clock_ms: u64,
 ) -> Result<CommandResult, StoreError> {
     use md5::Digest;
     let upload_id = complete.upload_id;
@@ -895,7 +903,7 @@ pub(crate) fn complete_multipart(
     let record = ObjectRecord {
         size,
         etag: format!("{}-{}", mendfs_types::hex(&md5_of_md5s.finalize()), complete.parts.len()),
-        last_modified_ms: complete.mtime_ms,
+        last_modified_ms: stamped(complete.mtime_ms, clock_ms),
         pieces: list,
         n_chunks,
         parts: complete.parts.len() as u32,
@@ -1295,7 +1303,7 @@ mod tests {
             meta: Some(ObjectMeta { content_type: Some("text/plain".into()), ..Default::default() }),
             mtime_ms: NOW + 5,
         };
-        ok(copy_object(&mut store, &copy));
+        ok(copy_object(&mut store, &copy, NOW));
         let copied = get_object(&store, "c", "dst").unwrap().unwrap();
         assert_eq!((copied.etag.as_str(), copied.size, copied.last_modified_ms), ("e1", 20, NOW + 5));
         assert_eq!(copied.meta.content_type.as_deref(), Some("text/plain"));
@@ -1309,13 +1317,13 @@ mod tests {
         assert_eq!((refs(&store, 1), refs(&store, 2)), (0, 0));
 
         let onto_itself = CopyObject { source_bucket: "c".into(), source_key: "x".into(), ..copy.clone() };
-        assert!(matches!(refused(copy_object(&mut store, &onto_itself)), CommandError::NoSuchKey { .. }));
+        assert!(matches!(refused(copy_object(&mut store, &onto_itself, NOW)), CommandError::NoSuchKey { .. }));
         let failing = CopyObject {
             source_condition: Precondition { etag_in: Some(vec!["other".into()]), ..Default::default() },
             ..copy
         };
         ok(put_object(&mut store, &put("b", "src", vec![chunk(1, 10)], "e1"), NOW));
-        assert!(matches!(refused(copy_object(&mut store, &failing)), CommandError::PreconditionFailed { .. }));
+        assert!(matches!(refused(copy_object(&mut store, &failing, NOW)), CommandError::PreconditionFailed { .. }));
     }
 
     fn upload_part(store: &mut MemoryStore, upload_id: u64, number: u32, chunks: Vec<CommittedChunk>, etag: &str) {
@@ -1375,19 +1383,19 @@ mod tests {
             mtime_ms: NOW,
         };
         let stray = CompleteUpload { key: "other".into(), ..complete(vec![(1, MD5_A)], 0) };
-        assert!(matches!(refused(complete_multipart(&mut store, &stray)), CommandError::NoSuchUpload { .. }));
+        assert!(matches!(refused(complete_multipart(&mut store, &stray, NOW)), CommandError::NoSuchUpload { .. }));
         let order = complete(vec![(2, MD5_B), (1, MD5_A)], 0);
-        assert_eq!(refused(complete_multipart(&mut store, &order)), CommandError::InvalidPartOrder);
+        assert_eq!(refused(complete_multipart(&mut store, &order, NOW)), CommandError::InvalidPartOrder);
         let wrong_tag = complete(vec![(1, MD5_B), (2, MD5_B)], 0);
-        assert!(matches!(refused(complete_multipart(&mut store, &wrong_tag)), CommandError::InvalidPart { .. }));
+        assert!(matches!(refused(complete_multipart(&mut store, &wrong_tag, NOW)), CommandError::InvalidPart { .. }));
         let missing = complete(vec![(1, MD5_A), (4, MD5_B)], 0);
-        assert!(matches!(refused(complete_multipart(&mut store, &missing)), CommandError::InvalidPart { .. }));
+        assert!(matches!(refused(complete_multipart(&mut store, &missing, NOW)), CommandError::InvalidPart { .. }));
         let small = complete(vec![(1, MD5_A), (2, MD5_B)], 25);
-        assert!(matches!(refused(complete_multipart(&mut store, &small)), CommandError::EntityTooSmall { .. }));
+        assert!(matches!(refused(complete_multipart(&mut store, &small, NOW)), CommandError::EntityTooSmall { .. }));
 
         // Part 3 is left out: released with the upload.
         let Outcome::ObjectWritten { etag, .. } =
-            ok(complete_multipart(&mut store, &complete(vec![(1, &format!("\"{MD5_A}\"")), (2, MD5_B)], 10)))
+            ok(complete_multipart(&mut store, &complete(vec![(1, &format!("\"{MD5_A}\"")), (2, MD5_B)], 10), NOW))
         else {
             panic!()
         };
@@ -1408,7 +1416,7 @@ mod tests {
         assert_eq!([1, 2, 6].map(|b| refs(&store, b)), [0, 0, 0], "replaced and unused parts are released");
         assert!(get_multipart(&store, upload_id).unwrap().is_none());
         assert!(matches!(
-            refused(complete_multipart(&mut store, &complete(vec![(1, MD5_A)], 0))),
+            refused(complete_multipart(&mut store, &complete(vec![(1, MD5_A)], 0), NOW)),
             CommandError::NoSuchUpload { .. }
         ));
         ok(delete_objects(&mut store, "b", &["big".into()]));
@@ -1442,6 +1450,33 @@ mod tests {
         assert!(store.range(Table::Chunks, &[], None, 1).unwrap().is_empty());
         assert!(store.range(Table::S3Parts, &[], None, 1).unwrap().is_empty());
         ok(delete_bucket(&mut store, "b"));
+    }
+
+    /// A write the gateway sends with mtime 0 is stamped with the state clock at its apply, so a
+    /// gateway whose date is off cannot make an overwrite look older than what it replaced; a
+    /// time the writer set is kept.
+    #[test]
+    fn objects_are_stamped_with_the_state_clock_unless_the_writer_set_a_time() {
+        let mut store = store_with_bucket("b");
+        let unstamped = PutObject { mtime_ms: 0, ..put("b", "k", vec![chunk(1, 10)], "e1") };
+        ok(put_object(&mut store, &unstamped, NOW + 3));
+        assert_eq!(get_object(&store, "b", "k").unwrap().unwrap().last_modified_ms, NOW + 3);
+        let copy = CopyObject {
+            source_bucket: "b".into(),
+            source_key: "k".into(),
+            source_condition: Precondition::default(),
+            bucket: "b".into(),
+            key: "copy".into(),
+            condition: Precondition::default(),
+            meta: None,
+            mtime_ms: 0,
+        };
+        let Outcome::ObjectWritten { last_modified_ms, .. } = ok(copy_object(&mut store, &copy, NOW + 9)) else {
+            panic!()
+        };
+        assert_eq!(last_modified_ms, NOW + 9);
+        ok(put_object(&mut store, &put("b", "k", vec![chunk(2, 10)], "e2"), NOW + 20));
+        assert_eq!(get_object(&store, "b", "k").unwrap().unwrap().last_modified_ms, NOW);
     }
 
     /// The gateway's date plays no part: an upload begins at the state clock of its apply, and
@@ -1557,7 +1592,7 @@ mod tests {
                             bucket: "b".into(), key: format!("k{}", byte % 3), condition: Default::default(),
                             meta: Some(Default::default()), mtime_ms: NOW,
                         };
-                        let _ = copy_object(&mut store, &copy).unwrap();
+                        let _ = copy_object(&mut store, &copy, NOW).unwrap();
                     }
                     _ => release_all(&mut store),
                 }

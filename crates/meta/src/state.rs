@@ -431,7 +431,10 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
             let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
             s3::put_object(store, put, clock_ms)
         }
-        Command::S3CopyObject(copy) => s3::copy_object(store, copy),
+        Command::S3CopyObject(copy) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            s3::copy_object(store, copy, clock_ms)
+        }
         Command::S3DeleteObjects { bucket, keys } => s3::delete_objects(store, bucket, keys),
         Command::S3CreateMultipart(upload) => {
             let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
@@ -441,7 +444,10 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
             let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
             s3::put_part(store, put, clock_ms)
         }
-        Command::S3CompleteMultipart(complete) => s3::complete_multipart(store, complete),
+        Command::S3CompleteMultipart(complete) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            s3::complete_multipart(store, complete, clock_ms)
+        }
         Command::S3AbortMultipart { upload_id, bucket, key } => s3::abort_multipart(store, *upload_id, bucket, key),
         Command::S3ExpireMultipart { initiated_before_ms } => s3::expire_multipart(store, *initiated_before_ms),
     }

@@ -11,7 +11,6 @@ use mendfs_meta::s3::{
     PutPart, S3Content,
 };
 use mendfs_meta::{ApiError, MetaNode, Origin, CHUNK_PAGE_CHUNKS_MAX};
-use mendfs_types::unix_now_ms;
 use s3s::dto::*;
 use s3s::{S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
 use tokio_stream::wrappers::ReceiverStream;
@@ -488,7 +487,8 @@ impl S3 for Gateway {
                     content,
                     etag: verified.md5_hex.clone(),
                     meta,
-                    mtime_ms: unix_now_ms(),
+                    // Stamped by the apply with the state clock: a node's date can be off.
+                    mtime_ms: 0,
                     condition,
                 };
                 let Committing { request_id, prepare_started } = committing;
@@ -696,7 +696,7 @@ impl S3 for Gateway {
             key: input.key.clone(),
             condition: Precondition::default(),
             meta,
-            mtime_ms: unix_now_ms(),
+            mtime_ms: 0,
         };
         let (etag_value, modified_ms) = self.node.s3_copy_object(origin(), copy).await.map_err(from_api)?;
         Ok(S3Response::new(CopyObjectOutput {
@@ -866,12 +866,13 @@ impl S3 for Gateway {
                     part_number,
                     content,
                     etag: verified.md5_hex.clone(),
-                    mtime_ms: unix_now_ms(),
+                    mtime_ms: 0,
                 };
                 let Committing { request_id, prepare_started } = committing;
                 coordinator
                     .propose_retrying(|| node.s3_put_part(request_id, put.clone(), prepare_started))
                     .await
+                    .map(|(etag, _)| etag)
                     .map_err(|e| refuse(&refusal, e))
             })
             .await?;
@@ -945,14 +946,19 @@ impl S3 for Gateway {
         let coordinator = self.coordinator.clone();
         let ((etag_value, modified_ms), _) = self
             .write(label, Some(body), declared, None, |content, verified, committing, refusal| async move {
-                let mtime_ms = unix_now_ms();
-                let put =
-                    PutPart { upload_id, bucket, key, part_number, content, etag: verified.md5_hex.clone(), mtime_ms };
+                let put = PutPart {
+                    upload_id,
+                    bucket,
+                    key,
+                    part_number,
+                    content,
+                    etag: verified.md5_hex.clone(),
+                    mtime_ms: 0,
+                };
                 let Committing { request_id, prepare_started } = committing;
                 coordinator
                     .propose_retrying(|| node.s3_put_part(request_id, put.clone(), prepare_started))
                     .await
-                    .map(|etag| (etag, mtime_ms))
                     .map_err(|e| refuse(&refusal, e))
             })
             .await?;
@@ -991,7 +997,7 @@ impl S3 for Gateway {
             parts,
             min_part_bytes: self.settings.min_part_bytes,
             condition,
-            mtime_ms: unix_now_ms(),
+            mtime_ms: 0,
         };
         let request_id = completion_id(&complete);
         let (etag_value, _) = self

@@ -276,16 +276,16 @@ impl MetaNode {
         }
     }
 
+    /// Returns the part's ETag and modification time.
     /// `prepare_started` as for [`MetaNode::commit_file`].
     pub async fn s3_put_part(
         &self,
         request_id: RequestId,
         put: PutPart,
         prepare_started: Instant,
-    ) -> Result<String, ApiError> {
+    ) -> Result<(String, u64), ApiError> {
         let command = Command::S3PutPart(Box::new(put));
         written(self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await?)
-            .map(|(etag, _)| etag)
     }
 
     pub async fn s3_complete_multipart(
