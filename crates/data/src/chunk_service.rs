@@ -2,7 +2,7 @@
 //! makes garbage collection safe.
 //!
 //! A prepare registers the chunk as pending (until now + the writer's grace period, plus half
-//! again for clock skew) *before* it checks or writes the file, and a collection deletes only
+//! again as a margin) *before* it checks or writes the file, and a collection deletes only
 //! under the same lock after checking that nothing is pending; so a write can never re-use a
 //! copy that a concurrent collection is removing. A node that restarts forgets its pending
 //! set, so it treats every chunk as pending for one grace period after start.
@@ -89,6 +89,9 @@ pub fn parse_hash(bytes: &[u8]) -> Result<ChunkHash, Status> {
     ChunkHash::try_from(bytes).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
+/// How long a prepare protects its chunk: the writer's grace, within which the metadata accepts
+/// the write's commit (its age measured on monotonic clocks, like this), and half again, a margin
+/// for different clock rates (`docs/design/garbage-collection.md`).
 fn skew_allowance(grace: Duration) -> Duration {
     grace + grace / 2
 }

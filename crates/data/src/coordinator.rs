@@ -34,7 +34,7 @@ use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::files_server::Files;
 use mendfs_proto::v1::storage_client::StorageClient;
 use mendfs_ring::Ring;
-use mendfs_types::{unix_now_ms, ChunkHash, NodeId};
+use mendfs_types::{ChunkHash, NodeId};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
@@ -194,10 +194,17 @@ impl Coordinator {
         }
     }
 
-    /// Stages one full segment of a big upload, the `number`th (from 0).
-    async fn stage(&self, write_id: [u8; 16], number: u64, stage: StageSegment) -> Result<(), ApiError> {
+    /// Stages one full segment of a big upload, the `number`th (from 0), whose chunks began
+    /// preparing at `started`.
+    async fn stage(
+        &self,
+        write_id: [u8; 16],
+        number: u64,
+        stage: StageSegment,
+        started: Instant,
+    ) -> Result<(), ApiError> {
         let request_id = upload_request_id(write_id, 2 + number);
-        self.propose_retrying(|| self.node.stage_segment(request_id, stage.clone())).await
+        self.propose_retrying(|| self.node.stage_segment(request_id, stage.clone(), started)).await
     }
 
     /// Prepares one copy on node `id`, in a span naming that node, so a trace shows which
@@ -421,20 +428,22 @@ impl Coordinator {
             let commit = CommitFile {
                 path: header.path.clone(),
                 size: written.size,
-                mtime_ms: if header.mtime_ms == 0 { unix_now_ms() } else { header.mtime_ms },
+                // 0 (the usual): the apply stamps the state clock, not this node's date.
+                mtime_ms: header.mtime_ms,
                 content_hash: written.content_hash.to_vec(),
                 upload_id: written.upload_id,
                 first_index: written.first_index,
-                prepared_at_ms: written.prepared_at_ms,
+                // Filled in by the leader, from `prepare_started`.
+                prepared_at_ms: 0,
                 chunks: written.chunks,
                 expected_version: header.expected_version,
                 grace_ms: written.grace_ms,
             };
             let committing =
                 tracing::info_span!("commit_file", chunks = written.n_chunks, error = tracing::field::Empty);
-            let request_id = written.request_id;
+            let (request_id, started) = (written.request_id, written.prepare_started);
             let committed = self
-                .propose_retrying(|| self.node.commit_file(request_id, commit.clone()))
+                .propose_retrying(|| self.node.commit_file(request_id, commit.clone(), started))
                 .instrument(committing.clone())
                 .await;
             if let Err(e) = &committed {
@@ -482,7 +491,7 @@ impl Coordinator {
                     n_chunks,
                     upload_id: (list.staged_chunks > 0).then_some(list.upload_id),
                     first_index: list.staged_chunks,
-                    prepared_at_ms: list.current_started_ms(),
+                    prepare_started: list.current_started(),
                     chunks: std::mem::take(&mut list.current),
                     grace_ms: list.grace_ms,
                     request_id: upload_request_id(list.write_id, 1),
@@ -588,14 +597,14 @@ impl Coordinator {
         while in_flight.len() > keep {
             let Some(prepared) = in_flight.next().await else { break };
             let chunk = prepared?;
-            if let Some((number, stage)) = list.push(chunk) {
+            if let Some((number, stage, started)) = list.push(chunk) {
                 let staging = tracing::info_span!(
                     "stage_segment",
                     first_chunk = stage.first_index,
                     chunks = stage.chunks.len(),
                     error = tracing::field::Empty,
                 );
-                let staged = self.stage(list.write_id, number, stage).instrument(staging.clone()).await;
+                let staged = self.stage(list.write_id, number, stage, started).instrument(staging.clone()).await;
                 if let Err(e) = &staged {
                     staging.record("error", e.to_string());
                 }
@@ -796,7 +805,10 @@ pub struct WrittenContent {
     /// The upload whose staged segments come first, if any were.
     pub upload_id: Option<u64>,
     pub first_index: u64,
-    pub prepared_at_ms: u64,
+    /// Before the first prepare of `chunks`, on this node's monotonic clock: the commit passes
+    /// it to the metadata (`MetaNode::commit_file`), which refuses the commit if it comes more
+    /// than `grace_ms` later, measured from here, never by a date.
+    pub prepare_started: Instant,
     pub grace_ms: u64,
     /// The commit's request id: the same on every retry, so it applies once.
     pub request_id: RequestId,
@@ -868,12 +880,14 @@ struct SegmentedList {
     staged_segments: u64,
     /// Prepared chunks of the segment being filled, in file order.
     current: Vec<CommittedChunk>,
-    /// When each segment not yet staged (the current one first) began preparing, read before
-    /// its first chunk's prepare: what its staging tells the metadata, which refuses it if that
-    /// is more than the grace period ago.
-    segment_started_ms: std::collections::VecDeque<u64>,
+    /// When each segment not yet staged (the current one first) began preparing, on this
+    /// node's monotonic clock, read before its first chunk's prepare: the metadata refuses its
+    /// staging if that is more than the grace period before the leader stamps it. A monotonic
+    /// clock, because the storage nodes' protection of the chunks runs on theirs: a date that
+    /// steps back would make the chunks look younger than they are.
+    segment_started: std::collections::VecDeque<Instant>,
     /// When the upload began, for a file without chunks.
-    created_ms: u64,
+    created: Instant,
     /// The coordinator's grace period (see `CommitFile::grace_ms`).
     grace_ms: u64,
     /// Chunks this upload has listed (up to `KNOWN_CHUNKS_MAX`). A repeat always comes after
@@ -894,8 +908,8 @@ impl SegmentedList {
             staged_chunks: 0,
             staged_segments: 0,
             current: Vec::new(),
-            segment_started_ms: std::collections::VecDeque::new(),
-            created_ms: unix_now_ms(),
+            segment_started: std::collections::VecDeque::new(),
+            created: Instant::now(),
             grace_ms,
             known: std::collections::HashSet::new(),
         }
@@ -916,18 +930,18 @@ impl SegmentedList {
     /// A chunk's prepare is about to start.
     fn chunk_starting(&mut self) {
         if self.started_chunks.is_multiple_of(self.segment_chunks as u64) {
-            self.segment_started_ms.push_back(unix_now_ms());
+            self.segment_started.push_back(Instant::now());
         }
         self.started_chunks += 1;
     }
 
-    fn current_started_ms(&self) -> u64 {
-        self.segment_started_ms.front().copied().unwrap_or(self.created_ms)
+    fn current_started(&self) -> Instant {
+        self.segment_started.front().copied().unwrap_or(self.created)
     }
 
     /// Takes in the next prepared chunk; when that fills the segment, returns it to be staged
-    /// (with its number), and starts the next.
-    fn push(&mut self, chunk: CommittedChunk) -> Option<(u64, StageSegment)> {
+    /// (with its number and when its chunks began preparing), and starts the next.
+    fn push(&mut self, chunk: CommittedChunk) -> Option<(u64, StageSegment, Instant)> {
         self.current.push(chunk);
         if self.current.len() < self.segment_chunks {
             return None;
@@ -936,14 +950,16 @@ impl SegmentedList {
             upload_id: self.upload_id,
             path: self.path.clone(),
             first_index: self.staged_chunks,
-            prepared_at_ms: self.segment_started_ms.pop_front().unwrap_or(self.created_ms),
+            // Filled in by the leader, from `started`.
+            prepared_at_ms: 0,
             grace_ms: self.grace_ms,
             chunks: std::mem::take(&mut self.current),
         };
+        let started = self.segment_started.pop_front().unwrap_or(self.created);
         let number = self.staged_segments;
         self.staged_chunks += stage.chunks.len() as u64;
         self.staged_segments += 1;
-        Some((number, stage))
+        Some((number, stage, started))
     }
 }
 

@@ -359,24 +359,23 @@ fn followers_two_seconds_ahead_and_behind_keep_the_cluster_writing_through_every
     skewed_followers_keep_the_cluster_writing_through_every_node(2);
 }
 
-/// An hour is no harder: nothing needs the nodes' clocks to agree.
+/// An hour is no harder: nothing needs the nodes' clocks to agree. (It once did: a follower an
+/// hour behind had every forwarded request refused as late, its date compared with the
+/// leader's; and one put through the node an hour ahead moved the state clock an hour ahead, so
+/// that puts through every other node failed `PrepareExpired`.)
 #[test]
-#[ignore = "shows bugs: a follower an hour behind has every forwarded request refused as late \
-            (meta/src/service.rs:221); one put through the node an hour ahead moves the state clock \
-            (meta/src/state.rs:292) so that puts through every other node fail PrepareExpired"]
 fn followers_an_hour_ahead_and_behind_keep_the_cluster_writing_through_every_node() {
     skewed_followers_keep_the_cluster_writing_through_every_node(3_600);
 }
 
-/// A coordinator stamps a write's `prepared_at_ms` with its wall clock, and the state machine
-/// refuses the commit if the state clock is more than the grace period past it; storage nodes
-/// protect prepared copies for 1.5 grace periods of their monotonic clocks, then collect them if
-/// nothing references them. A coordinator whose clock steps back between prepare and commit
-/// (NTP correcting a clock that ran ahead) makes its chunks look younger than they are: the
-/// commit is accepted after the copies are gone, and an acknowledged file cannot be read.
+/// Storage nodes protect prepared copies for 1.5 grace periods of their monotonic clocks, then
+/// collect them if nothing references them; the state machine refuses a commit whose chunks
+/// began preparing more than a grace period before the leader stamped it. A coordinator whose
+/// date steps back between prepare and commit (NTP correcting a clock that ran ahead) once made
+/// its chunks look younger than they were, since their age was the state clock less its date:
+/// the commit was accepted after the copies were gone, and an acknowledged file could not be
+/// read. The age is now measured on monotonic clocks, and such a commit is refused.
 #[test]
-#[ignore = "shows bug: a coordinator whose clock steps back commits chunks that every storage node \
-            already collected (prepare age checked on wall clocks, meta/src/files.rs:602)"]
 fn a_coordinator_whose_clock_steps_back_never_commits_chunks_already_collected() {
     const CHUNK_BYTES: usize = 64 * 1024;
     let grace = ["--orphan-grace-ms", "2000", "--gc-interval-ms", "300", "--chunk-size-bytes", "65536"];

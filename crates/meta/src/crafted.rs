@@ -44,10 +44,12 @@ pub fn forward_commit_with_hash_len(path: &str, hash_len: u8) -> Vec<u8> {
         prepared_at_ms: now,
         grace_ms: 60_000,
     };
-    let envelope = ForwardEnvelope {
-        deadline_unix_ms: now + 60_000,
-        request: LeaderRequest::Propose(MetaNode::proposal(None, Command::CommitFile(commit))),
-    };
+    let envelope = ForwardEnvelope::new(
+        LeaderRequest::Propose(MetaNode::proposal(None, Command::CommitFile(commit))),
+        std::time::Duration::from_secs(60),
+        None,
+        None,
+    );
     let mut bytes = encode(&envelope).unwrap_or_default();
     // The hash is written as its length (32, one byte) and its bytes.
     let mut encoded_hash = vec![32u8];
@@ -68,10 +70,12 @@ pub fn forward_set(key_bytes: usize, value_bytes: usize) -> Vec<u8> {
         expected_version: None,
         session_id: None,
     };
-    let envelope = ForwardEnvelope {
-        deadline_unix_ms: unix_now_ms() + 60_000,
-        request: LeaderRequest::Propose(MetaNode::proposal(None, command)),
-    };
+    let envelope = ForwardEnvelope::new(
+        LeaderRequest::Propose(MetaNode::proposal(None, command)),
+        std::time::Duration::from_secs(60),
+        None,
+        None,
+    );
     encode(&envelope).unwrap_or_default()
 }
 
@@ -92,7 +96,7 @@ pub fn decode_peer_payloads(data: &[u8]) {
     let _ = decode::<AppendEntriesRequest<crate::TypeConfig>>(data);
     let _ = decode::<VoteRequest<NodeId>>(data);
     let _ = decode::<InstallSnapshotRequest<crate::TypeConfig>>(data);
-    let _ = decode::<ForwardEnvelope>(data);
+    let _ = ForwardEnvelope::decode(data);
     let _ = decode::<Result<AppendEntriesResponse<NodeId>, openraft::error::RaftError<NodeId>>>(data);
     let _ = decode::<Result<VoteResponse<NodeId>, openraft::error::RaftError<NodeId>>>(data);
     let _ = decode::<

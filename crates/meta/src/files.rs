@@ -126,7 +126,7 @@ pub struct StageSegment {
     /// before it.
     pub first_index: u64,
     pub chunks: Vec<CommittedChunk>,
-    /// When the coordinator started preparing this segment's chunks, on its clock.
+    /// As in [`CommitFile`], for this segment's chunks.
     pub prepared_at_ms: u64,
     /// As in [`CommitFile`]: a segment later than this after `prepared_at_ms` is refused; also
     /// how long the upload lives without another segment.
@@ -156,6 +156,7 @@ pub struct CommitFile {
     pub path: String,
     /// The whole file's size.
     pub size: u64,
+    /// 0: stamped with the state clock at the apply ([`stamped`]).
     pub mtime_ms: u64,
     pub content_hash: Vec<u8>,
     /// The file's last chunks (at most [`SEGMENT_CHUNKS_MAX`]): all of them without an upload.
@@ -166,7 +167,11 @@ pub struct CommitFile {
     pub first_index: u64,
     /// Replace only the version the writer started from (0: the path must not exist).
     pub expected_version: Option<u64>,
-    /// When the coordinator started preparing `chunks`, on its clock.
+    /// When the coordinator started preparing `chunks`, on the state clock: filled in by the
+    /// leader as it stamps the proposal, its stamp less the write's age, which the coordinator
+    /// measured on its monotonic clock from before its first prepare and which counts the time
+    /// the proposal took to reach the leader (`node::prepared_at_on_state_clock`). No two dates
+    /// are compared. (Entries from before this rule carry the coordinator's date.)
     pub prepared_at_ms: u64,
     /// How long storage nodes keep prepared chunks (the coordinator's setting, sent to them
     /// with every prepare): a commit later than this after `prepared_at_ms` is refused, since
@@ -599,6 +604,9 @@ fn continued_upload(
     Ok(Ok(upload))
 }
 
+/// Refuses a write whose chunks began preparing more than `grace_ms` of state clock ago. The
+/// state clock is at least the leader's stamp, and `prepared_at_ms` is that stamp less the
+/// write's real age, so the age checked is never less than the real one.
 fn check_prepare_age(prepared_at_ms: u64, grace_ms: u64, clock_ms: u64) -> Result<(), CommandError> {
     let age_ms = clock_ms.saturating_sub(prepared_at_ms);
     if age_ms > grace_ms {
@@ -757,6 +765,18 @@ pub(crate) fn install_chunk_list(
     Ok(Ok((chunk_set, first_index + list.chunks.len() as u64)))
 }
 
+/// A version's modification time: the one its writer set (a client preserving a file's
+/// mtime), or, for 0, the state clock at the apply. Never the date of the node that took the
+/// write: a node whose clock is a day off would otherwise stamp an overwrite as older than the
+/// version it replaced, and every replica applies the same stamp.
+pub(crate) fn stamped(requested_ms: u64, clock_ms: u64) -> u64 {
+    if requested_ms == 0 {
+        clock_ms
+    } else {
+        requested_ms
+    }
+}
+
 pub(crate) fn commit_file(
     store: &mut impl StateStore,
     commit: &CommitFile,
@@ -793,7 +813,7 @@ pub(crate) fn commit_file(
     let revision = current_revision(store)? + 1;
     let record = FileRecord {
         size: commit.size,
-        mtime_ms: commit.mtime_ms,
+        mtime_ms: stamped(commit.mtime_ms, clock_ms),
         content_hash: commit.content_hash.clone(),
         version: actual + 1,
         create_revision: existing.as_ref().map_or(revision, |file| file.create_revision),
@@ -906,6 +926,18 @@ mod tests {
         assert_eq!(refs(&store, 7), 1, "still referenced by /a");
         delete_file(&mut store, "/a", Some(1)).unwrap().unwrap();
         assert_eq!(refs(&store, 7), 0);
+    }
+
+    /// A commit without a time is stamped with the state clock at its apply; one with a time
+    /// (a client preserving a file's mtime) keeps it.
+    #[test]
+    fn a_commit_is_stamped_with_the_state_clock_unless_it_carries_a_time() {
+        let mut store = MemoryStore::default();
+        let unstamped = CommitFile { mtime_ms: 0, ..commit("/a", vec![chunk(1, &[1])], None) };
+        commit_file(&mut store, &unstamped, 1_500).unwrap().unwrap();
+        assert_eq!(get_file(&store, "/a").unwrap().unwrap().mtime_ms, 1_500);
+        commit_file(&mut store, &commit("/a", vec![chunk(2, &[1])], None), 1_600).unwrap().unwrap();
+        assert_eq!(get_file(&store, "/a").unwrap().unwrap().mtime_ms, 1);
     }
 
     #[test]

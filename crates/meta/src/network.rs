@@ -69,6 +69,10 @@ impl Interceptor for PeerInterceptor {
             request.metadata_mut().insert(SECRET_HEADER, secret.clone());
         }
         request.metadata_mut().insert(NODE_ID_HEADER, self.node_id.clone());
+        // So that the callee learns this process's monotonic clock (see `clock::PeerClocks`).
+        if let Ok(value) = crate::clock::header_value(std::time::Instant::now()).parse() {
+            request.metadata_mut().insert(crate::clock::CLOCK_HEADER, value);
+        }
         if let Some(cluster_id) = self.state.cluster_id().and_then(|id| id.parse().ok()) {
             request.metadata_mut().insert(CLUSTER_ID_HEADER, cluster_id);
         }

@@ -25,6 +25,7 @@ use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::clock::{self, Age, PeerClocks, PeerInstant, StateClock};
 use crate::error::ApiError;
 use crate::files::{
     self, ChunkRecord, CommitFile, FileRecord, RepairJob, ReplicaAdded, ReplicaDrop, StageSegment, StorageNode,
@@ -64,8 +65,8 @@ pub struct MetaConfig {
     /// TLS for calls to peers: this node's certificate (its client identity) and the CA the
     /// peers' certificates must chain to. None: plaintext.
     pub peer_tls: Option<PeerTls>,
-    /// An S3 multipart upload not completed this long after it began is aborted, and its
-    /// parts' space given back.
+    /// An S3 multipart upload not completed this long after it began (both on the state
+    /// clock) is aborted, and its parts' space given back.
     pub s3_upload_expiry_ms: u64,
     /// DELIBERATELY BROKEN, for `mendfs chaos` only: a client's key Get is answered from this
     /// node's own state, with neither the leader nor read-index, so a follower or a leader cut
@@ -322,11 +323,99 @@ impl Origin {
     pub const FORWARDED: Origin = Origin { forwarded: true, deadline: None };
 }
 
-/// A forwarded request with the wall-clock time after which its sender no longer waits.
+/// A forwarded request with how long its sender waits for the answer.
+///
+/// The leader must not act on a request its sender has given up on (the sender has reported a
+/// failure), so it needs to know how long the request was on its way, which no two dates tell:
+/// the sender states when it sent the envelope *on the leader's monotonic clock*, as it knows
+/// that clock from the leader's own calls to it (`clock::PeerClocks`: never later than the
+/// truth), and how long it waits from then. The leader compares with its own clock alone.
+///
+/// Wire format: postcard, fields in order. Fields are only ever added at the end: a leader of
+/// the previous version decodes the first two and ignores the rest, and this version decodes
+/// an envelope of the previous version as [`LegacyForwardEnvelope`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ForwardEnvelope {
+    /// Retired: the sender's date after which it no longer waits, which a leader compared with
+    /// its own date, so that a follower whose clock was an hour behind had every request
+    /// refused. Still filled for a leader of the previous version; ignored on arrival.
     pub deadline_unix_ms: u64,
     pub request: LeaderRequest,
+    /// How long the sender waits for the answer from `sent_at`, in milliseconds.
+    pub remaining_ms: u64,
+    /// When the sender sent it, on the receiver's monotonic clock; None if the sender has no
+    /// recent reading of the receiver's clock (it has not heard from it for a while).
+    pub sent_at: Option<PeerInstant>,
+    /// For a proposal that references prepared chunks: how long before sending, on the
+    /// sender's monotonic clock, the first of them began preparing (see `files`).
+    pub prepare_age_ms: Option<u64>,
+}
+
+/// An envelope as the previous version sends it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct LegacyForwardEnvelope {
+    pub deadline_unix_ms: u64,
+    pub request: LeaderRequest,
+}
+
+/// What the receiver makes of an envelope on arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Arrival {
+    /// When its sender gives up, on the receiver's clock.
+    pub deadline: Instant,
+    /// The age of the write a proposal commits, with the time on the way counted.
+    pub prepare_age: Option<Age>,
+}
+
+impl ForwardEnvelope {
+    pub(crate) fn new(
+        request: LeaderRequest,
+        remaining: Duration,
+        sent_at: Option<PeerInstant>,
+        prepare_age: Option<Duration>,
+    ) -> Self {
+        let remaining_ms = remaining.as_millis() as u64;
+        ForwardEnvelope {
+            deadline_unix_ms: unix_now_ms().saturating_add(remaining_ms),
+            request,
+            remaining_ms,
+            sent_at,
+            prepare_age_ms: prepare_age.map(|age| age.as_millis() as u64),
+        }
+    }
+
+    /// Decodes an envelope of this version or of the previous one.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, schema::StoreError> {
+        schema::decode::<ForwardEnvelope>(bytes).or_else(|e| {
+            let legacy: LegacyForwardEnvelope = schema::decode(bytes).map_err(|_| e)?;
+            // The previous version's deadline is a date: all its sender left to go by.
+            let remaining_ms = legacy.deadline_unix_ms.saturating_sub(unix_now_ms());
+            Ok(ForwardEnvelope {
+                deadline_unix_ms: legacy.deadline_unix_ms,
+                request: legacy.request,
+                remaining_ms,
+                sent_at: None,
+                prepare_age_ms: None,
+            })
+        })
+    }
+
+    /// The envelope arrived at `received`: when its sender gives up, or, if it has already
+    /// (the request waited in a paused leader's socket, or in a network that held it back), by
+    /// how many milliseconds it is late. Without a `sent_at` the time on the way is unknown and
+    /// counted as none for the deadline (the leader then relies on its own timeouts), and as
+    /// the whole wait for a write's age, which must never be counted short.
+    pub(crate) fn arrival(&self, received: Instant) -> Result<Arrival, u64> {
+        let remaining = Duration::from_millis(self.remaining_ms);
+        let on_the_way = self.sent_at.and_then(|sent_at| clock::elapsed_since(sent_at, received));
+        if let Some(late) = on_the_way.unwrap_or_default().checked_sub(remaining) {
+            return Err(late.as_millis() as u64);
+        }
+        let prepare_age = self
+            .prepare_age_ms
+            .map(|age_ms| Age::of(Duration::from_millis(age_ms) + on_the_way.unwrap_or(remaining), received));
+        Ok(Arrival { deadline: received + (remaining - on_the_way.unwrap_or_default()), prepare_age })
+    }
 }
 
 /// The one error for an answer of the wrong kind: a leader of another version, or a bug.
@@ -459,7 +548,75 @@ const BATCHES_IN_FLIGHT_MAX: usize = 2;
 
 struct PendingProposal {
     proposal: Proposal,
+    /// For a proposal that references prepared chunks: how long ago they began preparing.
+    prepare_age: Option<Age>,
     reply: oneshot::Sender<Result<CommandResult, ApiError>>,
+}
+
+/// When a write's chunks began preparing, on the state clock, as the leader reckons it while it
+/// stamps the write at `stamp_ms`: the stamp less the write's age, measured on monotonic clocks
+/// from before the write's first prepare (`age`). The apply compares the state clock, which is
+/// at least the stamp, with this: so it refuses a write older than its grace by the real time
+/// its chunks were protected for, whatever any node's date. A proposal without an age comes
+/// from a coordinator of the previous version, whose `prepared_at_ms` is its date: compared
+/// with this leader's date, as that version did.
+fn prepared_at_on_state_clock(stamp_ms: u64, age: Option<Duration>, coordinator_date_ms: u64, wall_ms: u64) -> u64 {
+    let age_ms = match age {
+        Some(age) => age.as_millis() as u64,
+        None => wall_ms.saturating_sub(coordinator_date_ms),
+    };
+    stamp_ms.saturating_sub(age_ms)
+}
+
+/// The batches this node stamped whose commit has not returned yet. A leader's garbage
+/// collection read waits for every batch stamped before it ([`StampedBatches::settled`]): a
+/// commit stamped in time must be visible to every orphan check that starts after its stamp,
+/// even while it waits for a quorum (read-index alone covers only what is committed).
+struct StampedBatches {
+    open: Mutex<(u64, BTreeSet<u64>)>,
+    /// Every batch numbered below this has settled.
+    settled_below: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for StampedBatches {
+    fn default() -> Self {
+        Self { open: Mutex::default(), settled_below: tokio::sync::watch::channel(0).0 }
+    }
+}
+
+impl StampedBatches {
+    /// Numbers a batch about to be stamped.
+    fn open(&self) -> u64 {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let number = open.0;
+        open.0 += 1;
+        open.1.insert(number);
+        number
+    }
+
+    /// The batch's commit returned (applied here, or failed).
+    fn settle(&self, number: u64) {
+        let mut open = self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        open.1.remove(&number);
+        let below = open.1.first().copied().unwrap_or(open.0);
+        self.settled_below.send_replace(below);
+    }
+
+    /// Every batch numbered before now.
+    fn mark(&self) -> u64 {
+        self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).0
+    }
+
+    /// Waits until every batch numbered below `mark` has settled, at most `timeout`.
+    async fn settled(&self, mark: u64, timeout: Duration) -> Result<(), ApiError> {
+        let mut settled = self.settled_below.subscribe();
+        let outcome = tokio::time::timeout(timeout, settled.wait_for(|below| *below >= mark)).await.map(|r| r.is_ok());
+        match outcome {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(ApiError::Unavailable("the node is shutting down".into())),
+            Err(_) => Err(ApiError::Unavailable(format!("writes stamped earlier did not settle within {timeout:?}"))),
+        }
+    }
 }
 
 /// Group commit: turns concurrent proposals into few Raft entries. openraft 0.9 appends (and
@@ -470,6 +627,10 @@ struct Proposer {
     queue: mpsc::Receiver<PendingProposal>,
     in_flight: Arc<Semaphore>,
     background: Background,
+    /// Stamps each batch: only a batch this node commits as leader keeps its stamp, so only the
+    /// leader's clock reaches the state (see `clock`).
+    clock: Arc<StateClock>,
+    stamped: Arc<StampedBatches>,
 }
 
 impl Worker for Proposer {
@@ -500,11 +661,30 @@ impl Proposer {
     /// Commits one batch in a task of its own, so the next batch gathers meanwhile.
     fn commit(&self, batch: Vec<PendingProposal>, permit: OwnedSemaphorePermit) {
         let raft = self.raft.clone();
+        // Numbered before it is stamped, so that an orphan check that starts after the stamp
+        // waits for it.
+        let number = self.stamped.open();
+        let stamped = self.stamped.clone();
+        // Stamped here, just before the batch goes to Raft, and not where a proposal was made:
+        // a follower's proposal is refused by its Raft and forwarded, and the leader's proposer
+        // stamps it again. One stamp for the batch: its proposals are applied as one moment.
+        let (now, wall_ms) = (Instant::now(), unix_now_ms());
+        let stamp_ms = self.clock.stamp(wall_ms, now);
         self.background.spawn(async move {
             let _permit = permit;
-            let (proposals, replies): (Vec<Proposal>, Vec<_>) =
-                batch.into_iter().map(|pending| (pending.proposal, pending.reply)).unzip();
+            let (proposals, replies): (Vec<Proposal>, Vec<_>) = batch
+                .into_iter()
+                .map(|mut pending| {
+                    pending.proposal.proposed_at_ms = stamp_ms;
+                    let age = pending.prepare_age.map(|age| age.at(now));
+                    if let Some(prepared_at_ms) = pending.proposal.command.prepared_at_ms_mut() {
+                        *prepared_at_ms = prepared_at_on_state_clock(stamp_ms, age, *prepared_at_ms, wall_ms);
+                    }
+                    (pending.proposal, pending.reply)
+                })
+                .unzip();
             let outcome = raft.client_write(ProposalBatch { proposals }).await;
+            stamped.settle(number);
             match outcome {
                 Ok(response) if response.data.len() == replies.len() => {
                     for (reply, result) in replies.into_iter().zip(response.data) {
@@ -685,7 +865,8 @@ impl Worker for ChunkReleaser {
         if !node.is_leader() {
             return Ok(Step::Idle(RELEASE_CHECK_EVERY));
         }
-        let now_ms = unix_now_ms();
+        // By the state clock, which the apply compares with: this leader's next stamp.
+        let now_ms = node.state.clock().peek(unix_now_ms(), Instant::now());
         let initiated_before_ms = now_ms.saturating_sub(node.config.s3_upload_expiry_ms);
         let (release, expire) = node
             .state
@@ -703,7 +884,7 @@ impl Worker for ChunkReleaser {
             (false, true) => Command::ReleaseChunks,
             (false, false) => return Ok(Step::Idle(RELEASE_CHECK_EVERY)),
         };
-        match node.propose(Proposal { request_id: None, proposed_at_ms: now_ms, command }).await {
+        match node.propose(MetaNode::proposal(None, command)).await {
             Ok(_) => Ok(Step::Busy),
             Err(e) => {
                 tracing::warn!("releasing chunk references: {e}");
@@ -724,6 +905,10 @@ pub struct MetaNode {
     proposer: mpsc::Sender<PendingProposal>,
     /// Keep-alives on their way to a leadership confirmation ([`LeadershipConfirmer`]).
     confirmations: mpsc::Sender<oneshot::Sender<Result<(), ApiError>>>,
+    /// What this node knows of its peers' monotonic clocks (from their calls to it).
+    pub(crate) peer_clocks: Arc<PeerClocks>,
+    /// Batches stamped and not yet settled, which an orphan check waits for.
+    stamped: Arc<StampedBatches>,
     /// Raft's committed index on this node (for metrics).
     committed_index: Arc<AtomicU64>,
     leader_changes: Arc<AtomicU64>,
@@ -751,6 +936,8 @@ impl MetaNode {
     pub async fn start(config: MetaConfig, background: &Background) -> Result<Self, String> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| format!("create data dir {}: {e}", config.data_dir.display()))?;
+        // Fixes this process's monotonic origin before any moment is named to a peer.
+        tracing::debug!(incarnation = clock::incarnation(), "process clock");
         let log_store = RaftLogStore::open(&config.data_dir).map_err(|e| e.to_string())?;
         log_store.give_up_own_leadership(config.node_id).map_err(|e| e.to_string())?;
         let committed_index = log_store.committed_index();
@@ -777,6 +964,7 @@ impl MetaNode {
                 .map_err(|e| format!("start raft: {e}"))?;
 
         let (proposer, queue) = mpsc::channel(PROPOSAL_QUEUE_LEN_MAX);
+        let stamped = Arc::new(StampedBatches::default());
         // The proposer ends when the node stops; Raft failing under it fails each batch, not it.
         background.spawn_worker(
             Proposer {
@@ -784,6 +972,8 @@ impl MetaNode {
                 queue,
                 in_flight: Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX)),
                 background: background.clone(),
+                clock: state.clock().clone(),
+                stamped: stamped.clone(),
             },
             OnFailure::StopNode,
         );
@@ -804,6 +994,8 @@ impl MetaNode {
             sessions: Arc::default(),
             proposer,
             confirmations,
+            peer_clocks: Arc::default(),
+            stamped,
             committed_index,
             leader_changes: Arc::default(),
             files,
@@ -976,9 +1168,20 @@ impl MetaNode {
         request: LeaderRequest,
         origin: Origin,
     ) -> Result<LeaderResponse, ApiError> {
-        match self.serve_locally(request.clone()).await {
+        self.serve_on_leader_aged(request, origin, None).await
+    }
+
+    /// [`MetaNode::serve_on_leader`] for a proposal that references prepared chunks, with the
+    /// age of its write, which travels with it to the leader's stamp.
+    pub(crate) async fn serve_on_leader_aged(
+        &self,
+        request: LeaderRequest,
+        origin: Origin,
+        prepare_age: Option<Age>,
+    ) -> Result<LeaderResponse, ApiError> {
+        match self.serve_locally(request.clone(), prepare_age).await {
             Err(ApiError::NotLeader { leader: Some(leader) }) if !origin.forwarded && leader != self.config.node_id => {
-                self.forward(leader, &request, origin.deadline).await
+                self.forward(leader, &request, origin.deadline, prepare_age).await
             }
             other => other,
         }
@@ -993,19 +1196,22 @@ impl MetaNode {
         leader: NodeId,
         request: &LeaderRequest,
         caller_deadline: Option<Instant>,
+        prepare_age: Option<Age>,
     ) -> Result<LeaderResponse, ApiError> {
         let Some(addr) = self.member_addr(leader) else {
             return Err(ApiError::NotLeader { leader: Some(leader) });
         };
         let mut client = self.peers.client(&addr).map_err(ApiError::Unavailable)?;
         let own = Duration::from_millis(self.config.write_timeout_ms + 1_000);
-        let timeout =
-            caller_deadline.map_or(own, |deadline| own.min(deadline.saturating_duration_since(Instant::now())));
+        let now = Instant::now();
+        let timeout = caller_deadline.map_or(own, |deadline| own.min(deadline.saturating_duration_since(now)));
         if timeout.is_zero() {
             return Err(ApiError::Timeout("the caller's deadline passed before the request could be forwarded".into()));
         }
-        let envelope =
-            ForwardEnvelope { deadline_unix_ms: unix_now_ms() + timeout.as_millis() as u64, request: request.clone() };
+        // Read before the call starts, so the leader counts the request as sent no later than it
+        // was, and gives up no later than this node does.
+        let sent_at = self.peer_clocks.on_peer_clock(leader, now);
+        let envelope = ForwardEnvelope::new(request.clone(), timeout, sent_at, prepare_age.map(|age| age.at(now)));
         let data = schema::encode(&envelope).map_err(ApiError::internal)?;
         let mut grpc_request = tonic::Request::new(RaftPayload { data });
         grpc_request.metadata_mut().insert(FORWARDED_HEADER, tonic::metadata::AsciiMetadataValue::from_static("1"));
@@ -1024,7 +1230,11 @@ impl MetaNode {
         result
     }
 
-    async fn serve_locally(&self, request: LeaderRequest) -> Result<LeaderResponse, ApiError> {
+    async fn serve_locally(
+        &self,
+        request: LeaderRequest,
+        prepare_age: Option<Age>,
+    ) -> Result<LeaderResponse, ApiError> {
         match request {
             LeaderRequest::Propose(proposal) => {
                 // Here, not only where clients enter: a forwarded proposal has seen no other check.
@@ -1033,7 +1243,7 @@ impl MetaNode {
                     Command::SessionClose { session_id } | Command::SessionExpire { session_id } => Some(*session_id),
                     _ => None,
                 };
-                let result = self.propose(proposal).await?;
+                let result = self.propose_aged(proposal, prepare_age).await?;
                 if let Ok(mut clocks) = self.sessions.lock() {
                     // A session's clock starts when its open commits, not when the next read
                     // of the sessions table finds it, and ends with it.
@@ -1122,6 +1332,11 @@ impl MetaNode {
                 "whole chunk lists are no longer served; files are read a page at a time (upgrade this node)".into(),
             )),
             LeaderRequest::UnreferencedChunks { node_id, hashes } => {
+                // First every batch this node stamped before the check: a commit stamped in
+                // time is applied (and seen below) or failed; one stamped later had its age
+                // checked when stamped (`docs/design/garbage-collection.md`).
+                let mark = self.stamped.mark();
+                self.stamped.settled(mark, Duration::from_millis(self.config.write_timeout_ms)).await?;
                 // Read-index: the answer reflects every commit acknowledged before it, so a
                 // chunk reported unreferenced here was not referenced on this node by any
                 // committed file at that moment.
@@ -1197,9 +1412,15 @@ impl MetaNode {
     }
 
     async fn propose(&self, proposal: Proposal) -> Result<CommandResult, ApiError> {
+        self.propose_aged(proposal, None).await
+    }
+
+    /// Queues a proposal for the next batch, with the age of the write it commits, if any.
+    async fn propose_aged(&self, proposal: Proposal, prepare_age: Option<Age>) -> Result<CommandResult, ApiError> {
         let timeout = Duration::from_millis(self.config.write_timeout_ms);
         let (reply, answer) = oneshot::channel();
-        let queued = tokio::time::timeout(timeout, self.proposer.send(PendingProposal { proposal, reply })).await;
+        let pending = PendingProposal { proposal, prepare_age, reply };
+        let queued = tokio::time::timeout(timeout, self.proposer.send(pending)).await;
         match queued {
             Err(_) => return Err(ApiError::Unavailable(format!("the proposal queue stayed full for {timeout:?}"))),
             Ok(Err(_)) => return Err(ApiError::Unavailable("the node is shutting down".into())),
@@ -1379,11 +1600,7 @@ impl MetaNode {
         );
         let results: Vec<(u64, Result<CommandResult, ApiError>)> = futures::stream::iter(expired)
             .map(|session_id| async move {
-                let proposal = Proposal {
-                    request_id: None,
-                    proposed_at_ms: unix_now_ms(),
-                    command: Command::SessionExpire { session_id },
-                };
+                let proposal = Self::proposal(None, Command::SessionExpire { session_id });
                 (session_id, self.propose(proposal).await)
             })
             .buffer_unordered(SESSION_EXPIRIES_IN_FLIGHT_MAX)
@@ -1485,7 +1702,20 @@ impl MetaNode {
         request_id: Option<RequestId>,
         command: Command,
     ) -> Result<Outcome, ApiError> {
-        match self.serve_on_leader(LeaderRequest::Propose(Self::proposal(request_id, command)), origin).await? {
+        self.execute_aged(origin, request_id, command, None).await
+    }
+
+    /// [`MetaNode::execute`] for a command that references prepared chunks: `prepare_age`
+    /// says how long ago they began preparing.
+    pub(crate) async fn execute_aged(
+        &self,
+        origin: Origin,
+        request_id: Option<RequestId>,
+        command: Command,
+        prepare_age: Option<Age>,
+    ) -> Result<Outcome, ApiError> {
+        let request = LeaderRequest::Propose(Self::proposal(request_id, command));
+        match self.serve_on_leader_aged(request, origin, prepare_age).await? {
             LeaderResponse::Command(result) => result.map_err(ApiError::Command),
             other => Err(unexpected("a command", other)),
         }
@@ -1496,15 +1726,26 @@ impl MetaNode {
         self.execute(Origin::LOCAL, None, command).await.map(drop)
     }
 
-    /// Builds a proposal stamped with this node's clock.
+    /// Builds a proposal, not yet stamped: the leader's proposer stamps it.
     pub(crate) fn proposal(request_id: Option<RequestId>, command: Command) -> Proposal {
-        Proposal { request_id, proposed_at_ms: unix_now_ms(), command }
+        Proposal { request_id, proposed_at_ms: 0, command }
     }
 
     /// Phase two of a write: installs the file version. `request_id` makes a retried commit
     /// return the first one's outcome instead of committing twice.
-    pub async fn commit_file(&self, request_id: RequestId, commit: CommitFile) -> Result<FileCommitted, ApiError> {
-        match self.execute(Origin::LOCAL, Some(request_id), Command::CommitFile(commit)).await? {
+    ///
+    /// `prepare_started`, on this node's monotonic clock, is from before the first prepare of
+    /// the chunks the commit carries: the commit is refused (`PrepareExpired`) if it reaches the
+    /// leader's stamp more than `grace_ms` after it, so that it never lists a copy a storage
+    /// node may have collected (see `files`). Its `prepared_at_ms` is filled in by the leader.
+    pub async fn commit_file(
+        &self,
+        request_id: RequestId,
+        commit: CommitFile,
+        prepare_started: Instant,
+    ) -> Result<FileCommitted, ApiError> {
+        let command = Command::CommitFile(commit);
+        match self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await? {
             Outcome::FileCommitted { version, revision } => Ok(FileCommitted { version, revision }),
             other => Err(unexpected("a file commit", other)),
         }
@@ -1512,8 +1753,16 @@ impl MetaNode {
 
     /// Stages one full segment of a big file's upload (see `files`). `request_id` makes a
     /// retried stage return the first one's outcome instead of staging twice.
-    pub async fn stage_segment(&self, request_id: RequestId, stage: StageSegment) -> Result<(), ApiError> {
-        self.execute(Origin::LOCAL, Some(request_id), Command::StageSegment(stage)).await.map(drop)
+    /// `prepare_started` as for [`MetaNode::commit_file`], for this segment's chunks.
+    pub async fn stage_segment(
+        &self,
+        request_id: RequestId,
+        stage: StageSegment,
+        prepare_started: Instant,
+    ) -> Result<(), ApiError> {
+        let command = Command::StageSegment(stage);
+        let age = Some(Age::since(prepare_started));
+        self.execute_aged(Origin::LOCAL, Some(request_id), command, age).await.map(drop)
     }
 
     /// Releases what an upload staged, once its coordinator gave up on it.
@@ -1784,6 +2033,148 @@ mod tests {
             "{} chunks, {bytes} bytes",
             page.chunks.len()
         );
+    }
+
+    /// A moment well after this process's monotonic origin, so that times before it can be named.
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(3_600)
+    }
+
+    fn sent_ago(received: Instant, ms: u64) -> Option<PeerInstant> {
+        Some(PeerInstant { incarnation: clock::incarnation(), monotonic_ms: clock::monotonic_ms(received) - ms })
+    }
+
+    fn kv_request() -> LeaderRequest {
+        LeaderRequest::Get { key: b"k".to_vec() }
+    }
+
+    #[test]
+    fn a_forwarded_request_is_timed_on_the_receivers_clock_alone() {
+        let received = later();
+        let three_s = Duration::from_secs(3);
+        // Sent a second ago, with three seconds to wait: two are left, whatever either date says.
+        let mut envelope = ForwardEnvelope::new(kv_request(), three_s, sent_ago(received, 1_000), None);
+        for date in [0, unix_now_ms() - 3_600_000, unix_now_ms() + 3_600_000] {
+            envelope.deadline_unix_ms = date;
+            assert_eq!(
+                envelope.arrival(received),
+                Ok(Arrival { deadline: received + Duration::from_secs(2), prepare_age: None })
+            );
+        }
+        // Sent four seconds ago (it sat in a paused leader's socket): its sender gave up a second ago.
+        let late = ForwardEnvelope::new(kv_request(), three_s, sent_ago(received, 4_000), None);
+        assert_eq!(late.arrival(received), Err(1_000));
+        let just_late = ForwardEnvelope::new(kv_request(), three_s, sent_ago(received, 3_000), None);
+        assert_eq!(just_late.arrival(received), Err(0));
+        // Without a reading of this node's clock, or with one of an earlier process of this
+        // node, the time on the way is unknown: the whole wait is left.
+        let unknown = ForwardEnvelope::new(kv_request(), three_s, None, None);
+        assert_eq!(unknown.arrival(received), Ok(Arrival { deadline: received + three_s, prepare_age: None }));
+        let restarted =
+            sent_ago(received, 10_000).map(|sent| PeerInstant { incarnation: sent.incarnation ^ 2, ..sent });
+        let stale = ForwardEnvelope::new(kv_request(), three_s, restarted, None);
+        assert_eq!(stale.arrival(received), Ok(Arrival { deadline: received + three_s, prepare_age: None }));
+    }
+
+    #[test]
+    fn forward_envelopes_cross_versions() {
+        let received = later();
+        let envelope = ForwardEnvelope::new(kv_request(), Duration::from_secs(3), sent_ago(received, 5), None);
+        let bytes = schema::encode(&envelope).unwrap();
+        // A leader of the previous version reads its fields and ignores the new ones.
+        let old: LegacyForwardEnvelope = schema::decode(&bytes).unwrap();
+        assert!(matches!(old.request, LeaderRequest::Get { .. }));
+        assert!(old.deadline_unix_ms.abs_diff(unix_now_ms() + 3_000) < 1_000, "a date its clock can check");
+        // This version reads an envelope of the previous one by its date.
+        let legacy = LegacyForwardEnvelope { deadline_unix_ms: unix_now_ms() + 2_000, request: kv_request() };
+        let read = ForwardEnvelope::decode(&schema::encode(&legacy).unwrap()).unwrap();
+        assert!(read.sent_at.is_none() && (1_000..=2_000).contains(&read.remaining_ms), "{read:?}");
+        let past = LegacyForwardEnvelope { deadline_unix_ms: 1, request: kv_request() };
+        let read = ForwardEnvelope::decode(&schema::encode(&past).unwrap()).unwrap();
+        assert_eq!(read.arrival(received), Err(0), "past its date: refused, as before");
+        assert!(ForwardEnvelope::decode(&[0xff; 3]).is_err());
+    }
+
+    #[test]
+    fn a_forwarded_writes_age_counts_its_time_on_the_way_never_short() {
+        let received = later();
+        let (three_s, half_s) = (Duration::from_secs(3), Duration::from_millis(500));
+        let measured = ForwardEnvelope::new(kv_request(), three_s, sent_ago(received, 200), Some(half_s));
+        let age = measured.arrival(received).unwrap().prepare_age.unwrap();
+        assert_eq!(
+            age.at(received + Duration::from_millis(100)),
+            Duration::from_millis(800),
+            "500 + 200 on the way + 100 here"
+        );
+        // Not knowing how long it was on its way, the leader counts the whole wait.
+        let unmeasured = ForwardEnvelope::new(kv_request(), three_s, None, Some(half_s));
+        assert_eq!(unmeasured.arrival(received).unwrap().prepare_age.unwrap().at(received), three_s + half_s);
+        assert_eq!(
+            ForwardEnvelope::new(kv_request(), three_s, None, None).arrival(received).unwrap().prepare_age,
+            None
+        );
+    }
+
+    /// The coordinator's date, the leader's date and the state clock may all disagree: only
+    /// the write's age decides.
+    #[test]
+    fn a_commit_is_judged_by_its_age_on_monotonic_clocks_not_by_any_date() {
+        const DATE_MS: u64 = 1_780_000_000_000;
+        let grace_ms = 2_000;
+        let chunk = files::CommittedChunk { hash: ChunkHash::from_bytes([9; 32]), size: 1, replicas: vec![1] };
+        let commit = |prepared_at_ms: u64| CommitFile {
+            path: "/f".into(),
+            size: 1,
+            mtime_ms: 1,
+            content_hash: vec![0; 32],
+            chunks: vec![chunk.clone()],
+            upload_id: None,
+            first_index: 0,
+            expected_version: None,
+            prepared_at_ms,
+            grace_ms,
+        };
+        let apply = |stamp_ms: u64, age: Duration, coordinator_date_ms: u64, leader_date_ms: u64| {
+            let mut store = schema::MemoryStore::default();
+            let previous =
+                Proposal { request_id: None, proposed_at_ms: stamp_ms - 10, command: Command::Compact { revision: 0 } };
+            crate::state::apply(&mut store, &previous).unwrap().unwrap();
+            let mut proposal = MetaNode::proposal(None, Command::CommitFile(commit(coordinator_date_ms)));
+            proposal.proposed_at_ms = stamp_ms;
+            let field = proposal.command.prepared_at_ms_mut().unwrap();
+            *field = prepared_at_on_state_clock(stamp_ms, Some(age), *field, leader_date_ms);
+            crate::state::apply(&mut store, &proposal).unwrap()
+        };
+        for (coordinator_date_ms, leader_date_ms) in
+            [(0, 0), (DATE_MS + 3_600_000, DATE_MS), (DATE_MS - 600_000, DATE_MS + 86_400_000)]
+        {
+            assert!(apply(DATE_MS, Duration::from_millis(1_999), coordinator_date_ms, leader_date_ms).is_ok());
+            assert_eq!(
+                apply(DATE_MS, Duration::from_millis(2_001), coordinator_date_ms, leader_date_ms),
+                Err(CommandError::PrepareExpired { age_ms: 2_001, grace_ms })
+            );
+        }
+        // A proposal from a coordinator of the previous version: its date against the leader's.
+        assert_eq!(prepared_at_on_state_clock(DATE_MS, None, DATE_MS - 400, DATE_MS + 100), DATE_MS - 500);
+        assert_eq!(prepared_at_on_state_clock(100, Some(Duration::from_millis(500)), 7, 7), 0, "never below 0");
+    }
+
+    #[tokio::test]
+    async fn an_orphan_check_waits_for_every_batch_stamped_before_it() {
+        let stamped = StampedBatches::default();
+        let short = Duration::from_millis(50);
+        assert_eq!(stamped.settled(stamped.mark(), short).await, Ok(()), "nothing stamped");
+        let (first, second) = (stamped.open(), stamped.open());
+        let mark = stamped.mark();
+        let third = stamped.open();
+        assert!(stamped.settled(mark, short).await.is_err(), "two batches stamped before the check are open");
+        stamped.settle(second);
+        assert!(stamped.settled(mark, short).await.is_err(), "the first one still is");
+        stamped.settle(first);
+        assert_eq!(stamped.settled(mark, short).await, Ok(()), "the third was stamped after the check");
+        let waiting = stamped.settled(stamped.mark(), Duration::from_secs(10));
+        stamped.settle(third);
+        assert_eq!(waiting.await, Ok(()));
     }
 
     fn wire_number<T: Serialize>(message: &T) -> u8 {

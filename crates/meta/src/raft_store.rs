@@ -421,6 +421,8 @@ pub struct StateReader {
     revision: watch::Receiver<u64>,
     cluster_id: Arc<RwLock<Option<String>>>,
     tokens: crate::auth::SharedTokens,
+    /// The state clock as applied here, with the moment it was (what a new leader stamps from).
+    clock: Arc<crate::clock::StateClock>,
 }
 
 impl StateReader {
@@ -457,6 +459,11 @@ impl StateReader {
     pub fn cluster_id(&self) -> Option<String> {
         self.cluster_id.read().ok().and_then(|guard| guard.clone())
     }
+
+    /// The state clock: its applied value, and this node's stamps when it leads.
+    pub(crate) fn clock(&self) -> &Arc<crate::clock::StateClock> {
+        &self.clock
+    }
 }
 
 type Meta = SnapshotMeta<NodeId, openraft::BasicNode>;
@@ -489,15 +496,23 @@ impl StateMachineStore {
         WriteTables::open(&txn)?;
         txn.open_table(SM_META).map_err(store_err)?;
         txn.commit().map_err(store_err)?;
-        let (revision, cluster_id, tokens) = {
+        let (revision, cluster_id, tokens, clock_ms) = {
             let txn = db.begin_read().map_err(store_err)?;
             let mut tables = Vec::new();
             for table in Table::ALL {
                 tables.push(txn.open_table(table_definition(table)).map_err(store_err)?);
             }
             let view = ReadView { tables, last_applied: None };
-            (schema::current_revision(&view)?, state::cluster_id(&view)?, crate::auth::TokenTable::load(&view)?)
+            (
+                schema::current_revision(&view)?,
+                state::cluster_id(&view)?,
+                crate::auth::TokenTable::load(&view)?,
+                schema::get_u64(&view, schema::Table::Meta, schema::META_CLOCK_MS)?,
+            )
         };
+        // The clock on disk was stamped before this process started: it holds from now on.
+        let clock = Arc::new(crate::clock::StateClock::default());
+        clock.applied(clock_ms, std::time::Instant::now());
         let cluster_id = match std::fs::read_to_string(data_dir.join(CLUSTER_ID_FILE)) {
             Ok(text) if !text.trim().is_empty() => Some(text.trim().to_string()),
             Ok(_) => cluster_id,
@@ -511,6 +526,7 @@ impl StateMachineStore {
             revision: revision_rx,
             cluster_id: cluster_id.clone(),
             tokens: Arc::new(RwLock::new(tokens)),
+            clock,
         };
         remove_stale_temporary_files(data_dir)?;
         let build_pause =
@@ -554,6 +570,9 @@ impl StateMachineStore {
                 }
             }
         }
+        // Read after the apply committed: the clock it reached was stamped before this moment.
+        let clock_ms = schema::get_u64(&view, schema::Table::Meta, schema::META_CLOCK_MS)?;
+        self.reader.clock.applied(clock_ms, std::time::Instant::now());
         self.revision_tx.send_replace(revision);
         Ok(())
     }

@@ -21,7 +21,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::files::{
-    chunk_list_page, install_chunk_list, queue_chunk_set_release, u64_at, CommittedChunk, FileChunk, NewChunkList,
+    chunk_list_page, install_chunk_list, queue_chunk_set_release, stamped, u64_at, CommittedChunk, FileChunk,
+    NewChunkList,
 };
 use crate::schema::{
     decode, encode, get_u64, prefix_end, put_u64, CommandError, CommandResult, Outcome, StateStore, StoreError, Table,
@@ -156,6 +157,9 @@ struct Piece {
 pub struct MultipartUpload {
     pub bucket: String,
     pub key: String,
+    /// When the upload began, on the state clock, which its expiry is measured on. The gateway
+    /// sends 0, and the apply records the state clock; a gateway's date would tie the expiry to
+    /// one node's clock. (Entries from before this rule carry the gateway's date, kept.)
     pub initiated_ms: u64,
     pub meta: ObjectMeta,
 }
@@ -180,6 +184,7 @@ pub struct S3Content {
     /// their path) before `chunks`.
     pub upload_id: Option<u64>,
     pub first_index: u64,
+    /// As in [`crate::files::CommitFile`]: filled in by the leader.
     pub prepared_at_ms: u64,
     pub grace_ms: u64,
 }
@@ -264,6 +269,8 @@ pub struct PutObject {
     pub content: S3Content,
     pub etag: String,
     pub meta: ObjectMeta,
+    /// 0: stamped with the state clock at the apply (`files::stamped`), as the gateway sends
+    /// it; likewise for a copy, a part and a completion.
     pub mtime_ms: u64,
     pub condition: Precondition,
 }
@@ -659,7 +666,7 @@ pub(crate) fn put_object(
     let record = ObjectRecord {
         size: put.content.size,
         etag: put.etag.clone(),
-        last_modified_ms: put.mtime_ms,
+        last_modified_ms: stamped(put.mtime_ms, clock_ms),
         pieces,
         n_chunks,
         parts: 0,
@@ -669,7 +676,11 @@ pub(crate) fn put_object(
     Ok(Ok(Outcome::ObjectWritten { etag: record.etag, last_modified_ms: record.last_modified_ms }))
 }
 
-pub(crate) fn copy_object(store: &mut impl StateStore, copy: &CopyObject) -> Result<CommandResult, StoreError> {
+pub(crate) fn copy_object(
+    store: &mut impl StateStore,
+    copy: &CopyObject,
+    clock_ms: u64,
+) -> Result<CommandResult, StoreError> {
     if get_bucket(store, &copy.source_bucket)?.is_none() {
         return Ok(no_bucket(&copy.source_bucket));
     }
@@ -701,7 +712,7 @@ pub(crate) fn copy_object(store: &mut impl StateStore, copy: &CopyObject) -> Res
     list.refs += 1;
     store.put(Table::S3PieceLists, &list_row, &encode(&list)?)?;
     let record = ObjectRecord {
-        last_modified_ms: copy.mtime_ms,
+        last_modified_ms: stamped(copy.mtime_ms, clock_ms),
         meta: copy.meta.clone().unwrap_or_else(|| source.meta.clone()),
         ..source
     };
@@ -747,10 +758,18 @@ fn upload_for(
 pub(crate) fn create_multipart(
     store: &mut impl StateStore,
     upload: &MultipartUpload,
+    clock_ms: u64,
 ) -> Result<CommandResult, StoreError> {
     if get_bucket(store, &upload.bucket)?.is_none() {
         return Ok(no_bucket(&upload.bucket));
     }
+    let stamped;
+    let upload = if upload.initiated_ms == 0 {
+        stamped = MultipartUpload { initiated_ms: clock_ms, ..upload.clone() };
+        &stamped
+    } else {
+        upload
+    };
     let upload_id = new_id(store, META_NEXT_MULTIPART)?;
     store.put(Table::S3Uploads, &upload_id.to_be_bytes(), &encode(upload)?)?;
     store.put(Table::S3UploadsByObject, &upload_by_object_row(&upload.bucket, &upload.key, upload_id), &[])?;
@@ -800,7 +819,7 @@ pub(crate) fn put_part(store: &mut impl StateStore, put: &PutPart, clock_ms: u64
     let part = PartRecord {
         etag: put.etag.clone(),
         size: put.content.size,
-        last_modified_ms: put.mtime_ms,
+        last_modified_ms: stamped(put.mtime_ms, clock_ms),
         chunk_set,
         n_chunks,
     };
@@ -830,6 +849,7 @@ fn end_multipart(
 pub(crate) fn complete_multipart(
     store: &mut impl StateStore,
     complete: &CompleteUpload,
+    clock_ms: u64,
 ) -> Result<CommandResult, StoreError> {
     use md5::Digest;
     let upload_id = complete.upload_id;
@@ -883,7 +903,7 @@ pub(crate) fn complete_multipart(
     let record = ObjectRecord {
         size,
         etag: format!("{}-{}", mendfs_types::hex(&md5_of_md5s.finalize()), complete.parts.len()),
-        last_modified_ms: complete.mtime_ms,
+        last_modified_ms: stamped(complete.mtime_ms, clock_ms),
         pieces: list,
         n_chunks,
         parts: complete.parts.len() as u32,
@@ -1215,7 +1235,7 @@ mod tests {
         ok(delete_objects(&mut store, "photos", &["a".into()]));
         let upload =
             MultipartUpload { bucket: "photos".into(), key: "m".into(), initiated_ms: NOW, meta: Default::default() };
-        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload)) else { panic!() };
+        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload, NOW)) else { panic!() };
         assert!(matches!(refused(delete_bucket(&mut store, "photos")), CommandError::BucketNotEmpty { .. }));
         ok(abort_multipart(&mut store, upload_id, "photos", "m"));
         ok(delete_bucket(&mut store, "photos"));
@@ -1283,7 +1303,7 @@ mod tests {
             meta: Some(ObjectMeta { content_type: Some("text/plain".into()), ..Default::default() }),
             mtime_ms: NOW + 5,
         };
-        ok(copy_object(&mut store, &copy));
+        ok(copy_object(&mut store, &copy, NOW));
         let copied = get_object(&store, "c", "dst").unwrap().unwrap();
         assert_eq!((copied.etag.as_str(), copied.size, copied.last_modified_ms), ("e1", 20, NOW + 5));
         assert_eq!(copied.meta.content_type.as_deref(), Some("text/plain"));
@@ -1297,13 +1317,13 @@ mod tests {
         assert_eq!((refs(&store, 1), refs(&store, 2)), (0, 0));
 
         let onto_itself = CopyObject { source_bucket: "c".into(), source_key: "x".into(), ..copy.clone() };
-        assert!(matches!(refused(copy_object(&mut store, &onto_itself)), CommandError::NoSuchKey { .. }));
+        assert!(matches!(refused(copy_object(&mut store, &onto_itself, NOW)), CommandError::NoSuchKey { .. }));
         let failing = CopyObject {
             source_condition: Precondition { etag_in: Some(vec!["other".into()]), ..Default::default() },
             ..copy
         };
         ok(put_object(&mut store, &put("b", "src", vec![chunk(1, 10)], "e1"), NOW));
-        assert!(matches!(refused(copy_object(&mut store, &failing)), CommandError::PreconditionFailed { .. }));
+        assert!(matches!(refused(copy_object(&mut store, &failing, NOW)), CommandError::PreconditionFailed { .. }));
     }
 
     fn upload_part(store: &mut MemoryStore, upload_id: u64, number: u32, chunks: Vec<CommittedChunk>, etag: &str) {
@@ -1329,7 +1349,7 @@ mod tests {
         let mut store = store_with_bucket("b");
         let upload =
             MultipartUpload { bucket: "b".into(), key: "big".into(), initiated_ms: NOW, meta: Default::default() };
-        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload)) else { panic!() };
+        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload, NOW)) else { panic!() };
         upload_part(&mut store, upload_id, 2, vec![chunk(3, 10)], MD5_B);
         upload_part(&mut store, upload_id, 1, vec![chunk(1, 10), chunk(2, 10)], "ffffffffffffffffffffffffffffffff");
         // Part 1 again: the first upload of it is replaced and released.
@@ -1363,19 +1383,19 @@ mod tests {
             mtime_ms: NOW,
         };
         let stray = CompleteUpload { key: "other".into(), ..complete(vec![(1, MD5_A)], 0) };
-        assert!(matches!(refused(complete_multipart(&mut store, &stray)), CommandError::NoSuchUpload { .. }));
+        assert!(matches!(refused(complete_multipart(&mut store, &stray, NOW)), CommandError::NoSuchUpload { .. }));
         let order = complete(vec![(2, MD5_B), (1, MD5_A)], 0);
-        assert_eq!(refused(complete_multipart(&mut store, &order)), CommandError::InvalidPartOrder);
+        assert_eq!(refused(complete_multipart(&mut store, &order, NOW)), CommandError::InvalidPartOrder);
         let wrong_tag = complete(vec![(1, MD5_B), (2, MD5_B)], 0);
-        assert!(matches!(refused(complete_multipart(&mut store, &wrong_tag)), CommandError::InvalidPart { .. }));
+        assert!(matches!(refused(complete_multipart(&mut store, &wrong_tag, NOW)), CommandError::InvalidPart { .. }));
         let missing = complete(vec![(1, MD5_A), (4, MD5_B)], 0);
-        assert!(matches!(refused(complete_multipart(&mut store, &missing)), CommandError::InvalidPart { .. }));
+        assert!(matches!(refused(complete_multipart(&mut store, &missing, NOW)), CommandError::InvalidPart { .. }));
         let small = complete(vec![(1, MD5_A), (2, MD5_B)], 25);
-        assert!(matches!(refused(complete_multipart(&mut store, &small)), CommandError::EntityTooSmall { .. }));
+        assert!(matches!(refused(complete_multipart(&mut store, &small, NOW)), CommandError::EntityTooSmall { .. }));
 
         // Part 3 is left out: released with the upload.
         let Outcome::ObjectWritten { etag, .. } =
-            ok(complete_multipart(&mut store, &complete(vec![(1, &format!("\"{MD5_A}\"")), (2, MD5_B)], 10)))
+            ok(complete_multipart(&mut store, &complete(vec![(1, &format!("\"{MD5_A}\"")), (2, MD5_B)], 10), NOW))
         else {
             panic!()
         };
@@ -1396,7 +1416,7 @@ mod tests {
         assert_eq!([1, 2, 6].map(|b| refs(&store, b)), [0, 0, 0], "replaced and unused parts are released");
         assert!(get_multipart(&store, upload_id).unwrap().is_none());
         assert!(matches!(
-            refused(complete_multipart(&mut store, &complete(vec![(1, MD5_A)], 0))),
+            refused(complete_multipart(&mut store, &complete(vec![(1, MD5_A)], 0), NOW)),
             CommandError::NoSuchUpload { .. }
         ));
         ok(delete_objects(&mut store, "b", &["big".into()]));
@@ -1415,7 +1435,9 @@ mod tests {
                 initiated_ms: NOW + i,
                 meta: Default::default(),
             };
-            let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload)) else { panic!() };
+            let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload, NOW)) else {
+                panic!()
+            };
             upload_part(&mut store, upload_id, 1, vec![chunk(i as u8, 1)], MD5_A);
         }
         assert!(!expired_multipart_pending(&store, NOW).unwrap());
@@ -1430,6 +1452,51 @@ mod tests {
         ok(delete_bucket(&mut store, "b"));
     }
 
+    /// A write the gateway sends with mtime 0 is stamped with the state clock at its apply, so a
+    /// gateway whose date is off cannot make an overwrite look older than what it replaced; a
+    /// time the writer set is kept.
+    #[test]
+    fn objects_are_stamped_with_the_state_clock_unless_the_writer_set_a_time() {
+        let mut store = store_with_bucket("b");
+        let unstamped = PutObject { mtime_ms: 0, ..put("b", "k", vec![chunk(1, 10)], "e1") };
+        ok(put_object(&mut store, &unstamped, NOW + 3));
+        assert_eq!(get_object(&store, "b", "k").unwrap().unwrap().last_modified_ms, NOW + 3);
+        let copy = CopyObject {
+            source_bucket: "b".into(),
+            source_key: "k".into(),
+            source_condition: Precondition::default(),
+            bucket: "b".into(),
+            key: "copy".into(),
+            condition: Precondition::default(),
+            meta: None,
+            mtime_ms: 0,
+        };
+        let Outcome::ObjectWritten { last_modified_ms, .. } = ok(copy_object(&mut store, &copy, NOW + 9)) else {
+            panic!()
+        };
+        assert_eq!(last_modified_ms, NOW + 9);
+        ok(put_object(&mut store, &put("b", "k", vec![chunk(2, 10)], "e2"), NOW + 20));
+        assert_eq!(get_object(&store, "b", "k").unwrap().unwrap().last_modified_ms, NOW);
+    }
+
+    /// The gateway's date plays no part: an upload begins at the state clock of its apply, and
+    /// expires by the state clock.
+    #[test]
+    fn an_upload_begins_and_expires_by_the_state_clock() {
+        let mut store = store_with_bucket("b");
+        let upload = MultipartUpload { bucket: "b".into(), key: "k".into(), initiated_ms: 0, meta: Default::default() };
+        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload, NOW + 7)) else {
+            panic!()
+        };
+        assert_eq!(get_multipart(&store, upload_id).unwrap().unwrap().initiated_ms, NOW + 7);
+        assert!(!expired_multipart_pending(&store, NOW + 7).unwrap());
+        assert!(expired_multipart_pending(&store, NOW + 8).unwrap());
+        // An entry from before the rule keeps the date it carries.
+        let old = MultipartUpload { initiated_ms: 5, ..upload };
+        let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &old, NOW)) else { panic!() };
+        assert_eq!(get_multipart(&store, upload_id).unwrap().unwrap().initiated_ms, 5);
+    }
+
     #[test]
     fn uploads_are_listed_by_key_then_id() {
         let mut store = store_with_bucket("b");
@@ -1437,7 +1504,9 @@ mod tests {
         for key in ["a/1", "a/1", "a/2", "b"] {
             let upload =
                 MultipartUpload { bucket: "b".into(), key: key.into(), initiated_ms: NOW, meta: Default::default() };
-            let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload)) else { panic!() };
+            let Outcome::MultipartCreated { upload_id } = ok(create_multipart(&mut store, &upload, NOW)) else {
+                panic!()
+            };
             ids.push(upload_id);
         }
         let (all, truncated) = list_multipart(&store, "b", "a/", None, None, 10).unwrap();
@@ -1523,7 +1592,7 @@ mod tests {
                             bucket: "b".into(), key: format!("k{}", byte % 3), condition: Default::default(),
                             meta: Some(Default::default()), mtime_ms: NOW,
                         };
-                        let _ = copy_object(&mut store, &copy).unwrap();
+                        let _ = copy_object(&mut store, &copy, NOW).unwrap();
                     }
                     _ => release_all(&mut store),
                 }

@@ -13,13 +13,14 @@ use mendfs_proto::v1::auth_server::{Auth as AuthService, AuthServer};
 use mendfs_proto::v1::kv_server::{Kv, KvServer};
 use mendfs_proto::v1::node_server::{Node, NodeServer};
 use mendfs_proto::v1::s3_admin_server::{S3Admin, S3AdminServer};
-use mendfs_proto::{FORWARDED_HEADER, LEADER_HINT_HEADER};
+use mendfs_proto::{FORWARDED_HEADER, LEADER_HINT_HEADER, NODE_ID_HEADER};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Authenticator, Role};
+use crate::clock;
 use crate::error::ApiError;
 use mendfs_types::unix_now_ms;
 
@@ -180,14 +181,32 @@ pub(crate) fn receive_snapshot_chunk_for_tests(
     }
 }
 
+impl NodeApi {
+    /// Notes the caller's monotonic clock from its call (see `clock::PeerClocks`); returns the
+    /// moment the call was received.
+    fn observe_clock<T>(&self, request: &Request<T>) -> Instant {
+        let received = Instant::now();
+        let header = |name: &str| request.metadata().get(name).and_then(|value| value.to_str().ok());
+        let peer = header(NODE_ID_HEADER).and_then(|id| id.parse::<crate::NodeId>().ok());
+        let sent = header(clock::CLOCK_HEADER).and_then(clock::parse_header);
+        if let (Some(peer), Some((incarnation, monotonic_ms))) = (peer, sent) {
+            self.node.peer_clocks.observe(peer, clock::PeerInstant { incarnation, monotonic_ms }, received);
+        }
+        received
+    }
+}
+
 #[tonic::async_trait]
 impl Node for NodeApi {
     async fn append_entries(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        // Heartbeats included: a follower always has a fresh reading of its leader's clock.
+        self.observe_clock(&request);
         let rpc = decode_payload(request.get_ref(), "append-entries")?;
         encode_reply(&self.node.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        self.observe_clock(&request);
         let rpc = decode_payload(request.get_ref(), "vote")?;
         encode_reply(&self.node.raft.vote(rpc).await)
     }
@@ -214,16 +233,21 @@ impl Node for NodeApi {
     }
 
     async fn forward(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
-        let envelope: ForwardEnvelope = decode_payload(request.get_ref(), "forwarded request")?;
+        let received = self.observe_clock(&request);
+        let envelope = ForwardEnvelope::decode(&request.get_ref().data)
+            .map_err(|e| Status::invalid_argument(format!("malformed forwarded request payload: {e}")))?;
         // A request that waited past its sender's deadline (in a paused process's socket, say)
         // is refused: the sender has already reported a failure, so applying it now would turn
         // a reported failure into a silent success.
-        let result = if unix_now_ms() > envelope.deadline_unix_ms {
-            let late_ms = unix_now_ms().saturating_sub(envelope.deadline_unix_ms);
-            tracing::warn!(late_ms, "refused a forwarded request that arrived after its deadline");
-            Err(ApiError::Timeout(format!("the forwarded request arrived {late_ms} ms after its deadline")))
-        } else {
-            self.node.serve_on_leader(envelope.request, Origin::FORWARDED).await
+        let result = match envelope.arrival(received) {
+            Err(late_ms) => {
+                tracing::warn!(late_ms, "refused a forwarded request that arrived after its deadline");
+                Err(ApiError::Timeout(format!("the forwarded request arrived {late_ms} ms after its deadline")))
+            }
+            Ok(arrival) => {
+                let origin = Origin { deadline: Some(arrival.deadline), ..Origin::FORWARDED };
+                self.node.serve_on_leader_aged(envelope.request, origin, arrival.prepare_age).await
+            }
         };
         encode_reply(&result)
     }

@@ -25,8 +25,9 @@ use crate::schema::{
 };
 use crate::{files, kv, s3};
 
-/// How long a write's outcome is remembered for deduplication, measured on the proposers'
-/// clocks. Clients retry an ambiguous write for far less than this.
+/// How long a write's outcome is remembered for deduplication, measured on the state clock,
+/// which never runs faster than real time (see `clock`). Clients retry an ambiguous write for
+/// far less than this.
 pub const DEDUP_WINDOW_MS: u64 = 120_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -182,8 +183,8 @@ pub enum Command {
         bucket: String,
         key: String,
     },
-    /// The leader aborts multipart uploads initiated before this time, a bounded number per
-    /// entry.
+    /// The leader aborts multipart uploads initiated before this time (on the state clock: its
+    /// next stamp less the expiry), a bounded number per entry.
     S3ExpireMultipart {
         initiated_before_ms: u64,
     },
@@ -194,14 +195,32 @@ impl Command {
     pub fn changes_tokens(&self) -> bool {
         matches!(self, Command::CreateToken { .. } | Command::RevokeToken { .. })
     }
+
+    /// For a command that references prepared chunks (a file commit, a staged segment, an S3
+    /// object or part): when they began preparing, on the state clock. The leader fills it in
+    /// as it stamps the proposal (its stamp less the write's age); the apply refuses the command
+    /// if the state clock is past it by more than the grace (`files::check_prepare_age`).
+    pub fn prepared_at_ms_mut(&mut self) -> Option<&mut u64> {
+        match self {
+            Command::CommitFile(commit) => Some(&mut commit.prepared_at_ms),
+            Command::StageSegment(stage) => Some(&mut stage.prepared_at_ms),
+            Command::S3PutObject(put) => Some(&mut put.content.prepared_at_ms),
+            Command::S3PutPart(put) => Some(&mut put.content.prepared_at_ms),
+            _ => None,
+        }
+    }
 }
 
-/// One Raft entry's payload: a command, who sent it, and when the proposing node received it.
+/// One Raft entry's payload: a command, who sent it, and when the leader committed it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Proposal {
     pub request_id: Option<RequestId>,
-    /// Wall-clock time on the proposing node; only used to age out deduplication records, so
-    /// clock skew between leaders only shortens or stretches that window.
+    /// The leader's stamp, the only way time enters the state: the state clock becomes the
+    /// largest stamp applied. Whoever builds a proposal leaves it 0; the proposer of the node
+    /// that commits it as leader stamps it, following its wall clock but never faster than its
+    /// monotonic clock (`clock::next_stamp`), so no node's date can move the state clock further
+    /// than the real time that passed. (Entries written before this rule carry the proposing
+    /// node's wall clock; applying them is unchanged.)
     pub proposed_at_ms: u64,
     pub command: Command,
 }
@@ -412,14 +431,23 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
             let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
             s3::put_object(store, put, clock_ms)
         }
-        Command::S3CopyObject(copy) => s3::copy_object(store, copy),
+        Command::S3CopyObject(copy) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            s3::copy_object(store, copy, clock_ms)
+        }
         Command::S3DeleteObjects { bucket, keys } => s3::delete_objects(store, bucket, keys),
-        Command::S3CreateMultipart(upload) => s3::create_multipart(store, upload),
+        Command::S3CreateMultipart(upload) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            s3::create_multipart(store, upload, clock_ms)
+        }
         Command::S3PutPart(put) => {
             let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
             s3::put_part(store, put, clock_ms)
         }
-        Command::S3CompleteMultipart(complete) => s3::complete_multipart(store, complete),
+        Command::S3CompleteMultipart(complete) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            s3::complete_multipart(store, complete, clock_ms)
+        }
         Command::S3AbortMultipart { upload_id, bucket, key } => s3::abort_multipart(store, *upload_id, bucket, key),
         Command::S3ExpireMultipart { initiated_before_ms } => s3::expire_multipart(store, *initiated_before_ms),
     }

@@ -11,7 +11,6 @@ use mendfs_meta::s3::{
     PutPart, S3Content,
 };
 use mendfs_meta::{ApiError, MetaNode, Origin, CHUNK_PAGE_CHUNKS_MAX};
-use mendfs_types::unix_now_ms;
 use s3s::dto::*;
 use s3s::{S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
 use tokio_stream::wrappers::ReceiverStream;
@@ -198,6 +197,15 @@ fn checksum_of(meta: &ObjectMeta, algorithm: &str) -> Option<String> {
 /// Where a write's ApiError goes while the data plane carries only a gRPC status.
 type Refusal = Arc<Mutex<Option<ApiError>>>;
 
+/// What a write's commit needs besides its content: the request id that makes a retry apply
+/// once, and when its (last segment's) chunks began preparing, on this node's monotonic clock,
+/// from which the leader reckons the write's age.
+#[derive(Debug, Clone, Copy)]
+struct Committing {
+    request_id: mendfs_meta::RequestId,
+    prepare_started: std::time::Instant,
+}
+
 fn refuse(slot: &Refusal, error: ApiError) -> tonic::Status {
     let status = tonic::Status::from(error.clone());
     if let Ok(mut refusal) = slot.lock() {
@@ -270,7 +278,7 @@ impl Gateway {
         commit: F,
     ) -> S3Result<(T, body::Verified)>
     where
-        F: FnOnce(S3Content, body::Verified, mendfs_meta::RequestId, Refusal) -> Fut,
+        F: FnOnce(S3Content, body::Verified, Committing, Refusal) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let body =
@@ -286,10 +294,12 @@ impl Gateway {
                 chunks: written.chunks,
                 upload_id: written.upload_id,
                 first_index: written.first_index,
-                prepared_at_ms: written.prepared_at_ms,
+                // Filled in by the leader, from `prepare_started`.
+                prepared_at_ms: 0,
                 grace_ms: written.grace_ms,
             };
-            let committed = commit(content, verified.clone(), written.request_id, refusal_for_commit).await?;
+            let committing = Committing { request_id: written.request_id, prepare_started: written.prepare_started };
+            let committed = commit(content, verified.clone(), committing, refusal_for_commit).await?;
             Ok((committed, verified))
         }))
         .await;
@@ -468,7 +478,7 @@ impl S3 for Gateway {
         let node = self.node.clone();
         let coordinator = self.coordinator.clone();
         let (written, verified) = self
-            .write(label, input.body, declared, trailing_headers, |content, verified, request_id, refusal| async move {
+            .write(label, input.body, declared, trailing_headers, |content, verified, committing, refusal| async move {
                 let mut meta = meta;
                 meta.checksums = verified.checksums.clone();
                 let put = PutObject {
@@ -477,11 +487,13 @@ impl S3 for Gateway {
                     content,
                     etag: verified.md5_hex.clone(),
                     meta,
-                    mtime_ms: unix_now_ms(),
+                    // Stamped by the apply with the state clock: a node's date can be off.
+                    mtime_ms: 0,
                     condition,
                 };
+                let Committing { request_id, prepare_started } = committing;
                 coordinator
-                    .propose_retrying(|| node.s3_put_object(request_id, put.clone()))
+                    .propose_retrying(|| node.s3_put_object(request_id, put.clone(), prepare_started))
                     .await
                     .map_err(|e| refuse(&refusal, e))
             })
@@ -684,7 +696,7 @@ impl S3 for Gateway {
             key: input.key.clone(),
             condition: Precondition::default(),
             meta,
-            mtime_ms: unix_now_ms(),
+            mtime_ms: 0,
         };
         let (etag_value, modified_ms) = self.node.s3_copy_object(origin(), copy).await.map_err(from_api)?;
         Ok(S3Response::new(CopyObjectOutput {
@@ -812,7 +824,8 @@ impl S3 for Gateway {
             input.metadata.clone(),
         )?;
         let upload =
-            MultipartUpload { bucket: input.bucket.clone(), key: input.key.clone(), initiated_ms: unix_now_ms(), meta };
+            // Initiated at the state clock when it applies (0): its expiry is measured on it.
+            MultipartUpload { bucket: input.bucket.clone(), key: input.key.clone(), initiated_ms: 0, meta };
         let upload_id = self.node.s3_create_multipart(origin(), upload).await.map_err(from_api)?;
         Ok(S3Response::new(CreateMultipartUploadOutput {
             bucket: Some(input.bucket),
@@ -845,7 +858,7 @@ impl S3 for Gateway {
         let node = self.node.clone();
         let coordinator = self.coordinator.clone();
         let (etag_value, verified) = self
-            .write(label, input.body, declared, trailing_headers, |content, verified, request_id, refusal| async move {
+            .write(label, input.body, declared, trailing_headers, |content, verified, committing, refusal| async move {
                 let put = PutPart {
                     upload_id,
                     bucket,
@@ -853,11 +866,13 @@ impl S3 for Gateway {
                     part_number,
                     content,
                     etag: verified.md5_hex.clone(),
-                    mtime_ms: unix_now_ms(),
+                    mtime_ms: 0,
                 };
+                let Committing { request_id, prepare_started } = committing;
                 coordinator
-                    .propose_retrying(|| node.s3_put_part(request_id, put.clone()))
+                    .propose_retrying(|| node.s3_put_part(request_id, put.clone(), prepare_started))
                     .await
+                    .map(|(etag, _)| etag)
                     .map_err(|e| refuse(&refusal, e))
             })
             .await?;
@@ -930,14 +945,20 @@ impl S3 for Gateway {
         let node = self.node.clone();
         let coordinator = self.coordinator.clone();
         let ((etag_value, modified_ms), _) = self
-            .write(label, Some(body), declared, None, |content, verified, request_id, refusal| async move {
-                let mtime_ms = unix_now_ms();
-                let put =
-                    PutPart { upload_id, bucket, key, part_number, content, etag: verified.md5_hex.clone(), mtime_ms };
+            .write(label, Some(body), declared, None, |content, verified, committing, refusal| async move {
+                let put = PutPart {
+                    upload_id,
+                    bucket,
+                    key,
+                    part_number,
+                    content,
+                    etag: verified.md5_hex.clone(),
+                    mtime_ms: 0,
+                };
+                let Committing { request_id, prepare_started } = committing;
                 coordinator
-                    .propose_retrying(|| node.s3_put_part(request_id, put.clone()))
+                    .propose_retrying(|| node.s3_put_part(request_id, put.clone(), prepare_started))
                     .await
-                    .map(|etag| (etag, mtime_ms))
                     .map_err(|e| refuse(&refusal, e))
             })
             .await?;
@@ -976,7 +997,7 @@ impl S3 for Gateway {
             parts,
             min_part_bytes: self.settings.min_part_bytes,
             condition,
-            mtime_ms: unix_now_ms(),
+            mtime_ms: 0,
         };
         let request_id = completion_id(&complete);
         let (etag_value, _) = self

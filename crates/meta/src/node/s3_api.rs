@@ -7,6 +7,9 @@ use super::{
     unexpected, ChunkPage, ChunkRef, LeaderRequest, LeaderResponse, MetaNode, Origin, CHUNK_PAGE_BYTES_MAX,
     CHUNK_PAGE_CHUNKS_MAX,
 };
+use std::time::Instant;
+
+use crate::clock::Age;
 use crate::error::ApiError;
 use crate::files;
 use crate::s3::{
@@ -238,8 +241,15 @@ impl MetaNode {
 
     /// Phase two of an object write; `request_id` makes a retry return the first outcome.
     /// Returns the ETag and the modification time.
-    pub async fn s3_put_object(&self, request_id: RequestId, put: PutObject) -> Result<(String, u64), ApiError> {
-        written(self.execute(Origin::LOCAL, Some(request_id), Command::S3PutObject(Box::new(put))).await?)
+    /// `prepare_started` as for [`MetaNode::commit_file`].
+    pub async fn s3_put_object(
+        &self,
+        request_id: RequestId,
+        put: PutObject,
+        prepare_started: Instant,
+    ) -> Result<(String, u64), ApiError> {
+        let command = Command::S3PutObject(Box::new(put));
+        written(self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await?)
     }
 
     pub async fn s3_copy_object(&self, origin: Origin, copy: CopyObject) -> Result<(String, u64), ApiError> {
@@ -266,9 +276,16 @@ impl MetaNode {
         }
     }
 
-    pub async fn s3_put_part(&self, request_id: RequestId, put: PutPart) -> Result<String, ApiError> {
-        written(self.execute(Origin::LOCAL, Some(request_id), Command::S3PutPart(Box::new(put))).await?)
-            .map(|(etag, _)| etag)
+    /// Returns the part's ETag and modification time.
+    /// `prepare_started` as for [`MetaNode::commit_file`].
+    pub async fn s3_put_part(
+        &self,
+        request_id: RequestId,
+        put: PutPart,
+        prepare_started: Instant,
+    ) -> Result<(String, u64), ApiError> {
+        let command = Command::S3PutPart(Box::new(put));
+        written(self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await?)
     }
 
     pub async fn s3_complete_multipart(
