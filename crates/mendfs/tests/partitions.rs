@@ -259,9 +259,14 @@ fn start_with_clock_control(server_args: &[&str]) -> Option<Cluster> {
         );
         return None;
     }
+    // Every node serves HTTP, whose answers carry its date: how a test reads a node's clock.
+    let node_args = (1..=3u64)
+        .map(|id| (id, vec!["--http".to_string(), format!("127.0.0.1:{}", mendfs_testkit::free_port().unwrap())]))
+        .collect();
     let options = ClusterOptions {
         clock_control: true,
         server_args: server_args.iter().map(|arg| arg.to_string()).collect(),
+        node_args,
         ..ClusterOptions::default()
     };
     Some(Cluster::start(binary(), options).expect("start the cluster under libfaketime"))
@@ -271,17 +276,27 @@ fn unix_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
 }
 
-/// Puts a small file through node `id` alone (its coordinator stamps the file's mtime with
-/// its own wall clock) and returns how far that mtime is from the test's clock, in seconds.
-fn clock_offset_seen_through(cluster: &Cluster, id: u64, local: &Path) -> anyhow::Result<i64> {
-    let remote = format!("/clock-probe-{id}");
-    let local = local.to_str().unwrap();
-    via(cluster, &[id], &["put", local, &remote])?;
-    let stat: Value = serde_json::from_str(&via(cluster, &[id], &["stat", &remote, "--json"])?)?;
-    let mtime_ms = stat["mtime_ms"].as_i64().ok_or_else(|| anyhow::anyhow!("no mtime in {stat}"))?;
-    Ok((mtime_ms - unix_ms()) / 1000)
+/// How far node `id`'s wall clock is from the test's, in seconds: the `Date` of its HTTP
+/// listener's answer (whole seconds; the tests allow far more than that).
+fn clock_offset_seen_through(cluster: &Cluster, id: u64) -> anyhow::Result<i64> {
+    use std::io::{Read as _, Write as _};
+    let args = cluster.options().node_args.get(&id).ok_or_else(|| anyhow::anyhow!("no HTTP flag for node {id}"))?;
+    let addr = args.get(1).ok_or_else(|| anyhow::anyhow!("no HTTP address for node {id}"))?;
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: mendfs\r\nConnection: close\r\n\r\n")?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    let date = answer
+        .lines()
+        .find_map(|line| line.strip_prefix("date: ").or_else(|| line.strip_prefix("Date: ")))
+        .ok_or_else(|| anyhow::anyhow!("no Date in node {id}'s answer: {answer}"))?;
+    let at = httpdate::parse_http_date(date.trim())?;
+    let at_ms = at.duration_since(std::time::UNIX_EPOCH)?.as_millis() as i64;
+    Ok((at_ms - unix_ms()) / 1000)
 }
 
+/// A small local file to put.
 fn probe_file(cluster: &Cluster) -> PathBuf {
     let path = cluster.root().join("probe.bin");
     std::fs::write(&path, b"what time is it").unwrap();
@@ -293,12 +308,9 @@ fn probe_file(cluster: &Cluster) -> PathBuf {
 #[test]
 fn a_clock_offset_moves_one_nodes_wall_clock_and_survives_its_restart() {
     let Some(mut cluster) = start_with_clock_control(&[]) else { return };
-    let probe = probe_file(&cluster);
     let offset_through = |cluster: &Cluster, id: u64| {
-        wait_for(&format!("a put through node {id}"), DEADLINE, || {
-            Ok(clock_offset_seen_through(cluster, id, &probe).ok())
-        })
-        .unwrap()
+        wait_for(&format!("an answer from node {id}"), DEADLINE, || Ok(clock_offset_seen_through(cluster, id).ok()))
+            .unwrap()
     };
     let near = |seconds: i64, target: i64| (seconds - target).abs() <= 30;
     assert!(near(offset_through(&cluster, 1), 0), "node 1 starts at the true time");
@@ -310,6 +322,19 @@ fn a_clock_offset_moves_one_nodes_wall_clock_and_survives_its_restart() {
     let seen = offset_through(&cluster, 2);
     assert!(near(seen, 3_600), "node 2's clock is still an hour ahead after its restart, not {seen} s");
     assert!(cluster.set_clock_offset(9, 1).is_err(), "no node 9");
+
+    // A file put through the node an hour ahead is dated by the state clock, not by that
+    // node's date (which the coordinator used to stamp).
+    let probe = probe_file(&cluster);
+    let remote = "/put-through-the-node-ahead";
+    wait_for("a put through node 2", DEADLINE, || {
+        Ok(via(&cluster, &[2], &["put", probe.to_str().unwrap(), remote]).ok())
+    })
+    .unwrap();
+    let stat: Value = serde_json::from_str(&via(&cluster, &[2], &["stat", remote, "--json"]).unwrap()).unwrap();
+    let mtime_ms = stat["mtime_ms"].as_i64().expect("an mtime");
+    let off = (mtime_ms - unix_ms()) / 1000;
+    assert!(near(off, 0), "the file's mtime is {off} s off the true time");
 }
 
 /// Sets and gets a key, and puts and gets a file, through node `id` alone.
@@ -380,10 +405,9 @@ fn a_coordinator_whose_clock_steps_back_never_commits_chunks_already_collected()
     const CHUNK_BYTES: usize = 64 * 1024;
     let grace = ["--orphan-grace-ms", "2000", "--gc-interval-ms", "300", "--chunk-size-bytes", "65536"];
     let Some(cluster) = start_with_clock_control(&grace) else { return };
-    let probe = probe_file(&cluster);
-    wait_for("a writable cluster", DEADLINE, || Ok(clock_offset_seen_through(&cluster, 1, &probe).ok())).unwrap();
+    wait_for("an answer from node 1", DEADLINE, || Ok(clock_offset_seen_through(&cluster, 1).ok())).unwrap();
     cluster.set_clock_offset(1, 600).unwrap();
-    assert!((clock_offset_seen_through(&cluster, 1, &probe).unwrap() - 600).abs() < 30, "node 1 ten minutes ahead");
+    assert!((clock_offset_seen_through(&cluster, 1).unwrap() - 600).abs() < 30, "node 1 ten minutes ahead");
     let chunk_counts = || -> Vec<usize> {
         cluster.nodes.values().map(|node| mendfs_testkit::chunk_files(&node.data_dir).len()).collect()
     };

@@ -305,6 +305,11 @@ impl Cluster {
         self.options.tls.then(|| self.root.join("tls"))
     }
 
+    /// The options the cluster was started with (a node's extra flags, say).
+    pub fn options(&self) -> &ClusterOptions {
+        &self.options
+    }
+
     pub fn secret(&self) -> Option<String> {
         self.secret_file.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).map(|s| s.trim().to_string())
     }
