@@ -179,6 +179,47 @@ fn a_leader_partitioned_into_a_minority_of_one_stops_acknowledging_while_the_maj
     assert_everywhere(&cluster, "majority/4", "x");
 }
 
+/// (a') A leader cut off with writes pending, while the majority moves on so far that the
+/// deposed leader catches up by a snapshot, not by the log: openraft 0.9 then never answers the
+/// writes whose entries the snapshot replaced. MendFS used to wait for them forever, with its
+/// two batch slots taken, so that node never proposed again (not even a follower's forward) and
+/// no orphan check completed anywhere it led. (`mendfs chaos --seed 999` found it.) The node
+/// now gives such a batch up as of unknown outcome once its log is decided, and writes through
+/// it work again.
+#[test]
+fn a_deposed_leader_whose_pending_writes_a_snapshot_replaced_writes_again() {
+    let Some(lab) = lab_with_filters() else { return };
+    // Snapshots every 20 entries, keeping at most 20 after one: the majority's 100 writes below
+    // leave the deposed leader too far behind for the log.
+    let cluster = start_in_with(&lab, &["--snapshot-every-entries", "20"]);
+    let old = cluster.wait_for_leader(DEADLINE).expect("a leader");
+    let majority: Vec<u64> = all(&cluster).into_iter().filter(|id| *id != old).collect();
+    set_via(&cluster, &all(&cluster), "register", "before");
+
+    lab.isolate(old).expect("isolate the leader");
+    // One write at a time through the cut-off leader: each becomes a batch of its own that
+    // cannot commit, more batches than the node keeps in flight.
+    for i in 0..3 {
+        let write = cli_via_within(&cluster, &[old], "2", &["kv", "set", &format!("stranded/{i}"), "x"]);
+        assert!(!write.status.success(), "the cut-off leader acknowledged a write");
+    }
+    wait_for("a leader elected on the majority side", DEADLINE, || {
+        let status = status_via(&cluster, &majority)?;
+        Ok(status["leader"].as_u64().filter(|id| majority.contains(id)))
+    })
+    .unwrap();
+    for i in 0..100 {
+        set_via(&cluster, &majority, &format!("majority/{i}"), "x");
+    }
+
+    lab.heal_network().expect("heal");
+    wait_converged(&cluster);
+    // Through the old leader alone (a follower now, or the leader again): its writes go
+    // through its own proposer first.
+    set_via(&cluster, &[old], "register", "after");
+    assert_everywhere(&cluster, "register", "after");
+}
+
 /// (b) Two non-transitive faults: the leader's packets to one follower lost (that follower
 /// hears no heartbeat, while the leader still hears it), then a bridge (two nodes that cannot
 /// see each other, and one that sees both). Each time some node commits, within a generous

@@ -670,6 +670,7 @@ impl Proposer {
         // stamps it again. One stamp for the batch: its proposals are applied as one moment.
         let (now, wall_ms) = (Instant::now(), unix_now_ms());
         let stamp_ms = self.clock.stamp(wall_ms, now);
+        let term = self.raft.metrics().borrow().current_term;
         self.background.spawn(async move {
             let _permit = permit;
             let (proposals, replies): (Vec<Proposal>, Vec<_>) = batch
@@ -683,8 +684,33 @@ impl Proposer {
                     (pending.proposal, pending.reply)
                 })
                 .unzip();
-            let outcome = raft.client_write(ProposalBatch { proposals }).await;
+            let write = raft.client_write(ProposalBatch { proposals });
+            tokio::pin!(write);
+            let outcome = tokio::select! {
+                biased;
+                outcome = &mut write => Some(outcome),
+                () = entries_decided_without_answer(raft.metrics(), term) => {
+                    // An answer that raced the metrics is taken; otherwise the entry is gone.
+                    tokio::time::timeout(Duration::from_millis(100), &mut write).await.ok()
+                }
+            };
             stamped.settle(number);
+            let Some(outcome) = outcome else {
+                let error = ApiError::Timeout(
+                    "this node lost the leadership while the write was pending, and a snapshot replaced its log \
+                     entry: the outcome is unknown (retrying with the same request id is safe)"
+                        .into(),
+                );
+                tracing::warn!(
+                    proposals = replies.len(),
+                    term,
+                    "a batch's entry was replaced by a snapshot unanswered"
+                );
+                for reply in replies {
+                    let _ = reply.send(Err(error.clone()));
+                }
+                return;
+            };
             match outcome {
                 Ok(response) if response.data.len() == replies.len() => {
                     for (reply, result) in replies.into_iter().zip(response.data) {
@@ -715,6 +741,49 @@ impl Proposer {
                 }
             }
         });
+    }
+}
+
+/// How long the state that decides a deposed leader's pending entries must hold before the
+/// batch is given up: far longer than Raft takes to take in a write it was handed (so a write
+/// still on its way into Raft is not given up), far shorter than a client's patience.
+const ENTRIES_DECIDED_CONFIRM: Duration = Duration::from_secs(2);
+
+/// Whether every entry this node may have appended for a batch proposed in `proposed_term` has
+/// met its fate (committed and applied, or truncated away), from one metrics snapshot: the node
+/// no longer leads in that term, and it has applied its whole log. An entry it appended lies at
+/// or below its last log index unless a conflict truncated it (which answers the writer).
+fn entries_decided(proposed_term: u64, metrics: &openraft::RaftMetrics<NodeId, BasicNode>) -> bool {
+    let deposed = metrics.current_term != proposed_term || metrics.state != ServerState::Leader;
+    let applied = metrics.last_applied.map_or(0, |log_id| log_id.index);
+    deposed && applied >= metrics.last_log_index.unwrap_or(0)
+}
+
+/// Resolves once a batch proposed in `proposed_term` can no longer be answered by openraft 0.9
+/// although it is decided. openraft answers a `client_write` when its entry is applied or
+/// truncated, but not when a snapshot install purges it: a leader cut off in a minority, whose
+/// few uncommitted entries lie below the snapshot the new leader sends it, would wait forever,
+/// holding a batch permit (so this node never proposes again) and an unsettled stamp (so no
+/// orphan check anywhere completes). `mendfs chaos` found this (a leader in the minority, then
+/// kills). Once the entries are decided and stay so for [`ENTRIES_DECIDED_CONFIRM`], the entry
+/// is either in the snapshot's state or gone for good, so the batch may settle: an orphan check
+/// after it reads the state either way. Never resolves while Raft runs and the node still leads
+/// in that term; pending forever once Raft stops (the write then fails on its own).
+async fn entries_decided_without_answer(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+    proposed_term: u64,
+) {
+    loop {
+        if entries_decided(proposed_term, &metrics.borrow_and_update()) {
+            tokio::time::sleep(ENTRIES_DECIDED_CONFIRM).await;
+            if entries_decided(proposed_term, &metrics.borrow_and_update()) {
+                return;
+            }
+            continue;
+        }
+        if metrics.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 
