@@ -426,4 +426,21 @@ mod tests {
         assert_eq!(plain_text(coloured), "2026-12-03T21:20:14Z  WARN node 2 [x]");
         assert_eq!(plain_text("plain [text]"), "plain [text]");
     }
+
+    /// The report tallies operations under the names `--workloads` takes, which is where
+    /// `passed` looks for each workload's successes (a tally named otherwise failed every run).
+    #[test]
+    fn every_workloads_calls_are_tallied_under_its_own_name() {
+        use crate::history::Call;
+        use crate::workload::WorkloadKind;
+        for kind in WorkloadKind::ALL {
+            let call = match kind {
+                WorkloadKind::Kv => Call::KvRead { key: crate::workload::kv_keys()[0].clone() },
+                WorkloadKind::Lock => Call::LockHold { lock: crate::workload::LOCK_NAME.into() },
+                WorkloadKind::Files => Call::FileGet { path: crate::workload::file_paths()[0].clone() },
+                WorkloadKind::S3 => Call::FileGet { path: crate::workload::object_subjects()[0].clone() },
+            };
+            assert_eq!(workload_of(&call), kind.name(), "{call:?}");
+        }
+    }
 }

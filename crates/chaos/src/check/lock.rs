@@ -14,7 +14,7 @@ use crate::check::format::ms;
 use crate::check::Violation;
 use crate::history::{Call, Micros, Operation, Outcome, Returned};
 
-pub const WORKLOAD: &str = "locks";
+pub const WORKLOAD: &str = "lock";
 
 /// One hold as its client saw it.
 struct Hold<'a> {
