@@ -214,6 +214,22 @@ fn refuse(slot: &Refusal, error: ApiError) -> tonic::Status {
     status
 }
 
+/// Phase two of a part's write (UploadPart and UploadPartCopy), retried with its request id:
+/// the part's ETag and modification time.
+async fn commit_part(
+    node: &MetaNode,
+    coordinator: &Coordinator,
+    put: PutPart,
+    committing: Committing,
+    refusal: &Refusal,
+) -> Result<(String, u64), tonic::Status> {
+    let Committing { request_id, prepare_started } = committing;
+    coordinator
+        .propose_retrying(|| node.s3_put_part(request_id, put.clone(), prepare_started))
+        .await
+        .map_err(|e| refuse(refusal, e))
+}
+
 impl Gateway {
     /// Streams `range` of an object into a body, from a task that keeps the request's span.
     fn stream(
@@ -868,12 +884,7 @@ impl S3 for Gateway {
                     etag: verified.md5_hex.clone(),
                     mtime_ms: 0,
                 };
-                let Committing { request_id, prepare_started } = committing;
-                coordinator
-                    .propose_retrying(|| node.s3_put_part(request_id, put.clone(), prepare_started))
-                    .await
-                    .map(|(etag, _)| etag)
-                    .map_err(|e| refuse(&refusal, e))
+                commit_part(&node, &coordinator, put, committing, &refusal).await.map(|(etag, _)| etag)
             })
             .await?;
         let find = |name: &str| verified.checksums.iter().find(|(a, _)| a == name).map(|(_, v)| v.clone());
@@ -955,11 +966,7 @@ impl S3 for Gateway {
                     etag: verified.md5_hex.clone(),
                     mtime_ms: 0,
                 };
-                let Committing { request_id, prepare_started } = committing;
-                coordinator
-                    .propose_retrying(|| node.s3_put_part(request_id, put.clone(), prepare_started))
-                    .await
-                    .map_err(|e| refuse(&refusal, e))
+                commit_part(&node, &coordinator, put, committing, &refusal).await
             })
             .await?;
         Ok(S3Response::new(UploadPartCopyOutput {
