@@ -166,19 +166,22 @@ pub const PEER_MESSAGE_BYTES_MAX: usize = 64 << 20;
 
 pub struct NetworkFactory {
     pub peers: Peers,
+    /// This node's log durability: a leader announces no commit beyond it.
+    pub durable_log: tokio::sync::watch::Receiver<crate::raft_store::DurableLog>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        PeerConnection { target, client: self.peers.client(&node.addr) }
+        PeerConnection { target, client: self.peers.client(&node.addr), durable_log: self.durable_log.clone() }
     }
 }
 
 pub struct PeerConnection {
     target: NodeId,
     client: Result<PeerClient, String>,
+    durable_log: tokio::sync::watch::Receiver<crate::raft_store::DurableLog>,
 }
 
 fn any_error(message: impl std::fmt::Display) -> AnyError {
@@ -246,9 +249,11 @@ impl PeerConnection {
 impl RaftNetwork<TypeConfig> for PeerConnection {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        // Read as the message leaves: a commit that became durable since it was queued goes out.
+        rpc.leader_commit = crate::raft_store::commit_to_announce(rpc.leader_commit, &self.durable_log.borrow());
         self.call(&rpc, &option, async |mut client, payload| client.append_entries(payload).await).await
     }
 

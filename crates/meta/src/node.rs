@@ -1007,10 +1007,12 @@ impl MetaNode {
             .map_err(|e| format!("create data dir {}: {e}", config.data_dir.display()))?;
         // Fixes this process's monotonic origin before any moment is named to a peer.
         tracing::debug!(incarnation = clock::incarnation(), "process clock");
-        let log_store = RaftLogStore::open(&config.data_dir).map_err(|e| e.to_string())?;
+        let log_store = RaftLogStore::open(&config.data_dir, config.node_id).map_err(|e| e.to_string())?;
+        let durable_log = log_store.durable_log();
         log_store.give_up_own_leadership(config.node_id).map_err(|e| e.to_string())?;
         let committed_index = log_store.committed_index();
-        let state_machine = StateMachineStore::open(&config.data_dir).map_err(|e| e.to_string())?;
+        let mut state_machine = StateMachineStore::open(&config.data_dir).map_err(|e| e.to_string())?;
+        state_machine.follow_log_durability(durable_log.clone());
         let state = state_machine.reader();
         let files = FilesInUse { databases: Arc::new([log_store.database_weak(), state.database_weak()]) };
         let peers = Peers::new(config.node_id, config.secret.as_deref(), config.peer_tls.as_ref(), state.clone())?;
@@ -1027,10 +1029,15 @@ impl MetaNode {
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| format!("raft config: {e}"))?);
-        let raft =
-            Raft::new(config.node_id, raft_config, NetworkFactory { peers: peers.clone() }, log_store, state_machine)
-                .await
-                .map_err(|e| format!("start raft: {e}"))?;
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            NetworkFactory { peers: peers.clone(), durable_log },
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| format!("start raft: {e}"))?;
 
         let (proposer, queue) = mpsc::channel(PROPOSAL_QUEUE_LEN_MAX);
         let stamped = Arc::new(StampedBatches::default());

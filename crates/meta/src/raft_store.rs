@@ -6,7 +6,10 @@
 //! Every write whose loss Raft cannot tolerate (votes, log appends, truncations, purges, snapshot
 //! installs) is committed with `Durability::Immediate` (redb fsyncs before `commit` returns)
 //! before openraft is told it happened: an acknowledged vote or entry that a crash could take
-//! back would let two leaders be elected in one term, or lose a committed write. Two writes are
+//! back would let two leaders be elected in one term, or lose a committed write. One exception,
+//! with its own guard: a leader's appends of its own new entries are told flushed before their
+//! fsync, so that the fsync overlaps the followers' (see [`RaftLogStore::append`] and
+//! [`DurableLog`]). Two writes are
 //! lazy on purpose, each with its reason beside it: `save_committed` (a hint Raft re-learns) and
 //! `apply`, which is made durable only every `DURABLE_APPLY_EVERY_ENTRIES` entries and before a
 //! snapshot is built, because the log still holds every entry after the durable applied id and
@@ -85,19 +88,112 @@ async fn blocking<T: Send + 'static>(
 #[derive(Clone)]
 pub struct RaftLogStore {
     db: Arc<Database>,
+    node_id: NodeId,
     /// The latest committed index Raft told us (`save_committed`), for metrics; openraft's own
     /// metrics do not carry it.
     committed_index: Arc<std::sync::atomic::AtomicU64>,
+    /// The vote as last saved or read: tells a leader's own appends from a follower's.
+    vote: Arc<std::sync::Mutex<Option<Vote<NodeId>>>>,
+    durable: Arc<watch::Sender<DurableLog>>,
+    unflushed: Arc<std::sync::Mutex<Unflushed>>,
+}
+
+/// How far this node's log is on disk, for what must not run ahead of it while a leader's own
+/// appends are told flushed before their fsync ([`RaftLogStore::append`]): the state machine
+/// applies an entry only once its log id is durable here, and a leader announces to followers
+/// no commit beyond it ([`commit_to_announce`]). So an entry is applied anywhere, and a client
+/// answered, only once the leader and a quorum of the others hold it on disk: a majority, as
+/// Raft needs, and the leader's fsync still runs beside the followers'.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DurableLog {
+    /// The greatest log id (in log id order: term first) known durable. Entries appended as a
+    /// follower are durable when appended; a leader's own, when their shared fsync returns.
+    /// After a truncation this may name an entry no longer in the log: it is only ever compared
+    /// with entries of a later term (a leader's own) or with entries that are durable anyway.
+    pub last: Option<LogId<NodeId>>,
+    /// The fsync of a leader's own entries failed: nothing after it may be applied or announced.
+    pub failed: Option<String>,
+}
+
+/// The commit index a leader may tell its followers, given what its Raft counts as committed
+/// and what its own log holds on disk. Raft counts the leader's own entries once appended; this
+/// holds the announcement back until they are durable here as well, so that no follower
+/// applies an entry a crash of the leader could still take from the majority. `None` announces
+/// nothing new (a follower never moves its commit index back).
+pub fn commit_to_announce(committed: Option<LogId<NodeId>>, durable: &DurableLog) -> Option<LogId<NodeId>> {
+    if durable.failed.is_some() {
+        return None;
+    }
+    match (committed, durable.last) {
+        (Some(committed), Some(durable)) if committed > durable => {
+            // The durable id is in this leader's log if the leader wrote it in the same term;
+            // otherwise it may be a truncated entry of an old term: announce nothing.
+            (committed.leader_id == durable.leader_id).then_some(durable)
+        }
+        (Some(_), None) => None,
+        (committed, _) => committed,
+    }
+}
+
+/// A leader's own appends that are readable but not yet durable.
+#[derive(Default)]
+struct Unflushed {
+    /// The last log id appended and not yet covered by a flush.
+    last: Option<LogId<NodeId>>,
+    /// A flush task is running; it takes whatever is queued before it ends.
+    flushing: bool,
+}
+
+/// Makes the leader's own appends durable with one fsync for all queued so far, then moves
+/// [`DurableLog`] on, until none is waiting. One durable redb commit persists every non-durable
+/// commit before it, so appends that arrive during an fsync share the next one.
+fn flush_until_idle(db: &Database, unflushed: &std::sync::Mutex<Unflushed>, durable: &watch::Sender<DurableLog>) {
+    loop {
+        let last = {
+            let mut unflushed = unflushed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            match unflushed.last.take() {
+                Some(last) => last,
+                None => {
+                    unflushed.flushing = false;
+                    return;
+                }
+            }
+        };
+        // The id taken was queued after its append's commit returned, so this durable commit,
+        // which begins later, covers it and every entry before it.
+        let flushed = db.begin_write().map_err(|e| e.to_string()).and_then(|mut txn| {
+            txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
+            txn.commit().map_err(|e| e.to_string())
+        });
+        match flushed {
+            Ok(()) => durable.send_modify(|durable| durable.last = durable.last.max(Some(last))),
+            Err(e) => {
+                tracing::error!(error = %e, "the Raft log could not be made durable");
+                durable.send_modify(|durable| durable.failed = Some(format!("fsync of the Raft log failed: {e}")));
+            }
+        }
+    }
 }
 
 impl RaftLogStore {
-    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+    pub fn open(data_dir: &Path, node_id: NodeId) -> Result<Self, StoreError> {
         let db = open_database(&data_dir.join("raft-log.redb"), LOG_CACHE_BYTES)?;
         let txn = db.begin_write().map_err(store_err)?;
         txn.open_table(LOG).map_err(store_err)?;
         txn.open_table(LOG_META).map_err(store_err)?;
         txn.commit().map_err(store_err)?;
-        Ok(Self { db: Arc::new(db), committed_index: Arc::default() })
+        let store = Self {
+            db: Arc::new(db),
+            node_id,
+            committed_index: Arc::default(),
+            vote: Arc::default(),
+            durable: Arc::new(watch::channel(DurableLog::default()).0),
+            unflushed: Arc::default(),
+        };
+        // Everything on disk at start-up is durable.
+        let last = store.last_entry_log_id().map_err(|e| StoreError(e.to_string()))?;
+        store.durable.send_modify(|durable| durable.last = last);
+        Ok(store)
     }
 
     /// Turns a stored vote that says this node won its term into a plain vote for itself in
@@ -120,6 +216,69 @@ impl RaftLogStore {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Writes `entries` to the log: readable when this returns; durable too, unless they are
+    /// this leader's own (see `append`).
+    async fn write_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<(), AnyError> {
+        let Some(last) = entries.last().map(|entry| entry.log_id) else { return Ok(()) };
+        let as_leader = self.appending_as_leader(&entries);
+        let mut rows = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            let bytes = encode(entry).map_err(io_err)?;
+            rows.push((entry.log_id.index, bytes));
+        }
+        let db = self.db.clone();
+        let durability = if as_leader { Durability::None } else { Durability::Immediate };
+        blocking(move || {
+            let mut txn = db.begin_write().map_err(io_err)?;
+            txn.set_durability(durability).map_err(io_err)?;
+            {
+                let mut table = txn.open_table(LOG).map_err(io_err)?;
+                for (index, bytes) in &rows {
+                    table.insert(*index, bytes.as_slice()).map_err(io_err)?;
+                }
+            }
+            txn.commit().map_err(io_err)
+        })
+        .await?;
+        if as_leader {
+            self.flush_later(last);
+        } else {
+            self.durable.send_modify(|durable| durable.last = durable.last.max(Some(last)));
+        }
+        Ok(())
+    }
+
+    /// How far the log is durable, as it moves.
+    pub fn durable_log(&self) -> watch::Receiver<DurableLog> {
+        self.durable.subscribe()
+    }
+
+    /// Whether `entries` are this node's own as the leader it is now: their leader id is the
+    /// one of its committed vote for itself. A follower never appends an entry of the current
+    /// term's leader id as its own, and an entry a former leadership of this node wrote (got
+    /// back from a later leader) carries an older term.
+    fn appending_as_leader(&self, entries: &[Entry<TypeConfig>]) -> bool {
+        let vote = *self.vote.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(vote) = vote else { return false };
+        if !vote.is_committed() || vote.leader_id().voted_for() != Some(self.node_id) {
+            return false;
+        }
+        let leader_id = openraft::CommittedLeaderId::from(vote);
+        !entries.is_empty() && entries.iter().all(|entry| entry.log_id.leader_id == leader_id)
+    }
+
+    /// Queues `last` for the next fsync of the log, starting a flush task if none runs.
+    fn flush_later(&self, last: LogId<NodeId>) {
+        let mut unflushed = self.unflushed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        unflushed.last = unflushed.last.max(Some(last));
+        if unflushed.flushing {
+            return;
+        }
+        unflushed.flushing = true;
+        let (db, unflushed, durable) = (self.db.clone(), self.unflushed.clone(), self.durable.clone());
+        tokio::task::spawn_blocking(move || flush_until_idle(&db, &unflushed, &durable));
     }
 
     /// A handle that tells when the log's database file is closed (see `FilesInUse`).
@@ -219,11 +378,15 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
         let vote = *vote;
         blocking(move || store.write_meta(KEY_VOTE, &vote, Durability::Immediate))
             .await
-            .map_err(|e| StorageIOError::write_vote(e).into())
+            .map_err(StorageIOError::write_vote)?;
+        *self.vote.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
-        self.read_meta(KEY_VOTE).map_err(|e| StorageIOError::read_vote(e).into())
+        let vote: Option<Vote<NodeId>> = self.read_meta(KEY_VOTE).map_err(StorageIOError::read_vote)?;
+        *self.vote.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = vote;
+        Ok(vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), RaftStorageError> {
@@ -249,26 +412,15 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut rows = Vec::new();
-        for entry in entries {
-            let bytes = encode(&entry).map_err(|e| StorageIOError::write_log_entry(entry.log_id, io_err(e)))?;
-            rows.push((entry.log_id.index, bytes));
-        }
-        let db = self.db.clone();
-        // Durable before the callback: openraft counts this node toward a quorum once told the
-        // entries are flushed, and a committed entry must survive any minority of crashes.
-        let result = blocking(move || {
-            let txn = db.begin_write().map_err(io_err)?;
-            {
-                let mut table = txn.open_table(LOG).map_err(io_err)?;
-                for (index, bytes) in &rows {
-                    table.insert(*index, bytes.as_slice()).map_err(io_err)?;
-                }
-            }
-            txn.commit().map_err(io_err)
-        })
-        .await;
-        match result {
+        let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
+        // openraft 0.9 awaits the flush callback before it sends a leader's new entries to the
+        // followers, which put the leader's fsync and the followers' one after the other on
+        // every write. A leader's own entries are therefore told flushed once readable, and
+        // made durable by a flush task while they travel; nothing applies them or announces
+        // their commit before that fsync returns (see `DurableLog`). A follower's entries are
+        // durable before the callback, as Raft needs: it counts toward the leader's quorum the
+        // moment it answers, and a committed entry must survive any minority of crashes.
+        match self.write_entries(entries).await {
             Ok(()) => {
                 callback.log_io_completed(Ok(()));
                 Ok(())
@@ -476,6 +628,9 @@ const DURABLE_APPLY_EVERY_ENTRIES: u64 = 1_024;
 
 pub struct StateMachineStore {
     entries_since_durable: u64,
+    /// The log's durability, when a log store shares this node ([`DurableLog`]): an entry is
+    /// applied only once durable in this node's log.
+    durable_log: Option<watch::Receiver<DurableLog>>,
     db: Arc<Database>,
     data_dir: PathBuf,
     /// Held by a snapshot build and an install for their whole run: the two write
@@ -536,6 +691,7 @@ impl StateMachineStore {
             });
         Ok(Self {
             entries_since_durable: 0,
+            durable_log: None,
             db,
             data_dir: data_dir.to_path_buf(),
             snapshot_turn: Arc::default(),
@@ -548,6 +704,24 @@ impl StateMachineStore {
 
     pub fn reader(&self) -> StateReader {
         self.reader.clone()
+    }
+
+    /// Applies entries only once `durable_log` says this node's log holds them on disk.
+    pub fn follow_log_durability(&mut self, durable_log: watch::Receiver<DurableLog>) {
+        self.durable_log = Some(durable_log);
+    }
+
+    /// Waits until the log holds `last` on disk (see [`DurableLog`]).
+    async fn wait_until_durable(&mut self, last: LogId<NodeId>) -> Result<(), RaftStorageError> {
+        let Some(durable_log) = &mut self.durable_log else { return Ok(()) };
+        let durable = durable_log
+            .wait_for(|durable| durable.failed.is_some() || durable.last >= Some(last))
+            .await
+            .map_err(|_| StorageIOError::read_logs(io_err("the log store is gone")))?;
+        match &durable.failed {
+            Some(failed) => Err(StorageIOError::write_logs(io_err(failed)).into()),
+            None => Ok(()),
+        }
     }
 
     /// Tells readers what was applied. `tokens_changed`: reload the client tokens too (only
@@ -736,6 +910,7 @@ impl StateMachineStore {
     fn handle(&self) -> StateMachineStore {
         StateMachineStore {
             entries_since_durable: 0,
+            durable_log: self.durable_log.clone(),
             db: self.db.clone(),
             data_dir: self.data_dir.clone(),
             snapshot_turn: self.snapshot_turn.clone(),
@@ -775,9 +950,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let entries: Vec<Entry<TypeConfig>> = entries.into_iter().collect();
-        if entries.is_empty() {
+        let Some(last) = entries.last().map(|entry| entry.log_id) else {
             return Ok(Vec::new());
-        }
+        };
+        self.wait_until_durable(last).await?;
         let db = self.db.clone();
         // No fsync on every apply: the entries are durable in the Raft log, and the applied id
         // is written in the same transaction as the state, so after a crash the state machine
@@ -952,7 +1128,7 @@ mod tests {
     impl StoreBuilder<TypeConfig, RaftLogStore, StateMachineStore, tempfile::TempDir> for Builder {
         async fn build(&self) -> Result<(tempfile::TempDir, RaftLogStore, StateMachineStore), RaftStorageError> {
             let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(io_err(e)))?;
-            let log = RaftLogStore::open(dir.path()).map_err(|e| StorageIOError::write(io_err(e)))?;
+            let log = RaftLogStore::open(dir.path(), 1).map_err(|e| StorageIOError::write(io_err(e)))?;
             let state = StateMachineStore::open(dir.path()).map_err(|e| StorageIOError::write(io_err(e)))?;
             Ok((dir, log, state))
         }
@@ -976,6 +1152,100 @@ mod tests {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
             payload: EntryPayload::Normal(ProposalBatch { proposals: vec![proposal] }),
         }
+    }
+
+    fn log_id(term: u64, node: NodeId, index: u64) -> LogId<NodeId> {
+        LogId::new(CommittedLeaderId::new(term, node), index)
+    }
+
+    fn blank(term: u64, node: NodeId, index: u64) -> Entry<TypeConfig> {
+        Entry { log_id: log_id(term, node, index), payload: EntryPayload::Blank }
+    }
+
+    #[test]
+    fn a_leader_announces_only_the_commit_its_own_log_holds_on_disk() {
+        let durable = |last: Option<LogId<NodeId>>| DurableLog { last, failed: None };
+        // Durable at or beyond the commit: announced as it is.
+        assert_eq!(commit_to_announce(Some(log_id(2, 1, 5)), &durable(Some(log_id(2, 1, 9)))), Some(log_id(2, 1, 5)));
+        assert_eq!(commit_to_announce(None, &durable(Some(log_id(2, 1, 9)))), None);
+        // Committed by Raft's count ahead of the leader's fsync: held back to what is durable.
+        assert_eq!(commit_to_announce(Some(log_id(2, 1, 9)), &durable(Some(log_id(2, 1, 5)))), Some(log_id(2, 1, 5)));
+        // The durable id is of another leadership (maybe a truncated entry): nothing new.
+        assert_eq!(commit_to_announce(Some(log_id(3, 1, 4)), &durable(Some(log_id(2, 1, 9)))), None);
+        assert_eq!(commit_to_announce(Some(log_id(3, 1, 4)), &durable(None)), None);
+        // After a failed fsync nothing more is announced.
+        let failed = DurableLog { last: Some(log_id(2, 1, 9)), failed: Some("disk gone".into()) };
+        assert_eq!(commit_to_announce(Some(log_id(2, 1, 5)), &failed), None);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_a_leaders_own_entries_go_to_disk_after_they_are_counted() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut log = RaftLogStore::open(dir.path(), 1).expect("open");
+        let mut durable = log.durable_log();
+
+        // As a follower of node 2 in term 2: durable as soon as written.
+        log.save_vote(&Vote::new_committed(2, 2)).await.expect("vote");
+        assert!(!log.appending_as_leader(&[blank(2, 2, 1)]));
+        log.write_entries(vec![blank(2, 2, 1), blank(2, 2, 2)]).await.expect("append");
+        assert_eq!(durable.borrow_and_update().last, Some(log_id(2, 2, 2)));
+
+        // An entry this node wrote as leader of an older term, sent back by a later leader, is
+        // a follower's entry too; so are entries of a vote not yet committed.
+        log.save_vote(&Vote::new(3, 1)).await.expect("vote");
+        assert!(!log.appending_as_leader(&[blank(3, 1, 3)]));
+        log.save_vote(&Vote::new_committed(3, 1)).await.expect("vote");
+        assert!(!log.appending_as_leader(&[blank(2, 1, 3)]));
+        assert!(!log.appending_as_leader(&[blank(3, 1, 3), blank(2, 2, 4)]));
+
+        // As leader of term 3: readable at once, durable once the flush task is done.
+        assert!(log.appending_as_leader(&[blank(3, 1, 3), blank(3, 1, 4)]));
+        log.write_entries(vec![blank(3, 1, 3), blank(3, 1, 4)]).await.expect("append");
+        let read = log.try_get_log_entries(3..=4).await.expect("read");
+        assert_eq!(read.iter().map(|entry| entry.log_id).collect::<Vec<_>>(), vec![log_id(3, 1, 3), log_id(3, 1, 4)]);
+        let last = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            durable.wait_for(|durable| durable.last >= Some(log_id(3, 1, 4))),
+        )
+        .await
+        .expect("flushed in time")
+        .expect("log store alive")
+        .last;
+        assert_eq!(last, Some(log_id(3, 1, 4)));
+
+        // Reopened (as after a crash once the flush returned): the entries are there.
+        drop(log);
+        let mut reopened = RaftLogStore::open(dir.path(), 1).expect("reopen");
+        assert_eq!(reopened.get_log_state().await.expect("state").last_log_id, Some(log_id(3, 1, 4)));
+        assert_eq!(reopened.durable_log().borrow().last, Some(log_id(3, 1, 4)));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_state_machine_applies_an_entry_only_once_the_log_holds_it_on_disk() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut store = StateMachineStore::open(dir.path()).expect("open");
+        let (durable_tx, durable_rx) = watch::channel(DurableLog { last: Some(log_id(1, 1, 1)), failed: None });
+        store.follow_log_durability(durable_rx);
+        store.apply([set_entry(1, "a")]).await.expect("apply the durable entry");
+
+        let apply = tokio::spawn(async move {
+            store.apply([set_entry(2, "b"), set_entry(3, "c")]).await.expect("apply");
+            store
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!apply.is_finished(), "entries applied before the log held them on disk");
+        durable_tx.send_modify(|durable| durable.last = Some(log_id(1, 1, 2)));
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!apply.is_finished(), "entries applied before the log held all of them on disk");
+        durable_tx.send_modify(|durable| durable.last = Some(log_id(1, 1, 3)));
+        let store =
+            tokio::time::timeout(std::time::Duration::from_secs(10), apply).await.expect("applied").expect("join");
+        assert_eq!(keys(&store), vec![b"a".to_vec(), b"b".to_vec(), b"c".to_vec()]);
+
+        // A failed fsync fails the apply instead of leaving it waiting.
+        let mut store = store;
+        durable_tx.send_modify(|durable| durable.failed = Some("disk gone".into()));
+        assert!(store.apply([set_entry(4, "d")]).await.is_err());
     }
 
     fn keys(store: &StateMachineStore) -> Vec<Vec<u8>> {
