@@ -4,7 +4,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     const PROTOS: [&str; 2] = ["proto/mendfs.proto", "proto/etcd_kv.proto"];
     // protoc comes vendored so that a fresh machine needs nothing but cargo.
     std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
-    tonic_prost_build::configure().compile_protos(&PROTOS, &["proto"])?;
+    // Chunk data as `bytes::Bytes`: decoded without a copy out of the receive buffer, and
+    // shared (not copied) by the requests that send one chunk to each of its replicas.
+    tonic_prost_build::configure()
+        .bytes(".mendfs.v1.PrepareChunkRequest.data")
+        .bytes(".mendfs.v1.ReadChunkReply.data")
+        .bytes(".mendfs.v1.GetFileReply.data")
+        .compile_protos(&PROTOS, &["proto"])?;
     write_operations(&PROTOS)?;
     for proto in PROTOS {
         println!("cargo:rerun-if-changed={proto}");

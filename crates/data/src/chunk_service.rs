@@ -274,7 +274,7 @@ impl ChunkService {
         Self { state, peers, replication_slots: Arc::new(tokio::sync::Semaphore::new(REPLICATIONS_IN_FLIGHT_MAX)) }
     }
 
-    async fn pull(&self, addr: &str, hash: &ChunkHash) -> Result<Vec<u8>, String> {
+    async fn pull(&self, addr: &str, hash: &ChunkHash) -> Result<bytes::Bytes, String> {
         let channel = self.peers.channel(addr)?;
         let mut client = pb::storage_client::StorageClient::with_interceptor(channel, self.peers.interceptor())
             .max_decoding_message_size(crate::CHUNK_BYTES_MAX + 1024);
@@ -313,7 +313,7 @@ impl Storage for ChunkService {
             .await
             .map_err(|e| Status::internal(format!("read task: {e}")))?;
         match result {
-            Ok(data) => Ok(Response::new(pb::ReadChunkReply { data })),
+            Ok(data) => Ok(Response::new(pb::ReadChunkReply { data: data.into() })),
             Err(e) => {
                 tracing::warn!("read chunk: {e}");
                 Err(chunk_status(e))
@@ -355,7 +355,7 @@ where
     // A closure returning a future rather than an async closure over `&str`: the service's
     // future must be `Send`, and the compiler cannot yet prove that of an async closure's future
     // for every lifetime of its argument.
-    Pull: std::future::Future<Output = Result<Vec<u8>, String>>,
+    Pull: std::future::Future<Output = Result<bytes::Bytes, String>>,
 {
     let claiming = state.clone();
     // Re-hashes a copy already here: blocking work, off the async workers.
@@ -417,10 +417,10 @@ mod tests {
     fn source<'a>(
         data: &'a [u8],
         pulls: &'a std::cell::Cell<u32>,
-    ) -> impl FnMut(String) -> std::future::Ready<Result<Vec<u8>, String>> + 'a {
+    ) -> impl FnMut(String) -> std::future::Ready<Result<bytes::Bytes, String>> + 'a {
         move |_addr| {
             pulls.set(pulls.get() + 1);
-            std::future::ready(Ok(data.to_vec()))
+            std::future::ready(Ok(bytes::Bytes::copy_from_slice(data)))
         }
     }
 
@@ -472,8 +472,13 @@ mod tests {
         let hash = ChunkHash::of(&data);
 
         let sources = ["bad".to_string(), "good".to_string()];
-        let pull =
-            |addr: String| std::future::ready(Ok(if addr == "bad" { b"wrong bytes".to_vec() } else { data.clone() }));
+        let pull = |addr: String| {
+            std::future::ready(Ok(if addr == "bad" {
+                bytes::Bytes::from_static(b"wrong bytes")
+            } else {
+                bytes::Bytes::from(data.clone())
+            }))
+        };
         let replicated = replicate(&local, hash, GRACE, &sources, pull).await.expect("replicate");
 
         assert_eq!(replicated, Replicated::Copied { bytes: data.len() as u64 });

@@ -21,6 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
 use mendfs_heal::detector::Liveness;
@@ -55,11 +56,9 @@ const PREPARE_CHUNKS_IN_FLIGHT_MIN: usize = 3;
 const PREPARE_CHUNKS_IN_FLIGHT_MAX: usize = 64;
 /// How long a put's commit keeps trying while the metadata cluster elects a leader.
 const COMMIT_RETRY_FOR: Duration = Duration::from_secs(30);
-/// Chunk bytes being prepared at once across all uploads this node coordinates: bounds its
-/// memory (each chunk costs about its size times one plus the replication factor) however many
-/// clients upload at once. Held in slots of `PREPARE_SLOT_BYTES`, at least one per chunk.
-const PREPARE_BYTES_PER_NODE_MAX: usize = 96 << 20;
-const PREPARE_SLOT_BYTES: usize = 64 << 10;
+/// The unit of the node's in-flight budget (`DataConfig::max_inflight_bytes`): a chunk holds
+/// its size in slots, at least one, so many small files can be in flight at once.
+const INFLIGHT_SLOT_BYTES: usize = 64 << 10;
 /// Chunks fetched ahead of the one being streamed to a reader: at least
 /// `READ_AHEAD_CHUNKS_MIN`, and more while they add up to less than `READ_AHEAD_BYTES_MAX`
 /// (small chunks), up to `READ_AHEAD_CHUNKS_MAX`.
@@ -73,8 +72,9 @@ const READ_AHEAD_BYTES_MAX: u64 = 8 << 20;
 const SEGMENT_DATA_BYTES_MAX: u64 = 256 << 20;
 /// Size of the data messages a read streams back (smaller chunks are gathered into one).
 const READ_MESSAGE_BYTES: usize = 1 << 20;
-/// Messages buffered per reader before the coordinator waits for the client.
-const READ_QUEUE_MESSAGES: usize = 8;
+/// Messages buffered per reader before the coordinator waits for the client: outside the
+/// in-flight budget (their chunk's share is given back once it is cut into messages), so few.
+const READ_QUEUE_MESSAGES: usize = 2;
 /// How long a put waits for enough storage nodes to accept chunks before it fails: a cluster
 /// that just started has a leader a moment before its storage nodes have registered, and a
 /// node that is coming back is up again within a few heartbeats.
@@ -94,7 +94,8 @@ pub fn validate_path(path: &str) -> Result<(), Status> {
 pub struct Coordinator {
     node: MetaNode,
     config: Arc<DataConfig>,
-    prepare_slots: Arc<tokio::sync::Semaphore>,
+    /// The node's in-flight chunk budget, in slots of `INFLIGHT_SLOT_BYTES`.
+    inflight: Arc<tokio::sync::Semaphore>,
     /// This node's own chunks, if it is a storage node: its own copies are prepared and read
     /// without a round trip through gRPC to itself.
     local: Option<Arc<LocalChunks>>,
@@ -102,12 +103,29 @@ pub struct Coordinator {
 
 impl Coordinator {
     pub fn new(node: MetaNode, config: DataConfig, local: Option<Arc<LocalChunks>>) -> Self {
-        Self {
-            node,
-            config: Arc::new(config),
-            prepare_slots: Arc::new(tokio::sync::Semaphore::new(PREPARE_BYTES_PER_NODE_MAX / PREPARE_SLOT_BYTES)),
-            local,
-        }
+        // Room for at least one whole chunk, or no upload of a big file could ever start.
+        let slots = config.max_inflight_bytes.max(config.chunk_size_bytes).div_ceil(INFLIGHT_SLOT_BYTES);
+        Self { node, config: Arc::new(config), inflight: Arc::new(tokio::sync::Semaphore::new(slots)), local }
+    }
+
+    /// The budget's slots for `bytes` of chunk data.
+    fn inflight_slots(bytes: usize) -> u32 {
+        bytes.div_ceil(INFLIGHT_SLOT_BYTES).max(1) as u32
+    }
+
+    /// Waits for `bytes` of the node's in-flight budget. Only a caller that holds none of it
+    /// while it waits may wait here (others use [`Coordinator::try_reserve`]): then whoever
+    /// holds budget is making progress without it, and the waits cannot form a cycle.
+    async fn reserve(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
+        self.inflight
+            .clone()
+            .acquire_many_owned(Self::inflight_slots(bytes))
+            .await
+            .map_err(|_| Status::unavailable("the node is shutting down"))
+    }
+
+    fn try_reserve(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.inflight.clone().try_acquire_many_owned(Self::inflight_slots(bytes)).ok()
     }
 
     /// This node's chunk store when `id` is this node.
@@ -258,7 +276,7 @@ impl Coordinator {
         addresses: &HashMap<u64, String>,
         write_id: &[u8],
         hash: ChunkHash,
-        data: Vec<u8>,
+        data: Bytes,
     ) -> Result<CommittedChunk, Status> {
         let replication_factor = self.config.replication_factor;
         // Every eligible node in preference order: the first are the chunk's home, the rest
@@ -310,7 +328,7 @@ impl Coordinator {
         addresses: &Arc<HashMap<u64, String>>,
         write_id: [u8; 16],
         hash: ChunkHash,
-        data: Vec<u8>,
+        data: Bytes,
     ) -> tokio::task::JoinHandle<Result<CommittedChunk, Status>> {
         let coordinator = self.clone();
         let (ring, addresses) = (ring.clone(), addresses.clone());
@@ -329,7 +347,7 @@ impl Coordinator {
         hash: &ChunkHash,
         replicas: &[NodeId],
         addresses: &HashMap<NodeId, String>,
-    ) -> Result<Vec<u8>, Status> {
+    ) -> Result<Bytes, Status> {
         let mut order: Vec<u64> = replicas.to_vec();
         // This node first (no network hop), the others in random order to spread load.
         let me = self.node.id();
@@ -352,7 +370,7 @@ impl Coordinator {
                     return tokio::task::spawn_blocking(move || local.read(&hash))
                         .await
                         .map_err(|e| Status::internal(format!("read task: {e}")))?
-                        .map(|data| Response::new(pb::ReadChunkReply { data }))
+                        .map(|data| Response::new(pb::ReadChunkReply { data: data.into() }))
                         .map_err(chunk_status);
                 }
                 let mut client = self.storage(addr)?;
@@ -517,7 +535,11 @@ impl Coordinator {
     }
 
     /// Prepares the chunks of everything `source` yields and stages the full segments;
-    /// returns the size and the BLAKE3 of the content.
+    /// returns the size and the BLAKE3 of the content. Each chunk's share of the node's
+    /// in-flight budget is reserved before its first byte is taken in, and held until its
+    /// replicas have it: so what uploads hold in memory is bounded by the budget however many
+    /// clients upload at once, and an upload waiting for budget holds none (its earlier chunks'
+    /// prepares run on and give theirs back).
     async fn write_chunks(
         &self,
         mut source: impl UploadSource,
@@ -528,33 +550,51 @@ impl Coordinator {
         let chunk_size = self.config.chunk_size_bytes;
         let mut content_hash = blake3::Hasher::new();
         let mut size = 0u64;
-        let mut buffer: Vec<u8> = Vec::new();
+        // The chunk being filled, with its capacity: a share of the budget, reserved for what
+        // the source says is left of the content (a whole chunk when it cannot say).
+        let mut filling: Option<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)> = None;
         let mut in_flight = FuturesOrdered::new();
         while let Some(data) = source.next_data().await? {
             content_hash.update(&data);
             size += data.len() as u64;
-            buffer.extend_from_slice(&data);
-            // Cut whole chunks, then keep the rest: one copy per chunk, however small the
-            // chunks are against the message.
-            let mut cut = 0;
-            while buffer.len() - cut >= chunk_size {
-                let chunk = buffer[cut..cut + chunk_size].to_vec();
-                cut += chunk_size;
-                self.prepare_next(list, &mut in_flight, &ring, &addresses, chunk).await?;
+            let mut rest = &data[..];
+            while !rest.is_empty() {
+                let (buffer, _) = match &mut filling {
+                    Some(filling) => filling,
+                    None => {
+                        let remaining = source.remaining_hint().map_or(chunk_size, |left| {
+                            (left.saturating_add(rest.len() as u64)).min(chunk_size as u64) as usize
+                        });
+                        let capacity = remaining.max(rest.len().min(chunk_size));
+                        let permit = self.reserve(capacity).await?;
+                        filling.insert((Vec::with_capacity(capacity), permit))
+                    }
+                };
+                // A chunk ends at the chunk size, or where its reservation ends (a source that
+                // sends more than it announced gets a shorter chunk, never more memory).
+                let room = buffer.capacity().min(chunk_size) - buffer.len();
+                let take = room.min(rest.len());
+                buffer.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+                if take == room {
+                    if let Some((chunk, permit)) = filling.take() {
+                        self.prepare_next(list, &mut in_flight, &ring, &addresses, chunk, permit).await?;
+                    }
+                }
             }
-            buffer.drain(..cut);
         }
-        if !buffer.is_empty() {
-            self.prepare_next(list, &mut in_flight, &ring, &addresses, std::mem::take(&mut buffer)).await?;
+        if let Some((chunk, permit)) = filling.take().filter(|(chunk, _)| !chunk.is_empty()) {
+            self.prepare_next(list, &mut in_flight, &ring, &addresses, chunk, permit).await?;
         }
         self.settle(list, &mut in_flight, 0).await?;
         Ok((size, *content_hash.finalize().as_bytes()))
     }
 
-    /// Starts preparing the upload's next chunk, then takes in prepared chunks (in order)
-    /// until fewer than the upload's window are left in flight. A chunk the upload already
-    /// listed is not prepared again: it goes into the list as a repeat, a reference to the
-    /// copies its first listing made.
+    /// Starts preparing the upload's next chunk, which holds `permit` of the in-flight budget
+    /// until its replicas have it, then takes in prepared chunks (in order) until fewer than
+    /// the upload's window are left in flight. A chunk the upload already listed is not
+    /// prepared again: it goes into the list as a repeat, a reference to the copies its first
+    /// listing made.
     async fn prepare_next(
         &self,
         list: &mut SegmentedList,
@@ -562,6 +602,7 @@ impl Coordinator {
         ring: &Arc<Ring>,
         addresses: &Arc<HashMap<u64, String>>,
         data: Vec<u8>,
+        permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<(), Status> {
         let hash = ChunkHash::of(&data);
         list.chunk_starting();
@@ -569,14 +610,7 @@ impl Coordinator {
             let repeat = CommittedChunk { hash, size: data.len() as u64, replicas: Vec::new() };
             in_flight.push_back(Box::pin(std::future::ready(Ok(repeat))));
         } else {
-            let slots = data.len().div_ceil(PREPARE_SLOT_BYTES).max(1) as u32;
-            let slot = self
-                .prepare_slots
-                .clone()
-                .acquire_many_owned(slots)
-                .await
-                .map_err(|_| Status::unavailable("shutting down"))?;
-            let prepare = self.spawn_prepare(slot, ring, addresses, list.write_id, hash, data);
+            let prepare = self.spawn_prepare(permit, ring, addresses, list.write_id, hash, Bytes::from(data));
             in_flight.push_back(Box::pin(async move {
                 prepare.await.map_err(|e| Status::internal(format!("prepare task: {e}")))?
             }));
@@ -627,7 +661,7 @@ impl Coordinator {
         first: ChunkPage,
         range: std::ops::Range<u64>,
         tx: &mpsc::Sender<Result<M, Status>>,
-        wrap: fn(Vec<u8>) -> M,
+        wrap: fn(Bytes) -> M,
     ) -> Result<(), Status> {
         let mut next_index = first.from_index + first.chunks.len() as u64;
         let mut addresses = self.addresses_for(&first.chunks).await?;
@@ -637,9 +671,9 @@ impl Coordinator {
         // Where the next listed chunk starts in the content.
         let mut offset = 0u64;
         let mut sent_to = range.start;
-        // Data not yet sent: small chunks are gathered into messages of up to
-        // `READ_MESSAGE_BYTES`, big ones cut into such messages.
-        let mut unsent: Vec<u8> = Vec::new();
+        // Small pieces not yet sent, gathered into messages of up to `READ_MESSAGE_BYTES`;
+        // a big piece goes out as slices of its chunk, not copied.
+        let mut unsent = BytesMut::new();
         loop {
             while offset < range.end
                 && (ahead.len() <= READ_AHEAD_CHUNKS_MIN
@@ -664,10 +698,27 @@ impl Coordinator {
                     None => break,
                 };
                 let chunk_start = offset;
-                offset += chunk.size;
-                if offset <= range.start {
+                if chunk_start + chunk.size <= range.start {
+                    offset += chunk.size;
                     continue;
                 }
+                // Each chunk fetched ahead holds its size of the node's in-flight budget until
+                // it is cut into messages. Only a reader with nothing fetched waits for budget;
+                // one with chunks in hand streams those first (waiting while holding budget
+                // could leave every reader waiting on the others).
+                let permit = if ahead.is_empty() {
+                    self.reserve(chunk.size as usize).await?
+                } else {
+                    match self.try_reserve(chunk.size as usize) {
+                        Some(permit) => permit,
+                        None => {
+                            // Back in the list for the next round.
+                            listed = std::iter::once(chunk).chain(listed).collect::<Vec<_>>().into_iter();
+                            break;
+                        }
+                    }
+                };
+                offset += chunk.size;
                 // The part of the chunk inside the range.
                 let keep = (range.start.max(chunk_start) - chunk_start) as usize
                     ..(range.end.min(offset) - chunk_start) as usize;
@@ -675,28 +726,38 @@ impl Coordinator {
                 ahead_bytes += chunk.size;
                 ahead.push_back(async move {
                     let read = self.read_chunk(&chunk.hash, &chunk.replicas, &addresses).await;
-                    (chunk.size, keep, read)
+                    (chunk.size, keep, read, permit)
                 });
             }
-            let Some((size, keep, read)) = ahead.next().await else { break };
+            let Some((size, keep, read, permit)) = ahead.next().await else { break };
             ahead_bytes -= size;
             let data = read?;
-            let piece = data.get(keep.clone()).ok_or_else(|| {
-                Status::internal(format!("a chunk of {content} has {} bytes, not the {size} listed", data.len()))
-            })?;
-            unsent.extend_from_slice(piece);
+            if keep.end > data.len() {
+                return Err(Status::internal(format!(
+                    "a chunk of {content} has {} bytes, not the {size} listed",
+                    data.len()
+                )));
+            }
+            let mut piece = data.slice(keep);
             sent_to += piece.len() as u64;
-            let mut start = 0;
-            while unsent.len() - start >= READ_MESSAGE_BYTES {
-                let piece = unsent[start..start + READ_MESSAGE_BYTES].to_vec();
-                start += READ_MESSAGE_BYTES;
-                if tx.send(Ok(wrap(piece))).await.is_err() {
+            // Top up what is gathered to a whole message, then whole messages straight from
+            // the chunk, and gather the tail.
+            if !unsent.is_empty() {
+                let take = (READ_MESSAGE_BYTES - unsent.len()).min(piece.len());
+                unsent.extend_from_slice(&piece.split_to(take));
+                if unsent.len() == READ_MESSAGE_BYTES && tx.send(Ok(wrap(unsent.split().freeze()))).await.is_err() {
                     return Ok(());
                 }
             }
-            unsent.drain(..start);
+            while piece.len() >= READ_MESSAGE_BYTES {
+                if tx.send(Ok(wrap(piece.split_to(READ_MESSAGE_BYTES)))).await.is_err() {
+                    return Ok(());
+                }
+            }
+            unsent.extend_from_slice(&piece);
+            drop(permit);
         }
-        if !unsent.is_empty() && tx.send(Ok(wrap(unsent))).await.is_err() {
+        if !unsent.is_empty() && tx.send(Ok(wrap(unsent.freeze()))).await.is_err() {
             return Ok(());
         }
         if sent_to != range.end {
@@ -790,7 +851,13 @@ const KNOWN_CHUNKS_MAX: usize = 65_536;
 /// Where an upload's bytes come from: the next piece of data, or None at its end (which the
 /// source has checked is a real end, not a client that went away).
 pub trait UploadSource: Send {
-    fn next_data(&mut self) -> impl std::future::Future<Output = Result<Option<Vec<u8>>, Status>> + Send;
+    fn next_data(&mut self) -> impl std::future::Future<Output = Result<Option<Bytes>, Status>> + Send;
+
+    /// The bytes still to come after what `next_data` returned so far, when the source knows
+    /// (a declared size): a small file then holds only its size of the in-flight budget.
+    fn remaining_hint(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// What phase one wrote, for phase two to commit.
@@ -823,7 +890,11 @@ struct FileUpload {
 }
 
 impl UploadSource for FileUpload {
-    async fn next_data(&mut self) -> Result<Option<Vec<u8>>, Status> {
+    fn remaining_hint(&self) -> Option<u64> {
+        self.declared.map(|declared| declared.saturating_sub(self.received))
+    }
+
+    async fn next_data(&mut self) -> Result<Option<Bytes>, Status> {
         let size = self.received;
         let data = match self.stream.message().await {
             Ok(Some(pb::PutFileRequest { part: Some(pb::put_file_request::Part::Data(data)) })) => data,
@@ -861,7 +932,7 @@ impl UploadSource for FileUpload {
                 "the upload is longer than its declared {declared} bytes; nothing was committed"
             )));
         }
-        Ok(Some(data))
+        Ok(Some(Bytes::from(data)))
     }
 }
 

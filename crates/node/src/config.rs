@@ -87,6 +87,8 @@ pub struct NodeConfig {
     pub scrub_bytes_per_sec: u64,
     pub scrub_interval_ms: u64,
     pub chunk_rpc_timeout_ms: u64,
+    /// Chunk bytes held at once as a coordinator (`DataConfig::max_inflight_bytes`).
+    pub max_inflight_bytes: usize,
     pub span_store_bytes: u64,
     pub log_store_bytes: u64,
     pub otlp_endpoint: Option<String>,
@@ -173,6 +175,7 @@ impl Default for NodeConfig {
             scrub_bytes_per_sec: scrub.bytes_per_sec,
             scrub_interval_ms: scrub.pause_between_passes.as_millis() as u64,
             chunk_rpc_timeout_ms: data.chunk_rpc_timeout.as_millis() as u64,
+            max_inflight_bytes: data.max_inflight_bytes,
             span_store_bytes: TELEMETRY_STORE_BYTES_DEFAULT,
             log_store_bytes: TELEMETRY_STORE_BYTES_DEFAULT,
             otlp_endpoint: None,
@@ -366,6 +369,11 @@ impl NodeConfig {
         );
         ensure!(self.gc_interval_ms > 0, "--gc-interval-ms must be positive");
         ensure!(self.chunk_rpc_timeout_ms > 0, "--chunk-rpc-timeout-ms must be positive");
+        ensure!(
+            self.max_inflight_bytes >= self.chunk_size_bytes,
+            "--max-inflight-bytes must hold at least one chunk ({} bytes)",
+            self.chunk_size_bytes
+        );
         let data = DataConfig {
             chunk_size_bytes: self.chunk_size_bytes,
             replication_factor: self.replication_factor,
@@ -374,6 +382,7 @@ impl NodeConfig {
             zone: self.zone.clone(),
             weight: self.weight,
             chunk_rpc_timeout: Duration::from_millis(self.chunk_rpc_timeout_ms),
+            max_inflight_bytes: self.max_inflight_bytes,
         };
 
         ensure!(self.health_interval_ms > 0, "--health-interval-ms must be positive");
@@ -445,7 +454,7 @@ mod tests {
     #[test]
     fn every_missing_or_bad_setting_is_named() {
         type Spoil = fn(&mut NodeConfig);
-        let cases: [(Spoil, &str); 11] = [
+        let cases: [(Spoil, &str); 12] = [
             (|c| c.node_id = 0, "--node-id"),
             (|c| c.listen = "nowhere".into(), "--listen"),
             (|c| c.insecure_dev = false, "no cluster secret"),
@@ -454,6 +463,7 @@ mod tests {
             (|c| c.roles = vec!["cook".into()], "--roles"),
             (|c| c.election_timeout_ms = 10, "heartbeat interval"),
             (|c| c.chunk_size_bytes = 0, "--chunk-size-bytes"),
+            (|c| c.max_inflight_bytes = c.chunk_size_bytes - 1, "--max-inflight-bytes"),
             (|c| c.kv_quota_bytes = 1_000, "--kv-quota-bytes"),
             (|c| c.max_sessions = 0, "--max-sessions"),
             (|c| c.unsafe_local_reads = true, "needs --allow-fault-injection"),

@@ -165,7 +165,11 @@ impl BodyUpload {
 }
 
 impl UploadSource for &mut BodyUpload {
-    async fn next_data(&mut self) -> Result<Option<Vec<u8>>, tonic::Status> {
+    fn remaining_hint(&self) -> Option<u64> {
+        self.declared.length.map(|length| length.saturating_sub(self.received))
+    }
+
+    async fn next_data(&mut self) -> Result<Option<bytes::Bytes>, tonic::Status> {
         match self.body.next().await {
             Some(Ok(bytes)) => {
                 self.received += bytes.len() as u64;
@@ -178,7 +182,7 @@ impl UploadSource for &mut BodyUpload {
                 }
                 self.md5.update(&bytes);
                 self.checksums.update(&bytes);
-                Ok(Some(bytes.to_vec()))
+                Ok(Some(bytes))
             }
             Some(Err(e)) => Err(self.fail(body_error(e))),
             None => match self.verify() {
