@@ -192,3 +192,66 @@ async fn a_crash_right_after_a_snapshot_built_during_writes_loses_nothing() {
         assert!(!log.contains("Failed to get log entries"), "node {id} could not replay its log:\n{log}");
     }
 }
+
+/// The content of test file `index`: `size` bytes that differ from every other file's.
+fn file_content(index: usize, size: usize) -> Vec<u8> {
+    let stamp = format!("file {index} ");
+    stamp.as_bytes().iter().copied().cycle().take(size).collect()
+}
+
+/// A coordinator whose in-flight budget holds a single chunk still serves many uploads (of
+/// declared and undeclared size) and reads at once: they take turns for the budget, none
+/// waits on another forever, and every byte comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_and_reads_take_turns_in_a_one_chunk_inflight_budget() {
+    const CHUNK: usize = 64 << 10;
+    let chunk = CHUNK.to_string();
+    let server_args = vec!["--chunk-size-bytes".into(), chunk.clone(), "--max-inflight-bytes".into(), chunk];
+    let cluster = start(ClusterOptions { nodes: 3, server_args, ..ClusterOptions::default() });
+    let client = client(&cluster);
+    let size_of = |index: usize| CHUNK * (index % 5) + 1000 * index;
+    // Some files first, for the reads that run beside the uploads.
+    for index in 0..4 {
+        let content = file_content(index, size_of(index));
+        let size = Some(content.len() as u64);
+        // The storage nodes register just after the start: retried until they have.
+        let started = Instant::now();
+        while let Err(e) = client
+            .put_file(&format!("/budget/{index}"), std::io::Cursor::new(content.clone()), size, None, |_| {})
+            .await
+        {
+            assert!(started.elapsed() < DEADLINE, "file {index} never written: {e}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let mut tasks = Vec::new();
+    for index in 4..16 {
+        let writer = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let content = file_content(index, size_of(index));
+            // Every other upload does not say its size: it reserves whole chunks.
+            let size = (index % 2 == 0).then_some(content.len() as u64);
+            writer.put_file(&format!("/budget/{index}"), std::io::Cursor::new(content), size, None, |_| {}).await?;
+            anyhow::Ok(())
+        }));
+        let reader = client.clone();
+        let read = index % 4;
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            reader.get_file(&format!("/budget/{read}"), &mut got, |_, _| {}).await?;
+            anyhow::ensure!(got == file_content(read, size_of(read)), "file {read} came back different");
+            anyhow::Ok(())
+        }));
+    }
+    let all = tokio::time::timeout(Duration::from_secs(120), futures::future::join_all(tasks))
+        .await
+        .expect("uploads and reads waiting on each other for the budget");
+    for result in all {
+        result.expect("task").expect("an upload or read");
+    }
+    for index in 4..16 {
+        let mut got = Vec::new();
+        client.get_file(&format!("/budget/{index}"), &mut got, |_, _| {}).await.expect("read back");
+        assert_eq!(got, file_content(index, size_of(index)), "file {index}");
+    }
+}
