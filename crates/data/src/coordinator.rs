@@ -72,8 +72,8 @@ const READ_AHEAD_BYTES_MAX: u64 = 8 << 20;
 const SEGMENT_DATA_BYTES_MAX: u64 = 256 << 20;
 /// Size of the data messages a read streams back (smaller chunks are gathered into one).
 const READ_MESSAGE_BYTES: usize = 1 << 20;
-/// Messages buffered per reader before the coordinator waits for the client: outside the
-/// in-flight budget (their chunk's share is given back once it is cut into messages), so few.
+/// Messages buffered per reader before the coordinator waits for the client, besides its
+/// read-ahead: few, since each is a slice of a chunk that stays in memory while it waits.
 const READ_QUEUE_MESSAGES: usize = 2;
 /// How long a put waits for enough storage nodes to accept chunks before it fails: a cluster
 /// that just started has a leader a moment before its storage nodes have registered, and a
@@ -114,18 +114,14 @@ impl Coordinator {
     }
 
     /// Waits for `bytes` of the node's in-flight budget. Only a caller that holds none of it
-    /// while it waits may wait here (others use [`Coordinator::try_reserve`]): then whoever
-    /// holds budget is making progress without it, and the waits cannot form a cycle.
+    /// may wait here, and only holders that make progress on their own (a prepare) may hold
+    /// it: then the waits cannot form a cycle.
     async fn reserve(&self, bytes: usize) -> Result<tokio::sync::OwnedSemaphorePermit, Status> {
         self.inflight
             .clone()
             .acquire_many_owned(Self::inflight_slots(bytes))
             .await
             .map_err(|_| Status::unavailable("the node is shutting down"))
-    }
-
-    fn try_reserve(&self, bytes: usize) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        self.inflight.clone().try_acquire_many_owned(Self::inflight_slots(bytes)).ok()
     }
 
     /// This node's chunk store when `id` is this node.
@@ -535,11 +531,12 @@ impl Coordinator {
     }
 
     /// Prepares the chunks of everything `source` yields and stages the full segments;
-    /// returns the size and the BLAKE3 of the content. Each chunk's share of the node's
-    /// in-flight budget is reserved before its first byte is taken in, and held until its
-    /// replicas have it: so what uploads hold in memory is bounded by the budget however many
-    /// clients upload at once, and an upload waiting for budget holds none (its earlier chunks'
-    /// prepares run on and give theirs back).
+    /// returns the size and the BLAKE3 of the content. A chunk takes its share of the node's
+    /// in-flight budget once it is whole, and holds it until its replicas have it. Never while
+    /// it is being filled: an upload that held budget while it waited for its client's data
+    /// could wait forever, since uploads on one HTTP/2 connection share its flow-control
+    /// window, and uploads waiting for budget stop reading (their unread data fills that
+    /// window). An upload's own memory is the chunk it fills.
     async fn write_chunks(
         &self,
         mut source: impl UploadSource,
@@ -550,47 +547,35 @@ impl Coordinator {
         let chunk_size = self.config.chunk_size_bytes;
         let mut content_hash = blake3::Hasher::new();
         let mut size = 0u64;
-        // The chunk being filled, with its capacity: a share of the budget, reserved for what
-        // the source says is left of the content (a whole chunk when it cannot say).
-        let mut filling: Option<(Vec<u8>, tokio::sync::OwnedSemaphorePermit)> = None;
+        let mut buffer: Vec<u8> = Vec::new();
         let mut in_flight = FuturesOrdered::new();
         while let Some(data) = source.next_data().await? {
             content_hash.update(&data);
             size += data.len() as u64;
             let mut rest = &data[..];
             while !rest.is_empty() {
-                let (buffer, _) = match &mut filling {
-                    Some(filling) => filling,
-                    None => {
-                        let remaining = source.remaining_hint().map_or(chunk_size, |left| {
-                            (left.saturating_add(rest.len() as u64)).min(chunk_size as u64) as usize
-                        });
-                        let capacity = remaining.max(rest.len().min(chunk_size));
-                        let permit = self.reserve(capacity).await?;
-                        filling.insert((Vec::with_capacity(capacity), permit))
-                    }
-                };
-                // A chunk ends at the chunk size, or where its reservation ends (a source that
-                // sends more than it announced gets a shorter chunk, never more memory).
-                let room = buffer.capacity().min(chunk_size) - buffer.len();
-                let take = room.min(rest.len());
+                if buffer.capacity() == 0 {
+                    // Sized for what the source says is left (a small file holds only its
+                    // size), a whole chunk when it cannot say.
+                    let left = source.remaining_hint().map_or(chunk_size as u64, |left| left + rest.len() as u64);
+                    buffer.reserve_exact(left.min(chunk_size as u64) as usize);
+                }
+                let take = (chunk_size - buffer.len()).min(rest.len());
                 buffer.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
-                if take == room {
-                    if let Some((chunk, permit)) = filling.take() {
-                        self.prepare_next(list, &mut in_flight, &ring, &addresses, chunk, permit).await?;
-                    }
+                if buffer.len() == chunk_size {
+                    self.prepare_next(list, &mut in_flight, &ring, &addresses, std::mem::take(&mut buffer)).await?;
                 }
             }
         }
-        if let Some((chunk, permit)) = filling.take().filter(|(chunk, _)| !chunk.is_empty()) {
-            self.prepare_next(list, &mut in_flight, &ring, &addresses, chunk, permit).await?;
+        if !buffer.is_empty() {
+            self.prepare_next(list, &mut in_flight, &ring, &addresses, buffer).await?;
         }
         self.settle(list, &mut in_flight, 0).await?;
         Ok((size, *content_hash.finalize().as_bytes()))
     }
 
-    /// Starts preparing the upload's next chunk, which holds `permit` of the in-flight budget
+    /// Starts preparing the upload's next chunk, holding its share of the in-flight budget
     /// until its replicas have it, then takes in prepared chunks (in order) until fewer than
     /// the upload's window are left in flight. A chunk the upload already listed is not
     /// prepared again: it goes into the list as a repeat, a reference to the copies its first
@@ -602,7 +587,6 @@ impl Coordinator {
         ring: &Arc<Ring>,
         addresses: &Arc<HashMap<u64, String>>,
         data: Vec<u8>,
-        permit: tokio::sync::OwnedSemaphorePermit,
     ) -> Result<(), Status> {
         let hash = ChunkHash::of(&data);
         list.chunk_starting();
@@ -610,6 +594,8 @@ impl Coordinator {
             let repeat = CommittedChunk { hash, size: data.len() as u64, replicas: Vec::new() };
             in_flight.push_back(Box::pin(std::future::ready(Ok(repeat))));
         } else {
+            // Waits holding no budget: whoever holds it is a prepare that finishes on its own.
+            let permit = self.reserve(data.len()).await?;
             let prepare = self.spawn_prepare(permit, ring, addresses, list.write_id, hash, Bytes::from(data));
             in_flight.push_back(Box::pin(async move {
                 prepare.await.map_err(|e| Status::internal(format!("prepare task: {e}")))?
@@ -702,22 +688,6 @@ impl Coordinator {
                     offset += chunk.size;
                     continue;
                 }
-                // Each chunk fetched ahead holds its size of the node's in-flight budget until
-                // it is cut into messages. Only a reader with nothing fetched waits for budget;
-                // one with chunks in hand streams those first (waiting while holding budget
-                // could leave every reader waiting on the others).
-                let permit = if ahead.is_empty() {
-                    self.reserve(chunk.size as usize).await?
-                } else {
-                    match self.try_reserve(chunk.size as usize) {
-                        Some(permit) => permit,
-                        None => {
-                            // Back in the list for the next round.
-                            listed = std::iter::once(chunk).chain(listed).collect::<Vec<_>>().into_iter();
-                            break;
-                        }
-                    }
-                };
                 offset += chunk.size;
                 // The part of the chunk inside the range.
                 let keep = (range.start.max(chunk_start) - chunk_start) as usize
@@ -726,10 +696,10 @@ impl Coordinator {
                 ahead_bytes += chunk.size;
                 ahead.push_back(async move {
                     let read = self.read_chunk(&chunk.hash, &chunk.replicas, &addresses).await;
-                    (chunk.size, keep, read, permit)
+                    (chunk.size, keep, read)
                 });
             }
-            let Some((size, keep, read, permit)) = ahead.next().await else { break };
+            let Some((size, keep, read)) = ahead.next().await else { break };
             ahead_bytes -= size;
             let data = read?;
             if keep.end > data.len() {
@@ -755,7 +725,6 @@ impl Coordinator {
                 }
             }
             unsent.extend_from_slice(&piece);
-            drop(permit);
         }
         if !unsent.is_empty() && tx.send(Ok(wrap(unsent.freeze()))).await.is_err() {
             return Ok(());

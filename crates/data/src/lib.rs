@@ -48,10 +48,10 @@ pub struct DataConfig {
     /// Longest wait for one chunk RPC to one replica (prepare or read) before the coordinator
     /// counts that replica failed and tries the next.
     pub chunk_rpc_timeout: Duration,
-    /// Chunk bytes this node holds at once as a coordinator, across every upload and read it
-    /// serves: chunks being filled from clients and prepared on replicas, and chunks fetched
-    /// ahead for readers. Its memory for chunk data is about this times three at RF 3 (each
-    /// chunk once, plus one encoded request per remote replica).
+    /// Chunk bytes this node prepares on replicas at once as a coordinator, across every
+    /// upload it serves. The memory they take is about this times three at RF 3 (each chunk
+    /// once, shared by its replicas' requests, plus one encoded request per remote replica);
+    /// each upload also holds the one chunk it is filling, and each reader its read-ahead.
     pub max_inflight_bytes: usize,
 }
 
@@ -65,7 +65,7 @@ impl Default for DataConfig {
             zone: "default".into(),
             weight: 100,
             chunk_rpc_timeout: Duration::from_secs(30),
-            max_inflight_bytes: 64 << 20,
+            max_inflight_bytes: 32 << 20,
         }
     }
 }

@@ -142,9 +142,9 @@ pub struct ServerArgs {
     /// the coordinator tries another (default 30000).
     #[arg(long, env = "MENDFS_CHUNK_RPC_TIMEOUT_MS")]
     pub chunk_rpc_timeout_ms: Option<u64>,
-    /// Chunk bytes this node holds at once as a coordinator, across all uploads and reads it
-    /// serves (default 64 MiB, at least one chunk): bounds its memory for chunk data to about
-    /// three times this at RF 3, however many clients.
+    /// Chunk bytes this node prepares on replicas at once as a coordinator, across all the
+    /// uploads it serves (default 32 MiB, at least one chunk): their memory is about three
+    /// times this at RF 3, however many clients upload.
     #[arg(long, env = "MENDFS_MAX_INFLIGHT_BYTES")]
     pub max_inflight_bytes: Option<usize>,
     /// Disk bytes kept of this node's recent spans (`mendfs trace`), oldest dropped first (default 64 MiB).

@@ -200,16 +200,21 @@ fn file_content(index: usize, size: usize) -> Vec<u8> {
 }
 
 /// A coordinator whose in-flight budget holds a single chunk still serves many uploads (of
-/// declared and undeclared size) and reads at once: they take turns for the budget, none
-/// waits on another forever, and every byte comes back.
+/// declared and undeclared size, all on the client's one HTTP/2 connection) and reads at
+/// once: they take turns for the budget, none waits on another forever (an upload that held
+/// budget while it waited for its data did: the uploads waiting for budget stopped reading,
+/// and their unread data filled the connection's flow-control window), and every byte comes
+/// back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_and_reads_take_turns_in_a_one_chunk_inflight_budget() {
-    const CHUNK: usize = 64 << 10;
+    // Not a divisor of the client's 1 MiB messages: chunks span messages.
+    const CHUNK: usize = 192 << 10;
     let chunk = CHUNK.to_string();
     let server_args = vec!["--chunk-size-bytes".into(), chunk.clone(), "--max-inflight-bytes".into(), chunk];
     let cluster = start(ClusterOptions { nodes: 3, server_args, ..ClusterOptions::default() });
     let client = client(&cluster);
-    let size_of = |index: usize| CHUNK * (index % 5) + 1000 * index;
+    // Several upload messages (1 MiB) each, each message many chunks.
+    let size_of = |index: usize| CHUNK * (8 + index % 5) + 1000 * index;
     // Some files first, for the reads that run beside the uploads.
     for index in 0..4 {
         let content = file_content(index, size_of(index));
