@@ -114,10 +114,11 @@ async fn put_bucket(signer: &Signer, gateway: &str, bucket: &str) -> Result<()> 
     Ok(())
 }
 
-/// A row of the S3 tables: `path` is the row's system (native, s3; seaweedfs, seaweedfs-fsync).
-fn s3_line(row: &Row, ratio_name: &str) -> String {
+/// A row of the S3 tables: `path` is the row's system (native, s3; seaweedfs, seaweedfs-fsync),
+/// printed `system_width` wide; the last column is the row's ratio named `ratio_name`.
+fn s3_line(row: &Row, system_width: usize, ratio_name: &str) -> String {
     format!(
-        "{:>4} {:>10} {:>7} {:>6} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>7} {:>10}",
+        "{:>4} {:>10} {:>system_width$} {:>6} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>7} {:>10}",
         row.op,
         row.size_bytes.unwrap_or_default(),
         row.system,
@@ -133,19 +134,7 @@ fn s3_line(row: &Row, ratio_name: &str) -> String {
 
 /// A row of the SeaweedFS table: as the MendFS table, with room for the longer system names.
 fn seaweedfs_line(row: &Row) -> String {
-    format!(
-        "{:>4} {:>10} {:>15} {:>6} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>7} {:>10}",
-        row.op,
-        row.size_bytes.unwrap_or_default(),
-        row.system,
-        row.clients.unwrap_or_default(),
-        row.ops_per_sec,
-        row.mb_per_sec.unwrap_or(f64::NAN),
-        ms(row.p50_ms),
-        ms(row.p99_ms),
-        row.errors,
-        row.ratios.get("mendfs_s3_over_seaweedfs").map_or(String::new(), |r| format!("{r:.2}"))
-    )
+    s3_line(row, 15, "mendfs_s3_over_seaweedfs")
 }
 
 /// MendFS's S3 row (its index in `report.rows`) of each op and size, in the order run.
@@ -213,12 +202,12 @@ async fn bench_mendfs_s3(report: &mut Report, sizes: &[u64], connections: usize,
         for op in [FileOp::Put, FileOp::Get] {
             let native = native_files_row(&client, op, size, connections, duration).await?;
             let native = report.add_row(Row::measured("native", op.name(), Some(size), connections, &native), |row| {
-                s3_line(row, "s3_over_native")
+                s3_line(row, 7, "s3_over_native")
             });
             let s3 = s3_row(&signer, &gateways, BUCKET, op, size, connections, duration).await?;
             let mut s3 = Row::measured("s3", op.name(), Some(size), connections, &s3);
             s3.ratios.insert("s3_over_native", s3.ops_per_sec / report.rows[native].ops_per_sec);
-            s3_rows.push((op, size, report.add_row(s3, |row| s3_line(row, "s3_over_native"))));
+            s3_rows.push((op, size, report.add_row(s3, |row| s3_line(row, 7, "s3_over_native"))));
         }
     }
     for &(op, size, s3) in &s3_rows {
