@@ -1213,8 +1213,16 @@ mod tests {
         .last;
         assert_eq!(last, Some(log_id(3, 1, 4)));
 
-        // Reopened (as after a crash once the flush returned): the entries are there.
+        // Reopened (as after a crash once the flush returned): the entries are there. The
+        // flush task lets go of the database just after it reports, as a node's restart waits
+        // for (`FilesInUse`).
+        let database = log.database_weak();
         drop(log);
+        let closing_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while database.upgrade().is_some() {
+            assert!(std::time::Instant::now() < closing_by, "the flush task kept the log open");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let mut reopened = RaftLogStore::open(dir.path(), 1).expect("reopen");
         assert_eq!(reopened.get_log_state().await.expect("state").last_log_id, Some(log_id(3, 1, 4)));
         assert_eq!(reopened.durable_log().borrow().last, Some(log_id(3, 1, 4)));
