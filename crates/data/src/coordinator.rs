@@ -28,7 +28,8 @@ use mendfs_heal::detector::Liveness;
 use mendfs_heal::planner::ClusterView;
 use mendfs_meta::{
     request_origin, segment_chunks_for, ApiError, ChunkPage, ChunkRef, CommitFile, CommittedChunk, FileCommitted,
-    FileView, MetaNode, Origin, PeerInterceptor, RequestId, StageSegment, StorageNode, CHUNK_PAGE_CHUNKS_MAX,
+    FileView, InlineChunk, MetaNode, Origin, PeerInterceptor, RequestId, StageSegment, StorageNode,
+    CHUNK_PAGE_CHUNKS_MAX,
 };
 use mendfs_proto::status_with_cause;
 use mendfs_proto::v1 as pb;
@@ -344,6 +345,9 @@ impl Coordinator {
         replicas: &[NodeId],
         addresses: &HashMap<NodeId, String>,
     ) -> Result<Bytes, Status> {
+        if replicas.is_empty() {
+            return self.read_inline_chunk(hash).await;
+        }
         let mut order: Vec<u64> = replicas.to_vec();
         // This node first (no network hop), the others in random order to spread load.
         let me = self.node.id();
@@ -403,6 +407,27 @@ impl Coordinator {
         Err(Status::unavailable(format!("no replica of chunk {hash} could be read: {}", errors.join("; "))))
     }
 
+    /// A chunk kept inline in the metadata (listed without replicas).
+    async fn read_inline_chunk(&self, hash: &ChunkHash) -> Result<Bytes, Status> {
+        let span = tracing::info_span!("read_inline_chunk", chunk = %hash.short(), error = tracing::field::Empty);
+        let read = self.node.inline_chunk(*hash).instrument(span.clone()).await;
+        match read {
+            Ok(Some(data)) => Ok(data),
+            // Every reference to it went since the page was read: the version is gone.
+            Ok(None) => {
+                span.record("error", "gone");
+                Err(Status::aborted(format!(
+                    "inline chunk {hash} is gone: the content changed while it was read (replaced or deleted); \
+                     read it again"
+                )))
+            }
+            Err(e) => {
+                span.record("error", e.to_string());
+                Err(e.into())
+            }
+        }
+    }
+
     /// Tells the metadata that a replica is missing or corrupt (in the background: the read
     /// goes on with another copy either way).
     fn report_bad_replica(&self, hash: &ChunkHash, node_id: NodeId) {
@@ -455,9 +480,9 @@ impl Coordinator {
             };
             let committing =
                 tracing::info_span!("commit_file", chunks = written.n_chunks, error = tracing::field::Empty);
-            let (request_id, started) = (written.request_id, written.prepare_started);
+            let (request_id, started, inline) = (written.request_id, written.prepare_started, written.inline);
             let committed = self
-                .propose_retrying(|| self.node.commit_file(request_id, commit.clone(), started))
+                .propose_retrying(|| self.node.commit_file(request_id, commit.clone(), inline.clone(), started))
                 .instrument(committing.clone())
                 .await;
             if let Err(e) = &committed {
@@ -497,7 +522,7 @@ impl Coordinator {
         let grace_ms = self.config.orphan_grace.as_millis() as u64;
         let mut list = SegmentedList::new(write_id, label, segment_chunks, grace_ms);
         let written = match self.write_chunks(source, Arc::new(ring), Arc::new(addresses), &mut list).await {
-            Ok((size, content_hash)) => {
+            Ok((size, content_hash, inline)) => {
                 let n_chunks = list.staged_chunks + list.current.len() as u64;
                 let written = WrittenContent {
                     size,
@@ -509,6 +534,7 @@ impl Coordinator {
                     chunks: std::mem::take(&mut list.current),
                     grace_ms: list.grace_ms,
                     request_id: upload_request_id(list.write_id, 1),
+                    inline: inline.map(|data| InlineChunk { data }).into_iter().collect(),
                 };
                 commit(written).await
             }
@@ -531,7 +557,9 @@ impl Coordinator {
     }
 
     /// Prepares the chunks of everything `source` yields and stages the full segments;
-    /// returns the size and the BLAKE3 of the content. A chunk takes its share of the node's
+    /// returns the size and the BLAKE3 of the content, and the content itself if it is small
+    /// enough to be kept inline in the metadata (`DataConfig::inline_max_bytes`): then it is
+    /// the list's one chunk, prepared nowhere. A chunk takes its share of the node's
     /// in-flight budget once it is whole, and holds it until its replicas have it. Never while
     /// it is being filled: an upload that held budget while it waited for its client's data
     /// could wait forever, since uploads on one HTTP/2 connection share its flow-control
@@ -543,7 +571,7 @@ impl Coordinator {
         ring: Arc<Ring>,
         addresses: Arc<HashMap<u64, String>>,
         list: &mut SegmentedList,
-    ) -> Result<(u64, [u8; 32]), Status> {
+    ) -> Result<(u64, [u8; 32], Option<Vec<u8>>), Status> {
         let chunk_size = self.config.chunk_size_bytes;
         let mut content_hash = blake3::Hasher::new();
         let mut size = 0u64;
@@ -568,11 +596,18 @@ impl Coordinator {
                 }
             }
         }
+        let content_hash = *content_hash.finalize().as_bytes();
+        // Nothing prepared yet means the buffer holds the whole content.
+        if !buffer.is_empty() && list.started_chunks == 0 && buffer.len() <= self.config.inline_max_bytes {
+            list.chunk_starting();
+            list.current.push(CommittedChunk { hash: ChunkHash::of(&buffer), size, replicas: Vec::new() });
+            return Ok((size, content_hash, Some(buffer)));
+        }
         if !buffer.is_empty() {
             self.prepare_next(list, &mut in_flight, &ring, &addresses, buffer).await?;
         }
         self.settle(list, &mut in_flight, 0).await?;
-        Ok((size, *content_hash.finalize().as_bytes()))
+        Ok((size, content_hash, None))
     }
 
     /// Starts preparing the upload's next chunk, holding its share of the in-flight budget
@@ -848,6 +883,9 @@ pub struct WrittenContent {
     pub grace_ms: u64,
     /// The commit's request id: the same on every retry, so it applies once.
     pub request_id: RequestId,
+    /// The content of a small write, kept inline in the metadata: `chunks` lists it as its
+    /// one chunk without replicas, and the commit carries it.
+    pub inline: Vec<InlineChunk>,
 }
 
 /// A `Files.Put` stream as an upload source: data messages up to the end marker, whose size

@@ -53,6 +53,11 @@ pub struct DataConfig {
     /// once, shared by its replicas' requests, plus one encoded request per remote replica);
     /// each upload also holds the one chunk it is filling, and each reader its read-ahead.
     pub max_inflight_bytes: usize,
+    /// Content up to this size is written inline: it travels in the commit and is kept in
+    /// the metadata, replicated by Raft, instead of being prepared on storage nodes (0: never).
+    /// At most `mendfs_meta::INLINE_CHUNK_BYTES_MAX`; content larger than a chunk is never
+    /// inline.
+    pub inline_max_bytes: usize,
 }
 
 impl Default for DataConfig {
@@ -66,6 +71,7 @@ impl Default for DataConfig {
             weight: 100,
             chunk_rpc_timeout: Duration::from_secs(30),
             max_inflight_bytes: 32 << 20,
+            inline_max_bytes: 16 << 10,
         }
     }
 }

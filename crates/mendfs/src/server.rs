@@ -147,6 +147,11 @@ pub struct ServerArgs {
     /// times this at RF 3, however many clients upload.
     #[arg(long, env = "MENDFS_MAX_INFLIGHT_BYTES")]
     pub max_inflight_bytes: Option<usize>,
+    /// Files and objects up to this size are stored inline in the metadata, replicated by
+    /// Raft, in one step instead of a prepare on each replica and a commit (default 16384;
+    /// at most 65536; 0 turns it off).
+    #[arg(long, env = "MENDFS_INLINE_MAX_BYTES")]
+    pub inline_max_bytes: Option<usize>,
     /// Disk bytes kept of this node's recent spans (`mendfs trace`), oldest dropped first (default 64 MiB).
     #[arg(long, env = "MENDFS_SPAN_STORE_BYTES")]
     pub span_store_bytes: Option<u64>,

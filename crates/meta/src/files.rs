@@ -22,6 +22,15 @@
 //! each, so no apply does work proportional to a file's size. Until then the chunks stay
 //! referenced, which only delays their collection.
 //!
+//! **Inline chunks.** The content of a small write (up to [`INLINE_CHUNK_BYTES_MAX`], by
+//! default 16 KiB: `DataConfig::inline_max_bytes`) travels in its commit entry and is kept in
+//! `InlineChunks`, replicated by Raft like the rest of the metadata: one step instead of a
+//! prepare on every replica plus a commit. Such a chunk is still a hash and a size in the chunk
+//! list, so everything that shares chunk sets (S3 pieces, copies, multipart parts) works
+//! unchanged; it has references but no copies, and repair, scrubbing and the storage nodes'
+//! collection never see it. A hash is in `Chunks` or in `InlineChunks`, never both: whichever
+//! held it first takes the references of later writes of the same content.
+//!
 //! Garbage collection never happens here: a chunk whose count drops to zero loses its record,
 //! and the storage nodes later delete copies that no record lists, after checking with the
 //! leader and only past a grace period in which a new write could still reference them (see
@@ -141,6 +150,28 @@ pub struct ChunkRecord {
     pub replicas: Vec<u64>,
 }
 
+/// The largest chunk the metadata keeps inline, whatever a node's setting: small enough that an
+/// entry carrying a few stays far below a batch's size, and that a snapshot of millions of
+/// small files stays a metadata-sized one.
+pub const INLINE_CHUNK_BYTES_MAX: usize = 64 * 1024;
+/// Inline chunks one entry may carry (a write has one; a little room for wrappers to come).
+pub const INLINE_CHUNKS_PER_ENTRY_MAX: usize = 4;
+
+/// A chunk's bytes, sent with the commit that references them (see [`InlineChunkRecord`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InlineChunk {
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// A chunk kept in the metadata: its bytes, and the chunk-list entries that reference it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InlineChunkRecord {
+    pub refs: u64,
+    #[serde(with = "serde_bytes")]
+    pub data: Vec<u8>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommittedChunk {
     pub hash: ChunkHash,
@@ -211,6 +242,19 @@ pub fn get_file(store: &impl StateStore, path: &str) -> Result<Option<FileRecord
 
 pub fn get_chunk(store: &impl StateStore, hash: &ChunkHash) -> Result<Option<ChunkRecord>, StoreError> {
     store.get(Table::Chunks, hash.as_ref())?.map(|bytes| decode(&bytes)).transpose()
+}
+
+pub fn get_inline_chunk(store: &impl StateStore, hash: &ChunkHash) -> Result<Option<InlineChunkRecord>, StoreError> {
+    store.get(Table::InlineChunks, hash.as_ref())?.map(|bytes| decode(&bytes)).transpose()
+}
+
+/// Where a referenced chunk's copies are: the nodes its record lists, or none for a chunk kept
+/// inline in the metadata; None if neither table knows it.
+pub fn chunk_replicas(store: &impl StateStore, hash: &ChunkHash) -> Result<Option<Vec<u64>>, StoreError> {
+    if let Some(record) = get_chunk(store, hash)? {
+        return Ok(Some(record.replicas));
+    }
+    Ok(store.get(Table::InlineChunks, hash.as_ref())?.map(|_| Vec::new()))
 }
 
 /// Files whose path starts with `prefix`, in order; the flag says whether `limit` cut it short.
@@ -415,6 +459,14 @@ pub fn for_each_chunk(
 }
 
 fn add_reference(store: &mut impl StateStore, chunk: &CommittedChunk) -> Result<(), StoreError> {
+    if store.get(Table::Chunks, chunk.hash.as_ref())?.is_none() {
+        if let Some(mut inline) = get_inline_chunk(store, &chunk.hash)? {
+            // The metadata already holds this content: copies this write prepared of it are
+            // orphans, collected like any other.
+            inline.refs += 1;
+            return store.put(Table::InlineChunks, chunk.hash.as_ref(), &encode(&inline)?);
+        }
+    }
     let record = match get_chunk(store, &chunk.hash)? {
         Some(mut record) => {
             record.refs += 1;
@@ -434,7 +486,15 @@ fn add_reference(store: &mut impl StateStore, chunk: &CommittedChunk) -> Result<
 
 fn drop_reference(store: &mut impl StateStore, hash: &ChunkHash) -> Result<(), StoreError> {
     let Some(mut record) = get_chunk(store, hash)? else {
-        return Err(StoreError(format!("chunk map lost a referenced chunk {}", hash)));
+        let Some(mut inline) = get_inline_chunk(store, hash)? else {
+            return Err(StoreError(format!("chunk map lost a referenced chunk {}", hash)));
+        };
+        inline.refs = inline.refs.saturating_sub(1);
+        return if inline.refs == 0 {
+            store.remove(Table::InlineChunks, hash.as_ref())
+        } else {
+            store.put(Table::InlineChunks, hash.as_ref(), &encode(&inline)?)
+        };
     };
     record.refs = record.refs.saturating_sub(1);
     if record.refs == 0 {
@@ -465,18 +525,81 @@ fn new_chunk_set(store: &mut impl StateStore) -> Result<u64, StoreError> {
 }
 
 /// The first repeat in `chunks` (an entry without replicas) whose chunk neither an earlier entry
-/// of `chunks` nor a chunk record names: it would reference copies nobody prepared. A write
-/// sends repeats only of chunks it listed before, in this entry or in a staged segment of its
-/// own upload, whose references keep the record alive.
+/// of `chunks` nor a chunk record (or inline chunk) names: it would reference copies nobody
+/// prepared. A write sends repeats only of chunks it listed before, in this entry or in a
+/// staged segment of its own upload, whose references keep the record alive, and entries of
+/// the inline chunks its entry carries (see [`with_inline_chunks`]).
 fn unresolved_repeat(store: &impl StateStore, chunks: &[CommittedChunk]) -> Result<Option<ChunkHash>, StoreError> {
     let mut listed = std::collections::HashSet::new();
     for chunk in chunks {
-        if chunk.replicas.is_empty() && !listed.contains(&chunk.hash) && get_chunk(store, &chunk.hash)?.is_none() {
+        if chunk.replicas.is_empty()
+            && !listed.contains(&chunk.hash)
+            && store.get(Table::Chunks, chunk.hash.as_ref())?.is_none()
+            && store.get(Table::InlineChunks, chunk.hash.as_ref())?.is_none()
+        {
             return Ok(Some(chunk.hash));
         }
         listed.insert(chunk.hash);
     }
     Ok(None)
+}
+
+/// Applies `apply_inner`, a write whose chunk list (`listed`) names the chunks `inline` carries,
+/// with those chunks kept in the metadata: each is recorded (without references) before the
+/// write is applied, so the write's entries for it resolve, and whatever the write did not
+/// reference afterwards (a refused write) is removed again. Refuses, before any change, a
+/// chunk larger than [`INLINE_CHUNK_BYTES_MAX`], more than [`INLINE_CHUNKS_PER_ENTRY_MAX`], or
+/// one the write does not list with its size and without replicas.
+pub(crate) fn with_inline_chunks<S: StateStore>(
+    store: &mut S,
+    inline: &[InlineChunk],
+    listed: Option<&[CommittedChunk]>,
+    apply_inner: impl FnOnce(&mut S) -> Result<CommandResult, StoreError>,
+) -> Result<CommandResult, StoreError> {
+    let refuse = |why: String| Ok(Err(CommandError::InvalidRequest { why }));
+    let Some(listed) = listed else {
+        return refuse("inline chunks come only with a file, object or part write".to_string());
+    };
+    if inline.len() > INLINE_CHUNKS_PER_ENTRY_MAX {
+        return refuse(format!(
+            "{} inline chunks in one entry; the most is {INLINE_CHUNKS_PER_ENTRY_MAX}",
+            inline.len()
+        ));
+    }
+    let mut hashes = Vec::with_capacity(inline.len());
+    for chunk in inline {
+        if chunk.data.len() > INLINE_CHUNK_BYTES_MAX {
+            return refuse(format!(
+                "an inline chunk of {} bytes; the most is {INLINE_CHUNK_BYTES_MAX}",
+                chunk.data.len()
+            ));
+        }
+        let hash = ChunkHash::of(&chunk.data);
+        let named = listed
+            .iter()
+            .any(|entry| entry.hash == hash && entry.size == chunk.data.len() as u64 && entry.replicas.is_empty());
+        if !named {
+            return refuse(format!("inline chunk {hash} is not in the write's chunk list as an entry without copies"));
+        }
+        hashes.push(hash);
+    }
+    let mut recorded = Vec::new();
+    for (hash, chunk) in hashes.iter().zip(inline) {
+        let known = store.get(Table::Chunks, hash.as_ref())?.is_some()
+            || store.get(Table::InlineChunks, hash.as_ref())?.is_some();
+        if !known {
+            let record = InlineChunkRecord { refs: 0, data: chunk.data.clone() };
+            store.put(Table::InlineChunks, hash.as_ref(), &encode(&record)?)?;
+            recorded.push(*hash);
+        }
+    }
+    let result = apply_inner(store)?;
+    for hash in recorded {
+        if get_inline_chunk(store, &hash)?.is_some_and(|record| record.refs == 0) {
+            store.remove(Table::InlineChunks, hash.as_ref())?;
+        }
+    }
+    Ok(result)
 }
 
 /// Appends `chunks`, the chunk list's entries from `first_index` on, to `chunk_set` as one
@@ -957,6 +1080,96 @@ mod tests {
         );
     }
 
+    fn inline_commit(path: &str, data: &[u8], expected_version: Option<u64>) -> (CommitFile, Vec<InlineChunk>) {
+        let entry = CommittedChunk { hash: ChunkHash::of(data), size: data.len() as u64, replicas: vec![] };
+        (commit(path, vec![entry], expected_version), vec![InlineChunk { data: data.to_vec() }])
+    }
+
+    fn commit_inline(store: &mut MemoryStore, commit: &CommitFile, inline: &[InlineChunk]) -> CommandResult {
+        with_inline_chunks(store, inline, Some(&commit.chunks), |store| commit_file(store, commit, 1_000)).unwrap()
+    }
+
+    fn inline_refs(store: &MemoryStore, data: &[u8]) -> Option<u64> {
+        get_inline_chunk(store, &ChunkHash::of(data)).unwrap().map(|record| record.refs)
+    }
+
+    #[test]
+    fn a_small_write_keeps_its_bytes_in_the_metadata_until_its_last_reference_goes() {
+        let mut store = MemoryStore::default();
+        let (first, carried) = inline_commit("/a", b"small file", None);
+        commit_inline(&mut store, &first, &carried).unwrap();
+        let hash = ChunkHash::of(b"small file");
+        assert_eq!(get_inline_chunk(&store, &hash).unwrap().unwrap().data, b"small file");
+        assert_eq!(chunk_replicas(&store, &hash).unwrap(), Some(vec![]), "listed without copies");
+        assert!(get_chunk(&store, &hash).unwrap().is_none(), "repair and collection never see it");
+        // The same content again, inline: one row, two references.
+        let (second, carried) = inline_commit("/b", b"small file", None);
+        commit_inline(&mut store, &second, &carried).unwrap();
+        assert_eq!(inline_refs(&store, b"small file"), Some(2));
+        // Overwriting /a with other content moves its reference.
+        let (overwrite, carried) = inline_commit("/a", b"other", Some(1));
+        commit_inline(&mut store, &overwrite, &carried).unwrap();
+        assert_eq!((inline_refs(&store, b"small file"), inline_refs(&store, b"other")), (Some(1), Some(1)));
+        delete_file(&mut store, "/b", None).unwrap().unwrap();
+        delete_file(&mut store, "/a", None).unwrap().unwrap();
+        assert!(store.range(Table::InlineChunks, &[], None, 1).unwrap().is_empty(), "nothing left");
+    }
+
+    #[test]
+    fn a_refused_or_mismatched_inline_write_changes_nothing() {
+        let mut store = MemoryStore::default();
+        let (first, carried) = inline_commit("/a", b"v1", None);
+        commit_inline(&mut store, &first, &carried).unwrap();
+        let before = store.clone();
+        let (stale, carried) = inline_commit("/a", b"v2", Some(9));
+        assert_eq!(
+            commit_inline(&mut store, &stale, &carried),
+            Err(CommandError::VersionMismatch { expected: 9, actual: 1 })
+        );
+        assert_eq!(store, before, "the refused write's bytes are not left behind");
+        // Bytes the chunk list does not name, or names with copies or another size.
+        let (listed, _) = inline_commit("/b", b"listed", None);
+        let unnamed = [InlineChunk { data: b"not listed".to_vec() }];
+        assert!(matches!(commit_inline(&mut store, &listed, &unnamed), Err(CommandError::InvalidRequest { .. })));
+        let with_copies =
+            commit("/b", vec![CommittedChunk { hash: ChunkHash::of(b"x"), size: 1, replicas: vec![1] }], None);
+        let carried = [InlineChunk { data: b"x".to_vec() }];
+        assert!(matches!(commit_inline(&mut store, &with_copies, &carried), Err(CommandError::InvalidRequest { .. })));
+        let too_big = vec![7u8; INLINE_CHUNK_BYTES_MAX + 1];
+        let (big, carried) = inline_commit("/c", &too_big, None);
+        assert!(matches!(commit_inline(&mut store, &big, &carried), Err(CommandError::InvalidRequest { .. })));
+        let not_a_write =
+            with_inline_chunks(&mut store, &[InlineChunk { data: b"x".to_vec() }], None, |_| Ok(Ok(Outcome::Noop)));
+        assert!(matches!(not_a_write.unwrap(), Err(CommandError::InvalidRequest { .. })));
+        assert_eq!(store, before);
+    }
+
+    /// A content is kept one way: whichever way it was first written takes the later writes'
+    /// references, so no hash is both inline and in the chunk map.
+    #[test]
+    fn the_same_content_written_both_ways_is_kept_one_way() {
+        let mut store = MemoryStore::default();
+        let data = b"same bytes";
+        let hash = ChunkHash::of(data);
+        let replicated =
+            |path: &str| commit(path, vec![CommittedChunk { hash, size: 10, replicas: vec![1, 2, 3] }], None);
+        // Inline first: a later replicated write's copies become orphans.
+        let (inline, carried) = inline_commit("/a", data, None);
+        commit_inline(&mut store, &inline, &carried).unwrap();
+        commit_file(&mut store, &replicated("/b"), 1_000).unwrap().unwrap();
+        assert_eq!(inline_refs(&store, data), Some(2));
+        assert!(get_chunk(&store, &hash).unwrap().is_none());
+        delete_file(&mut store, "/a", None).unwrap().unwrap();
+        delete_file(&mut store, "/b", None).unwrap().unwrap();
+        // Replicated first: a later inline write references the copies and stores nothing.
+        commit_file(&mut store, &replicated("/c"), 1_000).unwrap().unwrap();
+        let (inline, carried) = inline_commit("/d", data, None);
+        commit_inline(&mut store, &inline, &carried).unwrap();
+        assert_eq!(get_chunk(&store, &hash).unwrap().unwrap().refs, 2);
+        assert_eq!(inline_refs(&store, data), None);
+        check_references(&store);
+    }
+
     #[test]
     fn dropping_a_replica_never_drops_the_last_one() {
         let mut store = MemoryStore::default();
@@ -1160,6 +1373,12 @@ mod tests {
             true
         })
         .unwrap();
+        for (key, value) in store.range(Table::InlineChunks, &[], None, usize::MAX).unwrap() {
+            let hash = ChunkHash::try_from(key.as_slice()).unwrap();
+            let record: InlineChunkRecord = decode(&value).unwrap();
+            assert_eq!(ChunkHash::of(&record.data), hash, "an inline chunk is stored under its hash");
+            assert!(recorded.insert(hash, record.refs).is_none(), "chunk {hash} is both inline and in the chunk map");
+        }
         assert_eq!(recorded, counted, "chunk references disagree with the segments naming them");
     }
 
@@ -1377,6 +1596,13 @@ mod tests {
         Delete {
             path: u8,
         },
+        /// Commit `path` as one small chunk of content `content`: kept inline, or (the same
+        /// bytes) prepared on replicas, as a coordinator with inlining off would.
+        PutSmall {
+            path: u8,
+            content: u8,
+            inline: bool,
+        },
         /// A release step of this budget, `advance_ms` later.
         Release {
             budget: u64,
@@ -1394,6 +1620,11 @@ mod tests {
             (0u8..4, chunks()).prop_map(|(upload, chunks)| FileOp::Commit { upload, chunks }),
             (0u8..4).prop_map(|upload| FileOp::Abort { upload }),
             (0u8..3).prop_map(|path| FileOp::Delete { path }),
+            (0u8..3, 0u8..3, any::<bool>()).prop_map(|(path, content, inline)| FileOp::PutSmall {
+                path,
+                content,
+                inline
+            }),
             (1u64..6, prop_oneof![Just(0u64), Just(PREPARE_GRACE_MS / 2), Just(PREPARE_GRACE_MS + 1)])
                 .prop_map(|(budget, advance_ms)| FileOp::Release { budget, advance_ms }),
         ]
@@ -1472,6 +1703,23 @@ mod tests {
                         let result = delete_file(&mut store, &path, None).unwrap();
                         proptest::prop_assert_eq!(result.is_ok(), files.remove(&path).is_some());
                     }
+                    FileOp::PutSmall { path, content, inline } => {
+                        let path = format!("/f{path}");
+                        let data = vec![content; 5];
+                        let hash = ChunkHash::of(&data);
+                        let replicas = if inline { vec![] } else { vec![1, 2] };
+                        let entry = CommittedChunk { hash, size: 5, replicas };
+                        let c = CommitFile { prepared_at_ms: clock_ms, ..commit(&path, vec![entry], None) };
+                        if inline {
+                            let carried = [InlineChunk { data }];
+                            with_inline_chunks(&mut store, &carried, Some(&c.chunks), |store| commit_file(store, &c, clock_ms))
+                                .unwrap()
+                                .unwrap();
+                        } else {
+                            commit_file(&mut store, &c, clock_ms).unwrap().unwrap();
+                        }
+                        files.insert(path, vec![hash]);
+                    }
                     FileOp::Release { budget, advance_ms } => {
                         clock_ms += advance_ms;
                         release_chunks(&mut store, clock_ms, budget).unwrap().unwrap();
@@ -1489,6 +1737,7 @@ mod tests {
             drain_releases(&mut store, clock_ms + PREPARE_GRACE_MS + 1);
             check_references(&store);
             proptest::prop_assert!(store.range(Table::Chunks, &[], None, 1).unwrap().is_empty(), "nothing referenced");
+            proptest::prop_assert!(store.range(Table::InlineChunks, &[], None, 1).unwrap().is_empty(), "no inline chunk left");
             proptest::prop_assert!(store.range(Table::Segments, &[], None, 1).unwrap().is_empty(), "no segment left");
             proptest::prop_assert!(store.range(Table::Uploads, &[], None, 1).unwrap().is_empty(), "no upload left");
         }

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +29,8 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use crate::clock::{self, Age, PeerClocks, PeerInstant, StateClock};
 use crate::error::ApiError;
 use crate::files::{
-    self, ChunkRecord, CommitFile, FileRecord, RepairJob, ReplicaAdded, ReplicaDrop, StageSegment, StorageNode,
+    self, ChunkRecord, CommitFile, FileRecord, InlineChunk, RepairJob, ReplicaAdded, ReplicaDrop, StageSegment,
+    StorageNode,
 };
 use crate::kv;
 use crate::network::{NetworkFactory, Peers};
@@ -184,6 +186,10 @@ pub(crate) enum LeaderRequest {
     StorageNodes,
     /// A read of the S3 keyspace.
     S3(s3_api::S3Read),
+    /// The bytes of a chunk kept inline in the metadata.
+    InlineChunk {
+        hash: ChunkHash,
+    },
 }
 
 /// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
@@ -219,6 +225,16 @@ pub(crate) enum LeaderResponse {
     },
     StorageNodes(Vec<StorageNode>),
     S3(s3_api::S3Answer),
+    InlineChunk(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
+}
+
+/// `command` with `inline` chunks travelling with it, if it has any.
+fn with_inline(inline: Vec<InlineChunk>, command: Command) -> Command {
+    if inline.is_empty() {
+        command
+    } else {
+        Command::WithInlineChunks { inline, command: Box::new(command) }
+    }
 }
 
 /// A file version's summary: its record, which names its chunk list but does not hold it.
@@ -450,7 +466,7 @@ fn file_chunk_page(
     let mut chunks = Vec::with_capacity(listed.len());
     let mut bytes = 0;
     for chunk in listed {
-        let replicas = files::get_chunk(view, &chunk.hash).map_err(ApiError::internal)?.map(|c| c.replicas);
+        let replicas = files::chunk_replicas(view, &chunk.hash).map_err(ApiError::internal)?;
         let replicas = replicas.ok_or_else(|| {
             ApiError::Internal(format!("file {path} references chunk {} missing from the chunk map", chunk.hash))
         })?;
@@ -989,12 +1005,12 @@ pub struct MetaNode {
 /// again at once, by this process or another.
 #[derive(Clone)]
 pub struct FilesInUse {
-    databases: Arc<[std::sync::Weak<redb::Database>]>,
+    databases: Arc<[crate::raft_store::DatabaseClosed]>,
 }
 
 impl FilesInUse {
     pub fn released(&self) -> bool {
-        self.databases.iter().all(|database| database.strong_count() == 0)
+        self.databases.iter().all(|database| database.is_closed())
     }
 }
 
@@ -1014,7 +1030,7 @@ impl MetaNode {
         let mut state_machine = StateMachineStore::open(&config.data_dir).map_err(|e| e.to_string())?;
         state_machine.follow_log_durability(durable_log.clone());
         let state = state_machine.reader();
-        let files = FilesInUse { databases: Arc::new([log_store.database_weak(), state.database_weak()]) };
+        let files = FilesInUse { databases: Arc::new([log_store.database_closed(), state.database_closed()]) };
         let peers = Peers::new(config.node_id, config.secret.as_deref(), config.peer_tls.as_ref(), state.clone())?;
 
         let raft_config = Config {
@@ -1390,6 +1406,14 @@ impl MetaNode {
             LeaderRequest::StorageNodes => {
                 self.linearizable_barrier().await?;
                 Ok(LeaderResponse::StorageNodes(self.storage_nodes()?))
+            }
+            LeaderRequest::InlineChunk { hash } => {
+                // The asker's page came from a linearizable read: once the leader has applied
+                // up to its commit index, it holds every row that page could name.
+                self.linearizable_barrier().await?;
+                let view = self.state.view().map_err(ApiError::internal)?;
+                let record = files::get_inline_chunk(&view, &hash).map_err(ApiError::internal)?;
+                Ok(LeaderResponse::InlineChunk(record.map(|record| record.data)))
             }
             LeaderRequest::S3(read) => {
                 self.linearizable_barrier().await?;
@@ -1818,9 +1842,10 @@ impl MetaNode {
         &self,
         request_id: RequestId,
         commit: CommitFile,
+        inline: Vec<InlineChunk>,
         prepare_started: Instant,
     ) -> Result<FileCommitted, ApiError> {
-        let command = Command::CommitFile(commit);
+        let command = with_inline(inline, Command::CommitFile(commit));
         match self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await? {
             Outcome::FileCommitted { version, revision } => Ok(FileCommitted { version, revision }),
             other => Err(unexpected("a file commit", other)),
@@ -1953,6 +1978,32 @@ impl MetaNode {
         match self.serve_on_leader(LeaderRequest::ListFiles { prefix, limit }, origin).await? {
             LeaderResponse::Files { files, truncated } => Ok((files, truncated)),
             other => Err(unexpected("a file listing", other)),
+        }
+    }
+
+    /// The bytes of a chunk kept inline in the metadata (a page listed it without replicas),
+    /// verified against its hash. From this node's state when it has applied the write; from
+    /// the leader otherwise (a follower a little behind the page it was given). None: no
+    /// version references it any more.
+    pub async fn inline_chunk(&self, hash: ChunkHash) -> Result<Option<Bytes>, ApiError> {
+        // Content-addressed and immutable: any state that holds the row holds the right bytes,
+        // so a local read is as good as the leader's.
+        let local = {
+            let view = self.state.view().map_err(ApiError::internal)?;
+            files::get_inline_chunk(&view, &hash).map_err(ApiError::internal)?
+        };
+        let data = match local {
+            Some(record) => Some(record.data),
+            None => match self.serve_on_leader(LeaderRequest::InlineChunk { hash }, Origin::LOCAL).await? {
+                LeaderResponse::InlineChunk(data) => data,
+                other => return Err(unexpected("an inline chunk", other)),
+            },
+        };
+        match data {
+            Some(data) if ChunkHash::of(&data) != hash => {
+                Err(ApiError::Internal(format!("the metadata's inline chunk {hash} does not match its hash")))
+            }
+            data => Ok(data.map(Bytes::from)),
         }
     }
 
@@ -2274,6 +2325,7 @@ mod tests {
             (LeaderRequest::ListFiles { prefix: String::new(), limit: 0 }, 13),
             (LeaderRequest::StorageNodes, 14),
             (LeaderRequest::S3(s3_api::S3Read::Buckets), 15),
+            (LeaderRequest::InlineChunk { hash: ChunkHash::from_bytes([1; 32]) }, 16),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");
@@ -2289,6 +2341,7 @@ mod tests {
             (LeaderResponse::Files { files: vec![], truncated: false }, 11),
             (LeaderResponse::StorageNodes(vec![]), 12),
             (LeaderResponse::S3(s3_api::S3Answer::Bucket(None)), 13),
+            (LeaderResponse::InlineChunk(None), 14),
         ];
         for (response, number) in responses {
             assert_eq!(wire_number(&response), number, "{response:?}");
@@ -2300,6 +2353,8 @@ mod tests {
             (Command::DropReplica { hash: ChunkHash::from_bytes([1; 32]), node_id: 1 }, 10),
             (Command::UnregisterStorageNode { node_id: 1 }, 13),
             (Command::DropReplicas { drops: vec![] }, 15),
+            (Command::S3ExpireMultipart { initiated_before_ms: 0 }, 36),
+            (Command::WithInlineChunks { inline: vec![], command: Box::new(Command::ReleaseChunks) }, 37),
         ];
         for (command, number) in commands {
             assert_eq!(wire_number(&command), number, "{command:?}");

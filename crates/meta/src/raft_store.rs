@@ -68,11 +68,53 @@ fn store_err(e: impl std::fmt::Display) -> StoreError {
 const LOG_CACHE_BYTES: usize = 64 << 20;
 const STATE_CACHE_BYTES: usize = 256 << 20;
 
-fn open_database(path: &Path, cache_bytes: usize) -> Result<Database, StoreError> {
-    redb::Builder::new()
+fn open_database(path: &Path, cache_bytes: usize) -> Result<OpenDatabase, StoreError> {
+    let database = redb::Builder::new()
         .set_cache_size(cache_bytes)
         .create(path)
-        .map_err(|e| StoreError(format!("open {}: {e}", path.display())))
+        .map_err(|e| StoreError(format!("open {}: {e}", path.display())))?;
+    Ok(OpenDatabase { database, closed: ClosedOnDrop(Arc::default()) })
+}
+
+/// A redb database that tells when its file is closed. The last handle going is not enough:
+/// the database's own drop (which writes its clean-shutdown mark and releases the file) runs
+/// after that, on whichever thread dropped it, and a reopen before it ends is refused. Fields
+/// drop in order, so `closed` is set only once `database` is gone.
+pub(crate) struct OpenDatabase {
+    database: Database,
+    closed: ClosedOnDrop,
+}
+
+struct ClosedOnDrop(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl std::ops::Deref for OpenDatabase {
+    type Target = Database;
+
+    fn deref(&self) -> &Database {
+        &self.database
+    }
+}
+
+impl OpenDatabase {
+    fn closed_signal(&self) -> DatabaseClosed {
+        DatabaseClosed(self.closed.0.clone())
+    }
+}
+
+/// Whether a database file has been closed (see [`OpenDatabase`]).
+#[derive(Clone)]
+pub struct DatabaseClosed(Arc<std::sync::atomic::AtomicBool>);
+
+impl DatabaseClosed {
+    pub fn is_closed(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 /// Runs blocking redb work off the async executor.
@@ -87,7 +129,7 @@ async fn blocking<T: Send + 'static>(
 
 #[derive(Clone)]
 pub struct RaftLogStore {
-    db: Arc<Database>,
+    db: Arc<OpenDatabase>,
     node_id: NodeId,
     /// The latest committed index Raft told us (`save_committed`), for metrics; openraft's own
     /// metrics do not carry it.
@@ -282,8 +324,8 @@ impl RaftLogStore {
     }
 
     /// A handle that tells when the log's database file is closed (see `FilesInUse`).
-    pub fn database_weak(&self) -> std::sync::Weak<Database> {
-        Arc::downgrade(&self.db)
+    pub fn database_closed(&self) -> DatabaseClosed {
+        self.db.closed_signal()
     }
 
     /// The committed index as last saved, shared: it moves as Raft commits.
@@ -569,7 +611,7 @@ impl StateStore for ReadView {
 /// fires after every applied batch (carrying the latest revision) for watchers.
 #[derive(Clone)]
 pub struct StateReader {
-    db: Arc<Database>,
+    db: Arc<OpenDatabase>,
     revision: watch::Receiver<u64>,
     cluster_id: Arc<RwLock<Option<String>>>,
     tokens: crate::auth::SharedTokens,
@@ -579,8 +621,8 @@ pub struct StateReader {
 
 impl StateReader {
     /// A handle that tells when the state machine's database file is closed.
-    pub fn database_weak(&self) -> std::sync::Weak<Database> {
-        Arc::downgrade(&self.db)
+    pub fn database_closed(&self) -> DatabaseClosed {
+        self.db.closed_signal()
     }
 
     /// The client tokens, kept current as tokens are created and revoked.
@@ -631,7 +673,7 @@ pub struct StateMachineStore {
     /// The log's durability, when a log store shares this node ([`DurableLog`]): an entry is
     /// applied only once durable in this node's log.
     durable_log: Option<watch::Receiver<DurableLog>>,
-    db: Arc<Database>,
+    db: Arc<OpenDatabase>,
     data_dir: PathBuf,
     /// Held by a snapshot build and an install for their whole run: the two write
     /// `snapshot.bin` and an install replaces the state a build reads, so they take turns.
@@ -842,7 +884,7 @@ pub fn write_file_durably(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 }
 
 pub struct SnapshotBuilder {
-    db: Arc<Database>,
+    db: Arc<OpenDatabase>,
     store: StateMachineStore,
 }
 
@@ -1216,14 +1258,15 @@ mod tests {
         // Reopened (as after a crash once the flush returned): the entries are there. The
         // flush task lets go of the database just after it reports, as a node's restart waits
         // for (`FilesInUse`).
-        let database = log.database_weak();
+        // The flush task may hold the last handle: the signal says when the file is closed.
+        let closed = log.database_closed();
         drop(log);
         let closing_by = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while database.upgrade().is_some() {
+        while !closed.is_closed() {
             assert!(std::time::Instant::now() < closing_by, "the flush task kept the log open");
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        let mut reopened = RaftLogStore::open(dir.path(), 1).expect("reopen");
+        let mut reopened = RaftLogStore::open(dir.path(), 1).expect("reopen as soon as the file is closed");
         assert_eq!(reopened.get_log_state().await.expect("state").last_log_id, Some(log_id(3, 1, 4)));
         assert_eq!(reopened.durable_log().borrow().last, Some(log_id(3, 1, 4)));
     }

@@ -71,11 +71,15 @@ pub enum Table {
     S3UploadsByTime,
     /// upload id (u64 BE) ++ part number (u32 BE) → [`crate::s3::PartRecord`]
     S3Parts,
+    /// chunk hash (32 bytes) → [`crate::files::InlineChunkRecord`]: a small chunk kept in the
+    /// metadata itself (its bytes and its references) instead of on storage nodes. A hash is
+    /// in `Chunks` or here, never both.
+    InlineChunks,
 }
 
 impl Table {
     /// In discriminant order (storage indexes by `table as usize`).
-    pub const ALL: [Table; 25] = [
+    pub const ALL: [Table; 26] = [
         Table::Keys,
         Table::Sessions,
         Table::SessionKeys,
@@ -101,6 +105,7 @@ impl Table {
         Table::S3UploadsByObject,
         Table::S3UploadsByTime,
         Table::S3Parts,
+        Table::InlineChunks,
     ];
 
     pub fn name(self) -> &'static str {
@@ -130,6 +135,7 @@ impl Table {
             Table::S3UploadsByObject => "s3_uploads_by_object",
             Table::S3UploadsByTime => "s3_uploads_by_time",
             Table::S3Parts => "s3_parts",
+            Table::InlineChunks => "inline_chunks",
         }
     }
 }

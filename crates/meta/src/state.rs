@@ -188,6 +188,13 @@ pub enum Command {
     S3ExpireMultipart {
         initiated_before_ms: u64,
     },
+    /// A write (`CommitFile`, `S3PutObject` or `S3PutPart`) whose small chunks travel with it
+    /// and are kept in the metadata (`files::with_inline_chunks`): the whole write is one
+    /// entry, no storage node involved.
+    WithInlineChunks {
+        inline: Vec<crate::files::InlineChunk>,
+        command: Box<Command>,
+    },
 }
 
 impl Command {
@@ -202,10 +209,24 @@ impl Command {
     /// if the state clock is past it by more than the grace (`files::check_prepare_age`).
     pub fn prepared_at_ms_mut(&mut self) -> Option<&mut u64> {
         match self {
+            Command::WithInlineChunks { command, .. } => command.prepared_at_ms_mut(),
             Command::CommitFile(commit) => Some(&mut commit.prepared_at_ms),
             Command::StageSegment(stage) => Some(&mut stage.prepared_at_ms),
             Command::S3PutObject(put) => Some(&mut put.content.prepared_at_ms),
             Command::S3PutPart(put) => Some(&mut put.content.prepared_at_ms),
+            _ => None,
+        }
+    }
+}
+
+impl Command {
+    /// The chunk list a write brings (its last segment): a file commit's, an S3 object's or
+    /// part's.
+    pub fn written_chunks(&self) -> Option<&[crate::files::CommittedChunk]> {
+        match self {
+            Command::CommitFile(commit) => Some(&commit.chunks),
+            Command::S3PutObject(put) => Some(&put.content.chunks),
+            Command::S3PutPart(put) => Some(&put.content.chunks),
             _ => None,
         }
     }
@@ -229,53 +250,58 @@ impl Proposal {
     /// Roughly the bytes this proposal adds to a Raft entry, for batch size limits.
     pub fn approximate_bytes(&self) -> usize {
         const OVERHEAD_BYTES: usize = 64;
-        OVERHEAD_BYTES
-            + match &self.command {
-                Command::InitCluster { cluster_id } => cluster_id.len(),
-                Command::Create { key, value, .. } | Command::Set { key, value, .. } => key.len() + value.len(),
-                Command::Delete { key, .. } => key.len(),
-                Command::SessionOpen { .. } | Command::SessionClose { .. } | Command::SessionExpire { .. } => 0,
-                Command::RegisterStorageNode { node } => node.addr.len() + node.zone.len(),
-                Command::CommitFile(commit) => {
-                    commit.path.len() + commit.content_hash.len() + committed_chunks_bytes(&commit.chunks)
-                }
-                Command::DeleteFile { path, .. } => path.len(),
-                Command::DropReplica { .. } => 32,
-                Command::SetNodeLiveness { .. }
-                | Command::SetDraining { .. }
-                | Command::UnregisterStorageNode { .. } => 0,
-                Command::AddReplicas { added, .. } => added.len() * 48,
-                Command::DropReplicas { drops } => drops.iter().map(|d| 48 + d.keep.len() * 8).sum(),
-                Command::RecordRepairJob(job) => job.reason.len() + 64,
-                Command::CreateToken { name, .. } => name.len() + 48,
-                Command::RevokeToken { name } => name.len(),
-                Command::Compact { .. } | Command::SetLimits(_) => 0,
-                Command::StageSegment(stage) => stage.path.len() + committed_chunks_bytes(&stage.chunks),
-                Command::AbortUpload { .. } | Command::ReleaseChunks => 0,
-                Command::S3CreateBucket { bucket, owner } => bucket.len() + owner.as_ref().map_or(0, String::len),
-                Command::S3DeleteBucket { bucket } => bucket.len(),
-                Command::S3PutAccessKey { key_id, record } => key_id.len() + record.name.len() + record.secret.len(),
-                Command::S3DeleteAccessKey { key_id } => key_id.len(),
-                Command::S3SetGrant { key_id, bucket, .. } => key_id.len() + bucket.len(),
-                Command::S3PutObject(put) => put.approximate_bytes(),
-                Command::S3CopyObject(copy) => {
-                    copy.source_bucket.len() + copy.source_key.len() + copy.bucket.len() + copy.key.len() + 512
-                }
-                Command::S3DeleteObjects { bucket, keys } => {
-                    bucket.len() + keys.iter().map(|k| k.len() + 8).sum::<usize>()
-                }
-                Command::S3CreateMultipart(upload) => upload.bucket.len() + upload.key.len() + 2_048,
-                Command::S3PutPart(put) => {
-                    put.content.approximate_bytes() + put.etag.len() + put.bucket.len() + put.key.len()
-                }
-                Command::S3CompleteMultipart(complete) => {
-                    complete.bucket.len()
-                        + complete.key.len()
-                        + complete.parts.iter().map(|(_, etag)| etag.len() + 8).sum::<usize>()
-                }
-                Command::S3AbortMultipart { bucket, key, .. } => bucket.len() + key.len(),
-                Command::S3ExpireMultipart { .. } => 0,
+        OVERHEAD_BYTES + self.command.approximate_bytes()
+    }
+}
+
+impl Command {
+    /// Roughly the bytes this command adds to a Raft entry.
+    pub fn approximate_bytes(&self) -> usize {
+        match self {
+            Command::InitCluster { cluster_id } => cluster_id.len(),
+            Command::Create { key, value, .. } | Command::Set { key, value, .. } => key.len() + value.len(),
+            Command::Delete { key, .. } => key.len(),
+            Command::SessionOpen { .. } | Command::SessionClose { .. } | Command::SessionExpire { .. } => 0,
+            Command::RegisterStorageNode { node } => node.addr.len() + node.zone.len(),
+            Command::CommitFile(commit) => {
+                commit.path.len() + commit.content_hash.len() + committed_chunks_bytes(&commit.chunks)
             }
+            Command::DeleteFile { path, .. } => path.len(),
+            Command::DropReplica { .. } => 32,
+            Command::SetNodeLiveness { .. } | Command::SetDraining { .. } | Command::UnregisterStorageNode { .. } => 0,
+            Command::AddReplicas { added, .. } => added.len() * 48,
+            Command::DropReplicas { drops } => drops.iter().map(|d| 48 + d.keep.len() * 8).sum(),
+            Command::RecordRepairJob(job) => job.reason.len() + 64,
+            Command::CreateToken { name, .. } => name.len() + 48,
+            Command::RevokeToken { name } => name.len(),
+            Command::Compact { .. } | Command::SetLimits(_) => 0,
+            Command::StageSegment(stage) => stage.path.len() + committed_chunks_bytes(&stage.chunks),
+            Command::AbortUpload { .. } | Command::ReleaseChunks => 0,
+            Command::S3CreateBucket { bucket, owner } => bucket.len() + owner.as_ref().map_or(0, String::len),
+            Command::S3DeleteBucket { bucket } => bucket.len(),
+            Command::S3PutAccessKey { key_id, record } => key_id.len() + record.name.len() + record.secret.len(),
+            Command::S3DeleteAccessKey { key_id } => key_id.len(),
+            Command::S3SetGrant { key_id, bucket, .. } => key_id.len() + bucket.len(),
+            Command::S3PutObject(put) => put.approximate_bytes(),
+            Command::S3CopyObject(copy) => {
+                copy.source_bucket.len() + copy.source_key.len() + copy.bucket.len() + copy.key.len() + 512
+            }
+            Command::S3DeleteObjects { bucket, keys } => bucket.len() + keys.iter().map(|k| k.len() + 8).sum::<usize>(),
+            Command::S3CreateMultipart(upload) => upload.bucket.len() + upload.key.len() + 2_048,
+            Command::S3PutPart(put) => {
+                put.content.approximate_bytes() + put.etag.len() + put.bucket.len() + put.key.len()
+            }
+            Command::S3CompleteMultipart(complete) => {
+                complete.bucket.len()
+                    + complete.key.len()
+                    + complete.parts.iter().map(|(_, etag)| etag.len() + 8).sum::<usize>()
+            }
+            Command::S3AbortMultipart { bucket, key, .. } => bucket.len() + key.len(),
+            Command::S3ExpireMultipart { .. } => 0,
+            Command::WithInlineChunks { inline, command } => {
+                inline.iter().map(|chunk| chunk.data.len() + 8).sum::<usize>() + command.approximate_bytes()
+            }
+        }
     }
 }
 
@@ -450,6 +476,13 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
         }
         Command::S3AbortMultipart { upload_id, bucket, key } => s3::abort_multipart(store, *upload_id, bucket, key),
         Command::S3ExpireMultipart { initiated_before_ms } => s3::expire_multipart(store, *initiated_before_ms),
+        Command::WithInlineChunks { inline, command } => {
+            if matches!(command.as_ref(), Command::WithInlineChunks { .. }) {
+                let why = "inline chunks wrap a write, not another wrapper".to_string();
+                return Ok(Err(CommandError::InvalidRequest { why }));
+            }
+            files::with_inline_chunks(store, inline, command.written_chunks(), |store| apply_command(store, command))
+        }
     }
 }
 

@@ -200,6 +200,20 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
             s3::validate_object_key(key).map_err(invalid)
         }
         Command::S3ExpireMultipart { .. } => Ok(()),
+        Command::WithInlineChunks { inline, command } => {
+            let Some(listed) = command.written_chunks() else {
+                return Err(invalid("inline chunks come only with a file, object or part write".into()));
+            };
+            check_len("inline chunks in one entry", inline.len(), crate::files::INLINE_CHUNKS_PER_ENTRY_MAX)?;
+            for chunk in inline {
+                check_len("bytes of an inline chunk", chunk.data.len(), crate::files::INLINE_CHUNK_BYTES_MAX)?;
+                let hash = mendfs_types::ChunkHash::of(&chunk.data);
+                if !listed.iter().any(|entry| entry.hash == hash && entry.replicas.is_empty()) {
+                    return Err(invalid(format!("inline chunk {hash} is not in the write's chunk list")));
+                }
+            }
+            check_command(config, command)
+        }
     }
 }
 

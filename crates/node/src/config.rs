@@ -89,6 +89,8 @@ pub struct NodeConfig {
     pub chunk_rpc_timeout_ms: u64,
     /// Chunk bytes held at once as a coordinator (`DataConfig::max_inflight_bytes`).
     pub max_inflight_bytes: usize,
+    /// Content kept inline in the metadata up to this size (`DataConfig::inline_max_bytes`).
+    pub inline_max_bytes: usize,
     pub span_store_bytes: u64,
     pub log_store_bytes: u64,
     pub otlp_endpoint: Option<String>,
@@ -176,6 +178,7 @@ impl Default for NodeConfig {
             scrub_interval_ms: scrub.pause_between_passes.as_millis() as u64,
             chunk_rpc_timeout_ms: data.chunk_rpc_timeout.as_millis() as u64,
             max_inflight_bytes: data.max_inflight_bytes,
+            inline_max_bytes: data.inline_max_bytes,
             span_store_bytes: TELEMETRY_STORE_BYTES_DEFAULT,
             log_store_bytes: TELEMETRY_STORE_BYTES_DEFAULT,
             otlp_endpoint: None,
@@ -374,6 +377,11 @@ impl NodeConfig {
             "--max-inflight-bytes must hold at least one chunk ({} bytes)",
             self.chunk_size_bytes
         );
+        ensure!(
+            self.inline_max_bytes <= mendfs_meta::INLINE_CHUNK_BYTES_MAX,
+            "--inline-max-bytes must be at most {}",
+            mendfs_meta::INLINE_CHUNK_BYTES_MAX
+        );
         let data = DataConfig {
             chunk_size_bytes: self.chunk_size_bytes,
             replication_factor: self.replication_factor,
@@ -383,6 +391,7 @@ impl NodeConfig {
             weight: self.weight,
             chunk_rpc_timeout: Duration::from_millis(self.chunk_rpc_timeout_ms),
             max_inflight_bytes: self.max_inflight_bytes,
+            inline_max_bytes: self.inline_max_bytes,
         };
 
         ensure!(self.health_interval_ms > 0, "--health-interval-ms must be positive");
@@ -454,7 +463,7 @@ mod tests {
     #[test]
     fn every_missing_or_bad_setting_is_named() {
         type Spoil = fn(&mut NodeConfig);
-        let cases: [(Spoil, &str); 12] = [
+        let cases: [(Spoil, &str); 13] = [
             (|c| c.node_id = 0, "--node-id"),
             (|c| c.listen = "nowhere".into(), "--listen"),
             (|c| c.insecure_dev = false, "no cluster secret"),
@@ -464,6 +473,7 @@ mod tests {
             (|c| c.election_timeout_ms = 10, "heartbeat interval"),
             (|c| c.chunk_size_bytes = 0, "--chunk-size-bytes"),
             (|c| c.max_inflight_bytes = c.chunk_size_bytes - 1, "--max-inflight-bytes"),
+            (|c| c.inline_max_bytes = mendfs_meta::INLINE_CHUNK_BYTES_MAX + 1, "--inline-max-bytes"),
             (|c| c.kv_quota_bytes = 1_000, "--kv-quota-bytes"),
             (|c| c.max_sessions = 0, "--max-sessions"),
             (|c| c.unsafe_local_reads = true, "needs --allow-fault-injection"),

@@ -199,11 +199,13 @@ type Refusal = Arc<Mutex<Option<ApiError>>>;
 
 /// What a write's commit needs besides its content: the request id that makes a retry apply
 /// once, and when its (last segment's) chunks began preparing, on this node's monotonic clock,
-/// from which the leader reckons the write's age.
-#[derive(Debug, Clone, Copy)]
+/// from which the leader reckons the write's age; and the content itself when it is small
+/// enough to be kept inline in the metadata.
+#[derive(Debug, Clone)]
 struct Committing {
     request_id: mendfs_meta::RequestId,
     prepare_started: std::time::Instant,
+    inline: Vec<mendfs_meta::InlineChunk>,
 }
 
 fn refuse(slot: &Refusal, error: ApiError) -> tonic::Status {
@@ -223,9 +225,9 @@ async fn commit_part(
     committing: Committing,
     refusal: &Refusal,
 ) -> Result<(String, u64), tonic::Status> {
-    let Committing { request_id, prepare_started } = committing;
+    let Committing { request_id, prepare_started, inline } = committing;
     coordinator
-        .propose_retrying(|| node.s3_put_part(request_id, put.clone(), prepare_started))
+        .propose_retrying(|| node.s3_put_part(request_id, put.clone(), inline.clone(), prepare_started))
         .await
         .map_err(|e| refuse(refusal, e))
 }
@@ -314,7 +316,11 @@ impl Gateway {
                 prepared_at_ms: 0,
                 grace_ms: written.grace_ms,
             };
-            let committing = Committing { request_id: written.request_id, prepare_started: written.prepare_started };
+            let committing = Committing {
+                request_id: written.request_id,
+                prepare_started: written.prepare_started,
+                inline: written.inline,
+            };
             let committed = commit(content, verified.clone(), committing, refusal_for_commit).await?;
             Ok((committed, verified))
         }))
@@ -507,9 +513,9 @@ impl S3 for Gateway {
                     mtime_ms: 0,
                     condition,
                 };
-                let Committing { request_id, prepare_started } = committing;
+                let Committing { request_id, prepare_started, inline } = committing;
                 coordinator
-                    .propose_retrying(|| node.s3_put_object(request_id, put.clone(), prepare_started))
+                    .propose_retrying(|| node.s3_put_object(request_id, put.clone(), inline.clone(), prepare_started))
                     .await
                     .map_err(|e| refuse(&refusal, e))
             })

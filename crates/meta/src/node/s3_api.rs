@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crate::clock::Age;
 use crate::error::ApiError;
-use crate::files;
+use crate::files::{self, InlineChunk};
 use crate::s3::{
     self, AccessKeyRecord, BucketRecord, CompleteUpload, CopyObject, Grant, MultipartUpload, ObjectListing,
     ObjectRecord, PartRecord, PutObject, PutPart, UploadSummary,
@@ -174,7 +174,7 @@ fn with_replicas(view: &impl StateStore, listed: Vec<files::FileChunk>, what: &s
     let mut chunks = Vec::with_capacity(listed.len());
     let mut bytes = 0;
     for chunk in listed {
-        let replicas = files::get_chunk(view, &chunk.hash).map_err(ApiError::internal)?.map(|c| c.replicas);
+        let replicas = files::chunk_replicas(view, &chunk.hash).map_err(ApiError::internal)?;
         let replicas = replicas.ok_or_else(|| {
             ApiError::Internal(format!("object {what:?} references chunk {} missing from the chunk map", chunk.hash))
         })?;
@@ -246,9 +246,10 @@ impl MetaNode {
         &self,
         request_id: RequestId,
         put: PutObject,
+        inline: Vec<InlineChunk>,
         prepare_started: Instant,
     ) -> Result<(String, u64), ApiError> {
-        let command = Command::S3PutObject(Box::new(put));
+        let command = super::with_inline(inline, Command::S3PutObject(Box::new(put)));
         written(self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await?)
     }
 
@@ -282,9 +283,10 @@ impl MetaNode {
         &self,
         request_id: RequestId,
         put: PutPart,
+        inline: Vec<InlineChunk>,
         prepare_started: Instant,
     ) -> Result<(String, u64), ApiError> {
-        let command = Command::S3PutPart(Box::new(put));
+        let command = super::with_inline(inline, Command::S3PutPart(Box::new(put)));
         written(self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await?)
     }
 
