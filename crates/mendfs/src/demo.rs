@@ -177,7 +177,12 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
 
     let sizes = file_sizes(args.files, args.max_file_mib << 20);
     let total: u64 = sizes.iter().sum();
-    step(&format!("Writing {} sample files, {} MiB in all (1 MiB chunks, 3 copies of each)", sizes.len(), mib(total)));
+    step(&format!(
+        "Writing {} sample files, {} MiB in all (1 MiB chunks, 3 copies of each; files up to 16 KiB kept inline in \
+         the metadata)",
+        sizes.len(),
+        mib(total)
+    ));
     let mut progress = Progress::new(total, "written");
     let mut written = 0u64;
     let started = Instant::now();
@@ -195,7 +200,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     // The leader's counts come from its repair scan and the nodes' heartbeats, each some hundreds
     // of milliseconds behind: wait until both have seen every chunk, so the victim is chosen,
     // and its copies counted, on what the nodes really hold.
-    let expected_chunks: u64 = sizes.iter().map(|size| size.div_ceil(CHUNK_BYTES)).sum();
+    // Files up to the inline limit are kept in the metadata, not as chunks on the nodes.
+    let inline_max = mendfs_node::NodeConfig::default().inline_max_bytes as u64;
+    let expected_chunks: u64 =
+        sizes.iter().filter(|size| **size > inline_max).map(|size| size.div_ceil(CHUNK_BYTES)).sum();
     wait_status(&client, "the leader to count every chunk written", |status| {
         let storage = status.nodes.iter().filter(|n| n.storage);
         status.chunks == expected_chunks

@@ -100,7 +100,8 @@ fn file_json(info: &FileInfo) -> serde_json::Value {
 }
 
 fn chunk_json(chunk: &ChunkInfo) -> serde_json::Value {
-    json!({"hash": hex(&chunk.hash), "size": chunk.size, "replicas": chunk.replicas})
+    // A chunk without copies is kept inline in the metadata (a small file).
+    json!({"hash": hex(&chunk.hash), "size": chunk.size, "replicas": chunk.replicas, "inline": chunk.replicas.is_empty()})
 }
 
 /// Prints `stat`: the summary, then (unless `summary`) every chunk, a page at a time, so that
@@ -137,13 +138,12 @@ async fn print_stat(client: &Client, path: &str, summary: bool, json: bool) -> R
                 write!(out, "{}{}", if index == 0 { "" } else { "," }, chunk_json(chunk))?;
             } else {
                 let nodes: Vec<String> = chunk.replicas.iter().map(|id| id.to_string()).collect();
-                writeln!(
-                    out,
-                    "  {index:>6}  {}  {:>10} bytes  on nodes {}",
-                    hex(&chunk.hash),
-                    chunk.size,
-                    nodes.join(",")
-                )?;
+                let place = if nodes.is_empty() {
+                    "inline in the metadata".to_string()
+                } else {
+                    format!("on nodes {}", nodes.join(","))
+                };
+                writeln!(out, "  {index:>6}  {}  {:>10} bytes  {place}", hex(&chunk.hash), chunk.size)?;
             }
             index += 1;
         }

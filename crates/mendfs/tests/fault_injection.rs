@@ -64,8 +64,9 @@ fn set_faults(data_dir: &Path, json: &str) {
     std::fs::rename(&temp, data_dir.join(FAULT_FILE)).unwrap();
 }
 
+/// Puts 20 000 bytes: above the inline limit, so the content goes to storage nodes.
 async fn put(client: &Client, path: &str, stamp: u32) -> Result<(), Error> {
-    let data = mendfs_testkit::stamped_bytes(stamp, 0, 10_000);
+    let data = mendfs_testkit::stamped_bytes(stamp, 0, 20_000);
     let size = data.len() as u64;
     client.put_file(path, std::io::Cursor::new(data), Some(size), None, |_| {}).await.map(|_| ())
 }
