@@ -172,8 +172,10 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
         "250",
         "--acceptable-pause-ms",
         "1500",
+        // Suspicion about 2.5 s after the last heartbeat, `down` 6 s after that: a wide window
+        // for a page polling once a second on a busy machine to see `suspect`.
         "--down-after-ms",
-        "4000",
+        "6000",
         "--repair-scan-interval-ms",
         "300",
         "--repair-bytes-per-sec",
@@ -216,6 +218,7 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
     // The unauthenticated page asks for a token first.
     browser.goto(&format!("http://{}/", http[victim as usize - 1])).await.unwrap();
     wait_page(&browser, "the sign-in form", "return !document.getElementById('login').hidden").await;
+    screenshot(&browser, &screenshots, "0-sign-in").await;
     // The login link: the token in the fragment, gone from the address bar once read.
     browser.goto(&format!("http://{}/#token={token}", http[victim as usize - 1])).await.unwrap();
     wait_page(&browser, "the token gone from the address bar", "return !location.href.includes('token');").await;
@@ -340,11 +343,14 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
     )
     .await;
 
-    // A phone's width: one column, nothing cut off.
+    // A phone's width: one column, nothing wider than the screen.
     browser.set_window_size(390, 1400).await.unwrap();
-    let overflow =
-        browser.execute("return document.documentElement.scrollWidth <= window.innerWidth + 1", vec![]).await.unwrap();
+    wait_page(
+        &browser,
+        "the page within a phone's width",
+        "return window.innerWidth < 500 && document.documentElement.scrollWidth <= document.documentElement.clientWidth;",
+    )
+    .await;
     screenshot(&browser, &screenshots, "6-phone-width").await;
-    assert_eq!(overflow, json!(true), "the page is wider than a phone");
     browser.close().await.unwrap();
 }
