@@ -39,6 +39,8 @@ pub(crate) struct HttpState {
     pub cluster: ClusterApi,
     /// This node's HTTP address as others reach it.
     pub http_addr: String,
+    /// The last `/api/status` answer and when it was built, shared by every open dashboard.
+    pub status_cache: crate::dashboard::StatusCache,
 }
 
 /// The admitted connections of the HTTP listener (see `listener`), as axum takes them.

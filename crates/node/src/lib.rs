@@ -241,6 +241,7 @@ impl Node {
                 authenticator: authenticator.clone(),
                 cluster: ClusterApi::unserved(meta.clone(), healer.clone()),
                 http_addr: parts.meta.http_addr.clone(),
+                status_cache: Default::default(),
             });
             servers.push(tokio::spawn(http::serve(connections, http_addr, state, stop_serving())));
         }

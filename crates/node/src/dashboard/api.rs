@@ -50,8 +50,14 @@ pub(super) async fn status(State(state): State<Arc<HttpState>>, headers: HeaderM
     if let Some(refused) = refusal(&state, &headers) {
         return refused;
     }
-    let reply = state.cluster.status_reply(false, Some(Instant::now() + STATUS_TIME)).await;
-    api_json(StatusCode::OK, status_json(&reply, state.node.id(), &state.http_addr))
+    let started = Instant::now();
+    if let Some(status) = state.status_cache.fresh(started) {
+        return api_json(StatusCode::OK, status);
+    }
+    let reply = state.cluster.status_reply(false, Some(started + STATUS_TIME)).await;
+    let status = status_json(&reply, state.node.id(), &state.http_addr);
+    state.status_cache.keep(started, status.clone());
+    api_json(StatusCode::OK, status)
 }
 
 fn health_json(health: &pb::NodeHealth) -> serde_json::Value {

@@ -287,7 +287,8 @@ function drawTimeline(events) {
 
 let polling = false;
 async function poll() {
-  if (polling) return;
+  // A tab nobody looks at asks nothing; it catches up when shown again.
+  if (polling || document.hidden) return;
   polling = true;
   try {
     drawStatus(await api("/api/status"));
@@ -346,6 +347,7 @@ $("trace-form").addEventListener("submit", (event) => {
 });
 
 async function pollRequests() {
+  if (document.hidden) return;
   const bases = known.length ? known : [current];
   const answers = await Promise.all(bases.map((base) => fetchJson(base, "/api/requests").catch(() => null)));
   const requests = answers.filter(Boolean).flatMap((answer) => answer.requests)
@@ -389,5 +391,6 @@ $("logs-form").addEventListener("submit", async (event) => {
 
 poll();
 setInterval(poll, POLL_MS);
+document.addEventListener("visibilitychange", poll);
 pollRequests();
 setInterval(pollRequests, REQUESTS_POLL_MS);

@@ -18,7 +18,8 @@
 mod api;
 pub(crate) mod recent;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -26,6 +27,27 @@ use axum::routing::get;
 use axum::Router;
 
 use crate::http::HttpState;
+
+/// How long one status answer serves every dashboard that asks: building it asks every member
+/// (and the leader), so ten open tabs polling once a second cost what one does.
+const STATUS_REUSE: Duration = Duration::from_millis(500);
+
+/// The last status answer and when it was built.
+#[derive(Default)]
+pub(crate) struct StatusCache {
+    last: Mutex<Option<(Instant, serde_json::Value)>>,
+}
+
+impl StatusCache {
+    fn fresh(&self, now: Instant) -> Option<serde_json::Value> {
+        let last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        last.as_ref().filter(|(built, _)| now.saturating_duration_since(*built) < STATUS_REUSE).map(|(_, s)| s.clone())
+    }
+
+    fn keep(&self, built: Instant, status: serde_json::Value) {
+        *self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((built, status));
+    }
+}
 
 const INDEX_HTML: &str = include_str!("index.html");
 const DASHBOARD_CSS: &str = include_str!("dashboard.css");
@@ -101,5 +123,20 @@ fn refusal(state: &HttpState, headers: &HeaderMap) -> Option<Response> {
                 format!("{} (the dashboard needs a client token with role read or more)", status.message()),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_answer_is_reused_only_while_fresh() {
+        let cache = StatusCache::default();
+        let start = Instant::now();
+        assert_eq!(cache.fresh(start), None);
+        cache.keep(start, serde_json::json!({"term": 3}));
+        assert_eq!(cache.fresh(start + STATUS_REUSE / 2), Some(serde_json::json!({"term": 3})));
+        assert_eq!(cache.fresh(start + STATUS_REUSE), None);
     }
 }
