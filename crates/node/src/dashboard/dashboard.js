@@ -15,7 +15,9 @@ const TOKEN_KEY = "mendfs-dashboard-token";
 function takeTokenFromFragment() {
   const match = /(?:^#|&)token=([^&]+)/.exec(location.hash);
   if (!match) return false;
-  sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(match[1]));
+  let token = match[1];
+  try { token = decodeURIComponent(token); } catch (_) { /* a mangled link: try it as it is */ }
+  sessionStorage.setItem(TOKEN_KEY, token);
   history.replaceState(null, "", location.pathname + location.search);
   return true;
 }
