@@ -334,6 +334,34 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
     )
     .await;
 
+    // A request that fails is listed with a link to its trace, where its hop is red.
+    let survivor_endpoints = cluster.endpoints_of(&survivors);
+    let output = cluster.cli_at(&survivor_endpoints).args(["get", "/dash/missing", "-", "--trace"]).output().unwrap();
+    assert!(!output.status.success(), "a get of a missing file succeeded");
+    let stderr = String::from_utf8_lossy(&output.stderr).to_string();
+    let failed_trace = stderr
+        .lines()
+        .find_map(|line| line.strip_prefix("trace id: "))
+        .unwrap_or_else(|| panic!("no trace id on stderr: {stderr}"))
+        .trim()
+        .to_string();
+    wait_page(
+        &browser,
+        "the failed get among the recent requests",
+        &format!(
+            "const b = document.querySelector('#requests button[aria-label=\"open trace {failed_trace}\"]'); \
+             if (!b) return false; b.click(); return true;"
+        ),
+    )
+    .await;
+    wait_page(
+        &browser,
+        "the failed hop in red",
+        "const r = document.querySelector('#trace .span-row.failed'); return r && r.textContent.includes('Files/Get');",
+    )
+    .await;
+    screenshot(&browser, &screenshots, "6-failed-request").await;
+
     // The log view, warnings and worse from every node: the detector's verdict is among them.
     browser.find(Locator::Css("#logs-form button")).await.unwrap().click().await.unwrap();
     wait_page(
@@ -351,6 +379,6 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
         "return window.innerWidth < 500 && document.documentElement.scrollWidth <= document.documentElement.clientWidth;",
     )
     .await;
-    screenshot(&browser, &screenshots, "6-phone-width").await;
+    screenshot(&browser, &screenshots, "7-phone-width").await;
     browser.close().await.unwrap();
 }

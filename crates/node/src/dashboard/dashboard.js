@@ -334,11 +334,15 @@ function drawTrace(trace) {
       label, el("span", { class: "span-track" }, bar));
   });
   $("trace").replaceChildren(
-    el("p", null, el("strong", null, "trace " + trace.trace_id), " · " + spans.length + " spans on nodes " + nodes.join(", ") +
+    el("p", null, el("strong", null, "trace " + trace.trace_id),
+      " · " + spans.length + (spans.length === 1 ? " span on node " : " spans on nodes ") + nodes.join(", ") +
       " · " + micros(total) + (failing.length ? " · " : ""),
       failing.length ? el("span", { class: "error" }, failing.length + " failed (red)") : null,
       trace.truncated ? " · truncated" : ""),
     el("ol", { class: "waterfall", "aria-label": "spans of trace " + trace.trace_id }, ...rows),
+    // The labels are cut to fit; each failure's whole reason is spelled out below.
+    ...failing.map((span) => el("p", { class: "error" }, "✗ " + span.name + " on node " + span.node +
+      (span.attributes && span.attributes.peer ? " → " + span.attributes.peer : "") + ": " + (span.error || "failed"))),
     ...(trace.unreachable || []).map((u) => el("p", { class: "error" }, "node " + u.node + " could not be asked: " + u.error)));
 }
 
