@@ -299,6 +299,10 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
     .await;
     println!("timeline:\n{}", timeline.as_str().unwrap_or_default());
     screenshot(&browser, &screenshots, "4-repaired").await;
+    // The CLI shows the newest of the same timeline.
+    let text = cluster.cli_at(&cluster.endpoints_of(&survivors)).args(["cluster", "status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&text.stdout).to_string();
+    assert!(text.contains("recent events:") && text.contains("full redundancy"), "{text}");
 
     // A trace by id: its spans as a waterfall (the dead node's spans are missing, and said so).
     let trace_box = browser.find(Locator::Id("trace-id")).await.unwrap();
