@@ -15,7 +15,7 @@ use mendfs_proto::FORWARDED_HEADER;
 use mendfs_types::NodeId;
 use tonic::{Request, Response, Status};
 
-use crate::healer::{Healer, HealthSnapshot};
+use crate::healer::{ClusterEvent, EventKind, Healer, HealthSnapshot};
 
 /// How long a member has to say how far its log is.
 const INFO_TIMEOUT: Duration = Duration::from_millis(1_500);
@@ -41,7 +41,27 @@ pub struct ClusterApi {
 
 impl ClusterApi {
     pub fn new(node: MetaNode, healer: Healer) -> ClusterServer<Self> {
-        ClusterServer::new(Self { node, healer })
+        ClusterServer::new(Self::unserved(node, healer))
+    }
+
+    /// The same status, for callers in the node itself (the dashboard's `/api/status`).
+    pub fn unserved(node: MetaNode, healer: Healer) -> Self {
+        Self { node, healer }
+    }
+
+    /// The cluster's status as `cluster status` shows it: the leader's view, asked for once
+    /// when this node does not lead, or this node's own (saying why the liveness view is
+    /// missing) when the leader cannot be asked before `deadline`.
+    pub async fn status_reply(&self, forwarded: bool, deadline: Option<Instant>) -> pb::StatusReply {
+        let health = if self.node.is_leader() || forwarded {
+            self.local_health()
+        } else {
+            match self.status_from_leader(deadline).await {
+                Ok(reply) => return reply,
+                Err(e) => Err(e),
+            }
+        };
+        self.local_status(health).await
     }
 
     /// Asks the leader for the status, as one forwarded call, leaving room before the caller's
@@ -117,6 +137,7 @@ impl ClusterApi {
                     purged_index: info.purged_index,
                     revision: info.revision,
                     term: info.term,
+                    http_addr: info.http_addr,
                     ..Default::default()
                 },
                 Err(error) => pb::NodeStatus {
@@ -162,6 +183,10 @@ impl ClusterApi {
                 e.clone()
             }
         };
+        let events = match &health {
+            Ok(_) => self.healer.timeline().into_iter().map(event_message).collect(),
+            Err(_) => Vec::new(),
+        };
         let snapshot = health.unwrap_or_default();
         let repair = snapshot.repair_job.as_ref().map(|job| {
             // A running job shows its current rate; a finished one its average.
@@ -189,6 +214,7 @@ impl ClusterApi {
                 total_copies: job.total_copies,
                 bytes_per_sec,
                 eta_secs,
+                throttle_bytes_per_sec: snapshot.repair_throttle_bytes_per_sec,
             }
         });
         let revision = node.revision();
@@ -215,7 +241,21 @@ impl ClusterApi {
             repair,
             health_error,
             kv_usage,
+            events,
         }
+    }
+}
+
+fn event_message(event: ClusterEvent) -> pb::ClusterEvent {
+    pb::ClusterEvent {
+        unix_ms: event.unix_ms,
+        kind: event.kind.as_str().to_string(),
+        node: event.node,
+        state: match event.kind {
+            EventKind::NodeState(liveness) => liveness.to_string(),
+            _ => String::new(),
+        },
+        detail: event.detail,
     }
 }
 
@@ -227,15 +267,7 @@ fn membership_reply(membership: mendfs_meta::Membership) -> Response<pb::Members
 impl Cluster for ClusterApi {
     async fn status(&self, request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         let origin = request_origin(&request);
-        let health = if self.node.is_leader() || origin.forwarded {
-            self.local_health()
-        } else {
-            match self.status_from_leader(origin.deadline).await {
-                Ok(reply) => return Ok(Response::new(reply)),
-                Err(e) => Err(e),
-            }
-        };
-        Ok(Response::new(self.local_status(health).await))
+        Ok(Response::new(self.status_reply(origin.forwarded, origin.deadline).await))
     }
 
     async fn drain(&self, request: Request<pb::DrainRequest>) -> Result<Response<pb::DrainReply>, Status> {

@@ -128,12 +128,16 @@ fn health_json(h: &mendfs_proto::v1::NodeHealth) -> serde_json::Value {
     })
 }
 
+/// Timeline events `cluster status` prints (the newest).
+const STATUS_EVENTS_SHOWN: usize = 5;
+
 fn repair_json(r: &mendfs_proto::v1::RepairStatus) -> serde_json::Value {
     json!({
         "job_id": r.job_id, "reason": r.reason, "started_unix_ms": r.started_unix_ms,
         "finished_unix_ms": r.finished_unix_ms, "done_bytes": r.done_bytes, "total_bytes": r.total_bytes,
         "done_copies": r.done_copies, "total_copies": r.total_copies,
         "bytes_per_sec": r.bytes_per_sec, "eta_secs": r.eta_secs,
+        "throttle_bytes_per_sec": r.throttle_bytes_per_sec,
     })
 }
 
@@ -386,6 +390,7 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                             "phi": n.phi, "heartbeat_age_ms": n.heartbeat_age_ms,
                             "storage": n.storage, "draining": n.draining, "chunks": n.chunks_listed,
                             "health": n.health.as_ref().map(health_json),
+                            "http_addr": if n.http_addr.is_empty() { None } else { Some(&n.http_addr) },
                         })
                     })
                     .collect();
@@ -404,6 +409,10 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                                "quota_bytes": kv.quota_bytes, "quota_alarm": kv.quota_alarm,
                                "sessions": kv.sessions, "max_sessions": kv.max_sessions,
                                "compacted_revision": kv.compacted_revision})),
+                           "events": status.events.iter().map(|e| json!({
+                               "unix_ms": e.unix_ms, "kind": e.kind, "node": e.node,
+                               "state": if e.state.is_empty() { None } else { Some(&e.state) },
+                               "detail": e.detail})).collect::<Vec<_>>(),
                            "health_error": if status.health_error.is_empty() { None } else { Some(&status.health_error) }})
                 );
             } else {
@@ -501,6 +510,15 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                         kv.sessions,
                         kv.max_sessions
                     );
+                }
+                // The newest few of the leader's timeline; the dashboard shows it all.
+                let recent = &status.events[status.events.len().saturating_sub(STATUS_EVENTS_SHOWN)..];
+                if !recent.is_empty() {
+                    println!("recent events:");
+                    for event in recent {
+                        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(event.unix_ms);
+                        println!("  {}  {}", humantime::format_rfc3339_millis(at), event.detail);
+                    }
                 }
                 if !status.health_error.is_empty() {
                     println!("(no liveness view: {})", status.health_error);

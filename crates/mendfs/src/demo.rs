@@ -134,11 +134,15 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
 
     step("Starting a local 4-node cluster: 3 metadata voters and 1 storage-only node");
     println!("(real `mendfs server` processes on 127.0.0.1; detector timings shortened for the demo)");
-    // Every node serves S3 too (what `--keep` leaves running for an S3 client to try).
+    // Every node serves S3 too (what `--keep` leaves running for an S3 client to try), and
+    // HTTP: the dashboard to watch the demo in.
     let mut s3_args = std::collections::BTreeMap::new();
+    let mut dashboard_addrs = std::collections::BTreeMap::new();
     for id in 1..=4u64 {
         let addr = format!("127.0.0.1:{}", mendfs_testkit::free_port()?);
-        s3_args.insert(id, vec!["--s3".to_string(), addr]);
+        let http = format!("127.0.0.1:{}", mendfs_testkit::free_port()?);
+        s3_args.insert(id, vec!["--s3".to_string(), addr, "--http".to_string(), http.clone()]);
+        dashboard_addrs.insert(id, http);
     }
     let options = ClusterOptions {
         nodes: 3,
@@ -166,6 +170,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         writeln!(file, "{}", admin.token)?;
     }
     println!("created an admin token for the demo's client ({})", token_file.display());
+    // A read token for the dashboard, in the login link's fragment (which browsers never send).
+    let viewer = Client::new(config.clone())?.create_token("demo-dashboard", "read").await?;
+    let dashboard_url = format!("http://{}/#token={}", dashboard_addrs[&1], viewer.token);
+    println!("watch it in a browser: {dashboard_url}");
     config.secret = None;
     config.token = Some(admin.token);
     let client = Client::new(config)?;
@@ -339,6 +347,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         println!("  export AWS_DEFAULT_REGION=us-east-1");
         println!("  aws s3 mb s3://demo && aws s3 cp FILE s3://demo/ && aws s3 ls s3://demo");
         println!("  mendfs cluster status");
+        println!("  open {dashboard_url}   # the dashboard (any node's --http address serves it)");
         println!("  mendfs ls /demo -l");
         println!("  mendfs get /demo/file-000 -");
         println!("Stop it with: pkill -f 'mendfs server.*{}'", cluster.root().display());

@@ -53,6 +53,9 @@ struct LocalState {
     /// The admin token made at the first `up` (0600).
     #[serde(default)]
     token_file: Option<PathBuf>,
+    /// A read token for the dashboard's login link (0600).
+    #[serde(default)]
+    dashboard_token_file: Option<PathBuf>,
     /// The cluster CA, when the cluster runs with TLS.
     #[serde(default)]
     ca_file: Option<PathBuf>,
@@ -234,6 +237,10 @@ fn up(args: UpArgs) -> Result<ExitCode> {
     let token = cluster.run_cli(&["auth", "token", "create", "local-admin", "--role", "admin"])?;
     let token_file = dir.join("admin.token");
     write_private(&token_file, token.trim())?;
+    // Read is all the dashboard needs: its login link carries this one, not the admin token.
+    let dashboard_token = cluster.run_cli(&["auth", "token", "create", "local-dashboard", "--role", "read"])?;
+    let dashboard_token_file = dir.join("dashboard.token");
+    write_private(&dashboard_token_file, dashboard_token.trim())?;
     // An S3 key that may create buckets, for the AWS CLI, SDKs and rclone.
     let s3_key = cluster.run_cli(&["s3", "key", "create", "local", "--create-buckets"])?;
     let s3_key_file = dir.join("s3.env");
@@ -247,6 +254,7 @@ fn up(args: UpArgs) -> Result<ExitCode> {
         endpoints: cluster.endpoints(),
         secret_file: cluster.secret_file().map(Path::to_path_buf),
         token_file: Some(token_file),
+        dashboard_token_file: Some(dashboard_token_file),
         ca_file: cluster.tls_dir().map(|tls| tls.join("ca.pem")),
         s3_key_file: Some(s3_key_file),
         nodes,
@@ -325,6 +333,14 @@ fn print_usage(dir: &Path, state: &LocalState) {
             node.http,
             node.log.display()
         );
+    }
+    if let Some(node) = state.nodes.first() {
+        // The token rides in the fragment: browsers never send it, so no access log keeps it.
+        let login = match state.dashboard_token_file.as_ref().map(std::fs::read_to_string) {
+            Some(Ok(token)) => format!("#token={}", token.trim()),
+            _ => String::new(),
+        };
+        println!("\ndashboard: {scheme}://{}/{login}", node.http);
     }
     println!("\nUse it from this shell:\n");
     println!("export MENDFS_ENDPOINTS={}", state.endpoints);

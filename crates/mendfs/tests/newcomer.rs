@@ -69,6 +69,50 @@ fn the_demo_runs_end_to_end_without_a_terminal_and_verifies_every_file() {
 }
 
 /// The processes whose command line mentions `dir`.
+/// One HTTP/1.1 GET on a fresh connection: the status code and the body.
+fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let authorization = bearer.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let code = response.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default();
+    (code, body)
+}
+
+/// `local up` prints a login link with a read token in its fragment, and the page and its API
+/// answer on that address.
+fn check_dashboard_link(stdout: &str, cluster_dir: &Path) {
+    let link = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("dashboard: http://"))
+        .unwrap_or_else(|| panic!("no dashboard line:\n{stdout}"));
+    let (addr, token) = link.split_once("/#token=").unwrap_or_else(|| panic!("no login link: {link}"));
+    assert!(token.starts_with("mendfs_"), "{link}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(cluster_dir.join("dashboard.token")).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the dashboard token is the user's alone");
+    }
+    let (code, page) = http_get(addr, "/", None);
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("<title>MendFS dashboard</title>"), "{page}");
+    let (code, refused) = http_get(addr, "/api/status", None);
+    assert_eq!(code, 401, "the API needs the token: {refused}");
+    let status = wait_for("the dashboard's status", Duration::from_secs(60), || {
+        let (code, body) = http_get(addr, "/api/status", Some(token));
+        Ok((code == 200).then_some(body))
+    })
+    .unwrap();
+    assert!(status.contains("\"http_addr\""), "{status}");
+    let (code, bad) = http_get(addr, "/api/trace/not-hex", Some(token));
+    assert_eq!(code, 400, "{bad}");
+    assert!(bad.contains("32 hex digits"), "{bad}");
+}
+
 fn processes_in(dir: &Path) -> Vec<u32> {
     let dir = dir.to_string_lossy().into_owned();
     std::fs::read_dir("/proc")
@@ -118,6 +162,7 @@ fn local_up_gives_endpoints_that_work_and_local_down_leaves_no_process() {
     let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
     assert!(!stdout.contains("MENDFS_SECRET"), "the secret is not handed to clients:\n{stdout}");
     assert_eq!(processes_in(&cluster_dir).len(), 3, "three nodes run in the background");
+    check_dashboard_link(&stdout, &cluster_dir);
 
     let cli = |args: &[&str]| {
         Command::new(binary())

@@ -45,6 +45,10 @@ pub struct MetaConfig {
     pub node_id: NodeId,
     /// The address peers and clients use to reach this node.
     pub advertise_addr: String,
+    /// Where this node serves HTTP (`/metrics`, the dashboard), as others can reach it; empty
+    /// without `--http`. Members tell each other in `Node/Info`, so a dashboard can move to
+    /// another node when the one it was loaded from dies.
+    pub http_addr: String,
     pub data_dir: PathBuf,
     /// The initial voter set; the node with the lowest id initializes the cluster, once.
     pub initial_peers: BTreeMap<NodeId, String>,
@@ -98,6 +102,7 @@ impl MetaConfig {
         Self {
             node_id,
             advertise_addr,
+            http_addr: String::new(),
             data_dir,
             initial_peers: BTreeMap::new(),
             secret: None,

@@ -272,6 +272,7 @@ impl MetaNode {
             snapshot_index: status.snapshot_index,
             purged_index: status.purged_index,
             revision: self.revision(),
+            http_addr: self.config.http_addr.clone(),
         }
     }
 

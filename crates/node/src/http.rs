@@ -1,6 +1,6 @@
-//! The node's HTTP side (`--http`): Prometheus `/metrics`, `/healthz` (the process serves) and
-//! `/readyz` (it also sees a Raft leader). Every value is read from the live state at scrape
-//! time.
+//! The node's HTTP side (`--http`): Prometheus `/metrics`, `/healthz` (the process serves),
+//! `/readyz` (it also sees a Raft leader), and the web dashboard at `/` with its `/api/`
+//! (see `dashboard`). Every value is read from the live state at request time.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -10,10 +10,11 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use axum::Router;
 use mendfs_data::chunk_service::{Counters, LocalChunks};
+use mendfs_data::cluster_service::ClusterApi;
 use mendfs_data::healer::Healer;
 use mendfs_heal::detector::Liveness;
+use mendfs_meta::auth::Authenticator;
 use mendfs_meta::MetaNode;
 use mendfs_telemetry::metrics::{Labels, RequestMetrics, Scrape, CONTENT_TYPE};
 use mendfs_worker::{Background, WorkerState};
@@ -32,6 +33,14 @@ pub(crate) struct HttpState {
     pub metrics_token: Option<String>,
     /// Storage nodes the cluster needs registered before it is ready.
     pub replication_factor: usize,
+    /// Decides the dashboard API's callers as gRPC decides `Cluster/Status`.
+    pub authenticator: Authenticator,
+    /// `cluster status`, for the dashboard.
+    pub cluster: ClusterApi,
+    /// This node's HTTP address as others reach it.
+    pub http_addr: String,
+    /// The last `/api/status` answer and when it was built, shared by every open dashboard.
+    pub status_cache: crate::dashboard::StatusCache,
 }
 
 /// The admitted connections of the HTTP listener (see `listener`), as axum takes them.
@@ -72,7 +81,7 @@ pub(crate) async fn serve(
     state: Arc<HttpState>,
     stopping: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let app = Router::new()
+    let app = crate::dashboard::routes()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -88,6 +97,18 @@ pub(crate) async fn bind(flag: &str, addr: &str) -> Result<tokio::net::TcpListen
     tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| NodeError::Io { context: format!("cannot listen on {flag} {addr}"), source: e })
+}
+
+/// The HTTP address to tell others: the bound one, or, when bound to every interface
+/// (`0.0.0.0:8080`), the host others reach the node's gRPC at with the HTTP port.
+pub(crate) fn advertised_http_addr(bound: SocketAddr, advertise_addr: &str) -> String {
+    if !bound.ip().is_unspecified() {
+        return bound.to_string();
+    }
+    match advertise_addr.rsplit_once(':') {
+        Some((host, _)) if !host.is_empty() => format!("{host}:{}", bound.port()),
+        _ => bound.to_string(),
+    }
 }
 
 fn labels(pairs: &[(&str, String)]) -> Labels {
@@ -350,4 +371,18 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> impl IntoResponse {
     body["storage_nodes"] = storage_nodes.into();
     body["replication_factor"] = state.replication_factor.into();
     (code, axum::Json(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_bound_to_every_interface_advertises_its_grpc_host_with_the_http_port() {
+        let bound: SocketAddr = "127.0.0.1:9000".parse().unwrap();
+        assert_eq!(advertised_http_addr(bound, "10.0.0.1:7000"), "127.0.0.1:9000");
+        let any: SocketAddr = "0.0.0.0:9000".parse().unwrap();
+        assert_eq!(advertised_http_addr(any, "mendfs-1.example.net:7000"), "mendfs-1.example.net:9000");
+        assert_eq!(advertised_http_addr(any, "no-port"), "0.0.0.0:9000", "nothing better to say");
+    }
 }

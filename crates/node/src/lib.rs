@@ -12,6 +12,7 @@
 //! binary turns flags, environment and files into a [`NodeConfig`].
 
 mod config;
+mod dashboard;
 mod faults;
 mod http;
 mod listener;
@@ -143,6 +144,9 @@ impl Node {
             None => None,
         };
         let http_addr = http_listener.as_ref().and_then(|listener| listener.local_addr().ok());
+        if let Some(http_addr) = http_addr {
+            parts.meta.http_addr = http::advertised_http_addr(http_addr, &parts.meta.advertise_addr);
+        }
         let s3_listener = match &config.s3 {
             Some(s3) => Some(http::bind("--s3", s3).await?),
             None => None,
@@ -234,6 +238,10 @@ impl Node {
                 background: background.clone(),
                 metrics_token: config.metrics_token.clone(),
                 replication_factor: parts.data.replication_factor,
+                authenticator: authenticator.clone(),
+                cluster: ClusterApi::unserved(meta.clone(), healer.clone()),
+                http_addr: parts.meta.http_addr.clone(),
+                status_cache: Default::default(),
             });
             servers.push(tokio::spawn(http::serve(connections, http_addr, state, stop_serving())));
         }

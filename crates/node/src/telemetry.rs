@@ -9,6 +9,7 @@ use mendfs_telemetry::layer::Sinks;
 use mendfs_telemetry::otlp::{ExportLoop, OtlpExporter};
 use mendfs_telemetry::store::{LogStore, SpanStore};
 
+use crate::dashboard::recent::RecentRequests;
 use crate::{NodeConfig, NodeError};
 
 #[derive(Clone)]
@@ -17,6 +18,8 @@ pub struct Telemetry {
     pub spans: Arc<SpanStore>,
     pub logs: Arc<LogStore>,
     pub otlp: Option<OtlpExporter>,
+    /// The recent failed and slow client requests, for the dashboard.
+    pub recent_requests: Arc<RecentRequests>,
     /// The OTLP export loop, until the node takes it to run among its tasks.
     export: Arc<Mutex<Option<ExportLoop>>>,
 }
@@ -34,6 +37,9 @@ impl Telemetry {
                 .map_err(|e| NodeError::Start(format!("open the log store: {e}")))?,
         );
         let mut sinks = Sinks::new(config.node_id, Some(spans.clone()), Some(logs.clone()));
+        let recent_requests = Arc::new(RecentRequests::default());
+        let offered = recent_requests.clone();
+        sinks.span_listeners.push(Box::new(move |span| offered.offer(span)));
         let (otlp, export) = match &config.otlp_endpoint {
             Some(endpoint) => {
                 let (exporter, export) = OtlpExporter::new(endpoint, config.node_id).map_err(NodeError::Start)?;
@@ -43,7 +49,7 @@ impl Telemetry {
             }
             None => (None, None),
         };
-        Ok(Self { sinks: Arc::new(sinks), spans, logs, otlp, export: Arc::new(Mutex::new(export)) })
+        Ok(Self { sinks: Arc::new(sinks), spans, logs, otlp, recent_requests, export: Arc::new(Mutex::new(export)) })
     }
 
     /// The export loop, once: the node runs it until it stops.

@@ -249,9 +249,11 @@ pub fn render_json(trace_id: &str, spans: &[SpanRecord], unreachable: &[Unreacha
     let rendered: Vec<serde_json::Value> = tree
         .order
         .iter()
-        .map(|(span, _, _)| {
+        .map(|(span, depth, _)| {
             let mut object = serde_json::Map::new();
             object.insert("node".into(), span.node.into());
+            // How deep in the tree: the dashboard's waterfall indents by it.
+            object.insert("depth".into(), (*depth).into());
             object.insert("name".into(), span.name.clone().into());
             object.insert("span_id".into(), span.span_id.clone().into());
             object.insert("parent".into(), span.parent_id.clone().map_or(serde_json::Value::Null, Into::into));
@@ -342,6 +344,8 @@ mod tests {
                 ("c3", "Storage/PrepareChunk")
             ]
         );
+        let depths: Vec<u64> = json["spans"].as_array().unwrap().iter().map(|s| s["depth"].as_u64().unwrap()).collect();
+        assert_eq!(depths, [0, 1, 2, 1, 2], "the waterfall's indentation");
         let text = render_text("t", &put_trace(), &[]);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "trace t: 5 spans on nodes 1, 2, 3; 5.0ms");

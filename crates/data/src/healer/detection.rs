@@ -9,6 +9,7 @@ use mendfs_meta::StorageNode;
 use mendfs_types::NodeId;
 use mendfs_worker::{Step, Worker, WorkerError};
 
+use super::timeline::NodeObservation;
 use super::{Healer, HealthSnapshot, NodeHealthView};
 
 const TICK: Duration = Duration::from_millis(100);
@@ -44,6 +45,11 @@ impl Healer {
         let storage: BTreeMap<NodeId, StorageNode> =
             self.node.storage_nodes().map_err(|e| e.to_string())?.into_iter().map(|n| (n.id, n)).collect();
         let now = self.now_ms();
+        // Read before the lock: the timeline notes when a job starts and finishes.
+        let repair_job = self.node.repair_job().map_err(|e| e.to_string())?;
+        let now_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
         let assessments = {
             let mut shared = self.shared();
             let scan = match &shared.scan {
@@ -62,7 +68,7 @@ impl Healer {
                 state.reports.remove(&id);
             }
             let assessments = state.detector.evaluate(now);
-            let nodes = assessments
+            let nodes: Vec<NodeHealthView> = assessments
                 .iter()
                 .map(|a| NodeHealthView {
                     node_id: a.node,
@@ -78,8 +84,29 @@ impl Healer {
                     health: state.reports.get(&a.node).copied(),
                 })
                 .collect();
-            shared.published =
-                scan.map(|scan| HealthSnapshot { nodes, scan, repair_bytes_per_sec: rate, repair_job: None });
+            shared.timeline.observe_term(now_unix_ms, self.node.id(), term);
+            if let Some(scan) = &scan {
+                // Only once the first scan of the term is in: until then the view is not
+                // published either.
+                shared.timeline.observe_nodes(
+                    now_unix_ms,
+                    nodes.iter().map(|n| NodeObservation {
+                        node: n.node_id,
+                        liveness: n.liveness,
+                        phi: n.phi,
+                        reason: &n.reason,
+                    }),
+                );
+                shared.timeline.observe_scan(now_unix_ms, scan);
+                shared.timeline.observe_job(now_unix_ms, repair_job.as_ref());
+            }
+            shared.published = scan.map(|scan| HealthSnapshot {
+                nodes,
+                scan,
+                repair_bytes_per_sec: rate,
+                repair_job: None,
+                repair_throttle_bytes_per_sec: 0,
+            });
             assessments
         };
         for assessment in assessments {

@@ -27,4 +27,6 @@ pub struct HealthSnapshot {
     pub repair_bytes_per_sec: f64,
     /// The committed repair job, as the leader last applied it.
     pub repair_job: Option<RepairJob>,
+    /// The repair bandwidth cap (0: none).
+    pub repair_throttle_bytes_per_sec: u64,
 }
