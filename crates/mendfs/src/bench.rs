@@ -40,6 +40,16 @@ pub enum BenchCommand {
     Heal(HealArgs),
 }
 
+/// Extra settings for every node a bench starts.
+#[derive(Args, Debug, Serialize)]
+pub struct ServerSettings {
+    /// One more argument for every `mendfs server` the bench starts; repeat it for each word
+    /// (`--server-arg=--inline-max-bytes --server-arg=0`). For comparing settings on one binary
+    /// in one run; recorded in the JSON's parameters.
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+}
+
 /// Every bench's `--json`.
 #[derive(Args, Debug)]
 pub struct JsonOutput {
@@ -67,6 +77,8 @@ pub struct KvArgs {
     #[arg(long)]
     tls: bool,
     #[command(flatten)]
+    settings: ServerSettings,
+    #[command(flatten)]
     #[serde(skip)]
     output: JsonOutput,
 }
@@ -85,6 +97,8 @@ pub struct FilesArgs {
     /// Also run every row on a TLS cluster (clients with tokens) and print TLS / plaintext.
     #[arg(long)]
     tls: bool,
+    #[command(flatten)]
+    settings: ServerSettings,
     #[command(flatten)]
     #[serde(skip)]
     output: JsonOutput,
@@ -105,6 +119,8 @@ pub struct S3Args {
     /// [default: seaweedfs when `weed` is on PATH, else none].
     #[arg(long, value_enum)]
     peer: Option<S3Peer>,
+    #[command(flatten)]
+    settings: ServerSettings,
     #[command(flatten)]
     #[serde(skip)]
     output: JsonOutput,
@@ -176,7 +192,8 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         BenchCommand::Files(args) => run_files(&mut report, &args).await?,
         BenchCommand::S3(args) => {
             let duration = Duration::from_secs_f64(args.seconds);
-            s3::bench_s3(&mut report, &args.sizes, args.connections, duration, args.peer).await?
+            s3::bench_s3(&mut report, &args.sizes, args.connections, duration, args.peer, &args.settings.server_args)
+                .await?
         }
         BenchCommand::Heal(args) => {
             bench_heal(&mut report, args.mib, args.clients, args.repair_bytes_per_sec, args.repair_copies_in_flight)
@@ -192,10 +209,11 @@ pub async fn run(command: BenchCommand) -> Result<()> {
 
 async fn run_kv(report: &mut Report, args: &KvArgs) -> Result<()> {
     let duration = Duration::from_secs_f64(args.seconds);
-    let plain = bench_kv(report, &args.clients, duration, args.failovers, args.value_bytes, false).await?;
+    let server_args = &args.settings.server_args;
+    let plain = bench_kv(report, &args.clients, duration, args.failovers, args.value_bytes, false, server_args).await?;
     if args.tls {
         report.say("\nthe same on a TLS cluster (clients with an admin token):");
-        let over_tls = bench_kv(report, &args.clients, duration, 0, args.value_bytes, true).await?;
+        let over_tls = bench_kv(report, &args.clients, duration, 0, args.value_bytes, true, server_args).await?;
         for ((n, plain), tls) in args.clients.iter().zip(plain).zip(over_tls) {
             let ratio = report.rows[tls].ops_per_sec / report.rows[plain].ops_per_sec;
             report.rows[tls].ratios.insert("tls_over_plaintext", ratio);
@@ -207,10 +225,11 @@ async fn run_kv(report: &mut Report, args: &KvArgs) -> Result<()> {
 
 async fn run_files(report: &mut Report, args: &FilesArgs) -> Result<()> {
     let duration = Duration::from_secs_f64(args.seconds);
-    let plain = bench_files(report, &args.sizes, &args.clients, duration, false).await?;
+    let server_args = &args.settings.server_args;
+    let plain = bench_files(report, &args.sizes, &args.clients, duration, false, server_args).await?;
     if args.tls {
         report.say("\nthe same on a TLS cluster (clients with an admin token):");
-        let over_tls = bench_files(report, &args.sizes, &args.clients, duration, true).await?;
+        let over_tls = bench_files(report, &args.sizes, &args.clients, duration, true, server_args).await?;
         for (plain, tls) in plain.into_iter().zip(over_tls) {
             let ratio = report.rows[tls].ops_per_sec / report.rows[plain].ops_per_sec;
             report.rows[tls].ratios.insert("tls_over_plaintext", ratio);
@@ -562,9 +581,10 @@ async fn bench_kv(
     failovers: usize,
     value_bytes: usize,
     tls: bool,
+    server_args: &[String],
 ) -> Result<Vec<usize>> {
     let binary = std::env::current_exe().context("locate the mendfs binary")?;
-    let options = ClusterOptions { nodes: 3, tls, ..ClusterOptions::default() };
+    let options = ClusterOptions { nodes: 3, tls, server_args: server_args.to_vec(), ..ClusterOptions::default() };
     let mut cluster = blocking(|| Cluster::start(&binary, options))?;
     blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
     let client = token_client(&cluster).await?;
@@ -720,9 +740,10 @@ async fn bench_files(
     clients: &[usize],
     duration: Duration,
     tls: bool,
+    server_args: &[String],
 ) -> Result<Vec<usize>> {
     let binary = std::env::current_exe().context("locate the mendfs binary")?;
-    let options = ClusterOptions { nodes: 3, tls, ..ClusterOptions::default() };
+    let options = ClusterOptions { nodes: 3, tls, server_args: server_args.to_vec(), ..ClusterOptions::default() };
     let cluster = blocking(|| Cluster::start(&binary, options))?;
     blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
     let (disk, loopback) = measure_file_references(report, &cluster)?;

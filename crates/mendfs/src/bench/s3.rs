@@ -146,6 +146,7 @@ pub(super) async fn bench_s3(
     connections: usize,
     duration: Duration,
     peer: Option<S3Peer>,
+    server_args: &[String],
 ) -> Result<()> {
     anyhow::ensure!(connections >= 1, "--connections must be at least 1");
     anyhow::ensure!(sizes.iter().all(|s| (1..=1 << 30).contains(s)), "--sizes must be between 1 byte and 1 GiB");
@@ -157,7 +158,7 @@ pub(super) async fn bench_s3(
         }
         None => which("weed"),
     };
-    let mendfs_s3_rows = bench_mendfs_s3(report, sizes, connections, duration).await?;
+    let mendfs_s3_rows = bench_mendfs_s3(report, sizes, connections, duration, server_args).await?;
     match weed {
         Some(weed) => bench_seaweedfs(report, &weed, &mendfs_s3_rows, connections, duration).await,
         None => {
@@ -170,7 +171,13 @@ pub(super) async fn bench_s3(
 }
 
 /// MendFS's rows, native and S3, on a cluster that is gone when this returns.
-async fn bench_mendfs_s3(report: &mut Report, sizes: &[u64], connections: usize, duration: Duration) -> Result<S3Rows> {
+async fn bench_mendfs_s3(
+    report: &mut Report,
+    sizes: &[u64],
+    connections: usize,
+    duration: Duration,
+    server_args: &[String],
+) -> Result<S3Rows> {
     let binary = std::env::current_exe().context("locate the mendfs binary")?;
     let mut node_args = BTreeMap::new();
     let mut gateways = Vec::new();
@@ -179,7 +186,8 @@ async fn bench_mendfs_s3(report: &mut Report, sizes: &[u64], connections: usize,
         node_args.insert(id, vec!["--s3".to_string(), addr.clone()]);
         gateways.push(addr);
     }
-    let options = ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() };
+    let options =
+        ClusterOptions { nodes: 3, node_args, server_args: server_args.to_vec(), ..ClusterOptions::default() };
     let cluster = blocking(|| Cluster::start(&binary, options))?;
     blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
     measure_file_references(report, &cluster)?;
