@@ -1022,7 +1022,11 @@ impl Client {
             }
             let mut sent = 0u64;
             loop {
-                let mut buffer = vec![0u8; UPLOAD_MESSAGE_BYTES];
+                // No bigger than what the declared size leaves (a small file's message is its
+                // size, not a zeroed MiB), but at least a byte: a reader with more than it
+                // declared must still be seen, so the server refuses the mismatch.
+                let left = size.map_or(UPLOAD_MESSAGE_BYTES as u64, |size| size.saturating_sub(sent));
+                let mut buffer = vec![0u8; left.clamp(1, UPLOAD_MESSAGE_BYTES as u64) as usize];
                 let mut filled = 0;
                 // Fill whole messages: readers (pipes) often return small pieces.
                 while filled < buffer.len() {
