@@ -459,14 +459,6 @@ pub fn for_each_chunk(
 }
 
 fn add_reference(store: &mut impl StateStore, chunk: &CommittedChunk) -> Result<(), StoreError> {
-    if store.get(Table::Chunks, chunk.hash.as_ref())?.is_none() {
-        if let Some(mut inline) = get_inline_chunk(store, &chunk.hash)? {
-            // The metadata already holds this content: copies this write prepared of it are
-            // orphans, collected like any other.
-            inline.refs += 1;
-            return store.put(Table::InlineChunks, chunk.hash.as_ref(), &encode(&inline)?);
-        }
-    }
     let record = match get_chunk(store, &chunk.hash)? {
         Some(mut record) => {
             record.refs += 1;
@@ -479,7 +471,15 @@ fn add_reference(store: &mut impl StateStore, chunk: &CommittedChunk) -> Result<
             }
             record
         }
-        None => ChunkRecord { size: chunk.size, refs: 1, replicas: chunk.replicas.clone() },
+        None => {
+            if let Some(mut inline) = get_inline_chunk(store, &chunk.hash)? {
+                // The metadata already holds this content: copies this write prepared of it
+                // are orphans, collected like any other.
+                inline.refs += 1;
+                return store.put(Table::InlineChunks, chunk.hash.as_ref(), &encode(&inline)?);
+            }
+            ChunkRecord { size: chunk.size, refs: 1, replicas: chunk.replicas.clone() }
+        }
     };
     store.put(Table::Chunks, chunk.hash.as_ref(), &encode(&record)?)
 }
