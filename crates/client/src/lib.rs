@@ -334,6 +334,27 @@ impl Client {
         .await
     }
 
+    /// Creates a one-time dashboard login link for `role`: the reply holds the code and the
+    /// answering node's dashboard address. Needs an admin token.
+    pub async fn create_login_link(
+        &self,
+        role: &str,
+        link_ttl: Duration,
+        session_ttl: Duration,
+    ) -> Result<pb::CreateLoginLinkReply, Error> {
+        let request = pb::CreateLoginLinkRequest {
+            role: role.to_string(),
+            link_ttl_secs: link_ttl.as_secs(),
+            session_ttl_secs: session_ttl.as_secs(),
+        };
+        self.call("create login link", |i| {
+            let request = request.clone();
+            let mut auth = self.auth(i);
+            async move { auth.create_login_link(request).await }
+        })
+        .await
+    }
+
     pub async fn list_tokens(&self) -> Result<Vec<pb::TokenInfo>, Error> {
         self.call("list tokens", |i| {
             let mut auth = self.auth(i);

@@ -8,6 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use mendfs_heal::repair::RepairJob;
 use mendfs_meta::{request_origin, MetaNode, StorageNode};
 use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::cluster_server::{Cluster, ClusterServer};
@@ -188,35 +189,12 @@ impl ClusterApi {
             Err(_) => Vec::new(),
         };
         let snapshot = health.unwrap_or_default();
-        let repair = snapshot.repair_job.as_ref().map(|job| {
-            // A running job shows its current rate; a finished one its average.
-            let bytes_per_sec = match job.finished_ms {
-                None => snapshot.repair_bytes_per_sec,
-                Some(finished_ms) => {
-                    let took_secs = finished_ms.saturating_sub(job.started_ms) as f64 / 1000.0;
-                    if took_secs > 0.0 {
-                        job.done_bytes as f64 / took_secs
-                    } else {
-                        0.0
-                    }
-                }
-            };
-            let remaining = job.total_bytes.saturating_sub(job.done_bytes) as f64;
-            let eta_secs = (job.finished_ms.is_none() && bytes_per_sec > 0.0).then(|| remaining / bytes_per_sec);
-            pb::RepairStatus {
-                job_id: job.id,
-                reason: job.reason.clone(),
-                started_unix_ms: job.started_ms,
-                finished_unix_ms: job.finished_ms,
-                done_bytes: job.done_bytes,
-                total_bytes: job.total_bytes,
-                done_copies: job.done_copies,
-                total_copies: job.total_copies,
-                bytes_per_sec,
-                eta_secs,
-                throttle_bytes_per_sec: snapshot.repair_throttle_bytes_per_sec,
-            }
-        });
+        let throttle = snapshot.repair_throttle_bytes_per_sec;
+        let repair =
+            snapshot.repair_job.as_ref().map(|job| repair_status(job, snapshot.repair_bytes_per_sec, throttle));
+        // From this node's state, like the current job: the history is the same on every node.
+        let recent_repairs =
+            node.repair_history().unwrap_or_default().iter().map(|job| repair_status(job, 0.0, throttle)).collect();
         let revision = node.revision();
         let kv_usage = node.kv_usage().ok().map(|(usage, compacted_revision)| pb::KvUsage {
             key_bytes: usage.key_bytes,
@@ -242,7 +220,39 @@ impl ClusterApi {
             health_error,
             kv_usage,
             events,
+            recent_repairs,
         }
+    }
+}
+
+/// A repair job as the status shows it. A running job shows `current_rate` (the leader's
+/// measured rate) and an ETA; a finished or superseded one its average rate.
+fn repair_status(job: &RepairJob, current_rate: f64, throttle_bytes_per_sec: u64) -> pb::RepairStatus {
+    let bytes_per_sec = match job.finished_ms {
+        None => current_rate,
+        Some(finished_ms) => {
+            let took_secs = finished_ms.saturating_sub(job.started_ms) as f64 / 1000.0;
+            if took_secs > 0.0 {
+                job.done_bytes as f64 / took_secs
+            } else {
+                0.0
+            }
+        }
+    };
+    let remaining = job.total_bytes.saturating_sub(job.done_bytes) as f64;
+    let eta_secs = (job.finished_ms.is_none() && bytes_per_sec > 0.0).then(|| remaining / bytes_per_sec);
+    pb::RepairStatus {
+        job_id: job.id,
+        reason: job.reason.clone(),
+        started_unix_ms: job.started_ms,
+        finished_unix_ms: job.finished_ms,
+        done_bytes: job.done_bytes,
+        total_bytes: job.total_bytes,
+        done_copies: job.done_copies,
+        total_copies: job.total_copies,
+        bytes_per_sec,
+        eta_secs,
+        throttle_bytes_per_sec,
     }
 }
 

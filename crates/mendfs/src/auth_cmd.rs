@@ -23,6 +23,22 @@ pub enum AuthCommand {
     },
     /// Who the cluster takes this client for, and its role.
     Whoami,
+    /// Print a one-time login link to the web dashboard: it opens a session once, within
+    /// --ttl, and is worth nothing after (the code is stored only as a hash).
+    LoginLink {
+        /// The session's role: read (enough to watch), write or admin.
+        #[arg(long, default_value = "read")]
+        role: String,
+        /// How long the link may wait to be opened (at most 24h).
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// How long the session it opens lasts (at most 7 days).
+        #[arg(long, default_value = "12h", value_parser = humantime::parse_duration)]
+        session_ttl: std::time::Duration,
+        /// The dashboard address to put in the link (default: the answering node's --http).
+        #[arg(long)]
+        dashboard: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -46,6 +62,8 @@ pub enum TokenCommand {
 }
 
 pub async fn run_auth(connection: ClusterAddress, command: AuthCommand) -> Result<ExitCode> {
+    // A cluster reached over TLS serves its dashboard over TLS too.
+    let dashboard_scheme = if connection.ca.is_some() { "https" } else { "http" };
     let client = connection.client()?;
     match command {
         AuthCommand::Token { command: TokenCommand::Create { name, role } } => {
@@ -58,14 +76,21 @@ pub async fn run_auth(connection: ClusterAddress, command: AuthCommand) -> Resul
             if json {
                 let tokens: Vec<_> = tokens
                     .iter()
-                    .map(|t| serde_json::json!({"name": t.name, "role": t.role, "created_unix_ms": t.created_unix_ms}))
+                    .map(|t| {
+                        serde_json::json!({"name": t.name, "role": t.role, "created_unix_ms": t.created_unix_ms,
+                                           "expires_unix_ms": t.expires_unix_ms})
+                    })
                     .collect();
                 println!("{}", serde_json::Value::Array(tokens));
             } else {
-                println!("{:<32} {:<6} CREATED", "NAME", "ROLE");
+                println!("{:<32} {:<6} {:<21} EXPIRES", "NAME", "ROLE", "CREATED");
                 for token in tokens {
-                    let created = std::time::UNIX_EPOCH + std::time::Duration::from_millis(token.created_unix_ms);
-                    println!("{:<32} {:<6} {}", token.name, token.role, humantime::format_rfc3339_seconds(created));
+                    let time = |ms: u64| {
+                        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+                        humantime::format_rfc3339_seconds(at).to_string()
+                    };
+                    let expires = token.expires_unix_ms.map_or_else(|| "never".to_string(), time);
+                    println!("{:<32} {:<6} {:<21} {expires}", token.name, token.role, time(token.created_unix_ms));
                 }
             }
         }
@@ -77,12 +102,36 @@ pub async fn run_auth(connection: ClusterAddress, command: AuthCommand) -> Resul
                 return Ok(ExitCode::FAILURE);
             }
         }
+        AuthCommand::LoginLink { role, ttl, session_ttl, dashboard } => {
+            let reply = client.create_login_link(&role, ttl, session_ttl).await.context("create login link")?;
+            let Some(addr) = dashboard.or((!reply.http_addr.is_empty()).then_some(reply.http_addr)) else {
+                anyhow::bail!(
+                    "the answering node serves no dashboard (no --http); pass --dashboard HOST:PORT \
+                     (the code is valid on every node)"
+                );
+            };
+            eprintln!(
+                "a one-time {role} login link, valid for {} (a session of {}):",
+                humantime::format_duration(ttl),
+                humantime::format_duration(session_ttl)
+            );
+            let addr = if addr.contains("://") { addr } else { format!("{dashboard_scheme}://{addr}") };
+            println!("{}", login_link(&addr, &reply.code));
+        }
         AuthCommand::Whoami => {
             let reply = client.who_am_i().await.context("who am i")?;
             println!("{} (role {})", reply.identity, reply.role);
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The dashboard URL that logs in with `code`. The code rides in the fragment, which browsers
+/// never send to a server (nor write to access logs); the page takes it out at once.
+pub fn login_link(dashboard_addr: &str, code: &str) -> String {
+    let base =
+        if dashboard_addr.contains("://") { dashboard_addr.to_string() } else { format!("http://{dashboard_addr}") };
+    format!("{}/#login={code}", base.trim_end_matches('/'))
 }
 
 #[derive(Subcommand, Debug)]

@@ -131,6 +131,9 @@ fn health_json(h: &mendfs_proto::v1::NodeHealth) -> serde_json::Value {
 /// Timeline events `cluster status` prints (the newest).
 const STATUS_EVENTS_SHOWN: usize = 5;
 
+/// Earlier repair jobs `cluster status` prints (the JSON has all the cluster keeps).
+const RECENT_REPAIRS_SHOWN: usize = 3;
+
 fn repair_json(r: &mendfs_proto::v1::RepairStatus) -> serde_json::Value {
     json!({
         "job_id": r.job_id, "reason": r.reason, "started_unix_ms": r.started_unix_ms,
@@ -404,6 +407,7 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                            "lost_chunks": status.lost_chunks,
                            "unplaceable_copies": status.unplaceable_copies,
                            "repair": status.repair.as_ref().map(repair_json),
+                           "recent_repairs": status.recent_repairs.iter().map(repair_json).collect::<Vec<_>>(),
                            "kv": status.kv_usage.as_ref().map(|kv| json!({
                                "key_bytes": kv.key_bytes, "history_bytes": kv.history_bytes,
                                "quota_bytes": kv.quota_bytes, "quota_alarm": kv.quota_alarm,
@@ -495,6 +499,25 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                         r.done_copies,
                         r.total_copies,
                         mib(r.bytes_per_sec as u64),
+                    );
+                }
+                // The jobs before it, briefly: enough to see that node 2 failed twice today.
+                for r in status.recent_repairs.iter().take(RECENT_REPAIRS_SHOWN) {
+                    let started = std::time::UNIX_EPOCH + std::time::Duration::from_millis(r.started_unix_ms);
+                    let how = match r.finished_unix_ms {
+                        Some(finished) => {
+                            format!("finished in {:.1}s", finished.saturating_sub(r.started_unix_ms) as f64 / 1000.0)
+                        }
+                        None => "superseded before it finished".to_string(),
+                    };
+                    println!(
+                        "  earlier repair #{} ({}): started {}, {} / {}, {} copies, {how}",
+                        r.job_id,
+                        r.reason,
+                        humantime::format_rfc3339_seconds(started),
+                        mib(r.done_bytes),
+                        mib(r.total_bytes),
+                        r.done_copies,
                     );
                 }
                 if let Some(kv) = &status.kv_usage {

@@ -170,10 +170,14 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         writeln!(file, "{}", admin.token)?;
     }
     println!("created an admin token for the demo's client ({})", token_file.display());
-    // A read token for the dashboard, in the login link's fragment (which browsers never send).
-    let viewer = Client::new(config.clone())?.create_token("demo-dashboard", "read").await?;
-    let dashboard_url = format!("http://{}/#token={}", dashboard_addrs[&1], viewer.token);
-    println!("watch it in a browser: {dashboard_url}");
+    // A one-time link that opens a read session (its code rides in the fragment, which
+    // browsers never send): the demo's output can be shared without sharing a credential.
+    let login = Client::new(config.clone())?.create_login_link("read", LOGIN_LINK_TTL, LOGIN_SESSION_TTL).await?;
+    println!(
+        "watch it in a browser (a one-time link, valid for {}): {}",
+        humantime::format_duration(LOGIN_LINK_TTL),
+        crate::auth_cmd::login_link(&dashboard_addrs[&1], &login.code)
+    );
     config.secret = None;
     config.token = Some(admin.token);
     let client = Client::new(config)?;
@@ -338,6 +342,9 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     }
     if args.keep {
         let s3_key = client.s3_create_key("demo", true).await?;
+        // A fresh one: the first link may have been opened already.
+        let login = client.create_login_link("read", LOGIN_LINK_TTL, LOGIN_SESSION_TTL).await?;
+        let dashboard_url = crate::auth_cmd::login_link(&dashboard_addrs[&1], &login.code);
         println!("\nThe cluster keeps running. Try:");
         println!("  export MENDFS_ENDPOINTS={}", cluster.endpoints());
         println!("  export MENDFS_TOKEN=$(cat {})", token_file.display());
@@ -347,7 +354,7 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
         println!("  export AWS_DEFAULT_REGION=us-east-1");
         println!("  aws s3 mb s3://demo && aws s3 cp FILE s3://demo/ && aws s3 ls s3://demo");
         println!("  mendfs cluster status");
-        println!("  open {dashboard_url}   # the dashboard (any node's --http address serves it)");
+        println!("  open {dashboard_url}   # the dashboard, a one-time login link (new ones: mendfs auth login-link)");
         println!("  mendfs ls /demo -l");
         println!("  mendfs get /demo/file-000 -");
         println!("Stop it with: pkill -f 'mendfs server.*{}'", cluster.root().display());
@@ -355,6 +362,10 @@ pub async fn run(args: DemoArgs) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// How long the demo's dashboard login links stay usable, and the sessions they open last.
+const LOGIN_LINK_TTL: Duration = Duration::from_secs(3_600);
+const LOGIN_SESSION_TTL: Duration = Duration::from_secs(12 * 3_600);
 
 async fn wait_status(client: &Client, what: &str, done: impl Fn(&StatusReply) -> bool) -> Result<()> {
     let started = Instant::now();

@@ -53,9 +53,6 @@ struct LocalState {
     /// The admin token made at the first `up` (0600).
     #[serde(default)]
     token_file: Option<PathBuf>,
-    /// A read token for the dashboard's login link (0600).
-    #[serde(default)]
-    dashboard_token_file: Option<PathBuf>,
     /// The cluster CA, when the cluster runs with TLS.
     #[serde(default)]
     ca_file: Option<PathBuf>,
@@ -237,10 +234,8 @@ fn up(args: UpArgs) -> Result<ExitCode> {
     let token = cluster.run_cli(&["auth", "token", "create", "local-admin", "--role", "admin"])?;
     let token_file = dir.join("admin.token");
     write_private(&token_file, token.trim())?;
-    // Read is all the dashboard needs: its login link carries this one, not the admin token.
-    let dashboard_token = cluster.run_cli(&["auth", "token", "create", "local-dashboard", "--role", "read"])?;
-    let dashboard_token_file = dir.join("dashboard.token");
-    write_private(&dashboard_token_file, dashboard_token.trim())?;
+    // Read is all the dashboard needs: its one-time link opens a read session.
+    let dashboard_link = cluster.run_cli(&["auth", "login-link", "--role", "read", "--ttl", LOGIN_LINK_TTL])?;
     // An S3 key that may create buckets, for the AWS CLI, SDKs and rclone.
     let s3_key = cluster.run_cli(&["s3", "key", "create", "local", "--create-buckets"])?;
     let s3_key_file = dir.join("s3.env");
@@ -254,14 +249,13 @@ fn up(args: UpArgs) -> Result<ExitCode> {
         endpoints: cluster.endpoints(),
         secret_file: cluster.secret_file().map(Path::to_path_buf),
         token_file: Some(token_file),
-        dashboard_token_file: Some(dashboard_token_file),
         ca_file: cluster.tls_dir().map(|tls| tls.join("ca.pem")),
         s3_key_file: Some(s3_key_file),
         nodes,
     };
     write_state(&dir, &state)?;
     println!("{} nodes up in {:.1?}; node {leader} leads", args.nodes, started.elapsed());
-    print_usage(&dir, &state);
+    print_usage(&dir, &state, Some(dashboard_link.trim()));
     Ok(ExitCode::SUCCESS)
 }
 
@@ -319,11 +313,29 @@ fn restart(dir: &Path, mut state: LocalState) -> Result<ExitCode> {
     let runtime = tokio::runtime::Handle::current();
     let leader = wait_for("a leader", Duration::from_secs(60), || Ok(runtime.block_on(client.status())?.leader))?;
     println!("{} nodes up in {:.1?}; node {leader} leads", state.nodes.len(), started.elapsed());
-    print_usage(dir, &state);
+    let link = runtime.block_on(client.create_login_link(
+        "read",
+        humantime::parse_duration(LOGIN_LINK_TTL)?,
+        std::time::Duration::from_secs(12 * 3_600),
+    ));
+    let link = match link {
+        Ok(reply) => {
+            let scheme = if state.ca_file.is_some() { "https" } else { "http" };
+            Some(crate::auth_cmd::login_link(&format!("{scheme}://{}", reply.http_addr), &reply.code))
+        }
+        Err(e) => {
+            eprintln!("no dashboard login link: {e}");
+            None
+        }
+    };
+    print_usage(dir, &state, link.as_deref());
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_usage(dir: &Path, state: &LocalState) {
+/// How long the login link `up` prints stays usable (`mendfs auth login-link` makes more).
+const LOGIN_LINK_TTL: &str = "1h";
+
+fn print_usage(dir: &Path, state: &LocalState, dashboard_link: Option<&str>) {
     let scheme = if state.ca_file.is_some() { "https" } else { "http" };
     for node in &state.nodes {
         println!(
@@ -334,13 +346,12 @@ fn print_usage(dir: &Path, state: &LocalState) {
             node.log.display()
         );
     }
-    if let Some(node) = state.nodes.first() {
-        // The token rides in the fragment: browsers never send it, so no access log keeps it.
-        let login = match state.dashboard_token_file.as_ref().map(std::fs::read_to_string) {
-            Some(Ok(token)) => format!("#token={}", token.trim()),
-            _ => String::new(),
-        };
-        println!("\ndashboard: {scheme}://{}/{login}", node.http);
+    match (dashboard_link, state.nodes.first()) {
+        (Some(link), _) => println!(
+            "\ndashboard (a one-time login link, valid for {LOGIN_LINK_TTL}; `mendfs auth login-link` makes more):\n  {link}"
+        ),
+        (None, Some(node)) => println!("\ndashboard: {scheme}://{}/", node.http),
+        (None, None) => {}
     }
     println!("\nUse it from this shell:\n");
     println!("export MENDFS_ENDPOINTS={}", state.endpoints);

@@ -1,8 +1,10 @@
 //! The web dashboard in a real headless Chromium (driven through chromedriver), against a
-//! four-node cluster of real `mendfs server` processes with auth on: the page shows the nodes
-//! and the leader, follows a SIGKILLed node through `suspect` and `down` (the node it was
-//! loaded from, so the page must move to another node), shows the repair reach 100 %, opens a
-//! trace by id as a waterfall, and refuses a bad trace id with the reason. Screenshots go to
+//! four-node cluster of real `mendfs server` processes with auth on: a one-time login link
+//! signs the page in once and is refused the second time; the page shows the nodes and the
+//! leader, follows a SIGKILLed node through `suspect` and `down` (the node it was loaded from,
+//! so the page must move to another node), shows the repair reach 100 % and, after a second
+//! job, the first among the earlier ones; it opens a trace by id as a waterfall, and refuses a
+//! bad trace id with the reason. Screenshots go to
 //! `$CARGO_TARGET_TMPDIR/dashboard/` (printed). Needs Debian's `chromium` and
 //! `chromium-driver`; without them the test fails saying so (CI installs them).
 
@@ -180,6 +182,12 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
         "300",
         "--repair-bytes-per-sec",
         "1048576",
+        // A quick scrubber: a rotted copy starts a second repair job, so the first one is
+        // shown among the earlier jobs.
+        "--scrub-interval-ms",
+        "500",
+        "--scrub-bytes-per-sec",
+        "104857600",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -191,9 +199,6 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
     let leader = tokio::task::block_in_place(|| cluster.wait_for_leader(DEADLINE)).unwrap();
     tokio::task::block_in_place(|| cluster.add_storage_learner_with(4, &["--http".to_string(), http[3].clone()]))
         .unwrap();
-    let token = cluster.run_cli(&["auth", "token", "create", "dashboard", "--role", "read"]).unwrap();
-    let token = token.trim().to_string();
-    assert!(token.starts_with("mendfs_"), "{token}");
 
     // Some files (about 3 MiB at RF 3), the first traced.
     let local = cluster.root().join("file.bin");
@@ -219,9 +224,15 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
     browser.goto(&format!("http://{}/", http[victim as usize - 1])).await.unwrap();
     wait_page(&browser, "the sign-in form", "return !document.getElementById('login').hidden").await;
     screenshot(&browser, &screenshots, "0-sign-in").await;
-    // The login link: the token in the fragment, gone from the address bar once read.
-    browser.goto(&format!("http://{}/#token={token}", http[victim as usize - 1])).await.unwrap();
-    wait_page(&browser, "the token gone from the address bar", "return !location.href.includes('token');").await;
+    // A one-time login link: its code in the fragment, gone from the address bar at once and
+    // traded for a session token.
+    let link = cluster
+        .run_cli(&["auth", "login-link", "--role", "read", "--ttl", "10m", "--dashboard", &http[victim as usize - 1]])
+        .unwrap();
+    let link = link.trim().to_string();
+    assert!(link.starts_with(&format!("http://{}/#login=mendfs_login_", http[victim as usize - 1])), "{link}");
+    browser.goto(&link).await.unwrap();
+    wait_page(&browser, "the code gone from the address bar", "return !location.href.includes('login');").await;
     wait_page(
         &browser,
         "4 nodes up",
@@ -234,6 +245,28 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
     assert_eq!(browser.execute(&leader_card, vec![]).await.unwrap(), json!("leader"));
     wait_page(&browser, "48 chunks", "return document.getElementById('chunks').textContent === '48'").await;
     screenshot(&browser, &screenshots, "1-cluster-healthy").await;
+    // The session is a token of its own, with the link's role and an expiry.
+    let tokens: Value = serde_json::from_str(&cluster.run_cli(&["auth", "token", "list", "--json"]).unwrap()).unwrap();
+    let session =
+        tokens.as_array().unwrap().iter().find(|t| t["name"].as_str().unwrap().starts_with("dashboard-login-"));
+    let session = session.unwrap_or_else(|| panic!("no login session among the tokens: {tokens}"));
+    assert_eq!(session["role"], "read", "{session}");
+    assert!(session["expires_unix_ms"].as_u64().is_some(), "a session expires: {session}");
+    // The same link in another tab (no session of its own): used up, and the page says so.
+    let first_tab = browser.window().await.unwrap();
+    let second_tab = browser.new_window(true).await.unwrap();
+    browser.switch_to_window(second_tab.handle).await.unwrap();
+    browser.goto(&link).await.unwrap();
+    let reason = wait_page(
+        &browser,
+        "the used link refused",
+        "const l = document.getElementById('login');          return !l.hidden && l.dataset.loginFailed === 'true' && document.getElementById('login-reason').textContent;",
+    )
+    .await;
+    assert!(reason.as_str().unwrap_or_default().contains("already used"), "{reason}");
+    screenshot(&browser, &screenshots, "1b-used-login-link").await;
+    browser.close_window().await.unwrap();
+    browser.switch_to_window(first_tab).await.unwrap();
 
     // SIGKILL the node the page came from, and time the page against `cluster status`.
     let survivors: Vec<u64> = (1..=4).filter(|id| *id != victim).collect();
@@ -299,6 +332,23 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
     .await;
     println!("timeline:\n{}", timeline.as_str().unwrap_or_default());
     screenshot(&browser, &screenshots, "4-repaired").await;
+    // A rotted copy on a survivor: the scrubber finds it, a second job repairs it, and the
+    // first moves to the earlier jobs, kept in the metadata.
+    let rotted = survivors.iter().flat_map(|id| mendfs_testkit::chunk_files(&cluster.nodes[id].data_dir)).next();
+    let rotted = rotted.expect("a chunk file on a survivor");
+    let mut bytes = std::fs::read(&rotted).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x5a;
+    std::fs::write(&rotted, bytes).unwrap();
+    let earlier = wait_page(
+        &browser,
+        "the first job among the earlier ones, the second finished",
+        "const first = document.querySelector('#recent-repairs li[data-job]');          const p = document.getElementById('repair-percent');          return first && p && p.dataset.finished === 'true' && first.textContent;",
+    )
+    .await;
+    println!("earlier repair job: {}", earlier.as_str().unwrap_or_default());
+    assert!(earlier.as_str().unwrap_or_default().contains(&format!("node {victim} down")), "{earlier}");
+    screenshot(&browser, &screenshots, "4b-earlier-jobs").await;
     // The CLI shows the newest of the same timeline.
     let text = cluster.cli_at(&cluster.endpoints_of(&survivors)).args(["cluster", "status"]).output().unwrap();
     let text = String::from_utf8_lossy(&text.stdout).to_string();

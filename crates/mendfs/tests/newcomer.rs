@@ -71,11 +71,21 @@ fn the_demo_runs_end_to_end_without_a_terminal_and_verifies_every_file() {
 /// The processes whose command line mentions `dir`.
 /// One HTTP/1.1 GET on a fresh connection: the status code and the body.
 fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
+    http_request(addr, "GET", path, bearer, "")
+}
+
+fn http_request(addr: &str, method: &str, path: &str, bearer: Option<&str>, body: &str) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let authorization = bearer.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n").unwrap();
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{authorization}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
     let code = response.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
@@ -83,20 +93,27 @@ fn http_get(addr: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
     (code, body)
 }
 
-/// `local up` prints a login link with a read token in its fragment, and the page and its API
-/// answer on that address.
-fn check_dashboard_link(stdout: &str, cluster_dir: &Path) {
+/// `local up` prints a one-time login link; the page answers on its address, the code buys one
+/// read session (and only one), and the API answers that session's token.
+fn check_dashboard_link(stdout: &str) {
     let link = stdout
         .lines()
-        .find_map(|l| l.strip_prefix("dashboard: http://"))
-        .unwrap_or_else(|| panic!("no dashboard line:\n{stdout}"));
-    let (addr, token) = link.split_once("/#token=").unwrap_or_else(|| panic!("no login link: {link}"));
-    assert!(token.starts_with("mendfs_"), "{link}");
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(cluster_dir.join("dashboard.token")).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600, "the dashboard token is the user's alone");
-    }
+        .find_map(|l| l.trim().strip_prefix("http://").filter(|rest| rest.contains("/#login=")))
+        .unwrap_or_else(|| panic!("no dashboard login link:\n{stdout}"));
+    let (addr, code) = link.split_once("/#login=").unwrap_or_else(|| panic!("no login link: {link}"));
+    assert!(code.starts_with("mendfs_login_"), "{link}");
+    let body = format!("{{\"code\":\"{code}\"}}");
+    let (status, session) = http_request(addr, "POST", "/api/login", None, &body);
+    assert_eq!(status, 200, "the link logs in once: {session}");
+    let session: serde_json::Value = serde_json::from_str(&session).unwrap();
+    assert_eq!(session["role"], "read", "{session}");
+    let token = session["token"].as_str().unwrap().to_string();
+    let token = token.as_str();
+    let (status, again) = http_request(addr, "POST", "/api/login", None, &body);
+    assert_eq!(status, 401, "a used link is refused: {again}");
+    assert!(again.contains("already used"), "{again}");
+    let (status, garbage) = http_request(addr, "POST", "/api/login", None, "{\"code\":\"mendfs_login_nothex\"}");
+    assert_eq!(status, 401, "{garbage}");
     let (code, page) = http_get(addr, "/", None);
     assert_eq!(code, 200, "{page}");
     assert!(page.contains("<title>MendFS dashboard</title>"), "{page}");
@@ -162,7 +179,7 @@ fn local_up_gives_endpoints_that_work_and_local_down_leaves_no_process() {
     let token = std::fs::read_to_string(&token_file).unwrap().trim().to_string();
     assert!(!stdout.contains("MENDFS_SECRET"), "the secret is not handed to clients:\n{stdout}");
     assert_eq!(processes_in(&cluster_dir).len(), 3, "three nodes run in the background");
-    check_dashboard_link(&stdout, &cluster_dir);
+    check_dashboard_link(&stdout);
 
     let cli = |args: &[&str]| {
         Command::new(binary())

@@ -260,7 +260,7 @@ fn tokens_have_roles_and_a_revoked_token_stops_working_on_every_node() {
     for id in cluster.nodes.keys() {
         wait_for(&format!("node {id} to refuse the revoked token"), DEADLINE, || {
             let out = run(as_token(&cluster, &cluster.addr(*id), &reader), &["kv", "get", "k", "--timeout", "3"]);
-            Ok(stderr(&out).contains("unknown or revoked token").then_some(()))
+            Ok(stderr(&out).contains("unknown, revoked or expired token").then_some(()))
         })
         .unwrap();
     }

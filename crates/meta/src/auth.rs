@@ -92,7 +92,7 @@ pub fn required_access(op: &str) -> Option<Access> {
         "Cluster/AddNode" | "Cluster/RemoveNode" | "Cluster/Drain" => Client(Admin),
         "Telemetry/TraceSpans" | "Telemetry/QueryLogs" => Client(Read),
         "Auth/WhoAmI" => Client(Read),
-        "Auth/CreateToken" | "Auth/ListTokens" | "Auth/RevokeToken" => Client(Admin),
+        "Auth/CreateToken" | "Auth/ListTokens" | "Auth/RevokeToken" | "Auth/CreateLoginLink" => Client(Admin),
         "S3Admin/CreateKey" | "S3Admin/ListKeys" | "S3Admin/DeleteKey" | "S3Admin/Allow" => Client(Admin),
         "S3Admin/CreateBucket" | "S3Admin/ListBuckets" | "S3Admin/DeleteBucket" => Client(Admin),
         _ => return None,
@@ -210,10 +210,19 @@ pub fn validate_token_name(name: &str) -> Result<(), String> {
 }
 
 /// The tokens the state machine holds, by hash: every call's token is looked up here, so it
-/// is kept in memory and replaced whenever a token is created or revoked.
+/// is kept in memory and replaced whenever a token is created or revoked, or a login opens a
+/// session.
 #[derive(Debug, Default)]
 pub struct TokenTable {
-    by_hash: HashMap<[u8; 32], (String, Role)>,
+    by_hash: HashMap<[u8; 32], KnownToken>,
+}
+
+#[derive(Debug)]
+struct KnownToken {
+    name: String,
+    role: Role,
+    /// Refused from then on (wall clock), for the sessions logins open.
+    expires_unix_ms: Option<u64>,
 }
 
 impl TokenTable {
@@ -227,14 +236,22 @@ impl TokenTable {
             start.push(0);
             for (name, value) in &rows {
                 let record: TokenRecord = decode(value)?;
-                by_hash.insert(record.hash, (String::from_utf8_lossy(name).into_owned(), record.role));
+                let expires_unix_ms = crate::login::token_expiry(store, name)?;
+                let name = String::from_utf8_lossy(name).into_owned();
+                by_hash.insert(record.hash, KnownToken { name, role: record.role, expires_unix_ms });
             }
         }
         Ok(Self { by_hash })
     }
 
-    fn find(&self, token: &str) -> Option<(String, Role)> {
-        self.by_hash.get(&token_hash(token)).cloned()
+    fn find(&self, token: &str, now_unix_ms: u64) -> Option<(String, Role)> {
+        let known = self.by_hash.get(&token_hash(token))?;
+        // An expired session is refused by every node at once, whatever its state machine
+        // has pruned yet.
+        if known.expires_unix_ms.is_some_and(|expires| now_unix_ms >= expires) {
+            return None;
+        }
+        Some((known.name.clone(), known.role))
     }
 }
 
@@ -317,10 +334,14 @@ impl Authenticator {
                 .ok()
                 .and_then(|value| value.strip_prefix("Bearer "))
                 .ok_or_else(|| Status::unauthenticated("the authorization header must be `Bearer TOKEN`"))?;
-            let found = self.tokens.read().unwrap_or_else(|poisoned| poisoned.into_inner()).find(token.trim());
+            let now_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |since| since.as_millis() as u64);
+            let found =
+                self.tokens.read().unwrap_or_else(|poisoned| poisoned.into_inner()).find(token.trim(), now_unix_ms);
             return match found {
                 Some((name, role)) => Ok(Caller::Client { token: name, role }),
-                None => Err(Status::unauthenticated("unknown or revoked token")),
+                None => Err(Status::unauthenticated("unknown, revoked or expired token")),
             };
         }
         match (&self.secret, header(SECRET_HEADER)) {

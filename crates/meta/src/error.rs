@@ -84,6 +84,8 @@ impl From<ApiError> for tonic::Status {
             }
             ApiError::Command(CommandError::NoSuchAccessKey { .. }) => (tonic::Code::NotFound, "no-such-access-key"),
             ApiError::Command(CommandError::InvalidRequest { .. }) => (tonic::Code::InvalidArgument, "invalid-request"),
+            ApiError::Command(CommandError::LoginCodeInvalid) => (tonic::Code::Unauthenticated, "login-code-invalid"),
+            ApiError::Command(CommandError::TooMany { .. }) => (tonic::Code::ResourceExhausted, "too-many"),
             ApiError::Internal(_) => (tonic::Code::Internal, "internal"),
         };
         let mut status = tonic::Status::new(code, message);

@@ -357,12 +357,33 @@ pub struct ReplicaDrop {
 pub use mendfs_heal::repair::RepairJob;
 
 const META_REPAIR_JOB: &[u8] = b"repair_job";
+/// The jobs before the current one, newest first: `Vec<RepairJob>`.
+const META_REPAIR_HISTORY: &[u8] = b"repair_history";
+/// Past repair jobs kept: enough to see the last few failures of a day, in one small row.
+pub const REPAIR_HISTORY_MAX: usize = 16;
 
 pub fn repair_job(store: &impl StateStore) -> Result<Option<RepairJob>, StoreError> {
     store.get(Table::Meta, META_REPAIR_JOB)?.map(|bytes| decode(&bytes)).transpose()
 }
 
+/// The repair jobs before the current one, newest first, at most `REPAIR_HISTORY_MAX`. In the
+/// state machine, so every node shows the same history and a new leader keeps it.
+pub fn repair_history(store: &impl StateStore) -> Result<Vec<RepairJob>, StoreError> {
+    store.get(Table::Meta, META_REPAIR_HISTORY)?.map(|bytes| decode(&bytes)).transpose().map(Option::unwrap_or_default)
+}
+
 pub(crate) fn record_repair_job(store: &mut impl StateStore, job: &RepairJob) -> Result<CommandResult, StoreError> {
+    if let Some(previous) = repair_job(store)? {
+        // A new job moves the one it replaces into the history, as it last stood: finished,
+        // or cut short (a leader that started a new job without finishing the old one).
+        if previous.id != job.id {
+            let mut history = repair_history(store)?;
+            history.retain(|old| old.id != previous.id);
+            history.insert(0, previous);
+            history.truncate(REPAIR_HISTORY_MAX);
+            store.put(Table::Meta, META_REPAIR_HISTORY, &encode(&history)?)?;
+        }
+    }
     store.put(Table::Meta, META_REPAIR_JOB, &encode(job)?)?;
     Ok(Ok(Outcome::Noop))
 }
@@ -1224,6 +1245,31 @@ mod tests {
             .unwrap();
         assert_eq!(repair_job(&store).unwrap().unwrap().done_copies, 1);
         assert_eq!(replicas(&store, 2), vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn a_new_repair_job_moves_the_previous_one_into_a_bounded_history() {
+        let mut store = MemoryStore::default();
+        assert!(repair_history(&store).unwrap().is_empty());
+        record_repair_job(&mut store, &job(1)).unwrap().unwrap();
+        let mut finished = job(1);
+        finished.done_copies = 2;
+        finished.finished_ms = Some(9);
+        // The same job recorded again (progress, its finish) is not history.
+        record_repair_job(&mut store, &finished).unwrap().unwrap();
+        assert!(repair_history(&store).unwrap().is_empty());
+        record_repair_job(&mut store, &job(2)).unwrap().unwrap();
+        assert_eq!(repair_history(&store).unwrap(), vec![finished.clone()]);
+        assert_eq!(repair_job(&store).unwrap().unwrap().id, 2);
+
+        for id in 3..(REPAIR_HISTORY_MAX as u64 + 10) {
+            record_repair_job(&mut store, &job(id)).unwrap().unwrap();
+        }
+        let history = repair_history(&store).unwrap();
+        assert_eq!(history.len(), REPAIR_HISTORY_MAX);
+        let ids: Vec<u64> = history.iter().map(|job| job.id).collect();
+        let newest = REPAIR_HISTORY_MAX as u64 + 8;
+        assert_eq!(ids, (newest + 1 - REPAIR_HISTORY_MAX as u64..=newest).rev().collect::<Vec<_>>(), "newest first");
     }
 
     #[test]

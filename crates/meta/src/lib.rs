@@ -22,6 +22,7 @@ pub mod crafted;
 mod error;
 mod files;
 mod kv;
+pub mod login;
 mod network;
 mod node;
 mod raft_store;
@@ -60,8 +61,8 @@ pub use files::{
 };
 pub use network::{validate_node_addr, PeerInterceptor, Peers};
 pub use node::{
-    AccessKeyView, ChunkPage, ChunkRef, FileCommitted, FileView, FilesInUse, Membership, MetaConfig, MetaNode, Origin,
-    PeerTls, RaftStatus, Role, BUCKETS_LISTED_MAX, CHUNK_PAGE_CHUNKS_MAX, OBJECTS_LISTED_MAX,
+    AccessKeyView, ChunkPage, ChunkRef, FileCommitted, FileView, FilesInUse, LoginSession, Membership, MetaConfig,
+    MetaNode, Origin, PeerTls, RaftStatus, Role, BUCKETS_LISTED_MAX, CHUNK_PAGE_CHUNKS_MAX, OBJECTS_LISTED_MAX,
 };
 pub use schema::{CommandError, KvUsage, Limits};
 pub use service::{authenticator, request_origin, services, AuthApi, KvApi, NodeApi, S3AdminApi};

@@ -195,6 +195,12 @@ pub(crate) enum LeaderRequest {
     InlineChunk {
         hash: ChunkHash,
     },
+    /// Use up a dashboard login code and open a session (`login`); answered `Redeemed`.
+    RedeemLogin {
+        code_hash: [u8; 32],
+        session_name: String,
+        session_hash: [u8; 32],
+    },
 }
 
 /// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
@@ -231,6 +237,12 @@ pub(crate) enum LeaderResponse {
     StorageNodes(Vec<StorageNode>),
     S3(s3_api::S3Answer),
     InlineChunk(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
+    /// The login's outcome, and the leader's applied index once it was applied: the asker
+    /// waits for its own state to reach it before it hands out the session token.
+    Redeemed {
+        result: CommandResult,
+        applied_index: u64,
+    },
 }
 
 /// `command` with `inline` chunks travelling with it, if it has any.
@@ -240,6 +252,16 @@ fn with_inline(inline: Vec<InlineChunk>, command: Command) -> Command {
     } else {
         Command::WithInlineChunks { inline, command: Box::new(command) }
     }
+}
+
+/// A dashboard session a login code opened.
+#[derive(Debug, Clone)]
+pub struct LoginSession {
+    /// The bearer token, known only to the caller (the metadata keeps its hash).
+    pub token: String,
+    pub name: String,
+    pub role: crate::auth::Role,
+    pub expires_unix_ms: u64,
 }
 
 /// A file version's summary: its record, which names its chunk list but does not hold it.
@@ -1420,6 +1442,26 @@ impl MetaNode {
                 let record = files::get_inline_chunk(&view, &hash).map_err(ApiError::internal)?;
                 Ok(LeaderResponse::InlineChunk(record.map(|record| record.data)))
             }
+            LeaderRequest::RedeemLogin { code_hash, session_name, session_hash } => {
+                // A code nobody issued costs a read here, never a log entry: the login
+                // endpoint is open to strangers, who may try any number of codes.
+                self.linearizable_barrier().await?;
+                let known = {
+                    let view = self.state.view().map_err(ApiError::internal)?;
+                    crate::login::code_exists(&view, &code_hash).map_err(ApiError::internal)?
+                };
+                if !known {
+                    return Ok(LeaderResponse::Redeemed {
+                        result: Err(CommandError::LoginCodeInvalid),
+                        applied_index: 0,
+                    });
+                }
+                let command =
+                    Command::Login(crate::login::LoginCommand::Redeem { code_hash, session_name, session_hash });
+                let result = self.propose_aged(Self::proposal(None, command), None).await?;
+                let applied_index = self.raft.metrics().borrow().last_applied.map_or(0, |id| id.index);
+                Ok(LeaderResponse::Redeemed { result, applied_index })
+            }
             LeaderRequest::S3(read) => {
                 self.linearizable_barrier().await?;
                 // Pages, listings and key lists read up to thousands of rows: off the async
@@ -1756,6 +1798,62 @@ impl MetaNode {
         Ok(token)
     }
 
+    /// Records a one-time dashboard login code (only its hash) for `role`, usable for
+    /// `code_ttl` and opening a session of `session_ttl`; returns the code.
+    pub async fn create_login_code(
+        &self,
+        origin: Origin,
+        role: crate::auth::Role,
+        code_ttl: Duration,
+        session_ttl: Duration,
+    ) -> Result<String, ApiError> {
+        let code = crate::login::generate_login_code();
+        let now = unix_now_ms();
+        let record = crate::login::LoginCodeRecord {
+            role,
+            created_unix_ms: now,
+            expires_unix_ms: now.saturating_add(code_ttl.as_millis() as u64),
+            session_ttl_ms: session_ttl.as_millis() as u64,
+        };
+        let hash = crate::auth::token_hash(&code);
+        // The request id makes a retried create (after an ambiguous failure) idempotent.
+        let request_id = RequestId { client_id: rand::random::<u64>() | 1, sequence: 1 };
+        let command = Command::Login(crate::login::LoginCommand::CreateCode { hash, record });
+        self.execute(origin, Some(request_id), command).await?;
+        Ok(code)
+    }
+
+    /// Uses up a login code: returns a new session token, its name, role and expiry. The
+    /// token is admitted by this node when this returns (its state has applied the session).
+    pub async fn redeem_login_code(&self, origin: Origin, code: &str) -> Result<LoginSession, ApiError> {
+        if !crate::login::is_login_code(code) {
+            return Err(ApiError::Command(CommandError::LoginCodeInvalid));
+        }
+        let token = crate::auth::generate_token();
+        let name = crate::login::session_name();
+        let request = LeaderRequest::RedeemLogin {
+            code_hash: crate::auth::token_hash(code),
+            session_name: name.clone(),
+            session_hash: crate::auth::token_hash(&token),
+        };
+        let (result, applied_index) = match self.serve_on_leader(request, origin).await? {
+            LeaderResponse::Redeemed { result, applied_index } => (result, applied_index),
+            other => return Err(unexpected("a login", other)),
+        };
+        let (role, expires_unix_ms) = match result.map_err(ApiError::Command)? {
+            Outcome::LoginSession { role, expires_unix_ms } => (role, expires_unix_ms),
+            other => return Err(unexpected("a login", LeaderResponse::Command(Ok(other)))),
+        };
+        // The page calls this node with the token next: it must know it by then.
+        let timeout = Duration::from_millis(self.config.write_timeout_ms);
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(applied_index), "the login's session")
+            .await
+            .map_err(|e| ApiError::Timeout(format!("this node did not apply the login within {timeout:?}: {e}")))?;
+        Ok(LoginSession { token, name, role, expires_unix_ms })
+    }
+
     /// Revokes the token named `name`; false if there was none. Every node stops admitting it
     /// as soon as it applies the revocation.
     pub async fn revoke_token(&self, origin: Origin, name: String) -> Result<bool, ApiError> {
@@ -1767,7 +1865,7 @@ impl MetaNode {
 
     /// The client tokens this node knows of (its applied state), by name. A scan of the whole
     /// table (admins may create many): off the async workers.
-    pub async fn list_tokens(&self) -> Result<Vec<(String, crate::auth::TokenRecord)>, ApiError> {
+    pub async fn list_tokens(&self) -> Result<Vec<(String, crate::auth::TokenRecord, Option<u64>)>, ApiError> {
         let state = self.state.clone();
         tokio::task::spawn_blocking(move || {
             let view = state.view().map_err(ApiError::internal)?;
@@ -1776,7 +1874,8 @@ impl MetaNode {
             rows.into_iter()
                 .map(|(name, value)| {
                     let record = schema::decode(&value).map_err(ApiError::internal)?;
-                    Ok((String::from_utf8_lossy(&name).into_owned(), record))
+                    let expires = crate::login::token_expiry(&view, &name).map_err(ApiError::internal)?;
+                    Ok((String::from_utf8_lossy(&name).into_owned(), record, expires))
                 })
                 .collect()
         })
@@ -1797,6 +1896,12 @@ impl MetaNode {
     pub fn repair_job(&self) -> Result<Option<RepairJob>, ApiError> {
         let view = self.state.view().map_err(ApiError::internal)?;
         files::repair_job(&view).map_err(ApiError::internal)
+    }
+
+    /// The repair jobs before the current one, newest first (bounded), as this node applied them.
+    pub fn repair_history(&self) -> Result<Vec<RepairJob>, ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        files::repair_history(&view).map_err(ApiError::internal)
     }
 
     /// Proposes a command through the leader (from this node, or for a client whose deadline
@@ -2331,6 +2436,7 @@ mod tests {
             (LeaderRequest::StorageNodes, 14),
             (LeaderRequest::S3(s3_api::S3Read::Buckets), 15),
             (LeaderRequest::InlineChunk { hash: ChunkHash::from_bytes([1; 32]) }, 16),
+            (LeaderRequest::RedeemLogin { code_hash: [0; 32], session_name: String::new(), session_hash: [0; 32] }, 17),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");
@@ -2347,6 +2453,7 @@ mod tests {
             (LeaderResponse::StorageNodes(vec![]), 12),
             (LeaderResponse::S3(s3_api::S3Answer::Bucket(None)), 13),
             (LeaderResponse::InlineChunk(None), 14),
+            (LeaderResponse::Redeemed { result: Ok(Outcome::Noop), applied_index: 0 }, 15),
         ];
         for (response, number) in responses {
             assert_eq!(wire_number(&response), number, "{response:?}");
@@ -2360,6 +2467,14 @@ mod tests {
             (Command::DropReplicas { drops: vec![] }, 15),
             (Command::S3ExpireMultipart { initiated_before_ms: 0 }, 36),
             (Command::WithInlineChunks { inline: vec![], command: Box::new(Command::ReleaseChunks) }, 37),
+            (
+                Command::Login(crate::login::LoginCommand::Redeem {
+                    code_hash: [0; 32],
+                    session_name: String::new(),
+                    session_hash: [0; 32],
+                }),
+                38,
+            ),
         ];
         for (command, number) in commands {
             assert_eq!(wire_number(&command), number, "{command:?}");

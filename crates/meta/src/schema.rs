@@ -75,11 +75,16 @@ pub enum Table {
     /// metadata itself (its bytes and its references) instead of on storage nodes. A hash is
     /// in `Chunks` or here, never both.
     InlineChunks,
+    /// login code hash (32 bytes) → [`crate::login::LoginCodeRecord`]: one-time dashboard
+    /// login links not yet used.
+    LoginCodes,
+    /// token name → expiry ms (u64 BE): the tokens that expire (the sessions logins open).
+    TokenExpiries,
 }
 
 impl Table {
     /// In discriminant order (storage indexes by `table as usize`).
-    pub const ALL: [Table; 26] = [
+    pub const ALL: [Table; 28] = [
         Table::Keys,
         Table::Sessions,
         Table::SessionKeys,
@@ -106,6 +111,8 @@ impl Table {
         Table::S3UploadsByTime,
         Table::S3Parts,
         Table::InlineChunks,
+        Table::LoginCodes,
+        Table::TokenExpiries,
     ];
 
     pub fn name(self) -> &'static str {
@@ -136,6 +143,8 @@ impl Table {
             Table::S3UploadsByTime => "s3_uploads_by_time",
             Table::S3Parts => "s3_parts",
             Table::InlineChunks => "inline_chunks",
+            Table::LoginCodes => "login_codes",
+            Table::TokenExpiries => "token_expiries",
         }
     }
 }
@@ -353,6 +362,11 @@ pub enum Outcome {
     MultipartCreated {
         upload_id: u64,
     },
+    /// A login code opened a session with this role, until this time (state clock).
+    LoginSession {
+        role: crate::auth::Role,
+        expires_unix_ms: u64,
+    },
 }
 
 /// Why a well-formed command was refused. These are answers, not failures: the command was
@@ -418,6 +432,10 @@ pub enum CommandError {
     NoSuchAccessKey { key_id: String },
     #[error("invalid request: {why}")]
     InvalidRequest { why: String },
+    #[error("this login link was already used, has expired or was never issued; ask for a new one with `mendfs auth login-link`")]
+    LoginCodeInvalid,
+    #[error("too many {what}: the limit is {limit}; {hint}")]
+    TooMany { what: String, limit: u64, hint: String },
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;

@@ -545,10 +545,11 @@ impl AuthService for AuthApi {
         Ok(Response::new(pb::ListTokensReply {
             tokens: tokens
                 .into_iter()
-                .map(|(name, record)| pb::TokenInfo {
+                .map(|(name, record, expires_unix_ms)| pb::TokenInfo {
                     name,
                     role: record.role.as_str().into(),
                     created_unix_ms: record.created_unix_ms,
+                    expires_unix_ms,
                 })
                 .collect(),
         }))
@@ -563,6 +564,33 @@ impl AuthService for AuthApi {
         let revoked = self.node.revoke_token(origin, name.clone()).await?;
         tracing::info!(%name, revoked, "revoked a token");
         Ok(Response::new(pb::RevokeTokenReply { revoked }))
+    }
+
+    async fn create_login_link(
+        &self,
+        request: Request<pb::CreateLoginLinkRequest>,
+    ) -> Result<Response<pb::CreateLoginLinkReply>, Status> {
+        let origin = request_origin(&request);
+        let request = request.into_inner();
+        let role: Role = request.role.parse().map_err(Status::invalid_argument)?;
+        let secs = |secs: u64, max_ms: u64, what: &str| {
+            if secs == 0 || secs.saturating_mul(1_000) > max_ms {
+                Err(Status::invalid_argument(format!("{what} must be 1 s to {} h", max_ms / 3_600_000)))
+            } else {
+                Ok(Duration::from_secs(secs))
+            }
+        };
+        let link_ttl = secs(request.link_ttl_secs, crate::login::LOGIN_CODE_TTL_MAX_MS, "the link's lifetime")?;
+        let session_ttl =
+            secs(request.session_ttl_secs, crate::login::LOGIN_SESSION_TTL_MAX_MS, "the session's lifetime")?;
+        let code = self.node.create_login_code(origin, role, link_ttl, session_ttl).await?;
+        let expires_unix_ms = mendfs_types::unix_now_ms().saturating_add(link_ttl.as_millis() as u64);
+        tracing::info!(role = role.as_str(), link_ttl_secs = request.link_ttl_secs, "created a dashboard login link");
+        Ok(Response::new(pb::CreateLoginLinkReply {
+            code,
+            http_addr: self.node.config().http_addr.clone(),
+            expires_unix_ms,
+        }))
     }
 
     async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIReply>, Status> {

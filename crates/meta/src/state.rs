@@ -195,12 +195,19 @@ pub enum Command {
         inline: Vec<crate::files::InlineChunk>,
         command: Box<Command>,
     },
+    /// One-time dashboard login links and the sessions they open (`login`).
+    Login(crate::login::LoginCommand),
 }
 
 impl Command {
     /// Whether applying this changes the client tokens, which every node keeps in memory.
     pub fn changes_tokens(&self) -> bool {
-        matches!(self, Command::CreateToken { .. } | Command::RevokeToken { .. })
+        matches!(
+            self,
+            Command::CreateToken { .. }
+                | Command::RevokeToken { .. }
+                | Command::Login(crate::login::LoginCommand::Redeem { .. })
+        )
     }
 
     /// For a command that references prepared chunks (a file commit, a staged segment, an S3
@@ -301,6 +308,7 @@ impl Command {
             Command::WithInlineChunks { inline, command } => {
                 inline.iter().map(|chunk| chunk.data.len() + 8).sum::<usize>() + command.approximate_bytes()
             }
+            Command::Login(login) => login.approximate_bytes(),
         }
     }
 }
@@ -407,6 +415,7 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
         Command::RevokeToken { name } => {
             let found = store.get(Table::Tokens, name.as_bytes())?.is_some();
             store.remove(Table::Tokens, name.as_bytes())?;
+            store.remove(Table::TokenExpiries, name.as_bytes())?;
             Ok(Ok(Outcome::TokenRevoked { found }))
         }
         Command::Compact { revision } => kv::compact(store, *revision),
@@ -482,6 +491,10 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
                 return Ok(Err(CommandError::InvalidRequest { why }));
             }
             files::with_inline_chunks(store, inline, command.written_chunks(), |store| apply_command(store, command))
+        }
+        Command::Login(login) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            crate::login::apply(store, login, clock_ms)
         }
     }
 }

@@ -214,6 +214,10 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
             }
             check_command(config, command)
         }
+        Command::Login(crate::login::LoginCommand::Redeem { session_name, .. }) => {
+            check_len("bytes of a session name", session_name.len(), crate::auth::TOKEN_NAME_BYTES_MAX)
+        }
+        Command::Login(crate::login::LoginCommand::CreateCode { .. }) => Ok(()),
     }
 }
 

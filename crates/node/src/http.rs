@@ -41,6 +41,8 @@ pub(crate) struct HttpState {
     pub http_addr: String,
     /// The last `/api/status` answer and when it was built, shared by every open dashboard.
     pub status_cache: crate::dashboard::StatusCache,
+    /// Bounds the dashboard logins served at once (`dashboard::login`).
+    pub logins: tokio::sync::Semaphore,
 }
 
 /// The admitted connections of the HTTP listener (see `listener`), as axum takes them.

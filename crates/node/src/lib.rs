@@ -242,6 +242,7 @@ impl Node {
                 cluster: ClusterApi::unserved(meta.clone(), healer.clone()),
                 http_addr: parts.meta.http_addr.clone(),
                 status_cache: Default::default(),
+                logins: tokio::sync::Semaphore::new(dashboard::login::LOGINS_AT_ONCE),
             });
             servers.push(tokio::spawn(http::serve(connections, http_addr, state, stop_serving())));
         }

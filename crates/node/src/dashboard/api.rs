@@ -100,7 +100,7 @@ pub(crate) fn status_json(reply: &pb::StatusReply, served_by: NodeId, served_by_
             })
         })
         .collect();
-    let repair = reply.repair.as_ref().map(|r| {
+    let repair_json = |r: &pb::RepairStatus| {
         serde_json::json!({
             "job_id": r.job_id,
             "reason": r.reason,
@@ -114,7 +114,9 @@ pub(crate) fn status_json(reply: &pb::StatusReply, served_by: NodeId, served_by_
             "eta_secs": r.eta_secs,
             "throttle_bytes_per_sec": r.throttle_bytes_per_sec,
         })
-    });
+    };
+    let repair = reply.repair.as_ref().map(repair_json);
+    let recent_repairs: Vec<serde_json::Value> = reply.recent_repairs.iter().map(repair_json).collect();
     let events: Vec<serde_json::Value> = reply
         .events
         .iter()
@@ -136,6 +138,7 @@ pub(crate) fn status_json(reply: &pb::StatusReply, served_by: NodeId, served_by_
         "unplaceable_copies": reply.unplaceable_copies,
         "over_replicated_chunks": reply.over_replicated_chunks,
         "repair": repair,
+        "recent_repairs": recent_repairs,
         "health_error": reply.health_error,
         "events": events,
     })
@@ -404,6 +407,7 @@ mod tests {
                 state: "suspect".into(),
                 detail: "node 2 suspect".into(),
             }],
+            recent_repairs: vec![pb::RepairStatus { job_id: 4, reason: "node 3 down".into(), ..Default::default() }],
             ..Default::default()
         };
         let json = status_json(&reply, 1, "127.0.0.1:9001");
@@ -413,5 +417,7 @@ mod tests {
         assert_eq!(json["nodes"][1]["phi"], 9.5);
         assert_eq!(json["events"][0]["state"], "suspect");
         assert!(json["repair"].is_null());
+        assert_eq!(json["recent_repairs"][0]["job_id"], 4);
+        assert_eq!(json["recent_repairs"][0]["reason"], "node 3 down");
     }
 }

@@ -9,20 +9,45 @@ const FETCH_TIMEOUT_MS = 4500;
 const PHI_HISTORY = 30;
 const TOKEN_KEY = "mendfs-dashboard-token";
 
-// A login link carries the token in the fragment (never sent to a server, nor logged): keep
-// it in this tab's sessionStorage and take it out of the address bar and history at once.
+// A login link carries a one-time code in the fragment (never sent to a server, nor logged):
+// the page takes it out of the address bar and history at once and trades it, once, for a
+// session token kept in this tab's sessionStorage; the link is worth nothing afterwards. A
+// fragment may also carry a token itself (`#token=`), kept the same way.
 // (A link opened in a tab already showing the page changes only the fragment: hashchange.)
-function takeTokenFromFragment() {
-  const match = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+let loggingIn = null;
+function takeCredentialFromFragment() {
+  const match = /(?:^#|&)(token|login)=([^&]+)/.exec(location.hash);
   if (!match) return false;
-  let token = match[1];
-  try { token = decodeURIComponent(token); } catch (_) { /* a mangled link: try it as it is */ }
-  sessionStorage.setItem(TOKEN_KEY, token);
+  let value = match[2];
+  try { value = decodeURIComponent(value); } catch (_) { /* a mangled link: try it as it is */ }
   history.replaceState(null, "", location.pathname + location.search);
+  if (match[1] === "token") {
+    sessionStorage.setItem(TOKEN_KEY, value);
+    return true;
+  }
+  loggingIn = redeemLogin(value);
   return true;
 }
-takeTokenFromFragment();
-window.addEventListener("hashchange", () => { if (takeTokenFromFragment()) poll(); });
+
+async function redeemLogin(code) {
+  try {
+    const response = await fetch(location.origin + "/api/login", {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ code }), cache: "no-store",
+    });
+    let body = null;
+    try { body = await response.json(); } catch (_) { /* reported below */ }
+    if (!response.ok) throw new ApiError(response.status, (body && body.error) || "HTTP " + response.status);
+    sessionStorage.setItem(TOKEN_KEY, body.token);
+    $("session").textContent = "signed in (" + body.role + ") until " + new Date(body.expires_unix_ms).toLocaleString();
+  } catch (error) {
+    showLogin("The login link did not work: " + error.message);
+    $("login").dataset.loginFailed = "true";
+  } finally {
+    loggingIn = null;
+  }
+}
+takeCredentialFromFragment();
+window.addEventListener("hashchange", () => { if (takeCredentialFromFragment()) poll(); });
 
 const home = location.origin;
 let current = home; // the node the page reads from now
@@ -135,6 +160,8 @@ function showConnection(error) {
 }
 
 function showLogin(reason) {
+  // A failed login link's reason stays until the person signs in another way.
+  if (!$("login").hidden && $("login").dataset.loginFailed) return;
   $("login").hidden = false;
   $("login-reason").textContent = reason;
 }
@@ -145,6 +172,7 @@ $("login-form").addEventListener("submit", (event) => {
   if (token) sessionStorage.setItem(TOKEN_KEY, token);
   $("token-input").value = "";
   $("login").hidden = true;
+  delete $("login").dataset.loginFailed;
   poll();
 });
 
@@ -254,7 +282,27 @@ function drawStatus(status) {
     ...status.nodes.map((node) => el("option", { value: node.id, selected: String(node.id) === chosen }, "node " + node.id)));
 
   drawRepair(status.repair);
+  drawRecentRepairs(status.recent_repairs || []);
   drawTimeline(status.events || []);
+}
+
+// The jobs before the current one (kept in the metadata, so every node and every new leader
+// shows the same), newest first, each with how far it got.
+function drawRecentRepairs(jobs) {
+  const list = $("recent-repairs");
+  list.replaceChildren(...jobs.map((job) => {
+    const finished = job.finished_unix_ms != null;
+    const fraction = finished ? 1 : job.total_bytes ? job.done_bytes / job.total_bytes : 0;
+    const took = finished ? ((job.finished_unix_ms - job.started_unix_ms) / 1000).toFixed(1) + " s" : null;
+    const bar = meter(fraction, "repair job " + job.job_id + " progress");
+    if (finished) bar.classList.add("done");
+    return el("li", { "data-job": job.job_id, "data-finished": String(finished) },
+      el("p", null, el("strong", null, "job " + job.job_id), " · " + job.reason + " · started " + clock(job.started_unix_ms) +
+        " · " + bytes(job.done_bytes) + " of " + bytes(job.total_bytes) + ", " + job.done_copies + " copies · " +
+        (finished ? "finished in " + took + " (" + bytes(job.bytes_per_sec) + "/s)" : "superseded at " + Math.floor(fraction * 100) + " %")),
+      bar);
+  }));
+  if (!jobs.length) list.append(el("li", { class: "muted" }, "No earlier repair jobs."));
 }
 
 function drawRepair(job) {
@@ -293,6 +341,7 @@ async function poll() {
   if (polling || document.hidden) return;
   polling = true;
   try {
+    if (loggingIn) await loggingIn;
     drawStatus(await api("/api/status"));
     $("login").hidden = true;
   } catch (error) {

@@ -16,14 +16,16 @@
 //! another node's page (CORS `*`) without letting other sites act as the user.
 
 mod api;
+pub(crate) mod login;
 pub(crate) mod recent;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 
 use crate::http::HttpState;
@@ -63,6 +65,7 @@ pub(crate) fn routes() -> Router<Arc<HttpState>> {
         .route("/api/trace/{id}", get(api::trace).options(preflight))
         .route("/api/logs", get(api::logs).options(preflight))
         .route("/api/requests", get(api::requests).options(preflight))
+        .route("/api/login", post(login::login).layer(DefaultBodyLimit::max(login::LOGIN_BODY_BYTES_MAX)))
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> Response {
