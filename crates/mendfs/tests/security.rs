@@ -489,3 +489,60 @@ fn reqwest_metrics(addr: &str) -> String {
     stream.read_to_string(&mut response).unwrap();
     response.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default()
 }
+
+/// One raw HTTP/1.1 GET with the given headers: status code, head and body.
+fn http_get_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let extra: String = headers.iter().map(|(name, value)| format!("{name}: {value}\r\n")).collect();
+    write!(stream, "GET {path} HTTP/1.1\r\n{extra}Connection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let code = head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0);
+    (code, head.to_ascii_lowercase(), body.to_string())
+}
+
+#[test]
+fn an_open_clusters_dashboard_api_is_not_readable_by_other_sites_or_rebound_names() {
+    // No secret: the API needs no token, so a browser must not carry a web page to it.
+    let http = format!("127.0.0.1:{}", free_port().unwrap());
+    let node_args = BTreeMap::from([(1, vec!["--http".to_string(), http.clone()])]);
+    let cluster = start(ClusterOptions { nodes: 3, secure: false, node_args, ..ClusterOptions::default() });
+    let status = |headers: &[(&str, &str)]| http_get_with(&http, "/api/status", headers);
+
+    let (code, head, body) = wait_for("the dashboard API", DEADLINE, || {
+        let answer = status(&[("Host", &http)]);
+        Ok((answer.0 == 200).then_some(answer))
+    })
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(!head.contains("access-control-allow-origin"), "no origin asked, none allowed: {head}");
+
+    // Another site's page: answered (the browser sends it anyway) but not readable by it.
+    let (code, head, _) = status(&[("Host", &http), ("Origin", "https://evil.example")]);
+    assert_eq!(code, 200);
+    assert!(!head.contains("access-control-allow-origin"), "{head}");
+    // Another node's dashboard (a page whose own node died reads this one): readable.
+    let (code, head, _) = status(&[("Host", &http), ("Origin", "http://127.0.0.1:1")]);
+    assert_eq!(code, 200);
+    assert!(head.contains("access-control-allow-origin: http://127.0.0.1:1"), "{head}");
+    // DNS rebinding: a page of evil.example whose name now points here is same-origin to the
+    // browser, but names its own host.
+    let (code, _, body) = status(&[("Host", "evil.example:9000")]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("no secret"), "{body}");
+    let (code, _, body) = status(&[("Host", "localhost")]);
+    assert_eq!(code, 200, "{body}");
+
+    // With a secret any origin may read, since only a token it holds opens the API.
+    let secured = format!("127.0.0.1:{}", free_port().unwrap());
+    let node_args = BTreeMap::from([(1, vec!["--http".to_string(), secured.clone()])]);
+    let _secured_cluster = start(ClusterOptions { nodes: 1, node_args, ..ClusterOptions::default() });
+    let (code, head, _) =
+        http_get_with(&secured, "/api/status", &[("Host", "anything.example"), ("Origin", "https://a.example")]);
+    assert_eq!(code, 401, "a token is needed");
+    assert!(head.contains("access-control-allow-origin: *"), "{head}");
+    drop(cluster);
+}

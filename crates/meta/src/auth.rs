@@ -294,6 +294,13 @@ pub struct Authenticator {
     refusals: Arc<Mutex<RefusalLog>>,
 }
 
+impl Authenticator {
+    /// Whether callers without credentials are admitted (a cluster started without a secret).
+    pub fn admits_anonymous(&self) -> bool {
+        self.secret.is_none()
+    }
+}
+
 /// Compares in time independent of where the first difference is.
 pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

@@ -83,7 +83,7 @@ pub(crate) async fn serve(
     state: Arc<HttpState>,
     stopping: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let app = crate::dashboard::routes()
+    let app = crate::dashboard::routes(state.clone())
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
