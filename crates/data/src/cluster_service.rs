@@ -184,10 +184,8 @@ impl ClusterApi {
                 e.clone()
             }
         };
-        let events = match &health {
-            Ok(_) => self.healer.timeline().into_iter().map(event_message).collect(),
-            Err(_) => Vec::new(),
-        };
+        // Committed, so any node can tell the story, and a new leader continues it.
+        let events = node.cluster_events().unwrap_or_default().into_iter().map(event_message).collect();
         let snapshot = health.unwrap_or_default();
         let throttle = snapshot.repair_throttle_bytes_per_sec;
         let repair =

@@ -8,9 +8,12 @@
 //!   its redundancy and the replicas that may be dropped (down, drained, or surplus).
 //! - `repair`: one scan's summary and its most urgent copies, the checkpointed repair job's
 //!   transitions, and the throttle that paces copies.
+//! - `timeline`: what the leader's detection ticks saw change, as events for people (node 2
+//!   suspect, down, repair started, full redundancy again).
 
 pub mod detector;
 pub mod planner;
 pub mod repair;
+pub mod timeline;
 
 pub use mendfs_types::NodeId;

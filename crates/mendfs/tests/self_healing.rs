@@ -263,6 +263,27 @@ async fn repair_resumes_from_its_checkpoint_after_the_leader_is_killed() {
     });
     assert_eq!(u64_of(&status["repair"]["job_id"]), job_id, "the same job resumed: {status}");
     assert!(status["repair"]["finished_unix_ms"].is_u64(), "{status}");
+    // The timeline is committed: the new leader continues the old one's story (node 4 down,
+    // the job it started) instead of starting over, and tells it once.
+    let status = wait_status(&cluster, "the timeline tells the whole story", |s| {
+        let events = s["events"].as_array().cloned().unwrap_or_default();
+        let has = |kind: &str, leader_node: Option<u64>| {
+            events.iter().any(|e| e["kind"] == kind && leader_node.is_none_or(|id| e["node"] == id))
+        };
+        has("leader", Some(old_leader)) && has("leader", Some(new_leader)) && has("repair_finished", None)
+    });
+    let events = status["events"].as_array().unwrap();
+    let count = |kind: &str, state: Option<&str>| {
+        events.iter().filter(|e| e["kind"] == kind && state.is_none_or(|state| e["state"] == state)).count()
+    };
+    let node4_down =
+        events.iter().filter(|e| e["kind"] == "node_state" && e["node"] == 4 && e["state"] == "down").count();
+    assert_eq!(node4_down, 1, "node 4's death recorded once, by the leader that saw it: {events:?}");
+    assert_eq!(count("repair_started", None), 1, "the job started once: {events:?}");
+    let old_leader_at = events.iter().position(|e| e["kind"] == "leader" && e["node"] == old_leader).unwrap();
+    let down_at = events.iter().position(|e| e["kind"] == "node_state" && e["node"] == 4).unwrap();
+    let new_leader_at = events.iter().rposition(|e| e["kind"] == "leader" && e["node"] == new_leader).unwrap();
+    assert!(old_leader_at < down_at && down_at < new_leader_at, "in order: {events:?}");
     let copied: u64 = (1..=3)
         .filter(|id| *id != old_leader)
         .map(|id| u64_of(&node(&status, id)["health"]["repair_copied_bytes"]))

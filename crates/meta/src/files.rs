@@ -355,6 +355,8 @@ pub struct ReplicaDrop {
 
 /// The repair job record: defined beside its transitions in the pure repair core.
 pub use mendfs_heal::repair::RepairJob;
+/// A timeline event: defined beside the pure timeline that produces it.
+pub use mendfs_heal::timeline::ClusterEvent;
 
 const META_REPAIR_JOB: &[u8] = b"repair_job";
 /// The jobs before the current one, newest first: `Vec<RepairJob>`.
@@ -370,6 +372,29 @@ pub fn repair_job(store: &impl StateStore) -> Result<Option<RepairJob>, StoreErr
 /// state machine, so every node shows the same history and a new leader keeps it.
 pub fn repair_history(store: &impl StateStore) -> Result<Vec<RepairJob>, StoreError> {
     store.get(Table::Meta, META_REPAIR_HISTORY)?.map(|bytes| decode(&bytes)).transpose().map(Option::unwrap_or_default)
+}
+
+/// The committed cluster timeline: `Vec<ClusterEvent>`, oldest first.
+const META_CLUSTER_EVENTS: &[u8] = b"cluster_events";
+/// Most events one entry may append (a detector tick produces a handful).
+pub const CLUSTER_EVENTS_PER_ENTRY_MAX: usize = 64;
+/// Longest sentence one event carries.
+pub const CLUSTER_EVENT_DETAIL_BYTES_MAX: usize = 1_024;
+
+/// The cluster's timeline as committed by its leaders, oldest first, at most
+/// `mendfs_heal::timeline::TIMELINE_EVENTS_MAX`.
+pub fn cluster_events(store: &impl StateStore) -> Result<Vec<ClusterEvent>, StoreError> {
+    store.get(Table::Meta, META_CLUSTER_EVENTS)?.map(|bytes| decode(&bytes)).transpose().map(Option::unwrap_or_default)
+}
+
+pub(crate) fn record_cluster_events(
+    store: &mut impl StateStore,
+    events: &[ClusterEvent],
+) -> Result<CommandResult, StoreError> {
+    let mut ring = cluster_events(store)?;
+    mendfs_heal::timeline::append_events(&mut ring, events.iter().cloned());
+    store.put(Table::Meta, META_CLUSTER_EVENTS, &encode(&ring)?)?;
+    Ok(Ok(Outcome::Noop))
 }
 
 pub(crate) fn record_repair_job(store: &mut impl StateStore, job: &RepairJob) -> Result<CommandResult, StoreError> {

@@ -1898,6 +1898,17 @@ impl MetaNode {
         files::repair_job(&view).map_err(ApiError::internal)
     }
 
+    /// The cluster's timeline (bounded, oldest first), as this node applied it.
+    pub fn cluster_events(&self) -> Result<Vec<files::ClusterEvent>, ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        files::cluster_events(&view).map_err(ApiError::internal)
+    }
+
+    /// Appends events to the cluster's timeline (the leader's healer).
+    pub async fn record_cluster_events(&self, events: Vec<files::ClusterEvent>) -> Result<(), ApiError> {
+        self.execute_quietly(Command::RecordClusterEvents(events)).await
+    }
+
     /// The repair jobs before the current one, newest first (bounded), as this node applied them.
     pub fn repair_history(&self) -> Result<Vec<RepairJob>, ApiError> {
         let view = self.state.view().map_err(ApiError::internal)?;
@@ -2475,6 +2486,7 @@ mod tests {
                 }),
                 38,
             ),
+            (Command::RecordClusterEvents(vec![]), 39),
         ];
         for (command, number) in commands {
             assert_eq!(wire_number(&command), number, "{command:?}");

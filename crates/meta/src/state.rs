@@ -197,6 +197,8 @@ pub enum Command {
     },
     /// One-time dashboard login links and the sessions they open (`login`).
     Login(crate::login::LoginCommand),
+    /// The leader's healer appends what it saw happen to the cluster's timeline.
+    RecordClusterEvents(Vec<crate::files::ClusterEvent>),
 }
 
 impl Command {
@@ -309,6 +311,7 @@ impl Command {
                 inline.iter().map(|chunk| chunk.data.len() + 8).sum::<usize>() + command.approximate_bytes()
             }
             Command::Login(login) => login.approximate_bytes(),
+            Command::RecordClusterEvents(events) => events.iter().map(|e| e.detail.len() + 32).sum(),
         }
     }
 }
@@ -496,6 +499,7 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
             let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
             crate::login::apply(store, login, clock_ms)
         }
+        Command::RecordClusterEvents(events) => files::record_cluster_events(store, events),
     }
 }
 

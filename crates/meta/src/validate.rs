@@ -218,6 +218,16 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
             check_len("bytes of a session name", session_name.len(), crate::auth::TOKEN_NAME_BYTES_MAX)
         }
         Command::Login(crate::login::LoginCommand::CreateCode { .. }) => Ok(()),
+        Command::RecordClusterEvents(events) => {
+            check_len("events in one entry", events.len(), crate::files::CLUSTER_EVENTS_PER_ENTRY_MAX)?;
+            events.iter().try_for_each(|event| {
+                check_len(
+                    "bytes of an event's detail",
+                    event.detail.len(),
+                    crate::files::CLUSTER_EVENT_DETAIL_BYTES_MAX,
+                )
+            })
+        }
     }
 }
 

@@ -9,8 +9,8 @@ use mendfs_meta::StorageNode;
 use mendfs_types::NodeId;
 use mendfs_worker::{Step, Worker, WorkerError};
 
-use super::timeline::NodeObservation;
 use super::{Healer, HealthSnapshot, NodeHealthView};
+use mendfs_heal::timeline::NodeObservation;
 
 const TICK: Duration = Duration::from_millis(100);
 
@@ -45,8 +45,14 @@ impl Healer {
         let storage: BTreeMap<NodeId, StorageNode> =
             self.node.storage_nodes().map_err(|e| e.to_string())?.into_iter().map(|n| (n.id, n)).collect();
         let now = self.now_ms();
-        // Read before the lock: the timeline notes when a job starts and finishes.
+        // Read before the lock: the timeline notes when a job starts and finishes, and a new
+        // term continues the committed timeline.
         let repair_job = self.node.repair_job().map_err(|e| e.to_string())?;
+        let committed_events = if self.shared().timeline.is_new_term(term) {
+            self.node.cluster_events().map_err(|e| e.to_string())?
+        } else {
+            Vec::new()
+        };
         let now_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |since| since.as_millis() as u64);
@@ -84,7 +90,7 @@ impl Healer {
                     health: state.reports.get(&a.node).copied(),
                 })
                 .collect();
-            shared.timeline.observe_term(now_unix_ms, self.node.id(), term);
+            shared.timeline.observe_term(now_unix_ms, self.node.id(), term, &committed_events, repair_job.as_ref());
             if let Some(scan) = &scan {
                 // Only once the first scan of the term is in: until then the view is not
                 // published either.
@@ -107,8 +113,16 @@ impl Healer {
                 repair_job: None,
                 repair_throttle_bytes_per_sec: 0,
             });
-            assessments
+            (assessments, shared.timeline.take_pending())
         };
+        let (assessments, events) = assessments;
+        if !events.is_empty() {
+            // Dropped if the commit fails: re-proposing after an ambiguous failure could
+            // record them twice, and an event is a note for people, not state to converge on.
+            if let Err(e) = self.node.record_cluster_events(events).await {
+                tracing::debug!("timeline events not committed: {e}");
+            }
+        }
         for assessment in assessments {
             let Some(node) = storage.get(&assessment.node) else { continue };
             let decided = match assessment.liveness {

@@ -18,14 +18,14 @@
 //!   health, the latest scan, the repair rate), owned here, where it is produced;
 //!   `cluster status`, the metrics and the `Health` service read it from the healer.
 //! - `health_service`: the `Health` gRPC service, where heartbeats arrive.
-//! - `timeline`: a bounded ring of what detection saw happen (state changes, repair jobs,
-//!   redundancy lost and restored), carried in `cluster status` for the dashboard.
+//! - the timeline (`mendfs_heal::timeline`): what detection saw happen (state changes, repair
+//!   jobs, redundancy lost and restored), committed through Raft after each tick that saw
+//!   something, so every node holds it and `cluster status` carries it for the dashboard.
 
 mod detection;
 mod health_service;
 mod health_view;
 mod repair;
-mod timeline;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -40,7 +40,7 @@ use mendfs_worker::{Background, OnFailure};
 
 pub use health_service::HealthApi;
 pub use health_view::{HealthSnapshot, NodeHealthView};
-pub use timeline::{ClusterEvent, EventKind, TIMELINE_EVENTS_MAX};
+pub use mendfs_heal::timeline::{ClusterEvent, EventKind, TIMELINE_EVENTS_MAX};
 
 #[derive(Debug, Clone)]
 pub struct HealerConfig {
@@ -85,8 +85,8 @@ struct Shared {
     repaired: RepairRate,
     /// What detection last published; None while this node does not lead.
     published: Option<HealthSnapshot>,
-    /// What detection saw happen; kept across terms (each event says when).
-    timeline: timeline::Timeline,
+    /// What detection saw change this term, until it is committed.
+    timeline: mendfs_heal::timeline::Timeline,
 }
 
 /// The leader's healer; cheap to clone.
@@ -161,10 +161,5 @@ impl Healer {
         snapshot.repair_job = self.node.repair_job()?;
         snapshot.repair_throttle_bytes_per_sec = self.config.repair_bytes_per_sec;
         Ok(Some(snapshot))
-    }
-
-    /// What this node's healer saw happen while it led, oldest first.
-    pub fn timeline(&self) -> Vec<ClusterEvent> {
-        self.shared().timeline.events()
     }
 }

@@ -332,7 +332,7 @@ function drawTimeline(events) {
   $("timeline").replaceChildren(...events.slice().reverse().map((event) =>
     el("li", { "data-kind": event.kind, "data-state": event.state || null, "data-node": event.node },
       el("time", { datetime: new Date(event.unix_ms).toISOString() }, clock(event.unix_ms)), event.detail)));
-  if (!events.length) $("timeline").append(el("li", { class: "muted" }, "Nothing has happened yet (or the leader is new)."));
+  if (!events.length) $("timeline").append(el("li", { class: "muted" }, "Nothing has happened yet."));
 }
 
 let polling = false;

@@ -1,25 +1,29 @@
-//! What the leader's healer saw happen, as a bounded ring of events: node 2 suspect at …,
-//! down at …, repair job 3 started …, full redundancy at …. `cluster status` carries it, so
-//! the dashboard can draw the timeline from any node.
+//! What the leader's healer saw happen, as events: node 2 suspect at …, down at …, repair job
+//! 3 started …, full redundancy at …. The leader commits them through Raft, so every node
+//! holds the same bounded timeline (`cluster status` carries it, the dashboard draws it) and a
+//! new leader continues it instead of starting over.
 //!
 //! Pure: the healer feeds it what each detector tick produced (the nodes' liveness, the
 //! committed repair job, the latest scan) with the wall-clock time, and the timeline turns
-//! the differences from the previous tick into events. It is soft state of the node, like the
-//! detector: a new leader starts listening afresh, so its first observations only record what
-//! is not already normal (a node not up, a running job, chunks short of copies), and a node
-//! that has led before keeps its old events, which say when they happened.
+//! the differences from the previous tick into pending events for the healer to commit. A new
+//! term starts from the committed timeline (each node's last state, whether redundancy was
+//! full) and the committed job, so a new leader records only what changed since its
+//! predecessor's last event, not the whole state again.
 
 use std::collections::{BTreeMap, VecDeque};
 
-use mendfs_heal::detector::Liveness;
-use mendfs_heal::repair::{RepairJob, ScanSummary};
-use mendfs_types::NodeId;
+use serde::{Deserialize, Serialize};
 
-/// Events kept; the oldest go first. A few hundred cover hours of an eventful cluster and
-/// keep the status reply small.
+use crate::detector::Liveness;
+use crate::repair::{RepairJob, ScanSummary};
+use crate::NodeId;
+
+/// Events kept in the committed timeline (and pending at most); the oldest go first. A few
+/// hundred cover hours of an eventful cluster and keep the status reply small.
 pub const TIMELINE_EVENTS_MAX: usize = 256;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Stored in the metadata with postcard, by position: append new kinds at the end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
     /// A node's liveness changed (`state` in the event).
     NodeState(Liveness),
@@ -47,7 +51,8 @@ impl EventKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// Stored in the metadata with postcard, by position: append new fields at the end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterEvent {
     pub unix_ms: u64,
     pub kind: EventKind,
@@ -64,9 +69,18 @@ pub struct NodeObservation<'a> {
     pub reason: &'a str,
 }
 
+/// Appends `new` to the committed timeline `ring`, dropping the oldest beyond the bound.
+pub fn append_events(ring: &mut Vec<ClusterEvent>, new: impl IntoIterator<Item = ClusterEvent>) {
+    ring.extend(new);
+    if ring.len() > TIMELINE_EVENTS_MAX {
+        ring.drain(..ring.len() - TIMELINE_EVENTS_MAX);
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Timeline {
-    events: VecDeque<ClusterEvent>,
+    /// Observed, not yet handed to the healer to commit.
+    pending: VecDeque<ClusterEvent>,
     /// What the previous tick of the current term saw; cleared when a term starts.
     seen_term: Option<u64>,
     seen_liveness: BTreeMap<NodeId, Liveness>,
@@ -78,21 +92,50 @@ pub struct Timeline {
 
 impl Timeline {
     fn push(&mut self, unix_ms: u64, kind: EventKind, node: Option<NodeId>, detail: String) {
-        if self.events.len() == TIMELINE_EVENTS_MAX {
-            self.events.pop_front();
+        // Commits that keep failing (no quorum) must not grow this without bound.
+        if self.pending.len() == TIMELINE_EVENTS_MAX {
+            self.pending.pop_front();
         }
-        self.events.push_back(ClusterEvent { unix_ms, kind, node, detail });
+        self.pending.push_back(ClusterEvent { unix_ms, kind, node, detail });
     }
 
-    /// Called on every tick while leading: a new term forgets what the previous one saw.
-    pub fn observe_term(&mut self, unix_ms: u64, node: NodeId, term: u64) {
+    /// Whether `term` is not the one this timeline follows: the caller then reads the
+    /// committed timeline and job for [`Timeline::observe_term`].
+    pub fn is_new_term(&self, term: u64) -> bool {
+        self.seen_term != Some(term)
+    }
+
+    /// Called on every tick while leading. A new term forgets what this node saw and starts
+    /// from what was committed: each node's last recorded state, whether redundancy was last
+    /// recorded full, and the committed repair job (whose start and finish its leader
+    /// recorded). Events of an earlier term not yet committed are dropped: they belong to a
+    /// leadership that ended.
+    pub fn observe_term(
+        &mut self,
+        unix_ms: u64,
+        node: NodeId,
+        term: u64,
+        committed: &[ClusterEvent],
+        committed_job: Option<&RepairJob>,
+    ) {
         if self.seen_term == Some(term) {
             return;
         }
         self.seen_term = Some(term);
+        self.pending.clear();
         self.seen_liveness.clear();
-        self.seen_job = None;
         self.seen_full_redundancy = None;
+        for event in committed {
+            match (event.kind, event.node) {
+                (EventKind::NodeState(liveness), Some(node)) => {
+                    self.seen_liveness.insert(node, liveness);
+                }
+                (EventKind::RedundancyLost, _) => self.seen_full_redundancy = Some(false),
+                (EventKind::RedundancyRestored, _) => self.seen_full_redundancy = Some(true),
+                _ => {}
+            }
+        }
+        self.seen_job = committed_job.map(|job| (job.id, job.finished_ms.is_some()));
         self.push(unix_ms, EventKind::Leading, Some(node), format!("node {node} leads (term {term})"));
     }
 
@@ -160,9 +203,9 @@ impl Timeline {
         }
     }
 
-    /// Oldest first.
-    pub fn events(&self) -> Vec<ClusterEvent> {
-        self.events.iter().cloned().collect()
+    /// The events observed since the last call, oldest first, for the healer to commit.
+    pub fn take_pending(&mut self) -> Vec<ClusterEvent> {
+        self.pending.drain(..).collect()
     }
 }
 
@@ -188,13 +231,15 @@ mod tests {
     }
 
     fn kinds(timeline: &Timeline) -> Vec<(EventKind, Option<NodeId>)> {
-        timeline.events().iter().map(|e| (e.kind, e.node)).collect()
+        timeline.pending.iter().map(|e| (e.kind, e.node)).collect()
     }
 
     #[test]
     fn a_node_dying_and_being_healed_reads_as_one_story() {
         let mut t = Timeline::default();
-        t.observe_term(0, 1, 5);
+        assert!(t.is_new_term(5));
+        t.observe_term(0, 1, 5, &[], None);
+        assert!(!t.is_new_term(5));
         t.observe_nodes(10, [seen(1, Liveness::Up), seen(2, Liveness::Up)]);
         t.observe_scan(10, &ScanSummary { chunks: 8, ..ScanSummary::default() });
         t.observe_job(10, None);
@@ -221,37 +266,88 @@ mod tests {
                 (EventKind::RedundancyRestored, None),
             ]
         );
-        let events = t.events();
+        let events = t.take_pending();
         assert_eq!(events[2].unix_ms, 40);
         assert!(events[2].detail.starts_with("node 2 down"), "{}", events[2].detail);
+        assert!(t.take_pending().is_empty(), "taken once");
     }
 
     #[test]
-    fn a_new_term_records_only_what_is_not_normal() {
+    fn a_first_term_records_only_what_is_not_normal() {
         let mut t = Timeline::default();
-        t.observe_term(0, 3, 9);
+        t.observe_term(0, 3, 9, &[], None);
         t.observe_nodes(1, [seen(1, Liveness::Up), seen(2, Liveness::Down)]);
-        // A job that finished under an earlier leader is not news; a running one is.
+        // A job that finished under an earlier leader is not news.
         t.observe_job(1, Some(&job(4, true)));
         t.observe_scan(1, &ScanSummary { chunks: 2, ..ScanSummary::default() });
         assert_eq!(kinds(&t), [(EventKind::Leading, Some(3)), (EventKind::NodeState(Liveness::Down), Some(2))]);
-        // The same term again changes nothing; a new one starts afresh but keeps the events.
-        t.observe_term(2, 3, 9);
-        t.observe_term(3, 3, 10);
-        t.observe_job(3, Some(&job(5, false)));
-        assert_eq!(kinds(&t).len(), 4);
-        assert_eq!(kinds(&t)[3], (EventKind::RepairStarted, None));
+        // The same term again changes nothing.
+        t.observe_term(2, 3, 9, &[], None);
+        assert_eq!(kinds(&t).len(), 2);
     }
 
     #[test]
-    fn the_ring_keeps_the_newest_events_and_no_more() {
+    fn a_new_leader_continues_the_committed_story() {
+        // What the previous leader committed: node 2 died, a repair of it is running.
+        let mut old = Timeline::default();
+        old.observe_term(0, 1, 4, &[], None);
+        old.observe_nodes(1, [seen(1, Liveness::Up), seen(2, Liveness::Up), seen(3, Liveness::Up)]);
+        old.observe_scan(1, &ScanSummary { chunks: 8, ..ScanSummary::default() });
+        old.observe_nodes(2, [seen(1, Liveness::Up), seen(2, Liveness::Suspect), seen(3, Liveness::Up)]);
+        old.observe_nodes(3, [seen(1, Liveness::Up), seen(2, Liveness::Down), seen(3, Liveness::Up)]);
+        old.observe_scan(3, &ScanSummary { chunks: 8, under_replicated: 8, ..ScanSummary::default() });
+        old.observe_job(3, Some(&job(7, false)));
+        let mut committed = Vec::new();
+        append_events(&mut committed, old.take_pending());
+        assert_eq!(committed.len(), 5);
+
+        // Node 1 dies too; node 3 leads. It sees what was committed, so it repeats none of it.
+        let mut new = Timeline::default();
+        new.observe_term(10, 3, 5, &committed, Some(&job(7, false)));
+        new.observe_nodes(11, [seen(2, Liveness::Down), seen(3, Liveness::Up)]);
+        new.observe_scan(11, &ScanSummary { chunks: 8, under_replicated: 8, ..ScanSummary::default() });
+        new.observe_job(11, Some(&job(7, false)));
+        assert_eq!(kinds(&new), [(EventKind::Leading, Some(3))]);
+        // What changes from there is news: node 1 (first seen here) down, the job finishing.
+        new.observe_nodes(12, [seen(1, Liveness::Down), seen(2, Liveness::Down), seen(3, Liveness::Up)]);
+        new.observe_job(13, Some(&job(7, true)));
+        new.observe_scan(13, &ScanSummary { chunks: 8, ..ScanSummary::default() });
+        assert_eq!(
+            kinds(&new),
+            [
+                (EventKind::Leading, Some(3)),
+                (EventKind::NodeState(Liveness::Down), Some(1)),
+                (EventKind::RepairFinished, None),
+                (EventKind::RedundancyRestored, None),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_lost_term_drops_what_it_did_not_commit() {
         let mut t = Timeline::default();
+        t.observe_term(0, 1, 1, &[], None);
+        t.observe_nodes(1, [seen(2, Liveness::Down)]);
+        t.observe_term(5, 1, 3, &[], None);
+        assert_eq!(kinds(&t), [(EventKind::Leading, Some(1))]);
+    }
+
+    #[test]
+    fn pending_and_committed_events_are_bounded_newest_kept() {
+        let mut t = Timeline::default();
+        t.observe_term(0, 1, 1, &[], None);
         for i in 0..(TIMELINE_EVENTS_MAX as u64 + 50) {
-            t.observe_term(i, 1, i);
+            let liveness = if i % 2 == 0 { Liveness::Down } else { Liveness::Up };
+            t.observe_nodes(i + 1, [seen(2, liveness)]);
         }
-        let events = t.events();
-        assert_eq!(events.len(), TIMELINE_EVENTS_MAX);
-        assert_eq!(events[0].unix_ms, 50, "the oldest went first");
-        assert_eq!(events.last().map(|e| e.unix_ms), Some(TIMELINE_EVENTS_MAX as u64 + 49));
+        let pending = t.take_pending();
+        assert_eq!(pending.len(), TIMELINE_EVENTS_MAX);
+        assert_eq!(pending.last().map(|e| e.unix_ms), Some(TIMELINE_EVENTS_MAX as u64 + 50));
+
+        let mut ring = Vec::new();
+        append_events(&mut ring, pending.clone());
+        append_events(&mut ring, pending[..10].to_vec());
+        assert_eq!(ring.len(), TIMELINE_EVENTS_MAX);
+        assert_eq!(ring[..TIMELINE_EVENTS_MAX - 10], pending[10..], "the oldest went first");
     }
 }
