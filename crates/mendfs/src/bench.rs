@@ -38,6 +38,26 @@ pub enum BenchCommand {
     /// write load, detection time after a SIGKILL (suspect, down), and time to full redundancy
     /// with the repair rate against the disk's fsynced write rate.
     Heal(HealArgs),
+    /// Reed-Solomon on one core: encoding a chunk into a stripe, reading it with parity
+    /// shards standing in for lost data shards, rebuilding one lost shard; against BLAKE3
+    /// hashing the same bytes (which every shard written or read also costs).
+    Ec(EcArgs),
+}
+
+#[derive(Args, Debug, Serialize)]
+pub struct EcArgs {
+    /// Schemes to measure, comma-separated (ec:K+M or K+M).
+    #[arg(long, value_delimiter = ',', default_value = "ec:4+2,ec:8+3")]
+    schemes: Vec<String>,
+    /// Chunk size in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    chunk_bytes: usize,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 2.0)]
+    seconds: f64,
+    #[command(flatten)]
+    #[serde(skip)]
+    output: JsonOutput,
 }
 
 /// Extra settings for every node a bench starts.
@@ -174,6 +194,7 @@ impl BenchCommand {
             BenchCommand::S3(args) => ("s3", serde_json::to_value(args), &args.output),
             BenchCommand::Trace(args) => ("trace", serde_json::to_value(args), &args.output),
             BenchCommand::Heal(args) => ("heal", serde_json::to_value(args), &args.output),
+            BenchCommand::Ec(args) => ("ec", serde_json::to_value(args), &args.output),
         };
         let parameters = parameters.with_context(|| format!("encode bench {bench}'s parameters as JSON"))?;
         Ok((bench, parameters, JsonTarget::from_arg(output.json.as_deref())))
@@ -200,6 +221,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
                 .await?
         }
         BenchCommand::Trace(args) => tokio::task::block_in_place(|| bench_trace(&mut report, args.spans))?,
+        BenchCommand::Ec(args) => tokio::task::block_in_place(|| bench_ec(&mut report, &args))?,
     }
     if let Some(json) = &json {
         report.write_json(json)?;
@@ -244,6 +266,82 @@ async fn run_files(report: &mut Report, args: &FilesArgs) -> Result<()> {
 /// The cost of recording: spans through the real layer into a real on-disk store, against the
 /// bare `write` of lines of the same size (the floor, measured in the same run); then a
 /// trace lookup in a full store.
+/// Runs `op` until `seconds` pass (at least 3 times): how many times and how long.
+fn repeat_for(seconds: f64, mut op: impl FnMut() -> Result<()>) -> Result<(u64, Duration)> {
+    let budget = Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut count = 0u64;
+    while count < 3 || started.elapsed() < budget {
+        op()?;
+        count += 1;
+    }
+    Ok((count, started.elapsed()))
+}
+
+fn bench_ec(report: &mut Report, args: &EcArgs) -> Result<()> {
+    use mendfs_erasure::Scheme;
+
+    anyhow::ensure!(args.chunk_bytes >= 1, "--chunk-bytes must be at least 1");
+    anyhow::ensure!(args.seconds > 0.0, "--seconds must be positive");
+    let chunk = mendfs_testkit::stamped_bytes(1, 0, args.chunk_bytes);
+    let size = Some(args.chunk_bytes as u64);
+    let (hashes, took) = repeat_for(args.seconds, || {
+        std::hint::black_box(mendfs_types::ChunkHash::of(&chunk));
+        Ok(())
+    })?;
+    let hash = Row::counted("blake3", "hash", size, Some(1), hashes, took);
+    report.say(format!("one core, {}-byte chunks (MB/s of chunk bytes)", args.chunk_bytes));
+    report.say(format!("{:<10} {:<26} {:>10}", "scheme", "operation", "MB/s"));
+    let hash_mb = hash.mb_per_sec.unwrap_or(0.0);
+    report.say(format!("{:<10} {:<26} {hash_mb:>10.0}   (reference)", "-", "blake3 hash"));
+    report.rows.push(hash);
+    for text in &args.schemes {
+        let scheme: Scheme = text.parse()?;
+        let shards = mendfs_erasure::encode(scheme, &chunk)?;
+        let (encodes, took) = repeat_for(args.seconds, || {
+            std::hint::black_box(mendfs_erasure::encode(scheme, &chunk)?);
+            Ok(())
+        })?;
+        // A degraded read: as many data shards lost as there is parity, the worst case.
+        let lost: Vec<usize> = (0..scheme.parity_shards().min(scheme.data_shards())).collect();
+        let left: Vec<Option<&[u8]>> =
+            shards.iter().enumerate().map(|(i, s)| (!lost.contains(&i)).then_some(s.as_slice())).collect();
+        anyhow::ensure!(mendfs_erasure::reconstruct(scheme, chunk.len(), &left)? == chunk, "{scheme}: decode differs");
+        let (decodes, decode_took) = repeat_for(args.seconds, || {
+            std::hint::black_box(mendfs_erasure::reconstruct(scheme, chunk.len(), &left)?);
+            Ok(())
+        })?;
+        // Repair of one lost data shard: read K shards, rebuild it.
+        let one_lost: Vec<Option<&[u8]>> =
+            shards.iter().enumerate().map(|(i, s)| (i != 0).then_some(s.as_slice())).collect();
+        let (rebuilds, rebuild_took) = repeat_for(args.seconds, || {
+            std::hint::black_box(mendfs_erasure::rebuild_shards(scheme, chunk.len(), &one_lost, &[0])?);
+            Ok(())
+        })?;
+        let system = scheme.to_string();
+        for (op, count, took) in [
+            ("encode", encodes, took),
+            ("decode-parity-for-data", decodes, decode_took),
+            ("rebuild-one-shard", rebuilds, rebuild_took),
+        ] {
+            let mut row = Row::counted(&system, op, size, Some(1), count, took);
+            let mb = row.mb_per_sec.unwrap_or(0.0);
+            row.ratios.insert("over_blake3", mb / hash_mb.max(f64::MIN_POSITIVE));
+            report
+                .say(format!("{system:<10} {op:<26} {mb:>10.0}   {:.2}x blake3", mb / hash_mb.max(f64::MIN_POSITIVE)));
+            report.rows.push(row);
+        }
+        report.say(format!(
+            "{system:<10} stores {:.3} bytes per chunk byte ({} shards of {} bytes); a degraded read decodes {} lost data shards",
+            (scheme.total_shards() * scheme.shard_bytes(chunk.len())) as f64 / chunk.len() as f64,
+            scheme.total_shards(),
+            scheme.shard_bytes(chunk.len()),
+            lost.len()
+        ));
+    }
+    Ok(())
+}
+
 fn bench_trace(report: &mut Report, spans: u64) -> Result<()> {
     use mendfs_telemetry::layer::{Sinks, TelemetryLayer};
     use mendfs_telemetry::store::SpanStore;
