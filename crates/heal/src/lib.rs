@@ -8,12 +8,15 @@
 //!   its redundancy and the replicas that may be dropped (down, drained, or surplus).
 //! - `repair`: one scan's summary and its most urgent copies, the checkpointed repair job's
 //!   transitions, and the throttle that paces copies.
+//! - `stripe`: the same for erasure-coded chunks: which shards of a stripe to rebuild from K
+//!   others, which to move, which records may go.
 //! - `timeline`: what the leader's detection ticks saw change, as events for people (node 2
 //!   suspect, down, repair started, full redundancy again).
 
 pub mod detector;
 pub mod planner;
 pub mod repair;
+pub mod stripe;
 pub mod timeline;
 
 pub use mendfs_types::NodeId;
