@@ -264,7 +264,10 @@ mod tests {
         assert_eq!((plan.unplaceable, plan.rebuilds.len()), (1, 0), "no node without a shard of it");
     }
 
-    fn scenario() -> impl Strategy<Value = (usize, usize, Vec<(Liveness, bool)>, Vec<Vec<u64>>)> {
+    /// K, M, each node's liveness and draining flag, and each shard's listed nodes.
+    type Scenario = (usize, usize, Vec<(Liveness, bool)>, Vec<Vec<u64>>);
+
+    fn scenario() -> impl Strategy<Value = Scenario> {
         (1usize..=6, 1usize..=3, 3usize..=12).prop_flat_map(|(k, m, n)| {
             let states = proptest::collection::vec(
                 (
