@@ -17,11 +17,34 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// K + M data and parity shards. Stored in the metadata with postcard, by position.
+/// K + M data and parity shards. Stored in the metadata with postcard, by position; decoding
+/// checks the bounds as [`Scheme::new`] does, so a scheme read from a peer or a disk is valid.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "RawScheme", into = "RawScheme")]
 pub struct Scheme {
     data: u8,
     parity: u8,
+}
+
+/// [`Scheme`]'s encoding.
+#[derive(Serialize, Deserialize)]
+struct RawScheme {
+    data: u8,
+    parity: u8,
+}
+
+impl TryFrom<RawScheme> for Scheme {
+    type Error = ErasureError;
+
+    fn try_from(raw: RawScheme) -> Result<Self, ErasureError> {
+        Scheme::new(raw.data, raw.parity)
+    }
+}
+
+impl From<Scheme> for RawScheme {
+    fn from(scheme: Scheme) -> Self {
+        RawScheme { data: scheme.data, parity: scheme.parity }
+    }
 }
 
 /// Most data shards: a stripe wider than this puts every read and rebuild on more nodes than a
@@ -224,6 +247,16 @@ mod tests {
         for bad in ["", "ec:", "4", "ec:0+2", "ec:4+0", "ec:33+1", "ec:4+17", "ec:-1+2", "ec:4+2+1", "replicate:3"] {
             let error = bad.parse::<Scheme>().unwrap_err();
             assert!(error.to_string().contains("e.g. ec:4+2"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_decoded_scheme_is_as_valid_as_a_made_one() {
+        let json = serde_json::to_string(&Scheme::new(4, 2).unwrap()).unwrap();
+        assert_eq!(json, r#"{"data":4,"parity":2}"#);
+        assert_eq!(serde_json::from_str::<Scheme>(&json).unwrap(), Scheme::new(4, 2).unwrap());
+        for bad in [r#"{"data":0,"parity":2}"#, r#"{"data":4,"parity":0}"#, r#"{"data":200,"parity":2}"#] {
+            assert!(serde_json::from_str::<Scheme>(bad).is_err(), "{bad}");
         }
     }
 

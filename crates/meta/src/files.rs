@@ -458,6 +458,37 @@ pub(crate) fn drop_replicas(store: &mut impl StateStore, drops: &[ReplicaDrop]) 
     Ok(Ok(Outcome::Noop))
 }
 
+/// Records shards rebuilt or moved (counted in their job, in the same entry, as
+/// [`add_replicas`] does) and applies the conditional shard drops.
+pub(crate) fn repair_shards(
+    store: &mut impl StateStore,
+    job_id: Option<u64>,
+    added: &[crate::stripes::ShardAdded],
+    drops: &[crate::stripes::ShardDrop],
+) -> Result<CommandResult, StoreError> {
+    let (copies, bytes) = crate::stripes::add_shards(store, added)?;
+    crate::stripes::drop_shards(store, drops)?;
+    if let (Some(job_id), Some(mut job)) = (job_id, repair_job(store)?) {
+        if job.id == job_id && copies > 0 {
+            job.done_copies += copies;
+            job.done_bytes += bytes;
+            job.total_copies = job.total_copies.max(job.done_copies);
+            job.total_bytes = job.total_bytes.max(job.done_bytes);
+            store.put(Table::Meta, META_REPAIR_JOB, &encode(&job)?)?;
+        }
+    }
+    Ok(Ok(Outcome::Noop))
+}
+
+/// Whether a committed record lists `hash` on `node_id`: a chunk's replica, or a shard of a
+/// stripe. What garbage collection asks before a node deletes a file.
+pub fn listed_on(store: &impl StateStore, hash: &ChunkHash, node_id: NodeId) -> Result<bool, StoreError> {
+    if get_chunk(store, hash)?.is_some_and(|record| record.replicas.contains(&node_id)) {
+        return Ok(true);
+    }
+    crate::stripes::shard_listed_on(store, hash, node_id)
+}
+
 /// How many chunk records list `node_id` (a full scan: for admin checks, not hot paths).
 pub fn chunks_listed_on(store: &impl StateStore, node_id: u64) -> Result<u64, StoreError> {
     let mut count = 0;
@@ -524,6 +555,9 @@ fn add_reference(store: &mut impl StateStore, chunk: &CommittedChunk) -> Result<
                 inline.refs += 1;
                 return store.put(Table::InlineChunks, chunk.hash.as_ref(), &encode(&inline)?);
             }
+            if crate::stripes::add_reference(store, &chunk.hash)? {
+                return Ok(());
+            }
             ChunkRecord { size: chunk.size, refs: 1, replicas: chunk.replicas.clone() }
         }
     };
@@ -533,6 +567,9 @@ fn add_reference(store: &mut impl StateStore, chunk: &CommittedChunk) -> Result<
 fn drop_reference(store: &mut impl StateStore, hash: &ChunkHash) -> Result<(), StoreError> {
     let Some(mut record) = get_chunk(store, hash)? else {
         let Some(mut inline) = get_inline_chunk(store, hash)? else {
+            if crate::stripes::drop_reference(store, hash)? {
+                return Ok(());
+            }
             return Err(StoreError(format!("chunk map lost a referenced chunk {}", hash)));
         };
         inline.refs = inline.refs.saturating_sub(1);
@@ -582,6 +619,7 @@ fn unresolved_repeat(store: &impl StateStore, chunks: &[CommittedChunk]) -> Resu
             && !listed.contains(&chunk.hash)
             && store.get(Table::Chunks, chunk.hash.as_ref())?.is_none()
             && store.get(Table::InlineChunks, chunk.hash.as_ref())?.is_none()
+            && store.get(Table::Stripes, chunk.hash.as_ref())?.is_none()
         {
             return Ok(Some(chunk.hash));
         }
@@ -632,7 +670,8 @@ pub(crate) fn with_inline_chunks<S: StateStore>(
     let mut recorded = Vec::new();
     for (hash, chunk) in hashes.iter().zip(inline) {
         let known = store.get(Table::Chunks, hash.as_ref())?.is_some()
-            || store.get(Table::InlineChunks, hash.as_ref())?.is_some();
+            || store.get(Table::InlineChunks, hash.as_ref())?.is_some()
+            || store.get(Table::Stripes, hash.as_ref())?.is_some();
         if !known {
             let record = InlineChunkRecord { refs: 0, data: chunk.data.clone() };
             store.put(Table::InlineChunks, hash.as_ref(), &encode(&record)?)?;
@@ -1027,6 +1066,8 @@ pub(crate) fn drop_replica(
             store.put(Table::Chunks, hash.as_ref(), &encode(&record)?)?;
         }
     }
+    // The same file on a node may be a shard too (storage is by hash).
+    crate::stripes::drop_bad_shard(store, hash, node_id)?;
     Ok(Ok(Outcome::Noop))
 }
 
@@ -1450,6 +1491,21 @@ mod tests {
             assert_eq!(ChunkHash::of(&record.data), hash, "an inline chunk is stored under its hash");
             assert!(recorded.insert(hash, record.refs).is_none(), "chunk {hash} is both inline and in the chunk map");
         }
+        let mut index_rows = 0;
+        crate::stripes::for_each_stripe(store, |hash, record| {
+            assert!(recorded.insert(hash, record.refs).is_none(), "chunk {hash} is striped and kept another way too");
+            for slot in &record.shards {
+                assert!(crate::stripes::stripes_naming(store, &slot.hash).unwrap().contains(&hash), "shard unindexed");
+                index_rows += 1;
+            }
+            true
+        })
+        .unwrap();
+        assert_eq!(
+            store.range(Table::ShardIndex, &[], None, usize::MAX).unwrap().len(),
+            index_rows,
+            "stale index rows"
+        );
         assert_eq!(recorded, counted, "chunk references disagree with the segments naming them");
     }
 
@@ -1669,10 +1725,11 @@ mod tests {
         },
         /// Commit `path` as one small chunk of content `content`: kept inline, or (the same
         /// bytes) prepared on replicas, as a coordinator with inlining off would.
+        /// A one-chunk put of `content`, replicated (0), inline (1) or erasure-coded (2).
         PutSmall {
             path: u8,
             content: u8,
-            inline: bool,
+            how: u8,
         },
         /// A release step of this budget, `advance_ms` later.
         Release {
@@ -1691,11 +1748,7 @@ mod tests {
             (0u8..4, chunks()).prop_map(|(upload, chunks)| FileOp::Commit { upload, chunks }),
             (0u8..4).prop_map(|upload| FileOp::Abort { upload }),
             (0u8..3).prop_map(|path| FileOp::Delete { path }),
-            (0u8..3, 0u8..3, any::<bool>()).prop_map(|(path, content, inline)| FileOp::PutSmall {
-                path,
-                content,
-                inline
-            }),
+            (0u8..3, 0u8..3, 0u8..3).prop_map(|(path, content, how)| FileOp::PutSmall { path, content, how }),
             (1u64..6, prop_oneof![Just(0u64), Just(PREPARE_GRACE_MS / 2), Just(PREPARE_GRACE_MS + 1)])
                 .prop_map(|(budget, advance_ms)| FileOp::Release { budget, advance_ms }),
         ]
@@ -1774,21 +1827,40 @@ mod tests {
                         let result = delete_file(&mut store, &path, None).unwrap();
                         proptest::prop_assert_eq!(result.is_ok(), files.remove(&path).is_some());
                     }
-                    FileOp::PutSmall { path, content, inline } => {
+                    FileOp::PutSmall { path, content, how } => {
                         let path = format!("/f{path}");
                         let data = vec![content; 5];
                         let hash = ChunkHash::of(&data);
-                        let replicas = if inline { vec![] } else { vec![1, 2] };
+                        let replicas = if how == 0 { vec![1, 2] } else { vec![] };
                         let entry = CommittedChunk { hash, size: 5, replicas };
                         let c = CommitFile { prepared_at_ms: clock_ms, ..commit(&path, vec![entry], None) };
-                        if inline {
-                            let carried = [InlineChunk { data }];
-                            with_inline_chunks(&mut store, &carried, Some(&c.chunks), |store| commit_file(store, &c, clock_ms))
-                                .unwrap()
-                                .unwrap();
-                        } else {
-                            commit_file(&mut store, &c, clock_ms).unwrap().unwrap();
-                        }
+                        match how {
+                            0 => commit_file(&mut store, &c, clock_ms).unwrap().unwrap(),
+                            1 => {
+                                let carried = [InlineChunk { data }];
+                                with_inline_chunks(&mut store, &carried, Some(&c.chunks), |store| commit_file(store, &c, clock_ms))
+                                    .unwrap()
+                                    .unwrap()
+                            }
+                            _ => {
+                                // Shards of different contents may coincide (shard 0 here).
+                                let shards = (0..3u8)
+                                    .map(|i| crate::stripes::ShardCommit {
+                                        hash: ChunkHash::of(&[if i == 0 { 0 } else { content }, i]),
+                                        node: u64::from(i) + 1,
+                                    })
+                                    .collect();
+                                let stripe = crate::stripes::StripeCommit {
+                                    chunk: hash,
+                                    size: 5,
+                                    scheme: crate::stripes::Scheme::new(2, 1).unwrap(),
+                                    shards,
+                                };
+                                crate::stripes::with_stripes(&mut store, &[stripe], Some(&c.chunks), |store| commit_file(store, &c, clock_ms))
+                                    .unwrap()
+                                    .unwrap()
+                            }
+                        };
                         files.insert(path, vec![hash]);
                     }
                     FileOp::Release { budget, advance_ms } => {
@@ -1809,6 +1881,8 @@ mod tests {
             check_references(&store);
             proptest::prop_assert!(store.range(Table::Chunks, &[], None, 1).unwrap().is_empty(), "nothing referenced");
             proptest::prop_assert!(store.range(Table::InlineChunks, &[], None, 1).unwrap().is_empty(), "no inline chunk left");
+            proptest::prop_assert!(store.range(Table::Stripes, &[], None, 1).unwrap().is_empty(), "no stripe left");
+            proptest::prop_assert!(store.range(Table::ShardIndex, &[], None, 1).unwrap().is_empty(), "no shard index left");
             proptest::prop_assert!(store.range(Table::Segments, &[], None, 1).unwrap().is_empty(), "no segment left");
             proptest::prop_assert!(store.range(Table::Uploads, &[], None, 1).unwrap().is_empty(), "no upload left");
         }

@@ -31,6 +31,7 @@ mod schema;
 mod service;
 mod snapshot_file;
 mod state;
+pub mod stripes;
 mod validate;
 
 pub use mendfs_types::NodeId;

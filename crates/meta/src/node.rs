@@ -1494,9 +1494,7 @@ impl MetaNode {
                     let view = state.view().map_err(ApiError::internal)?;
                     let mut unreferenced = Vec::new();
                     for hash in hashes {
-                        let listed = files::get_chunk(&view, &hash)
-                            .map_err(ApiError::internal)?
-                            .is_some_and(|record| record.replicas.contains(&node_id));
+                        let listed = files::listed_on(&view, &hash, node_id).map_err(ApiError::internal)?;
                         if !listed {
                             unreferenced.push(hash);
                         }
@@ -2487,6 +2485,8 @@ mod tests {
                 38,
             ),
             (Command::RecordClusterEvents(vec![]), 39),
+            (Command::WithStripes { stripes: vec![], command: Box::new(Command::ReleaseChunks) }, 40),
+            (Command::RepairShards { job_id: None, added: vec![], drops: vec![] }, 41),
         ];
         for (command, number) in commands {
             assert_eq!(wire_number(&command), number, "{command:?}");

@@ -80,11 +80,16 @@ pub enum Table {
     LoginCodes,
     /// token name → expiry ms (u64 BE): the tokens that expire (the sessions logins open).
     TokenExpiries,
+    /// chunk hash (32 bytes) → [`crate::stripes::StripeRecord`]: an erasure-coded chunk's
+    /// shards and where they are. A hash is in `Chunks`, `InlineChunks` or here, never two.
+    Stripes,
+    /// shard hash ++ chunk hash (64 bytes) → (): which stripes name a shard.
+    ShardIndex,
 }
 
 impl Table {
     /// In discriminant order (storage indexes by `table as usize`).
-    pub const ALL: [Table; 28] = [
+    pub const ALL: [Table; 30] = [
         Table::Keys,
         Table::Sessions,
         Table::SessionKeys,
@@ -113,6 +118,8 @@ impl Table {
         Table::InlineChunks,
         Table::LoginCodes,
         Table::TokenExpiries,
+        Table::Stripes,
+        Table::ShardIndex,
     ];
 
     pub fn name(self) -> &'static str {
@@ -145,6 +152,8 @@ impl Table {
             Table::InlineChunks => "inline_chunks",
             Table::LoginCodes => "login_codes",
             Table::TokenExpiries => "token_expiries",
+            Table::Stripes => "stripes",
+            Table::ShardIndex => "shard_index",
         }
     }
 }

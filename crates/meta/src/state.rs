@@ -199,6 +199,19 @@ pub enum Command {
     Login(crate::login::LoginCommand),
     /// The leader's healer appends what it saw happen to the cluster's timeline.
     RecordClusterEvents(Vec<crate::files::ClusterEvent>),
+    /// A write (file, object, part or segment) whose erasure-coded chunks' shards travel with
+    /// it (`stripes::with_stripes`).
+    WithStripes {
+        stripes: Vec<crate::stripes::StripeCommit>,
+        command: Box<Command>,
+    },
+    /// Repair's checkpoint for stripes: shards rebuilt or moved (counted in the job, like
+    /// `AddReplicas`), and shard records that may go, each on the condition of a kept copy.
+    RepairShards {
+        job_id: Option<u64>,
+        added: Vec<crate::stripes::ShardAdded>,
+        drops: Vec<crate::stripes::ShardDrop>,
+    },
 }
 
 impl Command {
@@ -218,7 +231,9 @@ impl Command {
     /// if the state clock is past it by more than the grace (`files::check_prepare_age`).
     pub fn prepared_at_ms_mut(&mut self) -> Option<&mut u64> {
         match self {
-            Command::WithInlineChunks { command, .. } => command.prepared_at_ms_mut(),
+            Command::WithInlineChunks { command, .. } | Command::WithStripes { command, .. } => {
+                command.prepared_at_ms_mut()
+            }
             Command::CommitFile(commit) => Some(&mut commit.prepared_at_ms),
             Command::StageSegment(stage) => Some(&mut stage.prepared_at_ms),
             Command::S3PutObject(put) => Some(&mut put.content.prepared_at_ms),
@@ -237,6 +252,15 @@ impl Command {
             Command::S3PutObject(put) => Some(&put.content.chunks),
             Command::S3PutPart(put) => Some(&put.content.chunks),
             _ => None,
+        }
+    }
+
+    /// The chunk list a write may carry stripes for: [`Command::written_chunks`], and a big
+    /// file's staged segments, whose chunks are erasure-coded like any other.
+    pub fn striped_chunks(&self) -> Option<&[crate::files::CommittedChunk]> {
+        match self {
+            Command::StageSegment(stage) => Some(&stage.chunks),
+            other => other.written_chunks(),
         }
     }
 }
@@ -312,6 +336,10 @@ impl Command {
             }
             Command::Login(login) => login.approximate_bytes(),
             Command::RecordClusterEvents(events) => events.iter().map(|e| e.detail.len() + 32).sum(),
+            Command::WithStripes { stripes, command } => {
+                stripes.iter().map(|stripe| 48 + stripe.shards.len() * 40).sum::<usize>() + command.approximate_bytes()
+            }
+            Command::RepairShards { added, drops, .. } => added.len() * 48 + drops.len() * 56,
         }
     }
 }
@@ -489,7 +517,7 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
         Command::S3AbortMultipart { upload_id, bucket, key } => s3::abort_multipart(store, *upload_id, bucket, key),
         Command::S3ExpireMultipart { initiated_before_ms } => s3::expire_multipart(store, *initiated_before_ms),
         Command::WithInlineChunks { inline, command } => {
-            if matches!(command.as_ref(), Command::WithInlineChunks { .. }) {
+            if matches!(command.as_ref(), Command::WithInlineChunks { .. } | Command::WithStripes { .. }) {
                 let why = "inline chunks wrap a write, not another wrapper".to_string();
                 return Ok(Err(CommandError::InvalidRequest { why }));
             }
@@ -500,6 +528,16 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
             crate::login::apply(store, login, clock_ms)
         }
         Command::RecordClusterEvents(events) => files::record_cluster_events(store, events),
+        Command::WithStripes { stripes, command } => {
+            if matches!(command.as_ref(), Command::WithStripes { .. } | Command::WithInlineChunks { .. }) {
+                let why = "stripes wrap a write, not another wrapper".to_string();
+                return Ok(Err(CommandError::InvalidRequest { why }));
+            }
+            crate::stripes::with_stripes(store, stripes, command.striped_chunks(), |store| {
+                apply_command(store, command)
+            })
+        }
+        Command::RepairShards { job_id, added, drops } => files::repair_shards(store, *job_id, added, drops),
     }
 }
 

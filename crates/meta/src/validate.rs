@@ -218,6 +218,23 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
             check_len("bytes of a session name", session_name.len(), crate::auth::TOKEN_NAME_BYTES_MAX)
         }
         Command::Login(crate::login::LoginCommand::CreateCode { .. }) => Ok(()),
+        Command::WithStripes { stripes, command } => {
+            let Some(listed) = command.striped_chunks() else {
+                return Err(invalid("stripes come only with a file, object, part or segment write".into()));
+            };
+            check_len("stripes in one entry", stripes.len(), crate::stripes::STRIPES_PER_ENTRY_MAX)?;
+            for stripe in stripes {
+                check_len("shards of a stripe", stripe.shards.len(), stripe.scheme.total_shards())?;
+                if !listed.iter().any(|entry| entry.hash == stripe.chunk && entry.replicas.is_empty()) {
+                    return Err(invalid(format!("stripe {} is not in the write's chunk list", stripe.chunk)));
+                }
+            }
+            check_command(config, command)
+        }
+        Command::RepairShards { added, drops, .. } => {
+            check_len("shards added in one entry", added.len(), BATCH_ENTRIES_MAX)?;
+            check_len("shard drops in one entry", drops.len(), BATCH_ENTRIES_MAX)
+        }
         Command::RecordClusterEvents(events) => {
             check_len("events in one entry", events.len(), crate::files::CLUSTER_EVENTS_PER_ENTRY_MAX)?;
             events.iter().try_for_each(|event| {
