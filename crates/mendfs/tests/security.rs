@@ -546,3 +546,83 @@ fn an_open_clusters_dashboard_api_is_not_readable_by_other_sites_or_rebound_name
     assert!(head.contains("access-control-allow-origin: *"), "{head}");
     drop(cluster);
 }
+
+/// One raw HTTP/1.1 POST of a JSON body: status code and body.
+fn http_post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0), body.to_string())
+}
+
+#[test]
+fn a_login_link_opens_one_session_once_and_the_session_expires_everywhere() {
+    let http: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect();
+    let node_args = (1..=3u64).map(|id| (id, vec!["--http".to_string(), http[id as usize - 1].clone()])).collect();
+    let cluster = start(ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() });
+    // A read session of 3 s, opened through node 1's dashboard.
+    let link = cluster
+        .run_cli(&["auth", "login-link", "--role", "read", "--session-ttl", "3s", "--dashboard", &http[0]])
+        .unwrap();
+    let code = link.trim().split_once("#login=").map(|(_, code)| code.to_string()).unwrap();
+    let body = format!("{{\"code\":\"{code}\"}}");
+
+    // Two pages racing with the same link: one session, one refusal.
+    let racers: Vec<_> = (0..2)
+        .map(|i| {
+            let (addr, body) = (http[i].clone(), body.clone());
+            std::thread::spawn(move || http_post_json(&addr, "/api/login", &body))
+        })
+        .collect();
+    let answers: Vec<(u16, String)> = racers.into_iter().map(|racer| racer.join().unwrap()).collect();
+    let opened: Vec<&(u16, String)> = answers.iter().filter(|(code, _)| *code == 200).collect();
+    assert_eq!(opened.len(), 1, "exactly one login: {answers:?}");
+    assert!(answers.iter().any(|(code, body)| *code == 401 && body.contains("already used")), "{answers:?}");
+    let session: Value = serde_json::from_str(&opened[0].1).unwrap();
+    let token = session["token"].as_str().unwrap().to_string();
+    let opened_at = Instant::now();
+
+    // The session is a read token on every node: status yes, writes no.
+    for addr in &http {
+        let (code, _, body) =
+            http_get_with(addr, "/api/status", &[("Host", addr), ("Authorization", &format!("Bearer {token}"))]);
+        assert_eq!(code, 200, "{addr}: {body}");
+    }
+    let endpoints = cluster.endpoints();
+    let refused = run(as_token(&cluster, &endpoints, &token), &["kv", "set", "k", "v"]);
+    assert!(stderr(&refused).contains("permission denied: role read"), "{}", stderr(&refused));
+
+    // Past its lifetime, every node refuses it, without anyone revoking it.
+    for addr in &http {
+        wait_for("the session refused once expired", DEADLINE, || {
+            let (code, _, _) =
+                http_get_with(addr, "/api/status", &[("Host", addr), ("Authorization", &format!("Bearer {token}"))]);
+            Ok((code == 401).then_some(()))
+        })
+        .unwrap();
+    }
+    assert!(opened_at.elapsed() >= Duration::from_millis(2_500), "refused before it expired");
+    let out = run(as_token(&cluster, &endpoints, &token), &["cluster", "status"]);
+    assert!(stderr(&out).contains("expired"), "{}", stderr(&out));
+
+    // Bad input: a malformed code, a made-up one, garbage, an oversized body.
+    for (body, expected) in [
+        ("{\"code\":\"mendfs_login_xyz\"}", 401),
+        (&format!("{{\"code\":\"mendfs_login_{}\"}}", "0".repeat(64)) as &str, 401),
+        ("not json", 400),
+        (&"x".repeat(4096) as &str, 413),
+    ] {
+        let (code, answer) = http_post_json(&http[1], "/api/login", body);
+        assert_eq!(code, expected, "{body:.40}: {answer}");
+    }
+}
