@@ -18,7 +18,7 @@ use std::collections::BTreeSet;
 
 use mendfs_types::ChunkHash;
 
-use crate::planner::{ClusterView, DropReason, DropTask, NodeState};
+use crate::planner::{ClusterView, DropReason, NodeState};
 use crate::NodeId;
 
 /// Where one shard of a stripe is recorded.
@@ -51,6 +51,17 @@ pub struct MoveTask {
     pub sources: Vec<NodeId>,
 }
 
+/// Stop listing `node` for shard `index`, provided `keep` is still listed for it when applied.
+/// By index, not hash: a stripe may name one shard hash in two slots (a tiny chunk's padding).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardDropTask {
+    pub index: usize,
+    pub hash: ChunkHash,
+    pub node: NodeId,
+    pub keep: NodeId,
+    pub reason: DropReason,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StripePlan {
     /// K and K + M.
@@ -62,7 +73,7 @@ pub struct StripePlan {
     pub lost: bool,
     pub rebuilds: Vec<RebuildTask>,
     pub moves: Vec<MoveTask>,
-    pub drops: Vec<DropTask>,
+    pub drops: Vec<ShardDropTask>,
     /// Shards wanted elsewhere for which no eligible node is left (too few nodes for K + M).
     pub unplaceable: usize,
 }
@@ -146,7 +157,7 @@ impl ClusterView {
                 } else {
                     DropReason::Surplus
                 };
-                plan.drops.push(DropTask { hash: shards[index].hash, node, keep: vec![keep], reason });
+                plan.drops.push(ShardDropTask { index, hash: shards[index].hash, node, keep, reason });
             }
         }
         plan
@@ -242,7 +253,10 @@ mod tests {
         let moved = shards(&[&[1], &[2], &[3, 7], &[4], &[5], &[6]]);
         let plan = view(&nodes).plan_stripe(&KEY, 4, &moved);
         assert!(plan.moves.is_empty() && plan.rebuilds.is_empty());
-        assert_eq!(plan.drops, [DropTask { hash: moved[2].hash, node: 3, keep: vec![7], reason: DropReason::Drained }]);
+        assert_eq!(
+            plan.drops,
+            [ShardDropTask { index: 2, hash: moved[2].hash, node: 3, keep: 7, reason: DropReason::Drained }]
+        );
     }
 
     #[test]
@@ -252,8 +266,8 @@ mod tests {
         let plan = view(&up_nodes(7)).plan_stripe(&KEY, 4, &stripe);
         assert_eq!(plan.drops.len(), 1);
         assert_eq!(plan.drops[0].reason, DropReason::Surplus);
-        assert_eq!(plan.drops[0].keep.len(), 1);
-        assert_ne!(plan.drops[0].keep[0], plan.drops[0].node);
+        assert_eq!(plan.drops[0].index, 1);
+        assert_ne!(plan.drops[0].keep, plan.drops[0].node);
     }
 
     #[test]
@@ -322,10 +336,9 @@ mod tests {
                 }
             }
             for drop in &plan.drops {
-                prop_assert_eq!(drop.keep.len(), 1);
-                prop_assert!(drop.keep[0] != drop.node && counts(drop.keep[0]));
-                let shard = stripe.iter().find(|s| s.hash == drop.hash).unwrap();
-                prop_assert!(shard.nodes.contains(&drop.keep[0]));
+                prop_assert!(drop.keep != drop.node && counts(drop.keep));
+                let shard = &stripe[drop.index];
+                prop_assert!(shard.nodes.contains(&drop.keep) && shard.nodes.contains(&drop.node));
             }
         }
     }

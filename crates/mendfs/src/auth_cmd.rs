@@ -23,12 +23,9 @@ pub enum AuthCommand {
     },
     /// Who the cluster takes this client for, and its role.
     Whoami,
-    /// Print a one-time login link to the web dashboard: it opens a session once, within
+    /// Print a one-time login link to the web dashboard: it opens a read session once, within
     /// --ttl, and is worth nothing after (the code is stored only as a hash).
     LoginLink {
-        /// The session's role: read (enough to watch), write or admin.
-        #[arg(long, default_value = "read")]
-        role: String,
         /// How long the link may wait to be opened (at most 24h).
         #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
@@ -102,8 +99,8 @@ pub async fn run_auth(connection: ClusterAddress, command: AuthCommand) -> Resul
                 return Ok(ExitCode::FAILURE);
             }
         }
-        AuthCommand::LoginLink { role, ttl, session_ttl, dashboard } => {
-            let reply = client.create_login_link(&role, ttl, session_ttl).await.context("create login link")?;
+        AuthCommand::LoginLink { ttl, session_ttl, dashboard } => {
+            let reply = client.create_login_link("read", ttl, session_ttl).await.context("create login link")?;
             let Some(addr) = dashboard.or((!reply.http_addr.is_empty()).then_some(reply.http_addr)) else {
                 anyhow::bail!(
                     "the answering node serves no dashboard (no --http); pass --dashboard HOST:PORT \
@@ -111,7 +108,7 @@ pub async fn run_auth(connection: ClusterAddress, command: AuthCommand) -> Resul
                 );
             };
             eprintln!(
-                "a one-time {role} login link, valid for {} (a session of {}):",
+                "a one-time login link to a read session, valid for {} (a session of {}):",
                 humantime::format_duration(ttl),
                 humantime::format_duration(session_ttl)
             );

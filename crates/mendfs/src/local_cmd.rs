@@ -235,7 +235,7 @@ fn up(args: UpArgs) -> Result<ExitCode> {
     let token_file = dir.join("admin.token");
     write_private(&token_file, token.trim())?;
     // Read is all the dashboard needs: its one-time link opens a read session.
-    let dashboard_link = cluster.run_cli(&["auth", "login-link", "--role", "read", "--ttl", LOGIN_LINK_TTL])?;
+    let dashboard_link = cluster.run_cli(&["auth", "login-link", "--ttl", LOGIN_LINK_TTL])?;
     // An S3 key that may create buckets, for the AWS CLI, SDKs and rclone.
     let s3_key = cluster.run_cli(&["s3", "key", "create", "local", "--create-buckets"])?;
     let s3_key_file = dir.join("s3.env");
@@ -319,10 +319,11 @@ fn restart(dir: &Path, mut state: LocalState) -> Result<ExitCode> {
         std::time::Duration::from_secs(12 * 3_600),
     ));
     let link = match link {
-        Ok(reply) => {
+        Ok(reply) if !reply.http_addr.is_empty() => {
             let scheme = if state.ca_file.is_some() { "https" } else { "http" };
             Some(crate::auth_cmd::login_link(&format!("{scheme}://{}", reply.http_addr), &reply.code))
         }
+        Ok(_) => None,
         Err(e) => {
             eprintln!("no dashboard login link: {e}");
             None

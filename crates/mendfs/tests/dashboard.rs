@@ -226,9 +226,8 @@ async fn the_dashboard_shows_a_node_die_the_repair_finish_and_a_trace() {
     screenshot(&browser, &screenshots, "0-sign-in").await;
     // A one-time login link: its code in the fragment, gone from the address bar at once and
     // traded for a session token.
-    let link = cluster
-        .run_cli(&["auth", "login-link", "--role", "read", "--ttl", "10m", "--dashboard", &http[victim as usize - 1]])
-        .unwrap();
+    let link =
+        cluster.run_cli(&["auth", "login-link", "--ttl", "10m", "--dashboard", &http[victim as usize - 1]]).unwrap();
     let link = link.trim().to_string();
     assert!(link.starts_with(&format!("http://{}/#login=mendfs_login_", http[victim as usize - 1])), "{link}");
     browser.goto(&link).await.unwrap();

@@ -571,9 +571,7 @@ fn a_login_link_opens_one_session_once_and_the_session_expires_everywhere() {
     let node_args = (1..=3u64).map(|id| (id, vec!["--http".to_string(), http[id as usize - 1].clone()])).collect();
     let cluster = start(ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() });
     // A read session of 3 s, opened through node 1's dashboard.
-    let link = cluster
-        .run_cli(&["auth", "login-link", "--role", "read", "--session-ttl", "3s", "--dashboard", &http[0]])
-        .unwrap();
+    let link = cluster.run_cli(&["auth", "login-link", "--session-ttl", "3s", "--dashboard", &http[0]]).unwrap();
     let code = link.trim().split_once("#login=").map(|(_, code)| code.to_string()).unwrap();
     let body = format!("{{\"code\":\"{code}\"}}");
 

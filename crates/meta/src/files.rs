@@ -470,8 +470,8 @@ pub(crate) fn repair_shards(
     crate::stripes::drop_shards(store, drops)?;
     if let (Some(job_id), Some(mut job)) = (job_id, repair_job(store)?) {
         if job.id == job_id && copies > 0 {
-            job.done_copies += copies;
-            job.done_bytes += bytes;
+            job.done_copies = job.done_copies.saturating_add(copies);
+            job.done_bytes = job.done_bytes.saturating_add(bytes);
             job.total_copies = job.total_copies.max(job.done_copies);
             job.total_bytes = job.total_bytes.max(job.done_bytes);
             store.put(Table::Meta, META_REPAIR_JOB, &encode(&job)?)?;
@@ -489,13 +489,18 @@ pub fn listed_on(store: &impl StateStore, hash: &ChunkHash, node_id: NodeId) -> 
     crate::stripes::shard_listed_on(store, hash, node_id)
 }
 
-/// How many chunk records list `node_id` (a full scan: for admin checks, not hot paths).
+/// How many chunk records and stripe shards list `node_id` (full scans: for admin checks,
+/// such as whether a node may be removed, not hot paths).
 pub fn chunks_listed_on(store: &impl StateStore, node_id: u64) -> Result<u64, StoreError> {
-    let mut count = 0;
+    let mut count = 0u64;
     for_each_chunk(store, |_, record| {
         if record.replicas.contains(&node_id) {
             count += 1;
         }
+        true
+    })?;
+    crate::stripes::for_each_stripe(store, |_, record| {
+        count += record.shards.iter().filter(|slot| slot.nodes.contains(&node_id)).count() as u64;
         true
     })?;
     Ok(count)
@@ -1491,21 +1496,21 @@ mod tests {
             assert_eq!(ChunkHash::of(&record.data), hash, "an inline chunk is stored under its hash");
             assert!(recorded.insert(hash, record.refs).is_none(), "chunk {hash} is both inline and in the chunk map");
         }
-        let mut index_rows = 0;
+        let mut index_rows = std::collections::BTreeSet::new();
         crate::stripes::for_each_stripe(store, |hash, record| {
             assert!(recorded.insert(hash, record.refs).is_none(), "chunk {hash} is striped and kept another way too");
             for slot in &record.shards {
-                assert!(crate::stripes::stripes_naming(store, &slot.hash).unwrap().contains(&hash), "shard unindexed");
-                index_rows += 1;
+                for &node in &slot.nodes {
+                    let listing = crate::stripes::stripes_listing(store, &slot.hash, node, usize::MAX).unwrap();
+                    assert!(listing.contains(&hash), "shard unindexed");
+                    index_rows.insert((slot.hash, node, hash));
+                }
             }
             true
         })
         .unwrap();
-        assert_eq!(
-            store.range(Table::ShardIndex, &[], None, usize::MAX).unwrap().len(),
-            index_rows,
-            "stale index rows"
-        );
+        let rows = store.range(Table::ShardIndex, &[], None, usize::MAX).unwrap().len();
+        assert_eq!(rows, index_rows.len(), "stale index rows");
         assert_eq!(recorded, counted, "chunk references disagree with the segments naming them");
     }
 

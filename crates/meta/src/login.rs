@@ -44,8 +44,10 @@ pub struct LoginCodeRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LoginCommand {
-    /// Records a new code (only its hash).
-    CreateCode { hash: [u8; 32], record: LoginCodeRecord },
+    /// Records a new code (only its hash), usable for `code_ttl_ms` from this entry's time and
+    /// opening a session of `session_ttl_ms`. Lifetimes, not dates: the times come from the
+    /// state clock at the apply, not from the proposing node's clock.
+    CreateCode { hash: [u8; 32], role: Role, code_ttl_ms: u64, session_ttl_ms: u64 },
     /// Uses the code up and opens a session: the token `session_name` with the code's role,
     /// stored as `session_hash`, expiring `session_ttl_ms` after this entry's time.
     Redeem { code_hash: [u8; 32], session_name: String, session_hash: [u8; 32] },
@@ -99,7 +101,15 @@ pub(crate) fn apply(
     clock_ms: u64,
 ) -> Result<CommandResult, StoreError> {
     match command {
-        LoginCommand::CreateCode { hash, record } => create_code(store, hash, record, clock_ms),
+        LoginCommand::CreateCode { hash, role, code_ttl_ms, session_ttl_ms } => {
+            let record = LoginCodeRecord {
+                role: *role,
+                created_unix_ms: clock_ms,
+                expires_unix_ms: clock_ms.saturating_add(*code_ttl_ms),
+                session_ttl_ms: *session_ttl_ms,
+            };
+            create_code(store, hash, &record, clock_ms)
+        }
         LoginCommand::Redeem { code_hash, session_name, session_hash } => {
             redeem(store, code_hash, session_name, session_hash, clock_ms)
         }
@@ -112,13 +122,17 @@ fn create_code(
     record: &LoginCodeRecord,
     clock_ms: u64,
 ) -> Result<CommandResult, StoreError> {
-    if record.expires_unix_ms.saturating_sub(record.created_unix_ms) > LOGIN_CODE_TTL_MAX_MS
+    let code_ttl_ms = record.expires_unix_ms.saturating_sub(record.created_unix_ms);
+    if code_ttl_ms == 0
+        || code_ttl_ms > LOGIN_CODE_TTL_MAX_MS
         || record.session_ttl_ms == 0
         || record.session_ttl_ms > LOGIN_SESSION_TTL_MAX_MS
+        // The dashboard only reads: a link never opens a session that could mint tokens.
+        || record.role != Role::Read
     {
         return Ok(Err(CommandError::InvalidRequest {
             why: format!(
-                "a login code lasts at most {} h and its session 1 ms to {} h",
+                "a login link opens a read session; the link lasts 1 ms to {} h and its session 1 ms to {} h",
                 LOGIN_CODE_TTL_MAX_MS / 3_600_000,
                 LOGIN_SESSION_TTL_MAX_MS / 3_600_000
             ),
@@ -212,8 +226,12 @@ mod tests {
 
     const MINUTE: u64 = 60_000;
 
-    fn code(role: Role, now: u64) -> LoginCodeRecord {
-        LoginCodeRecord { role, created_unix_ms: now, expires_unix_ms: now + 10 * MINUTE, session_ttl_ms: 60 * MINUTE }
+    fn code(role: Role) -> LoginCommand {
+        create(7, role)
+    }
+
+    fn create(byte: u8, role: Role) -> LoginCommand {
+        LoginCommand::CreateCode { hash: [byte; 32], role, code_ttl_ms: 10 * MINUTE, session_ttl_ms: 60 * MINUTE }
     }
 
     fn redeem_at(store: &mut MemoryStore, code_hash: [u8; 32], name: &str, now: u64) -> CommandResult {
@@ -226,9 +244,7 @@ mod tests {
     fn a_code_opens_one_session_with_its_role_and_then_is_gone() {
         let mut store = MemoryStore::default();
         let now = 1_000_000;
-        apply(&mut store, &LoginCommand::CreateCode { hash: [7; 32], record: code(Role::Read, now) }, now)
-            .unwrap()
-            .unwrap();
+        apply(&mut store, &code(Role::Read), now).unwrap().unwrap();
         assert!(code_exists(&store, &[7; 32]).unwrap());
 
         let outcome = redeem_at(&mut store, [7; 32], "dashboard-login-1", now + MINUTE).unwrap();
@@ -250,9 +266,7 @@ mod tests {
     fn an_expired_code_is_refused_and_removed() {
         let mut store = MemoryStore::default();
         let now = 1_000_000;
-        apply(&mut store, &LoginCommand::CreateCode { hash: [1; 32], record: code(Role::Admin, now) }, now)
-            .unwrap()
-            .unwrap();
+        apply(&mut store, &create(1, Role::Read), now).unwrap().unwrap();
         assert_eq!(
             redeem_at(&mut store, [1; 32], "dashboard-login-1", now + 10 * MINUTE),
             Err(CommandError::LoginCodeInvalid)
@@ -266,9 +280,7 @@ mod tests {
         let mut store = MemoryStore::default();
         assert_eq!(redeem_at(&mut store, [9; 32], "dashboard-login-1", 5), Err(CommandError::LoginCodeInvalid));
         let now = 1_000_000;
-        apply(&mut store, &LoginCommand::CreateCode { hash: [2; 32], record: code(Role::Read, now) }, now)
-            .unwrap()
-            .unwrap();
+        apply(&mut store, &create(2, Role::Read), now).unwrap().unwrap();
         // A session may not take the name of an operator's token.
         assert!(matches!(redeem_at(&mut store, [2; 32], "admin", now), Err(CommandError::InvalidRequest { .. })));
         assert!(store.get(Table::Tokens, b"admin").unwrap().is_none());
@@ -279,10 +291,9 @@ mod tests {
         let mut store = MemoryStore::default();
         let now = 1_000_000;
         for i in 0..LOGIN_CODES_MAX {
-            let hash = [i as u8; 32];
-            apply(&mut store, &LoginCommand::CreateCode { hash, record: code(Role::Read, now) }, now).unwrap().unwrap();
+            apply(&mut store, &create(i as u8, Role::Read), now).unwrap().unwrap();
         }
-        let one_more = LoginCommand::CreateCode { hash: [200; 32], record: code(Role::Read, now + 10 * MINUTE) };
+        let one_more = create(200, Role::Read);
         assert!(matches!(apply(&mut store, &one_more, now).unwrap(), Err(CommandError::TooMany { .. })));
         // Once they expired, there is room again.
         apply(&mut store, &one_more, now + 10 * MINUTE).unwrap().unwrap();
@@ -303,23 +314,46 @@ mod tests {
             Err(CommandError::TooMany { .. })
         ));
         assert!(code_exists(&store, &[200; 32]).unwrap(), "a login refused for want of room keeps its code");
-        let again = LoginCommand::CreateCode { hash: [201; 32], record: code(Role::Read, now + 15 * MINUTE) };
-        apply(&mut store, &again, now + 15 * MINUTE).unwrap().unwrap();
+        apply(&mut store, &create(201, Role::Read), now + 15 * MINUTE).unwrap().unwrap();
         redeem_at(&mut store, [201; 32], "dashboard-login-y", now + 21 * MINUTE).unwrap();
         assert_eq!(store.range(Table::TokenExpiries, &[], None, usize::MAX).unwrap().len(), 1);
     }
 
     #[test]
-    fn code_lifetimes_are_bounded() {
+    fn codes_are_read_only_and_their_lifetimes_bounded() {
         let mut store = MemoryStore::default();
-        let mut record = code(Role::Read, 0);
-        record.expires_unix_ms = LOGIN_CODE_TTL_MAX_MS + 1;
-        let command = LoginCommand::CreateCode { hash: [3; 32], record };
-        assert!(matches!(apply(&mut store, &command, 0).unwrap(), Err(CommandError::InvalidRequest { .. })));
-        let mut record = code(Role::Read, 0);
-        record.session_ttl_ms = LOGIN_SESSION_TTL_MAX_MS + 1;
-        let command = LoginCommand::CreateCode { hash: [3; 32], record };
-        assert!(matches!(apply(&mut store, &command, 0).unwrap(), Err(CommandError::InvalidRequest { .. })));
+        let bad = [
+            LoginCommand::CreateCode {
+                hash: [3; 32],
+                role: Role::Read,
+                code_ttl_ms: LOGIN_CODE_TTL_MAX_MS + 1,
+                session_ttl_ms: 1,
+            },
+            LoginCommand::CreateCode { hash: [3; 32], role: Role::Read, code_ttl_ms: 0, session_ttl_ms: 1 },
+            LoginCommand::CreateCode {
+                hash: [3; 32],
+                role: Role::Read,
+                code_ttl_ms: 1,
+                session_ttl_ms: LOGIN_SESSION_TTL_MAX_MS + 1,
+            },
+            create(3, Role::Admin),
+            create(3, Role::Write),
+        ];
+        for command in bad {
+            assert!(
+                matches!(apply(&mut store, &command, 5).unwrap(), Err(CommandError::InvalidRequest { .. })),
+                "{command:?}"
+            );
+        }
+        assert!(!code_exists(&store, &[3; 32]).unwrap());
+    }
+
+    #[test]
+    fn a_codes_times_are_the_state_clocks() {
+        let mut store = MemoryStore::default();
+        apply(&mut store, &create(4, Role::Read), 1_000).unwrap().unwrap();
+        let record: LoginCodeRecord = decode(&store.get(Table::LoginCodes, &[4; 32]).unwrap().unwrap()).unwrap();
+        assert_eq!((record.created_unix_ms, record.expires_unix_ms), (1_000, 1_000 + 10 * MINUTE));
     }
 
     #[test]

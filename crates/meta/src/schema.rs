@@ -83,7 +83,8 @@ pub enum Table {
     /// chunk hash (32 bytes) → [`crate::stripes::StripeRecord`]: an erasure-coded chunk's
     /// shards and where they are. A hash is in `Chunks`, `InlineChunks` or here, never two.
     Stripes,
-    /// shard hash ++ chunk hash (64 bytes) → (): which stripes name a shard.
+    /// shard hash ++ node (u64 BE) ++ chunk hash (72 bytes) → (): which stripes list a shard on
+    /// a node.
     ShardIndex,
 }
 

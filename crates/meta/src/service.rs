@@ -572,7 +572,12 @@ impl AuthService for AuthApi {
     ) -> Result<Response<pb::CreateLoginLinkReply>, Status> {
         let origin = request_origin(&request);
         let request = request.into_inner();
-        let role: Role = request.role.parse().map_err(Status::invalid_argument)?;
+        // A link opens a read session (the dashboard only reads); the apply refuses others.
+        let role: Role = if request.role.is_empty() {
+            Role::Read
+        } else {
+            request.role.parse().map_err(Status::invalid_argument)?
+        };
         let secs = |secs: u64, max_ms: u64, what: &str| {
             if secs == 0 || secs.saturating_mul(1_000) > max_ms {
                 Err(Status::invalid_argument(format!("{what} must be 1 s to {} h", max_ms / 3_600_000)))

@@ -4,9 +4,10 @@
 //! without replicas; its shards travel beside the write (`Command::WithStripes`) and are kept
 //! in `Stripes` (chunk hash → [`StripeRecord`]: the scheme, and per shard its hash and the
 //! nodes holding it), with the references of the file versions that list the chunk.
-//! `ShardIndex` (shard hash ++ chunk hash) says which stripes name a shard, so "is this file
-//! on node N referenced?" (garbage collection) and "node N's copy of this hash is bad"
-//! (scrub, readers) find shards as quickly as chunk records.
+//! `ShardIndex` (shard hash ++ node ++ chunk hash, one row per listed copy) answers "is this
+//! file on node N referenced?" (garbage collection) with one exact probe, however many stripes
+//! share the shard (a zero run shared by thousands of chunks of a sparse file), and "node N's
+//! copy of this hash is bad" (scrub, readers) with the stripes to fix.
 //!
 //! One representation per chunk: a hash is in `Chunks`, `InlineChunks` or `Stripes`, never
 //! two of them. A write of content the metadata already holds another way references that;
@@ -67,45 +68,64 @@ pub fn get_stripe(store: &impl StateStore, chunk: &ChunkHash) -> Result<Option<S
     store.get(Table::Stripes, chunk.as_ref())?.map(|bytes| decode(&bytes)).transpose()
 }
 
-fn index_key(shard: &ChunkHash, chunk: &ChunkHash) -> [u8; 64] {
-    let mut key = [0u8; 64];
+fn index_key(shard: &ChunkHash, node: NodeId, chunk: &ChunkHash) -> [u8; 72] {
+    let mut key = [0u8; 72];
     key[..32].copy_from_slice(shard.as_ref());
-    key[32..].copy_from_slice(chunk.as_ref());
+    key[32..40].copy_from_slice(&node.to_be_bytes());
+    key[40..].copy_from_slice(chunk.as_ref());
     key
 }
 
-/// The chunks whose stripes name `shard` (almost always one).
-pub fn stripes_naming(store: &impl StateStore, shard: &ChunkHash) -> Result<Vec<ChunkHash>, StoreError> {
-    let start = shard.as_ref().to_vec();
+/// The (shard, node) pairs a stripe lists, each once (a stripe may name one shard in two slots:
+/// the zero padding of a tiny chunk).
+fn listed_copies(record: &StripeRecord) -> std::collections::BTreeSet<(ChunkHash, NodeId)> {
+    record.shards.iter().flat_map(|slot| slot.nodes.iter().map(move |&node| (slot.hash, node))).collect()
+}
+
+/// Whether some stripe lists `shard` on `node`: one probe of the index.
+pub fn shard_listed_on(store: &impl StateStore, shard: &ChunkHash, node: NodeId) -> Result<bool, StoreError> {
+    Ok(!stripes_listing(store, shard, node, 1)?.is_empty())
+}
+
+/// Up to `limit` chunks whose stripes list `shard` on `node`.
+pub fn stripes_listing(
+    store: &impl StateStore,
+    shard: &ChunkHash,
+    node: NodeId,
+    limit: usize,
+) -> Result<Vec<ChunkHash>, StoreError> {
+    let mut start = shard.as_ref().to_vec();
+    start.extend_from_slice(&node.to_be_bytes());
     let end = crate::schema::prefix_end(&start);
-    // Bounded: identical shards across more than a few thousand stripes are zero runs, and
-    // any one naming the node is enough for the callers that need only one.
-    let rows = store.range(Table::ShardIndex, &start, end.as_deref(), 4_096)?;
+    let rows = store.range(Table::ShardIndex, &start, end.as_deref(), limit)?;
     Ok(rows
         .into_iter()
-        .filter_map(|(key, _)| <[u8; 32]>::try_from(key.get(32..64)?).ok().map(ChunkHash::from_bytes))
+        .filter_map(|(key, _)| <[u8; 32]>::try_from(key.get(40..72)?).ok().map(ChunkHash::from_bytes))
         .collect())
 }
 
-/// Whether some stripe lists `shard` on `node`.
-pub fn shard_listed_on(store: &impl StateStore, shard: &ChunkHash, node: NodeId) -> Result<bool, StoreError> {
-    for chunk in stripes_naming(store, shard)? {
-        if let Some(stripe) = get_stripe(store, &chunk)? {
-            if stripe.shards.iter().any(|slot| slot.hash == *shard && slot.nodes.contains(&node)) {
-                return Ok(true);
-            }
-        }
+/// Writes a stripe's record and moves its index rows from what `old` listed to what `record`
+/// lists.
+fn put_stripe(
+    store: &mut impl StateStore,
+    chunk: &ChunkHash,
+    old: Option<&StripeRecord>,
+    record: &StripeRecord,
+) -> Result<(), StoreError> {
+    let before = old.map(listed_copies).unwrap_or_default();
+    let after = listed_copies(record);
+    for (shard, node) in before.difference(&after) {
+        store.remove(Table::ShardIndex, &index_key(shard, *node, chunk))?;
     }
-    Ok(false)
-}
-
-fn put_stripe(store: &mut impl StateStore, chunk: &ChunkHash, record: &StripeRecord) -> Result<(), StoreError> {
+    for (shard, node) in after.difference(&before) {
+        store.put(Table::ShardIndex, &index_key(shard, *node, chunk), &[])?;
+    }
     store.put(Table::Stripes, chunk.as_ref(), &encode(record)?)
 }
 
 fn remove_stripe(store: &mut impl StateStore, chunk: &ChunkHash, record: &StripeRecord) -> Result<(), StoreError> {
-    for slot in &record.shards {
-        store.remove(Table::ShardIndex, &index_key(&slot.hash, chunk))?;
+    for (shard, node) in listed_copies(record) {
+        store.remove(Table::ShardIndex, &index_key(&shard, node, chunk))?;
     }
     store.remove(Table::Stripes, chunk.as_ref())
 }
@@ -114,7 +134,8 @@ fn remove_stripe(store: &mut impl StateStore, chunk: &ChunkHash, record: &Stripe
 pub(crate) fn add_reference(store: &mut impl StateStore, chunk: &ChunkHash) -> Result<bool, StoreError> {
     let Some(mut record) = get_stripe(store, chunk)? else { return Ok(false) };
     record.refs += 1;
-    put_stripe(store, chunk, &record)?;
+    // References change no copy: the record alone.
+    store.put(Table::Stripes, chunk.as_ref(), &encode(&record)?)?;
     Ok(true)
 }
 
@@ -126,7 +147,7 @@ pub(crate) fn drop_reference(store: &mut impl StateStore, chunk: &ChunkHash) -> 
     if record.refs == 0 {
         remove_stripe(store, chunk, &record)?;
     } else {
-        put_stripe(store, chunk, &record)?;
+        store.put(Table::Stripes, chunk.as_ref(), &encode(&record)?)?;
     }
     Ok(true)
 }
@@ -192,10 +213,7 @@ pub(crate) fn with_stripes<S: StateStore>(
             refs: 0,
             shards: stripe.shards.iter().map(|shard| ShardSlot { hash: shard.hash, nodes: vec![shard.node] }).collect(),
         };
-        put_stripe(store, &stripe.chunk, &record)?;
-        for shard in &stripe.shards {
-            store.put(Table::ShardIndex, &index_key(&shard.hash, &stripe.chunk), &[])?;
-        }
+        put_stripe(store, &stripe.chunk, None, &record)?;
         recorded.push(stripe.chunk);
     }
     let result = apply_inner(store)?;
@@ -210,22 +228,29 @@ pub(crate) fn with_stripes<S: StateStore>(
 /// A copy of a shard's node's bad (a scrub or a reader found it so): the node is no longer
 /// listed for it in any stripe, unless it is the shard's only listed copy, which is kept (a bad
 /// last copy can still be tried, an unlisted one never) and left to repair to rebuild.
+///
+/// Bounded per report (`BAD_SHARD_STRIPES_MAX` stripes): a file shared by more stripes than
+/// that (a zero run) is unlisted from the first ones now and from the rest by the scrubber's
+/// next reports of it; until then those stripes still list a bad copy, which readers verify
+/// and skip.
 pub(crate) fn drop_bad_shard(store: &mut impl StateStore, shard: &ChunkHash, node: NodeId) -> Result<(), StoreError> {
-    for chunk in stripes_naming(store, shard)? {
-        let Some(mut record) = get_stripe(store, &chunk)? else { continue };
-        let mut changed = false;
+    for chunk in stripes_listing(store, shard, node, BAD_SHARD_STRIPES_MAX)? {
+        let Some(old) = get_stripe(store, &chunk)? else { continue };
+        let mut record = old.clone();
         for slot in record.shards.iter_mut().filter(|slot| slot.hash == *shard) {
             if slot.nodes.len() > 1 && slot.nodes.contains(&node) {
                 slot.nodes.retain(|listed| *listed != node);
-                changed = true;
             }
         }
-        if changed {
-            put_stripe(store, &chunk, &record)?;
+        if record != old {
+            put_stripe(store, &chunk, Some(&old), &record)?;
         }
     }
     Ok(())
 }
+
+/// Stripes one bad-copy report changes at most (see [`drop_bad_shard`]).
+pub const BAD_SHARD_STRIPES_MAX: usize = 1_024;
 
 /// A shard rebuilt or moved by repair: `node` now holds shard `index` of `chunk`'s stripe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -248,29 +273,31 @@ pub struct ShardDrop {
 /// Records finished rebuilds and moves; returns the copies and bytes that counted (a stripe
 /// deleted meanwhile, or a node already listed, counts nothing).
 pub(crate) fn add_shards(store: &mut impl StateStore, added: &[ShardAdded]) -> Result<(u64, u64), StoreError> {
-    let (mut copies, mut bytes) = (0, 0);
+    let (mut copies, mut bytes) = (0u64, 0u64);
     for add in added {
-        let Some(mut record) = get_stripe(store, &add.chunk)? else { continue };
-        let shard_bytes = record.scheme.shard_bytes(record.size as usize) as u64;
+        let Some(old) = get_stripe(store, &add.chunk)? else { continue };
+        let mut record = old.clone();
+        let shard_bytes = record.scheme.shard_bytes(usize::try_from(record.size).unwrap_or(usize::MAX)) as u64;
         let Some(slot) = record.shards.get_mut(add.index as usize) else { continue };
         if slot.nodes.contains(&add.node) {
             continue;
         }
         slot.nodes.push(add.node);
-        put_stripe(store, &add.chunk, &record)?;
-        copies += 1;
-        bytes += shard_bytes;
+        put_stripe(store, &add.chunk, Some(&old), &record)?;
+        copies = copies.saturating_add(1);
+        bytes = bytes.saturating_add(shard_bytes);
     }
     Ok((copies, bytes))
 }
 
 pub(crate) fn drop_shards(store: &mut impl StateStore, drops: &[ShardDrop]) -> Result<(), StoreError> {
     for drop in drops {
-        let Some(mut record) = get_stripe(store, &drop.chunk)? else { continue };
+        let Some(old) = get_stripe(store, &drop.chunk)? else { continue };
+        let mut record = old.clone();
         let Some(slot) = record.shards.get_mut(drop.index as usize) else { continue };
         if drop.keep != drop.node && slot.nodes.contains(&drop.keep) && slot.nodes.contains(&drop.node) {
             slot.nodes.retain(|node| *node != drop.node);
-            put_stripe(store, &drop.chunk, &record)?;
+            put_stripe(store, &drop.chunk, Some(&old), &record)?;
         }
     }
     Ok(())
@@ -356,7 +383,7 @@ mod tests {
         assert_eq!((record.refs, record.shards.len()), (1, 6));
         assert!(shard_listed_on(&store, &hash(12), 3).unwrap());
         assert!(!shard_listed_on(&store, &hash(12), 4).unwrap(), "shard 2 is on node 3 only");
-        assert_eq!(stripes_naming(&store, &hash(15)).unwrap(), [hash(1)]);
+        assert_eq!(stripes_listing(&store, &hash(15), 6, 10).unwrap(), [hash(1)]);
 
         assert!(add_reference(&mut store, &hash(1)).unwrap());
         assert!(drop_reference(&mut store, &hash(1)).unwrap());
@@ -434,6 +461,43 @@ mod tests {
     }
 
     #[test]
+    fn many_stripes_sharing_a_shard_keep_it_listed_on_each_of_their_nodes() {
+        // A sparse file: 5 000 chunks whose shard 0 is the same zero run, on nodes 1..=5.
+        let mut store = MemoryStore::default();
+        let zero = hash(200);
+        for i in 0..5_000u32 {
+            let mut chunk = [0u8; 32];
+            chunk[..4].copy_from_slice(&i.to_be_bytes());
+            let chunk = ChunkHash::from_bytes(chunk);
+            let listed = vec![CommittedChunk { hash: chunk, size: 100, replicas: vec![] }];
+            let node = u64::from(i % 5) + 1;
+            let mut shards: Vec<ShardCommit> =
+                (1..6u64).map(|n| ShardCommit { hash: hash(n as u8), node: 10 + n }).collect();
+            shards.insert(0, ShardCommit { hash: zero, node });
+            let stripe = StripeCommit { chunk, size: 100, scheme: Scheme::new(4, 2).unwrap(), shards };
+            with_stripes(&mut store, &[stripe], Some(&listed), |s| reference_all(s, &listed)).unwrap().unwrap();
+        }
+        for node in 1..=5 {
+            assert!(shard_listed_on(&store, &zero, node).unwrap(), "node {node}");
+        }
+        assert!(!shard_listed_on(&store, &zero, 6).unwrap());
+    }
+
+    #[test]
+    fn a_stripe_naming_one_shard_twice_indexes_and_unindexes_it_once() {
+        let mut store = MemoryStore::default();
+        let listed = listing(1);
+        let mut twice = stripe(1, 10, &[1, 2, 3, 4, 5, 6]);
+        twice.shards[3].hash = twice.shards[2].hash; // zero padding of a tiny chunk
+        twice.shards[3].node = 3;
+        twice.shards[2].node = 7;
+        with_stripes(&mut store, &[twice], Some(&listed), |s| reference_all(s, &listed)).unwrap().unwrap();
+        assert!(shard_listed_on(&store, &hash(12), 3).unwrap() && shard_listed_on(&store, &hash(12), 7).unwrap());
+        drop_reference(&mut store, &hash(1)).unwrap();
+        assert!(is_empty(&store));
+    }
+
+    #[test]
     fn identical_shards_of_two_stripes_are_each_listed() {
         let mut store = MemoryStore::default();
         // Chunks 1 and 2 share shard 10 (a zero run), on different nodes.
@@ -443,7 +507,8 @@ mod tests {
         ];
         let stripes = [stripe(1, 10, &[1, 2, 3, 4, 5, 6]), stripe(2, 10, &[6, 5, 4, 3, 2, 1])];
         with_stripes(&mut store, &stripes, Some(&listed), |s| reference_all(s, &listed)).unwrap().unwrap();
-        assert_eq!(stripes_naming(&store, &hash(10)).unwrap().len(), 2);
+        assert_eq!(stripes_listing(&store, &hash(10), 1, 10).unwrap(), [hash(1)]);
+        assert_eq!(stripes_listing(&store, &hash(10), 6, 10).unwrap(), [hash(2)]);
         assert!(shard_listed_on(&store, &hash(10), 1).unwrap() && shard_listed_on(&store, &hash(10), 6).unwrap());
         drop_reference(&mut store, &hash(1)).unwrap();
         assert!(!shard_listed_on(&store, &hash(10), 1).unwrap());

@@ -15,6 +15,9 @@ pub const SESSION_TTL_MS: std::ops::RangeInclusive<u64> = 100..=3_600_000;
 const REPLICAS_MAX: usize = 64;
 /// Entries in one repair checkpoint or drop batch.
 const BATCH_ENTRIES_MAX: usize = 65_536;
+/// Shard records one repair checkpoint changes: each rewrites a stripe record, so fewer than
+/// replica records.
+const SHARD_RECORDS_PER_ENTRY_MAX: usize = 4_096;
 /// Short strings: a cluster id, a zone, a repair job's reason.
 const LABEL_BYTES_MAX: usize = 1_024;
 
@@ -223,6 +226,9 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
                 return Err(invalid("stripes come only with a file, object, part or segment write".into()));
             };
             check_len("stripes in one entry", stripes.len(), crate::stripes::STRIPES_PER_ENTRY_MAX)?;
+            // What a segment of chunk entries may weigh, the stripes beside it may too.
+            let stripe_bytes: usize = stripes.iter().map(|stripe| 48 + stripe.shards.len() * 40).sum();
+            check_len("bytes of an entry's stripes", stripe_bytes, SEGMENT_BYTES_MAX)?;
             for stripe in stripes {
                 check_len("shards of a stripe", stripe.shards.len(), stripe.scheme.total_shards())?;
                 if !listed.iter().any(|entry| entry.hash == stripe.chunk && entry.replicas.is_empty()) {
@@ -232,8 +238,8 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
             check_command(config, command)
         }
         Command::RepairShards { added, drops, .. } => {
-            check_len("shards added in one entry", added.len(), BATCH_ENTRIES_MAX)?;
-            check_len("shard drops in one entry", drops.len(), BATCH_ENTRIES_MAX)
+            check_len("shards added in one entry", added.len(), SHARD_RECORDS_PER_ENTRY_MAX)?;
+            check_len("shard drops in one entry", drops.len(), SHARD_RECORDS_PER_ENTRY_MAX)
         }
         Command::RecordClusterEvents(events) => {
             check_len("events in one entry", events.len(), crate::files::CLUSTER_EVENTS_PER_ENTRY_MAX)?;

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use mendfs_meta::{CommandError, Origin};
 
@@ -26,7 +26,18 @@ struct LoginRequest {
     code: String,
 }
 
-pub(super) async fn login(State(state): State<Arc<HttpState>>, body: Bytes) -> Response {
+pub(super) async fn login(State(state): State<Arc<HttpState>>, headers: HeaderMap, body: Bytes) -> Response {
+    // JSON only: a cross-site form or `text/plain` post (sent without a preflight) must not
+    // spend someone's code.
+    let json = headers.get(header::CONTENT_TYPE).and_then(|value| value.to_str().ok()).is_some_and(|value| {
+        value.split(';').next().is_some_and(|kind| kind.trim().eq_ignore_ascii_case("application/json"))
+    });
+    if !json {
+        return answer(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            serde_json::json!({ "error": "send the code as Content-Type: application/json" }),
+        );
+    }
     if body.len() > LOGIN_BODY_BYTES_MAX {
         return answer(StatusCode::PAYLOAD_TOO_LARGE, serde_json::json!({ "error": "a login body is at most 1 KiB" }));
     }

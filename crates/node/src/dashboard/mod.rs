@@ -84,10 +84,13 @@ pub(crate) fn routes(state: Arc<HttpState>) -> Router<Arc<HttpState>> {
 async fn guard(State(state): State<Arc<HttpState>>, request: Request, next: Next) -> Response {
     let open = state.authenticator.admits_anonymous();
     let origin = request.headers().get(header::ORIGIN).cloned();
-    let allowed_origin = if open {
-        let hosts = member_hosts(&state);
+    // A login answers with a session token: for the page of this node only, never another
+    // origin's (a leaked link must not be redeemable by a page elsewhere that reads the token).
+    let login = request.uri().path() == "/api/login";
+    let hosts = open.then(|| member_hosts(&state));
+    if let Some(hosts) = &hosts {
         let host = request.headers().get(header::HOST).and_then(|host| host.to_str().ok()).unwrap_or("");
-        if !host_is_ours(host, &hosts) {
+        if !host_is_ours(host, hosts) {
             return api_error(
                 StatusCode::FORBIDDEN,
                 format!(
@@ -97,7 +100,11 @@ async fn guard(State(state): State<Arc<HttpState>>, request: Request, next: Next
                 ),
             );
         }
-        origin.filter(|origin| origin.to_str().is_ok_and(|origin| origin_is_ours(origin, &hosts)))
+    }
+    let allowed_origin = if login {
+        None
+    } else if let Some(hosts) = &hosts {
+        origin.filter(|origin| origin.to_str().is_ok_and(|origin| origin_is_ours(origin, hosts)))
     } else {
         Some(HeaderValue::from_static("*"))
     };
