@@ -21,6 +21,7 @@ mod clock;
 pub mod crafted;
 mod error;
 mod files;
+pub mod jobs;
 mod kv;
 mod network;
 mod node;

@@ -2360,6 +2360,7 @@ mod tests {
             (Command::DropReplicas { drops: vec![] }, 15),
             (Command::S3ExpireMultipart { initiated_before_ms: 0 }, 36),
             (Command::WithInlineChunks { inline: vec![], command: Box::new(Command::ReleaseChunks) }, 37),
+            (Command::Job(crate::jobs::JobCommand::Cancel { name: String::new() }), 38),
         ];
         for (command, number) in commands {
             assert_eq!(wire_number(&command), number, "{command:?}");

@@ -75,11 +75,27 @@ pub enum Table {
     /// metadata itself (its bytes and its references) instead of on storage nodes. A hash is
     /// in `Chunks` or here, never both.
     InlineChunks,
+    /// job name → [`crate::jobs::JobRecord`]
+    Jobs,
+    /// job name ++ 0 ++ task id (u64 BE) → [`crate::jobs::TaskRecord`]: claimed tasks only.
+    JobTasks,
+    /// job name ++ 0 ++ task id → the task's last checkpoint (bytes, bounded).
+    JobCheckpoints,
+    /// job name ++ 0 ++ task id → (): started tasks that can take another attempt.
+    JobPending,
+    /// job name ++ 0 ++ task id → (): tasks failed for good, for `job status`.
+    JobFailed,
+    /// job name ++ 0 ++ session id (u64 BE) → worker label: a job's live workers, the
+    /// placement ring's members.
+    JobWorkers,
+    /// session id (u64 BE) ++ job name ++ 0 ++ task id → lease (u64 BE): what a session holds
+    /// (task `u64::MAX`: its registration), released when it ends.
+    JobHolds,
 }
 
 impl Table {
     /// In discriminant order (storage indexes by `table as usize`).
-    pub const ALL: [Table; 26] = [
+    pub const ALL: [Table; 33] = [
         Table::Keys,
         Table::Sessions,
         Table::SessionKeys,
@@ -106,6 +122,13 @@ impl Table {
         Table::S3UploadsByTime,
         Table::S3Parts,
         Table::InlineChunks,
+        Table::Jobs,
+        Table::JobTasks,
+        Table::JobCheckpoints,
+        Table::JobPending,
+        Table::JobFailed,
+        Table::JobWorkers,
+        Table::JobHolds,
     ];
 
     pub fn name(self) -> &'static str {
@@ -136,6 +159,13 @@ impl Table {
             Table::S3UploadsByTime => "s3_uploads_by_time",
             Table::S3Parts => "s3_parts",
             Table::InlineChunks => "inline_chunks",
+            Table::Jobs => "jobs",
+            Table::JobTasks => "job_tasks",
+            Table::JobCheckpoints => "job_checkpoints",
+            Table::JobPending => "job_pending",
+            Table::JobFailed => "job_failed",
+            Table::JobWorkers => "job_workers",
+            Table::JobHolds => "job_holds",
         }
     }
 }
@@ -353,6 +383,8 @@ pub enum Outcome {
     MultipartCreated {
         upload_id: u64,
     },
+    /// What a job command (`Command::Job`) answered.
+    Job(crate::jobs::JobOutcome),
 }
 
 /// Why a well-formed command was refused. These are answers, not failures: the command was
@@ -418,6 +450,13 @@ pub enum CommandError {
     NoSuchAccessKey { key_id: String },
     #[error("invalid request: {why}")]
     InvalidRequest { why: String },
+    #[error("job {name} does not exist")]
+    JobNotFound { name: String },
+    #[error("a job named {name} already exists; choose another name")]
+    JobExists { name: String },
+    /// A checkpoint or result under a lease that is no longer the task's (fencing).
+    #[error("refused: job {name} task {task} lease {lease} is not current: {why}")]
+    LeaseLost { name: String, task: u64, lease: u64, why: String },
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;
