@@ -195,6 +195,8 @@ pub(crate) enum LeaderRequest {
     InlineChunk {
         hash: ChunkHash,
     },
+    /// A read of the jobs.
+    Jobs(jobs_api::JobRead),
 }
 
 /// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
@@ -231,6 +233,7 @@ pub(crate) enum LeaderResponse {
     StorageNodes(Vec<StorageNode>),
     S3(s3_api::S3Answer),
     InlineChunk(#[serde(with = "serde_bytes")] Option<Vec<u8>>),
+    Jobs(jobs_api::JobAnswer),
 }
 
 /// `command` with `inline` chunks travelling with it, if it has any.
@@ -440,6 +443,8 @@ impl ForwardEnvelope {
 }
 
 /// The one error for an answer of the wrong kind: a leader of another version, or a bug.
+mod jobs_api;
+pub use jobs_api::{ClaimAnswer, JobView};
 mod s3_api;
 pub use s3_api::{AccessKeyView, BUCKETS_LISTED_MAX, OBJECTS_LISTED_MAX};
 
@@ -1433,6 +1438,18 @@ impl MetaNode {
                 .map_err(ApiError::internal)??;
                 Ok(LeaderResponse::S3(answer))
             }
+            LeaderRequest::Jobs(read) => {
+                self.linearizable_barrier().await?;
+                // A listing or a results page reads up to a thousand rows: off the async workers.
+                let state = self.state.clone();
+                let answer = tokio::task::spawn_blocking(move || {
+                    let view = state.view().map_err(ApiError::internal)?;
+                    jobs_api::answer(&view, read)
+                })
+                .await
+                .map_err(ApiError::internal)??;
+                Ok(LeaderResponse::Jobs(answer))
+            }
             LeaderRequest::RetiredGetFile | LeaderRequest::RetiredListFiles => Err(ApiError::InvalidArgument(
                 "whole chunk lists are no longer served; files are read a page at a time (upgrade this node)".into(),
             )),
@@ -2331,6 +2348,7 @@ mod tests {
             (LeaderRequest::StorageNodes, 14),
             (LeaderRequest::S3(s3_api::S3Read::Buckets), 15),
             (LeaderRequest::InlineChunk { hash: ChunkHash::from_bytes([1; 32]) }, 16),
+            (LeaderRequest::Jobs(jobs_api::JobRead::List), 17),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");
@@ -2347,6 +2365,7 @@ mod tests {
             (LeaderResponse::StorageNodes(vec![]), 12),
             (LeaderResponse::S3(s3_api::S3Answer::Bucket(None)), 13),
             (LeaderResponse::InlineChunk(None), 14),
+            (LeaderResponse::Jobs(jobs_api::JobAnswer::Checkpoint(None)), 15),
         ];
         for (response, number) in responses {
             assert_eq!(wire_number(&response), number, "{response:?}");
