@@ -33,6 +33,9 @@ const ENV_LEASE: &str = "MENDFS_JOB_LEASE";
 const ENV_CHECKPOINT_IN: &str = "MENDFS_CHECKPOINT_IN";
 const ENV_BIN: &str = "MENDFS_BIN";
 
+/// Tries to report an attempt's end (each with the client's own retries and deadline) before
+/// the worker gives the job's session up instead.
+const REPORT_TRIES: u32 = 4;
 /// Results read per page by `job results`.
 const RESULTS_PAGE: u32 = 1_000;
 /// How often `job wait` reads the status.
@@ -331,17 +334,13 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
     let label = args.name.clone().unwrap_or_else(|| format!("{}:{}", hostname(), std::process::id()));
     let env = TaskEnv::new(&args)?;
     let mut sessions: HashMap<String, JobSession> = HashMap::new();
-    let mut running: JoinSet<String> = JoinSet::new();
+    let mut running: JoinSet<(String, bool)> = JoinSet::new();
     let mut running_by_job: HashMap<String, usize> = HashMap::new();
     let mut rotation = 0usize;
     eprintln!("worker {label}: {} slot(s)", args.slots);
     loop {
         while let Some(finished) = running.try_join_next() {
-            if let Ok(job) = finished {
-                if let Some(count) = running_by_job.get_mut(&job) {
-                    *count = count.saturating_sub(1);
-                }
-            }
+            reaped(finished, &mut running_by_job, &mut sessions, &label).await;
         }
         // A session whose keep-alive task ended is over: stop its attempts, open another later.
         sessions.retain(|job, held| {
@@ -389,6 +388,12 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
             rotation = rotation.wrapping_add(1);
             for i in 0..active.len() {
                 let job = &active[(rotation + i) % active.len()];
+                // Nothing unleased, and no second or backup attempt wanted: a claim would only
+                // be a Raft write answering "nothing".
+                let spec = job.spec.clone().unwrap_or_default();
+                if job.pending == 0 && spec.redundancy <= 1 && spec.speculative_max == 0 {
+                    continue;
+                }
                 while running.len() < args.slots {
                     let ttl = Duration::from_millis(job.spec.as_ref().map_or(10_000, |spec| spec.ttl_ms));
                     if !sessions.contains_key(&job.name) {
@@ -409,11 +414,12 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
                         Ok(claim) => claim,
                         Err(e) => {
                             eprintln!("worker {label}: claim in job {} failed: {e}", job.name);
-                            if matches!(e, ClientError::SessionNotFound(_)) {
-                                if let Some(held) = sessions.remove(&job.name) {
-                                    held.keep_alive.abort();
-                                    let _ = held.lost.send(true);
-                                }
+                            // A claim that timed out may have been applied: a lease this
+                            // worker does not know of would be held for as long as the
+                            // session lives. Ending the session ends it (and this worker's
+                            // other attempts of the job, which are retried elsewhere).
+                            if matches!(e, ClientError::SessionNotFound(_) | ClientError::Timeout { .. }) {
+                                abandon_session(&mut sessions, &job.name, &label).await;
                             }
                             break;
                         }
@@ -439,8 +445,8 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
                     *running_by_job.entry(job.name.clone()).or_default() += 1;
                     let name = job.name.clone();
                     running.spawn(async move {
-                        attempt.run().await;
-                        name
+                        let abandon = attempt.run().await;
+                        (name, abandon)
                     });
                 }
             }
@@ -450,14 +456,38 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
         }
         tokio::select! {
             Some(finished) = running.join_next(), if !running.is_empty() => {
-                if let Ok(job) = finished {
-                    if let Some(count) = running_by_job.get_mut(&job) {
-                        *count = count.saturating_sub(1);
-                    }
-                }
+                reaped(finished, &mut running_by_job, &mut sessions, &label).await;
             }
             () = tokio::time::sleep(wait) => {}
         }
+    }
+}
+
+/// Accounts for a finished attempt; one whose end could not be reported costs its job's
+/// session (see [`Attempt::run`]).
+async fn reaped(
+    finished: Result<(String, bool), tokio::task::JoinError>,
+    running_by_job: &mut HashMap<String, usize>,
+    sessions: &mut HashMap<String, JobSession>,
+    label: &str,
+) {
+    let Ok((job, abandon)) = finished else { return };
+    if let Some(count) = running_by_job.get_mut(&job) {
+        *count = count.saturating_sub(1);
+    }
+    if abandon {
+        abandon_session(sessions, &job, label).await;
+    }
+}
+
+/// Ends this worker's session for `job`: its attempts there are stopped, and the cluster ends
+/// every lease it held at once (or at its TTL if the close does not get through).
+async fn abandon_session(sessions: &mut HashMap<String, JobSession>, job: &str, label: &str) {
+    if let Some(held) = sessions.remove(job) {
+        eprintln!("worker {label}: giving up session {} of job {job}", held.session.id());
+        held.keep_alive.abort();
+        let _ = held.lost.send(true);
+        let _ = held.session.close().await;
     }
 }
 
@@ -519,7 +549,9 @@ enum Stopped {
 }
 
 impl Attempt {
-    async fn run(mut self) {
+    /// Runs the attempt and reports how it ended. True if the attempt's end could not be
+    /// reported: its lease may still be held, and only ending the session ends it.
+    async fn run(mut self) -> bool {
         let what = format!("job {} task {} (lease {})", self.job, self.task, self.lease);
         let checkpoint_in = self.env.scratch.join(format!("{}.{}.{}.checkpoint", self.job, self.task, self.lease));
         if self.has_checkpoint {
@@ -535,12 +567,23 @@ impl Attempt {
         }
         let end = self.execute(&what, &checkpoint_in).await;
         let _ = std::fs::remove_file(&checkpoint_in);
-        let Some(end) = end else { return };
-        match self.client.job_complete(&self.job, self.task, self.lease, end).await {
-            Ok(()) => {}
-            Err(ClientError::LeaseLost(why)) => eprintln!("worker {}: {what}: result refused: {why}", self.label),
-            Err(e) => eprintln!("worker {}: {what}: cannot report the attempt: {e}", self.label),
+        let Some(end) = end else { return false };
+        // Each try carries a new request id; a result applied by an earlier try makes the
+        // next one answer "lease not current", which ends the loop too.
+        for attempt in 0..REPORT_TRIES {
+            match self.client.job_complete(&self.job, self.task, self.lease, end.clone()).await {
+                Ok(()) => return false,
+                Err(ClientError::LeaseLost(why)) => {
+                    eprintln!("worker {}: {what}: result refused: {why}", self.label);
+                    return false;
+                }
+                Err(e) => {
+                    eprintln!("worker {}: {what}: cannot report the attempt (try {}): {e}", self.label, attempt + 1);
+                    tokio::time::sleep(Duration::from_secs(1 << attempt.min(4))).await;
+                }
+            }
         }
+        true
     }
 
     /// Runs the command; None if the attempt was stopped and has nothing to report.
