@@ -1,6 +1,6 @@
 //! `mendfs job` and `mendfs worker` against real processes: a worker killed mid-job, a worker
 //! paused past its TTL (a zombie whose writes must be fenced), the leader killed mid-job,
-//! redundant attempts, and bad input.
+//! redundant and backup (speculative) attempts, and bad input.
 //!
 //! Task commands are small `sh` scripts that count, checkpoint the count with
 //! `$MENDFS_BIN job checkpoint`, and print the square of their task id; they log what they did
@@ -264,7 +264,7 @@ fn a_job_completes_through_the_leader_s_death_without_losing_a_checkpoint() {
 }
 
 #[test]
-fn redundant_attempts_commit_one_result_and_stop_the_loser_and_bad_input_is_refused() {
+fn redundant_and_backup_attempts_commit_one_result_and_stop_the_loser_and_bad_input_is_refused() {
     let cluster = start_cluster();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
@@ -295,6 +295,18 @@ touch "{d}/end.$MENDFS_TASK.$MENDFS_JOB_LEASE"; echo "$MENDFS_TASK by $MENDFS_JO
     }
     let logs = a.log() + &b.log();
     assert_eq!(logs.matches("stopped:").count(), 3, "every loser was stopped: {logs}");
+
+    // Redundancy 1 with a straggler: task 0's first attempt hangs; it gets a backup attempt,
+    // which wins, and the hung one is stopped.
+    let straggler = r#"if [ "$MENDFS_TASK" = 0 ] && [ "$MENDFS_JOB_LEASE" = 1 ]; then sleep 60; fi; sleep 0.2; echo "$MENDFS_TASK""#;
+    submit(&cluster, "straggler", 4, &["--speculative-max", "1", "--ttl", "3"], straggler);
+    let mut a = Worker::start(&cluster, dir.path(), "a2", 2);
+    let mut b = Worker::start(&cluster, dir.path(), "b2", 2);
+    assert!(a.wait_exit(DEADLINE), "{}", a.log());
+    assert!(b.wait_exit(DEADLINE), "{}", b.log());
+    let backed_up = status(&cluster, "straggler");
+    assert_eq!((backed_up["done"].as_u64(), backed_up["speculative"].as_u64()), (Some(4), Some(1)), "{backed_up}");
+    assert_eq!(results(&cluster, "straggler")[&0]["attempt"], 2, "the backup attempt's result");
 
     // Bad input.
     let refused = |args: &[&str]| -> String {
