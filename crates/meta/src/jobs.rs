@@ -39,8 +39,8 @@ pub const JOB_NAME_BYTES_MAX: usize = 128;
 /// of Raft state at most, comparable to the sessions table's bound.
 pub const TASKS_PER_JOB_MAX: u64 = 1_000_000;
 /// Jobs the cluster keeps (finished and cancelled ones included: there is no `job delete`
-/// yet).
-pub const JOBS_MAX: u64 = 10_000;
+/// yet). Equal to what one `job list` returns, which is how workers find work.
+pub const JOBS_MAX: u64 = 1_000;
 /// Concurrent attempts of one task.
 pub const REDUNDANCY_MAX: u32 = 8;
 /// Attempts of one task (failed exits and lost leases both count).

@@ -10,7 +10,7 @@ use crate::schema::{self, CommandError, Outcome, StateStore};
 use crate::state::{Command, RequestId};
 
 /// Jobs one listing returns at most.
-pub const JOBS_LISTED_MAX: usize = 1_000;
+pub const JOBS_LISTED_MAX: usize = jobs::JOBS_MAX as usize;
 /// Failed tasks a status shows (with their stderr tails).
 pub const FAILURES_SHOWN_MAX: usize = 20;
 /// Task rows one results page returns at most, and about how many bytes.
