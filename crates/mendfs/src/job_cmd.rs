@@ -21,6 +21,7 @@ use mendfs_client::jobs::{AttemptEnd, JobSpec, JobStatus};
 use mendfs_client::{Client, Error as ClientError, Session};
 use serde_json::json;
 use tokio::io::AsyncReadExt;
+use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -337,6 +338,8 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
     let mut running: JoinSet<(String, bool)> = JoinSet::new();
     let mut running_by_job: HashMap<String, usize> = HashMap::new();
     let mut rotation = 0usize;
+    let mut terminate = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
     eprintln!("worker {label}: {} slot(s)", args.slots);
     loop {
         while let Some(finished) = running.try_join_next() {
@@ -459,8 +462,35 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
                 reaped(finished, &mut running_by_job, &mut sessions, &label).await;
             }
             () = tokio::time::sleep(wait) => {}
+            _ = terminate.recv() => return Ok(stop_worker(&label, sessions, running, 143).await),
+            _ = interrupt.recv() => return Ok(stop_worker(&label, sessions, running, 130).await),
         }
     }
+}
+
+/// How long a stopping worker waits for its commands to be killed before it closes its
+/// sessions anyway.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Stops a worker on SIGTERM or SIGINT: its commands are killed (their attempts report
+/// nothing), then its sessions are closed, which ends their leases at once, so the tasks go to
+/// other workers now rather than after the TTL.
+async fn stop_worker(
+    label: &str,
+    sessions: HashMap<String, JobSession>,
+    mut running: JoinSet<(String, bool)>,
+    code: u8,
+) -> ExitCode {
+    eprintln!("worker {label}: stopping: killing {} running task(s), releasing their leases", running.len());
+    for held in sessions.values() {
+        let _ = held.lost.send(true);
+    }
+    let _ = tokio::time::timeout(STOP_GRACE, async { while running.join_next().await.is_some() {} }).await;
+    for (_, held) in sessions {
+        held.keep_alive.abort();
+        let _ = held.session.close().await;
+    }
+    ExitCode::from(code)
 }
 
 /// Accounts for a finished attempt; one whose end could not be reported costs its job's

@@ -308,6 +308,26 @@ touch "{d}/end.$MENDFS_TASK.$MENDFS_JOB_LEASE"; echo "$MENDFS_TASK by $MENDFS_JO
     assert_eq!((backed_up["done"].as_u64(), backed_up["speculative"].as_u64()), (Some(4), Some(1)), "{backed_up}");
     assert_eq!(results(&cluster, "straggler")[&0]["attempt"], 2, "the backup attempt's result");
 
+    // A worker stopped with SIGTERM kills its command and releases its lease: the task runs
+    // elsewhere at once, not after its 30 s TTL.
+    let graceful = format!(
+        r#"echo $$ > "{d}/graceful.$MENDFS_JOB_LEASE"; if [ "$MENDFS_JOB_LEASE" = 1 ]; then sleep 60; fi; echo done"#
+    );
+    submit(&cluster, "graceful", 1, &["--ttl", "30"], &graceful);
+    let mut stopping = Worker::start(&cluster, dir.path(), "stopping", 1);
+    let first_pid = wait_for("the first attempt starts", DEADLINE, || {
+        Ok(std::fs::read_to_string(dir.path().join("graceful.1")).ok().and_then(|pid| pid.trim().parse::<i32>().ok()))
+    })
+    .unwrap();
+    let stopped_at = Instant::now();
+    mendfs_testkit::signal(stopping.pid(), libc::SIGTERM).unwrap();
+    assert!(!stopping.wait_exit(Duration::from_secs(15)), "a stopped worker exits non-zero: {}", stopping.log());
+    assert!(!Path::new(&format!("/proc/{first_pid}")).exists(), "its command was killed");
+    let mut next = Worker::start(&cluster, dir.path(), "next", 1);
+    assert!(next.wait_exit(DEADLINE), "{}", next.log());
+    assert!(stopped_at.elapsed() < Duration::from_secs(20), "the lease was released, not left to expire");
+    assert_eq!(results(&cluster, "graceful")[&0]["worker"], "next");
+
     // Bad input.
     let refused = |args: &[&str]| -> String {
         let out = cluster.cli().args(args).output().unwrap();
