@@ -149,6 +149,18 @@ impl Client {
         .map(|reply| (reply.current, reply.why))
     }
 
+    /// Gives a lease back (a stopping worker): the task is claimable again at once.
+    pub async fn job_release(&self, name: &str, task: u64, lease: u64) -> Result<(), Error> {
+        let request = pb::JobReleaseRequest { name: name.to_string(), task, lease, request_id: self.next_request_id() };
+        self.call("release a lease", |i| {
+            let request = request.clone();
+            let mut jobs = self.jobs(i);
+            async move { jobs.release(request).await }
+        })
+        .await
+        .map(drop)
+    }
+
     pub async fn job_read_checkpoint(&self, name: &str, task: u64) -> Result<Option<Vec<u8>>, Error> {
         let request = pb::JobReadCheckpointRequest { name: name.to_string(), task };
         self.call("read a checkpoint", |i| {

@@ -338,6 +338,7 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
     let mut running: JoinSet<(String, bool)> = JoinSet::new();
     let mut running_by_job: HashMap<String, usize> = HashMap::new();
     let mut rotation = 0usize;
+    let (stopping, _) = watch::channel(false);
     let mut terminate = signal(SignalKind::terminate()).context("listen for SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("listen for SIGINT")?;
     eprintln!("worker {label}: {} slot(s)", args.slots);
@@ -442,6 +443,7 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
                         command: claim.command,
                         check_every: (ttl / 4).clamp(Duration::from_millis(100), Duration::from_secs(1)),
                         lost: held.lost.subscribe(),
+                        stopping: stopping.subscribe(),
                         env: env.clone(),
                         label: label.clone(),
                     };
@@ -462,8 +464,8 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
                 reaped(finished, &mut running_by_job, &mut sessions, &label).await;
             }
             () = tokio::time::sleep(wait) => {}
-            _ = terminate.recv() => return Ok(stop_worker(&label, sessions, running, 143).await),
-            _ = interrupt.recv() => return Ok(stop_worker(&label, sessions, running, 130).await),
+            _ = terminate.recv() => return Ok(stop_worker(&label, &stopping, sessions, running, 143).await),
+            _ = interrupt.recv() => return Ok(stop_worker(&label, &stopping, sessions, running, 130).await),
         }
     }
 }
@@ -472,19 +474,18 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
 /// sessions anyway.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// Stops a worker on SIGTERM or SIGINT: its commands are killed (their attempts report
-/// nothing), then its sessions are closed, which ends their leases at once, so the tasks go to
-/// other workers now rather than after the TTL.
+/// Stops a worker on SIGTERM or SIGINT: its commands are killed and their leases given back
+/// (not counted as failed attempts), then its sessions are closed, which ends whatever lease
+/// is left, so the tasks go to other workers now rather than after the TTL.
 async fn stop_worker(
     label: &str,
+    stopping: &watch::Sender<bool>,
     sessions: HashMap<String, JobSession>,
     mut running: JoinSet<(String, bool)>,
     code: u8,
 ) -> ExitCode {
     eprintln!("worker {label}: stopping: killing {} running task(s), releasing their leases", running.len());
-    for held in sessions.values() {
-        let _ = held.lost.send(true);
-    }
+    let _ = stopping.send(true);
     let _ = tokio::time::timeout(STOP_GRACE, async { while running.join_next().await.is_some() {} }).await;
     for (_, held) in sessions {
         held.keep_alive.abort();
@@ -568,6 +569,7 @@ struct Attempt {
     command: Vec<String>,
     check_every: Duration,
     lost: watch::Receiver<bool>,
+    stopping: watch::Receiver<bool>,
     env: TaskEnv,
     label: String,
 }
@@ -576,6 +578,8 @@ struct Attempt {
 enum Stopped {
     Exited(std::process::ExitStatus),
     LeaseGone(String),
+    /// The worker is stopping: the command is killed and the lease given back.
+    WorkerStopping,
 }
 
 impl Attempt {
@@ -618,7 +622,11 @@ impl Attempt {
 
     /// Runs the command; None if the attempt was stopped and has nothing to report.
     async fn execute(&mut self, what: &str, checkpoint_in: &std::path::Path) -> Option<AttemptEnd> {
-        let mut command = tokio::process::Command::new(&self.command[0]);
+        let Some(program) = self.command.first() else {
+            let message = "mendfs worker: the job has no command".to_string();
+            return Some(AttemptEnd::Failed { exit_code: None, stderr_tail: message.into_bytes() });
+        };
+        let mut command = tokio::process::Command::new(program);
         command
             .args(&self.command[1..])
             .envs(self.env.vars.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -643,7 +651,7 @@ impl Attempt {
                     std::io::ErrorKind::PermissionDenied => "Permission denied".to_string(),
                     _ => e.to_string(),
                 };
-                let message = format!("mendfs worker: cannot run {:?}: {reason}", self.command[0]);
+                let message = format!("mendfs worker: cannot run {program:?}: {reason}");
                 eprintln!("worker {}: {what}: {message}", self.label);
                 return Some(AttemptEnd::Failed { exit_code: None, stderr_tail: message.into_bytes() });
             }
@@ -663,6 +671,7 @@ impl Attempt {
                     Err(e) => break Stopped::LeaseGone(format!("cannot wait for the command: {e}")),
                 },
                 _ = self.lost.changed() => break Stopped::LeaseGone("the worker's session was lost".into()),
+                _ = self.stopping.changed() => break Stopped::WorkerStopping,
                 _ = check.tick() => {
                     match self.client.job_lease(&self.job, self.task, self.lease).await {
                         Ok((true, _)) => {}
@@ -684,12 +693,17 @@ impl Attempt {
             exited => exited,
         };
         match stopped {
-            Stopped::LeaseGone(why) => {
-                if let Some(pid) = pid.and_then(|pid| i32::try_from(pid).ok()).and_then(rustix::process::Pid::from_raw)
-                {
-                    // The child is not reaped yet, so its group id cannot be anyone else's.
-                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+            Stopped::WorkerStopping => {
+                kill_group(pid);
+                let _ = child.wait().await;
+                match self.client.job_release(&self.job, self.task, self.lease).await {
+                    Ok(()) => eprintln!("worker {}: {what}: stopped and released", self.label),
+                    Err(e) => eprintln!("worker {}: {what}: stopped; cannot release the lease: {e}", self.label),
                 }
+                None
+            }
+            Stopped::LeaseGone(why) => {
+                kill_group(pid);
                 let _ = child.wait().await;
                 eprintln!("worker {}: {what}: stopped: {why}", self.label);
                 None
@@ -716,6 +730,14 @@ impl Attempt {
                 }
             }
         }
+    }
+}
+
+/// Kills the process group of a command that has not been reaped yet (so its group id cannot
+/// be anyone else's).
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|pid| i32::try_from(pid).ok()).and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
     }
 }
 

@@ -308,8 +308,8 @@ touch "{d}/end.$MENDFS_TASK.$MENDFS_JOB_LEASE"; echo "$MENDFS_TASK by $MENDFS_JO
     assert_eq!((backed_up["done"].as_u64(), backed_up["speculative"].as_u64()), (Some(4), Some(1)), "{backed_up}");
     assert_eq!(results(&cluster, "straggler")[&0]["attempt"], 2, "the backup attempt's result");
 
-    // A worker stopped with SIGTERM kills its command and releases its lease: the task runs
-    // elsewhere at once, not after its 30 s TTL.
+    // A worker stopped with SIGTERM kills its command and gives its lease back: the task runs
+    // elsewhere at once, not after its 30 s TTL, and the stop is not a failed attempt.
     let graceful = format!(
         r#"echo $$ > "{d}/graceful.$MENDFS_JOB_LEASE"; if [ "$MENDFS_JOB_LEASE" = 1 ]; then sleep 60; fi; echo done"#
     );
@@ -327,6 +327,9 @@ touch "{d}/end.$MENDFS_TASK.$MENDFS_JOB_LEASE"; echo "$MENDFS_TASK by $MENDFS_JO
     assert!(next.wait_exit(DEADLINE), "{}", next.log());
     assert!(stopped_at.elapsed() < Duration::from_secs(20), "the lease was released, not left to expire");
     assert_eq!(results(&cluster, "graceful")[&0]["worker"], "next");
+    assert!(stopping.log().contains("stopped and released"), "{}", stopping.log());
+    let graceful = status(&cluster, "graceful");
+    assert_eq!(graceful["lost_leases"], 0, "the lease was given back, not lost: {graceful}");
 
     // Bad input.
     let refused = |args: &[&str]| -> String {

@@ -96,7 +96,9 @@ pub fn required_access(op: &str) -> Option<Access> {
         "S3Admin/CreateKey" | "S3Admin/ListKeys" | "S3Admin/DeleteKey" | "S3Admin/Allow" => Client(Admin),
         "S3Admin/CreateBucket" | "S3Admin/ListBuckets" | "S3Admin/DeleteBucket" => Client(Admin),
         "Jobs/Status" | "Jobs/List" | "Jobs/Results" | "Jobs/Lease" | "Jobs/ReadCheckpoint" => Client(Read),
-        "Jobs/Submit" | "Jobs/Cancel" | "Jobs/Claim" | "Jobs/Checkpoint" | "Jobs/Complete" => Client(Write),
+        "Jobs/Submit" | "Jobs/Cancel" | "Jobs/Claim" | "Jobs/Checkpoint" | "Jobs/Complete" | "Jobs/Release" => {
+            Client(Write)
+        }
         _ => return None,
     })
 }

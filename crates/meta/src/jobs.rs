@@ -226,13 +226,20 @@ pub enum JobCommand {
         lease: u64,
         outcome: TaskOutcome,
     },
+    /// A worker that is stopping gives a lease back: the task is claimable again at once, and
+    /// the attempt does not count against `max_attempts`.
+    Release {
+        name: String,
+        task: u64,
+        lease: u64,
+    },
 }
 
 impl JobCommand {
     pub fn approximate_bytes(&self) -> usize {
         match self {
             JobCommand::Submit { name, spec } => name.len() + spec.command.iter().map(|a| a.len() + 2).sum::<usize>(),
-            JobCommand::Cancel { name } => name.len(),
+            JobCommand::Cancel { name } | JobCommand::Release { name, .. } => name.len(),
             JobCommand::Claim { name, worker, .. } => name.len() + worker.len(),
             JobCommand::Checkpoint { name, data, .. } => name.len() + data.len(),
             JobCommand::Complete { name, outcome, .. } => {
@@ -252,7 +259,7 @@ impl JobCommand {
                 validate_job_name(name)?;
                 check_spec(spec)
             }
-            JobCommand::Cancel { name } => validate_job_name(name),
+            JobCommand::Cancel { name } | JobCommand::Release { name, .. } => validate_job_name(name),
             JobCommand::Claim { name, worker, .. } => {
                 validate_job_name(name)?;
                 if worker.is_empty() || worker.len() > WORKER_LABEL_BYTES_MAX {
@@ -303,6 +310,8 @@ pub enum JobOutcome {
     CheckpointSaved,
     /// The attempt's result was committed (a success) or its failure recorded.
     Completed,
+    /// The lease was given back.
+    Released,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -475,6 +484,7 @@ pub fn apply(store: &mut impl StateStore, command: &JobCommand, clock_ms: u64) -
         JobCommand::Claim { name, session_id, worker } => claim(store, name, *session_id, worker, clock_ms)?,
         JobCommand::Checkpoint { name, task, lease, data } => checkpoint(store, name, *task, *lease, data)?,
         JobCommand::Complete { name, task, lease, outcome } => complete(store, name, *task, *lease, outcome, clock_ms)?,
+        JobCommand::Release { name, task, lease } => release(store, name, *task, *lease)?,
     };
     Ok(outcome.map(Outcome::Job))
 }
@@ -902,6 +912,30 @@ fn complete(
     put_task(store, name, task, &record)?;
     put_job(store, name, &job)?;
     Ok(Ok(JobOutcome::Completed))
+}
+
+fn release(
+    store: &mut impl StateStore,
+    name: &str,
+    task: u64,
+    lease: u64,
+) -> Result<Result<JobOutcome, CommandError>, StoreError> {
+    let (mut job, mut record) = match fence(store, name, task, lease)? {
+        Ok(found) => found,
+        Err(refused) => return Ok(Err(refused)),
+    };
+    let Some(position) = record.leases.iter().position(|held| held.attempt == lease) else {
+        return Ok(Ok(JobOutcome::Released));
+    };
+    let held = record.leases.remove(position);
+    store.remove(Table::JobHolds, &hold_key(held.session_id, name, task))?;
+    if record.leases.is_empty() {
+        job.running = job.running.saturating_sub(1);
+    }
+    store.put(Table::JobPending, &task_key(name, task), &[])?;
+    put_task(store, name, task, &record)?;
+    put_job(store, name, &job)?;
+    Ok(Ok(JobOutcome::Released))
 }
 
 fn record_winner(record: &mut TaskRecord, lease: u64, worker: &str, stdout: &[u8], clock_ms: u64) {

@@ -225,6 +225,15 @@ impl Jobs for JobsApi {
         self.hint(pb::JobLeaseReply { current, why })
     }
 
+    async fn release(&self, request: Request<pb::JobReleaseRequest>) -> Result<Response<pb::JobReleaseReply>, Status> {
+        let origin = request_origin(&request);
+        let release = request.into_inner();
+        jobs::validate_job_name(&release.name).map_err(Status::invalid_argument)?;
+        let request_id = request_id(release.request_id);
+        self.node.job_release(origin, request_id, release.name, release.task, release.lease).await?;
+        self.hint(pb::JobReleaseReply {})
+    }
+
     async fn read_checkpoint(
         &self,
         request: Request<pb::JobReadCheckpointRequest>,

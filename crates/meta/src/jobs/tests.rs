@@ -204,6 +204,21 @@ fn a_straggler_gets_one_backup_attempt() {
 }
 
 #[test]
+fn a_released_lease_is_not_a_failed_attempt() {
+    let mut store = MemoryStore::default();
+    submit(&mut store, "j", spec(1, 1, 1)).expect("submit");
+    let s = session(&mut store);
+    let first = claim(&mut store, 2, "j", s).expect("claimed");
+    let released = job(&mut store, 3, JobCommand::Release { name: "j".into(), task: 0, lease: first.lease });
+    assert_eq!(released, Ok(Outcome::Job(JobOutcome::Released)));
+    assert!(matches!(save(&mut store, "j", 0, first.lease, b"1"), Err(CommandError::LeaseLost { .. })));
+    let second = claim(&mut store, 3, "j", s).expect("claimable again at once, with max-attempts 1");
+    succeed(&mut store, 4, "j", 0, second.lease, "ok").expect("result");
+    let done = record(&store, "j");
+    assert_eq!((done.done, done.failed, done.running), (1, 0, 0));
+}
+
+#[test]
 fn cancel_fences_every_lease() {
     let mut store = MemoryStore::default();
     submit(&mut store, "j", spec(2, 1, 3)).expect("submit");

@@ -220,6 +220,17 @@ impl MetaNode {
         self.job_command(origin, request_id, JobCommand::Complete { name, task, lease, outcome }).await.map(drop)
     }
 
+    pub async fn job_release(
+        &self,
+        origin: Origin,
+        request_id: Option<RequestId>,
+        name: String,
+        task: u64,
+        lease: u64,
+    ) -> Result<(), ApiError> {
+        self.job_command(origin, request_id, JobCommand::Release { name, task, lease }).await.map(drop)
+    }
+
     pub async fn job_status(&self, origin: Origin, name: String) -> Result<JobView, ApiError> {
         match self.job_read(origin, JobRead::Status { name }).await? {
             JobAnswer::Status(view) => Ok(*view),
