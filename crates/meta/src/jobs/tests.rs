@@ -239,6 +239,7 @@ enum Step {
     Fail(usize),
     Expire(usize),
     Reopen(usize),
+    Release(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -249,11 +250,12 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0..3usize).prop_map(Step::Fail),
         1 => (0..3usize).prop_map(Step::Expire),
         1 => (0..3usize).prop_map(Step::Reopen),
+        1 => (0..3usize).prop_map(Step::Release),
     ]
 }
 
 proptest! {
-    /// Whatever the interleaving of claims, checkpoints, completions and session expiries
+    /// Whatever the interleaving of claims, checkpoints, completions, releases and session expiries
     /// across three workers (each remembering every lease it ever got, so zombies write too),
     /// each task commits at most one result, that result is never replaced, a write is
     /// accepted only under a lease the task currently lists, and the counters add up.
@@ -307,6 +309,11 @@ proptest! {
                 }
                 Step::Reopen(w) => {
                     sessions[w] = session(&mut store);
+                }
+                Step::Release(w) => {
+                    if let Some(&(task, lease)) = leases[w].last() {
+                        let _ = job(&mut store, clock, JobCommand::Release { name: "j".into(), task, lease });
+                    }
                 }
             }
             let job = record(&store, "j");
