@@ -162,6 +162,26 @@ fn check_results_and_resumes(cluster: &Cluster, job: &str, dir: &Path, tasks: u6
     resumed
 }
 
+/// Whether a command of the worker `worker_pid` (its parent) is running a task that has an
+/// acknowledged checkpoint.
+fn checkpointed_task_of(dir: &Path, worker_pid: u32) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else { return false };
+    entries.filter_map(|entry| entry.ok()).any(|entry| {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(attempt) = name.strip_prefix("start.") else { return false };
+        let acknowledged = dir.join(format!("ack.{attempt}")).exists();
+        let ended = dir.join(format!("end.{attempt}")).exists();
+        let pid = std::fs::read_to_string(entry.path())
+            .ok()
+            .and_then(|line| line.split_whitespace().nth(1).map(str::to_string));
+        let parent = pid.and_then(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()).and_then(|stat| {
+            // The parent pid is the second field after the command name, which is in parentheses.
+            stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse::<u32>().ok()
+        });
+        acknowledged && !ended && parent == Some(worker_pid)
+    })
+}
+
 fn submit(cluster: &Cluster, job: &str, tasks: u64, extra: &[&str], script: &str) {
     let tasks = tasks.to_string();
     let mut args = vec!["job", "submit", job, "--tasks", &tasks];
@@ -251,6 +271,10 @@ fn a_job_completes_through_the_leader_s_death_without_losing_a_checkpoint() {
     let first = Worker::start(&cluster, dir.path(), "first", 2);
     let mut second = Worker::start(&cluster, dir.path(), "second", 2);
     wait_for_status(&cluster, "failover", "a few tasks done", |s| s["done"].as_u64().unwrap() >= 3);
+    wait_for("the first worker running a task with a checkpoint", DEADLINE, || {
+        Ok(checkpointed_task_of(dir.path(), first.pid()).then_some(()))
+    })
+    .unwrap();
     let leader = cluster.wait_for_leader(DEADLINE).unwrap();
     cluster.kill(leader).unwrap();
     // A worker dies too, so that tasks must resume from checkpoints the old leader committed.
@@ -259,6 +283,7 @@ fn a_job_completes_through_the_leader_s_death_without_losing_a_checkpoint() {
     let status = status(&cluster, "failover");
     assert_eq!((status["done"].as_u64(), status["failed"].as_u64()), (Some(12), Some(0)), "{status}");
     let resumed = check_results_and_resumes(&cluster, "failover", dir.path(), 12);
+    assert!(resumed > 0, "the killed worker's checkpointed task resumed: {status}");
     eprintln!("jobs: leader {leader} killed; {resumed} attempts resumed from checkpoints; status {status}");
     drop(first);
 }
