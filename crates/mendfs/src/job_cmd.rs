@@ -385,6 +385,7 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
         }
         if active.is_empty() && running.is_empty() && args.exit_when_idle {
             eprintln!("worker {label}: no work left; exiting");
+            let _ = std::fs::remove_dir_all(&env.scratch);
             return Ok(ExitCode::SUCCESS);
         }
         let mut wait = Duration::from_secs(1);
@@ -464,8 +465,16 @@ pub async fn run_worker(args: WorkerArgs) -> Result<ExitCode> {
                 reaped(finished, &mut running_by_job, &mut sessions, &label).await;
             }
             () = tokio::time::sleep(wait) => {}
-            _ = terminate.recv() => return Ok(stop_worker(&label, &stopping, sessions, running, 143).await),
-            _ = interrupt.recv() => return Ok(stop_worker(&label, &stopping, sessions, running, 130).await),
+            _ = terminate.recv() => {
+                let code = stop_worker(&label, &stopping, sessions, running, 143).await;
+                let _ = std::fs::remove_dir_all(&env.scratch);
+                return Ok(code);
+            }
+            _ = interrupt.recv() => {
+                let code = stop_worker(&label, &stopping, sessions, running, 130).await;
+                let _ = std::fs::remove_dir_all(&env.scratch);
+                return Ok(code);
+            }
         }
     }
 }
