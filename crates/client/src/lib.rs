@@ -7,6 +7,7 @@
 //! jittered backoff. Writes carry a request id that stays the same across retries, so a write
 //! whose first attempt was applied but not acknowledged is not applied twice.
 
+pub mod jobs;
 pub mod lock;
 
 use futures::future::Either;
@@ -76,6 +77,10 @@ pub enum Error {
     Server(String),
     #[error("client configuration: {0}")]
     Config(String),
+    /// A job checkpoint or result under a lease that is no longer the task's: the attempt
+    /// must stop (its task went to another worker, was won elsewhere, or the job was cancelled).
+    #[error("{0}")]
+    LeaseLost(String),
 }
 
 impl Error {
@@ -239,6 +244,7 @@ fn classify(status: &tonic::Status) -> Attempt {
             let expected = header_u64(ERROR_EXPECTED_VERSION_HEADER);
             Attempt::Fail(Error::VersionMismatch { expected, actual })
         }
+        tonic::Code::FailedPrecondition if kind == "lease-lost" => Attempt::Fail(Error::LeaseLost(message)),
         tonic::Code::NotFound if kind == "session-not-found" => {
             let id = message.split_whitespace().nth(1).and_then(|n| n.parse().ok()).unwrap_or(0);
             Attempt::Fail(Error::SessionNotFound(id))

@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::{auth_cmd, bench, chaos_cmd, client_cmd, demo, files_cmd, local_cmd, s3_cmd, server, telemetry_cmd};
+use crate::{
+    auth_cmd, bench, chaos_cmd, client_cmd, demo, files_cmd, job_cmd, local_cmd, s3_cmd, server, telemetry_cmd,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "mendfs", version, about = "MendFS: a self-healing distributed file store")]
@@ -71,6 +73,16 @@ pub enum Command {
         #[command(subcommand)]
         command: s3_cmd::S3Command,
     },
+    /// Fault-tolerant jobs: `job submit NAME --tasks N -- CMD...`, `status`, `results`, `wait`,
+    /// `cancel`, `list`; `job checkpoint FILE` from a task's command.
+    Job {
+        #[command(flatten)]
+        connection: Connection,
+        #[command(subcommand)]
+        command: job_cmd::JobCommand,
+    },
+    /// Take tasks of the cluster's jobs and run them (checkpoints, leases, retries).
+    Worker(job_cmd::WorkerArgs),
     /// Certificates for a TLS cluster: `cert init DIR --nodes N`.
     Cert {
         #[command(subcommand)]
@@ -188,5 +200,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Auth { connection, command } => auth_cmd::run_auth(connection, command).await,
         Command::S3 { connection, command } => s3_cmd::run_s3(connection, command).await,
         Command::Cert { command } => auth_cmd::run_cert(command),
+        Command::Job { connection, command } => job_cmd::run_job(connection, command).await,
+        Command::Worker(args) => job_cmd::run_worker(args).await,
     }
 }

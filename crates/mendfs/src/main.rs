@@ -8,6 +8,7 @@ mod cli;
 mod client_cmd;
 mod demo;
 mod files_cmd;
+mod job_cmd;
 mod local_cmd;
 mod s3_cmd;
 mod server;

@@ -95,6 +95,10 @@ pub fn required_access(op: &str) -> Option<Access> {
         "Auth/CreateToken" | "Auth/ListTokens" | "Auth/RevokeToken" | "Auth/CreateLoginLink" => Client(Admin),
         "S3Admin/CreateKey" | "S3Admin/ListKeys" | "S3Admin/DeleteKey" | "S3Admin/Allow" => Client(Admin),
         "S3Admin/CreateBucket" | "S3Admin/ListBuckets" | "S3Admin/DeleteBucket" => Client(Admin),
+        "Jobs/Status" | "Jobs/List" | "Jobs/Results" | "Jobs/Lease" | "Jobs/ReadCheckpoint" => Client(Read),
+        "Jobs/Submit" | "Jobs/Cancel" | "Jobs/Claim" | "Jobs/Checkpoint" | "Jobs/Complete" | "Jobs/Release" => {
+            Client(Write)
+        }
         _ => return None,
     })
 }
@@ -517,7 +521,9 @@ mod tests {
             let access = required_access(op).expect("defined");
             assert!(reader.may(access) && writer.may(access) && admin.may(access), "{op}");
         }
-        for op in ["Files/Put", "Files/Delete", "Kv/Set", "Kv/SessionOpen"] {
+        for op in
+            ["Files/Put", "Files/Delete", "Kv/Set", "Kv/SessionOpen", "Jobs/Submit", "Jobs/Claim", "Jobs/Complete"]
+        {
             let access = required_access(op).expect("defined");
             assert!(!reader.may(access) && writer.may(access) && admin.may(access), "{op}");
         }

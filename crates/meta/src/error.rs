@@ -86,6 +86,9 @@ impl From<ApiError> for tonic::Status {
             ApiError::Command(CommandError::InvalidRequest { .. }) => (tonic::Code::InvalidArgument, "invalid-request"),
             ApiError::Command(CommandError::LoginCodeInvalid) => (tonic::Code::Unauthenticated, "login-code-invalid"),
             ApiError::Command(CommandError::TooMany { .. }) => (tonic::Code::ResourceExhausted, "too-many"),
+            ApiError::Command(CommandError::JobNotFound { .. }) => (tonic::Code::NotFound, "job-not-found"),
+            ApiError::Command(CommandError::JobExists { .. }) => (tonic::Code::AlreadyExists, "job-exists"),
+            ApiError::Command(CommandError::LeaseLost { .. }) => (tonic::Code::FailedPrecondition, "lease-lost"),
             ApiError::Internal(_) => (tonic::Code::Internal, "internal"),
         };
         let mut status = tonic::Status::new(code, message);

@@ -21,6 +21,8 @@ mod clock;
 pub mod crafted;
 mod error;
 mod files;
+pub mod jobs;
+mod jobs_service;
 mod kv;
 pub mod login;
 mod network;
@@ -60,11 +62,13 @@ pub use files::{
     RepairJob, ReplicaAdded, ReplicaDrop, StageSegment, StorageNode, INLINE_CHUNK_BYTES_MAX, PATH_BYTES_MAX,
     PREPARE_GRACE_MS, SEGMENT_CHUNKS_MAX,
 };
+pub use jobs_service::{jobs_service, JobsApi};
 pub use network::{validate_node_addr, PeerInterceptor, Peers};
 pub use node::{
     AccessKeyView, ChunkPage, ChunkRef, FileCommitted, FileView, FilesInUse, LoginSession, Membership, MetaConfig,
     MetaNode, Origin, PeerTls, RaftStatus, Role, BUCKETS_LISTED_MAX, CHUNK_PAGE_CHUNKS_MAX, OBJECTS_LISTED_MAX,
 };
+pub use node::{ClaimAnswer, JobView};
 pub use schema::{CommandError, KvUsage, Limits};
 pub use service::{authenticator, request_origin, services, AuthApi, KvApi, NodeApi, S3AdminApi};
 pub use state::RequestId;

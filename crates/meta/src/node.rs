@@ -201,6 +201,8 @@ pub(crate) enum LeaderRequest {
         session_name: String,
         session_hash: [u8; 32],
     },
+    /// A read of the jobs.
+    Jobs(jobs_api::JobRead),
 }
 
 /// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
@@ -243,6 +245,7 @@ pub(crate) enum LeaderResponse {
         result: CommandResult,
         applied_index: u64,
     },
+    Jobs(jobs_api::JobAnswer),
 }
 
 /// `command` with `inline` chunks travelling with it, if it has any.
@@ -462,6 +465,8 @@ impl ForwardEnvelope {
 }
 
 /// The one error for an answer of the wrong kind: a leader of another version, or a bug.
+mod jobs_api;
+pub use jobs_api::{ClaimAnswer, JobView};
 mod s3_api;
 pub use s3_api::{AccessKeyView, BUCKETS_LISTED_MAX, OBJECTS_LISTED_MAX};
 
@@ -1475,6 +1480,18 @@ impl MetaNode {
                 .map_err(ApiError::internal)??;
                 Ok(LeaderResponse::S3(answer))
             }
+            LeaderRequest::Jobs(read) => {
+                self.linearizable_barrier().await?;
+                // A listing or a results page reads up to a thousand rows: off the async workers.
+                let state = self.state.clone();
+                let answer = tokio::task::spawn_blocking(move || {
+                    let view = state.view().map_err(ApiError::internal)?;
+                    jobs_api::answer(&view, read)
+                })
+                .await
+                .map_err(ApiError::internal)??;
+                Ok(LeaderResponse::Jobs(answer))
+            }
             LeaderRequest::RetiredGetFile | LeaderRequest::RetiredListFiles => Err(ApiError::InvalidArgument(
                 "whole chunk lists are no longer served; files are read a page at a time (upgrade this node)".into(),
             )),
@@ -2446,6 +2463,7 @@ mod tests {
             (LeaderRequest::S3(s3_api::S3Read::Buckets), 15),
             (LeaderRequest::InlineChunk { hash: ChunkHash::from_bytes([1; 32]) }, 16),
             (LeaderRequest::RedeemLogin { code_hash: [0; 32], session_name: String::new(), session_hash: [0; 32] }, 17),
+            (LeaderRequest::Jobs(jobs_api::JobRead::List), 18),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");
@@ -2463,6 +2481,7 @@ mod tests {
             (LeaderResponse::S3(s3_api::S3Answer::Bucket(None)), 13),
             (LeaderResponse::InlineChunk(None), 14),
             (LeaderResponse::Redeemed { result: Ok(Outcome::Noop), applied_index: 0 }, 15),
+            (LeaderResponse::Jobs(jobs_api::JobAnswer::Checkpoint(None)), 16),
         ];
         for (response, number) in responses {
             assert_eq!(wire_number(&response), number, "{response:?}");
@@ -2487,6 +2506,7 @@ mod tests {
             (Command::RecordClusterEvents(vec![]), 39),
             (Command::WithStripes { stripes: vec![], command: Box::new(Command::ReleaseChunks) }, 40),
             (Command::RepairShards { job_id: None, added: vec![], drops: vec![] }, 41),
+            (Command::Job(crate::jobs::JobCommand::Cancel { name: String::new() }), 42),
         ];
         for (command, number) in commands {
             assert_eq!(wire_number(&command), number, "{command:?}");

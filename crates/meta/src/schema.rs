@@ -86,11 +86,27 @@ pub enum Table {
     /// shard hash ++ node (u64 BE) ++ chunk hash (72 bytes) → (): which stripes list a shard on
     /// a node.
     ShardIndex,
+    /// job name → [`crate::jobs::JobRecord`]
+    Jobs,
+    /// job name ++ 0 ++ task id (u64 BE) → [`crate::jobs::TaskRecord`]: claimed tasks only.
+    JobTasks,
+    /// job name ++ 0 ++ task id → the task's last checkpoint (bytes, bounded).
+    JobCheckpoints,
+    /// job name ++ 0 ++ task id → (): started tasks that can take another attempt.
+    JobPending,
+    /// job name ++ 0 ++ task id → (): tasks failed for good, for `job status`.
+    JobFailed,
+    /// job name ++ 0 ++ session id (u64 BE) → worker label: a job's live workers, the
+    /// placement ring's members.
+    JobWorkers,
+    /// session id (u64 BE) ++ job name ++ 0 ++ task id → lease (u64 BE): what a session holds
+    /// (task `u64::MAX`: its registration), released when it ends.
+    JobHolds,
 }
 
 impl Table {
     /// In discriminant order (storage indexes by `table as usize`).
-    pub const ALL: [Table; 30] = [
+    pub const ALL: [Table; 37] = [
         Table::Keys,
         Table::Sessions,
         Table::SessionKeys,
@@ -121,6 +137,13 @@ impl Table {
         Table::TokenExpiries,
         Table::Stripes,
         Table::ShardIndex,
+        Table::Jobs,
+        Table::JobTasks,
+        Table::JobCheckpoints,
+        Table::JobPending,
+        Table::JobFailed,
+        Table::JobWorkers,
+        Table::JobHolds,
     ];
 
     pub fn name(self) -> &'static str {
@@ -155,6 +178,13 @@ impl Table {
             Table::TokenExpiries => "token_expiries",
             Table::Stripes => "stripes",
             Table::ShardIndex => "shard_index",
+            Table::Jobs => "jobs",
+            Table::JobTasks => "job_tasks",
+            Table::JobCheckpoints => "job_checkpoints",
+            Table::JobPending => "job_pending",
+            Table::JobFailed => "job_failed",
+            Table::JobWorkers => "job_workers",
+            Table::JobHolds => "job_holds",
         }
     }
 }
@@ -377,6 +407,8 @@ pub enum Outcome {
         role: crate::auth::Role,
         expires_unix_ms: u64,
     },
+    /// What a job command (`Command::Job`) answered.
+    Job(crate::jobs::JobOutcome),
 }
 
 /// Why a well-formed command was refused. These are answers, not failures: the command was
@@ -446,6 +478,13 @@ pub enum CommandError {
     LoginCodeInvalid,
     #[error("too many {what}: the limit is {limit}; {hint}")]
     TooMany { what: String, limit: u64, hint: String },
+    #[error("job {name} does not exist")]
+    JobNotFound { name: String },
+    #[error("a job named {name} already exists; choose another name")]
+    JobExists { name: String },
+    /// A checkpoint or result under a lease that is no longer the task's (fencing).
+    #[error("refused: job {name} task {task} lease {lease} is not current: {why}")]
+    LeaseLost { name: String, task: u64, lease: u64, why: String },
 }
 
 pub type CommandResult = Result<Outcome, CommandError>;

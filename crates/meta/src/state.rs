@@ -23,7 +23,7 @@ use crate::schema::{
     decode, encode, get_u64, put_u64, CommandError, CommandResult, Outcome, StateStore, StoreError, Table,
     META_CLOCK_MS, META_CLUSTER_ID,
 };
-use crate::{files, kv, s3};
+use crate::{files, jobs, kv, s3};
 
 /// How long a write's outcome is remembered for deduplication, measured on the state clock,
 /// which never runs faster than real time (see `clock`). Clients retry an ambiguous write for
@@ -212,6 +212,10 @@ pub enum Command {
         added: Vec<crate::stripes::ShardAdded>,
         drops: Vec<crate::stripes::ShardDrop>,
     },
+    /// Fault-tolerant jobs: submit, cancel, and a worker's claim, checkpoint and completion
+    /// under a lease (`jobs`). One wrapper variant, so that the log's numbering of commands
+    /// moves by one whatever jobs need later.
+    Job(crate::jobs::JobCommand),
 }
 
 impl Command {
@@ -340,6 +344,7 @@ impl Command {
                 stripes.iter().map(|stripe| 48 + stripe.shards.len() * 40).sum::<usize>() + command.approximate_bytes()
             }
             Command::RepairShards { added, drops, .. } => added.len() * 48 + drops.len() * 56,
+            Command::Job(job) => job.approximate_bytes(),
         }
     }
 }
@@ -474,7 +479,12 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
         Command::Delete { key, expected_version } => kv::delete(store, key, *expected_version),
         Command::SessionOpen { ttl_ms } => kv::open_session(store, *ttl_ms),
         Command::SessionClose { session_id } | Command::SessionExpire { session_id } => {
-            kv::close_session(store, *session_id)
+            let result = kv::close_session(store, *session_id)?;
+            // The session's job leases end in the same apply as the session: no replica ever
+            // sees a lease outlive its session.
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            jobs::release_session(store, *session_id, clock_ms)?;
+            Ok(result)
         }
         Command::StageSegment(stage) => {
             let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
@@ -538,6 +548,10 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
             })
         }
         Command::RepairShards { job_id, added, drops } => files::repair_shards(store, *job_id, added, drops),
+        Command::Job(job) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            jobs::apply(store, job, clock_ms)
+        }
     }
 }
 

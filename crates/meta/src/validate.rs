@@ -88,6 +88,7 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
             }
         }
         Command::SessionClose { .. } | Command::SessionExpire { .. } => Ok(()),
+        Command::Job(job) => job.check().map_err(invalid),
         Command::RegisterStorageNode { node } => {
             crate::network::validate_node_addr(&node.addr).map_err(invalid)?;
             check_len("zone bytes", node.zone.len(), LABEL_BYTES_MAX)

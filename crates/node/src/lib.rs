@@ -175,6 +175,7 @@ impl Node {
             }
         };
         let (node_service, kv_service, auth_service, s3_admin_service) = mendfs_meta::services(&meta);
+        let jobs_service = mendfs_meta::jobs_service(&meta);
         let authenticator = mendfs_meta::authenticator(&meta);
 
         if let Some(control) = fault_control {
@@ -301,6 +302,7 @@ impl Node {
             .add_service(kv_service)
             .add_service(auth_service)
             .add_service(s3_admin_service)
+            .add_service(jobs_service)
             .add_service(cluster_service)
             .add_optional_service(storage_service)
             .add_service(health_service)
