@@ -795,13 +795,22 @@ fn fence(
     Ok(Ok((job, record)))
 }
 
-/// Counts a refused lease-bound write in the job, so that status shows fencing at work.
-fn count_fenced(store: &mut impl StateStore, name: &str) -> Result<(), StoreError> {
-    if let Some(mut job) = get_job(store, name)? {
-        job.fenced += 1;
-        put_job(store, name, &job)?;
+/// [`fence`] for a checkpoint or a result, counting a lease refusal in the job so that status
+/// shows fencing at work.
+fn fence_counted(
+    store: &mut impl StateStore,
+    name: &str,
+    task: u64,
+    lease: u64,
+) -> Result<Result<(JobRecord, TaskRecord), CommandError>, StoreError> {
+    let fenced = fence(store, name, task, lease)?;
+    if let Err(CommandError::LeaseLost { .. }) = &fenced {
+        if let Some(mut job) = get_job(store, name)? {
+            job.fenced += 1;
+            put_job(store, name, &job)?;
+        }
     }
-    Ok(())
+    Ok(fenced)
 }
 
 fn checkpoint(
@@ -816,12 +825,8 @@ fn checkpoint(
             why: format!("the checkpoint is {} bytes; the limit is {CHECKPOINT_BYTES_MAX}", data.len()),
         }));
     }
-    let (mut job, mut record) = match fence(store, name, task, lease)? {
+    let (mut job, mut record) = match fence_counted(store, name, task, lease)? {
         Ok(found) => found,
-        Err(refused @ CommandError::LeaseLost { .. }) => {
-            count_fenced(store, name)?;
-            return Ok(Err(refused));
-        }
         Err(refused) => return Ok(Err(refused)),
     };
     let key = task_key(name, task);
@@ -850,12 +855,8 @@ fn complete(
     outcome: &TaskOutcome,
     clock_ms: u64,
 ) -> Result<Result<JobOutcome, CommandError>, StoreError> {
-    let (mut job, mut record) = match fence(store, name, task, lease)? {
+    let (mut job, mut record) = match fence_counted(store, name, task, lease)? {
         Ok(found) => found,
-        Err(refused @ CommandError::LeaseLost { .. }) => {
-            count_fenced(store, name)?;
-            return Ok(Err(refused));
-        }
         Err(refused) => return Ok(Err(refused)),
     };
     let key = task_key(name, task);
