@@ -246,10 +246,10 @@ impl MetaNode {
         &self,
         request_id: RequestId,
         put: PutObject,
-        inline: Vec<InlineChunk>,
+        carried: super::Carried,
         prepare_started: Instant,
     ) -> Result<(String, u64), ApiError> {
-        let command = super::with_inline(inline, Command::S3PutObject(Box::new(put)));
+        let command = super::with_carried(carried, Command::S3PutObject(Box::new(put)));
         written(self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await?)
     }
 
@@ -283,10 +283,10 @@ impl MetaNode {
         &self,
         request_id: RequestId,
         put: PutPart,
-        inline: Vec<InlineChunk>,
+        carried: super::Carried,
         prepare_started: Instant,
     ) -> Result<(String, u64), ApiError> {
-        let command = super::with_inline(inline, Command::S3PutPart(Box::new(put)));
+        let command = super::with_carried(carried, Command::S3PutPart(Box::new(put)));
         written(self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await?)
     }
 
