@@ -467,7 +467,7 @@ impl Coordinator {
         addresses: &HashMap<NodeId, String>,
     ) -> Result<Bytes, Status> {
         if replicas.is_empty() {
-            return self.read_inline_chunk(hash).await;
+            return self.read_unreplicated_chunk(hash, addresses).await;
         }
         let mut order: Vec<u64> = replicas.to_vec();
         // This node first (no network hop), the others in random order to spread load.
@@ -528,25 +528,100 @@ impl Coordinator {
         Err(Status::unavailable(format!("no replica of chunk {hash} could be read: {}", errors.join("; "))))
     }
 
-    /// A chunk kept inline in the metadata (listed without replicas).
-    async fn read_inline_chunk(&self, hash: &ChunkHash) -> Result<Bytes, Status> {
+    /// A chunk listed without replicas: kept inline in the metadata, or erasure-coded.
+    async fn read_unreplicated_chunk(
+        &self,
+        hash: &ChunkHash,
+        addresses: &HashMap<NodeId, String>,
+    ) -> Result<Bytes, Status> {
         let span = tracing::info_span!("read_inline_chunk", chunk = %hash.short(), error = tracing::field::Empty);
         let read = self.node.inline_chunk(*hash).instrument(span.clone()).await;
+        let gone = || {
+            Status::aborted(format!(
+                "chunk {hash} is gone: the content changed while it was read (replaced or deleted); read it again"
+            ))
+        };
         match read {
             Ok(Some(data)) => Ok(data),
-            // Every reference to it went since the page was read: the version is gone.
-            Ok(None) => {
-                span.record("error", "gone");
-                Err(Status::aborted(format!(
-                    "inline chunk {hash} is gone: the content changed while it was read (replaced or deleted); \
-                     read it again"
-                )))
-            }
+            Ok(None) => match self.node.stripe(*hash).await {
+                Ok(Some(stripe)) => self.read_stripe(hash, &stripe, addresses).await,
+                // Every reference to it went since the page was read: the version is gone.
+                Ok(None) => {
+                    span.record("error", "gone");
+                    Err(gone())
+                }
+                Err(e) => Err(e.into()),
+            },
             Err(e) => {
                 span.record("error", e.to_string());
                 Err(e.into())
             }
         }
+    }
+
+    /// An erasure-coded chunk from its shards: the K data shards when they all read (no
+    /// decoding), else whatever K shards read, decoded here. Every shard is verified by its
+    /// hash (a bad one is reported like a bad replica), and the chunk by its own.
+    async fn read_stripe(
+        &self,
+        hash: &ChunkHash,
+        stripe: &StripeRecord,
+        addresses: &HashMap<NodeId, String>,
+    ) -> Result<Bytes, Status> {
+        let k = stripe.scheme.data_shards();
+        let span = tracing::info_span!("read_stripe", chunk = %hash.short(), scheme = %stripe.scheme, error = tracing::field::Empty);
+        let read_shards = |indexes: std::ops::Range<usize>| {
+            futures::future::join_all(indexes.map(|i| {
+                let slot = &stripe.shards[i];
+                async move { self.read_chunk(&slot.hash, &slot.nodes, addresses).await }
+            }))
+        };
+        let mut shards: Vec<Option<Bytes>> = Vec::with_capacity(stripe.shards.len());
+        let mut errors = Vec::new();
+        for (i, result) in read_shards(0..k.min(stripe.shards.len())).instrument(span.clone()).await.into_iter().enumerate() {
+            match result {
+                Ok(shard) => shards.push(Some(shard)),
+                Err(e) => {
+                    errors.push(format!("shard {i}: {}", e.message()));
+                    shards.push(None);
+                }
+            }
+        }
+        if shards.iter().any(Option::is_none) {
+            // Degraded: the parity shards stand in for the missing data shards.
+            for (i, result) in read_shards(k..stripe.shards.len()).instrument(span.clone()).await.into_iter().enumerate() {
+                match result {
+                    Ok(shard) => shards.push(Some(shard)),
+                    Err(e) => {
+                        errors.push(format!("shard {}: {}", k + i, e.message()));
+                        shards.push(None);
+                    }
+                }
+            }
+        } else {
+            shards.resize(stripe.shards.len(), None);
+        }
+        let (scheme, size) = (stripe.scheme, usize::try_from(stripe.size).unwrap_or(usize::MAX));
+        let decoded = tokio::task::spawn_blocking(move || {
+            let refs: Vec<Option<&[u8]>> = shards.iter().map(|shard| shard.as_deref()).collect();
+            mendfs_erasure::reconstruct(scheme, size, &refs)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("decode task: {e}")))?;
+        let data = match decoded {
+            Ok(data) => data,
+            Err(e) => {
+                let text = format!("stripe of chunk {hash}: {e} ({})", errors.join("; "));
+                span.record("error", text.as_str());
+                return Err(Status::unavailable(text));
+            }
+        };
+        if ChunkHash::of(&data) != *hash {
+            let text = format!("stripe of chunk {hash} decoded to other bytes (shards verified one by one)");
+            span.record("error", text.as_str());
+            return Err(Status::data_loss(text));
+        }
+        Ok(Bytes::from(data))
     }
 
     /// Tells the metadata that a replica is missing or corrupt (in the background: the read

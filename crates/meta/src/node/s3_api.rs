@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crate::clock::Age;
 use crate::error::ApiError;
-use crate::files::{self, InlineChunk};
+use crate::files;
 use crate::s3::{
     self, AccessKeyRecord, BucketRecord, CompleteUpload, CopyObject, Grant, MultipartUpload, ObjectListing,
     ObjectRecord, PartRecord, PutObject, PutPart, UploadSummary,
