@@ -24,13 +24,13 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
+use mendfs_erasure::Scheme;
 use mendfs_heal::detector::Liveness;
 use mendfs_heal::planner::ClusterView;
-use mendfs_erasure::Scheme;
 use mendfs_meta::stripes::{ShardCommit, StripeCommit, StripeRecord};
 use mendfs_meta::{
-    request_origin, segment_chunks_for, ApiError, Carried, ChunkPage, ChunkRef, CommitFile, CommittedChunk, FileCommitted,
-    FileView, InlineChunk, MetaNode, Origin, PeerInterceptor, RequestId, StageSegment, StorageNode,
+    request_origin, segment_chunks_for, ApiError, Carried, ChunkPage, ChunkRef, CommitFile, CommittedChunk,
+    FileCommitted, FileView, InlineChunk, MetaNode, Origin, PeerInterceptor, RequestId, StageSegment, StorageNode,
     CHUNK_PAGE_CHUNKS_MAX,
 };
 use mendfs_proto::status_with_cause;
@@ -578,7 +578,9 @@ impl Coordinator {
         };
         let mut shards: Vec<Option<Bytes>> = Vec::with_capacity(stripe.shards.len());
         let mut errors = Vec::new();
-        for (i, result) in read_shards(0..k.min(stripe.shards.len())).instrument(span.clone()).await.into_iter().enumerate() {
+        for (i, result) in
+            read_shards(0..k.min(stripe.shards.len())).instrument(span.clone()).await.into_iter().enumerate()
+        {
             match result {
                 Ok(shard) => shards.push(Some(shard)),
                 Err(e) => {
@@ -589,7 +591,9 @@ impl Coordinator {
         }
         if shards.iter().any(Option::is_none) {
             // Degraded: the parity shards stand in for the missing data shards.
-            for (i, result) in read_shards(k..stripe.shards.len()).instrument(span.clone()).await.into_iter().enumerate() {
+            for (i, result) in
+                read_shards(k..stripe.shards.len()).instrument(span.clone()).await.into_iter().enumerate()
+            {
                 match result {
                     Ok(shard) => shards.push(Some(shard)),
                     Err(e) => {
@@ -719,7 +723,8 @@ impl Coordinator {
             .min((SEGMENT_DATA_BYTES_MAX / chunk_size.max(1) as u64).max(1) as usize);
         let grace_ms = self.config.orphan_grace.as_millis() as u64;
         let mut list = SegmentedList::new(write_id, label, segment_chunks, grace_ms);
-        let written = match self.write_chunks(source, Arc::new(ring), Arc::new(addresses), redundancy, &mut list).await {
+        let written = match self.write_chunks(source, Arc::new(ring), Arc::new(addresses), redundancy, &mut list).await
+        {
             Ok((size, content_hash, inline)) => {
                 let n_chunks = list.staged_chunks + list.current.len() as u64;
                 let written = WrittenContent {
@@ -794,7 +799,8 @@ impl Coordinator {
                 buffer.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
                 if buffer.len() == chunk_size {
-                    self.prepare_next(list, &mut in_flight, &ring, &addresses, redundancy, std::mem::take(&mut buffer)).await?;
+                    self.prepare_next(list, &mut in_flight, &ring, &addresses, redundancy, std::mem::take(&mut buffer))
+                        .await?;
                 }
             }
         }
@@ -1049,8 +1055,7 @@ impl std::fmt::Display for ContentRef {
     }
 }
 
-type PreparesInFlight =
-    FuturesOrdered<Pin<Box<dyn std::future::Future<Output = Result<Prepared, Status>> + Send>>>;
+type PreparesInFlight = FuturesOrdered<Pin<Box<dyn std::future::Future<Output = Result<Prepared, Status>> + Send>>>;
 
 /// Distinct chunks an upload remembers to send as repeats instead of preparing them again: a
 /// bound on the coordinator's memory (32 bytes each), however big and repetitive the file.

@@ -255,8 +255,8 @@ pub fn chunk_replicas(store: &impl StateStore, hash: &ChunkHash) -> Result<Optio
     if let Some(record) = get_chunk(store, hash)? {
         return Ok(Some(record.replicas));
     }
-    let elsewhere = store.get(Table::InlineChunks, hash.as_ref())?.is_some()
-        || store.get(Table::Stripes, hash.as_ref())?.is_some();
+    let elsewhere =
+        store.get(Table::InlineChunks, hash.as_ref())?.is_some() || store.get(Table::Stripes, hash.as_ref())?.is_some();
     Ok(elsewhere.then(Vec::new))
 }
 

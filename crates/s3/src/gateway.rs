@@ -305,25 +305,32 @@ impl Gateway {
         let refusal: Refusal = Arc::new(Mutex::new(None));
         let wait_until = Instant::now() + PLACEMENT_WAIT;
         let (outcome_for_commit, refusal_for_commit) = (outcome.clone(), refusal.clone());
-        let written = Box::pin(self.coordinator.write_content(label, &mut upload, wait_until, mendfs_data::coordinator::Redundancy::Replicate, |written| async move {
-            let verified = body::verified(&outcome_for_commit).map_err(|e| tonic::Status::aborted(e.to_string()))?;
-            let content = S3Content {
-                size: written.size,
-                chunks: written.chunks,
-                upload_id: written.upload_id,
-                first_index: written.first_index,
-                // Filled in by the leader, from `prepare_started`.
-                prepared_at_ms: 0,
-                grace_ms: written.grace_ms,
-            };
-            let committing = Committing {
-                request_id: written.request_id,
-                prepare_started: written.prepare_started,
-                carried: written.carried,
-            };
-            let committed = commit(content, verified.clone(), committing, refusal_for_commit).await?;
-            Ok((committed, verified))
-        }))
+        let written = Box::pin(self.coordinator.write_content(
+            label,
+            &mut upload,
+            wait_until,
+            mendfs_data::coordinator::Redundancy::Replicate,
+            |written| async move {
+                let verified =
+                    body::verified(&outcome_for_commit).map_err(|e| tonic::Status::aborted(e.to_string()))?;
+                let content = S3Content {
+                    size: written.size,
+                    chunks: written.chunks,
+                    upload_id: written.upload_id,
+                    first_index: written.first_index,
+                    // Filled in by the leader, from `prepare_started`.
+                    prepared_at_ms: 0,
+                    grace_ms: written.grace_ms,
+                };
+                let committing = Committing {
+                    request_id: written.request_id,
+                    prepare_started: written.prepare_started,
+                    carried: written.carried,
+                };
+                let committed = commit(content, verified.clone(), committing, refusal_for_commit).await?;
+                Ok((committed, verified))
+            },
+        ))
         .await;
         match written {
             Ok(done) => Ok(done),
