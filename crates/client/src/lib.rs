@@ -1031,7 +1031,7 @@ impl Client {
     pub async fn put_file<R>(
         &self,
         path: &str,
-        mut reader: R,
+        reader: R,
         size: Option<u64>,
         expected_version: Option<u64>,
         progress: impl Fn(u64) + Send + 'static,
@@ -1039,9 +1039,31 @@ impl Client {
     where
         R: tokio::io::AsyncRead + Unpin + Send + 'static,
     {
+        self.put_file_with(path, reader, size, expected_version, "", progress).await
+    }
+
+    /// [`Client::put_file`] with a redundancy: `replicate` (or empty) or `ec:K+M`.
+    pub async fn put_file_with<R>(
+        &self,
+        path: &str,
+        mut reader: R,
+        size: Option<u64>,
+        expected_version: Option<u64>,
+        redundancy: &str,
+        progress: impl Fn(u64) + Send + 'static,
+    ) -> Result<PutFileReply, Error>
+    where
+        R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    {
         use tokio::io::AsyncReadExt;
         let (tx, rx) = tokio::sync::mpsc::channel(UPLOAD_QUEUE_MESSAGES);
-        let header = pb::PutFileHeader { path: path.to_string(), expected_version, size, mtime_ms: 0 };
+        let header = pb::PutFileHeader {
+            path: path.to_string(),
+            expected_version,
+            size,
+            mtime_ms: 0,
+            redundancy: redundancy.to_string(),
+        };
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
         let reading = tokio::spawn(async move {
             if tx.send(pb::PutFileRequest { part: Some(pb::put_file_request::Part::Header(header)) }).await.is_err() {

@@ -24,11 +24,13 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
+use mendfs_erasure::Scheme;
 use mendfs_heal::detector::Liveness;
 use mendfs_heal::planner::ClusterView;
+use mendfs_meta::stripes::{ShardCommit, StripeCommit, StripeRecord};
 use mendfs_meta::{
-    request_origin, segment_chunks_for, ApiError, ChunkPage, ChunkRef, CommitFile, CommittedChunk, FileCommitted,
-    FileView, InlineChunk, MetaNode, Origin, PeerInterceptor, RequestId, StageSegment, StorageNode,
+    request_origin, segment_chunks_for, ApiError, Carried, ChunkPage, ChunkRef, CommitFile, CommittedChunk,
+    FileCommitted, FileView, InlineChunk, MetaNode, Origin, PeerInterceptor, RequestId, StageSegment, StorageNode,
     CHUNK_PAGE_CHUNKS_MAX,
 };
 use mendfs_proto::status_with_cause;
@@ -83,6 +85,40 @@ const PLACEMENT_WAIT_MAX: Duration = Duration::from_secs(10);
 /// Pause between two looks at the storage nodes while a put waits for them.
 const PLACEMENT_RETRY_EVERY: Duration = Duration::from_millis(200);
 pub use mendfs_meta::PATH_BYTES_MAX;
+/// Chunks smaller than this stay replicated under an erasure-coded policy: K + M shards of a
+/// few KiB cost more in records, fsyncs and round trips than three copies do.
+pub const EC_CHUNK_BYTES_MIN: usize = 64 << 10;
+
+/// How a write keeps its chunks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Redundancy {
+    /// `replication_factor` copies of each chunk (`DataConfig`).
+    #[default]
+    Replicate,
+    /// Each chunk of at least `EC_CHUNK_BYTES_MIN` as a stripe of K data and M parity shards
+    /// on K + M distinct nodes.
+    Erasure(Scheme),
+}
+
+impl std::str::FromStr for Redundancy {
+    type Err = String;
+
+    /// `replicate` or `ec:K+M`.
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text.trim() {
+            "" | "replicate" => Ok(Redundancy::Replicate),
+            other => other.parse::<Scheme>().map(Redundancy::Erasure).map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// A chunk as its prepare leaves it: listed with its copies, or without them and with the
+/// stripe that holds it.
+#[derive(Debug, Clone)]
+struct Prepared {
+    chunk: CommittedChunk,
+    stripe: Option<StripeCommit>,
+}
 
 type StorageRpc = StorageClient<InterceptedService<Channel, PeerInterceptor>>;
 
@@ -216,10 +252,11 @@ impl Coordinator {
         write_id: [u8; 16],
         number: u64,
         stage: StageSegment,
+        stripes: Vec<StripeCommit>,
         started: Instant,
     ) -> Result<(), ApiError> {
         let request_id = upload_request_id(write_id, 2 + number);
-        self.propose_retrying(|| self.node.stage_segment(request_id, stage.clone(), started)).await
+        self.propose_retrying(|| self.node.stage_segment(request_id, stage.clone(), stripes.clone(), started)).await
     }
 
     /// Prepares one copy on node `id`, in a span naming that node, so a trace shows which
@@ -314,10 +351,81 @@ impl Coordinator {
         Ok(CommittedChunk { hash, size: request.data.len() as u64, replicas: stored })
     }
 
+    /// Phase one for an erasure-coded chunk: its K + M shards each fsynced on a node of its
+    /// own, the ring's choice first and the next eligible nodes for any that fail, or an error.
+    async fn prepare_stripe(
+        &self,
+        ring: &Ring,
+        addresses: &HashMap<u64, String>,
+        write_id: &[u8],
+        hash: ChunkHash,
+        data: Bytes,
+        scheme: Scheme,
+    ) -> Result<StripeCommit, Status> {
+        let size = data.len() as u64;
+        let total = scheme.total_shards();
+        let candidates = ring.place_excluding(&hash, ring.nodes().len(), &BTreeSet::new());
+        if candidates.len() < total {
+            return Err(Status::failed_precondition(format!(
+                "{scheme} needs {total} storage nodes that accept data, one per shard; {} do",
+                candidates.len()
+            )));
+        }
+        let shards = tokio::task::spawn_blocking(move || mendfs_erasure::encode(scheme, &data))
+            .await
+            .map_err(|e| Status::internal(format!("encode task: {e}")))?
+            .map_err(|e| Status::internal(format!("encode chunk {hash}: {e}")))?;
+        let shards: Vec<(ChunkHash, Bytes)> =
+            shards.into_iter().map(|shard| (ChunkHash::of(&shard), Bytes::from(shard))).collect();
+        let grace_ms = self.config.orphan_grace.as_millis() as u64;
+        let mut placed: Vec<Option<NodeId>> = vec![None; total];
+        let mut assigned: Vec<NodeId> = candidates[..total].to_vec();
+        let mut spare = candidates[total..].iter().copied();
+        let mut errors = Vec::new();
+        loop {
+            let pending: Vec<usize> = (0..total).filter(|&i| placed[i].is_none()).collect();
+            if pending.is_empty() {
+                break;
+            }
+            let attempts = pending.iter().map(|&i| {
+                let request = pb::PrepareChunkRequest {
+                    write_id: write_id.to_vec(),
+                    hash: shards[i].0.to_vec(),
+                    data: shards[i].1.clone(),
+                    grace_ms,
+                };
+                self.send_prepare(assigned[i], addresses.get(&assigned[i]), &shards[i].0, request)
+            });
+            for (&i, result) in pending.iter().zip(futures::future::join_all(attempts).await) {
+                match result {
+                    Ok(()) => placed[i] = Some(assigned[i]),
+                    Err(e) => {
+                        tracing::warn!(node = assigned[i], chunk = %hash, shard = i, "shard prepare failed: {e}");
+                        errors.push(format!("shard {i} on node {}: {e}", assigned[i]));
+                        let Some(next) = spare.next() else {
+                            return Err(Status::unavailable(format!(
+                                "stripe of chunk {hash} ({scheme}) could not place every shard: {}",
+                                errors.join("; ")
+                            )));
+                        };
+                        assigned[i] = next;
+                    }
+                }
+            }
+        }
+        let shards = shards
+            .iter()
+            .zip(placed)
+            .map(|((shard, _), node)| ShardCommit { hash: *shard, node: node.unwrap_or_default() })
+            .collect();
+        Ok(StripeCommit { chunk: hash, size, scheme, shards })
+    }
+
     /// Starts [`Coordinator::prepare_chunk`] as its own task, holding one of the node's
     /// in-flight chunk slots until it is done. A task, not a lazy future: an upload waiting for
     /// a slot or for client data must not stall the prepares it already started, or uploads
     /// holding slots could wait on each other forever.
+    #[allow(clippy::too_many_arguments)]
     fn spawn_prepare(
         &self,
         slot: tokio::sync::OwnedSemaphorePermit,
@@ -326,13 +434,26 @@ impl Coordinator {
         write_id: [u8; 16],
         hash: ChunkHash,
         data: Bytes,
-    ) -> tokio::task::JoinHandle<Result<CommittedChunk, Status>> {
+        redundancy: Redundancy,
+    ) -> tokio::task::JoinHandle<Result<Prepared, Status>> {
         let coordinator = self.clone();
         let (ring, addresses) = (ring.clone(), addresses.clone());
         tokio::spawn(
             async move {
                 let _slot = slot;
-                coordinator.prepare_chunk(&ring, &addresses, &write_id, hash, data).await
+                match redundancy {
+                    Redundancy::Erasure(scheme) if data.len() >= EC_CHUNK_BYTES_MIN => {
+                        let size = data.len() as u64;
+                        let stripe =
+                            coordinator.prepare_stripe(&ring, &addresses, &write_id, hash, data, scheme).await?;
+                        let chunk = CommittedChunk { hash, size, replicas: Vec::new() };
+                        Ok(Prepared { chunk, stripe: Some(stripe) })
+                    }
+                    _ => {
+                        let chunk = coordinator.prepare_chunk(&ring, &addresses, &write_id, hash, data).await?;
+                        Ok(Prepared { chunk, stripe: None })
+                    }
+                }
             }
             .in_current_span(),
         )
@@ -346,7 +467,7 @@ impl Coordinator {
         addresses: &HashMap<NodeId, String>,
     ) -> Result<Bytes, Status> {
         if replicas.is_empty() {
-            return self.read_inline_chunk(hash).await;
+            return self.read_unreplicated_chunk(hash, addresses).await;
         }
         let mut order: Vec<u64> = replicas.to_vec();
         // This node first (no network hop), the others in random order to spread load.
@@ -407,25 +528,104 @@ impl Coordinator {
         Err(Status::unavailable(format!("no replica of chunk {hash} could be read: {}", errors.join("; "))))
     }
 
-    /// A chunk kept inline in the metadata (listed without replicas).
-    async fn read_inline_chunk(&self, hash: &ChunkHash) -> Result<Bytes, Status> {
+    /// A chunk listed without replicas: kept inline in the metadata, or erasure-coded.
+    async fn read_unreplicated_chunk(
+        &self,
+        hash: &ChunkHash,
+        addresses: &HashMap<NodeId, String>,
+    ) -> Result<Bytes, Status> {
         let span = tracing::info_span!("read_inline_chunk", chunk = %hash.short(), error = tracing::field::Empty);
         let read = self.node.inline_chunk(*hash).instrument(span.clone()).await;
+        let gone = || {
+            Status::aborted(format!(
+                "chunk {hash} is gone: the content changed while it was read (replaced or deleted); read it again"
+            ))
+        };
         match read {
             Ok(Some(data)) => Ok(data),
-            // Every reference to it went since the page was read: the version is gone.
-            Ok(None) => {
-                span.record("error", "gone");
-                Err(Status::aborted(format!(
-                    "inline chunk {hash} is gone: the content changed while it was read (replaced or deleted); \
-                     read it again"
-                )))
-            }
+            Ok(None) => match self.node.stripe(*hash).await {
+                Ok(Some(stripe)) => self.read_stripe(hash, &stripe, addresses).await,
+                // Every reference to it went since the page was read: the version is gone.
+                Ok(None) => {
+                    span.record("error", "gone");
+                    Err(gone())
+                }
+                Err(e) => Err(e.into()),
+            },
             Err(e) => {
                 span.record("error", e.to_string());
                 Err(e.into())
             }
         }
+    }
+
+    /// An erasure-coded chunk from its shards: the K data shards when they all read (no
+    /// decoding), else whatever K shards read, decoded here. Every shard is verified by its
+    /// hash (a bad one is reported like a bad replica), and the chunk by its own.
+    async fn read_stripe(
+        &self,
+        hash: &ChunkHash,
+        stripe: &StripeRecord,
+        addresses: &HashMap<NodeId, String>,
+    ) -> Result<Bytes, Status> {
+        let k = stripe.scheme.data_shards();
+        let span = tracing::info_span!("read_stripe", chunk = %hash.short(), scheme = %stripe.scheme, error = tracing::field::Empty);
+        let read_shards = |indexes: std::ops::Range<usize>| {
+            futures::future::join_all(indexes.map(|i| {
+                let slot = &stripe.shards[i];
+                async move { self.read_chunk(&slot.hash, &slot.nodes, addresses).await }
+            }))
+        };
+        let mut shards: Vec<Option<Bytes>> = Vec::with_capacity(stripe.shards.len());
+        let mut errors = Vec::new();
+        for (i, result) in
+            read_shards(0..k.min(stripe.shards.len())).instrument(span.clone()).await.into_iter().enumerate()
+        {
+            match result {
+                Ok(shard) => shards.push(Some(shard)),
+                Err(e) => {
+                    errors.push(format!("shard {i}: {}", e.message()));
+                    shards.push(None);
+                }
+            }
+        }
+        if shards.iter().any(Option::is_none) {
+            // Degraded: the parity shards stand in for the missing data shards.
+            for (i, result) in
+                read_shards(k..stripe.shards.len()).instrument(span.clone()).await.into_iter().enumerate()
+            {
+                match result {
+                    Ok(shard) => shards.push(Some(shard)),
+                    Err(e) => {
+                        errors.push(format!("shard {}: {}", k + i, e.message()));
+                        shards.push(None);
+                    }
+                }
+            }
+        } else {
+            shards.resize(stripe.shards.len(), None);
+        }
+        let (scheme, size) = (stripe.scheme, usize::try_from(stripe.size).unwrap_or(usize::MAX));
+        let decoded = tokio::task::spawn_blocking(move || {
+            let refs: Vec<Option<&[u8]>> = shards.iter().map(|shard| shard.as_deref()).collect();
+            mendfs_erasure::reconstruct(scheme, size, &refs)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("decode task: {e}")))?;
+        let data = match decoded {
+            Ok(data) => data,
+            Err(e) => {
+                let text = format!("stripe of chunk {hash}: {e} ({})", errors.join("; "));
+                span.record("error", text.as_str());
+                return Err(Status::unavailable(text));
+            }
+        };
+        if ChunkHash::of(&data) != *hash {
+            let text = format!("stripe of chunk {hash} decoded to other bytes (shards verified one by one)");
+            span.record("error", text.as_str());
+            return Err(Status::data_loss(text));
+        }
+        Ok(Bytes::from(data))
     }
 
     /// Tells the metadata that a replica is missing or corrupt (in the background: the read
@@ -462,8 +662,9 @@ impl Coordinator {
             _ => return Err(Status::invalid_argument("an upload starts with a header message")),
         };
         validate_path(&header.path)?;
+        let redundancy: Redundancy = header.redundancy.parse().map_err(Status::invalid_argument)?;
         let source = FileUpload { stream, declared: header.size, received: 0 };
-        self.write_content(header.path.clone(), source, wait_for_nodes_until, |written| async move {
+        self.write_content(header.path.clone(), source, wait_for_nodes_until, redundancy, |written| async move {
             let commit = CommitFile {
                 path: header.path.clone(),
                 size: written.size,
@@ -480,9 +681,9 @@ impl Coordinator {
             };
             let committing =
                 tracing::info_span!("commit_file", chunks = written.n_chunks, error = tracing::field::Empty);
-            let (request_id, started, inline) = (written.request_id, written.prepare_started, written.inline);
+            let (request_id, started, carried) = (written.request_id, written.prepare_started, written.carried);
             let committed = self
-                .propose_retrying(|| self.node.commit_file(request_id, commit.clone(), inline.clone(), started))
+                .propose_retrying(|| self.node.commit_file(request_id, commit.clone(), carried.clone(), started))
                 .instrument(committing.clone())
                 .await;
             if let Err(e) = &committed {
@@ -508,6 +709,7 @@ impl Coordinator {
         label: String,
         source: impl UploadSource,
         wait_for_nodes_until: Instant,
+        redundancy: Redundancy,
         commit: F,
     ) -> Result<T, Status>
     where
@@ -521,7 +723,8 @@ impl Coordinator {
             .min((SEGMENT_DATA_BYTES_MAX / chunk_size.max(1) as u64).max(1) as usize);
         let grace_ms = self.config.orphan_grace.as_millis() as u64;
         let mut list = SegmentedList::new(write_id, label, segment_chunks, grace_ms);
-        let written = match self.write_chunks(source, Arc::new(ring), Arc::new(addresses), &mut list).await {
+        let written = match self.write_chunks(source, Arc::new(ring), Arc::new(addresses), redundancy, &mut list).await
+        {
             Ok((size, content_hash, inline)) => {
                 let n_chunks = list.staged_chunks + list.current.len() as u64;
                 let written = WrittenContent {
@@ -534,7 +737,10 @@ impl Coordinator {
                     chunks: std::mem::take(&mut list.current),
                     grace_ms: list.grace_ms,
                     request_id: upload_request_id(list.write_id, 1),
-                    inline: inline.map(|data| InlineChunk { data }).into_iter().collect(),
+                    carried: Carried {
+                        inline: inline.map(|data| InlineChunk { data }).into_iter().collect(),
+                        stripes: std::mem::take(&mut list.current_stripes),
+                    },
                 };
                 commit(written).await
             }
@@ -570,6 +776,7 @@ impl Coordinator {
         mut source: impl UploadSource,
         ring: Arc<Ring>,
         addresses: Arc<HashMap<u64, String>>,
+        redundancy: Redundancy,
         list: &mut SegmentedList,
     ) -> Result<(u64, [u8; 32], Option<Vec<u8>>), Status> {
         let chunk_size = self.config.chunk_size_bytes;
@@ -592,7 +799,8 @@ impl Coordinator {
                 buffer.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
                 if buffer.len() == chunk_size {
-                    self.prepare_next(list, &mut in_flight, &ring, &addresses, std::mem::take(&mut buffer)).await?;
+                    self.prepare_next(list, &mut in_flight, &ring, &addresses, redundancy, std::mem::take(&mut buffer))
+                        .await?;
                 }
             }
         }
@@ -604,7 +812,7 @@ impl Coordinator {
             return Ok((size, content_hash, Some(buffer)));
         }
         if !buffer.is_empty() {
-            self.prepare_next(list, &mut in_flight, &ring, &addresses, buffer).await?;
+            self.prepare_next(list, &mut in_flight, &ring, &addresses, redundancy, buffer).await?;
         }
         self.settle(list, &mut in_flight, 0).await?;
         Ok((size, content_hash, None))
@@ -621,17 +829,19 @@ impl Coordinator {
         in_flight: &mut PreparesInFlight,
         ring: &Arc<Ring>,
         addresses: &Arc<HashMap<u64, String>>,
+        redundancy: Redundancy,
         data: Vec<u8>,
     ) -> Result<(), Status> {
         let hash = ChunkHash::of(&data);
         list.chunk_starting();
         if list.is_repeat(&hash) {
             let repeat = CommittedChunk { hash, size: data.len() as u64, replicas: Vec::new() };
-            in_flight.push_back(Box::pin(std::future::ready(Ok(repeat))));
+            in_flight.push_back(Box::pin(std::future::ready(Ok(Prepared { chunk: repeat, stripe: None }))));
         } else {
             // Waits holding no budget: whoever holds it is a prepare that finishes on its own.
             let permit = self.reserve(data.len()).await?;
-            let prepare = self.spawn_prepare(permit, ring, addresses, list.write_id, hash, Bytes::from(data));
+            let prepare =
+                self.spawn_prepare(permit, ring, addresses, list.write_id, hash, Bytes::from(data), redundancy);
             in_flight.push_back(Box::pin(async move {
                 prepare.await.map_err(|e| Status::internal(format!("prepare task: {e}")))?
             }));
@@ -651,15 +861,15 @@ impl Coordinator {
     ) -> Result<(), Status> {
         while in_flight.len() > keep {
             let Some(prepared) = in_flight.next().await else { break };
-            let chunk = prepared?;
-            if let Some((number, stage, started)) = list.push(chunk) {
+            if let Some((number, stage, stripes, started)) = list.push(prepared?) {
                 let staging = tracing::info_span!(
                     "stage_segment",
                     first_chunk = stage.first_index,
                     chunks = stage.chunks.len(),
                     error = tracing::field::Empty,
                 );
-                let staged = self.stage(list.write_id, number, stage, started).instrument(staging.clone()).await;
+                let staged =
+                    self.stage(list.write_id, number, stage, stripes, started).instrument(staging.clone()).await;
                 if let Err(e) = &staged {
                     staging.record("error", e.to_string());
                 }
@@ -845,8 +1055,7 @@ impl std::fmt::Display for ContentRef {
     }
 }
 
-type PreparesInFlight =
-    FuturesOrdered<Pin<Box<dyn std::future::Future<Output = Result<CommittedChunk, Status>> + Send>>>;
+type PreparesInFlight = FuturesOrdered<Pin<Box<dyn std::future::Future<Output = Result<Prepared, Status>> + Send>>>;
 
 /// Distinct chunks an upload remembers to send as repeats instead of preparing them again: a
 /// bound on the coordinator's memory (32 bytes each), however big and repetitive the file.
@@ -883,9 +1092,10 @@ pub struct WrittenContent {
     pub grace_ms: u64,
     /// The commit's request id: the same on every retry, so it applies once.
     pub request_id: RequestId,
-    /// The content of a small write, kept inline in the metadata: `chunks` lists it as its
-    /// one chunk without replicas, and the commit carries it.
-    pub inline: Vec<InlineChunk>,
+    /// What the commit carries: the content of a small write kept inline in the metadata
+    /// (`chunks` lists it as its one chunk without replicas), or the stripes of the
+    /// erasure-coded chunks among `chunks`.
+    pub carried: Carried,
 }
 
 /// A `Files.Put` stream as an upload source: data messages up to the end marker, whose size
@@ -958,6 +1168,8 @@ struct SegmentedList {
     staged_segments: u64,
     /// Prepared chunks of the segment being filled, in file order.
     current: Vec<CommittedChunk>,
+    /// The stripes of the erasure-coded ones among them.
+    current_stripes: Vec<StripeCommit>,
     /// When each segment not yet staged (the current one first) began preparing, on this
     /// node's monotonic clock, read before its first chunk's prepare: the metadata refuses its
     /// staging if that is more than the grace period before the leader stamps it. A monotonic
@@ -986,6 +1198,7 @@ impl SegmentedList {
             staged_chunks: 0,
             staged_segments: 0,
             current: Vec::new(),
+            current_stripes: Vec::new(),
             segment_started: std::collections::VecDeque::new(),
             created: Instant::now(),
             grace_ms,
@@ -1019,8 +1232,9 @@ impl SegmentedList {
 
     /// Takes in the next prepared chunk; when that fills the segment, returns it to be staged
     /// (with its number and when its chunks began preparing), and starts the next.
-    fn push(&mut self, chunk: CommittedChunk) -> Option<(u64, StageSegment, Instant)> {
-        self.current.push(chunk);
+    fn push(&mut self, prepared: Prepared) -> Option<(u64, StageSegment, Vec<StripeCommit>, Instant)> {
+        self.current.push(prepared.chunk);
+        self.current_stripes.extend(prepared.stripe);
         if self.current.len() < self.segment_chunks {
             return None;
         }
@@ -1037,7 +1251,7 @@ impl SegmentedList {
         let number = self.staged_segments;
         self.staged_chunks += stage.chunks.len() as u64;
         self.staged_segments += 1;
-        Some((number, stage, started))
+        Some((number, stage, std::mem::take(&mut self.current_stripes), started))
     }
 }
 

@@ -249,12 +249,15 @@ pub fn get_inline_chunk(store: &impl StateStore, hash: &ChunkHash) -> Result<Opt
 }
 
 /// Where a referenced chunk's copies are: the nodes its record lists, or none for a chunk kept
-/// inline in the metadata; None if neither table knows it.
+/// inline in the metadata or erasure-coded (its reader asks for the one or the stripe); None
+/// if no table knows it.
 pub fn chunk_replicas(store: &impl StateStore, hash: &ChunkHash) -> Result<Option<Vec<u64>>, StoreError> {
     if let Some(record) = get_chunk(store, hash)? {
         return Ok(Some(record.replicas));
     }
-    Ok(store.get(Table::InlineChunks, hash.as_ref())?.map(|_| Vec::new()))
+    let elsewhere =
+        store.get(Table::InlineChunks, hash.as_ref())?.is_some() || store.get(Table::Stripes, hash.as_ref())?.is_some();
+    Ok(elsewhere.then(Vec::new))
 }
 
 /// Files whose path starts with `prefix`, in order; the flag says whether `limit` cut it short.

@@ -65,8 +65,9 @@ pub use files::{
 pub use jobs_service::{jobs_service, JobsApi};
 pub use network::{validate_node_addr, PeerInterceptor, Peers};
 pub use node::{
-    AccessKeyView, ChunkPage, ChunkRef, FileCommitted, FileView, FilesInUse, LoginSession, Membership, MetaConfig,
-    MetaNode, Origin, PeerTls, RaftStatus, Role, BUCKETS_LISTED_MAX, CHUNK_PAGE_CHUNKS_MAX, OBJECTS_LISTED_MAX,
+    AccessKeyView, Carried, ChunkPage, ChunkRef, FileCommitted, FileView, FilesInUse, LoginSession, Membership,
+    MetaConfig, MetaNode, Origin, PeerTls, RaftStatus, Role, BUCKETS_LISTED_MAX, CHUNK_PAGE_CHUNKS_MAX,
+    OBJECTS_LISTED_MAX,
 };
 pub use node::{ClaimAnswer, JobView};
 pub use schema::{CommandError, KvUsage, Limits};

@@ -203,6 +203,10 @@ pub(crate) enum LeaderRequest {
     },
     /// A read of the jobs.
     Jobs(jobs_api::JobRead),
+    /// An erasure-coded chunk's stripe; answered `Stripe`.
+    Stripe {
+        chunk: ChunkHash,
+    },
 }
 
 /// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
@@ -246,14 +250,36 @@ pub(crate) enum LeaderResponse {
         applied_index: u64,
     },
     Jobs(jobs_api::JobAnswer),
+    Stripe(Option<crate::stripes::StripeRecord>),
 }
 
-/// `command` with `inline` chunks travelling with it, if it has any.
-fn with_inline(inline: Vec<InlineChunk>, command: Command) -> Command {
-    if inline.is_empty() {
+/// What travels with a write besides its chunk list: the content of a small one kept inline,
+/// or the shards of its erasure-coded chunks. A write has one or the other (inline content is
+/// never prepared anywhere, stripes always are).
+#[derive(Debug, Clone, Default)]
+pub struct Carried {
+    pub inline: Vec<InlineChunk>,
+    pub stripes: Vec<crate::stripes::StripeCommit>,
+}
+
+impl Carried {
+    pub fn inline(inline: Vec<InlineChunk>) -> Self {
+        Carried { inline, stripes: Vec::new() }
+    }
+}
+
+/// `command` with what travels with it, if anything.
+fn with_carried(carried: Carried, command: Command) -> Command {
+    let command = if carried.inline.is_empty() {
         command
     } else {
-        Command::WithInlineChunks { inline, command: Box::new(command) }
+        Command::WithInlineChunks { inline: carried.inline, command: Box::new(command) }
+    };
+    if carried.stripes.is_empty() {
+        command
+    } else {
+        // With inline chunks too, the apply refuses the nesting: a write never has both.
+        Command::WithStripes { stripes: carried.stripes, command: Box::new(command) }
     }
 }
 
@@ -1447,6 +1473,12 @@ impl MetaNode {
                 let record = files::get_inline_chunk(&view, &hash).map_err(ApiError::internal)?;
                 Ok(LeaderResponse::InlineChunk(record.map(|record| record.data)))
             }
+            LeaderRequest::Stripe { chunk } => {
+                // As for inline chunks: the asker's page came from a linearizable read.
+                self.linearizable_barrier().await?;
+                let view = self.state.view().map_err(ApiError::internal)?;
+                Ok(LeaderResponse::Stripe(crate::stripes::get_stripe(&view, &chunk).map_err(ApiError::internal)?))
+            }
             LeaderRequest::RedeemLogin { code_hash, session_name, session_hash } => {
                 // A code nobody issued costs a read here, never a log entry: the login
                 // endpoint is open to strangers, who may try any number of codes.
@@ -1978,10 +2010,10 @@ impl MetaNode {
         &self,
         request_id: RequestId,
         commit: CommitFile,
-        inline: Vec<InlineChunk>,
+        carried: Carried,
         prepare_started: Instant,
     ) -> Result<FileCommitted, ApiError> {
-        let command = with_inline(inline, Command::CommitFile(commit));
+        let command = with_carried(carried, Command::CommitFile(commit));
         match self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await? {
             Outcome::FileCommitted { version, revision } => Ok(FileCommitted { version, revision }),
             other => Err(unexpected("a file commit", other)),
@@ -1995,9 +2027,10 @@ impl MetaNode {
         &self,
         request_id: RequestId,
         stage: StageSegment,
+        stripes: Vec<crate::stripes::StripeCommit>,
         prepare_started: Instant,
     ) -> Result<(), ApiError> {
-        let command = Command::StageSegment(stage);
+        let command = with_carried(Carried { inline: Vec::new(), stripes }, Command::StageSegment(stage));
         let age = Some(Age::since(prepare_started));
         self.execute_aged(Origin::LOCAL, Some(request_id), command, age).await.map(drop)
     }
@@ -2140,6 +2173,25 @@ impl MetaNode {
                 Err(ApiError::Internal(format!("the metadata's inline chunk {hash} does not match its hash")))
             }
             data => Ok(data.map(Bytes::from)),
+        }
+    }
+
+    /// An erasure-coded chunk's stripe (a page listed the chunk without replicas, and it is not
+    /// inline). From this node's state when it has applied the write, from the leader
+    /// otherwise. None: no version references the chunk any more.
+    pub async fn stripe(&self, chunk: ChunkHash) -> Result<Option<crate::stripes::StripeRecord>, ApiError> {
+        let local = {
+            let view = self.state.view().map_err(ApiError::internal)?;
+            crate::stripes::get_stripe(&view, &chunk).map_err(ApiError::internal)?
+        };
+        if local.is_some() {
+            // Where shards are may be a little behind the leader's record (a rebuild just
+            // committed): a read tries the shards it finds and decodes around what is missing.
+            return Ok(local);
+        }
+        match self.serve_on_leader(LeaderRequest::Stripe { chunk }, Origin::LOCAL).await? {
+            LeaderResponse::Stripe(record) => Ok(record),
+            other => Err(unexpected("a stripe", other)),
         }
     }
 
@@ -2464,6 +2516,7 @@ mod tests {
             (LeaderRequest::InlineChunk { hash: ChunkHash::from_bytes([1; 32]) }, 16),
             (LeaderRequest::RedeemLogin { code_hash: [0; 32], session_name: String::new(), session_hash: [0; 32] }, 17),
             (LeaderRequest::Jobs(jobs_api::JobRead::List), 18),
+            (LeaderRequest::Stripe { chunk: ChunkHash::from_bytes([1; 32]) }, 19),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");
@@ -2482,6 +2535,7 @@ mod tests {
             (LeaderResponse::InlineChunk(None), 14),
             (LeaderResponse::Redeemed { result: Ok(Outcome::Noop), applied_index: 0 }, 15),
             (LeaderResponse::Jobs(jobs_api::JobAnswer::Checkpoint(None)), 16),
+            (LeaderResponse::Stripe(None), 17),
         ];
         for (response, number) in responses {
             assert_eq!(wire_number(&response), number, "{response:?}");

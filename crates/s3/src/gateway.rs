@@ -205,7 +205,7 @@ type Refusal = Arc<Mutex<Option<ApiError>>>;
 struct Committing {
     request_id: mendfs_meta::RequestId,
     prepare_started: std::time::Instant,
-    inline: Vec<mendfs_meta::InlineChunk>,
+    carried: mendfs_meta::Carried,
 }
 
 fn refuse(slot: &Refusal, error: ApiError) -> tonic::Status {
@@ -225,9 +225,9 @@ async fn commit_part(
     committing: Committing,
     refusal: &Refusal,
 ) -> Result<(String, u64), tonic::Status> {
-    let Committing { request_id, prepare_started, inline } = committing;
+    let Committing { request_id, prepare_started, carried } = committing;
     coordinator
-        .propose_retrying(|| node.s3_put_part(request_id, put.clone(), inline.clone(), prepare_started))
+        .propose_retrying(|| node.s3_put_part(request_id, put.clone(), carried.clone(), prepare_started))
         .await
         .map_err(|e| refuse(refusal, e))
 }
@@ -305,25 +305,32 @@ impl Gateway {
         let refusal: Refusal = Arc::new(Mutex::new(None));
         let wait_until = Instant::now() + PLACEMENT_WAIT;
         let (outcome_for_commit, refusal_for_commit) = (outcome.clone(), refusal.clone());
-        let written = Box::pin(self.coordinator.write_content(label, &mut upload, wait_until, |written| async move {
-            let verified = body::verified(&outcome_for_commit).map_err(|e| tonic::Status::aborted(e.to_string()))?;
-            let content = S3Content {
-                size: written.size,
-                chunks: written.chunks,
-                upload_id: written.upload_id,
-                first_index: written.first_index,
-                // Filled in by the leader, from `prepare_started`.
-                prepared_at_ms: 0,
-                grace_ms: written.grace_ms,
-            };
-            let committing = Committing {
-                request_id: written.request_id,
-                prepare_started: written.prepare_started,
-                inline: written.inline,
-            };
-            let committed = commit(content, verified.clone(), committing, refusal_for_commit).await?;
-            Ok((committed, verified))
-        }))
+        let written = Box::pin(self.coordinator.write_content(
+            label,
+            &mut upload,
+            wait_until,
+            mendfs_data::coordinator::Redundancy::Replicate,
+            |written| async move {
+                let verified =
+                    body::verified(&outcome_for_commit).map_err(|e| tonic::Status::aborted(e.to_string()))?;
+                let content = S3Content {
+                    size: written.size,
+                    chunks: written.chunks,
+                    upload_id: written.upload_id,
+                    first_index: written.first_index,
+                    // Filled in by the leader, from `prepare_started`.
+                    prepared_at_ms: 0,
+                    grace_ms: written.grace_ms,
+                };
+                let committing = Committing {
+                    request_id: written.request_id,
+                    prepare_started: written.prepare_started,
+                    carried: written.carried,
+                };
+                let committed = commit(content, verified.clone(), committing, refusal_for_commit).await?;
+                Ok((committed, verified))
+            },
+        ))
         .await;
         match written {
             Ok(done) => Ok(done),
@@ -513,9 +520,9 @@ impl S3 for Gateway {
                     mtime_ms: 0,
                     condition,
                 };
-                let Committing { request_id, prepare_started, inline } = committing;
+                let Committing { request_id, prepare_started, carried } = committing;
                 coordinator
-                    .propose_retrying(|| node.s3_put_object(request_id, put.clone(), inline.clone(), prepare_started))
+                    .propose_retrying(|| node.s3_put_object(request_id, put.clone(), carried.clone(), prepare_started))
                     .await
                     .map_err(|e| refuse(&refusal, e))
             })

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use crate::clock::Age;
 use crate::error::ApiError;
-use crate::files::{self, InlineChunk};
+use crate::files;
 use crate::s3::{
     self, AccessKeyRecord, BucketRecord, CompleteUpload, CopyObject, Grant, MultipartUpload, ObjectListing,
     ObjectRecord, PartRecord, PutObject, PutPart, UploadSummary,
@@ -246,10 +246,10 @@ impl MetaNode {
         &self,
         request_id: RequestId,
         put: PutObject,
-        inline: Vec<InlineChunk>,
+        carried: super::Carried,
         prepare_started: Instant,
     ) -> Result<(String, u64), ApiError> {
-        let command = super::with_inline(inline, Command::S3PutObject(Box::new(put)));
+        let command = super::with_carried(carried, Command::S3PutObject(Box::new(put)));
         written(self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await?)
     }
 
@@ -283,10 +283,10 @@ impl MetaNode {
         &self,
         request_id: RequestId,
         put: PutPart,
-        inline: Vec<InlineChunk>,
+        carried: super::Carried,
         prepare_started: Instant,
     ) -> Result<(String, u64), ApiError> {
-        let command = super::with_inline(inline, Command::S3PutPart(Box::new(put)));
+        let command = super::with_carried(carried, Command::S3PutPart(Box::new(put)));
         written(self.execute_aged(Origin::LOCAL, Some(request_id), command, Some(Age::since(prepare_started))).await?)
     }
 
