@@ -41,6 +41,11 @@ pub struct Counters {
     pub scrub_checked_bytes: AtomicU64,
     pub repair_copied_chunks: AtomicU64,
     pub repair_copied_bytes: AtomicU64,
+    /// Shards of erasure-coded chunks rebuilt here, their bytes, and the shard bytes read
+    /// from other nodes to rebuild them (K per shard): repair's network cost.
+    pub repair_rebuilt_shards: AtomicU64,
+    pub repair_rebuilt_bytes: AtomicU64,
+    pub repair_rebuild_read_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -338,6 +343,167 @@ impl Storage for ChunkService {
         };
         Ok(Response::new(reply))
     }
+
+    async fn rebuild_shard(
+        &self,
+        request: Request<pb::RebuildShardRequest>,
+    ) -> Result<Response<pb::RebuildShardReply>, Status> {
+        let rebuild = ShardRebuild::parse(request.into_inner())?;
+        let _slot =
+            self.replication_slots.acquire().await.map_err(|_| Status::unavailable("the node is shutting down"))?;
+        let pull_from = |addr: String, hash: ChunkHash| async move { self.pull(&addr, &hash).await };
+        let rebuilt = rebuild_shard(&self.state, rebuild, pull_from).await?;
+        let reply = match rebuilt {
+            RebuiltShard::AlreadyPresent => pb::RebuildShardReply { already_present: true, ..Default::default() },
+            RebuiltShard::Rebuilt { read_bytes, written_bytes } => {
+                pb::RebuildShardReply { already_present: false, read_bytes, written_bytes }
+            }
+        };
+        Ok(Response::new(reply))
+    }
+}
+
+/// A checked `RebuildShard` request.
+#[derive(Debug, Clone)]
+pub struct ShardRebuild {
+    pub chunk: ChunkHash,
+    pub chunk_size: usize,
+    pub scheme: mendfs_erasure::Scheme,
+    pub index: usize,
+    pub hash: ChunkHash,
+    /// Exactly K: (shard index, its hash, addresses to read it from).
+    pub sources: Vec<(usize, ChunkHash, Vec<String>)>,
+    pub grace: Duration,
+}
+
+impl ShardRebuild {
+    /// Refuses, before any work, a request that cannot describe a stripe: a bad scheme or
+    /// size, a shard index out of range, other than K distinct sources, a source that is the
+    /// shard being built.
+    pub fn parse(request: pb::RebuildShardRequest) -> Result<Self, Status> {
+        let invalid = |why: String| Status::invalid_argument(format!("rebuild of a shard: {why}"));
+        let small = |n: u32| u8::try_from(n).map_err(|_| invalid(format!("{n} shards is too many")));
+        let scheme = mendfs_erasure::Scheme::new(small(request.data_shards)?, small(request.parity_shards)?)
+            .map_err(|e| invalid(e.to_string()))?;
+        let chunk_size = usize::try_from(request.chunk_size)
+            .ok()
+            .filter(|&size| size <= crate::CHUNK_BYTES_MAX)
+            .ok_or_else(|| invalid(format!("a chunk of {} bytes is over the limit", request.chunk_size)))?;
+        let total = scheme.total_shards();
+        let index = request.index as usize;
+        if index >= total {
+            return Err(invalid(format!("shard {index} of a {total}-shard stripe")));
+        }
+        if request.sources.len() != scheme.data_shards() {
+            return Err(invalid(format!("{} sources, {scheme} needs {}", request.sources.len(), scheme.data_shards())));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        let mut sources = Vec::with_capacity(request.sources.len());
+        for source in request.sources {
+            let source_index = source.index as usize;
+            if source_index >= total || source_index == index || !seen.insert(source_index) {
+                return Err(invalid(format!("source shard {source_index} is out of range, repeated or the one built")));
+            }
+            sources.push((source_index, parse_hash(&source.hash)?, source.addrs));
+        }
+        Ok(Self {
+            chunk: parse_hash(&request.chunk)?,
+            chunk_size,
+            scheme,
+            index,
+            hash: parse_hash(&request.hash)?,
+            sources,
+            grace: Duration::from_millis(request.grace_ms),
+        })
+    }
+}
+
+/// What a `RebuildShard` did on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RebuiltShard {
+    /// A good copy was here already: nothing was read.
+    AlreadyPresent,
+    Rebuilt {
+        read_bytes: u64,
+        written_bytes: u64,
+    },
+}
+
+/// The work behind `RebuildShard`: claims the shard (protecting it from GC, as a copy repair
+/// does), reads the K sources in parallel, each from the first address whose bytes hash to the
+/// source's name, rebuilds the shard, and stores it only if it hashes to its own name (the
+/// store's put checks that, so wrong sources or a wrong scheme can never plant bad bytes).
+pub async fn rebuild_shard<Pull>(
+    state: &Arc<LocalChunks>,
+    rebuild: ShardRebuild,
+    pull: impl Fn(String, ChunkHash) -> Pull,
+) -> Result<RebuiltShard, Status>
+where
+    Pull: std::future::Future<Output = Result<bytes::Bytes, String>>,
+{
+    let (hash, grace) = (rebuild.hash, rebuild.grace);
+    let claiming = state.clone();
+    let present = tokio::task::spawn_blocking(move || claiming.claim(&hash, grace))
+        .await
+        .map_err(|e| Status::internal(format!("claim task: {e}")))?;
+    if present {
+        return Ok(RebuiltShard::AlreadyPresent);
+    }
+    let shard_bytes = rebuild.scheme.shard_bytes(rebuild.chunk_size);
+    let pull = &pull;
+    let reads = rebuild.sources.iter().map(|(index, source_hash, addrs)| async move {
+        let mut errors = Vec::new();
+        for addr in addrs {
+            match pull(addr.clone(), *source_hash).await {
+                Ok(data) if data.len() == shard_bytes && ChunkHash::of(&data) == *source_hash => {
+                    return Ok((*index, data))
+                }
+                Ok(data) => errors.push(format!("{addr}: {} bytes that are not shard {index}", data.len())),
+                Err(e) => errors.push(format!("{addr}: {e}")),
+            }
+        }
+        Err(format!(
+            "shard {index}: {}",
+            if errors.is_empty() { "no node to read it from".into() } else { errors.join("; ") }
+        ))
+    });
+    let mut shards: Vec<Option<bytes::Bytes>> = vec![None; rebuild.scheme.total_shards()];
+    let mut errors = Vec::new();
+    for read in futures::future::join_all(reads).await {
+        match read {
+            Ok((index, data)) => shards[index] = Some(data),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Status::unavailable(format!(
+            "rebuilding shard {} of stripe {}: {}",
+            rebuild.index,
+            rebuild.chunk.short(),
+            errors.join("; ")
+        )));
+    }
+    let read_bytes = (shard_bytes * rebuild.sources.len()) as u64;
+    let storing = state.clone();
+    let (scheme, chunk_size, index) = (rebuild.scheme, rebuild.chunk_size, rebuild.index);
+    let stored = tokio::task::spawn_blocking(move || {
+        let views: Vec<Option<&[u8]>> = shards.iter().map(|shard| shard.as_deref()).collect();
+        let built = mendfs_erasure::rebuild_shards(scheme, chunk_size, &views, &[index])
+            .map_err(|e| Status::invalid_argument(format!("rebuilding shard {index}: {e}")))?
+            .pop()
+            .ok_or_else(|| Status::internal("the codec returned no shard"))?;
+        // The put re-hashes the bytes against the shard's name: a rebuild from sources of
+        // another stripe, or under the wrong scheme, is refused here and stores nothing.
+        storing.prepare(&hash, &built, grace).map_err(chunk_status)?;
+        Ok::<u64, Status>(built.len() as u64)
+    })
+    .await
+    .map_err(|e| Status::internal(format!("rebuild task: {e}")))?;
+    let written_bytes = stored?;
+    Counters::add(&state.counters.repair_rebuilt_shards, 1);
+    Counters::add(&state.counters.repair_rebuilt_bytes, written_bytes);
+    Counters::add(&state.counters.repair_rebuild_read_bytes, read_bytes);
+    Ok(RebuiltShard::Rebuilt { read_bytes, written_bytes })
 }
 
 /// The work behind `ReplicateChunk`: claims the chunk (protecting it from GC), answers
@@ -513,5 +679,110 @@ mod tests {
         assert_eq!(local.quarantine_corrupt_copy(&hash), CopyAfterQuarantine::Good);
         assert_eq!(local.read(&hash).expect("still served"), data);
         assert!(quarantined(&dir).is_empty());
+    }
+
+    /// An ec:4+2 stripe of a 1000-byte chunk: its shards and their hashes.
+    fn stripe() -> (mendfs_erasure::Scheme, Vec<u8>, Vec<Vec<u8>>) {
+        let scheme = mendfs_erasure::Scheme::new(4, 2).expect("scheme");
+        let chunk: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let shards = mendfs_erasure::encode(scheme, &chunk).expect("encode");
+        (scheme, chunk, shards)
+    }
+
+    fn rebuild_request(shards: &[Vec<u8>], index: u32, sources: &[u32]) -> pb::RebuildShardRequest {
+        pb::RebuildShardRequest {
+            chunk: ChunkHash::of(b"chunk").to_vec(),
+            chunk_size: 1000,
+            data_shards: 4,
+            parity_shards: 2,
+            index,
+            hash: ChunkHash::of(&shards[index as usize]).to_vec(),
+            sources: sources
+                .iter()
+                .map(|&i| pb::ShardSource {
+                    index: i,
+                    hash: ChunkHash::of(&shards[i as usize]).to_vec(),
+                    addrs: vec!["liar".into(), format!("node-{i}")],
+                })
+                .collect(),
+            grace_ms: 60_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_shard_is_rebuilt_from_k_others_past_a_source_that_lies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let (_, _, shards) = stripe();
+        // Node "liar" answers every read with bytes of the right length but the wrong content.
+        let pull = |addr: String, hash: ChunkHash| {
+            let found = shards.iter().find(|shard| ChunkHash::of(shard) == hash).cloned().expect("a shard");
+            std::future::ready(Ok(if addr == "liar" {
+                bytes::Bytes::from(vec![0xAA; found.len()])
+            } else {
+                bytes::Bytes::from(found)
+            }))
+        };
+        for (index, sources) in [(1u32, [0u32, 2, 3, 4]), (5, [0, 1, 2, 3]), (0, [2, 3, 4, 5])] {
+            let rebuild = ShardRebuild::parse(rebuild_request(&shards, index, &sources)).expect("valid");
+            let rebuilt = rebuild_shard(&local, rebuild, pull).await.expect("rebuilt");
+            let shard = &shards[index as usize];
+            let len = shard.len() as u64;
+            assert_eq!(rebuilt, RebuiltShard::Rebuilt { read_bytes: 4 * len, written_bytes: len }, "shard {index}");
+            assert_eq!(&local.store.get(&ChunkHash::of(shard)).expect("stored"), shard);
+            assert!(!local.is_collectable(&ChunkHash::of(shard)), "protected until its commit");
+        }
+        assert_eq!(Counters::get(&local.counters.repair_rebuilt_shards), 3);
+        let again = ShardRebuild::parse(rebuild_request(&shards, 1, &[0, 2, 3, 4])).expect("valid");
+        assert_eq!(rebuild_shard(&local, again, pull).await.expect("idempotent"), RebuiltShard::AlreadyPresent);
+    }
+
+    #[tokio::test]
+    async fn a_rebuild_that_does_not_hash_to_the_shard_stores_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let (_, _, shards) = stripe();
+        let pull = |_addr: String, hash: ChunkHash| {
+            let found = shards.iter().find(|shard| ChunkHash::of(shard) == hash).cloned();
+            std::future::ready(found.map(bytes::Bytes::from).ok_or_else(|| "no such shard".to_string()))
+        };
+        // Sources of this stripe, but the request claims the result is shard 2's when it
+        // rebuilds shard 1: the codec's output does not hash to the name, and nothing is kept.
+        let mut request = rebuild_request(&shards, 1, &[0, 2, 3, 4]);
+        request.hash = ChunkHash::of(&shards[2]).to_vec();
+        let rebuild = ShardRebuild::parse(request).expect("well-formed");
+        let error = rebuild_shard(&local, rebuild, pull).await.expect_err("refused");
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error}");
+        assert!(
+            local.store.get(&ChunkHash::of(&shards[2])).is_err()
+                && local.store.get(&ChunkHash::of(&shards[1])).is_err()
+        );
+        // A source nobody holds: unavailable, naming the shard.
+        let mut request = rebuild_request(&shards, 1, &[0, 2, 3, 4]);
+        request.sources[3].hash = ChunkHash::of(b"elsewhere").to_vec();
+        let error = rebuild_shard(&local, ShardRebuild::parse(request).expect("ok"), pull).await.expect_err("no");
+        assert_eq!(error.code(), tonic::Code::Unavailable);
+        assert!(error.message().contains("shard 4"), "{error}");
+    }
+
+    #[test]
+    fn malformed_rebuild_requests_are_refused_before_any_work() {
+        let (_, _, shards) = stripe();
+        let good = rebuild_request(&shards, 1, &[0, 2, 3, 4]);
+        let cases: Vec<(&str, pb::RebuildShardRequest)> = vec![
+            ("no parity", pb::RebuildShardRequest { parity_shards: 0, ..good.clone() }),
+            ("huge K", pb::RebuildShardRequest { data_shards: 300, ..good.clone() }),
+            ("index out of range", pb::RebuildShardRequest { index: 6, ..good.clone() }),
+            ("huge chunk", pb::RebuildShardRequest { chunk_size: u64::MAX, ..good.clone() }),
+            ("too few sources", rebuild_request(&shards, 1, &[0, 2, 3])),
+            ("a repeated source", rebuild_request(&shards, 1, &[0, 2, 2, 3])),
+            ("the built shard as a source", rebuild_request(&shards, 1, &[0, 1, 2, 3])),
+            ("a short hash", pb::RebuildShardRequest { hash: vec![1, 2], ..good.clone() }),
+        ];
+        for (what, request) in cases {
+            let error = ShardRebuild::parse(request).expect_err(what);
+            assert_eq!(error.code(), tonic::Code::InvalidArgument, "{what}: {error}");
+        }
+        assert!(ShardRebuild::parse(good).is_ok());
     }
 }

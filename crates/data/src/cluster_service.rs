@@ -219,6 +219,12 @@ impl ClusterApi {
             kv_usage,
             events,
             recent_repairs,
+            stripes: snapshot
+                .scan
+                .stripes_by_live
+                .iter()
+                .map(|(&(live_shards, total_shards), &stripes)| pb::StripeCount { live_shards, total_shards, stripes })
+                .collect(),
         }
     }
 }

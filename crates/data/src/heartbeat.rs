@@ -81,6 +81,9 @@ impl HealthSampler {
             health.scrub_checked_bytes = Counters::get(&c.scrub_checked_bytes);
             health.repair_copied_chunks = Counters::get(&c.repair_copied_chunks);
             health.repair_copied_bytes = Counters::get(&c.repair_copied_bytes);
+            health.repair_rebuilt_shards = Counters::get(&c.repair_rebuilt_shards);
+            health.repair_rebuilt_bytes = Counters::get(&c.repair_rebuilt_bytes);
+            health.repair_rebuild_read_bytes = Counters::get(&c.repair_rebuild_read_bytes);
         }
         health
     }

@@ -1,8 +1,8 @@
 //! The scrubber: every storage node re-reads and re-hashes its chunks, at a throttled rate, to
 //! find bit rot before a reader does. A corrupt copy is quarantined (kept for inspection, never
-//! served) and reported; a copy the metadata lists here but the disk lacks is reported too. The
-//! report makes the metadata stop listing the copy, and the leader's repair restores the count
-//! from a good copy elsewhere.
+//! served) and reported; a copy (or a stripe's shard) the metadata lists here but the disk lacks
+//! is reported too. The report makes the metadata stop listing the copy, and the leader's
+//! repair restores the count from a good copy elsewhere (or rebuilds the shard from K others).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -163,6 +163,19 @@ pub async fn scrub_pass(
                 missing.len() < MISSING_PER_PASS_MAX
             })
             .map_err(|e| e.to_string())?;
+        // Shards of stripes listed here: a shard is a file like a chunk, reported the same way.
+        if missing.len() < MISSING_PER_PASS_MAX {
+            metadata
+                .for_each_stripe(|_, record| {
+                    for slot in record.shards {
+                        if slot.nodes.contains(&me) && !checker.store.contains(&slot.hash) {
+                            missing.push(slot.hash);
+                        }
+                    }
+                    missing.len() < MISSING_PER_PASS_MAX
+                })
+                .map_err(|e| e.to_string())?;
+        }
         // Rows that are not chunk records are the repair scan's to report, once per round.
         Ok(missing)
     })

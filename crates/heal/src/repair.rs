@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::detector::Liveness;
-use crate::planner::{urgency, ChunkPlan, CopyTask, DropTask, NodeState};
+use mendfs_types::ChunkHash;
+
+use crate::planner::{ChunkPlan, CopyTask, DropTask, NodeState};
+use crate::stripe::{MoveTask, RebuildTask, ShardCopies, ShardDropTask, StripePlan};
 use crate::NodeId;
 
 /// The repair the leader is running, checkpointed in Raft: a new leader continues the same
@@ -40,25 +43,119 @@ impl RepairJob {
     }
 }
 
-/// Counts from one full scan of the chunk map.
+/// Counts from one full scan of the chunk map and the stripes.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ScanSummary {
+    /// Chunks, replicated and striped.
     pub chunks: u64,
+    /// Chunks short of redundancy: fewer counting replicas than the replication factor, or a
+    /// stripe with fewer than K + M live shards.
     pub under_replicated: u64,
     pub over_replicated: u64,
+    /// Chunks nothing can read back: no readable replica, or fewer than K readable shards.
     pub lost: u64,
     pub unplaceable: u64,
-    /// Chunk records listing each node.
+    /// Chunk records listing each node; a stripe counts once per shard a node holds.
     pub chunks_listed: BTreeMap<NodeId, u64>,
+    /// Erasure-coded chunks among `chunks`, by (live shards, K + M): `(6, 6)` is whole,
+    /// `(4, 6)` is one loss from unrecoverable under ec:4+2.
+    pub stripes_by_live: BTreeMap<(u32, u32), u64>,
 }
 
-/// A copy task ranked by its chunk's urgency (fewest live copies first, then the largest
-/// deficit), so that a bounded heap keeps the most urgent.
-struct Urgent((usize, Reverse<usize>), CopyTask);
+impl ScanSummary {
+    pub fn stripes(&self) -> u64 {
+        self.stripes_by_live.values().sum()
+    }
+}
+
+/// What a stripe's repair does for one shard: rebuild it from K others, or move it off a
+/// node that no longer counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShardWork {
+    Rebuild(RebuildTask),
+    Move(MoveTask),
+}
+
+/// One shard's repair, with what the executor needs of its stripe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardTask {
+    /// The striped chunk (the stripe's key).
+    pub chunk: ChunkHash,
+    pub chunk_size: u64,
+    /// K and M.
+    pub data_shards: usize,
+    pub parity_shards: usize,
+    /// The bytes of one shard: what the task writes.
+    pub shard_bytes: u64,
+    pub work: ShardWork,
+}
+
+impl ShardTask {
+    pub fn index(&self) -> usize {
+        match &self.work {
+            ShardWork::Rebuild(task) => task.index,
+            ShardWork::Move(task) => task.index,
+        }
+    }
+
+    pub fn target(&self) -> NodeId {
+        match &self.work {
+            ShardWork::Rebuild(task) => task.target,
+            ShardWork::Move(task) => task.target,
+        }
+    }
+
+    /// Bytes read across the network to do it: K shards to rebuild one, one to move it.
+    pub fn read_bytes(&self) -> u64 {
+        match &self.work {
+            ShardWork::Rebuild(task) => self.shard_bytes.saturating_mul(task.sources.len() as u64),
+            ShardWork::Move(_) => self.shard_bytes,
+        }
+    }
+}
+
+/// A unit of repair: a chunk copy or a shard's rebuild or move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepairTask {
+    Copy(CopyTask),
+    Shard(ShardTask),
+}
+
+impl RepairTask {
+    /// Bytes the task writes on its target: what the job and the throttle count.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            RepairTask::Copy(copy) => copy.size,
+            RepairTask::Shard(shard) => shard.shard_bytes,
+        }
+    }
+
+    pub fn target(&self) -> NodeId {
+        match self {
+            RepairTask::Copy(copy) => copy.target,
+            RepairTask::Shard(shard) => shard.target(),
+        }
+    }
+
+    /// Its chunk, and the shard index for a shard's task: with the target, it names the task.
+    fn identity(&self) -> (&[u8; 32], usize) {
+        match self {
+            RepairTask::Copy(copy) => (copy.hash.as_bytes(), 0),
+            RepairTask::Shard(shard) => (shard.chunk.as_bytes(), shard.index()),
+        }
+    }
+}
+
+/// How urgent a chunk's repair is, smaller first: the losses it can still take (a chunk with one
+/// live copy and a stripe with exactly K live shards both take none), then the larger deficit.
+type UrgencyKey = (usize, Reverse<usize>);
+
+/// A task ranked by its chunk's urgency, so that a bounded heap keeps the most urgent.
+struct Urgent(UrgencyKey, RepairTask);
 
 impl Urgent {
-    fn key(&self) -> ((usize, Reverse<usize>), &[u8; 32], NodeId) {
-        (self.0, &self.1.hash, self.1.target)
+    fn key(&self) -> (UrgencyKey, (&[u8; 32], usize), NodeId) {
+        (self.0, self.1.identity(), self.1.target())
     }
 }
 
@@ -80,14 +177,15 @@ impl Ord for Urgent {
     }
 }
 
-/// Aggregates the plans of one scan, keeping at most `copies_max` copies (the most urgent) and
-/// `drops_max` drops, so the scan's memory is bounded however large the chunk map is; the next
-/// scan finds the rest.
+/// Aggregates the plans of one scan, keeping at most `tasks_max` tasks (the most urgent) and
+/// `drops_max` drops of each kind, so the scan's memory is bounded however large the chunk map
+/// is; the next scan finds the rest.
 pub struct Scan {
     summary: ScanSummary,
     urgent: BinaryHeap<Urgent>,
     drops: Vec<DropTask>,
-    copies_max: usize,
+    shard_drops: Vec<(ChunkHash, ShardDropTask)>,
+    tasks_max: usize,
     drops_max: usize,
 }
 
@@ -96,19 +194,35 @@ pub struct Scan {
 pub struct ScanOutcome {
     pub summary: ScanSummary,
     /// Most urgent first.
-    pub copies: Vec<CopyTask>,
+    pub tasks: Vec<RepairTask>,
     pub drops: Vec<DropTask>,
+    /// Shard records that may go, with their stripe's chunk.
+    pub shard_drops: Vec<(ChunkHash, ShardDropTask)>,
 }
 
 impl ScanOutcome {
     pub fn planned_bytes(&self) -> u64 {
-        self.copies.iter().map(|copy| copy.size).sum()
+        self.tasks.iter().map(RepairTask::bytes).sum()
     }
 }
 
 impl Scan {
-    pub fn new(copies_max: usize, drops_max: usize) -> Self {
-        Self { summary: ScanSummary::default(), urgent: BinaryHeap::new(), drops: Vec::new(), copies_max, drops_max }
+    pub fn new(tasks_max: usize, drops_max: usize) -> Self {
+        Self {
+            summary: ScanSummary::default(),
+            urgent: BinaryHeap::new(),
+            drops: Vec::new(),
+            shard_drops: Vec::new(),
+            tasks_max,
+            drops_max,
+        }
+    }
+
+    fn push(&mut self, key: UrgencyKey, task: RepairTask) {
+        self.urgent.push(Urgent(key, task));
+        if self.urgent.len() > self.tasks_max {
+            self.urgent.pop();
+        }
     }
 
     /// Counts one chunk: its listed `replicas` and the planner's `plan` for it.
@@ -122,20 +236,62 @@ impl Scan {
         summary.over_replicated += u64::from(!plan.drops.is_empty());
         summary.lost += u64::from(plan.lost);
         summary.unplaceable += plan.unplaceable as u64;
-        let key = urgency(&plan);
+        let key = (plan.live.saturating_sub(1), Reverse(plan.missing()));
         for copy in plan.copies {
-            self.urgent.push(Urgent(key, copy));
-            if self.urgent.len() > self.copies_max {
-                self.urgent.pop();
-            }
+            self.push(key, RepairTask::Copy(copy));
         }
         let room = self.drops_max.saturating_sub(self.drops.len());
         self.drops.extend(plan.drops.into_iter().take(room));
     }
 
+    /// Counts one stripe: `chunk`, of `chunk_size` bytes in shards of `shard_bytes`, with
+    /// `shards` listed where they are and the planner's `plan` for it.
+    pub fn add_stripe(
+        &mut self,
+        chunk: ChunkHash,
+        chunk_size: u64,
+        shard_bytes: u64,
+        shards: &[ShardCopies],
+        plan: StripePlan,
+    ) {
+        let summary = &mut self.summary;
+        summary.chunks += 1;
+        for node in shards.iter().flat_map(|shard| shard.nodes.iter()) {
+            *summary.chunks_listed.entry(*node).or_default() += 1;
+        }
+        let live = u32::try_from(plan.live).unwrap_or(u32::MAX);
+        let total = u32::try_from(plan.total_shards).unwrap_or(u32::MAX);
+        *summary.stripes_by_live.entry((live, total)).or_default() += 1;
+        summary.under_replicated += u64::from(plan.under_redundant());
+        summary.over_replicated += u64::from(!plan.drops.is_empty());
+        summary.lost += u64::from(plan.lost);
+        summary.unplaceable += plan.unplaceable as u64;
+        let key = (plan.margin(), Reverse(plan.total_shards.saturating_sub(plan.live)));
+        let task = |work| ShardTask {
+            chunk,
+            chunk_size,
+            data_shards: plan.data_shards,
+            parity_shards: plan.total_shards.saturating_sub(plan.data_shards),
+            shard_bytes,
+            work,
+        };
+        let work: Vec<ShardWork> = plan
+            .rebuilds
+            .iter()
+            .cloned()
+            .map(ShardWork::Rebuild)
+            .chain(plan.moves.iter().cloned().map(ShardWork::Move))
+            .collect();
+        for work in work {
+            self.push(key, RepairTask::Shard(task(work)));
+        }
+        let room = self.drops_max.saturating_sub(self.shard_drops.len());
+        self.shard_drops.extend(plan.drops.into_iter().take(room).map(|drop| (chunk, drop)));
+    }
+
     pub fn finish(self) -> ScanOutcome {
-        let copies = self.urgent.into_sorted_vec().into_iter().map(|Urgent(_, copy)| copy).collect();
-        ScanOutcome { summary: self.summary, copies, drops: self.drops }
+        let tasks = self.urgent.into_sorted_vec().into_iter().map(|Urgent(_, task)| task).collect();
+        ScanOutcome { summary: self.summary, tasks, drops: self.drops, shard_drops: self.shard_drops }
     }
 }
 
@@ -321,9 +477,55 @@ mod tests {
         assert_eq!(outcome.summary.under_replicated, 3);
         assert_eq!(outcome.summary.chunks_listed, BTreeMap::from([(1, 3), (2, 3), (3, 2)]));
         // Four copies were planned; the two kept are those of the chunk with one live copy.
-        assert_eq!(outcome.copies.len(), 2);
-        assert!(outcome.copies.iter().all(|copy| copy.hash == hash(1)), "{:?}", outcome.copies);
+        assert_eq!(outcome.tasks.len(), 2);
+        assert!(
+            outcome.tasks.iter().all(|task| matches!(task, RepairTask::Copy(copy) if copy.hash == hash(1))),
+            "{:?}",
+            outcome.tasks
+        );
         assert_eq!(outcome.planned_bytes(), 20);
+    }
+
+    fn shard_copies(placement: &[&[NodeId]]) -> Vec<ShardCopies> {
+        placement
+            .iter()
+            .enumerate()
+            .map(|(i, nodes)| ShardCopies { hash: hash(100 + i as u8), nodes: nodes.to_vec() })
+            .collect()
+    }
+
+    #[test]
+    fn a_stripe_at_its_last_spare_shard_goes_before_a_chunk_short_of_one_copy() {
+        // Nodes 1..=8, nodes 5 and 6 down: the ec:2+2 stripe on 3..=6 has exactly K = 2 live
+        // shards (no loss left to take); the chunk on 1, 2 and 5 has two live copies (one left).
+        let mut nodes: Vec<NodeState> = (1..=8).map(|id| node(id, Liveness::Up)).collect();
+        nodes[4].liveness = Liveness::Down;
+        nodes[5].liveness = Liveness::Down;
+        let view = ClusterView::new(nodes, 3);
+        let mut scan = Scan::new(2, 10);
+        scan.add(&[1, 2, 5], view.plan_chunk(&hash(1), 1_000, &[1, 2, 5]));
+        let whole = shard_copies(&[&[1], &[2], &[3], &[4]]);
+        scan.add_stripe(hash(2), 100, 50, &whole, view.plan_stripe(&hash(2), 2, &whole));
+        let shards = shard_copies(&[&[3], &[4], &[5], &[6]]);
+        scan.add_stripe(hash(3), 100, 50, &shards, view.plan_stripe(&hash(3), 2, &shards));
+        let outcome = scan.finish();
+        assert_eq!(outcome.summary.chunks, 3);
+        assert_eq!(outcome.summary.under_replicated, 2);
+        assert_eq!(outcome.summary.stripes(), 2);
+        assert_eq!(outcome.summary.stripes_by_live, BTreeMap::from([((2, 4), 1), ((4, 4), 1)]));
+        assert_eq!(outcome.summary.chunks_listed[&3], 2, "a shard each of two stripes");
+        // Only two tasks are kept: both are the stripe's rebuilds, from its data shards.
+        assert_eq!(outcome.tasks.len(), 2, "{:?}", outcome.tasks);
+        for task in &outcome.tasks {
+            let RepairTask::Shard(shard) = task else { panic!("the stripe goes first: {task:?}") };
+            let ShardWork::Rebuild(rebuild) = &shard.work else { panic!("nothing left to move") };
+            assert_eq!((shard.chunk, shard.data_shards, shard.parity_shards), (hash(3), 2, 2));
+            assert_eq!(rebuild.sources, [(0, 3), (1, 4)]);
+            assert_eq!(shard.read_bytes(), 100, "K shards read to write one");
+        }
+        assert_eq!(outcome.planned_bytes(), 100);
+        // The dead shards' records go once rebuilt: none now, as no copy is kept yet.
+        assert!(outcome.shard_drops.is_empty());
     }
 
     #[test]

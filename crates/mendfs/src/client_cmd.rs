@@ -125,6 +125,8 @@ fn health_json(h: &mendfs_proto::v1::NodeHealth) -> serde_json::Value {
         "scrub_passes": h.scrub_passes, "scrub_checked_chunks": h.scrub_checked_chunks,
         "scrub_checked_bytes": h.scrub_checked_bytes,
         "repair_copied_chunks": h.repair_copied_chunks, "repair_copied_bytes": h.repair_copied_bytes,
+        "repair_rebuilt_shards": h.repair_rebuilt_shards, "repair_rebuilt_bytes": h.repair_rebuilt_bytes,
+        "repair_rebuild_read_bytes": h.repair_rebuild_read_bytes,
     })
 }
 
@@ -406,6 +408,9 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                            "over_replicated_chunks": status.over_replicated_chunks,
                            "lost_chunks": status.lost_chunks,
                            "unplaceable_copies": status.unplaceable_copies,
+                           "stripes": status.stripes.iter().map(|s| json!({
+                               "live_shards": s.live_shards, "total_shards": s.total_shards,
+                               "stripes": s.stripes})).collect::<Vec<_>>(),
                            "repair": status.repair.as_ref().map(repair_json),
                            "recent_repairs": status.recent_repairs.iter().map(repair_json).collect::<Vec<_>>(),
                            "kv": status.kv_usage.as_ref().map(|kv| json!({
@@ -482,6 +487,15 @@ pub async fn run_cluster(connection: Connection, command: ClusterCommand) -> Res
                     status.lost_chunks,
                     status.unplaceable_copies
                 );
+                if !status.stripes.is_empty() {
+                    // Fewest live shards first: the stripes nearest to loss lead the line.
+                    let counts: Vec<String> = status
+                        .stripes
+                        .iter()
+                        .map(|s| format!("{} with {}/{} shards", s.stripes, s.live_shards, s.total_shards))
+                        .collect();
+                    println!("erasure-coded stripes: {}", counts.join(", "));
+                }
                 if let Some(r) = &status.repair {
                     let progress =
                         if r.total_bytes > 0 { 100.0 * r.done_bytes as f64 / r.total_bytes as f64 } else { 100.0 };

@@ -81,7 +81,7 @@ pub fn required_access(op: &str) -> Option<Access> {
     Some(match op {
         "Node/AppendEntries" | "Node/Vote" | "Node/InstallSnapshot" | "Node/Forward" => Peer,
         "Health/Heartbeat" => Peer,
-        "Storage/PrepareChunk" | "Storage/ReadChunk" | "Storage/ReplicateChunk" => Peer,
+        "Storage/PrepareChunk" | "Storage/ReadChunk" | "Storage/ReplicateChunk" | "Storage/RebuildShard" => Peer,
         "Node/Info" => Client(Read),
         "Kv/Get" | "Kv/List" | "Kv/Watch" => Client(Read),
         "Kv/Create" | "Kv/Set" | "Kv/Delete" | "Kv/Compact" => Client(Write),

@@ -1939,6 +1939,16 @@ impl MetaNode {
         files::for_each_chunk(&view, visit).map_err(ApiError::internal)
     }
 
+    /// Calls `visit` for every stripe (erasure-coded chunk) of this node's state machine, in
+    /// chunk-hash order, from one consistent read, like [`MetaNode::for_each_chunk`]. Blocking.
+    pub fn for_each_stripe(
+        &self,
+        visit: impl FnMut(ChunkHash, crate::stripes::StripeRecord) -> bool,
+    ) -> Result<u64, ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        crate::stripes::for_each_stripe(&view, visit).map_err(ApiError::internal)
+    }
+
     /// The repair job as this node's state machine last applied it.
     pub fn repair_job(&self) -> Result<Option<RepairJob>, ApiError> {
         let view = self.state.view().map_err(ApiError::internal)?;
@@ -2072,6 +2082,17 @@ impl MetaNode {
     /// Records finished repair copies (the repair's checkpoint), counted in job `job_id`.
     pub async fn add_replicas(&self, job_id: Option<u64>, added: Vec<ReplicaAdded>) -> Result<(), ApiError> {
         self.execute_quietly(Command::AddReplicas { job_id, added }).await
+    }
+
+    /// Records rebuilt or moved shards (counted in job `job_id`) and drops shard records repair
+    /// no longer needs, each only if its kept copy still is listed.
+    pub async fn repair_shards(
+        &self,
+        job_id: Option<u64>,
+        added: Vec<crate::stripes::ShardAdded>,
+        drops: Vec<crate::stripes::ShardDrop>,
+    ) -> Result<(), ApiError> {
+        self.execute_quietly(Command::RepairShards { job_id, added, drops }).await
     }
 
     /// Stops listing replicas repair no longer needs, each only if its kept copies still are.

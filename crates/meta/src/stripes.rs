@@ -225,9 +225,13 @@ pub(crate) fn with_stripes<S: StateStore>(
     Ok(result)
 }
 
-/// A copy of a shard's node's bad (a scrub or a reader found it so): the node is no longer
-/// listed for it in any stripe, unless it is the shard's only listed copy, which is kept (a bad
-/// last copy can still be tried, an unlisted one never) and left to repair to rebuild.
+/// A node's copy of a shard is bad (a scrub or a reader found it corrupt or missing): the node
+/// is no longer listed for it in any stripe, so the repair planner rebuilds the shard from the
+/// others. Unlike a chunk's last replica, a shard's only copy is unlisted too: a bad shard
+/// serves nothing (every read verifies it) and the stripe's other shards rebuild it; keeping
+/// it listed would leave the stripe counted whole and never repaired. Only while fewer than K
+/// other slots would still list a copy is it kept: then the stripe cannot be rebuilt anyway,
+/// and a report that was wrong (a transient error) must not turn it into a lost one.
 ///
 /// Bounded per report (`BAD_SHARD_STRIPES_MAX` stripes): a file shared by more stripes than
 /// that (a zero run) is unlisted from the first ones now and from the rest by the scrubber's
@@ -237,9 +241,20 @@ pub(crate) fn drop_bad_shard(store: &mut impl StateStore, shard: &ChunkHash, nod
     for chunk in stripes_listing(store, shard, node, BAD_SHARD_STRIPES_MAX)? {
         let Some(old) = get_stripe(store, &chunk)? else { continue };
         let mut record = old.clone();
-        for slot in record.shards.iter_mut().filter(|slot| slot.hash == *shard) {
-            if slot.nodes.len() > 1 && slot.nodes.contains(&node) {
-                slot.nodes.retain(|listed| *listed != node);
+        let data_shards = record.scheme.data_shards();
+        for index in 0..record.shards.len() {
+            let slot = &record.shards[index];
+            if slot.hash != *shard || !slot.nodes.contains(&node) {
+                continue;
+            }
+            let others_listed = record
+                .shards
+                .iter()
+                .enumerate()
+                .filter(|(other, slot)| *other != index && !slot.nodes.is_empty())
+                .count();
+            if slot.nodes.len() > 1 || others_listed >= data_shards {
+                record.shards[index].nodes.retain(|listed| *listed != node);
             }
         }
         if record != old {
@@ -445,12 +460,27 @@ mod tests {
         assert_eq!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[1].nodes, [2, 7]);
         drop_shards(&mut store, &[ShardDrop { chunk: hash(1), index: 1, node: 2, keep: 7 }]).unwrap();
         assert_eq!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[1].nodes, [7]);
-        // A bad copy that is the shard's only one stays listed; one of two goes.
-        drop_bad_shard(&mut store, &hash(11), 7).unwrap();
-        assert_eq!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[1].nodes, [7]);
+        // A bad copy goes, even a shard's only one, while K other shards are listed: repair
+        // rebuilds it from them.
         add_shards(&mut store, &[ShardAdded { chunk: hash(1), index: 1, node: 8 }]).unwrap();
         drop_bad_shard(&mut store, &hash(11), 7).unwrap();
         assert_eq!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[1].nodes, [8]);
+        drop_bad_shard(&mut store, &hash(11), 8).unwrap();
+        assert!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[1].nodes.is_empty());
+        assert!(!shard_listed_on(&store, &hash(11), 8).unwrap());
+        // Shard 0 bad too: K = 4 others (2..=5) are still listed, so it goes. Then shard 2:
+        // only 3 others are, and it stays, since the stripe could not be rebuilt without it.
+        drop_bad_shard(&mut store, &hash(10), 1).unwrap();
+        drop_bad_shard(&mut store, &hash(12), 3).unwrap();
+        let shards = get_stripe(&store, &hash(1)).unwrap().unwrap().shards;
+        assert!(shards[0].nodes.is_empty() && shards[1].nodes.is_empty(), "{shards:?}");
+        assert_eq!(shards[2].nodes, [3], "kept: fewer than K others listed");
+        // Shard 1 rebuilt on node 9: shard 3's bad copy goes, then shard 4's stays.
+        add_shards(&mut store, &[ShardAdded { chunk: hash(1), index: 1, node: 9 }]).unwrap();
+        drop_bad_shard(&mut store, &hash(13), 4).unwrap();
+        assert!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[3].nodes.is_empty());
+        drop_bad_shard(&mut store, &hash(14), 5).unwrap();
+        assert_eq!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[4].nodes, [5], "kept: K listed");
         let mut seen = Vec::new();
         for_each_stripe(&store, |chunk, record| {
             seen.push((chunk, record.refs));

@@ -201,6 +201,13 @@ fn scrape(state: &HttpState) -> Scrape {
             ("mendfs_scrub_checked_bytes", "Bytes verified by the scrubber", &counters.scrub_checked_bytes),
             ("mendfs_repair_copied_chunks", "Chunk copies this node pulled for repair", &counters.repair_copied_chunks),
             ("mendfs_repair_copied_bytes", "Bytes this node pulled for repair", &counters.repair_copied_bytes),
+            ("mendfs_repair_rebuilt_shards", "Erasure-coded shards this node rebuilt", &counters.repair_rebuilt_shards),
+            ("mendfs_repair_rebuilt_bytes", "Bytes of the shards this node rebuilt", &counters.repair_rebuilt_bytes),
+            (
+                "mendfs_repair_rebuild_read_bytes",
+                "Shard bytes this node read from others to rebuild shards",
+                &counters.repair_rebuild_read_bytes,
+            ),
         ] {
             scrape.counter(name, help, Counters::get(counter));
         }
@@ -246,6 +253,13 @@ fn scrape(state: &HttpState) -> Scrape {
             scan.over_replicated as f64,
         );
         scrape.gauge("mendfs_cluster_lost_chunks", "Chunks with no readable copy", scan.lost as f64);
+        scrape.gauge_family(
+            "mendfs_cluster_stripes",
+            "Erasure-coded chunks by live shards out of K + M",
+            scan.stripes_by_live.iter().map(|(&(live, total), &count)| {
+                (labels(&[("live", live.to_string()), ("total", total.to_string())]), count as f64)
+            }),
+        );
         scrape.gauge(
             "mendfs_cluster_unplaceable_copies",
             "Copies repair cannot place (too few eligible nodes)",

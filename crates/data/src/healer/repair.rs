@@ -1,13 +1,16 @@
-//! The repair loop on the leader: scan the chunk map, record the repair job's progress, drop
-//! the replicas no longer needed, and run the most urgent copies, throttled, checkpointing
-//! finished ones through the metadata in small batches.
+//! The repair loop on the leader: scan the chunk map and the stripes, record the repair job's
+//! progress, drop the replicas and shard records no longer needed, and run the most urgent
+//! work (chunk copies, shard rebuilds and moves), throttled, checkpointing finished work
+//! through the metadata in small batches.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mendfs_heal::planner::{ClusterView, CopyTask};
-use mendfs_heal::repair::{next_job, repair_reason, JobChange, Scan, ScanOutcome};
+use mendfs_heal::repair::{next_job, repair_reason, JobChange, RepairTask, Scan, ScanOutcome, ShardTask, ShardWork};
+use mendfs_heal::stripe::ShardCopies;
+use mendfs_meta::stripes::{ShardAdded, ShardDrop};
 use mendfs_meta::{ReplicaAdded, ReplicaDrop, StorageNode};
 use mendfs_proto::v1 as pb;
 use mendfs_types::{unix_now_ms, NodeId};
@@ -18,9 +21,10 @@ use tracing::Instrument;
 
 use super::{lock, Healer};
 
-/// Copies planned per scan at most: the most urgent ones; the next scan finds the rest. Keeps
-/// the planner's memory bounded however large the chunk map is.
-const COPIES_PER_SCAN_MAX: usize = 2_048;
+/// Tasks (copies, shard rebuilds and moves) planned per scan at most: the most urgent ones;
+/// the next scan finds the rest. Keeps the planner's memory bounded however large the chunk
+/// map is.
+const TASKS_PER_SCAN_MAX: usize = 2_048;
 const DROPS_PER_SCAN_MAX: usize = 8_192;
 /// Finished copies are committed after this many, or this long, whichever comes first: the
 /// granularity of the checkpoint a new leader resumes from.
@@ -28,6 +32,12 @@ const CHECKPOINT_COPIES: usize = 16;
 const CHECKPOINT_INTERVAL: Duration = Duration::from_millis(250);
 const DROPS_PER_ENTRY: usize = 512;
 const REPLICATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A finished task as the checkpoint records it.
+enum Done {
+    Replica(ReplicaAdded),
+    Shard(ShardAdded),
+}
 /// The rest after a round that did work: what it did changes what the next scan finds (copies
 /// made allow drops; drops finish the job), so redundancy should not wait a full interval.
 const RESCAN_AFTER_PROGRESS: Duration = Duration::from_millis(20);
@@ -68,7 +78,7 @@ impl Healer {
         let cluster = ClusterView::new(storage.iter().map(crate::node_state).collect(), self.config.replication_factor);
         let node = self.node.clone();
         let outcome = tokio::task::spawn_blocking(move || -> Result<ScanOutcome, String> {
-            let mut scan = Scan::new(COPIES_PER_SCAN_MAX, DROPS_PER_SCAN_MAX);
+            let mut scan = Scan::new(TASKS_PER_SCAN_MAX, DROPS_PER_SCAN_MAX);
             let skipped = node
                 .for_each_chunk(|hash, record| {
                     scan.add(&record.replicas, cluster.plan_chunk(&hash, record.size, &record.replicas));
@@ -78,6 +88,23 @@ impl Healer {
             if skipped > 0 {
                 tracing::error!(skipped, "the chunk map holds rows that are not chunk records; repair skips them");
             }
+            let skipped = node
+                .for_each_stripe(|chunk, record| {
+                    let shards: Vec<ShardCopies> = record
+                        .shards
+                        .into_iter()
+                        .map(|slot| ShardCopies { hash: slot.hash, nodes: slot.nodes })
+                        .collect();
+                    let size = usize::try_from(record.size).unwrap_or(usize::MAX);
+                    let shard_bytes = record.scheme.shard_bytes(size) as u64;
+                    let plan = cluster.plan_stripe(&chunk, record.scheme.data_shards(), &shards);
+                    scan.add_stripe(chunk, record.size, shard_bytes, &shards, plan);
+                    true
+                })
+                .map_err(|e| e.to_string())?;
+            if skipped > 0 {
+                tracing::error!(skipped, "the stripe table holds rows that are not stripes; repair skips them");
+            }
             Ok(scan.finish())
         })
         .await
@@ -86,14 +113,14 @@ impl Healer {
 
         // A round with work is a trace of its own (the copies and their pulls nest under it);
         // the idle rounds, one a second, are not recorded.
-        let round = if outcome.copies.is_empty() && outcome.drops.is_empty() {
+        let round = if outcome.tasks.is_empty() && outcome.drops.is_empty() && outcome.shard_drops.is_empty() {
             tracing::Span::none()
         } else {
             tracing::info_span!(
                 "repair_round",
-                copies = outcome.copies.len(),
+                copies = outcome.tasks.len(),
                 bytes = outcome.planned_bytes(),
-                drops = outcome.drops.len(),
+                drops = outcome.drops.len() + outcome.shard_drops.len(),
                 error = tracing::field::Empty,
             )
         };
@@ -112,7 +139,7 @@ impl Healer {
     ) -> Result<bool, String> {
         let last = self.node.repair_job().map_err(|e| e.to_string())?;
         let nodes: Vec<_> = storage.iter().map(crate::node_state).collect();
-        let change = next_job(last, outcome.copies.len() as u64, outcome.planned_bytes(), unix_now_ms(), || {
+        let change = next_job(last, outcome.tasks.len() as u64, outcome.planned_bytes(), unix_now_ms(), || {
             repair_reason(&nodes, &outcome.summary)
         });
         match &change {
@@ -130,27 +157,39 @@ impl Healer {
         let job_id = change.running().map(|job| job.id);
         let job_changed = matches!(change, JobChange::Started(_) | JobChange::Finished(_));
         // Failed copies are not progress: retrying them at once would only spin.
-        let mut worked = !outcome.drops.is_empty() || job_changed;
+        let mut worked = !outcome.drops.is_empty() || !outcome.shard_drops.is_empty() || job_changed;
         for batch in outcome.drops.chunks(DROPS_PER_ENTRY) {
             let drops =
                 batch.iter().map(|d| ReplicaDrop { hash: d.hash, node: d.node, keep: d.keep.clone() }).collect();
             self.node.drop_replicas(drops).await.map_err(|e| e.to_string())?;
         }
-        if !outcome.copies.is_empty() {
-            worked |= self.copy_all(outcome.copies, addresses, job_id).await? > 0;
+        for batch in outcome.shard_drops.chunks(DROPS_PER_ENTRY) {
+            let drops = batch
+                .iter()
+                .map(|(chunk, d)| ShardDrop {
+                    chunk: *chunk,
+                    index: u32::try_from(d.index).unwrap_or(u32::MAX),
+                    node: d.node,
+                    keep: d.keep,
+                })
+                .collect();
+            self.node.repair_shards(None, Vec::new(), drops).await.map_err(|e| e.to_string())?;
+        }
+        if !outcome.tasks.is_empty() {
+            worked |= self.run_all(outcome.tasks, addresses, job_id).await? > 0;
         }
         Ok(worked)
     }
 
-    /// Runs the copies, throttled, committing finished ones in small batches; returns how many
+    /// Runs the tasks, throttled, committing finished ones in small batches; returns how many
     /// succeeded.
-    async fn copy_all(
+    async fn run_all(
         &self,
-        copies: Vec<CopyTask>,
+        tasks: Vec<RepairTask>,
         addresses: &HashMap<NodeId, String>,
         job_id: Option<u64>,
     ) -> Result<usize, String> {
-        let (done_tx, mut done_rx) = mpsc::channel::<(ReplicaAdded, u64)>(CHECKPOINT_COPIES * 4);
+        let (done_tx, mut done_rx) = mpsc::channel::<(Done, u64)>(CHECKPOINT_COPIES * 4);
         let slots = Arc::new(Semaphore::new(self.config.repair_copies_in_flight.max(1)));
         let dispatcher = {
             let healer = self.clone();
@@ -160,11 +199,11 @@ impl Healer {
                     // The copies are the dispatcher's: aborting it (a round cancelled when the
                     // node stops) aborts them too, and it returns only once all have ended.
                     let mut in_flight = tokio::task::JoinSet::new();
-                    for copy in copies {
+                    for task in tasks {
                         if !healer.node.is_leader() {
                             break;
                         }
-                        let wait = lock(&healer.throttle).reserve(Instant::now(), copy.size);
+                        let wait = lock(&healer.throttle).reserve(Instant::now(), task.bytes());
                         tokio::time::sleep(wait).await;
                         let Ok(slot) = slots.clone().acquire_owned().await else { break };
                         let healer = healer.clone();
@@ -173,12 +212,12 @@ impl Healer {
                         in_flight.spawn(
                             async move {
                                 let _slot = slot;
-                                match healer.replicate(&copy, &addresses).await {
-                                    Ok(copied_bytes) => {
-                                        let added = ReplicaAdded { hash: copy.hash, node: copy.target };
-                                        let _ = done_tx.send((added, copied_bytes)).await;
+                                let target = task.target();
+                                match healer.run_task(&task, &addresses).await {
+                                    Ok(done) => {
+                                        let _ = done_tx.send(done).await;
                                     }
-                                    Err(e) => tracing::warn!(target_node = copy.target, "repair copy failed: {e}"),
+                                    Err(e) => tracing::warn!(target_node = target, "repair task failed: {e}"),
                                 }
                             }
                             .in_current_span(),
@@ -192,16 +231,19 @@ impl Healer {
         };
         // If this round is cancelled (the node stops), the dispatcher must not go on copying.
         let _stop_dispatcher = AbortOnDrop(dispatcher.abort_handle());
-        let mut batch = Vec::new();
+        let mut batch = Batch::default();
         let mut succeeded = 0;
         let mut ticker = tokio::time::interval(CHECKPOINT_INTERVAL);
         loop {
             tokio::select! {
                 done = done_rx.recv() => match done {
-                    Some((added, bytes)) => {
+                    Some((done, bytes)) => {
                         succeeded += 1;
                         self.shared().repaired.record(Instant::now(), bytes);
-                        batch.push(added);
+                        match done {
+                            Done::Replica(added) => batch.replicas.push(added),
+                            Done::Shard(added) => batch.shards.push(added),
+                        }
                         if batch.len() >= CHECKPOINT_COPIES {
                             self.checkpoint(&mut batch, job_id).await?;
                         }
@@ -216,12 +258,108 @@ impl Healer {
         Ok(succeeded)
     }
 
-    async fn checkpoint(&self, batch: &mut Vec<ReplicaAdded>, job_id: Option<u64>) -> Result<(), String> {
-        if batch.is_empty() {
-            return Ok(());
+    async fn checkpoint(&self, batch: &mut Batch, job_id: Option<u64>) -> Result<(), String> {
+        let Batch { replicas, shards } = std::mem::take(batch);
+        if !replicas.is_empty() {
+            self.node.add_replicas(job_id, replicas).await.map_err(|e| e.to_string())?;
         }
-        let added = std::mem::take(batch);
-        self.node.add_replicas(job_id, added).await.map_err(|e| e.to_string())
+        if !shards.is_empty() {
+            self.node.repair_shards(job_id, shards, Vec::new()).await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Runs one task; returns what to record and the bytes it wrote (0 if the target already
+    /// had them).
+    async fn run_task(&self, task: &RepairTask, addresses: &HashMap<NodeId, String>) -> Result<(Done, u64), String> {
+        match task {
+            RepairTask::Copy(copy) => {
+                let bytes = self.replicate(copy, addresses).await?;
+                Ok((Done::Replica(ReplicaAdded { hash: copy.hash, node: copy.target }), bytes))
+            }
+            RepairTask::Shard(shard) => {
+                let bytes = self.repair_shard(shard, addresses).await?;
+                let index = u32::try_from(shard.index()).map_err(|_| "shard index out of range".to_string())?;
+                Ok((Done::Shard(ShardAdded { chunk: shard.chunk, index, node: shard.target() }), bytes))
+            }
+        }
+    }
+
+    /// Rebuilds or moves one shard onto its target; returns the bytes written there.
+    async fn repair_shard(&self, task: &ShardTask, addresses: &HashMap<NodeId, String>) -> Result<u64, String> {
+        let span = tracing::info_span!(
+            "repair_shard",
+            peer = task.target(),
+            chunk = %task.chunk.short(),
+            shard = task.index(),
+            kind = if matches!(task.work, ShardWork::Rebuild(_)) { "rebuild" } else { "move" },
+            bytes = task.shard_bytes,
+            error = tracing::field::Empty,
+        );
+        let result = async {
+            match &task.work {
+                // A readable shard moves like a chunk: shards are stored as chunks are.
+                ShardWork::Move(moved) => {
+                    let copy = CopyTask {
+                        hash: moved.hash,
+                        size: task.shard_bytes,
+                        target: moved.target,
+                        sources: moved.sources.clone(),
+                    };
+                    self.replicate_unlogged(&copy, addresses).await
+                }
+                ShardWork::Rebuild(_) => self.rebuild_unlogged(task, addresses).await,
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(e) = &result {
+            span.record("error", e.as_str());
+        }
+        result
+    }
+
+    async fn rebuild_unlogged(&self, task: &ShardTask, addresses: &HashMap<NodeId, String>) -> Result<u64, String> {
+        let ShardWork::Rebuild(rebuild) = &task.work else { return Err("not a rebuild".into()) };
+        let target = addresses.get(&rebuild.target).ok_or_else(|| format!("node {} has no address", rebuild.target))?;
+        // The record names each source shard's hash; read it from the plan's node first, then
+        // any other node listed for it.
+        let record = self
+            .node
+            .stripe(task.chunk)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("stripe {} is gone", task.chunk.short()))?;
+        let mut sources = Vec::with_capacity(rebuild.sources.len());
+        for &(index, node) in &rebuild.sources {
+            let slot = record
+                .shards
+                .get(index)
+                .ok_or_else(|| format!("stripe {} has no shard {index}", task.chunk.short()))?;
+            let mut nodes = vec![node];
+            nodes.extend(slot.nodes.iter().copied().filter(|&other| other != node));
+            let addrs = nodes.iter().filter_map(|id| addresses.get(id).cloned()).collect();
+            sources.push(pb::ShardSource { index: index as u32, hash: slot.hash.to_vec(), addrs });
+        }
+        let peers = self.node.peers();
+        let mut client =
+            pb::storage_client::StorageClient::with_interceptor(peers.channel(target)?, peers.interceptor());
+        let mut request = Request::new(pb::RebuildShardRequest {
+            chunk: task.chunk.to_vec(),
+            chunk_size: task.chunk_size,
+            data_shards: task.data_shards as u32,
+            parity_shards: task.parity_shards as u32,
+            index: rebuild.index as u32,
+            hash: rebuild.hash.to_vec(),
+            sources,
+            grace_ms: self.config.orphan_grace.as_millis() as u64,
+        });
+        request.set_timeout(REPLICATE_TIMEOUT);
+        let reply = tokio::time::timeout(REPLICATE_TIMEOUT, client.rebuild_shard(request))
+            .await
+            .map_err(|_| format!("no answer within {REPLICATE_TIMEOUT:?}"))?
+            .map_err(|status| mendfs_proto::status_with_cause(&status))?;
+        Ok(reply.into_inner().written_bytes)
     }
 
     /// Asks the target to pull the chunk from a source; returns the bytes it copied (0 if it
@@ -258,6 +396,19 @@ impl Healer {
             .map_err(|_| format!("no answer within {REPLICATE_TIMEOUT:?}"))?
             .map_err(|status| mendfs_proto::status_with_cause(&status))?;
         Ok(reply.into_inner().copied_bytes)
+    }
+}
+
+/// Finished work not yet checkpointed.
+#[derive(Default)]
+struct Batch {
+    replicas: Vec<ReplicaAdded>,
+    shards: Vec<ShardAdded>,
+}
+
+impl Batch {
+    fn len(&self) -> usize {
+        self.replicas.len() + self.shards.len()
     }
 }
 
