@@ -73,6 +73,10 @@ const READ_AHEAD_BYTES_MAX: u64 = 8 << 20;
 /// reasonable rate even with big chunks (and otherwise as many chunks as the metadata takes in
 /// one segment).
 const SEGMENT_DATA_BYTES_MAX: u64 = 256 << 20;
+/// The slowest upload rate a segment is sized for: a segment holds at most what this rate
+/// writes in a quarter of the grace period, so a short grace (a test's, or an operator's who
+/// wants orphans gone quickly) shrinks segments instead of failing every big upload.
+const SEGMENT_RATE_FLOOR_BYTES_PER_SEC: u64 = 32 << 20;
 /// Size of the data messages a read streams back (smaller chunks are gathered into one).
 const READ_MESSAGE_BYTES: usize = 1 << 20;
 /// Messages buffered per reader before the coordinator waits for the client, besides its
@@ -719,9 +723,11 @@ impl Coordinator {
         let (ring, addresses) = self.placement_by(wait_for_nodes_until).await?;
         let write_id: [u8; 16] = rand::random();
         let chunk_size = self.config.chunk_size_bytes;
-        let segment_chunks = segment_chunks_for(self.config.replication_factor)
-            .min((SEGMENT_DATA_BYTES_MAX / chunk_size.max(1) as u64).max(1) as usize);
         let grace_ms = self.config.orphan_grace.as_millis() as u64;
+        let segment_bytes =
+            SEGMENT_DATA_BYTES_MAX.min(SEGMENT_RATE_FLOOR_BYTES_PER_SEC.saturating_mul(grace_ms) / 4_000);
+        let segment_chunks = segment_chunks_for(self.config.replication_factor)
+            .min((segment_bytes / chunk_size.max(1) as u64).max(1) as usize);
         let mut list = SegmentedList::new(write_id, label, segment_chunks, grace_ms);
         let written = match self.write_chunks(source, Arc::new(ring), Arc::new(addresses), redundancy, &mut list).await
         {

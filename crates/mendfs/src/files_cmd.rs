@@ -27,8 +27,8 @@ pub enum FileCommand {
         expect_version: Option<u64>,
         /// `replicate` (the cluster's copies, the default) or `ec:K+M`: chunks of 64 KiB or
         /// more as K data and M parity shards on K + M nodes (ec:4+2 survives any two losses
-        /// for 1.5x the bytes). Hidden while experimental: lost shards are not rebuilt yet.
-        #[arg(long, default_value = "replicate", hide = true)]
+        /// for 1.5x the bytes; repair rebuilds lost shards from K others).
+        #[arg(long, default_value = "replicate")]
         redundancy: String,
     },
     /// Download REMOTE into LOCAL (or - for stdout), verified against its content hash.

@@ -30,6 +30,114 @@ fn random_bytes(seed: u32, len: usize) -> Vec<u8> {
     out
 }
 
+/// `len` bytes of [`random_bytes`]-like content, produced as they are read; with `stall_at`,
+/// the stream stops there and never ends (an upload cut short by its coordinator's death).
+struct RandomReader {
+    xof: blake3::OutputReader,
+    left: u64,
+    stall_at: Option<u64>,
+    sent: u64,
+}
+
+impl RandomReader {
+    fn new(seed: u32, len: u64, stall_at: Option<u64>) -> Self {
+        let xof = blake3::Hasher::new().update(&seed.to_be_bytes()).finalize_xof();
+        Self { xof, left: len, stall_at, sent: 0 }
+    }
+
+    fn hash_of(seed: u32, len: u64) -> blake3::Hash {
+        let mut reader = blake3::Hasher::new().update(&seed.to_be_bytes()).finalize_xof();
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            reader.fill(&mut buf[..n]);
+            hasher.update(&buf[..n]);
+            left -= n as u64;
+        }
+        hasher.finalize()
+    }
+}
+
+impl tokio::io::AsyncRead for RandomReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let mut n = (buf.remaining() as u64).min(self.left);
+        if let Some(stall_at) = self.stall_at {
+            if self.sent >= stall_at {
+                // Never woken: the upload hangs here until its coordinator is gone.
+                return std::task::Poll::Pending;
+            }
+            n = n.min(stall_at - self.sent);
+        }
+        let n = n as usize;
+        let mut chunk = vec![0u8; n];
+        self.xof.fill(&mut chunk);
+        buf.put_slice(&chunk);
+        self.left -= n as u64;
+        self.sent += n as u64;
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Hashes what it is written: a download checked without holding it.
+#[derive(Default)]
+struct HashingWriter {
+    hasher: blake3::Hasher,
+    len: u64,
+}
+
+impl tokio::io::AsyncWrite for HashingWriter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.hasher.update(buf);
+        self.len += buf.len() as u64;
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+async fn put_stream(client: &Client, path: &str, reader: RandomReader) {
+    let size = reader.left;
+    client
+        .put_file_with(path, reader, Some(size), None, "ec:4+2", |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("put {path}: {e}"));
+}
+
+async fn get_hash(client: &Client, path: &str) -> (u64, blake3::Hash) {
+    let mut writer = HashingWriter::default();
+    client.get_file(path, &mut writer, |_, _| {}).await.unwrap_or_else(|e| panic!("get {path}: {e}"));
+    (writer.len, writer.hasher.finalize())
+}
+
+fn client_of(cluster: &Cluster, ids: &[u64]) -> Client {
+    let mut config = ClientConfig::new(ids.iter().map(|&id| cluster.addr(id)).collect());
+    config.secret = cluster.secret();
+    config.deadline = Duration::from_secs(60);
+    Client::new(config).unwrap()
+}
+
 fn blocking<T>(f: impl FnOnce() -> T) -> T {
     tokio::task::block_in_place(f)
 }
@@ -54,7 +162,12 @@ fn storage_up(status: &Value, ids: &[u64]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ec_4_2_files_read_back_at_one_and_a_half_times_their_bytes_and_survive_two_dead_nodes() {
-    let args = vec!["--chunk-size-bytes".to_string(), CHUNK.to_string()];
+    // A short orphan grace, so the shards of a put cut short are collected within the test.
+    let args: Vec<String> =
+        ["--chunk-size-bytes", &CHUNK.to_string(), "--orphan-grace-ms", "3000", "--gc-interval-ms", "500"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
     let options = ClusterOptions { nodes: 3, server_args: args, ..ClusterOptions::default() };
     let mut cluster = Cluster::start(binary(), options).expect("start cluster");
     blocking(|| cluster.wait_for_leader(DEADLINE)).unwrap();
@@ -96,14 +209,60 @@ async fn ec_4_2_files_read_back_at_one_and_a_half_times_their_bytes_and_survive_
         sizes.iter().map(|&s| (s / CHUNK * CHUNK + if s % CHUNK >= 65_536 { s % CHUNK } else { 0 }) as u64).sum();
     let replicated: u64 =
         sizes.iter().map(|&s| s % CHUNK).filter(|&tail| tail > 1 && tail < 65_536).sum::<usize>() as u64;
-    let on_disk: u64 = (1..=6u64)
-        .flat_map(|id| chunk_files(&cluster.nodes[&id].data_dir))
-        .map(|path| std::fs::metadata(path).map_or(0, |m| m.len()))
-        .sum();
+    let on_disk = disk_bytes(&cluster, 1..=6);
     let bound = striped as f64 * 1.55 + replicated as f64 * 3.0;
     println!("striped {striped} B, replicated {replicated} B, on disk {on_disk} B (bound {bound:.0})");
     assert!(on_disk as f64 <= bound, "{on_disk} bytes on disk for {striped} striped and {replicated} replicated");
     assert!(on_disk as f64 >= striped as f64 * 1.5, "fewer bytes than the shards need: {on_disk}");
+
+    // 300 MiB streamed in and out (never whole in memory here), compared by hash.
+    let big = 300 * CHUNK as u64;
+    put_stream(&client, "/ec/big", RandomReader::new(7, big, None)).await;
+    let (got_len, got_hash) = get_hash(&client, "/ec/big").await;
+    assert_eq!((got_len, got_hash), (big, RandomReader::hash_of(7, big)), "300 MiB round trip");
+    client.delete_file("/ec/big", None).await.unwrap();
+
+    // A coordinator SIGKILLed mid-put: the old version stays, the new one's shards are orphans
+    // that the collectors delete once the grace period passes.
+    let crash_path = "/ec/crash";
+    put(&client, crash_path, &random_bytes(40, 3 * CHUNK), "ec:4+2").await;
+    // What the disk holds once the big file's shards are collected: the files above and the
+    // crash file's three stripes at 1.5 times.
+    let before = blocking(|| {
+        wait_for("the big file's shards collected", DEADLINE, || {
+            let files: Vec<PathBuf> = (1..=6).flat_map(|id| chunk_files(&cluster.nodes[&id].data_dir)).collect();
+            Ok((disk_bytes(&cluster, 1..=6) == on_disk + 3 * 6 * (CHUNK as u64 / 4)).then_some(files))
+        })
+    })
+    .unwrap();
+    let via_node_6 = client_of(&cluster, &[6]);
+    let stall_at = 8 * CHUNK as u64;
+    let cut_short = tokio::spawn(async move {
+        let reader = RandomReader::new(41, 64 * CHUNK as u64, Some(stall_at));
+        via_node_6.put_file_with(crash_path, reader, Some(64 * CHUNK as u64), None, "ec:4+2", |_| {}).await
+    });
+    blocking(|| {
+        wait_for("shards of the new version prepared", DEADLINE, || {
+            let now = (1..=6).flat_map(|id| chunk_files(&cluster.nodes[&id].data_dir)).count();
+            Ok((now >= before.len() + 6 * 6).then_some(()))
+        })
+    })
+    .unwrap();
+    cluster.kill(6).unwrap();
+    let outcome = tokio::time::timeout(DEADLINE, cut_short).await.expect("the put ends").unwrap();
+    assert!(outcome.is_err(), "a put whose coordinator died cannot have committed");
+    assert_eq!(get(&client, crash_path).await.unwrap(), random_bytes(40, 3 * CHUNK), "the old version reads");
+    cluster.restart(6).unwrap();
+    wait_status(&cluster, "node 6 back", |s| storage_up(s, &[6]));
+    blocking(|| {
+        wait_for("the cut-short put's shards collected", DEADLINE, || {
+            let mut now: Vec<PathBuf> = (1..=6).flat_map(|id| chunk_files(&cluster.nodes[&id].data_dir)).collect();
+            now.sort();
+            Ok((now == before).then_some(()))
+        })
+    })
+    .unwrap();
+    client.delete_file(crash_path, None).await.unwrap();
 
     // Two storage-only nodes die: every file still reads, stripes decoded from parity.
     cluster.kill(5).unwrap();
@@ -302,5 +461,22 @@ async fn lost_shards_are_rebuilt_from_k_others_trimmed_on_return_and_rotted_ones
     .unwrap();
     for (path, data) in &files {
         assert_eq!(&get(&client, path).await.unwrap(), data, "{path} after the rot was repaired");
+    }
+
+    // Drained: node 5's shards move (one read each, no decoding) to nodes holding none of
+    // their stripe, and it ends with nothing.
+    blocking(|| cluster.run_cli(&["cluster", "drain", "5"])).expect("drain");
+    wait_status(&cluster, "node 5 drained of shards, every stripe whole", |s| {
+        let n = node(s, 5);
+        n["draining"] == true
+            && u64_of(&n["chunks"]) == 0
+            && n["health"]["chunk_count"] == 0
+            && stripe_counts(s) == [(6, 6, 12)]
+    });
+    assert!(chunk_files(&cluster.nodes[&5].data_dir).is_empty());
+    let (good, total) = shard_files(&cluster, 1..=8);
+    assert_eq!((good.len(), total), (12 * 6, 12 * 6), "one good copy of every shard");
+    for (path, data) in &files {
+        assert_eq!(&get(&client, path).await.unwrap(), data, "{path} after the drain");
     }
 }
