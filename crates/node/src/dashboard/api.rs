@@ -137,6 +137,9 @@ pub(crate) fn status_json(reply: &pb::StatusReply, served_by: NodeId, served_by_
         "lost_chunks": reply.lost_chunks,
         "unplaceable_copies": reply.unplaceable_copies,
         "over_replicated_chunks": reply.over_replicated_chunks,
+        "stripes": reply.stripes.iter().map(|s| serde_json::json!({
+            "live_shards": s.live_shards, "total_shards": s.total_shards, "stripes": s.stripes,
+        })).collect::<Vec<_>>(),
         "repair": repair,
         "recent_repairs": recent_repairs,
         "health_error": reply.health_error,

@@ -262,6 +262,11 @@ function drawStatus(status) {
   $("chunks-lost").className = lost ? "bad" : "";
   $("copies-unplaceable").textContent = status.unplaceable_copies;
   $("copies-unplaceable").className = status.unplaceable_copies ? "bad" : "";
+  // Stripes by live shards, e.g. "12 × 6/6, 1 × 5/6": any short of its total is not whole.
+  const stripes = status.stripes || [];
+  $("stripes-box").hidden = stripes.length === 0;
+  $("stripes").textContent = stripes.map((s) => s.stripes + " × " + s.live_shards + "/" + s.total_shards).join(", ");
+  $("stripes").className = stripes.some((s) => s.live_shards < s.total_shards) ? "bad" : "";
 
   $("nodes").replaceChildren(...status.nodes.map((node) => nodeCard(node, status.leader)));
 
