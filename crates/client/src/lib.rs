@@ -1156,7 +1156,8 @@ impl Client {
         self.put_file_with(path, reader, size, expected_version, "", progress).await
     }
 
-    /// [`Client::put_file`] with a redundancy: `replicate` (or empty) or `ec:K+M`.
+    /// [`Client::put_file`] with a redundancy: `replicate` or `ec:K+M`; empty leaves it to the
+    /// policy of the path's longest matching prefix (`replicate` if none has one).
     pub async fn put_file_with<R>(
         &self,
         path: &str,
