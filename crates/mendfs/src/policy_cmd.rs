@@ -14,8 +14,7 @@ use crate::cli::ClusterAddress;
 pub enum PolicyCommand {
     /// Set (or replace) the redundancy of the files at or under PREFIX, or of a bucket's
     /// objects: `replicate` or `ec:K+M` (chunks of 64 KiB or more as K data and M parity shards
-    /// on K + M nodes). Puts that say `--redundancy` keep theirs; files already written keep
-    /// how they are kept.
+    /// on K + M nodes). It governs new puts; files already written keep how they are kept.
     #[command(
         override_usage = "mendfs policy set PREFIX REDUNDANCY\n       mendfs policy set --bucket NAME REDUNDANCY"
     )]
@@ -78,8 +77,8 @@ pub async fn run_policy(connection: ClusterAddress, command: PolicyCommand) -> R
             let before = change.before.as_deref().unwrap_or("none");
             println!("policy of {}: {} (was {before})", change.target, redundancy.trim());
             eprintln!(
-                "new puts there without --redundancy use it (chunks under 64 KiB stay replicated); what is already \
-                 stored keeps how it is kept"
+                "new puts there use it (chunks under 64 KiB stay replicated); what is already stored keeps how it \
+                 is kept"
             );
         }
         PolicyCommand::Unset { prefix, bucket } => {

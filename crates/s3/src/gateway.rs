@@ -290,7 +290,6 @@ impl Gateway {
     /// `commit`. The bucket's redundancy policy decides how its chunks are kept (read from
     /// this node's applied state: a policy set a moment ago may not be seen yet, and either
     /// way the content is durable); without one they are replicated.
-    #[allow(clippy::too_many_arguments)]
     async fn write<T, F, Fut>(
         &self,
         bucket: &str,
