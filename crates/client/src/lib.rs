@@ -493,7 +493,11 @@ impl Client {
                 async move { policy.set(request).await }
             })
             .await?;
-        Ok(PolicyChange { target: PolicyTarget::from_pb(reply.target, target), before: non_empty(reply.previous) })
+        Ok(PolicyChange {
+            target: PolicyTarget::from_pb(reply.target, target),
+            before: non_empty(reply.previous),
+            after: non_empty(reply.redundancy),
+        })
     }
 
     /// Removes the redundancy policy of a path prefix or a bucket; `before` is the one
@@ -507,7 +511,11 @@ impl Client {
                 async move { policy.unset(request).await }
             })
             .await?;
-        Ok(PolicyChange { target: PolicyTarget::from_pb(reply.target, target), before: non_empty(reply.removed) })
+        Ok(PolicyChange {
+            target: PolicyTarget::from_pb(reply.target, target),
+            before: non_empty(reply.removed),
+            after: None,
+        })
     }
 
     /// Every redundancy policy: path prefixes in path order, then buckets.
@@ -1104,6 +1112,8 @@ pub struct PolicyChange {
     pub target: PolicyTarget,
     /// `replicate` or `ec:K+M`; None if it had none.
     pub before: Option<String>,
+    /// The policy it has now, as stored; None after an unset.
+    pub after: Option<String>,
 }
 
 /// A redundancy policy as listed.

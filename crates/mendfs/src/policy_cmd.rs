@@ -75,7 +75,8 @@ pub async fn run_policy(connection: ClusterAddress, command: PolicyCommand) -> R
             let change =
                 client.set_policy(&target, &redundancy).await.with_context(|| format!("set the policy of {target}"))?;
             let before = change.before.as_deref().unwrap_or("none");
-            println!("policy of {}: {} (was {before})", change.target, redundancy.trim());
+            let after = change.after.as_deref().unwrap_or(redundancy.trim());
+            println!("policy of {}: {after} (was {before})", change.target);
             eprintln!(
                 "new puts there use it (chunks under 64 KiB stay replicated); what is already stored keeps how it \
                  is kept"

@@ -184,8 +184,8 @@ fn policies_choose_the_redundancy_of_puts_that_do_not_say() {
     };
     let size = 3 * CHUNK;
 
-    // A policy on /cold (given with a trailing /, stored without), listed.
-    let set = cluster.run_cli(&["policy", "set", "/cold/", "ec:4+2"]).unwrap();
+    // A policy on /cold (given with a trailing / and as K+M, stored as /cold and ec:K+M), listed.
+    let set = cluster.run_cli(&["policy", "set", "/cold/", "4+2"]).unwrap();
     assert!(set.contains("policy of /cold: ec:4+2 (was none)"), "{set}");
     let listed = cli_json(&cluster, &["policy", "list", "--json"]);
     assert_eq!(

@@ -57,7 +57,11 @@ impl Policy for PolicyApi {
         let redundancy: Redundancy = request.redundancy.parse().map_err(Status::invalid_argument)?;
         let previous = self.node.set_policy(origin, target.clone(), redundancy).await?;
         tracing::info!(%target, %redundancy, previous = %named(previous), "set a redundancy policy");
-        Ok(Response::new(pb::PolicySetReply { target: Some(target_to_pb(target)), previous: named(previous) }))
+        Ok(Response::new(pb::PolicySetReply {
+            target: Some(target_to_pb(target)),
+            previous: named(previous),
+            redundancy: redundancy.to_string(),
+        }))
     }
 
     async fn unset(&self, request: Request<pb::PolicyUnsetRequest>) -> Result<Response<pb::PolicyUnsetReply>, Status> {
