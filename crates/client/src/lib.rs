@@ -19,6 +19,7 @@ use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::auth_client::AuthClient;
 use mendfs_proto::v1::cluster_client::ClusterClient;
 use mendfs_proto::v1::kv_client::KvClient;
+use mendfs_proto::v1::policy_client::PolicyClient;
 use mendfs_proto::v1::s3_admin_client::S3AdminClient;
 use mendfs_proto::{
     AUTHORIZATION_HEADER, ERROR_ACTUAL_VERSION_HEADER, ERROR_EXPECTED_VERSION_HEADER, ERROR_KIND_HEADER,
@@ -473,6 +474,68 @@ impl Client {
         })
         .await
         .map(drop)
+    }
+
+    fn policy(&self, index: usize) -> PolicyClient<Intercepted> {
+        PolicyClient::with_interceptor(self.inner.channels[index].clone(), self.inner.interceptor.clone())
+            .max_decoding_message_size(usize::MAX)
+    }
+
+    /// Sets (or replaces) the redundancy policy of a path prefix or a bucket: `replicate` or
+    /// `ec:K+M`. Answers the target as stored (a prefix without its trailing `/`) and the
+    /// policy it replaced, if any. Needs an admin token.
+    pub async fn set_policy(&self, target: &PolicyTarget, redundancy: &str) -> Result<PolicyChange, Error> {
+        let request = pb::PolicySetRequest { target: Some(target.to_pb()), redundancy: redundancy.to_string() };
+        let reply = self
+            .call("set policy", |i| {
+                let request = request.clone();
+                let mut policy = self.policy(i);
+                async move { policy.set(request).await }
+            })
+            .await?;
+        Ok(PolicyChange {
+            target: PolicyTarget::from_pb(reply.target, target),
+            before: non_empty(reply.previous),
+            after: non_empty(reply.redundancy),
+        })
+    }
+
+    /// Removes the redundancy policy of a path prefix or a bucket; `before` is the one
+    /// removed (None: there was none). Needs an admin token.
+    pub async fn unset_policy(&self, target: &PolicyTarget) -> Result<PolicyChange, Error> {
+        let request = pb::PolicyUnsetRequest { target: Some(target.to_pb()) };
+        let reply = self
+            .call("unset policy", |i| {
+                let request = request.clone();
+                let mut policy = self.policy(i);
+                async move { policy.unset(request).await }
+            })
+            .await?;
+        Ok(PolicyChange {
+            target: PolicyTarget::from_pb(reply.target, target),
+            before: non_empty(reply.removed),
+            after: None,
+        })
+    }
+
+    /// Every redundancy policy: path prefixes in path order, then buckets.
+    pub async fn list_policies(&self) -> Result<Vec<Policy>, Error> {
+        let reply = self
+            .call("list policies", |i| {
+                let mut policy = self.policy(i);
+                async move { policy.list(pb::PolicyListRequest {}).await }
+            })
+            .await?;
+        let mut policies = Vec::with_capacity(reply.policies.len());
+        for info in reply.policies {
+            let target = match info.target.and_then(|target| target.target) {
+                Some(pb::policy_target::Target::Prefix(prefix)) => PolicyTarget::Prefix(prefix),
+                Some(pb::policy_target::Target::Bucket(bucket)) => PolicyTarget::Bucket(bucket),
+                None => return Err(Error::Server("a listed policy names no target".into())),
+            };
+            policies.push(Policy { target, redundancy: info.redundancy, set_ms: info.set_ms });
+        }
+        Ok(policies)
     }
 
     /// Who the cluster takes this client for, and its role.
@@ -1006,6 +1069,67 @@ impl Watch {
     }
 }
 
+/// What a redundancy policy governs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyTarget {
+    /// The files at or under an absolute path.
+    Prefix(String),
+    /// The objects of an S3 bucket.
+    Bucket(String),
+}
+
+impl PolicyTarget {
+    fn to_pb(&self) -> pb::PolicyTarget {
+        let target = match self {
+            PolicyTarget::Prefix(prefix) => pb::policy_target::Target::Prefix(prefix.clone()),
+            PolicyTarget::Bucket(bucket) => pb::policy_target::Target::Bucket(bucket.clone()),
+        };
+        pb::PolicyTarget { target: Some(target) }
+    }
+
+    /// The target a reply names, or the one asked about if it names none.
+    fn from_pb(target: Option<pb::PolicyTarget>, asked: &PolicyTarget) -> Self {
+        match target.and_then(|target| target.target) {
+            Some(pb::policy_target::Target::Prefix(prefix)) => PolicyTarget::Prefix(prefix),
+            Some(pb::policy_target::Target::Bucket(bucket)) => PolicyTarget::Bucket(bucket),
+            None => asked.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PolicyTarget::Prefix(prefix) => f.write_str(prefix),
+            PolicyTarget::Bucket(bucket) => write!(f, "bucket {bucket}"),
+        }
+    }
+}
+
+/// A policy set or unset: the target as stored, and the policy it had before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyChange {
+    pub target: PolicyTarget,
+    /// `replicate` or `ec:K+M`; None if it had none.
+    pub before: Option<String>,
+    /// The policy it has now, as stored; None after an unset.
+    pub after: Option<String>,
+}
+
+/// A redundancy policy as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub target: PolicyTarget,
+    /// `replicate` or `ec:K+M`.
+    pub redundancy: String,
+    /// When it was set, on the cluster's state clock.
+    pub set_ms: u64,
+}
+
+fn non_empty(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
 pub use mendfs_proto::v1::{ChunkInfo, FileChunksReply, FileInfo, PutFileReply};
 
 /// Bytes per upload message.
@@ -1042,7 +1166,8 @@ impl Client {
         self.put_file_with(path, reader, size, expected_version, "", progress).await
     }
 
-    /// [`Client::put_file`] with a redundancy: `replicate` (or empty) or `ec:K+M`.
+    /// [`Client::put_file`] with a redundancy: `replicate` or `ec:K+M`; empty leaves it to the
+    /// policy of the path's longest matching prefix (`replicate` if none has one).
     pub async fn put_file_with<R>(
         &self,
         path: &str,

@@ -93,26 +93,27 @@ pub use mendfs_meta::PATH_BYTES_MAX;
 /// few KiB cost more in records, fsyncs and round trips than three copies do.
 pub const EC_CHUNK_BYTES_MIN: usize = 64 << 10;
 
-/// How a write keeps its chunks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Redundancy {
-    /// `replication_factor` copies of each chunk (`DataConfig`).
-    #[default]
-    Replicate,
-    /// Each chunk of at least `EC_CHUNK_BYTES_MIN` as a stripe of K data and M parity shards
-    /// on K + M distinct nodes.
-    Erasure(Scheme),
+/// How a write keeps its chunks: `replicate`, or `ec:K+M` for every chunk of at least
+/// [`EC_CHUNK_BYTES_MIN`]. The metadata's type, since policies store it.
+pub use mendfs_meta::policy::{Redundancy, StoredAs};
+
+/// How a put asked for its redundancy: said (`--redundancy`), or left to the policy of its
+/// path. Empty or absent means the policy.
+pub fn requested_redundancy(text: &str) -> Result<Option<Redundancy>, Status> {
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(Status::invalid_argument)
 }
 
-impl std::str::FromStr for Redundancy {
-    type Err = String;
-
-    /// `replicate` or `ec:K+M`.
-    fn from_str(text: &str) -> Result<Self, String> {
-        match text.trim() {
-            "" | "replicate" => Ok(Redundancy::Replicate),
-            other => other.parse::<Scheme>().map(Redundancy::Erasure).map_err(|e| e.to_string()),
-        }
+/// How content is kept, as `stat`, `ls -l` and a put's reply say it: `ec:K+M`,
+/// `replicate:N` (the cluster's replication factor, which repair keeps every replicated chunk
+/// at) or `inline` (in the metadata).
+pub fn describe_stored(stored: StoredAs, replication_factor: usize) -> String {
+    match stored {
+        StoredAs::Inline => "inline".to_string(),
+        StoredAs::Replicated => format!("replicate:{replication_factor}"),
+        StoredAs::Striped(scheme) => scheme.to_string(),
     }
 }
 
@@ -648,6 +649,46 @@ impl Coordinator {
         );
     }
 
+    /// [`describe_stored`] with this node's replication factor; empty when not known.
+    fn describe(&self, stored: Option<StoredAs>) -> String {
+        stored.map(|stored| describe_stored(stored, self.config.replication_factor)).unwrap_or_default()
+    }
+
+    /// How a version whose first page was read is kept, from its first chunk: one listed with
+    /// copies is replicated; one listed without is a stripe or inline, which this node's state
+    /// tells, or else the leader's stripe record. None if that fails.
+    async fn page_stored_as(&self, file: &FileView, page: &ChunkPage) -> Option<StoredAs> {
+        if file.record.n_chunks == 0 {
+            return Some(StoredAs::Inline);
+        }
+        let first = page.chunks.first().filter(|_| page.from_index == 0)?;
+        if !first.replicas.is_empty() {
+            return Some(StoredAs::Replicated);
+        }
+        if let Ok(Some(stored)) = self.node.chunk_stored_as(&first.hash) {
+            return Some(stored);
+        }
+        match self.node.stripe(first.hash).await {
+            Ok(Some(stripe)) => Some(StoredAs::Striped(stripe.scheme)),
+            // Listed without copies and not striped: kept inline.
+            Ok(None) => Some(StoredAs::Inline),
+            Err(e) => {
+                tracing::debug!(path = %file.path, "how the file is kept is unknown: {e}");
+                None
+            }
+        }
+    }
+
+    /// How a listed version is kept, from the leader's first page of it; None if the version
+    /// changed meanwhile or the leader could not say.
+    async fn stored_as_from_leader(&self, file: &FileView) -> Option<StoredAs> {
+        let version = Some(file.record.version);
+        match self.node.file_chunks(Origin::LOCAL, file.path.clone(), version, 0, 1).await {
+            Ok(Some((file, page))) => self.page_stored_as(&file, &page).await,
+            _ => None,
+        }
+    }
+
     /// A file's summary and the first `limit` chunks of its current version.
     async fn first_page(&self, origin: Origin, path: &str, limit: u32) -> Result<(FileView, ChunkPage), Status> {
         match self.node.file_chunks(origin, path.to_string(), None, 0, limit).await? {
@@ -666,7 +707,17 @@ impl Coordinator {
             _ => return Err(Status::invalid_argument("an upload starts with a header message")),
         };
         validate_path(&header.path)?;
-        let redundancy: Redundancy = header.redundancy.parse().map_err(Status::invalid_argument)?;
+        // A redundancy the put says wins; otherwise the policy of the path's longest matching
+        // prefix, read from this node's applied state (a policy changed a moment ago may not
+        // be seen yet: either way the content is durable, and the reply says what was done).
+        let (redundancy, policy) = match requested_redundancy(&header.redundancy)? {
+            Some(redundancy) => (redundancy, None),
+            None => match self.node.policy_for_path(&header.path)? {
+                Some((prefix, redundancy)) => (redundancy, Some(prefix)),
+                None => (Redundancy::Replicate, None),
+            },
+        };
+        let replication_factor = self.config.replication_factor;
         let source = FileUpload { stream, declared: header.size, received: 0 };
         self.write_content(header.path.clone(), source, wait_for_nodes_until, redundancy, |written| async move {
             let commit = CommitFile {
@@ -699,6 +750,8 @@ impl Coordinator {
                 size: written.size,
                 content_hash: written.content_hash.to_vec(),
                 chunks: written.n_chunks,
+                redundancy: describe_stored(written.stored_as, replication_factor),
+                policy: policy.unwrap_or_default(),
             })
         })
         .await
@@ -733,6 +786,11 @@ impl Coordinator {
         {
             Ok((size, content_hash, inline)) => {
                 let n_chunks = list.staged_chunks + list.current.len() as u64;
+                let stored_as = match redundancy {
+                    _ if inline.is_some() || n_chunks == 0 => StoredAs::Inline,
+                    Redundancy::Erasure(scheme) if list.striped_chunks > 0 => StoredAs::Striped(scheme),
+                    _ => StoredAs::Replicated,
+                };
                 let written = WrittenContent {
                     size,
                     content_hash,
@@ -743,6 +801,7 @@ impl Coordinator {
                     chunks: std::mem::take(&mut list.current),
                     grace_ms: list.grace_ms,
                     request_id: upload_request_id(list.write_id, 1),
+                    stored_as,
                     carried: Carried {
                         inline: inline.map(|data| InlineChunk { data }).into_iter().collect(),
                         stripes: std::mem::take(&mut list.current_stripes),
@@ -1063,6 +1122,10 @@ impl std::fmt::Display for ContentRef {
 
 type PreparesInFlight = FuturesOrdered<Pin<Box<dyn std::future::Future<Output = Result<Prepared, Status>> + Send>>>;
 
+/// Files of one listing whose redundancy is asked of the leader when this node's state does
+/// not hold them yet: a lagging node's `ls -l` costs at most this many round trips.
+const LIST_STORED_AS_LEADER_READS_MAX: usize = 64;
+
 /// Distinct chunks an upload remembers to send as repeats instead of preparing them again: a
 /// bound on the coordinator's memory (32 bytes each), however big and repetitive the file.
 const KNOWN_CHUNKS_MAX: usize = 65_536;
@@ -1098,6 +1161,10 @@ pub struct WrittenContent {
     pub grace_ms: u64,
     /// The commit's request id: the same on every retry, so it applies once.
     pub request_id: RequestId,
+    /// How the write kept the content: striped if it striped any chunk (a short tail stays
+    /// replicated), replicated, or inline. A chunk the metadata already holds another way
+    /// keeps that way (`stat` then says so); this is what the write itself did.
+    pub stored_as: StoredAs,
     /// What the commit carries: the content of a small write kept inline in the metadata
     /// (`chunks` lists it as its one chunk without replicas), or the stripes of the
     /// erasure-coded chunks among `chunks`.
@@ -1176,6 +1243,8 @@ struct SegmentedList {
     current: Vec<CommittedChunk>,
     /// The stripes of the erasure-coded ones among them.
     current_stripes: Vec<StripeCommit>,
+    /// Chunks of the whole upload prepared as stripes, for what the put reports.
+    striped_chunks: u64,
     /// When each segment not yet staged (the current one first) began preparing, on this
     /// node's monotonic clock, read before its first chunk's prepare: the metadata refuses its
     /// staging if that is more than the grace period before the leader stamps it. A monotonic
@@ -1205,6 +1274,7 @@ impl SegmentedList {
             staged_segments: 0,
             current: Vec::new(),
             current_stripes: Vec::new(),
+            striped_chunks: 0,
             segment_started: std::collections::VecDeque::new(),
             created: Instant::now(),
             grace_ms,
@@ -1240,6 +1310,7 @@ impl SegmentedList {
     /// (with its number and when its chunks began preparing), and starts the next.
     fn push(&mut self, prepared: Prepared) -> Option<(u64, StageSegment, Vec<StripeCommit>, Instant)> {
         self.current.push(prepared.chunk);
+        self.striped_chunks += u64::from(prepared.stripe.is_some());
         self.current_stripes.extend(prepared.stripe);
         if self.current.len() < self.segment_chunks {
             return None;
@@ -1268,9 +1339,11 @@ fn upload_request_id(write_id: [u8; 16], sequence: u64) -> RequestId {
     RequestId { client_id: u64::from_le_bytes([a, b, c, d, e, f, g, h]), sequence }
 }
 
-/// A file's summary on the wire, with `chunks` as its (first) chunk list page.
-fn file_info(file: &FileView, chunks: &[ChunkRef]) -> pb::FileInfo {
+/// A file's summary on the wire, with `chunks` as its (first) chunk list page and how its
+/// content is kept (empty: not known).
+fn file_info(file: &FileView, chunks: &[ChunkRef], redundancy: String) -> pb::FileInfo {
     pb::FileInfo {
+        redundancy,
         path: file.path.clone(),
         size: file.record.size,
         mtime_ms: file.record.mtime_ms,
@@ -1321,7 +1394,9 @@ impl Files for Coordinator {
         tokio::spawn(
             async move {
                 // In the RPC's span: the chunk reads nest under it, and it lasts as long as the stream.
-                let info = pb::GetFileReply { part: Some(pb::get_file_reply::Part::Info(file_info(&file, &[]))) };
+                let info = pb::GetFileReply {
+                    part: Some(pb::get_file_reply::Part::Info(file_info(&file, &[], String::new()))),
+                };
                 if tx.send(Ok(info)).await.is_err() {
                     return;
                 }
@@ -1346,7 +1421,8 @@ impl Files for Coordinator {
         let path = request.into_inner().path;
         validate_path(&path)?;
         let (file, page) = self.first_page(origin, &path, CHUNK_PAGE_CHUNKS_MAX).await?;
-        Ok(Response::new(file_info(&file, &page.chunks)))
+        let redundancy = self.describe(self.page_stored_as(&file, &page).await);
+        Ok(Response::new(file_info(&file, &page.chunks, redundancy)))
     }
 
     async fn list(&self, request: Request<pb::ListFilesRequest>) -> Result<Response<pb::ListFilesReply>, Status> {
@@ -1356,7 +1432,23 @@ impl Files for Coordinator {
             return Err(Status::invalid_argument("the prefix is too long or contains a NUL byte"));
         }
         let (files, truncated) = self.node.list_files(origin, request.prefix, request.limit).await?;
-        let files = files.iter().map(|file| file_info(file, &[])).collect();
+        let mut infos = Vec::with_capacity(files.len());
+        let mut asked_leader = 0;
+        for file in &files {
+            // From this node's state: a read per file, no round trip. A version it has not
+            // applied yet (or released already) is asked of the leader, a bounded number of
+            // times per listing; beyond that it is left unknown.
+            let stored = match self.node.stored_as(&file.record) {
+                Ok(Some(stored)) => Some(stored),
+                _ if asked_leader < LIST_STORED_AS_LEADER_READS_MAX => {
+                    asked_leader += 1;
+                    self.stored_as_from_leader(file).await
+                }
+                _ => None,
+            };
+            infos.push(file_info(file, &[], self.describe(stored)));
+        }
+        let files = infos;
         Ok(Response::new(pb::ListFilesReply { files, truncated }))
     }
 
@@ -1387,5 +1479,30 @@ impl Files for Coordinator {
         let request_id = request.request_id.map(|id| RequestId { client_id: id.client_id, sequence: id.sequence });
         let revision = self.node.delete_file(origin, request_id, request.path, request.expected_version).await?;
         Ok(Response::new(pb::DeleteFileReply { revision }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_put_says_its_redundancy_or_leaves_it_to_the_policy() {
+        assert_eq!(requested_redundancy("").expect("empty"), None);
+        assert_eq!(requested_redundancy("  ").expect("blank"), None);
+        assert_eq!(requested_redundancy("replicate").expect("replicate"), Some(Redundancy::Replicate));
+        let scheme: Scheme = "ec:4+2".parse().expect("scheme");
+        assert_eq!(requested_redundancy("ec:4+2").expect("ec"), Some(Redundancy::Erasure(scheme)));
+        let refused = requested_redundancy("ec:4+0").expect_err("no parity");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("e.g. ec:4+2"), "{}", refused.message());
+    }
+
+    #[test]
+    fn stored_content_is_described_as_stat_and_ls_show_it() {
+        let scheme: Scheme = "ec:8+3".parse().expect("scheme");
+        assert_eq!(describe_stored(StoredAs::Striped(scheme), 3), "ec:8+3");
+        assert_eq!(describe_stored(StoredAs::Replicated, 3), "replicate:3");
+        assert_eq!(describe_stored(StoredAs::Inline, 3), "inline");
     }
 }

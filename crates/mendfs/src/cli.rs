@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    auth_cmd, bench, chaos_cmd, client_cmd, demo, files_cmd, job_cmd, local_cmd, s3_cmd, server, telemetry_cmd,
+    auth_cmd, bench, chaos_cmd, client_cmd, demo, files_cmd, job_cmd, local_cmd, policy_cmd, s3_cmd, server,
+    telemetry_cmd,
 };
 
 #[derive(Parser, Debug)]
@@ -72,6 +73,14 @@ pub enum Command {
         connection: ClusterAddress,
         #[command(subcommand)]
         command: s3_cmd::S3Command,
+    },
+    /// Redundancy policies by path prefix or bucket: `policy set /cold ec:4+2`,
+    /// `policy set --bucket NAME ec:4+2`, `policy unset`, `policy list`.
+    Policy {
+        #[command(flatten)]
+        connection: ClusterAddress,
+        #[command(subcommand)]
+        command: policy_cmd::PolicyCommand,
     },
     /// Fault-tolerant jobs: `job submit NAME --tasks N -- CMD...`, `status`, `results`, `wait`,
     /// `cancel`, `list`; `job checkpoint FILE` from a task's command.
@@ -199,6 +208,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Logs(args) => telemetry_cmd::logs(args).await,
         Command::Auth { connection, command } => auth_cmd::run_auth(connection, command).await,
         Command::S3 { connection, command } => s3_cmd::run_s3(connection, command).await,
+        Command::Policy { connection, command } => policy_cmd::run_policy(connection, command).await,
         Command::Cert { command } => auth_cmd::run_cert(command),
         Command::Job { connection, command } => job_cmd::run_job(connection, command).await,
         Command::Worker(args) => job_cmd::run_worker(args).await,

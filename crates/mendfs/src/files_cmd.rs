@@ -25,11 +25,12 @@ pub enum FileCommand {
         /// Replace only this version of REMOTE (0: REMOTE must not exist).
         #[arg(long)]
         expect_version: Option<u64>,
-        /// `replicate` (the cluster's copies, the default) or `ec:K+M`: chunks of 64 KiB or
-        /// more as K data and M parity shards on K + M nodes (ec:4+2 survives any two losses
-        /// for 1.5x the bytes; repair rebuilds lost shards from K others).
-        #[arg(long, default_value = "replicate")]
-        redundancy: String,
+        /// `replicate` (the cluster's copies) or `ec:K+M`: chunks of 64 KiB or more as K data
+        /// and M parity shards on K + M nodes (ec:4+2 survives any two losses for 1.5x the
+        /// bytes; repair rebuilds lost shards from K others). Without it, the policy of
+        /// REMOTE's longest matching prefix (`mendfs policy`), else `replicate`.
+        #[arg(long)]
+        redundancy: Option<String>,
     },
     /// Download REMOTE into LOCAL (or - for stdout), verified against its content hash.
     Get {
@@ -44,7 +45,7 @@ pub enum FileCommand {
         connection: Connection,
         #[arg(default_value = "/")]
         prefix: String,
-        /// Size, version, time and hash too.
+        /// Size, version, time, hash and redundancy too.
         #[arg(short = 'l')]
         long: bool,
         #[arg(long, default_value_t = 0)]
@@ -60,7 +61,8 @@ pub enum FileCommand {
         #[arg(long)]
         expect_version: Option<u64>,
     },
-    /// Size, hash, version, and each chunk with the nodes holding it (read a page at a time).
+    /// Size, hash, version, redundancy, and each chunk with the nodes holding it (read a page
+    /// at a time).
     Stat {
         #[command(flatten)]
         connection: Connection,
@@ -101,12 +103,35 @@ fn file_json(info: &FileInfo) -> serde_json::Value {
         "mtime_ms": info.mtime_ms,
         "content_hash": hex(&info.content_hash),
         "n_chunks": info.n_chunks,
+        "redundancy": info.redundancy,
     })
 }
 
-fn chunk_json(chunk: &ChunkInfo) -> serde_json::Value {
-    // A chunk without copies is kept inline in the metadata (a small file).
-    json!({"hash": hex(&chunk.hash), "size": chunk.size, "replicas": chunk.replicas, "inline": chunk.replicas.is_empty()})
+/// How a file's content is kept, for people: `-` when the node could not tell.
+fn redundancy_text(info: &FileInfo) -> &str {
+    if info.redundancy.is_empty() {
+        "-"
+    } else {
+        &info.redundancy
+    }
+}
+
+/// Whether `info`'s content is erasure-coded (by its first chunk, as the server says).
+fn striped(info: &FileInfo) -> bool {
+    info.redundancy.starts_with("ec:")
+}
+
+fn chunk_json(chunk: &ChunkInfo, striped: bool) -> serde_json::Value {
+    // A chunk listed without copies is a stripe's (its shards are elsewhere) in an
+    // erasure-coded file, and otherwise kept inline in the metadata (a small file).
+    let without_copies = chunk.replicas.is_empty();
+    json!({
+        "hash": hex(&chunk.hash),
+        "size": chunk.size,
+        "replicas": chunk.replicas,
+        "inline": without_copies && !striped,
+        "striped": without_copies && striped,
+    })
 }
 
 /// Prints `stat`: the summary, then (unless `summary`) every chunk, a page at a time, so that
@@ -126,11 +151,12 @@ async fn print_stat(client: &Client, path: &str, summary: bool, json: bool) -> R
         head.pop(); // the closing brace: the chunks come next
         write!(out, "{head},\"chunks\":[")?;
     } else {
-        writeln!(out, "path:     {}", info.path)?;
-        writeln!(out, "size:     {}", info.size)?;
-        writeln!(out, "version:  {}", info.version)?;
-        writeln!(out, "blake3:   {}", hex(&info.content_hash))?;
-        writeln!(out, "chunks:   {}", info.n_chunks)?;
+        writeln!(out, "path:       {}", info.path)?;
+        writeln!(out, "size:       {}", info.size)?;
+        writeln!(out, "version:    {}", info.version)?;
+        writeln!(out, "blake3:     {}", hex(&info.content_hash))?;
+        writeln!(out, "chunks:     {}", info.n_chunks)?;
+        writeln!(out, "redundancy: {}", redundancy_text(&info))?;
         if summary {
             out.flush()?;
             return Ok(());
@@ -140,10 +166,12 @@ async fn print_stat(client: &Client, path: &str, summary: bool, json: bool) -> R
     let mut print_page = |out: &mut std::io::BufWriter<std::io::Stdout>, page: &[ChunkInfo]| -> Result<()> {
         for chunk in page {
             if json {
-                write!(out, "{}{}", if index == 0 { "" } else { "," }, chunk_json(chunk))?;
+                write!(out, "{}{}", if index == 0 { "" } else { "," }, chunk_json(chunk, striped(&info)))?;
             } else {
                 let nodes: Vec<String> = chunk.replicas.iter().map(|id| id.to_string()).collect();
-                let place = if nodes.is_empty() {
+                let place = if nodes.is_empty() && striped(&info) {
+                    format!("striped {}", info.redundancy)
+                } else if nodes.is_empty() {
                     "inline in the metadata".to_string()
                 } else {
                     format!("on nodes {}", nodes.join(","))
@@ -210,23 +238,33 @@ pub async fn run(command: FileCommand) -> Result<ExitCode> {
             let bar = progress_bar(size).map(Arc::new);
             let bar_for_progress = bar.clone();
             let reply = client
-                .put_file_with(&remote, reader, size, expect_version, &redundancy, move |sent| {
-                    if let Some(bar) = &bar_for_progress {
-                        bar.set_position(sent);
-                    }
-                })
+                .put_file_with(
+                    &remote,
+                    reader,
+                    size,
+                    expect_version,
+                    redundancy.as_deref().unwrap_or(""),
+                    move |sent| {
+                        if let Some(bar) = &bar_for_progress {
+                            bar.set_position(sent);
+                        }
+                    },
+                )
                 .await
                 .with_context(|| format!("put {remote}"));
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
             let reply = reply?;
+            let chosen_by =
+                if reply.policy.is_empty() { String::new() } else { format!(" (policy of {})", reply.policy) };
             println!(
-                "{remote}: {} bytes, version {}, {} chunks, blake3 {}",
+                "{remote}: {} bytes, version {}, {} chunks, blake3 {}, {}{chosen_by}",
                 reply.size,
                 reply.version,
                 reply.chunks,
-                hex(&reply.content_hash)
+                hex(&reply.content_hash),
+                if reply.redundancy.is_empty() { "-" } else { &reply.redundancy },
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -273,11 +311,12 @@ pub async fn run(command: FileCommand) -> Result<ExitCode> {
                 for info in &files {
                     if long {
                         println!(
-                            "{:>14} {:>6} {:>14} {}  {}",
+                            "{:>14} {:>6} {:>14} {}  {:<11}  {}",
                             info.size,
                             info.version,
                             info.mtime_ms,
                             &hex(&info.content_hash)[..16],
+                            redundancy_text(info),
                             info.path
                         );
                     } else {

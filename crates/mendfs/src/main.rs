@@ -10,6 +10,7 @@ mod demo;
 mod files_cmd;
 mod job_cmd;
 mod local_cmd;
+mod policy_cmd;
 mod s3_cmd;
 mod server;
 mod telemetry_cmd;

@@ -4,10 +4,16 @@
 //! once a third is gone (inline files still read); and, on eight nodes, lost shards rebuilt
 //! from K others once two nodes are down, the old records trimmed when the nodes return, and
 //! rotted shards found by the scrubber and rewritten.
+//!
+//! Redundancy policies against the same kind of cluster: a prefix's policy stripes the puts
+//! under it that do not say otherwise (`stat`, `ls -l` and the put's reply say so, and the disk
+//! holds 1.5 times their bytes), elsewhere and with `--redundancy replicate` content stays
+//! replicated, a bucket's policy stripes its S3 objects, and bad input is refused saying why.
 
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
+use std::process::Output;
 use std::time::Duration;
 
 use mendfs_client::{Client, ClientConfig};
@@ -155,6 +161,54 @@ async fn get(client: &Client, path: &str) -> Result<Vec<u8>, mendfs_client::Erro
     client.get_file(path, &mut out, |_, _| {}).await.map(|_| out)
 }
 
+/// Runs `write` and checks that it added `factor` (within 3 %) times `size` bytes to the disks.
+fn stored_at(cluster: &Cluster, size: usize, factor: f64, what: &str, write: impl FnOnce()) {
+    let before = disk_bytes(cluster, 1..=6);
+    write();
+    let added = disk_bytes(cluster, 1..=6) - before;
+    let ratio = added as f64 / size as f64;
+    println!("{what}: {added} bytes on disk for {size} ({ratio:.3}x)");
+    assert!(ratio >= factor && ratio <= factor * 1.03, "{what}: {added} bytes on disk for {size} ({ratio:.3}x)");
+}
+
+/// The CLI as the operator (the cluster secret), expecting failure: its stderr.
+fn refused(cluster: &Cluster, args: &[&str]) -> String {
+    refused_output(args, cluster.cli().args(args).output().unwrap())
+}
+
+fn refused_output(args: &[&str], output: Output) -> String {
+    assert!(
+        !output.status.success(),
+        "mendfs {} should fail; stdout: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn cli_json(cluster: &Cluster, args: &[&str]) -> Value {
+    let out = cluster.run_cli(args).unwrap();
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("mendfs {} printed no JSON ({e}): {out}", args.join(" ")))
+}
+
+/// Six storage nodes (three voters, three storage-only learners), 1 MiB chunks and `extra`
+/// flags, with `node_args` added to the voters' flags.
+fn six_storage_nodes(extra: &[&str], node_args: std::collections::BTreeMap<u64, Vec<String>>) -> Cluster {
+    let mut args = vec!["--chunk-size-bytes".to_string(), CHUNK.to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let options = ClusterOptions { nodes: 3, server_args: args, node_args, ..ClusterOptions::default() };
+    let mut cluster = Cluster::start(binary(), options).expect("start cluster");
+    cluster.wait_for_leader(DEADLINE).unwrap();
+    for id in 4..=6 {
+        cluster.add_storage_learner(id).unwrap();
+    }
+    wait_for("six storage nodes up", DEADLINE, || {
+        Ok(cluster.status().ok().filter(|s| storage_up(s, &[1, 2, 3, 4, 5, 6])))
+    })
+    .unwrap();
+    cluster
+}
+
 fn storage_up(status: &Value, ids: &[u64]) -> bool {
     let nodes = status["nodes"].as_array().cloned().unwrap_or_default();
     ids.iter().all(|id| nodes.iter().any(|n| n["id"] == *id && n["storage"] == true && n["state"] == "up"))
@@ -163,23 +217,8 @@ fn storage_up(status: &Value, ids: &[u64]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ec_4_2_files_read_back_at_one_and_a_half_times_their_bytes_and_survive_two_dead_nodes() {
     // A short orphan grace, so the shards of a put cut short are collected within the test.
-    let args: Vec<String> =
-        ["--chunk-size-bytes", &CHUNK.to_string(), "--orphan-grace-ms", "3000", "--gc-interval-ms", "500"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-    let options = ClusterOptions { nodes: 3, server_args: args, ..ClusterOptions::default() };
-    let mut cluster = Cluster::start(binary(), options).expect("start cluster");
-    blocking(|| cluster.wait_for_leader(DEADLINE)).unwrap();
-    for id in 4..=6 {
-        blocking(|| cluster.add_storage_learner(id)).unwrap();
-    }
-    blocking(|| {
-        wait_for("six storage nodes up", DEADLINE, || {
-            Ok(cluster.status().ok().filter(|s| storage_up(s, &[1, 2, 3, 4, 5, 6])))
-        })
-    })
-    .unwrap();
+    let extra = ["--orphan-grace-ms", "3000", "--gc-interval-ms", "500"];
+    let mut cluster = blocking(|| six_storage_nodes(&extra, Default::default()));
     let mut config = ClientConfig::new(cluster.endpoint_list());
     config.secret = cluster.secret();
     config.deadline = Duration::from_secs(60);
@@ -478,5 +517,193 @@ async fn lost_shards_are_rebuilt_from_k_others_trimmed_on_return_and_rotted_ones
     assert_eq!((good.len(), total), (12 * 6, 12 * 6), "one good copy of every shard");
     for (path, data) in &files {
         assert_eq!(&get(&client, path).await.unwrap(), data, "{path} after the drain");
+    }
+}
+
+/// `mendfs policy` end to end: a prefix's policy chooses how puts that do not say are kept,
+/// an explicit `--redundancy` wins, a bucket's policy stripes its objects, `stat` and `ls -l`
+/// show each version's redundancy, and bad input is refused with its reason.
+#[test]
+fn policies_choose_the_redundancy_of_puts_that_do_not_say() {
+    let s3_addr = format!("127.0.0.1:{}", mendfs_testkit::free_port().unwrap());
+    let cluster = six_storage_nodes(&[], [(1, vec!["--s3".to_string(), s3_addr.clone()])].into());
+    let every_node = [1, 2, 3, 4, 5, 6];
+    let local = |name: &str, seed: u32, size: usize| {
+        let data = random_bytes(seed, size);
+        let path = cluster.root().join(name);
+        std::fs::write(&path, &data).unwrap();
+        (path.to_str().unwrap().to_string(), data)
+    };
+    let size = 3 * CHUNK;
+
+    // A policy on /cold (given with a trailing / and as K+M, stored as /cold and ec:K+M), listed.
+    let set = cluster.run_cli(&["policy", "set", "/cold/", "4+2"]).unwrap();
+    assert!(set.contains("policy of /cold: ec:4+2 (was none)"), "{set}");
+    let listed = cli_json(&cluster, &["policy", "list", "--json"]);
+    assert_eq!(
+        listed,
+        serde_json::json!([{"kind": "prefix", "name": "/cold", "redundancy": "ec:4+2",
+                                           "set_ms": listed[0]["set_ms"]}])
+    );
+    assert!(listed[0]["set_ms"].as_u64().unwrap() > 0, "{listed}");
+    let text = cluster.run_cli(&["policy", "list"]).unwrap();
+    assert!(text.lines().any(|l| l.starts_with("prefix") && l.contains("/cold") && l.contains("ec:4+2")), "{text}");
+    // Every node reads the policy from its own state: let each apply it, so that whichever
+    // coordinates the puts below knows it.
+    cluster.wait_for_caught_up(&every_node, DEADLINE).unwrap();
+
+    // Under /cold without --redundancy: striped, 1.5 times its bytes, and said so.
+    let (cold, cold_data) = local("cold.bin", 101, size);
+    stored_at(&cluster, size, 1.5, "/cold/a (the policy's ec:4+2)", || {
+        let put = cluster.run_cli(&["put", &cold, "/cold/a"]).unwrap();
+        assert!(put.contains("ec:4+2 (policy of /cold)"), "{put}");
+    });
+    let stat = cli_json(&cluster, &["stat", "/cold/a", "--json"]);
+    assert_eq!(stat["redundancy"], "ec:4+2", "{stat}");
+    assert!(stat["chunks"].as_array().unwrap().iter().all(|c| c["striped"] == true && c["inline"] == false), "{stat}");
+    let stat = cluster.run_cli(&["stat", "/cold/a"]).unwrap();
+    assert!(stat.contains("redundancy: ec:4+2") && stat.contains("striped ec:4+2"), "{stat}");
+    let back = cluster.root().join("cold.back");
+    cluster.run_cli(&["get", "/cold/a", back.to_str().unwrap()]).unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), cold_data, "a striped file reads back whole");
+
+    // Elsewhere: replicated, three copies.
+    let (warm, _) = local("warm.bin", 102, size);
+    stored_at(&cluster, size, 3.0, "/warm/b (no policy)", || {
+        let put = cluster.run_cli(&["put", &warm, "/warm/b"]).unwrap();
+        assert!(put.contains("replicate:3") && !put.contains("policy of"), "{put}");
+    });
+    // Not on a component boundary: /coldish is not under /cold.
+    let (coldish, _) = local("coldish.bin", 103, 100_000);
+    assert!(cluster.run_cli(&["put", &coldish, "/coldish"]).unwrap().contains("replicate:3"));
+    // An explicit --redundancy wins over the policy.
+    let (explicit, _) = local("explicit.bin", 104, size);
+    stored_at(&cluster, size, 3.0, "/cold/c (--redundancy replicate)", || {
+        let put = cluster.run_cli(&["put", "--redundancy", "replicate", &explicit, "/cold/c"]).unwrap();
+        assert!(put.contains("replicate:3") && !put.contains("policy of"), "{put}");
+    });
+    // Small files keep today's ways: inline, or a chunk under 64 KiB replicated.
+    let (tiny, _) = local("tiny.bin", 105, 1_000);
+    assert!(cluster.run_cli(&["put", &tiny, "/cold/tiny"]).unwrap().contains("inline (policy of /cold)"));
+    let (small, _) = local("small.bin", 106, 30_000);
+    assert!(cluster.run_cli(&["put", &small, "/cold/small"]).unwrap().contains("replicate:3 (policy of /cold)"));
+
+    // `ls -l` and `ls --json` say how each version is kept.
+    let ls = cli_json(&cluster, &["ls", "/", "--json"]);
+    let kept: std::collections::BTreeMap<String, String> = ls["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| (f["path"].as_str().unwrap().to_string(), f["redundancy"].as_str().unwrap().to_string()))
+        .collect();
+    let expected: std::collections::BTreeMap<String, String> = [
+        ("/cold/a", "ec:4+2"),
+        ("/cold/c", "replicate:3"),
+        ("/cold/small", "replicate:3"),
+        ("/cold/tiny", "inline"),
+        ("/coldish", "replicate:3"),
+        ("/warm/b", "replicate:3"),
+    ]
+    .into_iter()
+    .map(|(path, kept)| (path.to_string(), kept.to_string()))
+    .collect();
+    assert_eq!(kept, expected);
+    let long = cluster.run_cli(&["ls", "-l", "/cold"]).unwrap();
+    let line = |path: &str| long.lines().find(|l| l.ends_with(path)).unwrap_or_else(|| panic!("{path}: {long}"));
+    assert!(line("/cold/a").contains(" ec:4+2 "), "{long}");
+    assert!(line("/cold/c").contains(" replicate:3 "), "{long}");
+
+    // Bad input, each refused with its reason, and nothing changed.
+    for (args, why) in [
+        (vec!["policy", "set", "/cold", "ec:0+2"], "invalid erasure scheme"),
+        (vec!["policy", "set", "/cold", "ec:4"], "e.g. ec:4+2"),
+        (vec!["policy", "set", "/cold", "replicate:2"], "replication factor"),
+        (vec!["policy", "set", "cold", "ec:4+2"], "not an absolute path"),
+        (vec!["policy", "set", "/a/../b", "ec:4+2"], "contains . or .."),
+        (vec!["policy", "set", "--bucket", "no-such-bucket", "ec:4+2"], "bucket no-such-bucket does not exist"),
+        (vec!["policy", "set", "ec:4+2"], "a prefix and a redundancy"),
+    ] {
+        let stderr = refused(&cluster, &args);
+        assert!(stderr.contains(why), "mendfs {}: {stderr} should say {why:?}", args.join(" "));
+    }
+    let token = cluster.run_cli(&["auth", "token", "create", "writer", "--role", "write"]).unwrap();
+    let as_writer = |args: &[&str]| {
+        let output =
+            cluster.cli().env_remove("MENDFS_SECRET").env("MENDFS_TOKEN", token.trim()).args(args).output().unwrap();
+        refused_output(args, output)
+    };
+    for args in [&["policy", "set", "/cold", "replicate"][..], &["policy", "unset", "/cold"], &["policy", "list"]] {
+        let stderr = as_writer(args);
+        assert!(stderr.contains("permission denied: role write"), "mendfs {}: {stderr}", args.join(" "));
+    }
+    assert_eq!(cli_json(&cluster, &["policy", "list", "--json"]).as_array().unwrap().len(), 1, "nothing changed");
+
+    // A bucket's policy stripes its S3 objects.
+    let key = cluster.run_cli(&["s3", "key", "create", "archiver", "--create-buckets"]).unwrap();
+    let signer = mendfs_chaos::s3_client::Signer::from_exports(&key).unwrap();
+    let key_id = key.lines().find_map(|l| l.strip_prefix("export AWS_ACCESS_KEY_ID=")).unwrap().trim();
+    cluster.run_cli(&["s3", "bucket", "create", "cold-objects", "--owner", key_id]).unwrap();
+    let set = cluster.run_cli(&["policy", "set", "--bucket", "cold-objects", "ec:4+2"]).unwrap();
+    assert!(set.contains("policy of bucket cold-objects: ec:4+2 (was none)"), "{set}");
+    let listed = cli_json(&cluster, &["policy", "list", "--json"]);
+    assert_eq!(listed[1]["kind"], "bucket", "paths first, then buckets: {listed}");
+    assert_eq!(listed[1]["name"], "cold-objects", "{listed}");
+    cluster.wait_for_caught_up(&every_node, DEADLINE).unwrap();
+    let object = random_bytes(107, size);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    stored_at(&cluster, size, 1.5, "s3://cold-objects/big.bin (the bucket's ec:4+2)", || {
+        runtime.block_on(async {
+            let mut connection = connect(&s3_addr).await;
+            let put = connection
+                .request(
+                    &signer,
+                    http::Method::PUT,
+                    "/cold-objects/big.bin",
+                    bytes::Bytes::from(object.clone()),
+                    |_| {},
+                )
+                .await
+                .unwrap();
+            assert!(put.status.is_success(), "{put:?}");
+            let mut back = Vec::new();
+            let get = connection
+                .request(&signer, http::Method::GET, "/cold-objects/big.bin", bytes::Bytes::new(), |data| {
+                    back.extend_from_slice(data)
+                })
+                .await
+                .unwrap();
+            assert!(get.status.is_success(), "{get:?}");
+            assert_eq!(back, object, "a striped object reads back whole");
+        })
+    });
+
+    // Unset: gone from the list, and new puts under /cold are replicated again.
+    let unset = cluster.run_cli(&["policy", "unset", "/cold"]).unwrap();
+    assert!(unset.contains("removed the policy of /cold (it was ec:4+2)"), "{unset}");
+    let again = cluster.run_cli(&["policy", "unset", "/cold"]).unwrap();
+    assert!(again.contains("/cold had no policy; nothing to remove"), "{again}");
+    let listed = cli_json(&cluster, &["policy", "list", "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 1, "only the bucket's is left: {listed}");
+    cluster.wait_for_caught_up(&every_node, DEADLINE).unwrap();
+    let (later, _) = local("later.bin", 108, size);
+    stored_at(&cluster, size, 3.0, "/cold/d (policy unset)", || {
+        let put = cluster.run_cli(&["put", &later, "/cold/d"]).unwrap();
+        assert!(put.contains("replicate:3") && !put.contains("policy of"), "{put}");
+    });
+    assert_eq!(cli_json(&cluster, &["stat", "/cold/a", "--json"])["redundancy"], "ec:4+2", "what was stored stays");
+}
+
+/// A connection to the S3 gateway at `addr`, which started with its node.
+async fn connect(addr: &str) -> mendfs_chaos::s3_client::Connection {
+    let give_up = std::time::Instant::now() + DEADLINE;
+    loop {
+        match mendfs_chaos::s3_client::Connection::open(addr).await {
+            Ok(connection) => return connection,
+            Err(e) if std::time::Instant::now() < give_up => {
+                println!("the S3 gateway at {addr} does not answer yet: {e:#}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("the S3 gateway at {addr}: {e:#}"),
+        }
     }
 }

@@ -95,6 +95,7 @@ pub fn required_access(op: &str) -> Option<Access> {
         "Auth/CreateToken" | "Auth/ListTokens" | "Auth/RevokeToken" | "Auth/CreateLoginLink" => Client(Admin),
         "S3Admin/CreateKey" | "S3Admin/ListKeys" | "S3Admin/DeleteKey" | "S3Admin/Allow" => Client(Admin),
         "S3Admin/CreateBucket" | "S3Admin/ListBuckets" | "S3Admin/DeleteBucket" => Client(Admin),
+        "Policy/Set" | "Policy/Unset" | "Policy/List" => Client(Admin),
         "Jobs/Status" | "Jobs/List" | "Jobs/Results" | "Jobs/Lease" | "Jobs/ReadCheckpoint" => Client(Read),
         "Jobs/Submit" | "Jobs/Cancel" | "Jobs/Claim" | "Jobs/Checkpoint" | "Jobs/Complete" | "Jobs/Release" => {
             Client(Write)
@@ -539,6 +540,9 @@ mod tests {
             "S3Admin/CreateBucket",
             "S3Admin/ListBuckets",
             "S3Admin/DeleteBucket",
+            "Policy/Set",
+            "Policy/Unset",
+            "Policy/List",
         ] {
             let access = required_access(op).expect("defined");
             assert!(!reader.may(access) && !writer.may(access) && admin.may(access), "{op}");

@@ -27,6 +27,8 @@ mod kv;
 pub mod login;
 mod network;
 mod node;
+pub mod policy;
+mod policy_service;
 mod raft_store;
 pub mod s3;
 mod schema;
@@ -70,6 +72,7 @@ pub use node::{
     OBJECTS_LISTED_MAX,
 };
 pub use node::{ClaimAnswer, JobView};
+pub use policy_service::{policy_service, PolicyApi};
 pub use schema::{CommandError, KvUsage, Limits};
 pub use service::{authenticator, request_origin, services, AuthApi, KvApi, NodeApi, S3AdminApi};
 pub use state::RequestId;

@@ -207,6 +207,8 @@ pub(crate) enum LeaderRequest {
     Stripe {
         chunk: ChunkHash,
     },
+    /// Every redundancy policy; answered `Policies`.
+    Policies,
 }
 
 /// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
@@ -251,6 +253,7 @@ pub(crate) enum LeaderResponse {
     },
     Jobs(jobs_api::JobAnswer),
     Stripe(Option<crate::stripes::StripeRecord>),
+    Policies(Vec<(crate::policy::PolicyTarget, crate::policy::PolicyRecord)>),
 }
 
 /// What travels with a write besides its chunk list: the content of a small one kept inline,
@@ -493,6 +496,7 @@ impl ForwardEnvelope {
 /// The one error for an answer of the wrong kind: a leader of another version, or a bug.
 mod jobs_api;
 pub use jobs_api::{ClaimAnswer, JobView};
+mod policy_api;
 mod s3_api;
 pub use s3_api::{AccessKeyView, BUCKETS_LISTED_MAX, OBJECTS_LISTED_MAX};
 
@@ -1478,6 +1482,11 @@ impl MetaNode {
                 self.linearizable_barrier().await?;
                 let view = self.state.view().map_err(ApiError::internal)?;
                 Ok(LeaderResponse::Stripe(crate::stripes::get_stripe(&view, &chunk).map_err(ApiError::internal)?))
+            }
+            LeaderRequest::Policies => {
+                self.linearizable_barrier().await?;
+                let view = self.state.view().map_err(ApiError::internal)?;
+                Ok(LeaderResponse::Policies(crate::policy::list_policies(&view).map_err(ApiError::internal)?))
             }
             LeaderRequest::RedeemLogin { code_hash, session_name, session_hash } => {
                 // A code nobody issued costs a read here, never a log entry: the login
@@ -2538,6 +2547,7 @@ mod tests {
             (LeaderRequest::RedeemLogin { code_hash: [0; 32], session_name: String::new(), session_hash: [0; 32] }, 17),
             (LeaderRequest::Jobs(jobs_api::JobRead::List), 18),
             (LeaderRequest::Stripe { chunk: ChunkHash::from_bytes([1; 32]) }, 19),
+            (LeaderRequest::Policies, 20),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");
@@ -2557,9 +2567,15 @@ mod tests {
             (LeaderResponse::Redeemed { result: Ok(Outcome::Noop), applied_index: 0 }, 15),
             (LeaderResponse::Jobs(jobs_api::JobAnswer::Checkpoint(None)), 16),
             (LeaderResponse::Stripe(None), 17),
+            (LeaderResponse::Policies(vec![]), 18),
         ];
         for (response, number) in responses {
             assert_eq!(wire_number(&response), number, "{response:?}");
+        }
+        // Outcomes are in the deduplication table on disk, for its window.
+        let outcomes = [(Outcome::Noop, 7), (Outcome::PolicyChanged { previous: None }, 13)];
+        for (outcome, number) in outcomes {
+            assert_eq!(wire_number(&outcome), number, "{outcome:?}");
         }
         // Commands are in the Raft log on disk, forever.
         let commands = [
@@ -2582,6 +2598,12 @@ mod tests {
             (Command::WithStripes { stripes: vec![], command: Box::new(Command::ReleaseChunks) }, 40),
             (Command::RepairShards { job_id: None, added: vec![], drops: vec![] }, 41),
             (Command::Job(crate::jobs::JobCommand::Cancel { name: String::new() }), 42),
+            (
+                Command::Policy(crate::policy::PolicyCommand::Unset {
+                    target: crate::policy::PolicyTarget::Prefix("/".into()),
+                }),
+                43,
+            ),
         ];
         for (command, number) in commands {
             assert_eq!(wire_number(&command), number, "{command:?}");

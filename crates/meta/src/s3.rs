@@ -508,6 +508,7 @@ pub(crate) fn delete_bucket(store: &mut impl StateStore, bucket: &str) -> Result
         return Ok(Err(CommandError::BucketNotEmpty { bucket: bucket.to_string() }));
     }
     store.remove(Table::S3Buckets, bucket.as_bytes())?;
+    crate::policy::remove_bucket_policy(store, bucket)?;
     // Grants of the bucket go with it, so a bucket created later under the same name starts
     // with none. A scan of the grants table: buckets are few and deleting one is rare.
     let mut start = Vec::new();

@@ -102,11 +102,14 @@ pub enum Table {
     /// session id (u64 BE) ++ job name ++ 0 ++ task id → lease (u64 BE): what a session holds
     /// (task `u64::MAX`: its registration), released when it ends.
     JobHolds,
+    /// tag ++ name → [`crate::policy::PolicyRecord`]: redundancy policies, of path prefixes
+    /// (tag `p`) and of buckets (tag `b`).
+    Policies,
 }
 
 impl Table {
     /// In discriminant order (storage indexes by `table as usize`).
-    pub const ALL: [Table; 37] = [
+    pub const ALL: [Table; 38] = [
         Table::Keys,
         Table::Sessions,
         Table::SessionKeys,
@@ -144,6 +147,7 @@ impl Table {
         Table::JobFailed,
         Table::JobWorkers,
         Table::JobHolds,
+        Table::Policies,
     ];
 
     pub fn name(self) -> &'static str {
@@ -185,6 +189,7 @@ impl Table {
             Table::JobFailed => "job_failed",
             Table::JobWorkers => "job_workers",
             Table::JobHolds => "job_holds",
+            Table::Policies => "policies",
         }
     }
 }
@@ -409,6 +414,10 @@ pub enum Outcome {
     },
     /// What a job command (`Command::Job`) answered.
     Job(crate::jobs::JobOutcome),
+    /// A policy was set or unset: the one the target had before, if any.
+    PolicyChanged {
+        previous: Option<crate::policy::Redundancy>,
+    },
 }
 
 /// Why a well-formed command was refused. These are answers, not failures: the command was

@@ -216,6 +216,9 @@ pub enum Command {
     /// under a lease (`jobs`). One wrapper variant, so that the log's numbering of commands
     /// moves by one whatever jobs need later.
     Job(crate::jobs::JobCommand),
+    /// Redundancy policies of path prefixes and buckets (`policy`); one wrapper variant, as
+    /// for jobs.
+    Policy(crate::policy::PolicyCommand),
 }
 
 impl Command {
@@ -345,6 +348,7 @@ impl Command {
             }
             Command::RepairShards { added, drops, .. } => added.len() * 48 + drops.len() * 56,
             Command::Job(job) => job.approximate_bytes(),
+            Command::Policy(policy) => policy.approximate_bytes(),
         }
     }
 }
@@ -551,6 +555,10 @@ fn apply_command(store: &mut impl StateStore, command: &Command) -> Result<Comma
         Command::Job(job) => {
             let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
             jobs::apply(store, job, clock_ms)
+        }
+        Command::Policy(policy) => {
+            let clock_ms = get_u64(store, Table::Meta, META_CLOCK_MS)?;
+            crate::policy::apply(store, policy, clock_ms)
         }
     }
 }

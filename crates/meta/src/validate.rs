@@ -89,6 +89,7 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
         }
         Command::SessionClose { .. } | Command::SessionExpire { .. } => Ok(()),
         Command::Job(job) => job.check().map_err(invalid),
+        Command::Policy(policy) => policy.check().map_err(invalid),
         Command::RegisterStorageNode { node } => {
             crate::network::validate_node_addr(&node.addr).map_err(invalid)?;
             check_len("zone bytes", node.zone.len(), LABEL_BYTES_MAX)
@@ -331,6 +332,7 @@ fn check_s3_content(content: &s3::S3Content) -> Result<(), ApiError> {
 mod tests {
     use super::*;
     use crate::files::{CommitFile, CommittedChunk, StorageNode};
+    use crate::policy::{PolicyCommand, PolicyTarget};
     use mendfs_heal::detector::Liveness;
     use mendfs_types::ChunkHash;
 
@@ -364,6 +366,10 @@ mod tests {
         })
     }
 
+    fn policy(target: PolicyTarget) -> Command {
+        Command::Policy(PolicyCommand::Set { target, redundancy: crate::policy::Redundancy::Replicate })
+    }
+
     fn chunk(size: u64, replicas: Vec<u64>) -> CommittedChunk {
         CommittedChunk { hash: ChunkHash::of(b"c"), size, replicas }
     }
@@ -378,6 +384,9 @@ mod tests {
             commit("/a/b", vec![chunk(3, vec![1]); SEGMENT_CHUNKS_MAX], 3 * SEGMENT_CHUNKS_MAX as u64),
             stage(vec![chunk(3, vec![1, 2, 3]); SEGMENT_CHUNKS_MAX]),
             Command::DeleteFile { path: "/a".into(), expected_version: None },
+            policy(PolicyTarget::Prefix("/".into())),
+            policy(PolicyTarget::Prefix("/cold".into())),
+            policy(PolicyTarget::Bucket("photos".into())),
         ];
         for command in good {
             assert_eq!(check_command(&config, &command), Ok(()), "{command:?}");
@@ -425,6 +434,10 @@ mod tests {
             (stage(vec![chunk(3, vec![1; 20]); SEGMENT_CHUNKS_MAX]), "proposal bytes of one segment"),
             (Command::RegisterStorageNode { node: storage_node("not an address", "z".into()) }, "HOST:PORT"),
             (Command::RegisterStorageNode { node: storage_node("127.0.0.1:1", "z".repeat(2_000)) }, "zone bytes"),
+            (policy(PolicyTarget::Prefix("cold".into())), "not an absolute path"),
+            (policy(PolicyTarget::Prefix("/cold/".into())), "normal form"),
+            (policy(PolicyTarget::Prefix(format!("/{}", "x".repeat(5_000)))), "longer than"),
+            (policy(PolicyTarget::Bucket("b".repeat(64))), "invalid bucket name"),
         ];
         for (command, why) in bad {
             let refused = check_command(&config, &command).expect_err(why);

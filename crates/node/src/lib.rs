@@ -176,6 +176,7 @@ impl Node {
         };
         let (node_service, kv_service, auth_service, s3_admin_service) = mendfs_meta::services(&meta);
         let jobs_service = mendfs_meta::jobs_service(&meta);
+        let policy_service = mendfs_meta::policy_service(&meta);
         let authenticator = mendfs_meta::authenticator(&meta);
 
         if let Some(control) = fault_control {
@@ -303,6 +304,7 @@ impl Node {
             .add_service(auth_service)
             .add_service(s3_admin_service)
             .add_service(jobs_service)
+            .add_service(policy_service)
             .add_service(cluster_service)
             .add_optional_service(storage_service)
             .add_service(health_service)

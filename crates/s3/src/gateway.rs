@@ -286,9 +286,13 @@ impl Gateway {
         }
     }
 
-    /// Writes a body as new content labelled `label`, then commits it with `commit`.
+    /// Writes a body as new content of `bucket` labelled `label`, then commits it with
+    /// `commit`. The bucket's redundancy policy decides how its chunks are kept (read from
+    /// this node's applied state: a policy set a moment ago may not be seen yet, and either
+    /// way the content is durable); without one they are replicated.
     async fn write<T, F, Fut>(
         &self,
+        bucket: &str,
         label: String,
         body: Option<StreamingBlob>,
         declared: Declared,
@@ -304,12 +308,13 @@ impl Gateway {
         let (mut upload, outcome) = BodyUpload::new(body, declared, trailers)?;
         let refusal: Refusal = Arc::new(Mutex::new(None));
         let wait_until = Instant::now() + PLACEMENT_WAIT;
+        let redundancy = self.node.policy_for_bucket(bucket).map_err(from_api)?.unwrap_or_default();
         let (outcome_for_commit, refusal_for_commit) = (outcome.clone(), refusal.clone());
         let written = Box::pin(self.coordinator.write_content(
             label,
             &mut upload,
             wait_until,
-            mendfs_data::coordinator::Redundancy::Replicate,
+            redundancy,
             |written| async move {
                 let verified =
                     body::verified(&outcome_for_commit).map_err(|e| tonic::Status::aborted(e.to_string()))?;
@@ -507,25 +512,34 @@ impl S3 for Gateway {
         let node = self.node.clone();
         let coordinator = self.coordinator.clone();
         let (written, verified) = self
-            .write(label, input.body, declared, trailing_headers, |content, verified, committing, refusal| async move {
-                let mut meta = meta;
-                meta.checksums = verified.checksums.clone();
-                let put = PutObject {
-                    bucket,
-                    key,
-                    content,
-                    etag: verified.md5_hex.clone(),
-                    meta,
-                    // Stamped by the apply with the state clock: a node's date can be off.
-                    mtime_ms: 0,
-                    condition,
-                };
-                let Committing { request_id, prepare_started, carried } = committing;
-                coordinator
-                    .propose_retrying(|| node.s3_put_object(request_id, put.clone(), carried.clone(), prepare_started))
-                    .await
-                    .map_err(|e| refuse(&refusal, e))
-            })
+            .write(
+                &input.bucket,
+                label,
+                input.body,
+                declared,
+                trailing_headers,
+                |content, verified, committing, refusal| async move {
+                    let mut meta = meta;
+                    meta.checksums = verified.checksums.clone();
+                    let put = PutObject {
+                        bucket,
+                        key,
+                        content,
+                        etag: verified.md5_hex.clone(),
+                        meta,
+                        // Stamped by the apply with the state clock: a node's date can be off.
+                        mtime_ms: 0,
+                        condition,
+                    };
+                    let Committing { request_id, prepare_started, carried } = committing;
+                    coordinator
+                        .propose_retrying(|| {
+                            node.s3_put_object(request_id, put.clone(), carried.clone(), prepare_started)
+                        })
+                        .await
+                        .map_err(|e| refuse(&refusal, e))
+                },
+            )
             .await?;
         let (etag_value, _) = written;
         let find = |name: &str| verified.checksums.iter().find(|(a, _)| a == name).map(|(_, v)| v.clone());
@@ -887,18 +901,25 @@ impl S3 for Gateway {
         let node = self.node.clone();
         let coordinator = self.coordinator.clone();
         let (etag_value, verified) = self
-            .write(label, input.body, declared, trailing_headers, |content, verified, committing, refusal| async move {
-                let put = PutPart {
-                    upload_id,
-                    bucket,
-                    key,
-                    part_number,
-                    content,
-                    etag: verified.md5_hex.clone(),
-                    mtime_ms: 0,
-                };
-                commit_part(&node, &coordinator, put, committing, &refusal).await.map(|(etag, _)| etag)
-            })
+            .write(
+                &input.bucket,
+                label,
+                input.body,
+                declared,
+                trailing_headers,
+                |content, verified, committing, refusal| async move {
+                    let put = PutPart {
+                        upload_id,
+                        bucket,
+                        key,
+                        part_number,
+                        content,
+                        etag: verified.md5_hex.clone(),
+                        mtime_ms: 0,
+                    };
+                    commit_part(&node, &coordinator, put, committing, &refusal).await.map(|(etag, _)| etag)
+                },
+            )
             .await?;
         let find = |name: &str| verified.checksums.iter().find(|(a, _)| a == name).map(|(_, v)| v.clone());
         Ok(S3Response::new(UploadPartOutput {
@@ -969,18 +990,25 @@ impl S3 for Gateway {
         let node = self.node.clone();
         let coordinator = self.coordinator.clone();
         let ((etag_value, modified_ms), _) = self
-            .write(label, Some(body), declared, None, |content, verified, committing, refusal| async move {
-                let put = PutPart {
-                    upload_id,
-                    bucket,
-                    key,
-                    part_number,
-                    content,
-                    etag: verified.md5_hex.clone(),
-                    mtime_ms: 0,
-                };
-                commit_part(&node, &coordinator, put, committing, &refusal).await
-            })
+            .write(
+                &input.bucket,
+                label,
+                Some(body),
+                declared,
+                None,
+                |content, verified, committing, refusal| async move {
+                    let put = PutPart {
+                        upload_id,
+                        bucket,
+                        key,
+                        part_number,
+                        content,
+                        etag: verified.md5_hex.clone(),
+                        mtime_ms: 0,
+                    };
+                    commit_part(&node, &coordinator, put, committing, &refusal).await
+                },
+            )
             .await?;
         Ok(S3Response::new(UploadPartCopyOutput {
             copy_part_result: Some(CopyPartResult {
