@@ -752,6 +752,7 @@ impl Coordinator {
                 chunks: written.n_chunks,
                 redundancy: describe_stored(written.stored_as, replication_factor),
                 policy: policy.unwrap_or_default(),
+                fallback: written.fallback.unwrap_or_default(),
             })
         })
         .await
@@ -774,6 +775,7 @@ impl Coordinator {
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let (ring, addresses) = self.placement_by(wait_for_nodes_until).await?;
+        let (redundancy, fallback) = self.fall_back_if_too_few_nodes(redundancy, &ring);
         let write_id: [u8; 16] = rand::random();
         let chunk_size = self.config.chunk_size_bytes;
         let grace_ms = self.config.orphan_grace.as_millis() as u64;
@@ -802,6 +804,7 @@ impl Coordinator {
                     grace_ms: list.grace_ms,
                     request_id: upload_request_id(list.write_id, 1),
                     stored_as,
+                    fallback,
                     carried: Carried {
                         inline: inline.map(|data| InlineChunk { data }).into_iter().collect(),
                         stripes: std::mem::take(&mut list.current_stripes),
@@ -825,6 +828,29 @@ impl Coordinator {
             );
         }
         written
+    }
+
+    /// An erasure-coded write with fewer storage nodes accepting data than its shards: kept
+    /// as the cluster's copies when the node is configured so (`--ec-fallback replicate`),
+    /// with the reason for the reply; otherwise unchanged, and its first stripe refuses it.
+    /// Decided once, at the start: a node lost mid-write fails the write as it would anyway.
+    fn fall_back_if_too_few_nodes(&self, redundancy: Redundancy, ring: &Ring) -> (Redundancy, Option<String>) {
+        match redundancy {
+            Redundancy::Erasure(scheme)
+                if self.config.ec_fallback_replicate && ring.nodes().len() < scheme.total_shards() =>
+            {
+                let why = format!(
+                    "{scheme} needs {} storage nodes that accept data, one per shard; {} do: kept as replicate:{} \
+                     (--ec-fallback replicate)",
+                    scheme.total_shards(),
+                    ring.nodes().len(),
+                    self.config.replication_factor
+                );
+                tracing::warn!("{why}");
+                (Redundancy::Replicate, Some(why))
+            }
+            other => (other, None),
+        }
     }
 
     /// Prepares the chunks of everything `source` yields and stages the full segments;
@@ -1165,6 +1191,8 @@ pub struct WrittenContent {
     /// replicated), replicated, or inline. A chunk the metadata already holds another way
     /// keeps that way (`stat` then says so); this is what the write itself did.
     pub stored_as: StoredAs,
+    /// Why an erasure-coded write was replicated instead (`DataConfig::ec_fallback_replicate`).
+    pub fallback: Option<String>,
     /// What the commit carries: the content of a small write kept inline in the metadata
     /// (`chunks` lists it as its one chunk without replicas), or the stripes of the
     /// erasure-coded chunks among `chunks`.

@@ -58,6 +58,9 @@ pub struct DataConfig {
     /// At most `mendfs_meta::INLINE_CHUNK_BYTES_MAX`; content larger than a chunk is never
     /// inline.
     pub inline_max_bytes: usize,
+    /// An erasure-coded put when fewer than K + M storage nodes accept data: replicate it
+    /// instead and say so in the reply (true), or refuse it (false, the default).
+    pub ec_fallback_replicate: bool,
 }
 
 impl Default for DataConfig {
@@ -72,6 +75,7 @@ impl Default for DataConfig {
             chunk_rpc_timeout: Duration::from_secs(30),
             max_inflight_bytes: 32 << 20,
             inline_max_bytes: 16 << 10,
+            ec_fallback_replicate: false,
         }
     }
 }

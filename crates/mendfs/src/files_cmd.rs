@@ -256,6 +256,9 @@ pub async fn run(command: FileCommand) -> Result<ExitCode> {
                 bar.finish_and_clear();
             }
             let reply = reply?;
+            if !reply.fallback.is_empty() {
+                eprintln!("note: {}", reply.fallback);
+            }
             let chosen_by =
                 if reply.policy.is_empty() { String::new() } else { format!(" (policy of {})", reply.policy) };
             println!(

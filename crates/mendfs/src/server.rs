@@ -152,6 +152,10 @@ pub struct ServerArgs {
     /// at most 65536; 0 turns it off).
     #[arg(long, env = "MENDFS_INLINE_MAX_BYTES")]
     pub inline_max_bytes: Option<usize>,
+    /// What an `ec:K+M` put does when fewer than K + M storage nodes accept data: `fail`
+    /// (default) refuses it; `replicate` keeps it as the cluster's copies and says so.
+    #[arg(long, env = "MENDFS_EC_FALLBACK", value_parser = ["fail", "replicate"])]
+    pub ec_fallback: Option<String>,
     /// Disk bytes kept of this node's recent spans (`mendfs trace`), oldest dropped first (default 64 MiB).
     #[arg(long, env = "MENDFS_SPAN_STORE_BYTES")]
     pub span_store_bytes: Option<u64>,

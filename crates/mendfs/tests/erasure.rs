@@ -526,7 +526,12 @@ async fn lost_shards_are_rebuilt_from_k_others_trimmed_on_return_and_rotted_ones
 #[test]
 fn policies_choose_the_redundancy_of_puts_that_do_not_say() {
     let s3_addr = format!("127.0.0.1:{}", mendfs_testkit::free_port().unwrap());
-    let cluster = six_storage_nodes(&[], [(1, vec!["--s3".to_string(), s3_addr.clone()])].into());
+    // Node 2 replicates an ec:K+M put it cannot stripe (too few nodes) instead of refusing it.
+    let node_args = [
+        (1, vec!["--s3".to_string(), s3_addr.clone()]),
+        (2, vec!["--ec-fallback".to_string(), "replicate".to_string()]),
+    ];
+    let cluster = six_storage_nodes(&[], node_args.into());
     let every_node = [1, 2, 3, 4, 5, 6];
     let local = |name: &str, seed: u32, size: usize| {
         let data = random_bytes(seed, size);
@@ -678,6 +683,35 @@ fn policies_choose_the_redundancy_of_puts_that_do_not_say() {
     });
 
     // Unset: gone from the list, and new puts under /cold are replicated again.
+    // ec:4+3 wants seven nodes, one per shard; there are six. Node 3 refuses the put, saying
+    // so; node 2, configured to fall back, keeps three copies and says why.
+    let (wide, wide_data) = local("wide.bin", 109, size);
+    let refused_put = refused_output(
+        &["put"],
+        cluster.cli_at(&cluster.addr(3)).args(["put", &wide, "/wide/a", "--redundancy", "ec:4+3"]).output().unwrap(),
+    );
+    assert!(
+        refused_put.contains("ec:4+3 needs 7 storage nodes that accept data, one per shard; 6 do"),
+        "{refused_put}"
+    );
+    stored_at(&cluster, size, 3.0, "/wide/b (ec:4+3 fallen back)", || {
+        let output = cluster
+            .cli_at(&cluster.addr(2))
+            .args(["put", &wide, "/wide/b", "--redundancy", "ec:4+3"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        assert!(stdout.contains("replicate:3"), "{stdout}");
+        assert!(
+            stderr.contains("ec:4+3 needs 7 storage nodes") && stderr.contains("--ec-fallback replicate"),
+            "{stderr}"
+        );
+    });
+    let back = cluster.root().join("wide.back");
+    cluster.run_cli(&["get", "/wide/b", back.to_str().unwrap()]).unwrap();
+    assert_eq!(std::fs::read(&back).unwrap(), wide_data);
+
     let unset = cluster.run_cli(&["policy", "unset", "/cold"]).unwrap();
     assert!(unset.contains("removed the policy of /cold (it was ec:4+2)"), "{unset}");
     let again = cluster.run_cli(&["policy", "unset", "/cold"]).unwrap();

@@ -91,6 +91,10 @@ pub struct NodeConfig {
     pub max_inflight_bytes: usize,
     /// Content kept inline in the metadata up to this size (`DataConfig::inline_max_bytes`).
     pub inline_max_bytes: usize,
+    /// What an `ec:K+M` put does when fewer than K + M storage nodes accept data: `fail` (the
+    /// default: the put is refused, saying how many nodes there are) or `replicate` (it is
+    /// kept as the cluster's copies, and the reply says why).
+    pub ec_fallback: String,
     pub span_store_bytes: u64,
     pub log_store_bytes: u64,
     pub otlp_endpoint: Option<String>,
@@ -179,6 +183,7 @@ impl Default for NodeConfig {
             chunk_rpc_timeout_ms: data.chunk_rpc_timeout.as_millis() as u64,
             max_inflight_bytes: data.max_inflight_bytes,
             inline_max_bytes: data.inline_max_bytes,
+            ec_fallback: if data.ec_fallback_replicate { "replicate" } else { "fail" }.into(),
             span_store_bytes: TELEMETRY_STORE_BYTES_DEFAULT,
             log_store_bytes: TELEMETRY_STORE_BYTES_DEFAULT,
             otlp_endpoint: None,
@@ -392,6 +397,11 @@ impl NodeConfig {
             chunk_rpc_timeout: Duration::from_millis(self.chunk_rpc_timeout_ms),
             max_inflight_bytes: self.max_inflight_bytes,
             inline_max_bytes: self.inline_max_bytes,
+            ec_fallback_replicate: match self.ec_fallback.as_str() {
+                "fail" => false,
+                "replicate" => true,
+                other => return Err(ConfigError(format!("--ec-fallback {other:?}: say fail or replicate"))),
+            },
         };
 
         ensure!(self.health_interval_ms > 0, "--health-interval-ms must be positive");
