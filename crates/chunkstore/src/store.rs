@@ -299,6 +299,16 @@ impl ChunkStore {
         fs::symlink_metadata(self.path_of(hash)).is_ok_and(|metadata| metadata.is_file())
     }
 
+    /// Whether the chunk is known to be absent: its file does not exist while the store's own
+    /// directory does. Any other error (an unreadable or unmounted directory, EIO) is not an
+    /// answer, so this says false: a report of a missing copy makes the metadata unlist it,
+    /// and that must never follow from an error that may pass.
+    pub fn surely_missing(&self, hash: &ChunkHash) -> bool {
+        let absent =
+            matches!(fs::symlink_metadata(self.path_of(hash)), Err(e) if e.kind() == std::io::ErrorKind::NotFound);
+        absent && fs::metadata(&self.chunks_dir).is_ok_and(|metadata| metadata.is_dir())
+    }
+
     /// Deletes a chunk; `Ok(false)` if it was not there. The caller (the garbage collector) has
     /// already decided, through Raft, that no file version references it.
     ///
@@ -883,5 +893,20 @@ mod tests {
         fs::create_dir(dir.path().join("tmp").join("not-ours")).expect("mkdir");
         drop(open_store(&dir));
         assert!(dir.path().join("tmp").join("not-ours").is_dir());
+    }
+
+    #[test]
+    fn a_chunk_is_surely_missing_only_when_its_directory_answers_that_it_is_not_there() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(&dir);
+        let data = b"a shard".to_vec();
+        let hash = ChunkHash::of(&data);
+        assert!(store.surely_missing(&hash));
+        store.put(&hash, &data).expect("put");
+        assert!(!store.surely_missing(&hash));
+        // The data directory gone (unmounted, wiped): no answer, so not "missing".
+        std::fs::rename(&store.chunks_dir, dir.path().join("elsewhere")).expect("move the directory away");
+        assert!(!store.contains(&hash));
+        assert!(!store.surely_missing(&hash), "an error is not an absence");
     }
 }

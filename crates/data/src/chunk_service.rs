@@ -371,15 +371,15 @@ pub struct ShardRebuild {
     pub scheme: mendfs_erasure::Scheme,
     pub index: usize,
     pub hash: ChunkHash,
-    /// Exactly K: (shard index, its hash, addresses to read it from).
+    /// K or more, the first K preferred: (shard index, its hash, addresses to read it from).
     pub sources: Vec<(usize, ChunkHash, Vec<String>)>,
     pub grace: Duration,
 }
 
 impl ShardRebuild {
     /// Refuses, before any work, a request that cannot describe a stripe: a bad scheme or
-    /// size, a shard index out of range, other than K distinct sources, a source that is the
-    /// shard being built.
+    /// size, a shard index out of range, fewer than K distinct sources, a source that is the
+    /// shard being built, more addresses for a source than a cluster could have reason to name.
     pub fn parse(request: pb::RebuildShardRequest) -> Result<Self, Status> {
         let invalid = |why: String| Status::invalid_argument(format!("rebuild of a shard: {why}"));
         let small = |n: u32| u8::try_from(n).map_err(|_| invalid(format!("{n} shards is too many")));
@@ -394,7 +394,7 @@ impl ShardRebuild {
         if index >= total {
             return Err(invalid(format!("shard {index} of a {total}-shard stripe")));
         }
-        if request.sources.len() != scheme.data_shards() {
+        if request.sources.len() < scheme.data_shards() {
             return Err(invalid(format!("{} sources, {scheme} needs {}", request.sources.len(), scheme.data_shards())));
         }
         let mut seen = std::collections::BTreeSet::new();
@@ -403,6 +403,9 @@ impl ShardRebuild {
             let source_index = source.index as usize;
             if source_index >= total || source_index == index || !seen.insert(source_index) {
                 return Err(invalid(format!("source shard {source_index} is out of range, repeated or the one built")));
+            }
+            if source.addrs.len() > SOURCE_ADDRS_MAX {
+                return Err(invalid(format!("{} addresses for shard {source_index}", source.addrs.len())));
             }
             sources.push((source_index, parse_hash(&source.hash)?, source.addrs));
         }
@@ -417,6 +420,9 @@ impl ShardRebuild {
         })
     }
 }
+
+/// Nodes one source shard may be read from: its listed copies, a handful at most.
+const SOURCE_ADDRS_MAX: usize = 16;
 
 /// What a `RebuildShard` did on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -450,13 +456,14 @@ where
         return Ok(RebuiltShard::AlreadyPresent);
     }
     let shard_bytes = rebuild.scheme.shard_bytes(rebuild.chunk_size);
+    let data_shards = rebuild.scheme.data_shards();
     let pull = &pull;
-    let reads = rebuild.sources.iter().map(|(index, source_hash, addrs)| async move {
+    let read_one = |(index, source_hash, addrs): (usize, ChunkHash, Vec<String>)| async move {
         let mut errors = Vec::new();
         for addr in addrs {
-            match pull(addr.clone(), *source_hash).await {
-                Ok(data) if data.len() == shard_bytes && ChunkHash::of(&data) == *source_hash => {
-                    return Ok((*index, data))
+            match pull(addr.clone(), source_hash).await {
+                Ok(data) if data.len() == shard_bytes && ChunkHash::of(&data) == source_hash => {
+                    return Ok((index, data))
                 }
                 Ok(data) => errors.push(format!("{addr}: {} bytes that are not shard {index}", data.len())),
                 Err(e) => errors.push(format!("{addr}: {e}")),
@@ -466,24 +473,34 @@ where
             "shard {index}: {}",
             if errors.is_empty() { "no node to read it from".into() } else { errors.join("; ") }
         ))
-    });
+    };
+    // The first K sources in parallel; for each that fails, the next one, until K are read or
+    // none is left: one bad or missing source costs a read, not the rebuild.
     let mut shards: Vec<Option<bytes::Bytes>> = vec![None; rebuild.scheme.total_shards()];
+    let (mut read, mut next) = (0, 0);
     let mut errors = Vec::new();
-    for read in futures::future::join_all(reads).await {
-        match read {
-            Ok((index, data)) => shards[index] = Some(data),
-            Err(e) => errors.push(e),
+    while read < data_shards && next < rebuild.sources.len() {
+        let batch = &rebuild.sources[next..(next + data_shards - read).min(rebuild.sources.len())];
+        next += batch.len();
+        for result in futures::future::join_all(batch.iter().cloned().map(read_one)).await {
+            match result {
+                Ok((index, data)) => {
+                    shards[index] = Some(data);
+                    read += 1;
+                }
+                Err(e) => errors.push(e),
+            }
         }
     }
-    if !errors.is_empty() {
+    if read < data_shards {
         return Err(Status::unavailable(format!(
-            "rebuilding shard {} of stripe {}: {}",
+            "rebuilding shard {} of stripe {}: {read} of the {data_shards} shards needed could be read: {}",
             rebuild.index,
             rebuild.chunk.short(),
             errors.join("; ")
         )));
     }
-    let read_bytes = (shard_bytes * rebuild.sources.len()) as u64;
+    let read_bytes = (shard_bytes * read) as u64;
     let storing = state.clone();
     let (scheme, chunk_size, index) = (rebuild.scheme, rebuild.chunk_size, rebuild.index);
     let stored = tokio::task::spawn_blocking(move || {
@@ -763,6 +780,13 @@ mod tests {
         let error = rebuild_shard(&local, ShardRebuild::parse(request).expect("ok"), pull).await.expect_err("no");
         assert_eq!(error.code(), tonic::Code::Unavailable);
         assert!(error.message().contains("shard 4"), "{error}");
+        // The same with a fifth source offered: the rebuild reads it instead.
+        let mut request = rebuild_request(&shards, 1, &[0, 2, 3, 4, 5]);
+        request.sources[3].hash = ChunkHash::of(b"elsewhere").to_vec();
+        let rebuilt = rebuild_shard(&local, ShardRebuild::parse(request).expect("ok"), pull).await.expect("rebuilt");
+        let len = shards[1].len() as u64;
+        assert_eq!(rebuilt, RebuiltShard::Rebuilt { read_bytes: 4 * len, written_bytes: len });
+        assert_eq!(local.store.get(&ChunkHash::of(&shards[1])).expect("stored"), shards[1]);
     }
 
     #[test]

@@ -59,6 +59,9 @@ const PREPARE_CHUNKS_IN_FLIGHT_MIN: usize = 3;
 const PREPARE_CHUNKS_IN_FLIGHT_MAX: usize = 64;
 /// How long a put's commit keeps trying while the metadata cluster elects a leader.
 const COMMIT_RETRY_FOR: Duration = Duration::from_secs(30);
+/// How long a read under way waits out a leader change for the metadata it needs next (a
+/// page, a stripe): an election takes about a second; a client's deadline bounds the rest.
+const READ_METADATA_RETRY_FOR: Duration = Duration::from_secs(10);
 /// The unit of the node's in-flight budget (`DataConfig::max_inflight_bytes`): a chunk holds
 /// its size in slots, at least one, so many small files can be in flight at once.
 const INFLIGHT_SLOT_BYTES: usize = 64 << 10;
@@ -232,22 +235,11 @@ impl Coordinator {
     /// protected for the grace period, and `request_id`, derived from the upload's write id,
     /// makes a retry of a write that did apply return that first outcome instead of applying
     /// it twice.
-    pub async fn propose_retrying<T, F>(&self, mut write: impl FnMut() -> F) -> Result<T, ApiError>
+    pub async fn propose_retrying<T, F>(&self, write: impl FnMut() -> F) -> Result<T, ApiError>
     where
         F: std::future::Future<Output = Result<T, ApiError>>,
     {
-        let give_up = Instant::now() + COMMIT_RETRY_FOR;
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match write().await {
-                Err(e) if e.is_retryable() && Instant::now() + backoff < give_up => {
-                    tracing::info!("metadata write not yet possible, retrying: {e}");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                other => return other,
-            }
-        }
+        retry_transient(COMMIT_RETRY_FOR, write).await
     }
 
     /// Stages one full segment of a big upload, the `number`th (from 0), whose chunks began
@@ -539,8 +531,14 @@ impl Coordinator {
         hash: &ChunkHash,
         addresses: &HashMap<NodeId, String>,
     ) -> Result<Bytes, Status> {
+        // A striped chunk's record is almost always on this node already: read it here, with
+        // no round trip to the leader per chunk.
+        if let Some(stripe) = self.node.stripe_local(hash)? {
+            return self.read_stripe(hash, &stripe, addresses).await;
+        }
         let span = tracing::info_span!("read_inline_chunk", chunk = %hash.short(), error = tracing::field::Empty);
-        let read = self.node.inline_chunk(*hash).instrument(span.clone()).await;
+        let read =
+            retry_transient(READ_METADATA_RETRY_FOR, || self.node.inline_chunk(*hash)).instrument(span.clone()).await;
         let gone = || {
             Status::aborted(format!(
                 "chunk {hash} is gone: the content changed while it was read (replaced or deleted); read it again"
@@ -548,7 +546,7 @@ impl Coordinator {
         };
         match read {
             Ok(Some(data)) => Ok(data),
-            Ok(None) => match self.node.stripe(*hash).await {
+            Ok(None) => match retry_transient(READ_METADATA_RETRY_FOR, || self.node.stripe(*hash)).await {
                 Ok(Some(stripe)) => self.read_stripe(hash, &stripe, addresses).await,
                 // Every reference to it went since the page was read: the version is gone.
                 Ok(None) => {
@@ -578,7 +576,14 @@ impl Coordinator {
         let read_shards = |indexes: std::ops::Range<usize>| {
             futures::future::join_all(indexes.map(|i| {
                 let slot = &stripe.shards[i];
-                async move { self.read_chunk(&slot.hash, &slot.nodes, addresses).await }
+                async move {
+                    // A slot whose bad copy was unlisted waits for its rebuild: missing, not a
+                    // chunk to look up elsewhere.
+                    if slot.nodes.is_empty() {
+                        return Err(Status::not_found("no node holds it (lost, being rebuilt)"));
+                    }
+                    self.read_chunk(&slot.hash, &slot.nodes, addresses).await
+                }
             }))
         };
         let mut shards: Vec<Option<Bytes>> = Vec::with_capacity(stripe.shards.len());
@@ -781,8 +786,12 @@ impl Coordinator {
         let grace_ms = self.config.orphan_grace.as_millis() as u64;
         let segment_bytes =
             SEGMENT_DATA_BYTES_MAX.min(SEGMENT_RATE_FLOOR_BYTES_PER_SEC.saturating_mul(grace_ms) / 4_000);
-        let segment_chunks = segment_chunks_for(self.config.replication_factor)
+        let mut segment_chunks = segment_chunks_for(self.config.replication_factor)
             .min((segment_bytes / chunk_size.max(1) as u64).max(1) as usize);
+        if let Redundancy::Erasure(scheme) = redundancy {
+            // Every chunk of a segment may be striped, and its stripe travels with the segment.
+            segment_chunks = segment_chunks.min(mendfs_meta::segment_stripes_for(scheme.total_shards()));
+        }
         let mut list = SegmentedList::new(write_id, label, segment_chunks, grace_ms);
         let written = match self.write_chunks(source, Arc::new(ring), Arc::new(addresses), redundancy, &mut list).await
         {
@@ -1095,16 +1104,22 @@ impl Coordinator {
 
     /// The page of a content's version from `from_index`; `Aborted` once that version is gone.
     async fn next_page(&self, content: &ContentRef, from_index: u64) -> Result<ChunkPage, Status> {
-        let page = match content {
-            ContentRef::File { path, version } => self
-                .node
-                .file_chunks(Origin::LOCAL, path.clone(), Some(*version), from_index, CHUNK_PAGE_CHUNKS_MAX)
-                .await
-                .and_then(|page| page.map(|(_, page)| page).ok_or(ApiError::NotFound(path.clone()))),
-            ContentRef::Object { bucket, key, pieces } => {
-                self.node.s3_object_page(bucket.clone(), key.clone(), *pieces, from_index, CHUNK_PAGE_CHUNKS_MAX).await
+        // A read under way rides out a leader change rather than failing half-streamed.
+        let page = retry_transient(READ_METADATA_RETRY_FOR, || async {
+            match content {
+                ContentRef::File { path, version } => self
+                    .node
+                    .file_chunks(Origin::LOCAL, path.clone(), Some(*version), from_index, CHUNK_PAGE_CHUNKS_MAX)
+                    .await
+                    .and_then(|page| page.map(|(_, page)| page).ok_or(ApiError::NotFound(path.clone()))),
+                ContentRef::Object { bucket, key, pieces } => {
+                    self.node
+                        .s3_object_page(bucket.clone(), key.clone(), *pieces, from_index, CHUNK_PAGE_CHUNKS_MAX)
+                        .await
+                }
             }
-        };
+        })
+        .await;
         match page {
             Ok(page) => Ok(page),
             Err(
@@ -1365,6 +1380,27 @@ impl SegmentedList {
 fn upload_request_id(write_id: [u8; 16], sequence: u64) -> RequestId {
     let [a, b, c, d, e, f, g, h, ..] = write_id;
     RequestId { client_id: u64::from_le_bytes([a, b, c, d, e, f, g, h]), sequence }
+}
+
+/// Runs `attempt` until it succeeds, fails for a reason other than a leadership change (no
+/// leader known, a leader that stepped down, a timeout), or `retry_for` has passed, with a
+/// backoff from 50 ms to 1 s between tries.
+async fn retry_transient<T, F>(retry_for: Duration, mut attempt: impl FnMut() -> F) -> Result<T, ApiError>
+where
+    F: std::future::Future<Output = Result<T, ApiError>>,
+{
+    let give_up = Instant::now() + retry_for;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match attempt().await {
+            Err(e) if e.is_retryable() && Instant::now() + backoff < give_up => {
+                tracing::info!("metadata not answering yet, retrying: {e}");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// A file's summary on the wire, with `chunks` as its (first) chunk list page and how its

@@ -157,24 +157,27 @@ pub async fn scrub_pass(
         let mut missing = Vec::new();
         metadata
             .for_each_chunk(|hash, record| {
-                if record.replicas.contains(&me) && !checker.store.contains(&hash) {
+                if record.replicas.contains(&me) && checker.store.surely_missing(&hash) {
                     missing.push(hash);
                 }
                 missing.len() < MISSING_PER_PASS_MAX
             })
             .map_err(|e| e.to_string())?;
-        // Shards of stripes listed here: a shard is a file like a chunk, reported the same way.
+        // Shards of stripes listed here: a shard is a file like a chunk, reported the same way,
+        // once however many stripes share it (one report unlists it from all of them).
         if missing.len() < MISSING_PER_PASS_MAX {
+            let mut shards = std::collections::BTreeSet::new();
             metadata
                 .for_each_stripe(|_, record| {
                     for slot in record.shards {
-                        if slot.nodes.contains(&me) && !checker.store.contains(&slot.hash) {
-                            missing.push(slot.hash);
+                        if slot.nodes.contains(&me) && checker.store.surely_missing(&slot.hash) {
+                            shards.insert(slot.hash);
                         }
                     }
-                    missing.len() < MISSING_PER_PASS_MAX
+                    missing.len() + shards.len() < MISSING_PER_PASS_MAX
                 })
                 .map_err(|e| e.to_string())?;
+            missing.extend(shards);
         }
         // Rows that are not chunk records are the repair scan's to report, once per round.
         Ok(missing)
@@ -185,7 +188,7 @@ pub async fn scrub_pass(
         // Re-check: a repair copy may have landed since the listing. Presence is enough here, as
         // this looks only for missing copies: a file that was here at the listing was re-hashed
         // above, and one that landed since was hashed by the put that stored it.
-        if !storage.store.contains(hash) {
+        if storage.store.surely_missing(hash) {
             tracing::warn!(chunk = %hash, "scrub: a listed copy is missing here; reporting it");
             outcome.missing += 1;
             report(node, hash).await;

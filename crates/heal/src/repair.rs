@@ -105,7 +105,8 @@ impl ShardTask {
         }
     }
 
-    /// Bytes read across the network to do it: K shards to rebuild one, one to move it.
+    /// Bytes read across the network to do it: K shards to rebuild one, one to move it. What
+    /// the repair throttle charges, since reads are the traffic a rebuild multiplies.
     pub fn read_bytes(&self) -> u64 {
         match &self.work {
             ShardWork::Rebuild(task) => self.shard_bytes.saturating_mul(task.sources.len() as u64),
@@ -127,6 +128,14 @@ impl RepairTask {
         match self {
             RepairTask::Copy(copy) => copy.size,
             RepairTask::Shard(shard) => shard.shard_bytes,
+        }
+    }
+
+    /// Bytes the task moves between nodes: what the repair throttle charges.
+    pub fn network_bytes(&self) -> u64 {
+        match self {
+            RepairTask::Copy(copy) => copy.size,
+            RepairTask::Shard(shard) => shard.read_bytes(),
         }
     }
 

@@ -118,7 +118,10 @@ impl ClusterView {
         }
 
         // Shards short of a counting copy: moved when still readable, rebuilt when not.
-        let wanted: Vec<usize> = (0..total_shards).filter(|&i| counting[i].is_none()).collect();
+        // Unreadable shards first: when eligible targets are short, a rebuild (nothing else can
+        // restore that shard) takes one before a move (the shard still reads where it is).
+        let mut wanted: Vec<usize> = (0..total_shards).filter(|&i| counting[i].is_none()).collect();
+        wanted.sort_by_key(|&i| (readable_at[i].is_some(), i));
         if !wanted.is_empty() {
             let occupied: BTreeSet<NodeId> = listed.iter().flatten().copied().collect();
             let targets = self.ring().place_excluding(key, wanted.len(), &occupied);

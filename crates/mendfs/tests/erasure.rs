@@ -280,13 +280,20 @@ async fn ec_4_2_files_read_back_at_one_and_a_half_times_their_bytes_and_survive_
         let reader = RandomReader::new(41, 64 * CHUNK as u64, Some(stall_at));
         via_node_6.put_file_with(crash_path, reader, Some(64 * CHUNK as u64), None, "ec:4+2", |_| {}).await
     });
-    blocking(|| {
-        wait_for("shards of the new version prepared", DEADLINE, || {
-            let now = (1..=6).flat_map(|id| chunk_files(&cluster.nodes[&id].data_dir)).count();
-            Ok((now >= before.len() + 6 * 6).then_some(()))
-        })
-    })
-    .unwrap();
+    // Polled without blocking a runtime thread: the put runs on this test's runtime.
+    let give_up = std::time::Instant::now() + DEADLINE;
+    loop {
+        let now = (1..=6).flat_map(|id| chunk_files(&cluster.nodes[&id].data_dir)).count();
+        if now >= before.len() + 6 * 6 {
+            break;
+        }
+        assert!(!cut_short.is_finished(), "the put ended before it stalled");
+        if std::time::Instant::now() >= give_up {
+            let status = cluster.status().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+            panic!("no shards of the new version prepared: {now} files; status {status}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     cluster.kill(6).unwrap();
     let outcome = tokio::time::timeout(DEADLINE, cut_short).await.expect("the put ends").unwrap();
     assert!(outcome.is_err(), "a put whose coordinator died cannot have committed");

@@ -104,6 +104,18 @@ pub fn segment_chunks_for(replicas: usize) -> usize {
     (SEGMENT_BYTES_MAX / (48 + 8 * replicas)).clamp(1, SEGMENT_CHUNKS_MAX)
 }
 
+/// What one stripe adds to a proposal beside its write: the chunk's hash and size, and each
+/// shard's hash and node. The stripes of one entry weigh at most `SEGMENT_BYTES_MAX`.
+pub fn stripe_commit_bytes(total_shards: usize) -> usize {
+    48 + 40 * total_shards
+}
+
+/// How many erasure-coded chunks of `total_shards` shards each one segment may hold: the
+/// stripes that travel with it must fit the same limit as its chunk entries.
+pub fn segment_stripes_for(total_shards: usize) -> usize {
+    (SEGMENT_BYTES_MAX / stripe_commit_bytes(total_shards)).clamp(1, SEGMENT_CHUNKS_MAX)
+}
+
 /// Chunk references dropped at once when a chunk set is released, and by one `ReleaseChunks`
 /// (whole segments, so up to twice this): bounded work per apply, whatever a file's size.
 pub const RELEASE_CHUNKS_PER_APPLY: u64 = SEGMENT_CHUNKS_MAX as u64;

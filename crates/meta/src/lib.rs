@@ -60,9 +60,9 @@ pub(crate) type Raft = openraft::Raft<TypeConfig>;
 
 pub use error::ApiError;
 pub use files::{
-    segment_chunks_for, validate_path, ChunkRecord, CommitFile, CommittedChunk, FileChunk, FileRecord, InlineChunk,
-    RepairJob, ReplicaAdded, ReplicaDrop, StageSegment, StorageNode, INLINE_CHUNK_BYTES_MAX, PATH_BYTES_MAX,
-    PREPARE_GRACE_MS, SEGMENT_CHUNKS_MAX,
+    segment_chunks_for, segment_stripes_for, validate_path, ChunkRecord, CommitFile, CommittedChunk, FileChunk,
+    FileRecord, InlineChunk, RepairJob, ReplicaAdded, ReplicaDrop, StageSegment, StorageNode, INLINE_CHUNK_BYTES_MAX,
+    PATH_BYTES_MAX, PREPARE_GRACE_MS, SEGMENT_CHUNKS_MAX,
 };
 pub use jobs_service::{jobs_service, JobsApi};
 pub use network::{validate_node_addr, PeerInterceptor, Peers};

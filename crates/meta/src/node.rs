@@ -2206,6 +2206,14 @@ impl MetaNode {
         }
     }
 
+    /// An erasure-coded chunk's stripe as this node's state holds it, if it does: no round
+    /// trip. Where shards are may be a little behind the leader's record; a read decodes
+    /// around what is missing.
+    pub fn stripe_local(&self, chunk: &ChunkHash) -> Result<Option<crate::stripes::StripeRecord>, ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        crate::stripes::get_stripe(&view, chunk).map_err(ApiError::internal)
+    }
+
     /// An erasure-coded chunk's stripe (a page listed the chunk without replicas, and it is not
     /// inline). From this node's state when it has applied the write, from the leader
     /// otherwise. None: no version references the chunk any more.

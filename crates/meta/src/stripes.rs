@@ -230,14 +230,20 @@ pub(crate) fn with_stripes<S: StateStore>(
 /// others. Unlike a chunk's last replica, a shard's only copy is unlisted too: a bad shard
 /// serves nothing (every read verifies it) and the stripe's other shards rebuild it; keeping
 /// it listed would leave the stripe counted whole and never repaired. Only while fewer than K
-/// other slots would still list a copy is it kept: then the stripe cannot be rebuilt anyway,
-/// and a report that was wrong (a transient error) must not turn it into a lost one.
+/// other slots stay listed on a node that may serve them (a member not committed `down`) is
+/// it kept: then the stripe cannot be rebuilt without it, and a report that was wrong (an
+/// error taken for a loss) must not turn a readable stripe into a lost one.
 ///
 /// Bounded per report (`BAD_SHARD_STRIPES_MAX` stripes): a file shared by more stripes than
 /// that (a zero run) is unlisted from the first ones now and from the rest by the scrubber's
 /// next reports of it; until then those stripes still list a bad copy, which readers verify
 /// and skip.
 pub(crate) fn drop_bad_shard(store: &mut impl StateStore, shard: &ChunkHash, node: NodeId) -> Result<(), StoreError> {
+    let serving: std::collections::BTreeSet<NodeId> = crate::files::list_storage_nodes(store)?
+        .into_iter()
+        .filter(|member| member.liveness != mendfs_heal::detector::Liveness::Down)
+        .map(|member| member.id)
+        .collect();
     for chunk in stripes_listing(store, shard, node, BAD_SHARD_STRIPES_MAX)? {
         let Some(old) = get_stripe(store, &chunk)? else { continue };
         let mut record = old.clone();
@@ -247,13 +253,14 @@ pub(crate) fn drop_bad_shard(store: &mut impl StateStore, shard: &ChunkHash, nod
             if slot.hash != *shard || !slot.nodes.contains(&node) {
                 continue;
             }
-            let others_listed = record
+            let others_serving = record
                 .shards
                 .iter()
                 .enumerate()
-                .filter(|(other, slot)| *other != index && !slot.nodes.is_empty())
+                .filter(|(other, slot)| *other != index && slot.nodes.iter().any(|id| serving.contains(id)))
                 .count();
-            if slot.nodes.len() > 1 || others_listed >= data_shards {
+            let another_copy = slot.nodes.iter().any(|&id| id != node && serving.contains(&id));
+            if another_copy || others_serving >= data_shards {
                 record.shards[index].nodes.retain(|listed| *listed != node);
             }
         }
@@ -293,10 +300,13 @@ pub(crate) fn add_shards(store: &mut impl StateStore, added: &[ShardAdded]) -> R
         let Some(old) = get_stripe(store, &add.chunk)? else { continue };
         let mut record = old.clone();
         let shard_bytes = record.scheme.shard_bytes(usize::try_from(record.size).unwrap_or(usize::MAX)) as u64;
-        let Some(slot) = record.shards.get_mut(add.index as usize) else { continue };
-        if slot.nodes.contains(&add.node) {
+        // A node listed in any slot already (this one, or another: a checkpoint of a plan made
+        // before another rebuild landed there) is not added: a stripe keeps one shard per node,
+        // so that a node's loss costs it one shard.
+        if record.shards.iter().any(|slot| slot.nodes.contains(&add.node)) {
             continue;
         }
+        let Some(slot) = record.shards.get_mut(add.index as usize) else { continue };
         slot.nodes.push(add.node);
         put_stripe(store, &add.chunk, Some(&old), &record)?;
         copies = copies.saturating_add(1);
@@ -443,9 +453,25 @@ mod tests {
         assert!(is_empty(&store), "{store:?}");
     }
 
+    fn member(store: &mut MemoryStore, id: NodeId, liveness: mendfs_heal::detector::Liveness) {
+        let node = crate::files::StorageNode {
+            id,
+            addr: format!("127.0.0.1:{id}"),
+            zone: String::new(),
+            weight: 100,
+            draining: false,
+            liveness,
+        };
+        crate::files::register_storage_node(store, &node).unwrap().unwrap();
+        crate::files::set_liveness(store, id, liveness).unwrap().unwrap();
+    }
+
     #[test]
     fn repair_adds_and_conditionally_drops_shard_copies_and_bad_copies_go_unless_last() {
         let mut store = MemoryStore::default();
+        for id in 1..=9 {
+            member(&mut store, id, mendfs_heal::detector::Liveness::Up);
+        }
         let listed = listing(1);
         with_stripes(&mut store, &[stripe(1, 10, &[1, 2, 3, 4, 5, 6])], Some(&listed), |s| reference_all(s, &listed))
             .unwrap()
@@ -481,6 +507,33 @@ mod tests {
         assert!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[3].nodes.is_empty());
         drop_bad_shard(&mut store, &hash(14), 5).unwrap();
         assert_eq!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[4].nodes, [5], "kept: K listed");
+        // A rebuild checkpointed onto a node that holds another slot of the stripe (planned
+        // before that node got it) is refused: one shard per node.
+        assert_eq!(add_shards(&mut store, &[ShardAdded { chunk: hash(1), index: 0, node: 9 }]).unwrap(), (0, 0));
+        assert!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[0].nodes.is_empty());
+    }
+
+    #[test]
+    fn a_bad_report_never_unlists_a_shard_the_stripe_needs_because_other_nodes_are_down() {
+        use mendfs_heal::detector::Liveness;
+        let mut store = MemoryStore::default();
+        for id in 1..=6 {
+            member(&mut store, id, if id >= 5 { Liveness::Down } else { Liveness::Up });
+        }
+        let listed = listing(1);
+        with_stripes(&mut store, &[stripe(1, 10, &[1, 2, 3, 4, 5, 6])], Some(&listed), |s| reference_all(s, &listed))
+            .unwrap()
+            .unwrap();
+        // Nodes 5 and 6 are down, their slots still listed: five other slots are listed but
+        // only three are on nodes that may serve them, fewer than K = 4. A report of shard 0
+        // on node 1 (maybe an error taken for a loss) keeps it listed, so GC keeps the file.
+        drop_bad_shard(&mut store, &hash(10), 1).unwrap();
+        assert_eq!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[0].nodes, [1]);
+        assert!(shard_listed_on(&store, &hash(10), 1).unwrap());
+        // Node 5 comes back: four others serve, and the bad copy goes.
+        crate::files::set_liveness(&mut store, 5, Liveness::Up).unwrap().unwrap();
+        drop_bad_shard(&mut store, &hash(10), 1).unwrap();
+        assert!(get_stripe(&store, &hash(1)).unwrap().unwrap().shards[0].nodes.is_empty());
         let mut seen = Vec::new();
         for_each_stripe(&store, |chunk, record| {
             seen.push((chunk, record.refs));

@@ -229,7 +229,8 @@ pub(crate) fn check_command(config: &MetaConfig, command: &Command) -> Result<()
             };
             check_len("stripes in one entry", stripes.len(), crate::stripes::STRIPES_PER_ENTRY_MAX)?;
             // What a segment of chunk entries may weigh, the stripes beside it may too.
-            let stripe_bytes: usize = stripes.iter().map(|stripe| 48 + stripe.shards.len() * 40).sum();
+            let stripe_bytes: usize =
+                stripes.iter().map(|stripe| crate::files::stripe_commit_bytes(stripe.shards.len())).sum();
             check_len("bytes of an entry's stripes", stripe_bytes, SEGMENT_BYTES_MAX)?;
             for stripe in stripes {
                 check_len("shards of a stripe", stripe.shards.len(), stripe.scheme.total_shards())?;

@@ -203,7 +203,7 @@ impl Healer {
                         if !healer.node.is_leader() {
                             break;
                         }
-                        let wait = lock(&healer.throttle).reserve(Instant::now(), task.bytes());
+                        let wait = lock(&healer.throttle).reserve(Instant::now(), task.network_bytes());
                         tokio::time::sleep(wait).await;
                         let Ok(slot) = slots.clone().acquire_owned().await else { break };
                         let healer = healer.clone();
@@ -298,7 +298,8 @@ impl Healer {
         );
         let result = async {
             match &task.work {
-                // A readable shard moves like a chunk: shards are stored as chunks are.
+                // A readable shard moves like a chunk: shards are stored as chunks are. If its
+                // copies cannot be read after all (missing, rotted), it is rebuilt instead.
                 ShardWork::Move(moved) => {
                     let copy = CopyTask {
                         hash: moved.hash,
@@ -306,9 +307,25 @@ impl Healer {
                         target: moved.target,
                         sources: moved.sources.clone(),
                     };
-                    self.replicate_unlogged(&copy, addresses).await
+                    match self.replicate_unlogged(&copy, addresses).await {
+                        Ok(bytes) => Ok(bytes),
+                        Err(e) => {
+                            tracing::info!("moving the shard failed ({e}); rebuilding it from the others");
+                            self.rebuild_unlogged(task, moved.index, moved.hash, moved.target, &[], addresses).await
+                        }
+                    }
                 }
-                ShardWork::Rebuild(_) => self.rebuild_unlogged(task, addresses).await,
+                ShardWork::Rebuild(rebuild) => {
+                    self.rebuild_unlogged(
+                        task,
+                        rebuild.index,
+                        rebuild.hash,
+                        rebuild.target,
+                        &rebuild.sources,
+                        addresses,
+                    )
+                    .await
+                }
             }
         }
         .instrument(span.clone())
@@ -319,27 +336,41 @@ impl Healer {
         result
     }
 
-    async fn rebuild_unlogged(&self, task: &ShardTask, addresses: &HashMap<NodeId, String>) -> Result<u64, String> {
-        let ShardWork::Rebuild(rebuild) = &task.work else { return Err("not a rebuild".into()) };
-        let target = addresses.get(&rebuild.target).ok_or_else(|| format!("node {} has no address", rebuild.target))?;
-        // The record names each source shard's hash; read it from the plan's node first, then
-        // any other node listed for it.
+    /// Asks `target` to rebuild shard `index` (`hash`) of `task`'s stripe. The sources offered
+    /// are `preferred` (the plan's K) first, then every other slot with a listed copy, each
+    /// with its listed nodes (the planned one first): the target reads K and takes the next
+    /// for any that fails, so one bad source costs a read, not a round.
+    async fn rebuild_unlogged(
+        &self,
+        task: &ShardTask,
+        index: usize,
+        hash: mendfs_types::ChunkHash,
+        target_id: NodeId,
+        preferred: &[(usize, NodeId)],
+        addresses: &HashMap<NodeId, String>,
+    ) -> Result<u64, String> {
+        let target = addresses.get(&target_id).ok_or_else(|| format!("node {target_id} has no address"))?;
         let record = self
             .node
             .stripe(task.chunk)
             .await
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("stripe {} is gone", task.chunk.short()))?;
-        let mut sources = Vec::with_capacity(rebuild.sources.len());
-        for &(index, node) in &rebuild.sources {
-            let slot = record
-                .shards
-                .get(index)
-                .ok_or_else(|| format!("stripe {} has no shard {index}", task.chunk.short()))?;
-            let mut nodes = vec![node];
-            nodes.extend(slot.nodes.iter().copied().filter(|&other| other != node));
+        let order = preferred
+            .iter()
+            .map(|&(slot, node)| (slot, Some(node)))
+            .chain((0..record.shards.len()).map(|slot| (slot, None)));
+        let mut seen = std::collections::BTreeSet::from([index]);
+        let mut sources = Vec::new();
+        for (slot_index, planned) in order {
+            let Some(slot) = record.shards.get(slot_index) else { continue };
+            if slot.nodes.is_empty() || !seen.insert(slot_index) {
+                continue;
+            }
+            let mut nodes: Vec<NodeId> = planned.into_iter().collect();
+            nodes.extend(slot.nodes.iter().copied().filter(|&other| Some(other) != planned));
             let addrs = nodes.iter().filter_map(|id| addresses.get(id).cloned()).collect();
-            sources.push(pb::ShardSource { index: index as u32, hash: slot.hash.to_vec(), addrs });
+            sources.push(pb::ShardSource { index: slot_index as u32, hash: slot.hash.to_vec(), addrs });
         }
         let peers = self.node.peers();
         let mut client =
@@ -349,8 +380,8 @@ impl Healer {
             chunk_size: task.chunk_size,
             data_shards: task.data_shards as u32,
             parity_shards: task.parity_shards as u32,
-            index: rebuild.index as u32,
-            hash: rebuild.hash.to_vec(),
+            index: index as u32,
+            hash: hash.to_vec(),
             sources,
             grace_ms: self.config.orphan_grace.as_millis() as u64,
         });
