@@ -254,26 +254,14 @@ async fn ec_4_2_files_read_back_at_one_and_a_half_times_their_bytes_and_survive_
     assert!(on_disk as f64 <= bound, "{on_disk} bytes on disk for {striped} striped and {replicated} replicated");
     assert!(on_disk as f64 >= striped as f64 * 1.5, "fewer bytes than the shards need: {on_disk}");
 
-    // 300 MiB streamed in and out (never whole in memory here), compared by hash.
-    let big = 300 * CHUNK as u64;
-    put_stream(&client, "/ec/big", RandomReader::new(7, big, None)).await;
-    let (got_len, got_hash) = get_hash(&client, "/ec/big").await;
-    assert_eq!((got_len, got_hash), (big, RandomReader::hash_of(7, big)), "300 MiB round trip");
-    client.delete_file("/ec/big", None).await.unwrap();
-
     // A coordinator SIGKILLed mid-put: the old version stays, the new one's shards are orphans
     // that the collectors delete once the grace period passes.
     let crash_path = "/ec/crash";
     put(&client, crash_path, &random_bytes(40, 3 * CHUNK), "ec:4+2").await;
-    // What the disk holds once the big file's shards are collected: the files above and the
-    // crash file's three stripes at 1.5 times.
-    let before = blocking(|| {
-        wait_for("the big file's shards collected", DEADLINE, || {
-            let files: Vec<PathBuf> = (1..=6).flat_map(|id| chunk_files(&cluster.nodes[&id].data_dir)).collect();
-            Ok((disk_bytes(&cluster, 1..=6) == on_disk + 3 * 6 * (CHUNK as u64 / 4)).then_some(files))
-        })
-    })
-    .unwrap();
+    // Nothing was deleted yet, so no collection is pending: this is what the disk must hold
+    // again once the cut-short put's orphans are collected.
+    let mut before: Vec<PathBuf> = (1..=6).flat_map(|id| chunk_files(&cluster.nodes[&id].data_dir)).collect();
+    before.sort();
     let via_node_6 = client_of(&cluster, &[6]);
     let stall_at = 8 * CHUNK as u64;
     let cut_short = tokio::spawn(async move {
@@ -309,6 +297,13 @@ async fn ec_4_2_files_read_back_at_one_and_a_half_times_their_bytes_and_survive_
     })
     .unwrap();
     client.delete_file(crash_path, None).await.unwrap();
+
+    // 300 MiB streamed in and out (never whole in memory here), compared by hash.
+    let big = 300 * CHUNK as u64;
+    put_stream(&client, "/ec/big", RandomReader::new(7, big, None)).await;
+    let (got_len, got_hash) = get_hash(&client, "/ec/big").await;
+    assert_eq!((got_len, got_hash), (big, RandomReader::hash_of(7, big)), "300 MiB round trip");
+    client.delete_file("/ec/big", None).await.unwrap();
 
     // Two storage-only nodes die: every file still reads, stripes decoded from parity.
     cluster.kill(5).unwrap();
