@@ -112,6 +112,16 @@ impl std::str::FromStr for Redundancy {
     }
 }
 
+impl std::fmt::Display for Redundancy {
+    /// As `from_str` reads it: `replicate` or `ec:K+M`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Redundancy::Replicate => f.write_str("replicate"),
+            Redundancy::Erasure(scheme) => scheme.fmt(f),
+        }
+    }
+}
+
 /// A chunk as its prepare leaves it: listed with its copies, or without them and with the
 /// stripe that holds it.
 #[derive(Debug, Clone)]
