@@ -112,6 +112,16 @@ impl std::str::FromStr for Redundancy {
     }
 }
 
+impl Redundancy {
+    /// The erasure-coding scheme, if chunks are striped.
+    pub fn scheme(self) -> Option<Scheme> {
+        match self {
+            Redundancy::Replicate => None,
+            Redundancy::Erasure(scheme) => Some(scheme),
+        }
+    }
+}
+
 impl std::fmt::Display for Redundancy {
     /// As `from_str` reads it: `replicate` or `ec:K+M`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -205,10 +205,7 @@ impl Plan {
     }
 
     fn scheme(&self) -> Option<mendfs_erasure::Scheme> {
-        match self.redundancy {
-            Redundancy::Replicate => None,
-            Redundancy::Erasure(scheme) => Some(scheme),
-        }
+        self.redundancy.scheme()
     }
 }
 
@@ -814,5 +811,55 @@ fn print_status(cluster: &Cluster) {
     match blocking(|| cluster.run_cli(&["cluster", "status"])) {
         Ok(text) => print!("{text}"),
         Err(e) => println!("(status unavailable: {e:#})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mendfs_client::NodeStatus;
+
+    use super::*;
+
+    fn ec(text: &str) -> Redundancy {
+        text.parse().expect("a scheme")
+    }
+
+    #[test]
+    fn a_scheme_starts_k_plus_2m_nodes_and_kills_m_and_replication_keeps_its_4_and_1() {
+        let plan = Plan::new(ec("ec:4+2")).unwrap();
+        assert_eq!((plan.nodes(), plan.victims, plan.width), (8, 2, 6));
+        let plan = Plan::new(ec("ec:8+3")).unwrap();
+        assert_eq!((plan.nodes(), plan.victims), (14, 3));
+        let plan = Plan::new(Redundancy::Replicate).unwrap();
+        assert_eq!((plan.nodes(), plan.victims), (4, 1));
+        let refused = Plan::new(ec("ec:16+4")).err().expect("24 nodes refused").to_string();
+        assert!(refused.contains("would need 24 nodes"), "{refused}");
+    }
+
+    #[test]
+    fn chunks_of_64_kib_or_more_are_striped_smaller_ones_replicated_small_files_inline() {
+        let sizes = [1000, 65_536, 65_535, CHUNK_BYTES + 123, CHUNK_BYTES * 5 / 2];
+        let layout = Layout::of(&sizes, ec("ec:4+2").scheme(), 16_384);
+        assert_eq!(layout, Layout { inline_files: 1, striped_files: 3, stripes: 5, replicated_chunks: 2 });
+        assert_eq!(layout.records(6), 5 * 6 + 2 * 3);
+        let replicated = Layout::of(&sizes, None, 16_384);
+        assert_eq!(replicated, Layout { inline_files: 1, striped_files: 0, stripes: 0, replicated_chunks: 7 });
+        // The default sample files are mostly striped: all but the inline quarter.
+        let defaults = Layout::of(&file_sizes(24, 8 << 20), ec("ec:4+2").scheme(), 16_384);
+        assert_eq!((defaults.striped_files, defaults.inline_files), (18, 6));
+    }
+
+    #[test]
+    fn victims_hold_the_most_records_but_never_the_leader_nor_a_second_voter() {
+        let node = |id: u64, chunks_listed: u64| NodeStatus { id, storage: true, chunks_listed, ..Default::default() };
+        let status = StatusReply {
+            nodes: vec![node(1, 90), node(2, 80), node(3, 70), node(4, 10), node(5, 20), node(6, 5)],
+            ..Default::default()
+        };
+        assert_eq!(choose_victims(&status, 1, 1), [(2, 80)]);
+        assert_eq!(choose_victims(&status, 1, 3), [(2, 80), (5, 20), (4, 10)]);
+        assert_eq!(nodes_phrase(&[4]), "node 4");
+        assert_eq!(nodes_phrase(&[6, 8]), "nodes 6 and 8");
+        assert_eq!(nodes_phrase(&[5, 6, 8]), "nodes 5, 6 and 8");
     }
 }

@@ -128,7 +128,7 @@ fn the_erasure_coded_demo_reads_with_two_nodes_dead_and_rebuilds_every_stripe() 
     let on_disk: f64 = number_after(summary, "on disk:");
     assert!((1.45..=1.6).contains(&on_disk), "{on_disk} bytes on disk per file byte:\n{summary}");
     // Repair ends with every stripe whole again.
-    let last_counts = stdout.lines().filter(|line| line.starts_with("stripes by live shards: ")).last().unwrap();
+    let last_counts = stdout.lines().rfind(|line| line.starts_with("stripes by live shards: ")).unwrap();
     assert_eq!(last_counts, format!("stripes by live shards: {stripes} with 6/6 shards"), "{stdout}");
     // It restored exactly what the two killed nodes held: shards rebuilt (and small chunks copied).
     let held: u64 = number_after(&stdout, " at once: they hold ");
