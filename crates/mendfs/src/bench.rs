@@ -45,9 +45,10 @@ pub enum BenchCommand {
     Ec(EcArgs),
     /// Erasure coding against replication on one cluster of real processes (8 nodes by
     /// default), one redundancy after the other: put and get MB/s and p50/p99 with concurrent
-    /// clients, disk bytes per file byte, then storage nodes SIGKILLed and the time from `down`
-    /// to full redundancy, the repair rate and the bytes read from other nodes per byte
-    /// repaired; each node's peak RSS; ratios against the first redundancy.
+    /// clients, gets with storage nodes dead, disk bytes per file byte, then storage nodes
+    /// SIGKILLed and the time from `down` to full redundancy, the repair rate and the bytes
+    /// read from other nodes per byte repaired; each node's peak RSS; ratios against the first
+    /// redundancy.
     EcCluster(EcClusterArgs),
 }
 

@@ -324,10 +324,18 @@ fn bench_ec_cluster_compares_both_redundancies_on_one_cluster_and_reports_them_a
         .iter()
         .map(|row| (row["redundancy"].as_str().unwrap().to_string(), row["op"].as_str().unwrap().to_string()))
         .collect();
-    let expected = [("replicate", "put"), ("replicate", "get"), ("ec:4+2", "put"), ("ec:4+2", "get")];
+    let expected = [
+        ("replicate", "put"),
+        ("replicate", "get"),
+        ("replicate", "get-degraded"),
+        ("ec:4+2", "put"),
+        ("ec:4+2", "get"),
+        ("ec:4+2", "get-degraded"),
+    ];
     assert_eq!(tagged, expected.map(|(r, op)| (r.to_string(), op.to_string())), "{report}");
     assert!(rows.iter().all(|row| row["errors"] == 0 && row["mb_per_sec"].as_f64().unwrap() > 0.0), "{report}");
-    assert!(rows[2]["ratios"]["over_first_redundancy"].as_f64().is_some(), "{report}");
+    // Every row of ec:4+2 against the same row of replicate, the degraded gets included.
+    assert!(rows[3..].iter().all(|row| row["ratios"]["over_first_redundancy"].as_f64().is_some()), "{report}");
     // Three copies against 4 + 2 shards on disk; repair reads a copy's bytes, or 4 shards per shard.
     let figures = report["redundancies"].as_array().unwrap();
     for (figure, disk, read) in [(&figures[0], 3.0, 1.0), (&figures[1], 1.5, 4.0)] {

@@ -2,8 +2,9 @@
 //! processes, in one run.
 //!
 //! For each redundancy in turn, on the same nodes: a put row and a get row with concurrent
-//! clients, the bytes those files added to the nodes' chunk stores, then a SIGKILL of storage
-//! nodes and the repair back to full redundancy: its time from `down`, its write rate, and the
+//! clients, the bytes those files added to the nodes' chunk stores, a short get row with
+//! storage nodes SIGKILLed (restarted before they are declared down), then a SIGKILL of the
+//! same nodes and the repair back to full redundancy: its time from `down`, its write rate, and the
 //! bytes the repairing nodes read from others per byte they wrote (1 for a copy, K for a
 //! rebuilt shard). Between two redundancies the killed nodes come back and the files are
 //! deleted and collected, so every redundancy starts from the same empty cluster, and a repair
@@ -41,6 +42,9 @@ const ROW_MIB_MAX: u64 = 65_536;
 const SETTLE_DEADLINE: Duration = Duration::from_secs(180);
 const REPAIR_DEADLINE: Duration = Duration::from_secs(1_800);
 const POLL_EVERY: Duration = Duration::from_millis(100);
+/// The degraded get row runs while the killed nodes are still only suspected: well within the
+/// 6 s or so the shortened detector takes to declare them `down`, so that no repair starts.
+const DEGRADED_ROW_MAX: Duration = Duration::from_secs(3);
 
 /// Settings every node gets beyond the demo's quick detection (`down` 4 s after suspicion,
 /// repair scans every 500 ms): the repair figures run from `down`, and the wait for it is no
@@ -230,7 +234,7 @@ fn sample_peak_rss(cluster: &Cluster, peaks_kib: &mut BTreeMap<u64, u64>) {
 /// A row of the put and get table.
 fn row_line(row: &Row) -> String {
     format!(
-        "{:>10} {:>4} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7}",
+        "{:>10} {:>12} {:>7} {:>9.1} {:>9.1} {:>9.1} {:>9.1} {:>7}",
         row.redundancy.as_deref().unwrap_or("-"),
         row.op,
         row.ops,
@@ -289,7 +293,7 @@ pub(super) async fn bench_ec_cluster(report: &mut Report, args: &EcClusterArgs) 
             if redundancy == Redundancy::Replicate { "3 copies" } else { "striped" }
         ));
         report.say(format!(
-            "{:>10} {:>4} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7}",
+            "{:>10} {:>12} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7}",
             "redundancy", "op", "files", "ops/s", "MB/s", "p50 ms", "p99 ms", "errors"
         ));
         let disk_before = disk_bytes(&cluster);
@@ -302,12 +306,18 @@ pub(super) async fn bench_ec_cluster(report: &mut Report, args: &EcClusterArgs) 
         // Every put acknowledged has its copies or shards fsynced: the stores hold them all.
         let file_bytes = paths.len() as u64 * args.size;
         let added = disk_bytes(&cluster).saturating_sub(disk_before);
-        let load = get_files(&client, &paths, args).await?;
+        let seconds = Duration::from_secs_f64(args.seconds);
+        let load = get_files(&client, &paths, args, seconds).await?;
         let get = report.add_row(
             Row::measured("mendfs", "get", Some(args.size), args.clients, &load).with_redundancy(&name),
             row_line,
         );
         sample_peak_rss(&cluster, &mut peaks_kib);
+        let load = degraded_get_files(&client, &mut cluster, &victims, &paths, args).await?;
+        let degraded = report.add_row(
+            Row::measured("mendfs", "get-degraded", Some(args.size), args.clients, &load).with_redundancy(&name),
+            row_line,
+        );
         let repair = measure_repair(&client, &mut cluster, &victims, &survivors).await?;
         sample_peak_rss(&cluster, &mut peaks_kib);
         let counters = repair.counters;
@@ -347,7 +357,7 @@ pub(super) async fn bench_ec_cluster(report: &mut Report, args: &EcClusterArgs) 
             figures.repair_read_bytes as f64 / (1 << 20) as f64,
             figures.read_bytes_per_repaired_byte
         ));
-        measured.push((put, get));
+        measured.push([put, get, degraded]);
         report.redundancies.push(figures);
         if idx + 1 < redundancies.len() {
             reset(&client, &mut cluster, &victims, &paths, args.nodes).await?;
@@ -399,12 +409,12 @@ async fn put_files(
     Ok((load, paths))
 }
 
-/// `clients` tasks getting the stored files round-robin, until `args.seconds` pass or as many
+/// `clients` tasks getting the stored files round-robin, until `duration` passes or as many
 /// bytes as a put row's bound are read.
-async fn get_files(client: &Client, paths: &[String], args: &EcClusterArgs) -> Result<LoadResult> {
+async fn get_files(client: &Client, paths: &[String], args: &EcClusterArgs, duration: Duration) -> Result<LoadResult> {
     let (client, paths, clients) = (client.clone(), Arc::new(paths.to_vec()), args.clients);
     let ops_max = ((args.mib << 20) / args.size).max(clients as u64);
-    run_load(clients, Duration::from_secs_f64(args.seconds), ops_max, move |task_idx, op_idx| {
+    run_load(clients, duration, ops_max, move |task_idx, op_idx| {
         let (client, paths) = (client.clone(), paths.clone());
         async move {
             let path = &paths[(task_idx + op_idx as usize * clients) % paths.len()];
@@ -412,6 +422,29 @@ async fn get_files(client: &Client, paths: &[String], args: &EcClusterArgs) -> R
         }
     })
     .await
+}
+
+/// The get row again with `victims` SIGKILLed: a replicated chunk is read from a surviving
+/// copy, a stripe that lost data shards is decoded from parity. The victims come back before
+/// the detector declares them down, so nothing is repaired, and the cluster is whole again for
+/// the repair measurement.
+async fn degraded_get_files(
+    client: &Client,
+    cluster: &mut Cluster,
+    victims: &[u64],
+    paths: &[String],
+    args: &EcClusterArgs,
+) -> Result<LoadResult> {
+    for id in victims {
+        blocking(|| cluster.kill(*id))?;
+    }
+    let load = get_files(client, paths, args, DEGRADED_ROW_MAX.min(Duration::from_secs_f64(args.seconds))).await;
+    // Back before the load's outcome is looked at: a failed row must not leave nodes dead.
+    for id in victims {
+        blocking(|| cluster.restart(*id))?;
+    }
+    wait_until(client, "the killed nodes up again", SETTLE_DEADLINE, |s| all_up(s, args.nodes)).await?;
+    load
 }
 
 /// SIGKILLs `victims` at once and follows the leader's status to full redundancy: every victim
@@ -506,14 +539,13 @@ async fn reset(client: &Client, cluster: &mut Cluster, victims: &[u64], paths: &
 }
 
 /// The figures side by side, each redundancy against the first (`replicate` by default).
-fn compare(report: &mut Report, measured: &[(usize, usize)]) {
+/// `measured`: each redundancy's put, get and degraded get rows (indices in `report.rows`).
+fn compare(report: &mut Report, measured: &[[usize; 3]]) {
     let figures = report.redundancies.clone();
     let Some(first) = figures.first() else { return };
-    let (first_put, first_get) = measured[0];
-    let first_mb = (report.rows[first_put].mb_per_sec, report.rows[first_get].mb_per_sec);
-    for &(put, get) in &measured[1..] {
-        for (row, base) in [(put, first_mb.0), (get, first_mb.1)] {
-            if let (Some(mb), Some(base)) = (report.rows[row].mb_per_sec, base) {
+    for later in &measured[1..] {
+        for (&row, &base) in later.iter().zip(&measured[0]) {
+            if let (Some(mb), Some(base)) = (report.rows[row].mb_per_sec, report.rows[base].mb_per_sec) {
                 report.rows[row].ratios.insert("over_first_redundancy", mb / base);
             }
         }
@@ -528,12 +560,14 @@ fn compare(report: &mut Report, measured: &[(usize, usize)]) {
     report.say(header);
     let row_value = |idx: usize, pick: fn(&Row) -> Option<f64>| pick(&report.rows[idx]).unwrap_or(f64::NAN);
     let lines: Vec<(&str, Vec<f64>)> = vec![
-        ("put MB/s", measured.iter().map(|m| row_value(m.0, |r| r.mb_per_sec)).collect()),
-        ("put p50 ms", measured.iter().map(|m| row_value(m.0, |r| r.p50_ms)).collect()),
-        ("put p99 ms", measured.iter().map(|m| row_value(m.0, |r| r.p99_ms)).collect()),
-        ("get MB/s", measured.iter().map(|m| row_value(m.1, |r| r.mb_per_sec)).collect()),
-        ("get p50 ms", measured.iter().map(|m| row_value(m.1, |r| r.p50_ms)).collect()),
-        ("get p99 ms", measured.iter().map(|m| row_value(m.1, |r| r.p99_ms)).collect()),
+        ("put MB/s", measured.iter().map(|m| row_value(m[0], |r| r.mb_per_sec)).collect()),
+        ("put p50 ms", measured.iter().map(|m| row_value(m[0], |r| r.p50_ms)).collect()),
+        ("put p99 ms", measured.iter().map(|m| row_value(m[0], |r| r.p99_ms)).collect()),
+        ("get MB/s", measured.iter().map(|m| row_value(m[1], |r| r.mb_per_sec)).collect()),
+        ("get p50 ms", measured.iter().map(|m| row_value(m[1], |r| r.p50_ms)).collect()),
+        ("get p99 ms", measured.iter().map(|m| row_value(m[1], |r| r.p99_ms)).collect()),
+        ("get MB/s, killed nodes dead", measured.iter().map(|m| row_value(m[2], |r| r.mb_per_sec)).collect()),
+        ("get p99 ms, killed nodes dead", measured.iter().map(|m| row_value(m[2], |r| r.p99_ms)).collect()),
         ("disk bytes per file byte", figures.iter().map(|f| f.disk_bytes_per_file_byte).collect()),
         ("SIGKILL -> down s", figures.iter().map(|f| f.kill_to_down_s).collect()),
         ("down -> full redundancy s", figures.iter().map(|f| f.down_to_full_redundancy_s).collect()),

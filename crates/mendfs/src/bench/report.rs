@@ -101,7 +101,8 @@ pub(super) struct Row {
     /// mendfs, etcd, native (the MendFS client), s3 (MendFS's S3 gateway), seaweedfs,
     /// seaweedfs-fsync, bare-write.
     pub system: String,
-    /// set, put, get, record-span, write-line.
+    /// set, put, get, get-degraded (ec-cluster: with storage nodes dead), record-span,
+    /// write-line.
     pub op: String,
     pub size_bytes: Option<u64>,
     /// Concurrent clients (connections, for S3), one operation in flight on each.
