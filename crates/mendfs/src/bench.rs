@@ -13,6 +13,7 @@ use mendfs_client::{Client, ClientConfig};
 use mendfs_testkit::{Cluster, ClusterOptions};
 use serde::Serialize;
 
+mod ec_cluster;
 mod report;
 mod s3;
 mod seaweedfs;
@@ -42,6 +43,48 @@ pub enum BenchCommand {
     /// shards standing in for lost data shards, rebuilding one lost shard; against BLAKE3
     /// hashing the same bytes (which every shard written or read also costs).
     Ec(EcArgs),
+    /// Erasure coding against replication on one cluster of real processes (8 nodes by
+    /// default), one redundancy after the other: put and get MB/s and p50/p99 with concurrent
+    /// clients, gets with storage nodes dead, disk bytes per file byte, then storage nodes
+    /// SIGKILLed and the time from `down` to full redundancy, the repair rate and the bytes
+    /// read from other nodes per byte repaired; each node's peak RSS; ratios against the first
+    /// redundancy.
+    EcCluster(EcClusterArgs),
+}
+
+#[derive(Args, Debug, Serialize)]
+pub struct EcClusterArgs {
+    /// Redundancies to measure in turn, comma-separated: `replicate` (3 copies) or `ec:K+M`.
+    #[arg(long, value_delimiter = ',', default_value = "replicate,ec:4+2")]
+    redundancies: Vec<String>,
+    /// Nodes: 3 metadata voters, the rest storage-only. After --kill, every chunk must fit on
+    /// distinct live nodes again: ec:4+2 with 2 killed needs 8.
+    #[arg(long, default_value_t = 8)]
+    nodes: u64,
+    /// File size in bytes (64 KiB to 64 MiB: every chunk is striped).
+    #[arg(long, default_value_t = 4 << 20)]
+    size: u64,
+    /// Concurrent clients, one operation in flight on each.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Seconds per put and per get row (each also stops at --mib).
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// MiB a put row writes at most, and a get row reads; the put row's files are what the
+    /// repair restores.
+    #[arg(long, default_value_t = 1024)]
+    mib: u64,
+    /// Storage-only nodes SIGKILLed at once (the highest-numbered), for every redundancy.
+    #[arg(long, default_value_t = 2)]
+    kill: u64,
+    /// Repair bandwidth across the cluster (0: unthrottled).
+    #[arg(long, default_value_t = 0)]
+    repair_bytes_per_sec: u64,
+    #[command(flatten)]
+    settings: ServerSettings,
+    #[command(flatten)]
+    #[serde(skip)]
+    output: JsonOutput,
 }
 
 #[derive(Args, Debug, Serialize)]
@@ -195,6 +238,7 @@ impl BenchCommand {
             BenchCommand::Trace(args) => ("trace", serde_json::to_value(args), &args.output),
             BenchCommand::Heal(args) => ("heal", serde_json::to_value(args), &args.output),
             BenchCommand::Ec(args) => ("ec", serde_json::to_value(args), &args.output),
+            BenchCommand::EcCluster(args) => ("ec-cluster", serde_json::to_value(args), &args.output),
         };
         let parameters = parameters.with_context(|| format!("encode bench {bench}'s parameters as JSON"))?;
         Ok((bench, parameters, JsonTarget::from_arg(output.json.as_deref())))
@@ -222,6 +266,7 @@ pub async fn run(command: BenchCommand) -> Result<()> {
         }
         BenchCommand::Trace(args) => tokio::task::block_in_place(|| bench_trace(&mut report, args.spans))?,
         BenchCommand::Ec(args) => tokio::task::block_in_place(|| bench_ec(&mut report, &args))?,
+        BenchCommand::EcCluster(args) => ec_cluster::bench_ec_cluster(&mut report, &args).await?,
     }
     if let Some(json) = &json {
         report.write_json(json)?;
@@ -987,9 +1032,10 @@ async fn native_files_row(
     .await
 }
 
-/// A reader of `remaining` bytes of the content named `file` (`testkit::stamped_bytes`): no
+/// A reader of `remaining` bytes of the content named `file` (`testkit::mixed_bytes`): no
 /// two chunks of any two files are equal, so nothing deduplicates, and uploads need no memory
-/// of their size.
+/// of their size. Pseudo-random, not patterned: the parity shards of patterned stripes can
+/// coincide, and a node stores identical shards once.
 struct UniqueReader {
     file: u32,
     position: u64,
@@ -1003,7 +1049,7 @@ impl tokio::io::AsyncRead for UniqueReader {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         let n = (buf.remaining() as u64).min(self.remaining) as usize;
-        buf.put_slice(&mendfs_testkit::stamped_bytes(self.file, self.position, n));
+        buf.put_slice(&mendfs_testkit::mixed_bytes(self.file, self.position, n));
         self.position += n as u64;
         self.remaining -= n as u64;
         std::task::Poll::Ready(Ok(()))
@@ -1213,6 +1259,7 @@ mod tests {
             ("s3", &["--peer", "seaweedfs"][..]),
             ("heal", &[][..]),
             ("trace", &["--spans", "1000"][..]),
+            ("ec-cluster", &["--redundancies", "replicate,ec:4+2"][..]),
         ] {
             let mut args = vec!["mendfs", "bench", bench, "--json", "-"];
             args.extend(extra);

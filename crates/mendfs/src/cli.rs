@@ -45,7 +45,8 @@ pub enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
-    /// Start a local 3-node cluster, use it, kill its leader, watch it heal, and clean up.
+    /// Start a local cluster, write files, SIGKILL a node (M nodes with `--redundancy ec:K+M`),
+    /// watch it heal, verify every file, and clean up.
     Demo(demo::DemoArgs),
     /// Inject faults (kills, pauses, partitions, disk and clock faults) into a local cluster
     /// under load, heal it, and check that no promise was broken.

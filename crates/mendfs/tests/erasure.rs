@@ -3,7 +3,8 @@
 //! storage nodes SIGKILLed (decoded from parity), and fail with a clear "unrecoverable" error
 //! once a third is gone (inline files still read); and, on eight nodes, lost shards rebuilt
 //! from K others once two nodes are down, the old records trimmed when the nodes return, and
-//! rotted shards found by the scrubber and rewritten.
+//! rotted shards found by the scrubber and rewritten; and `mendfs bench ec-cluster` measuring
+//! replication and `ec:4+2` on one cluster, its JSON carrying the figures for both.
 //!
 //! Redundancy policies against the same kind of cluster: a prefix's policy stripes the puts
 //! under it that do not say otherwise (`stat`, `ls -l` and the put's reply say so, and the disk
@@ -742,4 +743,49 @@ async fn connect(addr: &str) -> mendfs_chaos::s3_client::Connection {
             Err(e) => panic!("the S3 gateway at {addr}: {e:#}"),
         }
     }
+}
+
+#[test]
+fn bench_ec_cluster_compares_both_redundancies_on_one_cluster_and_reports_them_as_json() {
+    // Short rows of 1 MiB files keep the debug build quick; the phases are those of a real run.
+    let output = std::process::Command::new(binary())
+        .args(["bench", "ec-cluster", "--seconds", "1", "--mib", "16", "--size", "1048576", "--json", "-"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "bench failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: not JSON:\n{stdout}"));
+    assert_eq!(report["bench"], "ec-cluster");
+    // A put and a get row for each redundancy, tagged with it, none failed; ec's against replicate's.
+    let rows = report["rows"].as_array().unwrap();
+    let tagged: Vec<(String, String)> = rows
+        .iter()
+        .map(|row| (row["redundancy"].as_str().unwrap().to_string(), row["op"].as_str().unwrap().to_string()))
+        .collect();
+    let expected = [
+        ("replicate", "put"),
+        ("replicate", "get"),
+        ("replicate", "get-degraded"),
+        ("ec:4+2", "put"),
+        ("ec:4+2", "get"),
+        ("ec:4+2", "get-degraded"),
+    ];
+    assert_eq!(tagged, expected.map(|(r, op)| (r.to_string(), op.to_string())), "{report}");
+    assert!(rows.iter().all(|row| row["errors"] == 0 && row["mb_per_sec"].as_f64().unwrap() > 0.0), "{report}");
+    // Every row of ec:4+2 against the same row of replicate, the degraded gets included.
+    assert!(rows[3..].iter().all(|row| row["ratios"]["over_first_redundancy"].as_f64().is_some()), "{report}");
+    // Three copies against 4 + 2 shards on disk; repair reads a copy's bytes, or 4 shards per shard.
+    let figures = report["redundancies"].as_array().unwrap();
+    for (figure, disk, read) in [(&figures[0], 3.0, 1.0), (&figures[1], 1.5, 4.0)] {
+        let per_file_byte = figure["disk_bytes_per_file_byte"].as_f64().unwrap();
+        assert!((per_file_byte - disk).abs() < 0.01, "{disk} expected: {figure}");
+        assert_eq!(figure["read_bytes_per_repaired_byte"].as_f64(), Some(read), "{figure}");
+        assert_eq!(figure["killed_nodes"], serde_json::json!([7, 8]), "{figure}");
+        assert!(figure["repaired_bytes"].as_u64().unwrap() > 0, "{figure}");
+        assert!(figure["down_to_full_redundancy_s"].as_f64().unwrap() > 0.0, "{figure}");
+    }
+    assert_eq!(figures[0]["rebuilt_shards"], 0, "replication copies, never rebuilds");
+    assert_eq!(figures[1]["copied_chunks"], 0, "every chunk of a 1 MiB file is striped");
+    assert_eq!(report["nodes"].as_array().unwrap().len(), 8, "a peak RSS for each node");
 }

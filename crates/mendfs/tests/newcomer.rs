@@ -13,59 +13,130 @@ fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mendfs"))
 }
 
-#[test]
-fn the_demo_runs_end_to_end_without_a_terminal_and_verifies_every_file() {
-    // Smaller files than the default keep the debug build quick; the steps are the same.
+/// Runs `mendfs demo ARGS` as a newcomer would, with no terminal and no cluster configured;
+/// returns its standard output once it succeeded.
+fn run_demo(args: &[&str]) -> String {
     let output = Command::new(binary())
-        .args(["demo", "--files", "12", "--max-file-mib", "3"])
+        .arg("demo")
+        .args(args)
         .env_remove("MENDFS_ENDPOINTS")
         .env_remove("MENDFS_SECRET")
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "demo failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
-    // The story, in order.
+    // No progress bar escape codes without a terminal; plain progress lines instead.
+    assert!(!stdout.contains('\u{1b}'), "terminal escapes in non-terminal output:\n{stdout}");
+    assert!(stdout.contains("repaired: "), "no plain repair progress line:\n{stdout}");
+    stdout
+}
+
+/// The story, in order: each milestone after the one before it.
+fn assert_in_order(stdout: &str, milestones: &[&str]) {
     let mut at = 0;
-    for milestone in [
-        "== Starting a local 4-node cluster",
-        "== Writing 12 sample files",
-        "== SIGKILL node",
-        "-> suspect (phi",
-        "-> down (phi",
-        "== Repairing",
-        "full redundancy again",
-        "== Verifying every file byte for byte",
-        "12 of 12 files read back identical",
-        "== Restarting node",
-        "is up again",
-        "== Summary",
-        "files verified:     12 of 12",
-    ] {
+    for milestone in milestones {
         let found =
             stdout[at..].find(milestone).unwrap_or_else(|| panic!("{milestone:?} missing (in order):\n{stdout}"));
         at += found + milestone.len();
     }
-    // No progress bar escape codes without a terminal; plain progress lines instead.
-    assert!(!stdout.contains('\u{1b}'), "terminal escapes in non-terminal output:\n{stdout}");
-    assert!(stdout.contains("repaired: "), "no plain repair progress line:\n{stdout}");
+}
+
+/// The first word after `prefix` in `text`, parsed.
+fn number_after<T: std::str::FromStr>(text: &str, prefix: &str) -> T {
+    let rest = &text[text.find(prefix).unwrap_or_else(|| panic!("{prefix:?} missing:\n{text}")) + prefix.len()..];
+    rest.split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no number after {prefix:?} in:\n{text}"))
+}
+
+#[test]
+fn the_demo_runs_end_to_end_without_a_terminal_and_verifies_every_file() {
+    // Smaller files than the default keep the debug build quick; the steps are the same.
+    let stdout = run_demo(&["--files", "12", "--max-file-mib", "3"]);
+    assert_in_order(
+        &stdout,
+        &[
+            "== Starting a local 4-node cluster",
+            "== Writing 12 sample files",
+            "== SIGKILL node",
+            "-> suspect (phi",
+            "-> down (phi",
+            "== Repairing",
+            "full redundancy again",
+            "== Verifying every file byte for byte",
+            "12 of 12 files read back identical",
+            "== Restarting node",
+            "is up again",
+            "== Summary",
+            "files verified:     12 of 12",
+        ],
+    );
     let summary = &stdout[stdout.find("== Summary").unwrap()..];
     for field in ["time to detect:", "time to heal:", "bytes repaired:"] {
         assert!(summary.contains(field), "{field} missing from the summary:\n{summary}");
     }
     assert!(!summary.contains("bytes repaired:     0.0 MiB"), "nothing was repaired:\n{summary}");
+    // Three copies of every chunked byte (inline files hold a few KiB in the metadata).
+    let on_disk: f64 = number_after(summary, "on disk:");
+    assert!((2.9..=3.01).contains(&on_disk), "{on_disk} bytes on disk per file byte:\n{summary}");
     // Repair re-created exactly the copies the killed node held: the counts agree.
-    let number_after = |text: &str, prefix: &str| -> u64 {
-        let rest = &text[text.find(prefix).unwrap_or_else(|| panic!("{prefix:?} missing:\n{text}")) + prefix.len()..];
-        rest.split_whitespace()
-            .next()
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("no number after {prefix:?}"))
-    };
-    let held = number_after(&stdout, ": it holds ");
-    let repaired = number_after(summary, " MiB in ");
+    let held: u64 = number_after(&stdout, ": it holds ");
+    let repaired: u64 = number_after(summary, " MiB in ");
     assert_eq!(held, repaired, "the killed node held {held} copies but {repaired} were repaired:\n{stdout}");
+}
+
+#[test]
+fn the_erasure_coded_demo_reads_with_two_nodes_dead_and_rebuilds_every_stripe() {
+    let stdout = run_demo(&["--redundancy", "ec:4+2", "--files", "12", "--max-file-mib", "3"]);
+    assert_in_order(
+        &stdout,
+        &[
+            "== Starting a local 8-node cluster: 3 metadata voters and 5 storage-only nodes",
+            "8 nodes leave 6 alive when 2 are killed, so repair can restore every stripe to 6 shards on distinct live \
+             nodes",
+            "== Writing 12 sample files, ",
+            "as ec:4+2",
+            "files striped into",
+            "on disk: ",
+            "== SIGKILL nodes ",
+            " at once: they hold ",
+            "12 of 12 files read back identical with nodes ",
+            "-> down (phi",
+            "== Repairing: the leader rebuilds each shard",
+            "stripes by live shards: ",
+            "full redundancy again",
+            "4.00 bytes read per byte rebuilt (K = 4)",
+            "== Verifying every file byte for byte",
+            "12 of 12 files read back identical",
+            "== Restarting nodes ",
+            "are up again",
+            "== Summary",
+            "files verified:     12 of 12",
+            "degraded reads:     12 of 12 files read back with nodes ",
+        ],
+    );
+    // Most sample files are striped: all but the few small enough to be inline.
+    let striped_line = stdout.lines().find(|line| line.contains("files striped into")).unwrap();
+    let striped: u64 = number_after(striped_line, "");
+    let stripes: u64 = number_after(striped_line, "striped into ");
+    assert!(striped >= 8, "only {striped} of 12 files striped:\n{stdout}");
+    // 1.5 bytes per striped byte, a few small tails replicated 3 times, inline files none.
+    let summary = &stdout[stdout.find("== Summary").unwrap()..];
+    let on_disk: f64 = number_after(summary, "on disk:");
+    assert!((1.45..=1.6).contains(&on_disk), "{on_disk} bytes on disk per file byte:\n{summary}");
+    // Repair ends with every stripe whole again.
+    let last_counts = stdout.lines().rfind(|line| line.starts_with("stripes by live shards: ")).unwrap();
+    assert_eq!(last_counts, format!("stripes by live shards: {stripes} with 6/6 shards"), "{stdout}");
+    // It restored exactly what the two killed nodes held: shards rebuilt (and small chunks copied).
+    let held: u64 = number_after(&stdout, " at once: they hold ");
+    let repaired: u64 = number_after(summary, " MiB in ");
+    assert_eq!(
+        held, repaired,
+        "the killed nodes held {held} shards and copies but {repaired} were repaired:\n{stdout}"
+    );
 }
 
 /// The processes whose command line mentions `dir`.

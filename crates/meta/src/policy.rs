@@ -49,6 +49,16 @@ pub enum Redundancy {
     Erasure(Scheme),
 }
 
+impl Redundancy {
+    /// The erasure-coding scheme, if chunks are striped.
+    pub fn scheme(self) -> Option<Scheme> {
+        match self {
+            Redundancy::Replicate => None,
+            Redundancy::Erasure(scheme) => Some(scheme),
+        }
+    }
+}
+
 impl fmt::Display for Redundancy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

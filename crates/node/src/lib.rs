@@ -47,6 +47,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{ConfigError, NodeConfig};
+/// How a write keeps its chunks, and the smallest chunk a stripe is made of: what the demo and
+/// the bench need to plan erasure-coded files and count what they should find on disk.
+pub use mendfs_data::coordinator::{Redundancy, EC_CHUNK_BYTES_MIN};
 pub use mendfs_meta::DEFAULT_LOG_FILTER;
 pub use telemetry::Telemetry;
 

@@ -710,6 +710,11 @@ pub fn chunk_files(data_dir: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// The bytes of every chunk file a node's chunk store holds (copies and shards alike).
+pub fn chunk_bytes(data_dir: &Path) -> u64 {
+    chunk_files(data_dir).iter().map(|path| std::fs::metadata(path).map_or(0, |m| m.len())).sum()
+}
+
 /// Bytes `start..start + len` of the deterministic content named `stamp`: every 8-byte word is
 /// (stamp, word index), big-endian. Distinct stamps share no chunk (nothing deduplicates), and a
 /// mix of two versions or a shifted chunk is detected, not just a changed hash.
@@ -727,6 +732,31 @@ pub fn stamped_bytes(stamp: u32, start: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// Bytes `start..start + len` of the pseudo-random content named `seed`: every 8-byte word is
+/// SplitMix64 of the word index mixed with the seed's own SplitMix64. Like [`stamped_bytes`] it
+/// is readable from any offset and no word repeats within a seed; unlike it, it has no linear
+/// structure. Erasure coding is linear: the parity shards of two stamped stripes can coincide,
+/// and a node keeps identical shards once, so bytes on disk would undercount. A measurement of
+/// striped files wants this content. (Two seeds share a word only if their keys agree in all
+/// the high bits a word index leaves alone: about 2^-24 for a pair of 1 TiB contents.)
+pub fn mixed_bytes(seed: u32, start: u64, len: usize) -> Vec<u8> {
+    let key = splitmix64(u64::from(seed));
+    let words = (start / 8)..(start + len as u64).div_ceil(8);
+    let mut out: Vec<u8> = words.flat_map(|word| splitmix64(key ^ word).to_be_bytes()).collect();
+    out.drain(..(start % 8) as usize);
+    out.truncate(len);
+    out
+}
+
+/// SplitMix64's output function: a bijection on u64 whose output bits each depend on every
+/// input bit.
+fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -741,5 +771,22 @@ mod tests {
             }
         }
         assert_ne!(super::stamped_bytes(8, 0, 64), super::stamped_bytes(7, 0, 64));
+    }
+
+    #[test]
+    fn mixed_bytes_at_any_offset_match_the_whole_and_differ_by_seed() {
+        let whole = super::mixed_bytes(7, 0, 100);
+        assert_eq!(whole.len(), 100);
+        for start in 0..30u64 {
+            for len in [0usize, 1, 7, 8, 9, 50] {
+                let part = super::mixed_bytes(7, start, len);
+                assert_eq!(part, whole[start as usize..start as usize + len], "start {start} len {len}");
+            }
+        }
+        assert_ne!(super::mixed_bytes(8, 0, 64), super::mixed_bytes(7, 0, 64));
+        // No 8-byte word repeats within a seed's first MiB (SplitMix64 is a bijection).
+        let words: std::collections::HashSet<Vec<u8>> =
+            super::mixed_bytes(7, 0, 1 << 20).chunks(8).map(<[u8]>::to_vec).collect();
+        assert_eq!(words.len(), (1 << 20) / 8);
     }
 }

@@ -41,7 +41,7 @@ impl JsonTarget {
 
 #[derive(Serialize, Debug)]
 pub(super) struct Report {
-    /// kv, files, s3, heal or trace.
+    /// kv, files, s3, heal, trace, ec or ec-cluster.
     pub bench: &'static str,
     pub started_unix_ms: u64,
     /// The commit this binary was built from, or `mendfs <version>` when the build could not
@@ -56,6 +56,8 @@ pub(super) struct Report {
     pub failover: Option<Failover>,
     pub heal: Option<HealFigures>,
     pub trace: Option<TraceFigures>,
+    /// `bench ec-cluster`: one entry per redundancy measured, in the order run.
+    pub redundancies: Vec<RedundancyFigures>,
     pub nodes: Vec<NodeMemory>,
     #[serde(skip)]
     console: Console,
@@ -99,13 +101,16 @@ pub(super) struct Row {
     /// mendfs, etcd, native (the MendFS client), s3 (MendFS's S3 gateway), seaweedfs,
     /// seaweedfs-fsync, bare-write.
     pub system: String,
-    /// set, put, get, record-span, write-line.
+    /// set, put, get, get-degraded (ec-cluster: with storage nodes dead), record-span,
+    /// write-line.
     pub op: String,
     pub size_bytes: Option<u64>,
     /// Concurrent clients (connections, for S3), one operation in flight on each.
     pub clients: Option<usize>,
     /// Whether the cluster ran TLS (`--tls`'s second pass).
     pub tls: bool,
+    /// How the files were kept (`replicate`, `ec:4+2`), where a bench compares redundancies.
+    pub redundancy: Option<String>,
     pub ops: u64,
     pub seconds: f64,
     pub ops_per_sec: f64,
@@ -116,7 +121,8 @@ pub(super) struct Row {
     pub errors: u64,
     /// The ratios printed for this row, by name: `mendfs_over_etcd`, `tls_over_plaintext`,
     /// `over_bound` (files: put / (disk/3), get / loopback), `s3_over_native`,
-    /// `mendfs_s3_over_seaweedfs`, `over_bare_write`.
+    /// `mendfs_s3_over_seaweedfs`, `over_bare_write`, `over_first_redundancy` (ec-cluster: MB/s
+    /// over the first redundancy's, `replicate` by default).
     pub ratios: BTreeMap<&'static str, f64>,
 }
 
@@ -132,6 +138,7 @@ impl Row {
             size_bytes,
             clients: Some(clients),
             tls: false,
+            redundancy: None,
             ops: load.ops,
             seconds,
             ops_per_sec,
@@ -161,6 +168,7 @@ impl Row {
             size_bytes,
             clients,
             tls: false,
+            redundancy: None,
             ops,
             seconds,
             ops_per_sec,
@@ -175,6 +183,11 @@ impl Row {
 
     pub(super) fn with_tls(mut self, tls: bool) -> Self {
         self.tls = tls;
+        self
+    }
+
+    pub(super) fn with_redundancy(mut self, redundancy: &str) -> Self {
+        self.redundancy = Some(redundancy.to_string());
         self
     }
 }
@@ -226,6 +239,34 @@ pub(super) struct RepairJob {
     pub over_chunk_file_fsync: f64,
 }
 
+/// `bench ec-cluster`'s figures for one redundancy beyond its put and get rows.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub(super) struct RedundancyFigures {
+    /// `replicate` or `ec:K+M`.
+    pub redundancy: String,
+    /// The files the put row wrote (and the repair restored).
+    pub files: u64,
+    pub file_bytes: u64,
+    /// What those files added to the nodes' chunk stores: copies or shards.
+    pub disk_bytes: u64,
+    pub disk_bytes_per_file_byte: f64,
+    /// The storage nodes SIGKILLed at once.
+    pub killed_nodes: Vec<u64>,
+    pub kill_to_down_s: f64,
+    /// Every killed node `down` to no chunk short of copies or shards and none listed on them.
+    pub down_to_full_redundancy_s: f64,
+    /// Chunk copies made (`repair_copied_*` on the live nodes) and shards rebuilt
+    /// (`repair_rebuilt_*`).
+    pub copied_chunks: u64,
+    pub rebuilt_shards: u64,
+    /// Bytes repair wrote: copies and rebuilt shards.
+    pub repaired_bytes: u64,
+    /// Bytes the repairing nodes read from others: a copy's bytes, or K shards per rebuild.
+    pub repair_read_bytes: u64,
+    pub repair_mb_per_sec: f64,
+    pub read_bytes_per_repaired_byte: f64,
+}
+
 /// `bench trace`'s figures beyond its rows.
 #[derive(Serialize, Debug, Clone, PartialEq)]
 pub(super) struct TraceFigures {
@@ -257,6 +298,7 @@ impl Report {
             failover: None,
             heal: None,
             trace: None,
+            redundancies: Vec::new(),
             nodes: Vec::new(),
             console: if json == Some(&JsonTarget::Stdout) { Console::Stderr } else { Console::Stdout },
         }
@@ -315,6 +357,7 @@ mod tests {
             size_bytes: Some(4096),
             clients: Some(8),
             tls: false,
+            redundancy: None,
             ops: 1000,
             seconds: 2.0,
             ops_per_sec: 500.0,
