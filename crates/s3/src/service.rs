@@ -73,6 +73,7 @@ impl S3Gateway {
             .in_scope(mendfs_telemetry::layer::current_context)
             .map(|context| context.trace_id.to_string())
             .unwrap_or_default();
+        let sends_body = sends_body(&request);
         let refused = signature_v2(&request).then(|| {
             xml_error(
                 http::StatusCode::FORBIDDEN,
@@ -102,6 +103,12 @@ impl S3Gateway {
         let status = response.status();
         if status.is_server_error() || status.is_client_error() {
             span.record("error", status.as_str());
+            // Refused before its body was read: the client may still send that body (after
+            // `Expect: 100-continue` timed out, say) where the next request would start, and
+            // the connection would be parsed out of step. Closing it is the one safe way.
+            if sends_body {
+                response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
         }
         let op = operation.0.lock().ok().and_then(|name| name.clone()).unwrap_or_else(|| "unknown".into());
         self.metrics.observe(&format!("S3/{op}"), status.as_str(), started.elapsed());
@@ -129,6 +136,19 @@ impl S3Gateway {
             _ = stop => connection.as_mut().graceful_shutdown(),
         }
     }
+}
+
+/// Whether a request comes with a body: a length over zero, chunked framing, or an
+/// `Expect: 100-continue` that says one follows.
+fn sends_body(request: &http::Request<s3s::Body>) -> bool {
+    let headers = request.headers();
+    let length = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|text| text.trim().parse::<u64>().ok());
+    length.is_some_and(|length| length > 0)
+        || headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers.contains_key(http::header::EXPECT)
 }
 
 /// Whether a request is signed with AWS Signature Version 2 (headers or a presigned URL),
