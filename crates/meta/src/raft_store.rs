@@ -134,6 +134,9 @@ pub struct RaftLogStore {
     /// The latest committed index Raft told us (`save_committed`), for metrics; openraft's own
     /// metrics do not carry it.
     committed_index: Arc<std::sync::atomic::AtomicU64>,
+    /// The committed id Raft last told us and no log write has stored yet (see
+    /// `save_committed`).
+    committed_unsaved: Arc<std::sync::Mutex<Option<Option<LogId<NodeId>>>>>,
     /// The vote as last saved or read: tells a leader's own appends from a follower's.
     vote: Arc<std::sync::Mutex<Option<Vote<NodeId>>>>,
     durable: Arc<watch::Sender<DurableLog>>,
@@ -228,6 +231,7 @@ impl RaftLogStore {
             db: Arc::new(db),
             node_id,
             committed_index: Arc::default(),
+            committed_unsaved: Arc::default(),
             vote: Arc::default(),
             durable: Arc::new(watch::channel(DurableLog::default()).0),
             unflushed: Arc::default(),
@@ -272,6 +276,8 @@ impl RaftLogStore {
         }
         let db = self.db.clone();
         let durability = if as_leader { Durability::None } else { Durability::Immediate };
+        let committed = self.committed_unsaved.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let committed = committed.map(|committed| encode(&committed)).transpose().map_err(io_err)?;
         blocking(move || {
             let mut txn = db.begin_write().map_err(io_err)?;
             txn.set_durability(durability).map_err(io_err)?;
@@ -280,6 +286,13 @@ impl RaftLogStore {
                 for (index, bytes) in &rows {
                     table.insert(*index, bytes.as_slice()).map_err(io_err)?;
                 }
+            }
+            if let Some(committed) = committed {
+                // See `save_committed`: a hint, stored with whatever log write comes next.
+                txn.open_table(LOG_META)
+                    .map_err(io_err)?
+                    .insert(KEY_COMMITTED, committed.as_slice())
+                    .map_err(io_err)?;
             }
             txn.commit().map_err(io_err)
         })
@@ -433,18 +446,25 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), RaftStorageError> {
         self.committed_index.store(committed.map_or(0, |id| id.index), std::sync::atomic::Ordering::Relaxed);
-        // No fsync: the committed index only lets a restarted node re-apply sooner; losing the
-        // latest value is harmless (Raft re-learns it from the leader). redb makes it durable
-        // with the next Immediate commit (the next append or vote).
-        let store = self.clone();
-        blocking(move || store.write_meta(KEY_COMMITTED, &committed, Durability::None))
-            .await
-            .map_err(|e| StorageIOError::write(e).into())
+        // Kept in memory and written by the next log write (an append, a truncation, a purge or
+        // a flush), in its transaction: a write transaction of its own on every commit cost as
+        // much CPU as the append did. Losing the latest value is harmless: the committed index
+        // only lets a restarted node re-apply sooner, and Raft re-learns it from the leader
+        // (see `give_up_own_leadership` for why reads never depend on it).
+        *self.committed_unsaved.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(committed);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
-        let committed: Option<Option<LogId<NodeId>>> = self.read_meta(KEY_COMMITTED).map_err(StorageIOError::read)?;
-        let committed = committed.flatten();
+        let unsaved = *self.committed_unsaved.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let committed = match unsaved {
+            Some(committed) => committed,
+            None => {
+                let saved: Option<Option<LogId<NodeId>>> =
+                    self.read_meta(KEY_COMMITTED).map_err(StorageIOError::read)?;
+                saved.flatten()
+            }
+        };
         self.committed_index.store(committed.map_or(0, |id| id.index), std::sync::atomic::Ordering::Relaxed);
         Ok(committed)
     }
@@ -517,24 +537,38 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
 type ByteTable<'txn> = redb::Table<'txn, &'static [u8], &'static [u8]>;
 
 struct WriteTables<'txn> {
-    tables: Vec<(Table, ByteTable<'txn>)>,
+    txn: &'txn redb::WriteTransaction,
+    /// Opened on first use: an apply touches two or three of the tables, and opening all of
+    /// them (a lookup in redb's table tree each, and a root to write back at the commit) was
+    /// a visible part of every small write's CPU.
+    tables: Vec<std::cell::OnceCell<ByteTable<'txn>>>,
 }
 
 impl<'txn> WriteTables<'txn> {
     fn open(txn: &'txn redb::WriteTransaction) -> Result<Self, StoreError> {
-        let mut tables = Vec::with_capacity(Table::ALL.len());
+        Ok(Self { txn, tables: Table::ALL.iter().map(|_| std::cell::OnceCell::new()).collect() })
+    }
+
+    /// Creates every table that does not exist yet (at start-up, so that readers find them).
+    fn create_all(txn: &'txn redb::WriteTransaction) -> Result<(), StoreError> {
         for table in Table::ALL {
-            tables.push((table, txn.open_table(table_definition(table)).map_err(store_err)?));
+            txn.open_table(table_definition(table)).map_err(store_err)?;
         }
-        Ok(Self { tables })
+        Ok(())
     }
 
-    fn table(&self, table: Table) -> &redb::Table<'txn, &'static [u8], &'static [u8]> {
-        &self.tables[table as usize].1
+    fn table(&self, table: Table) -> Result<&ByteTable<'txn>, StoreError> {
+        let cell = &self.tables[table as usize];
+        if let Some(open) = cell.get() {
+            return Ok(open);
+        }
+        let open = self.txn.open_table(table_definition(table)).map_err(store_err)?;
+        Ok(cell.get_or_init(|| open))
     }
 
-    fn table_mut(&mut self, table: Table) -> &mut redb::Table<'txn, &'static [u8], &'static [u8]> {
-        &mut self.tables[table as usize].1
+    fn table_mut(&mut self, table: Table) -> Result<&mut ByteTable<'txn>, StoreError> {
+        self.table(table)?;
+        self.tables[table as usize].get_mut().ok_or_else(|| StoreError(format!("table {} not open", table.name())))
     }
 }
 
@@ -559,39 +593,54 @@ fn range_rows<T: ReadableTable<&'static [u8], &'static [u8]>>(
 
 impl StateStore for WriteTables<'_> {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.table(table).get(key).map_err(store_err)?.map(|guard| guard.value().to_vec()))
+        Ok(self.table(table)?.get(key).map_err(store_err)?.map(|guard| guard.value().to_vec()))
     }
 
     fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.table_mut(table).insert(key, value).map_err(store_err)?;
+        self.table_mut(table)?.insert(key, value).map_err(store_err)?;
         Ok(())
     }
 
     fn remove(&mut self, table: Table, key: &[u8]) -> Result<(), StoreError> {
-        self.table_mut(table).remove(key).map_err(store_err)?;
+        self.table_mut(table)?.remove(key).map_err(store_err)?;
         Ok(())
     }
 
     fn range(&self, table: Table, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Rows, StoreError> {
-        range_rows(self.table(table), start, end, limit)
+        range_rows(self.table(table)?, start, end, limit)
     }
 }
 
-/// A consistent read-only view of the state machine (one redb read transaction).
+/// A consistent read-only view of the state machine (one redb read transaction). Tables open
+/// on first use: most reads touch one or two of them.
 pub struct ReadView {
-    tables: Vec<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    txn: redb::ReadTransaction,
+    tables: Vec<std::sync::OnceLock<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>>,
     last_applied: Option<LogId<NodeId>>,
 }
 
 impl ReadView {
+    fn new(txn: redb::ReadTransaction, last_applied: Option<LogId<NodeId>>) -> Self {
+        Self { txn, tables: Table::ALL.iter().map(|_| std::sync::OnceLock::new()).collect(), last_applied }
+    }
+
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         self.last_applied
+    }
+
+    fn table(&self, table: Table) -> Result<&redb::ReadOnlyTable<&'static [u8], &'static [u8]>, StoreError> {
+        let cell = &self.tables[table as usize];
+        if let Some(open) = cell.get() {
+            return Ok(open);
+        }
+        let open = self.txn.open_table(table_definition(table)).map_err(store_err)?;
+        Ok(cell.get_or_init(|| open))
     }
 }
 
 impl StateStore for ReadView {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tables[table as usize].get(key).map_err(store_err)?.map(|guard| guard.value().to_vec()))
+        Ok(self.table(table)?.get(key).map_err(store_err)?.map(|guard| guard.value().to_vec()))
     }
 
     fn put(&mut self, table: Table, _key: &[u8], _value: &[u8]) -> Result<(), StoreError> {
@@ -603,7 +652,7 @@ impl StateStore for ReadView {
     }
 
     fn range(&self, table: Table, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Rows, StoreError> {
-        range_rows(&self.tables[table as usize], start, end, limit)
+        range_rows(self.table(table)?, start, end, limit)
     }
 }
 
@@ -632,16 +681,14 @@ impl StateReader {
 
     pub fn view(&self) -> Result<ReadView, StoreError> {
         let txn = self.db.begin_read().map_err(store_err)?;
-        let mut tables = Vec::with_capacity(Table::ALL.len());
-        for table in Table::ALL {
-            tables.push(txn.open_table(table_definition(table)).map_err(store_err)?);
-        }
-        let meta = txn.open_table(SM_META).map_err(store_err)?;
-        let last_applied = match meta.get(KEY_LAST_APPLIED).map_err(store_err)? {
-            Some(guard) => decode(guard.value())?,
-            None => None,
+        let last_applied = {
+            let meta = txn.open_table(SM_META).map_err(store_err)?;
+            match meta.get(KEY_LAST_APPLIED).map_err(store_err)? {
+                Some(guard) => decode(guard.value())?,
+                None => None,
+            }
         };
-        Ok(ReadView { tables, last_applied })
+        Ok(ReadView::new(txn, last_applied))
     }
 
     /// Fires whenever entries were applied; holds the latest revision.
@@ -690,16 +737,11 @@ impl StateMachineStore {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let db = Arc::new(open_database(&data_dir.join("state.redb"), STATE_CACHE_BYTES)?);
         let txn = db.begin_write().map_err(store_err)?;
-        WriteTables::open(&txn)?;
+        WriteTables::create_all(&txn)?;
         txn.open_table(SM_META).map_err(store_err)?;
         txn.commit().map_err(store_err)?;
         let (revision, cluster_id, tokens, clock_ms) = {
-            let txn = db.begin_read().map_err(store_err)?;
-            let mut tables = Vec::new();
-            for table in Table::ALL {
-                tables.push(txn.open_table(table_definition(table)).map_err(store_err)?);
-            }
-            let view = ReadView { tables, last_applied: None };
+            let view = ReadView::new(db.begin_read().map_err(store_err)?, None);
             (
                 schema::current_revision(&view)?,
                 state::cluster_id(&view)?,
@@ -1014,7 +1056,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             EntryPayload::Normal(batch) => batch.proposals.iter().any(|proposal| proposal.command.changes_tokens()),
             _ => false,
         });
-        let results = blocking(move || {
+        let durable = matches!(durability, Durability::Immediate);
+        let work = move || {
             let mut txn = db.begin_write().map_err(io_err)?;
             txn.set_durability(durability).map_err(io_err)?;
             let mut results = Vec::with_capacity(entries.len());
@@ -1047,9 +1090,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
             txn.commit().map_err(io_err)?;
             Ok(results)
-        })
-        .await
-        .map_err(StorageIOError::write_state_machine)?;
+        };
+        // A commit without fsync runs here: it is tens of microseconds of CPU, less than the
+        // two thread hand-offs a blocking task costs. Besides applies (one at a time), only a
+        // snapshot's build (its one durable commit) and install take the state machine's
+        // writer lock, rarely, so this almost never waits for the disk. A durable commit,
+        // which always does, goes to a blocking thread.
+        let results = if durable { blocking(work).await } else { work() };
+        let results = results.map_err(StorageIOError::write_state_machine)?;
         self.publish(tokens_changed).map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
         Ok(results)
     }
@@ -1120,7 +1168,7 @@ fn install_from_file(
     {
         let mut tables = WriteTables::open(&txn).map_err(io_err)?;
         for table in Table::ALL {
-            tables.table_mut(table).retain(|_, _| false).map_err(io_err)?;
+            tables.table_mut(table).map_err(io_err)?.retain(|_, _| false).map_err(io_err)?;
         }
         let mut parser = SnapshotParser::default();
         let mut piece = vec![0u8; SNAPSHOT_READ_BYTES];
