@@ -851,6 +851,11 @@ async fn entries_decided_without_answer(
     mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
     proposed_term: u64,
 ) {
+    // This resolves a confirmation time after the batch went to Raft at the earliest anyway,
+    // so the metrics (which change several times per write, each change a wake-up of every
+    // waiting batch) are watched only from then on: the rare give-up comes at most that much
+    // later, and a batch answered sooner, nearly every one, costs a timer and no wake-ups.
+    tokio::time::sleep(ENTRIES_DECIDED_CONFIRM).await;
     loop {
         if entries_decided(proposed_term, &metrics.borrow_and_update()) {
             tokio::time::sleep(ENTRIES_DECIDED_CONFIRM).await;
@@ -1291,7 +1296,9 @@ impl MetaNode {
     }
 
     async fn count_leader_changes(self, stopping: tokio_util::sync::WaitForCancellationFutureOwned) {
-        let mut metrics = self.raft.metrics();
+        // The server metrics change with the leadership only; the full metrics change several
+        // times per write, and each change would wake this task.
+        let mut metrics = self.raft.server_metrics();
         let mut last = metrics.borrow().current_leader;
         tokio::pin!(stopping);
         loop {
@@ -1333,12 +1340,47 @@ impl MetaNode {
         origin: Origin,
         prepare_age: Option<Age>,
     ) -> Result<LeaderResponse, ApiError> {
-        match self.serve_locally(request.clone(), prepare_age).await {
-            Err(ApiError::NotLeader { leader: Some(leader) }) if !origin.forwarded && leader != self.config.node_id => {
-                self.forward(leader, &request, origin.deadline, prepare_age).await
+        let mut waited = false;
+        loop {
+            // The leader this node knew and could not use, if any: the request waits (once)
+            // for another rather than failing back to the client, which would retry only
+            // after its backoff.
+            let (failed, unusable) = match self.serve_locally(request.clone(), prepare_age).await {
+                Err(ApiError::NotLeader { leader: Some(leader) })
+                    if !origin.forwarded && leader != self.config.node_id =>
+                {
+                    match self.forward(leader, &request, origin.deadline, prepare_age).await {
+                        Err(ApiError::Unavailable(e)) => (ApiError::Unavailable(e), Some(leader)),
+                        other => return other,
+                    }
+                }
+                Err(ApiError::NotLeader { leader: None }) if !origin.forwarded => {
+                    (ApiError::NotLeader { leader: None }, None)
+                }
+                other => return other,
+            };
+            // Trying again is safe: a proposal carries its request id, which the state machine
+            // deduplicates (the client would send the same one again), and the rest are reads.
+            if waited || !self.wait_for_leader_other_than(unusable, origin.deadline).await {
+                return Err(failed);
             }
-            other => other,
+            waited = true;
         }
+    }
+
+    /// Waits until this node knows a leader other than `unusable` (the one a request could not
+    /// reach), for at most the time an election takes after a leader dies (the leader lease,
+    /// an election timeout and a vote, with room for one split vote) and never past
+    /// `deadline`. Whether one appeared. A leader that is only slow does not change, so a
+    /// request to it fails at the bound, as it would have at once.
+    async fn wait_for_leader_other_than(&self, unusable: Option<NodeId>, deadline: Option<Instant>) -> bool {
+        let bound = Duration::from_millis(self.config.election_timeout_max_ms.saturating_mul(4));
+        let until = deadline.map_or(Instant::now() + bound, |deadline| deadline.min(Instant::now() + bound));
+        let mut metrics = self.raft.server_metrics();
+        let changed =
+            metrics.wait_for(|metrics| metrics.current_leader.is_some() && metrics.current_leader != unusable);
+        let appeared = matches!(tokio::time::timeout_at(until.into(), changed).await, Ok(Ok(_)));
+        appeared
     }
 
     /// Sends `request` to the leader in an envelope with a deadline, which the leader checks on
