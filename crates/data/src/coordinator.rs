@@ -65,10 +65,9 @@ const READ_METADATA_RETRY_FOR: Duration = Duration::from_secs(10);
 /// The unit of the node's in-flight budget (`DataConfig::max_inflight_bytes`): a chunk holds
 /// its size in slots, at least one, so many small files can be in flight at once.
 const INFLIGHT_SLOT_BYTES: usize = 64 << 10;
-/// Chunks fetched ahead of the one being streamed to a reader: at least
-/// `READ_AHEAD_CHUNKS_MIN`, and more while they add up to less than `READ_AHEAD_BYTES_MAX`
-/// (small chunks), up to `READ_AHEAD_CHUNKS_MAX`.
-const READ_AHEAD_CHUNKS_MIN: usize = 2;
+/// Chunks a reader fetches ahead of the one it streams: while they add up to less than
+/// `READ_AHEAD_BYTES_MAX` (many if they are small), at most `READ_AHEAD_CHUNKS_MAX`, and only
+/// with room in the node's read-ahead budget (`Coordinator::read_ahead`).
 const READ_AHEAD_CHUNKS_MAX: usize = 64;
 const READ_AHEAD_BYTES_MAX: u64 = 8 << 20;
 /// Data in one segment of an upload, at most: a segment's chunks must all be prepared within
@@ -141,6 +140,9 @@ pub struct Coordinator {
     config: Arc<DataConfig>,
     /// The node's in-flight chunk budget, in slots of `INFLIGHT_SLOT_BYTES`.
     inflight: Arc<tokio::sync::Semaphore>,
+    /// The node's read-ahead budget, the same size in the same slots, apart from the uploads'
+    /// so that neither direction starves the other: chunks readers fetch before they are due.
+    read_ahead: Arc<tokio::sync::Semaphore>,
     /// This node's own chunks, if it is a storage node: its own copies are prepared and read
     /// without a round trip through gRPC to itself.
     local: Option<Arc<LocalChunks>>,
@@ -150,7 +152,13 @@ impl Coordinator {
     pub fn new(node: MetaNode, config: DataConfig, local: Option<Arc<LocalChunks>>) -> Self {
         // Room for at least one whole chunk, or no upload of a big file could ever start.
         let slots = config.max_inflight_bytes.max(config.chunk_size_bytes).div_ceil(INFLIGHT_SLOT_BYTES);
-        Self { node, config: Arc::new(config), inflight: Arc::new(tokio::sync::Semaphore::new(slots)), local }
+        Self {
+            node,
+            config: Arc::new(config),
+            inflight: Arc::new(tokio::sync::Semaphore::new(slots)),
+            read_ahead: Arc::new(tokio::sync::Semaphore::new(slots)),
+            local,
+        }
     }
 
     /// The budget's slots for `bytes` of chunk data.
@@ -996,7 +1004,7 @@ impl Coordinator {
     ) -> Result<(), Status> {
         let mut next_index = first.from_index + first.chunks.len() as u64;
         let mut addresses = self.addresses_for(&first.chunks).await?;
-        let mut listed = first.chunks.into_iter();
+        let mut listed = first.chunks.into_iter().peekable();
         let mut ahead = FuturesOrdered::new();
         let mut ahead_bytes = 0u64;
         // Where the next listed chunk starts in the content.
@@ -1007,10 +1015,9 @@ impl Coordinator {
         let mut unsent = BytesMut::new();
         loop {
             while offset < range.end
-                && (ahead.len() <= READ_AHEAD_CHUNKS_MIN
-                    || (ahead.len() < READ_AHEAD_CHUNKS_MAX && ahead_bytes < READ_AHEAD_BYTES_MAX))
+                && (ahead.is_empty() || (ahead.len() < READ_AHEAD_CHUNKS_MAX && ahead_bytes < READ_AHEAD_BYTES_MAX))
             {
-                let chunk = match listed.next() {
+                let chunk = match listed.peek() {
                     Some(chunk) => chunk,
                     None if next_index < n_chunks => {
                         let page = self.next_page(content, next_index).await?;
@@ -1023,7 +1030,7 @@ impl Coordinator {
                         // A long read may meet copies that repair put on a node added since
                         // it began.
                         addresses = self.addresses_for(&page.chunks).await?;
-                        listed = page.chunks.into_iter();
+                        listed = page.chunks.into_iter().peekable();
                         continue;
                     }
                     None => break,
@@ -1031,8 +1038,22 @@ impl Coordinator {
                 let chunk_start = offset;
                 if chunk_start + chunk.size <= range.start {
                     offset += chunk.size;
+                    listed.next();
                     continue;
                 }
+                // The chunk due next is fetched whatever the budget holds, so every reader
+                // moves on its own and none waits for another's client; the ones after it
+                // only with room in the budget, held until their bytes are handed on.
+                let permit = if ahead.is_empty() {
+                    None
+                } else {
+                    let slots = Self::inflight_slots(chunk.size as usize);
+                    match self.read_ahead.clone().try_acquire_many_owned(slots) {
+                        Ok(permit) => Some(permit),
+                        Err(_) => break,
+                    }
+                };
+                let Some(chunk) = listed.next() else { break };
                 offset += chunk.size;
                 // The part of the chunk inside the range.
                 let keep = (range.start.max(chunk_start) - chunk_start) as usize
@@ -1041,10 +1062,10 @@ impl Coordinator {
                 ahead_bytes += chunk.size;
                 ahead.push_back(async move {
                     let read = self.read_chunk(&chunk.hash, &chunk.replicas, &addresses).await;
-                    (chunk.size, keep, read)
+                    (chunk.size, keep, read, permit)
                 });
             }
-            let Some((size, keep, read)) = ahead.next().await else { break };
+            let Some((size, keep, read, _budget)) = ahead.next().await else { break };
             ahead_bytes -= size;
             let data = read?;
             if keep.end > data.len() {

@@ -51,7 +51,8 @@ pub struct DataConfig {
     /// Chunk bytes this node prepares on replicas at once as a coordinator, across every
     /// upload it serves. The memory they take is about this times three at RF 3 (each chunk
     /// once, shared by its replicas' requests, plus one encoded request per remote replica);
-    /// each upload also holds the one chunk it is filling, and each reader its read-ahead.
+    /// each upload also holds the one chunk it is filling. A budget of the same size, apart,
+    /// bounds what readers fetch ahead; each reader also holds the chunk it is due to send.
     pub max_inflight_bytes: usize,
     /// Content up to this size is written inline: it travels in the commit and is kept in
     /// the metadata, replicated by Raft, instead of being prepared on storage nodes (0: never).

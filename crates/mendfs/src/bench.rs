@@ -792,6 +792,19 @@ async fn bench_kv(
     Ok(mendfs_rows)
 }
 
+/// Starts each node's peak RSS afresh from its current RSS (Linux: `clear_refs` 5), so that
+/// a row's peak is its own and not an earlier row's. Best effort: without it the peaks cover
+/// the run so far, which the printed line then says nothing about, so a failure is reported.
+fn reset_peak_rss(cluster: &Cluster) {
+    for (id, node) in &cluster.nodes {
+        if let Some(pid) = node.pid() {
+            if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
+                eprintln!("note: node {id}'s peak RSS could not be reset ({e}): its per-row peak covers earlier rows");
+            }
+        }
+    }
+}
+
 /// Peak resident set size of a process, from /proc (Linux only).
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -894,14 +907,20 @@ async fn bench_files(
     wait_writable(&client).await?;
     let mut rows = Vec::new();
     report.say(format!(
-        "{:>4} {:>10} {:>8} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}",
-        "op", "size", "clients", "ops/s", "MB/s", "p50 ms", "p99 ms", "ratio", "errors"
+        "{:>4} {:>10} {:>8} {:>10} {:>9} {:>9} {:>9} {:>8} {:>7}  {}",
+        "op", "size", "clients", "ops/s", "MB/s", "p50 ms", "p99 ms", "ratio", "errors", "peak RSS MiB by node"
     ));
     for &size in sizes {
         for &n in clients {
             for op in [FileOp::Put, FileOp::Get] {
+                reset_peak_rss(&cluster);
                 let result = native_files_row(&client, op, size, n, duration).await?;
                 let mut row = Row::measured("mendfs", op.name(), Some(size), n, &result).with_tls(tls);
+                row.node_peak_rss_mib = cluster
+                    .nodes
+                    .iter()
+                    .filter_map(|(id, node)| Some((id.to_string(), node.pid().and_then(peak_rss_kib)? as f64 / 1024.0)))
+                    .collect();
                 let bound = if op == FileOp::Put { disk / 3.0 } else { loopback };
                 row.ratios.insert("over_bound", row.ops_per_sec * size as f64 / bound);
                 rows.push(report.add_row(row, files_line));
@@ -914,8 +933,9 @@ async fn bench_files(
 
 /// A row of `bench files`' table.
 fn files_line(row: &Row) -> String {
+    let rss: Vec<String> = row.node_peak_rss_mib.values().map(|mib| format!("{mib:.0}")).collect();
     format!(
-        "{:>4} {:>10} {:>8} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>8.2} {:>7}",
+        "{:>4} {:>10} {:>8} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>8.2} {:>7}  {}",
         row.op,
         row.size_bytes.unwrap_or_default(),
         row.clients.unwrap_or_default(),
@@ -924,7 +944,8 @@ fn files_line(row: &Row) -> String {
         ms(row.p50_ms),
         ms(row.p99_ms),
         row.ratios.get("over_bound").copied().unwrap_or(f64::NAN),
-        row.errors
+        row.errors,
+        rss.join("/")
     )
 }
 

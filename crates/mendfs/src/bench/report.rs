@@ -124,6 +124,10 @@ pub(super) struct Row {
     /// `mendfs_s3_over_seaweedfs`, `over_bare_write`, `over_first_redundancy` (ec-cluster: MB/s
     /// over the first redundancy's, `replicate` by default).
     pub ratios: BTreeMap<&'static str, f64>,
+    /// Each node's peak RSS during this row alone, in MiB, by node id (`bench files`: the
+    /// kernel's high-water mark is reset before the row).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_peak_rss_mib: BTreeMap<String, f64>,
 }
 
 impl Row {
@@ -148,6 +152,7 @@ impl Row {
             max_ms: Some(load.latency_us.max() as f64 / 1000.0),
             errors: load.errors,
             ratios: BTreeMap::new(),
+            node_peak_rss_mib: BTreeMap::new(),
         }
     }
 
@@ -178,6 +183,7 @@ impl Row {
             max_ms: None,
             errors: 0,
             ratios: BTreeMap::new(),
+            node_peak_rss_mib: BTreeMap::new(),
         }
     }
 
@@ -367,6 +373,7 @@ mod tests {
             max_ms: Some(12.0),
             errors: 0,
             ratios,
+            node_peak_rss_mib: BTreeMap::from([("1".to_string(), 75.25)]),
         });
         report.failover = Some(Failover { count: 2, p50_ms: 300.0, p99_ms: 800.0, max_ms: 800.0 });
         report.nodes.push(NodeMemory { system: "mendfs".into(), node: "1".into(), tls: false, peak_rss_mib: 80.5 });
@@ -404,6 +411,7 @@ mod tests {
         assert_eq!(value["failover"]["count"], 2);
         assert_eq!(value["failover"]["p99_ms"], 800.0);
         assert_eq!(value["nodes"][0]["peak_rss_mib"], 80.5);
+        assert_eq!(value["rows"][0]["node_peak_rss_mib"]["1"], 75.25);
         // Absent measurements are null, not missing: every run of a bench has the same keys.
         assert!(value.as_object().unwrap().contains_key("heal"));
         assert_eq!(value["heal"], serde_json::Value::Null);
