@@ -1115,7 +1115,11 @@ impl MetaNode {
         let raft = Raft::new(
             config.node_id,
             raft_config,
-            NetworkFactory { peers: peers.clone(), durable_log },
+            NetworkFactory {
+                peers: peers.clone(),
+                durable_log,
+                retry_unreachable_every: Duration::from_millis(config.heartbeat_interval_ms),
+            },
             log_store,
             state_machine,
         )
