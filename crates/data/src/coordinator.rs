@@ -1177,6 +1177,12 @@ type PreparesInFlight = FuturesOrdered<PrepareInFlight>;
 /// HTTP/2 window.
 const FORWARD_PIECE_BYTES: usize = 256 << 10;
 
+/// The start of a chunk buffered before its streams open: a chunk that ends within it is
+/// prepared whole, as before streaming (one unary call per replica, no stream set up, and a
+/// repeat costs nothing), which keeps small chunks and a file's tail cheap. The same as a
+/// slice, so that a streamed chunk's buffered start goes out as one.
+const STREAM_AFTER_BYTES: usize = FORWARD_PIECE_BYTES;
+
 /// Slices queued for one replica's stream before forwarding to it waits: a little slack so a
 /// replica's short pauses (an fsync of another chunk) do not stall the upload.
 const REPLICA_QUEUE_PIECES: usize = 4;
@@ -1560,9 +1566,12 @@ impl Coordinator {
     }
 
     /// `write_chunks` for replicated content: each chunk's bytes are forwarded to its replicas
-    /// as they arrive, so no upload holds a chunk (see `forward` for the budget). Content that
-    /// ends within `inline_max_bytes` before a chunk was started is kept inline: only that much
-    /// is buffered before the first chunk's streams open.
+    /// as they arrive, so no upload holds a chunk (see `forward` for the budget). The first
+    /// `STREAM_AFTER_BYTES` of a chunk are buffered before its streams open: a chunk that ends
+    /// within them (small chunks, a file's short tail, content small enough to be inline) is
+    /// prepared whole like before, by its hash with one unary `PrepareChunk` per replica, and a
+    /// repeat among them costs no stream at all. Content that ends within `inline_max_bytes`
+    /// before any chunk started is kept inline.
     async fn write_streamed(
         &self,
         mut source: impl UploadSource,
@@ -1571,44 +1580,60 @@ impl Coordinator {
         list: &mut SegmentedList,
     ) -> Result<(u64, [u8; 32], Option<Vec<u8>>), Status> {
         let chunk_size = self.config.chunk_size_bytes.max(1);
-        let inline_max = self.config.inline_max_bytes.min(chunk_size);
+        // Never above a chunk: a chunk that fits is always buffered whole.
+        let buffered_max = STREAM_AFTER_BYTES.min(chunk_size);
         let forwarding = Forwarding { ring, addresses, write_id: list.write_id, avoid: Arc::default() };
         let window = (PREPARE_BYTES_IN_FLIGHT_MAX / chunk_size)
             .clamp(PREPARE_CHUNKS_IN_FLIGHT_MIN, PREPARE_CHUNKS_IN_FLIGHT_MAX);
         let mut content_hash = blake3::Hasher::new();
         let mut size = 0u64;
-        // The content so far while it may still be inline (nothing streamed yet).
-        let mut small: Option<Vec<u8>> = (inline_max > 0).then(Vec::new);
+        // The start of a chunk whose streams are not open yet.
+        let mut head: Vec<u8> = Vec::new();
         let mut current: Option<ChunkStream> = None;
         let mut in_flight = FuturesOrdered::new();
-        while let Some(data) = source.next_data().await? {
+        while let Some(mut data) = source.next_data().await? {
             content_hash.update(&data);
             size += data.len() as u64;
-            let mut data = data;
-            if let Some(buffer) = &mut small {
-                if buffer.len() + data.len() <= inline_max {
-                    buffer.extend_from_slice(&data);
-                    continue;
-                }
-                // Too big to be inline: what was kept goes first, as the first chunk's start.
-                if !buffer.is_empty() {
-                    let mut kept = BytesMut::with_capacity(buffer.len() + data.len());
-                    kept.extend_from_slice(buffer);
-                    kept.extend_from_slice(&data);
-                    data = kept.freeze();
-                }
-                small = None;
-            }
             while !data.is_empty() {
                 let chunk = match &mut current {
                     Some(chunk) => chunk,
+                    None if chunk_size == buffered_max || head.len() + data.len() <= buffered_max => {
+                        if head.capacity() == 0 {
+                            // Sized for what the source says is left (a small file holds only its
+                            // size), the most a chunk buffers when it cannot say.
+                            let left =
+                                source.remaining_hint().map_or(buffered_max as u64, |left| left + data.len() as u64);
+                            head.reserve_exact(left.min(buffered_max as u64) as usize);
+                        }
+                        let take = (buffered_max - head.len()).min(data.len());
+                        head.extend_from_slice(&data.split_to(take));
+                        if head.len() == chunk_size {
+                            let whole = std::mem::take(&mut head);
+                            self.prepare_next(
+                                list,
+                                &mut in_flight,
+                                &forwarding.ring,
+                                &forwarding.addresses,
+                                Redundancy::Replicate,
+                                whole,
+                            )
+                            .await?;
+                        }
+                        continue;
+                    }
                     None => {
-                        // At most a chunk, or what the source says is left when it knows.
-                        let left = source.remaining_hint().map_or(chunk_size as u64, |left| left + data.len() as u64);
+                        // The chunk is longer than the buffer takes: stream it, its start first.
+                        let left = source
+                            .remaining_hint()
+                            .map_or(chunk_size as u64, |left| left + (head.len() + data.len()) as u64);
                         let declared = left.min(chunk_size as u64) as usize;
                         let index = list.started_chunks;
                         list.chunk_starting();
-                        current.insert(self.open_chunk_stream(&forwarding, index, declared))
+                        let chunk = current.insert(self.open_chunk_stream(&forwarding, index, declared));
+                        if !head.is_empty() {
+                            self.forward(chunk, Bytes::from(std::mem::take(&mut head))).await?;
+                        }
+                        chunk
                     }
                 };
                 let take = (chunk_size - chunk.len).min(data.len());
@@ -1622,13 +1647,24 @@ impl Coordinator {
             }
         }
         let content_hash = *content_hash.finalize().as_bytes();
-        if let Some(buffer) = small.filter(|buffer| !buffer.is_empty()) {
-            list.chunk_starting();
-            list.current.push(CommittedChunk { hash: ChunkHash::of(&buffer), size, replicas: Vec::new() });
-            return Ok((size, content_hash, Some(buffer)));
-        }
         if let Some(last) = current.take().filter(|chunk| chunk.len > 0) {
             in_flight.push_back(self.end_chunk(&forwarding, list, last));
+        } else if !head.is_empty() {
+            // Nothing started yet means the buffer holds the whole content.
+            if list.started_chunks == 0 && head.len() <= self.config.inline_max_bytes {
+                list.chunk_starting();
+                list.current.push(CommittedChunk { hash: ChunkHash::of(&head), size, replicas: Vec::new() });
+                return Ok((size, content_hash, Some(head)));
+            }
+            self.prepare_next(
+                list,
+                &mut in_flight,
+                &forwarding.ring,
+                &forwarding.addresses,
+                Redundancy::Replicate,
+                head,
+            )
+            .await?;
         }
         self.settle(list, &mut in_flight, 0).await?;
         Ok((size, content_hash, None))
