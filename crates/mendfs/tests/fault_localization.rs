@@ -135,10 +135,10 @@ fn a_put_is_one_trace_across_nodes_under_one_root_and_the_metrics_move() {
     assert_eq!(id.len(), 32);
 
     // 4 chunks × 3 replicas: a prepare_chunk hop per replica, naming it, and under each hop to
-    // another node that replica's Storage/PrepareChunkStream span (the coordinator's own copies are
+    // another node that replica's Storage/PrepareChunk span (the coordinator's own copies are
     // written in place, without an RPC to itself).
     let trace = trace_json(&cluster, &endpoint, &id, |t| {
-        spans(t).iter().filter(|s| s["name"] == "Storage/PrepareChunkStream").count() >= 8
+        spans(t).iter().filter(|s| s["name"] == "Storage/PrepareChunk").count() >= 8
             && spans(t).iter().filter(|s| s["name"] == "prepare_chunk").count() >= 12
             && spans(t).iter().any(|s| s["name"] == "Files/Put")
     });
@@ -154,7 +154,7 @@ fn a_put_is_one_trace_across_nodes_under_one_root_and_the_metrics_move() {
     // that very node, and each hop under the put.
     let by_id: BTreeMap<&str, &Value> = all.iter().map(|s| (s["span_id"].as_str().unwrap(), s)).collect();
     let parent_of = |span: &Value| by_id.get(span["parent"].as_str().unwrap_or("")).copied();
-    for server in all.iter().filter(|s| s["name"] == "Storage/PrepareChunkStream") {
+    for server in all.iter().filter(|s| s["name"] == "Storage/PrepareChunk") {
         let hop = parent_of(server).expect("a replica span has its hop as parent");
         assert_eq!(hop["name"], "prepare_chunk");
         assert_eq!(hop["node"], coordinator);
@@ -169,7 +169,7 @@ fn a_put_is_one_trace_across_nodes_under_one_root_and_the_metrics_move() {
     let hops_to_self = all.iter().filter(|s| s["name"] == "prepare_chunk" && s["attributes"]["peer"] == own.as_str());
     assert_eq!(hops_to_self.count(), 4, "one local copy per chunk: {trace}");
     assert!(
-        !all.iter().any(|s| s["name"] == "Storage/PrepareChunkStream" && s["node"] == coordinator),
+        !all.iter().any(|s| s["name"] == "Storage/PrepareChunk" && s["node"] == coordinator),
         "no RPC to itself: {trace}"
     );
     // The commit went to the leader: its forward is in the trace too, on the leader.
