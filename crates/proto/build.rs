@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // shared (not copied) by the requests that send one chunk to each of its replicas.
     tonic_prost_build::configure()
         .bytes(".mendfs.v1.PrepareChunkRequest.data")
+        .bytes(".mendfs.v1.PrepareChunkPiece.data")
         .bytes(".mendfs.v1.ReadChunkReply.data")
         .bytes(".mendfs.v1.GetFileReply.data")
         .compile_protos(&PROTOS, &["proto"])?;

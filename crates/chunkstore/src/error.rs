@@ -32,6 +32,10 @@ pub enum ChunkError {
     #[error("chunk of {len} bytes is larger than the maximum of {max} bytes")]
     TooLarge { len: usize, max: usize },
 
+    /// A streamed chunk brought more bytes than its writer declared. Nothing was written.
+    #[error("chunk stream declared at most {declared} bytes but {actual} arrived")]
+    SizeMismatch { declared: u64, actual: u64 },
+
     /// Any other error the operating system reported; `context` says what the store was doing.
     #[error("{context}")]
     Io {

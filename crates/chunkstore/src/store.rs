@@ -83,6 +83,63 @@ enum ExistingCopy {
     },
 }
 
+/// A chunk being written piece by piece (see [`ChunkStore::begin`]): its temp file and the hash
+/// of what was written so far. Blocking I/O; removes its temp file when dropped unless
+/// [`ChunkStore::finish`] renamed it into place.
+#[derive(Debug)]
+pub struct ChunkWriter {
+    file: Option<File>,
+    temp_path: PathBuf,
+    hasher: blake3::Hasher,
+    declared: u64,
+    written: u64,
+    /// An injected full disk (chaos tests), read when the chunk began: every write then fails
+    /// as ENOSPC would.
+    full_disk_injected: bool,
+    renamed: bool,
+}
+
+impl ChunkWriter {
+    /// Appends the next piece. More bytes than declared are refused (`SizeMismatch`), and the
+    /// writer is then of no further use: the caller drops it.
+    pub fn write(&mut self, piece: &[u8]) -> Result<(), ChunkError> {
+        let after = self.written + piece.len() as u64;
+        if after > self.declared {
+            return Err(ChunkError::SizeMismatch { declared: self.declared, actual: after });
+        }
+        let Some(file) = self.file.as_mut() else {
+            return Err(ChunkError::Io {
+                context: format!("temp file {} was already closed", self.temp_path.display()),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        };
+        let written = if self.full_disk_injected {
+            Err(io::Error::from(io::ErrorKind::StorageFull))
+        } else {
+            file.write_all(piece)
+        };
+        written.map_err(|e| ChunkError::from_io(e, "writing temp file", &self.temp_path))?;
+        self.hasher.update(piece);
+        self.written = after;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+}
+
+impl Drop for ChunkWriter {
+    fn drop(&mut self) {
+        drop(self.file.take());
+        if !self.renamed {
+            // A failed removal is left to the next open, which empties tmp/.
+            let _ = fs::remove_file(&self.temp_path);
+        }
+    }
+}
+
 /// What [`ChunkStore::quarantine`] did with the copy at a chunk's path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use = "a copy found good is still a good replica: the caller must not report it bad"]
@@ -246,6 +303,112 @@ impl ChunkStore {
         // fsync the directory: the rename is only a change to the directory, and until the
         // directory is on disk a crash can undo it, losing a chunk we are about to acknowledge.
         self.sync_leaf_dir(&final_path)
+    }
+
+    /// Starts a chunk whose bytes arrive in pieces and whose hash is known only at their end (a
+    /// streamed prepare): a temp file in `root/tmp` that [`ChunkWriter::write`] fills while
+    /// hashing, and [`ChunkStore::finish`] checks, makes durable and renames into place. At most
+    /// `declared` bytes are taken, and `declared` itself must be within `max_chunk_bytes`.
+    /// Dropping the writer unfinished removes the temp file, so a stream that ends early or
+    /// fails leaves nothing behind (a crash leaves it to the next open, which empties tmp/).
+    pub fn begin(&self, declared: u64) -> Result<ChunkWriter, ChunkError> {
+        if declared > self.max_chunk_bytes as u64 {
+            let len = usize::try_from(declared).unwrap_or(usize::MAX);
+            return Err(ChunkError::TooLarge { len, max: self.max_chunk_bytes });
+        }
+        let counter = self.temp_file_counter.fetch_add(1, Ordering::Relaxed);
+        let temp_path = self.tmp_dir.join(format!("stream.{}.{counter}.tmp", std::process::id()));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp_path)
+            .map_err(|e| ChunkError::from_io(e, "creating temp file", &temp_path))?;
+        Ok(ChunkWriter {
+            file: Some(file),
+            temp_path,
+            hasher: blake3::Hasher::new(),
+            declared,
+            written: 0,
+            full_disk_injected: self.faults.as_ref().is_some_and(|faults| faults.chunk_store_full()),
+            renamed: false,
+        })
+    }
+
+    /// Ends a streamed chunk: the bytes must hash to `expected`, else nothing is kept
+    /// (`HashMismatch`). Durable when it returns, like `put`:
+    /// the temp file is fsynced, renamed into place (over a corrupt copy) and the chunk's
+    /// directory fsynced; if a good copy is already there, the temp file is discarded and that
+    /// copy made durable instead. The caller protects the chunk from collection first, as for
+    /// `put`.
+    pub fn finish(&self, mut writer: ChunkWriter, expected: &ChunkHash) -> Result<(), ChunkError> {
+        let actual = ChunkHash::from_bytes(*writer.hasher.finalize().as_bytes());
+        if actual != *expected {
+            return Err(ChunkError::HashMismatch { expected: expected.to_hex(), actual: actual.to_hex() });
+        }
+        let Some(file) = writer.file.take() else {
+            return Err(ChunkError::Io {
+                context: format!("temp file {} was already closed", writer.temp_path.display()),
+                source: io::Error::from(io::ErrorKind::NotFound),
+            });
+        };
+        // fsync before the rename: otherwise the rename can reach the disk before the data does,
+        // and a crash leaves the chunk's name over empty or partial contents. Done before taking
+        // the hash lock, so the slowest step does not hold up other chunks that share the lock.
+        file.sync_all().map_err(|e| ChunkError::from_io(e, "syncing temp file", &writer.temp_path))?;
+        drop(file);
+
+        let final_path = self.path_of(expected);
+        let _hash_guard = self.lock_hash(expected);
+        self.delay_injected();
+        self.ensure_leaf_dir(expected)?;
+        let replaced_len = match chunk_file_len(&final_path)? {
+            None if final_path.symlink_metadata().is_ok() => {
+                return Err(ChunkError::Io {
+                    context: format!("something other than a chunk file is in the way at {}", final_path.display()),
+                    source: io::Error::from(io::ErrorKind::AlreadyExists),
+                });
+            }
+            None => None,
+            Some(len) => {
+                // A copy that re-hashes to its name is kept and the new bytes dropped (the writer's
+                // Drop removes them); any other is replaced by the rename below.
+                let good = len == writer.written
+                    && File::open(&final_path).and_then(|mut copy| hash_of_reader(&mut copy)).ok() == Some(*expected);
+                if good {
+                    // fsync the copy and its directory even though nothing is written: it may have
+                    // been renamed into place by a put that failed or crashed before its directory
+                    // fsync, and this chunk is about to be acknowledged.
+                    let copy =
+                        File::open(&final_path).map_err(|e| ChunkError::from_io(e, "opening chunk", &final_path))?;
+                    copy.sync_all().map_err(|e| ChunkError::from_io(e, "syncing existing chunk", &final_path))?;
+                    return self.sync_leaf_dir(&final_path);
+                }
+                Some(len)
+            }
+        };
+        // tmp/ and chunks/ are on one filesystem (both under root), so this is atomic, and it
+        // replaces a corrupt copy in the same step.
+        fs::rename(&writer.temp_path, &final_path)
+            .map_err(|e| ChunkError::from_io(e, "renaming temp file to", &final_path))?;
+        writer.renamed = true;
+        match replaced_len {
+            None => {
+                self.chunk_count.fetch_add(1, Ordering::Relaxed);
+                self.chunk_bytes.fetch_add(writer.written, Ordering::Relaxed);
+            }
+            Some(old_len) => {
+                self.chunk_bytes.fetch_add(writer.written, Ordering::Relaxed);
+                saturating_sub(&self.chunk_bytes, old_len);
+            }
+        }
+        // fsync the directory: the rename is only a change to the directory, and until the
+        // directory is on disk a crash can undo it, losing a chunk about to be acknowledged.
+        self.sync_leaf_dir(&final_path)
+    }
+
+    /// The largest chunk this store takes.
+    pub fn max_chunk_bytes(&self) -> usize {
+        self.max_chunk_bytes
     }
 
     /// Reads a chunk and checks that its bytes hash to its name. `Corrupt` if they do not: the

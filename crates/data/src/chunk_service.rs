@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mendfs_chunkstore::{ChunkError, ChunkHash, ChunkStore, QuarantineOutcome};
+use mendfs_chunkstore::{ChunkError, ChunkHash, ChunkStore, ChunkWriter, QuarantineOutcome};
 use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::storage_server::Storage;
 use tonic::{Request, Response, Status};
@@ -118,18 +118,21 @@ impl LocalChunks {
         self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Protects `hash` from collection for `grace` (and the skew allowance) from now.
+    fn mark_pending(&self, hash: &ChunkHash, grace: Duration) {
+        let mut pending = self.pending();
+        let now = Instant::now();
+        if pending.len() >= PENDING_SWEEP_LEN {
+            pending.retain(|_, until| *until > now);
+        }
+        let until = now + skew_allowance(grace);
+        let entry = pending.entry(*hash).or_insert(until);
+        *entry = (*entry).max(until);
+    }
+
     /// Stores a chunk for a write, durably, protected from collection for `grace`.
     pub fn prepare(&self, hash: &ChunkHash, data: &[u8], grace: Duration) -> Result<(), ChunkError> {
-        {
-            let mut pending = self.pending();
-            let now = Instant::now();
-            if pending.len() >= PENDING_SWEEP_LEN {
-                pending.retain(|_, until| *until > now);
-            }
-            let until = now + skew_allowance(grace);
-            let entry = pending.entry(*hash).or_insert(until);
-            *entry = (*entry).max(until);
-        }
+        self.mark_pending(hash, grace);
         // Presence is enough here: it only decides whether the put adds bytes. Over a corrupt
         // copy of another length the estimate is off by the difference, as `stats` already is.
         let reserved = match self.capacity_bytes {
@@ -153,6 +156,37 @@ impl LocalChunks {
             self.counters.count_error(e);
         }
         result
+    }
+
+    /// Starts a chunk whose bytes arrive in pieces (a streamed prepare) and whose hash is known
+    /// only at the end: `declared` bytes, counted against the capacity cap from now until the
+    /// chunk is finished or dropped (whether the chunk is already here is unknown until its
+    /// hash is, so a node at its cap refuses even a chunk it has). Blocking: creates the temp
+    /// file.
+    pub fn begin_streamed(self: &Arc<Self>, declared: u64) -> Result<StreamedChunk, ChunkError> {
+        let reserved = match self.capacity_bytes {
+            Some(capacity) => {
+                let mut reserved = self.reserved_bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                if self.store.stats().chunk_bytes + *reserved + declared > capacity {
+                    let error = ChunkError::DiskFull { path: self.store.chunks_dir().to_path_buf() };
+                    self.counters.count_error(&error);
+                    return Err(error);
+                }
+                *reserved += declared;
+                declared
+            }
+            None => 0,
+        };
+        // Built before the writer, so that a failure to begin gives the reservation back.
+        let mut chunk = StreamedChunk { local: self.clone(), writer: None, reserved };
+        match self.store.begin(declared) {
+            Ok(writer) => chunk.writer = Some(writer),
+            Err(error) => {
+                self.counters.count_error(&error);
+                return Err(error);
+            }
+        }
+        Ok(chunk)
     }
 
     /// Protects a chunk from collection for `grace` and says whether a good copy is already here.
@@ -250,13 +284,155 @@ impl LocalChunks {
     }
 }
 
+/// A chunk being streamed into this node's store ([`LocalChunks::begin_streamed`]). Dropped
+/// unfinished, it leaves nothing behind: the temp file is removed and the capacity reservation
+/// given back.
+pub struct StreamedChunk {
+    local: Arc<LocalChunks>,
+    writer: Option<ChunkWriter>,
+    reserved: u64,
+}
+
+impl StreamedChunk {
+    /// Appends the next piece: written to the temp file and hashed. Blocking.
+    pub fn write(&mut self, piece: &[u8]) -> Result<(), ChunkError> {
+        let result = match self.writer.as_mut() {
+            Some(writer) => writer.write(piece),
+            None => Err(ChunkError::Io {
+                context: "the streamed chunk was already finished".to_string(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }),
+        };
+        if let Err(error) = &result {
+            self.local.counters.count_error(error);
+        }
+        result
+    }
+
+    /// Ends the chunk as `hash`: protects it from collection for `grace` first (so a copy
+    /// already here cannot be collected between "it is here" and the commit that lists it, as
+    /// for `prepare`), then checks size and hash and stores it durably (or keeps the good copy
+    /// already here). Blocking.
+    pub fn finish(mut self, hash: &ChunkHash, grace: Duration) -> Result<(), ChunkError> {
+        self.local.mark_pending(hash, grace);
+        let result = match self.writer.take() {
+            Some(writer) => self.local.store.finish(writer, hash),
+            None => Err(ChunkError::Io {
+                context: "the streamed chunk was already finished".to_string(),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }),
+        };
+        if let Err(error) = &result {
+            self.local.counters.count_error(error);
+        }
+        result
+    }
+
+    /// Bytes taken so far.
+    pub fn written(&self) -> u64 {
+        self.writer.as_ref().map_or(0, ChunkWriter::written)
+    }
+}
+
+impl Drop for StreamedChunk {
+    fn drop(&mut self) {
+        // The writer goes first (removing its temp file unless it was renamed into place).
+        drop(self.writer.take());
+        if self.reserved > 0 {
+            let mut total = self.local.reserved_bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            *total = total.saturating_sub(self.reserved);
+        }
+    }
+}
+
+/// The longest a replica waits for a streamed chunk to end when the writer's grace period is
+/// shorter: a chunk older than the grace period can no longer be committed, so waiting longer
+/// only keeps a temp file open; but a grace period of a few hundred milliseconds (tests) must
+/// not fail a chunk that a busy machine streams a little slower.
+const STREAM_DEADLINE_MIN: Duration = Duration::from_secs(30);
+
+/// The work behind `PrepareChunkStream`: a header, data pieces, the hash. The pieces go to a
+/// temp file as they arrive (hashed as they go, off the async workers); the chunk is stored and
+/// protected only once its final message names the hash its bytes have. A stream that ends
+/// without it, breaks, carries more than it declared or outlives its deadline (the writer's
+/// grace period, at least `STREAM_DEADLINE_MIN`) leaves nothing behind.
+pub async fn prepare_streamed<S>(state: &Arc<LocalChunks>, mut pieces: S) -> Result<(), Status>
+where
+    S: futures::Stream<Item = Result<pb::PrepareChunkPiece, Status>> + Unpin,
+{
+    use futures::StreamExt;
+    let first = match pieces.next().await {
+        Some(Ok(first)) => first,
+        Some(Err(status)) => return Err(Status::aborted(format!("chunk stream broke: {}", status.message()))),
+        None => return Err(Status::invalid_argument("a chunk stream starts with a header")),
+    };
+    let Some(header) = first.header.clone() else {
+        return Err(Status::invalid_argument("a chunk stream starts with a header"));
+    };
+    let max = state.store.max_chunk_bytes() as u64;
+    if header.size > max {
+        return Err(Status::invalid_argument(format!(
+            "a chunk of {} bytes is larger than this node's largest of {max}",
+            header.size
+        )));
+    }
+    let grace = Duration::from_millis(header.grace_ms);
+    let deadline = grace.max(STREAM_DEADLINE_MIN);
+    let receiving = async {
+        let starting = state.clone();
+        let mut chunk = tokio::task::spawn_blocking(move || starting.begin_streamed(header.size))
+            .await
+            .map_err(|e| Status::internal(format!("chunk stream task: {e}")))?
+            .map_err(chunk_status)?;
+        let mut piece = first;
+        loop {
+            if !piece.data.is_empty() {
+                let data = std::mem::take(&mut piece.data);
+                chunk = tokio::task::spawn_blocking(move || chunk.write(&data).map(|()| chunk))
+                    .await
+                    .map_err(|e| Status::internal(format!("chunk stream task: {e}")))?
+                    .map_err(chunk_status)?;
+            }
+            if !piece.hash.is_empty() {
+                let hash = parse_hash(&piece.hash)?;
+                return tokio::task::spawn_blocking(move || chunk.finish(&hash, grace))
+                    .await
+                    .map_err(|e| Status::internal(format!("chunk stream task: {e}")))?
+                    .map_err(chunk_status);
+            }
+            piece = match pieces.next().await {
+                Some(Ok(piece)) if piece.header.is_none() => piece,
+                Some(Ok(_)) => return Err(Status::invalid_argument("only a chunk stream's first message is a header")),
+                Some(Err(status)) => {
+                    return Err(Status::aborted(format!(
+                        "chunk stream broke after {} bytes: {}",
+                        chunk.written(),
+                        status.message()
+                    )))
+                }
+                None => {
+                    return Err(Status::aborted(format!(
+                        "chunk stream ended after {} bytes without its hash; nothing was kept",
+                        chunk.written()
+                    )))
+                }
+            };
+        }
+    };
+    tokio::time::timeout(deadline, receiving).await.map_err(|_| {
+        Status::deadline_exceeded(format!("chunk stream did not end within {deadline:?}; nothing was kept"))
+    })?
+}
+
 /// A chunk operation's error as a gRPC answer: `NotFound` and `DataLoss` tell a reader to try
 /// another replica and report this one.
 pub(crate) fn chunk_status(error: ChunkError) -> Status {
     match error {
         ChunkError::NotFound(_) => Status::not_found(error.to_string()),
         ChunkError::Corrupt { .. } => Status::data_loss(error.to_string()),
-        ChunkError::HashMismatch { .. } | ChunkError::TooLarge { .. } => Status::invalid_argument(error.to_string()),
+        ChunkError::HashMismatch { .. } | ChunkError::TooLarge { .. } | ChunkError::SizeMismatch { .. } => {
+            Status::invalid_argument(error.to_string())
+        }
         ChunkError::DiskFull { .. } => Status::resource_exhausted(error.to_string()),
         other => Status::internal(other.to_string()),
     }
@@ -308,6 +484,14 @@ impl Storage for ChunkService {
             .await
             .map_err(|e| Status::internal(format!("prepare task: {e}")))?
             .map_err(chunk_status)?;
+        Ok(Response::new(pb::PrepareChunkReply {}))
+    }
+
+    async fn prepare_chunk_stream(
+        &self,
+        request: Request<tonic::Streaming<pb::PrepareChunkPiece>>,
+    ) -> Result<Response<pb::PrepareChunkReply>, Status> {
+        prepare_streamed(&self.state, request.into_inner()).await?;
         Ok(Response::new(pb::PrepareChunkReply {}))
     }
 
@@ -696,6 +880,157 @@ mod tests {
         assert_eq!(local.quarantine_corrupt_copy(&hash), CopyAfterQuarantine::Good);
         assert_eq!(local.read(&hash).expect("still served"), data);
         assert!(quarantined(&dir).is_empty());
+    }
+
+    fn header(size: u64) -> pb::PrepareChunkPiece {
+        pb::PrepareChunkPiece {
+            header: Some(pb::PrepareChunkHeader { write_id: vec![7; 16], grace_ms: 60_000, size }),
+            ..Default::default()
+        }
+    }
+
+    fn data(bytes: &[u8]) -> pb::PrepareChunkPiece {
+        pb::PrepareChunkPiece { data: bytes::Bytes::copy_from_slice(bytes), ..Default::default() }
+    }
+
+    fn end(hash: &ChunkHash) -> pb::PrepareChunkPiece {
+        pb::PrepareChunkPiece { hash: hash.to_vec(), ..Default::default() }
+    }
+
+    async fn stream_in(
+        local: &Arc<LocalChunks>,
+        pieces: Vec<Result<pb::PrepareChunkPiece, Status>>,
+    ) -> Result<(), Status> {
+        prepare_streamed(local, futures::stream::iter(pieces)).await
+    }
+
+    fn tmp_is_empty(dir: &tempfile::TempDir) -> bool {
+        std::fs::read_dir(dir.path().join("tmp")).expect("tmp dir").next().is_none()
+    }
+
+    /// A chunk in three pieces, as the coordinator forwards them.
+    fn pieces_of(chunk: &[u8]) -> Vec<Result<pb::PrepareChunkPiece, Status>> {
+        let mut pieces = vec![Ok(header(chunk.len() as u64))];
+        pieces.extend(chunk.chunks(chunk.len().div_ceil(3)).map(|piece| Ok(data(piece))));
+        pieces.push(Ok(end(&ChunkHash::of(chunk))));
+        pieces
+    }
+
+    #[tokio::test]
+    async fn a_streamed_chunk_is_stored_verified_and_protected() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let chunk: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let hash = ChunkHash::of(&chunk);
+        stream_in(&local, pieces_of(&chunk)).await.expect("stored");
+        assert_eq!(local.store.get(&hash).expect("stored"), chunk);
+        assert_eq!(local.store.stats().chunk_bytes, chunk.len() as u64);
+        assert!(!local.is_collectable(&hash), "protected until its commit");
+        assert!(tmp_is_empty(&dir));
+        // A header that already carries data, and an end that carries the rest, are fine too;
+        // a declared size is a maximum, not the exact size.
+        let small = b"first and last".to_vec();
+        let (head, tail) = small.split_at(5);
+        let mut first = header(1000);
+        first.data = bytes::Bytes::copy_from_slice(head);
+        let mut last = end(&ChunkHash::of(&small));
+        last.data = bytes::Bytes::copy_from_slice(tail);
+        stream_in(&local, vec![Ok(first), Ok(last)]).await.expect("stored");
+        assert_eq!(local.store.get(&ChunkHash::of(&small)).expect("stored"), small);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_chunk_whose_bytes_do_not_hash_to_its_name_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let chunk = vec![5u8; 10_000];
+        let mut pieces = pieces_of(&chunk);
+        let claimed = ChunkHash::of(b"other bytes");
+        *pieces.last_mut().expect("end") = Ok(end(&claimed));
+        let error = stream_in(&local, pieces).await.expect_err("refused");
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error}");
+        assert!(!local.store.contains(&claimed) && !local.store.contains(&ChunkHash::of(&chunk)));
+        assert!(tmp_is_empty(&dir), "the temp file is gone");
+        assert_eq!(local.store.stats().chunk_count, 0);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_chunk_longer_than_declared_or_than_the_largest_chunk_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let chunk = vec![9u8; 3_000];
+        let mut pieces = pieces_of(&chunk);
+        pieces[0] = Ok(header(2_999));
+        let error = stream_in(&local, pieces).await.expect_err("refused");
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error}");
+        assert!(error.message().contains("2999"), "{error}");
+        assert!(tmp_is_empty(&dir) && !local.store.contains(&ChunkHash::of(&chunk)));
+        // The store of `local_chunks` takes chunks of at most 1 MiB.
+        let error = stream_in(&local, vec![Ok(header((1 << 20) + 1))]).await.expect_err("too large");
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error}");
+        assert!(tmp_is_empty(&dir));
+        // No header first, or a second header: refused.
+        let error = stream_in(&local, vec![Ok(data(b"x"))]).await.expect_err("no header");
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error}");
+        let error = stream_in(&local, vec![Ok(header(10)), Ok(header(10))]).await.expect_err("two headers");
+        assert_eq!(error.code(), tonic::Code::InvalidArgument, "{error}");
+        assert!(tmp_is_empty(&dir));
+    }
+
+    #[tokio::test]
+    async fn a_streamed_chunk_that_ends_early_or_breaks_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let local = local_chunks(&dir);
+        let chunk = vec![3u8; 30_000];
+        let mut ended_early = pieces_of(&chunk);
+        ended_early.pop();
+        let error = stream_in(&local, ended_early).await.expect_err("no hash");
+        assert_eq!(error.code(), tonic::Code::Aborted, "{error}");
+        let mut broken = pieces_of(&chunk);
+        broken.insert(2, Err(Status::unavailable("connection reset")));
+        let error = stream_in(&local, broken).await.expect_err("broken");
+        assert_eq!(error.code(), tonic::Code::Aborted, "{error}");
+        assert!(tmp_is_empty(&dir));
+        assert!(!local.store.contains(&ChunkHash::of(&chunk)));
+        assert_eq!(local.store.stats(), Default::default());
+    }
+
+    #[tokio::test]
+    async fn a_streamed_chunk_already_here_keeps_the_copy_and_still_takes_the_claim() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ChunkStore::open(dir.path(), 1 << 20).expect("open store");
+        let chunk = vec![1u8; 50_000];
+        let hash = ChunkHash::of(&chunk);
+        store.put(&hash, &chunk).expect("put");
+        // A node long past its start: only a claim protects the chunk.
+        let local = Arc::new(LocalChunks {
+            protected_until: Instant::now(),
+            ..LocalChunks::new(Arc::new(store), Duration::ZERO, None)
+        });
+        assert!(local.is_collectable(&hash));
+        stream_in(&local, pieces_of(&chunk)).await.expect("already here");
+        assert!(!local.is_collectable(&hash), "claimed for the commit");
+        assert_eq!(local.store.stats().chunk_count, 1, "counted once");
+        assert_eq!(local.store.get(&hash).expect("kept"), chunk);
+        assert!(tmp_is_empty(&dir), "the streamed bytes were discarded");
+        // Over a corrupt copy of the same length, the streamed bytes replace it.
+        std::fs::write(local.store.path_of(&hash), vec![2u8; 50_000]).expect("corrupt");
+        stream_in(&local, pieces_of(&chunk)).await.expect("replaced");
+        assert_eq!(local.store.get(&hash).expect("good again"), chunk);
+        assert_eq!(local.store.stats().chunk_bytes, 50_000);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_chunk_counts_against_the_capacity_until_it_ends() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ChunkStore::open(dir.path(), 1 << 20).expect("open store");
+        let local = Arc::new(LocalChunks::new(Arc::new(store), GRACE, Some(100_000)));
+        let open = local.begin_streamed(80_000).expect("room");
+        let error = local.begin_streamed(30_000).map(drop).expect_err("over the cap while the first is open");
+        assert!(matches!(error, ChunkError::DiskFull { .. }), "{error}");
+        drop(open);
+        local.begin_streamed(30_000).expect("room again once the first is dropped");
+        assert!(tmp_is_empty(&dir));
     }
 
     /// An ec:4+2 stripe of a 1000-byte chunk: its shards and their hashes.

@@ -1,8 +1,10 @@
 //! The `Files` service: two-phase writes, verified reads, and the file namespace calls.
 //!
-//! Write: the upload is cut into chunks; each chunk is prepared on `replication_factor` nodes
-//! chosen by the ring (fsynced there before they answer); a node that fails is replaced by the
-//! ring's next choice (the commit records where the copies really are, so a write survives a
+//! Write: the upload is cut into chunks; each chunk's bytes are forwarded, as they arrive, to
+//! `replication_factor` nodes chosen by the ring for a key of the write and the chunk's index
+//! (fsynced there once the chunk's hash, sent last, checks out); a node that fails is made up
+//! by copying from a survivor to the ring's next choice (erasure-coded chunks are buffered
+//! whole, encoded, and a failed shard's node replaced) (the commit records where the copies really are, so a write survives a
 //! dead replica without losing redundancy). Only when every chunk has all its copies does one
 //! Raft entry commit the file. A big file's chunk list goes to the metadata a segment at a time
 //! as its chunks are prepared (each segment staged by its own bounded entry), and the commit
@@ -23,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use mendfs_erasure::Scheme;
 use mendfs_heal::detector::Liveness;
 use mendfs_heal::planner::ClusterView;
@@ -873,7 +875,9 @@ impl Coordinator {
     /// Prepares the chunks of everything `source` yields and stages the full segments;
     /// returns the size and the BLAKE3 of the content, and the content itself if it is small
     /// enough to be kept inline in the metadata (`DataConfig::inline_max_bytes`): then it is
-    /// the list's one chunk, prepared nowhere. A chunk takes its share of the node's
+    /// the list's one chunk, prepared nowhere. Replicated content is streamed to its replicas
+    /// (`write_streamed`); what follows is the erasure-coded path, which needs each chunk whole
+    /// to encode it. A chunk takes its share of the node's
     /// in-flight budget once it is whole, and holds it until its replicas have it. Never while
     /// it is being filled: an upload that held budget while it waited for its client's data
     /// could wait forever, since uploads on one HTTP/2 connection share its flow-control
@@ -887,6 +891,9 @@ impl Coordinator {
         redundancy: Redundancy,
         list: &mut SegmentedList,
     ) -> Result<(u64, [u8; 32], Option<Vec<u8>>), Status> {
+        if !matches!(redundancy, Redundancy::Erasure(_)) {
+            return self.write_streamed(source, ring, addresses, list).await;
+        }
         let chunk_size = self.config.chunk_size_bytes;
         let mut content_hash = blake3::Hasher::new();
         let mut size = 0u64;
@@ -1182,7 +1189,508 @@ impl std::fmt::Display for ContentRef {
     }
 }
 
-type PreparesInFlight = FuturesOrdered<Pin<Box<dyn std::future::Future<Output = Result<Prepared, Status>> + Send>>>;
+type PrepareInFlight = Pin<Box<dyn std::future::Future<Output = Result<Prepared, Status>> + Send>>;
+type PreparesInFlight = FuturesOrdered<PrepareInFlight>;
+
+/// Client bytes forwarded to a replica's stream at a time: a client message (1 MiB) is cut
+/// into slices of this size (sharing its buffer, no copy), so the budget is charged and given
+/// back in small steps and each remote stream's encoder holds at most one slice beside its
+/// HTTP/2 window.
+const FORWARD_PIECE_BYTES: usize = 256 << 10;
+
+/// The start of a chunk buffered before its streams open: a chunk that ends within it is
+/// prepared whole, as before streaming (one unary call per replica, no stream set up, and a
+/// repeat costs nothing), which keeps small chunks and a file's tail cheap. The same as a
+/// slice, so that a streamed chunk's buffered start goes out as one.
+const STREAM_AFTER_BYTES: usize = FORWARD_PIECE_BYTES;
+
+/// Slices queued for one replica's stream before forwarding to it waits: a little slack so a
+/// replica's short pauses (an fsync of another chunk) do not stall the upload.
+const REPLICA_QUEUE_PIECES: usize = 4;
+
+/// A message on its way to one replica's chunk stream.
+enum ToReplica {
+    /// A slice of the chunk, with its share of the node's in-flight budget: given back once
+    /// every replica's stream has taken the slice (the last clone of the permit drops).
+    Data(Bytes, Arc<tokio::sync::OwnedSemaphorePermit>),
+    /// The chunk's bytes are complete: its hash, which the replica checks before it keeps it.
+    End(ChunkHash),
+}
+
+/// One replica's stream of the chunk being forwarded: a gRPC `PrepareChunkStream` call, or a
+/// writer into this node's own store, fed through a short queue by the upload.
+struct ReplicaStream {
+    id: NodeId,
+    /// None once the replica failed or was sent the end.
+    tx: Option<mpsc::Sender<ToReplica>>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+    /// Why the coordinator gave up on this replica mid-stream.
+    failed: Option<String>,
+    span: tracing::Span,
+}
+
+impl ReplicaStream {
+    fn fail(&mut self, why: String) {
+        if self.failed.is_none() {
+            tracing::warn!(node = self.id, "chunk stream to a replica failed: {why}");
+            self.span.record("error", format!("node {}: {why}", self.id));
+            self.failed = Some(why);
+        }
+        self.tx = None;
+    }
+
+    /// Sends `message`, waiting at most `timeout` for room: a replica that takes nothing for
+    /// that long (stalled, SIGSTOPped, partitioned) is given up.
+    async fn send(&mut self, message: ToReplica, timeout: Duration) {
+        let Some(tx) = &self.tx else { return };
+        match tokio::time::timeout(timeout, tx.send(message)).await {
+            Ok(Ok(())) => {}
+            // The call ended early; its task says why (taken when the chunk ends).
+            Ok(Err(_)) => self.fail("the replica's stream ended early".to_string()),
+            Err(_) => self.fail(format!("took no data for {timeout:?}")),
+        }
+    }
+}
+
+/// The chunk an upload is forwarding: its replicas' streams, its length and running hash.
+struct ChunkStream {
+    /// Every eligible node in ring order for `key`: the first RF were streamed to, the rest
+    /// stand in for any that fail.
+    candidates: Vec<NodeId>,
+    replicas: Vec<ReplicaStream>,
+    hasher: blake3::Hasher,
+    len: usize,
+}
+
+impl ChunkStream {
+    fn errors(&self) -> Vec<String> {
+        self.replicas.iter().filter_map(|r| r.failed.as_ref().map(|why| format!("node {}: {why}", r.id))).collect()
+    }
+}
+
+/// What an upload that forwards chunks keeps between them.
+struct Forwarding {
+    ring: Arc<Ring>,
+    addresses: Arc<HashMap<u64, String>>,
+    write_id: [u8; 16],
+    /// Nodes that failed a chunk of this upload: later chunks go elsewhere while enough other
+    /// nodes remain, so a dead node costs the upload one timeout, not one per chunk.
+    avoid: Arc<std::sync::Mutex<BTreeSet<NodeId>>>,
+}
+
+/// The ring key of an upload's `index`th chunk: streamed chunks are placed before their hash
+/// is known, so by the write id and the index instead (uniform like a hash, distinct per chunk
+/// and per upload). Reads, repair and GC go by the replicas the metadata records, so nothing
+/// else needs to find a chunk by its ring position.
+fn streamed_chunk_key(write_id: &[u8; 16], index: u64) -> ChunkHash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"mendfs streamed chunk placement");
+    hasher.update(write_id);
+    hasher.update(&index.to_be_bytes());
+    ChunkHash::from_bytes(*hasher.finalize().as_bytes())
+}
+
+impl Coordinator {
+    /// Opens the streams of the upload's next chunk (index `index`, at most `declared` bytes)
+    /// to the first RF nodes in ring order for its key.
+    fn open_chunk_stream(&self, forwarding: &Forwarding, index: u64, declared: usize) -> ChunkStream {
+        let replication_factor = self.config.replication_factor;
+        let key = streamed_chunk_key(&forwarding.write_id, index);
+        let all = forwarding.ring.nodes().len();
+        let avoid = forwarding.avoid.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let mut candidates = forwarding.ring.place_excluding(&key, all, &avoid);
+        if candidates.len() < replication_factor {
+            // Too few nodes left without the ones that failed before: try them again.
+            candidates = forwarding.ring.place_excluding(&key, all, &BTreeSet::new());
+        }
+        let replicas = candidates
+            .iter()
+            .take(replication_factor)
+            .map(|&id| self.open_replica_stream(forwarding, id, declared))
+            .collect();
+        ChunkStream { candidates, replicas, hasher: blake3::Hasher::new(), len: 0 }
+    }
+
+    /// Starts one replica's stream: a task that writes into this node's own store, or a
+    /// `PrepareChunkStream` call, in a span naming the replica.
+    fn open_replica_stream(&self, forwarding: &Forwarding, id: NodeId, declared: usize) -> ReplicaStream {
+        let span = tracing::info_span!(
+            "prepare_chunk",
+            peer = id,
+            chunk = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let (tx, mut rx) = mpsc::channel::<ToReplica>(REPLICA_QUEUE_PIECES);
+        let grace = self.config.orphan_grace;
+        let task = if let Some(local) = self.local_store(id) {
+            let local = local.clone();
+            tokio::spawn(
+                async move {
+                    let starting = local.clone();
+                    let mut chunk = tokio::task::spawn_blocking(move || starting.begin_streamed(declared as u64))
+                        .await
+                        .map_err(|e| format!("chunk stream task: {e}"))?
+                        .map_err(|e| status_with_cause(&chunk_status(e)))?;
+                    while let Some(message) = rx.recv().await {
+                        match message {
+                            ToReplica::Data(data, permit) => {
+                                chunk = tokio::task::spawn_blocking(move || chunk.write(&data).map(|()| chunk))
+                                    .await
+                                    .map_err(|e| format!("chunk stream task: {e}"))?
+                                    .map_err(|e| status_with_cause(&chunk_status(e)))?;
+                                drop(permit);
+                            }
+                            ToReplica::End(hash) => {
+                                return tokio::task::spawn_blocking(move || chunk.finish(&hash, grace))
+                                    .await
+                                    .map_err(|e| format!("chunk stream task: {e}"))?
+                                    .map_err(|e| status_with_cause(&chunk_status(e)));
+                            }
+                        }
+                    }
+                    Err("the chunk's stream ended without its hash".to_string())
+                }
+                .instrument(span.clone()),
+            )
+        } else {
+            let client = match forwarding.addresses.get(&id) {
+                Some(addr) => self.storage(addr).map_err(|s| s.message().to_string()),
+                None => Err("no address known".to_string()),
+            };
+            let header = pb::PrepareChunkPiece {
+                header: Some(pb::PrepareChunkHeader {
+                    write_id: forwarding.write_id.to_vec(),
+                    grace_ms: grace.as_millis() as u64,
+                    size: declared as u64,
+                }),
+                ..Default::default()
+            };
+            let pieces = futures::stream::once(std::future::ready(header)).chain(
+                futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).map(|message| match message {
+                    // Taken by the call: the slice's budget share goes back (with the last
+                    // replica's), the transport holds at most this slice beside its window.
+                    ToReplica::Data(data, permit) => {
+                        drop(permit);
+                        pb::PrepareChunkPiece { data, ..Default::default() }
+                    }
+                    ToReplica::End(hash) => pb::PrepareChunkPiece { hash: hash.to_vec(), ..Default::default() },
+                }),
+            );
+            tokio::spawn(
+                async move {
+                    let mut client = client?;
+                    // No deadline on the call: it lasts as long as the client takes to send the
+                    // chunk. The coordinator bounds each wait for the replica instead (taking a
+                    // slice, answering the end), and the replica bounds the whole stream.
+                    client.prepare_chunk_stream(Request::new(pieces)).await.map(drop).map_err(|s| status_with_cause(&s))
+                }
+                .instrument(span.clone()),
+            )
+        };
+        ReplicaStream { id, tx: Some(tx), task, failed: None, span }
+    }
+
+    /// Forwards `data`, the next bytes of the chunk, to its replicas' streams, a slice at a
+    /// time. Each slice takes its share of the node's in-flight budget only now that it has
+    /// arrived, and gives it back once every replica's stream has taken it. So budget is held
+    /// only by slices queued for replica streams, which drain on their own (they wait for
+    /// their replica, never for a client or for budget), and an upload waiting for budget or
+    /// for its client's data holds nothing that another upload waits for: no cycle of waits can
+    /// form, even between uploads sharing one HTTP/2 connection's flow-control window (an
+    /// upload waiting here stops reading its stream, but every slice it holds budget for
+    /// drains without it).
+    async fn forward(&self, chunk: &mut ChunkStream, mut data: Bytes) -> Result<(), Status> {
+        chunk.hasher.update(&data);
+        chunk.len += data.len();
+        let timeout = self.config.chunk_rpc_timeout;
+        while !data.is_empty() {
+            let slice = data.split_to(data.len().min(FORWARD_PIECE_BYTES));
+            let permit = Arc::new(self.reserve(slice.len()).await?);
+            for replica in &mut chunk.replicas {
+                replica.send(ToReplica::Data(slice.clone(), permit.clone()), timeout).await;
+            }
+            if chunk.replicas.iter().all(|replica| replica.tx.is_none()) {
+                return Err(Status::unavailable(format!(
+                    "a chunk reached none of its replicas: {}",
+                    chunk.errors().join("; ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the chunk whose bytes are complete. A repeat of a chunk this upload already listed
+    /// drops its streams (the replicas keep nothing) and is listed without replicas. Otherwise
+    /// the replicas are sent its hash, and a task waits for their answers and makes up any copy
+    /// that failed from a survivor (`settle_streamed`): the chunk counts as prepared only with
+    /// RF fsynced copies.
+    fn end_chunk(&self, forwarding: &Forwarding, list: &mut SegmentedList, chunk: ChunkStream) -> PrepareInFlight {
+        let hash = ChunkHash::from_bytes(*chunk.hasher.finalize().as_bytes());
+        let size = chunk.len as u64;
+        if list.is_repeat(&hash) {
+            for replica in &chunk.replicas {
+                // The call is dropped, so the replica sees its stream break and keeps nothing.
+                replica.task.abort();
+            }
+            let repeat = CommittedChunk { hash, size, replicas: Vec::new() };
+            return Box::pin(std::future::ready(Ok(Prepared { chunk: repeat, stripe: None })));
+        }
+        let coordinator = self.clone();
+        let (addresses, avoid) = (forwarding.addresses.clone(), forwarding.avoid.clone());
+        let settling = tokio::spawn(
+            async move {
+                let chunk = coordinator.settle_streamed(chunk, hash, &addresses, &avoid).await?;
+                Ok(Prepared { chunk, stripe: None })
+            }
+            .in_current_span(),
+        );
+        Box::pin(async move { settling.await.map_err(|e| Status::internal(format!("prepare task: {e}")))? })
+    }
+
+    /// Sends the end to every replica still streaming, waits (within the chunk RPC timeout)
+    /// for each to answer that its copy is fsynced, and copies the chunk from a survivor to
+    /// the next nodes in ring order until RF nodes have it. No survivor: the chunk, and so the
+    /// put, fails.
+    async fn settle_streamed(
+        &self,
+        mut chunk: ChunkStream,
+        hash: ChunkHash,
+        addresses: &HashMap<u64, String>,
+        avoid: &std::sync::Mutex<BTreeSet<NodeId>>,
+    ) -> Result<CommittedChunk, Status> {
+        let timeout = self.config.chunk_rpc_timeout;
+        for replica in &mut chunk.replicas {
+            replica.span.record("chunk", tracing::field::display(hash.short()));
+            replica.span.record("bytes", chunk.len);
+            replica.send(ToReplica::End(hash), timeout).await;
+            // Nothing more to send: the call's request ends here.
+            replica.tx = None;
+        }
+        let mut stored = Vec::new();
+        let mut errors = Vec::new();
+        for replica in &mut chunk.replicas {
+            if let Some(why) = &replica.failed {
+                replica.task.abort();
+                // The call's own error, if it ended by itself, says more than "ended early".
+                let why = match (&mut replica.task).now_or_never() {
+                    Some(Ok(Err(e))) => e,
+                    _ => why.clone(),
+                };
+                errors.push(format!("node {}: {why}", replica.id));
+                continue;
+            }
+            match tokio::time::timeout(timeout, &mut replica.task).await {
+                Ok(Ok(Ok(()))) => stored.push(replica.id),
+                Ok(Ok(Err(e))) => {
+                    replica.fail(e.clone());
+                    errors.push(format!("node {}: {e}", replica.id));
+                }
+                Ok(Err(e)) => errors.push(format!("node {}: chunk stream task: {e}", replica.id)),
+                Err(_) => {
+                    replica.task.abort();
+                    replica.fail(format!("no answer within {timeout:?}"));
+                    errors.push(format!("node {}: no answer within {timeout:?}", replica.id));
+                }
+            }
+        }
+        let tried: BTreeSet<NodeId> = chunk.replicas.iter().map(|replica| replica.id).collect();
+        {
+            let mut avoid = avoid.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            avoid.extend(chunk.replicas.iter().filter(|replica| replica.failed.is_some()).map(|replica| replica.id));
+        }
+        let replication_factor = self.config.replication_factor;
+        if stored.is_empty() {
+            return Err(Status::unavailable(format!(
+                "chunk {hash} reached none of its {replication_factor} replicas: {}",
+                errors.join("; ")
+            )));
+        }
+        if stored.len() < replication_factor {
+            let sources: Vec<String> = stored.iter().filter_map(|id| addresses.get(id).cloned()).collect();
+            let stand_ins = chunk.candidates.iter().filter(|id| !tried.contains(id)).copied().collect::<Vec<_>>();
+            for id in stand_ins {
+                if stored.len() == replication_factor {
+                    break;
+                }
+                match self.copy_to(id, addresses.get(&id), hash, &sources).await {
+                    Ok(()) => stored.push(id),
+                    Err(e) => {
+                        tracing::warn!(node = id, chunk = %hash, "copying a chunk to a stand-in failed: {e}");
+                        errors.push(format!("node {id}: {e}"));
+                    }
+                }
+            }
+            if stored.len() < replication_factor {
+                return Err(Status::unavailable(format!(
+                    "chunk {hash} reached only {} of {replication_factor} replicas: {}",
+                    stored.len(),
+                    errors.join("; ")
+                )));
+            }
+        }
+        Ok(CommittedChunk { hash, size: chunk.len as u64, replicas: stored })
+    }
+
+    /// Copies a chunk that some replicas have (`sources`, their addresses) onto node `id`, a
+    /// stand-in for a replica that failed mid-stream: `ReplicateChunk` on that node, which
+    /// pulls, verifies, fsyncs and protects it as repair does; the coordinator's own store
+    /// pulls it itself.
+    async fn copy_to(
+        &self,
+        id: NodeId,
+        addr: Option<&String>,
+        hash: ChunkHash,
+        sources: &[String],
+    ) -> Result<(), String> {
+        let span =
+            tracing::info_span!("replicate_chunk", peer = id, chunk = %hash.short(), error = tracing::field::Empty);
+        let timeout = self.config.chunk_rpc_timeout;
+        let grace = self.config.orphan_grace;
+        let result = async {
+            if let Some(local) = self.local_store(id) {
+                let pull = |addr: String| async move {
+                    let mut client = self.storage(&addr).map_err(|s| s.message().to_string())?;
+                    let mut request = Request::new(pb::ReadChunkRequest { hash: hash.to_vec() });
+                    request.set_timeout(timeout);
+                    match tokio::time::timeout(timeout, client.read_chunk(request)).await {
+                        Err(_) => Err(format!("no answer within {timeout:?}")),
+                        Ok(Err(status)) => Err(status_with_cause(&status)),
+                        Ok(Ok(reply)) => Ok(reply.into_inner().data),
+                    }
+                };
+                return crate::chunk_service::replicate(local, hash, grace, sources, pull)
+                    .await
+                    .map(drop)
+                    .map_err(|s| status_with_cause(&s));
+            }
+            let addr = addr.ok_or("no address known")?;
+            let mut client = self.storage(addr).map_err(|s| s.message().to_string())?;
+            let mut request = Request::new(pb::ReplicateChunkRequest {
+                hash: hash.to_vec(),
+                source_addrs: sources.to_vec(),
+                grace_ms: grace.as_millis() as u64,
+            });
+            request.set_timeout(timeout);
+            match tokio::time::timeout(timeout, client.replicate_chunk(request)).await {
+                Err(_) => Err(format!("no answer within {timeout:?}")),
+                Ok(Err(status)) => Err(status_with_cause(&status)),
+                Ok(Ok(_)) => Ok(()),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        if let Err(e) = &result {
+            span.record("error", format!("node {id}: {e}"));
+        }
+        result
+    }
+
+    /// `write_chunks` for replicated content: each chunk's bytes are forwarded to its replicas
+    /// as they arrive, so no upload holds a chunk (see `forward` for the budget). The first
+    /// `STREAM_AFTER_BYTES` of a chunk are buffered before its streams open: a chunk that ends
+    /// within them (small chunks, a file's short tail, content small enough to be inline) is
+    /// prepared whole like before, by its hash with one unary `PrepareChunk` per replica, and a
+    /// repeat among them costs no stream at all. Content that ends within `inline_max_bytes`
+    /// before any chunk started is kept inline.
+    async fn write_streamed(
+        &self,
+        mut source: impl UploadSource,
+        ring: Arc<Ring>,
+        addresses: Arc<HashMap<u64, String>>,
+        list: &mut SegmentedList,
+    ) -> Result<(u64, [u8; 32], Option<Vec<u8>>), Status> {
+        let chunk_size = self.config.chunk_size_bytes.max(1);
+        // Never above a chunk: a chunk that fits is always buffered whole.
+        let buffered_max = STREAM_AFTER_BYTES.min(chunk_size);
+        let forwarding = Forwarding { ring, addresses, write_id: list.write_id, avoid: Arc::default() };
+        let window = (PREPARE_BYTES_IN_FLIGHT_MAX / chunk_size)
+            .clamp(PREPARE_CHUNKS_IN_FLIGHT_MIN, PREPARE_CHUNKS_IN_FLIGHT_MAX);
+        let mut content_hash = blake3::Hasher::new();
+        let mut size = 0u64;
+        // The start of a chunk whose streams are not open yet.
+        let mut head: Vec<u8> = Vec::new();
+        let mut current: Option<ChunkStream> = None;
+        let mut in_flight = FuturesOrdered::new();
+        while let Some(mut data) = source.next_data().await? {
+            content_hash.update(&data);
+            size += data.len() as u64;
+            while !data.is_empty() {
+                let chunk = match &mut current {
+                    Some(chunk) => chunk,
+                    None if chunk_size == buffered_max || head.len() + data.len() <= buffered_max => {
+                        if head.capacity() == 0 {
+                            // Sized for what the source says is left (a small file holds only its
+                            // size), the most a chunk buffers when it cannot say.
+                            let left =
+                                source.remaining_hint().map_or(buffered_max as u64, |left| left + data.len() as u64);
+                            head.reserve_exact(left.min(buffered_max as u64) as usize);
+                        }
+                        let take = (buffered_max - head.len()).min(data.len());
+                        head.extend_from_slice(&data.split_to(take));
+                        if head.len() == chunk_size {
+                            let whole = std::mem::take(&mut head);
+                            self.prepare_next(
+                                list,
+                                &mut in_flight,
+                                &forwarding.ring,
+                                &forwarding.addresses,
+                                Redundancy::Replicate,
+                                whole,
+                            )
+                            .await?;
+                        }
+                        continue;
+                    }
+                    None => {
+                        // The chunk is longer than the buffer takes: stream it, its start first.
+                        let left = source
+                            .remaining_hint()
+                            .map_or(chunk_size as u64, |left| left + (head.len() + data.len()) as u64);
+                        let declared = left.min(chunk_size as u64) as usize;
+                        let index = list.started_chunks;
+                        list.chunk_starting();
+                        let chunk = current.insert(self.open_chunk_stream(&forwarding, index, declared));
+                        if !head.is_empty() {
+                            self.forward(chunk, Bytes::from(std::mem::take(&mut head))).await?;
+                        }
+                        chunk
+                    }
+                };
+                let take = (chunk_size - chunk.len).min(data.len());
+                self.forward(chunk, data.split_to(take)).await?;
+                if chunk.len == chunk_size {
+                    if let Some(full) = current.take() {
+                        in_flight.push_back(self.end_chunk(&forwarding, list, full));
+                        self.settle(list, &mut in_flight, window - 1).await?;
+                    }
+                }
+            }
+        }
+        let content_hash = *content_hash.finalize().as_bytes();
+        if let Some(last) = current.take().filter(|chunk| chunk.len > 0) {
+            in_flight.push_back(self.end_chunk(&forwarding, list, last));
+        } else if !head.is_empty() {
+            // Nothing started yet means the buffer holds the whole content.
+            if list.started_chunks == 0 && head.len() <= self.config.inline_max_bytes {
+                list.chunk_starting();
+                list.current.push(CommittedChunk { hash: ChunkHash::of(&head), size, replicas: Vec::new() });
+                return Ok((size, content_hash, Some(head)));
+            }
+            self.prepare_next(
+                list,
+                &mut in_flight,
+                &forwarding.ring,
+                &forwarding.addresses,
+                Redundancy::Replicate,
+                head,
+            )
+            .await?;
+        }
+        self.settle(list, &mut in_flight, 0).await?;
+        Ok((size, content_hash, None))
+    }
+}
 
 /// Files of one listing whose redundancy is asked of the leader when this node's state does
 /// not hold them yet: a lagging node's `ls -l` costs at most this many round trips.

@@ -48,11 +48,13 @@ pub struct DataConfig {
     /// Longest wait for one chunk RPC to one replica (prepare or read) before the coordinator
     /// counts that replica failed and tries the next.
     pub chunk_rpc_timeout: Duration,
-    /// Chunk bytes this node prepares on replicas at once as a coordinator, across every
-    /// upload it serves. The memory they take is about this times three at RF 3 (each chunk
-    /// once, shared by its replicas' requests, plus one encoded request per remote replica);
-    /// each upload also holds the one chunk it is filling. A budget of the same size, apart,
-    /// bounds what readers fetch ahead; each reader also holds the chunk it is due to send.
+    /// Chunk bytes this node holds for replicas at once as a coordinator, across every upload
+    /// it serves: for replicated puts, bytes received that some replica's stream has not yet
+    /// taken (each upload also holds at most one client message while it waits for this, and
+    /// each remote replica's stream one 256 KiB slice beside its HTTP/2 window); for
+    /// erasure-coded puts, whole chunks being encoded and sent (each upload also holds the one
+    /// chunk it is filling). A budget of the same size, apart, bounds what readers fetch ahead;
+    /// each reader also holds the chunk it is due to send.
     pub max_inflight_bytes: usize,
     /// Content up to this size is written inline: it travels in the commit and is kept in
     /// the metadata, replicated by Raft, instead of being prepared on storage nodes (0: never).

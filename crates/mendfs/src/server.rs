@@ -142,9 +142,11 @@ pub struct ServerArgs {
     /// the coordinator tries another (default 30000).
     #[arg(long, env = "MENDFS_CHUNK_RPC_TIMEOUT_MS")]
     pub chunk_rpc_timeout_ms: Option<u64>,
-    /// Chunk bytes this node prepares on replicas at once as a coordinator, across all the
-    /// uploads it serves (default 32 MiB, at least one chunk): their memory is about three
-    /// times this at RF 3, however many clients upload.
+    /// Chunk bytes this node holds for replicas at once as a coordinator, across all the
+    /// uploads it serves (default 32 MiB, at least one chunk): received bytes that a replica's
+    /// stream has not yet taken (erasure-coded puts: whole chunks being encoded and sent),
+    /// however many clients upload. A budget of the same size, apart, bounds the chunks its
+    /// readers fetch ahead.
     #[arg(long, env = "MENDFS_MAX_INFLIGHT_BYTES")]
     pub max_inflight_bytes: Option<usize>,
     /// Files and objects up to this size are stored inline in the metadata, replicated by

@@ -227,6 +227,51 @@ async fn killing_a_replica_mid_put_fails_cleanly_or_stores_the_whole_file() {
     }
 }
 
+/// A replica frozen (SIGSTOP: its sockets stay open, it answers nothing) while a big put streams
+/// chunks to it. The coordinator gives up on it within the chunk RPC timeout, finishes each
+/// chunk with the surviving replicas, copies the chunk from one of them to a stand-in (4 nodes,
+/// RF 3), and sends later chunks elsewhere; the put commits with 3 fsynced, verified copies of
+/// every chunk, none of them counted on the frozen node unless it acknowledged it first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_frozen_mid_put_is_replaced_and_every_chunk_keeps_three_verified_copies() {
+    let mut cluster = start(ClusterOptions { nodes: 4, ..options(&["--chunk-rpc-timeout-ms", "1500"]) });
+    let coordinator = cluster.wait_for_leader(DEADLINE).unwrap();
+    let client = client_at(&cluster, vec![cluster.addr(coordinator)]);
+    wait_until_writable(&client).await;
+    let victim = (1..=4).find(|id| *id != coordinator).unwrap();
+    let data = content(11, 64 * CHUNK + 4321);
+    let upload = {
+        let client = client.clone();
+        let data = data.clone();
+        tokio::spawn(async move { put(&client, "/frozen-replica", data).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    blocking(|| cluster.pause(victim)).unwrap();
+    let reply = upload.await.unwrap().expect("a put survives one frozen replica when a stand-in exists");
+    assert_eq!(reply.size, data.len() as u64);
+    assert!(
+        cluster.log(coordinator).contains("chunk stream to a replica failed"),
+        "the put ended before the pause reached it; the test saw nothing"
+    );
+    let info = client.stat_file("/frozen-replica").await.unwrap();
+    assert_eq!(info.chunks.len(), 65);
+    for (index, chunk) in info.chunks.iter().enumerate() {
+        let mut nodes = chunk.replicas.clone();
+        nodes.sort_unstable();
+        nodes.dedup();
+        assert_eq!(nodes.len(), 3, "chunk {index}: {:?}", chunk.replicas);
+        let hash = hex(&chunk.hash);
+        for node in &nodes {
+            let path =
+                cluster.nodes[node].data_dir.join("chunks/chunks").join(&hash[..2]).join(&hash[2..4]).join(&hash);
+            let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("chunk {index} on node {node}: {e}"));
+            assert_eq!(blake3::hash(&bytes).as_bytes().as_slice(), chunk.hash, "chunk {index} on node {node}");
+        }
+    }
+    blocking(|| cluster.resume(victim)).unwrap();
+    assert!(get(&client, "/frozen-replica").await.unwrap() == data, "read back whole");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_coordinator_mid_put_keeps_the_old_version_and_orphans_are_collected() {
     let mut cluster = start(options(&["--orphan-grace-ms", "3000", "--gc-interval-ms", "500"]));

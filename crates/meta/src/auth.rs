@@ -81,7 +81,8 @@ pub fn required_access(op: &str) -> Option<Access> {
     Some(match op {
         "Node/AppendEntries" | "Node/Vote" | "Node/InstallSnapshot" | "Node/Forward" => Peer,
         "Health/Heartbeat" => Peer,
-        "Storage/PrepareChunk" | "Storage/ReadChunk" | "Storage/ReplicateChunk" | "Storage/RebuildShard" => Peer,
+        "Storage/PrepareChunk" | "Storage/PrepareChunkStream" => Peer,
+        "Storage/ReadChunk" | "Storage/ReplicateChunk" | "Storage/RebuildShard" => Peer,
         "Node/Info" => Client(Read),
         "Kv/Get" | "Kv/List" | "Kv/Watch" => Client(Read),
         "Kv/Create" | "Kv/Set" | "Kv/Delete" | "Kv/Compact" => Client(Write),
@@ -547,9 +548,14 @@ mod tests {
             let access = required_access(op).expect("defined");
             assert!(!reader.may(access) && !writer.may(access) && admin.may(access), "{op}");
         }
-        for op in
-            ["Node/AppendEntries", "Node/InstallSnapshot", "Node/Forward", "Health/Heartbeat", "Storage/PrepareChunk"]
-        {
+        for op in [
+            "Node/AppendEntries",
+            "Node/InstallSnapshot",
+            "Node/Forward",
+            "Health/Heartbeat",
+            "Storage/PrepareChunk",
+            "Storage/PrepareChunkStream",
+        ] {
             let access = required_access(op).expect("defined");
             assert!(!admin.may(access) && peer.may(access), "{op}");
         }
