@@ -350,6 +350,9 @@ impl Drop for StreamedChunk {
 /// only keeps a temp file open; but a grace period of a few hundred milliseconds (tests) must
 /// not fail a chunk that a busy machine streams a little slower.
 const STREAM_DEADLINE_MIN: Duration = Duration::from_secs(30);
+/// The longest a replica keeps a streamed chunk's temp file and reservation open, whatever
+/// grace period the peer names: far beyond any grace period an operator sets.
+const STREAM_DEADLINE_MAX: Duration = Duration::from_secs(6 * 3600);
 
 /// The work behind `PrepareChunkStream`: a header, data pieces, the hash. The pieces go to a
 /// temp file as they arrive (hashed as they go, off the async workers); the chunk is stored and
@@ -361,7 +364,15 @@ where
     S: futures::Stream<Item = Result<pb::PrepareChunkPiece, Status>> + Unpin,
 {
     use futures::StreamExt;
-    let first = match pieces.next().await {
+    // The header is waited for no longer than a chunk's shortest deadline: a peer that opens
+    // streams and sends nothing must not hold handlers for ever.
+    let first = match tokio::time::timeout(STREAM_DEADLINE_MIN, pieces.next()).await {
+        Err(_) => {
+            return Err(Status::deadline_exceeded(format!("no chunk stream header within {STREAM_DEADLINE_MIN:?}")))
+        }
+        Ok(first) => first,
+    };
+    let first = match first {
         Some(Ok(first)) => first,
         Some(Err(status)) => return Err(Status::aborted(format!("chunk stream broke: {}", status.message()))),
         None => return Err(Status::invalid_argument("a chunk stream starts with a header")),
@@ -377,7 +388,7 @@ where
         )));
     }
     let grace = Duration::from_millis(header.grace_ms);
-    let deadline = grace.max(STREAM_DEADLINE_MIN);
+    let deadline = grace.clamp(STREAM_DEADLINE_MIN, STREAM_DEADLINE_MAX);
     let receiving = async {
         let starting = state.clone();
         let mut chunk = tokio::task::spawn_blocking(move || starting.begin_streamed(header.size))

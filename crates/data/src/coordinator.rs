@@ -1230,6 +1230,9 @@ struct ReplicaStream {
 }
 
 impl ReplicaStream {
+    /// Gives the replica up. Its task goes too: the slices still queued for it hold shares of
+    /// the node's in-flight budget, and a replica that takes nothing (a hung disk behind a
+    /// live process) would keep them until its own deadline, minutes, starving every upload.
     fn fail(&mut self, why: String) {
         if self.failed.is_none() {
             tracing::warn!(node = self.id, "chunk stream to a replica failed: {why}");
@@ -1237,6 +1240,7 @@ impl ReplicaStream {
             self.failed = Some(why);
         }
         self.tx = None;
+        self.task.abort();
     }
 
     /// Sends `message`, waiting at most `timeout` for room: a replica that takes nothing for
@@ -1249,6 +1253,14 @@ impl ReplicaStream {
             Ok(Err(_)) => self.fail("the replica's stream ended early".to_string()),
             Err(_) => self.fail(format!("took no data for {timeout:?}")),
         }
+    }
+}
+
+impl Drop for ReplicaStream {
+    /// A chunk given up (its upload failed or its client went away) ends its calls: each
+    /// replica sees its stream break and keeps nothing, and the budget its queue holds returns.
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -1438,13 +1450,16 @@ impl Coordinator {
         }
         let coordinator = self.clone();
         let (addresses, avoid) = (forwarding.addresses.clone(), forwarding.avoid.clone());
-        let settling = tokio::spawn(
+        // Aborted if the upload is dropped (its client went away, another chunk failed): a
+        // put that will not commit gets no more fsyncs or stand-in copies, only orphans GC
+        // collects.
+        let settling = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(
             async move {
                 let chunk = coordinator.settle_streamed(chunk, hash, &addresses, &avoid).await?;
                 Ok(Prepared { chunk, stripe: None })
             }
             .in_current_span(),
-        );
+        ));
         Box::pin(async move { settling.await.map_err(|e| Status::internal(format!("prepare task: {e}")))? })
     }
 
