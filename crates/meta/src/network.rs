@@ -185,6 +185,11 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     }
 }
 
+/// How long into an outage an unreachable peer is still tried every heartbeat interval.
+const FAST_RETRY_FOR: Duration = Duration::from_secs(2);
+/// How often an unreachable peer is tried after that (openraft's own default).
+const SLOW_RETRY_EVERY: Duration = Duration::from_millis(500);
+
 pub struct PeerConnection {
     target: NodeId,
     client: Result<PeerClient, String>,
@@ -259,10 +264,15 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
     /// after a crash then hears nothing from the leader for longer than its election timeout,
     /// campaigns, and is refused for its shorter log, which openraft remembers by adding twice
     /// the maximum election timeout to that node's next campaign: the next leader failover
-    /// took about 1.1 s instead of 0.5 (`bench kv --failovers`). A try of a node that is down is
-    /// one refused or timed-out connect, cheap enough at the heartbeat's pace.
+    /// took about 1.1 s instead of 0.5 (`bench kv --failovers`). So for the first
+    /// `FAST_RETRY_FOR` of an outage (a crash and an automatic restart) a peer is tried at the
+    /// heartbeat's pace; after that at openraft's, since every failed try logs a few lines and
+    /// a dead peer must not flood the log store.
     fn backoff(&self) -> openraft::network::Backoff {
-        openraft::network::Backoff::new(std::iter::repeat(self.retry_unreachable_every))
+        let fast_tries = (FAST_RETRY_FOR.as_millis() / self.retry_unreachable_every.as_millis().max(1)) as usize;
+        openraft::network::Backoff::new(
+            std::iter::repeat_n(self.retry_unreachable_every, fast_tries).chain(std::iter::repeat(SLOW_RETRY_EVERY)),
+        )
     }
 
     async fn append_entries(
