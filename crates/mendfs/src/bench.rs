@@ -1,6 +1,7 @@
 //! `mendfs bench`: measurements, never pass/fail. Starts its own local cluster of real
 //! processes and reports throughput, latency percentiles and failover times.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -795,7 +796,7 @@ async fn bench_kv(
 /// Starts each node's peak RSS afresh from its current RSS (Linux: `clear_refs` 5), so that
 /// a row's peak is its own and not an earlier row's. Best effort: without it the peaks cover
 /// the run so far, which the printed line then says nothing about, so a failure is reported.
-fn reset_peak_rss(cluster: &Cluster) {
+pub(super) fn reset_peak_rss(cluster: &Cluster) {
     for (id, node) in &cluster.nodes {
         if let Some(pid) = node.pid() {
             if let Err(e) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
@@ -803,6 +804,15 @@ fn reset_peak_rss(cluster: &Cluster) {
             }
         }
     }
+}
+
+/// Each node's peak RSS in MiB since the last [`reset_peak_rss`], by node id.
+pub(super) fn nodes_peak_rss_mib(cluster: &Cluster) -> BTreeMap<String, f64> {
+    cluster
+        .nodes
+        .iter()
+        .filter_map(|(id, node)| Some((id.to_string(), node.pid().and_then(peak_rss_kib)? as f64 / 1024.0)))
+        .collect()
 }
 
 /// Peak resident set size of a process, from /proc (Linux only).
@@ -916,11 +926,7 @@ async fn bench_files(
                 reset_peak_rss(&cluster);
                 let result = native_files_row(&client, op, size, n, duration).await?;
                 let mut row = Row::measured("mendfs", op.name(), Some(size), n, &result).with_tls(tls);
-                row.node_peak_rss_mib = cluster
-                    .nodes
-                    .iter()
-                    .filter_map(|(id, node)| Some((id.to_string(), node.pid().and_then(peak_rss_kib)? as f64 / 1024.0)))
-                    .collect();
+                row.node_peak_rss_mib = nodes_peak_rss_mib(&cluster);
                 let bound = if op == FileOp::Put { disk / 3.0 } else { loopback };
                 row.ratios.insert("over_bound", row.ops_per_sec * size as f64 / bound);
                 rows.push(report.add_row(row, files_line));

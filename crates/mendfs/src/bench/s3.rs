@@ -22,8 +22,8 @@ use tokio::sync::Mutex;
 use super::report::{NodeMemory, Peer, Report, Row};
 use super::seaweedfs::{self, SeaweedFs};
 use super::{
-    blocking, measure_file_references, ms, native_files_row, record_peak_rss, row_ops_max, run_load, token_client,
-    wait_writable, which, FileOp, LoadResult, S3Peer,
+    blocking, measure_file_references, ms, native_files_row, nodes_peak_rss_mib, record_peak_rss, reset_peak_rss,
+    row_ops_max, run_load, token_client, wait_writable, which, FileOp, LoadResult, S3Peer,
 };
 
 const BUCKET: &str = "bench";
@@ -117,8 +117,9 @@ async fn put_bucket(signer: &Signer, gateway: &str, bucket: &str) -> Result<()> 
 /// A row of the S3 tables: `path` is the row's system (native, s3; seaweedfs, seaweedfs-fsync),
 /// printed `system_width` wide; the last column is the row's ratio named `ratio_name`.
 fn s3_line(row: &Row, system_width: usize, ratio_name: &str) -> String {
+    let rss: Vec<String> = row.node_peak_rss_mib.values().map(|mib| format!("{mib:.0}")).collect();
     format!(
-        "{:>4} {:>10} {:>system_width$} {:>6} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>7} {:>10}",
+        "{:>4} {:>10} {:>system_width$} {:>6} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>7} {:>10}  {}",
         row.op,
         row.size_bytes.unwrap_or_default(),
         row.system,
@@ -128,7 +129,8 @@ fn s3_line(row: &Row, system_width: usize, ratio_name: &str) -> String {
         ms(row.p50_ms),
         ms(row.p99_ms),
         row.errors,
-        row.ratios.get(ratio_name).map_or(String::new(), |r| format!("{r:.2}"))
+        row.ratios.get(ratio_name).map_or(String::new(), |r| format!("{r:.2}")),
+        rss.join(" ")
     )
 }
 
@@ -202,18 +204,31 @@ async fn bench_mendfs_s3(
          keep-alive, spread over the 3 gateways; native: the MendFS client), {duration:?} per row"
     ));
     report.say(format!(
-        "{:>4} {:>10} {:>7} {:>6} {:>10} {:>9} {:>9} {:>9} {:>7} {:>10}",
-        "op", "size", "path", "conns", "ops/s", "MB/s", "p50 ms", "p99 ms", "errors", "s3/native"
+        "{:>4} {:>10} {:>7} {:>6} {:>10} {:>9} {:>9} {:>9} {:>7} {:>10}  {}",
+        "op",
+        "size",
+        "path",
+        "conns",
+        "ops/s",
+        "MB/s",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "s3/native",
+        "peak RSS MiB by node"
     ));
     let mut s3_rows = Vec::new();
     for &size in sizes {
         for op in [FileOp::Put, FileOp::Get] {
+            reset_peak_rss(&cluster);
             let native = native_files_row(&client, op, size, connections, duration).await?;
-            let native = report.add_row(Row::measured("native", op.name(), Some(size), connections, &native), |row| {
-                s3_line(row, 7, "s3_over_native")
-            });
+            let mut native = Row::measured("native", op.name(), Some(size), connections, &native);
+            native.node_peak_rss_mib = nodes_peak_rss_mib(&cluster);
+            let native = report.add_row(native, |row| s3_line(row, 7, "s3_over_native"));
+            reset_peak_rss(&cluster);
             let s3 = s3_row(&signer, &gateways, BUCKET, op, size, connections, duration).await?;
             let mut s3 = Row::measured("s3", op.name(), Some(size), connections, &s3);
+            s3.node_peak_rss_mib = nodes_peak_rss_mib(&cluster);
             s3.ratios.insert("s3_over_native", s3.ops_per_sec / report.rows[native].ops_per_sec);
             s3_rows.push((op, size, report.add_row(s3, |row| s3_line(row, 7, "s3_over_native"))));
         }
