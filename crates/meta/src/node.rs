@@ -870,8 +870,8 @@ async fn entries_decided_without_answer(
     }
 }
 
-/// Keep-alives waiting for their leadership confirmation. Bounded: when confirmations cannot
-/// keep up, callers wait here (and time out) instead of growing memory.
+/// Reads and keep-alives waiting for their leadership confirmation. Bounded: when
+/// confirmations cannot keep up, callers wait here (and time out) instead of growing memory.
 const CONFIRMATION_QUEUE_LEN_MAX: usize = 4_096;
 
 /// Read-index on `raft`: confirms with a quorum that this node still leads, then waits until its
@@ -907,11 +907,13 @@ async fn read_index(raft: &Raft, timeout: Duration) -> Result<(), ApiError> {
     }
 }
 
-/// Confirms leadership for keep-alives, many at once, as group commit does for writes: every
-/// keep-alive waiting when a round starts shares one read-index (one heartbeat to each voter,
-/// where openraft sends one per call), and a keep-alive that arrives during a round waits for
-/// the next. Either way the round that answers it started after it arrived, which is what
-/// makes its acknowledgement safe (see the keep-alive in `serve_locally`).
+/// Confirms leadership for linearizable reads and keep-alives, many at once, as group commit
+/// does for writes: every one waiting when a round starts shares one read-index (one heartbeat
+/// to each voter, where openraft sends one per call), and one that arrives during a round waits
+/// for the next. Either way the round that answers it started after it arrived, so its read
+/// index is at least the commit index at its arrival and the quorum it heard from was asked
+/// after it: that is what makes a read linearizable and a keep-alive's acknowledgement safe
+/// (see the keep-alive in `serve_locally`).
 struct LeadershipConfirmer {
     raft: Raft,
     timeout: Duration,
@@ -1055,7 +1057,7 @@ pub struct MetaNode {
     pub(crate) peers: Peers,
     sessions: Arc<Mutex<SessionClocks>>,
     proposer: mpsc::Sender<PendingProposal>,
-    /// Keep-alives on their way to a leadership confirmation ([`LeadershipConfirmer`]).
+    /// Reads and keep-alives on their way to a leadership confirmation ([`LeadershipConfirmer`]).
     confirmations: mpsc::Sender<oneshot::Sender<Result<(), ApiError>>>,
     /// What this node knows of its peers' monotonic clocks (from their calls to it).
     pub(crate) peer_clocks: Arc<PeerClocks>,
@@ -1622,18 +1624,19 @@ impl MetaNode {
 
     /// Read-index: confirms leadership with a quorum and waits until the state machine has
     /// applied everything committed before the read arrived, so the read sees every write that
-    /// completed before it (no clock assumption, unlike a leader lease).
+    /// completed before it (no clock assumption, unlike a leader lease). The round is shared
+    /// with every read and keep-alive waiting when it starts ([`LeadershipConfirmer`]).
     async fn linearizable_barrier(&self) -> Result<(), ApiError> {
-        read_index(&self.raft, Duration::from_millis(self.config.write_timeout_ms)).await
+        self.confirm_leadership().await
     }
 
-    /// The read-index of [`MetaNode::linearizable_barrier`], shared by every keep-alive waiting
-    /// when a round starts (see [`LeadershipConfirmer`]).
+    /// A read-index round that started after this call, shared by every read and keep-alive
+    /// waiting when it starts (see [`LeadershipConfirmer`]).
     async fn confirm_leadership(&self) -> Result<(), ApiError> {
         let timeout = Duration::from_millis(self.config.write_timeout_ms);
         let (reply, answer) = oneshot::channel();
         match tokio::time::timeout(timeout, self.confirmations.send(reply)).await {
-            Err(_) => return Err(ApiError::Unavailable(format!("the keep-alive queue stayed full for {timeout:?}"))),
+            Err(_) => return Err(ApiError::Unavailable(format!("the read-index queue stayed full for {timeout:?}"))),
             Ok(Err(_)) => return Err(ApiError::Unavailable("the node is shutting down".into())),
             Ok(Ok(())) => {}
         }
