@@ -49,6 +49,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::chunk_service::{chunk_status, LocalChunks};
+use crate::read_budget::ReadBudget;
 use crate::{node_state, DataConfig};
 
 /// Chunk bytes being prepared at once per upload: enough to keep the replicas busy, little
@@ -69,7 +70,7 @@ const READ_METADATA_RETRY_FOR: Duration = Duration::from_secs(10);
 const INFLIGHT_SLOT_BYTES: usize = 64 << 10;
 /// Chunks a reader fetches ahead of the one it streams: while they add up to less than
 /// `READ_AHEAD_BYTES_MAX` (many if they are small), at most `READ_AHEAD_CHUNKS_MAX`, and only
-/// with room in the node's read-ahead budget (`Coordinator::read_ahead`).
+/// with room in the node's read budget (`Coordinator::read_budget`).
 const READ_AHEAD_CHUNKS_MAX: usize = 64;
 const READ_AHEAD_BYTES_MAX: u64 = 8 << 20;
 /// Data in one segment of an upload, at most: a segment's chunks must all be prepared within
@@ -142,9 +143,9 @@ pub struct Coordinator {
     config: Arc<DataConfig>,
     /// The node's in-flight chunk budget, in slots of `INFLIGHT_SLOT_BYTES`.
     inflight: Arc<tokio::sync::Semaphore>,
-    /// The node's read-ahead budget, the same size in the same slots, apart from the uploads'
-    /// so that neither direction starves the other: chunks readers fetch before they are due.
-    read_ahead: Arc<tokio::sync::Semaphore>,
+    /// The node's budget for chunk bytes readers hold, the same size, apart from the uploads'
+    /// so that neither direction starves the other ([`ReadBudget`]).
+    read_budget: Arc<ReadBudget>,
     /// This node's own chunks, if it is a storage node: its own copies are prepared and read
     /// without a round trip through gRPC to itself.
     local: Option<Arc<LocalChunks>>,
@@ -158,7 +159,7 @@ impl Coordinator {
             node,
             config: Arc::new(config),
             inflight: Arc::new(tokio::sync::Semaphore::new(slots)),
-            read_ahead: Arc::new(tokio::sync::Semaphore::new(slots)),
+            read_budget: ReadBudget::new((slots * INFLIGHT_SLOT_BYTES) as u64),
             local,
         }
     }
@@ -492,30 +493,34 @@ impl Coordinator {
             };
             let span =
                 tracing::info_span!("read_chunk", peer = id, chunk = %hash.short(), error = tracing::field::Empty);
-            let result = async {
+            // Whether the bytes are still to be checked against the hash: the local store's
+            // read has just re-hashed them in this process, so hashing them again would only
+            // double the CPU of every local read (a second BLAKE3 pass per chunk); bytes from
+            // another node are checked here, end to end, whatever that node checked.
+            let result: Result<(Bytes, bool), Status> = async {
                 if let Some(local) = self.local_store(id) {
                     let (local, hash) = (local.clone(), *hash);
                     return tokio::task::spawn_blocking(move || local.read(&hash))
                         .await
                         .map_err(|e| Status::internal(format!("read task: {e}")))?
-                        .map(|data| Response::new(pb::ReadChunkReply { data: data.into() }))
+                        .map(|data| (Bytes::from(data), false))
                         .map_err(chunk_status);
                 }
                 let mut client = self.storage(addr)?;
                 let mut request = Request::new(pb::ReadChunkRequest { hash: hash.to_vec() });
                 let timeout = self.config.chunk_rpc_timeout;
                 request.set_timeout(timeout);
-                tokio::time::timeout(timeout, client.read_chunk(request))
+                let reply = tokio::time::timeout(timeout, client.read_chunk(request))
                     .await
-                    .map_err(|_| Status::deadline_exceeded(format!("no answer within {timeout:?}")))?
+                    .map_err(|_| Status::deadline_exceeded(format!("no answer within {timeout:?}")))??;
+                Ok((reply.into_inner().data, true))
             }
             .instrument(span.clone())
             .await;
 
             match result {
-                Ok(reply) => {
-                    let data = reply.into_inner().data;
-                    if ChunkHash::of(&data) == *hash {
+                Ok((data, unchecked)) => {
+                    if !unchecked || ChunkHash::of(&data) == *hash {
                         return Ok(data);
                     }
                     span.record("error", "bytes do not match the hash");
@@ -1020,6 +1025,8 @@ impl Coordinator {
         // Small pieces not yet sent, gathered into messages of up to `READ_MESSAGE_BYTES`;
         // a big piece goes out as slices of its chunk, not copied.
         let mut unsent = BytesMut::new();
+        // Resolves once the bytes of the chunk fetched last have all gone out.
+        let mut previous_released: Option<tokio::sync::oneshot::Receiver<()>> = None;
         loop {
             while offset < range.end
                 && (ahead.is_empty() || (ahead.len() < READ_AHEAD_CHUNKS_MAX && ahead_bytes < READ_AHEAD_BYTES_MAX))
@@ -1048,18 +1055,26 @@ impl Coordinator {
                     listed.next();
                     continue;
                 }
-                // The chunk due next is fetched whatever the budget holds, so every reader
-                // moves on its own and none waits for another's client; the ones after it
-                // only with room in the budget, held until their bytes are handed on.
-                let permit = if ahead.is_empty() {
-                    None
+                // The chunk due next is charged whatever the budget holds, so every reader
+                // moves on its own and none waits for another's client (over the budget it
+                // first lets its own previous chunk go out); the ones after it only with room
+                // in the budget. The charge goes with the bytes, until the last of their
+                // slices has been handed to the transport.
+                let mut charge = if ahead.is_empty() {
+                    if !self.read_budget.has_room_for(chunk.size) {
+                        if let Some(released) = previous_released.take() {
+                            // Err: the charge went without a word, which is just as good.
+                            let _ = released.await;
+                        }
+                    }
+                    self.read_budget.charge_due(chunk.size)
                 } else {
-                    let slots = Self::inflight_slots(chunk.size as usize);
-                    match self.read_ahead.clone().try_acquire_many_owned(slots) {
-                        Ok(permit) => Some(permit),
-                        Err(_) => break,
+                    match self.read_budget.try_charge_ahead(chunk.size) {
+                        Some(charge) => charge,
+                        None => break,
                     }
                 };
+                previous_released = Some(charge.on_release());
                 let Some(chunk) = listed.next() else { break };
                 offset += chunk.size;
                 // The part of the chunk inside the range.
@@ -1069,10 +1084,10 @@ impl Coordinator {
                 ahead_bytes += chunk.size;
                 ahead.push_back(async move {
                     let read = self.read_chunk(&chunk.hash, &chunk.replicas, &addresses).await;
-                    (chunk.size, keep, read, permit)
+                    (chunk.size, keep, read.map(|data| charge.attach(data)))
                 });
             }
-            let Some((size, keep, read, _budget)) = ahead.next().await else { break };
+            let Some((size, keep, read)) = ahead.next().await else { break };
             ahead_bytes -= size;
             let data = read?;
             if keep.end > data.len() {

@@ -27,6 +27,7 @@ pub mod coordinator;
 pub mod gc;
 pub mod healer;
 pub mod heartbeat;
+mod read_budget;
 pub mod registration;
 pub mod scrub;
 
