@@ -173,6 +173,17 @@ impl UploadSource for &mut BodyUpload {
         match self.body.next().await {
             Some(Ok(bytes)) => {
                 self.received += bytes.len() as u64;
+                // A body longer than declared is refused as soon as its excess arrives, as
+                // the client's error: the data plane sized the chunk it is streaming by the
+                // declared length, and its replicas would refuse the excess first, which
+                // would read as a failed node (503) instead of a bad request.
+                if let Some(length) = self.declared.length.filter(|length| self.received > *length) {
+                    let error = S3Error::with_message(
+                        S3ErrorCode::IncompleteBody,
+                        format!("the body has more than the {length} bytes declared"),
+                    );
+                    return Err(self.fail(error));
+                }
                 if self.received > PUT_BYTES_MAX {
                     let error = S3Error::with_message(
                         S3ErrorCode::EntityTooLarge,
@@ -238,5 +249,42 @@ pub(crate) fn verified(outcome: &Outcome) -> Result<Verified, S3Error> {
             }
         },
         Err(_) => Err(S3Error::with_message(S3ErrorCode::InternalError, "the body's outcome was lost")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body_of(pieces: &[&'static [u8]]) -> StreamingBlob {
+        let pieces: Vec<Result<bytes::Bytes, std::io::Error>> =
+            pieces.iter().map(|piece| Ok(bytes::Bytes::from_static(piece))).collect();
+        StreamingBlob::wrap(futures::stream::iter(pieces))
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_than_declared_is_refused_at_its_excess_as_the_clients_error() {
+        let declared = Declared { length: Some(4), ..Declared::default() };
+        let (mut upload, outcome) = BodyUpload::new(body_of(&[b"abc", b"de", b"fgh"]), declared, None).unwrap();
+        let mut source = &mut upload;
+        assert_eq!(source.next_data().await.unwrap().as_deref(), Some(&b"abc"[..]));
+        let refused = source.next_data().await.expect_err("the fifth byte is over the declared four");
+        assert_eq!(refused.code(), tonic::Code::Aborted);
+        let error = verified(&outcome).expect_err("the body failed");
+        assert_eq!(error.code(), &S3ErrorCode::IncompleteBody);
+        assert!(error.message().unwrap_or_default().contains("more than the 4 bytes declared"));
+    }
+
+    #[tokio::test]
+    async fn a_body_of_exactly_the_declared_length_is_verified() {
+        let declared = Declared { length: Some(5), ..Declared::default() };
+        let (mut upload, outcome) = BodyUpload::new(body_of(&[b"abc", b"de"]), declared, None).unwrap();
+        let mut source = &mut upload;
+        let mut received = Vec::new();
+        while let Some(piece) = source.next_data().await.unwrap() {
+            received.extend_from_slice(&piece);
+        }
+        assert_eq!(received, b"abcde");
+        assert!(verified(&outcome).is_ok());
     }
 }
