@@ -336,8 +336,10 @@ impl JobChange {
     }
 }
 
-/// Moves the checkpointed job to match what a scan planned. `reason` is asked only when a job
-/// starts.
+/// Moves the checkpointed job to match what a scan planned. `reason` is asked when a job starts
+/// or grows: a job that takes in the copies of a node found down after it started names that
+/// node too (the nodes it named stay named: it repairs for them as well), so an operator
+/// reading "node 8 down" is not left wondering who repairs node 7.
 pub fn next_job(
     last: Option<RepairJob>,
     planned_copies: u64,
@@ -360,6 +362,14 @@ pub fn next_job(
                 return JobChange::Unchanged(Some(job));
             }
             (job.total_copies, job.total_bytes) = totals;
+            let named: Vec<String> = job.reason.split(", ").map(str::to_string).collect();
+            for part in reason().split(", ") {
+                // Node changes only: a count of under-replicated chunks is a start's reason.
+                if part.starts_with("node ") && !named.iter().any(|n| n == part) {
+                    job.reason.push_str(", ");
+                    job.reason.push_str(part);
+                }
+            }
             JobChange::Extended(job)
         }
         (None, _) => JobChange::Started(RepairJob {
@@ -549,6 +559,14 @@ mod tests {
         // New damage adds to the totals.
         let JobChange::Extended(extended) = next_job(Some(done.clone()), 5, 50, 7, reason) else { panic!() };
         assert_eq!((extended.total_copies, extended.total_bytes), (7, 70));
+        assert_eq!(extended.reason, "node 3 down", "a reason it already gives is not repeated");
+        // Another node found down while the job runs: the job grows and names it too.
+        let JobChange::Extended(grown) =
+            next_job(Some(done.clone()), 9, 90, 8, || "node 3 down, node 5 down, 4 under-replicated chunks".into())
+        else {
+            panic!()
+        };
+        assert_eq!(grown.reason, "node 3 down, node 5 down");
         // Nothing left: the job ends with what it did, and no job runs.
         let change = next_job(Some(done.clone()), 0, 0, 9, reason);
         let JobChange::Finished(finished) = &change else { panic!("the job finishes") };
