@@ -72,6 +72,10 @@ const INFLIGHT_SLOT_BYTES: usize = 64 << 10;
 /// `READ_AHEAD_BYTES_MAX` (many if they are small), at most `READ_AHEAD_CHUNKS_MAX`, and only
 /// with room in the node's read budget (`Coordinator::read_budget`).
 const READ_AHEAD_CHUNKS_MAX: usize = 64;
+/// How long a reader waits for room when the chunks readers hold are at the read budget's hard
+/// cap: long enough for other readers' clients to take their chunks, short enough that a node
+/// swamped with reads answers `Unavailable` (retry later) rather than letting them pile up.
+const READ_BUDGET_PATIENCE: Duration = Duration::from_secs(30);
 const READ_AHEAD_BYTES_MAX: u64 = 8 << 20;
 /// Data in one segment of an upload, at most: a segment's chunks must all be prepared within
 /// the grace period of its first prepare, so a segment is a few seconds of work at any
@@ -1067,7 +1071,7 @@ impl Coordinator {
                             let _ = released.await;
                         }
                     }
-                    self.read_budget.charge_due(chunk.size)
+                    self.read_budget.charge_due(chunk.size, READ_BUDGET_PATIENCE).await.map_err(Status::unavailable)?
                 } else {
                     match self.read_budget.try_charge_ahead(chunk.size) {
                         Some(charge) => charge,
