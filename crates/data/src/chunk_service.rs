@@ -298,15 +298,9 @@ impl StreamedChunk {
     pub fn write(&mut self, piece: &[u8]) -> Result<(), ChunkError> {
         let result = match self.writer.as_mut() {
             Some(writer) => writer.write(piece),
-            None => Err(ChunkError::Io {
-                context: "the streamed chunk was already finished".to_string(),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            }),
+            None => Err(Self::already_finished()),
         };
-        if let Err(error) = &result {
-            self.local.counters.count_error(error);
-        }
-        result
+        self.counted(result)
     }
 
     /// Ends the chunk as `hash`: protects it from collection for `grace` first (so a copy
@@ -317,11 +311,20 @@ impl StreamedChunk {
         self.local.mark_pending(hash, grace);
         let result = match self.writer.take() {
             Some(writer) => self.local.store.finish(writer, hash),
-            None => Err(ChunkError::Io {
-                context: "the streamed chunk was already finished".to_string(),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            }),
+            None => Err(Self::already_finished()),
         };
+        self.counted(result)
+    }
+
+    fn already_finished() -> ChunkError {
+        ChunkError::Io {
+            context: "the streamed chunk was already finished".to_string(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        }
+    }
+
+    /// `result`, its error counted in the node's health counters.
+    fn counted(&self, result: Result<(), ChunkError>) -> Result<(), ChunkError> {
         if let Err(error) = &result {
             self.local.counters.count_error(error);
         }

@@ -305,18 +305,11 @@ impl Coordinator {
             let mut request = Request::new(request);
             let timeout = self.config.chunk_rpc_timeout;
             request.set_timeout(timeout);
-            match tokio::time::timeout(timeout, client.prepare_chunk(request)).await {
-                Err(_) => Err(format!("no answer within {timeout:?}")),
-                Ok(Err(status)) => Err(status_with_cause(&status)),
-                Ok(Ok(_)) => Ok(()),
-            }
+            answered_within(timeout, client.prepare_chunk(request)).await
         }
         .instrument(span.clone())
         .await;
-        if let Err(e) = &result {
-            span.record("error", format!("node {id}: {e}"));
-        }
-        result
+        record_node_error(&span, id, result)
     }
 
     /// Phase one for one chunk: durable on `replication_factor` distinct nodes, or an error.
@@ -1610,18 +1603,11 @@ impl Coordinator {
                 grace_ms: grace.as_millis() as u64,
             });
             request.set_timeout(timeout);
-            match tokio::time::timeout(timeout, client.replicate_chunk(request)).await {
-                Err(_) => Err(format!("no answer within {timeout:?}")),
-                Ok(Err(status)) => Err(status_with_cause(&status)),
-                Ok(Ok(_)) => Ok(()),
-            }
+            answered_within(timeout, client.replicate_chunk(request)).await
         }
         .instrument(span.clone())
         .await;
-        if let Err(e) = &result {
-            span.record("error", format!("node {id}: {e}"));
-        }
-        result
+        record_node_error(&span, id, result)
     }
 
     /// `write_chunks` for replicated content: each chunk's bytes are forwarded to its replicas
@@ -1748,6 +1734,27 @@ pub trait UploadSource: Send {
     fn remaining_hint(&self) -> Option<u64> {
         None
     }
+}
+
+/// A unary call to a storage node that must answer within `timeout`: its error, or the
+/// timeout, as text naming the cause.
+async fn answered_within<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(format!("no answer within {timeout:?}")),
+        Ok(Err(status)) => Err(status_with_cause(&status)),
+        Ok(Ok(_)) => Ok(()),
+    }
+}
+
+/// `result` of a call to node `id`, its error recorded on the call's span.
+fn record_node_error(span: &tracing::Span, id: NodeId, result: Result<(), String>) -> Result<(), String> {
+    if let Err(e) = &result {
+        span.record("error", format!("node {id}: {e}"));
+    }
+    result
 }
 
 /// What phase one wrote, for phase two to commit.
