@@ -72,11 +72,11 @@ const INFLIGHT_SLOT_BYTES: usize = 64 << 10;
 /// `READ_AHEAD_BYTES_MAX` (many if they are small), at most `READ_AHEAD_CHUNKS_MAX`, and only
 /// with room in the node's read budget (`Coordinator::read_budget`).
 const READ_AHEAD_CHUNKS_MAX: usize = 64;
+const READ_AHEAD_BYTES_MAX: u64 = 8 << 20;
 /// How long a reader waits for room when the chunks readers hold are at the read budget's hard
 /// cap: long enough for other readers' clients to take their chunks, short enough that a node
 /// swamped with reads answers `Unavailable` (retry later) rather than letting them pile up.
 const READ_BUDGET_PATIENCE: Duration = Duration::from_secs(30);
-const READ_AHEAD_BYTES_MAX: u64 = 8 << 20;
 /// Data in one segment of an upload, at most: a segment's chunks must all be prepared within
 /// the grace period of its first prepare, so a segment is a few seconds of work at any
 /// reasonable rate even with big chunks (and otherwise as many chunks as the metadata takes in
@@ -1056,11 +1056,12 @@ impl Coordinator {
                     listed.next();
                     continue;
                 }
-                // The chunk due next is charged whatever the budget holds, so every reader
-                // moves on its own and none waits for another's client (over the budget it
-                // first lets its own previous chunk go out); the ones after it only with room
-                // in the budget. The charge goes with the bytes, until the last of their
-                // slices has been handed to the transport.
+                // The chunk due next may overdraw the budget up to its hard cap, so every
+                // reader moves on its own and none waits for another's client until then (over
+                // the budget it first lets its own previous chunk go out; at the cap it waits
+                // for room, see `ReadBudget`); the ones after it only with room in the budget.
+                // The charge goes with the bytes, until the last of their slices has been
+                // handed to the transport.
                 let mut charge = if ahead.is_empty() {
                     if !self.read_budget.has_room_for(chunk.size) {
                         if let Some(released) = previous_released.take() {
