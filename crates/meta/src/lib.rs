@@ -32,6 +32,7 @@ mod policy_service;
 mod raft_store;
 pub mod s3;
 mod schema;
+mod segment_log;
 mod service;
 mod snapshot_file;
 mod state;

@@ -1,15 +1,14 @@
-//! openraft's storage, on redb: the Raft log and vote in `raft-log.redb`, the state machine in
-//! `state.redb`, the latest snapshot in `snapshot.bin`.
+//! openraft's storage: the Raft log and vote in segment files under `raft-log/` (see
+//! `segment_log`), the state machine in `state.redb`, the latest snapshot in `snapshot.bin`.
 //!
-//! Two database files rather than one so that appending to the log (on the leader's hot path)
-//! and applying committed entries proceed in parallel instead of queueing on one writer lock.
+//! The log and the state apart, so that appending (on the leader's hot path) and applying
+//! committed entries proceed in parallel instead of queueing on one writer.
 //! Every write whose loss Raft cannot tolerate (votes, log appends, truncations, purges, snapshot
-//! installs) is committed with `Durability::Immediate` (redb fsyncs before `commit` returns)
-//! before openraft is told it happened: an acknowledged vote or entry that a crash could take
-//! back would let two leaders be elected in one term, or lose a committed write. One exception,
-//! with its own guard: a leader's appends of its own new entries are told flushed before their
-//! fsync, so that the fsync overlaps the followers' (see [`RaftLogStore::append`] and
-//! [`DurableLog`]). Two writes are
+//! installs) is fsynced before openraft is told it happened: an acknowledged vote or entry that
+//! a crash could take back would let two leaders be elected in one term, or lose a committed
+//! write. One exception, with its own guard: a leader's appends of its own new entries are told
+//! flushed before their fsync, so that the fsync overlaps the followers' (see
+//! [`RaftLogStore::append`] and [`DurableLog`]). Two writes are
 //! lazy on purpose, each with its reason beside it: `save_committed` (a hint Raft re-learns) and
 //! `apply`, which is made durable only every `DURABLE_APPLY_EVERY_ENTRIES` entries and before a
 //! snapshot is built, because the log still holds every entry after the durable applied id and
@@ -27,10 +26,10 @@ use openraft::{
     StorageIOError, StoredMembership, Vote,
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::schema::{self, decode, encode, CommandResult, Rows, StateStore, StoreError, Table};
+use crate::segment_log::SegmentLog;
 use crate::snapshot_file::{Item, SnapshotParser, SnapshotWriter};
 use crate::state;
 use crate::{NodeId, TypeConfig};
@@ -62,15 +61,14 @@ fn store_err(e: impl std::fmt::Display) -> StoreError {
     StoreError(e.to_string())
 }
 
-/// redb's page cache per database: its default is 1 GiB each, which let a node's memory grow
-/// to twice that with a large state. The log is written and read near its end (replication
-/// reads what was just appended); the state machine gets more for reads. Both are kept small
-/// because they are a node's largest steady cost: redb reads with `pread`, so a page that is
-/// not cached here still comes from the kernel's page cache, not the disk, while 64 + 256 MiB
-/// filled within seconds of small puts and took a node under 8-client load from about 80 MiB
-/// of RSS to 150 (`mendfs bench s3`).
-const LOG_CACHE_BYTES: usize = 16 << 20;
+/// redb's page cache for the state machine: its default, 1 GiB, let a node's memory grow to
+/// that with a large state. Kept small because it is a node's largest steady cost: redb reads
+/// with `pread`, so a page that is not cached here still comes from the kernel's page cache,
+/// not the disk, while 256 MiB filled within seconds of small puts and took a node under
+/// 8-client load from about 80 MiB of RSS to 150 (`mendfs bench s3`).
 const STATE_CACHE_BYTES: usize = 48 << 20;
+/// For reading a Raft log an earlier version kept in redb, once, from start to end.
+const LOG_CACHE_BYTES: usize = 16 << 20;
 
 fn open_database(path: &Path, cache_bytes: usize) -> Result<OpenDatabase, StoreError> {
     let database = redb::Builder::new()
@@ -133,7 +131,7 @@ async fn blocking<T: Send + 'static>(
 
 #[derive(Clone)]
 pub struct RaftLogStore {
-    db: Arc<OpenDatabase>,
+    log: Arc<OpenLog>,
     node_id: NodeId,
     /// The latest committed index Raft told us (`save_committed`), for metrics; openraft's own
     /// metrics do not carry it.
@@ -194,9 +192,8 @@ struct Unflushed {
 }
 
 /// Makes the leader's own appends durable with one fsync for all queued so far, then moves
-/// [`DurableLog`] on, until none is waiting. One durable redb commit persists every non-durable
-/// commit before it, so appends that arrive during an fsync share the next one.
-fn flush_until_idle(db: &Database, unflushed: &std::sync::Mutex<Unflushed>, durable: &watch::Sender<DurableLog>) {
+/// [`DurableLog`] on, until none is waiting. Appends that arrive during an fsync share the next.
+fn flush_until_idle(log: &SegmentLog, unflushed: &std::sync::Mutex<Unflushed>, durable: &watch::Sender<DurableLog>) {
     loop {
         let last = {
             let mut unflushed = unflushed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -208,13 +205,9 @@ fn flush_until_idle(db: &Database, unflushed: &std::sync::Mutex<Unflushed>, dura
                 }
             }
         };
-        // The id taken was queued after its append's commit returned, so this durable commit,
-        // which begins later, covers it and every entry before it.
-        let flushed = db.begin_write().map_err(|e| e.to_string()).and_then(|mut txn| {
-            txn.set_durability(Durability::Immediate).map_err(|e| e.to_string())?;
-            txn.commit().map_err(|e| e.to_string())
-        });
-        match flushed {
+        // The id taken was queued after its append's write returned, so this sync, which
+        // begins later, covers it and every entry before it.
+        match log.sync() {
             Ok(()) => durable.send_modify(|durable| durable.last = durable.last.max(Some(last))),
             Err(e) => {
                 tracing::error!(error = %e, "the Raft log could not be made durable");
@@ -224,15 +217,86 @@ fn flush_until_idle(db: &Database, unflushed: &std::sync::Mutex<Unflushed>, dura
     }
 }
 
+/// The segment log, with a signal that tells when it is closed (its lock released), as
+/// [`OpenDatabase`] has for redb. Fields drop in order.
+struct OpenLog {
+    log: SegmentLog,
+    closed: ClosedOnDrop,
+}
+
+impl std::ops::Deref for OpenLog {
+    type Target = SegmentLog;
+
+    fn deref(&self) -> &SegmentLog {
+        &self.log
+    }
+}
+
+/// The directory of the Raft log's segments (see `segment_log`).
+const LOG_DIR: &str = "raft-log";
+/// Where earlier versions kept the Raft log: a redb database, moved into segments on open.
+const REDB_LOG_FILE: &str = "raft-log.redb";
+
+/// Moves a Raft log kept in redb by an earlier version into segments, so that an upgraded node
+/// keeps its vote and entries (forgetting the vote could let it vote twice in one term). The
+/// segments are built beside the final directory and renamed into place, and the redb file is
+/// removed only after that: a crash at any point leaves one whole copy to start from.
+fn migrate_redb_log(data_dir: &Path) -> Result<(), StoreError> {
+    let redb_path = data_dir.join(REDB_LOG_FILE);
+    if !redb_path.exists() {
+        return Ok(());
+    }
+    let context = |what: &str, e: &dyn std::fmt::Display| StoreError(format!("{what} {}: {e}", redb_path.display()));
+    let target = data_dir.join(LOG_DIR);
+    if !target.exists() {
+        let building = data_dir.join("raft-log.migrating");
+        if building.exists() {
+            std::fs::remove_dir_all(&building).map_err(|e| context("remove the unfinished migration of", &e))?;
+        }
+        let db = open_database(&redb_path, LOG_CACHE_BYTES)?;
+        let txn = db.begin_read().map_err(|e| context("read", &e))?;
+        let meta = txn.open_table(LOG_META).map_err(|e| context("read", &e))?;
+        let get = |key: &str| -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(meta.get(key).map_err(|e| context("read", &e))?.map(|guard| guard.value().to_vec()))
+        };
+        let vote: Option<Vote<NodeId>> = get(KEY_VOTE)?.map(|bytes| decode(&bytes)).transpose()?;
+        let purged: Option<Option<LogId<NodeId>>> = get(KEY_LAST_PURGED)?.map(|bytes| decode(&bytes)).transpose()?;
+        let committed: Option<Option<LogId<NodeId>>> = get(KEY_COMMITTED)?.map(|bytes| decode(&bytes)).transpose()?;
+        let log = SegmentLog::open(&building).map_err(|e| context("migrate", &e))?;
+        if let Some(purged) = purged.flatten() {
+            log.purge(purged).map_err(|e| context("migrate", &e))?;
+        }
+        let table = txn.open_table(LOG).map_err(|e| context("read", &e))?;
+        let mut batch = Vec::new();
+        for row in table.iter().map_err(|e| context("read", &e))? {
+            let (_, value) = row.map_err(|e| context("read", &e))?;
+            let entry: Entry<TypeConfig> = decode(value.value())?;
+            batch.push((entry.log_id, value.value().to_vec()));
+            if batch.len() == 1024 {
+                log.append(std::mem::take(&mut batch), None, false).map_err(|e| context("migrate", &e))?;
+            }
+        }
+        log.append(batch, committed.flatten(), false).map_err(|e| context("migrate", &e))?;
+        // Syncs the entries, and writes the vote and the committed hint.
+        log.sync().map_err(|e| context("migrate", &e))?;
+        log.save_vote_and_committed(vote, committed.flatten()).map_err(|e| context("migrate", &e))?;
+        drop(log);
+        std::fs::rename(&building, &target).map_err(|e| context("put the migrated log of", &e))?;
+        std::fs::File::open(data_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| context("fsync the directory of", &e))?;
+        tracing::info!(from = %redb_path.display(), to = %target.display(), "moved the Raft log into segment files");
+    }
+    std::fs::remove_file(&redb_path).map_err(|e| context("remove", &e))?;
+    std::fs::File::open(data_dir).and_then(|dir| dir.sync_all()).map_err(|e| context("fsync the directory of", &e))
+}
+
 impl RaftLogStore {
     pub fn open(data_dir: &Path, node_id: NodeId) -> Result<Self, StoreError> {
-        let db = open_database(&data_dir.join("raft-log.redb"), LOG_CACHE_BYTES)?;
-        let txn = db.begin_write().map_err(store_err)?;
-        txn.open_table(LOG).map_err(store_err)?;
-        txn.open_table(LOG_META).map_err(store_err)?;
-        txn.commit().map_err(store_err)?;
+        migrate_redb_log(data_dir)?;
+        let log = SegmentLog::open(&data_dir.join(LOG_DIR)).map_err(store_err)?;
         let store = Self {
-            db: Arc::new(db),
+            log: Arc::new(OpenLog { log, closed: ClosedOnDrop(Arc::default()) }),
             node_id,
             committed_index: Arc::default(),
             committed_unsaved: Arc::default(),
@@ -241,7 +305,7 @@ impl RaftLogStore {
             unflushed: Arc::default(),
         };
         // Everything on disk at start-up is durable.
-        let last = store.last_entry_log_id().map_err(|e| StoreError(e.to_string()))?;
+        let last = store.log.last_log_id();
         store.durable.send_modify(|durable| durable.last = last);
         Ok(store)
     }
@@ -258,11 +322,10 @@ impl RaftLogStore {
     /// does, and that leader's first entry, which commits everything before it, bounds reads.
     /// Safe: an uncommitted vote is less than what the node knew, never more.
     pub fn give_up_own_leadership(&self, node_id: NodeId) -> Result<(), StoreError> {
-        let vote: Option<Vote<NodeId>> = self.read_meta(KEY_VOTE).map_err(|e| StoreError(e.to_string()))?;
-        match vote {
+        match self.log.meta().vote {
             Some(vote) if vote.is_committed() && vote.leader_id().voted_for() == Some(node_id) => {
                 let candidate = Vote::new(vote.leader_id().get_term(), node_id);
-                self.write_meta(KEY_VOTE, &candidate, Durability::Immediate).map_err(|e| StoreError(e.to_string()))
+                self.log.save_vote(candidate).map_err(store_err)
             }
             _ => Ok(()),
         }
@@ -273,37 +336,20 @@ impl RaftLogStore {
     async fn write_entries(&self, entries: Vec<Entry<TypeConfig>>) -> Result<(), AnyError> {
         let Some(last) = entries.last().map(|entry| entry.log_id) else { return Ok(()) };
         let as_leader = self.appending_as_leader(&entries);
-        let mut rows = Vec::with_capacity(entries.len());
+        let mut encoded = Vec::with_capacity(entries.len());
         for entry in &entries {
-            let bytes = encode(entry).map_err(io_err)?;
-            rows.push((entry.log_id.index, bytes));
+            encoded.push((entry.log_id, encode(entry).map_err(io_err)?));
         }
-        let db = self.db.clone();
-        let durability = if as_leader { Durability::None } else { Durability::Immediate };
         let committed = self.committed_unsaved.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
-        let committed = committed.map(|committed| encode(&committed)).transpose().map_err(io_err)?;
-        blocking(move || {
-            let mut txn = db.begin_write().map_err(io_err)?;
-            txn.set_durability(durability).map_err(io_err)?;
-            {
-                let mut table = txn.open_table(LOG).map_err(io_err)?;
-                for (index, bytes) in &rows {
-                    table.insert(*index, bytes.as_slice()).map_err(io_err)?;
-                }
-            }
-            if let Some(committed) = committed {
-                // See `save_committed`: a hint, stored with whatever log write comes next.
-                txn.open_table(LOG_META)
-                    .map_err(io_err)?
-                    .insert(KEY_COMMITTED, committed.as_slice())
-                    .map_err(io_err)?;
-            }
-            txn.commit().map_err(io_err)
-        })
-        .await?;
         if as_leader {
+            // Written here, not on a blocking thread: without its sync an append is one
+            // `pwrite` into the page cache (a roll to a new segment, once per segment, also
+            // syncs), and the hop to a blocking thread and back cost more than the write.
+            self.log.append(encoded, committed.flatten(), false).map_err(io_err)?;
             self.flush_later(last);
         } else {
+            let log = self.log.clone();
+            blocking(move || log.append(encoded, committed.flatten(), true).map_err(io_err)).await?;
             self.durable.send_modify(|durable| durable.last = durable.last.max(Some(last)));
         }
         Ok(())
@@ -336,51 +382,18 @@ impl RaftLogStore {
             return;
         }
         unflushed.flushing = true;
-        let (db, unflushed, durable) = (self.db.clone(), self.unflushed.clone(), self.durable.clone());
-        tokio::task::spawn_blocking(move || flush_until_idle(&db, &unflushed, &durable));
+        let (log, unflushed, durable) = (self.log.clone(), self.unflushed.clone(), self.durable.clone());
+        tokio::task::spawn_blocking(move || flush_until_idle(&log, &unflushed, &durable));
     }
 
-    /// A handle that tells when the log's database file is closed (see `FilesInUse`).
+    /// A handle that tells when the log's files are closed (see `FilesInUse`).
     pub fn database_closed(&self) -> DatabaseClosed {
-        self.db.closed_signal()
+        DatabaseClosed(self.log.closed.0.clone())
     }
 
     /// The committed index as last saved, shared: it moves as Raft commits.
     pub fn committed_index(&self) -> Arc<std::sync::atomic::AtomicU64> {
         self.committed_index.clone()
-    }
-
-    fn read_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, AnyError> {
-        let txn = self.db.begin_read().map_err(io_err)?;
-        let table = txn.open_table(LOG_META).map_err(io_err)?;
-        match table.get(key).map_err(io_err)? {
-            None => Ok(None),
-            Some(guard) => Ok(Some(decode(guard.value()).map_err(io_err)?)),
-        }
-    }
-
-    fn write_meta<T: Serialize>(&self, key: &str, value: &T, durability: Durability) -> Result<(), AnyError> {
-        let bytes = encode(value).map_err(io_err)?;
-        let mut txn = self.db.begin_write().map_err(io_err)?;
-        txn.set_durability(durability).map_err(io_err)?;
-        {
-            let mut table = txn.open_table(LOG_META).map_err(io_err)?;
-            table.insert(key, bytes.as_slice()).map_err(io_err)?;
-        }
-        txn.commit().map_err(io_err)
-    }
-
-    fn last_entry_log_id(&self) -> Result<Option<LogId<NodeId>>, AnyError> {
-        let txn = self.db.begin_read().map_err(io_err)?;
-        let table = txn.open_table(LOG).map_err(io_err)?;
-        let last = table.last().map_err(io_err)?;
-        match last {
-            None => Ok(None),
-            Some((_, value)) => {
-                let entry: Entry<TypeConfig> = decode(value.value()).map_err(io_err)?;
-                Ok(Some(entry.log_id))
-            }
-        }
     }
 }
 
@@ -399,13 +412,15 @@ impl RaftLogReader<TypeConfig> for RaftLogStore {
             Bound::Excluded(index) => Bound::Excluded(*index),
             Bound::Unbounded => Bound::Unbounded,
         };
+        let end = match end {
+            Bound::Included(index) => index.saturating_add(1),
+            Bound::Excluded(index) => index,
+            Bound::Unbounded => u64::MAX,
+        };
         let read = || -> Result<Vec<Entry<TypeConfig>>, AnyError> {
-            let txn = self.db.begin_read().map_err(io_err)?;
-            let table = txn.open_table(LOG).map_err(io_err)?;
             let mut entries = Vec::new();
-            for row in table.range((Bound::Included(start), end)).map_err(io_err)? {
-                let (_, value) = row.map_err(io_err)?;
-                entries.push(decode(value.value()).map_err(io_err)?);
+            for (_, bytes) in self.log.read(start, end).map_err(io_err)? {
+                entries.push(decode(&bytes).map_err(io_err)?);
             }
             Ok(entries)
         };
@@ -417,12 +432,8 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
     type LogReader = RaftLogStore;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, RaftStorageError> {
-        // Stored as an `Option<LogId>` (see `purge`); reading it as a bare `LogId` once turned
-        // the `Some` tag into the term and every field after it into the next one.
-        let last_purged_log_id: Option<Option<LogId<NodeId>>> =
-            self.read_meta(KEY_LAST_PURGED).map_err(StorageIOError::read_logs)?;
-        let last_purged_log_id = last_purged_log_id.flatten();
-        let last_log_id = self.last_entry_log_id().map_err(StorageIOError::read_logs)?.or(last_purged_log_id);
+        let last_purged_log_id = self.log.last_purged();
+        let last_log_id = self.log.last_log_id();
         Ok(LogState { last_purged_log_id, last_log_id })
     }
 
@@ -433,26 +444,24 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), RaftStorageError> {
         // Durable before returning: a node that forgot its vote after a crash could vote twice
         // in one term.
-        let store = self.clone();
+        let log = self.log.clone();
         let vote = *vote;
-        blocking(move || store.write_meta(KEY_VOTE, &vote, Durability::Immediate))
-            .await
-            .map_err(StorageIOError::write_vote)?;
+        blocking(move || log.save_vote(vote).map_err(io_err)).await.map_err(StorageIOError::write_vote)?;
         *self.vote.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(vote);
         Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, RaftStorageError> {
-        let vote: Option<Vote<NodeId>> = self.read_meta(KEY_VOTE).map_err(StorageIOError::read_vote)?;
+        let vote = self.log.meta().vote;
         *self.vote.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = vote;
         Ok(vote)
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<(), RaftStorageError> {
         self.committed_index.store(committed.map_or(0, |id| id.index), std::sync::atomic::Ordering::Relaxed);
-        // Kept in memory and written by the next log write (an append, a truncation, a purge or
-        // a flush), in its transaction: a write transaction of its own on every commit cost as
-        // much CPU as the append did. Losing the latest value is harmless: the committed index
+        // Kept in memory and written with the next append (a record in the same write), or the
+        // next vote or purge: a write of its own on every commit would cost as much as the
+        // append does. Losing the latest value is harmless: the committed index
         // only lets a restarted node re-apply sooner, and Raft re-learns it from the leader
         // (see `give_up_own_leadership` for why reads never depend on it).
         *self.committed_unsaved.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(committed);
@@ -463,11 +472,7 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
         let unsaved = *self.committed_unsaved.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let committed = match unsaved {
             Some(committed) => committed,
-            None => {
-                let saved: Option<Option<LogId<NodeId>>> =
-                    self.read_meta(KEY_COMMITTED).map_err(StorageIOError::read)?;
-                saved.flatten()
-            }
+            None => self.log.meta().committed,
         };
         self.committed_index.store(committed.map_or(0, |id| id.index), std::sync::atomic::Ordering::Relaxed);
         Ok(committed)
@@ -501,36 +506,17 @@ impl RaftLogStorage<TypeConfig> for RaftLogStore {
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
         // Durable: entries removed here conflict with the leader's log; if they came back after
         // a crash the node would hold a log the leader never wrote.
-        let db = self.db.clone();
-        blocking(move || {
-            let txn = db.begin_write().map_err(io_err)?;
-            {
-                let mut table = txn.open_table(LOG).map_err(io_err)?;
-                table.retain_in(log_id.index.., |_, _| false).map_err(io_err)?;
-            }
-            txn.commit().map_err(io_err)
-        })
-        .await
-        .map_err(|e| StorageIOError::write_logs(e).into())
+        let log = self.log.clone();
+        blocking(move || log.truncate(log_id.index).map_err(io_err))
+            .await
+            .map_err(|e| StorageIOError::write_logs(e).into())
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
-        // Durable, together with the purge mark, so that the log state read at start-up never
-        // claims entries the table no longer has.
-        let db = self.db.clone();
-        blocking(move || {
-            let bytes = encode(&Some(log_id)).map_err(io_err)?;
-            let txn = db.begin_write().map_err(io_err)?;
-            {
-                let mut meta = txn.open_table(LOG_META).map_err(io_err)?;
-                meta.insert(KEY_LAST_PURGED, bytes.as_slice()).map_err(io_err)?;
-                let mut table = txn.open_table(LOG).map_err(io_err)?;
-                table.retain_in(..=log_id.index, |_, _| false).map_err(io_err)?;
-            }
-            txn.commit().map_err(io_err)
-        })
-        .await
-        .map_err(|e| StorageIOError::write_logs(e).into())
+        // The purge mark durable before any segment goes, so that the log state read at
+        // start-up never claims entries the segments no longer have.
+        let log = self.log.clone();
+        blocking(move || log.purge(log_id).map_err(io_err)).await.map_err(|e| StorageIOError::write_logs(e).into())
     }
 }
 
@@ -1254,6 +1240,46 @@ mod tests {
 
     fn blank(term: u64, node: NodeId, index: u64) -> Entry<TypeConfig> {
         Entry { log_id: log_id(term, node, index), payload: EntryPayload::Blank }
+    }
+
+    /// A node upgraded from a version that kept its Raft log in redb keeps its vote, its purge
+    /// mark and its entries, and the redb file is gone once they are in segments.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_kept_in_redb_by_an_earlier_version_moves_into_segments() {
+        let dir = tempfile::tempdir().expect("dir");
+        {
+            let db = open_database(&dir.path().join(REDB_LOG_FILE), LOG_CACHE_BYTES).expect("create");
+            let txn = db.begin_write().expect("write");
+            {
+                let mut log = txn.open_table(LOG).expect("table");
+                for index in 6..=9 {
+                    let bytes = encode(&blank(2, 1, index)).expect("encode");
+                    log.insert(index, bytes.as_slice()).expect("insert");
+                }
+                let mut meta = txn.open_table(LOG_META).expect("table");
+                let vote = encode(&Vote::<NodeId>::new_committed(2, 1)).expect("encode");
+                meta.insert(KEY_VOTE, vote.as_slice()).expect("insert");
+                let purged = encode(&Some(log_id(1, 1, 5))).expect("encode");
+                meta.insert(KEY_LAST_PURGED, purged.as_slice()).expect("insert");
+                let committed = encode(&Some(log_id(2, 1, 8))).expect("encode");
+                meta.insert(KEY_COMMITTED, committed.as_slice()).expect("insert");
+            }
+            txn.commit().expect("commit");
+        }
+        // A migration a crash interrupted, left half-built: started over.
+        std::fs::create_dir_all(dir.path().join("raft-log.migrating")).expect("dir");
+        std::fs::write(dir.path().join("raft-log.migrating/00000000000000000001.seg"), b"half").expect("write");
+
+        let mut log = RaftLogStore::open(dir.path(), 1).expect("open and migrate");
+        assert!(!dir.path().join(REDB_LOG_FILE).exists(), "the redb log is removed");
+        assert!(!dir.path().join("raft-log.migrating").exists());
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 5)));
+        assert_eq!(state.last_log_id, Some(log_id(2, 1, 9)));
+        assert_eq!(log.read_vote().await.expect("vote"), Some(Vote::new_committed(2, 1)));
+        assert_eq!(log.read_committed().await.expect("committed"), Some(log_id(2, 1, 8)));
+        let entries = log.try_get_log_entries(0..).await.expect("read");
+        assert_eq!(entries.iter().map(|entry| entry.log_id.index).collect::<Vec<_>>(), vec![6, 7, 8, 9]);
     }
 
     #[test]
