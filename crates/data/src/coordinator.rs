@@ -172,6 +172,11 @@ impl Coordinator {
         }
     }
 
+    /// What the node's readers hold of its read budget now (for its metrics).
+    pub fn read_budget_usage(&self) -> crate::ReadBudgetUsage {
+        self.read_budget.usage()
+    }
+
     /// The budget's slots for `bytes` of chunk data.
     fn inflight_slots(bytes: usize) -> u32 {
         bytes.div_ceil(INFLIGHT_SLOT_BYTES).max(1) as u32

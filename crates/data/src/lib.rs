@@ -28,6 +28,7 @@ pub mod gc;
 pub mod healer;
 pub mod heartbeat;
 mod read_budget;
+pub use read_budget::ReadBudgetUsage;
 pub mod registration;
 pub mod scrub;
 

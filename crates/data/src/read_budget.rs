@@ -35,6 +35,14 @@ pub(crate) struct ReadBudget {
     released: Notify,
 }
 
+/// What a [`ReadBudget`] holds, at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadBudgetUsage {
+    pub held_bytes: u64,
+    pub limit_bytes: u64,
+    pub cap_bytes: u64,
+}
+
 /// Bytes charged to a [`ReadBudget`], given back when dropped.
 #[derive(Debug)]
 pub(crate) struct ReadCharge {
@@ -46,6 +54,16 @@ pub(crate) struct ReadCharge {
 impl ReadBudget {
     pub(crate) fn new(limit: u64) -> Arc<Self> {
         Arc::new(Self { held: AtomicU64::new(0), limit, released: Notify::new() })
+    }
+
+    /// Bytes charged now, the budget, and the hard cap the chunks readers need next may
+    /// overdraw it to: for the node's metrics.
+    pub(crate) fn usage(&self) -> ReadBudgetUsage {
+        ReadBudgetUsage {
+            held_bytes: self.held.load(Ordering::Acquire),
+            limit_bytes: self.limit,
+            cap_bytes: self.limit.saturating_mul(OVERDRAW_FACTOR),
+        }
     }
 
     /// Charges the chunk a reader needs next: at once while what is held stays within the

@@ -1,6 +1,7 @@
 //! Bounded under heavy use, against real `mendfs server` processes: the coordination keyspace's
 //! byte quota (refusal, memory through snapshots and a full restart, space freed by delete and
-//! compaction), and a snapshot build racing applies with a crash right after it.
+//! compaction), a snapshot build racing applies with a crash right after it, and the in-flight
+//! and read budgets under many uploads and under readers that stall.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -259,4 +260,129 @@ async fn uploads_and_reads_take_turns_in_a_one_chunk_inflight_budget() {
         client.get_file(&format!("/budget/{index}"), &mut got, |_, _| {}).await.expect("read back");
         assert_eq!(got, file_content(index, size_of(index)), "file {index}");
     }
+}
+
+/// A writer that takes the first bytes it is given and then never anything more: a reader that
+/// stops taking its data, with its stream left open.
+struct StallingWriter {
+    taken: usize,
+}
+
+impl tokio::io::AsyncWrite for StallingWriter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.taken > 0 {
+            // Never woken: the task waits until it is dropped.
+            return std::task::Poll::Pending;
+        }
+        self.taken = buf.len().min(1);
+        std::task::Poll::Ready(Ok(self.taken))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// The coordinator's read budget, from its `/metrics`: (held, limit, cap) in bytes.
+fn read_budget(http: &str) -> Option<(f64, f64, f64)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(http).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let body = response.split_once("\r\n\r\n")?.1;
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_string()))).ok()?;
+    let gauge = |name: &str| {
+        scrape.samples.iter().find(|sample| sample.metric == name).and_then(|sample| match sample.value {
+            prometheus_parse::Value::Gauge(value) | prometheus_parse::Value::Untyped(value) => Some(value),
+            _ => None,
+        })
+    };
+    Some((
+        gauge("mendfs_read_budget_held_bytes")?,
+        gauge("mendfs_read_budget_limit_bytes")?,
+        gauge("mendfs_read_budget_cap_bytes")?,
+    ))
+}
+
+/// Readers that stop taking their data hold no more of their coordinator's memory than the
+/// read budget's hard cap, however many they are, and give all of it back when they go: a
+/// fresh read through the same node then runs to its end, every byte intact. (A charge that
+/// outlived its reader would leave the node unable to serve reads for good.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_that_stall_hold_at_most_the_read_cap_and_give_it_all_back_when_they_go() {
+    const CHUNK: usize = 256 << 10;
+    const STALLED_READERS: usize = 12;
+    let chunk = CHUNK.to_string();
+    let server_args = vec!["--chunk-size-bytes".into(), chunk.clone(), "--max-inflight-bytes".into(), chunk];
+    let http = format!("127.0.0.1:{}", mendfs_testkit::free_port().expect("port"));
+    let node_args = BTreeMap::from([(1, vec!["--http".to_string(), http.clone()])]);
+    let cluster = start(ClusterOptions { nodes: 3, server_args, node_args, ..ClusterOptions::default() });
+    // Every call through node 1: it coordinates every read.
+    let mut config = ClientConfig::new(vec![cluster.addr(1)]);
+    config.secret = cluster.secret();
+    config.deadline = Duration::from_secs(300);
+    let client = Client::new(config).expect("client");
+    let content = file_content(7, CHUNK * 32 + 12_345);
+    let started = Instant::now();
+    while let Err(e) =
+        client.put_file("/stall", std::io::Cursor::new(content.clone()), Some(content.len() as u64), None, |_| {}).await
+    {
+        // The storage nodes register just after the start: retried until they have.
+        assert!(started.elapsed() < DEADLINE, "the file was never written: {e}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED_READERS {
+        let reader = client.clone();
+        stalled.push(tokio::spawn(async move {
+            let _ = reader.get_file("/stall", &mut StallingWriter { taken: 0 }, |_, _| {}).await;
+        }));
+    }
+    let (held, limit, cap) = blocking(|| {
+        wait_for("the stalled readers to fill the read budget", DEADLINE, || {
+            Ok(read_budget(&http).filter(|(held, limit, _)| held >= limit))
+        })
+    })
+    .expect("the budget filled");
+    assert_eq!(limit, CHUNK as f64, "the budget is --max-inflight-bytes");
+    assert!(held <= cap, "readers hold {held} bytes, beyond the cap of {cap}");
+    // Held there: still within the cap a moment later, with every reader still stalled.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (held, _, _) = blocking(|| read_budget(&http)).expect("metrics");
+        assert!(held <= cap, "readers hold {held} bytes, beyond the cap of {cap}");
+    }
+
+    for reader in &stalled {
+        reader.abort();
+    }
+    for reader in stalled {
+        let _ = reader.await;
+    }
+    blocking(|| {
+        wait_for("the vanished readers' budget to come back", DEADLINE, || {
+            Ok(read_budget(&http).filter(|(held, _, _)| *held == 0.0))
+        })
+    })
+    .expect("every charge given back");
+    let mut got = Vec::new();
+    client.get_file("/stall", &mut got, |_, _| {}).await.expect("a fresh read");
+    assert!(got == content, "the file came back different");
 }

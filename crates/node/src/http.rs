@@ -27,6 +27,8 @@ pub(crate) struct HttpState {
     pub node: MetaNode,
     pub healer: Healer,
     pub storage: Option<Arc<LocalChunks>>,
+    /// For the read budget's gauges.
+    pub coordinator: mendfs_data::coordinator::Coordinator,
     pub requests: Arc<RequestMetrics>,
     pub telemetry: Telemetry,
     pub background: Background,
@@ -179,6 +181,23 @@ fn scrape(state: &HttpState) -> Scrape {
             let running = !matches!(w.state, WorkerState::Done | WorkerState::Stopped);
             (labels(&[("worker", w.name.clone())]), if running { 1.0 } else { 0.0 })
         }),
+    );
+
+    let read_budget = state.coordinator.read_budget_usage();
+    scrape.gauge(
+        "mendfs_read_budget_held_bytes",
+        "Chunk bytes this node holds for readers as their coordinator (read, or on their way to the client)",
+        read_budget.held_bytes as f64,
+    );
+    scrape.gauge(
+        "mendfs_read_budget_limit_bytes",
+        "The readers' budget (--max-inflight-bytes): beyond it, only the chunk each reader needs next is read",
+        read_budget.limit_bytes as f64,
+    );
+    scrape.gauge(
+        "mendfs_read_budget_cap_bytes",
+        "The most chunk bytes readers may hold: at it, a reader waits for room (30 s, then unavailable)",
+        read_budget.cap_bytes as f64,
     );
 
     if let Some(storage) = &state.storage {

@@ -238,6 +238,7 @@ impl Node {
                 node: meta.clone(),
                 healer: healer.clone(),
                 storage: chunks,
+                coordinator: coordinator.clone(),
                 requests: requests.clone(),
                 telemetry,
                 background: background.clone(),
