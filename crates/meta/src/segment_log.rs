@@ -432,10 +432,15 @@ impl SegmentLog {
         vote: Option<Vote<NodeId>>,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), LogError> {
-        let mut state = self.state();
-        state.committed = state.committed.max(committed);
-        let meta = LogMeta { vote, committed: state.committed, ..state.meta.clone() };
+        let meta = {
+            let state = self.state();
+            LogMeta { vote, committed: state.committed.max(committed), ..state.meta.clone() }
+        };
+        // Outside the lock (writes come one at a time from openraft): readers need not wait
+        // for the file's two fsyncs.
         write_meta(&self.dir, &meta)?;
+        let mut state = self.state();
+        state.committed = meta.committed;
         state.meta = meta;
         state.committed_unwritten = false;
         Ok(())
@@ -628,9 +633,16 @@ impl SegmentLog {
     /// durably, then the segments no longer needed. A crash between the two leaves segments
     /// that the next open removes.
     pub fn purge(&self, log_id: LogId<NodeId>) -> Result<(), LogError> {
-        let mut state = self.state();
-        let meta = LogMeta { last_purged: Some(log_id), committed: state.committed, ..state.meta.clone() };
+        let meta = {
+            let state = self.state();
+            if state.meta.last_purged >= Some(log_id) {
+                return Ok(());
+            }
+            LogMeta { last_purged: Some(log_id), committed: state.committed, ..state.meta.clone() }
+        };
+        // Outside the lock, as in `save_vote_and_committed`.
         write_meta(&self.dir, &meta)?;
+        let mut state = self.state();
         state.meta = meta;
         state.committed_unwritten = false;
         let last_index = state.last_log_id().map(|id| id.index);
