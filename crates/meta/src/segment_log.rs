@@ -1020,6 +1020,34 @@ mod tests {
         }
     }
 
+    /// A segment lost from the middle, or one whose name disagrees with its first entry, is not
+    /// something a crash does: the log refuses to open rather than serve a log with a hole.
+    #[test]
+    fn a_lost_or_misnamed_segment_refuses_to_open() {
+        let dir = tempfile::tempdir().expect("dir");
+        let log = SegmentLog::open_with_segment_bytes(dir.path(), 2048).expect("open");
+        for first in (1..=40).step_by(5) {
+            log.append(entries(1, first..=first + 4, 100), None, true).expect("append");
+        }
+        drop(log);
+        let segments = segment_files(dir.path());
+        assert!(segments.len() >= 3);
+        let refused = |dir: &Path| match SegmentLog::open_with_segment_bytes(dir, 2048) {
+            Err(LogError::Corrupt { reason, .. }) => reason,
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(_) => panic!("a log with a hole opened"),
+        };
+
+        let misnamed = segments[1].with_file_name(format!("{:020}{SEGMENT_SUFFIX}", 999));
+        std::fs::rename(&segments[1], &misnamed).expect("rename");
+        assert!(refused(dir.path()).contains("starts with entry"));
+        std::fs::rename(&misnamed, &segments[1]).expect("rename back");
+        SegmentLog::open_with_segment_bytes(dir.path(), 2048).expect("whole again");
+
+        std::fs::remove_file(&segments[1]).expect("lose a segment");
+        assert!(refused(dir.path()).contains("starts with entry"));
+    }
+
     #[test]
     fn the_vote_and_the_purge_mark_are_kept() {
         let dir = tempfile::tempdir().expect("dir");
