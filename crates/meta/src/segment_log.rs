@@ -1001,51 +1001,50 @@ mod tests {
         assert_eq!(indexes_and_terms(&log), vec![(501, 4), (502, 4)]);
     }
 
-    #[test]
-    fn damage_in_an_earlier_segment_refuses_to_open_rather_than_lose_entries() {
+    /// A log of entries 1..=40 of term 1 in segments of 2 KiB, closed.
+    fn closed_log_of_small_segments() -> tempfile::TempDir {
         let dir = tempfile::tempdir().expect("dir");
         let log = SegmentLog::open_with_segment_bytes(dir.path(), 2048).expect("open");
         for first in (1..=40).step_by(5) {
             log.append(entries(1, first..=first + 4, 100), None, true).expect("append");
         }
-        drop(log);
+        dir
+    }
+
+    /// Opens the log in `dir`, which must be refused as corrupt; returns the reason.
+    fn refused_as_corrupt(dir: &Path) -> String {
+        match SegmentLog::open_with_segment_bytes(dir, 2048) {
+            Err(LogError::Corrupt { path, reason, .. }) => format!("{path}: {reason}"),
+            Err(e) => panic!("unexpected error: {e}"),
+            Ok(_) => panic!("a damaged log opened"),
+        }
+    }
+
+    #[test]
+    fn damage_in_an_earlier_segment_refuses_to_open_rather_than_lose_entries() {
+        let dir = closed_log_of_small_segments();
         let first_segment = segment_files(dir.path())[0].clone();
         let file = std::fs::OpenOptions::new().write(true).open(&first_segment).expect("open segment");
         file.write_all_at(b"rot", 200).expect("damage");
         drop(file);
-        match SegmentLog::open_with_segment_bytes(dir.path(), 2048) {
-            Err(LogError::Corrupt { path, .. }) => assert!(path.ends_with(".seg")),
-            Err(e) => panic!("unexpected error: {e}"),
-            Ok(_) => panic!("a damaged segment opened"),
-        }
+        assert!(refused_as_corrupt(dir.path()).contains(".seg: "));
     }
 
     /// A segment lost from the middle, or one whose name disagrees with its first entry, is not
     /// something a crash does: the log refuses to open rather than serve a log with a hole.
     #[test]
     fn a_lost_or_misnamed_segment_refuses_to_open() {
-        let dir = tempfile::tempdir().expect("dir");
-        let log = SegmentLog::open_with_segment_bytes(dir.path(), 2048).expect("open");
-        for first in (1..=40).step_by(5) {
-            log.append(entries(1, first..=first + 4, 100), None, true).expect("append");
-        }
-        drop(log);
+        let dir = closed_log_of_small_segments();
         let segments = segment_files(dir.path());
         assert!(segments.len() >= 3);
-        let refused = |dir: &Path| match SegmentLog::open_with_segment_bytes(dir, 2048) {
-            Err(LogError::Corrupt { reason, .. }) => reason,
-            Err(e) => panic!("unexpected error: {e}"),
-            Ok(_) => panic!("a log with a hole opened"),
-        };
-
         let misnamed = segments[1].with_file_name(format!("{:020}{SEGMENT_SUFFIX}", 999));
         std::fs::rename(&segments[1], &misnamed).expect("rename");
-        assert!(refused(dir.path()).contains("starts with entry"));
+        assert!(refused_as_corrupt(dir.path()).contains("starts with entry"));
         std::fs::rename(&misnamed, &segments[1]).expect("rename back");
         SegmentLog::open_with_segment_bytes(dir.path(), 2048).expect("whole again");
 
         std::fs::remove_file(&segments[1]).expect("lose a segment");
-        assert!(refused(dir.path()).contains("starts with entry"));
+        assert!(refused_as_corrupt(dir.path()).contains("starts with entry"));
     }
 
     #[test]
