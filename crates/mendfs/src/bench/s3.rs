@@ -72,7 +72,7 @@ async fn s3_row(
     let opened = std::sync::Arc::new(open_connections(gateways, connections).await?);
     let signer = signer.clone();
     let bucket = bucket.to_string();
-    run_load(connections, duration, row_ops_max(size, connections), move |task_idx, op_idx| {
+    run_load(connections, duration, row_ops_max(op, size, connections), move |task_idx, op_idx| {
         let (opened, signer, bucket) = (opened.clone(), signer.clone(), bucket.clone());
         async move {
             let mut connection = opened[task_idx].lock().await;
