@@ -254,21 +254,6 @@ fn any_error(message: impl std::fmt::Display) -> AnyError {
 }
 
 impl PeerConnection {
-    /// One Raft RPC: encode, send within the deadline openraft gives, decode the remote result.
-    async fn call<Req, Resp, E>(
-        &mut self,
-        request: &Req,
-        option: &RPCOption,
-        send: impl AsyncFnOnce(PeerClient, RaftPayload) -> Result<tonic::Response<RaftPayload>, tonic::Status>,
-    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
-    where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
-    {
-        call_peer(self.target, &self.client, request, option.hard_ttl(), send).await
-    }
-
     /// Sends `rpc`, an AppendEntries without entries, after [`EMPTY_APPEND_DELAY`] unless a
     /// later message on this connection replaces it first.
     fn defer_empty_append(&mut self, mut rpc: AppendEntriesRequest<TypeConfig>, ttl: Duration) {
@@ -317,7 +302,8 @@ impl PeerConnection {
     }
 }
 
-/// One Raft RPC to `target`: encode, send within `ttl`, decode the remote result.
+/// One Raft RPC to `target`: encode, send within `ttl` (the deadline openraft gives), decode the
+/// remote result.
 async fn call_peer<Req, Resp, E>(
     target: NodeId,
     client: &Result<PeerClient, String>,
@@ -418,7 +404,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         }
         // Read as the message leaves: a commit that became durable since it was queued goes out.
         rpc.leader_commit = crate::raft_store::commit_to_announce(rpc.leader_commit, &self.durable_log.borrow());
-        let outcome = self.call(&rpc, &option, async |mut client, payload| client.append_entries(payload).await).await;
+        let outcome = call_peer(self.target, &self.client, &rpc, option.hard_ttl(), async |mut client, payload| {
+            client.append_entries(payload).await
+        })
+        .await;
         self.confirmed = matches!(outcome, Ok(AppendEntriesResponse::Success)).then(|| confirmed_by(&rpc));
         outcome
     }
@@ -429,7 +418,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
     {
-        self.call(&rpc, &option, async |mut client, payload| client.install_snapshot(payload).await).await
+        call_peer(self.target, &self.client, &rpc, option.hard_ttl(), async |mut client, payload| {
+            client.install_snapshot(payload).await
+        })
+        .await
     }
 
     async fn vote(
@@ -437,7 +429,10 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(&rpc, &option, async |mut client, payload| client.vote(payload).await).await
+        call_peer(self.target, &self.client, &rpc, option.hard_ttl(), async |mut client, payload| {
+            client.vote(payload).await
+        })
+        .await
     }
 }
 
