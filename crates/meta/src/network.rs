@@ -208,14 +208,37 @@ pub struct PeerConnection {
     /// of the last AppendEntries sent, if it was answered with success (and no deferred one
     /// failed since). See [`may_answer_early`].
     confirmed: Option<Confirmed>,
-    /// The empty AppendEntries deferred last, if any: its task and how far it got.
-    deferred: Option<(tokio::task::JoinHandle<()>, Arc<AtomicU8>)>,
+    /// The empty AppendEntries deferred last, if any, and the task that sends it.
+    deferred: Option<(tokio::task::JoinHandle<()>, Arc<DeferredAppend>)>,
 }
 
 /// A vote and the last log id a follower said it holds under it.
 type Confirmed = (Vote<NodeId>, Option<LogId<NodeId>>);
 
-/// How far a deferred empty AppendEntries got, shared with the task that sends it.
+/// An empty AppendEntries waiting for [`EMPTY_APPEND_DELAY`], shared with the task that sends it.
+struct DeferredAppend {
+    /// How far it got (`DEFERRED_*`). It leaves `DEFERRED_WAITING` for `DEFERRED_SENT` only
+    /// under `request`'s lock.
+    state: AtomicU8,
+    /// What goes out: the last empty AppendEntries deferred while it waited. A later one
+    /// replaces an earlier one (its commit is at least as high) but keeps its time, so that
+    /// empty messages coming faster than the delay (a heartbeat interval below it) still go out.
+    request: Mutex<AppendEntriesRequest<TypeConfig>>,
+}
+
+impl DeferredAppend {
+    /// Puts `rpc` in place of the waiting request; gives it back if this one has left.
+    fn absorb(&self, rpc: AppendEntriesRequest<TypeConfig>) -> Result<(), AppendEntriesRequest<TypeConfig>> {
+        let mut request = self.request.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.state.load(Ordering::Acquire) != DEFERRED_WAITING {
+            return Err(rpc);
+        }
+        *request = rpc;
+        Ok(())
+    }
+}
+
+/// How far a deferred empty AppendEntries got.
 const DEFERRED_WAITING: u8 = 0;
 const DEFERRED_CANCELLED: u8 = 1;
 const DEFERRED_SENT: u8 = 2;
@@ -240,9 +263,14 @@ impl Drop for PeerConnection {
     fn drop(&mut self) {
         // A replication stream ends when this node stops leading or the membership changes:
         // a message of the old stream not yet sent has nothing to say.
-        if let Some((task, state)) = self.deferred.take() {
-            if state.compare_exchange(DEFERRED_WAITING, DEFERRED_CANCELLED, Ordering::AcqRel, Ordering::Acquire).is_ok()
-            {
+        if let Some((task, deferred)) = self.deferred.take() {
+            let cancelled = deferred.state.compare_exchange(
+                DEFERRED_WAITING,
+                DEFERRED_CANCELLED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+            if cancelled.is_ok() {
                 task.abort();
             }
         }
@@ -256,16 +284,25 @@ fn any_error(message: impl std::fmt::Display) -> AnyError {
 impl PeerConnection {
     /// Sends `rpc`, an AppendEntries without entries, after [`EMPTY_APPEND_DELAY`] unless a
     /// later message on this connection replaces it first.
-    fn defer_empty_append(&mut self, mut rpc: AppendEntriesRequest<TypeConfig>, ttl: Duration) {
+    fn defer_empty_append(&mut self, rpc: AppendEntriesRequest<TypeConfig>, ttl: Duration) {
         let (target, client, durable_log) = (self.target, self.client.clone(), self.durable_log.clone());
-        let state = Arc::new(AtomicU8::new(DEFERRED_WAITING));
-        let progress = state.clone();
+        let deferred = Arc::new(DeferredAppend { state: AtomicU8::new(DEFERRED_WAITING), request: Mutex::new(rpc) });
+        let progress = deferred.clone();
         let task = tokio::spawn(async move {
             tokio::time::sleep(EMPTY_APPEND_DELAY).await;
-            if progress.compare_exchange(DEFERRED_WAITING, DEFERRED_SENT, Ordering::AcqRel, Ordering::Acquire).is_err()
-            {
-                return;
-            }
+            let mut rpc = {
+                let request = progress.request.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let leaving = progress.state.compare_exchange(
+                    DEFERRED_WAITING,
+                    DEFERRED_SENT,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                if leaving.is_err() {
+                    return;
+                }
+                request.clone()
+            };
             rpc.leader_commit = crate::raft_store::commit_to_announce(rpc.leader_commit, &durable_log.borrow());
             let outcome: Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> =
                 call_peer(target, &client, &rpc, ttl, async |mut client, payload| client.append_entries(payload).await)
@@ -274,9 +311,9 @@ impl PeerConnection {
                 Ok(AppendEntriesResponse::Success) => DEFERRED_SUCCEEDED,
                 _ => DEFERRED_FAILED,
             };
-            progress.store(done, Ordering::Release);
+            progress.state.store(done, Ordering::Release);
         });
-        self.deferred = Some((task, state));
+        self.deferred = Some((task, deferred));
     }
 
     /// Settles the deferred AppendEntries, if any, before the next message: cancels it if it
@@ -285,8 +322,9 @@ impl PeerConnection {
     /// Whether the next message may be answered early: not while the deferred one is still
     /// on its way, since whether the follower still answers is then unknown.
     fn settle_deferred(&mut self) -> bool {
-        let Some((task, state)) = self.deferred.take() else { return true };
-        match state.compare_exchange(DEFERRED_WAITING, DEFERRED_CANCELLED, Ordering::AcqRel, Ordering::Acquire) {
+        let Some((task, deferred)) = self.deferred.take() else { return true };
+        match deferred.state.compare_exchange(DEFERRED_WAITING, DEFERRED_CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+        {
             Ok(_) => {
                 task.abort();
                 true
@@ -377,7 +415,6 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let may_defer = self.settle_deferred();
         // openraft 0.9 sends every follower an AppendEntries without entries as soon as an
         // entry commits, only to carry the new commit index, and then one more with the next
         // entries: under a single writer, half of all Raft messages, and a quarter of a set's
@@ -398,6 +435,18 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         // openraft's leadership check for linearizable reads (`ensure_linearizable`) makes a new
         // connection for each round and sends one empty AppendEntries on it, whose real answer
         // is the whole point.
+        //
+        // One that comes while another still waits takes its place and its time: a stream of
+        // them faster than the delay (heartbeats at a shorter interval) still goes out.
+        if rpc.entries.is_empty() && may_answer_early(self.confirmed.as_ref(), &rpc) {
+            if let Some((_, waiting)) = &self.deferred {
+                match waiting.absorb(rpc) {
+                    Ok(()) => return Ok(AppendEntriesResponse::Success),
+                    Err(back) => rpc = back,
+                }
+            }
+        }
+        let may_defer = self.settle_deferred();
         if may_defer && may_answer_early(self.confirmed.as_ref(), &rpc) {
             self.defer_empty_append(rpc, option.hard_ttl());
             return Ok(AppendEntriesResponse::Success);
@@ -482,5 +531,22 @@ mod tests {
         // An empty append that succeeded confirms the entry it asked about.
         assert_eq!(confirmed_by(&append(vote, Some(log_id(2, 6)), &[])), confirmed);
         assert_eq!(confirmed_by(&append(vote, None, &[])), (vote, None));
+    }
+
+    #[test]
+    fn a_waiting_empty_append_takes_the_place_of_a_later_one_until_it_leaves() {
+        let vote = Vote::new_committed(2, 1);
+        let mut first = append(vote, Some(log_id(2, 6)), &[]);
+        first.leader_commit = Some(log_id(2, 5));
+        let deferred = DeferredAppend { state: AtomicU8::new(DEFERRED_WAITING), request: Mutex::new(first) };
+        let mut later = append(vote, Some(log_id(2, 6)), &[]);
+        later.leader_commit = Some(log_id(2, 6));
+        assert!(deferred.absorb(later.clone()).is_ok(), "a waiting one takes the later one");
+        assert_eq!(deferred.request.lock().expect("lock").leader_commit, Some(log_id(2, 6)), "and sends its commit");
+        for gone in [DEFERRED_CANCELLED, DEFERRED_SENT, DEFERRED_SUCCEEDED, DEFERRED_FAILED] {
+            deferred.state.store(gone, Ordering::Release);
+            let back = deferred.absorb(later.clone()).expect_err("one that left takes nothing");
+            assert_eq!(back.leader_commit, later.leader_commit, "the later one comes back whole");
+        }
     }
 }
