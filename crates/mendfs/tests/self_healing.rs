@@ -241,9 +241,13 @@ async fn repair_resumes_from_its_checkpoint_after_the_leader_is_killed() {
     assert!(needed_bytes > 0);
 
     blocking(|| cluster.kill(4)).unwrap();
-    let status = wait_status(&cluster, "repair under way", |s| {
+    // Under way, and its start already in the committed timeline: the leader notes a job at
+    // its next detection tick, and an event it had not committed yet dies with it (the new
+    // leader, finding the job committed, rightly does not announce it again).
+    let status = wait_status(&cluster, "repair under way and its start recorded", |s| {
         let done = u64_of(&s["repair"]["done_bytes"]);
-        s["repair"]["finished_unix_ms"].is_null() && done > 0 && done * 3 < needed_bytes
+        let started = s["events"].as_array().is_some_and(|events| events.iter().any(|e| e["kind"] == "repair_started"));
+        s["repair"]["finished_unix_ms"].is_null() && done > 0 && done * 3 < needed_bytes && started
     });
     let job_id = u64_of(&status["repair"]["job_id"]);
     let old_leader = leader(&cluster);
