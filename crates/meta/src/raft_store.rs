@@ -75,7 +75,7 @@ fn open_database(path: &Path, cache_bytes: usize) -> Result<OpenDatabase, StoreE
         .set_cache_size(cache_bytes)
         .create(path)
         .map_err(|e| StoreError(format!("open {}: {e}", path.display())))?;
-    Ok(OpenDatabase { database, closed: ClosedOnDrop(Arc::default()) })
+    Ok(OpenDatabase { pending: std::sync::Mutex::default(), database, closed: ClosedOnDrop(Arc::default()) })
 }
 
 /// A redb database that tells when its file is closed. The last handle going is not enough:
@@ -83,9 +83,37 @@ fn open_database(path: &Path, cache_bytes: usize) -> Result<OpenDatabase, StoreE
 /// after that, on whichever thread dropped it, and a reopen before it ends is refused. Fields
 /// drop in order, so `closed` is set only once `database` is gone.
 pub(crate) struct OpenDatabase {
+    /// Applied entries not yet committed (see [`PendingApply`]). Declared before `database`:
+    /// a transaction must go before the database it belongs to.
+    pending: std::sync::Mutex<Option<PendingApply>>,
     database: Database,
     closed: ClosedOnDrop,
 }
+
+/// The state machine's write transaction, left open between applies: consecutive applies share
+/// it, and it is committed when a reader needs what it holds, when it has taken in
+/// [`PENDING_APPLY_PROPOSALS_MAX`] proposals or [`PENDING_APPLY_BYTES_MAX`] bytes, or when an
+/// apply must be durable. A redb transaction copies every page it first changes and writes
+/// back every table root and page checksum when it commits; committing once per apply was
+/// about half of a follower's CPU under many clients (`mendfs bench kv`), while consecutive
+/// applies mostly touch the same pages (the tail of the history, of the deduplication record,
+/// the keys a client just wrote). Nothing is lost by the wait that was not already: the
+/// commits it saves were not durable either (see `apply`), and the log holds every entry after
+/// the durable applied id.
+///
+/// The lock is the only way to a write transaction on this database: redb allows one at a
+/// time, and a `begin_write` while this one is open would wait for ever.
+struct PendingApply {
+    txn: redb::WriteTransaction,
+    proposals: usize,
+    bytes: usize,
+}
+
+/// Bounds of what a pending apply transaction takes in before it is committed: they bound the
+/// pages it keeps dirty in memory (each proposal dirties a few pages) and what a reader's
+/// commit may cost.
+const PENDING_APPLY_PROPOSALS_MAX: usize = 256;
+const PENDING_APPLY_BYTES_MAX: usize = 4 << 20;
 
 struct ClosedOnDrop(Arc<std::sync::atomic::AtomicBool>);
 
@@ -95,17 +123,64 @@ impl Drop for ClosedOnDrop {
     }
 }
 
-impl std::ops::Deref for OpenDatabase {
-    type Target = Database;
-
-    fn deref(&self) -> &Database {
-        &self.database
-    }
-}
-
 impl OpenDatabase {
     fn closed_signal(&self) -> DatabaseClosed {
         DatabaseClosed(self.closed.0.clone())
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Option<PendingApply>> {
+        // A panic while it was held left at worst a transaction with part of an apply in it:
+        // the apply failed, which stops Raft on this node, and nothing commits it afterwards
+        // but a reader's flush of state that no longer advances.
+        self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Commits what applies left pending (durably if asked; an `Immediate` commit with nothing
+    /// pending still persists the non-durable commits before it).
+    fn commit_pending(&self, durability: Durability) -> Result<(), redb::Error> {
+        let mut pending = self.lock_pending();
+        Self::commit_locked(&self.database, &mut pending, durability)
+    }
+
+    fn commit_locked(
+        database: &Database,
+        pending: &mut Option<PendingApply>,
+        durability: Durability,
+    ) -> Result<(), redb::Error> {
+        match pending.take() {
+            Some(mut open) => {
+                open.txn.set_durability(durability)?;
+                open.txn.commit()?;
+            }
+            None if matches!(durability, Durability::Immediate) => database.begin_write()?.commit()?,
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Makes every commit so far durable (an empty `Immediate` commit persists the
+    /// non-durable ones before it). Only for an apply that has just committed what was
+    /// pending: applies come one at a time, so no pending transaction opens meanwhile, and
+    /// this `begin_write` waits for none (a snapshot build's commit at the same moment waits
+    /// for this one, not for ever).
+    fn persist_commits(&self) -> Result<(), redb::Error> {
+        Ok(self.database.begin_write()?.commit()?)
+    }
+
+    /// A read transaction that sees every entry applied so far.
+    fn begin_read(&self) -> Result<redb::ReadTransaction, redb::Error> {
+        self.commit_pending(Durability::None)?;
+        Ok(self.database.begin_read()?)
+    }
+}
+
+impl Drop for OpenDatabase {
+    fn drop(&mut self) {
+        // Committed, and then made durable by redb's own close. Best effort: what is lost here
+        // the log re-applies at the next start.
+        if let Err(e) = self.commit_pending(Durability::None) {
+            tracing::warn!(error = %e, "could not commit the last applies before closing the state machine");
+        }
     }
 }
 
@@ -768,6 +843,29 @@ const SNAPSHOT_READ_BYTES: usize = 256 << 10;
 /// See `apply`: how many entries may be applied between two durable state machine commits.
 const DURABLE_APPLY_EVERY_ENTRIES: u64 = 1_024;
 
+/// What an apply tells readers, read in its transaction: a reader's view would commit the
+/// pending transaction (see [`PendingApply`]) after every apply.
+struct Published {
+    revision: u64,
+    clock_ms: u64,
+    cluster_id: Option<String>,
+    /// The client tokens, only when the apply changed them (every call reads them, and most
+    /// applies do not touch them).
+    tokens: Option<crate::auth::TokenTable>,
+}
+
+impl Published {
+    /// `cluster_id_known`: this node has the cluster's id already, so it is not read again.
+    fn read(store: &impl StateStore, tokens_changed: bool, cluster_id_known: bool) -> Result<Self, StoreError> {
+        Ok(Self {
+            revision: schema::current_revision(store)?,
+            clock_ms: schema::get_u64(store, schema::Table::Meta, schema::META_CLOCK_MS)?,
+            cluster_id: if cluster_id_known { None } else { state::cluster_id(store)? },
+            tokens: if tokens_changed { Some(crate::auth::TokenTable::load(store)?) } else { None },
+        })
+    }
+}
+
 pub struct StateMachineStore {
     entries_since_durable: u64,
     /// The log's durability, when a log store shares this node ([`DurableLog`]): an entry is
@@ -789,7 +887,7 @@ pub struct StateMachineStore {
 impl StateMachineStore {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let db = Arc::new(open_database(&data_dir.join("state.redb"), STATE_CACHE_BYTES)?);
-        let txn = db.begin_write().map_err(store_err)?;
+        let txn = db.database.begin_write().map_err(store_err)?;
         WriteTables::create_all(&txn)?;
         txn.open_table(SM_META).map_err(store_err)?;
         txn.commit().map_err(store_err)?;
@@ -861,17 +959,13 @@ impl StateMachineStore {
         }
     }
 
-    /// Tells readers what was applied. `tokens_changed`: reload the client tokens too (only
-    /// then, since every call reads them and most applies do not touch them).
-    fn publish(&self, tokens_changed: bool) -> Result<(), StoreError> {
-        let view = self.reader.view()?;
-        if tokens_changed {
-            let tokens = crate::auth::TokenTable::load(&view)?;
+    /// Tells readers what was applied.
+    fn publish(&self, published: Published) -> Result<(), StoreError> {
+        if let Some(tokens) = published.tokens {
             *self.reader.tokens.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = tokens;
         }
-        let revision = schema::current_revision(&view)?;
         if self.reader.cluster_id().is_none() {
-            if let Some(cluster_id) = state::cluster_id(&view)? {
+            if let Some(cluster_id) = published.cluster_id {
                 // Durable at once, apart from the (lazily fsynced) state machine: the id is what
                 // keeps this data directory from ever being mixed into another cluster, even
                 // if this node is later restarted somewhere it can no longer apply its log.
@@ -881,10 +975,9 @@ impl StateMachineStore {
                 }
             }
         }
-        // Read after the apply committed: the clock it reached was stamped before this moment.
-        let clock_ms = schema::get_u64(&view, schema::Table::Meta, schema::META_CLOCK_MS)?;
-        self.reader.clock.applied(clock_ms, std::time::Instant::now());
-        self.revision_tx.send_replace(revision);
+        // Read at the end of the apply: the clock it reached was stamped before this moment.
+        self.reader.clock.applied(published.clock_ms, std::time::Instant::now());
+        self.revision_tx.send_replace(published.revision);
         Ok(())
     }
 
@@ -1001,7 +1094,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             // other order an apply landing in between would be in the snapshot but not on disk,
             // and openraft, told the snapshot covers it, may purge the log entries a restart
             // needs to re-apply it.
-            db.begin_write().map_err(io_err)?.commit().map_err(io_err)?;
+            db.commit_pending(Durability::Immediate).map_err(io_err)?;
             let sm_meta = txn.open_table(SM_META).map_err(io_err)?;
             let last_applied: Option<LogId<NodeId>> = match sm_meta.get(KEY_LAST_APPLIED).map_err(io_err)? {
                 Some(guard) => decode(guard.value()).map_err(io_err)?,
@@ -1097,7 +1190,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // is simply older and openraft re-applies the rest from the log. The log is only
         // purged up to a snapshot, and building one first makes the state durable
         // (`SnapshotBuilder`), so the entries needed for that replay are never gone. A durable
-        // commit every `DURABLE_APPLY_EVERY_ENTRIES` bounds the replay after a crash.
+        // commit every `DURABLE_APPLY_EVERY_ENTRIES` bounds the replay after a crash. Most
+        // applies do not even commit: they leave their transaction to the next (`PendingApply`).
         self.entries_since_durable += entries.len() as u64;
         let durability = if self.entries_since_durable >= DURABLE_APPLY_EVERY_ENTRIES {
             self.entries_since_durable = 0;
@@ -1110,10 +1204,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             _ => false,
         });
         let durable = matches!(durability, Durability::Immediate);
-        let work = move || {
-            let mut txn = db.begin_write().map_err(io_err)?;
-            txn.set_durability(durability).map_err(io_err)?;
+        let cluster_id_known = self.reader.cluster_id().is_some();
+        let work = || {
+            let mut pending = db.lock_pending();
+            let open = match pending.take() {
+                Some(open) => open,
+                None => PendingApply { txn: db.database.begin_write().map_err(io_err)?, proposals: 0, bytes: 0 },
+            };
+            // On an error below the transaction is dropped with this apply half in it, and the
+            // applies before it that it held: the failed apply stops Raft on this node, and a
+            // restart re-applies all of them from the log.
+            let PendingApply { txn, mut proposals, mut bytes } = open;
             let mut results = Vec::with_capacity(entries.len());
+            let published;
             {
                 let mut tables = WriteTables::open(&txn).map_err(io_err)?;
                 let mut meta = txn.open_table(SM_META).map_err(io_err)?;
@@ -1126,7 +1229,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             let mut batch_results = Vec::with_capacity(batch.proposals.len());
                             for proposal in &batch.proposals {
                                 batch_results.push(state::apply(&mut tables, proposal).map_err(io_err)?);
+                                bytes += proposal.approximate_bytes();
                             }
+                            proposals += batch.proposals.len();
                             results.push(batch_results);
                         }
                         EntryPayload::Membership(membership) => {
@@ -1138,21 +1243,32 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     }
                 }
                 // The applied id goes in the same transaction as the state it describes.
-                let bytes = encode(&last_applied).map_err(io_err)?;
-                meta.insert(KEY_LAST_APPLIED, bytes.as_slice()).map_err(io_err)?;
+                let applied = encode(&last_applied).map_err(io_err)?;
+                meta.insert(KEY_LAST_APPLIED, applied.as_slice()).map_err(io_err)?;
+                published = Published::read(&tables, tokens_changed, cluster_id_known).map_err(io_err)?;
                 tables.finish().map_err(io_err)?;
             }
-            txn.commit().map_err(io_err)?;
-            Ok(results)
+            *pending = Some(PendingApply { txn, proposals, bytes });
+            if durable || proposals >= PENDING_APPLY_PROPOSALS_MAX || bytes >= PENDING_APPLY_BYTES_MAX {
+                OpenDatabase::commit_locked(&db.database, &mut pending, Durability::None).map_err(io_err)?;
+            }
+            Ok::<_, AnyError>((results, published))
         };
-        // A commit without fsync runs here: it is tens of microseconds of CPU, less than the
-        // two thread hand-offs a blocking task costs. Besides applies (one at a time), only a
-        // snapshot's build (its one durable commit) and install take the state machine's
-        // writer lock, rarely, so this almost never waits for the disk. A durable commit,
-        // which always does, goes to a blocking thread.
-        let results = if durable { blocking(work).await } else { work() };
-        let results = results.map_err(StorageIOError::write_state_machine)?;
-        self.publish(tokens_changed).map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
+        // The apply runs here: it is tens of microseconds of CPU, less than the two thread
+        // hand-offs a blocking task costs. Besides applies (one at a time), readers committing
+        // a pending apply (as long as a commit without fsync), a snapshot's build (its one
+        // durable commit) and install take the pending transaction's lock, so this almost
+        // never waits for the disk.
+        let (results, published) = work().map_err(StorageIOError::write_state_machine)?;
+        if durable {
+            // The fsync goes to a blocking thread, and outside the pending lock: readers need
+            // the applies visible, which they are, not durable.
+            let db = db.clone();
+            blocking(move || db.persist_commits().map_err(io_err))
+                .await
+                .map_err(StorageIOError::write_state_machine)?;
+        }
+        self.publish(published).map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
         Ok(results)
     }
 
@@ -1181,7 +1297,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         blocking(move || install_from_file(&db, &data_dir, &path, source, &snapshot_meta))
             .await
             .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), e))?;
-        self.publish(true).map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
+        let published = self.reader.view().and_then(|view| Published::read(&view, true, false));
+        self.publish(published.map_err(|e| StorageIOError::read_state_machine(io_err(e)))?)
+            .map_err(|e| StorageIOError::read_state_machine(io_err(e)))?;
         Ok(())
     }
 
@@ -1208,7 +1326,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 /// copying its bytes into a new `snapshot.bin` on the way; nothing is committed unless the
 /// snapshot parses to its end and its hash matches.
 fn install_from_file(
-    db: &Database,
+    db: &OpenDatabase,
     data_dir: &Path,
     path: &Path,
     mut source: std::fs::File,
@@ -1218,7 +1336,11 @@ fn install_from_file(
     source.rewind().map_err(io_err)?;
     let temporary = temporary_snapshot_file(data_dir, "install").map_err(io_err)?;
     let mut copy = std::io::BufWriter::new(temporary.as_file());
-    let txn = db.begin_write().map_err(io_err)?;
+    // Held to the end: no apply may open a transaction of its own meanwhile. Applies before
+    // this one are committed first; the snapshot replaces what they wrote anyway.
+    let mut pending = db.lock_pending();
+    OpenDatabase::commit_locked(&db.database, &mut pending, Durability::None).map_err(io_err)?;
+    let txn = db.database.begin_write().map_err(io_err)?;
     {
         let mut tables = WriteTables::open(&txn).map_err(io_err)?;
         for table in Table::ALL {
@@ -1314,7 +1436,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         {
             let db = open_database(&dir.path().join(REDB_LOG_FILE), LOG_CACHE_BYTES).expect("create");
-            let txn = db.begin_write().expect("write");
+            let txn = db.database.begin_write().expect("write");
             {
                 let mut log = txn.open_table(LOG).expect("table");
                 for index in 6..=9 {
@@ -1376,12 +1498,12 @@ mod tests {
         fn the_meta_overlay_behaves_as_the_table_it_stands_for(ops in proptest::collection::vec(meta_op(), 1..60)) {
             let dir = tempfile::tempdir().expect("dir");
             let db = open_database(&dir.path().join("state.redb"), 1 << 20).expect("open");
-            let txn = db.begin_write().expect("write");
+            let txn = db.database.begin_write().expect("write");
             WriteTables::create_all(&txn).expect("create");
             txn.commit().expect("commit");
             let mut model = schema::MemoryStore::default();
             for transaction in ops.split(|op| matches!(op, MetaOp::Commit)) {
-                let txn = db.begin_write().expect("write");
+                let txn = db.database.begin_write().expect("write");
                 let mut store = WriteTables::open(&txn).expect("tables");
                 for op in transaction {
                     match op {
@@ -1511,6 +1633,36 @@ mod tests {
         let mut store = store;
         durable_tx.send_modify(|durable| durable.failed = Some("disk gone".into()));
         assert!(store.apply([set_entry(4, "d")]).await.is_err());
+    }
+
+    /// Small applies leave their transaction open for the next ones (what makes them cheap),
+    /// yet every reader sees all that was applied, a bound commits a long run of them, and a
+    /// store closed with applies pending reopens with them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pending_applies_are_seen_by_readers_bounded_and_kept_across_a_reopen() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut store = StateMachineStore::open(dir.path()).expect("open");
+        let revisions = store.reader().subscribe();
+        store.apply([set_entry(1, "a")]).await.expect("apply");
+        assert!(store.db.lock_pending().is_some(), "a small apply left its transaction open");
+        assert_eq!(*revisions.borrow(), 1, "the apply's revision is published while it is pending");
+        assert_eq!(keys(&store), vec![b"a".to_vec()]);
+        assert!(store.db.lock_pending().is_none(), "the reader committed what was pending");
+
+        let run = PENDING_APPLY_PROPOSALS_MAX as u64;
+        store.apply((2..2 + run).map(|i| set_entry(i, &format!("b{i:04}")))).await.expect("apply");
+        assert!(store.db.lock_pending().is_none(), "a run of {run} proposals is committed at once");
+        let last = 2 + run;
+        store.apply([set_entry(last, "z")]).await.expect("apply");
+        assert!(store.db.lock_pending().is_some());
+        assert_eq!(*revisions.borrow(), last);
+
+        drop(revisions);
+        drop(store);
+        let mut reopened = StateMachineStore::open(dir.path()).expect("reopen");
+        let (applied, _) = reopened.applied_state().await.expect("applied");
+        assert_eq!(applied.map(|id| id.index), Some(last), "the pending applies were kept at close");
+        assert_eq!(keys(&reopened).len() as u64, last);
     }
 
     fn keys(store: &StateMachineStore) -> Vec<Vec<u8>> {
