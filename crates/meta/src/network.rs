@@ -227,6 +227,11 @@ struct DeferredAppend {
 }
 
 impl DeferredAppend {
+    /// Moves it out of `DEFERRED_WAITING` to `to`, or says where it already is.
+    fn leave_waiting(&self, to: u8) -> Result<(), u8> {
+        self.state.compare_exchange(DEFERRED_WAITING, to, Ordering::AcqRel, Ordering::Acquire).map(|_| ())
+    }
+
     /// Puts `rpc` in place of the waiting request; gives it back if this one has left.
     fn absorb(&self, rpc: AppendEntriesRequest<TypeConfig>) -> Result<(), AppendEntriesRequest<TypeConfig>> {
         let mut request = self.request.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -264,13 +269,7 @@ impl Drop for PeerConnection {
         // A replication stream ends when this node stops leading or the membership changes:
         // a message of the old stream not yet sent has nothing to say.
         if let Some((task, deferred)) = self.deferred.take() {
-            let cancelled = deferred.state.compare_exchange(
-                DEFERRED_WAITING,
-                DEFERRED_CANCELLED,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
-            if cancelled.is_ok() {
+            if deferred.leave_waiting(DEFERRED_CANCELLED).is_ok() {
                 task.abort();
             }
         }
@@ -292,13 +291,7 @@ impl PeerConnection {
             tokio::time::sleep(EMPTY_APPEND_DELAY).await;
             let mut rpc = {
                 let request = progress.request.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                let leaving = progress.state.compare_exchange(
-                    DEFERRED_WAITING,
-                    DEFERRED_SENT,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-                if leaving.is_err() {
+                if progress.leave_waiting(DEFERRED_SENT).is_err() {
                     return;
                 }
                 request.clone()
@@ -323,8 +316,7 @@ impl PeerConnection {
     /// on its way, since whether the follower still answers is then unknown.
     fn settle_deferred(&mut self) -> bool {
         let Some((task, deferred)) = self.deferred.take() else { return true };
-        match deferred.state.compare_exchange(DEFERRED_WAITING, DEFERRED_CANCELLED, Ordering::AcqRel, Ordering::Acquire)
-        {
+        match deferred.leave_waiting(DEFERRED_CANCELLED) {
             Ok(_) => {
                 task.abort();
                 true
