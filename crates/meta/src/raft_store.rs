@@ -129,9 +129,9 @@ impl OpenDatabase {
     }
 
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, Option<PendingApply>> {
-        // A panic while it was held left at worst a transaction with part of an apply in it:
-        // the apply failed, which stops Raft on this node, and nothing commits it afterwards
-        // but a reader's flush of state that no longer advances.
+        // A panic while it was held came from an apply, which had taken the transaction out:
+        // it was dropped, with the applies it held, and the failed apply stops Raft on this
+        // node (a restart re-applies them from the log). Nothing half-changed is left behind.
         self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
