@@ -56,4 +56,4 @@ mod store;
 pub use error::ChunkError;
 pub use faults::{FaultSettings, FaultState, CHUNK_IO_DELAY_MS_MAX};
 pub use mendfs_types::ChunkHash;
-pub use store::{ChunkStore, ChunkWriter, QuarantineOutcome, StoreStats};
+pub use store::{ChunkStore, ChunkWriter, QuarantineOutcome, StoreStats, StreamCheck};

@@ -83,6 +83,19 @@ enum ExistingCopy {
     },
 }
 
+/// How a streamed chunk's bytes are checked against the hash [`ChunkStore::finish`] is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamCheck {
+    /// The writer hashes what it writes and `finish` compares: for bytes from another process,
+    /// which may have been changed on the way or sent under a wrong hash.
+    Hash,
+    /// The caller hashed these very buffers in this process and hands that hash to `finish`:
+    /// a second pass over the same memory would only double the CPU of every local copy (the
+    /// coordinator's own replica of a chunk it streams). What the disk does to the bytes
+    /// afterwards, reads and the scrubber find, as for any copy.
+    CallerHashed,
+}
+
 /// A chunk being written piece by piece (see [`ChunkStore::begin`]): its temp file and the hash
 /// of what was written so far. Blocking I/O; removes its temp file when dropped unless
 /// [`ChunkStore::finish`] renamed it into place.
@@ -90,7 +103,8 @@ enum ExistingCopy {
 pub struct ChunkWriter {
     file: Option<File>,
     temp_path: PathBuf,
-    hasher: blake3::Hasher,
+    /// None: [`StreamCheck::CallerHashed`], the caller vouches for the hash.
+    hasher: Option<blake3::Hasher>,
     declared: u64,
     written: u64,
     /// An injected full disk (chaos tests), read when the chunk began: every write then fails
@@ -119,7 +133,9 @@ impl ChunkWriter {
             file.write_all(piece)
         };
         written.map_err(|e| ChunkError::from_io(e, "writing temp file", &self.temp_path))?;
-        self.hasher.update(piece);
+        if let Some(hasher) = self.hasher.as_mut() {
+            hasher.update(piece);
+        }
         self.written = after;
         Ok(())
     }
@@ -306,12 +322,13 @@ impl ChunkStore {
     }
 
     /// Starts a chunk whose bytes arrive in pieces and whose hash is known only at their end (a
-    /// streamed prepare): a temp file in `root/tmp` that [`ChunkWriter::write`] fills while
-    /// hashing, and [`ChunkStore::finish`] checks, makes durable and renames into place. At most
+    /// streamed prepare): a temp file in `root/tmp` that [`ChunkWriter::write`] fills (hashing
+    /// it, as `check` says), and [`ChunkStore::finish`] checks, makes durable and renames into
+    /// place. At most
     /// `declared` bytes are taken, and `declared` itself must be within `max_chunk_bytes`.
     /// Dropping the writer unfinished removes the temp file, so a stream that ends early or
     /// fails leaves nothing behind (a crash leaves it to the next open, which empties tmp/).
-    pub fn begin(&self, declared: u64) -> Result<ChunkWriter, ChunkError> {
+    pub fn begin(&self, declared: u64, check: StreamCheck) -> Result<ChunkWriter, ChunkError> {
         if declared > self.max_chunk_bytes as u64 {
             let len = usize::try_from(declared).unwrap_or(usize::MAX);
             return Err(ChunkError::TooLarge { len, max: self.max_chunk_bytes });
@@ -326,7 +343,7 @@ impl ChunkStore {
         Ok(ChunkWriter {
             file: Some(file),
             temp_path,
-            hasher: blake3::Hasher::new(),
+            hasher: (check == StreamCheck::Hash).then(blake3::Hasher::new),
             declared,
             written: 0,
             full_disk_injected: self.faults.as_ref().is_some_and(|faults| faults.chunk_store_full()),
@@ -335,15 +352,17 @@ impl ChunkStore {
     }
 
     /// Ends a streamed chunk: the bytes must hash to `expected`, else nothing is kept
-    /// (`HashMismatch`). Durable when it returns, like `put`:
+    /// (`HashMismatch`); under [`StreamCheck::CallerHashed`] the caller's word is taken. Durable when it returns, like `put`:
     /// the temp file is fsynced, renamed into place (over a corrupt copy) and the chunk's
     /// directory fsynced; if a good copy is already there, the temp file is discarded and that
     /// copy made durable instead. The caller protects the chunk from collection first, as for
     /// `put`.
     pub fn finish(&self, mut writer: ChunkWriter, expected: &ChunkHash) -> Result<(), ChunkError> {
-        let actual = ChunkHash::from_bytes(*writer.hasher.finalize().as_bytes());
-        if actual != *expected {
-            return Err(ChunkError::HashMismatch { expected: expected.to_hex(), actual: actual.to_hex() });
+        if let Some(hasher) = writer.hasher.take() {
+            let actual = ChunkHash::from_bytes(*hasher.finalize().as_bytes());
+            if actual != *expected {
+                return Err(ChunkError::HashMismatch { expected: expected.to_hex(), actual: actual.to_hex() });
+            }
         }
         let Some(file) = writer.file.take() else {
             return Err(ChunkError::Io {
@@ -886,6 +905,31 @@ mod tests {
     /// A real ENOSPC from the kernel: /dev/full fails every write with it.
     fn write_to_dev_full(_: &mut File, data: &[u8]) -> io::Result<()> {
         OpenOptions::new().write(true).open("/dev/full")?.write_all(data)
+    }
+
+    #[test]
+    fn a_streamed_chunk_is_checked_against_its_hash_unless_the_caller_hashed_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(&dir);
+        let (data, other) = (b"streamed in two pieces".as_slice(), b"something else".as_slice());
+        let stream = |check| {
+            let mut writer = store.begin(data.len() as u64, check).expect("begin");
+            writer.write(&data[..8]).expect("first piece");
+            writer.write(&data[8..]).expect("second piece");
+            writer
+        };
+
+        let refused = store.finish(stream(StreamCheck::Hash), &ChunkHash::of(other)).expect_err("wrong hash");
+        assert!(matches!(refused, ChunkError::HashMismatch { .. }), "got {refused:?}");
+        assert!(tmp_is_empty(&dir) && !store.contains(&ChunkHash::of(other)));
+        store.finish(stream(StreamCheck::Hash), &ChunkHash::of(data)).expect("right hash");
+        assert_eq!(store.get(&ChunkHash::of(data)).expect("get"), data);
+
+        // The caller's word is taken: the bytes go in under the hash it gives. A wrong one is
+        // a corrupt copy, which a read then finds (and repair replaces).
+        store.finish(stream(StreamCheck::CallerHashed), &ChunkHash::of(other)).expect("no second hash");
+        assert!(store.contains(&ChunkHash::of(other)));
+        assert!(store.get(&ChunkHash::of(other)).is_err(), "a read checks the bytes");
     }
 
     #[test]

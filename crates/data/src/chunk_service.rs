@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mendfs_chunkstore::{ChunkError, ChunkHash, ChunkStore, ChunkWriter, QuarantineOutcome};
+use mendfs_chunkstore::{ChunkError, ChunkHash, ChunkStore, ChunkWriter, QuarantineOutcome, StreamCheck};
 use mendfs_proto::v1 as pb;
 use mendfs_proto::v1::storage_server::Storage;
 use tonic::{Request, Response, Status};
@@ -163,7 +163,7 @@ impl LocalChunks {
     /// chunk is finished or dropped (whether the chunk is already here is unknown until its
     /// hash is, so a node at its cap refuses even a chunk it has). Blocking: creates the temp
     /// file.
-    pub fn begin_streamed(self: &Arc<Self>, declared: u64) -> Result<StreamedChunk, ChunkError> {
+    pub fn begin_streamed(self: &Arc<Self>, declared: u64, check: StreamCheck) -> Result<StreamedChunk, ChunkError> {
         let reserved = match self.capacity_bytes {
             Some(capacity) => {
                 let mut reserved = self.reserved_bytes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -179,7 +179,7 @@ impl LocalChunks {
         };
         // Built before the writer, so that a failure to begin gives the reservation back.
         let mut chunk = StreamedChunk { local: self.clone(), writer: None, reserved };
-        match self.store.begin(declared) {
+        match self.store.begin(declared, check) {
             Ok(writer) => chunk.writer = Some(writer),
             Err(error) => {
                 self.counters.count_error(&error);
@@ -394,7 +394,7 @@ where
     let deadline = grace.clamp(STREAM_DEADLINE_MIN, STREAM_DEADLINE_MAX);
     let receiving = async {
         let starting = state.clone();
-        let mut chunk = tokio::task::spawn_blocking(move || starting.begin_streamed(header.size))
+        let mut chunk = tokio::task::spawn_blocking(move || starting.begin_streamed(header.size, StreamCheck::Hash))
             .await
             .map_err(|e| Status::internal(format!("chunk stream task: {e}")))?
             .map_err(chunk_status)?;
@@ -1039,11 +1039,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = ChunkStore::open(dir.path(), 1 << 20).expect("open store");
         let local = Arc::new(LocalChunks::new(Arc::new(store), GRACE, Some(100_000)));
-        let open = local.begin_streamed(80_000).expect("room");
-        let error = local.begin_streamed(30_000).map(drop).expect_err("over the cap while the first is open");
+        let open = local.begin_streamed(80_000, StreamCheck::Hash).expect("room");
+        let error = local
+            .begin_streamed(30_000, StreamCheck::Hash)
+            .map(drop)
+            .expect_err("over the cap while the first is open");
         assert!(matches!(error, ChunkError::DiskFull { .. }), "{error}");
         drop(open);
-        local.begin_streamed(30_000).expect("room again once the first is dropped");
+        local.begin_streamed(30_000, StreamCheck::Hash).expect("room again once the first is dropped");
         assert!(tmp_is_empty(&dir));
     }
 

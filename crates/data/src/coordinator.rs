@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
 use futures::{FutureExt, Stream, StreamExt};
+use mendfs_chunkstore::StreamCheck;
 use mendfs_erasure::Scheme;
 use mendfs_heal::detector::Liveness;
 use mendfs_heal::planner::ClusterView;
@@ -925,8 +926,8 @@ impl Coordinator {
                 buffer.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
                 if buffer.len() == chunk_size {
-                    self.prepare_next(list, &mut in_flight, &ring, &addresses, redundancy, std::mem::take(&mut buffer))
-                        .await?;
+                    let chunk = HashedChunk::of(std::mem::take(&mut buffer));
+                    self.prepare_next(list, &mut in_flight, &ring, &addresses, redundancy, chunk).await?;
                 }
             }
         }
@@ -938,7 +939,7 @@ impl Coordinator {
             return Ok((size, content_hash, Some(buffer)));
         }
         if !buffer.is_empty() {
-            self.prepare_next(list, &mut in_flight, &ring, &addresses, redundancy, buffer).await?;
+            self.prepare_next(list, &mut in_flight, &ring, &addresses, redundancy, HashedChunk::of(buffer)).await?;
         }
         self.settle(list, &mut in_flight, 0).await?;
         Ok((size, content_hash, None))
@@ -956,9 +957,9 @@ impl Coordinator {
         ring: &Arc<Ring>,
         addresses: &Arc<HashMap<u64, String>>,
         redundancy: Redundancy,
-        data: Vec<u8>,
+        chunk: HashedChunk,
     ) -> Result<(), Status> {
-        let hash = ChunkHash::of(&data);
+        let HashedChunk { data, hash } = chunk;
         list.chunk_starting();
         if list.is_repeat(&hash) {
             let repeat = CommittedChunk { hash, size: data.len() as u64, replicas: Vec::new() };
@@ -1292,7 +1293,9 @@ struct ChunkStream {
     /// stand in for any that fail.
     candidates: Vec<NodeId>,
     replicas: Vec<ReplicaStream>,
-    hasher: blake3::Hasher,
+    /// None for a chunk that starts the content: its hash is the content's hash so far, which
+    /// the upload computes anyway, so its bytes are not hashed twice.
+    hasher: Option<blake3::Hasher>,
     len: usize,
 }
 
@@ -1327,7 +1330,13 @@ fn streamed_chunk_key(write_id: &[u8; 16], index: u64) -> ChunkHash {
 impl Coordinator {
     /// Opens the streams of the upload's next chunk (index `index`, at most `declared` bytes)
     /// to the first RF nodes in ring order for its key.
-    fn open_chunk_stream(&self, forwarding: &Forwarding, index: u64, declared: usize) -> ChunkStream {
+    fn open_chunk_stream(
+        &self,
+        forwarding: &Forwarding,
+        index: u64,
+        declared: usize,
+        starts_content: bool,
+    ) -> ChunkStream {
         let replication_factor = self.config.replication_factor;
         let key = streamed_chunk_key(&forwarding.write_id, index);
         let all = forwarding.ring.nodes().len();
@@ -1342,7 +1351,7 @@ impl Coordinator {
             .take(replication_factor)
             .map(|&id| self.open_replica_stream(forwarding, id, declared))
             .collect();
-        ChunkStream { candidates, replicas, hasher: blake3::Hasher::new(), len: 0 }
+        ChunkStream { candidates, replicas, hasher: (!starts_content).then(blake3::Hasher::new), len: 0 }
     }
 
     /// Starts one replica's stream: a task that writes into this node's own store, or a
@@ -1362,10 +1371,12 @@ impl Coordinator {
             tokio::spawn(
                 async move {
                     let starting = local.clone();
-                    let mut chunk = tokio::task::spawn_blocking(move || starting.begin_streamed(declared as u64))
-                        .await
-                        .map_err(|e| format!("chunk stream task: {e}"))?
-                        .map_err(|e| status_with_cause(&chunk_status(e)))?;
+                    let mut chunk = tokio::task::spawn_blocking(move || {
+                        starting.begin_streamed(declared as u64, StreamCheck::CallerHashed)
+                    })
+                    .await
+                    .map_err(|e| format!("chunk stream task: {e}"))?
+                    .map_err(|e| status_with_cause(&chunk_status(e)))?;
                     while let Some(message) = rx.recv().await {
                         match message {
                             ToReplica::Data(data, permit) => {
@@ -1435,7 +1446,9 @@ impl Coordinator {
     /// upload waiting here stops reading its stream, but every slice it holds budget for
     /// drains without it).
     async fn forward(&self, chunk: &mut ChunkStream, mut data: Bytes) -> Result<(), Status> {
-        chunk.hasher.update(&data);
+        if let Some(hasher) = chunk.hasher.as_mut() {
+            hasher.update(&data);
+        }
         chunk.len += data.len();
         let timeout = self.config.chunk_rpc_timeout;
         while !data.is_empty() {
@@ -1459,8 +1472,16 @@ impl Coordinator {
     /// the replicas are sent its hash, and a task waits for their answers and makes up any copy
     /// that failed from a survivor (`settle_streamed`): the chunk counts as prepared only with
     /// RF fsynced copies.
-    fn end_chunk(&self, forwarding: &Forwarding, list: &mut SegmentedList, chunk: ChunkStream) -> PrepareInFlight {
-        let hash = ChunkHash::from_bytes(*chunk.hasher.finalize().as_bytes());
+    /// `content_so_far` hashes every byte of the content up to the end of this chunk, and no
+    /// more: the hash of a chunk that starts the content.
+    fn end_chunk(
+        &self,
+        forwarding: &Forwarding,
+        list: &mut SegmentedList,
+        chunk: ChunkStream,
+        content_so_far: &blake3::Hasher,
+    ) -> PrepareInFlight {
+        let hash = ChunkHash::from_bytes(*chunk.hasher.as_ref().unwrap_or(content_so_far).finalize().as_bytes());
         let size = chunk.len as u64;
         if list.is_repeat(&hash) {
             for replica in &chunk.replicas {
@@ -1643,8 +1664,11 @@ impl Coordinator {
         let mut current: Option<ChunkStream> = None;
         let mut in_flight = FuturesOrdered::new();
         while let Some(mut data) = source.next_data().await? {
-            content_hash.update(&data);
             size += data.len() as u64;
+            // The content hash takes each piece as it goes into a chunk (not the whole of `data`,
+            // which may reach into the next chunk), so that when the first chunk ends it has
+            // hashed that chunk and nothing more: the first chunk's hash is then the content's
+            // so far, and its bytes are hashed once.
             while !data.is_empty() {
                 let chunk = match &mut current {
                     Some(chunk) => chunk,
@@ -1657,16 +1681,22 @@ impl Coordinator {
                             head.reserve_exact(left.min(buffered_max as u64) as usize);
                         }
                         let take = (buffered_max - head.len()).min(data.len());
-                        head.extend_from_slice(&data.split_to(take));
+                        let piece = data.split_to(take);
+                        content_hash.update(&piece);
+                        head.extend_from_slice(&piece);
                         if head.len() == chunk_size {
                             let whole = std::mem::take(&mut head);
+                            let chunk = match list.started_chunks {
+                                0 => HashedChunk { data: whole, hash: content_hash_so_far(&content_hash) },
+                                _ => HashedChunk::of(whole),
+                            };
                             self.prepare_next(
                                 list,
                                 &mut in_flight,
                                 &forwarding.ring,
                                 &forwarding.addresses,
                                 Redundancy::Replicate,
-                                whole,
+                                chunk,
                             )
                             .await?;
                         }
@@ -1680,7 +1710,7 @@ impl Coordinator {
                         let declared = left.min(chunk_size as u64) as usize;
                         let index = list.started_chunks;
                         list.chunk_starting();
-                        let chunk = current.insert(self.open_chunk_stream(&forwarding, index, declared));
+                        let chunk = current.insert(self.open_chunk_stream(&forwarding, index, declared, index == 0));
                         if !head.is_empty() {
                             self.forward(chunk, Bytes::from(std::mem::take(&mut head))).await?;
                         }
@@ -1688,38 +1718,64 @@ impl Coordinator {
                     }
                 };
                 let take = (chunk_size - chunk.len).min(data.len());
-                self.forward(chunk, data.split_to(take)).await?;
+                let piece = data.split_to(take);
+                content_hash.update(&piece);
+                self.forward(chunk, piece).await?;
                 if chunk.len == chunk_size {
                     if let Some(full) = current.take() {
-                        in_flight.push_back(self.end_chunk(&forwarding, list, full));
+                        in_flight.push_back(self.end_chunk(&forwarding, list, full, &content_hash));
                         self.settle(list, &mut in_flight, window - 1).await?;
                     }
                 }
             }
         }
-        let content_hash = *content_hash.finalize().as_bytes();
         if let Some(last) = current.take().filter(|chunk| chunk.len > 0) {
-            in_flight.push_back(self.end_chunk(&forwarding, list, last));
+            in_flight.push_back(self.end_chunk(&forwarding, list, last, &content_hash));
         } else if !head.is_empty() {
-            // Nothing started yet means the buffer holds the whole content.
-            if list.started_chunks == 0 && head.len() <= self.config.inline_max_bytes {
+            // Nothing started yet means the buffer holds the whole content, whose hash is its.
+            let whole_content = list.started_chunks == 0;
+            if whole_content && head.len() <= self.config.inline_max_bytes {
                 list.chunk_starting();
-                list.current.push(CommittedChunk { hash: ChunkHash::of(&head), size, replicas: Vec::new() });
-                return Ok((size, content_hash, Some(head)));
+                let hash = content_hash_so_far(&content_hash);
+                list.current.push(CommittedChunk { hash, size, replicas: Vec::new() });
+                return Ok((size, *content_hash.finalize().as_bytes(), Some(head)));
             }
+            let chunk = match whole_content {
+                true => HashedChunk { data: head, hash: content_hash_so_far(&content_hash) },
+                false => HashedChunk::of(head),
+            };
             self.prepare_next(
                 list,
                 &mut in_flight,
                 &forwarding.ring,
                 &forwarding.addresses,
                 Redundancy::Replicate,
-                head,
+                chunk,
             )
             .await?;
         }
         self.settle(list, &mut in_flight, 0).await?;
-        Ok((size, content_hash, None))
+        Ok((size, *content_hash.finalize().as_bytes(), None))
     }
+}
+
+/// A chunk's bytes and their hash, which the caller may have already (the chunk is all the
+/// content so far: see `content_hash_so_far`).
+struct HashedChunk {
+    data: Vec<u8>,
+    hash: ChunkHash,
+}
+
+impl HashedChunk {
+    fn of(data: Vec<u8>) -> Self {
+        let hash = ChunkHash::of(&data);
+        Self { data, hash }
+    }
+}
+
+/// The hash of what `content` has taken so far: a chunk's hash when that chunk is all of it.
+fn content_hash_so_far(content: &blake3::Hasher) -> ChunkHash {
+    ChunkHash::from_bytes(*content.finalize().as_bytes())
 }
 
 /// Files of one listing whose redundancy is asked of the leader when this node's state does
