@@ -63,7 +63,9 @@ pub struct ChunkStore {
     leaf_dirs_durable: Vec<AtomicU64>,
     /// Serializes creating leaf directories, so a second put cannot see a directory another put has
     /// just created but not yet fsynced into its parent, and then acknowledge a chunk in it.
-    leaf_dir_creation: Mutex<()>,
+    /// Holds, per level-1 directory (`chunks/<2 hex>`), whether this process knows it exists and
+    /// its entry is on disk, so that each new leaf below it does not create and fsync it again.
+    leaf_dir_creation: Mutex<[bool; 256]>,
     /// Injected faults (a slow or full disk), for chaos tests only; None, and never consulted,
     /// unless the node allows fault injection. See [`crate::faults`].
     faults: Option<Arc<FaultState>>,
@@ -224,7 +226,7 @@ impl ChunkStore {
             temp_file_counter: AtomicU64::new(0),
             hash_locks: (0..HASH_LOCK_COUNT).map(|_| Mutex::new(())).collect(),
             leaf_dirs_durable: (0..LEAF_DIR_COUNT / 64).map(|_| AtomicU64::new(0)).collect(),
-            leaf_dir_creation: Mutex::new(()),
+            leaf_dir_creation: Mutex::new([false; 256]),
             faults: None,
             _lock_file: lock_file,
         };
@@ -700,18 +702,23 @@ impl ChunkStore {
         if word.load(Ordering::Acquire) & bit != 0 {
             return Ok(());
         }
-        let _creation_guard = self.leaf_dir_creation.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut level1_durable = self.leaf_dir_creation.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if word.load(Ordering::Acquire) & bit != 0 {
             return Ok(());
         }
         let hex = hash.to_hex();
         let level1_dir = self.chunks_dir.join(&hex[0..2]);
         let leaf_dir = level1_dir.join(&hex[2..4]);
-        create_dir_if_missing(&level1_dir)?;
         // fsync the parents even when the directories already existed: a process that crashed
         // between creating one and fsyncing its parent left it on disk only in the page cache.
-        // Chunks renamed into a directory whose own entry is lost are lost with it.
-        sync_dir(&self.chunks_dir)?;
+        // Chunks renamed into a directory whose own entry is lost are lost with it. Once per
+        // level-1 directory per process: on a new node nearly every chunk starts a new leaf, and
+        // this fsync of chunks/ was one in three of a replica's fsyncs.
+        if !level1_durable[usize::from(hash[0])] {
+            create_dir_if_missing(&level1_dir)?;
+            sync_dir(&self.chunks_dir)?;
+            level1_durable[usize::from(hash[0])] = true;
+        }
         create_dir_if_missing(&leaf_dir)?;
         sync_dir(&level1_dir)?;
         word.fetch_or(bit, Ordering::Release);
