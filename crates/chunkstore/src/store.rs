@@ -63,9 +63,9 @@ pub struct ChunkStore {
     leaf_dirs_durable: Vec<AtomicU64>,
     /// Serializes creating leaf directories, so a second put cannot see a directory another put has
     /// just created but not yet fsynced into its parent, and then acknowledge a chunk in it.
-    /// Holds, per level-1 directory (`chunks/<2 hex>`), whether this process knows it exists and
-    /// its entry is on disk, so that each new leaf below it does not create and fsync it again.
-    leaf_dir_creation: Mutex<[bool; 256]>,
+    /// And holds, per level-1 directory (`chunks/<2 hex>`), whether this process knows it exists
+    /// and its entry is on disk, so that each new leaf below it does not create and fsync it again.
+    level1_dirs_durable: Mutex<[bool; 256]>,
     /// Injected faults (a slow or full disk), for chaos tests only; None, and never consulted,
     /// unless the node allows fault injection. See [`crate::faults`].
     faults: Option<Arc<FaultState>>,
@@ -226,7 +226,7 @@ impl ChunkStore {
             temp_file_counter: AtomicU64::new(0),
             hash_locks: (0..HASH_LOCK_COUNT).map(|_| Mutex::new(())).collect(),
             leaf_dirs_durable: (0..LEAF_DIR_COUNT / 64).map(|_| AtomicU64::new(0)).collect(),
-            leaf_dir_creation: Mutex::new([false; 256]),
+            level1_dirs_durable: Mutex::new([false; 256]),
             faults: None,
             _lock_file: lock_file,
         };
@@ -326,8 +326,8 @@ impl ChunkStore {
     /// Starts a chunk whose bytes arrive in pieces and whose hash is known only at their end (a
     /// streamed prepare): a temp file in `root/tmp` that [`ChunkWriter::write`] fills (hashing
     /// it, as `check` says), and [`ChunkStore::finish`] checks, makes durable and renames into
-    /// place. At most
-    /// `declared` bytes are taken, and `declared` itself must be within `max_chunk_bytes`.
+    /// place. At most `declared` bytes are taken, and `declared` itself must be within
+    /// `max_chunk_bytes`.
     /// Dropping the writer unfinished removes the temp file, so a stream that ends early or
     /// fails leaves nothing behind (a crash leaves it to the next open, which empties tmp/).
     pub fn begin(&self, declared: u64, check: StreamCheck) -> Result<ChunkWriter, ChunkError> {
@@ -354,11 +354,11 @@ impl ChunkStore {
     }
 
     /// Ends a streamed chunk: the bytes must hash to `expected`, else nothing is kept
-    /// (`HashMismatch`); under [`StreamCheck::CallerHashed`] the caller's word is taken. Durable when it returns, like `put`:
-    /// the temp file is fsynced, renamed into place (over a corrupt copy) and the chunk's
-    /// directory fsynced; if a good copy is already there, the temp file is discarded and that
-    /// copy made durable instead. The caller protects the chunk from collection first, as for
-    /// `put`.
+    /// (`HashMismatch`); under [`StreamCheck::CallerHashed`] the caller's word is taken.
+    /// Durable when it returns, like `put`: the temp file is fsynced, renamed into place (over a
+    /// corrupt copy) and the chunk's directory fsynced; if a good copy is already there, the temp
+    /// file is discarded and that copy made durable instead. The caller protects the chunk from
+    /// collection first, as for `put`.
     pub fn finish(&self, mut writer: ChunkWriter, expected: &ChunkHash) -> Result<(), ChunkError> {
         if let Some(hasher) = writer.hasher.take() {
             let actual = ChunkHash::from_bytes(*hasher.finalize().as_bytes());
@@ -702,7 +702,7 @@ impl ChunkStore {
         if word.load(Ordering::Acquire) & bit != 0 {
             return Ok(());
         }
-        let mut level1_durable = self.leaf_dir_creation.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut level1_durable = self.level1_dirs_durable.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if word.load(Ordering::Acquire) & bit != 0 {
             return Ok(());
         }
