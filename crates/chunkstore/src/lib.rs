@@ -48,11 +48,13 @@
 //! that makes it a slow disk or a full one. A store opened the ordinary way has none and never
 //! looks for one; see the `faults` module for what each fault does.
 
+mod chunk_file;
 mod error;
 mod faults;
 mod hash;
 mod store;
 
+pub use chunk_file::WriteMode;
 pub use error::ChunkError;
 pub use faults::{FaultSettings, FaultState, CHUNK_IO_DELAY_MS_MAX};
 pub use mendfs_types::ChunkHash;

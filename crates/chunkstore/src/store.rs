@@ -8,11 +8,12 @@
 //! old file or the new one, never a mix.
 
 use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::chunk_file::{probe_direct_io, ChunkFile, WriteMode};
 use crate::error::ChunkError;
 use crate::faults::{FaultSettings, FaultState};
 use crate::hash::{from_canonical_hex, from_canonical_hex_byte};
@@ -56,6 +57,8 @@ pub struct ChunkStore {
     /// Makes temp file names unique within this process; the pid makes them unique across
     /// processes, in case the lock is ever bypassed.
     temp_file_counter: AtomicU64,
+    /// How chunk files are written: direct I/O where the file system takes it, probed at open.
+    write_mode: WriteMode,
     hash_locks: Vec<Mutex<()>>,
     /// One bit per leaf directory, set once this process knows the directory exists and its
     /// entry, and its parent's entry, are on disk. Lets `put` skip both `create_dir` calls and the
@@ -103,7 +106,7 @@ pub enum StreamCheck {
 /// [`ChunkStore::finish`] renamed it into place.
 #[derive(Debug)]
 pub struct ChunkWriter {
-    file: Option<File>,
+    file: Option<ChunkFile>,
     temp_path: PathBuf,
     /// None: [`StreamCheck::CallerHashed`], the caller vouches for the hash.
     hasher: Option<blake3::Hasher>,
@@ -129,11 +132,8 @@ impl ChunkWriter {
                 source: io::Error::from(io::ErrorKind::NotFound),
             });
         };
-        let written = if self.full_disk_injected {
-            Err(io::Error::from(io::ErrorKind::StorageFull))
-        } else {
-            file.write_all(piece)
-        };
+        let written =
+            if self.full_disk_injected { Err(io::Error::from(io::ErrorKind::StorageFull)) } else { file.write(piece) };
         written.map_err(|e| ChunkError::from_io(e, "writing temp file", &self.temp_path))?;
         if let Some(hasher) = self.hasher.as_mut() {
             hasher.update(piece);
@@ -215,6 +215,7 @@ impl ChunkStore {
         sync_dir(root)?;
 
         remove_temp_files(&tmp_dir)?;
+        let write_mode = probe_direct_io(&tmp_dir);
 
         let store = ChunkStore {
             chunks_dir,
@@ -224,6 +225,7 @@ impl ChunkStore {
             chunk_count: AtomicU64::new(0),
             chunk_bytes: AtomicU64::new(0),
             temp_file_counter: AtomicU64::new(0),
+            write_mode,
             hash_locks: (0..HASH_LOCK_COUNT).map(|_| Mutex::new(())).collect(),
             leaf_dirs_durable: (0..LEAF_DIR_COUNT / 64).map(|_| AtomicU64::new(0)).collect(),
             level1_dirs_durable: Mutex::new([false; 256]),
@@ -257,7 +259,10 @@ impl ChunkStore {
             Some(faults) if faults.chunk_store_full() => {
                 self.put_with_writer(expected, data, |_, _| Err(io::Error::from(io::ErrorKind::StorageFull)))
             }
-            _ => self.put_with_writer(expected, data, write_and_sync),
+            _ => self.put_with_writer(expected, data, |file, data| {
+                file.write(data)?;
+                file.sync()
+            }),
         }
     }
 
@@ -267,7 +272,7 @@ impl ChunkStore {
         &self,
         expected: &ChunkHash,
         data: &[u8],
-        fill_temp_file: impl FnOnce(&mut File, &[u8]) -> io::Result<()>,
+        fill_temp_file: impl FnOnce(&mut ChunkFile, &[u8]) -> io::Result<()>,
     ) -> Result<(), ChunkError> {
         if data.len() > self.max_chunk_bytes {
             return Err(ChunkError::TooLarge { len: data.len(), max: self.max_chunk_bytes });
@@ -296,7 +301,7 @@ impl ChunkStore {
         };
 
         let temp_path = self.temp_path(expected);
-        if let Err(error) = write_temp_and_rename(&temp_path, &final_path, data, fill_temp_file) {
+        if let Err(error) = write_temp_and_rename(&temp_path, &final_path, self.write_mode, data, fill_temp_file) {
             // The rename did not happen, so the temp file (if it was created) is still there. A
             // failed removal is left to the next open, which empties tmp/.
             let _ = fs::remove_file(&temp_path);
@@ -337,10 +342,7 @@ impl ChunkStore {
         }
         let counter = self.temp_file_counter.fetch_add(1, Ordering::Relaxed);
         let temp_path = self.tmp_dir.join(format!("stream.{}.{counter}.tmp", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&temp_path)
+        let file = ChunkFile::create(&temp_path, self.write_mode, declared)
             .map_err(|e| ChunkError::from_io(e, "creating temp file", &temp_path))?;
         Ok(ChunkWriter {
             file: Some(file),
@@ -366,16 +368,15 @@ impl ChunkStore {
                 return Err(ChunkError::HashMismatch { expected: expected.to_hex(), actual: actual.to_hex() });
             }
         }
-        let Some(file) = writer.file.take() else {
+        let Some(mut file) = writer.file.take() else {
             return Err(ChunkError::Io {
                 context: format!("temp file {} was already closed", writer.temp_path.display()),
                 source: io::Error::from(io::ErrorKind::NotFound),
             });
         };
-        // fsync before the rename: otherwise the rename can reach the disk before the data does,
-        // and a crash leaves the chunk's name over empty or partial contents. Done before taking
-        // the hash lock, so the slowest step does not hold up other chunks that share the lock.
-        file.sync_all().map_err(|e| ChunkError::from_io(e, "syncing temp file", &writer.temp_path))?;
+        // fsync before the rename (`ChunkFile::sync` says why). Done before taking the hash lock,
+        // so the slowest step does not hold up other chunks that share the lock.
+        file.sync().map_err(|e| ChunkError::from_io(e, "syncing temp file", &writer.temp_path))?;
         drop(file);
 
         let final_path = self.path_of(expected);
@@ -425,6 +426,11 @@ impl ChunkStore {
         // fsync the directory: the rename is only a change to the directory, and until the
         // directory is on disk a crash can undo it, losing a chunk about to be acknowledged.
         self.sync_leaf_dir(&final_path)
+    }
+
+    /// How this store writes chunk files (direct I/O where its file system takes it).
+    pub fn write_mode(&self) -> WriteMode {
+        self.write_mode
     }
 
     /// The largest chunk this store takes.
@@ -770,15 +776,6 @@ impl ChunkStore {
     }
 }
 
-/// The default way to fill a temp file: write the bytes, then fsync them.
-fn write_and_sync(file: &mut File, data: &[u8]) -> io::Result<()> {
-    file.write_all(data)?;
-    // fsync before the rename: otherwise the rename can reach the disk before the data does, and a
-    // crash leaves a chunk's name over empty or partial contents (ext4 and xfs both allow this).
-    // sync_all rather than sync_data only for plainness: a new file's size must be flushed anyway.
-    file.sync_all()
-}
-
 /// The BLAKE3 of everything `reader` yields (the same hash as `ChunkHash::of` over those bytes),
 /// read in bounded pieces, so judging a copy costs no more memory however large the file.
 fn hash_of_reader(reader: &mut impl Read) -> io::Result<ChunkHash> {
@@ -790,13 +787,11 @@ fn hash_of_reader(reader: &mut impl Read) -> io::Result<ChunkHash> {
 fn write_temp_and_rename(
     temp_path: &Path,
     final_path: &Path,
+    write_mode: WriteMode,
     data: &[u8],
-    fill_temp_file: impl FnOnce(&mut File, &[u8]) -> io::Result<()>,
+    fill_temp_file: impl FnOnce(&mut ChunkFile, &[u8]) -> io::Result<()>,
 ) -> Result<(), ChunkError> {
-    let mut temp_file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(temp_path)
+    let mut temp_file = ChunkFile::create(temp_path, write_mode, data.len() as u64)
         .map_err(|e| ChunkError::from_io(e, "creating temp file", temp_path))?;
     fill_temp_file(&mut temp_file, data).map_err(|e| ChunkError::from_io(e, "writing temp file", temp_path))?;
     drop(temp_file);
@@ -910,8 +905,8 @@ mod tests {
     }
 
     /// A real ENOSPC from the kernel: /dev/full fails every write with it.
-    fn write_to_dev_full(_: &mut File, data: &[u8]) -> io::Result<()> {
-        OpenOptions::new().write(true).open("/dev/full")?.write_all(data)
+    fn write_to_dev_full(_: &mut ChunkFile, data: &[u8]) -> io::Result<()> {
+        std::io::Write::write_all(&mut OpenOptions::new().write(true).open("/dev/full")?, data)
     }
 
     #[test]

@@ -126,6 +126,13 @@ impl Node {
         let chunks = if parts.storage_role {
             let mut store = ChunkStore::open(&config.data_dir.join("chunks"), mendfs_data::CHUNK_BYTES_MAX)
                 .map_err(|e| NodeError::Start(format!("open the chunk store in {}: {e}", config.data_dir.display())))?;
+            match store.write_mode() {
+                mendfs_chunkstore::WriteMode::Direct => tracing::info!("chunk files are written with direct I/O"),
+                mendfs_chunkstore::WriteMode::Buffered => tracing::info!(
+                    "chunk files are written through the page cache: the data directory's file system refuses \
+                     direct I/O"
+                ),
+            }
             if let Some(control) = &fault_control {
                 store = store.with_faults(control.faults().clone());
             }

@@ -77,7 +77,8 @@ pub(super) struct Machine {
 pub(super) struct References {
     /// One 256 MiB file written and fdatasynced once.
     pub disk_fsync_mb_per_sec: Option<f64>,
-    /// 4 MiB files each written, fsynced and renamed, as the chunk store does.
+    /// 4 MiB chunks put one at a time into a chunk store on the bench's disk (hashed, written,
+    /// fsynced, renamed), as a node's store does.
     pub chunk_file_fsync_mb_per_sec: Option<f64>,
     pub loopback_tcp_mb_per_sec: Option<f64>,
     /// A bare append of a line the size of a recorded span.
