@@ -22,6 +22,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 /// The alignment direct I/O is given: a multiple of every logical block size in use (512 and
 /// 4096 bytes), and the page size, which is what the kernel needs of the buffer.
@@ -31,6 +33,41 @@ pub(crate) const DIRECT_BLOCK_BYTES: usize = 4096;
 /// 1 MiB ones here), and every open chunk stream holds one such buffer, so a node with a few
 /// dozen streams open holds a few MiB, not a chunk each.
 pub(crate) const STAGING_BYTES: usize = 256 << 10;
+
+/// Staging buffers a store holds at once, across all its open chunk files: 256 chunks being
+/// written in parallel. A chunk file opened past it is written through the page cache instead,
+/// so that however many streams peers open, staging never holds more than this.
+pub(crate) const STAGING_BUDGET_BYTES: usize = 64 << 20;
+
+/// The store's account of staging bytes in use (see [`STAGING_BUDGET_BYTES`]).
+#[derive(Debug)]
+pub(crate) struct StagingBudget {
+    in_use: AtomicUsize,
+    limit: usize,
+}
+
+impl StagingBudget {
+    pub(crate) fn new(limit: usize) -> Arc<StagingBudget> {
+        Arc::new(StagingBudget { in_use: AtomicUsize::new(0), limit })
+    }
+
+    fn try_take(&self, bytes: usize) -> bool {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |in_use| {
+                in_use.checked_add(bytes).filter(|after| *after <= self.limit)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self, bytes: usize) {
+        self.in_use.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    #[cfg(test)]
+    fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Acquire)
+    }
+}
 
 /// How chunk files are written in a store, decided once when it opens (see [`probe_direct_io`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,11 +90,16 @@ pub(crate) struct ChunkFile {
 impl ChunkFile {
     /// Creates the temp file at `path` (it must not exist). `expected_len` sizes the staging
     /// buffer: a small chunk does not hold a full one.
-    pub(crate) fn create(path: &Path, mode: WriteMode, expected_len: u64) -> io::Result<ChunkFile> {
-        // A staging buffer that could not be aligned (see `Staging::for_len`) means a buffered
-        // file, as a file system refusing direct I/O would.
+    pub(crate) fn create(
+        path: &Path,
+        mode: WriteMode,
+        expected_len: u64,
+        budget: &Arc<StagingBudget>,
+    ) -> io::Result<ChunkFile> {
+        // No room in the budget, or a buffer that could not be aligned (see `Staging::for_len`),
+        // means a buffered file, as a file system refusing direct I/O would.
         let staging = match mode {
-            WriteMode::Direct => Staging::for_len(expected_len),
+            WriteMode::Direct => Staging::for_len(expected_len, budget),
             WriteMode::Buffered => None,
         };
         let mut options = OpenOptions::new();
@@ -115,7 +157,8 @@ impl ChunkFile {
 pub(crate) fn probe_direct_io(dir: &Path) -> WriteMode {
     let path = dir.join(format!("direct-io-probe.{}.tmp", std::process::id()));
     let probe = (|| {
-        let mut file = ChunkFile::create(&path, WriteMode::Direct, DIRECT_BLOCK_BYTES as u64)?;
+        let budget = StagingBudget::new(2 * DIRECT_BLOCK_BYTES);
+        let mut file = ChunkFile::create(&path, WriteMode::Direct, DIRECT_BLOCK_BYTES as u64, &budget)?;
         if file.staging.is_none() {
             return Err(io::Error::other("no aligned buffer"));
         }
@@ -133,23 +176,34 @@ pub(crate) fn probe_direct_io(dir: &Path) -> WriteMode {
 
 /// An aligned window of a plain `Vec`: the vector is allocated one block larger than the
 /// window and never resized, so the window's start stays where `align_offset` put it.
+/// Its bytes are counted in the store's [`StagingBudget`] until it drops.
 #[derive(Debug)]
 struct Staging {
     buffer: Vec<u8>,
     start: usize,
     capacity: usize,
     filled: usize,
+    budget: Arc<StagingBudget>,
 }
 
 impl Staging {
     /// A buffer for a chunk of `expected_len` bytes: that many rounded up to a block, at most
-    /// [`STAGING_BYTES`]. None if the allocation cannot be aligned (`align_offset` may decline).
-    fn for_len(expected_len: u64) -> Option<Staging> {
+    /// [`STAGING_BYTES`]. None if the budget has no room for it or the allocation cannot be
+    /// aligned (`align_offset` may decline).
+    fn for_len(expected_len: u64, budget: &Arc<StagingBudget>) -> Option<Staging> {
         let wanted = usize::try_from(expected_len).unwrap_or(usize::MAX).clamp(1, STAGING_BYTES);
         let capacity = wanted.div_ceil(DIRECT_BLOCK_BYTES) * DIRECT_BLOCK_BYTES;
-        let buffer = vec![0u8; capacity + DIRECT_BLOCK_BYTES];
+        let counted = capacity + DIRECT_BLOCK_BYTES;
+        if !budget.try_take(counted) {
+            return None;
+        }
+        let buffer = vec![0u8; counted];
         let start = buffer.as_ptr().align_offset(DIRECT_BLOCK_BYTES);
-        (start < DIRECT_BLOCK_BYTES).then_some(Staging { buffer, start, capacity, filled: 0 })
+        if start >= DIRECT_BLOCK_BYTES {
+            budget.give_back(counted);
+            return None;
+        }
+        Some(Staging { buffer, start, capacity, filled: 0, budget: budget.clone() })
     }
 
     /// Copies as much of `piece` as fits; returns how much that was.
@@ -185,6 +239,12 @@ impl Staging {
     }
 }
 
+impl Drop for Staging {
+    fn drop(&mut self) {
+        self.budget.give_back(self.buffer.len());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,7 +254,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chunk.tmp");
         let total: u64 = pieces.iter().map(|piece| piece.len() as u64).sum();
-        let mut file = ChunkFile::create(&path, mode, total).unwrap();
+        let budget = StagingBudget::new(STAGING_BUDGET_BYTES);
+        let mut file = ChunkFile::create(&path, mode, total, &budget).unwrap();
         for piece in pieces {
             file.write(piece).unwrap();
         }
@@ -211,6 +272,29 @@ mod tests {
         let mode = probe_direct_io(dir.path());
         assert_eq!(written_through(mode, &[vec![7u8; 5000]]), vec![7u8; 5000]);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the probe leaves no file behind");
+    }
+
+    #[test]
+    fn files_past_the_staging_budget_are_buffered_and_a_closed_file_gives_its_share_back() {
+        let dir = tempfile::tempdir().unwrap();
+        if probe_direct_io(dir.path()) == WriteMode::Buffered {
+            return; // Nothing is staged on a file system without direct I/O.
+        }
+        // Room for two full staging buffers (each counted with its alignment slack).
+        let budget = StagingBudget::new(2 * (STAGING_BYTES + DIRECT_BLOCK_BYTES));
+        let open = |name: &str| ChunkFile::create(&dir.path().join(name), WriteMode::Direct, 4 << 20, &budget).unwrap();
+        let (first, second, third) = (open("1"), open("2"), open("3"));
+        assert!(first.staging.is_some() && second.staging.is_some());
+        assert!(third.staging.is_none(), "the third file is past the budget: buffered");
+        let mut third = third;
+        third.write(b"written through the page cache").unwrap();
+        third.sync().unwrap();
+        assert_eq!(std::fs::read(dir.path().join("3")).unwrap(), b"written through the page cache");
+        drop(first);
+        assert_eq!(budget.in_use(), STAGING_BYTES + DIRECT_BLOCK_BYTES);
+        assert!(open("4").staging.is_some(), "the first file's share is free again");
+        drop(second);
+        assert_eq!(budget.in_use(), 0, "every closed file gave its share back");
     }
 
     proptest! {

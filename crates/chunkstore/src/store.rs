@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::chunk_file::{probe_direct_io, ChunkFile, WriteMode};
+use crate::chunk_file::{probe_direct_io, ChunkFile, StagingBudget, WriteMode, STAGING_BUDGET_BYTES};
 use crate::error::ChunkError;
 use crate::faults::{FaultSettings, FaultState};
 use crate::hash::{from_canonical_hex, from_canonical_hex_byte};
@@ -59,6 +59,8 @@ pub struct ChunkStore {
     temp_file_counter: AtomicU64,
     /// How chunk files are written: direct I/O where the file system takes it, probed at open.
     write_mode: WriteMode,
+    /// Bounds the staging buffers of direct writes across all chunk files open at once.
+    staging_budget: Arc<StagingBudget>,
     hash_locks: Vec<Mutex<()>>,
     /// One bit per leaf directory, set once this process knows the directory exists and its
     /// entry, and its parent's entry, are on disk. Lets `put` skip both `create_dir` calls and the
@@ -226,6 +228,7 @@ impl ChunkStore {
             chunk_bytes: AtomicU64::new(0),
             temp_file_counter: AtomicU64::new(0),
             write_mode,
+            staging_budget: StagingBudget::new(STAGING_BUDGET_BYTES),
             hash_locks: (0..HASH_LOCK_COUNT).map(|_| Mutex::new(())).collect(),
             leaf_dirs_durable: (0..LEAF_DIR_COUNT / 64).map(|_| AtomicU64::new(0)).collect(),
             level1_dirs_durable: Mutex::new([false; 256]),
@@ -301,7 +304,7 @@ impl ChunkStore {
         };
 
         let temp_path = self.temp_path(expected);
-        if let Err(error) = write_temp_and_rename(&temp_path, &final_path, self.write_mode, data, fill_temp_file) {
+        if let Err(error) = self.write_temp_and_rename(&temp_path, &final_path, data, fill_temp_file) {
             // The rename did not happen, so the temp file (if it was created) is still there. A
             // failed removal is left to the next open, which empties tmp/.
             let _ = fs::remove_file(&temp_path);
@@ -342,8 +345,7 @@ impl ChunkStore {
         }
         let counter = self.temp_file_counter.fetch_add(1, Ordering::Relaxed);
         let temp_path = self.tmp_dir.join(format!("stream.{}.{counter}.tmp", std::process::id()));
-        let file = ChunkFile::create(&temp_path, self.write_mode, declared)
-            .map_err(|e| ChunkError::from_io(e, "creating temp file", &temp_path))?;
+        let file = self.create_temp_file(&temp_path, declared)?;
         Ok(ChunkWriter {
             file: Some(file),
             temp_path,
@@ -426,6 +428,27 @@ impl ChunkStore {
         // fsync the directory: the rename is only a change to the directory, and until the
         // directory is on disk a crash can undo it, losing a chunk about to be acknowledged.
         self.sync_leaf_dir(&final_path)
+    }
+
+    /// A new temp file at `path` for a chunk of about `len` bytes, written in this store's mode.
+    fn create_temp_file(&self, path: &Path, len: u64) -> Result<ChunkFile, ChunkError> {
+        ChunkFile::create(path, self.write_mode, len, &self.staging_budget)
+            .map_err(|e| ChunkError::from_io(e, "creating temp file", path))
+    }
+
+    fn write_temp_and_rename(
+        &self,
+        temp_path: &Path,
+        final_path: &Path,
+        data: &[u8],
+        fill_temp_file: impl FnOnce(&mut ChunkFile, &[u8]) -> io::Result<()>,
+    ) -> Result<(), ChunkError> {
+        let mut temp_file = self.create_temp_file(temp_path, data.len() as u64)?;
+        fill_temp_file(&mut temp_file, data).map_err(|e| ChunkError::from_io(e, "writing temp file", temp_path))?;
+        drop(temp_file);
+        // tmp/ and chunks/ are on one filesystem (both under root), so this is atomic, and it
+        // replaces a corrupt copy in the same step.
+        fs::rename(temp_path, final_path).map_err(|e| ChunkError::from_io(e, "renaming temp file to", final_path))
     }
 
     /// How this store writes chunk files (direct I/O where its file system takes it).
@@ -782,22 +805,6 @@ fn hash_of_reader(reader: &mut impl Read) -> io::Result<ChunkHash> {
     let mut hasher = blake3::Hasher::new();
     hasher.update_reader(reader)?;
     Ok(ChunkHash::from_bytes(*hasher.finalize().as_bytes()))
-}
-
-fn write_temp_and_rename(
-    temp_path: &Path,
-    final_path: &Path,
-    write_mode: WriteMode,
-    data: &[u8],
-    fill_temp_file: impl FnOnce(&mut ChunkFile, &[u8]) -> io::Result<()>,
-) -> Result<(), ChunkError> {
-    let mut temp_file = ChunkFile::create(temp_path, write_mode, data.len() as u64)
-        .map_err(|e| ChunkError::from_io(e, "creating temp file", temp_path))?;
-    fill_temp_file(&mut temp_file, data).map_err(|e| ChunkError::from_io(e, "writing temp file", temp_path))?;
-    drop(temp_file);
-    // tmp/ and chunks/ are on one filesystem (both under root), so this is atomic, and it replaces
-    // a corrupt copy in the same step.
-    fs::rename(temp_path, final_path).map_err(|e| ChunkError::from_io(e, "renaming temp file to", final_path))
 }
 
 /// Whether the file at `path` holds exactly `data`. Reads in bounded pieces rather than loading
