@@ -11,6 +11,10 @@
 //! file under a chunk's name proves nothing more: it may be an old copy that has rotted since.
 //! Only [`ChunkStore::verify`] (or a `get`) re-hashing it shows a good copy.
 //!
+//! Chunk files are written with direct I/O where the file system takes it (see `chunk_file`):
+//! a chunk is fsynced as soon as it is written, so a trip through the page cache buys nothing.
+//! Reads go through the page cache.
+//!
 //! The store is synchronous (`std::fs`) and knows nothing about the network, Raft or reference
 //! counts: callers in async code wrap calls in `tokio::task::spawn_blocking`, and the decision
 //! *whether* a chunk may be deleted belongs to the garbage collector, not to this crate.
