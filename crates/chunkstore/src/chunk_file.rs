@@ -1,9 +1,9 @@
 //! A chunk's temp file being filled: through direct I/O (`O_DIRECT`) when the store's file
 //! system takes it, through the page cache otherwise.
 //!
-//! Why direct I/O: a chunk is written once, fsynced at once, and read later by one replica at
-//! most, so copying it into the page cache first buys nothing the fsync does not take back,
-//! and the copy is not cheap. On a virtual machine whose free memory goes back to the host
+//! Why direct I/O: a chunk is written once and fsynced at once, and a read of it is served by
+//! one of its replicas, often much later: copying it into every replica's page cache first
+//! buys little, and the copy is not cheap. On a virtual machine whose free memory goes back to the host
 //! (a balloon with free page reporting) every page-cache page a write takes is a fresh page
 //! the host must fault in: there the copy into the page cache was half of all CPU of a 1 MiB
 //! PUT load, and writing 1 GiB of fsynced 4 MiB files cost 1.6 s of system time buffered and
