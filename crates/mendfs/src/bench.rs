@@ -956,8 +956,9 @@ fn files_line(row: &Row) -> String {
 
 /// Measures and prints the references file rows are read against: the disk's fsynced write
 /// rate and a loopback TCP copy, in bytes/s. The report keeps the first cluster's. Also the
-/// rate of a lone chunk store's 4 MiB puts (what a put's copies are): on a shared disk it can fall several
-/// times while the bulk rate holds, and put rows of two runs are comparable only beside it.
+/// rate of a lone chunk store's 4 MiB puts (what a put's copies are): on a shared disk it can
+/// fall several times while the bulk rate holds, and put rows of two runs are comparable only
+/// beside it.
 fn measure_file_references(report: &mut Report, cluster: &Cluster) -> Result<(f64, f64)> {
     let disk = blocking(|| disk_fsync_rate(cluster.root()))?;
     let chunk_disk = blocking(|| chunk_fsync_rate(cluster.root()))?;
