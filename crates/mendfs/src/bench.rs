@@ -728,7 +728,16 @@ async fn bench_kv(
     server_args: &[String],
 ) -> Result<Vec<usize>> {
     let binary = std::env::current_exe().context("locate the mendfs binary")?;
-    let options = ClusterOptions { nodes: 3, tls, server_args: server_args.to_vec(), ..ClusterOptions::default() };
+    // Plaintext HTTP for the write-stage histograms (the TLS pass serves it over TLS: no stages).
+    let mut http = BTreeMap::new();
+    if !tls {
+        for id in 1..=3u64 {
+            http.insert(id, format!("127.0.0.1:{}", mendfs_testkit::free_port()?));
+        }
+    }
+    let node_args = http.iter().map(|(id, addr)| (*id, vec!["--http".to_string(), addr.clone()])).collect();
+    let options =
+        ClusterOptions { nodes: 3, tls, server_args: server_args.to_vec(), node_args, ..ClusterOptions::default() };
     let mut cluster = blocking(|| Cluster::start(&binary, options))?;
     blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
     let client = token_client(&cluster).await?;
@@ -741,6 +750,8 @@ async fn bench_kv(
     ));
     let mut mendfs_rows = Vec::new();
     for &n in clients {
+        let leader = blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
+        let before = WriteStages::read(&http, leader);
         let client = client.clone();
         let value = value.clone();
         let result = run_load(n, duration, u64::MAX, move |task_idx, op_idx| {
@@ -752,7 +763,15 @@ async fn bench_kv(
             }
         })
         .await?;
-        mendfs_rows.push(report.add_row(Row::measured("mendfs", "set", None, n, &result).with_tls(tls), kv_line));
+        let mut row = Row::measured("mendfs", "set", None, n, &result).with_tls(tls);
+        if let (Some(before), Some(after)) = (before, WriteStages::read(&http, leader)) {
+            row.write_stages = after.means_since(&before);
+        }
+        let stages = stages_line(&row.write_stages);
+        mendfs_rows.push(report.add_row(row, kv_line));
+        if let Some(stages) = stages {
+            report.say(stages);
+        }
     }
     // etcd runs plaintext: it is measured against the plaintext pass only.
     if !tls {
@@ -791,6 +810,105 @@ async fn bench_kv(
         report.failover = Some(failover);
     }
     Ok(mendfs_rows)
+}
+
+/// Running totals (sum, count) of the write-path histograms (`mendfs_raft_*`, see the meta
+/// crate's `write_metrics`): the leader's own, and its followers' log fsyncs.
+struct WriteStages {
+    leader: BTreeMap<String, (f64, f64)>,
+    follower_fsync: (f64, f64),
+}
+
+impl WriteStages {
+    /// None when a node's `/metrics` cannot be read (no HTTP listener, a node down): the row
+    /// then goes without its stages.
+    fn read(http: &BTreeMap<u64, String>, leader: u64) -> Option<Self> {
+        let mut follower_fsync = (0.0, 0.0);
+        let mut leader_totals = None;
+        for (id, addr) in http {
+            let totals = histogram_totals(addr).ok()?;
+            if *id == leader {
+                leader_totals = Some(totals);
+            } else if let Some((sum, count)) = totals.get("mendfs_raft_log_fsync_seconds") {
+                follower_fsync = (follower_fsync.0 + sum, follower_fsync.1 + count);
+            }
+        }
+        Some(Self { leader: leader_totals?, follower_fsync })
+    }
+
+    /// Each stage's mean over what was observed since `before`, in milliseconds (proposals
+    /// for the batch size); a stage observed nothing is left out.
+    fn means_since(&self, before: &Self) -> BTreeMap<&'static str, f64> {
+        const STAGES: [(&str, &str, f64); 6] = [
+            ("proposal_ms", "mendfs_raft_proposal_seconds", 1000.0),
+            ("batch_proposals", "mendfs_raft_batch_proposals", 1.0),
+            ("batch_ms", "mendfs_raft_batch_seconds", 1000.0),
+            ("append_round_trip_ms", "mendfs_raft_peer_append_seconds", 1000.0),
+            ("leader_fsync_ms", "mendfs_raft_log_fsync_seconds", 1000.0),
+            ("apply_ms", "mendfs_raft_apply_seconds", 1000.0),
+        ];
+        let mean = |after: (f64, f64), before: (f64, f64), scale: f64| {
+            let count = after.1 - before.1;
+            (count > 0.0).then(|| (after.0 - before.0) / count * scale)
+        };
+        let mut means = BTreeMap::new();
+        for (key, metric, scale) in STAGES {
+            let totals = |stages: &Self| stages.leader.get(metric).copied().unwrap_or_default();
+            if let Some(value) = mean(totals(self), totals(before), scale) {
+                means.insert(key, value);
+            }
+        }
+        if let Some(value) = mean(self.follower_fsync, before.follower_fsync, 1000.0) {
+            means.insert("follower_append_fsync_ms", value);
+        }
+        means
+    }
+}
+
+/// The (sum, count) of every histogram `addr`'s `/metrics` shows, summed over label sets, by name.
+fn histogram_totals(addr: &str) -> Result<BTreeMap<String, (f64, f64)>> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, body)| body);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|line| Ok(line.to_string())))?;
+    let mut totals: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for sample in scrape.samples {
+        let value = match sample.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => continue,
+        };
+        if let Some(name) = sample.metric.strip_suffix("_sum") {
+            totals.entry(name.to_string()).or_default().0 += value;
+        } else if let Some(name) = sample.metric.strip_suffix("_count") {
+            totals.entry(name.to_string()).or_default().1 += value;
+        }
+    }
+    Ok(totals)
+}
+
+/// The printed line of a row's write stages, if it has them.
+fn stages_line(stages: &BTreeMap<&'static str, f64>) -> Option<String> {
+    let get = |key: &str| stages.get(key).copied().unwrap_or(f64::NAN);
+    (!stages.is_empty()).then(|| {
+        format!(
+            "{:>17} leader: {:.2} ms a write from queue to outcome; batches of {:.1} take {:.2} ms in Raft \
+             (append round trip {:.2} ms, follower append+fsync {:.2} ms, leader fsync {:.2} ms, apply {:.2} ms)",
+            "",
+            get("proposal_ms"),
+            get("batch_proposals"),
+            get("batch_ms"),
+            get("append_round_trip_ms"),
+            get("follower_append_fsync_ms"),
+            get("leader_fsync_ms"),
+            get("apply_ms"),
+        )
+    })
 }
 
 /// Starts each node's peak RSS afresh from its current RSS (Linux: `clear_refs` 5), so that
@@ -1291,6 +1409,35 @@ mod tests {
             crate::cli::Command::Bench { command } => command,
             other => panic!("not a bench: {other:?}"),
         }
+    }
+
+    #[test]
+    fn write_stages_are_means_over_the_row_and_skip_what_it_did_not_observe() {
+        let totals = |pairs: &[(&str, f64, f64)], follower_fsync| WriteStages {
+            leader: pairs.iter().map(|(name, sum, count)| (name.to_string(), (*sum, *count))).collect(),
+            follower_fsync,
+        };
+        let before = totals(
+            &[("mendfs_raft_batch_seconds", 1.0, 100.0), ("mendfs_raft_batch_proposals", 500.0, 100.0)],
+            (0.5, 10.0),
+        );
+        let after = totals(
+            &[
+                ("mendfs_raft_batch_seconds", 1.3, 200.0),
+                ("mendfs_raft_batch_proposals", 2_200.0, 200.0),
+                ("mendfs_raft_apply_seconds", 0.2, 100.0),
+            ],
+            (0.5, 10.0),
+        );
+        let means = after.means_since(&before);
+        assert!((means["batch_ms"] - 3.0).abs() < 1e-9, "{means:?}");
+        assert!((means["batch_proposals"] - 17.0).abs() < 1e-9, "{means:?}");
+        assert!((means["apply_ms"] - 2.0).abs() < 1e-9, "a stage first seen in the row: {means:?}");
+        assert!(!means.contains_key("follower_append_fsync_ms"), "nothing observed in the row: {means:?}");
+        assert!(!means.contains_key("proposal_ms"));
+        let line = stages_line(&means).expect("a line");
+        assert!(line.contains("batches of 17.0 take 3.00 ms"), "{line}");
+        assert_eq!(stages_line(&BTreeMap::new()), None);
     }
 
     #[test]

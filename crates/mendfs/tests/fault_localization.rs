@@ -204,6 +204,27 @@ fn a_put_is_one_trace_across_nodes_under_one_root_and_the_metrics_move() {
         assert!(sample(&on_leader, "mendfs_node_phi", &[("node", node)]).is_some());
     }
     assert_eq!(sample(&on_leader, "mendfs_raft_is_leader", &[]), Some(1.0));
+    // Where the leader's writes spent their time: each stage observed, a round trip to each
+    // follower among them; a follower fsyncs and applies what it is sent.
+    for stage in [
+        "mendfs_raft_proposal_seconds_count",
+        "mendfs_raft_batch_proposals_count",
+        "mendfs_raft_batch_seconds_count",
+        "mendfs_raft_log_fsync_seconds_count",
+        "mendfs_raft_apply_seconds_count",
+    ] {
+        assert!(sample(&on_leader, stage, &[]).unwrap_or(0.0) >= 1.0, "{stage} on the leader");
+    }
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    for follower in &followers {
+        let peer = follower.to_string();
+        let round_trips = sample(&on_leader, "mendfs_raft_peer_append_seconds_count", &[("peer", &peer)]);
+        assert!(round_trips.unwrap_or(0.0) >= 1.0, "AppendEntries round trips to {peer}");
+    }
+    let on_follower = scrape(&http[&followers[0]]);
+    for stage in ["mendfs_raft_log_fsync_seconds_count", "mendfs_raft_apply_seconds_count"] {
+        assert!(sample(&on_follower, stage, &[]).unwrap_or(0.0) >= 1.0, "{stage} on a follower");
+    }
     let (code, body) = http_get(&http[&coordinator], "/healthz");
     assert_eq!(code, 200, "{body}");
     let health: Value = serde_json::from_str(&body).unwrap();

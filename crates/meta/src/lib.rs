@@ -38,6 +38,7 @@ mod snapshot_file;
 mod state;
 pub mod stripes;
 mod validate;
+mod write_metrics;
 
 pub use mendfs_types::NodeId;
 
@@ -77,3 +78,4 @@ pub use policy_service::{policy_service, PolicyApi};
 pub use schema::{CommandError, KvUsage, Limits};
 pub use service::{authenticator, request_origin, services, AuthApi, KvApi, NodeApi, S3AdminApi};
 pub use state::RequestId;
+pub use write_metrics::WriteMetrics;

@@ -27,7 +27,9 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 
 use crate::raft_store::StateReader;
 use crate::schema::{decode, encode};
+use crate::write_metrics::WriteMetrics;
 use crate::{NodeId, TypeConfig};
+use mendfs_telemetry::metrics::Histogram;
 
 /// How long to wait for a TCP connection to a peer before calling it unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(1_000);
@@ -171,6 +173,7 @@ pub struct NetworkFactory {
     pub durable_log: tokio::sync::watch::Receiver<crate::raft_store::DurableLog>,
     /// How soon openraft tries an unreachable peer again (see `PeerConnection::backoff`).
     pub retry_unreachable_every: Duration,
+    pub metrics: Arc<WriteMetrics>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -184,6 +187,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             retry_unreachable_every: self.retry_unreachable_every,
             confirmed: None,
             deferred: None,
+            append_seconds: self.metrics.peer_append(target),
         }
     }
 }
@@ -210,6 +214,8 @@ pub struct PeerConnection {
     confirmed: Option<Confirmed>,
     /// The empty AppendEntries deferred last, if any, and the task that sends it.
     deferred: Option<(tokio::task::JoinHandle<()>, Arc<DeferredAppend>)>,
+    /// Round trips of the AppendEntries with entries sent on this connection.
+    append_seconds: Histogram,
 }
 
 /// A vote and the last log id a follower said it holds under it.
@@ -445,10 +451,15 @@ impl RaftNetwork<TypeConfig> for PeerConnection {
         }
         // Read as the message leaves: a commit that became durable since it was queued goes out.
         rpc.leader_commit = crate::raft_store::commit_to_announce(rpc.leader_commit, &self.durable_log.borrow());
+        let started = std::time::Instant::now();
         let outcome = call_peer(self.target, &self.client, &rpc, option.hard_ttl(), async |mut client, payload| {
             client.append_entries(payload).await
         })
         .await;
+        // Empty ones (heartbeats, commit notices) are not a write's round trip.
+        if !rpc.entries.is_empty() && matches!(outcome, Ok(AppendEntriesResponse::Success)) {
+            self.append_seconds.observe(started.elapsed().as_secs_f64());
+        }
         self.confirmed = matches!(outcome, Ok(AppendEntriesResponse::Success)).then(|| confirmed_by(&rpc));
         outcome
     }

@@ -37,6 +37,7 @@ use crate::network::{NetworkFactory, Peers};
 use crate::raft_store::{RaftLogStore, StateMachineStore, StateReader};
 use crate::schema::{self, CommandError, CommandResult, KeyValue, Outcome};
 use crate::state::{Command, Proposal, ProposalBatch, RequestId};
+use crate::write_metrics::WriteMetrics;
 use crate::{NodeId, Raft};
 
 /// Everything a metadata node needs to run. Defaults suit a local cluster on one machine.
@@ -709,6 +710,7 @@ struct Proposer {
     /// leader's clock reaches the state (see `clock`).
     clock: Arc<StateClock>,
     stamped: Arc<StampedBatches>,
+    metrics: Arc<WriteMetrics>,
 }
 
 impl Worker for Proposer {
@@ -749,6 +751,7 @@ impl Proposer {
         let (now, wall_ms) = (Instant::now(), unix_now_ms());
         let stamp_ms = self.clock.stamp(wall_ms, now);
         let term = self.raft.metrics().borrow().current_term;
+        let metrics = self.metrics.clone();
         self.background.spawn(async move {
             let _permit = permit;
             let (proposals, replies): (Vec<Proposal>, Vec<_>) = batch
@@ -762,6 +765,8 @@ impl Proposer {
                     (pending.proposal, pending.reply)
                 })
                 .unzip();
+            let n_proposals = proposals.len();
+            let handed_to_raft = Instant::now();
             let write = raft.client_write(ProposalBatch { proposals });
             tokio::pin!(write);
             let outcome = tokio::select! {
@@ -791,6 +796,7 @@ impl Proposer {
             };
             match outcome {
                 Ok(response) if response.data.len() == replies.len() => {
+                    metrics.batch(n_proposals, handed_to_raft.elapsed());
                     for (reply, result) in replies.into_iter().zip(response.data) {
                         let _ = reply.send(Ok(result));
                     }
@@ -1067,6 +1073,7 @@ pub struct MetaNode {
     committed_index: Arc<AtomicU64>,
     leader_changes: Arc<AtomicU64>,
     files: FilesInUse,
+    write_metrics: Arc<WriteMetrics>,
 }
 
 /// Whether a stopped node's database files are closed: every handle to them (a connection
@@ -1092,12 +1099,15 @@ impl MetaNode {
             .map_err(|e| format!("create data dir {}: {e}", config.data_dir.display()))?;
         // Fixes this process's monotonic origin before any moment is named to a peer.
         tracing::debug!(incarnation = clock::incarnation(), "process clock");
-        let log_store = RaftLogStore::open(&config.data_dir, config.node_id).map_err(|e| e.to_string())?;
+        let write_metrics = Arc::new(WriteMetrics::default());
+        let mut log_store = RaftLogStore::open(&config.data_dir, config.node_id).map_err(|e| e.to_string())?;
+        log_store.observe_into(&write_metrics);
         let durable_log = log_store.durable_log();
         log_store.give_up_own_leadership(config.node_id).map_err(|e| e.to_string())?;
         let committed_index = log_store.committed_index();
         let mut state_machine = StateMachineStore::open(&config.data_dir).map_err(|e| e.to_string())?;
         state_machine.follow_log_durability(durable_log.clone());
+        state_machine.observe_into(write_metrics.clone());
         let state = state_machine.reader();
         let files = FilesInUse { databases: Arc::new([log_store.database_closed(), state.database_closed()]) };
         let peers = Peers::new(config.node_id, config.secret.as_deref(), config.peer_tls.as_ref(), state.clone())?;
@@ -1121,6 +1131,7 @@ impl MetaNode {
                 peers: peers.clone(),
                 durable_log,
                 retry_unreachable_every: Duration::from_millis(config.heartbeat_interval_ms),
+                metrics: write_metrics.clone(),
             },
             log_store,
             state_machine,
@@ -1139,6 +1150,7 @@ impl MetaNode {
                 background: background.clone(),
                 clock: state.clock().clone(),
                 stamped: stamped.clone(),
+                metrics: write_metrics.clone(),
             },
             OnFailure::StopNode,
         );
@@ -1164,6 +1176,7 @@ impl MetaNode {
             committed_index,
             leader_changes: Arc::default(),
             files,
+            write_metrics,
         };
         if let Err(e) = node.initialize_once().await {
             node.shutdown().await;
@@ -1261,6 +1274,11 @@ impl MetaNode {
     }
 
     /// Leader changes this node has seen (a new leader known, whoever it is).
+    /// Where this node's metadata writes spend their time (see `write_metrics`).
+    pub fn write_metrics(&self) -> &WriteMetrics {
+        &self.write_metrics
+    }
+
     pub fn leader_changes(&self) -> u64 {
         self.leader_changes.load(Ordering::Relaxed)
     }
@@ -1672,6 +1690,7 @@ impl MetaNode {
         let timeout = Duration::from_millis(self.config.write_timeout_ms);
         let (reply, answer) = oneshot::channel();
         let pending = PendingProposal { proposal, prepare_age, reply };
+        let queued_at = Instant::now();
         let queued = tokio::time::timeout(timeout, self.proposer.send(pending)).await;
         match queued {
             Err(_) => return Err(ApiError::Unavailable(format!("the proposal queue stayed full for {timeout:?}"))),
@@ -1684,7 +1703,14 @@ impl MetaNode {
                  retrying with the same request id is safe)"
             ))),
             Ok(Err(_)) => Err(ApiError::Unavailable("the proposal was dropped: the node is shutting down".into())),
-            Ok(Ok(result)) => result,
+            Ok(Ok(result)) => {
+                // A proposal this node's Raft refused (it does not lead) is forwarded: it is
+                // the leader's write, and timed there.
+                if result.is_ok() {
+                    self.write_metrics.proposal(queued_at.elapsed());
+                }
+                result
+            }
         }
     }
 

@@ -20,6 +20,7 @@ use std::ops::{Bound, RangeBounds};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
+use mendfs_telemetry::metrics::Histogram;
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
 use openraft::{
     AnyError, Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta, StorageError,
@@ -32,6 +33,7 @@ use crate::schema::{self, decode, encode, CommandResult, Rows, StateStore, Store
 use crate::segment_log::SegmentLog;
 use crate::snapshot_file::{Item, SnapshotParser, SnapshotWriter};
 use crate::state;
+use crate::write_metrics::WriteMetrics;
 use crate::{NodeId, TypeConfig};
 
 type RaftStorageError = StorageError<NodeId>;
@@ -218,6 +220,8 @@ pub struct RaftLogStore {
     vote: Arc<std::sync::Mutex<Option<Vote<NodeId>>>>,
     durable: Arc<watch::Sender<DurableLog>>,
     unflushed: Arc<std::sync::Mutex<Unflushed>>,
+    /// Where each fsync's time goes (see `write_metrics`).
+    fsync_seconds: Histogram,
 }
 
 /// How far this node's log is on disk, for what must not run ahead of it while a leader's own
@@ -268,7 +272,12 @@ struct Unflushed {
 
 /// Makes the leader's own appends durable with one fsync for all queued so far, then moves
 /// [`DurableLog`] on, until none is waiting. Appends that arrive during an fsync share the next.
-fn flush_until_idle(log: &SegmentLog, unflushed: &std::sync::Mutex<Unflushed>, durable: &watch::Sender<DurableLog>) {
+fn flush_until_idle(
+    log: &SegmentLog,
+    unflushed: &std::sync::Mutex<Unflushed>,
+    durable: &watch::Sender<DurableLog>,
+    fsync_seconds: &Histogram,
+) {
     loop {
         let last = {
             let mut unflushed = unflushed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -282,7 +291,10 @@ fn flush_until_idle(log: &SegmentLog, unflushed: &std::sync::Mutex<Unflushed>, d
         };
         // The id taken was queued after its append's write returned, so this sync, which
         // begins later, covers it and every entry before it.
-        match log.sync() {
+        let started = std::time::Instant::now();
+        let synced = log.sync();
+        fsync_seconds.observe(started.elapsed().as_secs_f64());
+        match synced {
             Ok(()) => durable.send_modify(|durable| durable.last = durable.last.max(Some(last))),
             Err(e) => {
                 tracing::error!(error = %e, "the Raft log could not be made durable");
@@ -378,11 +390,17 @@ impl RaftLogStore {
             vote: Arc::default(),
             durable: Arc::new(watch::channel(DurableLog::default()).0),
             unflushed: Arc::default(),
+            fsync_seconds: mendfs_telemetry::metrics::latency_histogram(),
         };
         // Everything on disk at start-up is durable.
         let last = store.log.last_log_id();
         store.durable.send_modify(|durable| durable.last = last);
         Ok(store)
+    }
+
+    /// Observes every fsync of the log's entries in `metrics` from now on.
+    pub fn observe_into(&mut self, metrics: &WriteMetrics) {
+        self.fsync_seconds = metrics.log_fsync_histogram();
     }
 
     /// Turns a stored vote that says this node won its term into a plain vote for itself in
@@ -423,8 +441,14 @@ impl RaftLogStore {
             self.log.append(encoded, committed.flatten(), false).map_err(io_err)?;
             self.flush_later(last);
         } else {
-            let log = self.log.clone();
-            blocking(move || log.append(encoded, committed.flatten(), true).map_err(io_err)).await?;
+            let (log, fsync_seconds) = (self.log.clone(), self.fsync_seconds.clone());
+            blocking(move || {
+                let started = std::time::Instant::now();
+                log.append(encoded, committed.flatten(), true).map_err(io_err)?;
+                fsync_seconds.observe(started.elapsed().as_secs_f64());
+                Ok(())
+            })
+            .await?;
             self.durable.send_modify(|durable| durable.last = durable.last.max(Some(last)));
         }
         Ok(())
@@ -458,7 +482,8 @@ impl RaftLogStore {
         }
         unflushed.flushing = true;
         let (log, unflushed, durable) = (self.log.clone(), self.unflushed.clone(), self.durable.clone());
-        tokio::task::spawn_blocking(move || flush_until_idle(&log, &unflushed, &durable));
+        let fsync_seconds = self.fsync_seconds.clone();
+        tokio::task::spawn_blocking(move || flush_until_idle(&log, &unflushed, &durable, &fsync_seconds));
     }
 
     /// A handle that tells when the log's files are closed (see `FilesInUse`).
@@ -882,6 +907,7 @@ pub struct StateMachineStore {
     revision_tx: Arc<watch::Sender<u64>>,
     cluster_id: Arc<RwLock<Option<String>>>,
     reader: StateReader,
+    metrics: Arc<WriteMetrics>,
 }
 
 impl StateMachineStore {
@@ -934,7 +960,13 @@ impl StateMachineStore {
             revision_tx: Arc::new(revision_tx),
             cluster_id,
             reader,
+            metrics: Arc::default(),
         })
+    }
+
+    /// Observes every apply in `metrics` from now on.
+    pub fn observe_into(&mut self, metrics: Arc<WriteMetrics>) {
+        self.metrics = metrics;
     }
 
     pub fn reader(&self) -> StateReader {
@@ -1148,6 +1180,7 @@ impl StateMachineStore {
             revision_tx: self.revision_tx.clone(),
             cluster_id: self.cluster_id.clone(),
             reader: self.reader.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -1259,7 +1292,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         // a pending apply (as long as a commit without fsync), a snapshot's build (its one
         // durable commit) and install take the pending transaction's lock, so this almost
         // never waits for the disk.
+        let started = std::time::Instant::now();
         let (results, published) = work().map_err(StorageIOError::write_state_machine)?;
+        self.metrics.apply(started.elapsed());
         if durable {
             // The fsync goes to a blocking thread, and outside the pending lock: readers need
             // the applies visible, which they are, not durable.

@@ -152,6 +152,7 @@ fn scrape(state: &HttpState) -> Scrape {
     );
     scrape.gauge("mendfs_raft_leader_id", "The leader this node knows (0: none)", raft.leader.unwrap_or(0) as f64);
     scrape.counter("mendfs_raft_leader_changes", "Times this node saw a new leader", state.node.leader_changes());
+    state.node.write_metrics().export(&mut scrape);
     if let Ok((usage, _)) = state.node.kv_usage() {
         scrape.gauge("mendfs_kv_key_bytes", "Bytes of live coordination keys and values", usage.key_bytes as f64);
         scrape.gauge("mendfs_kv_history_bytes", "Bytes of key history kept for watchers", usage.history_bytes as f64);

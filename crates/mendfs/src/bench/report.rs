@@ -129,6 +129,10 @@ pub(super) struct Row {
     /// kernel's high-water mark is reset before the row).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub node_peak_rss_mib: BTreeMap<String, f64>,
+    /// `bench kv`: where the row's writes spent their time, means over the row from the nodes'
+    /// `/metrics` (see [`super::WriteStages`]).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub write_stages: BTreeMap<&'static str, f64>,
 }
 
 impl Row {
@@ -154,6 +158,7 @@ impl Row {
             errors: load.errors,
             ratios: BTreeMap::new(),
             node_peak_rss_mib: BTreeMap::new(),
+            write_stages: BTreeMap::new(),
         }
     }
 
@@ -185,6 +190,7 @@ impl Row {
             errors: 0,
             ratios: BTreeMap::new(),
             node_peak_rss_mib: BTreeMap::new(),
+            write_stages: BTreeMap::new(),
         }
     }
 
@@ -375,6 +381,7 @@ mod tests {
             errors: 0,
             ratios,
             node_peak_rss_mib: BTreeMap::from([("1".to_string(), 75.25)]),
+            write_stages: BTreeMap::from([("batch_ms", 3.5)]),
         });
         report.failover = Some(Failover { count: 2, p50_ms: 300.0, p99_ms: 800.0, max_ms: 800.0 });
         report.nodes.push(NodeMemory { system: "mendfs".into(), node: "1".into(), tls: false, peak_rss_mib: 80.5 });
@@ -409,6 +416,7 @@ mod tests {
             assert_eq!(row[field], expected, "rows[0].{field}");
         }
         assert_eq!(row["ratios"]["s3_over_native"], 0.75);
+        assert_eq!(row["write_stages"]["batch_ms"], 3.5);
         assert_eq!(value["failover"]["count"], 2);
         assert_eq!(value["failover"]["p99_ms"], 800.0);
         assert_eq!(value["nodes"][0]["peak_rss_mib"], 80.5);
