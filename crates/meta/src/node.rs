@@ -1273,12 +1273,12 @@ impl MetaNode {
         self.raft.metrics().borrow().membership_config.membership().nodes().map(|(id, _)| *id).collect()
     }
 
-    /// Leader changes this node has seen (a new leader known, whoever it is).
     /// Where this node's metadata writes spend their time (see `write_metrics`).
     pub fn write_metrics(&self) -> &WriteMetrics {
         &self.write_metrics
     }
 
+    /// Leader changes this node has seen (a new leader known, whoever it is).
     pub fn leader_changes(&self) -> u64 {
         self.leader_changes.load(Ordering::Relaxed)
     }

@@ -5,8 +5,8 @@
 //! histograms answer the same question for etcd, and `mendfs bench kv` prints these beside its
 //! rows.
 //!
-//! Every observation is of a stage that already costs a task wake-up or more, once per batch
-//! or per message, except [`WriteMetrics::proposal_seconds`] (once per write).
+//! Every observation is of a stage that already costs a task wake-up or more: once per batch,
+//! per message or per fsync, and once per write for the proposal's own time.
 
 use std::time::Duration;
 
