@@ -764,7 +764,9 @@ async fn bench_kv(
         })
         .await?;
         let mut row = Row::measured("mendfs", "set", None, n, &result).with_tls(tls);
-        if let (Some(before), Some(after)) = (before, WriteStages::read(&http, leader)) {
+        // A leader that changed during the row saw only part of its writes: no stages then.
+        let same_leader = blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))? == leader;
+        if let (true, Some(before), Some(after)) = (same_leader, before, WriteStages::read(&http, leader)) {
             row.write_stages = after.means_since(&before);
         }
         let stages = stages_line(&row.write_stages);
