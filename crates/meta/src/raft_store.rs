@@ -743,6 +743,15 @@ impl StateStore for WriteTables<'_> {
         Ok(())
     }
 
+    fn take(&mut self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if table == Table::Meta {
+            let value = self.get(table, key)?;
+            self.remove(table, key)?;
+            return Ok(value);
+        }
+        Ok(self.table_mut(table)?.remove(key).map_err(store_err)?.map(|guard| guard.value().to_vec()))
+    }
+
     fn range(&self, table: Table, start: &[u8], end: Option<&[u8]>, limit: usize) -> Result<Rows, StoreError> {
         if table != Table::Meta {
             return range_rows(self.table(table)?, start, end, limit);
@@ -801,6 +810,10 @@ impl StateStore for ReadView {
     }
 
     fn remove(&mut self, table: Table, _key: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError(format!("read-only view: cannot remove from {}", table.name())))
+    }
+
+    fn take(&mut self, table: Table, _key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Err(StoreError(format!("read-only view: cannot remove from {}", table.name())))
     }
 
