@@ -1074,47 +1074,6 @@ pub struct MetaNode {
     leader_changes: Arc<AtomicU64>,
     files: FilesInUse,
     write_metrics: Arc<WriteMetrics>,
-    /// Where openraft's tasks run; stopped when the last handle to the node is dropped.
-    _raft_runtime: Arc<RaftRuntime>,
-}
-
-/// A runtime of its own for openraft's tasks (its core, one replication task per follower, the
-/// state machine worker, their peer connections and blocking threads), apart from the one that
-/// serves clients. Under many clients the node's runtime has dozens of request tasks queued:
-/// behind them a replication answer, an apply or a heartbeat waited its turn, and with this
-/// runtime they do not (`mendfs bench kv`, 64 clients: apply 0.30 to 0.22 ms a batch, sets/s
-/// up about 4 %). One worker thread: the tasks are small, their fsyncs and applies go to
-/// blocking threads, and a core alone cannot be starved by client load.
-struct RaftRuntime {
-    /// Taken only by `drop`.
-    runtime: Option<tokio::runtime::Runtime>,
-    handle: tokio::runtime::Handle,
-}
-
-impl RaftRuntime {
-    fn start() -> Result<Self, String> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("raft")
-            .enable_all()
-            .build()
-            .map_err(|e| format!("start the raft runtime: {e}"))?;
-        Ok(Self { handle: runtime.handle().clone(), runtime: Some(runtime) })
-    }
-
-    fn handle(&self) -> &tokio::runtime::Handle {
-        &self.handle
-    }
-}
-
-impl Drop for RaftRuntime {
-    fn drop(&mut self) {
-        // Without waiting: the last handle can be dropped inside a runtime, where blocking is
-        // not allowed. Raft has been shut down by then, or the node is being torn down anyway.
-        if let Some(runtime) = self.runtime.take() {
-            runtime.shutdown_background();
-        }
-    }
 }
 
 /// Whether a stopped node's database files are closed: every handle to them (a connection
@@ -1165,21 +1124,20 @@ impl MetaNode {
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| format!("raft config: {e}"))?);
-        let network = NetworkFactory {
-            peers: peers.clone(),
-            durable_log,
-            retry_unreachable_every: Duration::from_millis(config.heartbeat_interval_ms),
-            metrics: write_metrics.clone(),
-        };
-        let node_id = config.node_id;
-        let raft_runtime = Arc::new(RaftRuntime::start()?);
-        // openraft spawns its tasks on the runtime that starts it.
-        let raft = raft_runtime
-            .handle()
-            .spawn(async move { Raft::new(node_id, raft_config, network, log_store, state_machine).await })
-            .await
-            .map_err(|e| format!("start raft: {e}"))?
-            .map_err(|e| format!("start raft: {e}"))?;
+        let raft = Raft::new(
+            config.node_id,
+            raft_config,
+            NetworkFactory {
+                peers: peers.clone(),
+                durable_log,
+                retry_unreachable_every: Duration::from_millis(config.heartbeat_interval_ms),
+                metrics: write_metrics.clone(),
+            },
+            log_store,
+            state_machine,
+        )
+        .await
+        .map_err(|e| format!("start raft: {e}"))?;
 
         let (proposer, queue) = mpsc::channel(PROPOSAL_QUEUE_LEN_MAX);
         let stamped = Arc::new(StampedBatches::default());
@@ -1219,7 +1177,6 @@ impl MetaNode {
             leader_changes: Arc::default(),
             files,
             write_metrics,
-            _raft_runtime: raft_runtime,
         };
         if let Err(e) = node.initialize_once().await {
             node.shutdown().await;
