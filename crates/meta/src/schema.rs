@@ -584,7 +584,7 @@ pub fn compact_history(
 ) -> Result<(), StoreError> {
     let current = current_revision(store)?;
     loop {
-        let oldest = compacted_revision(store)? + 1;
+        let oldest = compacted_revision(store)?.saturating_add(1);
         if oldest > current || !drop_oldest(oldest, get_u64(store, Table::Meta, META_HISTORY_BYTES)?) {
             break;
         }
