@@ -466,7 +466,13 @@ async fn ten_thousand_unknown_calls_from_strangers_add_no_series_and_no_spans() 
         grpc.ready().await.unwrap();
         let path = PathAndQuery::try_from(format!("/x{}.Y/{:032x}", i % 97, rand::random::<u128>())).unwrap();
         let codec = tonic_prost::ProstCodec::<pb::InfoRequest, pb::NodeInfo>::default();
-        let answer = grpc.unary(tonic::Request::new(pb::InfoRequest {}), path, codec).await;
+        let mut request = tonic::Request::new(pb::InfoRequest {});
+        if i % 2 == 1 {
+            // A made-up token: refused after the node has caught up, which must cost no more.
+            let bearer = format!("Bearer mendfs_tok_{:064x}", rand::random::<u128>());
+            request.metadata_mut().insert("authorization", AsciiMetadataValue::try_from(bearer).unwrap());
+        }
+        let answer = grpc.unary(request, path, codec).await;
         assert_eq!(answer.expect_err("no credentials").code(), tonic::Code::Unauthenticated);
         assert!(started.elapsed() < DEADLINE, "{CALLS} calls took too long");
     }
@@ -563,6 +569,66 @@ fn http_post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
     stream.read_to_string(&mut response).unwrap();
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     (head.split(' ').nth(1).and_then(|code| code.parse().ok()).unwrap_or(0), body.to_string())
+}
+
+/// A token works on every node as soon as its creation returns, also on a node that had not
+/// applied it when the call came: such a node catches up with the leader before it refuses a
+/// token it does not know. The lagging node is paused (SIGSTOP) while the token is created,
+/// and the calls with it wait in its sockets when it runs again, beside the entries it missed.
+#[test]
+fn a_token_is_admitted_at_once_by_a_node_that_had_not_applied_its_creation() {
+    use std::io::{Read, Write};
+    let http: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect();
+    let node_args = (1..=3u64).map(|id| (id, vec!["--http".to_string(), http[id as usize - 1].clone()])).collect();
+    let mut cluster = start(ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() });
+    let leader = cluster.wait_for_leader(DEADLINE).unwrap();
+    let lagging = (1..=3).find(|id| *id != leader).unwrap();
+    let others = cluster.endpoints_of(&(1..=3).filter(|id| *id != lagging).collect::<Vec<_>>());
+    let at_others = |cluster: &Cluster, args: &[&str]| output_result(args, run(cluster.cli_at(&others), args)).unwrap();
+    at_others(&cluster, &["kv", "set", "k", "v"]);
+    cluster.wait_for_caught_up(&[1, 2, 3], DEADLINE).unwrap();
+
+    cluster.pause(lagging).unwrap();
+    let token = at_others(&cluster, &["auth", "token", "create", "fresh", "--role", "read"]).trim().to_string();
+    // The dashboard call is written into the paused node's socket before it runs again.
+    let addr = http[lagging as usize - 1].clone();
+    let (sent, was_sent) = std::sync::mpsc::channel();
+    let bearer = format!("Bearer {token}");
+    let dashboard = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(
+            stream,
+            "GET /api/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {bearer}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        sent.send(()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    });
+    was_sent.recv_timeout(DEADLINE).unwrap();
+    let grpc = as_token(&cluster, &cluster.endpoints_of(&[lagging]), &token)
+        .args(["kv", "get", "k"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    cluster.resume(lagging).unwrap();
+
+    let response = dashboard.join().unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "node {lagging}'s dashboard: {response}");
+    let out = grpc.wait_with_output().unwrap();
+    assert!(out.status.success(), "node {lagging} over gRPC: {}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains('v'), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // Catching up admits what exists and nothing else: a made-up token is still refused,
+    // by the node that caught up and by the others.
+    for id in 1..=3u64 {
+        let endpoints = cluster.endpoints_of(&[id]);
+        let out = run(as_token(&cluster, &endpoints, "mendfs_tok_made_up"), &["kv", "get", "k"]);
+        assert!(stderr(&out).contains("unknown, revoked or expired token"), "node {id}: {}", stderr(&out));
+    }
 }
 
 #[test]

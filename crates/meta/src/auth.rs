@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use tonic::codegen::http;
 use tonic::Status;
 
+use crate::node::CatchUpQueue;
 use crate::raft_store::StateReader;
 use crate::schema::{decode, StateStore, StoreError, Table};
 
@@ -250,6 +251,11 @@ impl TokenTable {
         Ok(Self { by_hash })
     }
 
+    /// Whether this node has a record of `token`, expired or not.
+    fn knows(&self, token: &str) -> bool {
+        self.by_hash.contains_key(&token_hash(token))
+    }
+
     fn find(&self, token: &str, now_unix_ms: u64) -> Option<(String, Role)> {
         let known = self.by_hash.get(&token_hash(token))?;
         // An expired session is refused by every node at once, whatever its state machine
@@ -298,6 +304,9 @@ pub struct Authenticator {
     tokens: SharedTokens,
     state: StateReader,
     refusals: Arc<Mutex<RefusalLog>>,
+    /// Waits for this node's state to reach the leader's, before a token it does not know is
+    /// refused.
+    catch_up: CatchUpQueue,
 }
 
 impl Authenticator {
@@ -313,8 +322,45 @@ pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Authenticator {
-    pub(crate) fn new(secret: Option<&str>, state: StateReader) -> Self {
-        Self { secret: secret.map(Arc::from), tokens: state.tokens(), state, refusals: Arc::default() }
+    pub(crate) fn new(secret: Option<&str>, state: StateReader, catch_up: CatchUpQueue) -> Self {
+        Self { secret: secret.map(Arc::from), tokens: state.tokens(), state, refusals: Arc::default(), catch_up }
+    }
+
+    /// Whether the call presents a bearer token this node has no record of at all (not one it
+    /// knows to have expired). Such a token may have been created through another node a
+    /// moment ago, acknowledged there before this node applied it.
+    fn token_unknown_here(&self, headers: &http::HeaderMap) -> bool {
+        let Some(token) = headers
+            .get(AUTHORIZATION_HEADER)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+        else {
+            return false;
+        };
+        !self.tokens.read().unwrap_or_else(|poisoned| poisoned.into_inner()).knows(token.trim())
+    }
+
+    /// [`Authenticator::authorize`], except that a token this node does not know is looked
+    /// for again once this node has applied every write acknowledged before the call: a token
+    /// created through one node works on every node as soon as its creation returns, as a
+    /// client that was told "created" expects. The catch-up rounds are shared by every caller
+    /// waiting (see `StateCatchUp`), so strangers' made-up tokens cost the leader one call per
+    /// round trip however many they send; a refusal is only delayed by that round trip.
+    pub async fn authorize_caught_up(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        connection: Option<&ConnectionInfo>,
+    ) -> Result<Caller, Status> {
+        let refused = match self.authorize(path, headers, connection) {
+            Err(refused) if self.token_unknown_here(headers) => refused,
+            decided => return decided,
+        };
+        if let Err(e) = self.catch_up.catch_up().await {
+            tracing::debug!("an unknown token is refused without catching up: {e}");
+            return Err(refused);
+        }
+        self.authorize(path, headers, connection)
     }
 
     /// Who the caller is, from its credentials alone.
@@ -475,13 +521,34 @@ where
 
     fn call(&mut self, mut request: http::Request<RequestBody>) -> Self::Future {
         let connection = request.extensions().get::<ConnectionInfo>();
-        match self.authenticator.authorize(request.uri().path(), request.headers(), connection) {
+        let decided = self.authenticator.authorize(request.uri().path(), request.headers(), connection);
+        // The instance that was polled ready serves this call; a fresh clone stays.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        match decided {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
-                // The instance that was polled ready serves this call; a fresh clone stays.
-                let clone = self.inner.clone();
-                let mut inner = std::mem::replace(&mut self.inner, clone);
                 Box::pin(inner.call(request))
+            }
+            Err(_) if self.authenticator.token_unknown_here(request.headers()) => {
+                // Perhaps a token created through another node a moment ago: decided again
+                // once this node has caught up (`authorize_caught_up`).
+                let authenticator = self.authenticator.clone();
+                Box::pin(async move {
+                    let connection = request.extensions().get::<ConnectionInfo>();
+                    let path = request.uri().path().to_string();
+                    let decided = authenticator.authorize_caught_up(&path, request.headers(), connection).await;
+                    match decided {
+                        Ok(caller) => {
+                            request.extensions_mut().insert(caller);
+                            inner.call(request).await
+                        }
+                        Err(status) => {
+                            authenticator.log_refusal(&path, request.extensions().get::<ConnectionInfo>(), &status);
+                            Ok(status.into_http())
+                        }
+                    }
+                })
             }
             Err(status) => {
                 self.authenticator.log_refusal(request.uri().path(), connection, &status);

@@ -210,6 +210,10 @@ pub(crate) enum LeaderRequest {
     },
     /// Every redundancy policy; answered `Policies`.
     Policies,
+    /// The leader's applied index after a read-index round that started after this arrived;
+    /// answered `ReadIndex`. A node that waits until its own state reaches it has seen every
+    /// write acknowledged before it asked (a token created through another node a moment ago).
+    ReadIndex,
 }
 
 /// The leader's answer to a [`LeaderRequest`], one variant per request kind; the same wire
@@ -255,6 +259,9 @@ pub(crate) enum LeaderResponse {
     Jobs(jobs_api::JobAnswer),
     Stripe(Option<crate::stripes::StripeRecord>),
     Policies(Vec<(crate::policy::PolicyTarget, crate::policy::PolicyRecord)>),
+    ReadIndex {
+        applied_index: u64,
+    },
 }
 
 /// What travels with a write besides its chunk list: the content of a small one kept inline,
@@ -948,6 +955,63 @@ impl Worker for LeadershipConfirmer {
     }
 }
 
+/// Callers waiting for this node's state to catch up with the leader. Bounded: a caller that
+/// finds the queue full is answered at once (see [`CatchUpQueue::catch_up`]).
+const CATCH_UP_QUEUE_LEN_MAX: usize = 4_096;
+
+/// The way to [`StateCatchUp`]: waits until this node has applied every write acknowledged
+/// before the call, wherever it was acknowledged.
+#[derive(Clone)]
+pub(crate) struct CatchUpQueue {
+    queue: mpsc::Sender<oneshot::Sender<Result<(), ApiError>>>,
+}
+
+impl CatchUpQueue {
+    /// Waits for a catch-up round that started after this call. A full queue is an error
+    /// at once, not a wait: the callers are refusals about to be sent (an unknown token), and
+    /// strangers can send those as fast as they like.
+    pub(crate) async fn catch_up(&self) -> Result<(), ApiError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.try_send(reply).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => ApiError::Unavailable("the catch-up queue is full".into()),
+            mpsc::error::TrySendError::Closed(_) => ApiError::Unavailable("the node is shutting down".into()),
+        })?;
+        answer.await.map_err(|_| ApiError::Unavailable("the node is shutting down".into()))?
+    }
+}
+
+/// Brings this node's applied state up to the leader's, many callers at once: every caller
+/// waiting when a round starts shares its one read-index (one forward to the leader, which
+/// shares its confirmation in turn), so a flood of unknown tokens costs the leader a call
+/// per round trip, not one each. The round that answers a caller started after it asked,
+/// so its index covers every write acknowledged before the caller asked.
+struct StateCatchUp {
+    node: MetaNode,
+    queue: mpsc::Receiver<oneshot::Sender<Result<(), ApiError>>>,
+}
+
+impl Worker for StateCatchUp {
+    fn name(&self) -> String {
+        "meta.state_catch_up".into()
+    }
+
+    async fn work(&mut self) -> Result<Step, WorkerError> {
+        let Some(first) = self.queue.recv().await else { return Ok(Step::Done) };
+        let mut waiting = vec![first];
+        while waiting.len() < CATCH_UP_QUEUE_LEN_MAX {
+            match self.queue.try_recv() {
+                Ok(next) => waiting.push(next),
+                Err(_) => break,
+            }
+        }
+        let outcome = self.node.catch_up_round().await;
+        for reply in waiting {
+            let _ = reply.send(outcome.clone());
+        }
+        Ok(Step::Busy)
+    }
+}
+
 /// What the leader does on its own: record the cluster id once, and expire sessions whose
 /// keep-alives stopped.
 struct LeaderDuties {
@@ -1065,6 +1129,8 @@ pub struct MetaNode {
     proposer: mpsc::Sender<PendingProposal>,
     /// Reads and keep-alives on their way to a leadership confirmation ([`LeadershipConfirmer`]).
     confirmations: mpsc::Sender<oneshot::Sender<Result<(), ApiError>>>,
+    /// Callers waiting for this node's state to reach the leader's ([`StateCatchUp`]).
+    catch_ups: CatchUpQueue,
     /// What this node knows of its peers' monotonic clocks (from their calls to it).
     pub(crate) peer_clocks: Arc<PeerClocks>,
     /// Batches stamped and not yet settled, which an orphan check waits for.
@@ -1163,6 +1229,7 @@ impl MetaNode {
             },
             OnFailure::StopNode,
         );
+        let (catch_ups, catch_up_queue) = mpsc::channel(CATCH_UP_QUEUE_LEN_MAX);
         let node = MetaNode {
             config: Arc::new(config),
             raft,
@@ -1171,6 +1238,7 @@ impl MetaNode {
             sessions: Arc::default(),
             proposer,
             confirmations,
+            catch_ups: CatchUpQueue { queue: catch_ups },
             peer_clocks: Arc::default(),
             stamped,
             committed_index,
@@ -1187,6 +1255,7 @@ impl MetaNode {
             OnFailure::Restart,
         );
         background.spawn_worker(ChunkReleaser { node: node.clone() }, OnFailure::Restart);
+        background.spawn_worker(StateCatchUp { node: node.clone(), queue: catch_up_queue }, OnFailure::Restart);
         background.spawn(node.clone().count_leader_changes(background.stopping()));
         Ok(node)
     }
@@ -1574,6 +1643,11 @@ impl MetaNode {
                 let applied_index = self.raft.metrics().borrow().last_applied.map_or(0, |id| id.index);
                 Ok(LeaderResponse::Redeemed { result, applied_index })
             }
+            LeaderRequest::ReadIndex => {
+                self.linearizable_barrier().await?;
+                let applied_index = self.raft.metrics().borrow().last_applied.map_or(0, |id| id.index);
+                Ok(LeaderResponse::ReadIndex { applied_index })
+            }
             LeaderRequest::S3(read) => {
                 self.linearizable_barrier().await?;
                 // Pages, listings and key lists read up to thousands of rows: off the async
@@ -1646,6 +1720,33 @@ impl MetaNode {
     /// with every read and keep-alive waiting when it starts ([`LeadershipConfirmer`]).
     async fn linearizable_barrier(&self) -> Result<(), ApiError> {
         self.confirm_leadership().await
+    }
+
+    /// The way for this node's gate to wait for its state to catch up with the leader's.
+    pub(crate) fn catch_up_queue(&self) -> CatchUpQueue {
+        self.catch_ups.clone()
+    }
+
+    /// Waits until this node has applied every write acknowledged before the call, through
+    /// whichever node: local reads after it see them. One round is shared by every caller
+    /// waiting when it starts.
+    pub async fn catch_up(&self) -> Result<(), ApiError> {
+        self.catch_ups.catch_up().await
+    }
+
+    /// One catch-up round: the leader's read index, then this node's apply up to it.
+    async fn catch_up_round(&self) -> Result<(), ApiError> {
+        let applied_index = match self.serve_on_leader(LeaderRequest::ReadIndex, Origin::LOCAL).await? {
+            LeaderResponse::ReadIndex { applied_index } => applied_index,
+            other => return Err(unexpected("a read index", other)),
+        };
+        let timeout = Duration::from_millis(self.config.write_timeout_ms);
+        self.raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(applied_index), "the leader's read index")
+            .await
+            .map_err(|e| ApiError::Timeout(format!("this node did not apply up to index {applied_index}: {e}")))?;
+        Ok(())
     }
 
     /// A read-index round that started after this call, shared by every read and keep-alive
@@ -2631,6 +2732,7 @@ mod tests {
             (LeaderRequest::Jobs(jobs_api::JobRead::List), 18),
             (LeaderRequest::Stripe { chunk: ChunkHash::from_bytes([1; 32]) }, 19),
             (LeaderRequest::Policies, 20),
+            (LeaderRequest::ReadIndex, 21),
         ];
         for (request, number) in requests {
             assert_eq!(wire_number(&request), number, "{request:?}");
@@ -2651,6 +2753,7 @@ mod tests {
             (LeaderResponse::Jobs(jobs_api::JobAnswer::Checkpoint(None)), 16),
             (LeaderResponse::Stripe(None), 17),
             (LeaderResponse::Policies(vec![]), 18),
+            (LeaderResponse::ReadIndex { applied_index: 0 }, 19),
         ];
         for (response, number) in responses {
             assert_eq!(wire_number(&response), number, "{response:?}");

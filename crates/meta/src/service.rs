@@ -65,7 +65,7 @@ pub fn services(
 /// The gate every call to this node passes: the cluster secret and node certificates for
 /// peers, tokens for clients.
 pub fn authenticator(node: &MetaNode) -> Authenticator {
-    Authenticator::new(node.config.secret.as_deref(), node.state.clone())
+    Authenticator::new(node.config.secret.as_deref(), node.state.clone(), node.catch_up_queue())
 }
 
 fn encode_reply<T: Serialize>(value: &T) -> Result<Response<pb::RaftPayload>, Status> {

@@ -410,6 +410,9 @@ impl S3 for Gateway {
     async fn list_buckets(&self, req: S3Request<ListBucketsInput>) -> S3Result<S3Response<ListBucketsOutput>> {
         let key_id = req.credentials.as_ref().map(|c| c.access_key.clone()).unwrap_or_default();
         let buckets = self.node.s3_buckets(origin()).await.map_err(from_api)?;
+        // The grants are read locally, once this node has applied every grant acknowledged
+        // before the listing: one given through another node a moment ago shows its bucket.
+        self.node.catch_up().await.map_err(from_api)?;
         let mut visible = Vec::new();
         for (name, record) in buckets {
             let grant = self.node.s3_grant(&key_id, &name).map_err(from_api)?;

@@ -47,7 +47,7 @@ pub(crate) fn parse_trace_id(text: &str) -> Result<TraceId, String> {
 }
 
 pub(super) async fn status(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refusal(&state, &headers) {
+    if let Some(refused) = refusal(&state, &headers).await {
         return refused;
     }
     let started = Instant::now();
@@ -181,7 +181,7 @@ fn parse_records<T: serde::de::DeserializeOwned>(lines: &[String]) -> Vec<T> {
 }
 
 pub(super) async fn trace(State(state): State<Arc<HttpState>>, Path(id): Path<String>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refusal(&state, &headers) {
+    if let Some(refused) = refusal(&state, &headers).await {
         return refused;
     }
     let trace_id = match parse_trace_id(&id) {
@@ -268,7 +268,7 @@ pub(super) async fn logs(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    if let Some(refused) = refusal(&state, &headers) {
+    if let Some(refused) = refusal(&state, &headers).await {
         return refused;
     }
     let filter = match parse_log_filter(query.as_deref()) {
@@ -332,7 +332,7 @@ pub(super) async fn logs(
 
 /// This node's recent failed and slow client requests (the page asks every node).
 pub(super) async fn requests(State(state): State<Arc<HttpState>>, headers: HeaderMap) -> Response {
-    if let Some(refused) = refusal(&state, &headers) {
+    if let Some(refused) = refusal(&state, &headers).await {
         return refused;
     }
     api_json(

@@ -205,8 +205,8 @@ fn api_error(status: StatusCode, message: impl Into<String>) -> Response {
 /// Checks the caller as gRPC checks a `Cluster/Status` call (role `read`): the dashboard shows
 /// nothing that `cluster status`, `mendfs trace` and `mendfs logs` would not. Returns the
 /// refusal to send, if the caller may not look.
-fn refusal(state: &HttpState, headers: &HeaderMap) -> Option<Response> {
-    match state.authenticator.authorize("/mendfs.v1.Cluster/Status", headers, None) {
+async fn refusal(state: &HttpState, headers: &HeaderMap) -> Option<Response> {
+    match state.authenticator.authorize_caught_up("/mendfs.v1.Cluster/Status", headers, None).await {
         Ok(_) => None,
         Err(status) => {
             let code = match status.code() {
