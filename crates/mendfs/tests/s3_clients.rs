@@ -133,3 +133,67 @@ fn a_tls_node_serves_s3_over_tls_only() {
     assert!(!plain.status.success());
     assert!(!String::from_utf8_lossy(&plain.stdout).contains("over tls"));
 }
+
+/// An S3 key deleted through two nodes is refused at once by the third, which had not applied
+/// the deletion when the request reached it: the deletion is acknowledged only once no node
+/// can still sign requests with a view of the keys from before it.
+#[test]
+fn a_deleted_key_is_refused_at_once_by_a_node_that_had_not_applied_the_deletion() {
+    let curl_works = Command::new("curl").arg("--version").output().is_ok_and(|out| out.status.success());
+    assert!(curl_works, "this test signs its requests with curl --aws-sigv4: apt-get install curl");
+    let (mut cluster, endpoints, _) = s3_cluster();
+    let leader = cluster.wait_for_leader(DEADLINE).unwrap();
+    let lagging = (1..=3u64).find(|id| *id != leader).unwrap();
+    let lagging_s3 = endpoints[lagging as usize - 1].clone();
+    let others = cluster.endpoints_of(&(1..=3).filter(|id| *id != lagging).collect::<Vec<_>>());
+    let key = cluster.run_cli(&["s3", "key", "create", "doomed", "--create-buckets"]).unwrap();
+    let (id, secret) = (exported(&key, "AWS_ACCESS_KEY_ID"), exported(&key, "AWS_SECRET_ACCESS_KEY"));
+    let curl = |method: &str, path: &str, body: Option<&str>| {
+        let mut command = Command::new("curl");
+        command
+            .args(["--silent", "--show-error", "--fail-with-body", "--max-time", "60", "--request", method])
+            .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user", &format!("{id}:{secret}")])
+            .args(["--header", "x-amz-content-sha256: UNSIGNED-PAYLOAD"])
+            .arg(format!("{lagging_s3}{path}"));
+        if let Some(body) = body {
+            command.args(["--data-binary", body]);
+        }
+        command
+    };
+    mendfs_testkit::wait_for("the bucket through the node about to lag", DEADLINE, || {
+        Ok(curl("PUT", "/kept", None).output()?.status.success().then_some(()))
+    })
+    .unwrap();
+    let put = curl("PUT", "/kept/object", Some("before")).output().unwrap();
+    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stdout));
+    cluster.wait_for_caught_up(&[1, 2, 3], DEADLINE).unwrap();
+
+    cluster.pause(lagging).unwrap();
+    let deleted = cluster.cli_at(&others).args(["s3", "key", "delete", &id]).output().unwrap();
+    assert!(deleted.status.success(), "{}", String::from_utf8_lossy(&deleted.stderr));
+    // Sent into the paused node's socket; answered once it runs again.
+    let get = curl("GET", "/kept/object", None).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let port = lagging_s3.rsplit(':').next().unwrap().parse::<u16>().unwrap();
+    mendfs_testkit::wait_for("curl connected to the paused node", DEADLINE, || {
+        Ok(established_connections_to(port)?.then_some(()))
+    })
+    .unwrap();
+    cluster.resume(lagging).unwrap();
+    let got = get.wait_with_output().unwrap();
+    let body = String::from_utf8_lossy(&got.stdout);
+    assert!(!got.status.success(), "node {lagging} served a deleted key: {body}");
+    assert!(body.contains("InvalidAccessKeyId"), "{body}");
+}
+
+/// Whether a TCP connection to local `port` is established (the kernel accepts connections for
+/// a paused process; the client writes its request right after).
+fn established_connections_to(port: u16) -> std::io::Result<bool> {
+    let table = std::fs::read_to_string("/proc/net/tcp")?;
+    Ok(table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // local_address is HEX_IP:HEX_PORT; state 01 is ESTABLISHED.
+        fields.get(1).and_then(|local| local.rsplit(':').next()).and_then(|hex| u16::from_str_radix(hex, 16).ok())
+            == Some(port)
+            && fields.get(3) == Some(&"01")
+    }))
+}

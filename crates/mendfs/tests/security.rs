@@ -632,6 +632,59 @@ fn a_token_is_admitted_at_once_by_a_node_that_had_not_applied_its_creation() {
 }
 
 #[test]
+fn a_revoked_token_is_refused_at_once_by_a_node_that_had_not_applied_the_revocation() {
+    use std::io::{Read, Write};
+    let http: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect();
+    let node_args = (1..=3u64).map(|id| (id, vec!["--http".to_string(), http[id as usize - 1].clone()])).collect();
+    let mut cluster = start(ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() });
+    let leader = cluster.wait_for_leader(DEADLINE).unwrap();
+    let lagging = (1..=3).find(|id| *id != leader).unwrap();
+    let others = cluster.endpoints_of(&(1..=3).filter(|id| *id != lagging).collect::<Vec<_>>());
+    let at_others = |cluster: &Cluster, args: &[&str]| output_result(args, run(cluster.cli_at(&others), args)).unwrap();
+    at_others(&cluster, &["kv", "set", "k", "v"]);
+    let token = at_others(&cluster, &["auth", "token", "create", "doomed", "--role", "read"]).trim().to_string();
+    cluster.wait_for_caught_up(&[1, 2, 3], DEADLINE).unwrap();
+    // The token works on the node about to lag, which so has a recent view of the tokens.
+    let lagging_endpoint = cluster.endpoints_of(&[lagging]);
+    output_result(&[], run(as_token(&cluster, &lagging_endpoint, &token), &["kv", "get", "k"])).unwrap();
+
+    cluster.pause(lagging).unwrap();
+    // Acknowledged by the two others; the paused node still holds the token as valid.
+    at_others(&cluster, &["auth", "token", "revoke", "doomed"]);
+    // Both calls are in the paused node's sockets before it runs again.
+    let addr = http[lagging as usize - 1].clone();
+    let (sent, was_sent) = std::sync::mpsc::channel();
+    let bearer = format!("Bearer {token}");
+    let dashboard = std::thread::spawn(move || {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        write!(
+            stream,
+            "GET /api/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {bearer}\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        sent.send(()).unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        response
+    });
+    was_sent.recv_timeout(DEADLINE).unwrap();
+    let grpc = as_token(&cluster, &lagging_endpoint, &token)
+        .args(["kv", "get", "k"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    cluster.resume(lagging).unwrap();
+
+    let response = dashboard.join().unwrap();
+    assert!(response.starts_with("HTTP/1.1 401"), "node {lagging}'s dashboard admitted a revoked token: {response}");
+    let out = grpc.wait_with_output().unwrap();
+    assert!(!out.status.success(), "node {lagging} admitted a revoked token over gRPC");
+    assert!(stderr(&out).contains("unknown, revoked or expired token"), "{}", stderr(&out));
+}
+
+#[test]
 fn a_login_link_opens_one_session_once_and_the_session_expires_everywhere() {
     let http: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect();
     let node_args = (1..=3u64).map(|id| (id, vec!["--http".to_string(), http[id as usize - 1].clone()])).collect();

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use tonic::codegen::http;
 use tonic::Status;
 
-use crate::node::CatchUpQueue;
+use crate::node::{CatchUpQueue, RIGHTS_STATE_MAX_AGE};
 use crate::raft_store::StateReader;
 use crate::schema::{decode, StateStore, StoreError, Table};
 
@@ -353,6 +353,16 @@ impl Authenticator {
         connection: Option<&ConnectionInfo>,
     ) -> Result<Caller, Status> {
         let refused = match self.authorize(path, headers, connection) {
+            Ok(Caller::Client { .. }) => {
+                // Admitted on this node's view of the tokens: a view old enough to miss a
+                // revocation acknowledged through another node must be brought up first.
+                if let Err(e) = self.catch_up.caught_up_within(RIGHTS_STATE_MAX_AGE).await {
+                    return Err(Status::unavailable(format!(
+                        "cannot confirm with the leader that the token is still valid: {e}"
+                    )));
+                }
+                return self.authorize(path, headers, connection);
+            }
             Err(refused) if self.token_unknown_here(headers) => refused,
             decided => return decided,
         };
@@ -525,14 +535,21 @@ where
         // The instance that was polled ready serves this call; a fresh clone stays.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let token_state_stale = matches!(decided, Ok(Caller::Client { .. }))
+            && !self.authenticator.catch_up.fresh_within(RIGHTS_STATE_MAX_AGE);
         match decided {
-            Ok(caller) => {
+            Ok(caller) if !token_state_stale => {
                 request.extensions_mut().insert(caller);
                 Box::pin(inner.call(request))
             }
-            Err(_) if self.authenticator.token_unknown_here(request.headers()) => {
-                // Perhaps a token created through another node a moment ago: decided again
-                // once this node has caught up (`authorize_caught_up`).
+            Err(status) if !self.authenticator.token_unknown_here(request.headers()) => {
+                self.authenticator.log_refusal(request.uri().path(), connection, &status);
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
+            _ => {
+                // A token admitted on a view too old to trust, or perhaps one created through
+                // another node a moment ago: decided again once this node has caught up
+                // (`authorize_caught_up`).
                 let authenticator = self.authenticator.clone();
                 Box::pin(async move {
                     let connection = request.extensions().get::<ConnectionInfo>();
@@ -549,10 +566,6 @@ where
                         }
                     }
                 })
-            }
-            Err(status) => {
-                self.authenticator.log_refusal(request.uri().path(), connection, &status);
-                Box::pin(std::future::ready(Ok(status.into_http())))
             }
         }
     }

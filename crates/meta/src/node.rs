@@ -964,9 +964,73 @@ const CATCH_UP_QUEUE_LEN_MAX: usize = 4_096;
 #[derive(Clone)]
 pub(crate) struct CatchUpQueue {
     queue: mpsc::Sender<oneshot::Sender<Result<(), ApiError>>>,
+    freshness: Arc<Freshness>,
+}
+
+/// How recent this node's view of who may do what must be to admit a caller on it: a caller
+/// whose rights were taken away (a token revoked, an S3 key deleted, a grant lowered) is
+/// refused on every node once the change has been acknowledged for this long
+/// ([`RIGHTS_REDUCED_WAIT`]). A node checks with the leader at most this often while it
+/// serves callers, and in the background before it has to.
+pub const RIGHTS_STATE_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// How long a change that takes rights away waits after it commits before it is acknowledged:
+/// [`RIGHTS_STATE_MAX_AGE`], with room for the nodes' clocks running at slightly different
+/// rates and for scheduling.
+pub const RIGHTS_REDUCED_WAIT: Duration = Duration::from_millis(1_200);
+
+/// When this node last knew itself caught up with the leader.
+#[derive(Default)]
+struct Freshness {
+    /// The start of the latest catch-up round that succeeded: everything acknowledged before
+    /// that instant had been applied here when the round ended.
+    caught_up_since: std::sync::Mutex<Option<Instant>>,
+    /// A round asked for in the background and not yet run.
+    refresh_pending: std::sync::atomic::AtomicBool,
+}
+
+impl Freshness {
+    fn age(&self) -> Option<Duration> {
+        self.caught_up_since.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).map(|since| since.elapsed())
+    }
+
+    fn caught_up(&self, round_started: Instant) {
+        let mut since = self.caught_up_since.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *since = Some(since.map_or(round_started, |since| since.max(round_started)));
+    }
 }
 
 impl CatchUpQueue {
+    /// Returns once this node's state includes every write acknowledged more than `max_age`
+    /// ago: at once when a catch-up round that started within `max_age` succeeded (and a
+    /// round is started in the background once half of it has passed, so that a node serving
+    /// steady traffic rarely makes a caller wait), otherwise after a round.
+    pub(crate) async fn caught_up_within(&self, max_age: Duration) -> Result<(), ApiError> {
+        if self.fresh_within(max_age) {
+            return Ok(());
+        }
+        self.catch_up().await
+    }
+
+    /// Whether [`CatchUpQueue::caught_up_within`] would return at once; starts the background
+    /// round as it would.
+    pub(crate) fn fresh_within(&self, max_age: Duration) -> bool {
+        match self.freshness.age() {
+            Some(age) if age <= max_age / 2 => true,
+            Some(age) if age <= max_age => {
+                if !self.freshness.refresh_pending.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                    // The answer goes nowhere: the round only moves `caught_up_since`.
+                    let (reply, _) = oneshot::channel();
+                    if self.queue.try_send(reply).is_err() {
+                        self.freshness.refresh_pending.store(false, std::sync::atomic::Ordering::Release);
+                    }
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Waits for a catch-up round that started after this call. A full queue is an error
     /// at once, not a wait: the callers are refusals about to be sent (an unknown token), and
     /// strangers can send those as fast as they like.
@@ -1004,7 +1068,13 @@ impl Worker for StateCatchUp {
                 Err(_) => break,
             }
         }
+        let freshness = self.node.catch_ups.freshness.clone();
+        freshness.refresh_pending.store(false, std::sync::atomic::Ordering::Release);
+        let started = Instant::now();
         let outcome = self.node.catch_up_round().await;
+        if outcome.is_ok() {
+            freshness.caught_up(started);
+        }
         for reply in waiting {
             let _ = reply.send(outcome.clone());
         }
@@ -1238,7 +1308,7 @@ impl MetaNode {
             sessions: Arc::default(),
             proposer,
             confirmations,
-            catch_ups: CatchUpQueue { queue: catch_ups },
+            catch_ups: CatchUpQueue { queue: catch_ups, freshness: Arc::default() },
             peer_clocks: Arc::default(),
             stamped,
             committed_index,
@@ -1734,6 +1804,18 @@ impl MetaNode {
         self.catch_ups.catch_up().await
     }
 
+    /// Waits, when it has to, until this node's view of callers' rights is recent enough to
+    /// admit a caller on it (see [`RIGHTS_STATE_MAX_AGE`]).
+    pub async fn rights_state_fresh(&self) -> Result<(), ApiError> {
+        self.catch_ups.caught_up_within(RIGHTS_STATE_MAX_AGE).await
+    }
+
+    /// Holds the acknowledgement of a change that took rights away until no node can still
+    /// admit a caller on a view from before it (see [`RIGHTS_STATE_MAX_AGE`]).
+    async fn rights_reduced(&self) {
+        tokio::time::sleep(RIGHTS_REDUCED_WAIT).await;
+    }
+
     /// One catch-up round: the leader's read index, then this node's apply up to it.
     async fn catch_up_round(&self) -> Result<(), ApiError> {
         let applied_index = match self.serve_on_leader(LeaderRequest::ReadIndex, Origin::LOCAL).await? {
@@ -2090,7 +2172,12 @@ impl MetaNode {
     /// as soon as it applies the revocation.
     pub async fn revoke_token(&self, origin: Origin, name: String) -> Result<bool, ApiError> {
         match self.execute(origin, None, Command::RevokeToken { name }).await? {
-            Outcome::TokenRevoked { found } => Ok(found),
+            Outcome::TokenRevoked { found } => {
+                if found {
+                    self.rights_reduced().await;
+                }
+                Ok(found)
+            }
             other => Err(unexpected("a token revocation", other)),
         }
     }
@@ -2479,6 +2566,44 @@ impl MetaNode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn catch_up_queue_for_test() -> (CatchUpQueue, mpsc::Receiver<oneshot::Sender<Result<(), ApiError>>>) {
+        let (queue, rounds) = mpsc::channel(4);
+        (CatchUpQueue { queue, freshness: Arc::default() }, rounds)
+    }
+
+    fn caught_up_ago(queue: &CatchUpQueue, ago: Duration) {
+        *queue.freshness.caught_up_since.lock().unwrap() = Some(Instant::now() - ago);
+    }
+
+    #[test]
+    fn a_young_view_of_rights_admits_at_once_an_ageing_one_refreshes_once_an_old_one_waits() {
+        let max_age = Duration::from_secs(1);
+        let (queue, mut rounds) = catch_up_queue_for_test();
+        assert!(!queue.fresh_within(max_age), "a node that never caught up must wait for a round");
+
+        caught_up_ago(&queue, Duration::from_millis(100));
+        assert!(queue.fresh_within(max_age));
+        assert!(rounds.try_recv().is_err(), "no round while the view is young");
+
+        caught_up_ago(&queue, Duration::from_millis(700));
+        assert!(queue.fresh_within(max_age), "an ageing view still admits");
+        assert!(rounds.try_recv().is_ok(), "and starts one round in the background");
+        assert!(queue.fresh_within(max_age));
+        assert!(rounds.try_recv().is_err(), "not a second one while the first is pending");
+
+        caught_up_ago(&queue, Duration::from_millis(1_500));
+        assert!(!queue.fresh_within(max_age), "a view older than the bound must wait for a round");
+    }
+
+    #[test]
+    fn a_round_that_started_earlier_never_makes_the_view_older() {
+        let (queue, _rounds) = catch_up_queue_for_test();
+        let now = Instant::now();
+        queue.freshness.caught_up(now);
+        queue.freshness.caught_up(now - Duration::from_secs(5));
+        assert!(queue.freshness.age().unwrap() < Duration::from_secs(1));
+    }
 
     #[test]
     fn session_clocks_find_due_sessions_through_their_deadline_index() {

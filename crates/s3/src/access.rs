@@ -88,6 +88,8 @@ impl KeyAccess {
     /// The caller's grant in `bucket`: this node's state, and the leader's when this node's
     /// says no (a grant given a moment ago may not have been applied here yet).
     async fn grant(&self, key_id: &str, bucket: &str, needs: Needs) -> S3Result<Grant> {
+        // A grant lowered a moment ago must not be used here on an old view.
+        self.node.rights_state_fresh().await.map_err(from_api)?;
         let local = self.node.s3_grant(key_id, bucket).map_err(from_api)?;
         if allows(local, needs) {
             return Ok(local);

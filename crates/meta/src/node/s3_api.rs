@@ -226,7 +226,9 @@ impl MetaNode {
     }
 
     pub async fn s3_delete_access_key(&self, origin: Origin, key_id: String) -> Result<(), ApiError> {
-        self.execute(origin, None, Command::S3DeleteAccessKey { key_id }).await.map(drop)
+        self.execute(origin, None, Command::S3DeleteAccessKey { key_id }).await?;
+        self.rights_reduced().await;
+        Ok(())
     }
 
     pub async fn s3_set_grant(
@@ -236,7 +238,13 @@ impl MetaNode {
         bucket: String,
         grant: Grant,
     ) -> Result<(), ApiError> {
-        self.execute(origin, None, Command::S3SetGrant { key_id, bucket, grant }).await.map(drop)
+        let reduces = !(grant.read && grant.write && grant.owner);
+        self.execute(origin, None, Command::S3SetGrant { key_id, bucket, grant }).await?;
+        // A grant without every right may be taking some away.
+        if reduces {
+            self.rights_reduced().await;
+        }
+        Ok(())
     }
 
     /// Phase two of an object write; `request_id` makes a retry return the first outcome.
@@ -408,6 +416,8 @@ impl MetaNode {
     /// An access key, from this node's state, or from the leader's when this node has not
     /// applied it yet (a key created a moment ago, a node catching up).
     pub async fn s3_access_key(&self, key_id: &str) -> Result<Option<AccessKeyRecord>, ApiError> {
+        // A key deleted a moment ago must not sign requests here on an old view.
+        self.rights_state_fresh().await?;
         let local = self.state.view().and_then(|view| s3::get_access_key(&view, key_id)).map_err(ApiError::internal)?;
         if local.is_some() {
             return Ok(local);
