@@ -575,25 +575,12 @@ fn http_post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
 /// applied it when the call came: such a node catches up with the leader before it refuses a
 /// token it does not know. The lagging node is paused (SIGSTOP) while the token is created,
 /// and the calls with it wait in its sockets when it runs again, beside the entries it missed.
-#[test]
-fn a_token_is_admitted_at_once_by_a_node_that_had_not_applied_its_creation() {
+/// A dashboard status call with `token`, written into `addr`'s socket before this returns (a
+/// paused node answers it once it runs again); the thread yields the raw HTTP response.
+fn dashboard_status_sent_now(addr: &str, token: &str) -> std::thread::JoinHandle<String> {
     use std::io::{Read, Write};
-    let http: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect();
-    let node_args = (1..=3u64).map(|id| (id, vec!["--http".to_string(), http[id as usize - 1].clone()])).collect();
-    let mut cluster = start(ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() });
-    let leader = cluster.wait_for_leader(DEADLINE).unwrap();
-    let lagging = (1..=3).find(|id| *id != leader).unwrap();
-    let others = cluster.endpoints_of(&(1..=3).filter(|id| *id != lagging).collect::<Vec<_>>());
-    let at_others = |cluster: &Cluster, args: &[&str]| output_result(args, run(cluster.cli_at(&others), args)).unwrap();
-    at_others(&cluster, &["kv", "set", "k", "v"]);
-    cluster.wait_for_caught_up(&[1, 2, 3], DEADLINE).unwrap();
-
-    cluster.pause(lagging).unwrap();
-    let token = at_others(&cluster, &["auth", "token", "create", "fresh", "--role", "read"]).trim().to_string();
-    // The dashboard call is written into the paused node's socket before it runs again.
-    let addr = http[lagging as usize - 1].clone();
+    let (addr, bearer) = (addr.to_string(), format!("Bearer {token}"));
     let (sent, was_sent) = std::sync::mpsc::channel();
-    let bearer = format!("Bearer {token}");
     let dashboard = std::thread::spawn(move || {
         let mut stream = std::net::TcpStream::connect(&addr).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -608,6 +595,25 @@ fn a_token_is_admitted_at_once_by_a_node_that_had_not_applied_its_creation() {
         response
     });
     was_sent.recv_timeout(DEADLINE).unwrap();
+    dashboard
+}
+
+#[test]
+fn a_token_is_admitted_at_once_by_a_node_that_had_not_applied_its_creation() {
+    let http: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect();
+    let node_args = (1..=3u64).map(|id| (id, vec!["--http".to_string(), http[id as usize - 1].clone()])).collect();
+    let mut cluster = start(ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() });
+    let leader = cluster.wait_for_leader(DEADLINE).unwrap();
+    let lagging = (1..=3).find(|id| *id != leader).unwrap();
+    let others = cluster.endpoints_of(&(1..=3).filter(|id| *id != lagging).collect::<Vec<_>>());
+    let at_others = |cluster: &Cluster, args: &[&str]| output_result(args, run(cluster.cli_at(&others), args)).unwrap();
+    at_others(&cluster, &["kv", "set", "k", "v"]);
+    cluster.wait_for_caught_up(&[1, 2, 3], DEADLINE).unwrap();
+
+    cluster.pause(lagging).unwrap();
+    let token = at_others(&cluster, &["auth", "token", "create", "fresh", "--role", "read"]).trim().to_string();
+    // The dashboard call is written into the paused node's socket before it runs again.
+    let dashboard = dashboard_status_sent_now(&http[lagging as usize - 1], &token);
     let grpc = as_token(&cluster, &cluster.endpoints_of(&[lagging]), &token)
         .args(["kv", "get", "k"])
         .stdout(std::process::Stdio::piped())
@@ -633,7 +639,6 @@ fn a_token_is_admitted_at_once_by_a_node_that_had_not_applied_its_creation() {
 
 #[test]
 fn a_revoked_token_is_refused_at_once_by_a_node_that_had_not_applied_the_revocation() {
-    use std::io::{Read, Write};
     let http: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect();
     let node_args = (1..=3u64).map(|id| (id, vec!["--http".to_string(), http[id as usize - 1].clone()])).collect();
     let mut cluster = start(ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() });
@@ -652,23 +657,7 @@ fn a_revoked_token_is_refused_at_once_by_a_node_that_had_not_applied_the_revocat
     // Acknowledged by the two others; the paused node still holds the token as valid.
     at_others(&cluster, &["auth", "token", "revoke", "doomed"]);
     // Both calls are in the paused node's sockets before it runs again.
-    let addr = http[lagging as usize - 1].clone();
-    let (sent, was_sent) = std::sync::mpsc::channel();
-    let bearer = format!("Bearer {token}");
-    let dashboard = std::thread::spawn(move || {
-        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-        write!(
-            stream,
-            "GET /api/status HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {bearer}\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
-        sent.send(()).unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).unwrap();
-        response
-    });
-    was_sent.recv_timeout(DEADLINE).unwrap();
+    let dashboard = dashboard_status_sent_now(&http[lagging as usize - 1], &token);
     let grpc = as_token(&cluster, &lagging_endpoint, &token)
         .args(["kv", "get", "k"])
         .stdout(std::process::Stdio::piped())
