@@ -575,6 +575,18 @@ fn http_post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
 /// applied it when the call came: such a node catches up with the leader before it refuses a
 /// token it does not know. The lagging node is paused (SIGSTOP) while the token is created,
 /// and the calls with it wait in its sockets when it runs again, beside the entries it missed.
+/// Three nodes with dashboards (their addresses by node id - 1), a follower to pause, and
+/// the endpoints of the two others.
+fn cluster_with_a_follower_to_pause() -> (Cluster, Vec<String>, u64, String) {
+    let http: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect();
+    let node_args = (1..=3u64).map(|id| (id, vec!["--http".to_string(), http[id as usize - 1].clone()])).collect();
+    let cluster = start(ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() });
+    let leader = cluster.wait_for_leader(DEADLINE).unwrap();
+    let lagging = (1..=3).find(|id| *id != leader).unwrap();
+    let others = cluster.endpoints_of(&(1..=3).filter(|id| *id != lagging).collect::<Vec<_>>());
+    (cluster, http, lagging, others)
+}
+
 /// A dashboard status call with `token`, written into `addr`'s socket before this returns (a
 /// paused node answers it once it runs again); the thread yields the raw HTTP response.
 fn dashboard_status_sent_now(addr: &str, token: &str) -> std::thread::JoinHandle<String> {
@@ -600,12 +612,7 @@ fn dashboard_status_sent_now(addr: &str, token: &str) -> std::thread::JoinHandle
 
 #[test]
 fn a_token_is_admitted_at_once_by_a_node_that_had_not_applied_its_creation() {
-    let http: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect();
-    let node_args = (1..=3u64).map(|id| (id, vec!["--http".to_string(), http[id as usize - 1].clone()])).collect();
-    let mut cluster = start(ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() });
-    let leader = cluster.wait_for_leader(DEADLINE).unwrap();
-    let lagging = (1..=3).find(|id| *id != leader).unwrap();
-    let others = cluster.endpoints_of(&(1..=3).filter(|id| *id != lagging).collect::<Vec<_>>());
+    let (mut cluster, http, lagging, others) = cluster_with_a_follower_to_pause();
     let at_others = |cluster: &Cluster, args: &[&str]| output_result(args, run(cluster.cli_at(&others), args)).unwrap();
     at_others(&cluster, &["kv", "set", "k", "v"]);
     cluster.wait_for_caught_up(&[1, 2, 3], DEADLINE).unwrap();
@@ -639,12 +646,7 @@ fn a_token_is_admitted_at_once_by_a_node_that_had_not_applied_its_creation() {
 
 #[test]
 fn a_revoked_token_is_refused_at_once_by_a_node_that_had_not_applied_the_revocation() {
-    let http: Vec<String> = (0..3).map(|_| format!("127.0.0.1:{}", free_port().unwrap())).collect();
-    let node_args = (1..=3u64).map(|id| (id, vec!["--http".to_string(), http[id as usize - 1].clone()])).collect();
-    let mut cluster = start(ClusterOptions { nodes: 3, node_args, ..ClusterOptions::default() });
-    let leader = cluster.wait_for_leader(DEADLINE).unwrap();
-    let lagging = (1..=3).find(|id| *id != leader).unwrap();
-    let others = cluster.endpoints_of(&(1..=3).filter(|id| *id != lagging).collect::<Vec<_>>());
+    let (mut cluster, http, lagging, others) = cluster_with_a_follower_to_pause();
     let at_others = |cluster: &Cluster, args: &[&str]| output_result(args, run(cluster.cli_at(&others), args)).unwrap();
     at_others(&cluster, &["kv", "set", "k", "v"]);
     let token = at_others(&cluster, &["auth", "token", "create", "doomed", "--role", "read"]).trim().to_string();

@@ -939,20 +939,28 @@ impl Worker for LeadershipConfirmer {
     }
 
     async fn work(&mut self) -> Result<Step, WorkerError> {
-        let Some(first) = self.queue.recv().await else { return Ok(Step::Done) };
-        let mut waiting = vec![first];
-        while waiting.len() < CONFIRMATION_QUEUE_LEN_MAX {
-            match self.queue.try_recv() {
-                Ok(next) => waiting.push(next),
-                Err(_) => break,
-            }
-        }
+        let Some(waiting) = next_round(&mut self.queue, CONFIRMATION_QUEUE_LEN_MAX).await else {
+            return Ok(Step::Done);
+        };
         let outcome = read_index(&self.raft, self.timeout).await;
         for reply in waiting {
             let _ = reply.send(outcome.clone());
         }
         Ok(Step::Busy)
     }
+}
+
+/// The callers a shared round answers: the next one to arrive, and every other already
+/// waiting (at most `max`). None once the queue is closed.
+async fn next_round<T>(queue: &mut mpsc::Receiver<T>, max: usize) -> Option<Vec<T>> {
+    let mut waiting = vec![queue.recv().await?];
+    while waiting.len() < max {
+        match queue.try_recv() {
+            Ok(next) => waiting.push(next),
+            Err(_) => break,
+        }
+    }
+    Some(waiting)
 }
 
 /// Callers waiting for this node's state to catch up with the leader. Bounded: a caller that
@@ -1060,14 +1068,7 @@ impl Worker for StateCatchUp {
     }
 
     async fn work(&mut self) -> Result<Step, WorkerError> {
-        let Some(first) = self.queue.recv().await else { return Ok(Step::Done) };
-        let mut waiting = vec![first];
-        while waiting.len() < CATCH_UP_QUEUE_LEN_MAX {
-            match self.queue.try_recv() {
-                Ok(next) => waiting.push(next),
-                Err(_) => break,
-            }
-        }
+        let Some(waiting) = next_round(&mut self.queue, CATCH_UP_QUEUE_LEN_MAX).await else { return Ok(Step::Done) };
         let freshness = self.node.catch_ups.freshness.clone();
         freshness.refresh_pending.store(false, std::sync::atomic::Ordering::Release);
         let started = Instant::now();
