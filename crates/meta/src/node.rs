@@ -1040,8 +1040,9 @@ impl CatchUpQueue {
     }
 
     /// Waits for a catch-up round that started after this call. A full queue is an error
-    /// at once, not a wait: the callers are refusals about to be sent (an unknown token), and
-    /// strangers can send those as fast as they like.
+    /// at once, not a wait: strangers can send unknown tokens and made-up S3 key ids as fast
+    /// as they like, and a caller with a valid token on a view too old to trust is better told
+    /// `unavailable` (and retries) than queued without bound.
     pub(crate) async fn catch_up(&self) -> Result<(), ApiError> {
         let (reply, answer) = oneshot::channel();
         self.queue.try_send(reply).map_err(|e| match e {
