@@ -7,6 +7,7 @@
 //! jittered backoff. Writes carry a request id that stays the same across retries, so a write
 //! whose first attempt was applied but not acknowledged is not applied twice.
 
+mod batch;
 pub mod jobs;
 pub mod lock;
 
@@ -82,6 +83,9 @@ pub enum Error {
     /// must stop (its task went to another worker, was won elsewhere, or the job was cancelled).
     #[error("{0}")]
     LeaseLost(String),
+    /// The node does not know the call (a version older than this client).
+    #[error("not implemented by the server: {0}")]
+    Unimplemented(String),
 }
 
 impl Error {
@@ -111,6 +115,9 @@ pub struct ClientConfig {
     /// The trace every call of this client joins (`mendfs --trace-id`). Without one, a call
     /// made inside a traced span joins that span's trace, and any other call starts its own.
     pub trace: Option<TraceContext>,
+    /// Send key writes made concurrently from tasks sharing this client together, in one call
+    /// (see `batch`). On by default; off, every write is a call of its own.
+    pub batch_writes: bool,
 }
 
 impl ClientConfig {
@@ -124,6 +131,7 @@ impl ClientConfig {
             attempt_timeout: Duration::from_secs(7),
             deadline: Duration::from_secs(20),
             trace: None,
+            batch_writes: true,
         }
     }
 }
@@ -211,6 +219,7 @@ struct Inner {
     preferred: AtomicUsize,
     client_id: u64,
     sequence: AtomicU64,
+    batcher: batch::Batcher,
 }
 
 /// A handle to a cluster; cheap to clone and safe to share between tasks.
@@ -255,6 +264,7 @@ fn classify(status: &tonic::Status) -> Attempt {
         tonic::Code::Unauthenticated => Attempt::Fail(Error::Unauthenticated(message)),
         tonic::Code::PermissionDenied => Attempt::Fail(Error::PermissionDenied(message)),
         tonic::Code::OutOfRange => Attempt::Fail(Error::Compacted(message)),
+        tonic::Code::Unimplemented => Attempt::Fail(Error::Unimplemented(message)),
         code => Attempt::Fail(Error::Server(format!("{code}: {message}"))),
     }
 }
@@ -301,6 +311,7 @@ impl Client {
                 preferred: AtomicUsize::new(0),
                 client_id: rand::random::<u64>() | 1,
                 sequence: AtomicU64::new(1),
+                batcher: batch::Batcher::default(),
             }),
         })
     }
@@ -660,13 +671,7 @@ impl Client {
             session_id,
             request_id: self.next_request_id(),
         };
-        let reply = self
-            .call("create", |i| {
-                let request = request.clone();
-                let mut kv = self.kv(i);
-                async move { kv.create(request).await }
-            })
-            .await?;
+        let reply = self.write(pb::BatchOp { op: Some(pb::batch_op::Op::Create(request)) }).await?;
         reply.kv.ok_or_else(|| Error::Server("create answered without the key".into()))
     }
 
@@ -685,26 +690,14 @@ impl Client {
             session_id,
             request_id: self.next_request_id(),
         };
-        let reply = self
-            .call("set", |i| {
-                let request = request.clone();
-                let mut kv = self.kv(i);
-                async move { kv.set(request).await }
-            })
-            .await?;
+        let reply = self.write(pb::BatchOp { op: Some(pb::batch_op::Op::Set(request)) }).await?;
         reply.kv.ok_or_else(|| Error::Server("set answered without the key".into()))
     }
 
     /// Deletes `key`; returns whether it existed.
     pub async fn delete(&self, key: &[u8], expected_version: Option<u64>) -> Result<bool, Error> {
         let request = pb::DeleteRequest { key: key.to_vec(), expected_version, request_id: self.next_request_id() };
-        let reply = self
-            .call("delete", |i| {
-                let request = request.clone();
-                let mut kv = self.kv(i);
-                async move { kv.delete(request).await }
-            })
-            .await?;
+        let reply = self.write(pb::BatchOp { op: Some(pb::batch_op::Op::Delete(request)) }).await?;
         Ok(reply.deleted)
     }
 

@@ -86,7 +86,7 @@ pub fn required_access(op: &str) -> Option<Access> {
         "Storage/ReadChunk" | "Storage/ReplicateChunk" | "Storage/RebuildShard" => Peer,
         "Node/Info" => Client(Read),
         "Kv/Get" | "Kv/List" | "Kv/Watch" => Client(Read),
-        "Kv/Create" | "Kv/Set" | "Kv/Delete" | "Kv/Compact" => Client(Write),
+        "Kv/Create" | "Kv/Set" | "Kv/Delete" | "Kv/Batch" | "Kv/Compact" => Client(Write),
         "Kv/SessionOpen" | "Kv/SessionKeepAlive" | "Kv/SessionClose" => Client(Write),
         "Files/Get" | "Files/Stat" | "Files/List" | "Files/Chunks" => Client(Read),
         "Files/Put" | "Files/Delete" => Client(Write),

@@ -366,6 +366,53 @@ impl KvApi {
     }
 }
 
+/// The most writes one `Kv/Batch` call may carry. Its bytes are bounded by the message limit,
+/// the same as one write's; this bounds the proposals one call queues at the leader.
+pub const BATCH_OPS_MAX: usize = 256;
+
+impl KvApi {
+    /// One write of a batch, checked and proposed as its own call would be.
+    async fn batch_op(&self, origin: Origin, op: pb::BatchOp) -> Result<pb::WriteReply, Status> {
+        let (request_id, command) = match op.op {
+            Some(pb::batch_op::Op::Create(put)) => {
+                self.check_key(&put.key)?;
+                self.check_value(&put.value)?;
+                (put.request_id, Command::Create { key: put.key, value: put.value, session_id: put.session_id })
+            }
+            Some(pb::batch_op::Op::Set(put)) => {
+                self.check_key(&put.key)?;
+                self.check_value(&put.value)?;
+                let command = Command::Set {
+                    key: put.key,
+                    value: put.value,
+                    expected_version: put.expected_version,
+                    session_id: put.session_id,
+                };
+                (put.request_id, command)
+            }
+            Some(pb::batch_op::Op::Delete(delete)) => {
+                self.check_key(&delete.key)?;
+                (delete.request_id, Command::Delete { key: delete.key, expected_version: delete.expected_version })
+            }
+            None => return Err(Status::invalid_argument("a batch op names no write (create, set or delete)")),
+        };
+        Ok(write_reply(self.command(origin, request_id, command).await?)?.into_inner())
+    }
+}
+
+/// A failed op of a batch as its own call's status would have carried it.
+fn batch_error(status: &Status) -> pb::BatchError {
+    let header = |name: &str| status.metadata().get(name).and_then(|value| value.to_str().ok());
+    let version = |name: &str| header(name).and_then(|value| value.parse().ok());
+    pb::BatchError {
+        code: status.code() as i32,
+        message: status.message().to_string(),
+        kind: header(mendfs_proto::ERROR_KIND_HEADER).unwrap_or_default().to_string(),
+        expected_version: version(mendfs_proto::ERROR_EXPECTED_VERSION_HEADER),
+        actual_version: version(mendfs_proto::ERROR_ACTUAL_VERSION_HEADER),
+    }
+}
+
 fn write_reply(outcome: Outcome) -> Result<Response<pb::WriteReply>, Status> {
     match outcome {
         Outcome::Written { revision, kv, deleted } => {
@@ -411,6 +458,30 @@ impl Kv for KvApi {
         self.check_key(&delete.key)?;
         let command = Command::Delete { key: delete.key, expected_version: delete.expected_version };
         self.hint(write_reply(self.command(origin, delete.request_id, command).await?))
+    }
+
+    async fn batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchReply>, Status> {
+        let origin = request_origin(&request);
+        let ops = request.into_inner().ops;
+        if ops.len() > BATCH_OPS_MAX {
+            return Err(Status::invalid_argument(format!(
+                "a batch holds {} writes; the limit is {BATCH_OPS_MAX}",
+                ops.len()
+            )));
+        }
+        // All proposed at once, so that they reach the proposer together and share its next
+        // Raft entry; each is answered on its own, and none waits for another to fail.
+        let outcomes = futures::future::join_all(ops.into_iter().map(|op| self.batch_op(origin, op))).await;
+        let results = outcomes
+            .into_iter()
+            .map(|outcome| pb::BatchResult {
+                result: Some(match outcome {
+                    Ok(written) => pb::batch_result::Result::Written(written),
+                    Err(status) => pb::batch_result::Result::Error(batch_error(&status)),
+                }),
+            })
+            .collect();
+        self.hint(Ok(Response::new(pb::BatchReply { results })))
     }
 
     async fn compact(&self, request: Request<pb::CompactRequest>) -> Result<Response<pb::CompactReply>, Status> {

@@ -1,0 +1,231 @@
+//! Key writes from many tasks sharing one [`Client`], sent together: the writes queued while
+//! the batcher was busy go out as one `Kv/Batch` call instead of one call each.
+//!
+//! This is TiKV's client batching in its simplest form. A call costs both ends a gRPC stream
+//! (HTTP/2 frames, a task, a socket read and write, the token check, a span); under many
+//! concurrent writers that was most of a small write's CPU (`mendfs bench kv`). Nothing waits
+//! to fill a batch: the batcher takes whatever is queued when it wakes, so a lone writer sends
+//! at once, as before, and a batch forms only when writers queue up faster than calls leave.
+//!
+//! Each write keeps its own request id, outcome and error, exactly as its own call would have
+//! had them; a write whose result says "try again" (a node without a leader, say) and every
+//! write of a batch the server does not know go through the ordinary one-write path, with its
+//! failover. A retried write cannot apply twice: the state machine deduplicates request ids.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+
+use mendfs_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{classify, Attempt, Client, Error, Inner};
+
+/// Writes one batch carries at most (the server takes up to `BATCH_OPS_MAX`, 256).
+const BATCH_OPS_MAX: usize = 128;
+/// Key and value bytes one batch carries at most: well under the server's message limit,
+/// which is one largest write.
+const BATCH_BYTES_MAX: usize = 256 * 1024;
+/// A write larger than this goes in a call of its own: batching saves per-call overhead, which
+/// is nothing next to such a write's bytes.
+const BATCHED_WRITE_BYTES_MAX: usize = 16 * 1024;
+/// Writes waiting for the batcher at most; a writer that finds the queue full sends its own
+/// call rather than wait.
+const QUEUE_WRITES_MAX: usize = 4_096;
+
+/// One write waiting for the batcher.
+struct Queued {
+    op: pb::BatchOp,
+    bytes: usize,
+    reply: oneshot::Sender<Result<pb::WriteReply, Error>>,
+}
+
+/// The queue to a client's batcher task, which starts with the first batched write.
+#[derive(Default)]
+pub(crate) struct Batcher {
+    queue: std::sync::OnceLock<mpsc::Sender<Queued>>,
+    /// Set once a node answered that it has no `Kv/Batch` (an older version): every write then
+    /// goes in its own call.
+    unsupported: AtomicBool,
+}
+
+/// The key and value bytes of a write.
+fn op_bytes(op: &pb::BatchOp) -> usize {
+    match &op.op {
+        Some(pb::batch_op::Op::Create(put) | pb::batch_op::Op::Set(put)) => put.key.len() + put.value.len(),
+        Some(pb::batch_op::Op::Delete(delete)) => delete.key.len(),
+        None => 0,
+    }
+}
+
+impl Client {
+    /// A key write, batched with others when that is allowed, else in its own call.
+    pub(crate) async fn write(&self, op: pb::BatchOp) -> Result<pb::WriteReply, Error> {
+        let bytes = op_bytes(&op);
+        // A write made in a trace (the client's, or the caller's span's) keeps its own call,
+        // so that its trace shows its own hops; a batch starts a trace of its own.
+        let traced = self.inner.config.trace.is_some() || mendfs_telemetry::layer::current_context().is_some();
+        let batcher = &self.inner.batcher;
+        if !self.inner.config.batch_writes
+            || traced
+            || bytes > BATCHED_WRITE_BYTES_MAX
+            || batcher.unsupported.load(Ordering::Relaxed)
+            || tokio::runtime::Handle::try_current().is_err()
+        {
+            return self.write_alone(op).await;
+        }
+        let queue = batcher.queue.get_or_init(|| {
+            let (queue, queued) = mpsc::channel(QUEUE_WRITES_MAX);
+            tokio::spawn(run_batcher(Arc::downgrade(&self.inner), queued));
+            queue
+        });
+        let (reply, answer) = oneshot::channel();
+        match queue.try_send(Queued { op, bytes, reply }) {
+            Ok(()) => match answer.await {
+                Ok(result) => result,
+                // The batcher is gone (its runtime shut down): this write was never sent.
+                Err(_) => Err(Error::Server("the client's write batcher stopped".into())),
+            },
+            Err(mpsc::error::TrySendError::Full(queued) | mpsc::error::TrySendError::Closed(queued)) => {
+                self.write_alone(queued.op).await
+            }
+        }
+    }
+
+    /// One write in a call of its own, with failover.
+    pub(crate) async fn write_alone(&self, op: pb::BatchOp) -> Result<pb::WriteReply, Error> {
+        match op.op {
+            Some(pb::batch_op::Op::Create(request)) => {
+                self.call("create", |i| {
+                    let request = request.clone();
+                    let mut kv = self.kv(i);
+                    async move { kv.create(request).await }
+                })
+                .await
+            }
+            Some(pb::batch_op::Op::Set(request)) => {
+                self.call("set", |i| {
+                    let request = request.clone();
+                    let mut kv = self.kv(i);
+                    async move { kv.set(request).await }
+                })
+                .await
+            }
+            Some(pb::batch_op::Op::Delete(request)) => {
+                self.call("delete", |i| {
+                    let request = request.clone();
+                    let mut kv = self.kv(i);
+                    async move { kv.delete(request).await }
+                })
+                .await
+            }
+            None => Err(Error::InvalidArgument("a write names no operation".into())),
+        }
+    }
+
+    /// Sends the queued writes: alone if there is one, else as one `Kv/Batch` call.
+    async fn send_batch(self, batch: Vec<Queued>) {
+        if batch.len() == 1 {
+            let Some(queued) = batch.into_iter().next() else { return };
+            let _ = queued.reply.send(self.write_alone(queued.op).await);
+            return;
+        }
+        let request = pb::BatchRequest { ops: batch.iter().map(|queued| queued.op.clone()).collect() };
+        let answered = self
+            .call("batch", |i| {
+                let request = request.clone();
+                let mut kv = self.kv(i);
+                async move { kv.batch(request).await }
+            })
+            .await;
+        let results = match answered {
+            Ok(reply) if reply.results.len() == batch.len() => reply.results,
+            Ok(reply) => {
+                let error = Error::Server(format!(
+                    "a batch of {} writes was answered with {} results",
+                    batch.len(),
+                    reply.results.len()
+                ));
+                for queued in batch {
+                    let _ = queued.reply.send(Err(error.clone()));
+                }
+                return;
+            }
+            Err(Error::Unimplemented(_)) => {
+                self.inner.batcher.unsupported.store(true, Ordering::Relaxed);
+                self.write_each_alone(batch).await;
+                return;
+            }
+            Err(error) => {
+                for queued in batch {
+                    let _ = queued.reply.send(Err(error.clone()));
+                }
+                return;
+            }
+        };
+        let mut retry = Vec::new();
+        for (queued, result) in batch.into_iter().zip(results) {
+            let outcome = match result.result {
+                Some(pb::batch_result::Result::Written(written)) => Ok(written),
+                Some(pb::batch_result::Result::Error(error)) => match classify(&status_of(&error)) {
+                    Attempt::Fail(error) => Err(error),
+                    Attempt::Retry(_) => {
+                        retry.push(queued);
+                        continue;
+                    }
+                },
+                None => Err(Error::Server("a batch result was empty".into())),
+            };
+            let _ = queued.reply.send(outcome);
+        }
+        self.write_each_alone(retry).await;
+    }
+
+    async fn write_each_alone(&self, writes: Vec<Queued>) {
+        futures::future::join_all(writes.into_iter().map(|queued| async move {
+            let _ = queued.reply.send(self.write_alone(queued.op).await);
+        }))
+        .await;
+    }
+}
+
+/// The status a write's own call would have failed with.
+fn status_of(error: &pb::BatchError) -> tonic::Status {
+    let mut status = tonic::Status::new(tonic::Code::from(error.code), error.message.clone());
+    let mut header = |name: &'static str, value: String| {
+        if let Ok(value) = value.parse() {
+            status.metadata_mut().insert(name, value);
+        }
+    };
+    if !error.kind.is_empty() {
+        header(mendfs_proto::ERROR_KIND_HEADER, error.kind.clone());
+    }
+    if let Some(expected) = error.expected_version {
+        header(mendfs_proto::ERROR_EXPECTED_VERSION_HEADER, expected.to_string());
+    }
+    if let Some(actual) = error.actual_version {
+        header(mendfs_proto::ERROR_ACTUAL_VERSION_HEADER, actual.to_string());
+    }
+    status
+}
+
+/// Takes the queued writes in batches until the client is dropped. Every batch is sent in a
+/// task of its own, so the next one gathers while it is in flight.
+async fn run_batcher(client: Weak<Inner>, mut queued: mpsc::Receiver<Queued>) {
+    while let Some(first) = queued.recv().await {
+        // Writers woken together (by one batch's answers) queue their next writes now.
+        tokio::task::yield_now().await;
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while batch.len() < BATCH_OPS_MAX && bytes < BATCH_BYTES_MAX {
+            match queued.try_recv() {
+                Ok(next) => {
+                    bytes += next.bytes;
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let Some(inner) = client.upgrade() else { return };
+        tokio::spawn(Client { inner }.send_batch(batch));
+    }
+}
