@@ -4,15 +4,17 @@
 //! This is TiKV's client batching in its simplest form. A call costs both ends a gRPC stream
 //! (HTTP/2 frames, a task, a socket read and write, the token check, a span); under many
 //! concurrent writers that was most of a small write's CPU (`mendfs bench kv`). Nothing waits
-//! to fill a batch: the batcher takes whatever is queued when it wakes, so a lone writer sends
-//! at once, as before, and a batch forms only when writers queue up faster than calls leave.
+//! to fill a batch: a write made while the client has no write call in flight goes out at once
+//! in its writer's task, as before batching; the others queue for the batcher, which takes
+//! whatever is queued when it wakes, so a batch forms only when writers queue up faster than
+//! calls leave.
 //!
 //! Each write keeps its own request id, outcome and error, exactly as its own call would have
 //! had them; a write whose result says "try again" (a node without a leader, say) and every
 //! write of a batch the server does not know go through the ordinary one-write path, with its
 //! failover. A retried write cannot apply twice: the state machine deduplicates request ids.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 
 use mendfs_proto::v1 as pb;
@@ -46,6 +48,25 @@ pub(crate) struct Batcher {
     /// Set once a node answered that it has no `Kv/Batch` (an older version): every write then
     /// goes in its own call.
     unsupported: AtomicBool,
+    /// Calls of key writes this client has in flight. With none, a write goes out at once in
+    /// its writer's task: a lone writer pays no hand-off to the batcher.
+    in_flight: AtomicUsize,
+}
+
+/// Counts a call in [`Batcher::in_flight`] while it lives.
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// The key and value bytes of a write.
@@ -71,6 +92,10 @@ impl Client {
             || batcher.unsupported.load(Ordering::Relaxed)
             || tokio::runtime::Handle::try_current().is_err()
         {
+            return self.write_alone(op).await;
+        }
+        if batcher.in_flight.load(Ordering::Relaxed) == 0 {
+            let _in_flight = InFlight::enter(&batcher.in_flight);
             return self.write_alone(op).await;
         }
         let queue = batcher.queue.get_or_init(|| {
@@ -124,6 +149,8 @@ impl Client {
 
     /// Sends the queued writes: alone if there is one, else as one `Kv/Batch` call.
     async fn send_batch(self, batch: Vec<Queued>) {
+        let inner = self.inner.clone();
+        let _in_flight = InFlight::enter(&inner.batcher.in_flight);
         if batch.len() == 1 {
             let Some(queued) = batch.into_iter().next() else { return };
             let _ = queued.reply.send(self.write_alone(queued.op).await);
@@ -225,7 +252,56 @@ async fn run_batcher(client: Weak<Inner>, mut queued: mpsc::Receiver<Queued>) {
                 Err(_) => break,
             }
         }
+        // A writer that gave up while its write waited here (its future dropped) is not sent:
+        // as without batching, a write nobody awaits any more is never started.
+        batch.retain(|queued| !queued.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let Some(inner) = client.upgrade() else { return };
         tokio::spawn(Client { inner }.send_batch(batch));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn error(code: tonic::Code, kind: &str, expected: Option<u64>, actual: Option<u64>) -> pb::BatchError {
+        pb::BatchError {
+            code: code as i32,
+            message: "refused".into(),
+            kind: kind.into(),
+            expected_version: expected,
+            actual_version: actual,
+        }
+    }
+
+    #[test]
+    fn a_failed_write_of_a_batch_is_the_error_its_own_call_would_have_given() {
+        let mismatch = error(tonic::Code::FailedPrecondition, "version-mismatch", Some(5), Some(7));
+        assert!(matches!(
+            classify(&status_of(&mismatch)),
+            Attempt::Fail(Error::VersionMismatch { expected: 5, actual: 7 })
+        ));
+        let exists = error(tonic::Code::AlreadyExists, "key-exists", None, Some(3));
+        assert!(matches!(classify(&status_of(&exists)), Attempt::Fail(Error::KeyExists { version: 3 })));
+        let refused = error(tonic::Code::InvalidArgument, "", None, None);
+        assert!(matches!(classify(&status_of(&refused)), Attempt::Fail(Error::InvalidArgument(m)) if m == "refused"));
+        // "Try again" stays a retry: such a write is sent again alone, with failover.
+        let no_leader = error(tonic::Code::Unavailable, "", None, None);
+        assert!(matches!(classify(&status_of(&no_leader)), Attempt::Retry(_)));
+        // A code from a newer server is an error, not a panic.
+        let unknown = pb::BatchError { code: 999, ..error(tonic::Code::Ok, "", None, None) };
+        assert!(matches!(classify(&status_of(&unknown)), Attempt::Retry(_) | Attempt::Fail(_)));
+    }
+
+    #[test]
+    fn a_write_counts_its_key_and_value_bytes() {
+        let put = pb::PutRequest { key: vec![0; 10], value: vec![0; 90], ..Default::default() };
+        assert_eq!(op_bytes(&pb::BatchOp { op: Some(pb::batch_op::Op::Set(put)) }), 100);
+        let delete = pb::DeleteRequest { key: vec![0; 7], ..Default::default() };
+        assert_eq!(op_bytes(&pb::BatchOp { op: Some(pb::batch_op::Op::Delete(delete)) }), 7);
+        assert_eq!(op_bytes(&pb::BatchOp { op: None }), 0);
     }
 }

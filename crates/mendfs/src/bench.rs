@@ -140,6 +140,10 @@ pub struct KvArgs {
     /// Also run every row on a TLS cluster (clients with tokens) and print TLS / plaintext.
     #[arg(long)]
     tls: bool,
+    /// Send every set in a call of its own: the client does not batch the sets its tasks make
+    /// concurrently (`Kv/Batch`), as clients before batching did.
+    #[arg(long)]
+    one_call_per_set: bool,
     #[command(flatten)]
     settings: ServerSettings,
     #[command(flatten)]
@@ -278,10 +282,10 @@ pub async fn run(command: BenchCommand) -> Result<()> {
 async fn run_kv(report: &mut Report, args: &KvArgs) -> Result<()> {
     let duration = Duration::from_secs_f64(args.seconds);
     let server_args = &args.settings.server_args;
-    let plain = bench_kv(report, &args.clients, duration, args.failovers, args.value_bytes, false, server_args).await?;
+    let plain = bench_kv(report, args, duration, args.failovers, false, server_args).await?;
     if args.tls {
         report.say("\nthe same on a TLS cluster (clients with an admin token):");
-        let over_tls = bench_kv(report, &args.clients, duration, 0, args.value_bytes, true, server_args).await?;
+        let over_tls = bench_kv(report, args, duration, 0, true, server_args).await?;
         for ((n, plain), tls) in args.clients.iter().zip(plain).zip(over_tls) {
             let ratio = report.rows[tls].ops_per_sec / report.rows[plain].ops_per_sec;
             report.rows[tls].ratios.insert("tls_over_plaintext", ratio);
@@ -706,7 +710,13 @@ async fn bench_etcd(
 /// A client of `cluster` as a user would have it: a token (made with the secret), and the CA
 /// when the cluster runs TLS.
 async fn token_client(cluster: &Cluster) -> Result<Client> {
+    token_client_batching(cluster, true).await
+}
+
+/// [`token_client`], batching concurrent key writes or not (`ClientConfig::batch_writes`).
+async fn token_client_batching(cluster: &Cluster, batch_writes: bool) -> Result<Client> {
     let mut config = ClientConfig::new(cluster.endpoint_list());
+    config.batch_writes = batch_writes;
     config.secret = cluster.secret();
     if let Some(tls) = cluster.tls_dir() {
         config.ca_pem = Some(std::fs::read(tls.join("ca.pem"))?);
@@ -720,10 +730,9 @@ async fn token_client(cluster: &Cluster) -> Result<Client> {
 /// Returns MendFS's rows (their indices in `report.rows`), one per client count.
 async fn bench_kv(
     report: &mut Report,
-    clients: &[usize],
+    args: &KvArgs,
     duration: Duration,
     failovers: usize,
-    value_bytes: usize,
     tls: bool,
     server_args: &[String],
 ) -> Result<Vec<usize>> {
@@ -740,10 +749,12 @@ async fn bench_kv(
         ClusterOptions { nodes: 3, tls, server_args: server_args.to_vec(), node_args, ..ClusterOptions::default() };
     let mut cluster = blocking(|| Cluster::start(&binary, options))?;
     blocking(|| cluster.wait_for_leader(Duration::from_secs(60)))?;
-    let client = token_client(&cluster).await?;
+    let client = token_client_batching(&cluster, !args.one_call_per_set).await?;
+    let (clients, value_bytes) = (&args.clients, args.value_bytes);
     let value = vec![b'x'; value_bytes];
 
-    report.say(format!("kv sets, 3 members on 127.0.0.1, {value_bytes}-byte values, {duration:?} per row"));
+    let calls = if args.one_call_per_set { "one call per set" } else { "concurrent sets batched by the client" };
+    report.say(format!("kv sets, 3 members on 127.0.0.1, {value_bytes}-byte values, {duration:?} per row, {calls}"));
     report.say(format!(
         "{:>8} {:>8} {:>12} {:>10} {:>10} {:>10} {:>8}",
         "system", "clients", "sets/s", "p50 ms", "p99 ms", "max ms", "errors"

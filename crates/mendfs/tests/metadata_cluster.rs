@@ -555,3 +555,122 @@ async fn an_ephemeral_key_expires_on_time_among_100000_sessions() {
         assert!(gone_after >= TTL - Duration::from_millis(100), "gone after {gone_after:?}, before its TTL");
     }
 }
+
+/// `mendfs_rpc_requests_total` summed over the lines whose labels contain `label`.
+fn rpc_count(http: &str, label: &str) -> f64 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(http).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {http}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .lines()
+        .filter(|line| line.starts_with("mendfs_rpc_requests_total{") && line.contains(label))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Many tasks writing through one client share calls (`Kv/Batch`), and every write still gets
+/// the outcome its own call would have had: its value, its conflict, its refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_calls_and_each_gets_its_own_outcome() {
+    let mut node_args = BTreeMap::new();
+    let mut http = BTreeMap::new();
+    for id in 1..=3u64 {
+        let addr = format!("127.0.0.1:{}", mendfs_testkit::free_port().unwrap());
+        node_args.insert(id, vec!["--http".to_string(), addr.clone()]);
+        http.insert(id, addr);
+    }
+    let server_args = vec!["--max-value-bytes".to_string(), "1024".to_string()];
+    let cluster = start(ClusterOptions { server_args, node_args, ..ClusterOptions::default() });
+    let client = client(&cluster);
+    client.set(b"batch/cas", b"v1", None, None).await.unwrap();
+    client.create(b"batch/taken", b"first", None).await.unwrap();
+    client.set(b"batch/doomed", b"x", None, None).await.unwrap();
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).unwrap();
+    let batches_before = rpc_count(&http[&leader], "op=\"Kv/Batch\"");
+
+    const WRITERS: usize = 400;
+    let mut writers = tokio::task::JoinSet::new();
+    for i in 0..WRITERS {
+        let client = client.clone();
+        writers.spawn(async move {
+            let outcome = match i % 5 {
+                0 | 1 => client.set(format!("batch/key/{i}").as_bytes(), format!("v{i}").as_bytes(), None, None).await,
+                2 => client.set(b"batch/cas", b"never", Some(99), None).await,
+                3 => client.create(b"batch/taken", b"second", None).await,
+                _ => client.set(format!("batch/big/{i}").as_bytes(), &[7u8; 1025], None, None).await,
+            };
+            (i, outcome)
+        });
+    }
+    let mut deleted = 0;
+    for _ in 0..8 {
+        deleted += usize::from(client.delete(b"batch/doomed", None).await.unwrap());
+    }
+    assert_eq!(deleted, 1, "the key was deleted once; later deletes found nothing");
+    while let Some(joined) = writers.join_next().await {
+        let (i, outcome) = joined.unwrap();
+        match i % 5 {
+            0 | 1 => {
+                let kv = outcome.unwrap_or_else(|e| panic!("write {i}: {e}"));
+                assert_eq!((kv.key, kv.version), (format!("batch/key/{i}").into_bytes(), 1));
+            }
+            2 => assert!(
+                matches!(outcome, Err(Error::VersionMismatch { expected: 99, actual: 1 })),
+                "write {i}: {outcome:?}"
+            ),
+            3 => assert!(matches!(outcome, Err(Error::KeyExists { version: 1 })), "write {i}: {outcome:?}"),
+            _ => assert!(
+                matches!(&outcome, Err(Error::InvalidArgument(m)) if m.contains("limit is 1024")),
+                "write {i}: {outcome:?}"
+            ),
+        }
+    }
+    for i in (0..WRITERS).filter(|i| i % 5 < 2) {
+        let kv = client.get(format!("batch/key/{i}").as_bytes()).await.unwrap().expect("written");
+        assert_eq!(kv.value, format!("v{i}").into_bytes());
+    }
+    assert_eq!(client.get(b"batch/taken").await.unwrap().unwrap().value, b"first");
+    assert_eq!(client.get(b"batch/cas").await.unwrap().unwrap().version, 1);
+    let batches = rpc_count(&http[&leader], "op=\"Kv/Batch\"") - batches_before;
+    assert!(
+        batches >= 1.0 && batches < WRITERS as f64,
+        "{WRITERS} concurrent writes went out in {batches} Kv/Batch calls"
+    );
+
+    // The call itself, as a client of any version might send it.
+    let mut kv =
+        mendfs_proto::v1::kv_client::KvClient::connect(format!("http://{}", cluster.addr(leader))).await.unwrap();
+    let with_secret = |ops: Vec<mendfs_proto::v1::BatchOp>| {
+        let mut request = tonic::Request::new(mendfs_proto::v1::BatchRequest { ops });
+        request.metadata_mut().insert(mendfs_proto::SECRET_HEADER, cluster.secret().unwrap().parse().unwrap());
+        request
+    };
+    let set = |key: &str| mendfs_proto::v1::BatchOp {
+        op: Some(mendfs_proto::v1::batch_op::Op::Set(mendfs_proto::v1::PutRequest {
+            key: key.as_bytes().to_vec(),
+            value: b"v".to_vec(),
+            ..Default::default()
+        })),
+    };
+    let too_many = kv.batch(with_secret((0..257).map(|i| set(&format!("batch/over/{i}"))).collect())).await;
+    let status = too_many.expect_err("257 writes in one call");
+    assert!(status.code() == tonic::Code::InvalidArgument && status.message().contains("limit is 256"), "{status:?}");
+    assert!(client.get(b"batch/over/0").await.unwrap().is_none(), "nothing of a refused batch is applied");
+    let reply = kv
+        .batch(with_secret(vec![set("batch/direct"), mendfs_proto::v1::BatchOp { op: None }]))
+        .await
+        .expect("a batch with one empty op")
+        .into_inner();
+    assert_eq!(reply.results.len(), 2);
+    assert!(matches!(reply.results[0].result, Some(mendfs_proto::v1::batch_result::Result::Written(_))));
+    match &reply.results[1].result {
+        Some(mendfs_proto::v1::batch_result::Result::Error(error)) => {
+            assert_eq!(error.code, tonic::Code::InvalidArgument as i32, "{error:?}");
+        }
+        other => panic!("an op naming no write must fail on its own: {other:?}"),
+    }
+    assert_eq!(client.get(b"batch/direct").await.unwrap().unwrap().value, b"v");
+}

@@ -603,9 +603,16 @@ mod tests {
             let access = required_access(op).expect("defined");
             assert!(reader.may(access) && writer.may(access) && admin.may(access), "{op}");
         }
-        for op in
-            ["Files/Put", "Files/Delete", "Kv/Set", "Kv/SessionOpen", "Jobs/Submit", "Jobs/Claim", "Jobs/Complete"]
-        {
+        for op in [
+            "Files/Put",
+            "Files/Delete",
+            "Kv/Set",
+            "Kv/Batch",
+            "Kv/SessionOpen",
+            "Jobs/Submit",
+            "Jobs/Claim",
+            "Jobs/Complete",
+        ] {
             let access = required_access(op).expect("defined");
             assert!(!reader.may(access) && writer.may(access) && admin.may(access), "{op}");
         }
