@@ -107,8 +107,12 @@ impl Client {
         match queue.try_send(Queued { op, bytes, reply }) {
             Ok(()) => match answer.await {
                 Ok(result) => result,
-                // The batcher is gone (its runtime shut down): this write was never sent.
-                Err(_) => Err(Error::Server("the client's write batcher stopped".into())),
+                // The batcher's runtime shut down while the write was queued or in flight.
+                Err(_) => Err(Error::Server(
+                    "the client's write batcher stopped (its runtime shut down): the write may or may not have \
+                     been applied"
+                        .into(),
+                )),
             },
             Err(mpsc::error::TrySendError::Full(queued) | mpsc::error::TrySendError::Closed(queued)) => {
                 self.write_alone(queued.op).await
