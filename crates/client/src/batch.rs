@@ -12,10 +12,13 @@
 //! Each write keeps its own request id, outcome and error, exactly as its own call would have
 //! had them; a write whose result says "try again" (a node without a leader, say) and every
 //! write of a batch the server does not know go through the ordinary one-write path, with its
-//! failover. A retried write cannot apply twice: the state machine deduplicates request ids.
+//! failover. Neither the batch nor such a retry outlives the client's deadline counted from
+//! when the write was made. A retried write cannot apply twice: the state machine
+//! deduplicates request ids.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Instant;
 
 use mendfs_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
@@ -38,6 +41,9 @@ const QUEUE_WRITES_MAX: usize = 4_096;
 struct Queued {
     op: pb::BatchOp,
     bytes: usize,
+    /// When its writer gives up: the client's deadline from the moment it was made, which its
+    /// batch and any retry of it alone keep to.
+    deadline: Instant,
     reply: oneshot::Sender<Result<pb::WriteReply, Error>>,
 }
 
@@ -82,6 +88,7 @@ impl Client {
     /// A key write, batched with others when that is allowed, else in its own call.
     pub(crate) async fn write(&self, op: pb::BatchOp) -> Result<pb::WriteReply, Error> {
         let bytes = op_bytes(&op);
+        let deadline = Instant::now() + self.inner.config.deadline;
         // A write made in a trace (the client's, or the caller's span's) keeps its own call,
         // so that its trace shows its own hops; a batch starts a trace of its own.
         let traced = self.inner.config.trace.is_some() || mendfs_telemetry::layer::current_context().is_some();
@@ -92,11 +99,11 @@ impl Client {
             || batcher.unsupported.load(Ordering::Relaxed)
             || tokio::runtime::Handle::try_current().is_err()
         {
-            return self.write_alone(op).await;
+            return self.write_alone(op, deadline).await;
         }
         if batcher.in_flight.load(Ordering::Relaxed) == 0 {
             let _in_flight = InFlight::enter(&batcher.in_flight);
-            return self.write_alone(op).await;
+            return self.write_alone(op, deadline).await;
         }
         let queue = batcher.queue.get_or_init(|| {
             let (queue, queued) = mpsc::channel(QUEUE_WRITES_MAX);
@@ -104,7 +111,7 @@ impl Client {
             queue
         });
         let (reply, answer) = oneshot::channel();
-        match queue.try_send(Queued { op, bytes, reply }) {
+        match queue.try_send(Queued { op, bytes, deadline, reply }) {
             Ok(()) => match answer.await {
                 Ok(result) => result,
                 // The batcher's runtime shut down while the write was queued or in flight.
@@ -115,16 +122,16 @@ impl Client {
                 )),
             },
             Err(mpsc::error::TrySendError::Full(queued) | mpsc::error::TrySendError::Closed(queued)) => {
-                self.write_alone(queued.op).await
+                self.write_alone(queued.op, deadline).await
             }
         }
     }
 
-    /// One write in a call of its own, with failover.
-    pub(crate) async fn write_alone(&self, op: pb::BatchOp) -> Result<pb::WriteReply, Error> {
+    /// One write in a call of its own, with failover until `deadline`.
+    pub(crate) async fn write_alone(&self, op: pb::BatchOp, deadline: Instant) -> Result<pb::WriteReply, Error> {
         match op.op {
             Some(pb::batch_op::Op::Create(request)) => {
-                self.call("create", |i| {
+                self.call_until("create", deadline, |i| {
                     let request = request.clone();
                     let mut kv = self.kv(i);
                     async move { kv.create(request).await }
@@ -132,7 +139,7 @@ impl Client {
                 .await
             }
             Some(pb::batch_op::Op::Set(request)) => {
-                self.call("set", |i| {
+                self.call_until("set", deadline, |i| {
                     let request = request.clone();
                     let mut kv = self.kv(i);
                     async move { kv.set(request).await }
@@ -140,7 +147,7 @@ impl Client {
                 .await
             }
             Some(pb::batch_op::Op::Delete(request)) => {
-                self.call("delete", |i| {
+                self.call_until("delete", deadline, |i| {
                     let request = request.clone();
                     let mut kv = self.kv(i);
                     async move { kv.delete(request).await }
@@ -157,12 +164,13 @@ impl Client {
         let _in_flight = InFlight::enter(&inner.batcher.in_flight);
         if batch.len() == 1 {
             let Some(queued) = batch.into_iter().next() else { return };
-            let _ = queued.reply.send(self.write_alone(queued.op).await);
+            let _ = queued.reply.send(self.write_alone(queued.op, queued.deadline).await);
             return;
         }
         let request = pb::BatchRequest { ops: batch.iter().map(|queued| queued.op.clone()).collect() };
+        let Some(deadline) = batch.iter().map(|queued| queued.deadline).min() else { return };
         let answered = self
-            .call("batch", |i| {
+            .call_until("batch", deadline, |i| {
                 let request = request.clone();
                 let mut kv = self.kv(i);
                 async move { kv.batch(request).await }
@@ -213,7 +221,7 @@ impl Client {
 
     async fn write_each_alone(&self, writes: Vec<Queued>) {
         futures::future::join_all(writes.into_iter().map(|queued| async move {
-            let _ = queued.reply.send(self.write_alone(queued.op).await);
+            let _ = queued.reply.send(self.write_alone(queued.op, queued.deadline).await);
         }))
         .await;
     }

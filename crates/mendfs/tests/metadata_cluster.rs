@@ -55,7 +55,9 @@ async fn acknowledged_sets_survive_a_leader_kill_and_a_full_restart() {
             for set_idx in 0..SETS_PER_CLIENT {
                 let key = format!("load/{client_idx}/{set_idx}");
                 let value = format!("v{client_idx}-{set_idx}");
-                client.set(key.as_bytes(), value.as_bytes(), None, None).await.map_err(|e| format!("{key}: {e}"))?;
+                // A create, so that a write applied once and retried (alone or in another
+                // batch, across the kill) would come back `KeyExists` were it applied twice.
+                client.create(key.as_bytes(), value.as_bytes(), None).await.map_err(|e| format!("{key}: {e}"))?;
                 acknowledged.lock().unwrap().insert(key, value);
             }
             Ok::<(), String>(())
