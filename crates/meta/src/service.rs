@@ -371,15 +371,15 @@ impl KvApi {
 pub const BATCH_OPS_MAX: usize = 256;
 
 impl KvApi {
-    /// One write of a batch, checked and proposed as its own call would be.
-    async fn batch_op(&self, origin: Origin, op: pb::BatchOp) -> Result<pb::WriteReply, Status> {
-        let (request_id, command) = match op.op {
-            Some(pb::batch_op::Op::Create(put)) => {
+    /// A key write, checked as it enters, and the command that proposes it.
+    fn write_command(&self, op: pb::batch_op::Op) -> Result<(Option<pb::RequestId>, Command), Status> {
+        Ok(match op {
+            pb::batch_op::Op::Create(put) => {
                 self.check_key(&put.key)?;
                 self.check_value(&put.value)?;
                 (put.request_id, Command::Create { key: put.key, value: put.value, session_id: put.session_id })
             }
-            Some(pb::batch_op::Op::Set(put)) => {
+            pb::batch_op::Op::Set(put) => {
                 self.check_key(&put.key)?;
                 self.check_value(&put.value)?;
                 let command = Command::Set {
@@ -390,13 +390,23 @@ impl KvApi {
                 };
                 (put.request_id, command)
             }
-            Some(pb::batch_op::Op::Delete(delete)) => {
+            pb::batch_op::Op::Delete(delete) => {
                 self.check_key(&delete.key)?;
                 (delete.request_id, Command::Delete { key: delete.key, expected_version: delete.expected_version })
             }
-            None => return Err(Status::invalid_argument("a batch op names no write (create, set or delete)")),
-        };
-        Ok(write_reply(self.command(origin, request_id, command).await?)?.into_inner())
+        })
+    }
+
+    /// A key write through the leader: its reply, or the status its call fails with.
+    async fn write(&self, origin: Origin, op: pb::batch_op::Op) -> Result<Response<pb::WriteReply>, Status> {
+        let (request_id, command) = self.write_command(op)?;
+        write_reply(self.command(origin, request_id, command).await?)
+    }
+
+    /// One write of a batch, checked and proposed as its own call would be.
+    async fn batch_op(&self, origin: Origin, op: pb::BatchOp) -> Result<pb::WriteReply, Status> {
+        let op = op.op.ok_or_else(|| Status::invalid_argument("a batch op names no write (create, set or delete)"))?;
+        Ok(self.write(origin, op).await?.into_inner())
     }
 }
 
@@ -431,33 +441,17 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchReply, Status>> + S
 impl Kv for KvApi {
     async fn create(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::WriteReply>, Status> {
         let origin = request_origin(&request);
-        let put = request.into_inner();
-        self.check_key(&put.key)?;
-        self.check_value(&put.value)?;
-        let command = Command::Create { key: put.key, value: put.value, session_id: put.session_id };
-        self.hint(write_reply(self.command(origin, put.request_id, command).await?))
+        self.hint(self.write(origin, pb::batch_op::Op::Create(request.into_inner())).await)
     }
 
     async fn set(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::WriteReply>, Status> {
         let origin = request_origin(&request);
-        let put = request.into_inner();
-        self.check_key(&put.key)?;
-        self.check_value(&put.value)?;
-        let command = Command::Set {
-            key: put.key,
-            value: put.value,
-            expected_version: put.expected_version,
-            session_id: put.session_id,
-        };
-        self.hint(write_reply(self.command(origin, put.request_id, command).await?))
+        self.hint(self.write(origin, pb::batch_op::Op::Set(request.into_inner())).await)
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::WriteReply>, Status> {
         let origin = request_origin(&request);
-        let delete = request.into_inner();
-        self.check_key(&delete.key)?;
-        let command = Command::Delete { key: delete.key, expected_version: delete.expected_version };
-        self.hint(write_reply(self.command(origin, delete.request_id, command).await?))
+        self.hint(self.write(origin, pb::batch_op::Op::Delete(request.into_inner())).await)
     }
 
     async fn batch(&self, request: Request<pb::BatchRequest>) -> Result<Response<pb::BatchReply>, Status> {
