@@ -11,7 +11,7 @@
 //!
 //! Each write keeps its own request id, outcome and error, exactly as its own call would have
 //! had them; a write whose result says "try again" (a node without a leader, say) and every
-//! write of a batch the server does not know go through the ordinary one-write path, with its
+//! write of a batch a server of an older version does not know go through the ordinary one-write path, with its
 //! failover. Neither the batch nor such a retry outlives the client's deadline counted from
 //! when the write was made. A retried write cannot apply twice: the state machine
 //! deduplicates request ids.
@@ -189,7 +189,7 @@ impl Client {
                 }
                 return;
             }
-            Err(Error::Unimplemented(_)) => {
+            Err(error) if batch_unsupported(&error) => {
                 self.inner.batcher.unsupported.store(true, Ordering::Relaxed);
                 self.write_each_alone(batch).await;
                 return;
@@ -224,6 +224,17 @@ impl Client {
             let _ = queued.reply.send(self.write_alone(queued.op, queued.deadline).await);
         }))
         .await;
+    }
+}
+
+/// Whether a node answered as one without `Kv/Batch` (a version before it): `Unimplemented` to
+/// the cluster secret, and to a token, the refusal older nodes give every method they do not
+/// know (`auth`), which a node that knows the method never gives a caller with the write role.
+fn batch_unsupported(error: &Error) -> bool {
+    match error {
+        Error::Unimplemented(_) => true,
+        Error::PermissionDenied(message) => message.contains("no such method"),
+        _ => false,
     }
 }
 
@@ -306,6 +317,14 @@ mod tests {
         // A code from a newer server is an error, not a panic.
         let unknown = pb::BatchError { code: 999, ..error(tonic::Code::Ok, "", None, None) };
         assert!(matches!(classify(&status_of(&unknown)), Attempt::Retry(_) | Attempt::Fail(_)));
+    }
+
+    #[test]
+    fn a_node_without_batches_is_told_apart_from_a_refusal() {
+        assert!(batch_unsupported(&Error::Unimplemented("Kv/Batch".into())));
+        assert!(batch_unsupported(&Error::PermissionDenied("permission denied: no such method \"Kv/Batch\"".into())));
+        assert!(!batch_unsupported(&Error::PermissionDenied("Kv/Batch needs role write".into())));
+        assert!(!batch_unsupported(&Error::Timeout { elapsed: std::time::Duration::ZERO, last_error: String::new() }));
     }
 
     #[test]
