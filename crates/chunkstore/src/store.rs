@@ -465,6 +465,13 @@ impl ChunkStore {
     /// caller should quarantine this copy (which re-checks it) and read another replica. Memory
     /// use is the file's size, which `put` bounded by `max_chunk_bytes`.
     pub fn get(&self, hash: &ChunkHash) -> Result<Vec<u8>, ChunkError> {
+        self.get_into(hash, Vec::new())
+    }
+
+    /// [`ChunkStore::get`] into `buffer`: its contents are dropped and its capacity used (grown
+    /// if short), so a caller can hand the same buffers round instead of allocating one per
+    /// read.
+    pub fn get_into(&self, hash: &ChunkHash, mut data: Vec<u8>) -> Result<Vec<u8>, ChunkError> {
         self.delay_injected();
         let path = self.path_of(hash);
         let mut file = match File::open(&path) {
@@ -475,7 +482,8 @@ impl ChunkStore {
         // The size is only a capacity hint; clamp it so a nonsense size cannot reserve huge memory.
         let size_hint = file.metadata().map(|metadata| metadata.len()).unwrap_or(0);
         let capacity = usize::try_from(size_hint).unwrap_or(usize::MAX).min(self.max_chunk_bytes);
-        let mut data = Vec::with_capacity(capacity);
+        data.clear();
+        data.reserve(capacity);
         file.read_to_end(&mut data).map_err(|e| ChunkError::from_io(e, "reading chunk", &path))?;
 
         let actual = ChunkHash::of(&data);

@@ -227,7 +227,12 @@ impl LocalChunks {
     /// that copy is read and served instead of an error that would make the reader report a
     /// replica that is fine. Blocking.
     pub fn read(&self, hash: &ChunkHash) -> Result<Vec<u8>, ChunkError> {
-        let result = self.store.get(hash);
+        self.read_into(hash, Vec::new())
+    }
+
+    /// [`LocalChunks::read`] into `buffer` (see [`ChunkStore::get_into`]).
+    pub fn read_into(&self, hash: &ChunkHash, buffer: Vec<u8>) -> Result<Vec<u8>, ChunkError> {
+        let result = self.store.get_into(hash, buffer);
         if let Err(error) = &result {
             self.counters.count_error(error);
         }

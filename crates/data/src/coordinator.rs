@@ -49,6 +49,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+use crate::buffer_pool::BufferPool;
 use crate::chunk_service::{chunk_status, LocalChunks};
 use crate::read_budget::ReadBudget;
 use crate::{node_state, DataConfig};
@@ -87,12 +88,19 @@ const SEGMENT_DATA_BYTES_MAX: u64 = 256 << 20;
 /// writes in a quarter of the grace period, so a short grace (a test's, or an operator's who
 /// wants orphans gone quickly) shrinks segments instead of failing every big upload.
 const SEGMENT_RATE_FLOOR_BYTES_PER_SEC: u64 = 32 << 20;
-/// Size of the data messages a read streams back (smaller chunks are gathered into one). Each
-/// reader's transport holds about two of them beyond the read budget (gRPC encodes a message
+/// Size of the data messages a gRPC read streams back (smaller chunks are gathered into one).
+/// Each reader's transport holds about two of them beyond the read budget (gRPC encodes a message
 /// into a buffer of its own, and HTTP/2 keeps a frame until the window opens): at 1 MiB, 32
 /// readers of 64 MiB files took a coordinator to 302 MiB, at 256 KiB to 239, at the same rate
-/// within the noise (`mendfs bench files`, `bench s3`).
-const READ_MESSAGE_BYTES: usize = 256 << 10;
+/// within the noise (`mendfs bench files`, `bench s3`). And every byte a gRPC read sends goes
+/// through one such buffer, allocated per message and freed once written: at 64 KiB they come
+/// from the allocator's small-object pages, reused at once, where 256 KiB ones left 8 readers
+/// of 64 MiB files 5 to 15 MiB higher at their peak (113 and 122 against 92 to 113 MiB).
+const GRPC_READ_MESSAGE_BYTES: usize = 64 << 10;
+/// The idle read buffers a node keeps are at most its read budget divided by this: with 8
+/// clients reading 1 MiB or 64 MiB files, a quarter of the default 32 MiB budget let nearly
+/// every local read reuse a buffer.
+const READ_BUFFER_POOL_SHARE: usize = 4;
 /// Messages buffered per reader before the coordinator waits for the client, besides its
 /// read-ahead: few, since each is a slice of a chunk that stays in memory while it waits.
 const READ_QUEUE_MESSAGES: usize = 2;
@@ -155,6 +163,8 @@ pub struct Coordinator {
     /// The node's budget for chunk bytes readers hold, the same size, apart from the uploads'
     /// so that neither direction starves the other ([`ReadBudget`]).
     read_budget: Arc<ReadBudget>,
+    /// Buffers of local chunk reads, kept for the next read ([`BufferPool`]).
+    read_buffers: Arc<BufferPool>,
     /// This node's own chunks, if it is a storage node: its own copies are prepared and read
     /// without a round trip through gRPC to itself.
     local: Option<Arc<LocalChunks>>,
@@ -169,8 +179,14 @@ impl Coordinator {
             config: Arc::new(config),
             inflight: Arc::new(tokio::sync::Semaphore::new(slots)),
             read_budget: ReadBudget::new((slots * INFLIGHT_SLOT_BYTES) as u64),
+            read_buffers: BufferPool::new(slots * INFLIGHT_SLOT_BYTES / READ_BUFFER_POOL_SHARE),
             local,
         }
+    }
+
+    /// Bytes of idle read buffers kept for the next reads (for the node's metrics).
+    pub fn read_buffer_pool_bytes(&self) -> usize {
+        self.read_buffers.idle_bytes()
     }
 
     /// What the node's readers hold of its read budget now (for its metrics).
@@ -474,10 +490,12 @@ impl Coordinator {
         )
     }
 
-    /// Reads one chunk from the first replica that returns the right bytes.
+    /// Reads one chunk from the first replica that returns the right bytes; `size` is the size
+    /// the metadata lists (0 if unknown), for the buffer of a local read.
     async fn read_chunk(
         &self,
         hash: &ChunkHash,
+        size: u64,
         replicas: &[NodeId],
         addresses: &HashMap<NodeId, String>,
     ) -> Result<Bytes, Status> {
@@ -507,10 +525,12 @@ impl Coordinator {
             let result: Result<(Bytes, bool), Status> = async {
                 if let Some(local) = self.local_store(id) {
                     let (local, hash) = (local.clone(), *hash);
-                    return tokio::task::spawn_blocking(move || local.read(&hash))
+                    // The listed size is only a hint for the buffer, capped.
+                    let buffer = self.read_buffers.take(usize::try_from(size).unwrap_or(0).min(crate::CHUNK_BYTES_MAX));
+                    return tokio::task::spawn_blocking(move || local.read_into(&hash, buffer))
                         .await
                         .map_err(|e| Status::internal(format!("read task: {e}")))?
-                        .map(|data| (Bytes::from(data), false))
+                        .map(|data| (self.read_buffers.freeze(data), false))
                         .map_err(chunk_status);
                 }
                 let mut client = self.storage(addr)?;
@@ -595,6 +615,7 @@ impl Coordinator {
     ) -> Result<Bytes, Status> {
         let k = stripe.scheme.data_shards();
         let span = tracing::info_span!("read_stripe", chunk = %hash.short(), scheme = %stripe.scheme, error = tracing::field::Empty);
+        let shard_size = stripe.scheme.shard_bytes(usize::try_from(stripe.size).unwrap_or(0)) as u64;
         let read_shards = |indexes: std::ops::Range<usize>| {
             futures::future::join_all(indexes.map(|i| {
                 let slot = &stripe.shards[i];
@@ -604,7 +625,7 @@ impl Coordinator {
                     if slot.nodes.is_empty() {
                         return Err(Status::not_found("no node holds it (lost, being rebuilt)"));
                     }
-                    self.read_chunk(&slot.hash, &slot.nodes, addresses).await
+                    self.read_chunk(&slot.hash, shard_size, &slot.nodes, addresses).await
                 }
             }))
         };
@@ -1011,7 +1032,7 @@ impl Coordinator {
     /// used up, so memory is a page of chunk references plus the read-ahead, whatever the
     /// content's size. Chunks wholly outside the range are never read. A page of a version that
     /// is no longer current (an overwrite or a delete while reading) ends the stream with
-    /// `Aborted`. `wrap` turns a piece of data into the stream's message.
+    /// `Aborted`. `messages` says how the data is cut into the stream's messages.
     pub async fn stream_content<M>(
         &self,
         content: &ContentRef,
@@ -1019,8 +1040,9 @@ impl Coordinator {
         first: ChunkPage,
         range: std::ops::Range<u64>,
         tx: &mpsc::Sender<Result<M, Status>>,
-        wrap: fn(Bytes) -> M,
+        messages: DataMessages<M>,
     ) -> Result<(), Status> {
+        let DataMessages { piece_bytes, wrap } = messages;
         let mut next_index = first.from_index + first.chunks.len() as u64;
         let mut addresses = self.addresses_for(&first.chunks).await?;
         let mut listed = first.chunks.into_iter().peekable();
@@ -1029,7 +1051,7 @@ impl Coordinator {
         // Where the next listed chunk starts in the content.
         let mut offset = 0u64;
         let mut sent_to = range.start;
-        // Small pieces not yet sent, gathered into messages of up to `READ_MESSAGE_BYTES`;
+        // Small pieces not yet sent, gathered into messages of up to `piece_bytes`;
         // a big piece goes out as slices of its chunk, not copied.
         let mut unsent = BytesMut::new();
         // Resolves once the bytes of the chunk fetched last have all gone out.
@@ -1091,7 +1113,7 @@ impl Coordinator {
                 let addresses = addresses.clone();
                 ahead_bytes += chunk.size;
                 ahead.push_back(async move {
-                    let read = self.read_chunk(&chunk.hash, &chunk.replicas, &addresses).await;
+                    let read = self.read_chunk(&chunk.hash, chunk.size, &chunk.replicas, &addresses).await;
                     (chunk.size, keep, read.map(|data| charge.attach(data)))
                 });
             }
@@ -1109,14 +1131,14 @@ impl Coordinator {
             // Top up what is gathered to a whole message, then whole messages straight from
             // the chunk, and gather the tail.
             if !unsent.is_empty() {
-                let take = (READ_MESSAGE_BYTES - unsent.len()).min(piece.len());
+                let take = (piece_bytes - unsent.len()).min(piece.len());
                 unsent.extend_from_slice(&piece.split_to(take));
-                if unsent.len() == READ_MESSAGE_BYTES && tx.send(Ok(wrap(unsent.split().freeze()))).await.is_err() {
+                if unsent.len() == piece_bytes && tx.send(Ok(wrap(unsent.split().freeze()))).await.is_err() {
                     return Ok(());
                 }
             }
-            while piece.len() >= READ_MESSAGE_BYTES {
-                if tx.send(Ok(wrap(piece.split_to(READ_MESSAGE_BYTES)))).await.is_err() {
+            while piece.len() >= piece_bytes {
+                if tx.send(Ok(wrap(piece.split_to(piece_bytes)))).await.is_err() {
                     return Ok(());
                 }
             }
@@ -1186,6 +1208,14 @@ impl Coordinator {
             Err(e) => Err(e.into()),
         }
     }
+}
+
+/// How [`Coordinator::stream_content`] sends data: in pieces of `piece_bytes` (but for the
+/// last), each wrapped into a message by `wrap`.
+#[derive(Debug, Clone, Copy)]
+pub struct DataMessages<M> {
+    pub piece_bytes: usize,
+    pub wrap: fn(Bytes) -> M,
 }
 
 /// The version of a content a reader streams.
@@ -2101,10 +2131,19 @@ impl Files for Coordinator {
                     return;
                 }
                 let content = ContentRef::File { path: file.path.clone(), version: file.record.version };
-                let data = |data| pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(data)) };
+                let data: fn(Bytes) -> pb::GetFileReply =
+                    |data| pb::GetFileReply { part: Some(pb::get_file_reply::Part::Data(data)) };
                 let range = 0..file.record.size;
-                let streamed =
-                    coordinator.stream_content(&content, file.record.n_chunks, first, range, &tx, data).await;
+                let streamed = coordinator
+                    .stream_content(
+                        &content,
+                        file.record.n_chunks,
+                        first,
+                        range,
+                        &tx,
+                        DataMessages { piece_bytes: GRPC_READ_MESSAGE_BYTES, wrap: data },
+                    )
+                    .await;
                 if let Err(status) = streamed {
                     // The reply's headers went out already: mark the RPC's span here.
                     tracing::Span::current().record("error", status.message());

@@ -21,6 +21,7 @@
 //! Architecture invariant: the data plane knows nothing about Raft. It reads and changes the
 //! metadata only through `mendfs_meta::MetaNode`'s typed methods.
 
+mod buffer_pool;
 pub mod chunk_service;
 pub mod cluster_service;
 pub mod coordinator;

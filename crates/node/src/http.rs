@@ -184,6 +184,11 @@ fn scrape(state: &HttpState) -> Scrape {
         }),
     );
 
+    scrape.gauge(
+        "mendfs_read_buffer_pool_bytes",
+        "Idle chunk-sized buffers this node keeps for its next local reads (at most a quarter of the read budget)",
+        state.coordinator.read_buffer_pool_bytes() as f64,
+    );
     let read_budget = state.coordinator.read_budget_usage();
     scrape.gauge(
         "mendfs_read_budget_held_bytes",

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use mendfs_data::coordinator::{ContentRef, Coordinator};
+use mendfs_data::coordinator::{ContentRef, Coordinator, DataMessages};
 use mendfs_meta::s3::{
     self as meta_s3, CompleteUpload, CopyObject, MultipartUpload, ObjectMeta, ObjectRecord, Precondition, PutObject,
     PutPart, S3Content,
@@ -25,6 +25,11 @@ use crate::service::S3Settings;
 const PLACEMENT_WAIT: Duration = Duration::from_secs(10);
 /// Messages of object data buffered per reader before the gateway waits for the client.
 const READ_QUEUE_MESSAGES: usize = 8;
+/// Size of the pieces of object data handed to the HTTP body. HTTP/1.1 writes them as they
+/// are, slices of the chunk, with no copy (unlike gRPC's messages, see the coordinator's
+/// `GRPC_READ_MESSAGE_BYTES`), so bigger pieces only mean fewer writes: at 64 KiB, 8 clients'
+/// 1 MiB GETs went 17 % slower than at 256 KiB (`mendfs bench s3`).
+const READ_PIECE_BYTES: usize = 256 << 10;
 
 #[derive(Clone)]
 pub(crate) struct Gateway {
@@ -247,7 +252,16 @@ impl Gateway {
         let (coordinator, n_chunks) = (self.coordinator.clone(), object.n_chunks);
         tokio::spawn(
             async move {
-                let streamed = coordinator.stream_content(&content, n_chunks, first, range, &tx, Bytes::from).await;
+                let streamed = coordinator
+                    .stream_content(
+                        &content,
+                        n_chunks,
+                        first,
+                        range,
+                        &tx,
+                        DataMessages { piece_bytes: READ_PIECE_BYTES, wrap: Bytes::from },
+                    )
+                    .await;
                 if let Err(status) = streamed {
                     tracing::Span::current().record("error", status.message());
                     let _ = tx.send(Err(status)).await;
