@@ -97,9 +97,10 @@ const SEGMENT_RATE_FLOOR_BYTES_PER_SEC: u64 = 32 << 20;
 /// from the allocator's small-object pages, reused at once, where 256 KiB ones left 8 readers
 /// of 64 MiB files 5 to 15 MiB higher at their peak (113 and 122 against 92 to 113 MiB).
 const GRPC_READ_MESSAGE_BYTES: usize = 64 << 10;
-/// The idle read buffers a node keeps are at most its read budget divided by this: with 8
-/// clients reading 1 MiB or 64 MiB files, a quarter of the default 32 MiB budget let nearly
-/// every local read reuse a buffer.
+/// The idle read buffers a node keeps are at most its read budget divided by this. A quarter
+/// (8 MiB, two 4 MiB chunks, at the default budget) was enough for 8 clients' 1 MiB GETs to
+/// run at the rate they had before the allocator's purge delay was shortened (`bench s3`);
+/// how many reads find a buffer is not counted.
 const READ_BUFFER_POOL_SHARE: usize = 4;
 /// Messages buffered per reader before the coordinator waits for the client, besides its
 /// read-ahead: few, since each is a slice of a chunk that stays in memory while it waits.
