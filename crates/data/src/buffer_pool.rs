@@ -4,7 +4,7 @@
 //! hundreds of times a second and frees each once its last slice is sent. The allocator either
 //! keeps freed memory a while, so the node's RSS sits 40 to 90 MiB above what it uses (mimalloc's
 //! default, a 1 s purge delay), or gives it back at once and pays a page fault per 4 KiB when it
-//! is taken again (a short delay: 10 to 15 % of the read rate). Handing a chunk's buffer straight
+//! is taken again (a 25 ms delay: 12 to 17 % of the read rate). Handing a chunk's buffer straight
 //! to the next read does neither: 8 clients' 1 MiB GETs ran at the same rate as with the long
 //! delay, with the node 25 to 40 MiB lower (`mendfs bench s3`, `bench files`).
 //!
