@@ -27,8 +27,8 @@ const PLACEMENT_WAIT: Duration = Duration::from_secs(10);
 const READ_QUEUE_MESSAGES: usize = 8;
 /// Size of the pieces of object data handed to the HTTP body. HTTP/1.1 writes them as they
 /// are, slices of the chunk, with no copy (unlike gRPC's messages, see the coordinator's
-/// `GRPC_READ_MESSAGE_BYTES`), so bigger pieces only mean fewer writes: at 64 KiB, 8 clients'
-/// 1 MiB GETs went 17 % slower than at 256 KiB (`mendfs bench s3`).
+/// `GRPC_READ_MESSAGE_BYTES`): there is no per-piece buffer to keep small, and bigger pieces
+/// mean fewer writes.
 const READ_PIECE_BYTES: usize = 256 << 10;
 
 #[derive(Clone)]
