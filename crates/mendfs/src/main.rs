@@ -33,11 +33,13 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// How long mimalloc keeps freed memory before it gives it back to the OS. Its own default (1 s
 /// in v3) let a coordinator streaming 8 clients' 64 MiB reads hold 40 to 90 MiB of freed
-/// memory above the 35 to 50 MiB it had in use (119 to 166 MiB peak RSS against the 128 MiB a
+/// memory above the 35 to 50 MiB it had in use (119 to 173 MiB peak RSS against the 128 MiB a
 /// node under 8-client load must stay within): at a GB/s of reads, a second of freed buffers is
-/// most of a GB to recycle, and some of it is not. 25 ms brought the peak to 100 to 105 MiB for
-/// 5 to 10 % of that row's rate; 0 (purge at once) to 99 MiB for 20 to 25 %, in page faults on
-/// memory handed back and taken again (`mendfs bench files --sizes 67108864 --clients 8`).
+/// most of a GB to recycle, and some of it is not. 25 ms brought the peak to 92 to 105 MiB; 0
+/// (purge at once) to 99 MiB for 14 to 25 % of that row's rate, in page faults on memory handed
+/// back and taken again (`mendfs bench files --sizes 67108864 --clients 8`). Those faults are
+/// why local reads reuse their chunk buffers (the data crate's `BufferPool`): without it 25 ms
+/// cost 12 to 17 % of 8 clients' 1 MiB GETs, with it 3 to 9 % of the 64 MiB rows.
 /// `MIMALLOC_PURGE_DELAY` in the environment still decides, when set.
 const ALLOCATOR_PURGE_DELAY_MS: std::ffi::c_long = 25;
 /// `mi_option_purge_delay`'s place in mimalloc v3's `mi_option_t` (`mimalloc.h`), and the
