@@ -562,10 +562,24 @@ impl TaskEnv {
         if let Some(secret) = crate::cli::read_secret(cluster.secret_file.as_ref())? {
             vars.push(("MENDFS_SECRET".to_string(), secret));
         }
-        let scratch = std::env::temp_dir().join(format!("mendfs-worker-{}", std::process::id()));
-        std::fs::create_dir_all(&scratch).with_context(|| format!("cannot create {}", scratch.display()))?;
-        Ok(Self { vars, scratch })
+        Ok(Self { vars, scratch: new_scratch_dir()? })
     }
+}
+
+/// A fresh directory for a worker's checkpoint files that only this user can enter, under an
+/// unguessable name: a fixed name in a shared temp directory could be made in advance by
+/// another local user (as a directory they can read, or a link to one), who would then read
+/// and swap the tasks' checkpoints. The worker removes it when it stops; a killed worker
+/// leaves it behind.
+fn new_scratch_dir() -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    // tempfile makes a directory with the default mode (0755 under the usual umask) unless told.
+    Ok(tempfile::Builder::new()
+        .prefix("mendfs-worker-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .context("cannot create the worker's scratch directory")?
+        .keep())
 }
 
 /// One attempt of one task on this worker.
@@ -780,4 +794,24 @@ async fn read_tail(mut reader: impl tokio::io::AsyncRead + Unpin, max: usize) ->
         }
     }
     tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn each_worker_gets_its_own_private_scratch_dir() {
+        let (first, second) = (new_scratch_dir().unwrap(), new_scratch_dir().unwrap());
+        assert_ne!(first, second, "two workers of one process must not share a scratch directory");
+        for dir in [&first, &second] {
+            let metadata = std::fs::symlink_metadata(dir).unwrap();
+            assert!(metadata.is_dir(), "{} is not a plain directory", dir.display());
+            assert_eq!(metadata.permissions().mode() & 0o777, 0o700, "{} is open to other users", dir.display());
+        }
+        for dir in [first, second] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
+    }
 }
