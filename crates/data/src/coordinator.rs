@@ -1044,6 +1044,8 @@ impl Coordinator {
         messages: DataMessages<M>,
     ) -> Result<(), Status> {
         let DataMessages { piece_bytes, wrap } = messages;
+        // A zero piece size would never make progress slicing a chunk; one byte is the least.
+        let piece_bytes = piece_bytes.max(1);
         let mut next_index = first.from_index + first.chunks.len() as u64;
         let mut addresses = self.addresses_for(&first.chunks).await?;
         let mut listed = first.chunks.into_iter().peekable();
@@ -1212,7 +1214,7 @@ impl Coordinator {
 }
 
 /// How [`Coordinator::stream_content`] sends data: in pieces of `piece_bytes` (but for the
-/// last), each wrapped into a message by `wrap`.
+/// last), each wrapped into a message by `wrap`. A `piece_bytes` of 0 is read as 1.
 #[derive(Debug, Clone, Copy)]
 pub struct DataMessages<M> {
     pub piece_bytes: usize,
