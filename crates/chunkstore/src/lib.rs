@@ -16,7 +16,8 @@
 //! Reads go through the page cache.
 //!
 //! The store is synchronous (`std::fs`) and knows nothing about the network, Raft or reference
-//! counts: callers in async code wrap calls in `tokio::task::spawn_blocking`, and the decision
+//! counts: callers in async code run calls on blocking threads (the data plane's `chunk_work`,
+//! which bounds how many run at once), and the decision
 //! *whether* a chunk may be deleted belongs to the garbage collector, not to this crate.
 //!
 //! # Disk layout

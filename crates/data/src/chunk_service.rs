@@ -399,7 +399,7 @@ where
     let deadline = grace.clamp(STREAM_DEADLINE_MIN, STREAM_DEADLINE_MAX);
     let receiving = async {
         let starting = state.clone();
-        let mut chunk = tokio::task::spawn_blocking(move || starting.begin_streamed(header.size, StreamCheck::Hash))
+        let mut chunk = crate::chunk_work::run(move || starting.begin_streamed(header.size, StreamCheck::Hash))
             .await
             .map_err(|e| Status::internal(format!("chunk stream task: {e}")))?
             .map_err(chunk_status)?;
@@ -407,14 +407,14 @@ where
         loop {
             if !piece.data.is_empty() {
                 let data = std::mem::take(&mut piece.data);
-                chunk = tokio::task::spawn_blocking(move || chunk.write(&data).map(|()| chunk))
+                chunk = crate::chunk_work::run(move || chunk.write(&data).map(|()| chunk))
                     .await
                     .map_err(|e| Status::internal(format!("chunk stream task: {e}")))?
                     .map_err(chunk_status)?;
             }
             if !piece.hash.is_empty() {
                 let hash = parse_hash(&piece.hash)?;
-                return tokio::task::spawn_blocking(move || chunk.finish(&hash, grace))
+                return crate::chunk_work::run(move || chunk.finish(&hash, grace))
                     .await
                     .map_err(|e| Status::internal(format!("chunk stream task: {e}")))?
                     .map_err(chunk_status);
@@ -499,7 +499,7 @@ impl Storage for ChunkService {
         let hash = parse_hash(&request.hash)?;
         let grace = Duration::from_millis(request.grace_ms);
         let state = self.state.clone();
-        tokio::task::spawn_blocking(move || state.prepare(&hash, &request.data, grace))
+        crate::chunk_work::run(move || state.prepare(&hash, &request.data, grace))
             .await
             .map_err(|e| Status::internal(format!("prepare task: {e}")))?
             .map_err(chunk_status)?;
@@ -517,7 +517,7 @@ impl Storage for ChunkService {
     async fn read_chunk(&self, request: Request<pb::ReadChunkRequest>) -> Result<Response<pb::ReadChunkReply>, Status> {
         let hash = parse_hash(&request.get_ref().hash)?;
         let state = self.state.clone();
-        let result = tokio::task::spawn_blocking(move || state.read(&hash))
+        let result = crate::chunk_work::run(move || state.read(&hash))
             .await
             .map_err(|e| Status::internal(format!("read task: {e}")))?;
         match result {
@@ -652,7 +652,7 @@ where
 {
     let (hash, grace) = (rebuild.hash, rebuild.grace);
     let claiming = state.clone();
-    let present = tokio::task::spawn_blocking(move || claiming.claim(&hash, grace))
+    let present = crate::chunk_work::run(move || claiming.claim(&hash, grace))
         .await
         .map_err(|e| Status::internal(format!("claim task: {e}")))?;
     if present {
@@ -706,7 +706,7 @@ where
     let read_bytes = (shard_bytes * read) as u64;
     let storing = state.clone();
     let (scheme, chunk_size, index) = (rebuild.scheme, rebuild.chunk_size, rebuild.index);
-    let stored = tokio::task::spawn_blocking(move || {
+    let stored = crate::chunk_work::run(move || {
         let views: Vec<Option<&[u8]>> = shards.iter().map(|shard| shard.as_deref()).collect();
         let built = mendfs_erasure::rebuild_shards(scheme, chunk_size, &views, &[index])
             .map_err(|e| Status::invalid_argument(format!("rebuilding shard {index}: {e}")))?
@@ -745,7 +745,7 @@ where
 {
     let claiming = state.clone();
     // Re-hashes a copy already here: blocking work, off the async workers.
-    let present = tokio::task::spawn_blocking(move || claiming.claim(&hash, grace))
+    let present = crate::chunk_work::run(move || claiming.claim(&hash, grace))
         .await
         .map_err(|e| Status::internal(format!("claim task: {e}")))?;
     if present {
@@ -764,7 +764,7 @@ where
         };
         let size = data.len() as u64;
         let storing = state.clone();
-        let stored = tokio::task::spawn_blocking(move || storing.prepare(&hash, &data, grace))
+        let stored = crate::chunk_work::run(move || storing.prepare(&hash, &data, grace))
             .await
             .map_err(|e| Status::internal(format!("store task: {e}")))?;
         match stored {

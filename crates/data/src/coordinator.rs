@@ -318,7 +318,7 @@ impl Coordinator {
             if let Some(local) = self.local_store(id) {
                 let (local, hash) = (local.clone(), *hash);
                 let grace = Duration::from_millis(request.grace_ms);
-                return tokio::task::spawn_blocking(move || local.prepare(&hash, &request.data, grace))
+                return crate::chunk_work::run(move || local.prepare(&hash, &request.data, grace))
                     .await
                     .map_err(|e| format!("prepare task: {e}"))?
                     .map_err(|e| status_with_cause(&chunk_status(e)));
@@ -403,7 +403,7 @@ impl Coordinator {
                 candidates.len()
             )));
         }
-        let shards = tokio::task::spawn_blocking(move || mendfs_erasure::encode(scheme, &data))
+        let shards = crate::chunk_work::run(move || mendfs_erasure::encode(scheme, &data))
             .await
             .map_err(|e| Status::internal(format!("encode task: {e}")))?
             .map_err(|e| Status::internal(format!("encode chunk {hash}: {e}")))?;
@@ -528,7 +528,7 @@ impl Coordinator {
                     let (local, hash) = (local.clone(), *hash);
                     // The listed size is only a hint for the buffer, capped.
                     let buffer = self.read_buffers.take(usize::try_from(size).unwrap_or(0).min(crate::CHUNK_BYTES_MAX));
-                    return tokio::task::spawn_blocking(move || local.read_into(&hash, buffer))
+                    return crate::chunk_work::run(move || local.read_into(&hash, buffer))
                         .await
                         .map_err(|e| Status::internal(format!("read task: {e}")))?
                         .map(|data| (self.read_buffers.freeze(data), false))
@@ -660,7 +660,7 @@ impl Coordinator {
             shards.resize(stripe.shards.len(), None);
         }
         let (scheme, size) = (stripe.scheme, usize::try_from(stripe.size).unwrap_or(usize::MAX));
-        let decoded = tokio::task::spawn_blocking(move || {
+        let decoded = crate::chunk_work::run(move || {
             let refs: Vec<Option<&[u8]>> = shards.iter().map(|shard| shard.as_deref()).collect();
             mendfs_erasure::reconstruct(scheme, size, &refs)
         })
@@ -1404,7 +1404,7 @@ impl Coordinator {
             tokio::spawn(
                 async move {
                     let starting = local.clone();
-                    let mut chunk = tokio::task::spawn_blocking(move || {
+                    let mut chunk = crate::chunk_work::run(move || {
                         starting.begin_streamed(declared as u64, StreamCheck::CallerHashed)
                     })
                     .await
@@ -1413,14 +1413,14 @@ impl Coordinator {
                     while let Some(message) = rx.recv().await {
                         match message {
                             ToReplica::Data(data, permit) => {
-                                chunk = tokio::task::spawn_blocking(move || chunk.write(&data).map(|()| chunk))
+                                chunk = crate::chunk_work::run(move || chunk.write(&data).map(|()| chunk))
                                     .await
                                     .map_err(|e| format!("chunk stream task: {e}"))?
                                     .map_err(|e| status_with_cause(&chunk_status(e)))?;
                                 drop(permit);
                             }
                             ToReplica::End(hash) => {
-                                return tokio::task::spawn_blocking(move || chunk.finish(&hash, grace))
+                                return crate::chunk_work::run(move || chunk.finish(&hash, grace))
                                     .await
                                     .map_err(|e| format!("chunk stream task: {e}"))?
                                     .map_err(|e| status_with_cause(&chunk_status(e)));

@@ -53,7 +53,7 @@ impl Worker for GcWorker {
 /// One pass; returns how many copies were deleted.
 pub async fn collect_once(node: &MetaNode, storage: &Arc<LocalChunks>, grace: Duration) -> Result<usize, String> {
     let scan = storage.clone();
-    let candidates = tokio::task::spawn_blocking(move || -> Result<Vec<ChunkHash>, String> {
+    let candidates = crate::chunk_work::run(move || -> Result<Vec<ChunkHash>, String> {
         let now = SystemTime::now();
         let mut old_enough = Vec::new();
         for hash in scan.store.list().map_err(|e| e.to_string())? {
@@ -77,7 +77,7 @@ pub async fn collect_once(node: &MetaNode, storage: &Arc<LocalChunks>, grace: Du
         let unreferenced = node.unreferenced_chunks(node.id(), batch.to_vec()).await.map_err(|e| e.to_string())?;
         for hash in unreferenced {
             let storage = storage.clone();
-            let removed = tokio::task::spawn_blocking(move || storage.delete_if_collectable(&hash))
+            let removed = crate::chunk_work::run(move || storage.delete_if_collectable(&hash))
                 .await
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;

@@ -15,6 +15,8 @@
 //!   leader's health view that `cluster status` shows.
 //! - `cluster_service`: the `Cluster` admin service: status built on the leader from the
 //!   metadata's membership and the healer's view, membership changes and drains.
+//! - `chunk_work`: the data plane's blocking work (chunk file I/O, erasure coding) on a
+//!   bounded number of threads.
 //! - `scrub`: every storage node re-hashes its copies and reports the bad and the missing.
 //! - `registration`: a storage node announces itself to the metadata until it is recorded.
 //!
@@ -23,6 +25,7 @@
 
 mod buffer_pool;
 pub mod chunk_service;
+pub mod chunk_work;
 pub mod cluster_service;
 pub mod coordinator;
 pub mod gc;

@@ -105,7 +105,7 @@ pub async fn scrub_pass(
     let counters = &storage.counters;
     counters.scrub_checked_chunks.store(0, std::sync::atomic::Ordering::Relaxed);
     let listing = storage.clone();
-    let hashes = tokio::task::spawn_blocking(move || listing.store.list())
+    let hashes = crate::chunk_work::run(move || listing.store.list())
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
@@ -113,7 +113,7 @@ pub async fn scrub_pass(
     let mut read_bytes = 0u64;
     for hash in hashes {
         let store = storage.store.clone();
-        let result = tokio::task::spawn_blocking(move || store.get(&hash)).await.map_err(|e| e.to_string())?;
+        let result = crate::chunk_work::run(move || store.get(&hash)).await.map_err(|e| e.to_string())?;
         match result {
             Ok(data) => {
                 read_bytes += data.len() as u64;
@@ -127,7 +127,7 @@ pub async fn scrub_pass(
                 counters.count_error(&e);
                 tracing::warn!("scrub: {e}; quarantining the copy");
                 let quarantining = storage.clone();
-                let after = tokio::task::spawn_blocking(move || quarantining.quarantine_corrupt_copy(&hash))
+                let after = crate::chunk_work::run(move || quarantining.quarantine_corrupt_copy(&hash))
                     .await
                     .map_err(|e| e.to_string())?;
                 // A put that replaced the copy since it was read left a good one, which stays
@@ -153,7 +153,7 @@ pub async fn scrub_pass(
     let me = node.id();
     let checker = storage.clone();
     let metadata = node.clone();
-    let missing = tokio::task::spawn_blocking(move || -> Result<Vec<ChunkHash>, String> {
+    let missing = crate::chunk_work::run(move || -> Result<Vec<ChunkHash>, String> {
         let mut missing = Vec::new();
         metadata
             .for_each_chunk(|hash, record| {
@@ -197,7 +197,7 @@ pub async fn scrub_pass(
     // Files lost behind the store's back (found missing above) are still in its counters,
     // which the heartbeat reports as this node's chunk count: count again once per pass.
     let recounting = storage.clone();
-    if let Err(e) = tokio::task::spawn_blocking(move || recounting.store.recount()).await.map_err(|e| e.to_string())? {
+    if let Err(e) = crate::chunk_work::run(move || recounting.store.recount()).await.map_err(|e| e.to_string())? {
         tracing::warn!("scrub: recounting the chunk store: {e}");
     }
     Counters::add(&counters.scrub_passes, 1);
