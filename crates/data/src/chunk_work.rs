@@ -76,13 +76,15 @@ impl ChunkWork {
 }
 
 /// The threads chunk work runs on: the blocking pool of a runtime of its own, capped at
-/// `chunk_work_threads()`. The permits alone did not bound the threads: a task that ends gives its
-/// permit back before its thread is idle again, so the next task, let in at once, often found no
-/// idle thread and tokio started one more (the 8-client rows above stayed at 138–181 MiB).
-/// With the permits, a task seldom waits for a thread here, and never for long.
+/// `chunk_work_threads()`. The permits alone did not bound the threads: a task that ends gives
+/// its permit back before its thread is idle again, so the next task, let in at once, often
+/// found no idle thread and tokio started one more (the 8-client rows above stayed at 138–181
+/// MiB). With the permits, a task seldom waits for a thread here, and never for long.
+///
 /// The runtime is never driven: a blocking pool runs its tasks without it, so chunk work must
-/// not use tokio's timers or spawn tasks (none does: it is `std::fs` and plain computation). None if it could
-/// not be built; chunk work then runs on the caller's runtime's pool, bounded by the permits.
+/// not use tokio's timers or spawn tasks (none does: it is `std::fs` and plain computation).
+/// None if the runtime could not be built; chunk work then runs on the caller's runtime's
+/// pool, bounded by the permits.
 fn threads() -> Option<&'static tokio::runtime::Handle> {
     static RUNTIME: std::sync::OnceLock<Option<tokio::runtime::Runtime>> = std::sync::OnceLock::new();
     RUNTIME
