@@ -5,7 +5,7 @@
 //! thread. On tokio's own pool, which starts a thread whenever none is idle (up to 512), 32
 //! concurrent uploads left the coordinating node with 45–47 threads, and every thread that had
 //! touched chunk buffers kept allocator pages of its own: the 8-client rows of `mendfs bench
-//! files` that followed the 32-client ones peaked at 193–201 MiB there, against 100–115 MiB on a
+//! files` that followed the 32-client ones peaked at 167–201 MiB there, against 95–115 MiB on a
 //! fresh node with the same live heap. On threads of its own, at most 8, the same rows peaked at
 //! 114–136 MiB; at most 4 (two per core of that 2-core machine), at 101–112 MiB, and ran as
 //! fast or faster (`bench files --sizes 67108864 --clients 32,8`, alternated runs). A node's
