@@ -376,6 +376,25 @@ async fn bad_input_gets_clean_errors_and_the_node_stays_up() {
     request.metadata_mut().insert(mendfs_proto::SECRET_HEADER, cluster.secret().unwrap().parse().unwrap());
     let status = node.append_entries(request).await.expect_err("malformed");
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    // The same on an append stream: the stream answers it with the error and ends.
+    let cluster_id = cluster.status().expect("status")["cluster_id"].as_str().expect("a cluster id").to_string();
+    let malformed = mendfs_proto::v1::AppendStreamRequest { data: vec![0xff; 37], ..Default::default() };
+    let stream_request = |with_cluster_id: bool| {
+        let mut request = tonic::Request::new(futures::stream::iter([malformed.clone()]));
+        let metadata = request.metadata_mut();
+        metadata.insert(mendfs_proto::SECRET_HEADER, cluster.secret().unwrap().parse().unwrap());
+        metadata.insert(mendfs_proto::NODE_ID_HEADER, "2".parse().unwrap());
+        if with_cluster_id {
+            metadata.insert(mendfs_proto::CLUSTER_ID_HEADER, cluster_id.parse().unwrap());
+        }
+        request
+    };
+    let mut answers = node.append_stream(stream_request(true)).await.expect("a peer opens a stream").into_inner();
+    let status = answers.message().await.expect_err("malformed");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    // A caller that shows no cluster id is checked on every call, so it gets no stream.
+    let status = node.append_stream(stream_request(false)).await.expect_err("no cluster id");
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
 
     // Missing keys: a clear error, not an empty success.
     let err = cluster.run_cli(&["kv", "get", "no/such/key"]).expect_err("missing");
@@ -571,6 +590,75 @@ fn rpc_count(http: &str, label: &str) -> f64 {
         .filter(|line| line.starts_with("mendfs_rpc_requests_total{") && line.contains(label))
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// Whether process `pid` has exited (gone, or a zombie its parent has not reaped yet).
+fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// A leader sends its followers' entries on one long-lived stream each (`Node/AppendStream`),
+/// not one call per message; a follower that stops ends its streams instead of waiting for
+/// them, and one that comes back gets a new stream and every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_travel_on_one_stream_per_follower_which_a_stopping_follower_ends() {
+    let mut node_args = BTreeMap::new();
+    let mut http = BTreeMap::new();
+    for id in 1..=3u64 {
+        let addr = format!("127.0.0.1:{}", mendfs_testkit::free_port().unwrap());
+        node_args.insert(id, vec!["--http".to_string(), addr.clone()]);
+        http.insert(id, addr);
+    }
+    let mut cluster = start(ClusterOptions { node_args, ..ClusterOptions::default() });
+    let client = client(&cluster);
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).unwrap();
+    let followers: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let opened = |id: u64| rpc_count(&http[&id], "op=\"Node/AppendStream\",outcome=\"ok\"");
+    // Until the cluster has its id, appends go as unary calls (a stream is checked once).
+    let mut warm_up = 0;
+    blocking(|| {
+        wait_for("a stream to each follower", DEADLINE, || {
+            warm_up += 1;
+            let key = format!("stream/warm-up/{warm_up}");
+            tokio::runtime::Handle::current().block_on(client.set(key.as_bytes(), b"v", None, None))?;
+            Ok(followers.iter().all(|id| opened(*id) >= 1.0).then_some(()))
+        })
+    })
+    .unwrap();
+    let before: Vec<f64> = followers.iter().map(|id| opened(*id)).collect();
+    const WRITES: usize = 40;
+    for i in 0..WRITES {
+        client.set(format!("stream/{i}").as_bytes(), b"v", None, None).await.unwrap();
+    }
+    for (id, before) in followers.iter().zip(before) {
+        let reopened = opened(*id) - before;
+        // A stream is reopened only after a failure (an answer later than openraft waits for,
+        // on a busy machine): not once per message.
+        assert!(reopened <= 4.0, "node {id} was opened {reopened} more append streams for {WRITES} writes");
+    }
+
+    // A graceful stop drains the calls in flight; a leader's stream is not one of them.
+    let stopping = followers[0];
+    let pid = cluster.nodes[&stopping].pid().unwrap();
+    mendfs_testkit::signal(pid, libc::SIGTERM).unwrap();
+    blocking(|| wait_for("the follower to stop", DEADLINE, || Ok(exited(pid).then_some(())))).unwrap();
+    let log = cluster.log(stopping);
+    assert!(!log.contains("calls still in flight"), "the stop waited for a stream: {}", cluster.log_tail(stopping, 20));
+
+    client.set(b"stream/while-stopped", b"v", None, None).await.unwrap();
+    blocking(|| cluster.restart(stopping)).unwrap();
+    blocking(|| cluster.wait_for_caught_up(&[stopping], DEADLINE)).unwrap();
+    for i in 0..WRITES {
+        client.set(format!("stream/again/{i}").as_bytes(), b"v", None, None).await.unwrap();
+    }
+    blocking(|| {
+        wait_for("the restarted follower's new stream", DEADLINE, || Ok((opened(stopping) >= 1.0).then_some(())))
+    })
+    .unwrap();
+    blocking(|| cluster.wait_for_caught_up(&[stopping], DEADLINE)).unwrap();
 }
 
 /// Many tasks writing through one client share calls (`Kv/Batch`), and every write still gets

@@ -294,6 +294,12 @@ async fn client_tokens_cannot_call_peer_only_rpcs() {
     let mut storage = pb::storage_client::StorageClient::new(channel.clone());
     let answers = vec![
         ("AppendEntries", node.append_entries(with_headers(payload(), &headers)).await.map(drop)),
+        (
+            "AppendStream",
+            node.append_stream(with_headers(futures::stream::iter([pb::AppendStreamRequest::default()]), &headers))
+                .await
+                .map(drop),
+        ),
         ("Vote", node.vote(with_headers(payload(), &headers)).await.map(drop)),
         ("InstallSnapshot", node.install_snapshot(with_headers(payload(), &headers)).await.map(drop)),
         ("Forward", node.forward(with_headers(payload(), &headers)).await.map(drop)),

@@ -80,7 +80,7 @@ pub fn required_access(op: &str) -> Option<Access> {
     use Access::{Client, Peer};
     use Role::{Admin, Read, Write};
     Some(match op {
-        "Node/AppendEntries" | "Node/Vote" | "Node/InstallSnapshot" | "Node/Forward" => Peer,
+        "Node/AppendEntries" | "Node/AppendStream" | "Node/Vote" | "Node/InstallSnapshot" | "Node/Forward" => Peer,
         "Health/Heartbeat" => Peer,
         "Storage/PrepareChunk" | "Storage/PrepareChunkStream" => Peer,
         "Storage/ReadChunk" | "Storage/ReplicateChunk" | "Storage/RebuildShard" => Peer,
@@ -637,6 +637,7 @@ mod tests {
         }
         for op in [
             "Node/AppendEntries",
+            "Node/AppendStream",
             "Node/InstallSnapshot",
             "Node/Forward",
             "Health/Heartbeat",

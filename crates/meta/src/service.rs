@@ -13,11 +13,12 @@ use mendfs_proto::v1::auth_server::{Auth as AuthService, AuthServer};
 use mendfs_proto::v1::kv_server::{Kv, KvServer};
 use mendfs_proto::v1::node_server::{Node, NodeServer};
 use mendfs_proto::v1::s3_admin_server::{S3Admin, S3AdminServer};
-use mendfs_proto::{FORWARDED_HEADER, LEADER_HINT_HEADER, NODE_ID_HEADER};
+use mendfs_proto::{CLUSTER_ID_HEADER, FORWARDED_HEADER, LEADER_HINT_HEADER, NODE_ID_HEADER};
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{Authenticator, Role};
 use crate::clock;
@@ -42,14 +43,17 @@ const WATCH_QUEUE_REPLIES: usize = 64;
 
 /// The metadata services of a node, with their message size limits. Every call reaches them
 /// through the node's [`crate::auth::AuthLayer`] (see [`authenticator`]).
+/// `serving` is cancelled when the node stops serving: a follower then ends its append streams,
+/// which would otherwise hold the server's drain of calls in flight until the grace ran out.
 pub fn services(
     node: &MetaNode,
+    serving: CancellationToken,
 ) -> (NodeServer<NodeApi>, KvServer<KvApi>, AuthServer<AuthApi>, S3AdminServer<S3AdminApi>) {
     // Client messages are bounded by the key and value limits (plus framing), so an oversized
     // message is refused before it is buffered.
     let client_message_max = node.config.max_key_bytes + node.config.max_value_bytes + 64 * 1024;
     (
-        NodeServer::new(NodeApi { node: node.clone(), receiving: std::sync::Mutex::new(None) })
+        NodeServer::new(NodeApi { node: node.clone(), receiving: std::sync::Mutex::new(None), serving })
             .max_decoding_message_size(crate::network::PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(crate::network::PEER_MESSAGE_BYTES_MAX),
         KvServer::new(KvApi { node: node.clone() })
@@ -81,6 +85,8 @@ pub struct NodeApi {
     node: MetaNode,
     /// The snapshot being received, checked as its chunks arrive.
     receiving: std::sync::Mutex<Option<SnapshotReceiver>>,
+    /// Cancelled when the node stops serving (see [`services`]).
+    serving: CancellationToken,
 }
 
 /// Largest snapshot a node accepts from a peer. The bytes go to a file as they arrive (openraft
@@ -196,6 +202,52 @@ impl NodeApi {
     }
 }
 
+/// A follower's answers on one `Node/AppendStream`, one per AppendEntries received.
+type AppendStream = Pin<Box<dyn Stream<Item = Result<pb::RaftPayload, Status>> + Send>>;
+
+/// Answers a leader's AppendEntries as they arrive on one stream, in order, each before the
+/// next is read: what `append_entries` does for each unary call, with the leader's clock taken
+/// from the message. The stream ends when the leader closes it, or after answering a message
+/// that cannot be decoded with an error.
+fn answer_appends(
+    node: MetaNode,
+    leader: crate::NodeId,
+    inbound: Streaming<pb::AppendStreamRequest>,
+    serving: CancellationToken,
+) -> AppendStream {
+    Box::pin(futures::stream::unfold(Some((node, inbound)), move |state| {
+        let serving = serving.clone();
+        async move {
+            let (node, mut inbound) = state?;
+            let message = tokio::select! {
+                received = inbound.message() => received,
+                // The node stops serving: the leader reopens the stream on another life of
+                // this node, or sends unary calls meanwhile.
+                () = serving.cancelled() => return None,
+            };
+            let message = match message {
+                Ok(Some(message)) => message,
+                // Closed by the leader, or broken (the leader went away): nothing to answer.
+                Ok(None) | Err(_) => return None,
+            };
+            let received = Instant::now();
+            let sent =
+                clock::PeerInstant { incarnation: message.clock_incarnation, monotonic_ms: message.clock_monotonic_ms };
+            node.peer_clocks.observe(leader, sent, received);
+            let rpc = match schema::decode(&message.data) {
+                Ok(rpc) => rpc,
+                Err(e) => {
+                    let refused = Status::invalid_argument(format!("malformed append-entries payload: {e}"));
+                    return Some((Err(refused), None));
+                }
+            };
+            let answer = encode_reply(&node.raft.append_entries(rpc).await).map(Response::into_inner);
+            let next = answer.is_ok().then_some((node, inbound));
+            Some((answer, next))
+        }
+    }))
+}
+
 #[tonic::async_trait]
 impl Node for NodeApi {
     async fn append_entries(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
@@ -203,6 +255,28 @@ impl Node for NodeApi {
         self.observe_clock(&request);
         let rpc = decode_payload(request.get_ref(), "append-entries")?;
         encode_reply(&self.node.raft.append_entries(rpc).await)
+    }
+
+    type AppendStreamStream = AppendStream;
+
+    async fn append_stream(
+        &self,
+        request: Request<Streaming<pb::AppendStreamRequest>>,
+    ) -> Result<Response<AppendStream>, Status> {
+        // The caller's cluster id was checked against ours as the stream opened, and only then
+        // (see `auth`); a check that found one of them missing proves nothing for what comes
+        // later, so such a caller keeps to unary calls, each checked.
+        let header = |name: &str| request.metadata().get(name).and_then(|value| value.to_str().ok());
+        if header(CLUSTER_ID_HEADER).is_none() || self.node.state.cluster_id().is_none() {
+            return Err(Status::failed_precondition(
+                "an append stream needs the cluster id on both ends; send AppendEntries calls until then",
+            ));
+        }
+        let leader = header(NODE_ID_HEADER)
+            .and_then(|id| id.parse::<crate::NodeId>().ok())
+            .ok_or_else(|| Status::invalid_argument("an append stream needs the caller's node id"))?;
+        self.observe_clock(&request);
+        Ok(Response::new(answer_appends(self.node.clone(), leader, request.into_inner(), self.serving.clone())))
     }
 
     async fn vote(&self, request: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {

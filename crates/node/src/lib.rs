@@ -184,7 +184,7 @@ impl Node {
                 return Err(NodeError::Start(e));
             }
         };
-        let (node_service, kv_service, auth_service, s3_admin_service) = mendfs_meta::services(&meta);
+        let (node_service, kv_service, auth_service, s3_admin_service) = mendfs_meta::services(&meta, serving.clone());
         let jobs_service = mendfs_meta::jobs_service(&meta);
         let policy_service = mendfs_meta::policy_service(&meta);
         let authenticator = mendfs_meta::authenticator(&meta);

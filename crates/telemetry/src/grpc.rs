@@ -41,7 +41,7 @@ pub const UNKNOWN_OPERATION: &str = "unknown";
 /// elections, health heartbeats. Traced only when a caller sends a context (never, today);
 /// otherwise each would start a trace of its own many times a second and flood the store.
 fn is_background(op: &str) -> bool {
-    matches!(op, "Node/AppendEntries" | "Node/Vote" | "Node/InstallSnapshot" | "Health/Heartbeat")
+    matches!(op, "Node/AppendEntries" | "Node/AppendStream" | "Node/Vote" | "Node/InstallSnapshot" | "Health/Heartbeat")
 }
 
 /// Whether a call (its path, headers and connection) carries credentials the services behind
