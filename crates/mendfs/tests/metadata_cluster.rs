@@ -600,11 +600,8 @@ fn exited(pid: u32) -> bool {
     }
 }
 
-/// A leader sends its followers' entries on one long-lived stream each (`Node/AppendStream`),
-/// not one call per message; a follower that stops ends its streams instead of waiting for
-/// them, and one that comes back gets a new stream and every write.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn entries_travel_on_one_stream_per_follower_which_a_stopping_follower_ends() {
+/// For three nodes: each one's `--http` flag and the address it names, for `rpc_count`.
+fn http_listeners() -> (BTreeMap<u64, Vec<String>>, BTreeMap<u64, String>) {
     let mut node_args = BTreeMap::new();
     let mut http = BTreeMap::new();
     for id in 1..=3u64 {
@@ -612,6 +609,15 @@ async fn entries_travel_on_one_stream_per_follower_which_a_stopping_follower_end
         node_args.insert(id, vec!["--http".to_string(), addr.clone()]);
         http.insert(id, addr);
     }
+    (node_args, http)
+}
+
+/// A leader sends its followers' entries on one long-lived stream each (`Node/AppendStream`),
+/// not one call per message; a follower that stops ends its streams instead of waiting for
+/// them, and one that comes back gets a new stream and every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_travel_on_one_stream_per_follower_which_a_stopping_follower_ends() {
+    let (node_args, http) = http_listeners();
     let mut cluster = start(ClusterOptions { node_args, ..ClusterOptions::default() });
     let client = client(&cluster);
     let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).unwrap();
@@ -665,13 +671,7 @@ async fn entries_travel_on_one_stream_per_follower_which_a_stopping_follower_end
 /// the outcome its own call would have had: its value, its conflict, its refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writes_share_calls_and_each_gets_its_own_outcome() {
-    let mut node_args = BTreeMap::new();
-    let mut http = BTreeMap::new();
-    for id in 1..=3u64 {
-        let addr = format!("127.0.0.1:{}", mendfs_testkit::free_port().unwrap());
-        node_args.insert(id, vec!["--http".to_string(), addr.clone()]);
-        http.insert(id, addr);
-    }
+    let (node_args, http) = http_listeners();
     let server_args = vec!["--max-value-bytes".to_string(), "1024".to_string()];
     let cluster = start(ClusterOptions { server_args, node_args, ..ClusterOptions::default() });
     let client = client(&cluster);
