@@ -1,10 +1,13 @@
 //! Bounded under heavy use, against real `mendfs server` processes: the coordination keyspace's
 //! byte quota (refusal, memory through snapshots and a full restart, space freed by delete and
-//! compaction), a snapshot build racing applies with a crash right after it, and the in-flight
-//! and read budgets under many uploads and under readers that stall.
+//! compaction), a snapshot build racing applies with a crash right after it, the in-flight
+//! and read budgets under many uploads and under readers that stall, and the bound on chunk
+//! work threads under them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mendfs_client::{Client, ClientConfig};
@@ -203,21 +206,46 @@ fn file_content(index: usize, size: usize) -> Vec<u8> {
     stamp.as_bytes().iter().copied().cycle().take(size).collect()
 }
 
+/// Threads of process `pid` named `name`, as the kernel keeps a name: its first 15 bytes.
+fn threads_named(pid: u32, name: &str) -> usize {
+    let kept = &name.as_bytes()[..name.len().min(15)];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(Result::ok)
+        .filter(|task| std::fs::read(task.path().join("comm")).is_ok_and(|comm| comm.trim_ascii_end() == kept))
+        .count()
+}
+
+/// Samples, until `stop`, how many chunk work threads each of `pids` runs at once; returns the
+/// most seen for each.
+fn count_chunk_work_threads(pids: Vec<u32>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<usize>> {
+    std::thread::spawn(move || {
+        let mut most = vec![0; pids.len()];
+        while !stop.load(Ordering::Relaxed) {
+            for (most, pid) in most.iter_mut().zip(&pids) {
+                *most = (*most).max(threads_named(*pid, "mendfs-chunk-work"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        most
+    })
+}
+
 /// A coordinator whose in-flight budget holds a single chunk still serves many uploads (of
 /// declared and undeclared size, all on the client's one HTTP/2 connection) and reads at
 /// once: they take turns for the budget, none waits on another forever (an upload that held
 /// budget while it waited for its data did: the uploads waiting for budget stopped reading,
 /// and their unread data filled the connection's flow-control window), and every byte comes
-/// back.
+/// back. Meanwhile no node runs more chunk file work at once than its bound of threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_and_reads_take_turns_in_a_one_chunk_inflight_budget() {
-    // Not a divisor of the client's 1 MiB messages: chunks span messages.
+    // Not a divisor of the client's 256 KiB messages: chunks span messages.
     const CHUNK: usize = 192 << 10;
     let chunk = CHUNK.to_string();
     let server_args = vec!["--chunk-size-bytes".into(), chunk.clone(), "--max-inflight-bytes".into(), chunk];
     let cluster = start(ClusterOptions { nodes: 3, server_args, ..ClusterOptions::default() });
     let client = client(&cluster);
-    // Several upload messages (1 MiB) each, each message many chunks.
+    // Several upload messages (256 KiB) each, and many chunks.
     let size_of = |index: usize| CHUNK * (8 + index % 5) + 1000 * index;
     // Some files first, for the reads that run beside the uploads.
     for index in 0..4 {
@@ -233,6 +261,9 @@ async fn uploads_and_reads_take_turns_in_a_one_chunk_inflight_budget() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    let pids: Vec<u32> = cluster.nodes.values().filter_map(|node| node.pid()).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let counting = count_chunk_work_threads(pids, stop.clone());
     let mut tasks = Vec::new();
     for index in 4..16 {
         let writer = client.clone();
@@ -258,6 +289,12 @@ async fn uploads_and_reads_take_turns_in_a_one_chunk_inflight_budget() {
     for result in all {
         result.expect("task").expect("an upload or read");
     }
+    stop.store(true, Ordering::Relaxed);
+    let most_threads = counting.join().expect("the thread counter");
+    // The data crate's bound (`chunk_work_threads`): two per core.
+    let bound = 2 * std::thread::available_parallelism().map_or(1, |cores| cores.get());
+    assert!(most_threads.iter().all(|most| *most <= bound), "chunk work threads {most_threads:?}, bound {bound}");
+    assert!(most_threads.iter().any(|most| *most >= 1), "no chunk work thread seen: {most_threads:?}");
     for index in 4..16 {
         let mut got = Vec::new();
         client.get_file(&format!("/budget/{index}"), &mut got, |_, _| {}).await.expect("read back");
