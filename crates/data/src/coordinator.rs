@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::stream::FuturesOrdered;
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{Stream, StreamExt};
 use mendfs_chunkstore::StreamCheck;
 use mendfs_erasure::Scheme;
 use mendfs_heal::detector::Liveness;
@@ -1305,9 +1305,25 @@ impl ReplicaStream {
         let Some(tx) = &self.tx else { return };
         match tokio::time::timeout(timeout, tx.send(message)).await {
             Ok(Ok(())) => {}
-            // The call ended early; its task says why (taken when the chunk ends).
-            Ok(Err(_)) => self.fail("the replica's stream ended early".to_string()),
+            Ok(Err(_)) => {
+                let why = self.why_ended_early(timeout).await;
+                self.fail(why);
+            }
             Err(_) => self.fail(format!("took no data for {timeout:?}")),
+        }
+    }
+
+    /// The reason a replica's stream stopped taking data before its chunk ended: the call's
+    /// own answer (a full disk, a refused write), which the caller must see, not a bare "ended
+    /// early". The queue closes as the call ends, so its answer follows at once; `timeout`
+    /// only bounds a transport that never settles. The task is awaited here at most once:
+    /// `fail` follows, and a failed replica's task is never polled again.
+    async fn why_ended_early(&mut self, timeout: Duration) -> String {
+        match tokio::time::timeout(timeout, &mut self.task).await {
+            Ok(Ok(Err(e))) => e,
+            Ok(Ok(Ok(()))) => "the replica answered before the chunk's end".to_string(),
+            Ok(Err(e)) => format!("chunk stream task: {e}"),
+            Err(_) => "the replica's stream ended early and gave no reason".to_string(),
         }
     }
 }
@@ -1562,12 +1578,7 @@ impl Coordinator {
         let mut errors = Vec::new();
         for replica in &mut chunk.replicas {
             if let Some(why) = &replica.failed {
-                replica.task.abort();
-                // The call's own error, if it ended by itself, says more than "ended early".
-                let why = match (&mut replica.task).now_or_never() {
-                    Some(Ok(Err(e))) => e,
-                    _ => why.clone(),
-                };
+                // Already the call's own error when it ended by itself (`why_ended_early`).
                 errors.push(format!("node {}: {why}", replica.id));
                 continue;
             }
@@ -2246,5 +2257,39 @@ mod tests {
         assert_eq!(describe_stored(StoredAs::Striped(scheme), 3), "ec:8+3");
         assert_eq!(describe_stored(StoredAs::Replicated, 3), "replicate:3");
         assert_eq!(describe_stored(StoredAs::Inline, 3), "inline");
+    }
+
+    /// A replica stream whose call ends with `answer` as soon as it starts, before taking any
+    /// data (a replica whose disk is full refuses the chunk at once).
+    fn replica_that_ends_with(answer: Result<(), String>) -> ReplicaStream {
+        let (tx, rx) = mpsc::channel::<ToReplica>(1);
+        let task = tokio::spawn(async move {
+            drop(rx);
+            answer
+        });
+        ReplicaStream { id: 7, tx: Some(tx), task, failed: None, span: tracing::Span::none() }
+    }
+
+    async fn slice_to(replica: &mut ReplicaStream) {
+        while !replica.task.is_finished() {
+            tokio::task::yield_now().await;
+        }
+        let permit = Arc::new(Arc::new(tokio::sync::Semaphore::new(1)).try_acquire_owned().expect("permit"));
+        replica.send(ToReplica::Data(Bytes::from_static(b"data"), permit), Duration::from_secs(5)).await;
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_ends_its_stream_early_is_failed_with_its_own_reason() {
+        let mut refused = replica_that_ends_with(Err("disk full while writing the chunk".to_string()));
+        slice_to(&mut refused).await;
+        assert!(refused.tx.is_none(), "a replica whose stream ended takes no more data");
+        assert_eq!(refused.failed.as_deref(), Some("disk full while writing the chunk"));
+
+        let mut answered = replica_that_ends_with(Ok(()));
+        slice_to(&mut answered).await;
+        assert_eq!(answered.failed.as_deref(), Some("the replica answered before the chunk's end"));
+        // The chunk's error names the replica and its reason.
+        let chunk = ChunkStream { candidates: vec![7], replicas: vec![refused], hasher: None, len: 4 };
+        assert_eq!(chunk.errors(), vec!["node 7: disk full while writing the chunk".to_string()]);
     }
 }
