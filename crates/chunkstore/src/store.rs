@@ -639,6 +639,45 @@ impl ChunkStore {
         Ok(QuarantineOutcome::MovedAside)
     }
 
+    /// The stored chunks whose hash starts with `byte0`, sorted: one of the store's 256 slices.
+    /// Scans of the whole store (scrub, orphan collection) go a slice at a time, so that what
+    /// they hold in memory, and each step's time on a chunk work thread, is a 256th of the store
+    /// rather than all of it. Files that are not chunks are skipped, as by [`ChunkStore::list`].
+    pub fn list_slice(&self, byte0: u8) -> Result<Vec<ChunkHash>, ChunkError> {
+        let mut hashes = Vec::new();
+        self.for_each_chunk_in_slice(byte0, |hash, _| {
+            hashes.push(hash);
+            Ok(())
+        })?;
+        hashes.sort_unstable();
+        Ok(hashes)
+    }
+
+    /// The chunks and bytes stored in the slice of hashes starting with `byte0`, counted from
+    /// the disk: the parts of a [`ChunkStore::recount`] done a slice at a time, whose sum
+    /// [`ChunkStore::set_recounted`] takes.
+    pub fn count_slice(&self, byte0: u8) -> Result<StoreStats, ChunkError> {
+        let (mut chunk_count, mut chunk_bytes) = (0u64, 0u64);
+        self.for_each_chunk_in_slice(byte0, |_, entry| {
+            // A file deleted since the directory was read is simply not counted.
+            if let Ok(metadata) = entry.metadata() {
+                chunk_count += 1;
+                chunk_bytes += metadata.len();
+            }
+            Ok(())
+        })?;
+        Ok(StoreStats { chunk_count, chunk_bytes })
+    }
+
+    /// Makes [`ChunkStore::stats`] say what a recount done a slice at a time found (the sum of
+    /// [`ChunkStore::count_slice`] over every slice), as [`ChunkStore::recount`] does for one
+    /// done at once. Puts and deletes between the slices' counts can leave the numbers a few
+    /// chunks off until the next recount, as they can during one.
+    pub fn set_recounted(&self, stats: StoreStats) {
+        self.chunk_count.store(stats.chunk_count, Ordering::Relaxed);
+        self.chunk_bytes.store(stats.chunk_bytes, Ordering::Relaxed);
+    }
+
     /// Every stored chunk, sorted by hash (so a scrubber can resume from a hash). Files that are
     /// not chunks (wrong names, wrong directory, not regular files) are skipped, not reported.
     pub fn list(&self) -> Result<Vec<ChunkHash>, ChunkError> {
@@ -782,28 +821,55 @@ impl ChunkStore {
             if !level1.file_type().is_ok_and(|file_type| file_type.is_dir()) {
                 continue;
             }
-            let level1_path = level1.path();
-            for level2 in read_dir(&level1_path)? {
-                let level2 = level2.map_err(|e| ChunkError::from_io(e, "listing", &level1_path))?;
-                let Some(byte1) = level2.file_name().to_str().and_then(from_canonical_hex_byte) else { continue };
-                if !level2.file_type().is_ok_and(|file_type| file_type.is_dir()) {
+            self.for_each_chunk_under(byte0, &level1.path(), &mut visit)?;
+        }
+        Ok(())
+    }
+
+    /// [`ChunkStore::for_each_chunk`] over the chunks whose hash starts with `byte0`, in the
+    /// directory `level1_path` that holds them.
+    fn for_each_chunk_under(
+        &self,
+        byte0: u8,
+        level1_path: &Path,
+        visit: &mut impl FnMut(ChunkHash, &fs::DirEntry) -> Result<(), ChunkError>,
+    ) -> Result<(), ChunkError> {
+        for level2 in read_dir(level1_path)? {
+            let level2 = level2.map_err(|e| ChunkError::from_io(e, "listing", level1_path))?;
+            let Some(byte1) = level2.file_name().to_str().and_then(from_canonical_hex_byte) else { continue };
+            if !level2.file_type().is_ok_and(|file_type| file_type.is_dir()) {
+                continue;
+            }
+            let level2_path = level2.path();
+            for leaf in read_dir(&level2_path)? {
+                let leaf = leaf.map_err(|e| ChunkError::from_io(e, "listing", &level2_path))?;
+                let Some(hash) = leaf.file_name().to_str().and_then(from_canonical_hex) else { continue };
+                if hash[0] != byte0 || hash[1] != byte1 {
                     continue;
                 }
-                let level2_path = level2.path();
-                for leaf in read_dir(&level2_path)? {
-                    let leaf = leaf.map_err(|e| ChunkError::from_io(e, "listing", &level2_path))?;
-                    let Some(hash) = leaf.file_name().to_str().and_then(from_canonical_hex) else { continue };
-                    if hash[0] != byte0 || hash[1] != byte1 {
-                        continue;
-                    }
-                    if !leaf.file_type().is_ok_and(|file_type| file_type.is_file()) {
-                        continue;
-                    }
-                    visit(hash, &leaf)?;
+                if !leaf.file_type().is_ok_and(|file_type| file_type.is_file()) {
+                    continue;
                 }
+                visit(hash, &leaf)?;
             }
         }
         Ok(())
+    }
+
+    /// [`ChunkStore::for_each_chunk`] over one slice of the store: the chunks whose hash starts
+    /// with `byte0`, a 256th of them. No directory for the slice is no chunks.
+    fn for_each_chunk_in_slice(
+        &self,
+        byte0: u8,
+        mut visit: impl FnMut(ChunkHash, &fs::DirEntry) -> Result<(), ChunkError>,
+    ) -> Result<(), ChunkError> {
+        let level1_path = self.chunks_dir.join(format!("{byte0:02x}"));
+        match fs::symlink_metadata(&level1_path) {
+            Ok(metadata) if metadata.is_dir() => self.for_each_chunk_under(byte0, &level1_path, &mut visit),
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(ChunkError::from_io(e, "listing", &level1_path)),
+        }
     }
 }
 

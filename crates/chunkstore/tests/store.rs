@@ -317,6 +317,25 @@ fn open_counts_existing_chunks_and_skips_junk() {
     expected.sort();
     assert_eq!(store.list().expect("list"), expected);
     assert_eq!(store.stats(), StoreStats { chunk_count: 2, chunk_bytes: 12 });
+    // A slice at a time, scans see the same chunks and skip the same junk.
+    assert_eq!(slices_listed(&store), expected);
+    assert_eq!(slices_counted(&store), StoreStats { chunk_count: 2, chunk_bytes: 12 });
+}
+
+/// Every chunk, listed one slice of the store at a time.
+fn slices_listed(store: &ChunkStore) -> Vec<ChunkHash> {
+    (0..=u8::MAX).flat_map(|byte0| store.list_slice(byte0).expect("list a slice")).collect()
+}
+
+/// The store's chunks and bytes, counted one slice at a time.
+fn slices_counted(store: &ChunkStore) -> StoreStats {
+    (0..=u8::MAX).map(|byte0| store.count_slice(byte0).expect("count a slice")).fold(
+        StoreStats::default(),
+        |sum, slice| StoreStats {
+            chunk_count: sum.chunk_count + slice.chunk_count,
+            chunk_bytes: sum.chunk_bytes + slice.chunk_bytes,
+        },
+    )
 }
 
 #[test]
@@ -462,12 +481,14 @@ proptest! {
 
             let mut expected: Vec<ChunkHash> = model.iter().map(|&idx| ChunkHash::of(CONTENTS[idx])).collect();
             expected.sort();
-            prop_assert_eq!(store.list().expect("list"), expected);
+            prop_assert_eq!(store.list().expect("list"), expected.clone());
+            prop_assert_eq!(slices_listed(&store), expected);
             let expected_stats = StoreStats {
                 chunk_count: model.len() as u64,
                 chunk_bytes: model.iter().map(|&idx| CONTENTS[idx].len() as u64).sum(),
             };
             prop_assert_eq!(store.stats(), expected_stats);
+            prop_assert_eq!(slices_counted(&store), expected_stats);
             for (idx, data) in CONTENTS.iter().enumerate() {
                 prop_assert_eq!(store.contains(&ChunkHash::of(data)), model.contains(&idx));
             }

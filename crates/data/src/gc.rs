@@ -50,39 +50,45 @@ impl Worker for GcWorker {
     }
 }
 
-/// One pass; returns how many copies were deleted.
+/// One pass; returns how many copies were deleted. It goes a slice of the store at a time
+/// (the copies whose hash starts with one byte, see `ChunkStore::list_slice`), so each step on
+/// the node's bounded chunk work threads, and the candidates held at once, are a 256th of the
+/// store: a pass over millions of copies never keeps a thread, or their whole list, for its
+/// length.
 pub async fn collect_once(node: &MetaNode, storage: &Arc<LocalChunks>, grace: Duration) -> Result<usize, String> {
-    let scan = storage.clone();
-    let candidates = crate::chunk_work::run(move || -> Result<Vec<ChunkHash>, String> {
-        let now = SystemTime::now();
-        let mut old_enough = Vec::new();
-        for hash in scan.store.list().map_err(|e| e.to_string())? {
-            // Recently written copies are left alone whatever the metadata says: their write
-            // may still be on its way to the commit.
-            let age = std::fs::metadata(scan.store.path_of(&hash))
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|modified| now.duration_since(modified).ok());
-            if age.is_some_and(|age| age > grace) && scan.is_collectable(&hash) {
-                old_enough.push(hash);
-            }
-        }
-        Ok(old_enough)
-    })
-    .await
-    .map_err(|e| e.to_string())??;
-
     let mut deleted = 0;
-    for batch in candidates.chunks(HASHES_PER_QUERY) {
-        let unreferenced = node.unreferenced_chunks(node.id(), batch.to_vec()).await.map_err(|e| e.to_string())?;
-        for hash in unreferenced {
-            let storage = storage.clone();
-            let removed = crate::chunk_work::run(move || storage.delete_if_collectable(&hash))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-            if removed {
-                deleted += 1;
+    for byte0 in 0..=u8::MAX {
+        let scan = storage.clone();
+        let candidates = crate::chunk_work::run(move || -> Result<Vec<ChunkHash>, String> {
+            let now = SystemTime::now();
+            let mut old_enough = Vec::new();
+            for hash in scan.store.list_slice(byte0).map_err(|e| e.to_string())? {
+                // Recently written copies are left alone whatever the metadata says: their
+                // write may still be on its way to the commit.
+                let age = std::fs::metadata(scan.store.path_of(&hash))
+                    .and_then(|m| m.modified())
+                    .ok()
+                    .and_then(|modified| now.duration_since(modified).ok());
+                if age.is_some_and(|age| age > grace) && scan.is_collectable(&hash) {
+                    old_enough.push(hash);
+                }
+            }
+            Ok(old_enough)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+
+        for batch in candidates.chunks(HASHES_PER_QUERY) {
+            let unreferenced = node.unreferenced_chunks(node.id(), batch.to_vec()).await.map_err(|e| e.to_string())?;
+            for hash in unreferenced {
+                let storage = storage.clone();
+                let removed = crate::chunk_work::run(move || storage.delete_if_collectable(&hash))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                if removed {
+                    deleted += 1;
+                }
             }
         }
     }

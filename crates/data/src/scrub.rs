@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
-use mendfs_chunkstore::ChunkError;
+use mendfs_chunkstore::{ChunkError, StoreStats};
 use mendfs_meta::MetaNode;
 use mendfs_types::ChunkHash;
 use mendfs_worker::{Step, Worker, WorkerError};
@@ -96,6 +96,12 @@ pub struct PassOutcome {
     pub missing: u64,
 }
 
+/// One pass over the node's chunks, a slice of the store at a time (the chunks whose hash
+/// starts with one byte, see `ChunkStore::list_slice`): each step (listing a slice, checking
+/// one chunk, looking for a slice's missing copies, counting it) is one turn on the node's
+/// bounded chunk work threads. A pass over millions of chunks then holds neither a thread nor
+/// a list of the whole store for its whole length, and uploads and reads take their turns
+/// between its steps.
 pub async fn scrub_pass(
     node: &MetaNode,
     storage: &Arc<LocalChunks>,
@@ -104,86 +110,41 @@ pub async fn scrub_pass(
     let mut outcome = PassOutcome::default();
     let counters = &storage.counters;
     counters.scrub_checked_chunks.store(0, std::sync::atomic::Ordering::Relaxed);
-    let listing = storage.clone();
-    let hashes = crate::chunk_work::run(move || listing.store.list())
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
     let started = Instant::now();
     let mut read_bytes = 0u64;
-    for hash in hashes {
-        let store = storage.store.clone();
-        let result = crate::chunk_work::run(move || store.get(&hash)).await.map_err(|e| e.to_string())?;
-        match result {
-            Ok(data) => {
-                read_bytes += data.len() as u64;
-                outcome.checked += 1;
-                Counters::add(&counters.scrub_checked_chunks, 1);
-                Counters::add(&counters.scrub_checked_bytes, data.len() as u64);
+    for byte0 in 0..=u8::MAX {
+        let listing = storage.clone();
+        let hashes = crate::chunk_work::run(move || listing.store.list_slice(byte0))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        for hash in hashes {
+            read_bytes += check_copy(node, storage, hash, &mut outcome).await?;
+            // Throttle: stay at or under the configured average read rate.
+            let due = Duration::from_secs_f64(read_bytes as f64 / bytes_per_sec as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
             }
-            // Collected since the listing: nothing to check.
-            Err(ChunkError::NotFound(_)) => {}
-            Err(e @ ChunkError::Corrupt { .. }) => {
-                counters.count_error(&e);
-                tracing::warn!("scrub: {e}; quarantining the copy");
-                let quarantining = storage.clone();
-                let after = crate::chunk_work::run(move || quarantining.quarantine_corrupt_copy(&hash))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                // A put that replaced the copy since it was read left a good one, which stays
-                // listed; only a copy that is really gone or bad is reported.
-                if after == CopyAfterQuarantine::NoGoodCopy {
-                    outcome.corrupt += 1;
-                    report(node, &hash).await;
-                }
-            }
-            Err(e) => {
-                counters.count_error(&e);
-                tracing::warn!("scrub read: {e}");
-            }
-        }
-        // Throttle: stay at or under the configured average read rate.
-        let due = Duration::from_secs_f64(read_bytes as f64 / bytes_per_sec as f64);
-        if let Some(wait) = due.checked_sub(started.elapsed()) {
-            tokio::time::sleep(wait).await;
         }
     }
 
     // Copies the metadata lists here but the disk does not have (lost files, a wiped dir).
-    let me = node.id();
-    let checker = storage.clone();
-    let metadata = node.clone();
-    let missing = crate::chunk_work::run(move || -> Result<Vec<ChunkHash>, String> {
-        let mut missing = Vec::new();
-        metadata
-            .for_each_chunk(|hash, record| {
-                if record.replicas.contains(&me) && checker.store.surely_missing(&hash) {
-                    missing.push(hash);
-                }
-                missing.len() < MISSING_PER_PASS_MAX
-            })
-            .map_err(|e| e.to_string())?;
-        // Shards of stripes listed here: a shard is a file like a chunk, reported the same way,
-        // once however many stripes share it (one report unlists it from all of them).
-        if missing.len() < MISSING_PER_PASS_MAX {
-            let mut shards = std::collections::BTreeSet::new();
-            metadata
-                .for_each_stripe(|_, record| {
-                    for slot in record.shards {
-                        if slot.nodes.contains(&me) && checker.store.surely_missing(&slot.hash) {
-                            shards.insert(slot.hash);
-                        }
-                    }
-                    missing.len() + shards.len() < MISSING_PER_PASS_MAX
-                })
-                .map_err(|e| e.to_string())?;
-            missing.extend(shards);
+    let mut missing = Vec::new();
+    for byte0 in 0..=u8::MAX {
+        if missing.len() >= MISSING_PER_PASS_MAX {
+            break;
         }
-        // Rows that are not chunk records are the repair scan's to report, once per round.
-        Ok(missing)
-    })
-    .await
-    .map_err(|e| e.to_string())??;
+        let room = MISSING_PER_PASS_MAX - missing.len();
+        let (checker, metadata) = (storage.clone(), node.clone());
+        missing.extend(
+            crate::chunk_work::run(move || missing_in_slice(&metadata, &checker, byte0, room))
+                .await
+                .map_err(|e| e.to_string())??,
+        );
+    }
+    // One report per copy, though a shard may be listed by stripes in several slices.
+    missing.sort_unstable();
+    missing.dedup();
     for hash in &missing {
         // Re-check: a repair copy may have landed since the listing. Presence is enough here, as
         // this looks only for missing copies: a file that was here at the listing was re-hashed
@@ -196,12 +157,108 @@ pub async fn scrub_pass(
     }
     // Files lost behind the store's back (found missing above) are still in its counters,
     // which the heartbeat reports as this node's chunk count: count again once per pass.
-    let recounting = storage.clone();
-    if let Err(e) = crate::chunk_work::run(move || recounting.store.recount()).await.map_err(|e| e.to_string())? {
-        tracing::warn!("scrub: recounting the chunk store: {e}");
+    match recount(storage).await? {
+        Ok(recounted) => storage.store.set_recounted(recounted),
+        Err(e) => tracing::warn!("scrub: recounting the chunk store: {e}"),
     }
     Counters::add(&counters.scrub_passes, 1);
     Ok(outcome)
+}
+
+/// The store's chunks and bytes counted from the disk, a slice at a time.
+async fn recount(storage: &Arc<LocalChunks>) -> Result<Result<StoreStats, ChunkError>, String> {
+    let mut recounted = StoreStats::default();
+    for byte0 in 0..=u8::MAX {
+        let counting = storage.clone();
+        match crate::chunk_work::run(move || counting.store.count_slice(byte0)).await.map_err(|e| e.to_string())? {
+            Ok(slice) => {
+                recounted.chunk_count += slice.chunk_count;
+                recounted.chunk_bytes += slice.chunk_bytes;
+            }
+            Err(e) => return Ok(Err(e)),
+        }
+    }
+    Ok(Ok(recounted))
+}
+
+/// Re-reads and re-hashes one copy; a corrupt one is quarantined and reported. Returns the
+/// bytes read, for the pass's throttle.
+async fn check_copy(
+    node: &MetaNode,
+    storage: &Arc<LocalChunks>,
+    hash: ChunkHash,
+    outcome: &mut PassOutcome,
+) -> Result<u64, String> {
+    let counters = &storage.counters;
+    let store = storage.store.clone();
+    let result = crate::chunk_work::run(move || store.get(&hash)).await.map_err(|e| e.to_string())?;
+    match result {
+        Ok(data) => {
+            outcome.checked += 1;
+            Counters::add(&counters.scrub_checked_chunks, 1);
+            Counters::add(&counters.scrub_checked_bytes, data.len() as u64);
+            return Ok(data.len() as u64);
+        }
+        // Collected since the listing: nothing to check.
+        Err(ChunkError::NotFound(_)) => {}
+        Err(e @ ChunkError::Corrupt { .. }) => {
+            counters.count_error(&e);
+            tracing::warn!("scrub: {e}; quarantining the copy");
+            let quarantining = storage.clone();
+            let after = crate::chunk_work::run(move || quarantining.quarantine_corrupt_copy(&hash))
+                .await
+                .map_err(|e| e.to_string())?;
+            // A put that replaced the copy since it was read left a good one, which stays
+            // listed; only a copy that is really gone or bad is reported.
+            if after == CopyAfterQuarantine::NoGoodCopy {
+                outcome.corrupt += 1;
+                report(node, &hash).await;
+            }
+        }
+        Err(e) => {
+            counters.count_error(&e);
+            tracing::warn!("scrub read: {e}");
+        }
+    }
+    Ok(0)
+}
+
+/// The copies, at most `room`, that the metadata lists on this node among the chunks (and the
+/// stripes' shards) whose hash starts with `byte0`, and that the disk does not have. A shard is
+/// a file like a chunk, reported the same way, once however many stripes share it (one report
+/// unlists it from all of them). Rows that are not chunk records are the repair scan's to
+/// report, once per round. Blocking.
+fn missing_in_slice(
+    metadata: &MetaNode,
+    checker: &LocalChunks,
+    byte0: u8,
+    room: usize,
+) -> Result<Vec<ChunkHash>, String> {
+    let me = metadata.id();
+    let mut missing = Vec::new();
+    metadata
+        .for_each_chunk_in_slice(byte0, |hash, record| {
+            if record.replicas.contains(&me) && checker.store.surely_missing(&hash) {
+                missing.push(hash);
+            }
+            missing.len() < room
+        })
+        .map_err(|e| e.to_string())?;
+    if missing.len() < room {
+        let mut shards = std::collections::BTreeSet::new();
+        metadata
+            .for_each_stripe_in_slice(byte0, |_, record| {
+                for slot in record.shards {
+                    if slot.nodes.contains(&me) && checker.store.surely_missing(&slot.hash) {
+                        shards.insert(slot.hash);
+                    }
+                }
+                missing.len() + shards.len() < room
+            })
+            .map_err(|e| e.to_string())?;
+        missing.extend(shards);
+    }
+    Ok(missing)
 }
 
 async fn report(node: &MetaNode, hash: &ChunkHash) {

@@ -528,13 +528,29 @@ pub fn chunks_listed_on(store: &impl StateStore, node_id: u64) -> Result<u64, St
 /// Returns how many rows were skipped.
 pub fn for_each_chunk(
     store: &impl StateStore,
+    visit: impl FnMut(ChunkHash, ChunkRecord) -> bool,
+) -> Result<u64, StoreError> {
+    for_each_chunk_between(store, &[], None, visit)
+}
+
+/// The keys of the chunk map's (and the stripe map's) slice of hashes that start with `byte0`:
+/// from `[byte0]` up to `[byte0 + 1]`, or to the end for the last slice.
+pub fn hash_slice_keys(byte0: u8) -> ([u8; 1], Option<[u8; 1]>) {
+    ([byte0], byte0.checked_add(1).map(|next| [next]))
+}
+
+/// [`for_each_chunk`] over the records whose keys are from `start` up to `end` (excluded).
+pub fn for_each_chunk_between(
+    store: &impl StateStore,
+    start: &[u8],
+    end: Option<&[u8]>,
     mut visit: impl FnMut(ChunkHash, ChunkRecord) -> bool,
 ) -> Result<u64, StoreError> {
     let mut skipped = 0;
     const PAGE: usize = 4_096;
-    let mut start: Vec<u8> = Vec::new();
+    let mut start: Vec<u8> = start.to_vec();
     loop {
-        let rows = store.range(Table::Chunks, &start, None, PAGE)?;
+        let rows = store.range(Table::Chunks, &start, end, PAGE)?;
         let full = rows.len() == PAGE;
         for (key, value) in &rows {
             let (Ok(hash), Ok(record)) = (ChunkHash::try_from(key.as_slice()), decode::<ChunkRecord>(value)) else {
@@ -1414,6 +1430,35 @@ mod tests {
         })
         .unwrap();
         assert_eq!(seen, 5_000);
+    }
+
+    #[test]
+    fn chunk_scans_a_slice_at_a_time_see_every_record_once_in_hash_order() {
+        let mut store = MemoryStore::default();
+        // First bytes at both ends of the key space, and many sharing one slice (more than a page).
+        let firsts = (0..5_000u32).map(|i| if i < 4_500 { 0x7f } else { [0x00, 0x01, 0xfe, 0xff][i as usize % 4] });
+        let mut expected = Vec::new();
+        for (i, first) in (0..5_000u32).zip(firsts) {
+            let mut bytes = [0u8; 32];
+            bytes[0] = first;
+            bytes[1..5].copy_from_slice(&i.to_be_bytes());
+            let hash = ChunkHash::from_bytes(bytes);
+            expected.push(hash);
+            let c = CommittedChunk { hash, size: 1, replicas: vec![1] };
+            commit_file(&mut store, &commit(&format!("/f{i}"), vec![c], None), 1_000).unwrap().unwrap();
+        }
+        expected.sort();
+        let mut seen = Vec::new();
+        for byte0 in 0..=u8::MAX {
+            let (start, end) = hash_slice_keys(byte0);
+            for_each_chunk_between(&store, &start, end.as_ref().map(|end| end.as_slice()), |hash, _| {
+                assert_eq!(hash[0], byte0, "a record outside its slice");
+                seen.push(hash);
+                true
+            })
+            .unwrap();
+        }
+        assert_eq!(seen, expected);
     }
 
     #[test]

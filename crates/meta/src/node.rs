@@ -2213,6 +2213,33 @@ impl MetaNode {
         files::for_each_chunk(&view, visit).map_err(ApiError::internal)
     }
 
+    /// [`MetaNode::for_each_chunk`] over one 256th of the chunk map: the records whose hash
+    /// starts with `byte0`, from a consistent read of their own. For scans that go a slice at
+    /// a time, so that no step holds a read (or a worker thread) for the whole map. Blocking.
+    pub fn for_each_chunk_in_slice(
+        &self,
+        byte0: u8,
+        visit: impl FnMut(ChunkHash, ChunkRecord) -> bool,
+    ) -> Result<u64, ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        let (start, end) = files::hash_slice_keys(byte0);
+        files::for_each_chunk_between(&view, &start, end.as_ref().map(|end| end.as_slice()), visit)
+            .map_err(ApiError::internal)
+    }
+
+    /// [`MetaNode::for_each_stripe`] over the stripes whose chunk hash starts with `byte0`, as
+    /// [`MetaNode::for_each_chunk_in_slice`] goes over chunks. Blocking.
+    pub fn for_each_stripe_in_slice(
+        &self,
+        byte0: u8,
+        visit: impl FnMut(ChunkHash, crate::stripes::StripeRecord) -> bool,
+    ) -> Result<u64, ApiError> {
+        let view = self.state.view().map_err(ApiError::internal)?;
+        let (start, end) = files::hash_slice_keys(byte0);
+        crate::stripes::for_each_stripe_between(&view, &start, end.as_ref().map(|end| end.as_slice()), visit)
+            .map_err(ApiError::internal)
+    }
+
     /// Calls `visit` for every stripe (erasure-coded chunk) of this node's state machine, in
     /// chunk-hash order, from one consistent read, like [`MetaNode::for_each_chunk`]. Blocking.
     pub fn for_each_stripe(

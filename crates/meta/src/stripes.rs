@@ -332,13 +332,23 @@ pub(crate) fn drop_shards(store: &mut impl StateStore, drops: &[ShardDrop]) -> R
 /// returns false. Rows that do not decode are skipped and counted (see `files::for_each_chunk`).
 pub fn for_each_stripe(
     store: &impl StateStore,
+    visit: impl FnMut(ChunkHash, StripeRecord) -> bool,
+) -> Result<u64, StoreError> {
+    for_each_stripe_between(store, &[], None, visit)
+}
+
+/// [`for_each_stripe`] over the stripes whose keys are from `start` up to `end` (excluded).
+pub fn for_each_stripe_between(
+    store: &impl StateStore,
+    start: &[u8],
+    end: Option<&[u8]>,
     mut visit: impl FnMut(ChunkHash, StripeRecord) -> bool,
 ) -> Result<u64, StoreError> {
     const PAGE: usize = 1_024;
     let mut skipped = 0;
-    let mut start: Vec<u8> = Vec::new();
+    let mut start: Vec<u8> = start.to_vec();
     loop {
-        let rows = store.range(Table::Stripes, &start, None, PAGE)?;
+        let rows = store.range(Table::Stripes, &start, end, PAGE)?;
         let full = rows.len() == PAGE;
         for (key, value) in rows {
             start = key.clone();
