@@ -52,8 +52,7 @@ pub struct ChunkStore {
     tmp_dir: PathBuf,
     quarantine_dir: PathBuf,
     max_chunk_bytes: usize,
-    chunk_count: AtomicU64,
-    chunk_bytes: AtomicU64,
+    counts: SliceCounts,
     /// Makes temp file names unique within this process; the pid makes them unique across
     /// processes, in case the lock is ever bypassed.
     temp_file_counter: AtomicU64,
@@ -224,8 +223,7 @@ impl ChunkStore {
             tmp_dir,
             quarantine_dir,
             max_chunk_bytes,
-            chunk_count: AtomicU64::new(0),
-            chunk_bytes: AtomicU64::new(0),
+            counts: SliceCounts::default(),
             temp_file_counter: AtomicU64::new(0),
             write_mode,
             staging_budget: StagingBudget::new(STAGING_BUDGET_BYTES),
@@ -236,15 +234,11 @@ impl ChunkStore {
             _lock_file: lock_file,
         };
 
-        let (mut chunk_count, mut chunk_bytes) = (0u64, 0u64);
-        store.for_each_chunk(|_, entry| {
+        store.for_each_chunk(|hash, entry| {
             let metadata = entry.metadata().map_err(|e| ChunkError::from_io(e, "reading size of", &entry.path()))?;
-            chunk_count += 1;
-            chunk_bytes += metadata.len();
+            store.counts.added(&hash, metadata.len());
             Ok(())
         })?;
-        store.chunk_count.store(chunk_count, Ordering::Relaxed);
-        store.chunk_bytes.store(chunk_bytes, Ordering::Relaxed);
         Ok(store)
     }
 
@@ -315,15 +309,8 @@ impl ChunkStore {
 
         let new_len = data.len() as u64;
         match replaced_len {
-            None => {
-                self.chunk_count.fetch_add(1, Ordering::Relaxed);
-                self.chunk_bytes.fetch_add(new_len, Ordering::Relaxed);
-            }
-            Some(old_len) => {
-                // Add before subtracting so the counter does not dip below zero in between.
-                self.chunk_bytes.fetch_add(new_len, Ordering::Relaxed);
-                saturating_sub(&self.chunk_bytes, old_len);
-            }
+            None => self.counts.added(expected, new_len),
+            Some(old_len) => self.counts.replaced(expected, new_len, old_len),
         }
 
         // fsync the directory: the rename is only a change to the directory, and until the
@@ -416,14 +403,8 @@ impl ChunkStore {
             .map_err(|e| ChunkError::from_io(e, "renaming temp file to", &final_path))?;
         writer.renamed = true;
         match replaced_len {
-            None => {
-                self.chunk_count.fetch_add(1, Ordering::Relaxed);
-                self.chunk_bytes.fetch_add(writer.written, Ordering::Relaxed);
-            }
-            Some(old_len) => {
-                self.chunk_bytes.fetch_add(writer.written, Ordering::Relaxed);
-                saturating_sub(&self.chunk_bytes, old_len);
-            }
+            None => self.counts.added(expected, writer.written),
+            Some(old_len) => self.counts.replaced(expected, writer.written, old_len),
         }
         // fsync the directory: the rename is only a change to the directory, and until the
         // directory is on disk a crash can undo it, losing a chunk about to be acknowledged.
@@ -548,8 +529,7 @@ impl ChunkStore {
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(false),
             Err(error) => return Err(ChunkError::from_io(error, "deleting chunk", &path)),
         }
-        saturating_sub(&self.chunk_count, 1);
-        saturating_sub(&self.chunk_bytes, len);
+        self.counts.removed(hash, len);
         Ok(true)
     }
 
@@ -634,8 +614,7 @@ impl ChunkStore {
             Err(error) if error.kind() == io::ErrorKind::NotFound => return Err(ChunkError::NotFound(hex)),
             Err(error) => return Err(ChunkError::from_io(error, "quarantining chunk", &path)),
         }
-        saturating_sub(&self.chunk_count, 1);
-        saturating_sub(&self.chunk_bytes, len);
+        self.counts.removed(hash, len);
         Ok(QuarantineOutcome::MovedAside)
     }
 
@@ -653,10 +632,13 @@ impl ChunkStore {
         Ok(hashes)
     }
 
-    /// The chunks and bytes stored in the slice of hashes starting with `byte0`, counted from
-    /// the disk: the parts of a [`ChunkStore::recount`] done a slice at a time, whose sum
-    /// [`ChunkStore::set_recounted`] takes.
-    pub fn count_slice(&self, byte0: u8) -> Result<StoreStats, ChunkError> {
+    /// Counts the chunks and bytes of one slice (the hashes that start with `byte0`) again, as
+    /// [`ChunkStore::recount`] does for all of them, and makes that slice's share of
+    /// [`ChunkStore::stats`] say so. A scan that recounts the store a slice at a time replaces
+    /// each slice's numbers as it goes: a put or delete elsewhere meanwhile is counted as usual,
+    /// and only one racing this slice's own count can leave its numbers a chunk off until the
+    /// next recount. Returns the slice's numbers.
+    pub fn recount_slice(&self, byte0: u8) -> Result<StoreStats, ChunkError> {
         let (mut chunk_count, mut chunk_bytes) = (0u64, 0u64);
         self.for_each_chunk_in_slice(byte0, |_, entry| {
             // A file deleted since the directory was read is simply not counted.
@@ -666,16 +648,9 @@ impl ChunkStore {
             }
             Ok(())
         })?;
-        Ok(StoreStats { chunk_count, chunk_bytes })
-    }
-
-    /// Makes [`ChunkStore::stats`] say what a recount done a slice at a time found (the sum of
-    /// [`ChunkStore::count_slice`] over every slice), as [`ChunkStore::recount`] does for one
-    /// done at once. Puts and deletes between the slices' counts can leave the numbers a few
-    /// chunks off until the next recount, as they can during one.
-    pub fn set_recounted(&self, stats: StoreStats) {
-        self.chunk_count.store(stats.chunk_count, Ordering::Relaxed);
-        self.chunk_bytes.store(stats.chunk_bytes, Ordering::Relaxed);
+        let counted = StoreStats { chunk_count, chunk_bytes };
+        self.counts.set(byte0, counted);
+        Ok(counted)
     }
 
     /// Every stored chunk, sorted by hash (so a scrubber can resume from a hash). Files that are
@@ -697,18 +672,10 @@ impl ChunkStore {
     /// lasts one pass at most. A put or delete racing the scan can leave the numbers a chunk
     /// off until the next recount.
     pub fn recount(&self) -> Result<StoreStats, ChunkError> {
-        let (mut chunk_count, mut chunk_bytes) = (0u64, 0u64);
-        self.for_each_chunk(|_, entry| {
-            // A file deleted since the directory was read is simply not counted.
-            if let Ok(metadata) = entry.metadata() {
-                chunk_count += 1;
-                chunk_bytes += metadata.len();
-            }
-            Ok(())
-        })?;
-        self.chunk_count.store(chunk_count, Ordering::Relaxed);
-        self.chunk_bytes.store(chunk_bytes, Ordering::Relaxed);
-        Ok(StoreStats { chunk_count, chunk_bytes })
+        for byte0 in 0..=u8::MAX {
+            self.recount_slice(byte0)?;
+        }
+        Ok(self.stats())
     }
 
     /// Chunk count and bytes, kept up to date by every call rather than by scanning. The two
@@ -722,10 +689,7 @@ impl ChunkStore {
     /// chunk's size in memory would make it exact at tens of bytes per chunk, which is not worth it
     /// for a number used for capacity reports.
     pub fn stats(&self) -> StoreStats {
-        StoreStats {
-            chunk_count: self.chunk_count.load(Ordering::Relaxed),
-            chunk_bytes: self.chunk_bytes.load(Ordering::Relaxed),
-        }
+        self.counts.total()
     }
 
     /// Gives the store a [`FaultState`] to consult on every chunk read and write, for chaos
@@ -935,6 +899,54 @@ fn chunk_file_len(path: &Path) -> Result<Option<u64>, ChunkError> {
 
 /// Subtracts without wrapping below zero: a counter that drifted low (see `stats`) must not turn
 /// into a huge number.
+/// The store's chunk count and bytes, kept per slice of the hash space (the chunks whose hash
+/// starts with one byte), so that a recount done a slice at a time can replace one slice's
+/// numbers while puts and deletes go on in the others. 4 KiB of counters.
+#[derive(Debug)]
+struct SliceCounts {
+    chunks: [AtomicU64; 256],
+    bytes: [AtomicU64; 256],
+}
+
+impl Default for SliceCounts {
+    fn default() -> Self {
+        Self { chunks: std::array::from_fn(|_| AtomicU64::new(0)), bytes: std::array::from_fn(|_| AtomicU64::new(0)) }
+    }
+}
+
+impl SliceCounts {
+    fn added(&self, hash: &ChunkHash, len: u64) {
+        self.chunks[usize::from(hash[0])].fetch_add(1, Ordering::Relaxed);
+        self.bytes[usize::from(hash[0])].fetch_add(len, Ordering::Relaxed);
+    }
+
+    /// A copy of `old_len` bytes replaced by one of `new_len`.
+    fn replaced(&self, hash: &ChunkHash, new_len: u64, old_len: u64) {
+        // Add before subtracting so the counter does not dip below zero in between.
+        self.bytes[usize::from(hash[0])].fetch_add(new_len, Ordering::Relaxed);
+        saturating_sub(&self.bytes[usize::from(hash[0])], old_len);
+    }
+
+    fn removed(&self, hash: &ChunkHash, len: u64) {
+        saturating_sub(&self.chunks[usize::from(hash[0])], 1);
+        saturating_sub(&self.bytes[usize::from(hash[0])], len);
+    }
+
+    fn set(&self, byte0: u8, counted: StoreStats) {
+        self.chunks[usize::from(byte0)].store(counted.chunk_count, Ordering::Relaxed);
+        self.bytes[usize::from(byte0)].store(counted.chunk_bytes, Ordering::Relaxed);
+    }
+
+    /// The sums over every slice; read one counter at a time, so under concurrent writes the
+    /// numbers may be from slightly different moments.
+    fn total(&self) -> StoreStats {
+        StoreStats {
+            chunk_count: self.chunks.iter().map(|count| count.load(Ordering::Relaxed)).sum(),
+            chunk_bytes: self.bytes.iter().map(|bytes| bytes.load(Ordering::Relaxed)).sum(),
+        }
+    }
+}
+
 fn saturating_sub(counter: &AtomicU64, amount: u64) {
     let _ = counter.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |value| Some(value.saturating_sub(amount)));
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
-use mendfs_chunkstore::{ChunkError, StoreStats};
+use mendfs_chunkstore::ChunkError;
 use mendfs_meta::MetaNode;
 use mendfs_types::ChunkHash;
 use mendfs_worker::{Step, Worker, WorkerError};
@@ -157,28 +157,19 @@ pub async fn scrub_pass(
     }
     // Files lost behind the store's back (found missing above) are still in its counters,
     // which the heartbeat reports as this node's chunk count: count again once per pass.
-    match recount(storage).await? {
-        Ok(recounted) => storage.store.set_recounted(recounted),
-        Err(e) => tracing::warn!("scrub: recounting the chunk store: {e}"),
+    // Each slice's numbers are replaced as it is counted, so puts and deletes meanwhile in
+    // the other slices stay counted.
+    for byte0 in 0..=u8::MAX {
+        let counting = storage.clone();
+        if let Err(e) =
+            crate::chunk_work::run(move || counting.store.recount_slice(byte0)).await.map_err(|e| e.to_string())?
+        {
+            tracing::warn!("scrub: recounting the chunk store: {e}");
+            break;
+        }
     }
     Counters::add(&counters.scrub_passes, 1);
     Ok(outcome)
-}
-
-/// The store's chunks and bytes counted from the disk, a slice at a time.
-async fn recount(storage: &Arc<LocalChunks>) -> Result<Result<StoreStats, ChunkError>, String> {
-    let mut recounted = StoreStats::default();
-    for byte0 in 0..=u8::MAX {
-        let counting = storage.clone();
-        match crate::chunk_work::run(move || counting.store.count_slice(byte0)).await.map_err(|e| e.to_string())? {
-            Ok(slice) => {
-                recounted.chunk_count += slice.chunk_count;
-                recounted.chunk_bytes += slice.chunk_bytes;
-            }
-            Err(e) => return Ok(Err(e)),
-        }
-    }
-    Ok(Ok(recounted))
 }
 
 /// Re-reads and re-hashes one copy; a corrupt one is quarantined and reported. Returns the
