@@ -1581,7 +1581,14 @@ impl MetaNode {
             .await
             .map_err(|_| ApiError::Timeout(format!("leader {leader} at {addr} did not answer within {timeout:?}")))?
             .map_err(|status| match status.code() {
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                // `Unknown` is how a call that lost its connection midway ends ("transport
+                // error"): a leader killed while serving it. Its outcome is unknown, and the
+                // caller may try again (a write's request id makes that safe), as it would had
+                // it called the leader itself; `Internal` would end the caller's write for good.
+                tonic::Code::Unavailable
+                | tonic::Code::DeadlineExceeded
+                | tonic::Code::Cancelled
+                | tonic::Code::Unknown => {
                     ApiError::Unavailable(format!("leader {leader} at {addr}: {}", status.message()))
                 }
                 _ => ApiError::Internal(format!("leader {leader} at {addr}: {}", status.message())),
