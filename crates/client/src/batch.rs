@@ -57,6 +57,17 @@ pub(crate) struct Batcher {
     /// Calls of key writes this client has in flight. With none, a write goes out at once in
     /// its writer's task: a lone writer pays no hand-off to the batcher.
     in_flight: AtomicUsize,
+    /// The `Kv/WriteStream` a lone writer's writes go on, while no write uses it.
+    stream: std::sync::Mutex<Option<WriteStream>>,
+    /// Set once a node answered that it has no `Kv/WriteStream`.
+    stream_unsupported: AtomicBool,
+}
+
+/// An open `Kv/WriteStream`: writes go in one at a time, each answered before the next.
+struct WriteStream {
+    endpoint: usize,
+    writes: mpsc::Sender<pb::StreamedWrite>,
+    answers: tonic::Streaming<pb::BatchResult>,
 }
 
 /// Counts a call in [`Batcher::in_flight`] while it lives.
@@ -103,6 +114,9 @@ impl Client {
         }
         if batcher.in_flight.load(Ordering::Relaxed) == 0 {
             let _in_flight = InFlight::enter(&batcher.in_flight);
+            if let Some(result) = self.write_streamed(&op, deadline).await {
+                return result;
+            }
             return self.write_alone(op, deadline).await;
         }
         let queue = batcher.queue.get_or_init(|| {
@@ -124,6 +138,86 @@ impl Client {
             Err(mpsc::error::TrySendError::Full(queued) | mpsc::error::TrySendError::Closed(queued)) => {
                 self.write_alone(queued.op, deadline).await
             }
+        }
+    }
+
+    /// One write on the client's write stream, opened if it has none. None when the stream
+    /// cannot take it (none could be opened, another write holds it, it broke, or the write
+    /// must be tried elsewhere): the write then goes in a call of its own, with failover. A
+    /// write that broke its stream may have been applied; trying it again is safe, as its
+    /// request id is the same.
+    async fn write_streamed(&self, op: &pb::BatchOp, deadline: Instant) -> Option<Result<pb::WriteReply, Error>> {
+        let batcher = &self.inner.batcher;
+        if batcher.stream_unsupported.load(Ordering::Relaxed) {
+            return None;
+        }
+        let taken = batcher.stream.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        let mut stream = match taken {
+            Some(stream) => stream,
+            None => self.open_write_stream(deadline).await?,
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now()).min(self.inner.config.attempt_timeout);
+        let write = pb::StreamedWrite {
+            op: Some(op.clone()),
+            timeout_ms: remaining.as_millis() as u64,
+            // Every write is a request of its own, with a trace of its own.
+            traceparent: mendfs_telemetry::grpc::outgoing_context().to_traceparent(),
+        };
+        let answered = match stream.writes.send(write).await {
+            Ok(()) => {
+                tokio::time::timeout(remaining, stream.answers.message()).await.ok().and_then(Result::ok).flatten()
+            }
+            Err(_) => None,
+        };
+        let Some(answer) = answered else {
+            // The stream broke or its node went silent (stopped, partitioned away): the write's
+            // own call starts at the next endpoint, as a call's next attempt would, rather than
+            // spend another attempt's time on this one.
+            let next = (stream.endpoint + 1) % self.inner.channels.len();
+            let _ = self.inner.preferred.compare_exchange(stream.endpoint, next, Ordering::Relaxed, Ordering::Relaxed);
+            return None;
+        };
+        let outcome = match answer.result {
+            Some(pb::batch_result::Result::Written(written)) => Ok(written),
+            Some(pb::batch_result::Result::Error(error)) => match classify(&status_of(&error)) {
+                Attempt::Fail(error) => Err(error),
+                Attempt::Retry(_) => return None,
+            },
+            None => Err(Error::Server("a streamed write's answer was empty".into())),
+        };
+        // Kept for the next write, unless the client has since learnt of a better endpoint (the
+        // leader, named by the node the stream was opened on): the next write opens one there.
+        if self.inner.preferred.load(Ordering::Relaxed) % self.inner.channels.len() == stream.endpoint {
+            *batcher.stream.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(stream);
+        }
+        Some(outcome)
+    }
+
+    async fn open_write_stream(&self, deadline: Instant) -> Option<WriteStream> {
+        let endpoint = self.inner.preferred.load(Ordering::Relaxed) % self.inner.channels.len();
+        let (writes, queued) = mpsc::channel(1);
+        let mut kv = self.kv(endpoint);
+        let remaining = deadline.saturating_duration_since(Instant::now()).min(self.inner.config.attempt_timeout);
+        let opened =
+            tokio::time::timeout(remaining, kv.write_stream(tokio_stream::wrappers::ReceiverStream::new(queued))).await;
+        match opened {
+            Ok(Ok(response)) => {
+                // A node that forwards writes to the leader names it; this stream serves the
+                // write at hand, and the next opens at the leader if it is one of the endpoints.
+                if let Some(leader) = self.leader_named(response.metadata()) {
+                    self.inner.preferred.store(leader, Ordering::Relaxed);
+                }
+                Some(WriteStream { endpoint, writes, answers: response.into_inner() })
+            }
+            Ok(Err(status)) => {
+                if let Attempt::Fail(error) = classify(&status) {
+                    if batch_unsupported(&error) {
+                        self.inner.batcher.stream_unsupported.store(true, Ordering::Relaxed);
+                    }
+                }
+                None
+            }
+            Err(_) => None,
         }
     }
 

@@ -601,6 +601,13 @@ impl Client {
         CALL_TRACE.scope(context, self.attempts(what, reply, deadline, attempt)).await
     }
 
+    /// The endpoint a reply names as the leader (a node that forwarded to it), if it is one of
+    /// this client's.
+    fn leader_named(&self, metadata: &tonic::metadata::MetadataMap) -> Option<usize> {
+        let addr = metadata.get(LEADER_HINT_HEADER).and_then(|value| value.to_str().ok())?;
+        self.inner.config.endpoints.iter().position(|e| e.trim_start_matches("http://") == addr)
+    }
+
     async fn attempts<T, F, Fut>(&self, what: &str, reply: Reply, deadline: Instant, mut attempt: F) -> Result<T, Error>
     where
         F: FnMut(usize) -> Fut,
@@ -630,12 +637,7 @@ impl Client {
                 Ok(Ok(response)) => {
                     // A node that had to forward to the leader names it: go there directly
                     // next time, saving a hop, if it is one of our endpoints.
-                    let leader_index =
-                        response.metadata().get(LEADER_HINT_HEADER).and_then(|value| value.to_str().ok()).and_then(
-                            |addr| {
-                                self.inner.config.endpoints.iter().position(|e| e.trim_start_matches("http://") == addr)
-                            },
-                        );
+                    let leader_index = self.leader_named(response.metadata());
                     self.inner.preferred.store(leader_index.unwrap_or(index), Ordering::Relaxed);
                     return Ok(response.into_inner());
                 }

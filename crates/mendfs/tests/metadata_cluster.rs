@@ -396,6 +396,33 @@ async fn bad_input_gets_clean_errors_and_the_node_stays_up() {
     let status = node.append_stream(stream_request(false)).await.expect_err("no cluster id");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
 
+    // A streamed write that names no write, or a key beyond the limit, gets an error of its
+    // own; the stream goes on to the next write.
+    use mendfs_proto::v1::{batch_op, batch_result, BatchOp, PutRequest, StreamedWrite};
+    let set = |key: &[u8]| StreamedWrite {
+        op: Some(BatchOp {
+            op: Some(batch_op::Op::Set(PutRequest { key: key.to_vec(), value: b"v".to_vec(), ..Default::default() })),
+        }),
+        ..Default::default()
+    };
+    let writes = vec![StreamedWrite::default(), set(&[b'k'; 65]), set(b"streamed/after-bad-ones")];
+    let mut request = tonic::Request::new(futures::stream::iter(writes));
+    request.metadata_mut().insert(mendfs_proto::SECRET_HEADER, cluster.secret().unwrap().parse().unwrap());
+    let mut kv =
+        mendfs_proto::v1::kv_client::KvClient::connect(format!("http://{}", cluster.addr(1))).await.expect("connect");
+    let mut answers = kv.write_stream(request).await.expect("a write stream opens").into_inner();
+    for what in ["no write", "a key too long"] {
+        let answer = answers.message().await.expect("an answer").expect("not the end");
+        let refused = match answer.result {
+            Some(batch_result::Result::Error(error)) => error,
+            other => panic!("{what}: {other:?}"),
+        };
+        assert_eq!(refused.code, tonic::Code::InvalidArgument as i32, "{what}: {refused:?}");
+    }
+    let answer = answers.message().await.expect("an answer").expect("not the end");
+    assert!(matches!(answer.result, Some(batch_result::Result::Written(_))), "{answer:?}");
+    assert!(answers.message().await.expect("a clean end").is_none());
+
     // Missing keys: a clear error, not an empty success.
     let err = cluster.run_cli(&["kv", "get", "no/such/key"]).expect_err("missing");
     assert!(format!("{err:#}").contains("not found"), "{err:#}");
@@ -665,6 +692,51 @@ async fn entries_travel_on_one_stream_per_follower_which_a_stopping_follower_end
     })
     .unwrap();
     blocking(|| cluster.wait_for_caught_up(&[stopping], DEADLINE)).unwrap();
+}
+
+/// A lone writer's writes go one after another on one stream (`Kv/WriteStream`), not a call
+/// each, and each gets its own outcome; each is authorized on its own, so a token revoked while
+/// the stream is open stops the next write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_writer_streams_its_writes_and_a_revoked_token_stops_the_next_one() {
+    let (node_args, http) = http_listeners();
+    let cluster = start(ClusterOptions { node_args, ..ClusterOptions::default() });
+    let token = blocking(|| cluster.run_cli(&["auth", "token", "create", "streamer", "--role", "write"]))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut config = ClientConfig::new(cluster.endpoint_list());
+    config.token = Some(token);
+    let writer = Client::new(config).unwrap();
+    let unary = || (1..=3u64).map(|id| rpc_count(&http[&id], "op=\"Kv/Set\"")).sum::<f64>();
+    // The first write may find the token not yet applied on the node it asks, or open its
+    // stream at a follower, which names the leader for the next.
+    writer.set(b"streamed/first", b"v", None, None).await.unwrap();
+    writer.set(b"streamed/second", b"v", None, None).await.unwrap();
+    let unary_before = unary();
+    const WRITES: usize = 30;
+    for i in 0..WRITES {
+        let kv = writer.set(format!("streamed/{i}").as_bytes(), b"v1", None, None).await.unwrap();
+        assert_eq!(kv.version, 1);
+        let kv = writer.set(format!("streamed/{i}").as_bytes(), b"v2", Some(1), None).await.unwrap();
+        assert_eq!(kv.version, 2, "a compare-and-set on the stream");
+    }
+    // Each write keeps its own outcome: a conflict, a refusal.
+    let conflict = writer.set(b"streamed/0", b"never", Some(1), None).await;
+    assert!(matches!(conflict, Err(Error::VersionMismatch { expected: 1, actual: 2 })), "{conflict:?}");
+    let taken = writer.create(b"streamed/0", b"never", None).await;
+    assert!(matches!(taken, Err(Error::KeyExists { version: 2 })), "{taken:?}");
+    assert_eq!(writer.get(b"streamed/0").await.unwrap().unwrap().value, b"v2");
+    let unary_sets = unary() - unary_before;
+    assert!(unary_sets <= 2.0, "{unary_sets} of {} sets went as calls of their own", 2 * WRITES + 1);
+
+    blocking(|| cluster.run_cli(&["auth", "token", "revoke", "streamer"])).unwrap();
+    let refused = writer.set(b"streamed/after-revoke", b"v", None, None).await;
+    assert!(
+        matches!(&refused, Err(Error::Unauthenticated(m)) if m.contains("revoked")),
+        "a write after the revocation: {refused:?}"
+    );
+    assert_eq!(client(&cluster).get(b"streamed/after-revoke").await.unwrap(), None, "nothing was written");
 }
 
 /// Many tasks writing through one client share calls (`Kv/Batch`), and every write still gets

@@ -19,8 +19,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
-use crate::auth::{Authenticator, Role};
+use crate::auth::{Authenticator, ConnectionInfo, Role};
 use crate::clock;
 use crate::error::ApiError;
 use mendfs_types::unix_now_ms;
@@ -497,6 +498,56 @@ fn batch_error(status: &Status) -> pb::BatchError {
     }
 }
 
+/// What serves the writes of one `Kv/WriteStream`.
+struct StreamedWrites {
+    api: KvApi,
+    auth: Authenticator,
+}
+
+/// The path a streamed write is authorized as, like its stream.
+const WRITE_STREAM_PATH: &str = "/mendfs.v1.Kv/WriteStream";
+
+impl StreamedWrites {
+    async fn serve(
+        &self,
+        write: pb::StreamedWrite,
+        forwarded: bool,
+        headers: &tonic::codegen::http::HeaderMap,
+        connection: Option<&ConnectionInfo>,
+    ) -> pb::BatchResult {
+        let op = match &write.op.as_ref().and_then(|op| op.op.as_ref()) {
+            Some(pb::batch_op::Op::Create(_)) => "Kv/Create",
+            Some(pb::batch_op::Op::Set(_)) => "Kv/Set",
+            Some(pb::batch_op::Op::Delete(_)) => "Kv/Delete",
+            None => "Kv/WriteStream",
+        };
+        let traceparent = (!write.traceparent.is_empty()).then_some(write.traceparent.as_str());
+        let span = tracing::info_span!("rpc", op, traceparent, error = tracing::field::Empty);
+        let origin = Origin {
+            forwarded,
+            deadline: (write.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(write.timeout_ms)),
+        };
+        let result = async {
+            self.auth.authorize_caught_up(WRITE_STREAM_PATH, headers, connection).await?;
+            match write.op {
+                Some(op) => self.api.batch_op(origin, op).await,
+                None => Err(Status::invalid_argument("a streamed write names no write (create, set or delete)")),
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        pb::BatchResult {
+            result: Some(match result {
+                Ok(written) => pb::batch_result::Result::Written(written),
+                Err(status) => {
+                    span.record("error", format!("{:?}: {}", status.code(), status.message()));
+                    pb::batch_result::Result::Error(batch_error(&status))
+                }
+            }),
+        }
+    }
+}
+
 fn write_reply(outcome: Outcome) -> Result<Response<pb::WriteReply>, Status> {
     match outcome {
         Outcome::Written { revision, kv, deleted } => {
@@ -550,6 +601,38 @@ impl Kv for KvApi {
             })
             .collect();
         self.hint(Ok(Response::new(pb::BatchReply { results })))
+    }
+
+    type WriteStreamStream = Pin<Box<dyn Stream<Item = Result<pb::BatchResult, Status>> + Send>>;
+
+    /// Each write on the stream is served as a call of its own would be: authorized again with
+    /// the credentials the stream was opened with (a token revoked meanwhile stops the next
+    /// write, with the same freshness as a call's check), in a span of its own under the trace
+    /// it names, with its own deadline. One at a time: a write is read only once the one before
+    /// it is answered, so a stream holds one write's memory, however fast its client sends.
+    async fn write_stream(
+        &self,
+        request: Request<Streaming<pb::StreamedWrite>>,
+    ) -> Result<Response<Self::WriteStreamStream>, Status> {
+        let forwarded = request.metadata().get(FORWARDED_HEADER).is_some();
+        let connection = request.extensions().get::<ConnectionInfo>().cloned();
+        let headers = request.metadata().clone().into_headers();
+        let serving = StreamedWrites { api: KvApi { node: self.node.clone() }, auth: authenticator(&self.node) };
+        let incoming = request.into_inner();
+        let answers = futures::stream::unfold((serving, incoming), move |(serving, mut incoming)| {
+            let (headers, connection) = (headers.clone(), connection.clone());
+            async move {
+                let write = match incoming.message().await {
+                    Ok(Some(write)) => write,
+                    Ok(None) => return None,
+                    // A broken or malformed stream ends here; its client retries the write.
+                    Err(status) => return Some((Err(status), (serving, incoming))),
+                };
+                let answer = serving.serve(write, forwarded, &headers, connection.as_ref()).await;
+                Some((Ok(answer), (serving, incoming)))
+            }
+        });
+        self.hint(Ok(Response::new(Box::pin(answers) as Self::WriteStreamStream)))
     }
 
     async fn compact(&self, request: Request<pb::CompactRequest>) -> Result<Response<pb::CompactReply>, Status> {
