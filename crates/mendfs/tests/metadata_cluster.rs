@@ -730,6 +730,15 @@ async fn a_lone_writer_streams_its_writes_and_a_revoked_token_stops_the_next_one
     let unary_sets = unary() - unary_before;
     assert!(unary_sets <= 2.0, "{unary_sets} of {} sets went as calls of their own", 2 * WRITES + 1);
 
+    // A graceful stop of the node the stream is on (the leader, which the first write's node
+    // named) ends the stream between writes instead of waiting out its grace for it.
+    let leader = blocking(|| cluster.wait_for_leader(DEADLINE)).unwrap();
+    let pid = cluster.nodes[&leader].pid().unwrap();
+    mendfs_testkit::signal(pid, libc::SIGTERM).unwrap();
+    blocking(|| wait_for("the leader to stop", DEADLINE, || Ok(exited(pid).then_some(())))).unwrap();
+    let log = cluster.log(leader);
+    assert!(!log.contains("calls still in flight"), "the stop waited for a stream: {}", cluster.log_tail(leader, 20));
+
     blocking(|| cluster.run_cli(&["auth", "token", "revoke", "streamer"])).unwrap();
     let refused = writer.set(b"streamed/after-revoke", b"v", None, None).await;
     assert!(

@@ -45,7 +45,8 @@ const WATCH_QUEUE_REPLIES: usize = 64;
 /// The metadata services of a node, with their message size limits. Every call reaches them
 /// through the node's [`crate::auth::AuthLayer`] (see [`authenticator`]).
 /// `serving` is cancelled when the node stops serving: a follower then ends its append streams,
-/// which would otherwise hold the server's drain of calls in flight until the grace ran out.
+/// and every node its clients' write streams, which would otherwise hold the server's drain of
+/// calls in flight until the grace ran out.
 pub fn services(
     node: &MetaNode,
     serving: CancellationToken,
@@ -54,10 +55,14 @@ pub fn services(
     // message is refused before it is buffered.
     let client_message_max = node.config.max_key_bytes + node.config.max_value_bytes + 64 * 1024;
     (
-        NodeServer::new(NodeApi { node: node.clone(), receiving: std::sync::Mutex::new(None), serving })
-            .max_decoding_message_size(crate::network::PEER_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(crate::network::PEER_MESSAGE_BYTES_MAX),
-        KvServer::new(KvApi { node: node.clone() })
+        NodeServer::new(NodeApi {
+            node: node.clone(),
+            receiving: std::sync::Mutex::new(None),
+            serving: serving.clone(),
+        })
+        .max_decoding_message_size(crate::network::PEER_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(crate::network::PEER_MESSAGE_BYTES_MAX),
+        KvServer::new(KvApi { node: node.clone(), serving: serving.clone() })
             .max_decoding_message_size(client_message_max)
             .max_encoding_message_size(usize::MAX),
         AuthServer::new(AuthApi { node: node.clone() }).max_decoding_message_size(64 * 1024),
@@ -397,6 +402,8 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 
 pub struct KvApi {
     node: MetaNode,
+    /// Cancelled when the node stops serving: its write streams then end between writes.
+    serving: CancellationToken,
 }
 
 fn to_pb_kv(kv: KeyValue) -> pb::KeyValue {
@@ -617,12 +624,23 @@ impl Kv for KvApi {
         let forwarded = request.metadata().get(FORWARDED_HEADER).is_some();
         let connection = request.extensions().get::<ConnectionInfo>().cloned();
         let headers = request.metadata().clone().into_headers();
-        let serving = StreamedWrites { api: KvApi { node: self.node.clone() }, auth: authenticator(&self.node) };
+        let stopping = self.serving.clone();
+        let serving = StreamedWrites {
+            api: KvApi { node: self.node.clone(), serving: self.serving.clone() },
+            auth: authenticator(&self.node),
+        };
         let incoming = request.into_inner();
         let answers = futures::stream::unfold((serving, incoming), move |(serving, mut incoming)| {
-            let (headers, connection) = (headers.clone(), connection.clone());
+            let (headers, connection, stopping) = (headers.clone(), connection.clone(), stopping.clone());
             async move {
-                let write = match incoming.message().await {
+                let next = tokio::select! {
+                    next = incoming.message() => next,
+                    // The node stops serving: the stream ends between writes (a write under way
+                    // is answered first), so a graceful stop does not wait out its grace for a
+                    // stream its client keeps open. The client opens its next one elsewhere.
+                    () = stopping.cancelled() => return None,
+                };
+                let write = match next {
                     Ok(Some(write)) => write,
                     Ok(None) => return None,
                     // A broken or malformed stream ends here; its client retries the write.
