@@ -492,6 +492,17 @@ impl KvApi {
     }
 }
 
+/// One write's outcome as `Kv/Batch` and `Kv/WriteStream` answer it: the reply, or the error
+/// its own call would have failed with.
+fn batch_result(outcome: Result<pb::WriteReply, Status>) -> pb::BatchResult {
+    pb::BatchResult {
+        result: Some(match outcome {
+            Ok(written) => pb::batch_result::Result::Written(written),
+            Err(status) => pb::batch_result::Result::Error(batch_error(&status)),
+        }),
+    }
+}
+
 /// A failed op of a batch as its own call's status would have carried it.
 fn batch_error(status: &Status) -> pb::BatchError {
     let header = |name: &str| status.metadata().get(name).and_then(|value| value.to_str().ok());
@@ -543,15 +554,10 @@ impl StreamedWrites {
         }
         .instrument(span.clone())
         .await;
-        pb::BatchResult {
-            result: Some(match result {
-                Ok(written) => pb::batch_result::Result::Written(written),
-                Err(status) => {
-                    span.record("error", format!("{:?}: {}", status.code(), status.message()));
-                    pb::batch_result::Result::Error(batch_error(&status))
-                }
-            }),
+        if let Err(status) = &result {
+            span.record("error", format!("{:?}: {}", status.code(), status.message()));
         }
+        batch_result(result)
     }
 }
 
@@ -598,15 +604,7 @@ impl Kv for KvApi {
         // All proposed at once, so that they reach the proposer together and share its next
         // Raft entry; each is answered on its own, and none waits for another to fail.
         let outcomes = futures::future::join_all(ops.into_iter().map(|op| self.batch_op(origin, op))).await;
-        let results = outcomes
-            .into_iter()
-            .map(|outcome| pb::BatchResult {
-                result: Some(match outcome {
-                    Ok(written) => pb::batch_result::Result::Written(written),
-                    Err(status) => pb::batch_result::Result::Error(batch_error(&status)),
-                }),
-            })
-            .collect();
+        let results = outcomes.into_iter().map(batch_result).collect();
         self.hint(Ok(Response::new(pb::BatchReply { results })))
     }
 
