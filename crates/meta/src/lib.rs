@@ -16,6 +16,7 @@
 //! Raft metrics, log entries or the state store.
 
 pub mod auth;
+pub mod blocking_work;
 mod clock;
 #[doc(hidden)]
 pub mod crafted;

@@ -26,6 +26,7 @@ use openraft::{BasicNode, ChangeMembers, Config, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::blocking_work::BlockingWork;
 use crate::clock::{self, Age, PeerClocks, PeerInstant, StateClock};
 use crate::error::ApiError;
 use crate::files::{
@@ -327,6 +328,18 @@ pub struct ChunkPage {
     pub from_index: u64,
     pub chunks: Vec<ChunkRef>,
 }
+
+/// The node's bound on the clients' metadata reads that go off the async workers (a file's
+/// chunk page, a listing, an S3 or jobs answer, a page of keys, a collector's lookups): two
+/// per core. On tokio's blocking pool, 32 clients' 4 KiB files (a page read per get) left a
+/// coordinator with 38 to 41 threads that later work kept alive, each with allocator pages of
+/// its own: in a full `mendfs bench files`, its 8-client 64 MiB get row then peaked at 139 to
+/// 156 MiB. Bounded here, the node kept 13 threads, that row peaked at 133 to 135 MiB, and
+/// every row ran as fast. Each read is a bounded page of rows, so they share a few threads
+/// without one waiting long; the long scans (a node's whole chunk list, the session scan) and the Raft log's work
+/// stay on tokio's pool, so none of them waits for client reads, nor they for it.
+static METADATA_READS: std::sync::LazyLock<BlockingWork> =
+    std::sync::LazyLock::new(|| BlockingWork::new(crate::blocking_work::two_per_core(), "mendfs-meta-read"));
 
 /// The most chunks one page holds.
 pub const CHUNK_PAGE_CHUNKS_MAX: u32 = files::SEGMENT_CHUNKS_MAX as u32;
@@ -1656,12 +1669,13 @@ impl MetaNode {
                 self.linearizable_barrier().await?;
                 // Off the async workers: a page reads up to a segment's worth of chunk records.
                 let state = self.state.clone();
-                let page = tokio::task::spawn_blocking(move || {
-                    let view = state.view().map_err(ApiError::internal)?;
-                    file_chunk_page(&view, path, version, from_index, limit)
-                })
-                .await
-                .map_err(ApiError::internal)??;
+                let page = METADATA_READS
+                    .run(move || {
+                        let view = state.view().map_err(ApiError::internal)?;
+                        file_chunk_page(&view, path, version, from_index, limit)
+                    })
+                    .await
+                    .map_err(ApiError::internal)??;
                 Ok(LeaderResponse::FileChunks(page))
             }
             LeaderRequest::ListFiles { prefix, limit } => {
@@ -1669,15 +1683,16 @@ impl MetaNode {
                 let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
                 // A scan of up to `limit` file records: off the async workers.
                 let state = self.state.clone();
-                tokio::task::spawn_blocking(move || {
-                    let view = state.view().map_err(ApiError::internal)?;
-                    let (found, truncated) =
-                        files::list_files(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
-                    let files = found.into_iter().map(|(path, record)| FileView { path, record }).collect();
-                    Ok(LeaderResponse::Files { files, truncated })
-                })
-                .await
-                .map_err(ApiError::internal)?
+                METADATA_READS
+                    .run(move || {
+                        let view = state.view().map_err(ApiError::internal)?;
+                        let (found, truncated) =
+                            files::list_files(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
+                        let files = found.into_iter().map(|(path, record)| FileView { path, record }).collect();
+                        Ok(LeaderResponse::Files { files, truncated })
+                    })
+                    .await
+                    .map_err(ApiError::internal)?
             }
             LeaderRequest::StorageNodes => {
                 self.linearizable_barrier().await?;
@@ -1732,24 +1747,26 @@ impl MetaNode {
                 // Pages, listings and key lists read up to thousands of rows: off the async
                 // workers.
                 let state = self.state.clone();
-                let answer = tokio::task::spawn_blocking(move || {
-                    let view = state.view().map_err(ApiError::internal)?;
-                    s3_api::answer(&view, read)
-                })
-                .await
-                .map_err(ApiError::internal)??;
+                let answer = METADATA_READS
+                    .run(move || {
+                        let view = state.view().map_err(ApiError::internal)?;
+                        s3_api::answer(&view, read)
+                    })
+                    .await
+                    .map_err(ApiError::internal)??;
                 Ok(LeaderResponse::S3(answer))
             }
             LeaderRequest::Jobs(read) => {
                 self.linearizable_barrier().await?;
                 // A listing or a results page reads up to a thousand rows: off the async workers.
                 let state = self.state.clone();
-                let answer = tokio::task::spawn_blocking(move || {
-                    let view = state.view().map_err(ApiError::internal)?;
-                    jobs_api::answer(&view, read)
-                })
-                .await
-                .map_err(ApiError::internal)??;
+                let answer = METADATA_READS
+                    .run(move || {
+                        let view = state.view().map_err(ApiError::internal)?;
+                        jobs_api::answer(&view, read)
+                    })
+                    .await
+                    .map_err(ApiError::internal)??;
                 Ok(LeaderResponse::Jobs(answer))
             }
             LeaderRequest::RetiredGetFile | LeaderRequest::RetiredListFiles => Err(ApiError::InvalidArgument(
@@ -1767,19 +1784,20 @@ impl MetaNode {
                 self.linearizable_barrier().await?;
                 // One lookup per hash a collector asks about: off the async workers.
                 let state = self.state.clone();
-                tokio::task::spawn_blocking(move || {
-                    let view = state.view().map_err(ApiError::internal)?;
-                    let mut unreferenced = Vec::new();
-                    for hash in hashes {
-                        let listed = files::listed_on(&view, &hash, node_id).map_err(ApiError::internal)?;
-                        if !listed {
-                            unreferenced.push(hash);
+                METADATA_READS
+                    .run(move || {
+                        let view = state.view().map_err(ApiError::internal)?;
+                        let mut unreferenced = Vec::new();
+                        for hash in hashes {
+                            let listed = files::listed_on(&view, &hash, node_id).map_err(ApiError::internal)?;
+                            if !listed {
+                                unreferenced.push(hash);
+                            }
                         }
-                    }
-                    Ok(LeaderResponse::Unreferenced(unreferenced))
-                })
-                .await
-                .map_err(ApiError::internal)?
+                        Ok(LeaderResponse::Unreferenced(unreferenced))
+                    })
+                    .await
+                    .map_err(ApiError::internal)?
             }
             LeaderRequest::RetiredHealth => Err(ApiError::InvalidArgument(
                 "the health view is no longer forwarded this way; ask Cluster.Status (upgrade this node)".into(),
@@ -1859,18 +1877,19 @@ impl MetaNode {
         let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
         // Up to 10,000 keys or 4 MiB read from redb: off the async workers.
         let state = self.state.clone();
-        tokio::task::spawn_blocking(move || {
-            let view = state.view().map_err(ApiError::internal)?;
-            let (kvs, truncated) =
-                kv::list_keys(&view, &prefix, &start_key, limit as usize).map_err(ApiError::internal)?;
-            Ok(LeaderResponse::List {
-                revision: schema::current_revision(&view).map_err(ApiError::internal)?,
-                kvs,
-                truncated,
+        METADATA_READS
+            .run(move || {
+                let view = state.view().map_err(ApiError::internal)?;
+                let (kvs, truncated) =
+                    kv::list_keys(&view, &prefix, &start_key, limit as usize).map_err(ApiError::internal)?;
+                Ok(LeaderResponse::List {
+                    revision: schema::current_revision(&view).map_err(ApiError::internal)?,
+                    kvs,
+                    truncated,
+                })
             })
-        })
-        .await
-        .map_err(ApiError::internal)?
+            .await
+            .map_err(ApiError::internal)?
     }
 
     async fn propose(&self, proposal: Proposal) -> Result<CommandResult, ApiError> {
@@ -2195,20 +2214,21 @@ impl MetaNode {
     /// table (admins may create many): off the async workers.
     pub async fn list_tokens(&self) -> Result<Vec<(String, crate::auth::TokenRecord, Option<u64>)>, ApiError> {
         let state = self.state.clone();
-        tokio::task::spawn_blocking(move || {
-            let view = state.view().map_err(ApiError::internal)?;
-            let rows = schema::StateStore::range(&view, schema::Table::Tokens, &[], None, usize::MAX)
-                .map_err(ApiError::internal)?;
-            rows.into_iter()
-                .map(|(name, value)| {
-                    let record = schema::decode(&value).map_err(ApiError::internal)?;
-                    let expires = crate::login::token_expiry(&view, &name).map_err(ApiError::internal)?;
-                    Ok((String::from_utf8_lossy(&name).into_owned(), record, expires))
-                })
-                .collect()
-        })
-        .await
-        .map_err(ApiError::internal)?
+        METADATA_READS
+            .run(move || {
+                let view = state.view().map_err(ApiError::internal)?;
+                let rows = schema::StateStore::range(&view, schema::Table::Tokens, &[], None, usize::MAX)
+                    .map_err(ApiError::internal)?;
+                rows.into_iter()
+                    .map(|(name, value)| {
+                        let record = schema::decode(&value).map_err(ApiError::internal)?;
+                        let expires = crate::login::token_expiry(&view, &name).map_err(ApiError::internal)?;
+                        Ok((String::from_utf8_lossy(&name).into_owned(), record, expires))
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(ApiError::internal)?
     }
 
     /// Calls `visit` for every chunk record of this node's state machine, in hash order, from
