@@ -27,10 +27,11 @@
 //! Measured with the metadata reads' own bound in place (`mendfs_meta`'s `blocking_work`), in
 //! full runs of `mendfs bench files --seconds 4`, the coordinator's peak RSS on the 8-client
 //! 64 MiB rows: put 97–103 MiB, get 109–113, against 105–106 and 133–135 without this; the
-//! other two nodes stayed at or under 63 MiB in every row, against up to 70. The price is in
-//! 1 MiB puts, whose 256 KiB pieces each take a trip through the arena now: 8 to 15 % of their
-//! rate at 8 and 32 clients (alternated runs of `bench files --sizes 1048576 --clients 8,32`);
-//! 4 KiB and 64 MiB files, and every get, ran as fast.
+//! other two nodes stayed at or under 63 MiB in every 8-client row, against up to 70. The price
+//! is in 1 MiB puts, whose 256 KiB pieces each take a trip through the arena now: 10 to 14 % of
+//! their rate at 8 and 32 clients on average (alternated runs of `bench files --sizes 1048576
+//! --clients 8,32`; 7 to 16 % in single runs); 4 KiB and 64 MiB files, and every get, ran as
+//! fast.
 //!
 //! **A short purge delay** ([`tune`]): see `ALLOCATOR_PURGE_DELAY_MS`.
 
