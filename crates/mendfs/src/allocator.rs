@@ -84,8 +84,21 @@ unsafe impl GlobalAlloc for NodeAllocator {
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        // SAFETY: as for `alloc`.
-        unsafe { mimalloc::MiMalloc.alloc_zeroed(layout_to_ask(layout)) }
+        let asked = layout_to_ask(layout);
+        if asked.size() == layout.size() {
+            // SAFETY: as for `alloc`.
+            return unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) };
+        }
+        // Only the caller's bytes are zeroed: mimalloc would zero the whole 512 KiB block of
+        // reused memory, making resident bytes that no one uses.
+        // SAFETY: as for `alloc`; the block holds at least `layout.size()` bytes.
+        unsafe {
+            let block = mimalloc::MiMalloc.alloc(asked);
+            if !block.is_null() {
+                std::ptr::write_bytes(block, 0, layout.size());
+            }
+            block
+        }
     }
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
@@ -199,15 +212,27 @@ mod tests {
             buffer.shrink_to_fit();
             assert!(buffer.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8), "shrunk to {size} bytes");
         }
+    }
+
+    #[test]
+    fn a_zeroed_block_is_zero_where_the_caller_asked_even_in_reused_memory() {
         let layout = Layout::from_size_align(200 << 10, 64 << 10).unwrap();
-        // SAFETY: a non-zero size; the block is freed with the layout it was made with.
+        // SAFETY: non-zero sizes; each block is freed with the layout it was made with.
         #[allow(unsafe_code)]
         unsafe {
-            let block = ALLOCATOR.alloc_zeroed(layout);
-            assert!(!block.is_null());
-            assert_eq!(block as usize % (64 << 10), 0, "the alignment asked for holds");
-            assert!(std::slice::from_raw_parts(block, layout.size()).iter().all(|b| *b == 0));
-            ALLOCATOR.dealloc(block, layout);
+            for _ in 0..8 {
+                // Dirty memory of the block's size class first, so that the zeroed block is
+                // likely to reuse it rather than come fresh (and zero) from the OS.
+                let dirty = ALLOCATOR.alloc(layout);
+                assert!(!dirty.is_null());
+                std::ptr::write_bytes(dirty, 0xa5, layout.size());
+                ALLOCATOR.dealloc(dirty, layout);
+                let block = ALLOCATOR.alloc_zeroed(layout);
+                assert!(!block.is_null());
+                assert_eq!(block as usize % (64 << 10), 0, "the alignment asked for holds");
+                assert!(std::slice::from_raw_parts(block, layout.size()).iter().all(|b| *b == 0));
+                ALLOCATOR.dealloc(block, layout);
+            }
         }
     }
 }
