@@ -216,14 +216,18 @@ fn threads_named(pid: u32, name: &str) -> usize {
         .count()
 }
 
-/// Samples, until `stop`, how many chunk work threads each of `pids` runs at once; returns the
-/// most seen for each.
-fn count_chunk_work_threads(pids: Vec<u32>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Vec<usize>> {
+/// Samples, until `stop`, how many threads called `name` each of `pids` runs at once; returns
+/// the most seen for each.
+fn count_threads_named(
+    pids: Vec<u32>,
+    name: &'static str,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<Vec<usize>> {
     std::thread::spawn(move || {
         let mut most = vec![0; pids.len()];
         while !stop.load(Ordering::Relaxed) {
             for (most, pid) in most.iter_mut().zip(&pids) {
-                *most = (*most).max(threads_named(*pid, "mendfs-chunk-work"));
+                *most = (*most).max(threads_named(*pid, name));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -236,7 +240,8 @@ fn count_chunk_work_threads(pids: Vec<u32>, stop: Arc<AtomicBool>) -> std::threa
 /// once: they take turns for the budget, none waits on another forever (an upload that held
 /// budget while it waited for its data did: the uploads waiting for budget stopped reading,
 /// and their unread data filled the connection's flow-control window), and every byte comes
-/// back. Meanwhile no node runs more chunk file work at once than its bound of threads.
+/// back. Meanwhile no node runs more chunk file work at once than its bound of threads, nor
+/// more threads for its metadata reads (the readers' chunk pages) than theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_and_reads_take_turns_in_a_one_chunk_inflight_budget() {
     // Not a divisor of the client's 256 KiB messages: chunks span messages.
@@ -263,7 +268,8 @@ async fn uploads_and_reads_take_turns_in_a_one_chunk_inflight_budget() {
     }
     let pids: Vec<u32> = cluster.nodes.values().filter_map(|node| node.pid()).collect();
     let stop = Arc::new(AtomicBool::new(false));
-    let counting = count_chunk_work_threads(pids, stop.clone());
+    let counting = count_threads_named(pids.clone(), "mendfs-chunk-work", stop.clone());
+    let counting_reads = count_threads_named(pids, "mendfs-meta-read", stop.clone());
     let mut tasks = Vec::new();
     for index in 4..16 {
         let writer = client.clone();
@@ -295,6 +301,13 @@ async fn uploads_and_reads_take_turns_in_a_one_chunk_inflight_budget() {
     let bound = 2 * std::thread::available_parallelism().map_or(1, |cores| cores.get());
     assert!(most_threads.iter().all(|most| *most <= bound), "chunk work threads {most_threads:?}, bound {bound}");
     assert!(most_threads.iter().any(|most| *most >= 1), "no chunk work thread seen: {most_threads:?}");
+    // The metadata's bound (`METADATA_READS`): two per core as well.
+    let most_read_threads = counting_reads.join().expect("the thread counter");
+    assert!(
+        most_read_threads.iter().all(|most| *most <= bound),
+        "metadata read threads {most_read_threads:?}, bound {bound}"
+    );
+    assert!(most_read_threads.iter().any(|most| *most >= 1), "no metadata read thread seen: {most_read_threads:?}");
     for index in 4..16 {
         let mut got = Vec::new();
         client.get_file(&format!("/budget/{index}"), &mut got, |_, _| {}).await.expect("read back");

@@ -330,14 +330,15 @@ pub struct ChunkPage {
 }
 
 /// The node's bound on the clients' metadata reads that go off the async workers (a file's
-/// chunk page, a listing, an S3 or jobs answer, a page of keys, a collector's lookups): two
-/// per core. On tokio's blocking pool, 32 clients' 4 KiB files (a page read per get) left a
-/// coordinator with 38 to 41 threads that later work kept alive, each with allocator pages of
-/// its own: in a full `mendfs bench files`, its 8-client 64 MiB get row then peaked at 139 to
-/// 156 MiB. Bounded here, the node kept 13 threads, that row peaked at 133 to 135 MiB, and
-/// every row ran as fast. Each read is a bounded page of rows, so they share a few threads
-/// without one waiting long; the long scans (a node's whole chunk list, the session scan) and the Raft log's work
-/// stay on tokio's pool, so none of them waits for client reads, nor they for it.
+/// chunk page, a listing, an S3 or jobs answer, a page of keys, a collector's lookups, the
+/// token list): two per core. On tokio's blocking pool, 32 clients' 4 KiB files (a page read
+/// per get) left a coordinator with 38 to 41 threads that later work kept alive, each with
+/// allocator pages of its own: in a full `mendfs bench files`, its 8-client 64 MiB get row then
+/// peaked at 139 to 156 MiB. Bounded here, the node kept 13 threads, that row peaked at 133 to
+/// 135 MiB, and every row ran as fast. Each read is a bounded page of rows, so they share a few
+/// threads without one waiting long. The long scans (a node's whole chunk list, the session
+/// scan) and the Raft log's work stay on tokio's pool, so none of them waits for client reads,
+/// nor they for it.
 static METADATA_READS: std::sync::LazyLock<BlockingWork> =
     std::sync::LazyLock::new(|| BlockingWork::new(crate::blocking_work::two_per_core(), "mendfs-meta-read"));
 
