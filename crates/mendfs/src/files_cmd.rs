@@ -285,7 +285,33 @@ pub async fn run(command: FileCommand) -> Result<ExitCode> {
                 let mut stdout = tokio::io::stdout();
                 client.get_file(&remote, &mut stdout, &mut progress).await.with_context(|| format!("get {remote}"))?;
             } else {
-                let target = PathBuf::from(&local);
+                let mut target = PathBuf::from(&local);
+                let existing = std::fs::metadata(&target).ok();
+                if existing.as_ref().is_some_and(|m| m.is_dir()) {
+                    // Like cp: into a directory, under the remote file's own name.
+                    let name = remote.rsplit('/').find(|part| !part.is_empty()).unwrap_or("download");
+                    target.push(name);
+                } else if existing.is_some_and(|m| !m.is_file()) {
+                    // A device, FIFO or socket (/dev/null, a pipe another program reads): stream
+                    // into it where it is. Renaming a temporary file over it would replace the
+                    // device node with a regular file, and fsync means nothing for a pipe.
+                    let mut sink = tokio::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&target)
+                        .await
+                        .with_context(|| format!("cannot open {local} for writing"))?;
+                    client
+                        .get_file(&remote, &mut sink, &mut progress)
+                        .await
+                        .with_context(|| format!("get {remote}"))?;
+                    tokio::io::AsyncWriteExt::flush(&mut sink)
+                        .await
+                        .with_context(|| format!("cannot write to {local}"))?;
+                    if let Some(bar) = bar {
+                        bar.finish_and_clear();
+                    }
+                    return Ok(ExitCode::SUCCESS);
+                }
                 let (file, partial) = temporary_beside(&target)?.into_parts();
                 let mut file = tokio::fs::File::from_std(file);
                 let result = client.get_file(&remote, &mut file, &mut progress).await;
@@ -296,7 +322,9 @@ pub async fn run(command: FileCommand) -> Result<ExitCode> {
                 };
                 // On failure, dropping `partial` deletes it.
                 result.with_context(|| format!("get {remote}"))?;
-                partial.persist(&target).with_context(|| format!("cannot move the download to {local}"))?;
+                partial
+                    .persist(&target)
+                    .with_context(|| format!("cannot move the download to {}", target.display()))?;
             }
             if let Some(bar) = bar {
                 bar.finish_and_clear();

@@ -419,6 +419,46 @@ async fn bad_file_input_gets_clean_errors() {
     let err = client.put_file("/v", std::io::Cursor::new(b"two".to_vec()), Some(3), Some(9), |_| {}).await;
     assert!(matches!(err, Err(Error::VersionMismatch { expected: 9, actual: 1 })), "{err:?}");
     assert_eq!(get(&client, "/v").await.unwrap(), b"one");
+    blocking(|| the_cli_downloads_into_pipes_and_directories_without_replacing_them(&cluster));
+}
+
+/// `mendfs get` into a FIFO streams into the pipe and leaves it a pipe (renaming a finished
+/// download over it, as for a regular file, once replaced /dev/null with a regular file), and
+/// into a directory writes a file named after the remote one, like cp.
+fn the_cli_downloads_into_pipes_and_directories_without_replacing_them(cluster: &Cluster) {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = content(9, 2 * CHUNK + 7);
+    let source = dir.path().join("source");
+    std::fs::write(&source, &data).unwrap();
+    cluster.run_cli(&["put", source.to_str().unwrap(), "/pipe/stream"]).expect("put");
+
+    let fifo = dir.path().join("fifo");
+    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).expect("mkfifo");
+    let (sender, received) = std::sync::mpsc::channel();
+    let reader_path = fifo.clone();
+    std::thread::spawn(move || {
+        // Opening blocks until the CLI opens the other end.
+        let bytes = std::fs::read(&reader_path);
+        let _ = sender.send(bytes);
+    });
+    let mut get = cluster.cli().args(["get", "/pipe/stream", fifo.to_str().unwrap()]).spawn().unwrap();
+    let bytes = received.recv_timeout(DEADLINE).expect("the reader of the FIFO got to its end").unwrap();
+    let status = get.wait().unwrap();
+    assert!(status.success(), "get into a FIFO: {status}");
+    assert!(bytes == data, "the FIFO carried {} bytes, not the file's {}", bytes.len(), data.len());
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO is still a FIFO");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "no temporary file left beside the FIFO: {leftovers:?}");
+
+    let into = dir.path().join("into");
+    std::fs::create_dir(&into).unwrap();
+    cluster.run_cli(&["get", "/pipe/stream", into.to_str().unwrap()]).expect("get into a directory");
+    assert!(std::fs::read(into.join("stream")).unwrap() == data, "the directory holds the file under its own name");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
