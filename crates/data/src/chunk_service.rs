@@ -445,6 +445,11 @@ where
 
 /// A chunk operation's error as a gRPC answer: `NotFound` and `DataLoss` tell a reader to try
 /// another replica and report this one.
+///
+/// A full disk or an I/O error is answered without the file it happened on: the coordinator
+/// passes a replica's answer on to the client, and a client has no business learning the
+/// server's directory layout. The whole error, path and all, goes to this node's log (under the
+/// request's trace id, so `mendfs trace` shows it on the failing hop).
 pub(crate) fn chunk_status(error: ChunkError) -> Status {
     match error {
         ChunkError::NotFound(_) => Status::not_found(error.to_string()),
@@ -452,8 +457,14 @@ pub(crate) fn chunk_status(error: ChunkError) -> Status {
         ChunkError::HashMismatch { .. } | ChunkError::TooLarge { .. } | ChunkError::SizeMismatch { .. } => {
             Status::invalid_argument(error.to_string())
         }
-        ChunkError::DiskFull { .. } => Status::resource_exhausted(error.to_string()),
-        other => Status::internal(other.to_string()),
+        ChunkError::DiskFull { .. } => {
+            tracing::warn!("chunk store: {error}");
+            Status::resource_exhausted("disk full: no room on this node for the chunk; nothing was kept")
+        }
+        ChunkError::Io { ref source, .. } => {
+            tracing::warn!("chunk store: {error}");
+            Status::internal(format!("chunk store I/O error: {source}"))
+        }
     }
 }
 
@@ -523,7 +534,10 @@ impl Storage for ChunkService {
         match result {
             Ok(data) => Ok(Response::new(pb::ReadChunkReply { data: data.into() })),
             Err(e) => {
-                tracing::warn!("read chunk: {e}");
+                // `chunk_status` logs the errors whose answer leaves details out.
+                if !matches!(e, ChunkError::Io { .. } | ChunkError::DiskFull { .. }) {
+                    tracing::warn!("read chunk: {e}");
+                }
                 Err(chunk_status(e))
             }
         }
@@ -1165,5 +1179,26 @@ mod tests {
             assert_eq!(error.code(), tonic::Code::InvalidArgument, "{what}: {error}");
         }
         assert!(ShardRebuild::parse(good).is_ok());
+    }
+
+    #[test]
+    fn a_full_disk_or_an_io_error_is_answered_without_the_servers_paths() {
+        let path = std::path::PathBuf::from("/srv/private-layout/chunks/tmp/stream.7.tmp");
+        let full = chunk_status(ChunkError::DiskFull { path: path.clone() });
+        assert_eq!(full.code(), tonic::Code::ResourceExhausted);
+        assert!(full.message().contains("disk full"), "{}", full.message());
+        let io = chunk_status(ChunkError::Io {
+            context: format!("fsync {}", path.display()),
+            // EIO, what a failing disk gives.
+            source: std::io::Error::from_raw_os_error(5),
+        });
+        assert_eq!(io.code(), tonic::Code::Internal);
+        assert!(io.message().contains("I/O error"), "{}", io.message());
+        for status in [full, io] {
+            assert!(!status.message().contains("private-layout"), "a path leaked: {}", status.message());
+        }
+        // The kinds a caller must act on keep their names: which chunk is missing or rotten.
+        let missing = chunk_status(ChunkError::NotFound("ab12".into()));
+        assert!(missing.message().contains("ab12"), "{}", missing.message());
     }
 }
