@@ -708,12 +708,23 @@ async fn a_lone_writer_streams_its_writes_and_a_revoked_token_stops_the_next_one
     let mut config = ClientConfig::new(cluster.endpoint_list());
     config.token = Some(token);
     let writer = Client::new(config).unwrap();
-    let unary = || (1..=3u64).map(|id| rpc_count(&http[&id], "op=\"Kv/Set\"")).sum::<f64>();
+    let sets_via = |via: &str| {
+        (1..=3u64)
+            .map(|id| {
+                let scrape = &http[&id];
+                rpc_count(scrape, &format!("op=\"Kv/Set\",outcome=\"ok\",via=\"{via}\""))
+                    + rpc_count(scrape, &format!("op=\"Kv/Set\",outcome=\"FailedPrecondition\",via=\"{via}\""))
+            })
+            .sum::<f64>()
+    };
+    let unary = || sets_via("call");
+    let streamed = || sets_via("stream");
     // The first write may find the token not yet applied on the node it asks, or open its
     // stream at a follower, which names the leader for the next.
     writer.set(b"streamed/first", b"v", None, None).await.unwrap();
     writer.set(b"streamed/second", b"v", None, None).await.unwrap();
     let unary_before = unary();
+    let streamed_before = streamed();
     const WRITES: usize = 30;
     for i in 0..WRITES {
         let kv = writer.set(format!("streamed/{i}").as_bytes(), b"v1", None, None).await.unwrap();
@@ -729,6 +740,14 @@ async fn a_lone_writer_streams_its_writes_and_a_revoked_token_stops_the_next_one
     assert_eq!(writer.get(b"streamed/0").await.unwrap().unwrap().value, b"v2");
     let unary_sets = unary() - unary_before;
     assert!(unary_sets <= 2.0, "{unary_sets} of {} sets went as calls of their own", 2 * WRITES + 1);
+    // Each streamed set is counted as a set, with its own outcome (the conflict too), so the
+    // request metrics miss none of them.
+    let streamed_sets = streamed() - streamed_before;
+    assert!(
+        streamed_sets >= (2 * WRITES + 1) as f64 - unary_sets,
+        "{streamed_sets} streamed sets counted in the metrics, {unary_sets} as calls, of {}",
+        2 * WRITES + 1
+    );
 
     // A graceful stop of the node the stream is on (the leader, which the first write's node
     // named) ends the stream between writes instead of waiting out its grace for it.

@@ -5,6 +5,7 @@
 //! validated here and answered with a clear error; nothing in this module panics on it.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -24,6 +25,7 @@ use tracing::Instrument;
 use crate::auth::{Authenticator, ConnectionInfo, Role};
 use crate::clock;
 use crate::error::ApiError;
+use mendfs_telemetry::metrics::RequestMetrics;
 use mendfs_types::unix_now_ms;
 
 use crate::kv;
@@ -520,6 +522,9 @@ fn batch_error(status: &Status) -> pb::BatchError {
 struct StreamedWrites {
     api: KvApi,
     auth: Authenticator,
+    /// The node's request counters, which the server layer hands the stream: each write is
+    /// counted under its own op, as its own call would have been.
+    metrics: Option<Arc<RequestMetrics>>,
 }
 
 /// The path a streamed write is authorized as, like its stream.
@@ -541,6 +546,7 @@ impl StreamedWrites {
         };
         let traceparent = (!write.traceparent.is_empty()).then_some(write.traceparent.as_str());
         let span = tracing::info_span!("rpc", op, traceparent, error = tracing::field::Empty);
+        let started = Instant::now();
         let origin = Origin {
             forwarded,
             deadline: (write.timeout_ms > 0).then(|| Instant::now() + Duration::from_millis(write.timeout_ms)),
@@ -554,8 +560,15 @@ impl StreamedWrites {
         }
         .instrument(span.clone())
         .await;
-        if let Err(status) = &result {
-            span.record("error", format!("{:?}: {}", status.code(), status.message()));
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(status) => {
+                span.record("error", format!("{:?}: {}", status.code(), status.message()));
+                format!("{:?}", status.code())
+            }
+        };
+        if let Some(metrics) = &self.metrics {
+            metrics.observe_streamed(op, &outcome, started.elapsed());
         }
         batch_result(result)
     }
@@ -626,6 +639,7 @@ impl Kv for KvApi {
         let serving = StreamedWrites {
             api: KvApi { node: self.node.clone(), serving: self.serving.clone() },
             auth: authenticator(&self.node),
+            metrics: request.extensions().get::<Arc<RequestMetrics>>().cloned(),
         };
         let incoming = request.into_inner();
         let answers = futures::stream::unfold((serving, incoming), move |(serving, mut incoming)| {

@@ -100,7 +100,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, mut request: http::Request<RequestBody>) -> Self::Future {
         // The instance that was polled ready serves this call; a fresh clone stays behind.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -108,6 +108,9 @@ where
         let traceparent =
             request.headers().get(TRACEPARENT_HEADER).and_then(|value| value.to_str().ok()).map(str::to_string);
         let metrics = self.metrics.clone();
+        // A handler that serves requests on a stream (each write on `Kv/WriteStream`) counts
+        // each of them here too.
+        request.extensions_mut().insert(metrics.clone());
         let started = Instant::now();
         // A path no service defines is answered `Unimplemented` by the router: counted, not
         // traced.

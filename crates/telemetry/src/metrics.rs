@@ -23,6 +23,10 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 struct RequestLabels {
     op: String,
     outcome: String,
+    /// `call`: an RPC of its own, counted by the server layer; `stream`: one of the requests a
+    /// stream carries, each served as a call would be (a write on `Kv/WriteStream`, counted under
+    /// the write's own op, `Kv/Set` and so on). Summed over `via`, an op counts every request.
+    via: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,7 +53,7 @@ impl RequestMetrics {
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "mendfs_rpc_requests",
-            "RPCs served, by operation and outcome (ok or the gRPC code)",
+            "RPCs served, by operation, outcome (ok or the gRPC code) and how they came (call, or a request on a stream)",
             requests.clone(),
         );
         // 100 µs to ~26 s in doublings: a kv read on loopback to a chunk prepare that waits
@@ -65,9 +69,18 @@ impl RequestMetrics {
         RequestMetrics { registry, requests, duration }
     }
 
-    /// Counts one served request. `outcome` is `ok` or the gRPC code's name.
+    /// Counts one served call. `outcome` is `ok` or the gRPC code's name.
     pub fn observe(&self, op: &str, outcome: &str, elapsed: Duration) {
-        self.requests.get_or_create(&RequestLabels { op: op.to_string(), outcome: outcome.to_string() }).inc();
+        self.count(op, outcome, "call", elapsed);
+    }
+
+    /// Counts one request served on a stream, under its own `op`, as if it had been a call.
+    pub fn observe_streamed(&self, op: &str, outcome: &str, elapsed: Duration) {
+        self.count(op, outcome, "stream", elapsed);
+    }
+
+    fn count(&self, op: &str, outcome: &str, via: &'static str, elapsed: Duration) {
+        self.requests.get_or_create(&RequestLabels { op: op.to_string(), outcome: outcome.to_string(), via }).inc();
         self.duration.get_or_create(&OpLabels { op: op.to_string() }).observe(elapsed.as_secs_f64());
     }
 
@@ -168,6 +181,7 @@ mod tests {
         requests.observe("Files/Put", "ok", Duration::from_millis(3));
         requests.observe("Files/Put", "ok", Duration::from_millis(5));
         requests.observe("Files/Put", "Unavailable", Duration::from_secs(30));
+        requests.observe_streamed("Kv/Set", "FailedPrecondition", Duration::from_millis(1));
         let mut scrape = Scrape::new();
         scrape.counter("mendfs_chunk_store_io_errors", "I/O errors", 4);
         scrape.gauge("mendfs_raft_term", "term", 7.0);
@@ -200,6 +214,10 @@ mod tests {
         assert_eq!(value("mendfs_rpc_requests_total", Some(("outcome", "ok"))), Some(2.0));
         assert_eq!(value("mendfs_rpc_requests_total", Some(("outcome", "Unavailable"))), Some(1.0));
         assert_eq!(value("mendfs_rpc_duration_seconds_count", Some(("op", "Files/Put"))), Some(3.0));
+        let streamed = parsed.samples.iter().find(|s| s.labels.get("op") == Some("Kv/Set")).expect("a streamed set");
+        assert_eq!(streamed.labels.get("via"), Some("stream"));
+        let called = parsed.samples.iter().find(|s| s.labels.get("op") == Some("Files/Put")).expect("a put");
+        assert_eq!(called.labels.get("via"), Some("call"));
         assert_eq!(value("mendfs_chunk_store_io_errors_total", None), Some(4.0));
         assert_eq!(value("mendfs_raft_term", None), Some(7.0));
         assert_eq!(value("mendfs_node_phi", Some(("peer", "2"))), Some(0.5));
