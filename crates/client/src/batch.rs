@@ -164,9 +164,20 @@ impl Client {
             traceparent: mendfs_telemetry::grpc::outgoing_context().to_traceparent(),
         };
         let answered = match stream.writes.send(write).await {
-            Ok(()) => {
-                tokio::time::timeout(remaining, stream.answers.message()).await.ok().and_then(Result::ok).flatten()
-            }
+            Ok(()) => match tokio::time::timeout(remaining, stream.answers.message()).await {
+                Ok(Ok(answer)) => answer,
+                Ok(Err(status)) => {
+                    // The node ended the stream because the leader moved: the write was not
+                    // served, and goes in a call of its own to the leader it names, where the
+                    // next stream opens.
+                    if let Some(leader) = self.leader_named(status.metadata()) {
+                        self.inner.preferred.store(leader, Ordering::Relaxed);
+                        return None;
+                    }
+                    None
+                }
+                Err(_) => None,
+            },
             Err(_) => None,
         };
         let Some(answer) = answered else {

@@ -767,6 +767,48 @@ async fn a_lone_writer_streams_its_writes_and_a_revoked_token_stops_the_next_one
     assert_eq!(client(&cluster).get(b"streamed/after-revoke").await.unwrap(), None, "nothing was written");
 }
 
+/// A writer's stream follows the leader. Paused long enough for the others to elect another
+/// and then resumed, the old leader would forward every write on the stream it holds, which
+/// stays open (its connection outlived the pause); instead it ends the stream between writes,
+/// naming the new leader, where the next stream opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_stream_moves_to_the_new_leader_when_its_node_steps_down() {
+    let (node_args, http) = http_listeners();
+    let mut cluster = start(ClusterOptions { node_args, ..ClusterOptions::default() });
+    let writer = client(&cluster);
+    let streamed_sets_at = |id: u64| rpc_count(&http[&id], "op=\"Kv/Set\",outcome=\"ok\",via=\"stream\"");
+    // The first writes find the leader (a follower names it) and leave the stream there.
+    for i in 0..5 {
+        writer.set(format!("moving/{i}").as_bytes(), b"v", None, None).await.unwrap();
+    }
+    let old = blocking(|| cluster.wait_for_leader(DEADLINE)).unwrap();
+    assert!(streamed_sets_at(old) >= 2.0, "the stream is on the leader");
+
+    blocking(|| cluster.pause(old)).unwrap();
+    // Asked of the other two: a status call to the paused node would wait out its timeout.
+    let others = (1..=3u64).filter(|id| *id != old).map(|id| cluster.addr(id)).collect::<Vec<_>>().join(",");
+    let new = blocking(|| {
+        wait_for("a new leader", DEADLINE, || {
+            let output = cluster.cli_at(&others).args(["cluster", "status", "--json", "--timeout", "5"]).output()?;
+            let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+            Ok(status["leader"].as_u64().filter(|leader| *leader != old))
+        })
+    })
+    .unwrap();
+    blocking(|| cluster.resume(old)).unwrap();
+    blocking(|| cluster.wait_for_caught_up(&[old], DEADLINE)).unwrap();
+
+    let at_new_before = streamed_sets_at(new);
+    const WRITES: usize = 20;
+    for i in 0..WRITES {
+        writer.set(format!("moved/{i}").as_bytes(), b"v", None, None).await.unwrap();
+    }
+    // One write may still go through the old leader's stream (it was read before the node
+    // noticed), and the one after it in a call of its own.
+    let at_new = streamed_sets_at(new) - at_new_before;
+    assert!(at_new >= (WRITES - 2) as f64, "only {at_new} of {WRITES} writes went on a stream at the new leader {new}");
+}
+
 /// Many tasks writing through one client share calls (`Kv/Batch`), and every write still gets
 /// the outcome its own call would have had: its value, its conflict, its refusal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

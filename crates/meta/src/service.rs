@@ -525,12 +525,33 @@ struct StreamedWrites {
     /// The node's request counters, which the server layer hands the stream: each write is
     /// counted under its own op, as its own call would have been.
     metrics: Option<Arc<RequestMetrics>>,
+    /// The leader this node knew of when the stream opened (itself, if it led).
+    opened_under: Option<String>,
 }
 
 /// The path a streamed write is authorized as, like its stream.
 const WRITE_STREAM_PATH: &str = "/mendfs.v1.Kv/WriteStream";
 
 impl StreamedWrites {
+    /// Once this node follows a leader other than the one it knew when the stream opened (it
+    /// stepped down, or the leader it forwarded to was replaced without the forwards failing,
+    /// as after a pause), the stream ends with a status naming the new leader: every write on
+    /// it would take one hop more than it needs, for as long as the client keeps it open.
+    fn leader_moved(&self) -> Option<Status> {
+        let node = &self.api.node;
+        let leader = node.leader_addr()?;
+        if node.is_leader() || Some(&leader) == self.opened_under.as_ref() {
+            return None;
+        }
+        let mut status = Status::unavailable(format!(
+            "the leader is now {leader}: this write stream ends, and the client opens its next one there"
+        ));
+        if let Ok(value) = leader.parse() {
+            status.metadata_mut().insert(LEADER_HINT_HEADER, value);
+        }
+        Some(status)
+    }
+
     async fn serve(
         &self,
         write: pb::StreamedWrite,
@@ -640,11 +661,18 @@ impl Kv for KvApi {
             api: KvApi { node: self.node.clone(), serving: self.serving.clone() },
             auth: authenticator(&self.node),
             metrics: request.extensions().get::<Arc<RequestMetrics>>().cloned(),
+            opened_under: self.node.leader_addr(),
         };
         let incoming = request.into_inner();
         let answers = futures::stream::unfold((serving, incoming), move |(serving, mut incoming)| {
             let (headers, connection, stopping) = (headers.clone(), connection.clone(), stopping.clone());
             async move {
+                // Checked before the next write is read, so the write it refuses was never
+                // served: the client sends it again, to the leader. Ending with an error ends
+                // the stream.
+                if let Some(moved) = serving.leader_moved() {
+                    return Some((Err(moved), (serving, incoming)));
+                }
                 let next = tokio::select! {
                     next = incoming.message() => next,
                     // The node stops serving: the stream ends between writes (a write under way
