@@ -35,7 +35,7 @@ use crate::files::{
 };
 use crate::kv;
 use crate::network::{NetworkFactory, Peers};
-use crate::raft_store::{RaftLogStore, StateMachineStore, StateReader};
+use crate::raft_store::{RaftLogStore, ReadView, StateMachineStore, StateReader};
 use crate::schema::{self, CommandError, CommandResult, KeyValue, Outcome};
 use crate::state::{Command, Proposal, ProposalBatch, RequestId};
 use crate::write_metrics::WriteMetrics;
@@ -1669,31 +1669,20 @@ impl MetaNode {
             LeaderRequest::FileChunks { path, version, from_index, limit } => {
                 self.linearizable_barrier().await?;
                 // Off the async workers: a page reads up to a segment's worth of chunk records.
-                let state = self.state.clone();
-                let page = METADATA_READS
-                    .run(move || {
-                        let view = state.view().map_err(ApiError::internal)?;
-                        file_chunk_page(&view, path, version, from_index, limit)
-                    })
-                    .await
-                    .map_err(ApiError::internal)??;
+                let page = self.read_state(move |view| file_chunk_page(view, path, version, from_index, limit)).await?;
                 Ok(LeaderResponse::FileChunks(page))
             }
             LeaderRequest::ListFiles { prefix, limit } => {
                 self.linearizable_barrier().await?;
                 let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
                 // A scan of up to `limit` file records: off the async workers.
-                let state = self.state.clone();
-                METADATA_READS
-                    .run(move || {
-                        let view = state.view().map_err(ApiError::internal)?;
-                        let (found, truncated) =
-                            files::list_files(&view, &prefix, limit as usize).map_err(ApiError::internal)?;
-                        let files = found.into_iter().map(|(path, record)| FileView { path, record }).collect();
-                        Ok(LeaderResponse::Files { files, truncated })
-                    })
-                    .await
-                    .map_err(ApiError::internal)?
+                self.read_state(move |view| {
+                    let (found, truncated) =
+                        files::list_files(view, &prefix, limit as usize).map_err(ApiError::internal)?;
+                    let files = found.into_iter().map(|(path, record)| FileView { path, record }).collect();
+                    Ok(LeaderResponse::Files { files, truncated })
+                })
+                .await
             }
             LeaderRequest::StorageNodes => {
                 self.linearizable_barrier().await?;
@@ -1747,27 +1736,13 @@ impl MetaNode {
                 self.linearizable_barrier().await?;
                 // Pages, listings and key lists read up to thousands of rows: off the async
                 // workers.
-                let state = self.state.clone();
-                let answer = METADATA_READS
-                    .run(move || {
-                        let view = state.view().map_err(ApiError::internal)?;
-                        s3_api::answer(&view, read)
-                    })
-                    .await
-                    .map_err(ApiError::internal)??;
+                let answer = self.read_state(move |view| s3_api::answer(view, read)).await?;
                 Ok(LeaderResponse::S3(answer))
             }
             LeaderRequest::Jobs(read) => {
                 self.linearizable_barrier().await?;
                 // A listing or a results page reads up to a thousand rows: off the async workers.
-                let state = self.state.clone();
-                let answer = METADATA_READS
-                    .run(move || {
-                        let view = state.view().map_err(ApiError::internal)?;
-                        jobs_api::answer(&view, read)
-                    })
-                    .await
-                    .map_err(ApiError::internal)??;
+                let answer = self.read_state(move |view| jobs_api::answer(view, read)).await?;
                 Ok(LeaderResponse::Jobs(answer))
             }
             LeaderRequest::RetiredGetFile | LeaderRequest::RetiredListFiles => Err(ApiError::InvalidArgument(
@@ -1784,21 +1759,17 @@ impl MetaNode {
                 // committed file at that moment.
                 self.linearizable_barrier().await?;
                 // One lookup per hash a collector asks about: off the async workers.
-                let state = self.state.clone();
-                METADATA_READS
-                    .run(move || {
-                        let view = state.view().map_err(ApiError::internal)?;
-                        let mut unreferenced = Vec::new();
-                        for hash in hashes {
-                            let listed = files::listed_on(&view, &hash, node_id).map_err(ApiError::internal)?;
-                            if !listed {
-                                unreferenced.push(hash);
-                            }
+                self.read_state(move |view| {
+                    let mut unreferenced = Vec::new();
+                    for hash in hashes {
+                        let listed = files::listed_on(view, &hash, node_id).map_err(ApiError::internal)?;
+                        if !listed {
+                            unreferenced.push(hash);
                         }
-                        Ok(LeaderResponse::Unreferenced(unreferenced))
-                    })
-                    .await
-                    .map_err(ApiError::internal)?
+                    }
+                    Ok(LeaderResponse::Unreferenced(unreferenced))
+                })
+                .await
             }
             LeaderRequest::RetiredHealth => Err(ApiError::InvalidArgument(
                 "the health view is no longer forwarded this way; ask Cluster.Status (upgrade this node)".into(),
@@ -1872,25 +1843,34 @@ impl MetaNode {
         answer.await.map_err(|_| ApiError::Unavailable("the node is shutting down".into()))?
     }
 
+    /// `read` on one consistent view of the applied state, on the metadata-read threads: the
+    /// clients' reads of many rows stay off the async workers and off tokio's blocking pool.
+    async fn read_state<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&ReadView) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let state = self.state.clone();
+        METADATA_READS
+            .run(move || read(&state.view().map_err(ApiError::internal)?))
+            .await
+            .map_err(ApiError::internal)?
+    }
+
     /// One page of keys under `prefix` from `start_key` on, from a linearizable read.
     async fn list_page(&self, prefix: Vec<u8>, start_key: Vec<u8>, limit: u32) -> Result<LeaderResponse, ApiError> {
         self.linearizable_barrier().await?;
         let limit = if limit == 0 { self.config.list_limit_max } else { limit.min(self.config.list_limit_max) };
         // Up to 10,000 keys or 4 MiB read from redb: off the async workers.
-        let state = self.state.clone();
-        METADATA_READS
-            .run(move || {
-                let view = state.view().map_err(ApiError::internal)?;
-                let (kvs, truncated) =
-                    kv::list_keys(&view, &prefix, &start_key, limit as usize).map_err(ApiError::internal)?;
-                Ok(LeaderResponse::List {
-                    revision: schema::current_revision(&view).map_err(ApiError::internal)?,
-                    kvs,
-                    truncated,
-                })
+        self.read_state(move |view| {
+            let (kvs, truncated) =
+                kv::list_keys(view, &prefix, &start_key, limit as usize).map_err(ApiError::internal)?;
+            Ok(LeaderResponse::List {
+                revision: schema::current_revision(view).map_err(ApiError::internal)?,
+                kvs,
+                truncated,
             })
-            .await
-            .map_err(ApiError::internal)?
+        })
+        .await
     }
 
     async fn propose(&self, proposal: Proposal) -> Result<CommandResult, ApiError> {
@@ -2214,22 +2194,18 @@ impl MetaNode {
     /// The client tokens this node knows of (its applied state), by name. A scan of the whole
     /// table (admins may create many): off the async workers.
     pub async fn list_tokens(&self) -> Result<Vec<(String, crate::auth::TokenRecord, Option<u64>)>, ApiError> {
-        let state = self.state.clone();
-        METADATA_READS
-            .run(move || {
-                let view = state.view().map_err(ApiError::internal)?;
-                let rows = schema::StateStore::range(&view, schema::Table::Tokens, &[], None, usize::MAX)
-                    .map_err(ApiError::internal)?;
-                rows.into_iter()
-                    .map(|(name, value)| {
-                        let record = schema::decode(&value).map_err(ApiError::internal)?;
-                        let expires = crate::login::token_expiry(&view, &name).map_err(ApiError::internal)?;
-                        Ok((String::from_utf8_lossy(&name).into_owned(), record, expires))
-                    })
-                    .collect()
-            })
-            .await
-            .map_err(ApiError::internal)?
+        self.read_state(move |view| {
+            let rows = schema::StateStore::range(view, schema::Table::Tokens, &[], None, usize::MAX)
+                .map_err(ApiError::internal)?;
+            rows.into_iter()
+                .map(|(name, value)| {
+                    let record = schema::decode(&value).map_err(ApiError::internal)?;
+                    let expires = crate::login::token_expiry(view, &name).map_err(ApiError::internal)?;
+                    Ok((String::from_utf8_lossy(&name).into_owned(), record, expires))
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Calls `visit` for every chunk record of this node's state machine, in hash order, from
