@@ -286,20 +286,12 @@ pub async fn run(command: FileCommand) -> Result<ExitCode> {
                 client.get_file(&remote, &mut stdout, &mut progress).await.with_context(|| format!("get {remote}"))?;
             } else {
                 let mut target = PathBuf::from(&local);
-                if std::fs::metadata(&target).is_ok_and(|m| m.is_dir()) {
+                let existing = std::fs::metadata(&target).ok();
+                if existing.as_ref().is_some_and(|m| m.is_dir()) {
                     // Like cp: into a directory, under the remote file's own name.
                     let name = remote.rsplit('/').find(|part| !part.is_empty()).unwrap_or("download");
                     target.push(name);
-                }
-                // `metadata` follows symlinks: this is what the path names in the end.
-                let existing = std::fs::metadata(&target).ok();
-                let is_symlink = std::fs::symlink_metadata(&target).is_ok_and(|m| m.file_type().is_symlink());
-                if is_symlink && existing.as_ref().is_some_and(|m| m.is_file()) {
-                    // Like cp: through a symlink to the file it names, which the download
-                    // replaces; the link stays a link.
-                    target = std::fs::canonicalize(&target)
-                        .with_context(|| format!("cannot resolve the symlink {}", target.display()))?;
-                } else if existing.is_some_and(|m| !m.is_file() && !m.is_dir()) {
+                } else if existing.is_some_and(|m| !m.is_file()) {
                     // A device, FIFO or socket (/dev/null, a pipe another program reads): stream
                     // into it where it is. Renaming a temporary file over it would replace the
                     // device node with a regular file, and fsync means nothing for a pipe.

@@ -423,9 +423,8 @@ async fn bad_file_input_gets_clean_errors() {
 }
 
 /// `mendfs get` into a FIFO streams into the pipe and leaves it a pipe (renaming a finished
-/// download over it, as for a regular file, once replaced /dev/null with a regular file); into
-/// a directory it writes a file named after the remote one, and through a symlink it replaces
-/// the file the link names, like cp.
+/// download over it, as for a regular file, once replaced /dev/null with a regular file), and
+/// into a directory writes a file named after the remote one, like cp.
 fn the_cli_downloads_into_pipes_and_directories_without_replacing_them(cluster: &Cluster) {
     use std::os::unix::fs::FileTypeExt;
     let dir = tempfile::tempdir().unwrap();
@@ -460,15 +459,6 @@ fn the_cli_downloads_into_pipes_and_directories_without_replacing_them(cluster: 
     std::fs::create_dir(&into).unwrap();
     cluster.run_cli(&["get", "/pipe/stream", into.to_str().unwrap()]).expect("get into a directory");
     assert!(std::fs::read(into.join("stream")).unwrap() == data, "the directory holds the file under its own name");
-
-    // Through a symlink, like cp: the file it names gets the download, the link stays a link.
-    let real = into.join("real");
-    std::fs::write(&real, b"old").unwrap();
-    let link = dir.path().join("link");
-    std::os::unix::fs::symlink(&real, &link).unwrap();
-    cluster.run_cli(&["get", "/pipe/stream", link.to_str().unwrap()]).expect("get through a symlink");
-    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "the link is still a link");
-    assert!(std::fs::read(&real).unwrap() == data, "the file the link names holds the download");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
