@@ -286,12 +286,16 @@ pub async fn run(command: FileCommand) -> Result<ExitCode> {
                 client.get_file(&remote, &mut stdout, &mut progress).await.with_context(|| format!("get {remote}"))?;
             } else {
                 let mut target = PathBuf::from(&local);
-                let existing = std::fs::metadata(&target).ok();
+                // What the path itself is, not what a symlink there points to: a symlink planted
+                // where a download goes is replaced, never written through, whether it points to
+                // a file, a directory (the download would land among the victim's files) or a
+                // device (it would be overwritten). A trailing slash asks to follow it.
+                let existing = std::fs::symlink_metadata(&target).ok();
                 if existing.as_ref().is_some_and(|m| m.is_dir()) {
                     // Like cp: into a directory, under the remote file's own name.
                     let name = remote.rsplit('/').find(|part| !part.is_empty()).unwrap_or("download");
                     target.push(name);
-                } else if existing.is_some_and(|m| !m.is_file()) {
+                } else if existing.is_some_and(|m| !m.is_file() && !m.file_type().is_symlink()) {
                     // A device, FIFO or socket (/dev/null, a pipe another program reads): stream
                     // into it where it is. Renaming a temporary file over it would replace the
                     // device node with a regular file, and fsync means nothing for a pipe.

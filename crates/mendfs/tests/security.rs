@@ -250,6 +250,17 @@ fn tokens_have_roles_and_a_revoked_token_stops_working_on_every_node() {
     assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "the symlink's target is untouched");
     assert!(!std::fs::symlink_metadata(&destination).unwrap().file_type().is_symlink());
     assert_eq!(std::fs::read(&destination).unwrap(), b"hello");
+    // Nor into a directory a planted symlink points to (where a download into a directory
+    // would go): the link is replaced, and nothing lands among the directory's files.
+    let victim_dir = cluster.root().join("victim-dir");
+    std::fs::create_dir(&victim_dir).unwrap();
+    let planted = cluster.root().join("planted");
+    std::os::unix::fs::symlink(&victim_dir, &planted).unwrap();
+    let get = run(as_token(&cluster, &endpoints, &reader), &["get", "/f", planted.to_str().unwrap()]);
+    assert!(get.status.success(), "get: {}", stderr(&get));
+    assert_eq!(std::fs::read_dir(&victim_dir).unwrap().count(), 0, "nothing was written into the linked directory");
+    assert!(!std::fs::symlink_metadata(&planted).unwrap().file_type().is_symlink());
+    assert_eq!(std::fs::read(&planted).unwrap(), b"hello");
 
     // Revocation: every node refuses the token once it applied the revocation.
     let revoked =
