@@ -290,27 +290,30 @@ pub async fn run(command: FileCommand) -> Result<ExitCode> {
                 // where a download goes is replaced, never written through, whether it points to
                 // a file, a directory (the download would land among the victim's files) or a
                 // device (it would be overwritten). A trailing slash asks to follow it.
-                let existing = std::fs::symlink_metadata(&target).ok();
-                if existing.as_ref().is_some_and(|m| m.is_dir()) {
+                if std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
                     // Like cp: into a directory, under the remote file's own name.
                     let name = remote.rsplit('/').find(|part| !part.is_empty()).unwrap_or("download");
                     target.push(name);
-                } else if existing.is_some_and(|m| !m.is_file() && !m.file_type().is_symlink()) {
+                }
+                let existing = std::fs::symlink_metadata(&target).ok();
+                if existing.is_some_and(|m| !m.is_file() && !m.is_dir() && !m.file_type().is_symlink()) {
                     // A device, FIFO or socket (/dev/null, a pipe another program reads): stream
                     // into it where it is. Renaming a temporary file over it would replace the
                     // device node with a regular file, and fsync means nothing for a pipe.
+                    // O_NOFOLLOW: a symlink swapped in since the check is refused, not followed.
                     let mut sink = tokio::fs::OpenOptions::new()
                         .write(true)
+                        .custom_flags(libc::O_NOFOLLOW)
                         .open(&target)
                         .await
-                        .with_context(|| format!("cannot open {local} for writing"))?;
+                        .with_context(|| format!("cannot open {} for writing", target.display()))?;
                     client
                         .get_file(&remote, &mut sink, &mut progress)
                         .await
                         .with_context(|| format!("get {remote}"))?;
                     tokio::io::AsyncWriteExt::flush(&mut sink)
                         .await
-                        .with_context(|| format!("cannot write to {local}"))?;
+                        .with_context(|| format!("cannot write to {}", target.display()))?;
                     if let Some(bar) = bar {
                         bar.finish_and_clear();
                     }

@@ -423,10 +423,10 @@ async fn bad_file_input_gets_clean_errors() {
 }
 
 /// `mendfs get` into a FIFO streams into the pipe and leaves it a pipe (renaming a finished
-/// download over it, as for a regular file, once replaced /dev/null with a regular file), and
-/// into a directory writes a file named after the remote one, like cp.
+/// download over it, as for a regular file, once replaced /dev/null with a regular file), also
+/// when the FIFO is the file a download into a directory names; into a directory it writes a
+/// file named after the remote one, like cp.
 fn the_cli_downloads_into_pipes_and_directories_without_replacing_them(cluster: &Cluster) {
-    use std::os::unix::fs::FileTypeExt;
     let dir = tempfile::tempdir().unwrap();
     let data = content(9, 2 * CHUNK + 7);
     let source = dir.path().join("source");
@@ -434,20 +434,8 @@ fn the_cli_downloads_into_pipes_and_directories_without_replacing_them(cluster: 
     cluster.run_cli(&["put", source.to_str().unwrap(), "/pipe/stream"]).expect("put");
 
     let fifo = dir.path().join("fifo");
-    rustix::fs::mkfifoat(rustix::fs::CWD, &fifo, rustix::fs::Mode::from_raw_mode(0o600)).expect("mkfifo");
-    let (sender, received) = std::sync::mpsc::channel();
-    let reader_path = fifo.clone();
-    std::thread::spawn(move || {
-        // Opening blocks until the CLI opens the other end.
-        let bytes = std::fs::read(&reader_path);
-        let _ = sender.send(bytes);
-    });
-    let mut get = cluster.cli().args(["get", "/pipe/stream", fifo.to_str().unwrap()]).spawn().unwrap();
-    let bytes = received.recv_timeout(DEADLINE).expect("the reader of the FIFO got to its end").unwrap();
-    let status = get.wait().unwrap();
-    assert!(status.success(), "get into a FIFO: {status}");
+    let bytes = download_into_fifo(cluster, &fifo, &fifo);
     assert!(bytes == data, "the FIFO carried {} bytes, not the file's {}", bytes.len(), data.len());
-    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO is still a FIFO");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
@@ -459,6 +447,30 @@ fn the_cli_downloads_into_pipes_and_directories_without_replacing_them(cluster: 
     std::fs::create_dir(&into).unwrap();
     cluster.run_cli(&["get", "/pipe/stream", into.to_str().unwrap()]).expect("get into a directory");
     assert!(std::fs::read(into.join("stream")).unwrap() == data, "the directory holds the file under its own name");
+
+    let pipes = dir.path().join("pipes");
+    std::fs::create_dir(&pipes).unwrap();
+    let bytes = download_into_fifo(cluster, &pipes.join("stream"), &pipes);
+    assert!(bytes == data, "the FIFO in the directory carried {} bytes", bytes.len());
+}
+
+/// Makes a FIFO at `fifo`, runs `mendfs get /pipe/stream TARGET` and returns what a reader of
+/// the FIFO got, once the download succeeded and left the FIFO a FIFO.
+fn download_into_fifo(cluster: &Cluster, fifo: &Path, target: &Path) -> Vec<u8> {
+    use std::os::unix::fs::FileTypeExt;
+    rustix::fs::mkfifoat(rustix::fs::CWD, fifo, rustix::fs::Mode::from_raw_mode(0o600)).expect("mkfifo");
+    let (sender, received) = std::sync::mpsc::channel();
+    let reader_path = fifo.to_path_buf();
+    std::thread::spawn(move || {
+        // Opening blocks until the CLI opens the other end.
+        let _ = sender.send(std::fs::read(&reader_path));
+    });
+    let mut get = cluster.cli().args(["get", "/pipe/stream", target.to_str().unwrap()]).spawn().unwrap();
+    let bytes = received.recv_timeout(DEADLINE).expect("the reader of the FIFO got to its end").unwrap();
+    let status = get.wait().unwrap();
+    assert!(status.success(), "get into a FIFO: {status}");
+    assert!(std::fs::symlink_metadata(fifo).unwrap().file_type().is_fifo(), "the FIFO is still a FIFO");
+    bytes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
