@@ -491,6 +491,8 @@ async fn a_put_larger_than_the_free_space_fails_cleanly_and_frees_the_disk() {
 
     let err = put(&client, "/huge", content(2, 20 * CHUNK)).await.expect_err("20 MiB cannot fit in 8 MiB");
     assert!(err.to_string().contains("disk") || err.to_string().contains("full"), "a clear error: {err}");
+    let root = cluster.root().to_string_lossy().into_owned();
+    assert!(!err.to_string().contains(&root), "the error names no server path: {err}");
     assert!(matches!(client.stat_file("/huge").await, Err(Error::NotFound(_))), "no partial file");
     assert!(get(&client, "/small").await.unwrap() == content(1, CHUNK), "nothing lost");
     // The copies the failed put left are collected: each node is back to the one chunk of /small.
